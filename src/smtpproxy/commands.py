@@ -1,0 +1,170 @@
+"""Pure parsing of SMTP command arguments (RFC 5321 section 4.1).
+
+No I/O here: the protocol hands in the argument text of MAIL and RCPT and
+gets back a typed result or a L{CommandError} carrying the exact reply to
+send.  Keeping the grammar in one small module lets property tests hammer it
+without a socket.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from smtpproxy.errors import Reply
+
+# RFC 5321 4.1.2: atext for dot-strings, qtext/quoted-pair for quoted strings.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_LITERAL = r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]"
+_MAILBOX = re.compile(rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})")
+_ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
+_PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]*))?$")
+
+MAX_LOCAL_PART = 64
+MAX_PATH = 256
+
+
+class CommandError(Exception):
+    """The argument is wrong; C{reply} is what the client must be told."""
+
+    def __init__(self, code: int, status: str, text: str) -> None:
+        super().__init__(text)
+        self.reply = Reply(code, status, text)
+
+
+@dataclass(frozen=True, slots=True)
+class MailArguments:
+    """A parsed MAIL FROM: the reverse-path ("" for <>) and its parameters."""
+
+    sender: str
+    size: int | None = None
+    body: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RcptArguments:
+    """A parsed RCPT TO: the forward-path."""
+
+    recipient: str
+
+
+def split_command(line: bytes) -> tuple[str, str]:
+    """Split a command line into an upper-case verb and its argument text.
+
+    @raise CommandError: for bytes that cannot appear in a command (NUL,
+        8-bit), so the caller never has to decode anything itself.
+    """
+    if b"\x00" in line:
+        raise CommandError(500, "5.5.2", "NUL characters are not allowed in commands")
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise CommandError(
+            500, "5.5.2", "8-bit characters are not allowed in commands (SMTPUTF8 unsupported)"
+        ) from None
+    text = text.strip(" \t")
+    verb, _, rest = text.partition(" ")
+    return verb.upper(), rest.strip(" \t")
+
+
+def _path(text: str, keyword: str, role: str) -> tuple[str, str]:
+    """Split C{FROM:<path> params} into the address and the parameter text."""
+    match = re.match(rf"^{keyword}:\s*", text, re.IGNORECASE)
+    if match is None:
+        raise CommandError(501, "5.5.4", f"Syntax: {keyword.upper()}:<address>")
+    rest = text[match.end() :]
+    if rest.startswith("<"):
+        end = _closing_bracket(rest)
+        if end < 0:
+            raise CommandError(501, f"5.1.{_bad(role)}", f"Bad {role} address syntax")
+        path, params = rest[1:end], rest[end + 1 :]
+        if params and not params.startswith(" "):
+            raise CommandError(501, "5.5.4", "Expected a space before parameters")
+    else:
+        # Some old clients omit the angle brackets; accept a bare address.
+        path, _, params = rest.partition(" ")
+    path = _ROUTE.sub("", path)
+    return path, params.strip()
+
+
+def _closing_bracket(text: str) -> int:
+    """Index of the '>' that closes the path, skipping quoted strings."""
+    quoted = escaped = False
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return i
+    return -1
+
+
+def _bad(role: str) -> str:
+    return "7" if role == "sender" else "3"
+
+
+def check_address(address: str, role: str) -> str:
+    """Return C{address} if it is a valid RFC 5321 mailbox, else raise."""
+    if len(address) > MAX_PATH:
+        raise CommandError(501, f"5.1.{_bad(role)}", f"The {role} address is too long")
+    if not _MAILBOX.fullmatch(address):
+        raise CommandError(501, f"5.1.{_bad(role)}", f"Bad {role} address syntax")
+    local = address.rsplit("@", 1)[0]
+    if len(local) > MAX_LOCAL_PART:
+        raise CommandError(501, f"5.1.{_bad(role)}", f"The {role} local part is too long")
+    return address
+
+
+def _parameters(text: str) -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for token in text.split():
+        match = _PARAM.match(token)
+        if match is None:
+            raise CommandError(501, "5.5.4", f"Malformed parameter {token[:40]!r}")
+        found[match.group(1).upper()] = match.group(2)
+    return found
+
+
+def parse_mail(argument: str, max_size: int) -> MailArguments:
+    """Parse the argument of MAIL (C{FROM:<addr> [SIZE=n] [BODY=...]})."""
+    path, param_text = _path(argument, "FROM", "sender")
+    sender = check_address(path, "sender") if path else ""
+    size: int | None = None
+    body: str | None = None
+    for name, value in _parameters(param_text).items():
+        if name == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                raise CommandError(501, "5.5.4", "SIZE needs a number of bytes")
+            size = int(value)
+            if size > max_size:
+                raise CommandError(
+                    552, "5.3.4", f"Message too big: this server accepts at most {max_size} bytes"
+                )
+        elif name == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                raise CommandError(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+            body = value.upper()
+        elif name == "AUTH":
+            # RFC 4954 5: a relay may ignore the AUTH= identity it is handed.
+            continue
+        else:
+            raise CommandError(555, "5.5.4", f"Unsupported MAIL parameter {name}")
+    return MailArguments(sender, size, body)
+
+
+def parse_rcpt(argument: str) -> RcptArguments:
+    """Parse the argument of RCPT (C{TO:<addr>}); no parameters are offered."""
+    path, param_text = _path(argument, "TO", "recipient")
+    if not path:
+        raise CommandError(501, "5.1.3", "A recipient address is required")
+    address = check_address(path, "recipient")
+    for name in _parameters(param_text):
+        raise CommandError(555, "5.5.4", f"Unsupported RCPT parameter {name}")
+    return RcptArguments(address)

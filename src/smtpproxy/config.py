@@ -1,0 +1,376 @@
+"""Settings: environment variables first, an optional YAML file underneath.
+
+Everything here is pure: L{load} takes the environment as a mapping and the
+YAML text as a string, so every rule is tested without touching the process
+environment or the file system.  A bad value raises L{ConfigError} whose
+message names the setting, because an operator reading one line on a
+failed start must know what to fix.
+
+Each setting has an environment name (C{SMTP_LISTEN}) and a YAML path derived
+from it: the part before the first underscore is the section, the rest the
+key in lower case (C{smtp: {listen: ...}}).  Settings without an underscore
+(C{PROVIDER}) are top-level YAML keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A setting is missing, malformed or contradicts another one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The validated settings the service is built from."""
+
+    smtp_listen: str = "tcp:2525"
+    smtp_hostname: str = ""
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_allow_insecure_auth: bool = False
+    smtp_max_message_size: int = 26_214_400
+    smtp_max_recipients: int = 500
+    smtp_command_timeout: float = 300.0
+    smtp_data_timeout: float = 600.0
+    smtp_shutdown_timeout: float = 30.0
+    http_listen: str = "tcp:8080"
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    log_level: str = "info"
+    provider: str = "stdout"
+    graph_tenant_id: str = ""
+    graph_client_id: str = ""
+    graph_client_secret: str = ""
+    graph_sender: tuple[str, ...] = ()
+    graph_authority_host: str = "https://login.microsoftonline.com"
+    graph_endpoint: str = "https://graph.microsoft.com"
+    graph_send_mode: str = "auto"
+    graph_send_timeout: float = 120.0
+    graph_max_concurrency: int = 4
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.smtp_username)
+
+    def __repr__(self) -> str:
+        # Never let a secret reach a log line or a traceback by way of repr().
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRETS and value:
+                value = "***"
+            shown.append(f"{f.name}={value!r}")
+        return f"Config({', '.join(shown)})"
+
+
+_SECRETS = frozenset({"smtp_password", "graph_client_secret"})
+_LOG_LEVELS = ("debug", "info", "warn", "error")
+_SEND_MODES = ("auto", "mime", "json")
+_ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "haproxy", "systemd")
+_GRAPH_REQUIRED = ("GRAPH_TENANT_ID", "GRAPH_CLIENT_ID", "GRAPH_CLIENT_SECRET", "GRAPH_SENDER")
+_ADDR_RE = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
+
+
+# --- value parsers: each takes the raw text and returns the typed value or
+# raises ValueError with a short reason (the setting name is added later).
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw.strip().replace("_", ""))
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"must be greater than zero, got {value}")
+    return value
+
+
+def _seconds(raw: str) -> float:
+    text = raw.strip().lower().removesuffix("s")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value == "warning":
+            value = "warn"
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        raise ValueError(f"expected an http(s) URL, got {raw!r}")
+    return value
+
+
+def _addresses(raw: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in re.split(r"[,\s]+", raw) if part.strip())
+    for value in values:
+        if not _ADDR_RE.match(value):
+            raise ValueError(f"{value!r} is not an email address")
+    return values
+
+
+def _hostname(raw: str) -> str:
+    value = raw.strip()
+    if value and not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$", value):
+        raise ValueError(f"{raw!r} is not a host name")
+    return value
+
+
+def listen_endpoint(raw: str, *, allow_empty: bool = False) -> str:
+    """Turn a listen value into a Twisted server endpoint description.
+
+    Accepts C{:2525}, C{2525}, C{host:2525}, C{[::1]:2525} and endpoint strings
+    such as C{tcp:2525:interface=127.0.0.1} or C{haproxy:tcp:2525}.
+    """
+    value = raw.strip()
+    if not value:
+        if allow_empty:
+            return ""
+        raise ValueError("must not be empty")
+    kind = value.split(":", 1)[0]
+    if kind in _ENDPOINT_TYPES:
+        return value
+    if value.isdigit():
+        return f"tcp:{_port(value)}"
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", value)
+    if match:
+        host, port = match.groups()
+        _ip(host, version=6)
+        return f"tcp6:{_port(port)}:interface={host.replace(':', chr(92) + ':')}"
+    host, sep, port = value.rpartition(":")
+    if not sep or ":" in host:
+        raise ValueError(f"expected :PORT, HOST:PORT, [IPv6]:PORT or an endpoint, got {raw!r}")
+    if not host:
+        return f"tcp:{_port(port)}"
+    if re.fullmatch(r"[0-9.]+", host):
+        _ip(host, version=4)
+    elif not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+        raise ValueError(f"{host!r} is not a host name or address")
+    return f"tcp:{_port(port)}:interface={host}"
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise ValueError(f"{text!r} is not a port number")
+    return int(text)
+
+
+def _ip(text: str, version: int) -> None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+    if address.version != version:
+        raise ValueError(f"{text!r} is not an IPv{version} address")
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One configurable value: where it is read from and how it is checked."""
+
+    env: str
+    attr: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def yaml_path(self) -> tuple[str, ...]:
+        section, sep, key = self.env.lower().partition("_")
+        return (section, key) if sep else (section,)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("SMTP_LISTEN", "smtp_listen", listen_endpoint, "SMTP listen address"),
+    Setting("SMTP_HOSTNAME", "smtp_hostname", _hostname, "name in the greeting (default: FQDN)"),
+    Setting("SMTP_USERNAME", "smtp_username", _text, "SMTP AUTH user; enables AUTH"),
+    Setting("SMTP_PASSWORD", "smtp_password", lambda raw: raw, "SMTP AUTH password"),
+    Setting(
+        "SMTP_ALLOW_INSECURE_AUTH",
+        "smtp_allow_insecure_auth",
+        _boolean,
+        "offer AUTH before STARTTLS",
+    ),
+    Setting("SMTP_MAX_MESSAGE_SIZE", "smtp_max_message_size", _positive_int, "bytes per message"),
+    Setting("SMTP_MAX_RECIPIENTS", "smtp_max_recipients", _positive_int, "RCPT per message"),
+    Setting("SMTP_COMMAND_TIMEOUT", "smtp_command_timeout", _seconds, "idle seconds per command"),
+    Setting("SMTP_DATA_TIMEOUT", "smtp_data_timeout", _seconds, "idle seconds inside DATA"),
+    Setting(
+        "SMTP_SHUTDOWN_TIMEOUT",
+        "smtp_shutdown_timeout",
+        _seconds,
+        "seconds in-flight mail may take at shutdown",
+    ),
+    Setting(
+        "HTTP_LISTEN",
+        "http_listen",
+        lambda raw: listen_endpoint(raw, allow_empty=True),
+        "health endpoint address; empty disables",
+    ),
+    Setting("TLS_CERT_FILE", "tls_cert_file", _text, "PEM certificate (chain) for STARTTLS"),
+    Setting("TLS_KEY_FILE", "tls_key_file", _text, "PEM private key for STARTTLS"),
+    Setting("LOG_LEVEL", "log_level", _choice(_LOG_LEVELS), "debug, info, warn or error"),
+    Setting("PROVIDER", "provider", _text, "provider name (default: chosen from settings)"),
+    Setting("GRAPH_TENANT_ID", "graph_tenant_id", _text, "Entra tenant id"),
+    Setting("GRAPH_CLIENT_ID", "graph_client_id", _text, "Entra application (client) id"),
+    Setting("GRAPH_CLIENT_SECRET", "graph_client_secret", _text, "Entra client secret"),
+    Setting("GRAPH_SENDER", "graph_sender", _addresses, "mailbox(es) to send as, comma separated"),
+    Setting("GRAPH_AUTHORITY_HOST", "graph_authority_host", _url, "Entra login base URL"),
+    Setting("GRAPH_ENDPOINT", "graph_endpoint", _url, "Graph base URL"),
+    Setting("GRAPH_SEND_MODE", "graph_send_mode", _choice(_SEND_MODES), "auto, mime or json"),
+    Setting("GRAPH_SEND_TIMEOUT", "graph_send_timeout", _seconds, "seconds per message"),
+    Setting(
+        "GRAPH_MAX_CONCURRENCY",
+        "graph_max_concurrency",
+        _positive_int,
+        "Graph requests at once per mailbox",
+    ),
+)
+
+CONFIG_FILE_ENV = "SMTP_PROXY_CONFIG"
+
+
+def _flatten_yaml(text: str, source: str) -> dict[str, str]:
+    """Read YAML into C{{ENV_NAME: text}}; unknown keys are errors, not typos to ignore."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: not valid YAML{where}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level")
+    by_path = {s.yaml_path: s for s in SETTINGS}
+    sections = {path[0] for path in by_path if len(path) == 2}
+    found: dict[str, str] = {}
+
+    def take(path: tuple[str, ...], value: object) -> None:
+        setting = by_path.get(path)
+        if setting is None:
+            raise ConfigError(f"{source}: unknown setting {'.'.join(path)!r}")
+        if isinstance(value, dict):
+            raise ConfigError(f"{source}: {'.'.join(path)} must be a single value")
+        if isinstance(value, list):
+            value = ",".join(str(item) for item in value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        elif value is None:
+            value = ""
+        found[setting.env] = str(value)
+
+    for key, value in document.items():
+        key = str(key)
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key} must be a mapping")
+            for subkey, subvalue in value.items():
+                take((key, str(subkey)), subvalue)
+        else:
+            take((key,), value)
+    return found
+
+
+def load(
+    env: Mapping[str, str],
+    yaml_text: str | None = None,
+    yaml_source: str = "config file",
+    fqdn: Callable[[], str] = socket.getfqdn,
+) -> Config:
+    """Build a L{Config} from the environment over an optional YAML document.
+
+    @param fqdn: looked up only when no host name is configured, so that
+        tests and import never touch DNS.
+    @raise ConfigError: naming the first setting that is wrong.
+    """
+    raw: dict[str, str] = {}
+    if yaml_text is not None:
+        raw.update(_flatten_yaml(yaml_text, yaml_source))
+    for setting in SETTINGS:
+        if setting.env in env:
+            raw[setting.env] = env[setting.env]
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.env not in raw:
+            continue
+        try:
+            values[setting.attr] = setting.parse(raw[setting.env])
+        except ValueError as e:
+            raise ConfigError(f"{setting.env}: {e}") from None
+
+    _check_auth(values)
+    _check_tls(values)
+    _choose_provider(values)
+    if not values.get("smtp_hostname"):
+        values["smtp_hostname"] = _hostname(fqdn()) or "localhost"
+    return Config(**values)
+
+
+def _check_auth(values: dict[str, Any]) -> None:
+    user, password = values.get("smtp_username", ""), values.get("smtp_password", "")
+    if bool(user) != bool(password):
+        missing = "SMTP_PASSWORD" if user else "SMTP_USERNAME"
+        raise ConfigError(f"{missing}: must be set together with the other to enable AUTH")
+
+
+def _check_tls(values: dict[str, Any]) -> None:
+    cert, key = values.get("tls_cert_file", ""), values.get("tls_key_file", "")
+    if bool(cert) != bool(key):
+        missing = "TLS_KEY_FILE" if cert else "TLS_CERT_FILE"
+        raise ConfigError(f"{missing}: must be set together with the other to use your certificate")
+
+
+def _choose_provider(values: dict[str, Any]) -> None:
+    graph_values = {
+        name: values.get(name.lower(), "")
+        for name in _GRAPH_REQUIRED
+    }
+    present = [name for name, value in graph_values.items() if value]
+    explicit = values.get("provider", "")
+    if present and len(present) < len(_GRAPH_REQUIRED):
+        missing = [name for name in _GRAPH_REQUIRED if name not in present]
+        raise ConfigError(
+            f"{missing[0]}: Graph is partly configured; also set {', '.join(missing)} "
+            "(or unset the GRAPH_* settings to print mail to stdout)"
+        )
+    if not explicit:
+        values["provider"] = "graph" if present else "stdout"
+    elif explicit == "graph" and not present:
+        raise ConfigError(f"PROVIDER: graph needs {', '.join(_GRAPH_REQUIRED)}")

@@ -1,0 +1,204 @@
+"""From SMTP transaction to provider: the cred realm, delivery and message.
+
+The protocol logs in (anonymously, or with SMTP AUTH) and gets a
+L{RelayDelivery} avatar, Twisted's C{IMessageDelivery}.  Every recipient of a
+transaction maps to the same L{RelayMessage}, so one message with fifty
+recipients is one provider call, not fifty (stock Twisted builds one
+C{IMessage} per recipient).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred.portal import IRealm
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
+from twisted.mail.smtp import Address, User
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smtpproxy.errors import reply_for_failure
+from smtpproxy.message import parse_message
+from smtpproxy.providers import Provider
+
+log = Logger(namespace="smtpproxy.delivery")
+
+
+def new_message_id() -> str:
+    """A short random id that ties the SMTP reply to the log line."""
+    return secrets.token_hex(6)
+
+
+@implementer(IMessageSMTP)
+class RelayMessage:
+    """One transaction's message: collects the body, then hands it to the provider.
+
+    Body bytes arrive in chunks (L{chunkReceived}); the line-based
+    C{lineReceived} of C{IMessage} is supported for completeness but the
+    protocol never uses it on the hot path.
+    """
+
+    def __init__(
+        self,
+        provider: Provider,
+        reactor: IReactorTime,
+        sender: str,
+        recipients: list[str],
+        client: str,
+        user: str | None,
+    ) -> None:
+        self.id = new_message_id()
+        self._provider = provider
+        self._reactor = reactor
+        self._sender = sender
+        self._recipients = recipients
+        self._client = client
+        self._user = user
+        self._chunks: list[bytes] = []
+
+    def chunkReceived(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+
+    def lineReceived(self, line: bytes) -> None:
+        self._chunks.append(line + b"\r\n")
+
+    def connectionLost(self) -> None:
+        """The transaction was abandoned: forget the body."""
+        self._chunks = []
+
+    def eomReceived(self) -> defer.Deferred[str]:
+        """Parse and deliver; fire with the message id once the provider accepted it."""
+        started = self._reactor.seconds()
+        raw = b"".join(self._chunks)
+        self._chunks = []
+        fields: dict[str, Any] = {
+            "id": self.id,
+            "client": self._client,
+            "user": self._user,
+            "sender": self._sender,
+            "recipients": list(self._recipients),
+            "size": len(raw),
+            "provider": self._provider.name,
+        }
+        try:
+            email = parse_message(self._sender, self._recipients, raw)
+        except Exception:
+            # parse_message promises never to raise; if it does, that is our
+            # bug, and the client should retry rather than lose the message.
+            log.failure("message could not be parsed", **fields)
+            return defer.fail()
+        del raw
+        fields["message_id"] = email.message_id
+        for warning in email.warnings:
+            log.warn("message part kept as is", warning=warning, **fields)
+
+        def delivered(_: object) -> str:
+            log.info(
+                "message delivered",
+                outcome="delivered",
+                duration_ms=round((self._reactor.seconds() - started) * 1000, 1),
+                **fields,
+            )
+            return self.id
+
+        def failed(failure: Failure) -> Failure:
+            reply = reply_for_failure(failure.value)
+            outcome = "deferred" if reply.code < 500 else "rejected"
+            duration = round((self._reactor.seconds() - started) * 1000, 1)
+            if reply.code == 451 and reply.status == "4.3.0" and not _known(failure):
+                log.failure(
+                    "provider failed unexpectedly",
+                    failure,
+                    outcome=outcome,
+                    duration_ms=duration,
+                    **fields,
+                )
+            else:
+                log.warn(
+                    "message not delivered",
+                    outcome=outcome,
+                    reply=f"{reply.code} {reply.status}",
+                    reason=str(failure.value),
+                    duration_ms=duration,
+                    **fields,
+                )
+            return failure
+
+        d = defer.maybeDeferred(self._provider.send, email)
+        d.addCallbacks(delivered, failed)
+        return d
+
+
+def _known(failure: Failure) -> bool:
+    from smtpproxy.errors import DeliveryError
+
+    return failure.check(DeliveryError) is not None
+
+
+@implementer(IMessageDelivery)
+class RelayDelivery:
+    """The avatar a session gets after logging in: builds one message per transaction."""
+
+    def __init__(self, provider: Provider, reactor: IReactorTime, user: str | None) -> None:
+        self._provider = provider
+        self._reactor = reactor
+        self.user = user
+        self._sender = ""
+        self._recipients: list[str] = []
+        self._message: RelayMessage | None = None
+        self._client = ""
+
+    def receivedHeader(
+        self, helo: tuple[bytes, bytes], origin: Address, recipients: list[User]
+    ) -> None:
+        # We relay into APIs that build their own trace headers; adding ours
+        # would leak internal addresses and alter the message we promise to
+        # keep byte-for-byte.
+        return None
+
+    def validateFrom(self, helo: tuple[bytes, bytes], origin: Address) -> Address:
+        self._sender = str(origin)
+        self._recipients = []
+        self._message = None
+        self._client = helo[1].decode("ascii", "replace") if helo[1] else ""
+        return origin
+
+    def validateTo(self, user: User) -> Callable[[], RelayMessage]:
+        self._recipients.append(str(user.dest))
+        return self._message_for_transaction
+
+    def _message_for_transaction(self) -> RelayMessage:
+        if self._message is None:
+            self._message = RelayMessage(
+                self._provider,
+                self._reactor,
+                self._sender,
+                list(self._recipients),
+                self._client,
+                self.user,
+            )
+        return self._message
+
+
+@implementer(IRealm)
+class RelayRealm:
+    """Hands every logged-in (or anonymous) session a L{RelayDelivery}."""
+
+    def __init__(self, provider: Provider, reactor: IReactorTime) -> None:
+        self._provider = provider
+        self._reactor = reactor
+
+    def requestAvatar(
+        self, avatarId: Any, mind: object, *interfaces: Any
+    ) -> tuple[Any, RelayDelivery, Callable[[], None]]:
+        if IMessageDelivery not in interfaces:
+            raise NotImplementedError("smtpproxy only offers IMessageDelivery")
+        user: str | None = None
+        if isinstance(avatarId, bytes) and avatarId:
+            user = avatarId.decode("utf-8", "replace")
+        return IMessageDelivery, RelayDelivery(self._provider, self._reactor, user), lambda: None

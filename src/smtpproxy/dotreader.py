@@ -1,0 +1,90 @@
+"""Sans-I/O reader for the DATA phase: finds the end marker and unstuffs dots.
+
+Stock Twisted handles DATA one line at a time in Python, which is both slow
+and the source of two defects: an over-long line drops the session back into
+command mode (so the rest of the body runs as commands), and a client that
+never sends CRLF grows the line buffer without limit.  This reader works on
+whole chunks with C{bytes.find} and C{bytes.replace}, holds back at most four
+bytes between chunks, and stops storing (but keeps counting) once the
+message is larger than allowed, so memory per session is bounded by the size
+limit whatever the client sends.
+
+Only C{CRLF . CRLF} ends a message.  A bare LF or CR never does, so the
+"SMTP smuggling" trick of hiding a second message behind C{LF . LF} cannot
+work here.
+"""
+
+from __future__ import annotations
+
+_MARKER = b"\r\n.\r\n"
+_STUFFED = b"\r\n."
+
+
+class DataReader:
+    """Accumulates one message body from the chunks that follow DATA.
+
+    @ivar size: bytes of message content seen so far, after unstuffing,
+        including any that were discarded for being over the limit.
+    @ivar oversize: True once C{size} passed C{max_size}; the content is no
+        longer kept, and the caller must reject the message.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.size = 0
+        self.oversize = False
+        self._chunks: list[bytes] = []
+        # The body starts at the start of a line: pretend a CRLF came first so
+        # a leading "." is unstuffed and an immediate ".\r\n" ends the body.
+        self._tail = b"\r\n"
+        self._started = False
+
+    def feed(self, data: bytes) -> int | None:
+        """Consume C{data}.
+
+        @return: None while the message continues; once the end marker is
+            seen, the index in C{data} of the first byte after it (the rest
+            belongs to the command stream).
+        """
+        work = self._tail + data if self._tail else data
+        end = work.find(_MARKER)
+        if end >= 0:
+            self._store(work[: end + 2])
+            self._tail = b""
+            return end + len(_MARKER) - (len(work) - len(data))
+        keep = _partial_marker(work)
+        self._store(work[: len(work) - keep] if keep else work)
+        self._tail = work[len(work) - keep :] if keep else b""
+        return None
+
+    def _store(self, chunk: bytes) -> None:
+        chunk = chunk.replace(_STUFFED, b"\r\n")
+        if not self._started:
+            # Drop the CRLF we pretended to have seen before the body.  A
+            # marker prefix never splits it, so a chunk holds all or none of it.
+            if not chunk:
+                return
+            chunk = chunk[2:]
+            self._started = True
+        self.size += len(chunk)
+        if self.oversize:
+            return
+        if self.size > self.max_size:
+            self.oversize = True
+            self._chunks.clear()
+            return
+        if chunk:
+            self._chunks.append(chunk)
+
+    def take(self) -> list[bytes]:
+        """Hand over the stored chunks (and forget them)."""
+        chunks, self._chunks = self._chunks, []
+        return chunks
+
+
+def _partial_marker(data: bytes) -> int:
+    """Length of the longest suffix of C{data} that could begin the end marker."""
+    for length in range(min(len(_MARKER) - 1, len(data)), 0, -1):
+        if data.endswith(_MARKER[:length]):
+            return length
+    return 0

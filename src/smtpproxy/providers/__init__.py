@@ -1,0 +1,66 @@
+"""Providers: where accepted mail goes.
+
+A provider is anything with a C{name} and a C{send(email)} method returning a
+Deferred that fires when the backend has accepted the message.  Failing that
+Deferred with L{smtpproxy.errors.TransientDeliveryError} or
+L{smtpproxy.errors.PermanentDeliveryError} chooses between "try again later"
+and a bounce; anything else is treated as transient.
+
+New providers register a factory by name with L{register}; configuration
+chooses one with L{create}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from twisted.internet.defer import Deferred
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from smtpproxy.config import Config
+    from smtpproxy.message import Email
+
+
+class Provider(Protocol):
+    """Delivers parsed messages somewhere."""
+
+    @property
+    def name(self) -> str:
+        """Short name used in logs, e.g. C{"stdout"} or C{"graph"}."""
+
+    def send(self, email: Email) -> Deferred[None]:
+        """Deliver C{email}; fire with None once the backend accepted it."""
+
+    def close(self) -> Deferred[None]:
+        """Release connections and timers; called once at shutdown."""
+
+
+ProviderFactory = Callable[["Config", "IReactorTime"], Provider]
+
+_registry: dict[str, ProviderFactory] = {}
+
+
+def register(name: str, factory: ProviderFactory) -> None:
+    """Make a provider available under C{name} (the C{PROVIDER} setting)."""
+    _registry[name] = factory
+
+
+def names() -> list[str]:
+    """Names of every registered provider, sorted."""
+    _load_builtin()
+    return sorted(_registry)
+
+
+def create(name: str, config: Config, reactor: IReactorTime) -> Provider:
+    """Build the provider called C{name}; KeyError when there is none."""
+    _load_builtin()
+    return _registry[name](config, reactor)
+
+
+def _load_builtin() -> None:
+    # Imported lazily so that importing this package stays free of side
+    # effects and of the HTTP stack when only stdout is used.
+    from smtpproxy.providers import graph, stdout  # noqa: F401

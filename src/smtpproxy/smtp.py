@@ -1,0 +1,708 @@
+"""The SMTP front end: Twisted's ESMTP with its known defects closed.
+
+L{RelayProtocol} keeps Twisted's ESMTP structure (C{do_*} command methods,
+C{extensions()}, the cred portal, C{IMessageDelivery}) but owns its input
+loop, because most of stock Twisted's defects live there:
+
+ - Input is processed one command at a time.  While a command waits on
+   something asynchronous (delivery after DATA, an AUTH check, a MAIL
+   validation) the rest of the pipelined input waits in the buffer, so
+   replies come out in order and C{.<CRLF>QUIT} can never answer 221 before
+   the 250 (twisted#8126).  That is what makes advertising PIPELINING honest.
+ - DATA is read by the chunk-based L{DataReader}: an over-long line can never
+   drop back into command mode, memory stays bounded by the size limit, and
+   only CRLF.CRLF ends a message.
+ - STARTTLS throws away plaintext pipelined behind it and forgets HELO, the
+   transaction and any authentication (RFC 3207 4.2).
+ - Delivery failures map to 4xx or 5xx through L{reply_for_failure}, not a
+   blanket 550 (twisted#4904).
+ - Malformed commands, AUTH exchanges and addresses get a 5xx reply and the
+   session continues; nothing reaches the client as a traceback.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.cred import error as cred_error
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IReactorTime, ITLSTransport
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.mail.interfaces import IMessageDelivery
+from twisted.mail.smtp import (
+    Address,
+    ESMTP,
+    SMTPBadRcpt,
+    SMTPBadSender,
+    SMTPServerError,
+    User,
+)
+from twisted.python.failure import Failure
+
+from smtpproxy import auth
+from smtpproxy.commands import CommandError, parse_mail, parse_rcpt, split_command
+from smtpproxy.dotreader import DataReader
+from smtpproxy.errors import Reply, reply_for_failure
+
+log = Logger(namespace="smtpproxy.smtp")
+
+COMMAND, DATA, AUTH = "COMMAND", "DATA", "AUTH"
+
+# RFC 5321 4.5.3.1.4: 512 octets including CRLF.  AUTH lines may be longer
+# (RFC 4954 4 allows 12288) since they carry base64 credentials.
+MAX_COMMAND_LINE = 510
+MAX_AUTH_LINE = 12_288
+# Input waiting behind a slow command is capped; past this we stop reading
+# from the socket until the command finishes (TCP pushes back on the client).
+PAUSE_INPUT_AT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """What every session needs to know, derived once from the configuration."""
+
+    hostname: str
+    max_message_size: int = 26_214_400
+    max_recipients: int = 500
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    auth_enabled: bool = False
+    allow_insecure_auth: bool = False
+    max_errors: int = 10
+
+
+class ParsedAddress(Address):
+    """An address we already validated with L{smtpproxy.commands}.
+
+    Twisted's C{Address} tokenizer rejects valid addresses (address literals,
+    escaped quotes), so we bypass it and fill in the same attributes.
+    """
+
+    def __init__(self, address: str) -> None:
+        local, _, domain = address.rpartition("@")
+        self.addrstr = address.encode("ascii")
+        self.local = local.encode("ascii")
+        self.domain = domain.encode("ascii")
+
+
+_sessions = itertools.count(1)
+
+
+class RelayProtocol(ESMTP):
+    """One SMTP session."""
+
+    # Stock SMTP logs every sender and recipient through the legacy logger
+    # when noisy; we log one structured line per message instead.
+    noisy = False
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        portal: Portal,
+        tls_options: Any,
+        reactor: IReactorTime,
+    ) -> None:
+        ESMTP.__init__(self, chal=None, contextFactory=tls_options)
+        self.settings = settings
+        self.host = settings.hostname.encode("ascii")
+        self.portal = portal
+        self.timeout = settings.command_timeout
+        # TimeoutMixin schedules through self.callLater; point it at the
+        # injected reactor so tests can drive time with a Clock.
+        self.callLater = reactor.callLater  # type: ignore[attr-defined]
+        self.id = f"s{next(_sessions)}"
+        self.factory: RelayFactory | None = None
+        self.mode = COMMAND
+        self.user: str | None = None
+        self._buffer = bytearray()
+        self._busy = False
+        self._paused = False
+        self._closing = False
+        self._stopping = False
+        self._discarding_line = False
+        self._greeted = False
+        self._errors = 0
+        self._reader: DataReader | None = None
+        self._messages: list[Any] = []
+        self._sasl: tuple[str, bytes | None] | None = None
+        self._peer = ""
+
+    # -- connection lifecycle -------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer: IAddress = self.transport.getPeer()
+        self._peer = str(getattr(peer, "host", peer))
+        self._helo = (None, self._peer.encode("ascii", "replace"))
+        self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+        if self.factory is not None:
+            self.factory.sessions.add(self)
+        log.debug("session opened", session=self.id, client=self._peer)
+        if self.factory is not None and self.factory.stopping:
+            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self._close()
+            return
+        self._reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
+        self.setTimeout(self.timeout)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._abandon_message()
+        if self._onLogout is not None:
+            self._onLogout()
+            self._onLogout = None
+        self.setTimeout(None)
+        self._closing = True
+        if self.factory is not None:
+            self.factory.session_ended(self)
+        log.debug("session closed", session=self.id, client=self._peer)
+
+    def timeoutConnection(self) -> None:
+        self._reply(421, "4.4.2", f"{self.settings.hostname} idle too long, closing connection")
+        self._close()
+
+    def shutdown(self) -> None:
+        """The service is stopping: close now if idle, else after the transaction."""
+        self._stopping = True
+        if not self._in_transaction():
+            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self._close()
+
+    def _in_transaction(self) -> bool:
+        return self._busy or self.mode != COMMAND or self._from is not None
+
+    def _close(self) -> None:
+        self._closing = True
+        self._buffer.clear()
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    # -- input loop -----------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self.mode == DATA and not self._busy and not self._buffer:
+            # Fast path: body bytes go straight to the reader, no copy.
+            self.resetTimeout()
+            self._feed_data(data)
+        else:
+            self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        while self._buffer and not self._busy and not self._closing:
+            if self.mode == DATA:
+                data = bytes(self._buffer)
+                self._buffer.clear()
+                self.resetTimeout()
+                self._feed_data(data)
+                continue
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_AUTH_LINE:
+                    # Keep nothing of an endless line; answer when it ends.
+                    self._buffer.clear()
+                    self._discarding_line = True
+                break
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self.resetTimeout()
+            if self._discarding_line:
+                self._discarding_line = False
+                self._error(500, "5.5.2", "Line too long")
+                continue
+            if self.mode == AUTH:
+                self._auth_response(line)
+            else:
+                self._command(line)
+        if self._busy and not self._paused and len(self._buffer) > PAUSE_INPUT_AT:
+            self._paused = True
+            self.transport.pauseProducing()
+        elif self._paused and not self._busy:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _command(self, line: bytes) -> None:
+        try:
+            verb, argument = split_command(line)
+        except CommandError as e:
+            self._error_reply(e.reply)
+            return
+        if len(line) > MAX_COMMAND_LINE and verb != "AUTH":
+            self._error(500, "5.5.2", "Line too long")
+            return
+        if self._stopping and not self._in_transaction() and verb != "QUIT":
+            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self._close()
+            return
+        method = self.lookupMethod(verb.encode("ascii")) if verb.isalpha() else None
+        if method is None:
+            self._error(500, "5.5.2", "Command not recognized")
+            return
+        method(argument)
+
+    def _busy_with(self, d: defer.Deferred[Any]) -> None:
+        """Hold further input until C{d} (which sends its own reply) fires."""
+        self._busy = True
+        self.setTimeout(None)
+        # When d has already fired (most validations do), the input loop that
+        # called us carries on by itself; recursing into it here would nest
+        # one stack frame per pipelined command.
+        synchronous = True
+
+        def done(result: object) -> None:
+            self._busy = False
+            if self._closing:
+                return
+            if self._stopping and not self._in_transaction():
+                self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+                self._close()
+                return
+            self.setTimeout(self.settings.command_timeout)
+            if not synchronous:
+                self._process()
+
+        def unexpected(failure: Failure) -> None:
+            log.failure("unexpected error in session", failure, session=self.id)
+            self._reply(451, "4.3.0", "Local error in processing")
+
+        d.addErrback(unexpected)
+        d.addBoth(done)
+        synchronous = False
+
+    # -- replies ----------------------------------------------------------
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        """Send a (possibly multi-line) reply in one write."""
+        lines = message.splitlines() or [b""]
+        out = [b"%d-%s\r\n" % (code, line) for line in lines[:-1]]
+        out.append(b"%d %s\r\n" % (code, lines[-1]))
+        self.transport.write(b"".join(out))
+
+    def _reply(self, code: int, status: str, text: str) -> None:
+        self.sendCode(code, Reply(code, status, text).render())
+
+    def _error(self, code: int, status: str, text: str) -> None:
+        self._error_reply(Reply(code, status, text))
+
+    def _error_reply(self, reply: Reply) -> None:
+        """Answer a client mistake, closing after too many of them."""
+        self._errors += 1
+        if self._errors >= self.settings.max_errors:
+            self._reply(421, "4.7.0", "Too many errors, closing connection")
+            self._close()
+            return
+        self.sendCode(reply.code, reply.render())
+
+    # -- commands ---------------------------------------------------------
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        ext: dict[bytes, list[bytes] | None] = {
+            b"PIPELINING": None,
+            b"SIZE": [str(self.settings.max_message_size).encode()],
+            b"8BITMIME": None,
+            b"ENHANCEDSTATUSCODES": None,
+        }
+        if self.canStartTLS and not self.startedTLS:
+            ext[b"STARTTLS"] = None
+        if self._auth_offered():
+            ext[b"AUTH"] = list(auth.MECHANISMS)
+        return ext
+
+    def _auth_offered(self) -> bool:
+        return self.settings.auth_enabled and (
+            self.startedTLS or self.settings.allow_insecure_auth
+        )
+
+    def _greet(self, argument: str, extended: bool) -> None:
+        if not argument:
+            verb = "EHLO" if extended else "HELO"
+            self._error(501, "5.5.4", f"{verb} needs your domain name or address")
+            return
+        self._helo = (argument.encode("ascii"), self._peer.encode("ascii", "replace"))
+        self._greeted = True
+        self._reset_transaction()
+        text = f"{self.settings.hostname} greets {argument} [{self._peer}]"
+        if extended:
+            text += "\n" + self.listExtensions().decode("ascii")
+        self.sendCode(250, text.encode("ascii"))
+
+    def do_UNKNOWN(self, argument: str) -> None:
+        self._error(500, "5.5.2", "Command not recognized")
+
+    def do_HELO(self, argument: str) -> None:
+        self._greet(argument, extended=False)
+
+    def do_EHLO(self, argument: str) -> None:
+        self._greet(argument, extended=True)
+
+    def do_NOOP(self, argument: str) -> None:
+        self._reply(250, "2.0.0", "OK")
+
+    def do_VRFY(self, argument: str) -> None:
+        self._reply(252, "2.5.0", "Cannot verify the user, but will accept the message")
+
+    def do_EXPN(self, argument: str) -> None:
+        self._reply(502, "5.5.1", "EXPN is not supported")
+
+    def do_HELP(self, argument: str) -> None:
+        self._reply(
+            214,
+            "2.0.0",
+            "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT STARTTLS AUTH",
+        )
+
+    def do_RSET(self, argument: str) -> None:
+        self._reset_transaction()
+        self._reply(250, "2.0.0", "OK")
+
+    def do_QUIT(self, argument: str) -> None:
+        self._reply(221, "2.0.0", f"{self.settings.hostname} closing connection")
+        self._close()
+
+    def do_MAIL(self, argument: str) -> None:
+        if not self._greeted:
+            self._error(503, "5.5.1", "Send HELO or EHLO first")
+            return
+        if self._from is not None:
+            self._error(503, "5.5.1", "Sender already given; send RSET to start over")
+            return
+        if self.settings.auth_enabled and not self.authenticated:
+            self._error(530, "5.7.0", "Authentication required")
+            return
+        try:
+            parsed = parse_mail(argument, self.settings.max_message_size)
+        except CommandError as e:
+            self._error_reply(e.reply)
+            return
+        origin = ParsedAddress(parsed.sender)
+
+        def accepted(result: object) -> None:
+            self._from = origin
+            self._to = []
+            self._reply(250, "2.1.0", "Sender OK")
+
+        def refused(failure: Failure) -> None:
+            if failure.check(SMTPBadSender, SMTPServerError):
+                self._reply(failure.value.code, "5.7.1", str(failure.value.resp))
+            else:
+                log.failure("sender validation failed", failure, session=self.id)
+                self._reply(451, "4.3.0", "Local error in processing")
+
+        d = defer.maybeDeferred(self.validateFrom, self._helo, origin)
+        d.addCallbacks(accepted, refused)
+        self._busy_with(d)
+
+    def do_RCPT(self, argument: str) -> None:
+        if self._from is None:
+            self._error(503, "5.5.1", "Send MAIL first")
+            return
+        try:
+            parsed = parse_rcpt(argument)
+        except CommandError as e:
+            self._error_reply(e.reply)
+            return
+        key = _address_key(parsed.recipient)
+        if any(_address_key(str(user.dest)) == key for user, _ in self._to):
+            # The same mailbox twice must still receive the message once.
+            self._reply(250, "2.1.5", "Recipient OK (duplicate ignored)")
+            return
+        if len(self._to) >= self.settings.max_recipients:
+            self._reply(452, "4.5.3", "Too many recipients")
+            return
+        user = User(ParsedAddress(parsed.recipient), self._helo, self, self._from)
+
+        def accepted(factory: Callable[[], Any]) -> None:
+            self._to.append((user, factory))
+            self._reply(250, "2.1.5", "Recipient OK")
+
+        def refused(failure: Failure) -> None:
+            if failure.check(SMTPBadRcpt, SMTPServerError):
+                self._reply(failure.value.code, "5.7.1", str(failure.value.resp))
+            else:
+                log.failure("recipient validation failed", failure, session=self.id)
+                self._reply(451, "4.3.0", "Local error in processing")
+
+        d = defer.maybeDeferred(self.validateTo, user)
+        d.addCallbacks(accepted, refused)
+        self._busy_with(d)
+
+    def do_DATA(self, argument: str) -> None:
+        if self._from is None:
+            self._error(503, "5.5.1", "Send MAIL first")
+            return
+        if not self._to:
+            self._error(554, "5.5.1", "No valid recipients")
+            return
+        if argument:
+            self._error(501, "5.5.4", "DATA takes no arguments")
+            return
+        messages: list[Any] = []
+        try:
+            for _, factory in self._to:
+                message = factory()
+                if not any(message is seen for seen in messages):
+                    messages.append(message)
+        except Exception as e:
+            for message in messages:
+                message.connectionLost()
+            self._reset_transaction()
+            self.sendCode(*_reply_args(reply_for_failure(e)))
+            return
+        self._messages = messages
+        self._reader = DataReader(self.settings.max_message_size)
+        self.mode = DATA
+        self.setTimeout(self.settings.data_timeout)
+        self._reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+    def _feed_data(self, data: bytes) -> None:
+        assert self._reader is not None
+        end = self._reader.feed(data)
+        if end is None:
+            return
+        if end < len(data):
+            self._buffer[:0] = data[end:]
+        self._end_of_data()
+
+    def _end_of_data(self) -> None:
+        reader, messages = self._reader, self._messages
+        assert reader is not None
+        self._reader = None
+        self._messages = []
+        self.mode = COMMAND
+        if reader.oversize:
+            for message in messages:
+                message.connectionLost()
+            self._reset_transaction()
+            self._reply(
+                552,
+                "5.3.4",
+                f"Message too big: this server accepts at most "
+                f"{self.settings.max_message_size} bytes",
+            )
+            self.setTimeout(self.settings.command_timeout)
+            return
+        chunks = reader.take()
+        for message in messages:
+            for chunk in chunks:
+                message.chunkReceived(chunk)
+        del chunks
+        self._reset_transaction()
+        results = [defer.maybeDeferred(message.eomReceived) for message in messages]
+        d = defer.gatherResults(results, consumeErrors=True)
+
+        def delivered(ids: list[object]) -> None:
+            names = " ".join(str(i) for i in ids if isinstance(i, str))
+            self._reply(250, "2.0.0", f"OK: delivered as {names}" if names else "OK: delivered")
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            if isinstance(error, defer.FirstError):
+                error = error.subFailure.value
+            self.sendCode(*_reply_args(reply_for_failure(error)))
+
+        d.addCallbacks(delivered, failed)
+        self._busy_with(d)
+
+    def _abandon_message(self) -> None:
+        for message in self._messages:
+            try:
+                message.connectionLost()
+            except Exception:
+                log.failure("message cleanup failed", session=self.id)
+        self._messages = []
+        self._reader = None
+
+    def _reset_transaction(self) -> None:
+        self._from = None
+        self._to = []
+
+    # -- STARTTLS -----------------------------------------------------------
+
+    def ext_STARTTLS(self, argument: str) -> None:
+        if argument:
+            self._error(501, "5.5.4", "STARTTLS takes no arguments")
+            return
+        if self.startedTLS:
+            self._error(503, "5.5.1", "TLS already active")
+            return
+        if not self.canStartTLS:
+            self._reply(454, "4.7.0", "TLS not available")
+            return
+        self._reply(220, "2.0.0", "Ready to start TLS")
+        # Anything the client pipelined behind STARTTLS arrived in plaintext
+        # and must not run inside the TLS session (CVE-2011-0411 class).
+        self._buffer.clear()
+        self.transport.startTLS(self.ctx)
+        self.startedTLS = True
+        # RFC 3207 4.2: forget everything learned before TLS.
+        self._greeted = False
+        self._helo = (None, self._peer.encode("ascii", "replace"))
+        self._reset_transaction()
+        self.authenticated = False
+        self.user = None
+        self.delivery = None
+        self.deliveryFactory = None
+
+    # -- AUTH -----------------------------------------------------------------
+
+    def ext_AUTH(self, argument: str) -> None:
+        if not self.settings.auth_enabled:
+            self._error(502, "5.5.1", "AUTH is not enabled on this server")
+            return
+        if not self._auth_offered():
+            self._error(538, "5.7.11", "Encryption required: send STARTTLS first")
+            return
+        if not self._greeted:
+            self._error(503, "5.5.1", "Send EHLO first")
+            return
+        if self.authenticated:
+            self._error(503, "5.5.1", "Already authenticated")
+            return
+        if self._from is not None:
+            self._error(503, "5.5.1", "AUTH is not allowed during a mail transaction")
+            return
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        initial = initial.strip()
+        if not mechanism:
+            self._error(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            return
+        if mechanism.encode() not in auth.MECHANISMS:
+            self._error(504, "5.5.4", "Unrecognized authentication mechanism")
+            return
+        self.mode = AUTH
+        self._sasl = (mechanism, None)
+        if initial:
+            self._auth_response(initial.encode("ascii"))
+        elif mechanism == "PLAIN":
+            self.sendCode(334, b"")
+        else:
+            self.sendCode(334, b"VXNlcm5hbWU6")  # "Username:"
+
+    def _auth_response(self, line: bytes) -> None:
+        assert self._sasl is not None
+        mechanism, username = self._sasl
+        if line.strip() == b"*":
+            self._end_auth()
+            self._error(501, "5.0.0", "Authentication cancelled")
+            return
+        try:
+            decoded = auth.decode_base64(line)
+            if mechanism == "PLAIN":
+                creds = auth.decode_plain(decoded)
+            elif username is None:
+                self._sasl = (mechanism, auth.decode_login_field(decoded, "user name"))
+                self.sendCode(334, b"UGFzc3dvcmQ6")  # "Password:"
+                return
+            else:
+                from twisted.cred.credentials import UsernamePassword
+
+                creds = UsernamePassword(username, auth.decode_login_field(decoded, "password"))
+        except auth.SASLError as e:
+            self._end_auth()
+            self._error(501, "5.5.2", f"Malformed AUTH response: {e}")
+            return
+        self._end_auth()
+        self._login(creds)
+
+    def _end_auth(self) -> None:
+        self.mode = COMMAND
+        self._sasl = None
+
+    def _login(self, creds: IUsernamePassword) -> None:
+        username = creds.username.decode("utf-8", "replace")
+
+        def succeeded(result: tuple[Any, Any, Callable[[], None]]) -> None:
+            _, avatar, logout = result
+            self.delivery = avatar
+            self.deliveryFactory = None
+            self._onLogout = logout
+            self.authenticated = True
+            self.user = username
+            log.info("authenticated", session=self.id, client=self._peer, username=username)
+            self._reply(235, "2.7.0", "Authentication successful")
+
+        def failed(failure: Failure) -> None:
+            if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
+                log.warn(
+                    "authentication failed", session=self.id, client=self._peer, username=username
+                )
+                self._error(535, "5.7.8", "Authentication credentials invalid")
+            else:
+                log.failure("authentication error", failure, session=self.id)
+                self._reply(454, "4.7.0", "Temporary authentication failure")
+
+        d = self.portal.login(creds, None, IMessageDelivery)
+        d.addCallbacks(succeeded, failed)
+        self._busy_with(d)
+
+
+def _address_key(address: str) -> str:
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+def _reply_args(reply: Reply) -> tuple[int, bytes]:
+    return reply.code, reply.render()
+
+
+class RelayFactory(ServerFactory):
+    """Builds sessions and knows every live one, for graceful shutdown."""
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        portal: Portal,
+        tls_options: Any,
+        reactor: IReactorTime,
+    ) -> None:
+        self.settings = settings
+        self.portal = portal
+        self.tls_options = tls_options
+        self.reactor = reactor
+        self.sessions: set[RelayProtocol] = set()
+        self.stopping = False
+        self._drained: list[defer.Deferred[None]] = []
+
+    def buildProtocol(self, addr: IAddress) -> RelayProtocol:
+        protocol = RelayProtocol(self.settings, self.portal, self.tls_options, self.reactor)
+        protocol.factory = self
+        return protocol
+
+    def session_ended(self, session: RelayProtocol) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def shutdown(self, timeout: float) -> defer.Deferred[None]:
+        """Close idle sessions now, the rest after their transaction; force after C{timeout}."""
+        self.stopping = True
+        for session in list(self.sessions):
+            session.shutdown()
+        if not self.sessions:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(d)
+        timer = self.reactor.callLater(timeout, self._force_close)
+
+        def cancel_timer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        d.addCallback(cancel_timer)
+        return d
+
+    def _force_close(self) -> None:
+        for session in list(self.sessions):
+            log.warn("closing session still busy at shutdown", session=session.id)
+            session.transport.abortConnection()

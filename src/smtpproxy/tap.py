@@ -1,0 +1,223 @@
+"""The twistd plugin: command-line options and the service tree.
+
+C{postOptions} does every check that can fail (settings, certificate files,
+provider name) so that a bad setting stops twistd before it forks or binds,
+with one line naming what is wrong.  C{makeService} only assembles objects.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver, Logger
+from twisted.python import usage
+
+from smtpproxy import __version__, config, providers, tls
+from smtpproxy import http as health
+from smtpproxy import logging as jsonlog
+from smtpproxy.auth import StaticPasswordChecker
+from smtpproxy.delivery import RelayRealm
+from smtpproxy.smtp import RelayFactory, SessionSettings
+
+log = Logger(namespace="smtpproxy")
+
+
+def _settings_help() -> str:
+    rows = [f"  {s.env:<26} {s.help}" for s in config.SETTINGS]
+    return (
+        "smtpproxy relays SMTP mail to Microsoft Graph, or prints it to stdout when\n"
+        "Graph is not configured.  Settings come from environment variables, over an\n"
+        f"optional YAML file (--config or {config.CONFIG_FILE_ENV}):\n\n" + "\n".join(rows)
+    )
+
+
+class Options(usage.Options):
+    """C{twistd smtpproxy} options: only the config file; the rest is environment."""
+
+    synopsis = "[--config FILE]"
+    optParameters = [
+        ["config", "c", None, f"YAML settings file (default: ${config.CONFIG_FILE_ENV})"],
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+        self.longdesc = _settings_help()
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"smtpproxy {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        path = self["config"] or self.environ.get(config.CONFIG_FILE_ENV) or None
+        text: str | None = None
+        if path:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise SystemExit(f"smtpproxy: config file {path}: {_why(e)}") from None
+        try:
+            settings = config.load(self.environ, text, yaml_source=path or "config file")
+        except config.ConfigError as e:
+            raise SystemExit(f"smtpproxy: {e}") from None
+        if settings.provider not in providers.names():
+            raise SystemExit(
+                f"smtpproxy: PROVIDER: unknown provider {settings.provider!r}; "
+                f"choose one of {', '.join(providers.names())}"
+            )
+        try:
+            if settings.tls_cert_file:
+                cert, key = tls.load_files(settings.tls_cert_file, settings.tls_key_file)
+            else:
+                cert, key = tls.self_signed(settings.smtp_hostname)
+        except tls.TLSConfigError as e:
+            raise SystemExit(f"smtpproxy: {e}") from None
+        self["settings"] = settings
+        self["certificate"] = (cert, key)
+
+
+def _why(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    return "not readable as UTF-8 text" if isinstance(error, UnicodeDecodeError) else str(error)
+
+
+class RelayService(MultiService):
+    """Runs the listeners and shuts them down in the order mail needs.
+
+    Stop: refuse new connections at once, let transactions in flight finish
+    (bounded), then close the provider and finally the health endpoint, which
+    reports "stopping" throughout so orchestrators stop routing to us.
+    """
+
+    def __init__(
+        self,
+        settings: config.Config,
+        factory: RelayFactory,
+        provider: providers.Provider,
+        observer: ILogObserver,
+        tls_summary: str,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.factory = factory
+        self.provider = provider
+        self.observer = observer
+        self.tls_summary = tls_summary
+        self.stopping = False
+        self._bound = False
+        self.smtp: IService | None = None
+        self.http: IService | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        # twistd's AppLogger asks the application for an ILogObserver before
+        # it falls back to its own file logger: ours writes JSON to stderr,
+        # leaving stdout to the stdout provider.
+        set_component = getattr(parent, "setComponent", None)
+        if set_component is not None:
+            set_component(ILogObserver, self.observer)
+
+    def _log_start(self) -> None:
+        s = self.settings
+        log.info(
+            "smtpproxy started",
+            version=__version__,
+            provider=self.provider.name,
+            smtp_listen=s.smtp_listen,
+            http_listen=s.http_listen or None,
+            hostname=s.smtp_hostname,
+            auth="enabled" if s.auth_enabled else "disabled",
+            insecure_auth=s.smtp_allow_insecure_auth,
+            tls=self.tls_summary,
+            max_message_size=s.smtp_max_message_size,
+        )
+        if self.provider.name == "stdout":
+            log.info("stdout mode: messages are printed, not sent (set GRAPH_* to send mail)")
+
+    def privilegedStartService(self) -> None:
+        self._bind()
+
+    def startService(self) -> None:
+        if not self._bound:
+            self._bind()
+        super().startService()
+        self._log_start()
+
+    def _bind(self) -> None:
+        # Binding happens before twistd drops privileges or starts logging;
+        # a port in use must stop the process with one clear line, not a
+        # traceback and not a relay that runs without its listener.
+        self._bound = True
+        for child, setting in ((self.smtp, "SMTP_LISTEN"), (self.http, "HTTP_LISTEN")):
+            if child is None:
+                continue
+            child._raiseSynchronously = True  # type: ignore[attr-defined]
+            try:
+                child.privilegedStartService()
+            except Exception as e:
+                raise SystemExit(f"smtpproxy: {setting}: cannot listen: {e}") from None
+
+    async def _stop(self) -> None:
+        self.stopping = True
+        log.info("shutting down: no new connections, finishing messages in flight")
+        if self.smtp is not None:
+            await defer.maybeDeferred(self.smtp.stopService)
+        await self.factory.shutdown(self.settings.smtp_shutdown_timeout)
+        await self.provider.close()
+        if self.http is not None:
+            await defer.maybeDeferred(self.http.stopService)
+        log.info("stopped")
+
+    def stopService(self) -> defer.Deferred[None]:
+        # Children are stopped by _stop in our order, not MultiService's.
+        self.running = False
+        return defer.Deferred.fromCoroutine(self._stop())
+
+
+def makeService(options: Options) -> RelayService:
+    """Assemble the relay from validated options."""
+    from twisted.internet import reactor
+
+    settings: config.Config = options["settings"]
+    cert, key = options["certificate"]
+    observer = jsonlog.make_observer(settings.log_level, sys.stderr)
+    provider = providers.create(settings.provider, settings, reactor)  # type: ignore[arg-type]
+
+    portal = Portal(RelayRealm(provider, reactor))  # type: ignore[arg-type]
+    portal.registerChecker(AllowAnonymousAccess())
+    if settings.auth_enabled:
+        portal.registerChecker(StaticPasswordChecker(settings.smtp_username, settings.smtp_password))
+    session = SessionSettings(
+        hostname=settings.smtp_hostname,
+        max_message_size=settings.smtp_max_message_size,
+        max_recipients=settings.smtp_max_recipients,
+        command_timeout=settings.smtp_command_timeout,
+        data_timeout=settings.smtp_data_timeout,
+        auth_enabled=settings.auth_enabled,
+        allow_insecure_auth=settings.smtp_allow_insecure_auth,
+    )
+    factory = RelayFactory(session, portal, tls.server_context(cert, key), reactor)  # type: ignore[arg-type]
+    tls_summary = ("custom " if settings.tls_cert_file else "self-signed ") + tls.describe(cert)
+    service = RelayService(settings, factory, provider, observer, tls_summary)
+
+    smtp = StreamServerEndpointService(serverFromString(reactor, settings.smtp_listen), factory)
+    smtp.setServiceParent(service)
+    service.smtp = smtp
+    if settings.http_listen:
+        site = health.make_site(lambda: service.stopping)
+        http = StreamServerEndpointService(serverFromString(reactor, settings.http_listen), site)
+        http.setServiceParent(service)
+        service.http = http
+    return service

@@ -1,0 +1,174 @@
+"""Test helpers: a real relay on loopback, a recording provider, raw clients.
+
+The provider here is a test double for the *backend*, never for the code
+under test: the SMTP server, the parser and the delivery path all run for
+real, over real sockets.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import ssl
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from smtpproxy import tls
+from smtpproxy.auth import StaticPasswordChecker
+from smtpproxy.delivery import RelayRealm
+from smtpproxy.message import Email
+from smtpproxy.smtp import RelayFactory, SessionSettings
+
+USER = "relay-user"
+PASSWORD = "s3cret-Pa55"
+TIMEOUT = 10.0
+
+_CERT: tuple[bytes, bytes] | None = None
+
+
+def certificate() -> tuple[bytes, bytes]:
+    """One self-signed certificate for the whole test run (generation is slowish)."""
+    global _CERT
+    if _CERT is None:
+        _CERT = tls.self_signed("relay.test")
+    return _CERT
+
+
+@dataclass
+class RecordingProvider:
+    """A backend that records what it is given.
+
+    By default it accepts at once.  Tests that need the backend to be slow or
+    to fail push a Deferred or an exception onto C{outcomes}; each send takes
+    the next one.
+    """
+
+    name: str = "recording"
+    emails: list[Email] = field(default_factory=list)
+    outcomes: list[defer.Deferred[None] | BaseException] = field(default_factory=list)
+    closed: bool = False
+
+    def send(self, email: Email) -> defer.Deferred[None]:
+        self.emails.append(email)
+        if self.outcomes:
+            outcome = self.outcomes.pop(0)
+            if isinstance(outcome, BaseException):
+                return defer.fail(outcome)
+            return outcome
+        return defer.succeed(None)
+
+    def close(self) -> defer.Deferred[None]:
+        self.closed = True
+        return defer.succeed(None)
+
+
+@dataclass
+class Relay:
+    """A listening relay and what it needs for assertions."""
+
+    port: int
+    factory: RelayFactory
+    provider: RecordingProvider
+    listening: IListeningPort
+
+
+def start_relay(
+    case: TestCase,
+    *,
+    auth: bool = False,
+    tls_enabled: bool = True,
+    provider: RecordingProvider | None = None,
+    **settings: Any,
+) -> Relay:
+    """Listen on 127.0.0.1 with an ephemeral port; stopped by the test's cleanup."""
+    from twisted.internet import reactor
+
+    provider = provider or RecordingProvider()
+    portal = Portal(RelayRealm(provider, reactor))  # type: ignore[arg-type]
+    portal.registerChecker(AllowAnonymousAccess())
+    if auth:
+        portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))
+    options = tls.server_context(*certificate()) if tls_enabled else None
+    session = SessionSettings(hostname="relay.test", auth_enabled=auth, **settings)
+    factory = RelayFactory(session, portal, options, reactor)  # type: ignore[arg-type]
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+
+    def stop() -> defer.Deferred[None]:
+        for session_protocol in list(factory.sessions):
+            session_protocol.transport.abortConnection()
+        return defer.maybeDeferred(listening.stopListening)
+
+    case.addCleanup(stop)
+    return Relay(listening.getHost().port, factory, provider, listening)
+
+
+def in_thread(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    """Run a blocking client (smtplib, a raw socket) beside the reactor."""
+    return deferToThread(function, *args)
+
+
+def read_replies(sock: socket.socket | ssl.SSLSocket, count: int) -> list[str]:
+    """Read until C{count} complete replies arrived (or the server closed)."""
+    data = b""
+    replies: list[str] = []
+    while len(replies) < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        while b"\r\n" in data:
+            line, data = data.split(b"\r\n", 1)
+            text = line.decode("utf-8", "replace")
+            if len(text) >= 4 and text[3] == "-":
+                continue
+            replies.append(text)
+    return replies
+
+
+def exchange(port: int, sends: Sequence[bytes], replies_after_each: Sequence[int]) -> list[str]:
+    """Connect, read the greeting, then for each send read the given number of replies.
+
+    Returns every final reply line, greeting first.  Blocking: use L{in_thread}.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        out = read_replies(sock, 1)
+        for data, count in zip(sends, replies_after_each, strict=True):
+            sock.sendall(data)
+            out += read_replies(sock, count)
+        return out
+
+
+def codes(replies: Sequence[str]) -> list[int]:
+    return [int(r[:3]) for r in replies]
+
+
+def message(subject: str = "Hello", body: str = "Body text.\r\n", **headers: str) -> bytes:
+    lines = {
+        "From": "Sender <sender@example.com>",
+        "To": "rcpt@example.org",
+        "Subject": subject,
+        "Message-ID": "<test-1@example.com>",
+    }
+    lines.update({k.replace("_", "-"): v for k, v in headers.items()})
+    head = "".join(f"{k}: {v}\r\n" for k, v in lines.items())
+    return (head + "\r\n" + body).encode("utf-8")
+
+
+def async_test(
+    method: Callable[..., Coroutine[Any, Any, None]],
+) -> Callable[..., defer.Deferred[None]]:
+    """Let trial run an C{async def} test method (trial waits on the Deferred)."""
+
+    @functools.wraps(method)
+    def run(*args: Any) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(method(*args))
+
+    return run

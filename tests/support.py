@@ -110,9 +110,9 @@ def start_relay(
     return Relay(listening.getHost().port, factory, provider, listening)
 
 
-def in_thread(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+def in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
     """Run a blocking client (smtplib, a raw socket) beside the reactor."""
-    return deferToThread(function, *args)
+    return deferToThread(function, *args, **kwargs)
 
 
 def read_replies(sock: socket.socket | ssl.SSLSocket, count: int) -> list[str]:

@@ -18,8 +18,7 @@ authorization is printed as C{"***"}; that is a safety net for R6.5, not a
 licence to log such values.
 
 For C{twistd}, C{--logger=smtpproxy.logging.observer} selects this format;
-the level comes from C{LOG_LEVEL}.  L{set_level} changes it later, once the
-full configuration (which may come from a YAML file) is known.
+the level comes from C{LOG_LEVEL}.
 """
 
 from __future__ import annotations
@@ -27,17 +26,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from twisted.logger import (
-    FilteringLogObserver,
     ILogObserver,
+    InvalidLogLevelError,
     LogBeginner,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     globalLogBeginner,
 )
@@ -51,7 +51,6 @@ __all__ = [
     "observer",
     "parse_level",
     "render_event",
-    "set_level",
 ]
 
 #: Field names containing any of these (case-insensitively) are never printed.
@@ -69,20 +68,24 @@ _LEGACY_KEYS = frozenset({"message", "time", "isError", "system", "failure", "wh
 #: How deep L{_redact} looks into nested dicts and lists.
 _MAX_DEPTH = 8
 
-_LEVEL_ALIASES = {"warning": "warn", "critical": "critical"}
 
-
-def parse_level(name: str) -> LogLevel:
+def parse_level(name: str) -> object:
     """Map a configured level name (C{debug}, C{info}, C{warn}, C{error}) to Twisted's.
+
+    Returns the L{LogLevel} constant (typed loosely: Twisted's constants come
+    from the untyped C{constantly} package).
+
+    C{warning} is accepted for C{warn}, and Twisted's C{critical} is allowed.
 
     @raise ValueError: for any other name.
     """
     key = name.strip().lower()
-    key = _LEVEL_ALIASES.get(key, key)
-    for level in LogLevel.iterconstants():
-        if level.name == key:
-            return level
-    raise ValueError(f"unknown log level {name!r}; expected debug, info, warn or error")
+    try:
+        return LogLevel.levelWithName("warn" if key == "warning" else key)
+    except InvalidLogLevelError:
+        raise ValueError(
+            f"unknown log level {name!r}; expected debug, info, warn or error"
+        ) from None
 
 
 # --- the pure part: one event in, one line out -----------------------------
@@ -106,7 +109,7 @@ def render_event(event: LogEvent) -> str:
     level = event.get("log_level")
     parts: list[tuple[str, str]] = [
         ("ts", _dumps(_timestamp(event.get("log_time")))),
-        ("level", _dumps(level.name if isinstance(level, LogLevel) else "info")),
+        ("level", _dumps(str(getattr(level, "name", "info")))),
         ("logger", _dumps(str(event.get("log_namespace") or "-"))),
         ("msg", _dumps(message)),
     ]
@@ -201,43 +204,34 @@ class JSONLogObserver:
 
     Each line is written with a single C{write()} and flushed, so lines from
     different threads never interleave and a crash loses nothing already
-    logged.
+    logged.  The level applies to every namespace, Twisted's included.
     """
 
     def __init__(self, stream: TextIO, level: str = "info") -> None:
         self._stream = stream
         self._levels = LogLevelFilterPredicate(parse_level(level))
-        self._filter = FilteringLogObserver(_Writer(stream), [self._levels])
 
     def __call__(self, event: LogEvent) -> None:
-        self._filter(event)
-
-    def set_level(self, level: str) -> None:
-        """Change the minimum level from now on."""
-        self._levels.setLogLevelForNamespace("", parse_level(level))
-
-
-@implementer(ILogObserver)
-class _Writer:
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-
-    def __call__(self, event: LogEvent) -> None:
+        if self._levels(event) is PredicateResult.no:
+            return
         self._stream.write(render_event(event) + "\n")
         self._stream.flush()
 
-
-def make_observer(level: str, stream: TextIO) -> JSONLogObserver:
-    """An observer writing JSON lines at C{level} and above to C{stream}."""
-    return JSONLogObserver(stream, level)
-
-
-# The observer the process logs through, so that set_level() can reach the
-# one twistd created from observer() without a handle to it.
-_process_observer: JSONLogObserver | None = None
+    def set_level(self, level: str) -> None:
+        """Change the minimum level from now on (e.g. once a YAML file is read)."""
+        self._levels.setLogLevelForNamespace("", parse_level(level))
 
 
-def observer() -> JSONLogObserver:
+def make_observer(level: str, stream: TextIO) -> ILogObserver:
+    """An observer writing JSON lines at C{level} and above to C{stream}.
+
+    @raise ValueError: if C{level} is not a level name.
+    """
+    # zope interfaces are not types to mypy: say once, here, that it provides one.
+    return cast(ILogObserver, JSONLogObserver(stream, level))
+
+
+def observer() -> ILogObserver:
     """The factory for C{twistd --logger=smtpproxy.logging.observer}.
 
     Writes to stderr at the level in C{LOG_LEVEL}.  An unknown level falls
@@ -249,37 +243,21 @@ def observer() -> JSONLogObserver:
         parse_level(level)
     except ValueError:
         level = "info"
-    return _remember(make_observer(level, sys.stderr))
+    return make_observer(level, sys.stderr)
 
 
 def install(
     level: str,
     stream: TextIO,
     beginner: LogBeginner = globalLogBeginner,
-) -> JSONLogObserver:
+) -> ILogObserver:
     """Make JSON lines on C{stream} the process's log output.
 
-    For running without C{twistd}.  Standard I/O is not redirected into
-    the log: stdout carries the stdout provider's output.
+    For running without C{twistd}.  Standard I/O is not redirected into the
+    log: stdout carries the stdout provider's output.
+
+    @param beginner: the process-wide one unless a test passes its own.
     """
     made = make_observer(level, stream)
-    beginner.beginLoggingTo(_observers(made), redirectStandardIO=False)
-    return _remember(made)
-
-
-def set_level(level: str) -> None:
-    """Change the level of the observer made by L{observer} or L{install}, if any."""
-    parse_level(level)
-    if _process_observer is not None:
-        _process_observer.set_level(level)
-
-
-def _remember(made: JSONLogObserver) -> JSONLogObserver:
-    global _process_observer
-    _process_observer = made
+    beginner.beginLoggingTo([made], redirectStandardIO=False)
     return made
-
-
-def _observers(*observers: JSONLogObserver) -> Iterable[ILogObserver]:
-    # zope interfaces are not types to mypy; implementers are, structurally.
-    return [o for o in observers]  # type: ignore[misc]

@@ -1,0 +1,131 @@
+"""Settings from the environment over YAML: defaults, overrides, errors."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpproxy.config import Config, ConfigError, listen_endpoint, load
+
+GRAPH = {
+    "GRAPH_TENANT_ID": "tenant",
+    "GRAPH_CLIENT_ID": "client",
+    "GRAPH_CLIENT_SECRET": "secret-value",
+    "GRAPH_SENDER": "relay@contoso.example",
+}
+
+
+def _load(env: dict[str, str], yaml_text: str | None = None) -> Config:
+    return load(env, yaml_text, fqdn=lambda: "host.example")
+
+
+class ConfigTests(SynchronousTestCase):
+    def error(self, env: dict[str, str], yaml_text: str | None = None) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            _load(env, yaml_text)
+        return str(caught.exception)
+
+    def test_zero_config(self) -> None:
+        """No settings: stdout, :2525, health on :8080, no AUTH, 25 MB, FQDN as hostname."""
+        config = _load({})
+        self.assertEqual(config.provider, "stdout")
+        self.assertEqual(config.smtp_listen, "tcp:2525")
+        self.assertEqual(config.http_listen, "tcp:8080")
+        self.assertFalse(config.auth_enabled)
+        self.assertEqual(config.smtp_max_message_size, 26_214_400)
+        self.assertEqual(config.smtp_max_recipients, 500)
+        self.assertEqual(config.smtp_hostname, "host.example")
+        self.assertEqual(config.log_level, "info")
+
+    def test_fqdn_not_looked_up_when_configured(self) -> None:
+        """SMTP_HOSTNAME set means no DNS lookup at all."""
+
+        def no_dns() -> str:
+            raise AssertionError("looked up")
+
+        self.assertEqual(load({"SMTP_HOSTNAME": "mx.example"}, fqdn=no_dns).smtp_hostname, "mx.example")
+
+    def test_listen_forms(self) -> None:
+        """Listen values accept :port, host:port, [v6]:port and endpoint strings."""
+        self.assertEqual(listen_endpoint(":25"), "tcp:25")
+        self.assertEqual(listen_endpoint("2525"), "tcp:2525")
+        self.assertEqual(listen_endpoint("127.0.0.1:2525"), "tcp:2525:interface=127.0.0.1")
+        self.assertEqual(listen_endpoint("[::1]:2525"), "tcp6:2525:interface=\\:\\:1")
+        self.assertEqual(listen_endpoint("haproxy:tcp:2525"), "haproxy:tcp:2525")
+        for bad in ("nonsense", ":99999", "1.2.3:25", "[zz]:25", "host:port"):
+            with self.assertRaises(ValueError):
+                listen_endpoint(bad)
+
+    def test_http_listen_empty_disables(self) -> None:
+        """An empty HTTP_LISTEN turns the health endpoint off."""
+        self.assertEqual(_load({"HTTP_LISTEN": ""}).http_listen, "")
+
+    def test_graph_selected_when_complete(self) -> None:
+        """All four GRAPH_* settings select the Graph provider; GRAPH_SENDER may list several."""
+        config = _load({**GRAPH, "GRAPH_SENDER": "a@contoso.example, b@contoso.example"})
+        self.assertEqual(config.provider, "graph")
+        self.assertEqual(config.graph_sender, ("a@contoso.example", "b@contoso.example"))
+
+    def test_partial_graph_refused(self) -> None:
+        """Some GRAPH_* but not all: refuse to start, naming what is missing."""
+        message = self.error({"GRAPH_TENANT_ID": "t", "GRAPH_CLIENT_ID": "c"})
+        self.assertIn("GRAPH_CLIENT_SECRET", message)
+        self.assertIn("GRAPH_SENDER", message)
+
+    def test_auth_needs_both(self) -> None:
+        """A username without a password (or the reverse) is an error naming the missing one."""
+        self.assertIn("SMTP_PASSWORD", self.error({"SMTP_USERNAME": "u"}))
+        self.assertIn("SMTP_USERNAME", self.error({"SMTP_PASSWORD": "p"}))
+        self.assertTrue(_load({"SMTP_USERNAME": "u", "SMTP_PASSWORD": "p"}).auth_enabled)
+
+    def test_invalid_values_name_the_setting(self) -> None:
+        """Each malformed value's error starts with the variable's name."""
+        cases = {
+            "SMTP_MAX_MESSAGE_SIZE": "big",
+            "SMTP_MAX_RECIPIENTS": "0",
+            "LOG_LEVEL": "loud",
+            "SMTP_ALLOW_INSECURE_AUTH": "perhaps",
+            "GRAPH_SEND_TIMEOUT": "-1",
+            "GRAPH_ENDPOINT": "ftp://x",
+            "SMTP_LISTEN": "",
+            "SMTP_HOSTNAME": "bad host",
+        }
+        for name, value in cases.items():
+            self.assertTrue(self.error({name: value}).startswith(name + ":"), name)
+
+    def test_yaml_base_env_overrides(self) -> None:
+        """YAML supplies values; the environment wins where both are set (R5.4)."""
+        yaml_text = """
+smtp:
+  listen: ":2626"
+  max_recipients: 10
+  allow_insecure_auth: true
+log:
+  level: debug
+graph:
+  sender: [a@contoso.example, b@contoso.example]
+  tenant_id: t
+  client_id: c
+  client_secret: s
+"""
+        config = _load({"SMTP_LISTEN": ":2727"}, yaml_text)
+        self.assertEqual(config.smtp_listen, "tcp:2727")
+        self.assertEqual(config.smtp_max_recipients, 10)
+        self.assertTrue(config.smtp_allow_insecure_auth)
+        self.assertEqual(config.log_level, "debug")
+        self.assertEqual(config.provider, "graph")
+        self.assertEqual(config.graph_sender, ("a@contoso.example", "b@contoso.example"))
+
+    def test_yaml_errors(self) -> None:
+        """Unknown keys, wrong shapes and broken YAML are errors naming the problem."""
+        self.assertIn("smtp.lisen", self.error({}, "smtp:\n  lisen: 1\n"))
+        self.assertIn("unknown setting", self.error({}, "bogus: 1\n"))
+        self.assertIn("must be a mapping", self.error({}, "smtp: 5\n"))
+        self.assertIn("not valid YAML", self.error({}, "smtp: [\n"))
+        self.assertIn("mapping", self.error({}, "- a\n- b\n"))
+        self.assertEqual(_load({}, "").provider, "stdout")
+
+    def test_repr_hides_secrets(self) -> None:
+        """repr() never shows the SMTP password or the Graph client secret."""
+        config = _load({**GRAPH, "SMTP_USERNAME": "u", "SMTP_PASSWORD": "hunter2"})
+        self.assertNotIn("hunter2", repr(config))
+        self.assertNotIn("secret-value", repr(config))

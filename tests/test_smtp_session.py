@@ -1,0 +1,108 @@
+"""Session timing and lifecycle, driven by a Clock over a StringTransport.
+
+These need control of time, which real sockets cannot give: the idle timer,
+delivery that outlasts it, and shutdown.
+"""
+
+from __future__ import annotations
+
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpproxy.delivery import RelayRealm
+from smtpproxy.smtp import RelayFactory, RelayProtocol, SessionSettings
+from tests.support import RecordingProvider, message
+
+ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+
+
+class SessionTimingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.provider = RecordingProvider()
+        portal = Portal(RelayRealm(self.provider, self.clock))
+        portal.registerChecker(AllowAnonymousAccess())
+        settings = SessionSettings(hostname="relay.test", command_timeout=300, data_timeout=600)
+        self.factory = RelayFactory(settings, portal, None, self.clock)
+
+    def connect(self) -> tuple[RelayProtocol, StringTransport]:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def replies(self, transport: StringTransport) -> list[int]:
+        lines = transport.value().split(b"\r\n")
+        return [int(line[:3]) for line in lines if len(line) > 3 and line[3:4] == b" "]
+
+    def test_idle_timeout(self) -> None:
+        """An idle session is told 421 4.4.2 and closed after the command timeout."""
+        protocol, transport = self.connect()
+        self.clock.advance(299)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertEqual(self.replies(transport), [220, 421])
+        self.assertTrue(transport.disconnecting)
+
+    def test_partial_line_does_not_keep_session_alive(self) -> None:
+        """A byte-at-a-time client that never finishes a line still times out."""
+        protocol, transport = self.connect()
+        for _ in range(400):
+            protocol.dataReceived(b"N")
+            self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_slow_delivery_does_not_time_out(self) -> None:
+        """While the provider works the idle timer is off: 250 comes, not 421 (defect 8)."""
+        slow: defer.Deferred[None] = defer.Deferred()
+        self.provider.outcomes.append(slow)
+        protocol, transport = self.connect()
+        protocol.dataReceived(ENVELOPE + message() + b".\r\n")
+        self.clock.advance(3600)
+        self.assertFalse(transport.disconnecting)
+        slow.callback(None)
+        self.assertEqual(self.replies(transport), [220, 250, 250, 250, 354, 250])
+        self.clock.advance(301)
+        self.assertTrue(transport.disconnecting)
+
+    def test_shutdown_closes_idle_sessions(self) -> None:
+        """At shutdown an idle session hears 421 4.3.2 at once."""
+        protocol, transport = self.connect()
+        d = self.factory.shutdown(timeout=30)
+        self.assertEqual(self.replies(transport), [220, 421])
+        protocol.connectionLost(None)
+        self.successResultOf(d)
+
+    def test_shutdown_waits_for_delivery(self) -> None:
+        """A message in delivery at shutdown is finished and answered 250, then 421."""
+        slow: defer.Deferred[None] = defer.Deferred()
+        self.provider.outcomes.append(slow)
+        protocol, transport = self.connect()
+        protocol.dataReceived(ENVELOPE + message() + b".\r\n")
+        d = self.factory.shutdown(timeout=30)
+        self.assertNoResult(d)
+        self.clock.advance(10)
+        slow.callback(None)
+        self.assertEqual(self.replies(transport), [220, 250, 250, 250, 354, 250, 421])
+        protocol.connectionLost(None)
+        self.successResultOf(d)
+
+    def test_shutdown_gives_up_after_timeout(self) -> None:
+        """A delivery still running after the shutdown timeout has its session aborted."""
+        self.provider.outcomes.append(defer.Deferred())
+        protocol, transport = self.connect()
+        protocol.dataReceived(ENVELOPE + message() + b".\r\n")
+        self.factory.shutdown(timeout=30)
+        self.clock.advance(31)
+        self.assertTrue(transport.disconnecting)
+
+    def test_new_connection_during_shutdown(self) -> None:
+        """A client connecting while we stop is told 421 instead of a greeting."""
+        self.factory.stopping = True
+        _, transport = self.connect()
+        self.assertEqual(self.replies(transport), [421])

@@ -92,19 +92,20 @@ def start_relay(
     from twisted.internet import reactor
 
     provider = provider or RecordingProvider()
-    portal = Portal(RelayRealm(provider, reactor))  # type: ignore[arg-type]
+    portal = Portal(RelayRealm(provider, reactor))
     portal.registerChecker(AllowAnonymousAccess())
     if auth:
         portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))
     options = tls.server_context(*certificate()) if tls_enabled else None
     session = SessionSettings(hostname="relay.test", auth_enabled=auth, **settings)
-    factory = RelayFactory(session, portal, options, reactor)  # type: ignore[arg-type]
-    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+    factory = RelayFactory(session, portal, options, reactor)
+    listening: Any = reactor.listenTCP(0, factory, interface="127.0.0.1")
 
     def stop() -> defer.Deferred[None]:
         for session_protocol in list(factory.sessions):
-            session_protocol.transport.abortConnection()
-        return defer.maybeDeferred(listening.stopListening)
+            session_protocol._tcp.abortConnection()
+        stopped: defer.Deferred[None] = defer.maybeDeferred(listening.stopListening)
+        return stopped
 
     case.addCleanup(stop)
     return Relay(listening.getHost().port, factory, provider, listening)

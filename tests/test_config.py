@@ -42,7 +42,9 @@ class ConfigTests(SynchronousTestCase):
         def no_dns() -> str:
             raise AssertionError("looked up")
 
-        self.assertEqual(load({"SMTP_HOSTNAME": "mx.example"}, fqdn=no_dns).smtp_hostname, "mx.example")
+        self.assertEqual(
+            load({"SMTP_HOSTNAME": "mx.example"}, fqdn=no_dns).smtp_hostname, "mx.example"
+        )
 
     def test_listen_forms(self) -> None:
         """Listen values accept :port, host:port, [v6]:port and endpoint strings."""

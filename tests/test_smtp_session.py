@@ -42,7 +42,7 @@ class SessionTimingTests(SynchronousTestCase):
 
     def test_idle_timeout(self) -> None:
         """An idle session is told 421 4.4.2 and closed after the command timeout."""
-        protocol, transport = self.connect()
+        _, transport = self.connect()
         self.clock.advance(299)
         self.assertFalse(transport.disconnecting)
         self.clock.advance(2)

@@ -16,10 +16,10 @@ from twisted.trial.unittest import TestCase
 
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
 from tests.support import (
-    async_test,
     PASSWORD,
     TIMEOUT,
     USER,
+    async_test,
     codes,
     exchange,
     in_thread,
@@ -90,11 +90,15 @@ class BasicsTests(TestCase):
         relay = start_relay(self)
         await defer.gatherResults(
             [
-                in_thread(_sendmail, relay.port, "a@example.com", ["b@example.org"], message(f"{i}"))
+                in_thread(
+                    _sendmail, relay.port, "a@example.com", ["b@example.org"], message(f"{i}")
+                )
                 for i in range(20)
             ]
         )
-        self.assertEqual(sorted(e.subject for e in relay.provider.emails), sorted(map(str, range(20))))
+        self.assertEqual(
+            sorted(e.subject for e in relay.provider.emails), sorted(map(str, range(20)))
+        )
 
     @async_test
     async def test_greeting_uses_configured_hostname(self) -> None:
@@ -112,7 +116,10 @@ class BasicsTests(TestCase):
         replies = await in_thread(
             exchange,
             relay.port,
-            [b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n" + rcpts + b"DATA\r\n", message() + b".\r\n"],
+            [
+                b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n" + rcpts + b"DATA\r\n",
+                message() + b".\r\n",
+            ],
             [7, 1],
         )
         self.assertEqual(codes(replies), [220, 250, 250, 250, 250, 250, 452, 354, 250])
@@ -208,7 +215,7 @@ class PipeliningTests(TestCase):
         relay = start_relay(self)
         slow: defer.Deferred[None] = defer.Deferred()
         relay.provider.outcomes.append(slow)
-        reactor.callLater(0.2, slow.callback, None)  # type: ignore[attr-defined]
+        reactor.callLater(0.2, slow.callback, None)
         replies = await in_thread(
             exchange, relay.port, [ENVELOPE, message() + b".\r\nQUIT\r\n"], [4, 2]
         )

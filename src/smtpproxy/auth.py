@@ -79,7 +79,9 @@ class StaticPasswordChecker:
         self._username = username.encode("utf-8")
         self._password = password.encode("utf-8")
 
-    def requestAvatarId(self, creds: credentials.IUsernamePassword) -> defer.Deferred[bytes]:
+    def requestAvatarId(
+        self, creds: credentials.IUsernamePassword
+    ) -> defer.Deferred[bytes | tuple[()]]:
         user = creds.username if isinstance(creds.username, bytes) else creds.username.encode()
         password = creds.password if isinstance(creds.password, bytes) else creds.password.encode()
         # Evaluate both comparisons every time so timing says nothing about

@@ -358,10 +358,7 @@ def _check_tls(values: dict[str, Any]) -> None:
 
 
 def _choose_provider(values: dict[str, Any]) -> None:
-    graph_values = {
-        name: values.get(name.lower(), "")
-        for name in _GRAPH_REQUIRED
-    }
+    graph_values = {name: values.get(name.lower(), "") for name in _GRAPH_REQUIRED}
     present = [name for name, value in graph_values.items() if value]
     explicit = values.get("provider", "")
     if present and len(present) < len(_GRAPH_REQUIRED):

@@ -22,7 +22,7 @@ from twisted.mail.smtp import Address, User
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpproxy.errors import reply_for_failure
+from smtpproxy.errors import DeliveryError, reply_for_failure
 from smtpproxy.message import parse_message
 from smtpproxy.providers import Provider
 
@@ -91,7 +91,8 @@ class RelayMessage:
             # parse_message promises never to raise; if it does, that is our
             # bug, and the client should retry rather than lose the message.
             log.failure("message could not be parsed", **fields)
-            return defer.fail()
+            failed_parse: defer.Deferred[str] = defer.fail()
+            return failed_parse
         del raw
         fields["message_id"] = email.message_id
         for warning in email.warnings:
@@ -107,6 +108,7 @@ class RelayMessage:
             return self.id
 
         def failed(failure: Failure) -> Failure:
+            assert failure.value is not None
             reply = reply_for_failure(failure.value)
             outcome = "deferred" if reply.code < 500 else "rejected"
             duration = round((self._reactor.seconds() - started) * 1000, 1)
@@ -129,14 +131,10 @@ class RelayMessage:
                 )
             return failure
 
-        d = defer.maybeDeferred(self._provider.send, email)
-        d.addCallbacks(delivered, failed)
-        return d
+        return defer.maybeDeferred(self._provider.send, email).addCallbacks(delivered, failed)
 
 
 def _known(failure: Failure) -> bool:
-    from smtpproxy.errors import DeliveryError
-
     return failure.check(DeliveryError) is not None
 
 

@@ -36,10 +36,8 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.mail.smtp import (
-    Address,
     ESMTP,
-    SMTPBadRcpt,
-    SMTPBadSender,
+    Address,
     SMTPServerError,
     User,
 )
@@ -111,16 +109,17 @@ class RelayProtocol(ESMTP):
         ESMTP.__init__(self, chal=None, contextFactory=tls_options)
         self.settings = settings
         self.host = settings.hostname.encode("ascii")
-        self.portal = portal
-        self.timeout = settings.command_timeout
+        self.portal = portal  # type: ignore[assignment]
+        self._portal = portal
+        self.timeout = settings.command_timeout  # type: ignore[assignment]
         # TimeoutMixin schedules through self.callLater; point it at the
         # injected reactor so tests can drive time with a Clock.
-        self.callLater = reactor.callLater  # type: ignore[attr-defined]
+        self.callLater = reactor.callLater  # type: ignore[method-assign, assignment]
         self.id = f"s{next(_sessions)}"
         self.factory: RelayFactory | None = None
         self.mode = COMMAND
         self.user: str | None = None
-        self._buffer = bytearray()
+        self._input = bytearray()
         self._busy = False
         self._paused = False
         self._closing = False
@@ -133,10 +132,16 @@ class RelayProtocol(ESMTP):
         self._sasl: tuple[str, bytes | None] | None = None
         self._peer = ""
 
+    @property
+    def _tcp(self) -> Any:
+        # The transport is several interfaces at once (ITCPTransport,
+        # ITLSTransport, IPushProducer); no single type names that.
+        return self.transport
+
     # -- connection lifecycle -------------------------------------------
 
     def connectionMade(self) -> None:
-        peer: IAddress = self.transport.getPeer()
+        peer: IAddress = self._tcp.getPeer()
         self._peer = str(getattr(peer, "host", peer))
         self._helo = (None, self._peer.encode("ascii", "replace"))
         self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
@@ -177,40 +182,40 @@ class RelayProtocol(ESMTP):
 
     def _close(self) -> None:
         self._closing = True
-        self._buffer.clear()
+        self._input.clear()
         self.setTimeout(None)
-        self.transport.loseConnection()
+        self._tcp.loseConnection()
 
     # -- input loop -----------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self.mode == DATA and not self._busy and not self._buffer:
+        if self.mode == DATA and not self._busy and not self._input:
             # Fast path: body bytes go straight to the reader, no copy.
             self.resetTimeout()
             self._feed_data(data)
         else:
-            self._buffer += data
+            self._input += data
         self._process()
 
     def _process(self) -> None:
-        while self._buffer and not self._busy and not self._closing:
+        while self._input and not self._busy and not self._closing:
             if self.mode == DATA:
-                data = bytes(self._buffer)
-                self._buffer.clear()
+                data = bytes(self._input)
+                self._input.clear()
                 self.resetTimeout()
                 self._feed_data(data)
                 continue
-            end = self._buffer.find(b"\n")
+            end = self._input.find(b"\n")
             if end < 0:
-                if len(self._buffer) > MAX_AUTH_LINE:
+                if len(self._input) > MAX_AUTH_LINE:
                     # Keep nothing of an endless line; answer when it ends.
-                    self._buffer.clear()
+                    self._input.clear()
                     self._discarding_line = True
                 break
-            line = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
+            line = bytes(self._input[:end])
+            del self._input[: end + 1]
             if line.endswith(b"\r"):
                 line = line[:-1]
             self.resetTimeout()
@@ -222,12 +227,12 @@ class RelayProtocol(ESMTP):
                 self._auth_response(line)
             else:
                 self._command(line)
-        if self._busy and not self._paused and len(self._buffer) > PAUSE_INPUT_AT:
+        if self._busy and not self._paused and len(self._input) > PAUSE_INPUT_AT:
             self._paused = True
-            self.transport.pauseProducing()
+            self._tcp.pauseProducing()
         elif self._paused and not self._busy:
             self._paused = False
-            self.transport.resumeProducing()
+            self._tcp.resumeProducing()
 
     def _command(self, line: bytes) -> None:
         try:
@@ -284,7 +289,7 @@ class RelayProtocol(ESMTP):
         lines = message.splitlines() or [b""]
         out = [b"%d-%s\r\n" % (code, line) for line in lines[:-1]]
         out.append(b"%d %s\r\n" % (code, lines[-1]))
-        self.transport.write(b"".join(out))
+        self._tcp.write(b"".join(out))
 
     def _reply(self, code: int, status: str, text: str) -> None:
         self.sendCode(code, Reply(code, status, text).render())
@@ -317,9 +322,7 @@ class RelayProtocol(ESMTP):
         return ext
 
     def _auth_offered(self) -> bool:
-        return self.settings.auth_enabled and (
-            self.startedTLS or self.settings.allow_insecure_auth
-        )
+        return self.settings.auth_enabled and (self.startedTLS or self.settings.allow_insecure_auth)
 
     def _greet(self, argument: str, extended: bool) -> None:
         if not argument:
@@ -390,8 +393,9 @@ class RelayProtocol(ESMTP):
             self._reply(250, "2.1.0", "Sender OK")
 
         def refused(failure: Failure) -> None:
-            if failure.check(SMTPBadSender, SMTPServerError):
-                self._reply(failure.value.code, "5.7.1", str(failure.value.resp))
+            error = failure.value
+            if isinstance(error, SMTPServerError):
+                self._reply(error.code, "5.7.1", str(error.resp))
             else:
                 log.failure("sender validation failed", failure, session=self.id)
                 self._reply(451, "4.3.0", "Local error in processing")
@@ -424,8 +428,9 @@ class RelayProtocol(ESMTP):
             self._reply(250, "2.1.5", "Recipient OK")
 
         def refused(failure: Failure) -> None:
-            if failure.check(SMTPBadRcpt, SMTPServerError):
-                self._reply(failure.value.code, "5.7.1", str(failure.value.resp))
+            error = failure.value
+            if isinstance(error, SMTPServerError):
+                self._reply(error.code, "5.7.1", str(error.resp))
             else:
                 log.failure("recipient validation failed", failure, session=self.id)
                 self._reply(451, "4.3.0", "Local error in processing")
@@ -468,7 +473,7 @@ class RelayProtocol(ESMTP):
         if end is None:
             return
         if end < len(data):
-            self._buffer[:0] = data[end:]
+            self._input[:0] = data[end:]
         self._end_of_data()
 
     def _end_of_data(self) -> None:
@@ -506,6 +511,7 @@ class RelayProtocol(ESMTP):
             error = failure.value
             if isinstance(error, defer.FirstError):
                 error = error.subFailure.value
+            assert error is not None
             self.sendCode(*_reply_args(reply_for_failure(error)))
 
         d.addCallbacks(delivered, failed)
@@ -539,8 +545,8 @@ class RelayProtocol(ESMTP):
         self._reply(220, "2.0.0", "Ready to start TLS")
         # Anything the client pipelined behind STARTTLS arrived in plaintext
         # and must not run inside the TLS session (CVE-2011-0411 class).
-        self._buffer.clear()
-        self.transport.startTLS(self.ctx)
+        self._input.clear()
+        self._tcp.startTLS(self.ctx)
         self.startedTLS = True
         # RFC 3207 4.2: forget everything learned before TLS.
         self._greeted = False
@@ -640,7 +646,7 @@ class RelayProtocol(ESMTP):
                 log.failure("authentication error", failure, session=self.id)
                 self._reply(454, "4.7.0", "Temporary authentication failure")
 
-        d = self.portal.login(creds, None, IMessageDelivery)
+        d = self._portal.login(creds, None, IMessageDelivery)
         d.addCallbacks(succeeded, failed)
         self._busy_with(d)
 
@@ -672,7 +678,7 @@ class RelayFactory(ServerFactory):
         self.stopping = False
         self._drained: list[defer.Deferred[None]] = []
 
-    def buildProtocol(self, addr: IAddress) -> RelayProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> RelayProtocol:  # type: ignore[override]
         protocol = RelayProtocol(self.settings, self.portal, self.tls_options, self.reactor)
         protocol.factory = self
         return protocol
@@ -705,4 +711,4 @@ class RelayFactory(ServerFactory):
     def _force_close(self) -> None:
         for session in list(self.sessions):
             log.warn("closing session still busy at shutdown", session=session.id)
-            session.transport.abortConnection()
+            session._tcp.abortConnection()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
@@ -44,7 +44,7 @@ class Options(usage.Options):
     """C{twistd smtpproxy} options: only the config file; the rest is environment."""
 
     synopsis = "[--config FILE]"
-    optParameters = [
+    optParameters: ClassVar[list[list[str | None]]] = [
         ["config", "c", None, f"YAML settings file (default: ${config.CONFIG_FILE_ENV})"],
     ]
 
@@ -193,12 +193,14 @@ def makeService(options: Options) -> RelayService:
     settings: config.Config = options["settings"]
     cert, key = options["certificate"]
     observer = jsonlog.make_observer(settings.log_level, sys.stderr)
-    provider = providers.create(settings.provider, settings, reactor)  # type: ignore[arg-type]
+    provider = providers.create(settings.provider, settings, reactor)
 
-    portal = Portal(RelayRealm(provider, reactor))  # type: ignore[arg-type]
+    portal = Portal(RelayRealm(provider, reactor))
     portal.registerChecker(AllowAnonymousAccess())
     if settings.auth_enabled:
-        portal.registerChecker(StaticPasswordChecker(settings.smtp_username, settings.smtp_password))
+        portal.registerChecker(
+            StaticPasswordChecker(settings.smtp_username, settings.smtp_password)
+        )
     session = SessionSettings(
         hostname=settings.smtp_hostname,
         max_message_size=settings.smtp_max_message_size,
@@ -208,7 +210,7 @@ def makeService(options: Options) -> RelayService:
         auth_enabled=settings.auth_enabled,
         allow_insecure_auth=settings.smtp_allow_insecure_auth,
     )
-    factory = RelayFactory(session, portal, tls.server_context(cert, key), reactor)  # type: ignore[arg-type]
+    factory = RelayFactory(session, portal, tls.server_context(cert, key), reactor)
     tls_summary = ("custom " if settings.tls_cert_file else "self-signed ") + tls.describe(cert)
     service = RelayService(settings, factory, provider, observer, tls_summary)
 

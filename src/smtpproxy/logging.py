@@ -28,7 +28,7 @@ import os
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 from twisted.logger import (
     ILogObserver,
@@ -58,8 +58,9 @@ SENSITIVE = ("password", "passwd", "secret", "token", "authorization")
 REDACTED = "***"
 
 #: Keys every line has, in this order.  A field with one of these names is
-#: printed as C{field_<name>} rather than overwriting them.
-_RESERVED = ("ts", "level", "logger", "msg", "error")
+#: printed as C{field_<name>} rather than overwriting them.  C{error} is
+#: reserved only on lines that carry a traceback.
+_RESERVED = frozenset({"ts", "level", "logger", "msg"})
 
 #: Keys C{twisted.python.log.msg} adds; their content already reaches the
 #: line through C{msg}, C{level} and C{error}.
@@ -120,7 +121,8 @@ def render_event(event: LogEvent) -> str:
             continue
         if legacy and key in _LEGACY_KEYS:
             continue
-        name = f"field_{key}" if key in _RESERVED else key
+        taken = key in _RESERVED or (key == "error" and failure is not None)
+        name = f"field_{key}" if taken else key
         parts.append((name, _dumps(value)))
     if failure is not None:
         parts.append(("error", _dumps(_traceback(failure))))
@@ -162,20 +164,26 @@ def _redacted_event(event: LogEvent) -> dict[str, Any]:
     formatter needs, and none of them holds user data by name.
     """
     return {
-        key: value if key.startswith("log_") else _redact(key, value, 0)
+        key: value if key.startswith("log_") else _redact(key, value, ())
         for key, value in event.items()
     }
 
 
-def _redact(name: object, value: object, depth: int) -> object:
+def _redact(name: object, value: object, parents: tuple[int, ...]) -> object:
+    """C{value}, or a copy of it, with sensitive entries masked.
+
+    @param parents: ids of the containers above this one, so a structure
+        that contains itself is left as it is (its repr shows the cycle).
+    """
     if _is_sensitive(name):
         return REDACTED
-    if depth >= _MAX_DEPTH:
+    if len(parents) >= _MAX_DEPTH or id(value) in parents:
         return value
+    inside = (*parents, id(value))
     if isinstance(value, Mapping):
-        return {k: _redact(k, v, depth + 1) for k, v in value.items()}
+        return {k: _redact(k, v, inside) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_redact("", v, depth + 1) for v in value]
+        return [_redact("", v, inside) for v in value]
     return value
 
 
@@ -222,16 +230,15 @@ class JSONLogObserver:
         self._levels.setLogLevelForNamespace("", parse_level(level))
 
 
-def make_observer(level: str, stream: TextIO) -> ILogObserver:
+def make_observer(level: str, stream: TextIO) -> JSONLogObserver:
     """An observer writing JSON lines at C{level} and above to C{stream}.
 
     @raise ValueError: if C{level} is not a level name.
     """
-    # zope interfaces are not types to mypy: say once, here, that it provides one.
-    return cast(ILogObserver, JSONLogObserver(stream, level))
+    return JSONLogObserver(stream, level)
 
 
-def observer() -> ILogObserver:
+def observer() -> JSONLogObserver:
     """The factory for C{twistd --logger=smtpproxy.logging.observer}.
 
     Writes to stderr at the level in C{LOG_LEVEL}.  An unknown level falls
@@ -250,7 +257,7 @@ def install(
     level: str,
     stream: TextIO,
     beginner: LogBeginner = globalLogBeginner,
-) -> ILogObserver:
+) -> JSONLogObserver:
     """Make JSON lines on C{stream} the process's log output.
 
     For running without C{twistd}.  Standard I/O is not redirected into the

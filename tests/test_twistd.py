@@ -211,7 +211,7 @@ class LifecycleTests(TestCase):
         self.assertIn(b"via swaks", out)
         self.assertNotEqual(bad.returncode, 0)
         self.assertIn(b"535 5.7.8", bad.stdout)
-        self.assertIn(b"250-AUTH PLAIN LOGIN", ssl_session.stdout)
+        self.assertRegex(ssl_session.stdout, rb"250[ -]AUTH PLAIN LOGIN\r\n")
         self.assertIn(b"221", ssl_session.stdout)
 
 

@@ -179,6 +179,13 @@ class RelayService(MultiService):
         if self.http is not None:
             await defer.maybeDeferred(self.http.stopService)
         log.info("stopped")
+        # twistd re-raises the signal that stopped the reactor so the exit
+        # status reads "killed by SIGTERM".  A drained, orderly stop is a
+        # success, and supervisors should see it as one: exit status 0.
+        from twisted.internet import reactor
+
+        if getattr(reactor, "_exitSignal", None) is not None:
+            reactor._exitSignal = None  # type: ignore[attr-defined]
 
     def stopService(self) -> defer.Deferred[None]:
         # Children are stopped by _stop in our order, not MultiService's.

@@ -173,3 +173,16 @@ def async_test(
         return defer.Deferred.fromCoroutine(method(*args))
 
     return run
+
+
+def listen_behind_proxy(case: TestCase, relay: Relay) -> int:
+    """Also listen for PROXY-protocol connections to C{relay}; return the port."""
+    from twisted.internet import reactor
+
+    from smtpproxy.proxyheader import ProxyHeaderFactory
+
+    wrapped: Any = ProxyHeaderFactory(relay.factory, reactor)
+    port: Any = reactor.listenTCP(0, wrapped, interface="127.0.0.1")
+    case.addCleanup(port.stopListening)
+    number: int = port.getHost().port
+    return number

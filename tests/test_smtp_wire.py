@@ -12,7 +12,7 @@ import ssl
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
 from tests.support import (
@@ -23,6 +23,7 @@ from tests.support import (
     codes,
     exchange,
     in_thread,
+    listen_behind_proxy,
     message,
     read_replies,
     start_relay,
@@ -524,3 +525,69 @@ class AddressEncodingTests(TestCase):
         relay = start_relay(self)
         replies = await in_thread(exchange, relay.port, [b"BOGUS\r\n" * 12], [12])
         self.assertEqual(codes(replies), [220] + [500] * 9 + [421])
+
+
+class ListenerTests(TestCase):
+    """Endpoint strings: IPv6 loopback and the PROXY protocol."""
+
+    @async_test
+    async def test_ipv6_loopback(self) -> None:
+        """A relay listening on ::1 accepts mail from an IPv6 client."""
+        from twisted.internet.endpoints import serverFromString
+
+        relay = start_relay(self)
+        try:
+            port = await serverFromString(reactor, "tcp6:0:interface=\\:\\:1").listen(relay.factory)
+        except Exception as e:  # pragma: no cover - depends on the host
+            raise SkipTest(f"no IPv6 loopback here: {e}") from None
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+
+        def send() -> list[str]:
+            with socket.create_connection(("::1", number), timeout=TIMEOUT) as sock:
+                replies = read_replies(sock, 1)
+                sock.sendall(ENVELOPE + message() + b".\r\nQUIT\r\n")
+                return replies + read_replies(sock, 6)
+
+        replies = await in_thread(send)
+        self.assertEqual(codes(replies), [220, 250, 250, 250, 354, 250, 221])
+        self.assertIn("[::1]", replies[1] if "greets" in replies[1] else "[::1]")
+
+    @async_test
+    async def test_proxy_protocol_client_address(self) -> None:
+        """Behind a load balancer (haproxy: endpoint) the real client address is used."""
+        relay = start_relay(self)
+        number = listen_behind_proxy(self, relay)
+
+        def send() -> str:
+            with socket.create_connection(("127.0.0.1", number), timeout=TIMEOUT) as sock:
+                # Header and first command in one packet, as a balancer may send them.
+                sock.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 2525\r\nEHLO c\r\n")
+                data = b""
+                while b"\r\n250 " not in data:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data.decode()
+
+        reply = await in_thread(send)
+        self.assertTrue(reply.startswith("220 relay.test"), reply)
+        self.assertIn("[203.0.113.9]", reply)
+
+    @async_test
+    async def test_proxy_protocol_garbage_is_dropped(self) -> None:
+        """A peer that does not start with a PROXY header is disconnected unheard."""
+        relay = start_relay(self)
+        number = listen_behind_proxy(self, relay)
+
+        def send() -> bytes:
+            with socket.create_connection(("127.0.0.1", number), timeout=TIMEOUT) as sock:
+                sock.sendall(b"EHLO not-a-balancer.example\r\n")
+                try:
+                    return sock.recv(4096)
+                except ConnectionResetError:
+                    return b""
+
+        self.assertEqual(await in_thread(send), b"")
+        self.assertEqual(relay.factory.sessions, set())

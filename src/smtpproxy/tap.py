@@ -21,7 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from smtpproxy import __version__, config, providers, tls
+from smtpproxy import __version__, config, providers, proxyheader, tls
 from smtpproxy import http as health
 from smtpproxy import logging as jsonlog
 from smtpproxy.auth import StaticPasswordChecker
@@ -221,7 +221,9 @@ def makeService(options: Options) -> RelayService:
     tls_summary = ("custom " if settings.tls_cert_file else "self-signed ") + tls.describe(cert)
     service = RelayService(settings, factory, provider, observer, tls_summary)
 
-    smtp = StreamServerEndpointService(serverFromString(reactor, settings.smtp_listen), factory)
+    behind_proxy, listen = proxyheader.split_proxy(settings.smtp_listen)
+    listener: Any = proxyheader.ProxyHeaderFactory(factory, reactor) if behind_proxy else factory
+    smtp = StreamServerEndpointService(serverFromString(reactor, listen), listener)
     smtp.setServiceParent(service)
     service.smtp = smtp
     if settings.http_listen:

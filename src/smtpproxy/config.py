@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from smtpproxy import policy
+
 
 class ConfigError(Exception):
     """A setting is missing, malformed or contradicts another one."""
@@ -42,6 +44,18 @@ class Config:
     smtp_command_timeout: float = 300.0
     smtp_data_timeout: float = 600.0
     smtp_shutdown_timeout: float = 30.0
+    smtp_allowed_networks: policy.Networks | None = None
+    smtp_trusted_networks: policy.Networks = ()
+    smtp_allowed_senders: policy.AddressPatterns = policy.AddressPatterns()
+    smtp_allowed_recipients: policy.AddressPatterns = policy.AddressPatterns()
+    smtp_max_connections: int = 1000
+    smtp_max_connections_per_ip: int = 50
+    smtp_rate_limit_per_ip: int = 0
+    smtp_rate_limit_per_user: int = 0
+    smtp_max_errors: int = 10
+    smtp_auth_max_failures: int = 3
+    smtp_auth_ban_failures: int = 10
+    smtp_auth_ban_time: float = 600.0
     http_listen: str = "tcp:8080"
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -60,6 +74,20 @@ class Config:
     @property
     def auth_enabled(self) -> bool:
         return bool(self.smtp_username)
+
+    @property
+    def allowed_networks(self) -> policy.Networks:
+        """Networks that may connect: as configured, else by AUTH state.
+
+        Unset, a relay without AUTH serves loopback and private networks
+        only (zero-config Docker and LAN use work; the internet cannot
+        relay), and a relay with AUTH lets anyone try to authenticate.
+        """
+        if self.smtp_allowed_networks is not None:
+            return self.smtp_allowed_networks
+        if self.auth_enabled:
+            return policy.parse_networks("0.0.0.0/0 ::/0")
+        return policy.DEFAULT_PRIVATE_NETWORKS
 
     def __repr__(self) -> str:
         # Never let a secret reach a log line or a traceback by way of repr().
@@ -104,6 +132,17 @@ def _positive_int(raw: str) -> int:
         raise ValueError(f"expected a whole number, got {raw!r}") from None
     if value <= 0:
         raise ValueError(f"must be greater than zero, got {value}")
+    return value
+
+
+def _count(raw: str) -> int:
+    """A whole number where 0 means "no limit"."""
+    try:
+        value = int(raw.strip().replace("_", "") or "0")
+    except ValueError:
+        raise ValueError(f"expected a whole number (0 = no limit), got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"must be 0 (no limit) or more, got {value}")
     return value
 
 
@@ -235,6 +274,68 @@ SETTINGS: tuple[Setting, ...] = (
         "smtp_shutdown_timeout",
         _seconds,
         "seconds in-flight mail may take at shutdown",
+    ),
+    Setting(
+        "SMTP_ALLOWED_NETWORKS",
+        "smtp_allowed_networks",
+        policy.parse_networks,
+        "CIDRs that may connect (default: private nets without AUTH, all with AUTH)",
+    ),
+    Setting(
+        "SMTP_TRUSTED_NETWORKS",
+        "smtp_trusted_networks",
+        policy.parse_networks,
+        "CIDRs that may relay without AUTH when AUTH is on",
+    ),
+    Setting(
+        "SMTP_ALLOWED_SENDERS",
+        "smtp_allowed_senders",
+        policy.parse_address_patterns,
+        "MAIL FROM addresses or @domains allowed (default: any)",
+    ),
+    Setting(
+        "SMTP_ALLOWED_RECIPIENTS",
+        "smtp_allowed_recipients",
+        policy.parse_address_patterns,
+        "RCPT TO addresses or @domains allowed (default: any)",
+    ),
+    Setting("SMTP_MAX_CONNECTIONS", "smtp_max_connections", _count, "open sessions in total"),
+    Setting(
+        "SMTP_MAX_CONNECTIONS_PER_IP",
+        "smtp_max_connections_per_ip",
+        _count,
+        "open sessions per client address",
+    ),
+    Setting(
+        "SMTP_RATE_LIMIT_PER_IP",
+        "smtp_rate_limit_per_ip",
+        _count,
+        "messages per minute per client address (0 = off)",
+    ),
+    Setting(
+        "SMTP_RATE_LIMIT_PER_USER",
+        "smtp_rate_limit_per_user",
+        _count,
+        "messages per minute per AUTH user (0 = off)",
+    ),
+    Setting("SMTP_MAX_ERRORS", "smtp_max_errors", _positive_int, "bad commands before 421"),
+    Setting(
+        "SMTP_AUTH_MAX_FAILURES",
+        "smtp_auth_max_failures",
+        _positive_int,
+        "failed AUTH per connection before 421",
+    ),
+    Setting(
+        "SMTP_AUTH_BAN_FAILURES",
+        "smtp_auth_ban_failures",
+        _positive_int,
+        "failed AUTH per address within the ban time that block it",
+    ),
+    Setting(
+        "SMTP_AUTH_BAN_TIME",
+        "smtp_auth_ban_time",
+        _seconds,
+        "seconds an address stays blocked (and the counting window)",
     ),
     Setting(
         "HTTP_LISTEN",

@@ -22,6 +22,7 @@ loop, because most of stock Twisted's defects live there:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any
 from twisted.cred import error as cred_error
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IAddress, IReactorTime, ITLSTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -47,6 +48,7 @@ from smtpproxy import auth
 from smtpproxy.commands import CommandError, parse_mail, parse_rcpt, split_command
 from smtpproxy.dotreader import DataReader
 from smtpproxy.errors import Reply, reply_for_failure
+from smtpproxy.guard import OPEN, Guard
 
 log = Logger(namespace="smtpproxy.smtp")
 
@@ -73,6 +75,7 @@ class SessionSettings:
     auth_enabled: bool = False
     allow_insecure_auth: bool = False
     max_errors: int = 10
+    max_auth_failures: int = 3
 
 
 class ParsedAddress(Address):
@@ -115,6 +118,7 @@ class RelayProtocol(ESMTP):
         # TimeoutMixin schedules through self.callLater; point it at the
         # injected reactor so tests can drive time with a Clock.
         self.callLater = reactor.callLater  # type: ignore[method-assign, assignment]
+        self._clock = reactor
         self.id = f"s{next(_sessions)}"
         self.factory: RelayFactory | None = None
         self.mode = COMMAND
@@ -131,6 +135,9 @@ class RelayProtocol(ESMTP):
         self._messages: list[Any] = []
         self._sasl: tuple[str, bytes | None] | None = None
         self._peer = ""
+        self._admitted = False
+        self._needs_auth = settings.auth_enabled
+        self._auth_failures = 0
 
     @property
     def _tcp(self) -> Any:
@@ -152,6 +159,20 @@ class RelayProtocol(ESMTP):
             self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
             return
+        if self.factory is not None:
+            refusal, self._needs_auth = self.factory.guard.connect(self._peer)
+            if refusal is not None:
+                log.info(
+                    "connection refused",
+                    session=self.id,
+                    client=self._peer,
+                    reply=f"{refusal.code} {refusal.status}",
+                    reason=refusal.text,
+                )
+                self.sendCode(refusal.code, refusal.render())
+                self._close()
+                return
+            self._admitted = True
         self._reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
         self.setTimeout(self.timeout)
 
@@ -163,6 +184,9 @@ class RelayProtocol(ESMTP):
         self.setTimeout(None)
         self._closing = True
         if self.factory is not None:
+            if self._admitted:
+                self._admitted = False
+                self.factory.guard.disconnect(self._peer)
             self.factory.session_ended(self)
         log.debug("session closed", session=self.id, client=self._peer)
 
@@ -377,7 +401,7 @@ class RelayProtocol(ESMTP):
         if self._from is not None:
             self._error(503, "5.5.1", "Sender already given; send RSET to start over")
             return
-        if self.settings.auth_enabled and not self.authenticated:
+        if self._needs_auth and not self.authenticated:
             self._error(530, "5.7.0", "Authentication required")
             return
         try:
@@ -385,6 +409,20 @@ class RelayProtocol(ESMTP):
         except CommandError as e:
             self._error_reply(e.reply)
             return
+        if self.factory is not None:
+            guard = self.factory.guard
+            refusal = guard.sender(parsed.sender) or guard.message(self._peer, self.user)
+            if refusal is not None:
+                log.info(
+                    "sender refused",
+                    session=self.id,
+                    client=self._peer,
+                    user=self.user,
+                    sender=parsed.sender,
+                    reply=f"{refusal.code} {refusal.status}",
+                )
+                self._error_reply(refusal)
+                return
         origin = ParsedAddress(parsed.sender)
 
         def accepted(result: object) -> None:
@@ -413,6 +451,17 @@ class RelayProtocol(ESMTP):
         except CommandError as e:
             self._error_reply(e.reply)
             return
+        if self.factory is not None:
+            refusal = self.factory.guard.recipient(parsed.recipient)
+            if refusal is not None:
+                log.info(
+                    "recipient refused",
+                    session=self.id,
+                    client=self._peer,
+                    recipient=parsed.recipient,
+                )
+                self._error_reply(refusal)
+                return
         key = _address_key(parsed.recipient)
         if any(_address_key(str(user.dest)) == key for user, _ in self._to):
             # The same mailbox twice must still receive the message once.
@@ -575,6 +624,10 @@ class RelayProtocol(ESMTP):
         if self._from is not None:
             self._error(503, "5.5.1", "AUTH is not allowed during a mail transaction")
             return
+        if self.factory is not None and self.factory.guard.auth_blocked(self._peer):
+            self._reply(421, "4.7.0", "Too many failed logins from your address, try later")
+            self._close()
+            return
         mechanism, _, initial = argument.partition(" ")
         mechanism = mechanism.upper()
         initial = initial.strip()
@@ -636,19 +689,44 @@ class RelayProtocol(ESMTP):
             log.info("authenticated", session=self.id, client=self._peer, username=username)
             self._reply(235, "2.7.0", "Authentication successful")
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> defer.Deferred[None] | None:
             if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
-                log.warn(
-                    "authentication failed", session=self.id, client=self._peer, username=username
-                )
-                self._error(535, "5.7.8", "Authentication credentials invalid")
-            else:
-                log.failure("authentication error", failure, session=self.id)
-                self._reply(454, "4.7.0", "Temporary authentication failure")
+                return self._auth_failed(username)
+            log.failure("authentication error", failure, session=self.id)
+            self._reply(454, "4.7.0", "Temporary authentication failure")
+            return None
 
         d = self._portal.login(creds, None, IMessageDelivery)
         d.addCallbacks(succeeded, failed)
         self._busy_with(d)
+
+    def _auth_failed(self, username: str) -> defer.Deferred[None] | None:
+        """Answer a wrong password slowly; after too many, close the session."""
+        self._auth_failures += 1
+        delay, blocked = 0.0, False
+        if self.factory is not None:
+            delay, blocked = self.factory.guard.auth_failed(self._peer, self._auth_failures)
+        log.warn(
+            "authentication failed",
+            session=self.id,
+            client=self._peer,
+            username=username,
+            failures=self._auth_failures,
+            blocked=blocked,
+        )
+
+        def answer() -> None:
+            if blocked or self._auth_failures >= self.settings.max_auth_failures:
+                self._reply(421, "4.7.0", "Too many failed logins, closing connection")
+                self._close()
+            else:
+                self.sendCode(535, Reply(535, "5.7.8", "Authentication credentials invalid").render())
+
+        if delay <= 0:
+            answer()
+            return None
+        # The session stays busy (input held) until the answer goes out.
+        return task.deferLater(self._clock, delay, answer)
 
 
 def _address_key(address: str) -> str:
@@ -669,8 +747,12 @@ class RelayFactory(ServerFactory):
         portal: Portal,
         tls_options: Any,
         reactor: IReactorTime,
+        guard: Guard | None = None,
     ) -> None:
         self.settings = settings
+        if guard is None:
+            guard = Guard(dataclasses.replace(OPEN, auth_enabled=settings.auth_enabled), reactor)
+        self.guard = guard
         self.portal = portal
         self.tls_options = tls_options
         self.reactor = reactor

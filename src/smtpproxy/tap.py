@@ -21,11 +21,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from smtpproxy import __version__, config, providers, proxyheader, tls
+from smtpproxy import __version__, config, policy, providers, proxyheader, tls
 from smtpproxy import http as health
 from smtpproxy import logging as jsonlog
 from smtpproxy.auth import StaticPasswordChecker
 from smtpproxy.delivery import RelayRealm
+from smtpproxy.guard import Guard
+from smtpproxy.guard import settings_from as guard_settings
 from smtpproxy.smtp import RelayFactory, SessionSettings
 
 log = Logger(namespace="smtpproxy")
@@ -142,7 +144,15 @@ class RelayService(MultiService):
             insecure_auth=s.smtp_allow_insecure_auth,
             tls=self.tls_summary,
             max_message_size=s.smtp_max_message_size,
+            allowed_networks=[str(n) for n in s.allowed_networks],
+            trusted_networks=[str(n) for n in s.smtp_trusted_networks],
         )
+        if not s.auth_enabled and policy.is_public_exposure(s.allowed_networks):
+            log.warn(
+                "open relay: clients from public networks may send without AUTH; "
+                "set SMTP_USERNAME/SMTP_PASSWORD or narrow SMTP_ALLOWED_NETWORKS",
+                allowed_networks=[str(n) for n in s.allowed_networks],
+            )
         if self.provider.name == "stdout":
             log.info("stdout mode: messages are printed, not sent (set GRAPH_* to send mail)")
 
@@ -216,8 +226,11 @@ def makeService(options: Options) -> RelayService:
         data_timeout=settings.smtp_data_timeout,
         auth_enabled=settings.auth_enabled,
         allow_insecure_auth=settings.smtp_allow_insecure_auth,
+        max_errors=settings.smtp_max_errors,
+        max_auth_failures=settings.smtp_auth_max_failures,
     )
-    factory = RelayFactory(session, portal, tls.server_context(cert, key), reactor)
+    guard = Guard(guard_settings(settings), reactor)
+    factory = RelayFactory(session, portal, tls.server_context(cert, key), reactor, guard)
     tls_summary = ("custom " if settings.tls_cert_file else "self-signed ") + tls.describe(cert)
     service = RelayService(settings, factory, provider, observer, tls_summary)
 

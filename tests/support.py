@@ -7,6 +7,7 @@ real, over real sockets.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import socket
 import ssl
@@ -24,6 +25,7 @@ from twisted.trial.unittest import TestCase
 from smtpproxy import tls
 from smtpproxy.auth import StaticPasswordChecker
 from smtpproxy.delivery import RelayRealm
+from smtpproxy.guard import OPEN, Guard, GuardSettings
 from smtpproxy.message import Email
 from smtpproxy.smtp import RelayFactory, SessionSettings
 
@@ -86,6 +88,7 @@ def start_relay(
     auth: bool = False,
     tls_enabled: bool = True,
     provider: RecordingProvider | None = None,
+    guard: GuardSettings | None = None,
     **settings: Any,
 ) -> Relay:
     """Listen on 127.0.0.1 with an ephemeral port; stopped by the test's cleanup."""
@@ -98,7 +101,9 @@ def start_relay(
         portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))
     options = tls.server_context(*certificate()) if tls_enabled else None
     session = SessionSettings(hostname="relay.test", auth_enabled=auth, **settings)
-    factory = RelayFactory(session, portal, options, reactor)
+    if guard is None:
+        guard = dataclasses.replace(OPEN, auth_enabled=auth)
+    factory = RelayFactory(session, portal, options, reactor, Guard(guard, reactor))
     listening: Any = reactor.listenTCP(0, factory, interface="127.0.0.1")
 
     def stop() -> defer.Deferred[None]:

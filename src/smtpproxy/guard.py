@@ -68,8 +68,10 @@ class Guard:
         """
         s = self.settings
         key = policy.client_key(ip)
-        if s.auth_enabled and s.restrict_with_auth and not policy.address_in(
-            ip, s.allowed_networks
+        if (
+            s.auth_enabled
+            and s.restrict_with_auth
+            and not policy.address_in(ip, s.allowed_networks)
         ):
             return Reply(554, "5.7.1", f"Connections from {ip} are not allowed"), False
         decision = policy.connection_decision(

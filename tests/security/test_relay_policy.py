@@ -1,0 +1,254 @@
+"""Security regression suite, part 1: who may relay, and abuse limits.
+
+Each test is named for the control it proves (SEC-nnn); docs/security.md
+maps threats to controls, settings and these tests.  Client addresses other
+than loopback are presented the way a load balancer does, through the PROXY
+protocol, so the real policy code sees a real public address.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from smtpproxy import policy
+from smtpproxy.auth import StaticPasswordChecker
+from smtpproxy.config import load
+from smtpproxy.delivery import RelayRealm
+from smtpproxy.guard import OPEN, Guard, GuardSettings, settings_from
+from smtpproxy.smtp import RelayFactory, RelayProtocol, SessionSettings
+from tests.support import (
+    PASSWORD,
+    TIMEOUT,
+    USER,
+    RecordingProvider,
+    async_test,
+    codes,
+    exchange,
+    in_thread,
+    listen_behind_proxy,
+    message,
+    read_replies,
+    start_relay,
+)
+
+PRIVATE = GuardSettings()  # the zero-config default: private networks, no AUTH
+ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+
+
+def via_proxy(port: int, client: str, data: bytes, replies: int) -> list[str]:
+    """Connect as if from C{client} through a PROXY-protocol balancer."""
+    family = "TCP6" if ":" in client else "TCP4"
+    local = "::1" if ":" in client else "127.0.0.1"
+    header = f"PROXY {family} {client} {local} 40000 2525\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(header + data)
+        return read_replies(sock, replies)
+
+
+class NetworkPolicyTests(TestCase):
+    @async_test
+    async def test_SEC_001_public_client_refused_by_default(self) -> None:
+        """SEC-001: with zero config a client from a public address gets 554 5.7.1 at connect."""
+        relay = start_relay(self, guard=PRIVATE)
+        port = listen_behind_proxy(self, relay)
+        replies = await in_thread(via_proxy, port, "203.0.113.9", b"EHLO c\r\n", 2)
+        self.assertEqual(codes(replies), [554])
+        self.assertIn("5.7.1", replies[0])
+        self.assertEqual(relay.factory.sessions, set())
+
+    @async_test
+    async def test_SEC_002_private_clients_relay_by_default(self) -> None:
+        """SEC-002: loopback, RFC 1918 and ULA clients may relay with zero config."""
+        relay = start_relay(self, guard=PRIVATE)
+        port = listen_behind_proxy(self, relay)
+        for client in ("10.1.2.3", "192.168.0.7", "172.20.0.1", "fd00::5"):
+            replies = await in_thread(via_proxy, port, client, ENVELOPE, 4)
+            self.assertEqual(codes(replies), [220, 250, 250, 250], client)
+
+    @async_test
+    async def test_SEC_003_explicit_networks(self) -> None:
+        """SEC-003: SMTP_ALLOWED_NETWORKS narrows who may connect, also for loopback."""
+        guard = GuardSettings(allowed_networks=policy.parse_networks("10.0.0.0/8"))
+        relay = start_relay(self, guard=guard)
+        replies = await in_thread(exchange, relay.port, [], [])
+        self.assertEqual(codes(replies), [554])
+
+    @async_test
+    async def test_SEC_004_auth_required_except_trusted(self) -> None:
+        """SEC-004: with AUTH on, MAIL needs AUTH (530) unless the client is in trusted networks."""
+        guard = dataclasses.replace(
+            OPEN,
+            auth_enabled=True,
+            trusted_networks=policy.parse_networks("10.9.0.0/16"),
+        )
+        relay = start_relay(self, auth=True, guard=guard)
+        port = listen_behind_proxy(self, relay)
+        outsider = await in_thread(via_proxy, port, "198.51.100.4", ENVELOPE, 4)
+        trusted = await in_thread(via_proxy, port, "10.9.1.1", ENVELOPE, 4)
+        self.assertEqual(codes(outsider), [220, 250, 530, 503])
+        self.assertEqual(codes(trusted), [220, 250, 250, 250])
+
+
+class AddressPolicyTests(TestCase):
+    @async_test
+    async def test_SEC_005_sender_and_recipient_lists(self) -> None:
+        """SEC-005: senders and recipients outside the allowed lists get 550 5.7.1."""
+        guard = dataclasses.replace(
+            OPEN,
+            allowed_senders=policy.parse_address_patterns("@example.com"),
+            allowed_recipients=policy.parse_address_patterns("ops@example.org"),
+        )
+        relay = start_relay(self, guard=guard)
+        replies = await in_thread(
+            exchange,
+            relay.port,
+            [
+                b"EHLO c\r\nMAIL FROM:<x@evil.example>\r\n",
+                b"MAIL FROM:<x@example.com>\r\nRCPT TO:<ceo@example.org>\r\n",
+                b"RCPT TO:<OPS@example.org>\r\n",
+            ],
+            [2, 2, 1],
+        )
+        self.assertEqual(codes(replies), [220, 250, 550, 250, 550, 250])
+        self.assertIn("5.7.1", replies[2])
+
+
+class LimitTests(TestCase):
+    @async_test
+    async def test_SEC_006_connection_caps(self) -> None:
+        """SEC-006: past the per-address cap a new connection gets 421 4.7.0, others still get in."""
+        guard = dataclasses.replace(OPEN, max_connections_per_ip=2, max_connections=3)
+        relay = start_relay(self, guard=guard)
+
+        def hold_and_try(port: int) -> list[str]:
+            held = [
+                socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(2)
+            ]
+            try:
+                replies = [read_replies(s, 1)[0] for s in held]
+                replies += exchange(port, [], [])
+            finally:
+                for s in held:
+                    s.close()
+            return replies
+
+        replies = await in_thread(hold_and_try, relay.port)
+        self.assertEqual(codes(replies), [220, 220, 421])
+        self.assertIn("4.7.0", replies[2])
+
+    @async_test
+    async def test_SEC_007_rate_limit_defers_never_drops(self) -> None:
+        """SEC-007: over SMTP_RATE_LIMIT_PER_IP, MAIL gets 450 4.7.1 and nothing is delivered."""
+        guard = dataclasses.replace(OPEN, rate_limit_per_ip=2)
+        relay = start_relay(self, guard=guard)
+        transaction = ENVELOPE[len(b"EHLO c\r\n") :] + b"DATA\r\n" + message() + b".\r\n"
+        replies = await in_thread(
+            exchange,
+            relay.port,
+            [b"EHLO c\r\n", transaction, transaction, b"MAIL FROM:<a@example.com>\r\n"],
+            [1, 4, 4, 1],
+        )
+        self.assertEqual(codes(replies[-1:]), [450])
+        self.assertIn("4.7.1", replies[-1])
+        self.assertEqual(len(relay.provider.emails), 2)
+
+
+class ClockedAuthTests(SynchronousTestCase):
+    """AUTH abuse, with time under test control."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        portal = Portal(RelayRealm(RecordingProvider(), self.clock))
+        portal.registerChecker(AllowAnonymousAccess())
+        portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))
+        settings = SessionSettings(
+            hostname="relay.test", auth_enabled=True, allow_insecure_auth=True
+        )
+        guard = Guard(
+            dataclasses.replace(OPEN, auth_enabled=True, auth_ban_failures=10, auth_ban_time=600),
+            self.clock,
+        )
+        self.factory = RelayFactory(settings, portal, None, self.clock, guard)
+
+    def connect(self) -> tuple[RelayProtocol, StringTransport]:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 25))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.20", 4000))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def replies(self, transport: StringTransport) -> list[int]:
+        lines = transport.value().split(b"\r\n")
+        return [int(line[:3]) for line in lines if len(line) > 3 and line[3:4] == b" "]
+
+    def fail_login(self, protocol: RelayProtocol) -> None:
+        # base64 of "\0relay-user\0wrong"
+        protocol.dataReceived(b"AUTH PLAIN AHJlbGF5LXVzZXIAd3Jvbmc=\r\n")
+
+    def test_SEC_008_failed_auth_slows_then_closes(self) -> None:
+        """SEC-008: 535 at once, then after a growing delay; the third failure gets 421 and close."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"EHLO c\r\n")
+        self.fail_login(protocol)
+        self.assertEqual(self.replies(transport), [220, 250, 535])
+        self.fail_login(protocol)
+        self.assertEqual(self.replies(transport), [220, 250, 535])
+        self.clock.advance(1)
+        self.assertEqual(self.replies(transport), [220, 250, 535, 535])
+        self.fail_login(protocol)
+        self.clock.advance(2)
+        self.assertEqual(self.replies(transport), [220, 250, 535, 535, 421])
+        self.assertTrue(transport.disconnecting)
+
+    def test_SEC_009_address_lockout(self) -> None:
+        """SEC-009: ten failures in ten minutes block the address (421 at connect) for ten minutes."""
+        for _ in range(4):
+            protocol, transport = self.connect()
+            protocol.dataReceived(b"EHLO c\r\n")
+            for _ in range(3):
+                self.fail_login(protocol)
+                self.clock.advance(5)
+            protocol.connectionLost(None)
+        protocol, transport = self.connect()
+        self.assertEqual(self.replies(transport), [421])
+        protocol.connectionLost(None)
+        self.clock.advance(601)
+        protocol, transport = self.connect()
+        self.assertEqual(self.replies(transport), [220])
+
+    def test_SEC_010_passwords_never_logged(self) -> None:
+        """SEC-010: failed and successful logins log the user and address, never the password."""
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"EHLO c\r\n")
+        self.fail_login(protocol)
+        protocol.dataReceived(b"AUTH PLAIN AHJlbGF5LXVzZXIAczNjcmV0LVBhNTU=\r\n")
+        text = repr(events)
+        self.assertIn("relay-user", text)
+        self.assertIn("198.51.100.20", text)
+        self.assertNotIn("wrong", text)
+        self.assertNotIn(PASSWORD, text)
+
+
+class StartupPolicyTests(SynchronousTestCase):
+    def test_SEC_011_defaults_are_closed(self) -> None:
+        """SEC-011: zero config allows private networks only; AUTH on opens connect, not relay."""
+        closed = settings_from(load({}, fqdn=lambda: "h.example"))
+        self.assertFalse(policy.address_in("203.0.113.1", closed.allowed_networks))
+        self.assertTrue(policy.address_in("192.168.1.1", closed.allowed_networks))
+        self.assertFalse(policy.is_public_exposure(closed.allowed_networks))
+        with_auth = settings_from(
+            load({"SMTP_USERNAME": "u", "SMTP_PASSWORD": "p"}, fqdn=lambda: "h.example")
+        )
+        self.assertTrue(policy.is_public_exposure(with_auth.allowed_networks))
+        self.assertTrue(with_auth.auth_enabled)

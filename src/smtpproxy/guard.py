@@ -95,7 +95,7 @@ class Guard:
         return self.auth_failures.is_blocked(policy.client_key(ip))
 
     def auth_failed(self, ip: str, failures_here: int) -> tuple[float, bool]:
-        """Record a failed AUTH; return the delay before answering and whether C{ip} is now blocked."""
+        """Record a failed AUTH: the delay before answering, and is C{ip} now blocked?"""
         blocked = self.auth_failures.record_failure(policy.client_key(ip))
         return self.auth_failures.delay_for(failures_here), blocked
 

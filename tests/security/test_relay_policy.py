@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+from typing import cast
 
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtpproxy import policy
@@ -125,7 +126,7 @@ class AddressPolicyTests(TestCase):
 class LimitTests(TestCase):
     @async_test
     async def test_SEC_006_connection_caps(self) -> None:
-        """SEC-006: past the per-address cap a new connection gets 421 4.7.0, others still get in."""
+        """SEC-006: past the per-address cap a new connection gets 421 4.7.0."""
         guard = dataclasses.replace(OPEN, max_connections_per_ip=2, max_connections=3)
         relay = start_relay(self, guard=guard)
 
@@ -194,7 +195,7 @@ class ClockedAuthTests(SynchronousTestCase):
         protocol.dataReceived(b"AUTH PLAIN AHJlbGF5LXVzZXIAd3Jvbmc=\r\n")
 
     def test_SEC_008_failed_auth_slows_then_closes(self) -> None:
-        """SEC-008: 535 at once, then after a growing delay; the third failure gets 421 and close."""
+        """SEC-008: 535 at once, then after a growing delay; the third failure: 421, close."""
         protocol, transport = self.connect()
         protocol.dataReceived(b"EHLO c\r\n")
         self.fail_login(protocol)
@@ -209,7 +210,7 @@ class ClockedAuthTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_SEC_009_address_lockout(self) -> None:
-        """SEC-009: ten failures in ten minutes block the address (421 at connect) for ten minutes."""
+        """SEC-009: ten failures in ten minutes block the address (421 at connect) a while."""
         for _ in range(4):
             protocol, transport = self.connect()
             protocol.dataReceived(b"EHLO c\r\n")
@@ -227,8 +228,9 @@ class ClockedAuthTests(SynchronousTestCase):
     def test_SEC_010_passwords_never_logged(self) -> None:
         """SEC-010: failed and successful logins log the user and address, never the password."""
         events: list[LogEvent] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         protocol, _ = self.connect()
         protocol.dataReceived(b"EHLO c\r\n")
         self.fail_login(protocol)

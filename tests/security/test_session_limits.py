@@ -40,7 +40,7 @@ class SessionTimingTests(SynchronousTestCase):
         lines = transport.value().split(b"\r\n")
         return [int(line[:3]) for line in lines if len(line) > 3 and line[3:4] == b" "]
 
-    def test_idle_timeout(self) -> None:
+    def test_SEC_030_idle_timeout(self) -> None:
         """An idle session is told 421 4.4.2 and closed after the command timeout."""
         _, transport = self.connect()
         self.clock.advance(299)
@@ -49,7 +49,7 @@ class SessionTimingTests(SynchronousTestCase):
         self.assertEqual(self.replies(transport), [220, 421])
         self.assertTrue(transport.disconnecting)
 
-    def test_partial_line_does_not_keep_session_alive(self) -> None:
+    def test_SEC_031_byte_at_a_time_client_times_out(self) -> None:
         """A byte-at-a-time client that never finishes a line still times out."""
         protocol, transport = self.connect()
         for _ in range(400):
@@ -57,7 +57,7 @@ class SessionTimingTests(SynchronousTestCase):
             self.clock.advance(1)
         self.assertTrue(transport.disconnecting)
 
-    def test_slow_delivery_does_not_time_out(self) -> None:
+    def test_SEC_032_slow_delivery_does_not_time_out(self) -> None:
         """While the provider works the idle timer is off: 250 comes, not 421 (defect 8)."""
         slow: defer.Deferred[None] = defer.Deferred()
         self.provider.outcomes.append(slow)

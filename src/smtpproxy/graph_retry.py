@@ -27,6 +27,14 @@ from email.utils import parsedate_to_datetime
 from smtpproxy.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 
 
+class GraphRequestError(PermanentDeliveryError):
+    """Graph refused a request for good; C{graph_code} is its error code."""
+
+    def __init__(self, reason: str, status: str, code: int, graph_code: str) -> None:
+        super().__init__(reason, status, code)
+        self.graph_code = graph_code
+
+
 @dataclass(frozen=True, slots=True)
 class Tuning:
     """Retry and timeout knobs; the defaults are the documented behaviour.
@@ -265,7 +273,7 @@ def response_problem(
     return Problem(
         summary,
         False,
-        PermanentDeliveryError(reason, enhanced, code),
+        GraphRequestError(reason, enhanced, code, error.code),
         None,
         status,
         error.code,

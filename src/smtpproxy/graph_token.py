@@ -13,6 +13,7 @@ L{twisted.internet.task.Clock} and Deferreds they fire by hand.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -107,10 +108,8 @@ def token_problem(status: int, body: bytes, retry_after: float | None) -> Proble
     gets the AADSTS code, trace id and correlation id in the log.
     """
     document: object = None
-    try:
+    with contextlib.suppress(ValueError):
         document = json.loads(body)
-    except ValueError:
-        pass
     info = document if isinstance(document, dict) else {}
     error = info.get("error") if isinstance(info.get("error"), str) else f"HTTP{status}"
     description = info.get("error_description")
@@ -215,14 +214,14 @@ class TokenCache:
             log.warn(
                 "token renewal failed; using the current token until it expires",
                 expires_in=round(previous.expires_at - self._clock.seconds()),
-                error=result.getErrorMessage() if result.check(TransientDeliveryError) else "",
+                error=str(result.value) if isinstance(result.value, TransientDeliveryError) else "",
             )
             for waiter in waiters:
                 waiter.callback(previous.value)
             return
-        if result.check(CancelledError) is None:
+        if isinstance(result.value, CancelledError):
             for waiter in waiters:
-                waiter.errback(result)
+                waiter.errback(TransientDeliveryError("token request cancelled"))
         else:
             for waiter in waiters:
-                waiter.errback(Failure(TransientDeliveryError("token request cancelled")))
+                waiter.errback(result)

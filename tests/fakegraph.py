@@ -1,0 +1,922 @@
+"""A fake Entra ID token endpoint and Microsoft Graph, as strict as the real ones.
+
+It is what proves the Graph provider right, so it checks what Graph checks
+(and a little more, where a client mistake would go unnoticed against the
+real service until production):
+
+  - token requests are form-encoded client-credentials grants for the right
+    tenant, client, secret and scope; tokens expire;
+  - every Graph request carries a live bearer token and a fresh
+    C{client-request-id} GUID; bodies stay under 4 MB;
+  - the sender is a known mailbox and From equals it (else 403
+    ErrorSendAsDenied); at most 500 recipients; JSON messages follow the
+    schema, with at most five C{x-} headers;
+  - upload sessions only for parts of 3 MB or more, ranges of at most 4 MB
+    uploaded in order, and never with an Authorization header;
+  - a draft is sent only when its uploads are complete.
+
+A request that breaks a rule gets the error Graph would give, and the rule
+is also appended to L{FakeGraph.violations}, which tests expect to be empty.
+
+Faults are scripted per route with L{FakeGraph.script}: error statuses with
+Graph error codes and Retry-After, dropped connections, slow answers.
+
+What was "delivered" is in L{FakeGraph.deliveries}: one entry per accepted
+message, with the recipients Graph would deliver to.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import getaddresses
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTCP, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from smtpproxy.message import Email, parse_message
+
+MIB = 1024 * 1024
+REQUEST_CAP = 4 * MIB
+UPLOAD_MIN = 3_000_000
+UPLOAD_MAX = 150 * MIB
+RANGE_MAX = 4 * MIB
+ATTACHMENT_POST_MAX = 3 * MIB
+MAX_RECIPIENTS = 500
+MAX_CUSTOM_HEADERS = 5
+
+_SEND_AS_DENIED = (
+    "The user account which was used to submit this request does not have the right"
+    " to send mail on behalf of the specified sending account."
+)
+_ADDRESS = re.compile(r"^[^@\s<>\",]+@[^@\s<>\",]+\.[^@\s<>\",]+$")
+_MESSAGE_KEYS = frozenset(
+    {
+        "subject",
+        "body",
+        "from",
+        "toRecipients",
+        "ccRecipients",
+        "bccRecipients",
+        "replyTo",
+        "internetMessageHeaders",
+        "importance",
+        "attachments",
+    }
+)
+_ATTACHMENT_KEYS = frozenset(
+    {"@odata.type", "name", "contentType", "contentBytes", "isInline", "contentId"}
+)
+_ITEM_KEYS = frozenset({"attachmentType", "name", "size", "contentType", "isInline", "contentId"})
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What to do instead of (or before) answering one request.
+
+    @ivar status: answer with this error status (0: answer normally).
+    @ivar code: the Graph error code (for the token route: the OAuth error).
+    @ivar retry_after: a Retry-After header value to send.
+    @ivar delay: answer only after this many seconds (on the fake's clock);
+        a client that gives up first leaves the request unprocessed.
+    @ivar drop: close the connection without answering.
+    @ivar after_processing: with C{drop}, carry the request out first (the
+        ambiguous case: it worked, but the client never hears so).
+    """
+
+    status: int = 0
+    code: str = "ServiceUnavailable"
+    message: str = "scripted failure"
+    retry_after: str | None = None
+    delay: float = 0.0
+    drop: bool = False
+    after_processing: bool = False
+
+
+@dataclass
+class Delivery:
+    """One message Graph accepted for delivery."""
+
+    mailbox: str
+    method: str
+    to: tuple[str, ...]
+    cc: tuple[str, ...]
+    bcc: tuple[str, ...]
+    mime: bytes | None = None
+    message: dict[str, Any] | None = None
+    attachments: list[tuple[str, bytes]] = field(default_factory=list)
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        return self.to + self.cc + self.bcc
+
+    def copy_for(self, address: str) -> bytes | None:
+        """The MIME a recipient's copy would carry (Exchange strips Bcc)."""
+        if self.mime is None:
+            return None
+        head, sep, body = self.mime.partition(b"\r\n\r\n")
+        lines = re.split(rb"\r\n(?![ \t])", head)
+        kept = [line for line in lines if not line.lower().startswith(b"bcc:")]
+        return b"\r\n".join(kept) + sep + body
+
+
+@dataclass
+class Seen:
+    """One request as the fake received it."""
+
+    route: str
+    method: str
+    path: str
+    headers: dict[str, str]
+    size: int
+    time: float
+    connection: int = 0
+
+
+@dataclass
+class _Session:
+    mailbox: str
+    draft_id: str
+    name: str
+    size: int
+    token: str
+    content_type: str
+    received: bytearray = field(default_factory=bytearray)
+    done: bool = False
+
+
+@dataclass
+class _Draft:
+    mailbox: str
+    message: dict[str, Any]
+    attachments: list[tuple[str, bytes]] = field(default_factory=list)
+    sessions: list[_Session] = field(default_factory=list)
+
+
+_Answer = tuple[int, dict[str, str], bytes]
+
+
+class GraphError(Exception):
+    """Answer the current request with a Graph error."""
+
+    def __init__(self, status: int, code: str, message: str, violation: bool = False) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.violation = violation
+
+
+class FakeGraph:
+    """Entra ID's token endpoint and the Graph mail API in one resource.
+
+    @param clock: the clock tokens expire and delays run on.
+    @param endpoint: the Graph base URL the client is configured with
+        (the token scope must be C{{endpoint}}/.default); loopback tests set
+        it once they know their port.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        tenant: str = "contoso-tenant",
+        client_id: str = "11111111-2222-3333-4444-555555555555",
+        client_secret: str = "client-secret-value",  # noqa: S107 (a fixture, not a secret)
+        mailboxes: tuple[str, ...] = ("relay@contoso.example",),
+        endpoint: str = "http://graph.test",
+        token_lifetime: int = 3599,
+    ) -> None:
+        self.clock = clock
+        self.tenant = tenant
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.mailboxes = {m.casefold(): m for m in mailboxes}
+        self.endpoint = endpoint
+        self.token_lifetime = token_lifetime
+        self.requests: list[Seen] = []
+        self.deliveries: list[Delivery] = []
+        self.violations: list[str] = []
+        self.deleted: list[str] = []
+        self.faults: dict[str, list[Fault]] = {}
+        self.in_flight: Counter[str] = Counter()
+        self.max_in_flight: Counter[str] = Counter()
+        self.tokens: dict[str, float] = {}
+        self.drafts: dict[str, _Draft] = {}
+        self.sessions: dict[str, _Session] = {}
+        self._request_ids: set[str] = set()
+        self.resource = _FakeResource(self)
+
+    # -- test controls ------------------------------------------------------
+
+    def script(self, route: str, *faults: Fault) -> None:
+        """Queue faults for the next requests on C{route} (one fault per request)."""
+        self.faults.setdefault(route, []).extend(faults)
+
+    def expire_tokens(self) -> None:
+        """Every token issued so far is now expired (Graph will answer 401)."""
+        for token in self.tokens:
+            self.tokens[token] = float("-inf")
+
+    def routes(self, route: str) -> list[Seen]:
+        """The requests received on C{route}, in order."""
+        return [seen for seen in self.requests if seen.route == route]
+
+    def received_by(self, address: str) -> list[Delivery]:
+        """The accepted messages that C{address} receives (once per listing)."""
+        key = address.casefold()
+        return [
+            d for d in self.deliveries for recipient in d.recipients if recipient.casefold() == key
+        ]
+
+    def listen(self, reactor: IReactorTCP) -> IListeningPort:
+        """Listen on 127.0.0.1, a free port; point C{endpoint} at it."""
+        site: Any = Site(self.resource)
+        port: Any = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.endpoint = f"http://127.0.0.1:{port.getHost().port}"
+        listening: IListeningPort = port
+        return listening
+
+    # -- dispatch -----------------------------------------------------------
+
+    def route_of(self, method: str, segments: list[str]) -> tuple[str, dict[str, str]]:
+        if len(segments) == 4 and segments[1:] == ["oauth2", "v2.0", "token"] and method == "POST":
+            return "token", {"tenant": segments[0]}
+        if segments[:1] == ["upload"] and len(segments) == 2 and method == "PUT":
+            return "upload", {"session": segments[1]}
+        if len(segments) < 4 or segments[:2] != ["v1.0", "users"]:
+            return "unknown", {}
+        found = {"mailbox": segments[2]}
+        rest = segments[3:]
+        if rest == ["sendMail"] and method == "POST":
+            return "sendMail", found
+        if rest == ["messages"] and method == "POST":
+            return "createDraft", found
+        if len(rest) >= 2 and rest[0] == "messages":
+            found["id"] = rest[1]
+            tail = rest[2:]
+            if tail == [] and method == "DELETE":
+                return "deleteDraft", found
+            if tail == ["attachments"] and method == "POST":
+                return "addAttachment", found
+            if tail == ["attachments", "createUploadSession"] and method == "POST":
+                return "createUploadSession", found
+            if tail == ["send"] and method == "POST":
+                return "sendDraft", found
+        return "unknown", {}
+
+    def answer(self, route: str, params: dict[str, str], request: Request, body: bytes) -> _Answer:
+        """Validate and carry out one request; the answer to send."""
+        try:
+            if route == "token":
+                return self._token(params["tenant"], request, body)
+            if route == "upload":
+                return self._upload(params["session"], request, body)
+            if route == "unknown":
+                raise GraphError(400, "BadRequest", "Unsupported request", violation=True)
+            mailbox = self._authorize(request, params["mailbox"], body)
+            handler: Callable[..., _Answer] = getattr(self, "_" + route)
+            return handler(mailbox, params, request, body)
+        except GraphError as e:
+            if e.violation:
+                self.violations.append(f"{route}: {e.code}: {e.message}")
+            return _error(e.status, e.code, e.message)
+
+    # -- Entra ID -----------------------------------------------------------
+
+    def _token(self, tenant: str, request: Request, body: bytes) -> _Answer:
+        content_type = _header(request, "content-type") or ""
+        if not content_type.startswith("application/x-www-form-urlencoded"):
+            self.violations.append("token: not form-encoded")
+            return _oauth_error(
+                400,
+                "invalid_request",
+                900144,
+                "The request body must contain the following parameter: 'grant_type'.",
+            )
+        if _header(request, "authorization") is not None:
+            self.violations.append("token: Authorization header sent to the token endpoint")
+        form = {k: v[-1] for k, v in parse_qs(body.decode("ascii", "replace")).items()}
+        if tenant != self.tenant:
+            return _oauth_error(400, "invalid_request", 90002, f"Tenant '{tenant}' not found.")
+        if form.get("grant_type") != "client_credentials":
+            self.violations.append("token: grant_type is not client_credentials")
+            return _oauth_error(
+                400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type."
+            )
+        if form.get("client_id") != self.client_id:
+            return _oauth_error(
+                400, "unauthorized_client", 700016, "Application was not found in the directory."
+            )
+        if form.get("client_secret") != self.client_secret:
+            return _oauth_error(401, "invalid_client", 7000215, "Invalid client secret provided.")
+        if form.get("scope") != f"{self.endpoint}/.default":
+            self.violations.append(f"token: scope {form.get('scope')!r}")
+            return _oauth_error(
+                400,
+                "invalid_scope",
+                70011,
+                "The provided value for the input parameter 'scope' is not valid.",
+            )
+        token = f"fake-token-{uuid.uuid4().hex}"
+        self.tokens[token] = self.clock.seconds() + self.token_lifetime
+        document = {
+            "token_type": "Bearer",
+            "expires_in": self.token_lifetime,
+            "ext_expires_in": self.token_lifetime,
+            "access_token": token,
+        }
+        return 200, {"Content-Type": "application/json"}, json.dumps(document).encode()
+
+    # -- Graph --------------------------------------------------------------
+
+    def _authorize(self, request: Request, mailbox: str, body: bytes) -> str:
+        authorization = _header(request, "authorization") or ""
+        scheme, _, token = authorization.partition(" ")
+        if scheme != "Bearer" or not token:
+            raise GraphError(401, "InvalidAuthenticationToken", "Access token is empty.", True)
+        expiry = self.tokens.get(token)
+        if expiry is None:
+            raise GraphError(
+                401, "InvalidAuthenticationToken", "IDX14100: JWT is not well formed.", True
+            )
+        if self.clock.seconds() >= expiry:
+            raise GraphError(
+                401,
+                "InvalidAuthenticationToken",
+                "Lifetime validation failed, the token is expired.",
+            )
+        if len(body) > REQUEST_CAP:
+            raise GraphError(413, "RequestEntityTooLarge", "The request body exceeds 4 MB.", True)
+        known = self.mailboxes.get(mailbox.casefold())
+        if known is None:
+            raise GraphError(404, "ErrorInvalidUser", f"The requested user '{mailbox}' is invalid.")
+        return known
+
+    def _sendMail(
+        self, mailbox: str, params: dict[str, str], request: Request, body: bytes
+    ) -> _Answer:
+        content_type = _header(request, "content-type") or ""
+        if content_type.startswith("text/plain"):
+            return self._send_mime(mailbox, body)
+        if not content_type.startswith("application/json"):
+            raise GraphError(415, "UnsupportedMediaType", content_type, True)
+        document = _json(body)
+        if not isinstance(document, dict) or set(document) - {"message", "saveToSentItems"}:
+            raise GraphError(400, "RequestBodyRead", "Unexpected top-level property.", True)
+        message = document.get("message")
+        if not isinstance(message, dict):
+            raise GraphError(400, "ErrorInvalidParameter", "message is required", True)
+        self._check_message(mailbox, message)
+        self._check_recipients(message)
+        attachments = [self._file_attachment(a) for a in message.get("attachments", [])]
+        self.deliveries.append(self._delivery(mailbox, "json", message, attachments))
+        return 202, {}, b""
+
+    def _send_mime(self, mailbox: str, body: bytes) -> _Answer:
+        try:
+            mime = base64.b64decode(re.sub(rb"\s+", b"", body), validate=True)
+        except (binascii.Error, ValueError):
+            raise GraphError(
+                400,
+                "ErrorMimeContentInvalidBase64String",
+                "Invalid base64 string for MIME content.",
+                True,
+            ) from None
+        parsed = BytesParser(policy=policy.default).parsebytes(mime, headersonly=True)
+        senders = [a for _, a in getaddresses([str(v) for v in parsed.get_all("from", [])])]
+        if [s.casefold() for s in senders] not in ([], [mailbox.casefold()]):
+            raise GraphError(
+                403,
+                "ErrorSendAsDenied",
+                _SEND_AS_DENIED,
+                True,
+            )
+        roles = []
+        for name in ("to", "cc", "bcc"):
+            values = [str(v) for v in parsed.get_all(name, [])]
+            roles.append(tuple(a for _, a in getaddresses(values) if a))
+        everyone = roles[0] + roles[1] + roles[2]
+        self._check_addresses(everyone)
+        to, cc, bcc = roles
+        self.deliveries.append(Delivery(mailbox, "mime", to, cc, bcc, mime=mime))
+        return 202, {}, b""
+
+    def _createDraft(
+        self, mailbox: str, params: dict[str, str], request: Request, body: bytes
+    ) -> _Answer:
+        _require_json(request)
+        message = _json(body)
+        if not isinstance(message, dict):
+            raise GraphError(400, "RequestBodyRead", "Expected a message object.", True)
+        self._check_message(mailbox, message)
+        attachments = [self._file_attachment(a) for a in message.get("attachments", [])]
+        draft_id = "AAMk" + base64.b64encode(uuid.uuid4().bytes).decode("ascii")
+        self.drafts[draft_id] = _Draft(mailbox, message, attachments)
+        document = {"id": draft_id, "isDraft": True, "subject": message.get("subject", "")}
+        return 201, {"Content-Type": "application/json"}, json.dumps(document).encode()
+
+    def _draft(self, mailbox: str, params: dict[str, str]) -> _Draft:
+        draft = self.drafts.get(params["id"])
+        if draft is None or draft.mailbox != mailbox:
+            raise GraphError(
+                404, "ErrorItemNotFound", "The specified object was not found in the store."
+            )
+        return draft
+
+    def _addAttachment(
+        self, mailbox: str, params: dict[str, str], request: Request, body: bytes
+    ) -> _Answer:
+        _require_json(request)
+        draft = self._draft(mailbox, params)
+        name, data = self._file_attachment(_json(body))
+        if len(data) > ATTACHMENT_POST_MAX:
+            raise GraphError(
+                413,
+                "ErrorAttachmentSizeLimitExceeded",
+                "Use an upload session for attachments of 3 MB or more.",
+                True,
+            )
+        draft.attachments.append((name, data))
+        return (
+            201,
+            {"Content-Type": "application/json"},
+            json.dumps({"id": uuid.uuid4().hex}).encode(),
+        )
+
+    def _createUploadSession(
+        self, mailbox: str, params: dict[str, str], request: Request, body: bytes
+    ) -> _Answer:
+        _require_json(request)
+        draft = self._draft(mailbox, params)
+        document = _json(body)
+        item = document.get("AttachmentItem") if isinstance(document, dict) else None
+        if (
+            not isinstance(item, dict)
+            or set(document) != {"AttachmentItem"}
+            or set(item) - _ITEM_KEYS
+        ):
+            raise GraphError(400, "RequestBodyRead", "Expected an AttachmentItem.", True)
+        size = item.get("size")
+        if (
+            item.get("attachmentType") != "file"
+            or not isinstance(item.get("name"), str)
+            or not isinstance(size, int)
+        ):
+            raise GraphError(
+                400, "ErrorInvalidParameter", "attachmentType, name and size are required.", True
+            )
+        if size < UPLOAD_MIN:
+            raise GraphError(
+                400,
+                "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize",
+                "Attachment size should not be less than 3 MB.",
+                True,
+            )
+        if size > UPLOAD_MAX:
+            raise GraphError(
+                400, "ErrorAttachmentSizeLimitExceeded", "Attachments are limited to 150 MB.", True
+            )
+        session_id = uuid.uuid4().hex
+        session = _Session(
+            mailbox,
+            params["id"],
+            item["name"],
+            size,
+            uuid.uuid4().hex,
+            str(item.get("contentType", "")),
+        )
+        self.sessions[session_id] = session
+        draft.sessions.append(session)
+        document = {
+            "@odata.context": f"{self.endpoint}/v1.0/$metadata#microsoft.graph.uploadSession",
+            "uploadUrl": f"{self.endpoint}/upload/{session_id}?authtoken={session.token}",
+            "expirationDateTime": "2030-01-01T00:00:00Z",
+            "nextExpectedRanges": ["0-"],
+        }
+        return 201, {"Content-Type": "application/json"}, json.dumps(document).encode()
+
+    def _upload(self, session_id: str, request: Request, body: bytes) -> _Answer:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise GraphError(404, "ErrorItemNotFound", "Upload session not found.")
+        if _header(request, "authorization") is not None:
+            raise GraphError(
+                400,
+                "InvalidAuthenticationToken",
+                "The upload URL is pre-authenticated; do not send an Authorization header.",
+                True,
+            )
+        tokens = request.args.get(b"authtoken", [])
+        if tokens != [session.token.encode()]:
+            raise GraphError(401, "InvalidAuthenticationToken", "Bad upload token.", True)
+        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", _header(request, "content-range") or "")
+        if match is None:
+            raise GraphError(400, "InvalidRange", "Content-Range is required.", True)
+        first, last, total = (int(g) for g in match.groups())
+        if session.done or total != session.size or first != len(session.received):
+            raise GraphError(
+                416,
+                "InvalidRange",
+                f"Expected bytes from {len(session.received)} of {session.size}.",
+                True,
+            )
+        if last - first + 1 != len(body) or len(body) > RANGE_MAX or last >= total:
+            raise GraphError(
+                400, "InvalidRange", "Range and body do not agree, or range over 4 MB.", True
+            )
+        session.received += body
+        if len(session.received) < session.size:
+            document = {
+                "expirationDateTime": "2030-01-01T00:00:00Z",
+                "nextExpectedRanges": [str(len(session.received))],
+            }
+            return 200, {"Content-Type": "application/json"}, json.dumps(document).encode()
+        session.done = True
+        self.drafts[session.draft_id].attachments.append((session.name, bytes(session.received)))
+        return 201, {"Location": f"{self.endpoint}/attachments/{uuid.uuid4().hex}"}, b""
+
+    def _sendDraft(
+        self, mailbox: str, params: dict[str, str], request: Request, body: bytes
+    ) -> _Answer:
+        draft = self._draft(mailbox, params)
+        if body:
+            raise GraphError(400, "RequestBodyRead", "send takes no body.", True)
+        if not all(s.done for s in draft.sessions):
+            raise GraphError(
+                400, "ErrorInvalidOperation", "An attachment upload is incomplete.", True
+            )
+        self._check_recipients(draft.message)
+        del self.drafts[params["id"]]
+        self.deliveries.append(self._delivery(mailbox, "draft", draft.message, draft.attachments))
+        return 202, {}, b""
+
+    def _deleteDraft(
+        self, mailbox: str, params: dict[str, str], request: Request, body: bytes
+    ) -> _Answer:
+        self._draft(mailbox, params)
+        del self.drafts[params["id"]]
+        self.deleted.append(params["id"])
+        return 204, {}, b""
+
+    # -- checks -------------------------------------------------------------
+
+    def _check_message(self, mailbox: str, message: dict[str, Any]) -> None:
+        extra = set(message) - _MESSAGE_KEYS
+        if extra:
+            raise GraphError(
+                400,
+                "RequestBodyRead",
+                f"The property '{sorted(extra)[0]}' does not exist on type message.",
+                True,
+            )
+        if not isinstance(message.get("subject", ""), str):
+            raise GraphError(400, "RequestBodyRead", "subject must be a string.", True)
+        body = message.get("body", {"contentType": "Text", "content": ""})
+        if (
+            not isinstance(body, dict)
+            or set(body) != {"contentType", "content"}
+            or body["contentType"] not in ("Text", "HTML")
+            or not isinstance(body["content"], str)
+        ):
+            raise GraphError(400, "RequestBodyRead", "Invalid body.", True)
+        for key in ("toRecipients", "ccRecipients", "bccRecipients", "replyTo"):
+            value = message.get(key, [])
+            if not isinstance(value, list):
+                raise GraphError(400, "RequestBodyRead", f"{key} must be a list.", True)
+            self._check_addresses(tuple(_recipient(r) for r in value), allow_none=True)
+        if "from" in message and _recipient(message["from"]).casefold() != mailbox.casefold():
+            raise GraphError(
+                403,
+                "ErrorSendAsDenied",
+                _SEND_AS_DENIED,
+                True,
+            )
+        headers = message.get("internetMessageHeaders", [])
+        if not isinstance(headers, list) or len(headers) > MAX_CUSTOM_HEADERS:
+            raise GraphError(
+                400,
+                "InvalidInternetMessageHeaderCollection",
+                "Maximum number of headers in one message should be less than or equal to 5.",
+                True,
+            )
+        for header in headers:
+            if (
+                not isinstance(header, dict)
+                or set(header) != {"name", "value"}
+                or not all(isinstance(v, str) for v in header.values())
+            ):
+                raise GraphError(400, "RequestBodyRead", "Invalid internet message header.", True)
+            if not header["name"].lower().startswith("x-"):
+                raise GraphError(
+                    400,
+                    "InvalidInternetMessageHeader",
+                    f"The header name '{header['name']}' should start with 'x-' or 'X-'.",
+                    True,
+                )
+        if message.get("importance", "normal") not in ("low", "normal", "high"):
+            raise GraphError(400, "RequestBodyRead", "Invalid importance.", True)
+        if not isinstance(message.get("attachments", []), list):
+            raise GraphError(400, "RequestBodyRead", "attachments must be a list.", True)
+
+    def _check_recipients(self, message: dict[str, Any]) -> None:
+        everyone = tuple(
+            _recipient(r)
+            for key in ("toRecipients", "ccRecipients", "bccRecipients")
+            for r in message.get(key, [])
+        )
+        self._check_addresses(everyone)
+
+    def _check_addresses(self, addresses: tuple[str, ...], allow_none: bool = False) -> None:
+        if not addresses and not allow_none:
+            raise GraphError(
+                400,
+                "ErrorInvalidRecipients",
+                "A message can't be sent because it contains no recipients.",
+            )
+        if len(addresses) > MAX_RECIPIENTS:
+            raise GraphError(
+                400,
+                "ErrorTooManyRecipients",
+                "A message can't have more than 500 recipients.",
+                True,
+            )
+        for address in addresses:
+            if not _ADDRESS.match(address):
+                raise GraphError(
+                    400,
+                    "ErrorInvalidRecipients",
+                    f"At least one recipient isn't valid: {address!r}.",
+                )
+
+    def _file_attachment(self, document: Any) -> tuple[str, bytes]:
+        if not isinstance(document, dict) or set(document) - _ATTACHMENT_KEYS:
+            raise GraphError(400, "RequestBodyRead", "Invalid attachment.", True)
+        if document.get("@odata.type") != "#microsoft.graph.fileAttachment":
+            raise GraphError(
+                400, "ErrorInvalidParameter", "Only file attachments are expected.", True
+            )
+        name = document.get("name")
+        if not isinstance(name, str) or not name:
+            raise GraphError(400, "ErrorInvalidParameter", "An attachment needs a name.", True)
+        try:
+            data = base64.b64decode(document.get("contentBytes", ""), validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            raise GraphError(
+                400, "ErrorInvalidParameter", "contentBytes is not base64.", True
+            ) from None
+        return name, data
+
+    def _delivery(
+        self,
+        mailbox: str,
+        method: str,
+        message: dict[str, Any],
+        attachments: list[tuple[str, bytes]],
+    ) -> Delivery:
+        to, cc, bcc = (
+            tuple(_recipient(r) for r in message.get(key, []))
+            for key in ("toRecipients", "ccRecipients", "bccRecipients")
+        )
+        return Delivery(
+            mailbox, method, to, cc, bcc, message=message, attachments=list(attachments)
+        )
+
+    # -- bookkeeping --------------------------------------------------------
+
+    def begin(self, route: str, request: Request, body: bytes) -> str | None:
+        """Record a request; return the mailbox it counts against, if any."""
+        headers = {
+            k.decode().lower(): v[-1].decode() for k, v in request.requestHeaders.getAllRawHeaders()
+        }
+        self.requests.append(
+            Seen(
+                route,
+                request.method.decode(),
+                request.path.decode(),
+                headers,
+                len(body),
+                self.clock.seconds(),
+                id(request.channel),
+            )
+        )
+        crid = headers.get("client-request-id")
+        try:
+            uuid.UUID(crid or "")
+        except ValueError:
+            self.violations.append(f"{route}: client-request-id missing or not a GUID")
+        else:
+            if crid in self._request_ids:
+                self.violations.append(f"{route}: client-request-id {crid} reused")
+            self._request_ids.add(crid or "")
+        if request.method in (b"POST", b"PUT") and request.getHeader(b"content-length") is None:
+            self.violations.append(f"{route}: no Content-Length")
+        mailbox: str | None = None
+        segments = [unquote(s) for s in request.path.decode().split("/")[1:]]
+        if segments[:2] == ["v1.0", "users"] and len(segments) > 2:
+            mailbox = segments[2].casefold()
+        elif route == "upload" and len(segments) == 2 and segments[1] in self.sessions:
+            mailbox = self.sessions[segments[1]].mailbox.casefold()
+        if mailbox is not None:
+            self.in_flight[mailbox] += 1
+            self.max_in_flight[mailbox] = max(self.max_in_flight[mailbox], self.in_flight[mailbox])
+        return mailbox
+
+    def end(self, mailbox: str | None) -> None:
+        if mailbox is not None:
+            self.in_flight[mailbox] -= 1
+
+
+class _FakeResource(Resource):
+    isLeaf = True
+
+    def __init__(self, fake: FakeGraph) -> None:
+        super().__init__()
+        self.fake = fake
+
+    def render(self, request: Request) -> bytes | int:
+        fake = self.fake
+        content: Any = request.content
+        content.seek(0)
+        body: bytes = content.read()
+        method = request.method.decode()
+        segments = [unquote(s) for s in request.path.decode().split("/")[1:]]
+        route, params = fake.route_of(method, segments)
+        mailbox = fake.begin(route, request, body)
+        queue = fake.faults.get(route) or []
+        fault = queue.pop(0) if queue else Fault()
+        state = {"open": True, "ended": False}
+
+        def finish() -> None:
+            if not state["ended"]:
+                state["ended"] = True
+                fake.end(mailbox)
+
+        def lost(_: Failure) -> None:
+            state["open"] = False
+            finish()
+
+        request.notifyFinish().addErrback(lost)
+
+        def respond() -> None:
+            if not state["open"]:
+                finish()
+                return
+            if fault.drop:
+                if fault.after_processing:
+                    fake.answer(route, params, request, body)
+                finish()
+                transport: Any = request.channel.transport
+                transport.abortConnection()
+                return
+            if fault.status:
+                answer = _fault_answer(route, fault)
+            else:
+                answer = fake.answer(route, params, request, body)
+            status, headers, payload = answer
+            request.setResponseCode(status)
+            crid = _header(request, "client-request-id")
+            request.setHeader(b"request-id", str(uuid.uuid4()).encode())
+            if crid is not None:
+                request.setHeader(b"client-request-id", crid.encode())
+            for name, value in headers.items():
+                request.setHeader(name.encode(), value.encode())
+            request.setHeader(b"content-length", str(len(payload)).encode())
+            finish()
+            if payload:
+                request.write(payload)
+            request.finish()
+
+        if fault.delay > 0:
+            call: IDelayedCall = fake.clock.callLater(fault.delay, respond)
+
+            def cancel(_: Failure) -> None:
+                if call.active():
+                    call.cancel()
+
+            request.notifyFinish().addErrback(cancel)
+        else:
+            respond()
+        return NOT_DONE_YET
+
+
+def _fault_answer(route: str, fault: Fault) -> _Answer:
+    headers = {}
+    if fault.retry_after is not None:
+        headers["Retry-After"] = fault.retry_after
+    if route == "token":
+        status, error, payload = _oauth_error(fault.status, fault.code, 50001, fault.message)
+        return status, {**error, **headers}, payload
+    status, error, payload = _error(fault.status, fault.code, fault.message)
+    return status, {**error, **headers}, payload
+
+
+def _error(status: int, code: str, message: str) -> _Answer:
+    document = {
+        "error": {
+            "code": code,
+            "message": message,
+            "innerError": {
+                "date": "2030-01-01T00:00:00",
+                "request-id": str(uuid.uuid4()),
+                "client-request-id": str(uuid.uuid4()),
+            },
+        }
+    }
+    return status, {"Content-Type": "application/json"}, json.dumps(document).encode()
+
+
+def _oauth_error(status: int, error: str, aadsts: int, text: str) -> _Answer:
+    trace, correlation = str(uuid.uuid4()), str(uuid.uuid4())
+    description = f"AADSTS{aadsts}: {text} Trace ID: {trace} Correlation ID: {correlation}"
+    document = {
+        "error": error,
+        "error_description": description,
+        "error_codes": [aadsts],
+        "timestamp": "2030-01-01 00:00:00Z",
+        "trace_id": trace,
+        "correlation_id": correlation,
+    }
+    return status, {"Content-Type": "application/json"}, json.dumps(document).encode()
+
+
+def _header(request: Request, name: str) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def _require_json(request: Request) -> None:
+    if not (_header(request, "content-type") or "").startswith("application/json"):
+        raise GraphError(415, "UnsupportedMediaType", "Expected application/json.", True)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise GraphError(400, "RequestBodyRead", "Body is not JSON.", True) from None
+
+
+def _recipient(value: Any) -> str:
+    if not isinstance(value, dict) or set(value) != {"emailAddress"}:
+        raise GraphError(400, "RequestBodyRead", "Invalid recipient.", True)
+    address = value["emailAddress"]
+    if (
+        not isinstance(address, dict)
+        or set(address) - {"address", "name"}
+        or not isinstance(address.get("address"), str)
+    ):
+        raise GraphError(400, "RequestBodyRead", "Invalid emailAddress.", True)
+    if not isinstance(address.get("name", ""), str):
+        raise GraphError(400, "RequestBodyRead", "Invalid name.", True)
+    result: str = address["address"]
+    return result
+
+
+def make_email(
+    envelope_to: tuple[str, ...],
+    *,
+    from_: str | None = "App Server <app@example.org>",
+    to: tuple[str, ...] = (),
+    cc: tuple[str, ...] = (),
+    bcc: tuple[str, ...] = (),
+    subject: str = "Quarterly report",
+    text: str = "Hello,\nthe report is attached.\n",
+    html: str | None = None,
+    headers: tuple[tuple[str, str], ...] = (),
+    attachments: tuple[tuple[str, bytes], ...] = (),
+    envelope_from: str = "app@example.org",
+) -> Email:
+    """A message as a client would send it, parsed by the real parser."""
+    message = EmailMessage()
+    if from_ is not None:
+        message["From"] = from_
+    for name, values in (("To", to), ("Cc", cc), ("Bcc", bcc)):
+        if values:
+            message[name] = ", ".join(values)
+    message["Subject"] = subject
+    message["Message-ID"] = "<report-42@example.org>"
+    for name, value in headers:
+        message[name] = value
+    message.set_content(text)
+    if html is not None:
+        message.add_alternative(html, subtype="html")
+    for filename, data in attachments:
+        message.add_attachment(
+            data, maintype="application", subtype="octet-stream", filename=filename
+        )
+    raw = message.as_bytes(policy=policy.SMTP)
+    return parse_message(envelope_from, list(envelope_to), raw)

@@ -30,6 +30,9 @@ class ConfigError(Exception):
     """A setting is missing, malformed or contradicts another one."""
 
 
+_ANY_ADDRESS = policy.AddressPatterns()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The validated settings the service is built from."""
@@ -46,8 +49,8 @@ class Config:
     smtp_shutdown_timeout: float = 30.0
     smtp_allowed_networks: policy.Networks | None = None
     smtp_trusted_networks: policy.Networks = ()
-    smtp_allowed_senders: policy.AddressPatterns = policy.AddressPatterns()
-    smtp_allowed_recipients: policy.AddressPatterns = policy.AddressPatterns()
+    smtp_allowed_senders: policy.AddressPatterns = _ANY_ADDRESS
+    smtp_allowed_recipients: policy.AddressPatterns = _ANY_ADDRESS
     smtp_max_connections: int = 1000
     smtp_max_connections_per_ip: int = 50
     smtp_rate_limit_per_ip: int = 0

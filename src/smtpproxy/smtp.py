@@ -720,7 +720,7 @@ class RelayProtocol(ESMTP):
                 self._reply(421, "4.7.0", "Too many failed logins, closing connection")
                 self._close()
             else:
-                self.sendCode(535, Reply(535, "5.7.8", "Authentication credentials invalid").render())
+                self._reply(535, "5.7.8", "Authentication credentials invalid")
 
         if delay <= 0:
             answer()

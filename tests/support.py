@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import smtplib
 import socket
 import ssl
 from collections.abc import Callable, Coroutine, Sequence
@@ -191,3 +192,24 @@ def listen_behind_proxy(case: TestCase, relay: Relay) -> int:
     case.addCleanup(port.stopListening)
     number: int = port.getHost().port
     return number
+
+
+ENVELOPE = b"EHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+
+
+def client_tls() -> ssl.SSLContext:
+    """A client context that accepts the relay's self-signed test certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def sendmail(port: int, sender: str, recipients: list[str], data: bytes, **kw: Any) -> Any:
+    """smtplib, optionally with STARTTLS (starttls=True) and AUTH (login=(user, pw))."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
+        if kw.get("starttls"):
+            client.starttls(context=client_tls())
+        if kw.get("login"):
+            client.login(*kw["login"])
+        return client.sendmail(sender, recipients, data)

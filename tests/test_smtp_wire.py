@@ -8,43 +8,26 @@ from __future__ import annotations
 
 import smtplib
 import socket
-import ssl
-from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.support import (
+    ENVELOPE,
     PASSWORD,
     TIMEOUT,
     USER,
     async_test,
+    client_tls,
     codes,
     exchange,
     in_thread,
     listen_behind_proxy,
     message,
     read_replies,
+    sendmail,
     start_relay,
 )
-
-ENVELOPE = b"EHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
-
-
-def _client_tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _sendmail(port: int, sender: str, recipients: list[str], data: bytes, **kw: Any) -> Any:
-    with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
-        if kw.get("starttls"):
-            client.starttls(context=_client_tls())
-        if kw.get("login"):
-            client.login(*kw["login"])
-        return client.sendmail(sender, recipients, data)
 
 
 class BasicsTests(TestCase):
@@ -56,7 +39,7 @@ class BasicsTests(TestCase):
         relay = start_relay(self)
         body = "line one\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n"
         raw = message(body=body)
-        await in_thread(_sendmail, relay.port, "a@example.com", ["b@example.org"], raw)
+        await in_thread(sendmail, relay.port, "a@example.com", ["b@example.org"], raw)
         [email] = relay.provider.emails
         self.assertEqual(email.raw, raw)
         self.assertEqual(email.envelope_from, "a@example.com")
@@ -67,7 +50,7 @@ class BasicsTests(TestCase):
         """Fifty recipients make one provider call carrying all of them, duplicates once."""
         relay = start_relay(self)
         rcpts = [f"user{i}@example.org" for i in range(50)] + ["user0@EXAMPLE.org"]
-        await in_thread(_sendmail, relay.port, "a@example.com", rcpts, message())
+        await in_thread(sendmail, relay.port, "a@example.com", rcpts, message())
         self.assertEqual(len(relay.provider.emails), 1)
         self.assertEqual(relay.provider.emails[0].envelope_to, tuple(rcpts[:50]))
 
@@ -90,9 +73,7 @@ class BasicsTests(TestCase):
         relay = start_relay(self)
         await defer.gatherResults(
             [
-                in_thread(
-                    _sendmail, relay.port, "a@example.com", ["b@example.org"], message(f"{i}")
-                )
+                in_thread(sendmail, relay.port, "a@example.com", ["b@example.org"], message(f"{i}"))
                 for i in range(20)
             ]
         )
@@ -201,7 +182,7 @@ class AuthTests(TestCase):
 
         def send(port: int, mechanism: str) -> None:
             with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
-                client.starttls(context=_client_tls())
+                client.starttls(context=client_tls())
                 client.ehlo()
                 assert client.has_extn("auth")
                 client.user, client.password = USER, PASSWORD
@@ -218,7 +199,7 @@ class AuthTests(TestCase):
         relay = start_relay(self, auth=True)
         failure = await self.assertFailure(
             in_thread(
-                _sendmail,
+                sendmail,
                 relay.port,
                 "a@example.com",
                 ["b@example.org"],
@@ -236,7 +217,7 @@ class AuthTests(TestCase):
         """With SMTP_ALLOW_INSECURE_AUTH, AUTH PLAIN works without TLS."""
         relay = start_relay(self, auth=True, allow_insecure_auth=True, tls_enabled=False)
         await in_thread(
-            _sendmail,
+            sendmail,
             relay.port,
             "a@example.com",
             ["b@example.org"],

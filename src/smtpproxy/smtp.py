@@ -430,17 +430,18 @@ class RelayProtocol(ESMTP):
             self._to = []
             self._reply(250, "2.1.0", "Sender OK")
 
-        def refused(failure: Failure) -> None:
-            error = failure.value
-            if isinstance(error, SMTPServerError):
-                self._reply(error.code, "5.7.1", str(error.resp))
-            else:
-                log.failure("sender validation failed", failure, session=self.id)
-                self._reply(451, "4.3.0", "Local error in processing")
-
         d = defer.maybeDeferred(self.validateFrom, self._helo, origin)
-        d.addCallbacks(accepted, refused)
+        d.addCallbacks(accepted, self._refused, errbackArgs=("sender",))
         self._busy_with(d)
+
+    def _refused(self, failure: Failure, what: str) -> None:
+        """A delivery avatar turned a sender or recipient down (or broke)."""
+        error = failure.value
+        if isinstance(error, SMTPServerError):
+            self._reply(error.code, "5.7.1", str(error.resp))
+        else:
+            log.failure(f"{what} validation failed", failure, session=self.id)
+            self._reply(451, "4.3.0", "Local error in processing")
 
     def do_RCPT(self, argument: str) -> None:
         if self._from is None:
@@ -476,16 +477,8 @@ class RelayProtocol(ESMTP):
             self._to.append((user, factory))
             self._reply(250, "2.1.5", "Recipient OK")
 
-        def refused(failure: Failure) -> None:
-            error = failure.value
-            if isinstance(error, SMTPServerError):
-                self._reply(error.code, "5.7.1", str(error.resp))
-            else:
-                log.failure("recipient validation failed", failure, session=self.id)
-                self._reply(451, "4.3.0", "Local error in processing")
-
         d = defer.maybeDeferred(self.validateTo, user)
-        d.addCallbacks(accepted, refused)
+        d.addCallbacks(accepted, self._refused, errbackArgs=("recipient",))
         self._busy_with(d)
 
     def do_DATA(self, argument: str) -> None:

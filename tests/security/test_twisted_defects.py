@@ -8,41 +8,24 @@ from __future__ import annotations
 
 import smtplib
 import socket
-import ssl
-from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
 from tests.support import (
+    ENVELOPE,
     TIMEOUT,
     async_test,
+    client_tls,
     codes,
     exchange,
     in_thread,
     message,
     read_replies,
+    sendmail,
     start_relay,
 )
-
-ENVELOPE = b"EHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
-
-
-def _client_tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _sendmail(port: int, sender: str, recipients: list[str], data: bytes, **kw: Any) -> Any:
-    with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
-        if kw.get("starttls"):
-            client.starttls(context=_client_tls())
-        if kw.get("login"):
-            client.login(*kw["login"])
-        return client.sendmail(sender, recipients, data)
 
 
 class DeliveryFailureTests(TestCase):
@@ -54,7 +37,7 @@ class DeliveryFailureTests(TestCase):
         relay = start_relay(self)
         relay.provider.outcomes.append(TransientDeliveryError("backend busy", "4.4.1"))
         failure = await self.assertFailure(
-            in_thread(_sendmail, relay.port, "a@example.com", ["b@example.org"], message()),
+            in_thread(sendmail, relay.port, "a@example.com", ["b@example.org"], message()),
             smtplib.SMTPDataError,
         )
         self.assertEqual(failure.smtp_code, 451)
@@ -66,7 +49,7 @@ class DeliveryFailureTests(TestCase):
         relay = start_relay(self)
         relay.provider.outcomes.append(PermanentDeliveryError("Graph ErrorInvalidRecipients: no"))
         failure = await self.assertFailure(
-            in_thread(_sendmail, relay.port, "a@example.com", ["b@example.org"], message()),
+            in_thread(sendmail, relay.port, "a@example.com", ["b@example.org"], message()),
             smtplib.SMTPDataError,
         )
         self.assertEqual(failure.smtp_code, 554)
@@ -78,7 +61,7 @@ class DeliveryFailureTests(TestCase):
         relay = start_relay(self)
         relay.provider.outcomes.append(ZeroDivisionError("bug"))
         failure = await self.assertFailure(
-            in_thread(_sendmail, relay.port, "a@example.com", ["b@example.org"], message()),
+            in_thread(sendmail, relay.port, "a@example.com", ["b@example.org"], message()),
             smtplib.SMTPDataError,
         )
         self.assertEqual(failure.smtp_code, 451)
@@ -230,7 +213,7 @@ class StartTLSTests(TestCase):
                 replies = read_replies(raw, 1)
                 raw.sendall(b"EHLO c\r\nSTARTTLS\r\nRSET\r\nNOOP\r\n")
                 replies += read_replies(raw, 2)
-                with _client_tls().wrap_socket(raw) as sock:
+                with client_tls().wrap_socket(raw) as sock:
                     sock.sendall(b"NOOP\r\n")
                     replies += read_replies(sock, 1)
                     sock.sendall(b"MAIL FROM:<a@example.com>\r\n")
@@ -247,7 +230,7 @@ class StartTLSTests(TestCase):
         """smtplib's starttls() followed by a normal transaction works end to end."""
         relay = start_relay(self)
         await in_thread(
-            _sendmail, relay.port, "a@example.com", ["b@example.org"], message(), starttls=True
+            sendmail, relay.port, "a@example.com", ["b@example.org"], message(), starttls=True
         )
         self.assertEqual(len(relay.provider.emails), 1)
 
@@ -258,7 +241,7 @@ class StartTLSTests(TestCase):
 
         def twice(port: int) -> tuple[bool, int]:
             with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
-                client.starttls(context=_client_tls())
+                client.starttls(context=client_tls())
                 client.ehlo()
                 code, _ = client.docmd("STARTTLS")
                 return client.has_extn("starttls"), code

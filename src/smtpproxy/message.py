@@ -9,7 +9,14 @@ way to be faithful to headers nobody thought to model.
 
 from __future__ import annotations
 
+import binascii
+import email.errors
+import email.policy
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.parser import BytesParser
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +88,667 @@ class Email:
     @property
     def size(self) -> int:
         return len(self.raw)
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+#
+# The standard library's parser (email.parser.BytesParser) is exact about
+# headers but builds a Python string for every line of every body, so a 25 MB
+# message would cost several times its size before one attachment had been
+# decoded.  The work is therefore split.  Each header block (the message's,
+# then each part's) goes through BytesParser with policy.default, so content
+# types, boundaries, filenames, charsets and addresses are decided exactly as
+# the standard library decides them.  Bodies never go through it: boundary
+# lines are found with a regular expression over the raw bytes, following the
+# standard library's rules for which line ends which part, and each leaf is
+# decoded straight from a memoryview of the raw bytes.  The only large new
+# allocations are the decoded attachments themselves.
+# ---------------------------------------------------------------------------
+
+_POLICY = email.policy.default
+
+# A header line as the standard library's feed parser recognises one: a Unix
+# "From " line, a field name and colon, or a continuation.
+_HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
+# One line with its ending (CRLF, CR or LF: the standard library's split).
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)?")
+# A run of header lines, each with its line end (possessive: no backtracking
+# state is kept, however many lines there are).
+_HEADER_LINES = re.compile(rb"(?:(?:From |[\x21-\x39\x3b-\x7e]*:|[\t ])[^\r\n]*+(?:\r\n|\r|\n))*+")
+_TRAILING_EOL = re.compile(rb"(?:\r\n|\r|\n)\Z")
+_NEWLINES = re.compile(r"[\r\n]")
+_VISIBLE = re.compile(rb"[^\s]")
+# Lone surrogates: 8-bit bytes smuggled through the standard library's
+# ASCII decoding (U+DC80-U+DCFF), or what a UTF-7 text can encode.  No str
+# that leaves this module may hold one, since encoding it to UTF-8 raises.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_NOT_BASE64 = bytes(sorted(set(range(256)) - set(_BASE64_ALPHABET)))
+_NOT_BASE64_OR_PAD = bytes(sorted(set(_NOT_BASE64) - {ord("=")}))
+# What looks like an address, for headers the address parser cannot read.
+_ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"']+@[^\s<>()\[\],;:\"']+")
+_FILENAME_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
+
+_ADDRESS_FIELDS = {"from": "from_", "to": "to", "cc": "cc", "bcc": "bcc", "reply-to": "reply_to"}
+_UU_ENCODINGS = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
+_IDENTITY_ENCODINGS = frozenset({"", "7bit", "8bit", "binary"})
+_KNOWN_ENCODINGS = _IDENTITY_ENCODINGS | _UU_ENCODINGS | {"base64", "quoted-printable"}
+_ENCODING_SPELLINGS = {
+    "7bit": "7bit",
+    "8bit": "8bit",
+    "binary": "binary",
+    "base64": "base64",
+    "quotedprintable": "quoted-printable",
+}
+# Address header defects that do not mean the header is broken: obsolete
+# syntax must be accepted on receipt, and RFC 6532 allows UTF-8 local parts.
+_HARMLESS_DEFECTS = (email.errors.ObsoleteHeaderDefect, email.errors.NonASCIILocalPartDefect)
+_EMBEDDED_MESSAGES = frozenset({"message/rfc822", "message/global"})
+
+# Bounds that keep one hostile message from stalling the reactor.  The
+# standard library's structured header parser is superlinear in a header's
+# length (a 100 KB To header takes a third of a second), so longer values are
+# read by simpler means; nesting depth and part count are bounded so that no
+# message can make the walk recurse or loop without end.  Real mail stays far
+# below all of them.
+MAX_ADDRESS_HEADER = 32 * 1024
+MAX_SUBJECT = 32 * 1024
+MAX_MIME_HEADER = 8 * 1024
+MAX_HEADER_BLOCK = 256 * 1024
+MAX_DEPTH = 32
+MAX_PARTS = 1000
+
+
+def parse_message(envelope_from: str, envelope_to: Sequence[str], raw: bytes) -> Email:
+    """Parse C{raw} into an L{Email}; never raises, whatever the bytes.
+
+    Whatever cannot be decoded is kept (as an attachment of raw bytes, or as
+    text with replacement characters) and described in C{warnings} for the
+    caller to log: no part is dropped without a trace.
+    """
+    recipients = tuple(envelope_to)
+    try:
+        return _Parse(raw).email(envelope_from, recipients)
+    except Exception as error:
+        # A bug here or a standard library surprise: keep the whole message
+        # as one attachment rather than lose it.
+        return Email(
+            envelope_from=envelope_from,
+            envelope_to=recipients,
+            raw=raw,
+            attachments=(Attachment("message.eml", "message/rfc822", raw),),
+            warnings=(
+                f"message could not be parsed ({type(error).__name__}); kept whole as message.eml",
+            ),
+        )
+
+
+class _Parse:
+    """One parse of one message: the raw bytes, and what was found in them so far."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.view = memoryview(raw)
+        self.text: str | None = None
+        self.html: str | None = None
+        self.attachments: list[Attachment] = []
+        self.warnings: list[str] = []
+        self.parts = 0
+
+    def email(self, envelope_from: str, envelope_to: tuple[str, ...]) -> Email:
+        header_end, body_start = self.split_headers(0, len(self.raw))
+        top = self.headers(0, header_end, "message")
+        headers = tuple((name, self.header_text(name, value)) for name, value in top.raw_items())
+        addresses: dict[str, list[Mailbox]] = {}
+        for name, value in headers:
+            key = _ADDRESS_FIELDS.get(name.lower())
+            if key is not None:
+                addresses.setdefault(key, []).extend(self.mailboxes(name, value))
+        subject = _first(headers, "subject")
+        message_id = _first(headers, "message-id")
+        date = _first(headers, "date")
+
+        self.walk(top, "", body_start, len(self.raw), 0, in_related=False)
+        return Email(
+            envelope_from=envelope_from,
+            envelope_to=envelope_to,
+            raw=self.raw,
+            from_=tuple(addresses.get("from_", ())),
+            to=tuple(addresses.get("to", ())),
+            cc=tuple(addresses.get("cc", ())),
+            bcc=tuple(addresses.get("bcc", ())),
+            reply_to=tuple(addresses.get("reply_to", ())),
+            subject="" if subject is None else self.subject(subject),
+            message_id=None if message_id is None else message_id.strip() or None,
+            date=None if date is None else date.strip() or None,
+            text=self.text,
+            html=self.html,
+            attachments=tuple(self.attachments),
+            headers=headers,
+            warnings=tuple(self.warnings),
+        )
+
+    # -- headers -----------------------------------------------------------
+
+    def split_headers(self, start: int, end: int) -> tuple[int, int]:
+        """Where the header block in C{raw[start:end]} ends, and where the body starts.
+
+        As in the standard library's feed parser, headers run to the first
+        line that is not a header line; an empty line there is the separator
+        and belongs to neither, anything else is already body.  A "From "
+        line closing several header lines is handed back to the body.
+        """
+        raw = self.raw
+        header_end = body_start = _span_end(_HEADER_LINES, raw, start, end)
+        if header_end < end:
+            line_end = _span_end(_LINE, raw, header_end, end)
+            if raw[header_end] in b"\r\n":
+                body_start = line_end  # the separator
+            elif line_end == end and _HEADER_LINE.match(raw, header_end, end):
+                header_end = body_start = end  # a last header line without line end
+        # Where does the last header line start?
+        eol = _TRAILING_EOL.search(raw, max(start, header_end - 2), header_end)
+        content_end = header_end if eol is None else eol.start()
+        last_line = max(raw.rfind(b"\n", start, content_end), raw.rfind(b"\r", start, content_end))
+        if last_line >= start and raw.startswith(b"From ", last_line + 1):
+            return last_line + 1, last_line + 1
+        return header_end, body_start
+
+    def headers(self, start: int, end: int, where: str) -> EmailMessage:
+        """The header block C{raw[start:end]}, parsed by the standard library.
+
+        An absurdly long block (it would take the standard library minutes
+        and gigabytes) is read only up to L{MAX_HEADER_BLOCK}.
+        """
+        if end - start > MAX_HEADER_BLOCK:
+            cut = start + MAX_HEADER_BLOCK
+            last_eol = max(self.raw.rfind(b"\n", start, cut), self.raw.rfind(b"\r", start, cut))
+            cut = last_eol + 1 if last_eol > start else cut
+            self.warnings.append(
+                f"{where}: header block of {end - start} bytes; only the first "
+                f"{cut - start} bytes were read"
+            )
+            end = cut
+        block = self.raw[start:end]
+        try:
+            message = BytesParser(policy=_POLICY).parsebytes(block, headersonly=True)
+        except Exception:
+            # The parser looks at Content-Type before returning, and some
+            # values make it raise (an RFC 2231 parameter in a codec that
+            # cannot decode it, say).  Split the headers without looking at
+            # them, then build the message by hand; the walk reports the bad
+            # header when it reads it.
+            lenient = BytesParser(policy=email.policy.compat32).parsebytes(block, headersonly=True)
+            message = EmailMessage(policy=_POLICY)
+            for name, value in lenient.raw_items():
+                message.set_raw(name, value)  # the parser's own way in: no parsing
+        assert isinstance(message, EmailMessage)  # what policy.default builds
+        return message
+
+    def header_text(self, name: str, value: str) -> str:
+        """A raw header value as text: unfolded, its 8-bit bytes read as UTF-8."""
+        value = _NEWLINES.sub("", value)
+        if not _SURROGATES.search(value):
+            return value
+        try:
+            return value.encode("ascii", "surrogateescape").decode("utf-8")
+        except UnicodeError:
+            self.warnings.append(
+                f"header {_quote(name)} has 8-bit bytes that are not UTF-8; "
+                "replacement characters used"
+            )
+            return _clean(value)
+
+    def mailboxes(self, name: str, value: str) -> list[Mailbox]:
+        """The addresses in one address header, salvaging what we can of a broken one."""
+        if len(value) > MAX_ADDRESS_HEADER:
+            self.warnings.append(
+                f"header {_quote(name)} is too long to parse ({len(value)} characters); "
+                "addresses picked out by pattern"
+            )
+            return _salvage_addresses(value, [])
+        try:
+            header = _POLICY.header_factory(name, value)
+            found = [
+                Mailbox(_clean(address.display_name), _clean(address.addr_spec))
+                for address in header.addresses
+                if address.addr_spec not in ("", "<>")
+            ]
+            clean = all(isinstance(defect, _HARMLESS_DEFECTS) for defect in header.defects)
+        except Exception:  # the header parser has had crash bugs on odd input
+            found, clean = [], False
+        if clean:
+            return found
+        mailboxes = _salvage_addresses(value, found)
+        self.warnings.append(
+            f"header {_quote(name)} is malformed; kept the {len(mailboxes)} address(es) "
+            "that could be read"
+        )
+        return mailboxes
+
+    def subject(self, value: str) -> str:
+        """The Subject with its RFC 2047 encoded words decoded."""
+        if len(value) > MAX_SUBJECT:
+            self.warnings.append(
+                f"Subject too long to decode ({len(value)} characters), kept as is"
+            )
+            return value
+        try:
+            return _clean(str(_POLICY.header_factory("subject", value)))
+        except Exception:
+            self.warnings.append("Subject could not be decoded, kept as is")
+            return value
+
+    # -- the MIME tree -----------------------------------------------------
+
+    def walk(
+        self,
+        headers: EmailMessage,
+        label: str,
+        body_start: int,
+        end: int,
+        depth: int,
+        *,
+        in_related: bool,
+    ) -> None:
+        """Sort one part (headers parsed, body in C{raw[body_start:end]}) into the result.
+
+        C{label} names the part in warnings, IMAP style: "" for the message
+        itself, "2.1" for the first part of its second part.  C{depth} counts
+        the enclosing multiparts.
+        """
+        self.parts += 1
+        where = f"part {label}" if label else "message body"
+        oversized = _oversized_mime_header(headers)
+        if oversized is not None:
+            self.keep_raw(f"{where}: {oversized}", body_start, end, depth)
+            return
+        for name, error in _parse_mime_headers_once(headers):
+            if name == "content-type":
+                problem = f"{where}: Content-Type could not be read ({error})"
+                self.keep_raw(problem, body_start, end, depth)
+                return
+            self.warnings.append(f"{where}: {name} could not be read ({error}), ignored")
+        maintype = headers.get_content_maintype()
+        if maintype == "message":
+            self.embedded(headers, where, body_start, end, depth)
+        elif maintype == "multipart":
+            self.multipart(headers, label, where, body_start, end, depth, in_related)
+        else:
+            self.leaf(headers, where, body_start, end, depth, in_related)
+
+    def multipart(
+        self,
+        headers: EmailMessage,
+        label: str,
+        where: str,
+        body_start: int,
+        end: int,
+        depth: int,
+        in_related: bool,
+    ) -> None:
+        """Split a multipart body on its boundary lines and walk each part.
+
+        The rules are the standard library's: text before the first boundary
+        is preamble (there for pre-MIME readers; RFC 2046 says to skip it),
+        consecutive boundary lines enclose no part, a part ends at the next
+        line that is its multipart's boundary (an enclosing boundary has
+        already cut C{end} short), and without a closing boundary the last
+        part runs to C{end}.  A multipart without a usable boundary is kept
+        as raw bytes.
+        """
+        try:
+            boundary = headers.get_boundary()
+        except Exception:  # an RFC 2231 boundary in a codec that cannot decode it
+            boundary = None
+        if boundary is None:
+            self.keep_raw(f"{where}: multipart without a boundary", body_start, end, depth)
+            return
+        if depth >= MAX_DEPTH:
+            self.keep_raw(
+                f"{where}: multiparts nested more than {MAX_DEPTH} deep", body_start, end, depth
+            )
+            return
+        try:
+            pattern = _boundary_pattern(boundary.encode("ascii", "surrogateescape"))
+        except UnicodeEncodeError:
+            pattern = None  # a boundary no line of raw bytes can be equal to
+        line = None if pattern is None else pattern.search(self.raw, body_start, end)
+        if pattern is None or line is None or line.group("end"):
+            self.keep_raw(
+                f"{where}: the multipart's first boundary is missing", body_start, end, depth
+            )
+            return
+        subtype = headers.get_content_subtype()
+        related = in_related or subtype == "related"
+        number = 0
+        while line is not None:
+            if line.group("end"):
+                if _VISIBLE.search(self.raw, line.end(), end):
+                    self.warnings.append(
+                        f"{where}: {end - line.end()} bytes after the closing boundary ignored"
+                    )
+                return
+            # Skip this boundary line and any that follow it directly.
+            start = line.end()
+            while (again := pattern.match(self.raw, start, end)) is not None:
+                start = again.end()
+            line = pattern.search(self.raw, start, end)
+            part_end = end if line is None else line.start()
+            number += 1
+            part_label = f"{label}.{number}" if label else str(number)
+            if self.parts >= MAX_PARTS:
+                self.keep_raw(
+                    f"part {part_label} and after: more than {MAX_PARTS} parts",
+                    start,
+                    end,
+                    depth + 1,
+                )
+                return
+            header_end, part_body = self.split_headers(start, part_end)
+            part_headers = self.headers(start, header_end, f"part {part_label}")
+            if subtype == "digest":
+                part_headers.set_default_type("message/rfc822")
+            self.walk(part_headers, part_label, part_body, part_end, depth + 1, in_related=related)
+        self.warnings.append(f"{where}: the multipart's closing boundary is missing")
+
+    def body(self, start: int, end: int, depth: int) -> tuple[int, int]:
+        """A part's body, less the line ending that belongs to the boundary after it."""
+        if depth and start < end:
+            eol = _TRAILING_EOL.search(self.raw, max(start, end - 2), end)
+            if eol is not None:
+                end = eol.start()
+        return start, end
+
+    def leaf(
+        self,
+        headers: EmailMessage,
+        where: str,
+        start: int,
+        end: int,
+        depth: int,
+        in_related: bool,
+    ) -> None:
+        """A part with content: a body if it is the first text or HTML, else an attachment."""
+        content_type = headers.get_content_type()
+        disposition = headers.get_content_disposition()
+        filename = _filename(headers)
+        data = self.transfer_decode(headers, where, *self.body(start, end, depth))
+        if disposition != "attachment" and filename is None:
+            if content_type == "text/plain" and self.text is None:
+                self.text = self.text_decode(headers, where, data)
+                return
+            if content_type == "text/html" and self.html is None:
+                self.html = self.text_decode(headers, where, data)
+                return
+        content_id = _content_id(headers)
+        inline = disposition == "inline" or (content_id is not None and in_related)
+        self.attachments.append(
+            Attachment(filename, content_type, _bytes(data), inline, content_id)
+        )
+
+    def embedded(
+        self,
+        headers: EmailMessage,
+        where: str,
+        start: int,
+        end: int,
+        depth: int,
+    ) -> None:
+        """A message/* part, kept whole: its data is the embedded message's bytes."""
+        content_type = headers.get_content_type()
+        data = _bytes(self.transfer_decode(headers, where, *self.body(start, end, depth)))
+        filename = _filename(headers)
+        if filename is None and content_type in _EMBEDDED_MESSAGES:
+            filename = _message_filename(data)
+        inline = headers.get_content_disposition() == "inline"
+        self.attachments.append(
+            Attachment(filename, content_type, data, inline, _content_id(headers))
+        )
+
+    def keep_raw(self, problem: str, start: int, end: int, depth: int) -> None:
+        """Keep a body we cannot interpret, as an application/octet-stream attachment."""
+        self.warnings.append(f"{problem}; kept as raw bytes")
+        first, last = self.body(start, end, depth)
+        self.attachments.append(Attachment(None, "application/octet-stream", self.raw[first:last]))
+
+    # -- decoding ----------------------------------------------------------
+
+    def transfer_decode(
+        self, headers: EmailMessage, where: str, start: int, end: int
+    ) -> bytes | memoryview:
+        """Undo the Content-Transfer-Encoding; damaged data is decoded as far as it goes.
+
+        An unencoded body comes back as a memoryview of the raw bytes, so a
+        text body becomes a str without an intermediate copy.
+        """
+        encoding = _transfer_encoding(headers)
+        problem: str | None = None
+        data: bytes | memoryview
+        if encoding == "base64":
+            data, problem = _base64(self.raw, start, end)
+        elif encoding == "quoted-printable":
+            data = binascii.a2b_qp(self.view[start:end])
+        elif encoding in _UU_ENCODINGS:
+            data, problem = _uudecode(self.raw[start:end])
+        else:
+            data = self.view[start:end]
+            if encoding not in _IDENTITY_ENCODINGS:
+                problem = f"unknown transfer encoding {_quote(encoding)}, kept undecoded"
+        if problem is not None:
+            self.warnings.append(f"{where}: {problem}")
+        return data
+
+    def text_decode(self, headers: EmailMessage, where: str, data: bytes | memoryview) -> str:
+        """A text body as str: in its charset when known, else as UTF-8."""
+        try:
+            charset = headers.get_content_charset() or "utf-8"
+        except Exception:  # a charset parameter the standard library chokes on
+            charset = "utf-8"
+        if charset in ("us-ascii", "ascii"):
+            # Mislabelled 8-bit text is common, and UTF-8 reads ASCII the same.
+            charset = "utf-8"
+        try:
+            text = str(data, charset)
+        except LookupError:
+            self.warnings.append(f"{where}: unknown charset {_quote(charset)}, read as UTF-8")
+            text = str(data, "utf-8", "replace")
+        except ValueError:  # UnicodeDecodeError, or a codec that refuses its input
+            self.warnings.append(
+                f"{where}: text is not valid {_quote(charset)}, replacement characters used"
+            )
+            try:
+                text = str(data, charset, "replace")
+            except (LookupError, ValueError):
+                text = str(data, "utf-8", "replace")
+        if _SURROGATES.search(text):  # UTF-7 can spell lone surrogates
+            self.warnings.append(f"{where}: text holds lone surrogates, replaced")
+            text = _clean(text)
+        return text
+
+
+def _span_end(pattern: re.Pattern[bytes], raw: bytes, start: int, end: int) -> int:
+    """Where a match of C{pattern} (which accepts the empty string) at C{start} ends."""
+    match = pattern.match(raw, start, end)
+    return start if match is None else match.end()
+
+
+def _transfer_encoding(headers: EmailMessage) -> str:
+    """The Content-Transfer-Encoding in lower case, forgiving common misspellings."""
+    header = headers.get("content-transfer-encoding")
+    if header is None:
+        return ""
+    encoding = str(getattr(header, "cte", header)).strip().lower()
+    if encoding in _KNOWN_ENCODINGS:
+        return encoding
+    # "quoted printable", "base64;", "7-bit" and the like.
+    return _ENCODING_SPELLINGS.get(re.sub("[^a-z0-9]", "", str(header).lower()), encoding)
+
+
+def _parse_mime_headers_once(headers: EmailMessage) -> list[tuple[str, str]]:
+    """Make the MIME headers' parsed forms stick, so each is parsed once per part.
+
+    An EmailMessage parses a header every time it is asked for it, and
+    finding a part's type, boundary, charset and filename asks for
+    Content-Type a dozen times; storing the parsed header object back makes
+    the later lookups free (policy.default hands stored objects back as is).
+    A header the standard library cannot parse (it has had crash bugs on odd
+    input) is removed, and returned with the error's name so that the
+    caller can report it.
+    """
+    failed = []
+    for name in ("content-type", "content-disposition", "content-transfer-encoding"):
+        try:
+            value = headers.get(name)
+        except Exception as error:
+            del headers[name]
+            failed.append((name, type(error).__name__))
+            continue
+        if value is not None:
+            headers.replace_header(name, value)
+    return failed
+
+
+def _boundary_pattern(delimiter: bytes) -> re.Pattern[bytes]:
+    """The lines that are C{--delimiter} or C{--delimiter--}, maybe with trailing blanks.
+
+    The pattern starts with the literal so that the regex engine can skip
+    ahead with a fast substring search; the look-behind after it then checks
+    that the literal began a line (after CR, LF or at the very start).
+    """
+    literal = b"--" + re.escape(delimiter)
+    return re.compile(
+        literal + rb"(?<=(?<![^\r\n])" + literal + rb")(?P<end>--)?[ \t]*(?:\r\n|\r|\n|\Z)"
+    )
+
+
+def _bytes(data: bytes | memoryview) -> bytes:
+    return data.tobytes() if isinstance(data, memoryview) else data
+
+
+def _base64(raw: bytes, start: int, end: int) -> tuple[bytes, str | None]:
+    """Decode C{raw[start:end]} as base64, leniently.
+
+    binascii decodes straight from a memoryview and skips line breaks and
+    stray characters, so the common case copies nothing.  It stops at the
+    first padding sign, which would lose data when several base64 texts were
+    pasted together: that case, and any decoding error, go piece by piece.
+    """
+    pad = raw.find(b"=", start, end)
+    if pad < 0 or not raw[pad:end].translate(None, _NOT_BASE64):
+        try:
+            return binascii.a2b_base64(memoryview(raw)[start:end]), None
+        except (binascii.Error, ValueError):
+            pass
+    pieces = []
+    for piece in raw[start:end].translate(None, _NOT_BASE64_OR_PAD).split(b"="):
+        usable = piece[: len(piece) - 1] if len(piece) % 4 == 1 else piece
+        if usable:
+            pieces.append(binascii.a2b_base64(usable + b"=" * (-len(usable) % 4)))
+    return b"".join(pieces), "damaged base64 data, decoded as far as possible"
+
+
+def _uudecode(data: bytes) -> tuple[bytes, str | None]:
+    """Decode a uuencoded body (begin line, data lines, end line); keep it as is if we cannot."""
+    if not data.strip():
+        return b"", None
+    lines = iter(data.splitlines())
+    for line in lines:
+        if line.startswith(b"begin "):
+            break
+    else:
+        return data, "uuencoded data without a 'begin' line, kept undecoded"
+    decoded = []
+    for line in lines:
+        if line.strip() == b"end":
+            break
+        if not line:
+            continue
+        try:
+            decoded.append(binascii.a2b_uu(line))
+        except binascii.Error:
+            # Some encoders pad lines wrongly; decode just the length the
+            # line's first character announces.
+            try:
+                decoded.append(binascii.a2b_uu(line[: ((line[0] - 32) & 63) * 4 // 3 + 2]))
+            except binascii.Error:
+                return data, "damaged uuencoded data, kept undecoded"
+    return b"".join(decoded), None
+
+
+def _first(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
+    """The value of the first header called C{name}, case-insensitively."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _salvage_addresses(value: str, parsed: list[Mailbox]) -> list[Mailbox]:
+    """C{parsed}, plus whatever else in C{value} looks like an address."""
+    seen = {mailbox.address.lower() for mailbox in parsed}
+    mailboxes = list(parsed)
+    for candidate in _ADDRESS_LIKE.findall(value):
+        if candidate.lower() not in seen:
+            seen.add(candidate.lower())
+            mailboxes.append(Mailbox("", candidate))
+    return mailboxes
+
+
+def _oversized_mime_header(headers: EmailMessage) -> str | None:
+    """Why a part's MIME headers are too long to interpret safely, or None."""
+    for name, value in headers.raw_items():
+        if len(value) > MAX_MIME_HEADER and name.lower().startswith("content-"):
+            return f"{_quote(name)} header longer than {MAX_MIME_HEADER} characters"
+    return None
+
+
+def _filename(headers: EmailMessage) -> str | None:
+    """The part's filename (RFC 2231 and RFC 2047 decoded), or None."""
+    try:
+        filename = headers.get_filename()
+    except Exception:  # a malformed parameter list
+        return None
+    return _clean(filename) if filename else None
+
+
+def _content_id(headers: EmailMessage) -> str | None:
+    """The Content-ID without its angle brackets, or None."""
+    try:
+        value = headers.get("content-id")
+    except Exception:  # an encoded word the header parser chokes on
+        return None
+    if value is None:
+        return None
+    content_id = _clean(str(value)).strip()
+    if content_id.startswith("<") and content_id.endswith(">"):
+        content_id = content_id[1:-1].strip()
+    return content_id or None
+
+
+def _message_filename(data: bytes) -> str:
+    """C{<subject>.eml} for an embedded message, or C{message.eml} when it has none."""
+    try:
+        embedded = _Parse(data)
+        header_end, _ = embedded.split_headers(0, len(data))
+        value = embedded.headers(0, header_end, "embedded message").get("subject")
+        subject = _FILENAME_UNSAFE.sub(" ", _clean(str(value or "")))[:100].strip(" .")
+    except Exception:  # a name is a nicety, not worth failing the message for
+        subject = ""
+    return f"{subject}.eml" if subject else "message.eml"
+
+
+def _clean(text: str) -> str:
+    """C{text} without lone surrogates: escaped bytes are read as UTF-8, the rest replaced."""
+    if not _SURROGATES.search(text):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # surrogates that stand for no byte
+        return _SURROGATES.sub("\ufffd", text)
+
+
+def _quote(value: str) -> str:
+    """A value from the message, made safe and short enough for a warning."""
+    return repr(value[:60] + ("..." if len(value) > 60 else ""))

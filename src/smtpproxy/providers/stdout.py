@@ -1,0 +1,233 @@
+"""The stdout provider: print each message instead of sending it.
+
+It is the default, so that the relay is useful (and testable) before any
+credentials exist.  Each message becomes one readable block written with a
+single C{write} call, so messages delivered at the same time never
+interleave, even when several relays share one terminal or log collector.
+Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import re
+import sys
+from collections.abc import Callable
+from html.parser import HTMLParser
+from typing import IO, TYPE_CHECKING, cast
+
+from twisted.internet.defer import Deferred, fail, succeed
+
+from smtpproxy.errors import TransientDeliveryError
+from smtpproxy.message import Email, Mailbox
+from smtpproxy.providers import register
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from smtpproxy.config import Config
+
+SEPARATOR = "=" * 72
+RULE = "-" * 72
+DEFAULT_MAX_BODY_CHARS = 4000
+
+# Everything that could move a terminal's cursor or change its colours:
+# C0 controls (but tab and line feed), DEL and the C1 controls.  Message
+# content is untrusted, and an operator's terminal should not run it.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+class StdoutProvider:
+    """Writes a human-readable summary of each message to a stream.
+
+    @param stream: where to write; text or binary (binary streams get
+        UTF-8).  Defaults to whatever C{sys.stdout} is when the provider is
+        built.
+    @param max_body_chars: how much of the body to show; the rest is
+        summarised by a note saying how much was cut.
+    """
+
+    name = "stdout"
+
+    def __init__(
+        self,
+        stream: IO[str] | IO[bytes] | None = None,
+        max_body_chars: int = DEFAULT_MAX_BODY_CHARS,
+    ) -> None:
+        self._stream: IO[str] | IO[bytes] = sys.stdout if stream is None else stream
+        self._max_body_chars = max_body_chars
+        self._write = _writer(self._stream)
+
+    def send(self, email: Email) -> Deferred[None]:
+        """Print C{email}; fails only when the stream itself cannot be written to."""
+        block = render(email, self._max_body_chars)
+        try:
+            self._write(block)
+            self._stream.flush()
+        except (OSError, ValueError) as error:
+            # A closed stdout (BrokenPipeError, "I/O operation on closed
+            # file"): the message was not shown anywhere, so it was not
+            # delivered, and the client should keep it and retry.
+            return fail(
+                TransientDeliveryError(f"stdout is not writable ({type(error).__name__})", "4.3.0")
+            )
+        return succeed(None)
+
+    def close(self) -> Deferred[None]:
+        """Nothing to release: the stream belongs to whoever passed it in."""
+        return succeed(None)
+
+
+def _writer(stream: IO[str] | IO[bytes]) -> Callable[[str], object]:
+    """A function writing one str block to C{stream}, text or binary, in one call."""
+    if isinstance(stream, (io.RawIOBase, io.BufferedIOBase)) or "b" in getattr(stream, "mode", ""):
+        binary = cast("IO[bytes]", stream)
+        return lambda block: binary.write(block.encode("utf-8", "replace"))
+    text = cast("IO[str]", stream)
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        encoding = "utf-8"
+
+    def write(block: str) -> object:
+        # A terminal with a narrow encoding (C locale: ASCII) must not turn a
+        # message with an accent into a failed delivery.
+        safe = block.encode(encoding, "backslashreplace").decode(encoding, "replace")
+        return text.write(safe)
+
+    return write
+
+
+def render(email: Email, max_body_chars: int = DEFAULT_MAX_BODY_CHARS) -> str:
+    """The block printed for C{email}: headers, body excerpt, attachments, warnings."""
+    lines = [SEPARATOR, f"From: {_addresses(email.from_)}", f"To: {_addresses(email.to)}"]
+    if email.cc:
+        lines.append(f"Cc: {_addresses(email.cc)}")
+    if email.bcc:
+        lines.append(f"Bcc: {_addresses(email.bcc)}")
+    lines += [
+        f"Envelope-From: <{_line(email.envelope_from)}>",
+        f"Envelope-To: {', '.join(f'<{_line(r)}>' for r in email.envelope_to)}",
+        f"Subject: {_line(email.subject)}",
+        f"Date: {_line(email.date or '')}",
+        f"Message-ID: {_line(email.message_id or '')}",
+        f"Size: {human_size(email.size)}",
+        RULE,
+        _body(email, max_body_chars),
+    ]
+    if email.attachments:
+        lines += [RULE, "Attachments:"]
+        for attachment in email.attachments:
+            details = [attachment.content_type, human_size(attachment.size)]
+            if attachment.inline:
+                details.append("inline")
+            name = _line(attachment.filename or "(no name)")
+            lines.append(f"  {name} ({', '.join(details)})")
+    if email.warnings:
+        lines += [RULE, "Warnings:"]
+        lines += [f"  {_line(warning)}" for warning in email.warnings]
+    lines.append(SEPARATOR)
+    return "\n".join(lines) + "\n"
+
+
+def human_size(size: int) -> str:
+    """C{1234567} -> C{"1.2 MB"}: binary multiples, one decimal above bytes."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KB", "MB", "GB"):
+        value /= 1024
+        if value < 1024 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _body(email: Email, max_chars: int) -> str:
+    """The body excerpt: the text, or the HTML stripped of its tags, cut at C{max_chars}."""
+    html_left = 0
+    if email.text is not None:
+        body = email.text
+    elif email.html is not None:
+        # Converting all of a huge HTML body to show its first lines would be
+        # wasted work; tags and styles rarely take more than this.
+        html = email.html[: max(100_000, max_chars * 25)]
+        html_left = len(email.html) - len(html)
+        body = html_to_text(html)
+    else:
+        return "(no text body)"
+    # Line ends are normalised and control characters neutralised only in
+    # the excerpt, never in the (possibly huge) whole.
+    shown = body[:max_chars].replace("\r\n", "\n").replace("\r", "\n")
+    shown = _CONTROL.sub("\ufffd", shown).rstrip()
+    notes = []
+    if len(body) > max_chars:
+        notes.append(f"{len(body) - max_chars} more characters not shown")
+    if html_left:
+        notes.append(f"{html_left} more characters of HTML not read")
+    if notes:
+        shown += f"\n[... {'; '.join(notes)}]"
+    return shown
+
+
+class _TextExtractor(HTMLParser):
+    """Collects the visible text of an HTML document, with line breaks for blocks."""
+
+    _BLOCKS = frozenset(
+        {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "hr"}
+    )
+    _HIDDEN = frozenset({"script", "style", "head", "title"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.pieces: list[str] = []
+        self._hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._HIDDEN:
+            self._hidden += 1
+        elif tag in self._BLOCKS:
+            self.pieces.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._HIDDEN:
+            self._hidden = max(0, self._hidden - 1)
+        elif tag in self._BLOCKS:
+            self.pieces.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden:
+            self.pieces.append(data)
+
+
+def html_to_text(html: str) -> str:
+    """The readable text of an HTML body, good enough for a console summary."""
+    extractor = _TextExtractor()
+    try:
+        extractor.feed(html)
+        extractor.close()
+    except Exception:  # noqa: S110 - whatever was read before the error is still useful
+        pass
+    text = "".join(extractor.pieces)
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def _addresses(mailboxes: tuple[Mailbox, ...]) -> str:
+    return _line(", ".join(str(mailbox) for mailbox in mailboxes))
+
+
+def _line(value: str) -> str:
+    """A value for one header-like line: no line breaks, no control characters."""
+    return _CONTROL.sub("\ufffd", value.replace("\r", " ").replace("\n", " ").replace("\t", " "))
+
+
+def _create(config: Config, reactor: IReactorTime) -> StdoutProvider:
+    # twistd may swap sys.stdout for a logging file once logging starts; the
+    # process's real standard output is where operators expect the mail.
+    return StdoutProvider(sys.__stdout__ or sys.stdout)
+
+
+register("stdout", _create)

@@ -195,14 +195,19 @@ class RelayProtocol(ESMTP):
         self._close()
 
     def shutdown(self) -> None:
-        """The service is stopping: close now if idle, else after the transaction."""
+        """The service is stopping: close now unless a message is on its way.
+
+        Only a session inside DATA or waiting on its delivery holds the
+        shutdown up.  One that has merely named a sender or recipients has
+        handed us nothing yet; 421 loses nothing and the client retries.
+        """
         self._stopping = True
         if not self._in_transaction():
             self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
 
     def _in_transaction(self) -> bool:
-        return self._busy or self.mode != COMMAND or self._from is not None
+        return self._busy or self.mode != COMMAND
 
     def _close(self) -> None:
         self._closing = True
@@ -786,4 +791,5 @@ class RelayFactory(ServerFactory):
     def _force_close(self) -> None:
         for session in list(self.sessions):
             log.warn("closing session still busy at shutdown", session=session.id)
-            session._tcp.abortConnection()
+            session._reply(421, "4.3.2", "Shutting down, message not accepted, try later")
+            session._close()

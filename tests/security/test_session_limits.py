@@ -92,6 +92,15 @@ class SessionTimingTests(SynchronousTestCase):
         protocol.connectionLost(None)
         self.successResultOf(d)
 
+    def test_shutdown_does_not_wait_for_an_unfinished_envelope(self) -> None:
+        """A session that gave MAIL and RCPT but no DATA is told 421 at once: nothing is lost."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(ENVELOPE.replace(b"DATA\r\n", b""))
+        d = self.factory.shutdown(timeout=30)
+        self.assertEqual(self.replies(transport), [220, 250, 250, 250, 421])
+        protocol.connectionLost(None)
+        self.successResultOf(d)
+
     def test_shutdown_gives_up_after_timeout(self) -> None:
         """A delivery still running after the shutdown timeout has its session aborted."""
         self.provider.outcomes.append(defer.Deferred())
@@ -100,6 +109,7 @@ class SessionTimingTests(SynchronousTestCase):
         self.factory.shutdown(timeout=30)
         self.clock.advance(31)
         self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.replies(transport)[-1], 421)
 
     def test_new_connection_during_shutdown(self) -> None:
         """A client connecting while we stop is told 421 instead of a greeting."""

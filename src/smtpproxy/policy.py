@@ -14,6 +14,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from smtpproxy.commands import CommandError, check_address
 
@@ -308,16 +309,18 @@ class Decision(enum.Enum):
 # With AUTH off only the allowed networks count: outside them there is no
 # way to prove who you are, so the connection is refused.  With AUTH on
 # anyone may connect and must authenticate, except trusted networks.
-RULES: Mapping[tuple[bool, bool, bool], Decision] = {
-    (False, True, True): Decision.RELAY_WITHOUT_AUTH,
-    (False, True, False): Decision.RELAY_WITHOUT_AUTH,
-    (False, False, True): Decision.REJECT,
-    (False, False, False): Decision.REJECT,
-    (True, True, True): Decision.RELAY_WITHOUT_AUTH,
-    (True, False, True): Decision.RELAY_WITHOUT_AUTH,
-    (True, True, False): Decision.NEEDS_AUTH,
-    (True, False, False): Decision.NEEDS_AUTH,
-}
+RULES: Mapping[tuple[bool, bool, bool], Decision] = MappingProxyType(
+    {
+        (False, True, True): Decision.RELAY_WITHOUT_AUTH,
+        (False, True, False): Decision.RELAY_WITHOUT_AUTH,
+        (False, False, True): Decision.REJECT,
+        (False, False, False): Decision.REJECT,
+        (True, True, True): Decision.RELAY_WITHOUT_AUTH,
+        (True, False, True): Decision.RELAY_WITHOUT_AUTH,
+        (True, True, False): Decision.NEEDS_AUTH,
+        (True, False, False): Decision.NEEDS_AUTH,
+    }
+)
 
 
 def connection_decision(

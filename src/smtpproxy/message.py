@@ -308,6 +308,9 @@ class _Parse:
                 "addresses picked out by pattern"
             )
             return _salvage_addresses(value, [])
+        simple = simple_mailboxes(value)
+        if simple is not None:
+            return simple
         try:
             header = _POLICY.header_factory(name, value)
             found = [
@@ -334,6 +337,9 @@ class _Parse:
                 f"Subject too long to decode ({len(value)} characters), kept as is"
             )
             return value
+        if "=?" not in value and "\r" not in value and "\n" not in value:
+            # No encoded words: the header class would hand the text back as is.
+            return _clean(value)
         try:
             return _clean(str(_POLICY.header_factory("subject", value)))
         except Exception:
@@ -562,7 +568,8 @@ class _Parse:
                 text = str(data, charset, "replace")
             except (LookupError, ValueError):
                 text = str(data, "utf-8", "replace")
-        if _SURROGATES.search(text):  # UTF-7 can spell lone surrogates
+        if charset not in ("utf-8", "utf8") and _SURROGATES.search(text):
+            # Strict UTF-8 never yields lone surrogates; UTF-7 and others can.
             self.warnings.append(f"{where}: text holds lone surrogates, replaced")
             text = _clean(text)
         return text
@@ -737,6 +744,37 @@ def _message_filename(data: bytes) -> str:
     except Exception:  # a name is a nicety, not worth failing the message for
         subject = ""
     return f"{subject}.eml" if subject else "message.eml"
+
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_SIMPLE_MAILBOX = re.compile(
+    rf"\s*(?:(?P<name>{_ATEXT}+(?:[ \t]+{_ATEXT}+)*)?\s*<(?P<bracketed>{{addr}})>"
+    rf"|(?P<bare>{{addr}}))\s*".replace(
+        "{addr}", rf"{_ATEXT}+(?:\.{_ATEXT}+)*@{_ATEXT}+(?:\.{_ATEXT}+)*"
+    )
+)
+
+
+def simple_mailboxes(value: str) -> list[Mailbox] | None:
+    """Parse the everyday forms of an address header quickly, or return None.
+
+    C{Name <a@b.example>} and bare C{a@b.example}, comma separated, cover
+    nearly all real mail; the standard library's full RFC 5322 parser costs
+    a quarter of the relay's CPU per message on them.  Anything with quotes,
+    comments, groups, encoded words, dots in names or other syntax returns
+    None so the full parser decides, and the results agree where both apply.
+    """
+    if not value.isascii() or any(c in value for c in '"(\\:;') or "=?" in value:
+        return None
+    found = []
+    for item in value.split(","):
+        match = _SIMPLE_MAILBOX.fullmatch(item)
+        if match is None:
+            return None
+        address = match["bracketed"] or match["bare"]
+        name = " ".join((match["name"] or "").split())
+        found.append(Mailbox(name, address))
+    return found
 
 
 def _clean(text: str) -> str:

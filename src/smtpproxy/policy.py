@@ -10,6 +10,7 @@ run on whatever a hostile client managed to put on the wire.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -76,8 +77,13 @@ RFC 1918 and unique-local ranges and link-local, i.e. Docker networks and
 LANs, but never the public internet."""
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse_address(ip: str) -> Address | None:
-    """The address in C{ip}, its IPv6 scope and brackets removed, or None."""
+    """The address in C{ip}, its IPv6 scope and brackets removed, or None.
+
+    Cached: every connect asks about the same few client addresses several
+    times (allowed, trusted, per-address key), and parsing dominates.
+    """
     host = ip.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

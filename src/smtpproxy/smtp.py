@@ -321,7 +321,9 @@ class RelayProtocol(ESMTP):
         self._tcp.write(b"".join(out))
 
     def _reply(self, code: int, status: str, text: str) -> None:
-        self.sendCode(code, Reply(code, status, text).render())
+        """Send a one-line reply of our own wording (no line breaks in it)."""
+        line = f"{code} {status} {text}\r\n" if status else f"{code} {text}\r\n"
+        self._tcp.write(line.encode("utf-8", "replace"))
 
     def _error(self, code: int, status: str, text: str) -> None:
         self._error_reply(Reply(code, status, text))
@@ -443,7 +445,7 @@ class RelayProtocol(ESMTP):
         """A delivery avatar turned a sender or recipient down (or broke)."""
         error = failure.value
         if isinstance(error, SMTPServerError):
-            self._reply(error.code, "5.7.1", str(error.resp))
+            self.sendCode(*_reply_args(Reply(error.code, "5.7.1", str(error.resp))))
         else:
             log.failure(f"{what} validation failed", failure, session=self.id)
             self._reply(451, "4.3.0", "Local error in processing")

@@ -1,14 +1,15 @@
-"""The quick address-header path agrees with the standard library's parser."""
+"""The quick paths of the message parser agree with the standard library."""
 
 from __future__ import annotations
 
 import email.policy
+from email.parser import BytesParser
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtpproxy.message import Mailbox, simple_mailboxes
+from smtpproxy.message import Mailbox, simple_header_block, simple_mailboxes
 
 ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
 atom = st.text(alphabet=ATEXT, min_size=1, max_size=8)
@@ -54,3 +55,42 @@ class SimpleMailboxTests(SynchronousTestCase):
             "J\u00fcrgen <j@x.y>",
         ):
             self.assertIsNone(simple_mailboxes(value), value)
+
+
+line_text = st.text(alphabet='aZ09-_: \t\r\n()<>@,;"=?\x80', max_size=20)
+field_line = st.builds(
+    lambda name, sep, value, end: f"{name}:{sep}{value}{end}",
+    st.text(alphabet="aZ-_09!~", min_size=1, max_size=10),
+    st.sampled_from(["", " ", "\t", "  "]),
+    line_text,
+    st.sampled_from(["\r\n", "\n", "\r", ""]),
+)
+continuation = st.builds(
+    lambda lead, value: f"{lead}{value}\r\n", st.sampled_from([" ", "\t"]), line_text
+)
+block = st.lists(st.one_of(field_line, continuation, line_text), max_size=8).map("".join)
+
+
+class SimpleHeaderBlockTests(SynchronousTestCase):
+    @given(block)
+    def test_agrees_with_the_feed_parser(self, text: str) -> None:
+        """Wherever the quick split answers, it holds the feed parser's (name, value) pairs."""
+        data = text.encode("utf-8", "surrogateescape")
+        quick = simple_header_block(data)
+        if quick is None:
+            return
+        full = BytesParser(policy=email.policy.default).parsebytes(data, headersonly=True)
+        self.assertEqual(list(quick.raw_items()), list(full.raw_items()))
+
+    def test_everyday_block_is_quick(self) -> None:
+        """An ordinary header block, folded lines included, takes the quick path."""
+        data = b"From: a@b.example\r\nSubject: one\r\n two\r\nTo: c@d.example\r\n"
+        quick = simple_header_block(data)
+        assert quick is not None
+        self.assertEqual(quick["subject"], "one two")
+        self.assertEqual([name for name, _ in quick.raw_items()], ["From", "Subject", "To"])
+
+    def test_odd_blocks_go_to_the_feed_parser(self) -> None:
+        """mbox From lines, bare CRs and junk lines are left to the standard library."""
+        for data in (b"From me Mon\r\nA: b\r\n", b"A: b\rC: d\r\n", b"junk line\r\n", b": x\r\n"):
+            self.assertIsNone(simple_header_block(data), data)

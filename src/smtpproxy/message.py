@@ -271,6 +271,9 @@ class _Parse:
             )
             end = cut
         block = self.raw[start:end]
+        quick = simple_header_block(block)
+        if quick is not None:
+            return quick
         try:
             message = BytesParser(policy=_POLICY).parsebytes(block, headersonly=True)
         except Exception:
@@ -744,6 +747,31 @@ def _message_filename(data: bytes) -> str:
     except Exception:  # a name is a nicety, not worth failing the message for
         subject = ""
     return f"{subject}.eml" if subject else "message.eml"
+
+
+_FIELD = r"([!-9;-~]+):[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)(?:\r?\n|\Z)"
+_FIELDS = re.compile(_FIELD)
+_FIELD_BLOCK = re.compile(rf"(?:{_FIELD})*")
+
+
+def simple_header_block(block: bytes) -> EmailMessage | None:
+    """Split a well-formed header block without the standard library's feed parser.
+
+    The feed parser costs about a quarter of the relay's time per message
+    on its own.  When every line is a plain C{Name: value} line or a folded
+    continuation (CRLF or LF endings), the result is exactly what it would
+    build: the same (name, value) pairs under the same policy, so every
+    header is still interpreted by the standard library.  Anything else
+    (an mbox "From " line, junk lines, a bare CR) returns None and the full
+    parser decides.
+    """
+    text = block.decode("ascii", "surrogateescape")
+    if _FIELD_BLOCK.fullmatch(text) is None:
+        return None
+    message = EmailMessage(policy=_POLICY)
+    for match in _FIELDS.finditer(text):
+        message.set_raw(match[1], match[2])
+    return message
 
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"

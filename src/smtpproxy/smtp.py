@@ -76,6 +76,9 @@ class SessionSettings:
     allow_insecure_auth: bool = False
     max_errors: int = 10
     max_auth_failures: int = 3
+    # Per-connection debug lines cost a log event each even when filtered
+    # out; they are only built when the log level asks for them.
+    log_sessions: bool = False
 
 
 class ParsedAddress(Address):
@@ -154,7 +157,8 @@ class RelayProtocol(ESMTP):
         self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
         if self.factory is not None:
             self.factory.sessions.add(self)
-        log.debug("session opened", session=self.id, client=self._peer)
+        if self.settings.log_sessions:
+            log.debug("session opened", session=self.id, client=self._peer)
         if self.factory is not None and self.factory.stopping:
             self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
@@ -188,7 +192,8 @@ class RelayProtocol(ESMTP):
                 self._admitted = False
                 self.factory.guard.disconnect(self._peer)
             self.factory.session_ended(self)
-        log.debug("session closed", session=self.id, client=self._peer)
+        if self.settings.log_sessions:
+            log.debug("session closed", session=self.id, client=self._peer)
 
     def timeoutConnection(self) -> None:
         self._reply(421, "4.4.2", f"{self.settings.hostname} idle too long, closing connection")
@@ -549,10 +554,16 @@ class RelayProtocol(ESMTP):
                 message.chunkReceived(chunk)
         del chunks
         self._reset_transaction()
-        results = [defer.maybeDeferred(message.eomReceived) for message in messages]
-        d = defer.gatherResults(results, consumeErrors=True)
+        d: defer.Deferred[Any]
+        if len(messages) == 1:
+            # Our own delivery always makes one message per transaction.
+            d = defer.maybeDeferred(messages[0].eomReceived)
+        else:
+            results = [defer.maybeDeferred(message.eomReceived) for message in messages]
+            d = defer.gatherResults(results, consumeErrors=True)
 
-        def delivered(ids: list[object]) -> None:
+        def delivered(result: object) -> None:
+            ids = result if isinstance(result, list) else [result]
             names = " ".join(str(i) for i in ids if isinstance(i, str))
             self._reply(250, "2.0.0", f"OK: delivered as {names}" if names else "OK: delivered")
 

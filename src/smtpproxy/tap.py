@@ -228,6 +228,7 @@ def makeService(options: Options) -> RelayService:
         allow_insecure_auth=settings.smtp_allow_insecure_auth,
         max_errors=settings.smtp_max_errors,
         max_auth_failures=settings.smtp_auth_max_failures,
+        log_sessions=settings.log_level == "debug",
     )
     guard = Guard(guard_settings(settings), reactor)
     factory = RelayFactory(session, portal, tls.server_context(cert, key), reactor, guard)

@@ -93,6 +93,8 @@ def _writer(stream: IO[str] | IO[bytes]) -> Callable[[str], object]:
         encoding = "utf-8"
 
     def write(block: str) -> object:
+        if block.isascii():
+            return text.write(block)
         # A terminal with a narrow encoding (C locale: ASCII) must not turn a
         # message with an accent into a failed delivery.
         safe = block.encode(encoding, "backslashreplace").decode(encoding, "replace")

@@ -291,8 +291,9 @@ class _Parse:
 
     def header_text(self, name: str, value: str) -> str:
         """A raw header value as text: unfolded, its 8-bit bytes read as UTF-8."""
-        value = _NEWLINES.sub("", value)
-        if not _SURROGATES.search(value):
+        if "\n" in value or "\r" in value:
+            value = _NEWLINES.sub("", value)
+        if value.isascii() or not _SURROGATES.search(value):
             return value
         try:
             return value.encode("ascii", "surrogateescape").decode("utf-8")

@@ -290,10 +290,10 @@ class RelayProtocol(ESMTP):
     def _busy_with(self, d: defer.Deferred[Any]) -> None:
         """Hold further input until C{d} (which sends its own reply) fires."""
         self._busy = True
-        self.setTimeout(None)
         # When d has already fired (most validations do), the input loop that
         # called us carries on by itself; recursing into it here would nest
-        # one stack frame per pipelined command.
+        # one stack frame per pipelined command.  Only a command that really
+        # waits stops the idle timer (a slow backend is not an idle client).
         synchronous = True
 
         def done(result: object) -> None:
@@ -304,8 +304,8 @@ class RelayProtocol(ESMTP):
                 self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
                 self._close()
                 return
-            self.setTimeout(self.settings.command_timeout)
             if not synchronous:
+                self.setTimeout(self.settings.command_timeout)
                 self._process()
 
         def unexpected(failure: Failure) -> None:
@@ -315,6 +315,8 @@ class RelayProtocol(ESMTP):
         d.addErrback(unexpected)
         d.addBoth(done)
         synchronous = False
+        if self._busy:
+            self.setTimeout(None)
 
     # -- replies ----------------------------------------------------------
 
@@ -536,6 +538,7 @@ class RelayProtocol(ESMTP):
         self._reader = None
         self._messages = []
         self.mode = COMMAND
+        self.setTimeout(self.settings.command_timeout)
         if reader.oversize:
             for message in messages:
                 message.connectionLost()
@@ -546,7 +549,6 @@ class RelayProtocol(ESMTP):
                 f"Message too big: this server accepts at most "
                 f"{self.settings.max_message_size} bytes",
             )
-            self.setTimeout(self.settings.command_timeout)
             return
         chunks = reader.take()
         for message in messages:

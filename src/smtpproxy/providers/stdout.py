@@ -223,6 +223,8 @@ def _addresses(mailboxes: tuple[Mailbox, ...]) -> str:
 
 def _line(value: str) -> str:
     """A value for one header-like line: no line breaks, no control characters."""
+    if value.isprintable():  # the usual case: nothing to neutralise
+        return value
     return _CONTROL.sub("\ufffd", value.replace("\r", " ").replace("\n", " ").replace("\t", " "))
 
 

@@ -444,9 +444,36 @@ class RelayProtocol(ESMTP):
             self._to = []
             self._reply(250, "2.1.0", "Sender OK")
 
-        d = defer.maybeDeferred(self.validateFrom, self._helo, origin)
-        d.addCallbacks(accepted, self._refused, errbackArgs=("sender",))
-        self._busy_with(d)
+        if self.delivery is None:
+            # First MAIL of the session: log in (anonymously) through the portal.
+            d = defer.maybeDeferred(self.validateFrom, self._helo, origin)
+            d.addCallbacks(accepted, self._refused, errbackArgs=("sender",))
+            self._busy_with(d)
+        else:
+            self._validate(self.delivery.validateFrom, (self._helo, origin), accepted, "sender")
+
+    def _validate(
+        self,
+        check: Callable[..., Any],
+        args: tuple[Any, ...],
+        accepted: Callable[[Any], None],
+        what: str,
+    ) -> None:
+        """Run a delivery avatar's check; wait (holding input) only if it returns a Deferred.
+
+        Avatars answer at once nearly always; going through Deferreds for
+        those would be a sizeable share of the cost of a message.
+        """
+        try:
+            result = check(*args)
+        except Exception:
+            self._refused(Failure(), what)
+            return
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(accepted, self._refused, errbackArgs=(what,))
+            self._busy_with(result)
+        else:
+            accepted(result)
 
     def _refused(self, failure: Failure, what: str) -> None:
         """A delivery avatar turned a sender or recipient down (or broke)."""
@@ -491,9 +518,7 @@ class RelayProtocol(ESMTP):
             self._to.append((user, factory))
             self._reply(250, "2.1.5", "Recipient OK")
 
-        d = defer.maybeDeferred(self.validateTo, user)
-        d.addCallbacks(accepted, self._refused, errbackArgs=("recipient",))
-        self._busy_with(d)
+        self._validate(self.validateTo, (user,), accepted, "recipient")
 
     def do_DATA(self, argument: str) -> None:
         if self._from is None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.cred import error as cred_error
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import Anonymous, IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IAddress, IReactorTime, ITLSTransport
@@ -445,8 +445,15 @@ class RelayProtocol(ESMTP):
             self._reply(250, "2.1.0", "Sender OK")
 
         if self.delivery is None:
-            # First MAIL of the session: log in (anonymously) through the portal.
-            d = defer.maybeDeferred(self.validateFrom, self._helo, origin)
+            # First MAIL of a session without AUTH: log in anonymously through
+            # the portal (what stock validateFrom does, minus a second pass).
+            d = self._portal.login(Anonymous(), None, IMessageDelivery)
+
+            def logged_in(result: tuple[Any, Any, Callable[[], None]]) -> Any:
+                _, self.delivery, self._onLogout = result
+                return self.delivery.validateFrom(self._helo, origin)
+
+            d.addCallback(logged_in)
             d.addCallbacks(accepted, self._refused, errbackArgs=("sender",))
             self._busy_with(d)
         else:
@@ -478,7 +485,9 @@ class RelayProtocol(ESMTP):
     def _refused(self, failure: Failure, what: str) -> None:
         """A delivery avatar turned a sender or recipient down (or broke)."""
         error = failure.value
-        if isinstance(error, SMTPServerError):
+        if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
+            self._reply(530, "5.7.0", "Authentication required")
+        elif isinstance(error, SMTPServerError):
             self.sendCode(*_reply_args(Reply(error.code, "5.7.1", str(error.resp))))
         else:
             log.failure(f"{what} validation failed", failure, session=self.id)

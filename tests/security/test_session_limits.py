@@ -111,6 +111,16 @@ class SessionTimingTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.replies(transport)[-1], 421)
 
+    def test_portal_without_anonymous_access(self) -> None:
+        """A portal that refuses anonymous logins makes MAIL answer 530, not crash."""
+        portal = Portal(RelayRealm(self.provider, self.clock))
+        settings = SessionSettings(hostname="relay.test")
+        self.factory = RelayFactory(settings, portal, None, self.clock)
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nNOOP\r\n")
+        self.assertEqual(self.replies(transport), [220, 250, 530, 250])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_new_connection_during_shutdown(self) -> None:
         """A client connecting while we stop is told 421 instead of a greeting."""
         self.factory.stopping = True

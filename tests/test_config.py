@@ -131,3 +131,18 @@ graph:
         config = _load({**GRAPH, "SMTP_USERNAME": "u", "SMTP_PASSWORD": "hunter2"})
         self.assertNotIn("hunter2", repr(config))
         self.assertNotIn("secret-value", repr(config))
+
+
+class DerivedSettingsTests(SynchronousTestCase):
+    def test_defaults_do_not_drift(self) -> None:
+        """The session and guard settings built from a default Config equal their own defaults.
+
+        Those classes carry defaults for tests and embedding; this keeps them
+        the same as the documented configuration defaults.
+        """
+        from smtpproxy.guard import GuardSettings, settings_from
+        from smtpproxy.smtp import SessionSettings, session_settings
+
+        config = Config(smtp_hostname="relay.test")
+        self.assertEqual(session_settings(config), SessionSettings(hostname="relay.test"))
+        self.assertEqual(settings_from(config), GuardSettings())

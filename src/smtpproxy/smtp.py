@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 
 from smtpproxy import auth
 from smtpproxy.commands import CommandError, parse_mail, parse_rcpt, split_command
+from smtpproxy.config import Config
 from smtpproxy.dotreader import DataReader
 from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.guard import OPEN, Guard
@@ -79,6 +80,22 @@ class SessionSettings:
     # Per-connection debug lines cost a log event each even when filtered
     # out; they are only built when the log level asks for them.
     log_sessions: bool = False
+
+
+def session_settings(config: Config) -> SessionSettings:
+    """The per-session view of the configuration."""
+    return SessionSettings(
+        hostname=config.smtp_hostname,
+        max_message_size=config.smtp_max_message_size,
+        max_recipients=config.smtp_max_recipients,
+        command_timeout=config.smtp_command_timeout,
+        data_timeout=config.smtp_data_timeout,
+        auth_enabled=config.auth_enabled,
+        allow_insecure_auth=config.smtp_allow_insecure_auth,
+        max_errors=config.smtp_max_errors,
+        max_auth_failures=config.smtp_auth_max_failures,
+        log_sessions=config.log_level == "debug",
+    )
 
 
 class ParsedAddress(Address):

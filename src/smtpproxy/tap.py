@@ -28,7 +28,7 @@ from smtpproxy.auth import StaticPasswordChecker
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.guard import Guard
 from smtpproxy.guard import settings_from as guard_settings
-from smtpproxy.smtp import RelayFactory, SessionSettings
+from smtpproxy.smtp import RelayFactory, session_settings
 
 log = Logger(namespace="smtpproxy")
 
@@ -218,18 +218,7 @@ def makeService(options: Options) -> RelayService:
         portal.registerChecker(
             StaticPasswordChecker(settings.smtp_username, settings.smtp_password)
         )
-    session = SessionSettings(
-        hostname=settings.smtp_hostname,
-        max_message_size=settings.smtp_max_message_size,
-        max_recipients=settings.smtp_max_recipients,
-        command_timeout=settings.smtp_command_timeout,
-        data_timeout=settings.smtp_data_timeout,
-        auth_enabled=settings.auth_enabled,
-        allow_insecure_auth=settings.smtp_allow_insecure_auth,
-        max_errors=settings.smtp_max_errors,
-        max_auth_failures=settings.smtp_auth_max_failures,
-        log_sessions=settings.log_level == "debug",
-    )
+    session = session_settings(settings)
     guard = Guard(guard_settings(settings), reactor)
     factory = RelayFactory(session, portal, tls.server_context(cert, key), reactor, guard)
     tls_summary = ("custom " if settings.tls_cert_file else "self-signed ") + tls.describe(cert)

@@ -62,6 +62,13 @@ MAX_AUTH_LINE = 12_288
 # Input waiting behind a slow command is capped; past this we stop reading
 # from the socket until the command finishes (TCP pushes back on the client).
 PAUSE_INPUT_AT = 64 * 1024
+# A closed session whose peer does not take our last bytes (or never
+# finishes a TLS handshake) is cut off after this many seconds.
+CLOSE_GRACE = 10.0
+# DATA must keep up this average rate once SMTP_DATA_TIMEOUT has passed
+# (Postfix's smtpd_min_data_rate idea): a client trickling a byte at a time
+# cannot hold a session for ever by resetting the idle timer.
+MIN_DATA_RATE = 500.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +153,10 @@ class RelayProtocol(ESMTP):
         self._input = bytearray()
         self._busy = False
         self._paused = False
+        self._write_blocked = False
+        self._abort_timer: Any = None
+        self._data_started = 0.0
+        self._to_keys: set[str] = set()
         self._closing = False
         self._stopping = False
         self._discarding_line = False
@@ -172,6 +183,9 @@ class RelayProtocol(ESMTP):
         self._peer = str(getattr(peer, "host", peer))
         self._helo = (None, self._peer.encode("ascii", "replace"))
         self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+        # As the transport's producer we hear when our replies back up (a
+        # client that pipelines but never reads) and stop taking commands.
+        self._tcp.registerProducer(self, True)
         if self.factory is not None:
             self.factory.sessions.add(self)
         if self.settings.log_sessions:
@@ -198,6 +212,9 @@ class RelayProtocol(ESMTP):
         self.setTimeout(self.timeout)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        self._abort_timer = None
         self._abandon_message()
         if self._onLogout is not None:
             self._onLogout()
@@ -214,7 +231,7 @@ class RelayProtocol(ESMTP):
 
     def timeoutConnection(self) -> None:
         self._reply(421, "4.4.2", f"{self.settings.hostname} idle too long, closing connection")
-        self._close()
+        self._close(grace=1.0)
 
     def shutdown(self) -> None:
         """The service is stopping: close now unless a message is on its way.
@@ -229,20 +246,65 @@ class RelayProtocol(ESMTP):
             self._close()
 
     def _in_transaction(self) -> bool:
-        return self._busy or self.mode != COMMAND
+        return self._busy or self.mode == DATA
 
-    def _close(self) -> None:
+    def _close(self, grace: float = CLOSE_GRACE) -> None:
+        """Close after our last reply is sent, or cut off after C{grace} seconds.
+
+        C{loseConnection} waits for pending output (and, inside TLS, for the
+        handshake); a peer that never reads or never finishes the handshake
+        would otherwise keep its session and connection slot for ever.
+        """
         self._closing = True
         self._input.clear()
         self.setTimeout(None)
         self._tcp.loseConnection()
+        timer = self._abort_timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= self._clock.seconds() + grace:
+                return
+            timer.cancel()
+        self._abort_timer = self.callLater(grace, self._tcp.abortConnection)
+
+    def _stop_if_shutting_down(self) -> bool:
+        """Between transactions during shutdown: say 421 and close. True if closed."""
+        if self._stopping and not self._in_transaction():
+            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self._close()
+            return True
+        return False
+
+    # -- flow control: IPushProducer for the transport ---------------------
+
+    def pauseProducing(self) -> None:
+        """Our replies are not being read: stop reading and handling commands."""
+        self._write_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        if not self._closing:
+            self._process()
+
+    def stopProducing(self) -> None:
+        self._write_blocked = True
+
+    def _update_reading(self) -> None:
+        """Pause the socket while replies back up or a waiting command's input piles up."""
+        want_pause = self._write_blocked or (self._busy and len(self._input) > PAUSE_INPUT_AT)
+        if want_pause and not self._paused:
+            self._paused = True
+            self._tcp.pauseProducing()
+        elif self._paused and not want_pause:
+            self._paused = False
+            self._tcp.resumeProducing()
 
     # -- input loop -----------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self.mode == DATA and not self._busy and not self._input:
+        if self.mode == DATA and not self._busy and not self._write_blocked and not self._input:
             # Fast path: body bytes go straight to the reader, no copy.
             self.resetTimeout()
             self._feed_data(data)
@@ -251,7 +313,7 @@ class RelayProtocol(ESMTP):
         self._process()
 
     def _process(self) -> None:
-        while self._input and not self._busy and not self._closing:
+        while self._input and not self._busy and not self._write_blocked and not self._closing:
             if self.mode == DATA:
                 data = bytes(self._input)
                 self._input.clear()
@@ -272,18 +334,16 @@ class RelayProtocol(ESMTP):
             self.resetTimeout()
             if self._discarding_line:
                 self._discarding_line = False
+                if self.mode == AUTH:
+                    self._end_auth()
                 self._error(500, "5.5.2", "Line too long")
                 continue
             if self.mode == AUTH:
                 self._auth_response(line)
             else:
                 self._command(line)
-        if self._busy and not self._paused and len(self._input) > PAUSE_INPUT_AT:
-            self._paused = True
-            self._tcp.pauseProducing()
-        elif self._paused and not self._busy:
-            self._paused = False
-            self._tcp.resumeProducing()
+        if not self._closing:
+            self._update_reading()
 
     def _command(self, line: bytes) -> None:
         try:
@@ -294,9 +354,7 @@ class RelayProtocol(ESMTP):
         if len(line) > MAX_COMMAND_LINE and verb != "AUTH":
             self._error(500, "5.5.2", "Line too long")
             return
-        if self._stopping and not self._in_transaction() and verb != "QUIT":
-            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
-            self._close()
+        if verb != "QUIT" and self._stop_if_shutting_down():
             return
         method = self.lookupMethod(verb.encode("ascii")) if verb.isalpha() else None
         if method is None:
@@ -315,11 +373,7 @@ class RelayProtocol(ESMTP):
 
         def done(result: object) -> None:
             self._busy = False
-            if self._closing:
-                return
-            if self._stopping and not self._in_transaction():
-                self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
-                self._close()
+            if self._closing or self._stop_if_shutting_down():
                 return
             if not synchronous:
                 self.setTimeout(self.settings.command_timeout)
@@ -457,8 +511,8 @@ class RelayProtocol(ESMTP):
         origin = ParsedAddress(parsed.sender)
 
         def accepted(result: object) -> None:
+            self._reset_transaction()
             self._from = origin
-            self._to = []
             self._reply(250, "2.1.0", "Sender OK")
 
         if self.delivery is None:
@@ -531,7 +585,7 @@ class RelayProtocol(ESMTP):
                 self._error_reply(refusal)
                 return
         key = _address_key(parsed.recipient)
-        if any(_address_key(str(user.dest)) == key for user, _ in self._to):
+        if key in self._to_keys:
             # The same mailbox twice must still receive the message once.
             self._reply(250, "2.1.5", "Recipient OK (duplicate ignored)")
             return
@@ -542,6 +596,7 @@ class RelayProtocol(ESMTP):
 
         def accepted(factory: Callable[[], Any]) -> None:
             self._to.append((user, factory))
+            self._to_keys.add(key)
             self._reply(250, "2.1.5", "Recipient OK")
 
         self._validate(self.validateTo, (user,), accepted, "recipient")
@@ -570,18 +625,32 @@ class RelayProtocol(ESMTP):
             return
         self._messages = messages
         self._reader = DataReader(self.settings.max_message_size)
+        self._data_started = self._clock.seconds()
         self.mode = DATA
         self.setTimeout(self.settings.data_timeout)
         self._reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
     def _feed_data(self, data: bytes) -> None:
         assert self._reader is not None
+        if self._too_slow(self._reader):
+            self._abandon_message()
+            self.mode = COMMAND
+            self._reset_transaction()
+            self._reply(421, "4.4.2", "Data arriving too slowly, closing connection")
+            self._close(grace=1.0)
+            return
         end = self._reader.feed(data)
         if end is None:
             return
         if end < len(data):
             self._input[:0] = data[end:]
         self._end_of_data()
+
+    def _too_slow(self, reader: DataReader) -> bool:
+        """Past the DATA timeout, has the body fallen below the minimum average rate?"""
+        elapsed = self._clock.seconds() - self._data_started
+        allowed = self.settings.data_timeout + reader.size / MIN_DATA_RATE
+        return elapsed > allowed
 
     def _end_of_data(self) -> None:
         reader, messages = self._reader, self._messages
@@ -600,6 +669,7 @@ class RelayProtocol(ESMTP):
                 f"Message too big: this server accepts at most "
                 f"{self.settings.max_message_size} bytes",
             )
+            self._stop_if_shutting_down()
             return
         chunks = reader.take()
         for message in messages:
@@ -642,6 +712,7 @@ class RelayProtocol(ESMTP):
     def _reset_transaction(self) -> None:
         self._from = None
         self._to = []
+        self._to_keys.clear()
 
     # -- STARTTLS -----------------------------------------------------------
 
@@ -857,5 +928,6 @@ class RelayFactory(ServerFactory):
     def _force_close(self) -> None:
         for session in list(self.sessions):
             log.warn("closing session still busy at shutdown", session=session.id)
-            session._reply(421, "4.3.2", "Shutting down, message not accepted, try later")
-            session._close()
+            if not session._closing:
+                session._reply(421, "4.3.2", "Shutting down, message not accepted, try later")
+            session._close(grace=1.0)

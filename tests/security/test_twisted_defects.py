@@ -176,7 +176,7 @@ class DataPhaseTests(TestCase):
                 for _ in range(32):
                     sock.sendall(b"z" * 65536)
                 [session] = relay.factory.sessions
-                buffered = len(session._buffer)
+                buffered = len(session._input)
                 assert session._reader is not None
                 stored = sum(len(c) for c in session._reader._chunks)
                 sock.sendall(b"\r\n.\r\n")

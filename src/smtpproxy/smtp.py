@@ -154,7 +154,6 @@ class RelayProtocol(ESMTP):
         self._busy = False
         self._paused = False
         self._write_blocked = False
-        self._abort_timer: Any = None
         self._data_started = 0.0
         self._to_keys: set[str] = set()
         self._closing = False
@@ -212,9 +211,6 @@ class RelayProtocol(ESMTP):
         self.setTimeout(self.timeout)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        if self._abort_timer is not None and self._abort_timer.active():
-            self._abort_timer.cancel()
-        self._abort_timer = None
         self._abandon_message()
         if self._onLogout is not None:
             self._onLogout()
@@ -230,6 +226,11 @@ class RelayProtocol(ESMTP):
             log.debug("session closed", session=self.id, client=self._peer)
 
     def timeoutConnection(self) -> None:
+        if self._closing:
+            # The grace period of _close ran out: the peer is not taking
+            # our last bytes (or never finished a TLS handshake).
+            self._tcp.abortConnection()
+            return
         self._reply(421, "4.4.2", f"{self.settings.hostname} idle too long, closing connection")
         self._close(grace=1.0)
 
@@ -255,16 +256,14 @@ class RelayProtocol(ESMTP):
         handshake); a peer that never reads or never finishes the handshake
         would otherwise keep its session and connection slot for ever.
         """
+        already_closing = self._closing
         self._closing = True
         self._input.clear()
-        self.setTimeout(None)
         self._tcp.loseConnection()
-        timer = self._abort_timer
-        if timer is not None and timer.active():
-            if timer.getTime() <= self._clock.seconds() + grace:
-                return
-            timer.cancel()
-        self._abort_timer = self.callLater(grace, self._tcp.abortConnection)
+        # The idle timer becomes the grace timer (timeoutConnection aborts a
+        # closing session); a second close may only make it shorter.
+        if not already_closing or self.timeOut is None or grace < self.timeOut:
+            self.setTimeout(grace)
 
     def _stop_if_shutting_down(self) -> bool:
         """Between transactions during shutdown: say 421 and close. True if closed."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import smtplib
 import socket
 import ssl
@@ -213,3 +214,20 @@ def sendmail(port: int, sender: str, recipients: list[str], data: bytes, **kw: A
         if kw.get("login"):
             client.login(*kw["login"])
         return client.sendmail(sender, recipients, data)
+
+
+class RecordingStream(io.StringIO):
+    """A real text stream that also remembers each write call and each flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()

@@ -22,31 +22,15 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy import logging as jsonlog
+from tests.support import RecordingStream
 
 # 2026-02-23T12:00:00.123456Z as a Unix time.
 T = 1771848000.123456
 
 
-class _Stream(io.StringIO):
-    """A text stream that remembers each C{write()} call separately."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[str] = []
-        self.flushes = 0
-
-    def write(self, text: str) -> int:
-        self.writes.append(text)
-        return super().write(text)
-
-    def flush(self) -> None:
-        self.flushes += 1
-        super().flush()
-
-
 class _Case(SynchronousTestCase):
     def setUp(self) -> None:
-        self.stream = _Stream()
+        self.stream = RecordingStream()
         self.observer = jsonlog.make_observer("debug", self.stream)
         self.log = Logger(namespace="smtpproxy.test", observer=self.observer)
 

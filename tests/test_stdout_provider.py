@@ -20,23 +20,7 @@ from smtpproxy.providers.stdout import (
     human_size,
     render,
 )
-
-
-class RecordingStream(io.StringIO):
-    """A real text stream that also remembers each write call and each flush."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[str] = []
-        self.flushes = 0
-
-    def write(self, text: str) -> int:
-        self.writes.append(text)
-        return super().write(text)
-
-    def flush(self) -> None:
-        self.flushes += 1
-        super().flush()
+from tests.support import RecordingStream
 
 
 def email(**fields: object) -> Email:

@@ -212,7 +212,8 @@ def makeService(options: Options) -> RelayService:
     observer = jsonlog.make_observer(settings.log_level, sys.stderr)
     provider = providers.create(settings.provider, settings, reactor)
 
-    portal = Portal(RelayRealm(provider, reactor))
+    info = settings.log_level in ("debug", "info")
+    portal = Portal(RelayRealm(provider, reactor, log_delivered=info))
     portal.registerChecker(AllowAnonymousAccess())
     if settings.auth_enabled:
         portal.registerChecker(

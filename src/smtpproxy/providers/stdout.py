@@ -37,6 +37,21 @@ DEFAULT_MAX_BODY_CHARS = 4000
 # content is untrusted, and an operator's terminal should not run it.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _BLANK_LINES = re.compile(r"\n{3,}")
+# The same set for ASCII text, as bytes for the quick test in _has_controls.
+_ASCII_CONTROLS = bytes([*range(0, 9), *range(11, 32), 127])
+
+
+def _has_controls(text: str) -> bool:
+    """Does C{text} hold anything L{_CONTROL} would replace?
+
+    Most bodies are ASCII without control characters; for those, deleting
+    the control bytes and comparing lengths runs in C at memory speed,
+    several times faster than the regular expression scanning the text.
+    """
+    if text.isascii():
+        raw = text.encode("ascii")
+        return len(raw.translate(None, _ASCII_CONTROLS)) != len(raw)
+    return _CONTROL.search(text) is not None
 
 
 class StdoutProvider:
@@ -162,8 +177,12 @@ def _body(email: Email, max_chars: int) -> str:
         return "(no text body)"
     # Line ends are normalised and control characters neutralised only in
     # the excerpt, never in the (possibly huge) whole.
-    shown = body[:max_chars].replace("\r\n", "\n").replace("\r", "\n")
-    shown = _CONTROL.sub("\ufffd", shown).rstrip()
+    shown = body[:max_chars]
+    if "\r" in shown:
+        shown = shown.replace("\r\n", "\n").replace("\r", "\n")
+    if _has_controls(shown):
+        shown = _CONTROL.sub("\ufffd", shown)
+    shown = shown.rstrip()
     notes = []
     if len(body) > max_chars:
         notes.append(f"{len(body) - max_chars} more characters not shown")

@@ -22,6 +22,7 @@ _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
 _LITERAL = r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]"
 _MAILBOX = re.compile(rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})")
 _ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
+_KEYWORDS = {word: re.compile(rf"{word}:\s*", re.IGNORECASE) for word in ("FROM", "TO")}
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]*))?$")
 
 MAX_LOCAL_PART = 64
@@ -73,7 +74,7 @@ def split_command(line: bytes) -> tuple[str, str]:
 
 def _path(text: str, keyword: str, role: str) -> tuple[str, str]:
     """Split C{FROM:<path> params} into the address and the parameter text."""
-    match = re.match(rf"^{keyword}:\s*", text, re.IGNORECASE)
+    match = _KEYWORDS[keyword].match(text)
     if match is None:
         raise CommandError(501, "5.5.4", f"Syntax: {keyword.upper()}:<address>")
     rest = text[match.end() :]
@@ -87,12 +88,15 @@ def _path(text: str, keyword: str, role: str) -> tuple[str, str]:
     else:
         # Some old clients omit the angle brackets; accept a bare address.
         path, _, params = rest.partition(" ")
-    path = _ROUTE.sub("", path)
+    if path.startswith("@"):
+        path = _ROUTE.sub("", path)
     return path, params.strip()
 
 
 def _closing_bracket(text: str) -> int:
     """Index of the '>' that closes the path, skipping quoted strings."""
+    if '"' not in text:
+        return text.find(">")
     quoted = escaped = False
     for i, char in enumerate(text):
         if escaped:

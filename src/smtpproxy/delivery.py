@@ -225,7 +225,8 @@ class RelayRealm:
     def requestAvatar(
         self, avatarId: Any, mind: object, *interfaces: Any
     ) -> tuple[Any, RelayDelivery, Callable[[], None]]:
-        if IMessageDelivery not in interfaces:
+        # Identity, not ==: comparing zope interfaces for equality is slow.
+        if not any(interface is IMessageDelivery for interface in interfaces):
             raise NotImplementedError("smtpproxy only offers IMessageDelivery")
         user: str | None = None
         if isinstance(avatarId, bytes) and avatarId:

@@ -32,7 +32,7 @@ from twisted.cred import error as cred_error
 from twisted.cred.credentials import Anonymous, IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IAddress, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITLSTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail.interfaces import IMessageDelivery
@@ -143,10 +143,13 @@ class RelayProtocol(ESMTP):
         self.portal = portal  # type: ignore[assignment]
         self._portal = portal
         self.timeout = settings.command_timeout  # type: ignore[assignment]
-        # TimeoutMixin schedules through self.callLater; point it at the
-        # injected reactor so tests can drive time with a Clock.
+        # Timers go through the injected reactor so tests can drive time
+        # with a Clock.
         self.callLater = reactor.callLater  # type: ignore[method-assign, assignment]
         self._clock = reactor
+        self.timeOut: float | None = None  # type: ignore[assignment]
+        self._deadline: float | None = None
+        self._timer: IDelayedCall | None = None
         self.id = f"s{next(_sessions)}"
         self.factory: RelayFactory | None = None
         self.mode = COMMAND
@@ -232,6 +235,55 @@ class RelayProtocol(ESMTP):
             self.factory.session_ended(self)
         if self.settings.log_sessions:
             log.debug("session closed", session=self.id, client=self._peer)
+
+    # -- the idle timer ------------------------------------------------------
+
+    # TimeoutMixin's timer is a DelayedCall reset on every line.  Moving a
+    # DelayedCall sooner scans the reactor's whole heap of timers, and this
+    # session moves between a 300 s command timeout, a 600 s DATA timeout
+    # and a 10 s close grace several times per message.  Here activity only
+    # moves a deadline; the one DelayedCall, when it fires early, re-arms
+    # for what is left, and is replaced only when the deadline comes sooner.
+
+    def setTimeout(self, period: float | None) -> None:
+        """Time out after C{period} seconds without input; None stops the timer."""
+        self.timeOut = period
+        if period is None:
+            self._deadline = None
+            self._cancel_timer()
+            return
+        self._deadline = self._clock.seconds() + period
+        timer = self._timer
+        if timer is not None and timer.getTime() > self._deadline:
+            self._cancel_timer()
+            timer = None
+        if timer is None:
+            self._timer = self.callLater(period, self._idle_check)
+
+    def resetTimeout(self) -> None:
+        """Input arrived: the idle period starts again."""
+        if self.timeOut is not None:
+            self._deadline = self._clock.seconds() + self.timeOut
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _idle_check(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return
+        left = self._deadline - self._clock.seconds()
+        # A millisecond of slack: float sums of the same instants may differ
+        # in the last bit, and a re-arm for 1e-13 s would never end a test
+        # clock's advance to the deadline.
+        if left > 0.001:
+            self._timer = self.callLater(left, self._idle_check)
+            return
+        self.timeOut = self._deadline = None
+        self.timeoutConnection()
 
     def timeoutConnection(self) -> None:
         if self._closing:
@@ -379,11 +431,11 @@ class RelayProtocol(ESMTP):
             return
         if verb != "QUIT" and self._stop_if_shutting_down():
             return
-        method = self.lookupMethod(verb.encode("ascii")) if verb.isalpha() else None
-        if method is None:
+        name = _HANDLERS.get(verb)
+        if name is None:
             self._error(500, "5.5.2", "Command not recognized")
             return
-        method(argument)
+        getattr(self, name)(argument)
 
     def _busy_with(
         self,
@@ -493,6 +545,17 @@ class RelayProtocol(ESMTP):
             ext[b"AUTH"] = list(auth.MECHANISMS)
         return ext
 
+    def _extension_lines(self) -> str:
+        """The EHLO keywords, built once per listener for each state they depend on."""
+        if self.factory is None:
+            return self.listExtensions().decode("ascii")
+        key = (self.canStartTLS and not self.startedTLS, self._auth_offered())
+        cache = self.factory.ehlo_cache
+        lines = cache.get(key)
+        if lines is None:
+            lines = cache[key] = self.listExtensions().decode("ascii")
+        return lines
+
     def _auth_offered(self) -> bool:
         return self.settings.auth_enabled and (self.startedTLS or self.settings.allow_insecure_auth)
 
@@ -506,7 +569,7 @@ class RelayProtocol(ESMTP):
         self._reset_transaction()
         text = f"{self.settings.hostname} greets {argument} [{self._peer}]"
         if extended:
-            text += "\n" + self.listExtensions().decode("ascii")
+            text += "\n" + self._extension_lines()
         self.sendCode(250, text.encode("ascii"))
 
     def do_UNKNOWN(self, argument: str) -> None:
@@ -938,6 +1001,14 @@ class RelayProtocol(ESMTP):
         return task.deferLater(self._clock, delay, answer)
 
 
+def _handlers(protocol: type[ESMTP]) -> dict[str, str]:
+    """Verb -> method name, resolved once: what ESMTP.lookupMethod finds per command."""
+    found = {name[4:]: name for name in dir(protocol) if name.startswith("ext_")}
+    found.update({name[3:]: name for name in dir(protocol) if name.startswith("do_")})
+    found.pop("UNKNOWN", None)
+    return {verb: name for verb, name in found.items() if verb.isalpha() and verb.isupper()}
+
+
 def _not_connected(data: bytes) -> None:
     raise RuntimeError("reply before the connection was made")
 
@@ -949,6 +1020,9 @@ def _address_key(address: str) -> str:
 
 def _reply_args(reply: Reply) -> tuple[int, bytes]:
     return reply.code, reply.render()
+
+
+_HANDLERS = _handlers(RelayProtocol)
 
 
 class RelayFactory(ServerFactory):
@@ -970,6 +1044,8 @@ class RelayFactory(ServerFactory):
         self.tls_options = tls_options
         self.reactor = reactor
         self.sessions: set[RelayProtocol] = set()
+        # EHLO's keyword lines by (STARTTLS offered, AUTH offered).
+        self.ehlo_cache: dict[tuple[bool, bool], str] = {}
         self.stopping = False
         self._drained: list[defer.Deferred[None]] = []
 

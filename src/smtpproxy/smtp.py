@@ -548,12 +548,12 @@ class RelayProtocol(ESMTP):
     def _extension_lines(self) -> str:
         """The EHLO keywords, built once per listener for each state they depend on."""
         if self.factory is None:
-            return self.listExtensions().decode("ascii")
+            return _keyword_lines(self.listExtensions())
         key = (self.canStartTLS and not self.startedTLS, self._auth_offered())
         cache = self.factory.ehlo_cache
         lines = cache.get(key)
         if lines is None:
-            lines = cache[key] = self.listExtensions().decode("ascii")
+            lines = cache[key] = _keyword_lines(self.listExtensions())
         return lines
 
     def _auth_offered(self) -> bool:
@@ -1007,6 +1007,10 @@ def _handlers(protocol: type[ESMTP]) -> dict[str, str]:
     found.update({name[3:]: name for name in dir(protocol) if name.startswith("do_")})
     found.pop("UNKNOWN", None)
     return {verb: name for verb, name in found.items() if verb.isalpha() and verb.isupper()}
+
+
+def _keyword_lines(listed: bytes) -> str:
+    return listed.decode("ascii")
 
 
 def _not_connected(data: bytes) -> None:

@@ -198,8 +198,12 @@ class _Parse:
 
     def email(self, envelope_from: str, envelope_to: tuple[str, ...]) -> Email:
         header_end, body_start = self.split_headers(0, len(self.raw))
-        top = self.headers(0, header_end, "message")
-        headers = tuple((name, self.header_text(name, value)) for name, value in top.raw_items())
+        fields = plain_text_fields(self.raw[:header_end]) if PLAIN_FAST_PATH else None
+        top: EmailMessage | None = None
+        if fields is None:
+            top = self.headers(0, header_end, "message")
+            fields = list(top.raw_items())
+        headers = tuple((name, self.header_text(name, value)) for name, value in fields)
         addresses: dict[str, list[Mailbox]] = {}
         for name, value in headers:
             key = _ADDRESS_FIELDS.get(name.lower())
@@ -209,7 +213,13 @@ class _Parse:
         message_id = _first(headers, "message-id")
         date = _first(headers, "date")
 
-        self.walk(top, "", body_start, len(self.raw), 0, in_related=False)
+        if top is None:
+            # No MIME headers: RFC 2045's defaults make the whole body one
+            # text/plain part, which is what the walk would conclude too.
+            self.parts = 1
+            self.text = self.decode_text("utf-8", "message body", self.view[body_start:])
+        else:
+            self.walk(top, "", body_start, len(self.raw), 0, in_related=False)
         return Email(
             envelope_from=envelope_from,
             envelope_to=envelope_to,
@@ -559,6 +569,10 @@ class _Parse:
         if charset in ("us-ascii", "ascii"):
             # Mislabelled 8-bit text is common, and UTF-8 reads ASCII the same.
             charset = "utf-8"
+        return self.decode_text(charset, where, data)
+
+    def decode_text(self, charset: str, where: str, data: bytes | memoryview) -> str:
+        """C{data} as str in C{charset}; what cannot be decoded is replaced and reported."""
         try:
             text = str(data, charset)
         except LookupError:
@@ -755,6 +769,42 @@ _FIELDS = re.compile(_FIELD)
 _FIELD_BLOCK = re.compile(rf"(?:{_FIELD})*")
 
 
+# Off only in tests, which compare the quick path with the full one.
+PLAIN_FAST_PATH = True
+
+
+def plain_text_fields(block: bytes) -> list[tuple[str, str]] | None:
+    """The fields of a message header block without any MIME header, or None.
+
+    Most machine-sent mail (cron, monitoring, scanners' notices) is plain
+    text with no Content-* header at all.  For such a message RFC 2045's
+    defaults decide everything the MIME walk would look up, so neither the
+    standard library's header objects nor the walk are needed.  Anything
+    else, or a header block too long for the quick split, returns None.
+    """
+    if len(block) > MAX_HEADER_BLOCK:
+        return None
+    fields = simple_header_fields(block)
+    if fields is None:
+        return None
+    for name, _ in fields:
+        if name[:8].lower() == "content-":
+            return None
+    return fields
+
+
+def simple_header_fields(block: bytes) -> list[tuple[str, str]] | None:
+    """The (name, raw value) pairs of a well-formed header block, or None.
+
+    See L{simple_header_block}, which builds the standard library's message
+    from them.
+    """
+    text = block.decode("ascii", "surrogateescape")
+    if _FIELD_BLOCK.fullmatch(text) is None:
+        return None
+    return [(match[1], match[2]) for match in _FIELDS.finditer(text)]
+
+
 def simple_header_block(block: bytes) -> EmailMessage | None:
     """Split a well-formed header block without the standard library's feed parser.
 
@@ -766,12 +816,12 @@ def simple_header_block(block: bytes) -> EmailMessage | None:
     (an mbox "From " line, junk lines, a bare CR) returns None and the full
     parser decides.
     """
-    text = block.decode("ascii", "surrogateescape")
-    if _FIELD_BLOCK.fullmatch(text) is None:
+    fields = simple_header_fields(block)
+    if fields is None:
         return None
     message = EmailMessage(policy=_POLICY)
-    for match in _FIELDS.finditer(text):
-        message.set_raw(match[1], match[2])
+    for name, value in fields:
+        message.set_raw(name, value)
     return message
 
 

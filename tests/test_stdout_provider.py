@@ -7,12 +7,15 @@ import io
 import os
 from typing import IO
 
+from hypothesis import example, given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from smtpproxy.config import Config
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.message import Attachment, Email, Mailbox
+from smtpproxy.providers import stdout
 from smtpproxy.providers.stdout import (
     SEPARATOR,
     StdoutProvider,
@@ -231,3 +234,39 @@ class SendTests(SynchronousTestCase):
 def _close_quietly(stream: IO[str]) -> None:
     with contextlib.suppress(OSError):  # the unflushed block still cannot be written
         stream.close()
+
+
+# Characters either side of every edge of the control set: tab and line feed
+# (kept), vertical tab, unit separator, DEL, the C1 range and no-break space.
+_EDGES = "\x00\x08\t\n\x0b\x0c\r\x1f \x7e\x7f\x80\x9f\xa0"
+_ASCII_TEXT = st.text(st.one_of(st.sampled_from(_EDGES[:10]), st.characters(max_codepoint=0x7F)))
+_ANY_TEXT = st.text(
+    st.one_of(
+        st.sampled_from(_EDGES),
+        st.characters(max_codepoint=0xA0),
+        st.characters(max_codepoint=0xA0),
+        st.characters(),
+    )
+)
+
+
+def _reference_excerpt(text: str) -> str:
+    """The excerpt rules spelled out: LF line ends, controls replaced, no trailing space."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return stdout._CONTROL.sub("\ufffd", text).rstrip()
+
+
+class ExcerptTests(SynchronousTestCase):
+    """The quick excerpt cleaner gives exactly what the plain rules give."""
+
+    @example("\x7f")
+    @example("\t\n")
+    @example("a\r\nb\rc\n\r\n")
+    @example("text\x1b[31m")
+    @example("\x9f")
+    @example("caf\xe9 \xa0\r\n")
+    @example("\u2028\x0b\x0c\x1c")
+    @given(text=st.one_of(_ASCII_TEXT, _ANY_TEXT))
+    def test_same_as_the_plain_rules(self, text: str) -> None:
+        """For any text, ASCII or not, the excerpt equals the plain replace-and-substitute."""
+        self.assertEqual(stdout._excerpt(text), _reference_excerpt(text))

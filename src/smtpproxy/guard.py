@@ -38,6 +38,11 @@ class GuardSettings:
     auth_ban_time: float = 600.0
 
 
+# (counting key, refusal at connect or None, whether MAIL needs AUTH)
+_Client = tuple[str, Reply | None, bool]
+# Distinct client addresses remembered before the memo starts afresh.
+MAX_CACHED_CLIENTS = 4096
+
 OPEN = GuardSettings(allowed_networks=policy.parse_networks("0.0.0.0/0 ::/0"))
 """No network restriction: what tests and benchmarks on loopback use."""
 
@@ -58,6 +63,38 @@ class Guard:
             window=settings.auth_ban_time,
             block=settings.auth_ban_time,
         )
+        self._clients: dict[str, _Client] = {}
+
+    def _client(self, ip: str) -> _Client:
+        """What the settings alone say about C{ip}, worked out once per address.
+
+        Parsing the address and testing it against every network costs more
+        than the rest of admitting a connection; the answer never changes
+        while the settings don't, and clients reconnect from few addresses.
+        """
+        known = self._clients.get(ip)
+        if known is None:
+            known = self._classify(ip)
+            if len(self._clients) >= MAX_CACHED_CLIENTS:
+                self._clients.clear()
+            self._clients[ip] = known
+        return known
+
+    def _classify(self, ip: str) -> _Client:
+        s = self.settings
+        key = policy.client_key(ip)
+        if (
+            s.auth_enabled
+            and s.restrict_with_auth
+            and not policy.address_in(ip, s.allowed_networks)
+        ):
+            return key, Reply(554, "5.7.1", f"Connections from {ip} are not allowed"), False
+        decision = policy.connection_decision(
+            ip, s.allowed_networks, s.auth_enabled, s.trusted_networks
+        )
+        if decision is policy.Decision.REJECT:
+            return key, Reply(554, "5.7.1", f"Relaying from {ip} is not allowed"), False
+        return key, None, decision is policy.Decision.NEEDS_AUTH
 
     def connect(self, ip: str) -> tuple[Reply | None, bool]:
         """Admit a new connection from C{ip}.
@@ -66,19 +103,9 @@ class Guard:
             None to greet; and whether MAIL needs AUTH first.  A refusal
             means the connection was not counted (no L{disconnect} needed).
         """
-        s = self.settings
-        key = policy.client_key(ip)
-        if (
-            s.auth_enabled
-            and s.restrict_with_auth
-            and not policy.address_in(ip, s.allowed_networks)
-        ):
-            return Reply(554, "5.7.1", f"Connections from {ip} are not allowed"), False
-        decision = policy.connection_decision(
-            ip, s.allowed_networks, s.auth_enabled, s.trusted_networks
-        )
-        if decision is policy.Decision.REJECT:
-            return Reply(554, "5.7.1", f"Relaying from {ip} is not allowed"), False
+        key, refusal, needs_auth = self._client(ip)
+        if refusal is not None:
+            return refusal, False
         if self.auth_failures.is_blocked(key):
             return Reply(421, "4.7.0", "Too many failed logins from your address, try later"), False
         refused = self.connections.try_open(key)
@@ -86,17 +113,17 @@ class Guard:
             return Reply(421, "4.7.0", "Too many connections, try again later"), False
         if refused == "per-ip":
             return Reply(421, "4.7.0", "Too many connections from your address"), False
-        return None, decision is policy.Decision.NEEDS_AUTH
+        return None, needs_auth
 
     def disconnect(self, ip: str) -> None:
-        self.connections.close(policy.client_key(ip))
+        self.connections.close(self._client(ip)[0])
 
     def auth_blocked(self, ip: str) -> bool:
-        return self.auth_failures.is_blocked(policy.client_key(ip))
+        return self.auth_failures.is_blocked(self._client(ip)[0])
 
     def auth_failed(self, ip: str, failures_here: int) -> tuple[float, bool]:
         """Record a failed AUTH: the delay before answering, and is C{ip} now blocked?"""
-        blocked = self.auth_failures.record_failure(policy.client_key(ip))
+        blocked = self.auth_failures.record_failure(self._client(ip)[0])
         return self.auth_failures.delay_for(failures_here), blocked
 
     def sender(self, address: str) -> Reply | None:
@@ -111,7 +138,7 @@ class Guard:
 
     def message(self, ip: str, user: str | None) -> Reply | None:
         """Count one message against the rate limits (at MAIL time)."""
-        if not self.per_ip.allow(policy.client_key(ip)):
+        if not self.per_ip.allow(self._client(ip)[0]):
             return Reply(450, "4.7.1", "Too many messages from your address, slow down")
         if user is not None and not self.per_user.allow(user):
             return Reply(450, "4.7.1", "Too many messages from this user, slow down")

@@ -37,21 +37,22 @@ DEFAULT_MAX_BODY_CHARS = 4000
 # content is untrusted, and an operator's terminal should not run it.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _BLANK_LINES = re.compile(r"\n{3,}")
-# The same set for ASCII text, as bytes for the quick test in _has_controls.
+# The same set for ASCII text, as bytes for the quick test in _excerpt.
 _ASCII_CONTROLS = bytes([*range(0, 9), *range(11, 32), 127])
 
 
-def _has_controls(text: str) -> bool:
-    """Does C{text} hold anything L{_CONTROL} would replace?
-
-    Most bodies are ASCII without control characters; for those, deleting
-    the control bytes and comparing lengths runs in C at memory speed,
-    several times faster than the regular expression scanning the text.
-    """
+def _excerpt(text: str) -> str:
+    """C{text} with LF line ends, control characters neutralised, trailing space gone."""
     if text.isascii():
-        raw = text.encode("ascii")
-        return len(raw.translate(None, _ASCII_CONTROLS)) != len(raw)
-    return _CONTROL.search(text) is not None
+        # Bytes split lines only at CR, LF and CRLF, exactly the line ends
+        # to normalise, and do it several times faster than str.replace.
+        raw = b"\n".join(text.encode("ascii").splitlines())
+        if len(raw.translate(None, _ASCII_CONTROLS)) == len(raw):
+            return raw.decode("ascii").rstrip()
+        text = raw.decode("ascii")
+    elif "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _CONTROL.sub("\ufffd", text).rstrip()
 
 
 class StdoutProvider:
@@ -177,12 +178,7 @@ def _body(email: Email, max_chars: int) -> str:
         return "(no text body)"
     # Line ends are normalised and control characters neutralised only in
     # the excerpt, never in the (possibly huge) whole.
-    shown = body[:max_chars]
-    if "\r" in shown:
-        shown = shown.replace("\r\n", "\n").replace("\r", "\n")
-    if _has_controls(shown):
-        shown = _CONTROL.sub("\ufffd", shown)
-    shown = shown.rstrip()
+    shown = _excerpt(body[:max_chars])
     notes = []
     if len(body) > max_chars:
         notes.append(f"{len(body) - max_chars} more characters not shown")

@@ -766,7 +766,6 @@ def _message_filename(data: bytes) -> str:
 
 _FIELD = r"([!-9;-~]+):[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)(?:\r?\n|\Z)"
 _FIELDS = re.compile(_FIELD)
-_FIELD_BLOCK = re.compile(rf"(?:{_FIELD})*")
 
 
 # Off only in tests, which compare the quick path with the full one.
@@ -800,9 +799,16 @@ def simple_header_fields(block: bytes) -> list[tuple[str, str]] | None:
     from them.
     """
     text = block.decode("ascii", "surrogateescape")
-    if _FIELD_BLOCK.fullmatch(text) is None:
-        return None
-    return [(match[1], match[2]) for match in _FIELDS.finditer(text)]
+    fields = []
+    position = 0
+    # One pass: the fields must follow each other with nothing in between
+    # and reach the end, which is what matching the whole block would say.
+    for match in _FIELDS.finditer(text):
+        if match.start() != position:
+            return None
+        position = match.end()
+        fields.append((match[1], match[2]))
+    return fields if position == len(text) else None
 
 
 def simple_header_block(block: bytes) -> EmailMessage | None:
@@ -834,6 +840,9 @@ _SIMPLE_MAILBOX = re.compile(
 )
 
 
+_UNUSUAL_ADDRESS_SYNTAX = re.compile(r'["(\\:;]|=\?')
+
+
 def simple_mailboxes(value: str) -> list[Mailbox] | None:
     """Parse the everyday forms of an address header quickly, or return None.
 
@@ -843,7 +852,7 @@ def simple_mailboxes(value: str) -> list[Mailbox] | None:
     comments, groups, encoded words, dots in names or other syntax returns
     None so the full parser decides, and the results agree where both apply.
     """
-    if not value.isascii() or any(c in value for c in '"(\\:;') or "=?" in value:
+    if not value.isascii() or _UNUSUAL_ADDRESS_SYNTAX.search(value) is not None:
         return None
     found = []
     for item in value.split(","):
@@ -851,8 +860,8 @@ def simple_mailboxes(value: str) -> list[Mailbox] | None:
         if match is None:
             return None
         address = match["bracketed"] or match["bare"]
-        name = " ".join((match["name"] or "").split())
-        found.append(Mailbox(name, address))
+        name = match["name"]
+        found.append(Mailbox(" ".join(name.split()) if name else "", address))
     return found
 
 

@@ -123,6 +123,10 @@ class ParsedAddress(Address):
 _sessions = itertools.count(1)
 
 
+def _not_connected(data: bytes) -> None:
+    raise RuntimeError("reply before the connection was made")
+
+
 class RelayProtocol(ESMTP):
     """One SMTP session."""
 
@@ -147,37 +151,42 @@ class RelayProtocol(ESMTP):
         # with a Clock.
         self.callLater = reactor.callLater  # type: ignore[method-assign, assignment]
         self._clock = reactor
-        self.timeOut: float | None = None  # type: ignore[assignment]
-        self._deadline: float | None = None
-        self._timer: IDelayedCall | None = None
         self.id = f"s{next(_sessions)}"
-        self.factory: RelayFactory | None = None
-        self.mode = COMMAND
-        self.user: str | None = None
-        self._input = bytearray()
-        self._busy = False
-        self._paused = False
-        self._write_blocked = False
-        self._data_started = 0.0
-        self._to_keys: set[str] = set()
-        self._closing = False
-        self._stopping = False
-        self._discarding_line = False
-        self._greeted = False
-        self._errors = 0
-        self._reader: DataReader | None = None
-        self._messages: list[Any] = []
-        self._sasl: tuple[str, bytes | None] | None = None
-        self._peer = ""
-        self._admitted = False
         self._needs_auth = settings.auth_enabled
-        self._auth_failures = 0
-        self._write: Callable[[bytes], None] = _not_connected
-        # While a batch of input is handled, its replies are collected and
-        # sent in one write: pipelined commands get one segment back.
-        self._corked = False
+        # Only the mutable state is made here; the rest starts as the class
+        # attributes below (a session is built per connection, so each
+        # assignment saved counts).
+        self._input = bytearray()
+        self._to_keys: set[str] = set()
+        self._messages: list[Any] = []
         self._pending: list[bytes] = []
-        self._pending_size = 0
+
+    # Per-session state and its starting values.
+    factory: RelayFactory | None = None
+    mode = COMMAND
+    user: str | None = None
+    timeOut: float | None = None  # type: ignore[assignment]
+    _deadline: float | None = None
+    _timer: IDelayedCall | None = None
+    _busy = False
+    _paused = False
+    _write_blocked = False
+    _data_started = 0.0
+    _closing = False
+    _stopping = False
+    _discarding_line = False
+    _greeted = False
+    _errors = 0
+    _reader: DataReader | None = None
+    _sasl: tuple[str, bytes | None] | None = None
+    _peer = ""
+    _admitted = False
+    _auth_failures = 0
+    _write: Callable[[bytes], None] = staticmethod(_not_connected)
+    # While a batch of input is handled, its replies are collected and sent
+    # in one write: pipelined commands get one segment back.
+    _corked = False
+    _pending_size = 0
 
     @property
     def _tcp(self) -> Any:
@@ -1033,10 +1042,6 @@ def _handlers(protocol: type[ESMTP]) -> dict[str, str]:
 
 def _keyword_lines(listed: bytes) -> str:
     return listed.decode("ascii")
-
-
-def _not_connected(data: bytes) -> None:
-    raise RuntimeError("reply before the connection was made")
 
 
 def _address_key(address: str) -> str:

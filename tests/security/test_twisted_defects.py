@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import time
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
@@ -176,9 +177,15 @@ class DataPhaseTests(TestCase):
                 for _ in range(32):
                     sock.sendall(b"z" * 65536)
                 [session] = relay.factory.sessions
+                reader = session._reader
+                assert reader is not None
+                # sendall returns once the kernel holds the bytes; wait
+                # (boundedly) until the session has read all of them.
+                deadline = time.monotonic() + TIMEOUT
+                while reader.size < 32 * 65536 and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 buffered = len(session._input)
-                assert session._reader is not None
-                stored = sum(len(c) for c in session._reader._chunks)
+                stored = sum(len(c) for c in reader._chunks)
                 sock.sendall(b"\r\n.\r\n")
                 replies += read_replies(sock, 1)
                 return [*replies, f"{buffered} {stored}"]

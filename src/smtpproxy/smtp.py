@@ -50,7 +50,7 @@ from smtpproxy.config import Config
 from smtpproxy.dotreader import DataReader
 from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.guard import OPEN, Guard
-from smtpproxy.sendnow import writer_for
+from smtpproxy.sendnow import drained, writer_for
 
 log = Logger(namespace="smtpproxy.smtp")
 
@@ -330,6 +330,8 @@ class RelayProtocol(ESMTP):
         self._input.clear()
         self._flush()
         self._tcp.loseConnection()
+        if drained(self.transport):
+            return
         # The idle timer becomes the grace timer (timeoutConnection aborts a
         # closing session); a second close may only make it shorter.
         if not already_closing or self.timeOut is None or grace < self.timeOut:

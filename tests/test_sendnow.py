@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smtpproxy.sendnow import drained, writer_for
+from smtpproxy.sendnow import writer_for
 from tests.support import TIMEOUT, async_test, in_thread
 
 # Small kernel buffers on both ends: a large write then cannot fit in them,
@@ -174,16 +174,6 @@ class LoopbackTests(TestCase):
         self.assertEqual(transport._tempDataLen, len(b"421 closing\r\n"))
         self.assertEqual(await in_thread(read_to_eof, client), b"421 closing\r\n")
 
-    @async_test
-    async def test_drained_only_when_nothing_is_held(self) -> None:
-        """drained() is true on an idle plain connection and false while bytes wait."""
-        transport, client = await self.connect(small_buffers=True)
-        self.assertTrue(drained(transport))
-        writer_for(transport)(numbered(BIG))
-        self.assertFalse(drained(transport))
-        await in_thread(read_exactly, client, BIG)
-        self.assertTrue(drained(transport))
-
     def assert_same_bytes(self, received: bytes, expected: bytes) -> None:
         """Equal, or a failure naming the first differing offset (not 8 MB of repr)."""
         if received == expected:
@@ -206,10 +196,6 @@ class OtherTransportTests(SynchronousTestCase):
         self.assertEqual(write, transport.write)
         write(b"220 hello\r\n")
         self.assertEqual(transport.value(), b"220 hello\r\n")
-
-    def test_other_transports_are_never_drained(self) -> None:
-        """Without knowing a transport's buffers, a close keeps its timer."""
-        self.assertFalse(drained(StringTransport()))
 
 
 def _turn() -> defer.Deferred[None]:

@@ -149,6 +149,10 @@ class RelayMessage:
             sending: defer.Deferred[None] = self._provider.send(email)
         except Exception:
             sending = defer.fail()
+        if not isinstance(sending, defer.Deferred):
+            # A provider breaking the contract by answering at once still
+            # delivered; treat a plain value as success, never as our error.
+            sending = defer.succeed(sending)
         return sending.addCallbacks(delivered, failed)
 
 

@@ -197,8 +197,21 @@ class _Parse:
         self.parts = 0
 
     def email(self, envelope_from: str, envelope_to: tuple[str, ...]) -> Email:
-        header_end, body_start = self.split_headers(0, len(self.raw))
-        fields = plain_text_fields(self.raw[:header_end]) if PLAIN_FAST_PATH else None
+        fields: list[tuple[str, str]] | None = None
+        blank = -1
+        if PLAIN_FAST_PATH:
+            # Most messages end their header block with the first empty CRLF
+            # line; when every line before it is a field, that is where
+            # split_headers would end it too, and one find replaces its scan.
+            blank = self.raw.find(b"\r\n\r\n")
+            if blank >= 0:
+                fields = plain_text_fields(self.raw[: blank + 2])
+        if fields is not None:
+            header_end, body_start = blank + 2, blank + 4
+        else:
+            header_end, body_start = self.split_headers(0, len(self.raw))
+            if PLAIN_FAST_PATH and header_end != blank + 2:
+                fields = plain_text_fields(self.raw[:header_end])
         top: EmailMessage | None = None
         if fields is None:
             top = self.headers(0, header_end, "message")

@@ -51,18 +51,3 @@ def writer_for(connection: object) -> Callable[[bytes], None]:
             transport.write(data[sent:])
 
     return send_now
-
-
-def drained(connection: object) -> bool:
-    """Is C{connection} plain TCP with nothing left to send?
-
-    Such a connection closes on the reactor's next turn whatever the peer
-    does, so a close needs no timer to make sure it happens.
-    """
-    transport: Any = connection
-    return (
-        type(connection) is tcp.Server
-        and not transport.TLS
-        and not transport.dataBuffer
-        and not transport._tempDataLen
-    )

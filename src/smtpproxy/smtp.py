@@ -50,7 +50,7 @@ from smtpproxy.config import Config
 from smtpproxy.dotreader import DataReader
 from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.guard import OPEN, Guard
-from smtpproxy.sendnow import drained, writer_for
+from smtpproxy.sendnow import writer_for
 
 log = Logger(namespace="smtpproxy.smtp")
 
@@ -330,9 +330,10 @@ class RelayProtocol(ESMTP):
         self._input.clear()
         self._flush()
         self._tcp.loseConnection()
-        if drained(self.transport):
-            return
-        # The idle timer becomes the grace timer (timeoutConnection aborts a
+        # Even with nothing left in Twisted's buffer the close can stall: the
+        # kernel's send queue may be full of replies the peer never reads,
+        # and the socket then never turns writable.  So there is always a
+        # timer.  The idle timer becomes the grace timer (timeoutConnection aborts a
         # closing session); a second close may only make it shorter.
         if not already_closing or self.timeOut is None or grace < self.timeOut:
             self.setTimeout(grace)
@@ -666,7 +667,12 @@ class RelayProtocol(ESMTP):
                 login: tuple[Any, Any, Callable[[], None]] = result  # type: ignore[assignment]
                 _, delivery, self._onLogout = login
                 self.delivery = delivery
-                checked = delivery.validateFrom(self._helo, origin)
+                try:
+                    checked = delivery.validateFrom(self._helo, origin)
+                except Exception:
+                    # Raising (SMTPBadSender, say) is how a delivery refuses.
+                    self._refused(Failure(), "sender")
+                    return None
                 if isinstance(checked, defer.Deferred):
                     return checked.addCallbacks(accepted, self._refused, errbackArgs=("sender",))
                 accepted(checked)

@@ -15,7 +15,9 @@ encrypted.
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
+from collections.abc import Sequence
 
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
@@ -259,3 +261,46 @@ class StartTLSLoopbackTests(TestCase):
         plain, secure = await in_thread(client, relay.port)
         self.assertEqual(codes(plain), [220, 250, 220])
         self.assertEqual(codes(secure), [250, 221])
+
+
+class LineAtATimeTests(SynchronousTestCase):
+    """A chunk holding exactly one command line skips the input buffer; nothing else may change."""
+
+    SESSION: tuple[bytes, ...] = (
+        b"EHLO client.test\r\n",
+        b"MAIL FROM:<a@example.com>\r\n",
+        b"RCPT TO:<b@example.org>\r\n",
+        b"NOOP\n",  # a bare LF ends a command line too
+        b"BOGUS\r\n",
+        b"\r\n",  # an empty line is a (bad) command
+        b"DATA\r\n",
+        b"Subject: s\r\n\r\nbody\r\n.\r\n",
+        b"QUIT\r\n",
+    )
+
+    def replies(self, chunks: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
+        provider = RecordingProvider()
+        transport = RecordingTransport()
+        session = connect(transport, provider)
+        for chunk in chunks:
+            session.dataReceived(chunk)
+        # Message ids are random; everything else must match byte for byte.
+        replies = re.sub(rb"delivered as [0-9a-f]+", b"delivered as ID", transport.value())
+        return replies, [email.raw for email in provider.emails]
+
+    def test_one_line_per_read_answers_as_one_big_read(self) -> None:
+        """Lock-step chunks get the same replies and delivery as everything sent at once."""
+        one_by_one = self.replies(self.SESSION)
+        at_once = self.replies([b"".join(self.SESSION)])
+        self.assertEqual(one_by_one, at_once)
+        self.assertEqual(final_codes(one_by_one[0]), [250, 250, 250, 250, 500, 500, 354, 250, 221])
+
+    def test_empty_read_is_not_a_command(self) -> None:
+        """An empty chunk (no bytes at all) is nothing, not an empty command line."""
+        chunks = [c for line in self.SESSION for c in (b"", line)]
+        self.assertEqual(self.replies(chunks), self.replies(self.SESSION))
+
+    def test_line_split_at_its_cr_lf(self) -> None:
+        """A line whose LF arrives alone is still one command, answered once."""
+        chunks = [b"EHLO client.test\r", b"\n", b"NOOP\r\n"]
+        self.assertEqual(final_codes(self.replies(chunks)[0]), [250, 250])

@@ -378,10 +378,23 @@ class RelayProtocol(ESMTP):
             return
         self._corked = True
         try:
-            if self.mode == DATA and not self._busy and not self._write_blocked and not self._input:
+            ready = not self._input and not self._busy and not self._write_blocked
+            if ready and self.mode == DATA:
                 # Fast path: body bytes go straight to the reader, no copy.
                 self.resetTimeout()
                 self._feed_data(data)
+            elif (
+                ready
+                and self.mode == COMMAND
+                and not self._discarding_line
+                and data.endswith(b"\n")
+                and data.find(b"\n") == len(data) - 1
+            ):
+                # Fast path: exactly one whole command line, as clients that
+                # wait for each reply send them; no buffering.
+                line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+                self.resetTimeout()
+                self._command(line)
             else:
                 self._input += data
             self._process_input()

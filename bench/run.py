@@ -405,10 +405,17 @@ class Outcome:
     error: str = ""
 
 
-def throughput(running: Running, scenario: Throughput, timed: bool) -> dict[str, Any]:
-    """One round: smtp-source's rate, then (when C{timed}) the latency client's percentiles."""
+def throughput(
+    running: Running, scenario: Throughput, timed: bool, warm: bool = True
+) -> dict[str, Any]:
+    """One round: smtp-source's rate, then (when C{timed}) the latency client's percentiles.
+
+    C{warm} False leaves out the warm-up, for a server already warmed up
+    and measured again (C{bench/ab.py}).
+    """
     port, pid = running.port, running.pid
-    warm_up(port)
+    if warm:
+        warm_up(port)
     cpu_before = cpu_seconds(pid)
     rss_before = memory_kb(pid, "VmRSS")
     elapsed = smtp_source(port, scenario.sessions, scenario.messages, scenario.reuse, MESSAGE_SIZE)

@@ -37,6 +37,8 @@ fuzz: $(BIN)/.deps
 
 bench: $(BIN)/.deps
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/ab.py --peer twisted --docs
+	$(BIN)/python bench/ab.py --peer smtp-sink --pairs 20 --docs
 
 clean:
 	rm -rf $(VENV) _trial_temp* .mypy_cache .ruff_cache

@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -178,7 +179,8 @@ def report(
         f"smtp-source (`-s {load.sessions}`), one connection per message. Both servers were "
         "started once, warmed up with 100 messages each and kept running on their own "
         "ports for the whole run; each pair measures one then the other, the order "
-        f"swapped every pair. Wall time {wall:.0f} s.",
+        f"swapped every pair. Wall time {wall:.0f} s; finished "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.",
         "",
         *run.table(header, rows),
         "",
@@ -208,6 +210,26 @@ def report(
     return "\n".join(lines) + "\n", figures
 
 
+def write_docs(peer_key: str, text: str) -> None:
+    """Put this run's section into docs/performance.md, replacing the peer's last one.
+
+    A new section goes right after run.py's block of tables.
+    """
+    begin = f"<!-- ab:{peer_key}:begin (written by bench/ab.py --docs; edit outside) -->"
+    end = f"<!-- ab:{peer_key}:end -->"
+    block = f"{begin}\n{text}{end}\n"
+    current = run.DOC.read_text(encoding="utf-8") if run.DOC.exists() else run.DOC_HEAD
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    if pattern.search(current):
+        updated = pattern.sub(lambda m: block, current, count=1)
+    elif run.END in current:
+        at = current.index(run.END) + len(run.END)
+        updated = current[:at] + "\n\n" + block.rstrip("\n") + current[at:]
+    else:
+        updated = current.rstrip("\n") + "\n\n" + block
+    run.DOC.write_text(updated, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="smtpproxy against one peer: the median of many short alternating pairs."
@@ -218,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         "--messages", type=int, default=MESSAGES, help=f"per measurement (default {MESSAGES:,})"
     )
     parser.add_argument("--sessions", type=int, default=50, help="smtp-source -s (default 50)")
+    parser.add_argument(
+        "--docs",
+        action="store_true",
+        help="also write the result into docs/performance.md (make bench does)",
+    )
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.messages < 1 or args.sessions < 1:
         parser.error("--pairs, --messages and --sessions must be at least 1")
@@ -244,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     text, figures = report(peer, load, pairs, wall, command)
     figures["load_average"] = {"before": load_before, "after": os.getloadavg()[0]}
     print(text)
+    if args.docs:
+        write_docs(peer.key, text)
+        run.log(f"wrote {run.DOC.relative_to(ROOT)}")
     run.RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = run.RESULTS / f"ab-{peer.key}-{stamp}"

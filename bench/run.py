@@ -1134,7 +1134,7 @@ def graph_section(results: dict[str, dict[str, Outcome]]) -> list[str]:
 DOC_HEAD = """# Performance
 
 How fast smtpproxy takes mail in, next to the servers it can be compared
-with, measured on one machine in one run.  `make bench` repeats it (about four
+with, measured on one machine in one run.  `make bench` repeats it (about seven
 minutes on a quiet 2-core machine, longer on a busy one; `bench/run.py
 --quick` takes about one); `bench/README.md` says what each scenario does and
 how each figure is read.  Absolute figures drift on shared machines: compare

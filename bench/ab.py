@@ -213,17 +213,20 @@ def report(
 def write_docs(peer_key: str, text: str) -> None:
     """Put this run's section into docs/performance.md, replacing the peer's last one.
 
-    A new section goes right after run.py's block of tables.
+    A new section goes after the other A/B sections, or else right after
+    run.py's block of tables.
     """
     begin = f"<!-- ab:{peer_key}:begin (written by bench/ab.py --docs; edit outside) -->"
     end = f"<!-- ab:{peer_key}:end -->"
     block = f"{begin}\n{text}{end}\n"
     current = run.DOC.read_text(encoding="utf-8") if run.DOC.exists() else run.DOC_HEAD
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    others = list(re.finditer(r"<!-- ab:[\w-]+:end -->", current))
     if pattern.search(current):
         updated = pattern.sub(lambda m: block, current, count=1)
-    elif run.END in current:
-        at = current.index(run.END) + len(run.END)
+    elif others or run.END in current:
+        # After the last A/B section, or else after run.py's tables.
+        at = others[-1].end() if others else current.index(run.END) + len(run.END)
         updated = current[:at] + "\n\n" + block.rstrip("\n") + current[at:]
     else:
         updated = current.rstrip("\n") + "\n\n" + block

@@ -197,24 +197,28 @@ class _Parse:
         self.parts = 0
 
     def email(self, envelope_from: str, envelope_to: tuple[str, ...]) -> Email:
-        fields: list[tuple[str, str]] | None = None
+        split: list[tuple[str, str]] | None = None
         blank = -1
         if PLAIN_FAST_PATH:
             # Most messages end their header block with the first empty CRLF
             # line; when every line before it is a field, that is where
             # split_headers would end it too, and one find replaces its scan.
             blank = self.raw.find(b"\r\n\r\n")
-            if blank >= 0:
-                fields = plain_text_fields(self.raw[: blank + 2])
-        if fields is not None:
+            if blank >= 0 and blank + 2 <= MAX_HEADER_BLOCK:
+                split = simple_header_fields(self.raw[: blank + 2])
+        if split is not None:
             header_end, body_start = blank + 2, blank + 4
         else:
             header_end, body_start = self.split_headers(0, len(self.raw))
-            if PLAIN_FAST_PATH and header_end != blank + 2:
-                fields = plain_text_fields(self.raw[:header_end])
+            if PLAIN_FAST_PATH and header_end != blank + 2 and header_end <= MAX_HEADER_BLOCK:
+                split = simple_header_fields(self.raw[:header_end])
         top: EmailMessage | None = None
-        if fields is None:
-            top = self.headers(0, header_end, "message")
+        if split is not None and not names_mime_fields(split):
+            fields = split
+        else:
+            # The split, when there is one, is handed on: a MIME message's
+            # header block is not cut into fields twice.
+            top = self.headers(0, header_end, "message", split)
             fields = list(top.raw_items())
         headers = tuple((name, self.header_text(name, value)) for name, value in fields)
         addresses: dict[str, list[Mailbox]] = {}
@@ -278,12 +282,21 @@ class _Parse:
             return last_line + 1, last_line + 1
         return header_end, body_start
 
-    def headers(self, start: int, end: int, where: str) -> EmailMessage:
+    def headers(
+        self,
+        start: int,
+        end: int,
+        where: str,
+        fields: list[tuple[str, str]] | None = None,
+    ) -> EmailMessage:
         """The header block C{raw[start:end]}, parsed by the standard library.
 
         An absurdly long block (it would take the standard library minutes
-        and gigabytes) is read only up to L{MAX_HEADER_BLOCK}.
+        and gigabytes) is read only up to L{MAX_HEADER_BLOCK}.  C{fields} is
+        the block's L{simple_header_fields} when the caller already has it.
         """
+        if fields is not None:
+            return _header_message(fields)
         if end - start > MAX_HEADER_BLOCK:
             cut = start + MAX_HEADER_BLOCK
             last_eol = max(self.raw.rfind(b"\n", start, cut), self.raw.rfind(b"\r", start, cut))
@@ -785,24 +798,15 @@ _FIELDS = re.compile(_FIELD)
 PLAIN_FAST_PATH = True
 
 
-def plain_text_fields(block: bytes) -> list[tuple[str, str]] | None:
-    """The fields of a message header block without any MIME header, or None.
+def names_mime_fields(fields: list[tuple[str, str]]) -> bool:
+    """Does any of C{fields} start with C{Content-}, in any case?
 
-    Most machine-sent mail (cron, monitoring, scanners' notices) is plain
-    text with no Content-* header at all.  For such a message RFC 2045's
-    defaults decide everything the MIME walk would look up, so neither the
-    standard library's header objects nor the walk are needed.  Anything
-    else, or a header block too long for the quick split, returns None.
+    A message without any such field is plain text by RFC 2045's defaults
+    (what cron, monitoring and most scanners send): they decide everything
+    the MIME walk would look up, so neither the standard library's header
+    objects nor the walk are needed.
     """
-    if len(block) > MAX_HEADER_BLOCK:
-        return None
-    fields = simple_header_fields(block)
-    if fields is None:
-        return None
-    for name, _ in fields:
-        if name[:8].lower() == "content-":
-            return None
-    return fields
+    return any(name[:8].lower() == "content-" for name, _ in fields)
 
 
 def simple_header_fields(block: bytes) -> list[tuple[str, str]] | None:
@@ -836,8 +840,11 @@ def simple_header_block(block: bytes) -> EmailMessage | None:
     parser decides.
     """
     fields = simple_header_fields(block)
-    if fields is None:
-        return None
+    return None if fields is None else _header_message(fields)
+
+
+def _header_message(fields: list[tuple[str, str]]) -> EmailMessage:
+    """The standard library's message holding C{fields} as they were received."""
     message = EmailMessage(policy=_POLICY)
     for name, value in fields:
         message.set_raw(name, value)

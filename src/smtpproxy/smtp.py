@@ -333,8 +333,8 @@ class RelayProtocol(ESMTP):
         # Even with nothing left in Twisted's buffer the close can stall: the
         # kernel's send queue may be full of replies the peer never reads,
         # and the socket then never turns writable.  So there is always a
-        # timer.  The idle timer becomes the grace timer (timeoutConnection aborts a
-        # closing session); a second close may only make it shorter.
+        # timer: the idle timer becomes the grace timer (timeoutConnection
+        # aborts a closing session); a second close may only make it shorter.
         if not already_closing or self.timeOut is None or grace < self.timeOut:
             self.setTimeout(grace)
 
@@ -598,7 +598,7 @@ class RelayProtocol(ESMTP):
             self._send(b"250-" + text.encode("ascii") + b"\r\n" + self._extension_reply())
             return
         if extended:
-            text += "\n" + _keyword_lines(self.listExtensions())
+            text += "\n" + self.listExtensions().decode("ascii")
         self.sendCode(250, text.encode("ascii"))
 
     def do_UNKNOWN(self, argument: str) -> None:
@@ -1059,10 +1059,6 @@ def _handlers(protocol: type[ESMTP]) -> dict[str, str]:
     found.update({name[3:]: name for name in dir(protocol) if name.startswith("do_")})
     found.pop("UNKNOWN", None)
     return {verb: name for verb, name in found.items() if verb.isalpha() and verb.isupper()}
-
-
-def _keyword_lines(listed: bytes) -> str:
-    return listed.decode("ascii")
 
 
 def _address_key(address: str) -> str:

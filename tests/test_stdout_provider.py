@@ -166,7 +166,7 @@ class RenderTests(SynchronousTestCase):
     def test_body_lines_are_prefixed(self) -> None:
         """Every body line, blank ones included, starts with the body prefix."""
         block = render(email(text="one\n\n----- end x -----\r\nFrom: x\rlast"))
-        self.assertIn("Body:\n| one\n|\n| ----- end x -----\n| From: x\n| last\n", block)
+        self.assertIn("Body:\n| one\n| \n| ----- end x -----\n| From: x\n| last\n", block)
 
     def test_markers_differ(self) -> None:
         """Each block gets its own marker, so no earlier output reveals the next one."""

@@ -294,10 +294,7 @@ def _body(email: Email, max_chars: int) -> str:
     # Line ends are normalised and control characters neutralised only in
     # the excerpt, never in the (possibly huge) whole.  After _excerpt the
     # only line break left is LF, so every line a reader sees gets a prefix.
-    shown = "\n".join(
-        BODY_PREFIX + line if line else BODY_PREFIX.rstrip()
-        for line in _excerpt(body[:max_chars]).split("\n")
-    )
+    shown = BODY_PREFIX + _excerpt(body[:max_chars]).replace("\n", "\n" + BODY_PREFIX)
     notes = []
     if len(body) > max_chars:
         notes.append(f"{len(body) - max_chars} more characters not shown")

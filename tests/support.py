@@ -195,6 +195,23 @@ def listen_behind_proxy(case: TestCase, relay: Relay) -> int:
     return number
 
 
+def until_ehlo_reply(port: int, data: bytes) -> bytes:
+    """Send C{data} on a new connection; return what the relay says up to the end of its
+    EHLO reply, or until it closes (a reset counts as closing).  Blocking: use L{in_thread}."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(data)
+        received = b""
+        while b"\r\n250 " not in received:
+            try:
+                chunk = sock.recv(4096)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
 ENVELOPE = b"EHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
 
 

@@ -126,6 +126,72 @@ graph:
         self.assertIn("mapping", self.error({}, "- a\n- b\n"))
         self.assertEqual(_load({}, "").provider, "stdout")
 
+    def test_yaml_numbers_and_booleans_for_typed_settings(self) -> None:
+        """Number and boolean settings take unquoted YAML values, read as written (decimal),
+        exactly as the same text from the environment would be."""
+        yaml_text = (
+            "smtp:\n  max_recipients: 010\n  max_message_size: 10_485_760\n"
+            "  allow_insecure_auth: yes\n  command_timeout: 2.5\n  max_connections: 0\n"
+        )
+        config = _load({}, yaml_text)
+        self.assertEqual(config.smtp_max_recipients, 10)
+        self.assertEqual(config.smtp_max_message_size, 10_485_760)
+        self.assertTrue(config.smtp_allow_insecure_auth)
+        self.assertEqual(config.smtp_command_timeout, 2.5)
+        self.assertEqual(config.smtp_max_connections, 0)
+        env = {"SMTP_MAX_RECIPIENTS": "010", "SMTP_ALLOW_INSECURE_AUTH": "yes"}
+        self.assertEqual(_load(env).smtp_max_recipients, config.smtp_max_recipients)
+
+    def test_yaml_text_kept_as_written(self) -> None:
+        """Quoted, explicitly tagged, block and plain text values reach the setting verbatim;
+        an empty value is empty."""
+        yaml_text = (
+            "smtp:\n  username: !!str 0123\n  password: |\n    line one\n"
+            "  hostname:\ngraph:\n  sender: [a@contoso.example, 'b@contoso.example']\n"
+            "  tenant_id: '0042'\n  client_id: \"1e3\"\n  client_secret: plain-text\n"
+        )
+        config = _load({}, yaml_text)
+        self.assertEqual(config.smtp_username, "0123")
+        self.assertEqual(config.smtp_password, "line one\n")
+        self.assertEqual(config.smtp_hostname, "host.example")
+        self.assertEqual(config.graph_sender, ("a@contoso.example", "b@contoso.example"))
+        self.assertEqual((config.graph_tenant_id, config.graph_client_id), ("0042", "1e3"))
+
+    def test_yaml_coercion_refused_everywhere_text_is_expected(self) -> None:
+        """A list item, a null spelled out and a float are refused for text settings too;
+        the message names the setting, the line and the YAML path, never the value."""
+        message = self.error({}, "smtp:\n  allowed_senders: [a@b.example, 5]\n")
+        self.assertEqual(
+            message,
+            "SMTP_ALLOWED_SENDERS: config file line 2 (smtp.allowed_senders): YAML reads this "
+            "unquoted value as a number, not as the text written; put it in quotes to keep "
+            "it as written",
+        )
+        self.assertIn("as null", self.error({}, "smtp:\n  username: u\n  password: ~\n"))
+        secret = self.error({}, "graph:\n  client_secret: 1234.5678\n")
+        self.assertTrue(secret.startswith("GRAPH_CLIENT_SECRET: "), secret)
+        self.assertNotIn("1234", secret)
+
+    def test_yaml_tags_and_shapes_refused(self) -> None:
+        """Non-scalar tags, nested lists and non-scalar keys are refused, not stringified."""
+        self.assertIn(
+            "tag tag:yaml.org,2002:binary is not allowed",
+            self.error({}, "smtp:\n  password: !!binary aGk=\n"),
+        )
+        self.assertIn("not allowed", self.error({}, "smtp:\n  max_errors: !custom 5\n"))
+        self.assertIn(
+            "must be a single value", self.error({}, "smtp:\n  allowed_networks: [[10.0.0.0/8]]\n")
+        )
+        self.assertIn("must be a single value", self.error({}, "smtp:\n  hostname: {a: b}\n"))
+        self.assertIn("expected a setting name", self.error({}, "? [a]\n: b\n"))
+        self.assertEqual(_load({}, "~\n").provider, "stdout")
+
+    def test_stdout_format(self) -> None:
+        """STDOUT_FORMAT takes text or json (any case) and nothing else."""
+        self.assertEqual(_load({}).stdout_format, "text")
+        self.assertEqual(_load({}, "stdout:\n  format: json\n").stdout_format, "json")
+        self.assertTrue(self.error({"STDOUT_FORMAT": "xml"}).startswith("STDOUT_FORMAT: "))
+
     def test_repr_hides_secrets(self) -> None:
         """repr() never shows the SMTP password or the Graph client secret."""
         config = _load({**GRAPH, "SMTP_USERNAME": "u", "SMTP_PASSWORD": "hunter2"})

@@ -27,6 +27,7 @@ from tests.support import (
     read_replies,
     sendmail,
     start_relay,
+    until_ehlo_reply,
 )
 
 
@@ -259,19 +260,9 @@ class ListenerTests(TestCase):
         relay = start_relay(self)
         number = listen_behind_proxy(self, relay)
 
-        def send() -> str:
-            with socket.create_connection(("127.0.0.1", number), timeout=TIMEOUT) as sock:
-                # Header and first command in one packet, as a balancer may send them.
-                sock.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 2525\r\nEHLO c\r\n")
-                data = b""
-                while b"\r\n250 " not in data:
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                return data.decode()
-
-        reply = await in_thread(send)
+        # Header and first command in one packet, as a balancer may send them.
+        header = b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 2525\r\nEHLO c\r\n"
+        reply = (await in_thread(until_ehlo_reply, number, header)).decode()
         self.assertTrue(reply.startswith("220 relay.test"), reply)
         self.assertIn("[203.0.113.9]", reply)
 

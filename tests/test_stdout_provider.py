@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import os
+import re
 from typing import IO
 
 from hypothesis import example, given
@@ -17,11 +20,13 @@ from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.message import Attachment, Email, Mailbox
 from smtpproxy.providers import stdout
 from smtpproxy.providers.stdout import (
-    SEPARATOR,
+    MAX_LISTED_ATTACHMENTS,
+    MAX_LISTED_WARNINGS,
     StdoutProvider,
     html_to_text,
     human_size,
     render,
+    render_json,
 )
 from tests.support import RecordingStream
 
@@ -42,6 +47,18 @@ def email(**fields: object) -> Email:
     return Email(**values)  # type: ignore[arg-type]
 
 
+OPENING = re.compile(r"----- smtpproxy message ([0-9a-f]{16}) -----")
+
+
+def marker_of(block: str) -> str:
+    """The random marker of C{block}, checked to open and close it."""
+    lines = block.splitlines()
+    match = OPENING.fullmatch(lines[0])
+    assert match is not None, lines[0]
+    assert lines[-1] == f"----- end {match.group(1)} -----", lines[-1]
+    return match.group(1)
+
+
 class RenderTests(SynchronousTestCase):
     def test_fields_in_order(self) -> None:
         """The block lists the header fields in a fixed order between separator lines."""
@@ -49,8 +66,7 @@ class RenderTests(SynchronousTestCase):
             email(cc=(Mailbox("", "c@example.com"),), bcc=(Mailbox("", "d@example.com"),))
         )
         lines = block.splitlines()
-        self.assertEqual(lines[0], SEPARATOR)
-        self.assertEqual(lines[-1], SEPARATOR)
+        marker_of(block)
         self.assertEqual(
             lines[1:10],
             [
@@ -65,7 +81,7 @@ class RenderTests(SynchronousTestCase):
                 "Message-ID: <id@example.com>",
             ],
         )
-        self.assertIn("Body text.", lines)
+        self.assertEqual(lines[11:13], ["Body:", "| Body text."])
 
     def test_no_cc_or_bcc_lines_when_empty(self) -> None:
         """Cc and Bcc appear only when the message has them."""
@@ -80,7 +96,7 @@ class RenderTests(SynchronousTestCase):
     def test_truncation(self) -> None:
         """A body past the limit is cut, with a note saying how much was left out."""
         block = render(email(text="a" * 5000), max_body_chars=4000)
-        self.assertIn("a" * 4000 + "\n[... 1000 more characters not shown]", block)
+        self.assertIn("\n| " + "a" * 4000 + "\n[... 1000 more characters not shown]\n", block)
         self.assertNotIn("a" * 4001, block)
 
     def test_no_note_at_exact_limit(self) -> None:
@@ -130,7 +146,49 @@ class RenderTests(SynchronousTestCase):
         self.assertNotIn("\x1b", block)
         self.assertNotIn("\x07", block)
         self.assertIn("Subject: a\ufffd[2Jb From: forged\n", block)
-        self.assertIn("x\ufffd]0;title\ufffdy\nz", block)
+        self.assertIn("| x\ufffd]0;title\ufffdy\n| z\n", block)
+
+    def test_unicode_line_breaks_and_bidi_neutralised(self) -> None:
+        """Unicode line separators and bidi overrides, which a reader's splitlines() or a
+        terminal would act on, are replaced in header values, bodies and file names."""
+        tricky = "a\u2028b\u2029c\u202ed\u2066e\x85f"
+        block = render(
+            email(
+                subject=tricky,
+                text=tricky,
+                attachments=(Attachment(tricky, "text/plain", b""),),
+            )
+        )
+        for character in "\u2028\u2029\u202e\u2066\x85":
+            self.assertNotIn(character, block)
+        self.assertEqual(block.splitlines(), block.split("\n")[:-1])
+
+    def test_body_lines_are_prefixed(self) -> None:
+        """Every body line, blank ones included, starts with the body prefix."""
+        block = render(email(text="one\n\n----- end x -----\r\nFrom: x\rlast"))
+        self.assertIn("Body:\n| one\n| \n| ----- end x -----\n| From: x\n| last\n", block)
+
+    def test_markers_differ(self) -> None:
+        """Each block gets its own marker, so no earlier output reveals the next one."""
+        markers = {marker_of(render(email())) for _ in range(20)}
+        self.assertEqual(len(markers), 20)
+
+    def test_long_lists_are_bounded(self) -> None:
+        """Past the listing limits, attachments and warnings are counted, not listed."""
+        block = render(
+            email(
+                attachments=tuple(
+                    Attachment(f"f{i}.txt", "text/plain", b"")
+                    for i in range(MAX_LISTED_ATTACHMENTS + 5)
+                ),
+                warnings=tuple(f"warning {i}" for i in range(MAX_LISTED_WARNINGS + 1)),
+            )
+        )
+        self.assertIn(f"f{MAX_LISTED_ATTACHMENTS - 1}.txt", block)
+        self.assertNotIn(f"f{MAX_LISTED_ATTACHMENTS}.txt", block)
+        self.assertIn("  ... and 5 more attachments\n", block)
+        self.assertNotIn(f"warning {MAX_LISTED_WARNINGS}", block)
+        self.assertIn("  ... and 1 more warning\n", block)
 
     def test_human_size(self) -> None:
         """Sizes use binary multiples with one decimal."""
@@ -159,7 +217,7 @@ class SendTests(SynchronousTestCase):
         provider = StdoutProvider(stream)
         self.assertIsNone(self.successResultOf(provider.send(email())))
         self.assertEqual(len(stream.writes), 1)
-        self.assertEqual(stream.writes[0], render(email()))
+        self.assertEqual(stream.writes[0], render(email(), marker=marker_of(stream.writes[0])))
         self.assertEqual(stream.flushes, 1)
 
     def test_many_messages_do_not_interleave(self) -> None:
@@ -171,9 +229,8 @@ class SendTests(SynchronousTestCase):
             self.successResultOf(result)
         self.assertEqual(len(stream.writes), 50)
         for i, block in enumerate(stream.writes):
-            self.assertTrue(block.startswith(SEPARATOR + "\n"))
-            self.assertTrue(block.endswith(SEPARATOR + "\n"))
-            self.assertEqual(block.count(SEPARATOR), 2)
+            marker = marker_of(block)
+            self.assertEqual(block.count(marker), 2)
             self.assertIn(f"Subject: message {i}\n", block)
         self.assertEqual(stream.getvalue(), "".join(stream.writes))
 
@@ -181,7 +238,7 @@ class SendTests(SynchronousTestCase):
         """The limit given to the provider is the one applied."""
         stream = io.StringIO()
         StdoutProvider(stream, max_body_chars=10).send(email(text="0123456789abc"))
-        self.assertIn("0123456789\n[... 3 more characters not shown]", stream.getvalue())
+        self.assertIn("| 0123456789\n[... 3 more characters not shown]", stream.getvalue())
 
     def test_binary_stream(self) -> None:
         """A binary stream receives the block as UTF-8."""
@@ -229,6 +286,122 @@ class SendTests(SynchronousTestCase):
         except ImportError as error:  # another built-in provider is not importable yet
             raise SkipTest(f"provider registry cannot load: {error}") from error
         self.assertIsInstance(provider, StdoutProvider)
+
+
+class JsonTests(SynchronousTestCase):
+    """STDOUT_FORMAT=json: one JSON object per line per message."""
+
+    def test_fields(self) -> None:
+        """Envelope, parsed headers, excerpts, attachments with SHA-256 and the size."""
+        pdf = b"%PDF" * 100
+        record = json.loads(
+            render_json(
+                email(
+                    cc=(Mailbox("C", "c@example.com"),),
+                    reply_to=(Mailbox("", "r@example.com"),),
+                    html="<p>hi</p>",
+                    attachments=(Attachment("r.pdf", "application/pdf", pdf),),
+                )
+            )
+        )
+        self.assertEqual(
+            record["envelope"],
+            {"from": "sender@example.com", "to": ["a@example.com", "b@example.com"]},
+        )
+        self.assertEqual(
+            record["headers"],
+            {
+                "from": [{"name": "Alice", "address": "alice@example.com"}],
+                "to": [{"name": "", "address": "a@example.com"}],
+                "cc": [{"name": "C", "address": "c@example.com"}],
+                "bcc": [],
+                "reply_to": [{"name": "", "address": "r@example.com"}],
+                "subject": "Hello",
+                "date": "Mon, 3 Mar 2025 10:00:00 +0000",
+                "message_id": "<id@example.com>",
+            },
+        )
+        self.assertEqual(record["size"], 2048)
+        self.assertEqual(
+            record["text"], {"excerpt": "Body text.", "length": 10, "truncated": False}
+        )
+        self.assertEqual(record["html"], {"excerpt": "<p>hi</p>", "length": 9, "truncated": False})
+        self.assertEqual(
+            record["attachments"],
+            [
+                {
+                    "filename": "r.pdf",
+                    "content_type": "application/pdf",
+                    "size": 400,
+                    "sha256": hashlib.sha256(pdf).hexdigest(),
+                    "inline": False,
+                }
+            ],
+        )
+        self.assertEqual((record["attachments_not_listed"], record["warnings_not_listed"]), (0, 0))
+
+    def test_one_line_bounded(self) -> None:
+        """The record is one line; bodies are cut and long lists counted, not listed."""
+        line = render_json(
+            email(
+                text="line\n" * 2000,
+                html=None,
+                attachments=tuple(
+                    Attachment(None, "text/plain", b"") for _ in range(MAX_LISTED_ATTACHMENTS + 3)
+                ),
+                warnings=("w",) * (MAX_LISTED_WARNINGS + 2),
+            ),
+            max_body_chars=100,
+        )
+        self.assertEqual(line.count("\n"), 1)
+        self.assertTrue(line.endswith("\n"))
+        record = json.loads(line)
+        self.assertEqual(
+            record["text"], {"excerpt": "line\n" * 20, "length": 10_000, "truncated": True}
+        )
+        self.assertIsNone(record["html"])
+        self.assertEqual(len(record["attachments"]), MAX_LISTED_ATTACHMENTS)
+        self.assertEqual(record["attachments_not_listed"], 3)
+        self.assertEqual(len(record["warnings"]), MAX_LISTED_WARNINGS)
+        self.assertEqual(record["warnings_not_listed"], 2)
+
+    def test_surrogates_and_controls(self) -> None:
+        """Lone surrogates become U+FFFD and the line is ASCII: valid JSON for any reader,
+        and no raw control character reaches the terminal."""
+        line = render_json(email(subject="bad \udcff byte \x1b[2J", text="caf\xe9\r\n\u2028"))
+        self.assertTrue(line.isascii())
+        self.assertNotIn("\x1b", line)
+        line.encode("utf-8")  # strict: would raise on a surrogate
+        record = json.loads(line)
+        self.assertEqual(record["headers"]["subject"], "bad \ufffd byte \x1b[2J")
+        self.assertEqual(record["text"]["excerpt"], "caf\xe9\r\n\u2028")
+
+    def test_provider_writes_json_lines(self) -> None:
+        """A provider built with output_format="json" writes one parseable line per message,
+        also to a stream whose encoding is ASCII."""
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding="ascii")
+        provider = StdoutProvider(stream, output_format="json")
+        for subject in ("one", "Grüße"):
+            self.successResultOf(provider.send(email(subject=subject)))
+        lines = raw.getvalue().decode("ascii").splitlines()
+        self.assertEqual(
+            [json.loads(line)["headers"]["subject"] for line in lines], ["one", "Grüße"]
+        )
+
+    def test_unknown_format_refused(self) -> None:
+        """A format the provider does not know is a programming error, caught at once."""
+        self.assertRaises(ValueError, StdoutProvider, io.StringIO(), output_format="xml")
+
+    def test_setting_chooses_the_format(self) -> None:
+        """STDOUT_FORMAT=json in the configuration makes the registered provider print JSON."""
+        from smtpproxy.config import load
+
+        config = load({"STDOUT_FORMAT": "JSON"}, fqdn=lambda: "host.example")
+        self.assertEqual(config.stdout_format, "json")
+        provider = stdout._create(config, Clock())
+        self.assertIs(provider._render, render_json)
+        self.assertIs(stdout._create(Config(), Clock())._render, render)
 
 
 def _close_quietly(stream: IO[str]) -> None:

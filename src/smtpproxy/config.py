@@ -64,6 +64,7 @@ class Config:
     tls_key_file: str = ""
     log_level: str = "info"
     provider: str = "stdout"
+    stdout_format: str = "text"
     graph_tenant_id: str = ""
     graph_client_id: str = ""
     graph_client_secret: str = ""
@@ -106,6 +107,7 @@ class Config:
 _SECRETS = frozenset({"smtp_password", "graph_client_secret"})
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _SEND_MODES = ("auto", "mime", "json")
+STDOUT_FORMATS = ("text", "json")
 _ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "haproxy", "systemd")
 _GRAPH_REQUIRED = ("GRAPH_TENANT_ID", "GRAPH_CLIENT_ID", "GRAPH_CLIENT_SECRET", "GRAPH_SENDER")
 _ADDR_RE = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
@@ -350,6 +352,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TLS_KEY_FILE", "tls_key_file", _text, "PEM private key for STARTTLS"),
     Setting("LOG_LEVEL", "log_level", _choice(_LOG_LEVELS), "debug, info, warn or error"),
     Setting("PROVIDER", "provider", _text, "provider name (default: chosen from settings)"),
+    Setting(
+        "STDOUT_FORMAT",
+        "stdout_format",
+        _choice(STDOUT_FORMATS),
+        "stdout provider output: text (framed blocks) or json (one object per line)",
+    ),
     Setting("GRAPH_TENANT_ID", "graph_tenant_id", _text, "Entra tenant id"),
     Setting("GRAPH_CLIENT_ID", "graph_client_id", _text, "Entra application (client) id"),
     Setting("GRAPH_CLIENT_SECRET", "graph_client_secret", _text, "Entra client secret"),
@@ -369,45 +377,93 @@ SETTINGS: tuple[Setting, ...] = (
 CONFIG_FILE_ENV = "SMTP_PROXY_CONFIG"
 
 
+# Tags PyYAML's safe resolver gives plain scalars.  A number or boolean
+# setting takes any of them, as the text written; a text setting only text.
+_YAML = "tag:yaml.org,2002:"
+_YAML_KINDS = {
+    f"{_YAML}str": "text",
+    f"{_YAML}int": "a number",
+    f"{_YAML}float": "a number",
+    f"{_YAML}bool": "a boolean",
+    f"{_YAML}null": "null",
+    f"{_YAML}timestamp": "a date",
+}
+
+
+def _typed_settings() -> frozenset[str]:
+    """Settings whose value is a number or a boolean (by their default), so unquoted is fine."""
+    defaults = {f.name: f.default for f in fields(Config)}
+    return frozenset(s.env for s in SETTINGS if type(defaults.get(s.attr)) in (int, float, bool))
+
+
+_TYPED_SETTINGS = _typed_settings()
+
+
 def _flatten_yaml(text: str, source: str) -> dict[str, str]:
-    """Read YAML into C{{ENV_NAME: text}}; unknown keys are errors, not typos to ignore."""
+    """Read YAML into C{{ENV_NAME: text}}; unknown keys are errors, not typos to ignore.
+
+    The document is composed, not constructed: each value is the text the
+    operator wrote (C{node.value}), read afterwards by the same parser as the
+    environment variable.  YAML 1.1 would silently turn an unquoted
+    C{012345} into 5349, C{12:30:00} into 45000 and C{yes} into True; for a
+    text setting such a value is refused with a hint to quote it, and for a
+    number or boolean setting the written text is what gets parsed.
+    """
     try:
-        document = yaml.safe_load(text)
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{source}: not valid YAML{where}") from None
-    if document is None:
+    if document is None or document.tag == f"{_YAML}null":
         return {}
-    if not isinstance(document, dict):
+    if not isinstance(document, yaml.MappingNode):
         raise ConfigError(f"{source}: expected a mapping of settings at the top level")
     by_path = {s.yaml_path: s for s in SETTINGS}
     sections = {path[0] for path in by_path if len(path) == 2}
     found: dict[str, str] = {}
 
-    def take(path: tuple[str, ...], value: object) -> None:
+    def key_of(node: yaml.Node) -> str:
+        if not isinstance(node, yaml.ScalarNode):
+            raise ConfigError(f"{source} line {node.start_mark.line + 1}: expected a setting name")
+        return str(node.value)
+
+    def take(path: tuple[str, ...], node: yaml.Node) -> None:
         setting = by_path.get(path)
         if setting is None:
             raise ConfigError(f"{source}: unknown setting {'.'.join(path)!r}")
-        if isinstance(value, dict):
-            raise ConfigError(f"{source}: {'.'.join(path)} must be a single value")
-        if isinstance(value, list):
-            value = ",".join(str(item) for item in value)
-        elif isinstance(value, bool):
-            value = "true" if value else "false"
-        elif value is None:
-            value = ""
-        found[setting.env] = str(value)
-
-    for key, value in document.items():
-        key = str(key)
-        if key in sections:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {key} must be a mapping")
-            for subkey, subvalue in value.items():
-                take((key, str(subkey)), subvalue)
+        if isinstance(node, yaml.SequenceNode):
+            items = [scalar(setting, path, item) for item in node.value]
+            found[setting.env] = ",".join(items)
         else:
-            take((key,), value)
+            found[setting.env] = scalar(setting, path, node)
+
+    def scalar(setting: Setting, path: tuple[str, ...], node: yaml.Node) -> str:
+        name = ".".join(path)
+        line = node.start_mark.line + 1
+        if not isinstance(node, yaml.ScalarNode):
+            raise ConfigError(f"{source}: {name} must be a single value (line {line})")
+        kind = _YAML_KINDS.get(node.tag)
+        value = str(node.value)
+        if kind is None:
+            raise ConfigError(f"{setting.env}: {source} line {line}: tag {node.tag} is not allowed")
+        if kind == "text" or setting.env in _TYPED_SETTINGS or (kind == "null" and not value):
+            return value
+        # Never echo the value: it may be a password.
+        raise ConfigError(
+            f"{setting.env}: {source} line {line} ({name}): YAML reads this unquoted value as "
+            f"{kind}, not as the text written; put it in quotes to keep it as written"
+        )
+
+    for key_node, value_node in document.value:
+        key = key_of(key_node)
+        if key in sections:
+            if not isinstance(value_node, yaml.MappingNode):
+                raise ConfigError(f"{source}: {key} must be a mapping")
+            for subkey_node, subvalue_node in value_node.value:
+                take((key, key_of(subkey_node)), subvalue_node)
+        else:
+            take((key,), value_node)
     return found
 
 

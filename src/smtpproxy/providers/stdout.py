@@ -1,17 +1,28 @@
 """The stdout provider: print each message instead of sending it.
 
 It is the default, so that the relay is useful (and testable) before any
-credentials exist.  Each message becomes one readable block written with a
-single C{write} call, so messages delivered at the same time never
-interleave, even when several relays share one terminal or log collector.
-Nothing here touches the network.
+credentials exist.  Each message becomes one block (C{text}) or one JSON line
+(C{json}) written with a single C{write} call, so messages delivered at the
+same time never interleave, even when several relays share one terminal or
+log collector.  Nothing here touches the network.
+
+Whoever can send mail decides what the message says, so the text block must
+not let a message pass for something the relay printed: the block is framed
+by lines carrying a random marker drawn after the message arrived, every body
+line starts with C{"| "}, and every value taken from the message is one line
+with its control characters replaced.  A reader (or a script) that trusts
+only unprefixed lines and the marker of the opening line cannot be fooled by
+a body holding a fake separator, fake header lines or terminal escapes.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
+import json
 import re
+import secrets
 import sys
 from collections.abc import Callable
 from html.parser import HTMLParser
@@ -19,6 +30,7 @@ from typing import IO, TYPE_CHECKING, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 
+from smtpproxy.config import STDOUT_FORMATS
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.message import Email, Mailbox
 from smtpproxy.providers import register
@@ -28,14 +40,22 @@ if TYPE_CHECKING:
 
     from smtpproxy.config import Config
 
-SEPARATOR = "=" * 72
-RULE = "-" * 72
 DEFAULT_MAX_BODY_CHARS = 4000
+# However many parts or defects a message has, the block stays short: the
+# first few are listed, the rest counted.
+MAX_LISTED_ATTACHMENTS = 50
+MAX_LISTED_WARNINGS = 10
+BODY_PREFIX = "| "
 
-# Everything that could move a terminal's cursor or change its colours:
-# C0 controls (but tab and line feed), DEL and the C1 controls.  Message
-# content is untrusted, and an operator's terminal should not run it.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Everything that could move a terminal's cursor or change its colours, or
+# split a line for a reader: C0 controls (but tab and line feed), DEL, the C1
+# controls, the Unicode line and paragraph separators, and the bidirectional
+# overrides that reorder what a terminal shows.  Message content is
+# untrusted, and an operator's terminal should not run it.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+# Lone surrogates (undecodable bytes kept by Python's surrogateescape) have
+# no UTF-8 form, and JSON readers disagree on what they mean.
+_SURROGATES = re.compile("[\ud800-\udfff]")
 _BLANK_LINES = re.compile(r"\n{3,}")
 # The same set for ASCII text, as bytes for the quick test in _excerpt.
 _ASCII_CONTROLS = bytes([*range(0, 9), *range(11, 32), 127])
@@ -63,6 +83,8 @@ class StdoutProvider:
         built.
     @param max_body_chars: how much of the body to show; the rest is
         summarised by a note saying how much was cut.
+    @param output_format: C{"text"} (a framed block for people) or
+        C{"json"} (one JSON object per line, for scripts).
     """
 
     name = "stdout"
@@ -71,14 +93,18 @@ class StdoutProvider:
         self,
         stream: IO[str] | IO[bytes] | None = None,
         max_body_chars: int = DEFAULT_MAX_BODY_CHARS,
+        output_format: str = "text",
     ) -> None:
+        if output_format not in STDOUT_FORMATS:
+            raise ValueError(f"unknown stdout format {output_format!r}")
         self._stream: IO[str] | IO[bytes] = sys.stdout if stream is None else stream
         self._max_body_chars = max_body_chars
+        self._render = render_json if output_format == "json" else render
         self._write = _writer(self._stream)
 
     def send(self, email: Email) -> Deferred[None]:
         """Print C{email}; fails only when the stream itself cannot be written to."""
-        block = render(email, self._max_body_chars)
+        block = self._render(email, self._max_body_chars)
         try:
             self._write(block)
             self._stream.flush()
@@ -119,9 +145,27 @@ def _writer(stream: IO[str] | IO[bytes]) -> Callable[[str], object]:
     return write
 
 
-def render(email: Email, max_body_chars: int = DEFAULT_MAX_BODY_CHARS) -> str:
-    """The block printed for C{email}: headers, body excerpt, attachments, warnings."""
-    lines = [SEPARATOR, f"From: {_addresses(email.from_)}", f"To: {_addresses(email.to)}"]
+def new_marker() -> str:
+    """A fresh random marker for one block's frame.
+
+    It is drawn after the message has arrived, from the system's entropy
+    source, so no sender can put it into a message in advance.
+    """
+    return secrets.token_hex(8)
+
+
+def render(
+    email: Email, max_body_chars: int = DEFAULT_MAX_BODY_CHARS, marker: str | None = None
+) -> str:
+    """The text block printed for C{email}: headers, body excerpt, attachments, warnings.
+
+    The block opens with C{----- smtpproxy message <marker> -----} and closes
+    with C{----- end <marker> -----}; in between, header lines hold one
+    neutralised value each and body lines start with C{"| "}.
+    """
+    marker = marker or new_marker()
+    lines = [f"----- smtpproxy message {marker} -----", f"From: {_addresses(email.from_)}"]
+    lines.append(f"To: {_addresses(email.to)}")
     if email.cc:
         lines.append(f"Cc: {_addresses(email.cc)}")
     if email.bcc:
@@ -133,22 +177,93 @@ def render(email: Email, max_body_chars: int = DEFAULT_MAX_BODY_CHARS) -> str:
         f"Date: {_line(email.date or '')}",
         f"Message-ID: {_line(email.message_id or '')}",
         f"Size: {human_size(email.size)}",
-        RULE,
+        "Body:",
         _body(email, max_body_chars),
     ]
     if email.attachments:
-        lines += [RULE, "Attachments:"]
-        for attachment in email.attachments:
-            details = [attachment.content_type, human_size(attachment.size)]
+        lines.append("Attachments:")
+        for attachment in email.attachments[:MAX_LISTED_ATTACHMENTS]:
+            details = [_line(attachment.content_type), human_size(attachment.size)]
             if attachment.inline:
                 details.append("inline")
             name = _line(attachment.filename or "(no name)")
             lines.append(f"  {name} ({', '.join(details)})")
+        lines += _not_listed(len(email.attachments), MAX_LISTED_ATTACHMENTS, "attachment")
     if email.warnings:
-        lines += [RULE, "Warnings:"]
-        lines += [f"  {_line(warning)}" for warning in email.warnings]
-    lines.append(SEPARATOR)
+        lines.append("Warnings:")
+        lines += [f"  {_line(warning)}" for warning in email.warnings[:MAX_LISTED_WARNINGS]]
+        lines += _not_listed(len(email.warnings), MAX_LISTED_WARNINGS, "warning")
+    lines.append(f"----- end {marker} -----")
     return "\n".join(lines) + "\n"
+
+
+def _not_listed(total: int, listed: int, what: str) -> list[str]:
+    left = total - listed
+    return [f"  ... and {left} more {what}{'s' if left > 1 else ''}"] if left > 0 else []
+
+
+def render_json(email: Email, max_body_chars: int = DEFAULT_MAX_BODY_CHARS) -> str:
+    """C{email} as one line of JSON, for scripts and tests.
+
+    Values are as parsed (not neutralised: JSON escaping already keeps
+    control characters off the terminal), but lone surrogates become U+FFFD
+    and the output is ASCII, so the line is valid JSON in UTF-8 whatever the
+    stream's encoding.  Bodies are cut at C{max_body_chars} characters and
+    lists of attachments and warnings at a fixed length, each with a count
+    of what was left out.
+    """
+    attachments = [
+        {
+            "filename": attachment.filename,
+            "content_type": attachment.content_type,
+            "size": attachment.size,
+            "sha256": hashlib.sha256(attachment.data).hexdigest(),
+            "inline": attachment.inline,
+        }
+        for attachment in email.attachments[:MAX_LISTED_ATTACHMENTS]
+    ]
+    record = {
+        "envelope": {"from": email.envelope_from, "to": list(email.envelope_to)},
+        "headers": {
+            "from": _json_mailboxes(email.from_),
+            "to": _json_mailboxes(email.to),
+            "cc": _json_mailboxes(email.cc),
+            "bcc": _json_mailboxes(email.bcc),
+            "reply_to": _json_mailboxes(email.reply_to),
+            "subject": email.subject,
+            "date": email.date,
+            "message_id": email.message_id,
+        },
+        "size": email.size,
+        "text": _json_excerpt(email.text, max_body_chars),
+        "html": _json_excerpt(email.html, max_body_chars),
+        "attachments": attachments,
+        "attachments_not_listed": max(0, len(email.attachments) - MAX_LISTED_ATTACHMENTS),
+        "warnings": list(email.warnings[:MAX_LISTED_WARNINGS]),
+        "warnings_not_listed": max(0, len(email.warnings) - MAX_LISTED_WARNINGS),
+    }
+    return json.dumps(_json_safe(record), ensure_ascii=True) + "\n"
+
+
+def _json_mailboxes(mailboxes: tuple[Mailbox, ...]) -> list[dict[str, str]]:
+    return [{"name": mailbox.name, "address": mailbox.address} for mailbox in mailboxes]
+
+
+def _json_excerpt(body: str | None, max_chars: int) -> dict[str, object] | None:
+    if body is None:
+        return None
+    return {"excerpt": body[:max_chars], "length": len(body), "truncated": len(body) > max_chars}
+
+
+def _json_safe(value: object) -> object:
+    """C{value} with every lone surrogate in its strings replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value if value.isascii() else _SURROGATES.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def human_size(size: int) -> str:
@@ -177,8 +292,9 @@ def _body(email: Email, max_chars: int) -> str:
     else:
         return "(no text body)"
     # Line ends are normalised and control characters neutralised only in
-    # the excerpt, never in the (possibly huge) whole.
-    shown = _excerpt(body[:max_chars])
+    # the excerpt, never in the (possibly huge) whole.  After _excerpt the
+    # only line break left is LF, so every line a reader sees gets a prefix.
+    shown = BODY_PREFIX + _excerpt(body[:max_chars]).replace("\n", "\n" + BODY_PREFIX)
     notes = []
     if len(body) > max_chars:
         notes.append(f"{len(body) - max_chars} more characters not shown")
@@ -246,7 +362,7 @@ def _line(value: str) -> str:
 def _create(config: Config, reactor: IReactorTime) -> StdoutProvider:
     # twistd may swap sys.stdout for a logging file once logging starts; the
     # process's real standard output is where operators expect the mail.
-    return StdoutProvider(sys.__stdout__ or sys.stdout)
+    return StdoutProvider(sys.__stdout__ or sys.stdout, output_format=config.stdout_format)
 
 
 register("stdout", _create)

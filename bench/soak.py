@@ -23,7 +23,10 @@ Each client thread loops over a random mix of scenarios: good mail through
 C{smtplib} (several messages per connection, sometimes over STARTTLS), raw
 pipelined transactions, bad commands (garbage, NUL, 8-bit, over-long lines,
 commands out of order, the error budget), oversize messages, abrupt
-disconnects at every stage, and slow partial lines.  Everything talks to
+disconnects at every stage, slow partial lines, and hostile messages built to
+make a parser stall or a log flood (issue 9's attacks, cut to size).  A probe
+connects every 100 ms throughout and reports the longest wait for a
+greeting: the stall every other client of the relay would have felt.  Everything talks to
 127.0.0.1 only; every loop is bounded by a count and by the deadline, and
 every socket has a timeout, so a hung relay shows up as a reported hang,
 never as a soak test that does not end.
@@ -78,6 +81,9 @@ SAMPLE_EVERY = 3.0
 STOP_TIMEOUT = 60.0
 
 MAX_FD_GROWTH = 10
+# A greeting slower than this means the reactor stalled (a busy shared
+# machine adds tens of milliseconds, never seconds).
+MAX_STALL = 2.0
 MAX_RSS_GROWTH_KB = 30 * 1024
 
 SEPARATOR = "=" * 72
@@ -109,6 +115,7 @@ class Ledger:
         self.scenarios: Counter[str] = Counter()
         self.variants: Counter[str] = Counter()
         self.anomalies: dict[str, Anomaly] = {}
+        self.hostile: set[str] = set()
 
     def set(self, token: str, state: str) -> None:
         with self._lock:
@@ -722,6 +729,61 @@ def starttls_raw(client: Client) -> None:
         wire.close()
 
 
+def hostile_message(rng: random.Random, token: str) -> tuple[str, bytes]:
+    """One of issue 9's parser attacks, cut to fit the soak's size limit.
+
+    Each once froze the whole relay for seconds (quadratic parsing) or wrote
+    megabytes of log; each must now be delivered like any other message
+    while the other clients notice nothing.
+    """
+    ident = (
+        f"From: <soak-{token}@soak.test>\r\nSubject: soak {token}\r\n"
+        f"Message-ID: <soak-{token}@soak.test>\r\n"
+    ).encode()
+    kind = rng.choice(("header-spaces", "angle-run", "semicolons", "warning-flood", "deep"))
+    if kind == "header-spaces":
+        head = b"X:" + b" " * rng.randint(5_000, 20_000) + b"\rY\r\n"
+        return kind, ident + head + b"\r\nbody\r\n"
+    if kind == "angle-run":
+        return kind, ident + b"To: <" + b"a" * rng.randint(40_000, 160_000) + b">\r\n\r\nbody\r\n"
+    if kind == "semicolons":
+        parts = [ident, b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n']
+        for n in range(rng.randint(2, 10)):
+            parts.append(
+                b"--b\r\nContent-Type: text/plain" + b";" * 8_000 + b"\r\n"
+                b"Content-Disposition: attachment" + b";" * 8_000 + b"\r\n\r\npart %d\r\n" % n
+            )
+        return kind, b"".join([*parts, b"--b--\r\n"])
+    if kind == "warning-flood":
+        fields = b"".join(b"X%d: \xff\r\n" % n for n in range(rng.randint(1_000, 15_000)))
+        return kind, ident + fields + b"\r\nbody\r\n"
+    depth = rng.randint(20, 200)
+    opening = b"".join(
+        b'Content-Type: multipart/mixed; boundary="d%d"\r\n\r\n--d%d\r\n' % (n, n)
+        for n in range(depth)
+    )
+    return kind, ident + opening + b"Content-Type: text/plain\r\n\r\ndeep\r\n"
+
+
+def hostile(client: Client) -> None:
+    """A hostile message in an otherwise honest transaction: it must get its 250."""
+    token = client.token()
+    client.ledger.hostile.add(token)
+    kind, message = hostile_message(client.rng, token)
+    client.ledger.variant("hostile/" + kind)
+    wire = client.wire()
+    try:
+        wire.command(b"MAIL FROM:<soak-%s@soak.test>" % token.encode(), 250)
+        wire.command(b"RCPT TO:<rcpt@soak.test>", 250)
+        wire.command(b"DATA", 354)
+        client.ledger.set(token, DOT_SENT)
+        wire.send(dot_stuffed(message))
+        client.settle(token, *wire.reply())
+        wire.command(b"QUIT", 221)
+    finally:
+        wire.close()
+
+
 SCENARIOS: tuple[tuple[str, Scenario, int], ...] = (
     ("good-smtplib", good_smtplib, 30),
     ("pipelined", pipelined, 15),
@@ -730,6 +792,7 @@ SCENARIOS: tuple[tuple[str, Scenario, int], ...] = (
     ("disconnect", disconnect, 20),
     ("slow", slow, 4),
     ("starttls-raw", starttls_raw, 6),
+    ("hostile", hostile, 4),
 )
 
 
@@ -790,6 +853,9 @@ def relay_env(port: int, log_level: str) -> dict[str, str]:
         SMTP_LISTEN=f"{HOST}:{port}",
         HTTP_LISTEN="",
         SMTP_HOSTNAME="soak.test",
+        # One JSON object per delivered message: nothing a message holds can
+        # forge or split a record, so the audit below can trust every line.
+        STDOUT_FORMAT="json",
         LOG_LEVEL=log_level,
         SMTP_MAX_CONNECTIONS_PER_IP="1000",
         SMTP_MAX_MESSAGE_SIZE=str(MAX_MESSAGE_SIZE),
@@ -906,6 +972,34 @@ class Sampler(threading.Thread):
                 return
 
 
+class GreetingProbe(threading.Thread):
+    """Connects every 100 ms and times the wait for the greeting.
+
+    What one hostile message costs everybody else: a relay that stalls while
+    it parses shows up here as a long wait, however well the clients fare.
+    """
+
+    def __init__(self, port: int, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.stop = stop
+        self.waits: list[float] = []
+        self.failed = 0
+
+    def run(self) -> None:
+        for _ in range(int(MAX_MINUTES * 60 / 0.1) + 10):
+            started = time.monotonic()
+            try:
+                with socket.create_connection((HOST, self.port), timeout=IO_TIMEOUT) as s:
+                    s.recv(512)
+                    self.waits.append(time.monotonic() - started)
+                    s.sendall(b"QUIT\r\n")
+            except OSError:
+                self.failed += 1
+            if self.stop.wait(0.1):
+                return
+
+
 def run_clients(
     phase: str,
     count: int,
@@ -955,24 +1049,22 @@ class Delivered:
 
 
 def delivered_blocks(path: Path) -> Iterator[dict[str, str]]:
-    """The header lines of each printed block (a block starts at C{Envelope-From})."""
-    block: dict[str, str] | None = None
+    """The identifying fields of each delivered message (one JSON object a line)."""
     with path.open(encoding="utf-8", errors="replace") as lines:
         for line in lines:
-            name, sep, value = line.rstrip("\n").partition(": ")
-            if not sep:
-                continue
-            if name == "Envelope-From":
-                if block is not None:
-                    yield block
-                block = {}
-            if block is not None and name in ("Envelope-From", "Subject", "Message-ID"):
-                block.setdefault(name, value)
-    if block is not None:
-        yield block
+            try:
+                record = json.loads(line)
+                headers = record.get("headers") or {}
+                yield {
+                    "Envelope-From": str(record["envelope"]["from"]),
+                    "Subject": str(headers.get("subject") or ""),
+                    "Message-ID": str(headers.get("message_id") or ""),
+                }
+            except (ValueError, KeyError, TypeError, AttributeError):
+                yield {"unparsed": line[:200]}
 
 
-def read_deliveries(path: Path) -> Delivered:
+def read_deliveries(path: Path, hostile: set[str]) -> Delivered:
     delivered = Delivered()
     for block in delivered_blocks(path):
         delivered.blocks += 1
@@ -981,6 +1073,12 @@ def read_deliveries(path: Path) -> Delivered:
         }
         subject = block.get("Subject", "")
         tokens = {m.group(1) for m in found.values() if m is not None}
+        sender = found["Envelope-From"]
+        if sender is not None and sender.group(1) in hostile and not block.get("Message-ID"):
+            # A hostile message whose parse was abandoned is delivered as
+            # raw bytes: only its envelope names it.
+            delivered.counts[sender.group(1)] += 1
+            continue
         if len(tokens) != 1 or None in found.values():
             delivered.unidentified.append(json.dumps(block)[:200])
             continue
@@ -1038,6 +1136,7 @@ def audit(
     samples: list[Sample],
     hung: list[str],
     relay_died: bool,
+    probe: GreetingProbe,
 ) -> tuple[list[str], list[str]]:
     """The report lines and the list of failures (empty: the run passed)."""
     lines: list[str] = []
@@ -1076,6 +1175,17 @@ def audit(
         lines.append(f"{label}: {len(items)}" + (f"  e.g. {items[:10]}" if items else ""))
         if items:
             failures.append(f"{len(items)} {label.split(' ')[0].lower()}")
+
+    waits = sorted(probe.waits)
+    if waits:
+        lines.append(
+            f"Greeting probe: {len(waits)} connections, longest wait {waits[-1] * 1000:.0f} ms, "
+            f"p99 {waits[int(len(waits) * 0.99)] * 1000:.0f} ms, {probe.failed} failed"
+        )
+        if waits[-1] > MAX_STALL:
+            failures.append(f"a greeting waited {waits[-1]:.1f} s (the relay stalled)")
+    if probe.failed:
+        failures.append(f"{probe.failed} probe connections failed")
 
     peak_fds = max([start.fds, end.fds, *(s.fds for s in samples)])
     peak_rss = max([start.rss_kb, end.rss_kb, *(s.rss_kb for s in samples)])
@@ -1183,6 +1293,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     relay = Relay(args.twistd, workdir, port, args.log_level)
     sampler = Sampler(relay, stop)
+    probe = GreetingProbe(port, stop)
     try:
         relay.wait_ready()
         hung = run_clients("w", args.clients, warmup, port, seed, ledger, stop)
@@ -1190,11 +1301,13 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"relay exited with {relay.proc.returncode} during the warm-up")
         start = relay.settled_sample()
         sampler.start()
+        probe.start()
         began = time.monotonic()
         hung += run_clients("m", args.clients, seconds, port, seed, ledger, stop)
         elapsed = time.monotonic() - began
         stop.set()
         sampler.join(SAMPLE_EVERY + 5)
+        probe.join(IO_TIMEOUT + 5)
         relay_died = sampler.died or not relay.alive()
         if relay_died:
             end = sampler.samples[-1] if sampler.samples else start
@@ -1210,10 +1323,10 @@ def main(argv: list[str] | None = None) -> int:
         relay.kill()
         raise
 
-    delivered = read_deliveries(relay.stdout_path)
+    delivered = read_deliveries(relay.stdout_path, ledger.hostile)
     log = read_log(relay.stderr_path)
     lines, failures = audit(
-        ledger, delivered, log, relay, start, end, sampler.samples, hung, relay_died
+        ledger, delivered, log, relay, start, end, sampler.samples, hung, relay_died, probe
     )
     accepted = sum(1 for s in ledger.states.values() if s == ACCEPTED)
     print(SEPARATOR)

@@ -249,7 +249,7 @@ class MimeTests(SynchronousTestCase):
         self.assertIsNone(_headers(raw)["Reply-To"])
 
     def test_bare_lf_message(self) -> None:
-        """A message written with bare LF line ends keeps them in the fields we add."""
+        """A message written with bare LF line ends keeps them; the fields we add come first."""
         raw = b"From: a@example.org\nSubject: x\n\nbody\n"
         rewritten = rewrite_headers(
             raw,
@@ -259,8 +259,8 @@ class MimeTests(SynchronousTestCase):
         )
         self.assertEqual(
             rewritten,
-            b"From: r@contoso.example\nReply-To: a@example.org\nSubject: x\n"
-            b"Bcc: h@x.example\n\nbody\n",
+            b"From: r@contoso.example\nReply-To: a@example.org\nBcc: h@x.example\n"
+            b"Subject: x\n\nbody\n",
         )
 
     def test_headers_only_message(self) -> None:
@@ -268,7 +268,7 @@ class MimeTests(SynchronousTestCase):
         rewritten = rewrite_headers(
             b"Subject: x", from_field=None, reply_to_field=None, bcc_field=b"Bcc: h@x.example\r\n"
         )
-        self.assertEqual(rewritten, b"Subject: x\r\nBcc: h@x.example\r\n\r\n")
+        self.assertEqual(rewritten, b"Bcc: h@x.example\r\nSubject: x\r\n\r\n")
 
 
 class PlanTests(SynchronousTestCase):

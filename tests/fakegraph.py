@@ -396,8 +396,14 @@ class FakeGraph:
                 "Invalid base64 string for MIME content.",
                 True,
             ) from None
-        parsed = BytesParser(policy=policy.default).parsebytes(mime, headersonly=True)
-        senders = [a for _, a in getaddresses([str(v) for v in parsed.get_all("from", [])])]
+        try:
+            parsed = parse_mime(mime)
+            attachments = mime_attachments(parsed)
+        except Exception:
+            raise GraphError(
+                400, "ErrorMimeContentInvalid", "The MIME content is invalid."
+            ) from None
+        senders = mime_addresses(parsed, "from")
         if [s.casefold() for s in senders] not in ([], [mailbox.casefold()]):
             raise GraphError(
                 403,
@@ -405,14 +411,10 @@ class FakeGraph:
                 _SEND_AS_DENIED,
                 True,
             )
-        roles = []
-        for name in ("to", "cc", "bcc"):
-            values = [str(v) for v in parsed.get_all(name, [])]
-            roles.append(tuple(a for _, a in getaddresses(values) if a))
-        everyone = roles[0] + roles[1] + roles[2]
-        self._check_addresses(everyone)
-        to, cc, bcc = roles
-        self.deliveries.append(Delivery(mailbox, "mime", to, cc, bcc, mime=mime))
+        to, cc, bcc = (mime_addresses(parsed, name) for name in ("to", "cc", "bcc"))
+        self._check_addresses(to + cc + bcc)
+        self._check_addresses(mime_addresses(parsed, "reply-to"), allow_none=True)
+        self.deliveries.append(Delivery(mailbox, "mime", to, cc, bcc, mime, None, attachments))
         return 202, {}, b""
 
     def _createDraft(
@@ -655,7 +657,7 @@ class FakeGraph:
                 True,
             )
         for address in addresses:
-            if not _ADDRESS.match(address):
+            if not graph_accepts(address):
                 raise GraphError(
                     400,
                     "ErrorInvalidRecipients",
@@ -884,6 +886,63 @@ def _recipient(value: Any) -> str:
         raise GraphError(400, "RequestBodyRead", "Invalid name.", True)
     result: str = address["address"]
     return result
+
+
+def graph_accepts(address: str) -> bool:
+    """Whether Graph takes C{address} as a recipient or Reply-To (else ErrorInvalidRecipients)."""
+    return bool(_ADDRESS.match(address))
+
+
+def parse_mime(mime: bytes) -> EmailMessage:
+    """The message as Graph reads it; the standard library's parser stands in for Graph's.
+
+    It ends the header block at the first line that is not a field (a
+    broken fold, a stray sentence) and splits lines at CRLF, bare CR and
+    bare LF: a field the relay writes below such a line is not seen.
+    """
+    message = BytesParser(policy=policy.default).parsebytes(mime)
+    assert isinstance(message, EmailMessage)  # what policy.default builds
+    return message
+
+
+def mime_addresses(message: EmailMessage, name: str) -> tuple[str, ...]:
+    """Every address in the message's C{name} fields, as Graph would read them.
+
+    The structured parser (groups, encoded words, comments) decides; where
+    it fails on a damaged value, the lenient one reads what it can.
+    """
+    found: list[str] = []
+    for key, value in message.raw_items():
+        if key.lower() != name:
+            continue
+        try:
+            header: Any = policy.default.header_factory(key, value)
+            found += [a.addr_spec for a in header.addresses if a.addr_spec not in ("", "<>")]
+        except Exception:
+            unfolded = re.sub(r"[\r\n]", "", value)
+            found += [address for _, address in getaddresses([unfolded]) if address]
+    return tuple(found)
+
+
+def mime_attachments(message: EmailMessage) -> list[tuple[str, bytes]]:
+    """The attachments a recipient would see: every leaf with a file name, an
+    attachment disposition or non-text content, decoded; embedded messages
+    are opened, as a mail reader opens them."""
+    found: list[tuple[str, bytes]] = []
+    for part in message.walk():
+        if part.is_multipart() or part.get_content_maintype() == "multipart":
+            continue  # a container (one whose parts could not be found holds none)
+        named = part.get_filename()
+        if named is None and part.get_content_maintype() == "text" and not part.is_attachment():
+            continue
+        try:
+            data = part.get_payload(decode=True)
+        except Exception:
+            data = None
+        if not isinstance(data, bytes):
+            data = str(part.get_payload()).encode("utf-8", "surrogateescape")
+        found.append((named or "", data))
+    return found
 
 
 def make_email(

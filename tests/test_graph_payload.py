@@ -29,11 +29,12 @@ from smtpproxy.graph_payload import (
     chunk_ranges,
     content_range,
     mime_message,
+    mime_message_and_warnings,
     plan_delivery,
     plan_recipients,
     raw_recipients_in_envelope,
 )
-from smtpproxy.message import Attachment, Email, Mailbox
+from smtpproxy.message import Attachment, Email, Mailbox, parse_message
 from tests.fakegraph import make_email
 
 MAILBOX = "relay@contoso.example"
@@ -249,7 +250,7 @@ class MimeTests(SynchronousTestCase):
         self.assertIsNone(_headers(raw)["Reply-To"])
 
     def test_bare_lf_message(self) -> None:
-        """A message written with bare LF line ends keeps them in the fields we add."""
+        """A message written with bare LF line ends keeps them; the fields we add come first."""
         raw = b"From: a@example.org\nSubject: x\n\nbody\n"
         rewritten = rewrite_headers(
             raw,
@@ -259,8 +260,8 @@ class MimeTests(SynchronousTestCase):
         )
         self.assertEqual(
             rewritten,
-            b"From: r@contoso.example\nReply-To: a@example.org\nSubject: x\n"
-            b"Bcc: h@x.example\n\nbody\n",
+            b"From: r@contoso.example\nReply-To: a@example.org\nBcc: h@x.example\n"
+            b"Subject: x\n\nbody\n",
         )
 
     def test_headers_only_message(self) -> None:
@@ -268,7 +269,106 @@ class MimeTests(SynchronousTestCase):
         rewritten = rewrite_headers(
             b"Subject: x", from_field=None, reply_to_field=None, bcc_field=b"Bcc: h@x.example\r\n"
         )
-        self.assertEqual(rewritten, b"Subject: x\r\nBcc: h@x.example\r\n\r\n")
+        self.assertEqual(rewritten, b"Bcc: h@x.example\r\nSubject: x\r\n\r\n")
+
+    def test_added_fields_come_first_past_a_stray_line(self) -> None:
+        """Behind a line that ends the header block for a MIME parser, the Bcc we add would be
+        body text; it comes first, so the parser sees it."""
+        raw = b"From: a@example.org\r\nTo: t@x.example\r\nno colon here\r\nX-A: 1\r\n\r\nbody\r\n"
+        email = parse_message("a@example.org", ["t@x.example", "h@x.example"], raw)
+        sent = mime_message(email, MAILBOX, plan_recipients(email))
+        self.assertTrue(sent.startswith(f"From: {MAILBOX}\r\nReply-To: a@example.org\r\n".encode()))
+        parsed = _headers(sent)
+        self.assertEqual([a.addr_spec for a in parsed["Bcc"].addresses], ["h@x.example"])
+        self.assertTrue(
+            sent.endswith(b"To: t@x.example\r\nno colon here\r\nX-A: 1\r\n\r\nbody\r\n")
+        )
+
+    def test_bare_cr_splits_fields(self) -> None:
+        """A Bcc behind a bare CR is a field of its own to a MIME parser, and is removed."""
+        fields, _ = split_fields(b"Subject: x\rBcc: s@evil.example\r\nTo: t@x.example\r\n\r\nb")
+        self.assertEqual(
+            fields, [b"Subject: x\r", b"Bcc: s@evil.example\r\n", b"To: t@x.example\r\n"]
+        )
+        rewritten = rewrite_headers(
+            b"Subject: x\rBcc: s@evil.example\r\n\r\nb",
+            from_field=None,
+            reply_to_field=None,
+            bcc_field=None,
+        )
+        self.assertEqual(rewritten, b"Subject: x\r\r\nb")
+
+    def test_mbox_line_and_orphan_continuation_removed(self) -> None:
+        """An mbox From line and a first line that continues nothing would change meaning
+        behind our fields (end the block; join our Bcc), so they go; C{From :} stays."""
+        for first in (b"From someone@host Mon Jan  1 00:00:00 2024\r\n", b"  orphan\r\n"):
+            rewritten = rewrite_headers(
+                first + b"Subject: x\r\n\r\nb",
+                from_field=None,
+                reply_to_field=None,
+                bcc_field=b"Bcc: h@x.example\r\n",
+            )
+            self.assertEqual(rewritten, b"Bcc: h@x.example\r\nSubject: x\r\n\r\nb")
+        obsolete = rewrite_headers(
+            b"From : a@example.org\r\n\r\nb", from_field=None, reply_to_field=None, bcc_field=None
+        )
+        self.assertEqual(obsolete, b"From : a@example.org\r\n\r\nb")
+
+    def test_no_header_block(self) -> None:
+        """A message that is only body text gets our fields above it, body unchanged."""
+        raw = b"just text\r\nmore\r\n"
+        email = parse_message("a@example.org", ["h@x.example"], raw)
+        sent = mime_message(email, MAILBOX, plan_recipients(email))
+        self.assertEqual(sent, f"From: {MAILBOX}\r\nBcc: h@x.example\r\n".encode() + raw + b"\r\n")
+
+    def test_bare_from_qualified_in_reply_to(self) -> None:
+        """C{From: root} becomes Reply-To C{root@<mailbox domain>} (or SMTP_DEFAULT_DOMAIN):
+        Graph refuses a bare local part."""
+        email = make_email(("a@x.example",), from_="root", to=("a@x.example",))
+        sent, warnings = mime_message_and_warnings(email, MAILBOX, plan_recipients(email))
+        self.assertEqual(str(_headers(sent)["Reply-To"]), "root@contoso.example")
+        self.assertEqual(warnings, ())
+        sent, _ = mime_message_and_warnings(email, MAILBOX, plan_recipients(email), "corp.example")
+        self.assertEqual(str(_headers(sent)["Reply-To"]), "root@corp.example")
+
+    def test_invalid_from_left_out_of_reply_to(self) -> None:
+        """An original From that is still not an address Graph accepts is left out of
+        Reply-To, with a short warning; valid ones beside it are kept."""
+        raw = b"From: Ops <ops@localhost>, Dev <dev@example.org>\r\nTo: a@x.example\r\n\r\nb"
+        email = parse_message("a@example.org", ["a@x.example"], raw)
+        sent, warnings = mime_message_and_warnings(email, MAILBOX, plan_recipients(email))
+        self.assertEqual(str(_headers(sent)["Reply-To"]), "Dev <dev@example.org>")
+        (warning,) = warnings
+        self.assertIn("ops@localhost", warning)
+        raw = b"From: ops@localhost\r\nTo: a@x.example\r\n\r\nb"
+        email = parse_message("a@example.org", ["a@x.example"], raw)
+        sent, warnings = mime_message_and_warnings(email, MAILBOX, plan_recipients(email))
+        self.assertIsNone(_headers(sent)["Reply-To"])
+        self.assertEqual(len(warnings), 1)
+
+    def test_json_reply_to_qualified(self) -> None:
+        """The JSON form's replyTo gets the same treatment, the message's own Reply-To too."""
+        email = make_email(("a@x.example",), from_="root", to=("a@x.example",))
+        plan = plan_delivery(email, SENDERS, "json")
+        assert isinstance(plan, JsonSend)
+        message = _json(plan.body)["message"]
+        self.assertEqual(_addresses(message["replyTo"]), ["root@contoso.example"])
+        email = make_email(
+            ("a@x.example",), to=("a@x.example",), headers=(("Reply-To", "desk@localhost"),)
+        )
+        plan = plan_delivery(email, SENDERS, "json")
+        assert isinstance(plan, JsonSend)
+        self.assertNotIn("replyTo", _json(plan.body)["message"])
+        self.assertEqual(len(plan.warnings), 1)
+
+    def test_unreadable_recipient_field_goes_as_json(self) -> None:
+        """A To field the address parser cannot read (over 64 KiB) sends the message as JSON
+        instead of failing the delivery."""
+        to = "a@x.example, " + " ".join(["=?utf-8?q?x?="] * 6000)
+        raw = f"From: app@example.org\r\nTo: {to}\r\n\r\nb".encode()
+        email = parse_message("app@example.org", ["a@x.example"], raw)
+        self.assertFalse(raw_recipients_in_envelope(email))
+        self.assertIsInstance(plan_delivery(email, SENDERS, "auto"), JsonSend)
 
 
 class PlanTests(SynchronousTestCase):

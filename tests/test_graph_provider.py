@@ -262,6 +262,27 @@ class TokenTests(SynchronousTestCase):
         for secret in [h.fake.client_secret, "wrong-secret-value", *h.fake.tokens]:
             self.assertNotIn(secret, text)
 
+    def test_reply_to_left_out_is_a_warning(self) -> None:
+        """A From that cannot become a valid Reply-To is delivered without one, and the log
+        says so at warn level, with the address clipped and nothing of the body."""
+        events: list[LogEvent] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        h = Harness()
+        author = "ops@" + "x" * 200
+        email = make_email(
+            ("a@x.example",), from_=author, to=("a@x.example",), text="secret body text\n"
+        )
+        self.successResultOf(_settled(h, h.send(email)))
+        (delivery,) = h.fake.deliveries
+        self.assertNotIn(b"Reply-To", delivery.mime or b"")
+        (warned,) = [e for e in events if e.get("log_format") == "adjusting the message's headers"]
+        self.assertEqual(warned["log_level"].name, "warn")
+        self.assertIn("ops@xxx", warned["note"])
+        self.assertLess(len(warned["note"]), 200)
+        self.assertNotIn("secret body text", repr(events))
+
 
 def _settled(h: Harness, d: Deferred[None]) -> Deferred[None]:
     h.run()

@@ -132,6 +132,19 @@ class ClassificationTests(SynchronousTestCase):
         draft = response_problem(403, _graph_body("ErrorAccessDenied"), None, needs_read_write=True)
         self.assertIn("Mail.Send and Mail.ReadWrite", draft.error.reason)
 
+    def test_send_as_denied_names_the_mailbox_fixes(self) -> None:
+        """ErrorSendAsDenied points at GRAPH_SENDER and the access policy, not a permission
+        the app already has (granting Mail.Send again would not help)."""
+        for read_write in (False, True):
+            problem = response_problem(
+                403, _graph_body("ErrorSendAsDenied", "No."), None, needs_read_write=read_write
+            )
+            reply = _reply(problem)
+            self.assertTrue(reply.startswith("554 5.7.1 Graph ErrorSendAsDenied: No. "), reply)
+            for fix in ("GRAPH_SENDER", "application access policy", "RBAC for Applications"):
+                self.assertIn(fix, reply)
+            self.assertNotIn("Mail.Send", reply)
+
     def test_unauthorized_after_refresh_is_ours(self) -> None:
         """A 401 that survived a token refresh is our configuration: 451, not a bounce."""
         problem = response_problem(401, _graph_body("InvalidAuthenticationToken"), None)

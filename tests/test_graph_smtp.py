@@ -13,12 +13,15 @@ from email.message import EmailMessage
 from typing import Any, cast
 
 from twisted.internet import reactor as _reactor
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.trial.unittest import TestCase
 
+from smtpproxy import delivery as delivery_module
 from smtpproxy.config import Config
 from smtpproxy.graph_retry import Tuning
 from smtpproxy.providers.graph import GraphProvider
-from tests.fakegraph import FakeGraph, Fault
+from smtpproxy.smtp import session_settings
+from tests.fakegraph import FakeGraph, Fault, mime_addresses, parse_mime
 from tests.support import TIMEOUT, in_thread, start_relay
 
 reactor: Any = _reactor
@@ -77,7 +80,11 @@ class GraphThroughSmtpTests(TestCase):
         )
         provider = GraphProvider(config, reactor, tuning=Tuning(backoff_base=0.02))
         self.addCleanup(provider.close)
-        self.relay = start_relay(self, provider=cast(Any, provider), tls_enabled=False)
+        # As in production, the session qualifies MAIL FROM with what the configuration says.
+        domain = session_settings(config).default_domain
+        self.relay = start_relay(
+            self, provider=cast(Any, provider), tls_enabled=False, default_domain=domain
+        )
 
     async def test_each_envelope_recipient_once(self) -> None:
         """To and Cc keep their roles, the envelope-only recipient is a hidden Bcc, the Bcc
@@ -102,6 +109,37 @@ class GraphThroughSmtpTests(TestCase):
         for field in (b"In-Reply-To:", b"References:", b"List-Unsubscribe:", b"Message-ID:"):
             self.assertIn(field, head)
         self.assertEqual(self.fake.violations, [])
+
+    async def test_unqualified_root_is_delivered(self) -> None:
+        """Cron's C{MAIL FROM:<root>} with C{From: root}: 250, and Graph gets a valid
+        Reply-To (root at the sending mailbox's domain) instead of refusing the message."""
+        # The parser notes "From: root" as malformed, and delivery logs that note under
+        # the key "warning", which trial's log observer takes for a Python warning (and
+        # fails on); this test reads the wire, so delivery's log goes to a list.
+        events: list[LogEvent] = []
+        self.patch(delivery_module, "log", Logger(observer=cast(ILogObserver, events.append)))
+
+        def send() -> dict[str, object]:
+            body = b"From: root\r\nTo: a@x.example\r\nSubject: Cron <root@host>\r\n\r\nok\r\n"
+            with smtplib.SMTP("127.0.0.1", self.relay.port, timeout=TIMEOUT) as client:
+                client.ehlo()
+                code, _ = client.docmd("MAIL", "FROM:<root>")
+                answers: dict[str, object] = {"mail": code}
+                answers["rcpt"] = client.docmd("RCPT", "TO:<a@x.example>")[0]
+                answers["data"] = client.data(body)[0]
+            return answers
+
+        answers = await in_thread(send)
+        self.assertEqual(answers, {"mail": 250, "rcpt": 250, "data": 250})
+        (delivery,) = self.fake.deliveries
+        assert delivery.mime is not None
+        parsed = parse_mime(delivery.mime)
+        self.assertEqual(mime_addresses(parsed, "reply-to"), ("root@contoso.example",))
+        self.assertEqual(mime_addresses(parsed, "from"), (MAILBOX,))
+        self.assertEqual(delivery.recipients, ("a@x.example",))
+        self.assertEqual(self.fake.violations, [])
+        sent = [e for e in events if e.get("log_format") == "message delivered"]
+        self.assertEqual([e["sender"] for e in sent], ["root@contoso.example"])
 
     async def test_large_attachment(self) -> None:
         """A 3.5 MB attachment travels through an upload session and arrives intact."""

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from smtpproxy.errors import Reply
+from smtpproxy.qualify import qualify
 
 # RFC 5321 4.1.2: atext for dot-strings, qtext/quoted-pair for quoted strings.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
@@ -136,9 +137,15 @@ def _parameters(text: str) -> dict[str, str | None]:
     return found
 
 
-def parse_mail(argument: str, max_size: int) -> MailArguments:
-    """Parse the argument of MAIL (C{FROM:<addr> [SIZE=n] [BODY=...]})."""
+def parse_mail(argument: str, max_size: int, default_domain: str = "") -> MailArguments:
+    """Parse the argument of MAIL (C{FROM:<addr> [SIZE=n] [BODY=...]}).
+
+    @param default_domain: a bare local part (C{MAIL FROM:<root>}, as cron
+        and local tools send) is qualified with it, as Postfix's
+        C{append_at_myorigin} does; empty: such a sender is refused.
+    """
     path, param_text = _path(argument, "FROM", "sender")
+    path = qualify(path, default_domain)
     sender = check_address(path, "sender") if path else ""
     size: int | None = None
     body: str | None = None

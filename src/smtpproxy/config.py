@@ -39,6 +39,7 @@ class Config:
 
     smtp_listen: str = "tcp:2525"
     smtp_hostname: str = ""
+    smtp_default_domain: str = ""
     smtp_username: str = ""
     smtp_password: str = ""
     smtp_allow_insecure_auth: bool = False
@@ -262,6 +263,12 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("SMTP_LISTEN", "smtp_listen", listen_endpoint, "SMTP listen address"),
     Setting("SMTP_HOSTNAME", "smtp_hostname", _hostname, "name in the greeting (default: FQDN)"),
+    Setting(
+        "SMTP_DEFAULT_DOMAIN",
+        "smtp_default_domain",
+        _hostname,
+        "domain for bare local parts such as root (default: GRAPH_SENDER's domain)",
+    ),
     Setting("SMTP_USERNAME", "smtp_username", _text, "SMTP AUTH user; enables AUTH"),
     Setting("SMTP_PASSWORD", "smtp_password", lambda raw: raw, "SMTP AUTH password"),
     Setting(

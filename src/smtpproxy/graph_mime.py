@@ -6,18 +6,37 @@ the raw bytes: the header fields we change are replaced, every other byte of
 the header block and the whole body stay exactly as the client sent them.
 Re-serialising through a parsed C{email.message.Message} would re-fold
 headers and re-encode bodies, which breaks signatures and surprises people.
+
+The fields we add go at the very top of the header block.  Parsers disagree
+about where a damaged header block ends: the standard library (and Graph)
+stop at the first line that is not a field (a broken fold, a stray
+sentence), so a Bcc appended at the end of the block could land in the body
+and its recipient never get the message.  Every parser reads the first
+lines as fields.  Lines are split the way the standard library splits
+them (CRLF, bare CR or bare LF), so a field hidden behind a bare CR is
+seen, and removed, like any other.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from email.utils import formataddr
 
 from smtpproxy.message import Mailbox
 
+# One line and its ending: CRLF, bare CR or bare LF, as the standard
+# library's parser splits lines (a last line may have no ending).
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)?")
+
 
 def split_fields(raw: bytes) -> tuple[list[bytes], bytes]:
     """Split C{raw} into header fields (each with its folded lines) and the rest.
+
+    The header block runs to the first empty line, including lines a strict
+    parser would take for the start of the body: we must find (and remove)
+    a Bcc or Sender there too, whichever way the reader of the message
+    parses it.
 
     @return: the fields, each ending with its own line break, and everything
         from the blank line that ends the header block (inclusive) to the end.
@@ -26,10 +45,10 @@ def split_fields(raw: bytes) -> tuple[list[bytes], bytes]:
     position = 0
     size = len(raw)
     while position < size:
-        newline = raw.find(b"\n", position)
-        end = size if newline < 0 else newline + 1
+        match = _LINE.match(raw, position)
+        end = match.end() if match is not None else size
         line = raw[position:end]
-        if line in (b"\r\n", b"\n"):
+        if line in (b"\r\n", b"\n", b"\r"):
             return fields, raw[position:]
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1] += line
@@ -37,6 +56,11 @@ def split_fields(raw: bytes) -> tuple[list[bytes], bytes]:
             fields.append(line)
         position = end
     return fields, b""
+
+
+def is_mbox_line(line: bytes) -> bool:
+    """Whether C{line} is an mbox C{From } separator (not C{From : x}, an obsolete field)."""
+    return line.startswith(b"From ") and not line[5:].lstrip(b" \t").startswith(b":")
 
 
 def field_name(field: bytes) -> bytes:
@@ -95,36 +119,35 @@ def rewrite_headers(
 ) -> bytes:
     """Return C{raw} with From replaced, Reply-To added, Bcc replaced and C{drop} removed.
 
+    The fields we add come first, in that order, ahead of every field of
+    the message (see the module docstring for why).  Two kinds of line that
+    belong to no field are removed, since behind our fields they would
+    change meaning: an mbox C{From } line opening the message (mailbox
+    framing, never part of a message; a strict parser would end the header
+    block there) and a continuation line with no field to continue (it
+    would become part of our last field).
+
     @param from_field: the new From field, or None to keep the message's own.
-    @param reply_to_field: a Reply-To field to add next to From, or None.
-    @param bcc_field: the Bcc field to add at the end of the header block, or
-        None for none; the message's own Bcc fields are always removed.
+    @param reply_to_field: a Reply-To field to add, or None.
+    @param bcc_field: the Bcc field to add, or None for none; the message's
+        own Bcc fields are always removed.
     @param drop: lower-case names of further fields to remove.
     """
     fields, rest = split_fields(raw)
     newline = line_break(fields)
-    if fields and not fields[-1].endswith(b"\n"):
+    if fields and not fields[-1].endswith((b"\n", b"\r")):
         fields[-1] += newline
-    out: list[bytes] = []
-    placed = from_field is None
+    if fields and is_mbox_line(fields[0]):
+        del fields[0]
+    added = [f for f in (from_field, reply_to_field, bcc_field) if f is not None]
+    out: list[bytes] = list(added)
     for field in fields:
+        if field[:1] in (b" ", b"\t"):
+            continue  # a continuation of nothing (only ever the first line)
         name = field_name(field)
-        if name == b"bcc" or name in drop:
-            continue
-        if name == b"from" and from_field is not None:
-            if not placed:
-                out.append(from_field)
-                if reply_to_field is not None:
-                    out.append(reply_to_field)
-                placed = True
+        if name == b"bcc" or name in drop or (name == b"from" and from_field is not None):
             continue
         out.append(field)
-    if not placed and from_field is not None:
-        out[:0] = [from_field] + ([reply_to_field] if reply_to_field is not None else [])
-    elif from_field is None and reply_to_field is not None:
-        out.append(reply_to_field)
-    if bcc_field is not None:
-        out.append(bcc_field)
     if not rest:
         # A message with no body still needs its header block closed.
         rest = newline

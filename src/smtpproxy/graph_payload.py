@@ -39,6 +39,7 @@ from smtpproxy.graph_mime import (
     split_fields,
 )
 from smtpproxy.message import Attachment, Email, Mailbox
+from smtpproxy.qualify import is_deliverable, mailbox_domain, qualify
 
 # Graph refuses request bodies over 4 MB; keep a margin for the request line
 # and headers, which some gateways count too.
@@ -131,13 +132,21 @@ def _from_is(from_: Sequence[Mailbox], mailbox: str) -> bool:
     return len(from_) == 1 and address_key(from_[0].address) == address_key(mailbox)
 
 
-def _header_pairs(value: bytes) -> list[tuple[str, str]]:
+# Longer address fields are not read (the standard library's address parser
+# recurses on some long values); a message whose To/Cc we cannot read goes
+# as JSON, where we name the recipients ourselves.
+MAX_ADDRESS_FIELD = 64 * 1024
+
+
+def _header_pairs(value: bytes) -> list[tuple[str, str]] | None:
+    """The (name, address) pairs of a raw address field; None when it cannot be read."""
+    if len(value) > MAX_ADDRESS_FIELD:
+        return None
     unfolded = value.replace(b"\r", b"").replace(b"\n", b"")
-    return getaddresses([unfolded.decode("utf-8", "replace")])
-
-
-def _header_addresses(value: bytes) -> list[str]:
-    return [address for _, address in _header_pairs(value) if address]
+    try:
+        return getaddresses([unfolded.decode("utf-8", "replace")])
+    except (RecursionError, ValueError, IndexError):
+        return None
 
 
 def raw_recipients_in_envelope(email: Email) -> bool:
@@ -152,7 +161,10 @@ def raw_recipients_in_envelope(email: Email) -> bool:
     for f in fields:
         if field_name(f) not in (b"to", b"cc"):
             continue
-        for name, address in _header_pairs(field_value(f)):
+        pairs = _header_pairs(field_value(f))
+        if pairs is None:
+            return False
+        for name, address in pairs:
             if address and address_key(address) in envelope:
                 continue
             if not address and not name:
@@ -161,15 +173,77 @@ def raw_recipients_in_envelope(email: Email) -> bool:
     return True
 
 
-def mime_message(email: Email, mailbox: str, recipients: Recipients) -> bytes:
-    """The raw message as Graph's MIME mode must see it.
+def reply_to_mailboxes(
+    authors: Sequence[Mailbox], domain: str
+) -> tuple[tuple[Mailbox, ...], tuple[str, ...]]:
+    """The Reply-To the relay writes for C{authors}: each qualified, the invalid left out.
+
+    A bare local part (C{root}) gets C{@domain}; an address that is still
+    not one Graph accepts is dropped, since Graph would refuse the whole
+    message for it (C{ErrorInvalidRecipients}) and a reply path is not
+    worth a bounce.
+
+    @return: the mailboxes to write, and one warning per address left out
+        (the address clipped, so the log line stays short).
+    """
+    kept: list[Mailbox] = []
+    warnings: list[str] = []
+    for author in authors:
+        address = qualify(author.address, domain)
+        if is_deliverable(address):
+            kept.append(Mailbox(author.name, address))
+        else:
+            warnings.append(
+                f"Reply-To: left out the original From {_clip(author.address)!r}, "
+                "not an address Graph accepts"
+            )
+    return tuple(kept), tuple(warnings)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _author_reply_to(
+    original_from: bytes, email: Email, domain: str, newline: bytes
+) -> tuple[bytes | None, tuple[str, ...]]:
+    """The Reply-To field made from the message's own From field, and any warnings.
+
+    The field's own bytes are kept when every address in it is valid
+    (display names stay exactly as written); otherwise it is rebuilt from
+    the qualified, valid addresses, or left out.
+    """
+    value = field_value(original_from)
+    pairs = _header_pairs(value)
+    if pairs is not None and pairs and all(is_deliverable(a) for _, a in pairs):
+        return b"Reply-To:" + value, ()
+    authors = [Mailbox(n, a) for n, a in pairs or () if a] or list(email.from_)
+    kept, warnings = reply_to_mailboxes(authors, domain)
+    if not authors:
+        warnings = ("Reply-To: the original From names no address; none added",)
+    field = address_field("Reply-To", kept, newline) if kept else None
+    return field, warnings
+
+
+def mime_message(email: Email, mailbox: str, recipients: Recipients, domain: str = "") -> bytes:
+    """The raw message as Graph's MIME mode must see it (see L{mime_message_and_warnings})."""
+    return mime_message_and_warnings(email, mailbox, recipients, domain)[0]
+
+
+def mime_message_and_warnings(
+    email: Email, mailbox: str, recipients: Recipients, domain: str = ""
+) -> tuple[bytes, tuple[str, ...]]:
+    """The raw message as Graph's MIME mode must see it, and what had to be left out.
 
     From becomes the mailbox (Graph refuses any other with ErrorSendAsDenied)
     keeping the display name; the original From is kept as Reply-To when the
-    message has none, so replies still reach the author; the Bcc header is
-    rebuilt from the envelope (Graph delivers to Bcc addresses and removes
-    the header from the copies); a Sender naming someone else is removed, as
-    Graph would read it as sending on their behalf.  Nothing else changes.
+    message has none, so replies still reach the author (a bare local part
+    qualified with C{domain}, default the mailbox's domain; an invalid
+    address left out); the Bcc header is rebuilt from the envelope (Graph
+    delivers to Bcc addresses and removes the header from the copies); a
+    Sender naming someone else is removed, as Graph would read it as sending
+    on their behalf.  The fields we add go first in the header block.
+    Nothing else changes.
     """
     fields, _ = split_fields(email.raw)
     newline = line_break(fields)
@@ -177,25 +251,30 @@ def mime_message(email: Email, mailbox: str, recipients: Recipients) -> bytes:
     original_from = fields[names.index(b"from")] if b"from" in names else None
     has_reply_to = b"reply-to" in names or bool(email.reply_to)
     from_field = reply_to_field = None
+    warnings: tuple[str, ...] = ()
     if original_from is None or not _from_is(email.from_, mailbox):
         display = _from_name(email.from_, mailbox)
         from_field = address_field("From", [Mailbox(display, mailbox)], newline)
         if original_from is not None and not has_reply_to:
-            reply_to_field = b"Reply-To:" + field_value(original_from)
+            reply_to_field, warnings = _author_reply_to(
+                original_from, email, domain or mailbox_domain(mailbox), newline
+            )
     drop: set[bytes] = set()
     for f, name in zip(fields, names, strict=True):
         if name == b"sender":
-            addresses = _header_addresses(field_value(f))
-            if [address_key(a) for a in addresses] != [address_key(mailbox)]:
+            pairs = _header_pairs(field_value(f))
+            addresses = [a for _, a in pairs or () if a]
+            if pairs is None or [address_key(a) for a in addresses] != [address_key(mailbox)]:
                 drop.add(b"sender")
     bcc_field = address_field("Bcc", recipients.bcc, newline) if recipients.bcc else None
-    return rewrite_headers(
+    rewritten = rewrite_headers(
         email.raw,
         from_field=from_field,
         reply_to_field=reply_to_field,
         bcc_field=bcc_field,
         drop=frozenset(drop),
     )
+    return rewritten, warnings
 
 
 def encode_json(document: Any) -> bytes:
@@ -247,13 +326,18 @@ def _importance(headers: Sequence[tuple[str, str]]) -> str | None:
 
 
 def json_message(
-    email: Email, mailbox: str, recipients: Recipients
-) -> tuple[dict[str, Any], list[str]]:
+    email: Email, mailbox: str, recipients: Recipients, domain: str = ""
+) -> tuple[dict[str, Any], list[str], tuple[str, ...]]:
     """Graph's JSON message for C{email}, without attachments.
 
     JSON can carry one body: HTML when the message has it, else the text.
+    Reply-To is the message's own, else its From when we send as someone
+    else; either way its bare local parts are qualified with C{domain}
+    (default: the mailbox's domain) and invalid addresses are left out,
+    since here we write the field and Graph would refuse the message for it.
 
-    @return: the message and the names of headers that could not be carried.
+    @return: the message, the names of headers that could not be carried,
+        and warnings about Reply-To addresses left out.
     """
     if email.html is not None:
         body = {"contentType": "HTML", "content": email.html}
@@ -267,17 +351,21 @@ def json_message(
         "ccRecipients": [_recipient(m) for m in recipients.cc],
         "bccRecipients": [_recipient(m) for m in recipients.bcc],
     }
+    authors: Sequence[Mailbox] = ()
     if email.reply_to:
-        message["replyTo"] = [_recipient(m) for m in email.reply_to]
+        authors = email.reply_to
     elif email.from_ and not _from_is(email.from_, mailbox):
-        message["replyTo"] = [_recipient(m) for m in email.from_]
+        authors = email.from_
+    reply_to, warnings = reply_to_mailboxes(authors, domain or mailbox_domain(mailbox))
+    if reply_to:
+        message["replyTo"] = [_recipient(m) for m in reply_to]
     headers, dropped = custom_headers(email.headers)
     if headers:
         message["internetMessageHeaders"] = headers
     importance = _importance(email.headers)
     if importance is not None:
         message["importance"] = importance
-    return message, dropped
+    return message, dropped, warnings
 
 
 def attachment_name(attachment: Attachment, index: int) -> str:
@@ -352,6 +440,7 @@ class MimeSend:
     body: bytes = field(repr=False)
     recipients: Recipients
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +451,7 @@ class JsonSend:
     body: bytes = field(repr=False)
     recipients: Recipients
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,16 +469,23 @@ class DraftSend:
     uploads: tuple[Upload, ...]
     recipients: Recipients
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 Plan = MimeSend | JsonSend | DraftSend
 
 
-def plan_delivery(email: Email, senders: Sequence[str], mode: str) -> Plan:
+def plan_delivery(
+    email: Email, senders: Sequence[str], mode: str, default_domain: str = ""
+) -> Plan:
     """Choose and build the requests for C{email}.
 
     @param mode: C{auto} or C{mime} (raw MIME whenever that is correct and
         fits) or C{json} (always the JSON message).
+    @param default_domain: what bare local parts in a Reply-To we write are
+        qualified with (C{SMTP_DEFAULT_DOMAIN}); empty: the mailbox's domain.
+    @return: the plan; its C{warnings} say what was left out of the
+        message (for the log), its C{notes} why it goes the way it goes.
     @raise PermanentDeliveryError: the message breaks a Graph limit no
         retry can fix (more than 500 recipients, an attachment over 150 MB).
     """
@@ -415,19 +512,22 @@ def plan_delivery(email: Email, senders: Sequence[str], mode: str) -> Plan:
     if mode != "json":
         if recipients.outside or not raw_recipients_in_envelope(email):
             notes.append(
-                "To/Cc name recipients who are not in the envelope; "
+                "To/Cc name recipients who are not in the envelope (or cannot be read); "
                 "sending as JSON so that they do not receive it"
             )
         else:
-            mime = mime_message(email, mailbox, recipients)
+            mime, warnings = mime_message_and_warnings(email, mailbox, recipients, default_domain)
             if _b64_size(len(mime)) <= REQUEST_LIMIT:
-                return MimeSend(mailbox, base64.b64encode(mime), recipients, tuple(notes))
+                body = base64.b64encode(mime)
+                return MimeSend(mailbox, body, recipients, tuple(notes), warnings)
             notes.append("message too large for one MIME request; sending as a draft")
-    return _json_plan(email, mailbox, recipients, notes)
+    return _json_plan(email, mailbox, recipients, notes, default_domain)
 
 
-def _json_plan(email: Email, mailbox: str, recipients: Recipients, notes: list[str]) -> Plan:
-    message, dropped = json_message(email, mailbox, recipients)
+def _json_plan(
+    email: Email, mailbox: str, recipients: Recipients, notes: list[str], domain: str
+) -> Plan:
+    message, dropped, warnings = json_message(email, mailbox, recipients, domain)
     if dropped:
         notes.append(f"Graph carries at most 5 X- headers; left out: {', '.join(dropped)}")
     indexed = list(enumerate(email.attachments, 1))
@@ -443,7 +543,7 @@ def _json_plan(email: Email, mailbox: str, recipients: Recipients, notes: list[s
                 whole["attachments"] = [attachment_json(a, i) for i, a in small]
             body = encode_json({"message": whole})
             if len(body) <= REQUEST_LIMIT:
-                return JsonSend(mailbox, body, recipients, tuple(notes))
+                return JsonSend(mailbox, body, recipients, tuple(notes), warnings)
     base = encode_json(message)
     if len(base) > REQUEST_LIMIT:
         raise PermanentDeliveryError(
@@ -481,6 +581,7 @@ def _json_plan(email: Email, mailbox: str, recipients: Recipients, notes: list[s
         uploads,
         recipients,
         tuple(notes),
+        warnings,
     )
 
 

@@ -264,6 +264,13 @@ def response_problem(
         code, enhanced = 550, "5.1.1"
     elif status == 413 or error.code in _TOO_LARGE_CODES:
         enhanced = "5.3.4"
+    elif status == 403 and error.code == "ErrorSendAsDenied":
+        # The app has its permission; it may not use it for this mailbox.
+        enhanced = "5.7.1"
+        reason += (
+            " (the relay's Entra app may not send as this mailbox: check GRAPH_SENDER,"
+            " and the application access policy or RBAC for Applications scope)"
+        )
     elif status == 403:
         enhanced = "5.7.1"
         permission = "Mail.Send and Mail.ReadWrite" if needs_read_write else "Mail.Send"

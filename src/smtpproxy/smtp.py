@@ -50,6 +50,7 @@ from smtpproxy.config import Config
 from smtpproxy.dotreader import DataReader
 from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.guard import OPEN, Guard
+from smtpproxy.qualify import default_domain
 from smtpproxy.sendnow import writer_for
 
 log = Logger(namespace="smtpproxy.smtp")
@@ -85,6 +86,9 @@ class SessionSettings:
     allow_insecure_auth: bool = False
     max_errors: int = 10
     max_auth_failures: int = 3
+    # What a bare MAIL FROM local part is qualified with (empty: the host
+    # name, as Postfix's myorigin defaults to myhostname).
+    default_domain: str = ""
     # Per-connection debug lines cost a log event each even when filtered
     # out; they are only built when the log level asks for them.
     log_sessions: bool = False
@@ -102,6 +106,7 @@ def session_settings(config: Config) -> SessionSettings:
         allow_insecure_auth=config.smtp_allow_insecure_auth,
         max_errors=config.smtp_max_errors,
         max_auth_failures=config.smtp_auth_max_failures,
+        default_domain=default_domain(config.smtp_default_domain, config.graph_sender),
         log_sessions=config.log_level == "debug",
     )
 
@@ -645,7 +650,8 @@ class RelayProtocol(ESMTP):
             self._error(530, "5.7.0", "Authentication required")
             return
         try:
-            parsed = parse_mail(argument, self.settings.max_message_size)
+            domain = self.settings.default_domain or self.settings.hostname
+            parsed = parse_mail(argument, self.settings.max_message_size, domain)
         except CommandError as e:
             self._error_reply(e.reply)
             return

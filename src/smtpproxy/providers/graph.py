@@ -204,7 +204,8 @@ class GraphProvider:
 
     async def _send(self, email: Email) -> None:
         deadline = self._reactor.seconds() + self._config.graph_send_timeout
-        plan = plan_delivery(email, self._senders, self._config.graph_send_mode)
+        domain = self._config.smtp_default_domain
+        plan = plan_delivery(email, self._senders, self._config.graph_send_mode, domain)
         try:
             reply = await self._carry_out(plan, deadline)
         except GraphRequestError as rejected:
@@ -221,7 +222,7 @@ class GraphProvider:
                 mailbox=plan.mailbox,
                 graph_code=rejected.graph_code,
             )
-            plan = plan_delivery(email, self._senders, "json")
+            plan = plan_delivery(email, self._senders, "json", domain)
             reply = await self._carry_out(plan, deadline)
         log.info(
             "Graph accepted the message",
@@ -237,6 +238,10 @@ class GraphProvider:
         emit = log.warn if self._config.graph_send_mode == "mime" else log.info
         for note in plan.notes:
             emit("adjusting how the message is sent", mailbox=plan.mailbox, note=note)
+        for warning in plan.warnings:
+            # A header we write was trimmed rather than have Graph bounce the
+            # message; say so, since nobody else will.
+            log.warn("adjusting the message's headers", mailbox=plan.mailbox, note=warning)
         mailbox = plan.mailbox
         if isinstance(plan, DraftSend):
             return await self._send_draft(plan, deadline)

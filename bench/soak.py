@@ -995,6 +995,7 @@ class GreetingProbe(threading.Thread):
                     self.waits.append(time.monotonic() - started)
                     s.sendall(b"QUIT\r\n")
             except OSError:
+                self.waits.append(time.monotonic() - started)
                 self.failed += 1
             if self.stop.wait(0.1):
                 return

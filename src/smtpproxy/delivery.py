@@ -173,7 +173,7 @@ def _log_warnings(
             "message part kept as is",
             id=message,
             message_id=message_id,
-            warning=clip(warning),
+            detail=clip(warning),
         )
     more = len(warnings) + omitted - MAX_WARNING_LINES
     if more > 0:

@@ -112,6 +112,7 @@ class LogSummary:
         # The level each event was first logged at, for its summary line.
         self._levels: dict[str, Any] = {}
         self._timer: IDelayedCall | None = None
+        self._since = 0.0  # when the interval being counted began
 
     def emit(self, level: Any, event: str, client: str, **fields: object) -> None:
         """Log C{event} (a plain message) from C{client} now, or count it for the summary.
@@ -125,16 +126,22 @@ class LogSummary:
         if self._counter.record(event, client):
             self._log.emit(level, event, client=client, **fields)
         if self._timer is None:
-            self._timer = self._clock.callLater(self.interval, self._interval_over)
+            self._start_interval()
+
+    def _start_interval(self) -> None:
+        self._since = self._clock.seconds()
+        self._timer = self._clock.callLater(self.interval, self._interval_over)
 
     def _interval_over(self) -> None:
         self._timer = None
         self.flush()
         if self._counter:
-            self._timer = self._clock.callLater(self.interval, self._interval_over)
+            self._start_interval()
 
     def flush(self) -> None:
         """Write the summary lines for the interval so far and start a new one."""
+        seconds = round(self._clock.seconds() - self._since, 1)
+        self._since = self._clock.seconds()
         for event, client, count in self._counter.end_interval():
             level = self._levels[event]
             if client is None:
@@ -142,11 +149,11 @@ class LogSummary:
                     level,
                     f"{event} (repeated, other clients)",
                     count=count,
-                    seconds=self.interval,
+                    seconds=seconds,
                 )
             else:
                 self._log.emit(
-                    level, f"{event} (repeated)", client=client, count=count, seconds=self.interval
+                    level, f"{event} (repeated)", client=client, count=count, seconds=seconds
                 )
 
     def stop(self) -> None:

@@ -20,10 +20,8 @@ the timer, from the injected reactor, and the log calls.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 __all__ = ["INTERVAL", "MAX_CLIENTS", "LogSummary", "RepeatCounter"]
 
@@ -110,15 +108,14 @@ class LogSummary:
         self.interval = interval
         self._counter = RepeatCounter(max_keys)
         # The level each event was first logged at, for its summary line.
-        self._levels: dict[str, Any] = {}
+        self._levels: dict[str, LogLevel] = {}
         self._timer: IDelayedCall | None = None
         self._since = 0.0  # when the interval being counted began
 
-    def emit(self, level: Any, event: str, client: str, **fields: object) -> None:
+    def emit(self, level: LogLevel, event: str, client: str, **fields: object) -> None:
         """Log C{event} (a plain message) from C{client} now, or count it for the summary.
 
-        @param level: a C{twisted.logger.LogLevel} (typed loosely: Twisted's
-            constants come from the untyped C{constantly} package).
+        @param level: the level of this line and of its summary lines.
         @param fields: the line's other fields; only the first event of an
             interval is logged with them.
         """

@@ -102,6 +102,8 @@ def start_relay(
     if auth:
         portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))
     options = tls.server_context(*certificate()) if tls_enabled else None
+    if auth:
+        settings.setdefault("auth_users", (USER,))
     session = SessionSettings(hostname="relay.test", auth_enabled=auth, **settings)
     if guard is None:
         guard = dataclasses.replace(OPEN, auth_enabled=auth)

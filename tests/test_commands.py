@@ -20,10 +20,13 @@ class CommandTests(SynchronousTestCase):
         return code
 
     def test_split_command(self) -> None:
-        """Verbs are upper-cased; NUL and 8-bit bytes are refused with 500."""
+        """Verbs are upper-cased; CR, LF and NUL get 501, 8-bit bytes 500."""
         self.assertEqual(split_command(b"mail FROM:<a@b.c>"), ("MAIL", "FROM:<a@b.c>"))
         self.assertEqual(split_command(b"  NOOP  "), ("NOOP", ""))
-        self.assertEqual(self.code(split_command, b"MA\x00IL"), 500)
+        self.assertEqual(self.code(split_command, b"MA\x00IL"), 501)
+        self.assertEqual(self.code(split_command, b"EHLO a\rb"), 501)
+        self.assertEqual(self.code(split_command, b"NOOP a\nb"), 501)
+        self.assertEqual(self.code(split_command, b"NOOP\r"), 501)
         self.assertEqual(self.code(split_command, "MAIL FROM:<\u00e9@b.c>".encode()), 500)
 
     def test_mail_forms(self) -> None:

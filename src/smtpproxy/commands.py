@@ -54,14 +54,28 @@ class RcptArguments:
     recipient: str
 
 
+def check_line(line: bytes) -> None:
+    """Refuse a CR, LF or NUL inside a line (its CRLF or LF already removed).
+
+    RFC 5321 2.3.8: CR and LF only ever appear together, as the line's end.
+    A bare CR passed on would split our replies (C{EHLO a<CR>b} echoed the
+    argument and gave the client an extra reply line) and is how smuggling
+    tricks start; a NUL ends strings in the software we hand values to.
+
+    @raise CommandError: C{501 5.5.2}, counted as a client error.
+    """
+    if b"\r" in line or b"\n" in line or b"\x00" in line:
+        raise CommandError(501, "5.5.2", "Bare CR, LF or NUL inside a command line")
+
+
 def split_command(line: bytes) -> tuple[str, str]:
     """Split a command line into an upper-case verb and its argument text.
 
-    @raise CommandError: for bytes that cannot appear in a command (NUL,
-        8-bit), so the caller never has to decode anything itself.
+    @raise CommandError: for bytes that cannot appear in a command (CR, LF
+        or NUL inside the line, 8-bit), so the caller never has to decode
+        anything itself.
     """
-    if b"\x00" in line:
-        raise CommandError(500, "5.5.2", "NUL characters are not allowed in commands")
+    check_line(line)
     try:
         text = line.decode("ascii")
     except UnicodeDecodeError:

@@ -10,7 +10,7 @@ C{IMessage} per recipient).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.cred.portal import IRealm
@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpproxy.errors import DeliveryError, reply_for_failure
+from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.message import parse_message
 from smtpproxy.providers import Provider
 
@@ -89,8 +90,10 @@ class RelayMessage:
             "id": self.id,
             "client": self._client,
             "user": self._user,
-            "sender": self._sender,
-            "recipients": self._recipients,
+            "sender": clip(self._sender),
+            # Client-chosen values, bounded so that the line is too.
+            "recipients": clip_list(self._recipients),
+            "recipient_count": len(self._recipients),
             "size": len(raw),
             "provider": self._provider.name,
         }
@@ -103,9 +106,8 @@ class RelayMessage:
             failed_parse: defer.Deferred[str] = defer.fail()
             return failed_parse
         del raw
-        fields["message_id"] = email.message_id
-        for warning in email.warnings:
-            log.warn("message part kept as is", warning=warning, **fields)
+        fields["message_id"] = None if email.message_id is None else clip(email.message_id)
+        _log_warnings(self.id, fields["message_id"], email.warnings, email.warnings_omitted)
 
         def delivered(_: object) -> str:
             if self._log_delivered:
@@ -135,7 +137,7 @@ class RelayMessage:
                     "message not delivered",
                     outcome=outcome,
                     reply=f"{reply.code} {reply.status}",
-                    reason=str(failure.value),
+                    reason=clip(str(failure.value), MAX_REASON),
                     duration_ms=duration,
                     **fields,
                 )
@@ -154,6 +156,28 @@ class RelayMessage:
             # delivered; treat a plain value as success, never as our error.
             sending = defer.succeed(sending)
         return sending.addCallbacks(delivered, failed)
+
+
+def _log_warnings(
+    message: str, message_id: str | None, warnings: Sequence[str], omitted: int
+) -> None:
+    """Log the parser's warnings: the first few, then how many more there were.
+
+    A crafted message can have tens of thousands of defects; one line each,
+    let alone each carrying the envelope, let one message write a gigabyte
+    of log.  These lines carry the message's id and the warning only: the
+    per-message outcome line has the envelope.
+    """
+    for warning in warnings[:MAX_WARNING_LINES]:
+        log.warn(
+            "message part kept as is",
+            id=message,
+            message_id=message_id,
+            detail=clip(warning),
+        )
+    more = len(warnings) + omitted - MAX_WARNING_LINES
+    if more > 0:
+        log.warn("more message parts kept as is", id=message, message_id=message_id, count=more)
 
 
 def _known(failure: Failure) -> bool:

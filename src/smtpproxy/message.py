@@ -66,6 +66,8 @@ class Email:
         CRLF line endings, without any header we add.
     @ivar warnings: human-readable notes about parts that could not be
         decoded; such parts are kept (as attachments or raw) never dropped.
+        At most L{MAX_WARNINGS} are kept.
+    @ivar warnings_omitted: how many more warnings there were.
     """
 
     envelope_from: str
@@ -84,6 +86,7 @@ class Email:
     attachments: tuple[Attachment, ...] = ()
     headers: tuple[tuple[str, str], ...] = field(default=())
     warnings: tuple[str, ...] = ()
+    warnings_omitted: int = 0
 
     @property
     def size(self) -> int:
@@ -158,6 +161,24 @@ MAX_MIME_HEADER = 8 * 1024
 MAX_HEADER_BLOCK = 256 * 1024
 MAX_DEPTH = 32
 MAX_PARTS = 1000
+MAX_WARNINGS = 100
+
+
+class _Warnings(list[str]):
+    """A parse's warnings, of which only the first L{MAX_WARNINGS} are kept.
+
+    A crafted message can have a defect every few bytes; keeping a note for
+    each would cost many times the message's size.  The rest are only
+    counted (L{Email.warnings_omitted}).
+    """
+
+    dropped = 0
+
+    def append(self, warning: str) -> None:
+        if len(self) < MAX_WARNINGS:
+            super().append(warning)
+        else:
+            self.dropped += 1
 
 
 def parse_message(envelope_from: str, envelope_to: Sequence[str], raw: bytes) -> Email:
@@ -193,7 +214,7 @@ class _Parse:
         self.text: str | None = None
         self.html: str | None = None
         self.attachments: list[Attachment] = []
-        self.warnings: list[str] = []
+        self.warnings = _Warnings()
         self.parts = 0
 
     def email(self, envelope_from: str, envelope_to: tuple[str, ...]) -> Email:
@@ -254,6 +275,7 @@ class _Parse:
             attachments=tuple(self.attachments),
             headers=headers,
             warnings=tuple(self.warnings),
+            warnings_omitted=self.warnings.dropped,
         )
 
     # -- headers -----------------------------------------------------------

@@ -27,10 +27,12 @@ from typing import Any, TypeGuard
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, providedBy
+
+from smtpproxy.logsummary import LogSummary
 
 log = Logger(namespace="smtpproxy.proxyheader")
 
@@ -166,8 +168,14 @@ class _HeaderFirstWrapper(ProtocolWrapper):
 
     def _give_up(self) -> None:
         self._timer = None
-        log.warn("no PROXY header received, closing", peer=str(self._tcp.getPeer()))
+        self._log_refusal("no PROXY header received, closing")
         self._tcp.abortConnection()
+
+    def _log_refusal(self, event: str) -> None:
+        """One line per peer address and interval: any peer can repeat this at will."""
+        peer = self._tcp.getPeer()
+        host = str(getattr(peer, "host", peer))
+        self.factory.log_summary.emit(LogLevel.warn, event, host, peer=str(peer))
 
     def dataReceived(self, data: bytes) -> None:
         if self._header is not None:
@@ -206,7 +214,7 @@ class _HeaderFirstWrapper(ProtocolWrapper):
     def _reject(self, why: str) -> None:
         self._stop_timer()
         self._pending = b""
-        log.warn("closing connection: {why}", why=why, peer=str(self._tcp.getPeer()))
+        self._log_refusal(f"closing connection: {why}")
         self._tcp.abortConnection()
 
     def _stop_timer(self) -> None:
@@ -229,6 +237,11 @@ class ProxyHeaderFactory(WrappingFactory):
     def __init__(self, wrapped: Any, reactor: IReactorTime) -> None:
         super().__init__(wrapped)
         self.reactor = reactor
+        self.log_summary = LogSummary(log, reactor)
+
+    def stopFactory(self) -> None:
+        """The listener closed: write the refusals counted so far, stop the timer."""
+        self.log_summary.stop()
 
     def logPrefix(self) -> str:
         return "smtpproxy (PROXY)"

@@ -34,7 +34,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITLSTransport
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.mail.smtp import (
     ESMTP,
@@ -45,11 +45,19 @@ from twisted.mail.smtp import (
 from twisted.python.failure import Failure
 
 from smtpproxy import auth
-from smtpproxy.commands import CommandError, parse_mail, parse_rcpt, split_command
+from smtpproxy.commands import (
+    CommandError,
+    check_line,
+    parse_mail,
+    parse_rcpt,
+    split_command,
+)
 from smtpproxy.config import Config
 from smtpproxy.dotreader import DataReader
 from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.guard import OPEN, Guard
+from smtpproxy.logsafe import LoginNames, clip
+from smtpproxy.logsummary import LogSummary
 from smtpproxy.qualify import default_domain
 from smtpproxy.sendnow import writer_for
 
@@ -89,6 +97,9 @@ class SessionSettings:
     # What a bare MAIL FROM local part is qualified with (empty: the host
     # name, as Postfix's myorigin defaults to myhostname).
     default_domain: str = ""
+    # The configured AUTH user names: a failed login logs one of these as
+    # typed and anything else only as a hash (it may be a mistyped password).
+    auth_users: tuple[str, ...] = ()
     # Per-connection debug lines cost a log event each even when filtered
     # out; they are only built when the log level asks for them.
     log_sessions: bool = False
@@ -107,6 +118,7 @@ def session_settings(config: Config) -> SessionSettings:
         max_errors=config.smtp_max_errors,
         max_auth_failures=config.smtp_auth_max_failures,
         default_domain=default_domain(config.smtp_default_domain, config.graph_sender),
+        auth_users=(config.smtp_username,) if config.auth_enabled else (),
         log_sessions=config.log_level == "debug",
     )
 
@@ -221,10 +233,12 @@ class RelayProtocol(ESMTP):
         if self.factory is not None:
             refusal, self._needs_auth = self.factory.guard.connect(self._peer)
             if refusal is not None:
-                log.info(
+                # A refused client may reconnect in a loop: summarised per address.
+                self.factory.log_summary.emit(
+                    LogLevel.info,
                     "connection refused",
+                    self._peer,
                     session=self.id,
-                    client=self._peer,
                     reply=f"{refusal.code} {refusal.status}",
                     reason=refusal.text,
                 )
@@ -599,11 +613,10 @@ class RelayProtocol(ESMTP):
         self._greeted = True
         self._reset_transaction()
         text = f"{self.settings.hostname} greets {argument} [{self._peer}]"
-        if extended and "\r" not in text:
+        # check_line refused CR and LF in the argument: the text is one line.
+        if extended:
             self._send(b"250-" + text.encode("ascii") + b"\r\n" + self._extension_reply())
             return
-        if extended:
-            text += "\n" + self.listExtensions().decode("ascii")
         self.sendCode(250, text.encode("ascii"))
 
     def do_UNKNOWN(self, argument: str) -> None:
@@ -659,12 +672,13 @@ class RelayProtocol(ESMTP):
             guard = self.factory.guard
             refusal = guard.sender(parsed.sender) or guard.message(self._peer, self.user)
             if refusal is not None:
-                log.info(
+                self.factory.log_summary.emit(
+                    LogLevel.info,
                     "sender refused",
+                    self._peer,
                     session=self.id,
-                    client=self._peer,
                     user=self.user,
-                    sender=parsed.sender,
+                    sender=clip(parsed.sender),
                     reply=f"{refusal.code} {refusal.status}",
                 )
                 self._error_reply(refusal)
@@ -766,11 +780,12 @@ class RelayProtocol(ESMTP):
         if self.factory is not None:
             refusal = self.factory.guard.recipient(parsed.recipient)
             if refusal is not None:
-                log.info(
+                self.factory.log_summary.emit(
+                    LogLevel.info,
                     "recipient refused",
+                    self._peer,
                     session=self.id,
-                    client=self._peer,
-                    recipient=parsed.recipient,
+                    recipient=clip(parsed.recipient),
                 )
                 self._error_reply(refusal)
                 return
@@ -979,6 +994,12 @@ class RelayProtocol(ESMTP):
     def _auth_response(self, line: bytes) -> None:
         assert self._sasl is not None
         mechanism, username = self._sasl
+        try:
+            check_line(line)
+        except CommandError as e:
+            self._end_auth()
+            self._error_reply(e.reply)
+            return
         if line.strip() == b"*":
             self._end_auth()
             self._error(501, "5.0.0", "Authentication cancelled")
@@ -1036,11 +1057,18 @@ class RelayProtocol(ESMTP):
         delay, blocked = 0.0, False
         if self.factory is not None:
             delay, blocked = self.factory.guard.auth_failed(self._peer, self._auth_failures)
+            names = self.factory.login_names
+        else:  # a session under test, without a listener: no user configured
+            names = LoginNames(())
+        # Each failure is its own line: the guard's delays and address ban
+        # already bound how many one address can cause.  The name appears
+        # only when it is a configured user (a password typed into the user
+        # name prompt must not reach the log), otherwise as a keyed hash.
         log.warn(
             "authentication failed",
             session=self.id,
             client=self._peer,
-            username=username,
+            **names.fields(username),
             failures=self._auth_failures,
             blocked=blocked,
         )
@@ -1102,6 +1130,14 @@ class RelayFactory(ServerFactory):
         self.ehlo_cache: dict[tuple[bool, bool], bytes] = {}
         self.stopping = False
         self._drained: list[defer.Deferred[None]] = []
+        # Events a client can repeat at will are logged once per address
+        # and interval, with a count (see smtpproxy.logsummary).
+        self.log_summary = LogSummary(log, reactor)
+        self.login_names = LoginNames(settings.auth_users)
+
+    def stopFactory(self) -> None:
+        """The last listener closed: write the refusals counted so far, stop the timer."""
+        self.log_summary.stop()
 
     def buildProtocol(self, addr: IAddress | None) -> RelayProtocol:  # type: ignore[override]
         protocol = RelayProtocol(self.settings, self.portal, self.tls_options, self.reactor)

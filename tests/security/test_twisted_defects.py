@@ -277,7 +277,8 @@ class AddressEncodingTests(TestCase):
             ],
             [1, 1, 1, 1, 1],
         )
-        self.assertEqual(codes(replies), [220, 250, 500, 500, 555, 250])
+        # The NUL: 501 5.5.2 since SEC-059 (RFC 5321 2.3.8), 8-bit bytes stay 500.
+        self.assertEqual(codes(replies), [220, 250, 500, 501, 555, 250])
 
     @async_test
     async def test_SEC_027_error_budget(self) -> None:

@@ -17,7 +17,9 @@ from typing import IO
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpproxy import config, tap
 from smtpproxy.errors import PermanentDeliveryError
+from smtpproxy.smtp import session_settings
 from smtpproxy.spool import InflightBudget, MessageBody, open_spool_file
 from tests.support import message, open_files_under
 from tests.test_smtp_edges import SHORT_ENVELOPE, Harness, reply_codes, reply_lines
@@ -324,3 +326,47 @@ class SpooledSessionTests(SynchronousTestCase):
         self.assertEqual(reply_codes(transport)[-4:], [250, 250, 354, 250])
         self.assertEqual(len(self.provider.emails), 1)
         self.assertEqual(self.factory.spool.budget.held, 0)
+
+
+class StartupCheckTests(SynchronousTestCase):
+    def options(self, spool_dir: str) -> tap.Options:
+        options = tap.Options(
+            environ={"SMTP_HOSTNAME": "relay.test", "HTTP_LISTEN": "", "SMTP_SPOOL_DIR": spool_dir}
+        )
+        options.parseOptions([])
+        return options
+
+    def test_unusable_spool_dir_stops_startup(self) -> None:
+        """A spool directory that cannot take files stops the relay with one line naming it."""
+        missing = os.path.abspath(self.mktemp())
+        with self.assertRaises(SystemExit) as caught:
+            self.options(missing)
+        self.assertEqual(
+            str(caught.exception),
+            f"smtpproxy: SMTP_SPOOL_DIR: cannot create files in {missing}: "
+            "no such file or directory",
+        )
+
+    def test_spool_settings_reach_the_factory(self) -> None:
+        """The three settings end up in the listener's spool and its shared budget."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        settings = session_settings(
+            config.load(
+                {
+                    "SMTP_SPOOL_DIR": directory,
+                    "SMTP_SPOOL_THRESHOLD": "4096",
+                    "SMTP_MAX_INFLIGHT_BYTES": "65536",
+                },
+                fqdn=lambda: "relay.test",
+            )
+        )
+        self.options(directory)  # the directory passes the startup check
+        spool = Harness(
+            spool_threshold=settings.spool_threshold,
+            spool_dir=settings.spool_dir,
+            max_inflight_bytes=settings.max_inflight_bytes,
+        ).factory.spool
+        self.assertEqual(
+            (spool.threshold, spool.directory, spool.budget.limit), (4096, directory, 65536)
+        )

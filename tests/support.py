@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import os
 import smtplib
 import socket
 import ssl
@@ -250,3 +251,21 @@ class RecordingStream(io.StringIO):
     def flush(self) -> None:
         self.flushes += 1
         super().flush()
+
+
+def open_files_under(directory: str, pid: int | str = "self") -> list[str]:
+    """Where a process's open descriptors point, for those inside C{directory}.
+
+    An unlinked file reads as C{/dir/#inode (deleted)} (or C{/dir/name
+    (deleted)}); descriptors that close while we look are skipped.
+    """
+    base = os.path.abspath(directory) + os.sep
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(base):
+            found.append(target)
+    return found

@@ -6,12 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtpproxy.dotreader import DataReader
+from smtpproxy.dotreader import ChunkList, DataReader
 
 
 def _read(stream: bytes, sizes: list[int], max_size: int = 10**6) -> tuple[bytes | None, bytes]:
     """Feed C{stream} in chunks of the given sizes (cycled); return body and leftover."""
-    reader = DataReader(max_size)
+    sink = ChunkList()
+    reader = DataReader(max_size, sink)
     position = 0
     step = 0
     while position < len(stream):
@@ -19,7 +20,7 @@ def _read(stream: bytes, sizes: list[int], max_size: int = 10**6) -> tuple[bytes
         step += 1
         end = reader.feed(chunk)
         if end is not None:
-            return b"".join(reader.take()), stream[position + end :]
+            return b"".join(sink.chunks), stream[position + end :]
         position += len(chunk)
     return None, b""
 
@@ -48,11 +49,12 @@ class DataReaderTests(SynchronousTestCase):
 
     def test_oversize_is_counted_not_kept(self) -> None:
         """Past the limit the reader keeps nothing but still finds the end marker."""
-        reader = DataReader(max_size=10)
+        sink = ChunkList()
+        reader = DataReader(max_size=10, sink=sink)
         self.assertIsNone(reader.feed(b"0123456789abcdef" * 1000))
         self.assertEqual(reader.feed(b"\r\n.\r\n"), 5)
         self.assertTrue(reader.oversize)
-        self.assertEqual(reader.take(), [])
+        self.assertEqual(sink.chunks, [])
         self.assertEqual(reader.size, 16002)
 
     @given(

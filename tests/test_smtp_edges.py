@@ -493,8 +493,8 @@ class BoundedInputTests(SynchronousTestCase):
         for _ in range(32):
             protocol.dataReceived(b"z" * 65536)
             self.assertEqual(len(protocol._input), 0)
-        assert protocol._reader is not None
-        self.assertEqual(protocol._reader._chunks, [])
+        assert protocol._body is not None
+        self.assertEqual(protocol._body.stored, 0)
         protocol.dataReceived(b"\r\n.\r\nNOOP\r\n")
         self.assertEqual(reply_codes(transport)[-2:], [552, 250])
 

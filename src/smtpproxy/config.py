@@ -44,6 +44,9 @@ class Config:
     smtp_password: str = ""
     smtp_allow_insecure_auth: bool = False
     smtp_max_message_size: int = 26_214_400
+    smtp_spool_threshold: int = 1_048_576
+    smtp_spool_dir: str = ""
+    smtp_max_inflight_bytes: int = 268_435_456
     smtp_max_recipients: int = 500
     smtp_command_timeout: float = 300.0
     smtp_data_timeout: float = 600.0
@@ -278,6 +281,24 @@ SETTINGS: tuple[Setting, ...] = (
         "offer AUTH before STARTTLS",
     ),
     Setting("SMTP_MAX_MESSAGE_SIZE", "smtp_max_message_size", _positive_int, "bytes per message"),
+    Setting(
+        "SMTP_SPOOL_THRESHOLD",
+        "smtp_spool_threshold",
+        _positive_int,
+        "body bytes kept in memory before a message is spooled to disk",
+    ),
+    Setting(
+        "SMTP_SPOOL_DIR",
+        "smtp_spool_dir",
+        _text,
+        "directory for spooled bodies (default: the system temp dir)",
+    ),
+    Setting(
+        "SMTP_MAX_INFLIGHT_BYTES",
+        "smtp_max_inflight_bytes",
+        _positive_int,
+        "body bytes in memory across all sessions before new DATA spools at once",
+    ),
     Setting("SMTP_MAX_RECIPIENTS", "smtp_max_recipients", _positive_int, "RCPT per message"),
     Setting("SMTP_COMMAND_TIMEOUT", "smtp_command_timeout", _seconds, "idle seconds per command"),
     Setting("SMTP_DATA_TIMEOUT", "smtp_data_timeout", _seconds, "idle seconds inside DATA"),

@@ -26,6 +26,7 @@ from smtpproxy.errors import DeliveryError, reply_for_failure
 from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.message import parse_message
 from smtpproxy.providers import Provider
+from smtpproxy.spool import MessageBody
 
 log = Logger(namespace="smtpproxy.delivery")
 # Message ids need to be distinct, not unguessable (see new_message_id).
@@ -46,9 +47,11 @@ def new_message_id() -> str:
 class RelayMessage:
     """One transaction's message: collects the body, then hands it to the provider.
 
-    Body bytes arrive in chunks (L{chunkReceived}); the line-based
-    C{lineReceived} of C{IMessage} is supported for completeness but the
-    protocol never uses it on the hot path.
+    The protocol hands over the whole body at once (L{bodyReceived}), in
+    memory or spooled to disk, and keeps ownership of it: it closes the body
+    once delivery has finished.  The chunk- and line-based C{chunkReceived}
+    and C{lineReceived} of C{IMessage} are supported for completeness, into
+    a body of this message's own.
     """
 
     def __init__(
@@ -69,23 +72,29 @@ class RelayMessage:
         self._recipients = recipients
         self._client = client
         self._user = user
-        self._chunks: list[bytes] = []
+        self._body: MessageBody | None = None
+
+    def bodyReceived(self, body: MessageBody) -> None:
+        """The complete body, read back by L{eomReceived}."""
+        self._body = body
 
     def chunkReceived(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
+        if self._body is None:
+            self._body = MessageBody()
+        self._body.write(chunk)
 
     def lineReceived(self, line: bytes) -> None:
-        self._chunks.append(line + b"\r\n")
+        self.chunkReceived(line + b"\r\n")
 
     def connectionLost(self) -> None:
-        """The transaction was abandoned: forget the body."""
-        self._chunks = []
+        """The transaction was abandoned: forget the body (its owner closes it)."""
+        self._body = None
 
     def eomReceived(self) -> defer.Deferred[str]:
         """Parse and deliver; fire with the message id once the provider accepted it."""
         started = self._reactor.seconds()
-        raw = b"".join(self._chunks)
-        self._chunks = []
+        raw = self._body.read() if self._body is not None else b""
+        self._body = None
         fields: dict[str, Any] = {
             "id": self.id,
             "client": self._client,

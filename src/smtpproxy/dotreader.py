@@ -6,8 +6,13 @@ command mode (so the rest of the body runs as commands), and a client that
 never sends CRLF grows the line buffer without limit.  This reader works on
 whole chunks with C{bytes.find} and C{bytes.replace}, holds back at most four
 bytes between chunks, and stops storing (but keeps counting) once the
-message is larger than allowed, so memory per session is bounded by the size
-limit whatever the client sends.
+message is larger than allowed, so what a session stores is bounded by the
+size limit whatever the client sends.
+
+The reader stores nothing itself: it writes the unstuffed content into a
+sink (L{BodySink}), which the session chooses.  The relay's sink is a
+L{smtpproxy.spool.MessageBody}, which keeps a small body in memory and
+moves a large one to disk; L{ChunkList} keeps everything in memory.
 
 Only C{CRLF . CRLF} ends a message.  A bare LF or CR never does, so the
 "SMTP smuggling" trick of hiding a second message behind C{LF . LF} cannot
@@ -16,8 +21,33 @@ work here.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 _MARKER = b"\r\n.\r\n"
 _STUFFED = b"\r\n."
+
+
+class BodySink(Protocol):
+    """Where the reader puts the message content."""
+
+    def write(self, data: bytes) -> None:
+        """Store the next piece of content (never empty)."""
+
+    def discard(self) -> None:
+        """The message is over the size limit: forget what was stored."""
+
+
+class ChunkList:
+    """A sink that keeps every chunk in a list."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def discard(self) -> None:
+        self.chunks = []
 
 
 class DataReader:
@@ -27,13 +57,14 @@ class DataReader:
         including any that were discarded for being over the limit.
     @ivar oversize: True once C{size} passed C{max_size}; the content is no
         longer kept, and the caller must reject the message.
+    @ivar sink: where the content goes (a L{ChunkList} unless given).
     """
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, sink: BodySink | None = None) -> None:
         self.max_size = max_size
         self.size = 0
         self.oversize = False
-        self._chunks: list[bytes] = []
+        self.sink: BodySink = sink if sink is not None else ChunkList()
         # The body starts at the start of a line: pretend a CRLF came first so
         # a leading "." is unstuffed and an immediate ".\r\n" ends the body.
         self._tail = b"\r\n"
@@ -71,15 +102,10 @@ class DataReader:
             return
         if self.size > self.max_size:
             self.oversize = True
-            self._chunks.clear()
+            self.sink.discard()
             return
         if chunk:
-            self._chunks.append(chunk)
-
-    def take(self) -> list[bytes]:
-        """Hand over the stored chunks (and forget them)."""
-        chunks, self._chunks = self._chunks, []
-        return chunks
+            self.sink.write(chunk)
 
 
 def _partial_marker(data: bytes) -> int:

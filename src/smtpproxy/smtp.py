@@ -60,6 +60,7 @@ from smtpproxy.logsafe import LoginNames, clip
 from smtpproxy.logsummary import LogSummary
 from smtpproxy.qualify import default_domain
 from smtpproxy.sendnow import writer_for
+from smtpproxy.spool import InflightBudget, MessageBody, Spool
 
 log = Logger(namespace="smtpproxy.smtp")
 
@@ -87,6 +88,12 @@ class SessionSettings:
 
     hostname: str
     max_message_size: int = 26_214_400
+    # Bodies past spool_threshold go to an unlinked file in spool_dir ("":
+    # the system's temp dir); past max_inflight_bytes held in memory by all
+    # sessions together, new bodies go there at once.
+    spool_threshold: int = 1_048_576
+    spool_dir: str = ""
+    max_inflight_bytes: int = 268_435_456
     max_recipients: int = 500
     command_timeout: float = 300.0
     data_timeout: float = 600.0
@@ -110,6 +117,9 @@ def session_settings(config: Config) -> SessionSettings:
     return SessionSettings(
         hostname=config.smtp_hostname,
         max_message_size=config.smtp_max_message_size,
+        spool_threshold=config.smtp_spool_threshold,
+        spool_dir=config.smtp_spool_dir,
+        max_inflight_bytes=config.smtp_max_inflight_bytes,
         max_recipients=config.smtp_max_recipients,
         command_timeout=config.smtp_command_timeout,
         data_timeout=config.smtp_data_timeout,
@@ -195,6 +205,7 @@ class RelayProtocol(ESMTP):
     _greeted = False
     _errors = 0
     _reader: DataReader | None = None
+    _body: MessageBody | None = None
     _sasl: tuple[str, bytes | None] | None = None
     _peer = ""
     _admitted = False
@@ -829,7 +840,11 @@ class RelayProtocol(ESMTP):
             self.sendCode(*_reply_args(reply_for_failure(e)))
             return
         self._messages = messages
-        self._reader = DataReader(self.settings.max_message_size)
+        if self.factory is not None:
+            self._body = self.factory.spool.body()
+        else:
+            self._body = MessageBody(self.settings.spool_threshold, None, self.settings.spool_dir)
+        self._reader = DataReader(self.settings.max_message_size, self._body)
         self._data_started = self._clock.seconds()
         self.mode = DATA
         self.setTimeout(self.settings.data_timeout)
@@ -858,42 +873,47 @@ class RelayProtocol(ESMTP):
         return elapsed > allowed
 
     def _end_of_data(self) -> None:
-        reader, messages = self._reader, self._messages
-        assert reader is not None
+        reader, messages, body = self._reader, self._messages, self._body
+        assert reader is not None and body is not None
         self._reader = None
+        self._body = None
         self._messages = []
         self.mode = COMMAND
         self.setTimeout(self.settings.command_timeout)
-        if reader.oversize:
+        if not reader.oversize:
+            body.finish()
+        if reader.oversize or body.error is not None:
+            body.close()
             for message in messages:
                 message.connectionLost()
             self._reset_transaction()
-            self._reply(
-                552,
-                "5.3.4",
-                f"Message too big: this server accepts at most "
-                f"{self.settings.max_message_size} bytes",
-            )
+            if reader.oversize:
+                self._reply(
+                    552,
+                    "5.3.4",
+                    f"Message too big: this server accepts at most "
+                    f"{self.settings.max_message_size} bytes",
+                )
+            else:
+                self._spool_failed(body, reader.size)
             self._stop_if_shutting_down()
             return
-        chunks = reader.take()
         for message in messages:
-            for chunk in chunks:
-                message.chunkReceived(chunk)
-        del chunks
+            message.bodyReceived(body)
         self._reset_transaction()
+        # A spooled body is read back into memory only when the shared
+        # budget has room for it (see smtpproxy.spool.InflightBudget).
+        waiting = body.claim()
         d: defer.Deferred[Any]
-        if len(messages) == 1:
-            # Our own delivery always makes one message per transaction.
-            try:
-                d = messages[0].eomReceived()
-            except Exception:
-                d = defer.fail()
+        if waiting is None:
+            d = self._deliver(messages)
         else:
-            results = [defer.maybeDeferred(message.eomReceived) for message in messages]
-            d = defer.gatherResults(results, consumeErrors=True)
+            d = waiting.addCallback(lambda _: self._deliver(messages))
 
         def answer(result: object) -> None:
+            # Delivered, refused or failed: the body (its file, its share
+            # of the memory budget) is released here and nowhere later.
+            body.close()
             if isinstance(result, Failure):
                 error = result.value
                 if isinstance(error, defer.FirstError):
@@ -909,6 +929,30 @@ class RelayProtocol(ESMTP):
             d = defer.succeed(d)
         self._busy_with(d, answer)
 
+    def _deliver(self, messages: list[Any]) -> defer.Deferred[Any]:
+        if len(messages) == 1:
+            # Our own delivery always makes one message per transaction.
+            try:
+                d: defer.Deferred[Any] = messages[0].eomReceived()
+            except Exception:
+                log.failure("delivery could not start", session=self.id)
+                d = defer.fail()
+            return d
+        results = [defer.maybeDeferred(message.eomReceived) for message in messages]
+        return defer.gatherResults(results, consumeErrors=True)
+
+    def _spool_failed(self, body: MessageBody, size: int) -> None:
+        """The disk refused the body: the client may retry; nothing was accepted."""
+        error = body.error
+        log.warn(
+            "message body could not be spooled",
+            session=self.id,
+            client=self._peer,
+            size=size,
+            reason=(error.strerror or str(error)) if error is not None else None,
+        )
+        self._reply(452, "4.3.1", "Insufficient system storage, try again later")
+
     def _abandon_message(self) -> None:
         for message in self._messages:
             try:
@@ -917,6 +961,11 @@ class RelayProtocol(ESMTP):
                 log.failure("message cleanup failed", session=self.id)
         self._messages = []
         self._reader = None
+        if self._body is not None:
+            # Connection lost, timed out or cut off at shutdown mid-DATA:
+            # the spool file goes now, not when the session is collected.
+            self._body.close()
+            self._body = None
 
     def _reset_transaction(self) -> None:
         self._from = None
@@ -1126,6 +1175,12 @@ class RelayFactory(ServerFactory):
         self.tls_options = tls_options
         self.reactor = reactor
         self.sessions: set[RelayProtocol] = set()
+        # One budget for the body bytes held in memory by all sessions.
+        self.spool = Spool(
+            settings.spool_threshold,
+            settings.spool_dir or None,
+            InflightBudget(settings.max_inflight_bytes),
+        )
         # EHLO's keyword lines by (STARTTLS offered, AUTH offered).
         self.ehlo_cache: dict[tuple[bool, bool], bytes] = {}
         self.stopping = False

@@ -21,7 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from smtpproxy import __version__, config, policy, providers, proxyheader, tls
+from smtpproxy import __version__, config, policy, providers, proxyheader, spool, tls
 from smtpproxy import http as health
 from smtpproxy import logging as jsonlog
 from smtpproxy.auth import StaticPasswordChecker
@@ -85,8 +85,20 @@ class Options(usage.Options):
                 cert, key = tls.self_signed(settings.smtp_hostname)
         except tls.TLSConfigError as e:
             raise SystemExit(f"smtpproxy: {e}") from None
+        _check_spool_dir(settings.smtp_spool_dir)
         self["settings"] = settings
         self["certificate"] = (cert, key)
+
+
+def _check_spool_dir(directory: str) -> None:
+    """Large bodies go to this directory: find out now, not at the first big message."""
+    try:
+        spool.open_spool_file(directory or None).close()
+    except OSError as e:
+        where = directory or "the system temp directory"
+        raise SystemExit(
+            f"smtpproxy: SMTP_SPOOL_DIR: cannot create files in {where}: {_why(e)}"
+        ) from None
 
 
 def _why(error: Exception) -> str:

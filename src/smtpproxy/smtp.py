@@ -964,6 +964,18 @@ class RelayProtocol(ESMTP):
         if not self.canStartTLS:
             self._reply(454, "4.7.0", "TLS not available")
             return
+        assert self.ctx is not None  # canStartTLS says so
+        try:
+            # Built and cached at start-up (tls.server_context); should
+            # OpenSSL refuse it here all the same, the plain session is
+            # still intact and can say so.  Inside startTLS the same
+            # refusal left the transport half-switched and the session
+            # never ended (issue 9, L2).
+            self.ctx.getContext()
+        except Exception as e:
+            log.warn("TLS context refused", session=self.id, client=self._peer, error=repr(e))
+            self._reply(454, "4.7.0", "TLS not available due to temporary reason")
+            return
         self._reply(220, "2.0.0", "Ready to start TLS")
         # Anything the client pipelined behind STARTTLS arrived in plaintext
         # and must not run inside the TLS session (CVE-2011-0411 class).
@@ -972,9 +984,9 @@ class RelayProtocol(ESMTP):
         try:
             self._tcp.startTLS(self.ctx)
         except Exception as e:
-            # The context is built and checked at start-up, so this is not
-            # expected; if it happens the transport may be half-switched
-            # and never report the end, so the session releases itself.
+            # Not expected once the context exists; if it happens the
+            # transport may be half-switched and never report the end, so
+            # the session releases itself.
             log.warn("STARTTLS failed", session=self.id, client=self._peer, error=repr(e))
             self.connectionLost(None)
             self._tcp.abortConnection()

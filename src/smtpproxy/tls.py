@@ -172,7 +172,9 @@ def _key_pem(key: _TLSKey) -> bytes:
 # --- loading the operator's files ---------------------------------------
 
 
-def load_files(cert_path: str, key_path: str, now: datetime | None = None) -> tuple[bytes, bytes]:
+def load_files(
+    cert_path: str, key_path: str, *, now: datetime | None = None
+) -> tuple[bytes, bytes]:
     """Read and check a PEM certificate chain and its private key.
 
     The certificate file holds the server certificate first, then any

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa, x25519
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IReactorSSL
@@ -29,7 +29,10 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+_AnyKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | dsa.DSAPrivateKey
+
+
+def _key_pem(key: _AnyKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -324,6 +327,98 @@ class LoadFilesTests(SynchronousTestCase):
         )
         path = self.write("x25519.pem", key)
         self.assertFails(self.write("c.pem", self.cert), path, "TLS_KEY_FILE", path, "cannot sign")
+
+
+def _valid_between(key: _AnyKey, start: datetime, end: datetime) -> tuple[bytes, bytes]:
+    """A self-signed certificate for C{key} valid from C{start} to C{end}, and the key, as PEM."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .sign(key, hashes.SHA256())
+    )
+    return _pem(cert), _key_pem(key)
+
+
+class StrengthAndValidityTests(SynchronousTestCase):
+    """L{tls.load_files} refuses weak keys and certificates outside their validity."""
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+
+    def pair(
+        self,
+        key: _AnyKey,
+        start: datetime = NOW - timedelta(days=1),
+        end: datetime = NOW + timedelta(days=1),
+    ) -> tuple[str, str]:
+        """Write a self-signed certificate for C{key} valid from C{start} to C{end}."""
+        paths = []
+        for name_, data in zip(("c.pem", "k.pem"), _valid_between(key, start, end), strict=True):
+            paths.append(os.path.join(self.dir, name_))
+            with open(paths[-1], "wb") as f:
+                f.write(data)
+        return paths[0], paths[1]
+
+    def refusal(self, paths: tuple[str, str]) -> str:
+        return str(self.assertRaises(tls.TLSConfigError, tls.load_files, *paths, now=NOW))
+
+    def test_rsa_sizes(self) -> None:
+        """RSA 2047 bits is refused naming the key file; 2048 loads."""
+        paths = self.pair(rsa.generate_private_key(65537, 2047))  # noqa: S505 - must be refused
+        message = self.refusal(paths)
+        self.assertTrue(message.startswith(f"TLS_KEY_FILE {paths[1]!r}: "), message)
+        self.assertIn("2047 bits; at least 2048", message)
+        tls.load_files(*self.pair(rsa.generate_private_key(65537, 2048)), now=NOW)
+
+    def test_ec_sizes(self) -> None:
+        """EC P-224 is refused; P-256 and P-384 load."""
+        self.assertIn("224 bits", self.refusal(self.pair(ec.generate_private_key(ec.SECP224R1()))))
+        for curve in (ec.SECP256R1(), ec.SECP384R1()):
+            tls.load_files(*self.pair(ec.generate_private_key(curve)), now=NOW)
+
+    def test_dsa(self) -> None:
+        """A DSA key is refused: TLS 1.2+ with our suites cannot use it."""
+        key = dsa.generate_private_key(2048)
+        self.assertIn("DSA", self.refusal(self.pair(key)))
+
+    def test_validity_window(self) -> None:
+        """Expired and not-yet-valid certificates are refused naming the certificate file."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        expired = self.pair(key, NOW - timedelta(days=10), NOW - timedelta(seconds=1))
+        message = self.refusal(expired)
+        self.assertTrue(message.startswith(f"TLS_CERT_FILE {expired[0]!r}: "), message)
+        self.assertIn("expired on 2026-02-23T11:59:59Z", message)
+        early = self.pair(key, NOW + timedelta(minutes=5), NOW + timedelta(days=10))
+        self.assertIn("not valid until 2026-02-23T12:05:00Z", self.refusal(early))
+
+
+class ServerContextTests(SynchronousTestCase):
+    """L{tls.server_context} builds the OpenSSL context at once, with our suites."""
+
+    def test_openssl_refusal_is_a_config_error(self) -> None:
+        """A key OpenSSL refuses raises L{tls.TLSConfigError} with its reason, not later."""
+        key = rsa.generate_private_key(65537, 1024)  # noqa: S505 - weak on purpose: must be refused
+        now = datetime.now(UTC)
+        cert, key_pem = _valid_between(key, now - timedelta(days=1), now + timedelta(days=1))
+        error = self.assertRaises(
+            tls.TLSConfigError, tls.server_context, cert, key_pem, "TLS_CERT_FILE 'x.pem'"
+        )
+        self.assertEqual(str(error), "TLS_CERT_FILE 'x.pem': OpenSSL refuses it (ee key too small)")
+
+    def test_suites(self) -> None:
+        """TLS 1.2 suites are ECDHE with AES-GCM or ChaCha20-Poly1305, nothing else."""
+        suites = tls.TLS12_CIPHERS.split(":")
+        self.assertEqual(len(suites), 6)
+        for suite in suites:
+            self.assertTrue(suite.startswith(("ECDHE-ECDSA-", "ECDHE-RSA-")), suite)
+            self.assertTrue(suite.endswith(("-GCM-SHA256", "-GCM-SHA384", "-POLY1305")), suite)
 
 
 class _Greeter(protocol.Protocol):

@@ -49,6 +49,7 @@ class Config:
     smtp_max_inflight_bytes: int = 268_435_456
     smtp_max_recipients: int = 500
     smtp_command_timeout: float = 300.0
+    smtp_greeting_timeout: float = 30.0
     smtp_data_timeout: float = 600.0
     smtp_shutdown_timeout: float = 30.0
     smtp_allowed_networks: policy.Networks | None = None
@@ -301,6 +302,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("SMTP_MAX_RECIPIENTS", "smtp_max_recipients", _positive_int, "RCPT per message"),
     Setting("SMTP_COMMAND_TIMEOUT", "smtp_command_timeout", _seconds, "idle seconds per command"),
+    Setting(
+        "SMTP_GREETING_TIMEOUT",
+        "smtp_greeting_timeout",
+        _seconds,
+        "idle seconds before the first command (5 s while nearly full)",
+    ),
     Setting("SMTP_DATA_TIMEOUT", "smtp_data_timeout", _seconds, "idle seconds inside DATA"),
     Setting(
         "SMTP_SHUTDOWN_TIMEOUT",

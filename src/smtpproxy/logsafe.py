@@ -60,7 +60,7 @@ def _json_size(char: str) -> int:
     code = ord(char)
     if char in '"\\\b\f\n\r\t':
         return 2
-    if code < 0x20 or 0x7F < code <= 0xFFFF:
+    if code < 0x20 or 0x7F <= code <= 0xFFFF:  # DEL is escaped too
         return 6
     if code > 0xFFFF:
         return 12  # a surrogate pair of \\uXXXX escapes

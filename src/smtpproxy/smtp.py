@@ -58,6 +58,7 @@ from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.guard import OPEN, Guard
 from smtpproxy.logsafe import LoginNames, clip
 from smtpproxy.logsummary import LogSummary
+from smtpproxy.pressure import IdleLimits, idle_limits, stressed
 from smtpproxy.qualify import default_domain
 from smtpproxy.sendnow import writer_for
 from smtpproxy.spool import InflightBudget, MessageBody, Spool
@@ -76,6 +77,9 @@ PAUSE_INPUT_AT = 64 * 1024
 # A closed session whose peer does not take our last bytes (or never
 # finishes a TLS handshake) is cut off after this many seconds.
 CLOSE_GRACE = 10.0
+# At shutdown, sessions forced closed get this long to report their end;
+# after that the stop goes ahead without them (see RelayFactory._give_up).
+FORCE_GRACE = 2.0
 # DATA must keep up this average rate once SMTP_DATA_TIMEOUT has passed
 # (Postfix's smtpd_min_data_rate idea): a client trickling a byte at a time
 # cannot hold a session for ever by resetting the idle timer.
@@ -96,6 +100,9 @@ class SessionSettings:
     max_inflight_bytes: int = 268_435_456
     max_recipients: int = 500
     command_timeout: float = 300.0
+    # Before the first command, and again after STARTTLS (never longer
+    # than the command timeout).
+    greeting_timeout: float = 30.0
     data_timeout: float = 600.0
     auth_enabled: bool = False
     allow_insecure_auth: bool = False
@@ -122,6 +129,7 @@ def session_settings(config: Config) -> SessionSettings:
         max_inflight_bytes=config.smtp_max_inflight_bytes,
         max_recipients=config.smtp_max_recipients,
         command_timeout=config.smtp_command_timeout,
+        greeting_timeout=config.smtp_greeting_timeout,
         data_timeout=config.smtp_data_timeout,
         auth_enabled=config.auth_enabled,
         allow_insecure_auth=config.smtp_allow_insecure_auth,
@@ -203,6 +211,9 @@ class RelayProtocol(ESMTP):
     _stopping = False
     _discarding_line = False
     _greeted = False
+    # A command arrived since the greeting (or since STARTTLS): the idle
+    # limit is then the command timeout, before it the greeting timeout.
+    _commanded = False
     _errors = 0
     _reader: DataReader | None = None
     _body: MessageBody | None = None
@@ -257,8 +268,9 @@ class RelayProtocol(ESMTP):
                 self._close()
                 return
             self._admitted = True
+            self.factory.load_changed()
         self._reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
-        self.setTimeout(self.timeout)
+        self.setTimeout(self._limits().greeting)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._abandon_message()
@@ -271,6 +283,7 @@ class RelayProtocol(ESMTP):
             if self._admitted:
                 self._admitted = False
                 self.factory.guard.disconnect(self._peer)
+                self.factory.load_changed()
             self.factory.session_ended(self)
         if self.settings.log_sessions:
             log.debug("session closed", session=self.id, client=self._peer)
@@ -303,6 +316,34 @@ class RelayProtocol(ESMTP):
         """Input arrived: the idle period starts again."""
         if self.timeOut is not None:
             self._deadline = self._clock.seconds() + self.timeOut
+
+    def _limits(self) -> IdleLimits:
+        if self.factory is not None:
+            return self.factory.idle_limits
+        s = self.settings
+        return idle_limits(s.greeting_timeout, s.command_timeout, False)
+
+    def apply_idle_limits(self) -> None:
+        """The relay's stress changed: re-derive this session's idle limit.
+
+        Only a session idling in command mode is affected (not one inside
+        DATA, waiting on a delivery, or closing).  The time already idle
+        counts: the deadline moves by the difference between the limits.
+        """
+        if self._closing or self._busy or self.mode == DATA:
+            return
+        period = self._limits().command if self._commanded else self._limits().greeting
+        if self.timeOut is None or self._deadline is None or period == self.timeOut:
+            return
+        self._deadline += period - self.timeOut
+        self.timeOut = period
+        timer = self._timer
+        if timer is not None and timer.getTime() > self._deadline:
+            self._cancel_timer()
+            timer = None
+        if timer is None:
+            left = max(self._deadline - self._clock.seconds(), 0.0)
+            self._timer = self.callLater(left, self._idle_check)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -344,6 +385,12 @@ class RelayProtocol(ESMTP):
         if not self._in_transaction():
             self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
+
+    def force_close(self) -> None:
+        """Shutdown timed out: say so if we still can, abort after a short grace."""
+        if not self._closing:
+            self._reply(421, "4.3.2", "Shutting down, message not accepted, try later")
+        self._close(grace=1.0)
 
     def _in_transaction(self) -> bool:
         return self._busy or self.mode == DATA
@@ -476,6 +523,9 @@ class RelayProtocol(ESMTP):
             self._update_reading()
 
     def _command(self, line: bytes) -> None:
+        if not self._commanded:
+            self._commanded = True
+            self.setTimeout(self._limits().command)
         try:
             verb, argument = split_command(line)
         except CommandError as e:
@@ -522,7 +572,7 @@ class RelayProtocol(ESMTP):
             if self._closing or self._stop_if_shutting_down():
                 return
             if not synchronous:
-                self.setTimeout(self.settings.command_timeout)
+                self.setTimeout(self._limits().command)
                 self._process()
 
         d.addBoth(done)
@@ -879,7 +929,7 @@ class RelayProtocol(ESMTP):
         self._body = None
         self._messages = []
         self.mode = COMMAND
-        self.setTimeout(self.settings.command_timeout)
+        self.setTimeout(self._limits().command)
         if not reader.oversize:
             body.finish()
         if reader.oversize or body.error is not None:
@@ -984,13 +1034,38 @@ class RelayProtocol(ESMTP):
         if not self.canStartTLS:
             self._reply(454, "4.7.0", "TLS not available")
             return
+        assert self.ctx is not None  # canStartTLS says so
+        try:
+            # Built and cached at start-up (tls.server_context); should
+            # OpenSSL refuse it here all the same, the plain session is
+            # still intact and can say so.  Inside startTLS the same
+            # refusal left the transport half-switched and the session
+            # never ended (issue 9, L2).
+            self.ctx.getContext()
+        except Exception as e:
+            log.warn("TLS context refused", session=self.id, client=self._peer, error=repr(e))
+            self._reply(454, "4.7.0", "TLS not available due to temporary reason")
+            return
         self._reply(220, "2.0.0", "Ready to start TLS")
         # Anything the client pipelined behind STARTTLS arrived in plaintext
         # and must not run inside the TLS session (CVE-2011-0411 class).
         self._input.clear()
         self._flush()  # the 220 must leave in plaintext, before the handshake
-        self._tcp.startTLS(self.ctx)
+        try:
+            self._tcp.startTLS(self.ctx)
+        except Exception as e:
+            # Not expected once the context exists; if it happens the
+            # transport may be half-switched and never report the end, so
+            # the session releases itself.
+            log.warn("STARTTLS failed", session=self.id, client=self._peer, error=repr(e))
+            self.connectionLost(None)
+            self._tcp.abortConnection()
+            return
         self.startedTLS = True
+        # The handshake and the new EHLO must come within the greeting
+        # limit: a client that stalls mid-handshake is idle before a command.
+        self._commanded = False
+        self.setTimeout(self._limits().greeting)
         # RFC 3207 4.2: forget everything learned before TLS.
         self._greeted = False
         self._helo = (None, self._peer.encode("ascii", "replace"))
@@ -1185,6 +1260,10 @@ class RelayFactory(ServerFactory):
         self.ehlo_cache: dict[tuple[bool, bool], bytes] = {}
         self.stopping = False
         self._drained: list[defer.Deferred[None]] = []
+        self._give_up_call: IDelayedCall | None = None
+        # Connection storms: see smtpproxy.pressure for the rule.
+        self.stressed = False
+        self.idle_limits = idle_limits(settings.greeting_timeout, settings.command_timeout, False)
         # Events a client can repeat at will are logged once per address
         # and interval, with a count (see smtpproxy.logsummary).
         self.log_summary = LogSummary(log, reactor)
@@ -1202,15 +1281,51 @@ class RelayFactory(ServerFactory):
     def session_ended(self, session: RelayProtocol) -> None:
         self.sessions.discard(session)
         if not self.sessions:
-            drained, self._drained = self._drained, []
-            for d in drained:
-                d.callback(None)
+            self._finish_drain()
+
+    def _finish_drain(self) -> None:
+        if self._give_up_call is not None and self._give_up_call.active():
+            self._give_up_call.cancel()
+        self._give_up_call = None
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
+
+    def load_changed(self) -> None:
+        """A session was admitted or released: enter or leave the stressed state.
+
+        On a change every open session re-derives its idle limit once; the
+        gap between entering and leaving (L{smtpproxy.pressure}) keeps that
+        from happening on every connection at the threshold.
+        """
+        counter = self.guard.connections
+        now = stressed(counter.total, counter.max_total, self.stressed)
+        if now == self.stressed:
+            return
+        self.stressed = now
+        s = self.settings
+        self.idle_limits = idle_limits(s.greeting_timeout, s.command_timeout, now)
+        log.warn(
+            "session table nearly full: idle limits shortened"
+            if now
+            else "session table has room again: idle limits restored",
+            sessions=counter.total,
+            max_sessions=counter.max_total,
+            greeting_timeout=self.idle_limits.greeting,
+            command_timeout=self.idle_limits.command,
+        )
+        for session in list(self.sessions):
+            session.apply_idle_limits()
 
     def shutdown(self, timeout: float) -> defer.Deferred[None]:
-        """Close idle sessions now, the rest after their transaction; force after C{timeout}."""
+        """Close idle sessions now, the rest after their transaction; force after C{timeout}.
+
+        The result fires at most C{timeout} + L{FORCE_GRACE} seconds later,
+        whatever state the sessions are in (see L{_give_up}).
+        """
         self.stopping = True
         for session in list(self.sessions):
-            session.shutdown()
+            _guarded(session, session.shutdown)
         if not self.sessions:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
@@ -1225,8 +1340,31 @@ class RelayFactory(ServerFactory):
         return d
 
     def _force_close(self) -> None:
+        self._give_up_call = self.reactor.callLater(FORCE_GRACE, self._give_up)
         for session in list(self.sessions):
             log.warn("closing session still busy at shutdown", session=session.id)
-            if not session._closing:
-                session._reply(421, "4.3.2", "Shutting down, message not accepted, try later")
-            session._close(grace=1.0)
+            _guarded(session, session.force_close)
+
+    def _give_up(self) -> None:
+        """Stop waiting for sessions that were aborted but never reported their end.
+
+        An aborted TCP connection reports its end on the next reactor turn,
+        so this only happens when a transport is broken (as a TLS layer that
+        failed to start once was); waiting for it would keep the process
+        from ever exiting.
+        """
+        if not self.sessions:
+            return
+        log.warn("stopping without sessions that did not end", sessions=len(self.sessions))
+        for session in list(self.sessions):
+            _guarded(session, session._tcp.abortConnection)
+        self.sessions.clear()
+        self._finish_drain()
+
+
+def _guarded(session: RelayProtocol, action: Callable[[], object]) -> None:
+    """Run a shutdown step for one session; its failure must not stop the others."""
+    try:
+        action()
+    except Exception as e:
+        log.warn("session shutdown step failed", session=session.id, error=repr(e))

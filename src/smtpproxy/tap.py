@@ -21,7 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from smtpproxy import __version__, config, policy, providers, proxyheader, spool, tls
+from smtpproxy import __version__, config, policy, pressure, providers, proxyheader, spool, tls
 from smtpproxy import http as health
 from smtpproxy import logging as jsonlog
 from smtpproxy.auth import StaticPasswordChecker
@@ -31,6 +31,9 @@ from smtpproxy.guard import settings_from as guard_settings
 from smtpproxy.smtp import RelayFactory, session_settings
 
 log = Logger(namespace="smtpproxy")
+
+#: Seconds the provider gets to close its connections at shutdown.
+PROVIDER_CLOSE_TIMEOUT = 2.0
 
 
 def _settings_help() -> str:
@@ -81,13 +84,17 @@ class Options(usage.Options):
         try:
             if settings.tls_cert_file:
                 cert, key = tls.load_files(settings.tls_cert_file, settings.tls_key_file)
+                source = f"TLS_CERT_FILE {settings.tls_cert_file!r}"
             else:
                 cert, key = tls.self_signed(settings.smtp_hostname)
+                source = "the generated certificate"
+            context = tls.server_context(cert, key, source)
         except tls.TLSConfigError as e:
             raise SystemExit(f"smtpproxy: {e}") from None
         _check_spool_dir(settings.smtp_spool_dir)
         self["settings"] = settings
         self["certificate"] = (cert, key)
+        self["tls_context"] = context
 
 
 def _check_spool_dir(directory: str) -> None:
@@ -197,7 +204,14 @@ class RelayService(MultiService):
         if self.smtp is not None:
             await defer.maybeDeferred(self.smtp.stopService)
         await self.factory.shutdown(self.settings.smtp_shutdown_timeout)
-        await self.provider.close()
+        # A provider whose connections do not close must not hold the stop
+        # up either: SIGTERM finishes within SMTP_SHUTDOWN_TIMEOUT + 5 s.
+        closing = defer.maybeDeferred(self.provider.close)
+        closing.addTimeout(PROVIDER_CLOSE_TIMEOUT, self.factory.reactor)
+        try:
+            await closing
+        except Exception as e:
+            log.warn("provider did not close cleanly", error=repr(e))
         if self.http is not None:
             await defer.maybeDeferred(self.http.stopService)
         log.info("stopped")
@@ -233,11 +247,13 @@ def makeService(options: Options) -> RelayService:
         )
     session = session_settings(settings)
     guard = Guard(guard_settings(settings), reactor)
-    factory = RelayFactory(session, portal, tls.server_context(cert, key), reactor, guard)
+    context = options.get("tls_context") or tls.server_context(cert, key)
+    factory = RelayFactory(session, portal, context, reactor, guard)
     tls_summary = ("custom " if settings.tls_cert_file else "self-signed ") + tls.describe(cert)
     service = RelayService(settings, factory, provider, observer, tls_summary)
 
     behind_proxy, listen = proxyheader.split_proxy(settings.smtp_listen)
+    listen = pressure.with_backlog(listen)
     listener: Any = proxyheader.ProxyHeaderFactory(factory, reactor) if behind_proxy else factory
     smtp = StreamServerEndpointService(serverFromString(reactor, listen), listener)
     smtp.setServiceParent(service)

@@ -4,10 +4,13 @@ Two sources, one result.  With no files configured, L{self_signed} makes a
 throwaway certificate so STARTTLS works from the first start (R7.1); it never
 touches the disk, so a container never leaves a private key behind (R7.5).
 With C{TLS_CERT_FILE} and C{TLS_KEY_FILE}, L{load_files} reads and checks
-them up front, because a key that does not match its certificate otherwise
-shows up only as a failed handshake on the first client (R7.4).  Either way
-the result is a pair of PEM byte strings, which L{server_context} turns into
-the Twisted context used by C{startTLS}.
+them up front, because a key that does not match its certificate, a key too
+weak for OpenSSL's security level, or an expired certificate otherwise shows
+up only as a failed handshake on the first client (R7.4).  Either way the
+result is a pair of PEM byte strings, which L{server_context} turns into the
+Twisted context used by C{startTLS}; it builds the OpenSSL context at once,
+so that whatever OpenSSL would refuse is refused at start-up, not inside a
+session's STARTTLS.
 
 Everything except L{load_files} is pure: bytes in, bytes or objects out.
 """
@@ -26,8 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import crypto
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from OpenSSL import SSL, crypto
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 
 __all__ = [
     "TLSConfigError",
@@ -46,6 +49,31 @@ SELF_SIGNED_LIFETIME = timedelta(days=365)
 CLOCK_SKEW = timedelta(hours=1)
 
 _CN_MAX = 64  # RFC 5280 upper bound for a common name
+
+#: The smallest keys accepted in a configured certificate.  OpenSSL 3's
+#: default security level (112-bit) refuses smaller RSA keys only when a
+#: context is built, which used to be inside a client's STARTTLS; these
+#: bounds make the refusal a start-up error (NIST SP 800-57: RSA 2048 and
+#: EC 256 bits give 112 and 128 bits of security).
+MIN_RSA_BITS = 2048
+MIN_EC_BITS = 256
+
+#: TLS 1.2 suites offered: Mozilla's "intermediate" profile without the DHE
+#: suites (they need DH parameters of our own).  All are ECDHE (forward
+#: secret) with an AEAD cipher; the static-RSA suites (C{AES128-SHA},
+#: C{AES256-GCM-SHA384}, ...) and CBC modes are gone.  TLS 1.3 suites are
+#: configured separately by OpenSSL and stay at its defaults, all of which
+#: are forward secret and AEAD.
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
 
 # The private keys pyOpenSSL can put in a TLS context: the ones that sign.
 _TLSKey = (
@@ -144,14 +172,18 @@ def _key_pem(key: _TLSKey) -> bytes:
 # --- loading the operator's files ---------------------------------------
 
 
-def load_files(cert_path: str, key_path: str) -> tuple[bytes, bytes]:
+def load_files(
+    cert_path: str, key_path: str, *, now: datetime | None = None
+) -> tuple[bytes, bytes]:
     """Read and check a PEM certificate chain and its private key.
 
     The certificate file holds the server certificate first, then any
     intermediates.  Both files may be the same file holding the chain and
-    the key.  Checks: both readable, both PEM, the key unencrypted, and the
-    key belonging to the first certificate.
+    the key.  Checks: both readable, both PEM, the key unencrypted, the key
+    belonging to the first certificate, strong enough (L{MIN_RSA_BITS},
+    L{MIN_EC_BITS}), and the first certificate valid at C{now}.
 
+    @param now: the time to check validity against (tests pass a fixed one).
     @return: C{(certificate chain PEM, key PEM)}, re-encoded so that
         comments and unrelated blocks in the files are dropped.
     @raise TLSConfigError: naming the setting and file at fault.
@@ -161,6 +193,8 @@ def load_files(cert_path: str, key_path: str) -> tuple[bytes, bytes]:
     chain = _parse_chain(cert_path, cert_data)
     key = _parse_key(key_path, key_data)
     _check_pair(cert_path, key_path, chain, key)
+    _check_strength(key_path, key)
+    _check_validity(cert_path, chain[0], now if now is not None else datetime.now(UTC))
     cert_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
     return cert_pem, _key_pem(key)
 
@@ -264,6 +298,37 @@ def _check_pair(
     )
 
 
+def _check_strength(key_path: str, key: _TLSKey) -> None:
+    """Refuse keys below the minimum sizes (or kinds OpenSSL's level refuses)."""
+    where = f"TLS_KEY_FILE {key_path!r}"
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+        raise TLSConfigError(
+            f"{where}: the RSA key has {key.key_size} bits; at least {MIN_RSA_BITS} are needed"
+        )
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size < MIN_EC_BITS:
+        raise TLSConfigError(
+            f"{where}: the EC key ({key.curve.name}) has {key.curve.key_size} bits; "
+            f"at least {MIN_EC_BITS} are needed"
+        )
+    if isinstance(key, dsa.DSAPrivateKey):
+        raise TLSConfigError(f"{where}: DSA keys are not usable with TLS 1.2+; use RSA or EC")
+
+
+def _check_validity(cert_path: str, cert: x509.Certificate, now: datetime) -> None:
+    """Refuse a server certificate that has expired or is not valid yet."""
+    where = f"TLS_CERT_FILE {cert_path!r}"
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    if cert.not_valid_after_utc <= now:
+        raise TLSConfigError(
+            f"{where}: the certificate expired on {cert.not_valid_after_utc.strftime(stamp)}"
+        )
+    if cert.not_valid_before_utc > now:
+        raise TLSConfigError(
+            f"{where}: the certificate is not valid until "
+            f"{cert.not_valid_before_utc.strftime(stamp)}"
+        )
+
+
 def _spki(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -273,13 +338,23 @@ def _spki(public_key: PublicKeyTypes) -> bytes:
 # --- using them ---------------------------------------------------------
 
 
-def server_context(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
+def server_context(
+    cert_pem: bytes, key_pem: bytes, source: str = "the certificate"
+) -> CertificateOptions:
     """Build the server-side TLS context from PEM bytes.
 
-    TLS 1.2 is the floor (RFC 8996 retired 1.0 and 1.1); ciphers are
-    Twisted's defaults, which follow current recommendations.  Certificates
-    after the first are sent as the chain so clients can build a path to
-    their trust store.
+    TLS 1.2 is the floor (RFC 8996 retired 1.0 and 1.1) and offers only
+    L{TLS12_CIPHERS}; TLS 1.3 keeps OpenSSL's suites.  Certificates after
+    the first are sent as the chain so clients can build a path to their
+    trust store.
+
+    Twisted builds the OpenSSL context lazily, on the first STARTTLS; a
+    refusal there (a key below the security level, say) raised inside the
+    session and left its transport half-switched, so the session never
+    ended.  The context is built here instead, once, and cached by Twisted.
+
+    @param source: what to name in the error, such as the setting and file.
+    @raise TLSConfigError: OpenSSL refuses the certificate or key.
     """
     chain = x509.load_pem_x509_certificates(cert_pem)
     key = _signing_key(serialization.load_pem_private_key(key_pem, password=None))
@@ -288,12 +363,26 @@ def server_context(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
     # Twisted only stores these and hands them to pyOpenSSL's Context, which
     # takes cryptography objects and deprecates its own PKey/X509 wrappers;
     # Twisted's annotations still name the wrappers, hence the casts.
-    return CertificateOptions(
+    # Twisted leaves this classmethod unannotated.
+    ciphers = AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)  # type: ignore[no-untyped-call]
+    options = CertificateOptions(
         privateKey=cast(crypto.PKey, key),
         certificate=cast(crypto.X509, chain[0]),
         extraCertChain=cast(list[crypto.X509], chain[1:]),
         raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=ciphers,
     )
+    try:
+        options.getContext()
+    except SSL.Error as e:
+        raise TLSConfigError(f"{source}: OpenSSL refuses it ({_openssl_reason(e)})") from None
+    return options
+
+
+def _openssl_reason(error: SSL.Error) -> str:
+    """The reason strings of an OpenSSL error queue, e.g. C{ee key too small}."""
+    reasons = [str(entry[2]) for entry in error.args[0] if isinstance(entry, tuple)]
+    return "; ".join(r for r in reasons if r) or "unknown reason"
 
 
 def describe(cert_pem: bytes, now: datetime | None = None) -> str:

@@ -27,7 +27,11 @@ class SessionTimingTests(SynchronousTestCase):
         self.provider = RecordingProvider()
         portal = Portal(RelayRealm(self.provider, self.clock))
         portal.registerChecker(AllowAnonymousAccess())
-        settings = SessionSettings(hostname="relay.test", command_timeout=300, data_timeout=600)
+        # The greeting limit as long as the command timeout: these tests are
+        # about the command timer (test_tls_and_storms covers the greeting).
+        settings = SessionSettings(
+            hostname="relay.test", command_timeout=300, greeting_timeout=300, data_timeout=600
+        )
         self.factory = RelayFactory(settings, portal, None, self.clock)
 
     def connect(self) -> tuple[RelayProtocol, StringTransport]:

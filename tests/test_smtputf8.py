@@ -22,13 +22,10 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smtpproxy.config import Config
-from smtpproxy.graph_retry import Tuning
-from smtpproxy.providers.graph import GraphProvider
 from smtpproxy.providers.stdout import StdoutProvider
-from smtpproxy.smtp import session_settings
 from tests.fakegraph import FakeGraph, mime_addresses, parse_mime
 from tests.support import TIMEOUT, RecordingProvider, RecordingStream, in_thread, start_relay
+from tests.test_graph_smtp import relay_to_fake_graph
 from tests.test_smtp_edges import Harness, reply_codes, reply_lines
 
 reactor: Any = _reactor
@@ -179,15 +176,10 @@ def send_message(port: int, message: EmailMessage) -> dict[str, Any]:
         return refused
 
 
-def sendmail_utf8(port: int, sender: str, recipients: list[str], data: bytes) -> None:
-    """smtplib's sendmail with an explicit SMTPUTF8 MAIL parameter."""
+def sendmail(port: int, option: str, sender: str, recipients: list[str], data: bytes) -> None:
+    """smtplib's sendmail with one MAIL parameter (C{SMTPUTF8}, or C{BODY=8BITMIME})."""
     with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
-        client.sendmail(sender, recipients, data, mail_options=["SMTPUTF8"])
-
-
-def sendmail_ascii(port: int, sender: str, recipients: list[str], data: bytes) -> None:
-    with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
-        client.sendmail(sender, recipients, data, mail_options=["BODY=8BITMIME"])
+        client.sendmail(sender, recipients, data, mail_options=[option])
 
 
 def refused_code(port: int, sender: str, recipient: str) -> int:
@@ -213,7 +205,7 @@ class StdoutWireTests(TestCase):
         the stdout block shows the addresses and the subject as written."""
         raw = utf8_message("josé@exämple.test", "zoë@例え.テスト").as_bytes(policy=policy.SMTPUTF8)
         await in_thread(
-            sendmail_utf8, self.relay.port, "josé@exämple.test", ["zoë@例え.テスト"], raw
+            sendmail, self.relay.port, "SMTPUTF8", "josé@exämple.test", ["zoë@例え.テスト"], raw
         )
         (block,) = self.stream.writes
         self.assertIn("Envelope-From: <josé@exämple.test>\n", block)
@@ -246,23 +238,7 @@ class GraphWireTests(TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        self.fake = FakeGraph(reactor)
-        port = self.fake.listen(reactor)
-        self.addCleanup(port.stopListening)
-        config = Config(
-            graph_tenant_id=self.fake.tenant,
-            graph_client_id=self.fake.client_id,
-            graph_client_secret=self.fake.client_secret,
-            graph_sender=(MAILBOX,),
-            graph_authority_host=self.fake.endpoint,
-            graph_endpoint=self.fake.endpoint,
-        )
-        provider = GraphProvider(config, reactor, tuning=Tuning(backoff_base=0.02))
-        self.addCleanup(provider.close)
-        domain = session_settings(config).default_domain
-        self.relay = start_relay(
-            self, provider=cast(Any, provider), tls_enabled=False, default_domain=domain
-        )
+        self.fake, self.relay = relay_to_fake_graph(self)
 
     async def test_idn_domains_go_as_mime_in_ascii(self) -> None:
         """ASCII local parts at IDN domains and a UTF-8 subject (send_message, SMTPUTF8):
@@ -307,9 +283,8 @@ class GraphWireTests(TestCase):
             "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
             "\r\nZähler: 42 m³\r\n"
         ).encode()
-        await in_thread(
-            sendmail_ascii, self.relay.port, "root@host.example", ["ops@b.example"], raw
-        )
+        envelope = ("root@host.example", ["ops@b.example"])
+        await in_thread(sendmail, self.relay.port, "BODY=8BITMIME", *envelope, raw)
         (delivery,) = self.fake.deliveries
         self.assertEqual(self.fake.violations, [])
         self.assertEqual(delivery.method, "mime")

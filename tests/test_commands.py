@@ -20,14 +20,18 @@ class CommandTests(SynchronousTestCase):
         return code
 
     def test_split_command(self) -> None:
-        """Verbs are upper-cased; CR, LF and NUL get 501, 8-bit bytes 500."""
+        """Verbs are upper-cased; CR, LF and NUL get 501; UTF-8 only passes in MAIL/RCPT."""
         self.assertEqual(split_command(b"mail FROM:<a@b.c>"), ("MAIL", "FROM:<a@b.c>"))
         self.assertEqual(split_command(b"  NOOP  "), ("NOOP", ""))
         self.assertEqual(self.code(split_command, b"MA\x00IL"), 501)
         self.assertEqual(self.code(split_command, b"EHLO a\rb"), 501)
         self.assertEqual(self.code(split_command, b"NOOP a\nb"), 501)
         self.assertEqual(self.code(split_command, b"NOOP\r"), 501)
-        self.assertEqual(self.code(split_command, "MAIL FROM:<\u00e9@b.c>".encode()), 500)
+        self.assertEqual(
+            split_command("MAIL FROM:<\u00e9@b.c>".encode()), ("MAIL", "FROM:<\u00e9@b.c>")
+        )
+        self.assertEqual(self.code(split_command, "EHLO \u00e9".encode()), 500)
+        self.assertEqual(self.code(split_command, b"MAIL FROM:<\xc3@b.c>"), 501)
 
     def test_mail_forms(self) -> None:
         """Null sender, spaces after the colon, missing brackets and parameters."""

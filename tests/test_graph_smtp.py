@@ -22,7 +22,7 @@ from smtpproxy.graph_retry import Tuning
 from smtpproxy.providers.graph import GraphProvider
 from smtpproxy.smtp import session_settings
 from tests.fakegraph import FakeGraph, Fault, mime_addresses, parse_mime
-from tests.support import TIMEOUT, in_thread, start_relay
+from tests.support import TIMEOUT, Relay, in_thread, start_relay
 
 reactor: Any = _reactor
 MAILBOX = "relay@contoso.example"
@@ -63,28 +63,34 @@ def _message(attachment: bytes | None = None) -> bytes:
     return message.as_bytes(policy=policy.SMTP)
 
 
+def relay_to_fake_graph(case: TestCase) -> tuple[FakeGraph, Relay]:
+    """A fake Graph on loopback and a relay whose Graph provider sends to it."""
+    fake = FakeGraph(reactor)
+    port = fake.listen(reactor)
+    case.addCleanup(port.stopListening)
+    config = Config(
+        graph_tenant_id=fake.tenant,
+        graph_client_id=fake.client_id,
+        graph_client_secret=fake.client_secret,
+        graph_sender=(MAILBOX,),
+        graph_authority_host=fake.endpoint,
+        graph_endpoint=fake.endpoint,
+    )
+    provider = GraphProvider(config, reactor, tuning=Tuning(backoff_base=0.02))
+    case.addCleanup(provider.close)
+    # As in production, the session qualifies MAIL FROM with what the configuration says.
+    domain = session_settings(config).default_domain
+    relay = start_relay(
+        case, provider=cast(Any, provider), tls_enabled=False, default_domain=domain
+    )
+    return fake, relay
+
+
 class GraphThroughSmtpTests(TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        self.fake = FakeGraph(reactor)
-        port = self.fake.listen(reactor)
-        self.addCleanup(port.stopListening)
-        config = Config(
-            graph_tenant_id=self.fake.tenant,
-            graph_client_id=self.fake.client_id,
-            graph_client_secret=self.fake.client_secret,
-            graph_sender=(MAILBOX,),
-            graph_authority_host=self.fake.endpoint,
-            graph_endpoint=self.fake.endpoint,
-        )
-        provider = GraphProvider(config, reactor, tuning=Tuning(backoff_base=0.02))
-        self.addCleanup(provider.close)
-        # As in production, the session qualifies MAIL FROM with what the configuration says.
-        domain = session_settings(config).default_domain
-        self.relay = start_relay(
-            self, provider=cast(Any, provider), tls_enabled=False, default_domain=domain
-        )
+        self.fake, self.relay = relay_to_fake_graph(self)
 
     async def test_each_envelope_recipient_once(self) -> None:
         """To and Cc keep their roles, the envelope-only recipient is a hidden Bcc, the Bcc

@@ -12,22 +12,34 @@ import re
 from dataclasses import dataclass
 
 from smtpproxy.errors import Reply
+from smtpproxy.intl import is_idn_domain
 from smtpproxy.qualify import qualify
 
-# RFC 5321 4.1.2: atext for dot-strings, qtext/quoted-pair for quoted strings.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+# RFC 5321 4.1.2: atext for dot-strings, qtext/quoted-pair for quoted strings,
+# each extended by RFC 6531 3.3 with any non-ASCII character (UTF8-non-ascii);
+# C1 controls stay out.  Whether the transaction may use them at all is
+# decided after the match (see check_declared).  Line and paragraph
+# separators and bidirectional overrides are left out too: they would break
+# a log line or make a displayed address read differently from what it is.
+_UTF8 = "\u00a0-\u2027\u202f-\u2065\u206a-\U0010ffff"
+_ATEXT = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_UTF8}-]"
 _DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_QUOTED = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e{_UTF8}])*"'
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
 _LITERAL = r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]"
-_MAILBOX = re.compile(rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})")
+# The domain is checked separately (ASCII labels here, U-labels by IDNA 2008).
+_LOCAL_PART = re.compile(rf"{_DOT_STRING}|{_QUOTED}")
+_DOMAIN_ASCII = re.compile(rf"{_DOMAIN}|{_LITERAL}")
 _ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
 _KEYWORDS = {word: re.compile(rf"{word}:\s*", re.IGNORECASE) for word in ("FROM", "TO")}
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]*))?$")
 
 MAX_LOCAL_PART = 64
 MAX_PATH = 256
+# RFC 6531 3.3: UTF-8 may appear in these commands' addresses (VRFY and EXPN
+# too, which this relay answers without looking at the argument).
+_UTF8_VERBS = frozenset({"MAIL", "RCPT", "VRFY", "EXPN"})
 
 
 class CommandError(Exception):
@@ -45,6 +57,8 @@ class MailArguments:
     sender: str
     size: int | None = None
     body: str | None = None
+    # RFC 6531: the transaction may use UTF-8 addresses (and headers).
+    smtputf8: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,19 +85,29 @@ def check_line(line: bytes) -> None:
 def split_command(line: bytes) -> tuple[str, str]:
     """Split a command line into an upper-case verb and its argument text.
 
+    8-bit bytes must be well-formed UTF-8 (RFC 6531 3.3) and may only stand
+    in the argument of MAIL and RCPT, where L{parse_mail} and L{parse_rcpt}
+    decide whether the transaction declared SMTPUTF8.  The check on the
+    bytes is one strict decode: linear, and a malformed sequence can never
+    reach a parser, a log line or a provider.
+
     @raise CommandError: for bytes that cannot appear in a command (CR, LF
-        or NUL inside the line, 8-bit), so the caller never has to decode
-        anything itself.
+        or NUL inside the line, malformed UTF-8, non-ASCII outside MAIL and
+        RCPT), so the caller never has to decode anything itself.
     """
     check_line(line)
     try:
-        text = line.decode("ascii")
+        text = line.decode("utf-8")
     except UnicodeDecodeError:
-        raise CommandError(
-            500, "5.5.2", "8-bit characters are not allowed in commands (SMTPUTF8 unsupported)"
-        ) from None
+        # 501 when the verb itself is readable: the argument is what is wrong.
+        verb_ok = line.lstrip(b" \t").split(b" ", 1)[0].isascii()
+        raise CommandError(501 if verb_ok else 500, "5.5.2", "Malformed UTF-8 in command") from None
     text = text.strip(" \t")
     verb, _, rest = text.partition(" ")
+    if not text.isascii() and verb.upper() not in _UTF8_VERBS:
+        raise CommandError(
+            500, "5.5.2", "8-bit characters are only allowed in MAIL and RCPT addresses"
+        )
     return verb.upper(), rest.strip(" \t")
 
 
@@ -130,15 +154,45 @@ def _bad(role: str) -> str:
 
 
 def check_address(address: str, role: str) -> str:
-    """Return C{address} if it is a valid RFC 5321 mailbox, else raise."""
-    if len(address) > MAX_PATH:
+    """Return C{address} if it is a valid RFC 5321 (or RFC 6531) mailbox, else raise.
+
+    Lengths are counted in octets, as RFC 6531 3.3 says.  A non-ASCII
+    domain must be a valid internationalised domain name (its labels valid
+    U-labels under IDNA 2008 with the UTS 46 mapping); an ASCII one is
+    checked against RFC 5321's grammar as before.  Whether non-ASCII is
+    allowed in this transaction at all is L{check_declared}'s business.
+    """
+    octets = len(address.encode("utf-8"))
+    if octets > MAX_PATH:
         raise CommandError(501, f"5.1.{_bad(role)}", f"The {role} address is too long")
-    if not _MAILBOX.fullmatch(address):
+    local, at, domain = address.rpartition("@")
+    if not at or not _LOCAL_PART.fullmatch(local):
         raise CommandError(501, f"5.1.{_bad(role)}", f"Bad {role} address syntax")
-    local = address.rsplit("@", 1)[0]
-    if len(local) > MAX_LOCAL_PART:
+    if domain.isascii():
+        valid = _DOMAIN_ASCII.fullmatch(domain) is not None
+    else:
+        valid = is_idn_domain(domain)
+    if not valid:
+        raise CommandError(501, f"5.1.{_bad(role)}", f"Bad {role} address syntax")
+    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
         raise CommandError(501, f"5.1.{_bad(role)}", f"The {role} local part is too long")
     return address
+
+
+def check_declared(address: str, smtputf8: bool, role: str) -> None:
+    """Refuse a non-ASCII address in a transaction that did not declare SMTPUTF8.
+
+    RFC 6531 3.5 and 3.7.4.1: such an address needs C{MAIL FROM:<...>
+    SMTPUTF8}; without it the answer is C{553 5.6.7} (a permanent "mailbox
+    name not allowed"), so a client retries through a path that can carry
+    it or bounces with a reason a person can act on.
+    """
+    if not smtputf8 and not address.isascii():
+        raise CommandError(
+            553,
+            "5.6.7",
+            f"Non-ASCII {role} address needs SMTPUTF8 (MAIL FROM:<...> SMTPUTF8)",
+        )
 
 
 def _parameters(text: str) -> dict[str, str | None]:
@@ -163,6 +217,7 @@ def parse_mail(argument: str, max_size: int, default_domain: str = "") -> MailAr
     sender = check_address(path, "sender") if path else ""
     size: int | None = None
     body: str | None = None
+    smtputf8 = False
     for name, value in _parameters(param_text).items():
         if name == "SIZE":
             if value is None or not value.isdigit() or len(value) > 20:
@@ -176,20 +231,31 @@ def parse_mail(argument: str, max_size: int, default_domain: str = "") -> MailAr
             if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                 raise CommandError(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
             body = value.upper()
+        elif name == "SMTPUTF8":
+            # RFC 6531 3.4: a keyword without a value.
+            if value is not None:
+                raise CommandError(501, "5.5.4", "SMTPUTF8 takes no value")
+            smtputf8 = True
         elif name == "AUTH":
             # RFC 4954 5: a relay may ignore the AUTH= identity it is handed.
             continue
         else:
             raise CommandError(555, "5.5.4", f"Unsupported MAIL parameter {name}")
-    return MailArguments(sender, size, body)
+    check_declared(sender, smtputf8, "sender")
+    return MailArguments(sender, size, body, smtputf8)
 
 
-def parse_rcpt(argument: str) -> RcptArguments:
-    """Parse the argument of RCPT (C{TO:<addr>}); no parameters are offered."""
+def parse_rcpt(argument: str, smtputf8: bool = False) -> RcptArguments:
+    """Parse the argument of RCPT (C{TO:<addr>}); no parameters are offered.
+
+    @param smtputf8: whether this transaction's MAIL declared SMTPUTF8,
+        which a non-ASCII recipient address needs.
+    """
     path, param_text = _path(argument, "TO", "recipient")
     if not path:
         raise CommandError(501, "5.1.3", "A recipient address is required")
     address = check_address(path, "recipient")
+    check_declared(address, smtputf8, "recipient")
     for name in _parameters(param_text):
         raise CommandError(555, "5.5.4", f"Unsupported RCPT parameter {name}")
     return RcptArguments(address)

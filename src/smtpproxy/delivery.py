@@ -222,14 +222,16 @@ class RelayDelivery:
         return None
 
     def validateFrom(self, helo: tuple[bytes, bytes], origin: Address) -> Address:
-        self._sender = str(origin)
+        # Not str(): Twisted's Address decodes as ASCII, and an SMTPUTF8
+        # transaction's addresses are UTF-8 (validated before they got here).
+        self._sender = bytes(origin).decode("utf-8")
         self._recipients = []
         self._message = None
         self._client = helo[1].decode("ascii", "replace") if helo[1] else ""
         return origin
 
     def validateTo(self, user: User) -> Callable[[], RelayMessage]:
-        self._recipients.append(str(user.dest))
+        self._recipients.append(bytes(user.dest).decode("utf-8"))
         return self._message_for_transaction
 
     def _message_for_transaction(self) -> RelayMessage:

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from email import policy
+from email.header import Header
 from email.utils import formataddr
 
+from smtpproxy.intl import ascii_address
 from smtpproxy.message import Mailbox
 
 # One line and its ending: CRLF, bare CR or bare LF, as the standard
@@ -97,7 +100,9 @@ def address_field(name: str, mailboxes: Sequence[Mailbox], newline: bytes = b"\r
 def format_mailbox(mailbox: Mailbox) -> bytes:
     """One mailbox as header bytes: C{Name <addr>}, the name RFC 2047 encoded if needed."""
     display = " ".join(mailbox.name.split())
-    address = "".join(mailbox.address.split())
+    # An internationalised domain is written as A-labels, which every
+    # reader of the field understands (RFC 6532 readers included).
+    address = ascii_address("".join(mailbox.address.split()))
     try:
         return formataddr((display, address), charset="utf-8").encode("ascii")
     except UnicodeEncodeError:
@@ -152,3 +157,124 @@ def rewrite_headers(
         # A message with no body still needs its header block closed.
         rest = newline
     return b"".join(out) + rest
+
+
+# Fields holding addresses: rebuilt with RFC 2047 display names and A-label
+# domains when they carry 8-bit bytes.
+_ADDRESS_FIELDS = frozenset(
+    {b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc"}
+    | {b"resent-" + name for name in (b"from", b"sender", b"to", b"cc", b"bcc")}
+)
+# Structured fields where RFC 2047 encoded words are not allowed (RFC 2047
+# 5): one of these carrying 8-bit bytes has no ASCII form we can write.
+_STRUCTURED_FIELDS = frozenset(
+    {
+        b"date",
+        b"message-id",
+        b"in-reply-to",
+        b"references",
+        b"resent-date",
+        b"resent-message-id",
+        b"return-path",
+        b"mime-version",
+        b"content-type",
+        b"content-transfer-encoding",
+        b"content-disposition",
+        b"content-id",
+        b"dkim-signature",
+    }
+)
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+
+
+def ascii_header_block(raw: bytes) -> bytes | None:
+    """C{raw} with every header field that carries 8-bit bytes written in ASCII.
+
+    RFC 6532 lets a message carry UTF-8 in its header fields as raw bytes;
+    Graph's MIME mode documents no support for that and Microsoft's readers
+    take such bytes for ASCII (see docs/graph.md), so before a message goes
+    that way each such field is rewritten as RFC 5322 and RFC 2047 say:
+
+      - free-text fields (Subject, Comments, Keywords, X- fields, Received
+        and any other not named below) become encoded words (UTF-8, base64);
+      - address fields are rebuilt: display names encoded, domains as
+        A-labels;
+      - the body and every ASCII field stay byte for byte as they were.
+
+    Bytes that are not UTF-8 (a legacy charset sent raw) are read with
+    replacement characters, as the message parser reads them for JSON.
+
+    @return: the new message, C{raw} itself when no field carries 8-bit
+        bytes, or None when a field has no ASCII form: an address whose
+        local part is not ASCII (RFC 6531 gives it none) or a structured
+        field such as Message-ID holding 8-bit bytes.  Such a message must
+        go another way (JSON).
+    """
+    fields, rest = split_fields(raw)
+    if all(field.isascii() for field in fields):
+        return raw
+    newline = line_break(fields)
+    out: list[bytes] = []
+    for field in fields:
+        if field.isascii():
+            out.append(field)
+            continue
+        converted = _ascii_field(field, newline)
+        if converted is None:
+            return None
+        out.append(converted)
+    return b"".join(out) + rest
+
+
+def _ascii_field(field: bytes, newline: bytes) -> bytes | None:
+    """One 8-bit header field in ASCII (see L{ascii_header_block}); None if it has no ASCII form."""
+    name, colon, value = field.partition(b":")
+    if not colon or _FIELD_NAME.fullmatch(name) is None:
+        # Not a field (a stray line): every parser ends the header block
+        # before it, so it is body text, which may be 8-bit.
+        return field
+    key = name.lower()
+    if key in _STRUCTURED_FIELDS:
+        return None
+    text = " ".join(value.decode("utf-8", "replace").split())
+    if key in _ADDRESS_FIELDS:
+        return _ascii_address_field(name.decode("ascii"), text, newline)
+    header = Header(text, "utf-8", header_name=name.decode("ascii"))
+    return name + b": " + header.encode(linesep=newline.decode("ascii")).encode("ascii") + newline
+
+
+def _ascii_address_field(name: str, text: str, newline: bytes) -> bytes | None:
+    """An address field rebuilt in ASCII, or None when an address cannot be (or it cannot be read).
+
+    Comments and the exact spelling are not kept (the field is rewritten
+    only because its bytes could not go as they were); a field that names
+    only empty addresses (C{"Name" <>}) is left out.
+    """
+    try:
+        groups = getattr(policy.default.header_factory(name, text), "groups", None)
+    except Exception:
+        # The standard library's address parser fails in its own ways on
+        # damaged values; such a field cannot be rewritten faithfully.
+        return None
+    if groups is None:
+        return None
+    parts: list[bytes] = []
+    for group in groups:
+        mailboxes: list[bytes] = []
+        for address in group.addresses:
+            if address.addr_spec in ("", "<>"):
+                continue  # a name with an empty address (<>): nobody to write
+            mailbox = Mailbox(address.display_name, address.addr_spec)
+            written = format_mailbox(mailbox)
+            if not written.isascii():
+                return None
+            mailboxes.append(written)
+        if group.display_name is None:
+            parts.extend(mailboxes)
+            continue
+        label = format_mailbox(Mailbox(group.display_name, "a@b")).removesuffix(b"<a@b>")
+        parts.append(label.rstrip() + b": " + b", ".join(mailboxes) + b";")
+    if not parts:
+        return b""  # only empty addresses: a field that names nobody is left out
+    separator = b"," + newline + b" "
+    return name.encode("ascii") + b": " + separator.join(parts) + newline

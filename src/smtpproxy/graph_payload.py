@@ -32,12 +32,14 @@ from urllib.parse import quote
 from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.graph_mime import (
     address_field,
+    ascii_header_block,
     field_name,
     field_value,
     line_break,
     rewrite_headers,
     split_fields,
 )
+from smtpproxy.intl import ascii_address
 from smtpproxy.message import Attachment, Email, Mailbox
 from smtpproxy.qualify import is_deliverable, mailbox_domain, qualify
 
@@ -60,8 +62,10 @@ def address_key(address: str) -> str:
     Local parts are case-sensitive in theory; Exchange treats them as
     case-insensitive, and so must we to avoid sending a second copy to
     C{Bob@example.com} because the envelope said C{bob@example.com}.
+    An internationalised domain compares by its A-labels, so
+    C{zoe@exämple.test} and C{zoe@xn--exmple-cua.test} are one address.
     """
-    return address.strip().strip("<>").strip().casefold()
+    return ascii_address(address.strip().strip("<>").strip()).casefold()
 
 
 def choose_mailbox(from_: Sequence[Mailbox], senders: Sequence[str]) -> str:
@@ -283,7 +287,9 @@ def encode_json(document: Any) -> bytes:
 
 
 def _recipient(mailbox: Mailbox) -> dict[str, Any]:
-    address: dict[str, str] = {"address": mailbox.address}
+    # Domains as A-labels (Exchange takes those everywhere); a UTF-8 local
+    # part stays as it is: Exchange Online delivers to EAI addresses.
+    address: dict[str, str] = {"address": ascii_address(mailbox.address)}
     if mailbox.name:
         address["name"] = mailbox.name
     return {"emailAddress": address}
@@ -517,10 +523,19 @@ def plan_delivery(
             )
         else:
             mime, warnings = mime_message_and_warnings(email, mailbox, recipients, default_domain)
-            if _b64_size(len(mime)) <= REQUEST_LIMIT:
-                body = base64.b64encode(mime)
+            ascii_mime = ascii_header_block(mime)
+            if ascii_mime is None:
+                notes.append(
+                    "a header field has no ASCII form (a UTF-8 local part, or 8-bit bytes in"
+                    " a structured field); sending as JSON"
+                )
+            elif _b64_size(len(ascii_mime)) <= REQUEST_LIMIT:
+                if ascii_mime is not mime:
+                    notes.append("8-bit header fields written as RFC 2047 encoded words")
+                body = base64.b64encode(ascii_mime)
                 return MimeSend(mailbox, body, recipients, tuple(notes), warnings)
-            notes.append("message too large for one MIME request; sending as a draft")
+            else:
+                notes.append("message too large for one MIME request; sending as a draft")
     return _json_plan(email, mailbox, recipients, notes, default_domain)
 
 

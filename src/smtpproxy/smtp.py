@@ -149,10 +149,11 @@ class ParsedAddress(Address):
     """
 
     def __init__(self, address: str) -> None:
+        # UTF-8: an SMTPUTF8 transaction's addresses (RFC 6531) are not ASCII.
         local, _, domain = address.rpartition("@")
-        self.addrstr = address.encode("ascii")
-        self.local = local.encode("ascii")
-        self.domain = domain.encode("ascii")
+        self.addrstr = address.encode("utf-8")
+        self.local = local.encode("utf-8")
+        self.domain = domain.encode("utf-8")
 
 
 _sessions = itertools.count(1)
@@ -211,6 +212,8 @@ class RelayProtocol(ESMTP):
     _stopping = False
     _discarding_line = False
     _greeted = False
+    # The current transaction's MAIL declared SMTPUTF8 (RFC 6531).
+    _smtputf8 = False
     # A command arrived since the greeting (or since STARTTLS): the idle
     # limit is then the command timeout, before it the greeting timeout.
     _commanded = False
@@ -643,6 +646,7 @@ class RelayProtocol(ESMTP):
             b"SIZE": [str(self.settings.max_message_size).encode()],
             b"8BITMIME": None,
             b"ENHANCEDSTATUSCODES": None,
+            b"SMTPUTF8": None,
         }
         if self.canStartTLS and not self.startedTLS:
             ext[b"STARTTLS"] = None
@@ -749,6 +753,7 @@ class RelayProtocol(ESMTP):
         def accepted(result: object) -> None:
             self._reset_transaction()
             self._from = origin
+            self._smtputf8 = parsed.smtputf8
             self._reply(250, "2.1.0", "Sender OK")
 
         if self.delivery is None:
@@ -834,7 +839,7 @@ class RelayProtocol(ESMTP):
             self._error(503, "5.5.1", "Send MAIL first")
             return
         try:
-            parsed = parse_rcpt(argument)
+            parsed = parse_rcpt(argument, self._smtputf8)
         except CommandError as e:
             self._error_reply(e.reply)
             return
@@ -1019,6 +1024,7 @@ class RelayProtocol(ESMTP):
 
     def _reset_transaction(self) -> None:
         self._from = None
+        self._smtputf8 = False
         self._to = []
         self._to_keys.clear()
 

@@ -58,6 +58,7 @@ from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.guard import OPEN, Guard
 from smtpproxy.logsafe import LoginNames, clip
 from smtpproxy.logsummary import LogSummary
+from smtpproxy.policy import client_name
 from smtpproxy.pressure import IdleLimits, idle_limits, stressed
 from smtpproxy.qualify import default_domain
 from smtpproxy.sendnow import writer_for
@@ -236,8 +237,7 @@ class RelayProtocol(ESMTP):
     # -- connection lifecycle -------------------------------------------
 
     def connectionMade(self) -> None:
-        peer: IAddress = self._tcp.getPeer()
-        self._peer = str(getattr(peer, "host", peer))
+        self._peer = client_name(self._tcp.getPeer())
         self._helo = (None, self._peer.encode("ascii", "replace"))
         self._write = writer_for(self.transport)
         self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None

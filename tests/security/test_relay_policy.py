@@ -9,12 +9,16 @@ protocol, so the real policy code sees a real public address.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import socket
+import tempfile
 from typing import cast
 
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IReactorUNIX
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
@@ -31,6 +35,7 @@ from tests.support import (
     TIMEOUT,
     USER,
     RecordingProvider,
+    Relay,
     async_test,
     codes,
     exchange,
@@ -161,6 +166,85 @@ class LimitTests(TestCase):
         self.assertEqual(codes(replies[-1:]), [450])
         self.assertIn("4.7.1", replies[-1])
         self.assertEqual(len(relay.provider.emails), 2)
+
+
+def over_unix_socket(path: str, sends: list[bytes], replies_after_each: list[int]) -> list[str]:
+    """L{exchange} over a UNIX socket: smtplib cannot connect to one, raw lines can."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(path)
+        out = read_replies(sock, 1)
+        for data, count in zip(sends, replies_after_each, strict=True):
+            sock.sendall(data)
+            out += read_replies(sock, count)
+        return out
+
+
+class UnixListenerTests(TestCase):
+    """Issue 10: a unix: listener admits its clients as loopback would be admitted.
+
+    Before, the peer of a UNIX socket matched no network, so every client was
+    refused (554) unless AUTH was on, and no setting could change that.
+    """
+
+    def listen_unix(self, relay: Relay) -> str:
+        """Also serve C{relay} on a UNIX socket in a fresh directory; return its path."""
+        from twisted.internet import reactor
+
+        # A socket path may be 107 bytes at most: trial's working directory
+        # can be deeper than that, the system temp directory is not.
+        directory = tempfile.mkdtemp(prefix="smtpproxy-test-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        path = os.path.join(directory, "smtp.sock")
+        port = IReactorUNIX(reactor).listenUNIX(path, relay.factory)
+        self.addCleanup(port.stopListening)
+        return path
+
+    @async_test
+    async def test_zero_config_relays_like_loopback(self) -> None:
+        """With the zero-config policy (private networks, no AUTH), a client on the socket
+        is greeted, relays a message that is delivered, and is named "unix"."""
+        relay = start_relay(self, guard=PRIVATE)
+        path = self.listen_unix(relay)
+        transaction = ENVELOPE + b"DATA\r\n" + message() + b".\r\nQUIT\r\n"
+        replies = await in_thread(over_unix_socket, path, [transaction], [6])
+        self.assertEqual(codes(replies), [220, 250, 250, 250, 354, 250, 221])
+        self.assertEqual(len(relay.provider.emails), 1)
+        [email] = relay.provider.emails
+        self.assertEqual(email.envelope_to, ("b@example.org",))
+
+    @async_test
+    async def test_ehlo_names_the_socket_client(self) -> None:
+        """The EHLO reply (and so the logs) name the client "unix", not a Python repr."""
+        relay = start_relay(self, guard=PRIVATE)
+        path = self.listen_unix(relay)
+        replies = await in_thread(over_unix_socket, path, [b"HELO c\r\n"], [1])
+        self.assertEqual(replies[1], "250 relay.test greets c [unix]")
+
+    @async_test
+    async def test_networks_without_loopback_refuse_it(self) -> None:
+        """SMTP_ALLOWED_NETWORKS without 127.0.0.1 refuses socket clients as it refuses
+        loopback ones (554 5.7.1)."""
+        guard = GuardSettings(allowed_networks=policy.parse_networks("10.0.0.0/8"))
+        relay = start_relay(self, guard=guard)
+        path = self.listen_unix(relay)
+        replies = await in_thread(over_unix_socket, path, [], [])
+        self.assertEqual(codes(replies), [554])
+
+    @async_test
+    async def test_auth_on_needs_auth_unless_loopback_trusted(self) -> None:
+        """With AUTH on, a socket client must authenticate (530), unless
+        SMTP_TRUSTED_NETWORKS holds 127.0.0.1, as for a loopback client."""
+        with_auth = dataclasses.replace(OPEN, auth_enabled=True)
+        needs_auth = start_relay(self, auth=True, guard=with_auth)
+        replies = await in_thread(over_unix_socket, self.listen_unix(needs_auth), [ENVELOPE], [3])
+        self.assertEqual(codes(replies), [220, 250, 530, 503])
+        trusted = dataclasses.replace(
+            OPEN, auth_enabled=True, trusted_networks=policy.parse_networks("127.0.0.1")
+        )
+        relay = start_relay(self, auth=True, guard=trusted)
+        replies = await in_thread(over_unix_socket, self.listen_unix(relay), [ENVELOPE], [3])
+        self.assertEqual(codes(replies), [220, 250, 250, 250])
 
 
 class ClockedAuthTests(SynchronousTestCase):

@@ -62,6 +62,7 @@ class Config:
     smtp_rate_limit_per_ip: int = 0
     smtp_rate_limit_per_user: int = 0
     smtp_max_errors: int = 10
+    smtp_max_refusals: int = 100
     smtp_auth_max_failures: int = 3
     smtp_auth_ban_failures: int = 10
     smtp_auth_ban_time: float = 600.0
@@ -363,6 +364,12 @@ SETTINGS: tuple[Setting, ...] = (
         "messages per minute per AUTH user (0 = off)",
     ),
     Setting("SMTP_MAX_ERRORS", "smtp_max_errors", _positive_int, "bad commands before 421"),
+    Setting(
+        "SMTP_MAX_REFUSALS",
+        "smtp_max_refusals",
+        _positive_int,
+        "policy refusals (550/450/530) without a delivered message before 421",
+    ),
     Setting(
         "SMTP_AUTH_MAX_FAILURES",
         "smtp_auth_max_failures",

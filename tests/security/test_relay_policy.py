@@ -247,6 +247,93 @@ class UnixListenerTests(TestCase):
         self.assertEqual(codes(replies), [220, 250, 250, 250])
 
 
+class RefusalBudgetTests(TestCase):
+    """Issue 10: policy refusals have their own budget, apart from SMTP_MAX_ERRORS.
+
+    Before, a recipient refused by the allow-list counted as a client error,
+    so a message with many refused recipients got the session cut off with
+    421 after SMTP_MAX_ERRORS of them, and its allowed recipients nothing.
+    """
+
+    ALLOW_OPS = dataclasses.replace(
+        OPEN, allowed_recipients=policy.parse_address_patterns("ops@example.org")
+    )
+
+    @staticmethod
+    def transaction(refused: int) -> tuple[bytes, int]:
+        """MAIL, C{refused} refused RCPTs, one allowed RCPT, DATA and the message."""
+        rcpts = b"".join(b"RCPT TO:<x%d@example.net>\r\n" % i for i in range(refused))
+        data = (
+            b"MAIL FROM:<a@example.com>\r\n"
+            + rcpts
+            + b"RCPT TO:<ops@example.org>\r\nDATA\r\n"
+            + message()
+            + b".\r\n"
+        )
+        return data, refused + 4
+
+    @async_test
+    async def test_refused_recipients_do_not_spend_the_error_budget(self) -> None:
+        """With SMTP_MAX_ERRORS=3, ten refused recipients each get 550 5.7.1, and the
+        allowed one still gets the message."""
+        relay = start_relay(self, guard=self.ALLOW_OPS, max_errors=3)
+        data, count = self.transaction(10)
+        replies = await in_thread(exchange, relay.port, [b"EHLO c\r\n", data], [1, count])
+        self.assertEqual(codes(replies), [220, 250, 250] + [550] * 10 + [250, 354, 250])
+        self.assertEqual([e.envelope_to for e in relay.provider.emails], [("ops@example.org",)])
+
+    @async_test
+    async def test_refusals_have_their_own_cap(self) -> None:
+        """SMTP_MAX_REFUSALS refusals without a delivered message close the session with
+        421 4.7.0, so a client probing the allow-list is still cut off."""
+        relay = start_relay(self, guard=self.ALLOW_OPS, max_refusals=5)
+        rcpts = b"".join(b"RCPT TO:<x%d@example.net>\r\n" % i for i in range(8))
+        replies = await in_thread(
+            exchange, relay.port, [b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n" + rcpts], [7]
+        )
+        self.assertEqual(codes(replies), [220, 250, 250, 550, 550, 550, 550, 421])
+        self.assertIn("4.7.0 Too many refused commands", replies[-1])
+
+    @async_test
+    async def test_auth_and_rate_refusals_use_the_same_budget(self) -> None:
+        """530 before AUTH and 450 over the rate limit are refusals too: they do not spend
+        SMTP_MAX_ERRORS, and SMTP_MAX_REFUSALS of them close the session."""
+        with_auth = dataclasses.replace(OPEN, auth_enabled=True)
+        relay = start_relay(self, auth=True, guard=with_auth, max_errors=2, max_refusals=4)
+        mail = b"MAIL FROM:<a@example.com>\r\n"
+        replies = await in_thread(exchange, relay.port, [b"EHLO c\r\n" + mail * 5], [5])
+        self.assertEqual(codes(replies), [220, 250, 530, 530, 530, 421])
+        limited = dataclasses.replace(OPEN, rate_limit_per_ip=1)
+        relay = start_relay(self, guard=limited, max_errors=2)
+        first = b"MAIL FROM:<a@example.com>\r\nRSET\r\n"
+        replies = await in_thread(exchange, relay.port, [b"EHLO c\r\n" + first + mail * 3], [6])
+        self.assertEqual(codes(replies), [220, 250, 250, 250, 450, 450, 450])
+
+    @async_test
+    async def test_a_delivered_message_renews_the_budget(self) -> None:
+        """The count is of refusals without a delivered message: a long session sending
+        many messages, each with a few refused recipients, is never cut off."""
+        relay = start_relay(self, guard=self.ALLOW_OPS, max_refusals=3)
+        data, count = self.transaction(2)
+        replies = await in_thread(
+            exchange, relay.port, [b"EHLO c\r\n"] + [data] * 5, [1] + [count] * 5
+        )
+        self.assertNotIn(421, codes(replies))
+        self.assertEqual(len(relay.provider.emails), 5)
+
+    @async_test
+    async def test_client_errors_still_counted_apart(self) -> None:
+        """Bad commands still close the session after SMTP_MAX_ERRORS, refusals between
+        them neither adding to nor resetting that count."""
+        relay = start_relay(self, guard=self.ALLOW_OPS, max_errors=3)
+        bad = b"BOGUS\r\n"
+        refused = b"RCPT TO:<x@example.net>\r\n"
+        sends = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n" + bad + refused * 3 + bad + bad
+        replies = await in_thread(exchange, relay.port, [sends], [8])
+        self.assertEqual(codes(replies), [220, 250, 250, 500, 550, 550, 550, 500, 421])
+        self.assertIn("Too many errors", replies[-1])
+
+
 class ClockedAuthTests(SynchronousTestCase):
     """AUTH abuse, with time under test control."""
 

@@ -841,7 +841,10 @@ def free_port() -> int:
 
 def relay_env(port: int, log_level: str) -> dict[str, str]:
     """The environment for the relay: ours, minus any relay settings, plus the soak's."""
-    prefixes = ("SMTP_", "HTTP_", "TLS_", "LOG_", "GRAPH_")
+    prefixes = (
+        *("SMTP_", "SMTPS_", "HTTP_", "TLS_", "LOG_", "GRAPH_", "STDOUT_"),
+        *("QUEUE_", "RELAY_", "AUTH_", "MAILBOX_"),
+    )
     env = {
         key: value
         for key, value in os.environ.items()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import io
+from typing import cast
+
+from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.config import Config, ConfigError, listen_endpoint, load
+from smtpproxy.providers.stdout import StdoutProvider
 
 GRAPH = {
     "GRAPH_TENANT_ID": "tenant",
@@ -197,6 +203,153 @@ graph:
         config = _load({**GRAPH, "SMTP_USERNAME": "u", "SMTP_PASSWORD": "hunter2"})
         self.assertNotIn("hunter2", repr(config))
         self.assertNotIn("secret-value", repr(config))
+
+
+class EnvironmentNamesTests(SynchronousTestCase):
+    """Issue 10: a misspelled relay variable stops the relay instead of being ignored."""
+
+    def error(self, env: dict[str, str]) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            _load(env)
+        return str(caught.exception)
+
+    def test_typo_refused_with_the_closest_setting(self) -> None:
+        """SMTP_LISTN and GRAPH_TENANTID (which would silently send mail to stdout) stop
+        the relay with one line naming each and the setting it was probably meant to be."""
+        self.assertEqual(
+            self.error({"SMTP_LISTN": ":25"}),
+            "SMTP_LISTN (did you mean SMTP_LISTEN?): no such setting in this version of "
+            "smtpproxy; fix or unset this environment variable (twistd smtpproxy --help lists "
+            "every setting)",
+        )
+        message = self.error({**GRAPH, "GRAPH_TENANT_ID": "", "GRAPH_TENANTID": "t"})
+        self.assertTrue(message.startswith("GRAPH_TENANTID (did you mean GRAPH_TENANT_ID?): "))
+        self.assertEqual(message.count("\n"), 0)
+
+    def test_every_prefix_is_checked(self) -> None:
+        """Each of the project's prefixes is the relay's, also those without settings yet
+        (QUEUE_URL is refused today and accepted once such a setting exists)."""
+        for name in (
+            "SMTP_X",
+            "SMTPS_X",
+            "GRAPH_X",
+            "HTTP_X",
+            "TLS_X",
+            "QUEUE_URL",
+            "RELAY_X",
+            "AUTH_X",
+            "MAILBOX_X",
+            "STDOUT_X",
+        ):
+            message = self.error({name: "1"})
+            self.assertTrue(message.startswith(f"{name}: no such setting in this version"), name)
+
+    def test_hints_are_useful_or_absent(self) -> None:
+        """SMTP_PORT points at SMTP_LISTEN (not at SMTP_PASSWORD, which it spells like); a
+        name close to nothing gets no hint."""
+        self.assertIn("SMTP_PORT (did you mean SMTP_LISTEN?)", self.error({"SMTP_PORT": "25"}))
+        self.assertIn("HTTP_PORT (did you mean HTTP_LISTEN?)", self.error({"HTTP_PORT": "80"}))
+        self.assertIn("TLS_KEY (did you mean TLS_KEY_FILE?)", self.error({"TLS_KEY": "k"}))
+        self.assertNotIn("did you mean", self.error({"QUEUE_URL": "redis://"}))
+
+    def test_several_named_in_one_bounded_line(self) -> None:
+        """Several unknown names are listed in one line, sorted, at most five and a count."""
+        message = self.error({"SMTP_LISTN": "1", "GRAPH_TENANTID": "2"})
+        self.assertTrue(message.startswith("GRAPH_TENANTID (did you mean GRAPH_TENANT_ID?)"))
+        self.assertIn("; also SMTP_LISTN (did you mean SMTP_LISTEN?);", message)
+        self.assertIn("these environment variables", message)
+        many = self.error({f"QUEUE_N{i:03}": "x" for i in range(500)})
+        self.assertIn("QUEUE_N004, 495 more;", many)
+        self.assertLess(len(many), 400)
+
+    def test_variables_that_are_not_typos(self) -> None:
+        """The config-file variable, HTTP_PROXY, other programs' names, lower case, and what
+        Kubernetes service links and Docker links set for services named smtp, relay or graph
+        do not stop the relay."""
+        env = {
+            "SMTP_PROXY_CONFIG": "",
+            "HTTP_PROXY": "http://proxy:3128",
+            "PATH": "/usr/bin",
+            "LOG_LEVEL": "info",
+            "smtp_listn": "x",
+            "SMTPPROXY_SERVICE_HOST": "10.0.0.1",
+            "SMTP_SERVICE_HOST": "10.0.0.2",
+            "SMTP_SERVICE_PORT": "25",
+            "SMTP_SERVICE_PORT_SMTP": "25",
+            "SMTP_PORT": "tcp://10.0.0.2:25",
+            "SMTP_PORT_25_TCP": "tcp://10.0.0.2:25",
+            "SMTP_PORT_25_TCP_ADDR": "10.0.0.2",
+            "SMTP_PORT_25_TCP_PORT": "25",
+            "SMTP_PORT_25_TCP_PROTO": "tcp",
+            "RELAY_NAME": "/web/relay",
+            "RELAY_ENV_FOO": "bar",
+            "GRAPH_API_SERVICE_HOST": "10.0.0.3",
+        }
+        self.assertEqual(_load(env).smtp_listen, "tcp:2525")
+
+    def test_yaml_unknown_key_hint(self) -> None:
+        """An unknown YAML key gets the same hint, as a YAML path."""
+        with self.assertRaises(ConfigError) as caught:
+            _load({}, "smtp:\n  lisen: ':25'\n")
+        self.assertEqual(
+            str(caught.exception),
+            "config file: unknown setting 'smtp.lisen' (did you mean smtp.listen?)",
+        )
+
+
+class HostnameFallbackTests(SynchronousTestCase):
+    """Issue 10: a system host name that is no DNS name must not stop the relay."""
+
+    def test_invalid_system_name_falls_back_to_localhost(self) -> None:
+        """With SMTP_HOSTNAME unset, mail_relay01 gives localhost and a warning naming the
+        setting to set, instead of a traceback."""
+        config = load({}, fqdn=lambda: "mail_relay01")
+        self.assertEqual(config.smtp_hostname, "localhost")
+        [(setting, detail)] = config.startup_warnings
+        self.assertEqual(setting, "SMTP_HOSTNAME")
+        self.assertIn("'mail_relay01' is not a valid DNS name", detail)
+        self.assertIn("set SMTP_HOSTNAME", detail)
+
+    def test_other_unusable_names(self) -> None:
+        """Empty, non-ASCII, spaced and over-long names fall back too, the shown name cut."""
+        for found in ("", "relais-é", "my host", "x" * 300 + "_"):
+            config = load({}, fqdn=functools.partial(str, found))
+            self.assertEqual(config.smtp_hostname, "localhost", found)
+            self.assertLess(len(config.startup_warnings[0][1]), 250)
+
+    def test_valid_system_name_kept_without_warning(self) -> None:
+        """A valid name is used as before, with no warning."""
+        config = load({}, fqdn=lambda: "relay-01.example.com")
+        self.assertEqual(config.smtp_hostname, "relay-01.example.com")
+        self.assertEqual(config.startup_warnings, ())
+
+    def test_warning_logged_at_start(self) -> None:
+        """The fallback is logged as a warn line naming the setting once the relay starts,
+        next to "smtpproxy started"."""
+        from smtpproxy import tap
+        from smtpproxy.smtp import RelayFactory
+
+        events: list[LogEvent] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        settings = load({"HTTP_LISTEN": ""}, fqdn=lambda: "mail_relay01")
+        # Starting the log needs neither a listener nor a real factory.
+        no_factory = cast(RelayFactory, None)
+        provider = StdoutProvider(io.StringIO())
+        service = tap.RelayService(settings, no_factory, provider, observer, "")
+        service._log_start()
+        [event] = [e for e in events if e["log_format"] == "setting replaced by a fallback"]
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(event["setting"], "SMTP_HOSTNAME")
+        self.assertIn("mail_relay01", event["detail"])
+
+    def test_explicit_invalid_name_still_refused(self) -> None:
+        """SMTP_HOSTNAME=mail_relay01, set by the operator, is still an error: only the
+        system's default falls back."""
+        with self.assertRaises(ConfigError) as caught:
+            load({"SMTP_HOSTNAME": "mail_relay01"}, fqdn=lambda: "ok.example")
+        self.assertTrue(str(caught.exception).startswith("SMTP_HOSTNAME: "))
 
 
 class DerivedSettingsTests(SynchronousTestCase):

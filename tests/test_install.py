@@ -30,7 +30,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from smtpproxy.config import CONFIG_FILE_ENV, SETTINGS, Config
+from smtpproxy.config import CONFIG_FILE_ENV, ENV_PREFIXES, SETTINGS, Config
 from tests.support import TIMEOUT, message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +209,11 @@ def clean_environment() -> dict[str, str]:
     return {
         name: value
         for name, value in os.environ.items()
-        if name not in settings and not name.startswith("PYTHON") and name != "VIRTUAL_ENV"
+        if name not in settings
+        and not name.startswith("PYTHON")
+        # pip may need HTTP_PROXY; any other relay-like name would stop the relay.
+        and not (name.startswith(ENV_PREFIXES) and name != "HTTP_PROXY")
+        and name != "VIRTUAL_ENV"
     }
 
 

@@ -7,14 +7,17 @@ import itertools
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.policy import (
     DEFAULT_PRIVATE_NETWORKS,
     RULES,
+    UNIX_CLIENT,
     Decision,
     address_in,
     client_key,
+    client_name,
     connection_decision,
     is_public_exposure,
     parse_address_patterns,
@@ -340,3 +343,36 @@ class DecisionTests(SynchronousTestCase):
         everything = parse_networks("0.0.0.0/0 ::/0")
         self.assertEqual(connection_decision("???", everything, False, ()), Decision.REJECT)
         self.assertEqual(connection_decision("???", (), True, everything), Decision.NEEDS_AUTH)
+
+
+class UnixClientTests(SynchronousTestCase):
+    """Issue 10: a client of a unix: listener is judged as loopback is."""
+
+    def test_client_name(self) -> None:
+        """A UNIX socket peer, named or not, is "unix"; IP peers give their host."""
+        self.assertEqual(client_name(UNIXAddress(None)), UNIX_CLIENT)
+        self.assertEqual(client_name(UNIXAddress(b"/run/client.sock")), UNIX_CLIENT)
+        self.assertEqual(client_name(IPv4Address("TCP", "192.0.2.1", 25)), "192.0.2.1")
+        self.assertEqual(client_name(IPv6Address("TCP", "2001:db8::1", 25)), "2001:db8::1")
+
+    def test_inside_the_networks_that_hold_loopback(self) -> None:
+        """Allowed and trusted where 127.0.0.1 is, outside lists without it."""
+        self.assertTrue(address_in(UNIX_CLIENT, DEFAULT_PRIVATE_NETWORKS))
+        self.assertTrue(address_in(UNIX_CLIENT, parse_networks("127.0.0.1")))
+        self.assertFalse(address_in(UNIX_CLIENT, parse_networks("10.0.0.0/8 ::1")))
+        self.assertFalse(address_in(UNIX_CLIENT, ()))
+
+    def test_decisions_match_loopback(self) -> None:
+        """For every setting combination the unix client gets loopback's decision."""
+        lists = [(), DEFAULT_PRIVATE_NETWORKS, parse_networks("10.0.0.0/8")]
+        for allowed, trusted, auth in itertools.product(lists, lists, (False, True)):
+            self.assertEqual(
+                connection_decision(UNIX_CLIENT, allowed, auth, trusted),
+                connection_decision("127.0.0.1", allowed, auth, trusted),
+                (allowed, trusted, auth),
+            )
+
+    def test_counted_apart_from_tcp_loopback(self) -> None:
+        """Local socket clients share one per-address bucket, not 127.0.0.1's."""
+        self.assertEqual(client_key(UNIX_CLIENT), UNIX_CLIENT)
+        self.assertNotEqual(client_key(UNIX_CLIENT), client_key("127.0.0.1"))

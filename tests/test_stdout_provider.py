@@ -130,7 +130,7 @@ class RenderTests(SynchronousTestCase):
         )
         self.assertIn(
             "Attachments:\n"
-            "  report.pdf (application/pdf, 1.2 MB)\n"
+            "  report.pdf (application/pdf, 1.2 MiB)\n"
             "  (no name) (image/png, 10 B, inline)\n",
             block,
         )
@@ -191,11 +191,56 @@ class RenderTests(SynchronousTestCase):
         self.assertIn("  ... and 1 more warning\n", block)
 
     def test_human_size(self) -> None:
-        """Sizes use binary multiples with one decimal."""
+        """Sizes use binary multiples with one decimal, labelled as binary units (KiB, not
+        KB): 25 MiB, the default size limit, reads as 25.0 MiB, not as a 26.2 MB figure."""
         self.assertEqual(
-            [human_size(n) for n in (0, 1023, 1024, 1536, 1_258_291, 3 * 1024**3, 5 * 1024**4)],
-            ["0 B", "1023 B", "1.0 KB", "1.5 KB", "1.2 MB", "3.0 GB", "5120.0 GB"],
+            [
+                human_size(n)
+                for n in (0, 1023, 1024, 1536, 1_258_291, 26_214_400, 3 * 1024**3, 5 * 1024**4)
+            ],
+            ["0 B", "1023 B", "1.0 KiB", "1.5 KiB", "1.2 MiB", "25.0 MiB", "3.0 GiB", "5120.0 GiB"],
         )
+
+    def test_size_line_units(self) -> None:
+        """The Size line of a block uses the binary label too."""
+        self.assertIn("\nSize: 2.0 KiB\n", render(email()))
+
+    def test_display_names_quoted_when_needed(self) -> None:
+        """A display name with a comma or another RFC 5322 special is shown quoted, so
+        "Smith, John" reads as one mailbox; quotes and backslashes inside are escaped; plain
+        and non-ASCII names stay as they are (not RFC 2047-encoded)."""
+        block = render(
+            email(
+                from_=(Mailbox("Smith, John", "js@example.com"),),
+                to=(
+                    Mailbox('J. R. "Bob" Dobbs', "bob@example.com"),
+                    Mailbox("Jürgen Groß", "jg@example.de"),
+                    Mailbox("Plain Name", "p@example.com"),
+                    Mailbox("a\\b", "ab@example.com"),
+                ),
+            )
+        )
+        self.assertIn('\nFrom: "Smith, John" <js@example.com>\n', block)
+        self.assertIn(
+            '\nTo: "J. R. \\"Bob\\" Dobbs" <bob@example.com>, Jürgen Groß <jg@example.de>, '
+            'Plain Name <p@example.com>, "a\\\\b" <ab@example.com>\n',
+            block,
+        )
+
+    def test_quoted_name_still_one_neutralised_line(self) -> None:
+        """Quoting does not undo the framing rules: a name with a line break and an escape
+        sequence is still one line with its controls replaced."""
+        block = render(email(from_=(Mailbox("Evil,\r\nFrom: x\x1b[2J", "e@example.com"),)))
+        self.assertIn('\nFrom: "Evil,  From: x\ufffd[2J" <e@example.com>\n', block)
+        marker_of(block)
+
+    def test_absent_date_and_message_id_left_out(self) -> None:
+        """A message without Date or Message-ID gets no empty Date:/Message-ID: line."""
+        lines = render(email(date=None, message_id=None)).splitlines()
+        self.assertFalse([line for line in lines if line.startswith(("Date:", "Message-ID:"))])
+        self.assertEqual(lines[5:7], ["Subject: Hello", "Size: 2.0 KiB"])
+        only_date = render(email(message_id=None)).splitlines()
+        self.assertEqual(only_date[6:8], ["Date: Mon, 3 Mar 2025 10:00:00 +0000", "Size: 2.0 KiB"])
 
     def test_html_to_text_blocks(self) -> None:
         """Block elements become line breaks; runs of blanks and blank lines collapse."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
+from smtpproxy.config import ENV_PREFIXES
 from tests.support import TIMEOUT, async_test, in_thread, message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,9 @@ def free_port() -> int:
 
 
 def base_env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "GRAPH_", "TLS_"))}
+    # Whatever relay-like variables the caller's shell holds are not this
+    # test's settings (and an unknown one would stop the relay).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES)}
     env["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(settings)
@@ -226,7 +229,8 @@ class StartupErrorTests(TestCase):
 
     @async_test
     async def test_bad_values(self) -> None:
-        """Invalid numbers, partial Graph, missing certificate, unknown YAML, busy port."""
+        """Invalid numbers, partial Graph, missing certificate, unknown YAML, a misspelled
+        environment variable, busy port: each stops twistd with one line naming it."""
         config = Path(self.mktemp())
         config.write_text("smtp:\n  lisen: ':25'\n")
         with socket.socket() as busy:
@@ -245,6 +249,7 @@ class StartupErrorTests(TestCase):
                     },
                 ),
                 ("smtp.lisen", ("--config", str(config)), {}),
+                ("SMTP_LISTN (did you mean SMTP_LISTEN?)", (), {"SMTP_LISTN": ":25"}),
                 ("SMTP_LISTEN", (), {"SMTP_LISTEN": f"127.0.0.1:{port}", "HTTP_LISTEN": ""}),
             ]
             for name, args, env in cases:

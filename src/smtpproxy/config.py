@@ -14,10 +14,11 @@ key in lower case (C{smtp: {listen: ...}}).  Settings without an underscore
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -61,6 +62,7 @@ class Config:
     smtp_rate_limit_per_ip: int = 0
     smtp_rate_limit_per_user: int = 0
     smtp_max_errors: int = 10
+    smtp_max_refusals: int = 100
     smtp_auth_max_failures: int = 3
     smtp_auth_ban_failures: int = 10
     smtp_auth_ban_time: float = 600.0
@@ -79,6 +81,9 @@ class Config:
     graph_send_mode: str = "auto"
     graph_send_timeout: float = 120.0
     graph_max_concurrency: int = 4
+    # Not a setting: (setting, what happened) for each value load() had to
+    # fall back on, logged as warnings once logging has started.
+    startup_warnings: tuple[tuple[str, str], ...] = ()
 
     @property
     def auth_enabled(self) -> bool:
@@ -360,6 +365,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("SMTP_MAX_ERRORS", "smtp_max_errors", _positive_int, "bad commands before 421"),
     Setting(
+        "SMTP_MAX_REFUSALS",
+        "smtp_max_refusals",
+        _positive_int,
+        "policy refusals (550/450/530) without a delivered message before 421",
+    ),
+    Setting(
         "SMTP_AUTH_MAX_FAILURES",
         "smtp_auth_max_failures",
         _positive_int,
@@ -411,6 +422,39 @@ SETTINGS: tuple[Setting, ...] = (
 
 CONFIG_FILE_ENV = "SMTP_PROXY_CONFIG"
 
+# Environment variables starting with one of these belong to the relay: one
+# that names no setting is a typo (SMTP_LISTN) or a setting of another
+# version, and is refused rather than silently ignored.  Prefixes without
+# settings yet are reserved for settings to come.
+ENV_PREFIXES = (
+    "SMTP_",
+    "SMTPS_",
+    "GRAPH_",
+    "HTTP_",
+    "TLS_",
+    "QUEUE_",
+    "RELAY_",
+    "AUTH_",
+    "MAILBOX_",
+    "STDOUT_",
+)
+# Names with those prefixes that are set for good reasons and are no typo:
+# the config file variable, and the proxy variable many hosts set for every
+# process (the relay does not use a proxy for Graph).
+_NOT_SETTINGS = frozenset({CONFIG_FILE_ENV, "HTTP_PROXY"})
+# What Kubernetes (service links: RELAY_SERVICE_HOST, RELAY_PORT_25_TCP_ADDR
+# ...) and Docker's legacy links (RELAY_NAME, RELAY_ENV_X) set for another
+# container or service called "relay", "smtp" or "graph".  A bare X_PORT is
+# theirs only when it holds their proto://address:port form: SMTP_PORT=25
+# is the kind of guess this check is for.
+_PLATFORM_NAME = re.compile(
+    r"[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_[0-9]+_(TCP|UDP|SCTP)"
+    r"(_ADDR|_PORT|_PROTO)?|ENV_[A-Za-z0-9_]+)"
+)
+# However many there are, the error stays one readable line.
+_LISTED_UNKNOWN = 5
+_PLATFORM_VALUE = {"_PORT": re.compile(r"(tcp|udp|sctp)://\S+"), "_NAME": re.compile(r"/\S+")}
+
 
 # Tags PyYAML's safe resolver gives plain scalars.  A number or boolean
 # setting takes any of them, as the text written; a text setting only text.
@@ -455,6 +499,7 @@ def _flatten_yaml(text: str, source: str) -> dict[str, str]:
     if not isinstance(document, yaml.MappingNode):
         raise ConfigError(f"{source}: expected a mapping of settings at the top level")
     by_path = {s.yaml_path: s for s in SETTINGS}
+    by_env = {s.env: s for s in SETTINGS}
     sections = {path[0] for path in by_path if len(path) == 2}
     found: dict[str, str] = {}
 
@@ -466,7 +511,9 @@ def _flatten_yaml(text: str, source: str) -> dict[str, str]:
     def take(path: tuple[str, ...], node: yaml.Node) -> None:
         setting = by_path.get(path)
         if setting is None:
-            raise ConfigError(f"{source}: unknown setting {'.'.join(path)!r}")
+            close = _closest("_".join(path).upper(), by_env)
+            hint = f" (did you mean {'.'.join(by_env[close].yaml_path)}?)" if close else ""
+            raise ConfigError(f"{source}: unknown setting {'.'.join(path)!r}{hint}")
         if isinstance(node, yaml.SequenceNode):
             items = [scalar(setting, path, item) for item in node.value]
             found[setting.env] = ",".join(items)
@@ -514,6 +561,7 @@ def load(
         tests and import never touch DNS.
     @raise ConfigError: naming the first setting that is wrong.
     """
+    _check_environment(env)
     raw: dict[str, str] = {}
     if yaml_text is not None:
         raw.update(_flatten_yaml(yaml_text, yaml_source))
@@ -534,8 +582,89 @@ def load(
     _check_tls(values)
     _choose_provider(values)
     if not values.get("smtp_hostname"):
-        values["smtp_hostname"] = _hostname(fqdn()) or "localhost"
+        values["smtp_hostname"], warning = system_hostname(fqdn)
+        if warning:
+            values["startup_warnings"] = (("SMTP_HOSTNAME", warning),)
     return Config(**values)
+
+
+def system_hostname(fqdn: Callable[[], str]) -> tuple[str, str | None]:
+    """The host name to greet with when C{SMTP_HOSTNAME} is unset, and a warning or None.
+
+    The system's name is only a default: one that is not a valid DNS name
+    (C{mail_relay01}; an underscore is common in container and VM names)
+    must not stop the relay, so C{localhost} stands in and the operator is
+    told how to choose a real one.
+    """
+    found = fqdn()
+    try:
+        name = _hostname(found)
+    except ValueError:
+        name = ""
+    if name:
+        return name, None
+    shown = found if len(found) <= 80 else found[:77] + "..."
+    return "localhost", (
+        f"the system host name {shown!r} is not a valid DNS name: greeting as localhost; "
+        "set SMTP_HOSTNAME to the name clients know this relay by"
+    )
+
+
+def _check_environment(env: Mapping[str, str]) -> None:
+    """Refuse variables with a relay prefix that name no setting, suggesting the closest."""
+    known = {s.env for s in SETTINGS}
+    unknown = sorted(
+        name
+        for name in env
+        if name.startswith(ENV_PREFIXES)
+        and name not in known
+        and name not in _NOT_SETTINGS
+        and not _platform_variable(name, env[name])
+    )
+    if not unknown:
+        return
+    described = []
+    for name in unknown[:_LISTED_UNKNOWN]:
+        close = _closest(name, known)
+        shown = _shown_name(name)
+        described.append(f"{shown} (did you mean {close}?)" if close else shown)
+    if len(unknown) > _LISTED_UNKNOWN:
+        described.append(f"{len(unknown) - _LISTED_UNKNOWN} more")
+    also = f"; also {', '.join(described[1:])}" if len(described) > 1 else ""
+    these = "these environment variables" if also else "this environment variable"
+    raise ConfigError(
+        f"{described[0]}: no such setting in this version of smtpproxy{also}; fix or unset "
+        f"{these} (twistd smtpproxy --help lists every setting)"
+    )
+
+
+def _closest(name: str, known: Collection[str]) -> str | None:
+    """The setting C{name} was probably meant to be, or None when none is close."""
+    prefix, _, rest = name.partition("_")
+    # Other tools take a port (SMTP_PORT=25); here the listen setting does,
+    # and spelling alone would point at SMTP_PASSWORD.
+    listen = f"{prefix}_LISTEN"
+    if rest == "PORT" and listen in known:
+        return listen
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
+def _platform_variable(name: str, value: str) -> bool:
+    """Is C{name} one that Kubernetes or Docker links set for some other service?"""
+    if _PLATFORM_NAME.fullmatch(name):
+        return True
+    for suffix, form in _PLATFORM_VALUE.items():
+        if name.endswith(suffix) and form.fullmatch(value):
+            return True
+    return False
+
+
+def _shown_name(name: str) -> str:
+    """A variable name for an error line: printable and short (it may be anything)."""
+    if name.isprintable() and len(name) <= 60:
+        return name
+    return repr(name[:57] + "..." if len(name) > 60 else name)
 
 
 def _check_auth(values: dict[str, Any]) -> None:

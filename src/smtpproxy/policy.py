@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from twisted.internet.address import UNIXAddress
+
 from smtpproxy.commands import CommandError, check_address
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -77,6 +79,30 @@ RFC 1918 and unique-local ranges and link-local, i.e. Docker networks and
 LANs, but never the public internet."""
 
 
+UNIX_CLIENT = "unix"
+"""The client name of a connection to a C{unix:} listener, in policies and logs."""
+# Such a client can only be a process on this host allowed to open the
+# socket file: it is judged as loopback is (admitted where 127.0.0.1 would
+# be, trusted where 127.0.0.1 is), and counted apart from TCP loopback.
+_UNIX_AS = ipaddress.IPv4Address("127.0.0.1")
+
+
+def client_name(peer: object) -> str:
+    """The client address a session's policies, limits and logs use for C{peer}.
+
+    C{peer} is what a transport's C{getPeer()} returned: an IPv4 or IPv6
+    address gives its host; a UNIX socket peer (whose name is usually empty,
+    as the client's socket is unbound) gives L{UNIX_CLIENT}.  Nothing else
+    can produce that name: the PROXY header yields IP addresses only.
+    """
+    host = getattr(peer, "host", None)
+    if isinstance(host, str):
+        return host
+    if isinstance(peer, UNIXAddress):
+        return UNIX_CLIENT
+    return str(peer)
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_address(ip: str) -> Address | None:
     """The address in C{ip}, its IPv6 scope and brackets removed, or None.
@@ -84,6 +110,8 @@ def _parse_address(ip: str) -> Address | None:
     Cached: every connect asks about the same few client addresses several
     times (allowed, trusted, per-address key), and parsing dominates.
     """
+    if ip == UNIX_CLIENT:
+        return _UNIX_AS
     host = ip.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -110,8 +138,9 @@ def address_in(ip: str, networks: Iterable[Network]) -> bool:
 
     Accepts what Twisted and the PROXY protocol report: IPv4, IPv6, IPv6
     with a zone (C{fe80::1%eth0}, the zone is ignored) or in brackets, and
-    IPv4-mapped IPv6.  Anything else (a UNIX socket path, garbage) is
-    outside every network: this returns False and never raises.
+    IPv4-mapped IPv6, and L{UNIX_CLIENT}, which is inside the networks that
+    hold 127.0.0.1.  Anything else (garbage) is outside every network: this
+    returns False and never raises.
     """
     address = _parse_address(ip)
     if address is None:
@@ -130,8 +159,11 @@ def client_key(ip: str) -> str:
     IPv4 (mapped or not) counts per address.  IPv6 counts per /64, because
     one subscriber routinely holds a whole /64 and could otherwise rotate
     through addresses to escape every per-address limit.  A string that is
-    not an address is returned unchanged, so it still gets a bucket.
+    not an address is returned unchanged, so it still gets a bucket; so is
+    L{UNIX_CLIENT}, so local socket clients share one bucket of their own.
     """
+    if ip == UNIX_CLIENT:
+        return ip
     address = _parse_address(ip)
     if address is None:
         return ip

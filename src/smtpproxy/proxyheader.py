@@ -33,6 +33,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, providedBy
 
 from smtpproxy.logsummary import LogSummary
+from smtpproxy.policy import client_name
 
 log = Logger(namespace="smtpproxy.proxyheader")
 
@@ -174,8 +175,7 @@ class _HeaderFirstWrapper(ProtocolWrapper):
     def _log_refusal(self, event: str) -> None:
         """One line per peer address and interval: any peer can repeat this at will."""
         peer = self._tcp.getPeer()
-        host = str(getattr(peer, "host", peer))
-        self.factory.log_summary.emit(LogLevel.warn, event, host, peer=str(peer))
+        self.factory.log_summary.emit(LogLevel.warn, event, client_name(peer), peer=str(peer))
 
     def dataReceived(self, data: bytes) -> None:
         if self._header is not None:

@@ -58,6 +58,7 @@ from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.guard import OPEN, Guard
 from smtpproxy.logsafe import LoginNames, clip
 from smtpproxy.logsummary import LogSummary
+from smtpproxy.policy import client_name
 from smtpproxy.pressure import IdleLimits, idle_limits, stressed
 from smtpproxy.qualify import default_domain
 from smtpproxy.sendnow import writer_for
@@ -107,6 +108,11 @@ class SessionSettings:
     auth_enabled: bool = False
     allow_insecure_auth: bool = False
     max_errors: int = 10
+    # Policy refusals (sender or recipient not allowed, rate limit, AUTH
+    # needed) are not client mistakes and have their own, larger budget,
+    # renewed by each delivered message (Postfix's smtpd_hard_error_limit
+    # counts "errors without delivering mail" the same way).
+    max_refusals: int = 100
     max_auth_failures: int = 3
     # What a bare MAIL FROM local part is qualified with (empty: the host
     # name, as Postfix's myorigin defaults to myhostname).
@@ -134,6 +140,7 @@ def session_settings(config: Config) -> SessionSettings:
         auth_enabled=config.auth_enabled,
         allow_insecure_auth=config.smtp_allow_insecure_auth,
         max_errors=config.smtp_max_errors,
+        max_refusals=config.smtp_max_refusals,
         max_auth_failures=config.smtp_auth_max_failures,
         default_domain=default_domain(config.smtp_default_domain, config.graph_sender),
         auth_users=(config.smtp_username,) if config.auth_enabled else (),
@@ -218,6 +225,7 @@ class RelayProtocol(ESMTP):
     # limit is then the command timeout, before it the greeting timeout.
     _commanded = False
     _errors = 0
+    _refusals = 0
     _reader: DataReader | None = None
     _body: MessageBody | None = None
     _sasl: tuple[str, bytes | None] | None = None
@@ -239,8 +247,7 @@ class RelayProtocol(ESMTP):
     # -- connection lifecycle -------------------------------------------
 
     def connectionMade(self) -> None:
-        peer: IAddress = self._tcp.getPeer()
-        self._peer = str(getattr(peer, "host", peer))
+        self._peer = client_name(self._tcp.getPeer())
         self._helo = (None, self._peer.encode("ascii", "replace"))
         self._write = writer_for(self.transport)
         self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
@@ -629,11 +636,23 @@ class RelayProtocol(ESMTP):
     def _error(self, code: int, status: str, text: str) -> None:
         self._error_reply(Reply(code, status, text))
 
-    def _error_reply(self, reply: Reply) -> None:
-        """Answer a client mistake, closing after too many of them."""
-        self._errors += 1
-        if self._errors >= self.settings.max_errors:
-            self._reply(421, "4.7.0", "Too many errors, closing connection")
+    def _error_reply(self, reply: Reply, *, refusal: bool = False) -> None:
+        """Answer a client mistake, or with C{refusal} a policy refusal, closing after too many.
+
+        Each kind has its own budget: a client sending to many recipients
+        that the allow-list refuses makes no mistake and must not be cut off
+        after C{max_errors}; one that goes on being refused without
+        delivering anything is, after C{max_refusals}.
+        """
+        if refusal:
+            self._refusals += 1
+            spent = self._refusals >= self.settings.max_refusals
+        else:
+            self._errors += 1
+            spent = self._errors >= self.settings.max_errors
+        if spent:
+            what = "refused commands" if refusal else "errors"
+            self._reply(421, "4.7.0", f"Too many {what}, closing connection")
             self._close()
             return
         self.sendCode(reply.code, reply.render())
@@ -725,7 +744,7 @@ class RelayProtocol(ESMTP):
             self._error(503, "5.5.1", "Sender already given; send RSET to start over")
             return
         if self._needs_auth and not self.authenticated:
-            self._error(530, "5.7.0", "Authentication required")
+            self._error_reply(Reply(530, "5.7.0", "Authentication required"), refusal=True)
             return
         try:
             domain = self.settings.default_domain or self.settings.hostname
@@ -746,7 +765,7 @@ class RelayProtocol(ESMTP):
                     sender=clip(parsed.sender),
                     reply=f"{refusal.code} {refusal.status}",
                 )
-                self._error_reply(refusal)
+                self._error_reply(refusal, refusal=True)
                 return
         origin = ParsedAddress(parsed.sender)
 
@@ -853,7 +872,7 @@ class RelayProtocol(ESMTP):
                     session=self.id,
                     recipient=clip(parsed.recipient),
                 )
-                self._error_reply(refusal)
+                self._error_reply(refusal, refusal=True)
                 return
         key = _address_key(parsed.recipient)
         if key in self._to_keys:
@@ -976,6 +995,7 @@ class RelayProtocol(ESMTP):
                 assert error is not None
                 self.sendCode(*_reply_args(reply_for_failure(error)))
                 return
+            self._refusals = 0
             ids = result if isinstance(result, list) else [result]
             names = " ".join(str(i) for i in ids if isinstance(i, str))
             self._reply(250, "2.0.0", f"OK: delivered as {names}" if names else "OK: delivered")

@@ -172,6 +172,8 @@ class RelayService(MultiService):
                 "set SMTP_USERNAME/SMTP_PASSWORD or narrow SMTP_ALLOWED_NETWORKS",
                 allowed_networks=[str(n) for n in s.allowed_networks],
             )
+        for setting, detail in s.startup_warnings:
+            log.warn("setting replaced by a fallback", setting=setting, detail=detail)
         if self.provider.name == "stdout":
             log.info("stdout mode: messages are printed, not sent (set GRAPH_* to send mail)")
 

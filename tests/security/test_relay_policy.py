@@ -9,12 +9,16 @@ protocol, so the real policy code sees a real public address.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import socket
+import tempfile
 from typing import cast
 
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IReactorUNIX
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
@@ -31,6 +35,7 @@ from tests.support import (
     TIMEOUT,
     USER,
     RecordingProvider,
+    Relay,
     async_test,
     codes,
     exchange,
@@ -161,6 +166,172 @@ class LimitTests(TestCase):
         self.assertEqual(codes(replies[-1:]), [450])
         self.assertIn("4.7.1", replies[-1])
         self.assertEqual(len(relay.provider.emails), 2)
+
+
+def over_unix_socket(path: str, sends: list[bytes], replies_after_each: list[int]) -> list[str]:
+    """L{exchange} over a UNIX socket: smtplib cannot connect to one, raw lines can."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(path)
+        out = read_replies(sock, 1)
+        for data, count in zip(sends, replies_after_each, strict=True):
+            sock.sendall(data)
+            out += read_replies(sock, count)
+        return out
+
+
+class UnixListenerTests(TestCase):
+    """Issue 10: a unix: listener admits its clients as loopback would be admitted.
+
+    Before, the peer of a UNIX socket matched no network, so every client was
+    refused (554) unless AUTH was on, and no setting could change that.
+    """
+
+    def listen_unix(self, relay: Relay) -> str:
+        """Also serve C{relay} on a UNIX socket in a fresh directory; return its path."""
+        from twisted.internet import reactor
+
+        # A socket path may be 107 bytes at most: trial's working directory
+        # can be deeper than that, the system temp directory is not.
+        directory = tempfile.mkdtemp(prefix="smtpproxy-test-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        path = os.path.join(directory, "smtp.sock")
+        port = IReactorUNIX(reactor).listenUNIX(path, relay.factory)
+        self.addCleanup(port.stopListening)
+        return path
+
+    @async_test
+    async def test_zero_config_relays_like_loopback(self) -> None:
+        """With the zero-config policy (private networks, no AUTH), a client on the socket
+        is greeted, relays a message that is delivered, and is named "unix"."""
+        relay = start_relay(self, guard=PRIVATE)
+        path = self.listen_unix(relay)
+        transaction = ENVELOPE + b"DATA\r\n" + message() + b".\r\nQUIT\r\n"
+        replies = await in_thread(over_unix_socket, path, [transaction], [6])
+        self.assertEqual(codes(replies), [220, 250, 250, 250, 354, 250, 221])
+        self.assertEqual(len(relay.provider.emails), 1)
+        [email] = relay.provider.emails
+        self.assertEqual(email.envelope_to, ("b@example.org",))
+
+    @async_test
+    async def test_ehlo_names_the_socket_client(self) -> None:
+        """The EHLO reply (and so the logs) name the client "unix", not a Python repr."""
+        relay = start_relay(self, guard=PRIVATE)
+        path = self.listen_unix(relay)
+        replies = await in_thread(over_unix_socket, path, [b"HELO c\r\n"], [1])
+        self.assertEqual(replies[1], "250 relay.test greets c [unix]")
+
+    @async_test
+    async def test_networks_without_loopback_refuse_it(self) -> None:
+        """SMTP_ALLOWED_NETWORKS without 127.0.0.1 refuses socket clients as it refuses
+        loopback ones (554 5.7.1)."""
+        guard = GuardSettings(allowed_networks=policy.parse_networks("10.0.0.0/8"))
+        relay = start_relay(self, guard=guard)
+        path = self.listen_unix(relay)
+        replies = await in_thread(over_unix_socket, path, [], [])
+        self.assertEqual(codes(replies), [554])
+
+    @async_test
+    async def test_auth_on_needs_auth_unless_loopback_trusted(self) -> None:
+        """With AUTH on, a socket client must authenticate (530), unless
+        SMTP_TRUSTED_NETWORKS holds 127.0.0.1, as for a loopback client."""
+        with_auth = dataclasses.replace(OPEN, auth_enabled=True)
+        needs_auth = start_relay(self, auth=True, guard=with_auth)
+        replies = await in_thread(over_unix_socket, self.listen_unix(needs_auth), [ENVELOPE], [3])
+        self.assertEqual(codes(replies), [220, 250, 530, 503])
+        trusted = dataclasses.replace(
+            OPEN, auth_enabled=True, trusted_networks=policy.parse_networks("127.0.0.1")
+        )
+        relay = start_relay(self, auth=True, guard=trusted)
+        replies = await in_thread(over_unix_socket, self.listen_unix(relay), [ENVELOPE], [3])
+        self.assertEqual(codes(replies), [220, 250, 250, 250])
+
+
+class RefusalBudgetTests(TestCase):
+    """Issue 10: policy refusals have their own budget, apart from SMTP_MAX_ERRORS.
+
+    Before, a recipient refused by the allow-list counted as a client error,
+    so a message with many refused recipients got the session cut off with
+    421 after SMTP_MAX_ERRORS of them, and its allowed recipients nothing.
+    """
+
+    ALLOW_OPS = dataclasses.replace(
+        OPEN, allowed_recipients=policy.parse_address_patterns("ops@example.org")
+    )
+
+    @staticmethod
+    def transaction(refused: int) -> tuple[bytes, int]:
+        """MAIL, C{refused} refused RCPTs, one allowed RCPT, DATA and the message."""
+        rcpts = b"".join(b"RCPT TO:<x%d@example.net>\r\n" % i for i in range(refused))
+        data = (
+            b"MAIL FROM:<a@example.com>\r\n"
+            + rcpts
+            + b"RCPT TO:<ops@example.org>\r\nDATA\r\n"
+            + message()
+            + b".\r\n"
+        )
+        return data, refused + 4
+
+    @async_test
+    async def test_refused_recipients_do_not_spend_the_error_budget(self) -> None:
+        """With SMTP_MAX_ERRORS=3, ten refused recipients each get 550 5.7.1, and the
+        allowed one still gets the message."""
+        relay = start_relay(self, guard=self.ALLOW_OPS, max_errors=3)
+        data, count = self.transaction(10)
+        replies = await in_thread(exchange, relay.port, [b"EHLO c\r\n", data], [1, count])
+        self.assertEqual(codes(replies), [220, 250, 250] + [550] * 10 + [250, 354, 250])
+        self.assertEqual([e.envelope_to for e in relay.provider.emails], [("ops@example.org",)])
+
+    @async_test
+    async def test_refusals_have_their_own_cap(self) -> None:
+        """SMTP_MAX_REFUSALS refusals without a delivered message close the session with
+        421 4.7.0, so a client probing the allow-list is still cut off."""
+        relay = start_relay(self, guard=self.ALLOW_OPS, max_refusals=5)
+        rcpts = b"".join(b"RCPT TO:<x%d@example.net>\r\n" % i for i in range(8))
+        replies = await in_thread(
+            exchange, relay.port, [b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n" + rcpts], [7]
+        )
+        self.assertEqual(codes(replies), [220, 250, 250, 550, 550, 550, 550, 421])
+        self.assertIn("4.7.0 Too many refused commands", replies[-1])
+
+    @async_test
+    async def test_auth_and_rate_refusals_use_the_same_budget(self) -> None:
+        """530 before AUTH and 450 over the rate limit are refusals too: they do not spend
+        SMTP_MAX_ERRORS, and SMTP_MAX_REFUSALS of them close the session."""
+        with_auth = dataclasses.replace(OPEN, auth_enabled=True)
+        relay = start_relay(self, auth=True, guard=with_auth, max_errors=2, max_refusals=4)
+        mail = b"MAIL FROM:<a@example.com>\r\n"
+        replies = await in_thread(exchange, relay.port, [b"EHLO c\r\n" + mail * 5], [5])
+        self.assertEqual(codes(replies), [220, 250, 530, 530, 530, 421])
+        limited = dataclasses.replace(OPEN, rate_limit_per_ip=1)
+        relay = start_relay(self, guard=limited, max_errors=2)
+        first = b"MAIL FROM:<a@example.com>\r\nRSET\r\n"
+        replies = await in_thread(exchange, relay.port, [b"EHLO c\r\n" + first + mail * 3], [6])
+        self.assertEqual(codes(replies), [220, 250, 250, 250, 450, 450, 450])
+
+    @async_test
+    async def test_a_delivered_message_renews_the_budget(self) -> None:
+        """The count is of refusals without a delivered message: a long session sending
+        many messages, each with a few refused recipients, is never cut off."""
+        relay = start_relay(self, guard=self.ALLOW_OPS, max_refusals=3)
+        data, count = self.transaction(2)
+        replies = await in_thread(
+            exchange, relay.port, [b"EHLO c\r\n"] + [data] * 5, [1] + [count] * 5
+        )
+        self.assertNotIn(421, codes(replies))
+        self.assertEqual(len(relay.provider.emails), 5)
+
+    @async_test
+    async def test_client_errors_still_counted_apart(self) -> None:
+        """Bad commands still close the session after SMTP_MAX_ERRORS, refusals between
+        them neither adding to nor resetting that count."""
+        relay = start_relay(self, guard=self.ALLOW_OPS, max_errors=3)
+        bad = b"BOGUS\r\n"
+        refused = b"RCPT TO:<x@example.net>\r\n"
+        sends = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n" + bad + refused * 3 + bad + bad
+        replies = await in_thread(exchange, relay.port, [sends], [8])
+        self.assertEqual(codes(replies), [220, 250, 250, 500, 550, 550, 550, 500, 421])
+        self.assertIn("Too many errors", replies[-1])
 
 
 class ClockedAuthTests(SynchronousTestCase):

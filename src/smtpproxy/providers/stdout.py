@@ -25,6 +25,7 @@ import re
 import secrets
 import sys
 from collections.abc import Callable
+from email.utils import quote
 from html.parser import HTMLParser
 from typing import IO, TYPE_CHECKING, cast
 
@@ -174,12 +175,14 @@ def render(
         f"Envelope-From: <{_line(email.envelope_from)}>",
         f"Envelope-To: {', '.join(f'<{_line(r)}>' for r in email.envelope_to)}",
         f"Subject: {_line(email.subject)}",
-        f"Date: {_line(email.date or '')}",
-        f"Message-ID: {_line(email.message_id or '')}",
-        f"Size: {human_size(email.size)}",
-        "Body:",
-        _body(email, max_body_chars),
     ]
+    # A line with nothing after the label would read as a header the
+    # message had empty; absent fields are left out instead.
+    if email.date:
+        lines.append(f"Date: {_line(email.date)}")
+    if email.message_id:
+        lines.append(f"Message-ID: {_line(email.message_id)}")
+    lines += [f"Size: {human_size(email.size)}", "Body:", _body(email, max_body_chars)]
     if email.attachments:
         lines.append("Attachments:")
         for attachment in email.attachments[:MAX_LISTED_ATTACHMENTS]:
@@ -267,11 +270,15 @@ def _json_safe(value: object) -> object:
 
 
 def human_size(size: int) -> str:
-    """C{1234567} -> C{"1.2 MB"}: binary multiples, one decimal above bytes."""
+    """C{1234567} -> C{"1.2 MiB"}: binary multiples, one decimal above bytes.
+
+    Binary, and labelled so, because the limits the operator compares
+    against are binary: C{SMTP_MAX_MESSAGE_SIZE} defaults to 25 MiB.
+    """
     if size < 1024:
         return f"{size} B"
     value = float(size)
-    for unit in ("KB", "MB", "GB"):
+    for unit in ("KiB", "MiB", "GiB"):
         value /= 1024
         if value < 1024 or unit == "GB":
             break
@@ -349,7 +356,28 @@ def html_to_text(html: str) -> str:
 
 
 def _addresses(mailboxes: tuple[Mailbox, ...]) -> str:
-    return _line(", ".join(str(mailbox) for mailbox in mailboxes))
+    return _line(", ".join(_mailbox(mailbox) for mailbox in mailboxes))
+
+
+# RFC 5322 3.2.3 specials: a display name holding one of them is only one
+# name when it is a quoted string (C{"Smith, John" <js@example.com>}; without
+# the quotes the comma makes it read as two addresses).  The same set the
+# standard library's header registry quotes for.
+_SPECIALS = frozenset('()<>[]:;@\\,."')
+
+
+def _mailbox(mailbox: Mailbox) -> str:
+    """C{mailbox} as a header would write it, the display name quoted when it must be.
+
+    Not C{email.utils.formataddr}: that encodes a non-ASCII name as an
+    RFC 2047 word, which is right for a header and unreadable on a terminal.
+    """
+    name = mailbox.name
+    if not name:
+        return mailbox.address
+    if not _SPECIALS.isdisjoint(name):
+        name = f'"{quote(name)}"'
+    return f"{name} <{mailbox.address}>"
 
 
 def _line(value: str) -> str:

@@ -222,7 +222,7 @@ class UnixListenerTests(TestCase):
         self.assertEqual(replies[1], "250 relay.test greets c [unix]")
 
     @async_test
-    async def test_networks_without_loopback_refuse_it(self) -> None:
+    async def test_SEC_068_networks_without_loopback_refuse_it(self) -> None:
         """SMTP_ALLOWED_NETWORKS without 127.0.0.1 refuses socket clients as it refuses
         loopback ones (554 5.7.1)."""
         guard = GuardSettings(allowed_networks=policy.parse_networks("10.0.0.0/8"))
@@ -283,7 +283,7 @@ class RefusalBudgetTests(TestCase):
         self.assertEqual([e.envelope_to for e in relay.provider.emails], [("ops@example.org",)])
 
     @async_test
-    async def test_refusals_have_their_own_cap(self) -> None:
+    async def test_SEC_067_refusals_have_their_own_cap(self) -> None:
         """SMTP_MAX_REFUSALS refusals without a delivered message close the session with
         421 4.7.0, so a client probing the allow-list is still cut off."""
         relay = start_relay(self, guard=self.ALLOW_OPS, max_refusals=5)

@@ -195,7 +195,8 @@ def parse_message(envelope_from: str, envelope_to: Sequence[str], raw: bytes) ->
         try:
             next(steps)
         except StopIteration as done:
-            return done.value
+            email: Email = done.value
+            return email
 
 
 def parse_steps(envelope_from: str, envelope_to: Sequence[str], raw: bytes) -> ParseSteps:
@@ -855,6 +856,17 @@ def _salvage_addresses(value: str, parsed: list[Mailbox]) -> list[Mailbox]:
             seen.add(candidate.lower())
             mailboxes.append(Mailbox("", candidate))
     return mailboxes
+
+
+def abandoned(envelope_from: str, envelope_to: Sequence[str], raw: bytes, why: str) -> Email:
+    """The L{Email} for a message whose parse was given up: envelope and raw bytes only."""
+    return Email(
+        envelope_from=envelope_from,
+        envelope_to=tuple(envelope_to),
+        raw=raw,
+        warnings=(f"parsing abandoned ({why}); only the raw message is kept",),
+        abandoned=True,
+    )
 
 
 def _address_chunks(value: str) -> list[str] | None:

@@ -161,7 +161,7 @@ _EMBEDDED_MESSAGES = frozenset({"message/rfc822", "message/global"})
 # below all of them.
 MAX_ADDRESS_HEADER = 32 * 1024
 MAX_SUBJECT = 8 * 1024
-MAX_MIME_HEADER = 8 * 1024
+MAX_MIME_HEADER = 4 * 1024
 # The standard library's header parser collects its defects with sum() over
 # lists, and re-scans the rest of the value for every comment or quoted
 # word, so its time grows with the square of the number of parameters or

@@ -78,12 +78,12 @@ class MessageParser:
         """
         deadline = self._reactor.seconds() + self._timeout
         steps = parse_steps(envelope_from, envelope_to, raw)
-        slice_over = self._slice_over()
+        timer = self._timer
+        stop = timer() + self._slice
         try:
-            while True:
+            next(steps)
+            while timer() < stop:
                 next(steps)
-                if slice_over():
-                    break
         except StopIteration as done:
             email: Email = done.value
             return email

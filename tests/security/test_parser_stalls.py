@@ -24,7 +24,9 @@ from zope.interface import implementer
 
 from smtpproxy import delivery
 from smtpproxy.delivery import RelayMessage
-from smtpproxy.message import parse_message
+from smtpproxy.errors import PermanentDeliveryError
+from smtpproxy.graph_payload import MimeSend, plan_delivery
+from smtpproxy.message import Email, abandoned, parse_message
 from smtpproxy.parsetask import MessageParser
 from smtpproxy.providers.stdout import StdoutProvider
 from tests.support import (
@@ -244,3 +246,24 @@ class AbandonedDeliveryTests(SynchronousTestCase):
         self.assertIn("Envelope-To: <b@example.com>", printed)
         self.assertIn("parsing abandoned", printed)
         self.assertNotIn("secret body text", printed)
+
+
+class GraphRawPlanTests(SynchronousTestCase):
+    """Graph sends an abandoned parse as raw MIME only, or refuses it for good."""
+
+    def abandoned(self, to: str = "b@example.com") -> Email:
+        raw = f"From: a@example.com\r\nTo: {to}\r\n\r\nbody\r\n".encode()
+        return abandoned("a@example.com", ["b@example.com"], raw, "test")
+
+    def test_mime_when_allowed(self) -> None:
+        """In auto and mime modes the raw bytes go as one MIME request."""
+        for mode in ("auto", "mime"):
+            plan = plan_delivery(self.abandoned(), ["relay@example.com"], mode)
+            self.assertIsInstance(plan, MimeSend)
+
+    def test_refused_otherwise(self) -> None:
+        """JSON mode, or To/Cc naming people outside the envelope: 554 5.6.0, no JSON attempt."""
+        for email, mode in ((self.abandoned(), "json"), (self.abandoned("x@example.net"), "auto")):
+            with self.assertRaises(PermanentDeliveryError) as raised:
+                plan_delivery(email, ["relay@example.com"], mode)
+            self.assertEqual((raised.exception.code, raised.exception.status), (554, "5.6.0"))

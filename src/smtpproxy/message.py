@@ -173,8 +173,12 @@ MAX_ADDRESS_CHUNK = 1024
 MAX_HEADER_BLOCK = 256 * 1024
 MAX_DEPTH = 32
 MAX_PARTS = 1000
-# Work on fewer bytes than this is not worth a step of its own.
+# Work on fewer bytes (or header characters) than this is not worth a step
+# of its own.
 _SMALL = 64 * 1024
+_LONG_HEADER = 1024
+# About 1 MB of uuencoded data, some 20 ms of decoding.
+_UU_LINES_PER_STEP = 16 * 1024
 
 
 ParseSteps = Generator[None, None, Email]
@@ -478,7 +482,8 @@ class _Parse:
         if oversized is not None:
             self.keep_raw(f"{where}: {oversized}", body_start, end, depth)
             return
-        for name, error in _parse_mime_headers_once(headers):
+        failures = yield from _parse_mime_headers_once(headers)
+        for name, error in failures:
             if name == "content-type":
                 problem = f"{where}: Content-Type could not be read ({error})"
                 self.keep_raw(problem, body_start, end, depth)
@@ -594,7 +599,7 @@ class _Parse:
         filename = _filename(headers)
         if end - start > _SMALL:
             yield
-        data = self.transfer_decode(headers, where, *self.body(start, end, depth))
+        data = yield from self.transfer_decode(headers, where, *self.body(start, end, depth))
         if len(data) > _SMALL:
             yield
         if disposition != "attachment" and filename is None:
@@ -622,7 +627,9 @@ class _Parse:
         if end - start > _SMALL:
             yield
         content_type = headers.get_content_type()
-        data = _bytes(self.transfer_decode(headers, where, *self.body(start, end, depth)))
+        data = _bytes(
+            (yield from self.transfer_decode(headers, where, *self.body(start, end, depth)))
+        )
         filename = _filename(headers)
         if filename is None and content_type in _EMBEDDED_MESSAGES:
             filename = _message_filename(data)
@@ -641,11 +648,12 @@ class _Parse:
 
     def transfer_decode(
         self, headers: EmailMessage, where: str, start: int, end: int
-    ) -> bytes | memoryview:
+    ) -> Generator[None, None, bytes | memoryview]:
         """Undo the Content-Transfer-Encoding; damaged data is decoded as far as it goes.
 
         An unencoded body comes back as a memoryview of the raw bytes, so a
-        text body becomes a str without an intermediate copy.
+        text body becomes a str without an intermediate copy.  Only
+        uudecoding, a Python loop over lines, takes more than one step.
         """
         encoding = _transfer_encoding(headers)
         problem: str | None = None
@@ -655,7 +663,7 @@ class _Parse:
         elif encoding == "quoted-printable":
             data = binascii.a2b_qp(self.view[start:end])
         elif encoding in _UU_ENCODINGS:
-            data, problem = _uudecode(self.raw[start:end])
+            data, problem = yield from _uudecode(self.raw[start:end])
         else:
             data = self.view[start:end]
             if encoding not in _IDENTITY_ENCODINGS:
@@ -715,7 +723,9 @@ def _transfer_encoding(headers: EmailMessage) -> str:
     return _ENCODING_SPELLINGS.get(re.sub("[^a-z0-9]", "", str(header).lower()), encoding)
 
 
-def _parse_mime_headers_once(headers: EmailMessage) -> list[tuple[str, str]]:
+def _parse_mime_headers_once(
+    headers: EmailMessage,
+) -> Generator[None, None, list[tuple[str, str]]]:
     """Make the MIME headers' parsed forms stick, so each is parsed once per part.
 
     An EmailMessage parses a header every time it is asked for it, and
@@ -724,10 +734,15 @@ def _parse_mime_headers_once(headers: EmailMessage) -> list[tuple[str, str]]:
     the later lookups free (policy.default hands stored objects back as is).
     A header the standard library cannot parse (it has had crash bugs on odd
     input) is removed, and returned with the error's name so that the
-    caller can report it.
+    caller can report it.  A long header is parsed in a step of its own:
+    the standard library may take a few dozen milliseconds on one of
+    L{MAX_MIME_HEADER} characters.
     """
     failed = []
+    long = {name.lower() for name, value in headers.raw_items() if len(value) > _LONG_HEADER}
     for name in ("content-type", "content-disposition", "content-transfer-encoding"):
+        if name in long:
+            yield
         try:
             value = headers.get(name)
         except Exception as error:
@@ -806,7 +821,7 @@ def _base64(raw: bytes, start: int, end: int) -> tuple[bytes, str | None]:
     return b"".join(pieces), "damaged base64 data, decoded as far as possible"
 
 
-def _uudecode(data: bytes) -> tuple[bytes, str | None]:
+def _uudecode(data: bytes) -> Generator[None, None, tuple[bytes, str | None]]:
     """Decode a uuencoded body (begin line, data lines, end line); keep it as is if we cannot."""
     if not data.strip():
         return b"", None
@@ -817,7 +832,9 @@ def _uudecode(data: bytes) -> tuple[bytes, str | None]:
     else:
         return data, "uuencoded data without a 'begin' line, kept undecoded"
     decoded = []
-    for line in lines:
+    for count, line in enumerate(lines, 1):
+        if not count % _UU_LINES_PER_STEP:
+            yield
         if line.strip() == b"end":
             break
         if not line:

@@ -30,6 +30,7 @@ from smtpproxy.auth import StaticPasswordChecker
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.guard import OPEN, Guard, GuardSettings
 from smtpproxy.message import Email
+from smtpproxy.parsetask import MessageParser
 from smtpproxy.smtp import RelayFactory, SessionSettings
 
 USER = "relay-user"
@@ -58,6 +59,7 @@ class RecordingProvider:
 
     name: str = "recording"
     emails: list[Email] = field(default_factory=list)
+    accepts_raw_mime: bool = False
     outcomes: list[defer.Deferred[None] | BaseException] = field(default_factory=list)
     closed: bool = False
 
@@ -92,13 +94,14 @@ def start_relay(
     tls_enabled: bool = True,
     provider: RecordingProvider | None = None,
     guard: GuardSettings | None = None,
+    parser: MessageParser | None = None,
     **settings: Any,
 ) -> Relay:
     """Listen on 127.0.0.1 with an ephemeral port; stopped by the test's cleanup."""
     from twisted.internet import reactor
 
     provider = provider or RecordingProvider()
-    portal = Portal(RelayRealm(provider, reactor))
+    portal = Portal(RelayRealm(provider, reactor, parser=parser))
     portal.registerChecker(AllowAnonymousAccess())
     if auth:
         portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))

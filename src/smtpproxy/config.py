@@ -53,6 +53,7 @@ class Config:
     smtp_greeting_timeout: float = 30.0
     smtp_data_timeout: float = 600.0
     smtp_shutdown_timeout: float = 30.0
+    smtp_parse_timeout: float = 10.0
     smtp_allowed_networks: policy.Networks | None = None
     smtp_trusted_networks: policy.Networks = ()
     smtp_allowed_senders: policy.AddressPatterns = _ANY_ADDRESS
@@ -319,6 +320,12 @@ SETTINGS: tuple[Setting, ...] = (
         "smtp_shutdown_timeout",
         _seconds,
         "seconds in-flight mail may take at shutdown",
+    ),
+    Setting(
+        "SMTP_PARSE_TIMEOUT",
+        "smtp_parse_timeout",
+        _seconds,
+        "seconds parsing one message may take before it is given up",
     ),
     Setting(
         "SMTP_ALLOWED_NETWORKS",

@@ -22,10 +22,11 @@ from twisted.mail.smtp import Address, User
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpproxy.errors import DeliveryError, reply_for_failure
+from smtpproxy.errors import DeliveryError, PermanentDeliveryError, reply_for_failure
 from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
-from smtpproxy.message import parse_message
-from smtpproxy.providers import Provider
+from smtpproxy.message import Email
+from smtpproxy.parsetask import MessageParser
+from smtpproxy.providers import Provider, accepts_raw_mime
 from smtpproxy.spool import MessageBody
 
 log = Logger(namespace="smtpproxy.delivery")
@@ -63,8 +64,10 @@ class RelayMessage:
         client: str,
         user: str | None,
         log_delivered: bool = True,
+        parser: MessageParser | None = None,
     ) -> None:
         self.id = new_message_id()
+        self._parser = parser or MessageParser(reactor)
         self._log_delivered = log_delivered
         self._provider = provider
         self._reactor = reactor
@@ -107,14 +110,38 @@ class RelayMessage:
             "provider": self._provider.name,
         }
         try:
-            email = parse_message(self._sender, self._recipients, raw)
+            parsed = self._parser.parse(self._sender, self._recipients, raw)
         except Exception:
-            # parse_message promises never to raise; if it does, that is our
+            # The parser promises never to raise; if it does, that is our
             # bug, and the client should retry rather than lose the message.
             log.failure("message could not be parsed", **fields)
             failed_parse: defer.Deferred[str] = defer.fail()
             return failed_parse
         del raw
+        if isinstance(parsed, defer.Deferred):
+            # A long parse goes on in slices while other sessions are served.
+            return parsed.addCallback(self._deliver, fields, started)
+        return self._deliver(parsed, fields, started)
+
+    def _deliver(self, email: Email, fields: dict[str, Any], started: float) -> defer.Deferred[str]:
+        """Hand the parsed C{email} to the provider; fire with the message id."""
+        if email.abandoned:
+            raw_ok = accepts_raw_mime(self._provider)
+            log.warn(
+                "message parse abandoned",
+                outcome="sent raw" if raw_ok else "rejected",
+                reply=None if raw_ok else "554 5.6.0",
+                **fields,
+            )
+            if not raw_ok:
+                refused: defer.Deferred[str] = defer.fail(
+                    PermanentDeliveryError(
+                        "message too complex to parse in time, and this relay's "
+                        "provider cannot send it unparsed",
+                        "5.6.0",
+                    )
+                )
+                return refused
         fields["message_id"] = None if email.message_id is None else clip(email.message_id)
         _log_warnings(self.id, fields["message_id"], email.warnings, email.warnings_omitted)
 
@@ -203,11 +230,13 @@ class RelayDelivery:
         reactor: IReactorTime,
         user: str | None,
         log_delivered: bool = True,
+        parser: MessageParser | None = None,
     ) -> None:
         self._provider = provider
         self._reactor = reactor
         self.user = user
         self._log_delivered = log_delivered
+        self._parser = parser
         self._sender = ""
         self._recipients: list[str] = []
         self._message: RelayMessage | None = None
@@ -244,6 +273,7 @@ class RelayDelivery:
                 self._client,
                 self.user,
                 self._log_delivered,
+                self._parser,
             )
         return self._message
 
@@ -253,10 +283,17 @@ class RelayRealm:
     """Hands every logged-in (or anonymous) session a L{RelayDelivery}."""
 
     def __init__(
-        self, provider: Provider, reactor: IReactorTime, log_delivered: bool = True
+        self,
+        provider: Provider,
+        reactor: IReactorTime,
+        log_delivered: bool = True,
+        parser: MessageParser | None = None,
     ) -> None:
         self._provider = provider
         self._reactor = reactor
+        # One parser (and so one cooperator) for every session: parses in
+        # progress share the reactor's turns fairly.
+        self._parser = parser or MessageParser(reactor)
         # At log levels above info, building the "message delivered" event
         # only for the filter to drop it is measurable per message.
         self._log_delivered = log_delivered
@@ -270,7 +307,9 @@ class RelayRealm:
         user: str | None = None
         if isinstance(avatarId, bytes) and avatarId:
             user = avatarId.decode("utf-8", "replace")
-        delivery = RelayDelivery(self._provider, self._reactor, user, self._log_delivered)
+        delivery = RelayDelivery(
+            self._provider, self._reactor, user, self._log_delivered, self._parser
+        )
         return IMessageDelivery, delivery, _no_logout
 
 

@@ -515,6 +515,8 @@ def plan_delivery(
             )
     mailbox = choose_mailbox(email.from_, senders)
     notes: list[str] = []
+    if email.abandoned:
+        return _raw_plan(email, mailbox, recipients, mode, default_domain)
     if mode != "json":
         if recipients.outside or not raw_recipients_in_envelope(email):
             notes.append(
@@ -537,6 +539,36 @@ def plan_delivery(
             else:
                 notes.append("message too large for one MIME request; sending as a draft")
     return _json_plan(email, mailbox, recipients, notes, default_domain)
+
+
+def _raw_plan(
+    email: Email, mailbox: str, recipients: Recipients, mode: str, domain: str
+) -> MimeSend:
+    """The only plan for a message whose parse was abandoned: its raw bytes, as MIME.
+
+    Graph's JSON form is built from our parse, which does not exist; so the
+    message goes as MIME when the mode allows it, its header recipients are
+    all in the envelope and it fits in one request, and is refused otherwise.
+    """
+    why = None
+    if mode == "json":
+        why = "GRAPH_SEND_MODE=json"
+    elif not raw_recipients_in_envelope(email):
+        why = "its To/Cc headers name recipients outside the envelope"
+    else:
+        mime, warnings = mime_message_and_warnings(email, mailbox, recipients, domain)
+        ascii_mime = ascii_header_block(mime)
+        if ascii_mime is None:
+            why = "a header field has no ASCII form"
+        elif _b64_size(len(ascii_mime)) <= REQUEST_LIMIT:
+            return MimeSend(mailbox, base64.b64encode(ascii_mime), recipients, (), warnings)
+        else:
+            why = "it is too large for one MIME request"
+    raise PermanentDeliveryError(
+        f"message too complex to parse in time, and it cannot be sent unparsed: {why}",
+        "5.6.0",
+        554,
+    )
 
 
 def _json_plan(

@@ -28,6 +28,7 @@ from smtpproxy.auth import StaticPasswordChecker
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.guard import Guard
 from smtpproxy.guard import settings_from as guard_settings
+from smtpproxy.parsetask import MessageParser
 from smtpproxy.smtp import RelayFactory, session_settings
 
 log = Logger(namespace="smtpproxy")
@@ -241,7 +242,8 @@ def makeService(options: Options) -> RelayService:
     provider = providers.create(settings.provider, settings, reactor)
 
     info = settings.log_level in ("debug", "info")
-    portal = Portal(RelayRealm(provider, reactor, log_delivered=info))
+    parser = MessageParser(reactor, settings.smtp_parse_timeout)
+    portal = Portal(RelayRealm(provider, reactor, log_delivered=info, parser=parser))
     portal.registerChecker(AllowAnonymousAccess())
     if settings.auth_enabled:
         portal.registerChecker(

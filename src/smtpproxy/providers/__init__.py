@@ -6,6 +6,10 @@ Deferred with L{smtpproxy.errors.TransientDeliveryError} or
 L{smtpproxy.errors.PermanentDeliveryError} chooses between "try again later"
 and a bounce; anything else is treated as transient.
 
+A provider that can send a message it was given as raw bytes only (an
+L{Email} whose parse was abandoned: envelope and C{raw}, nothing parsed)
+says so with a true C{accepts_raw_mime} attribute; see L{accepts_raw_mime}.
+
 New providers register a factory by name with L{register}; configuration
 chooses one with L{create}.
 """
@@ -36,6 +40,15 @@ class Provider(Protocol):
 
     def close(self) -> Deferred[None]:
         """Release connections and timers; called once at shutdown."""
+
+
+def accepts_raw_mime(provider: Provider) -> bool:
+    """Can C{provider} deliver an L{Email} with C{abandoned=True} faithfully?
+
+    The capability is optional (a provider without the attribute cannot),
+    so that providers written before it existed keep working.
+    """
+    return bool(getattr(provider, "accepts_raw_mime", False))
 
 
 ProviderFactory = Callable[["Config", "IReactorTime"], Provider]

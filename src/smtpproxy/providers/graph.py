@@ -189,6 +189,11 @@ class GraphProvider:
         self._tokens = TokenCache(reactor, self._fetch_token)
         self._gates: dict[str, DeferredSemaphore] = {}
 
+    @property
+    def accepts_raw_mime(self) -> bool:
+        """Graph takes raw MIME unless told to send JSON only."""
+        return self._config.graph_send_mode != "json"
+
     def send(self, email: Email) -> Deferred[None]:
         """Deliver C{email}; fire once Graph accepted it (HTTP 202)."""
         return Deferred.fromCoroutine(self._send(email))
@@ -214,6 +219,7 @@ class GraphProvider:
             if not (
                 isinstance(plan, MimeSend)
                 and self._config.graph_send_mode == "auto"
+                and not email.abandoned
                 and rejected.graph_code.startswith("ErrorMimeContent")
             ):
                 raise

@@ -89,6 +89,8 @@ class StdoutProvider:
     """
 
     name = "stdout"
+    # An abandoned parse prints as envelope, size and the warning saying so.
+    accepts_raw_mime = True
 
     def __init__(
         self,

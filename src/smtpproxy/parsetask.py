@@ -1,0 +1,114 @@
+"""Parsing a message without holding the reactor: time slices and a budget.
+
+L{smtpproxy.message.parse_steps} yields between pieces of work, each
+linear in the bytes it reads and bounded by the size limits.  A
+L{MessageParser} runs those steps in slices: the first slice at once (an
+everyday message is parsed in it, with no extra reactor turn and no
+scheduling), the rest through a L{Cooperator} shared by every session,
+which gives each parse in progress a few milliseconds per reactor turn and
+lets the reactor serve sockets and timers in between.  A parse still
+unfinished after C{SMTP_PARSE_TIMEOUT} seconds is given up, and the message
+is handed on as its raw bytes (L{smtpproxy.message.abandoned}).
+
+Threads would not help here: CPython's regular expressions and the standard
+library's header parser hold the GIL while they run, so a worker thread
+cannot be interrupted and still stalls the reactor.  Slicing works because
+no single step is long: the longest is one linear pass over at most
+C{SMTP_MAX_MESSAGE_SIZE} bytes in C code (decoding a large part).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Cooperator
+
+from smtpproxy.message import Email, ParseSteps, abandoned, parse_steps
+
+DEFAULT_TIMEOUT = 10.0
+# CPU time one parse may take before the reactor gets a turn, and one
+# cooperator tick before it does.  Small enough that a probe session's
+# greeting never waits long, large enough that a 25 MB message does not
+# cost thousands of reactor turns.
+SLICE = 0.005
+
+
+class MessageParser:
+    """Parses messages within a time budget, a slice at a time.
+
+    @param reactor: supplies C{seconds} (the budget) and C{callLater} (the
+        next slice); a L{twisted.internet.task.Clock} in tests.
+    @param timeout: seconds after which a parse is abandoned.
+    @param slice_seconds: CPU time per slice, as measured by C{timer}.
+    @param timer: the clock slices are measured with; zero-length slices
+        (C{slice_seconds=0}) make every step its own reactor turn.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        slice_seconds: float = SLICE,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+        self._slice = slice_seconds
+        self._timer = timer
+        self._cooperator = Cooperator(
+            terminationPredicateFactory=self._slice_over,
+            scheduler=lambda work: reactor.callLater(0, work),
+        )
+
+    def _slice_over(self) -> Callable[[], bool]:
+        stop = self._timer() + self._slice
+        return lambda: self._timer() >= stop
+
+    def parse(
+        self, envelope_from: str, envelope_to: Sequence[str], raw: bytes
+    ) -> Email | Deferred[Email]:
+        """The parsed message: at once when one slice was enough, else a Deferred.
+
+        The Deferred never fails: a parse over budget fires with an
+        abandoned L{Email} (C{abandoned=True}, raw bytes and envelope).
+        """
+        deadline = self._reactor.seconds() + self._timeout
+        steps = parse_steps(envelope_from, envelope_to, raw)
+        timer = self._timer
+        stop = timer() + self._slice
+        try:
+            next(steps)
+            while timer() < stop:
+                next(steps)
+        except StopIteration as done:
+            email: Email = done.value
+            return email
+        outcome: list[Email] = []
+        work = self._rest(steps, deadline, outcome, (envelope_from, envelope_to, raw))
+        finished: Deferred[Iterator[None]] = self._cooperator.cooperate(work).whenDone()
+        return finished.addCallback(lambda _: outcome[0])
+
+    def _rest(
+        self,
+        steps: ParseSteps,
+        deadline: float,
+        outcome: list[Email],
+        message: tuple[str, Sequence[str], bytes],
+    ) -> Iterator[None]:
+        """The remaining steps, one per iteration, until done or past C{deadline}."""
+        while True:
+            if self._reactor.seconds() > deadline:
+                steps.close()
+                why = f"not finished within {self._timeout:g} s"
+                outcome.append(abandoned(*message, why))
+                return
+            try:
+                next(steps)
+            except StopIteration as done:
+                outcome.append(done.value)
+                return
+            yield None

@@ -96,8 +96,8 @@ class RelayMessage:
     def eomReceived(self) -> defer.Deferred[str]:
         """Parse and deliver; fire with the message id once the provider accepted it."""
         started = self._reactor.seconds()
-        raw = self._body.read() if self._body is not None else b""
-        self._body = None
+        body, self._body = self._body, None
+        size = 0 if body is None else body.size
         fields: dict[str, Any] = {
             "id": self.id,
             "client": self._client,
@@ -106,18 +106,19 @@ class RelayMessage:
             # Client-chosen values, bounded so that the line is too.
             "recipients": clip_list(self._recipients),
             "recipient_count": len(self._recipients),
-            "size": len(raw),
+            "size": size,
             "provider": self._provider.name,
         }
         try:
-            parsed = self._parser.parse(self._sender, self._recipients, raw)
+            parsed = self._parser.parse_body(
+                self._sender, self._recipients, size, _empty if body is None else body.read
+            )
         except Exception:
             # The parser promises never to raise; if it does, that is our
             # bug, and the client should retry rather than lose the message.
             log.failure("message could not be parsed", **fields)
             failed_parse: defer.Deferred[str] = defer.fail()
             return failed_parse
-        del raw
         if isinstance(parsed, defer.Deferred):
             # A long parse goes on in slices while other sessions are served.
             return parsed.addCallback(self._deliver, fields, started)
@@ -315,3 +316,8 @@ class RelayRealm:
 
 def _no_logout() -> None:
     """Nothing to release when a session ends."""
+
+
+def _empty() -> bytes:
+    """The body of a message that never got one."""
+    return b""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 
@@ -34,6 +34,13 @@ DEFAULT_TIMEOUT = 10.0
 # greeting never waits long, large enough that a 25 MB message does not
 # cost thousands of reactor turns.
 SLICE = 0.005
+# A message larger than this gets only its first step (the header block) at
+# once; the rest waits for the cooperator.  A step over a large body (one
+# decode of a 24 MB text part takes some 30 ms) is short on its own, but
+# twenty such messages whose final dots arrive in the same reactor turn
+# would each take theirs in that turn, one after another: 0.7 s in which
+# no other session was served, before this limit.
+SYNC_BYTES = 256 * 1024
 
 
 class MessageParser:
@@ -59,6 +66,9 @@ class MessageParser:
         self._timeout = timeout
         self._slice = slice_seconds
         self._timer = timer
+        # Large bodies are read back and parsed one at a time (see
+        # parse_body); the cooperator still slices that one parse.
+        self._large = DeferredSemaphore(1)
         self._cooperator = Cooperator(
             terminationPredicateFactory=self._slice_over,
             scheduler=lambda work: reactor.callLater(0, work),
@@ -82,7 +92,7 @@ class MessageParser:
         stop = timer() + self._slice
         try:
             next(steps)
-            while timer() < stop:
+            while len(raw) <= SYNC_BYTES and timer() < stop:
                 next(steps)
         except StopIteration as done:
             email: Email = done.value
@@ -91,6 +101,31 @@ class MessageParser:
         work = self._rest(steps, deadline, outcome, (envelope_from, envelope_to, raw))
         finished: Deferred[Iterator[None]] = self._cooperator.cooperate(work).whenDone()
         return finished.addCallback(lambda _: outcome[0])
+
+    def parse_body(
+        self,
+        envelope_from: str,
+        envelope_to: Sequence[str],
+        size: int,
+        read: Callable[[], bytes],
+    ) -> Email | Deferred[Email]:
+        """Like L{parse}, for a body read back (from memory or its spool file) by C{read}.
+
+        A body over L{SYNC_BYTES} waits its turn before it is read: large
+        messages are read back and parsed one at a time, in arrival order.
+        Parsed side by side, twenty 24 MB bodies would all sit in memory
+        while the cooperator shared its turns among them; one at a time,
+        memory holds one body and its parse, and every session is still
+        served between the parse's steps.
+        """
+        if size <= SYNC_BYTES:
+            return self.parse(envelope_from, envelope_to, read())
+
+        def parse_in_turn() -> Deferred[Email]:
+            result = self.parse(envelope_from, envelope_to, read())
+            return result if isinstance(result, Deferred) else succeed(result)
+
+        return self._large.run(parse_in_turn)
 
     def _rest(
         self,

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 
 from smtpproxy.message import Email, ParseSteps, abandoned, parse_steps
+
+_T = TypeVar("_T")
 
 DEFAULT_TIMEOUT = 10.0
 # CPU time one parse may take before the reactor gets a turn, and one
@@ -121,11 +124,23 @@ class MessageParser:
         if size <= SYNC_BYTES:
             return self.parse(envelope_from, envelope_to, read())
 
-        def parse_in_turn() -> Deferred[Email]:
-            result = self.parse(envelope_from, envelope_to, read())
-            return result if isinstance(result, Deferred) else succeed(result)
+        def parse_in_turn(_: object) -> Deferred[Email]:
+            try:
+                result = self.parse(envelope_from, envelope_to, read())
+            except BaseException:
+                parsed: Deferred[Email] = fail()
+            else:
+                parsed = result if isinstance(result, Deferred) else succeed(result)
+            return parsed.addBoth(next_in_turn)
 
-        return self._large.run(parse_in_turn)
+        def next_in_turn(result: _T) -> _T:
+            # The next body is read in a later reactor turn: by then this
+            # one has usually been handed to the provider and let go of, so
+            # two large bodies are not in memory at once.
+            self._reactor.callLater(0, self._large.release)
+            return result
+
+        return self._large.acquire().addCallback(parse_in_turn)
 
     def _rest(
         self,

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 
+from smtpproxy.dsn import Dsn
+
 
 @dataclass(frozen=True, slots=True)
 class Mailbox:
@@ -62,12 +64,14 @@ class Email:
         sender C{<>}.
     @ivar envelope_to: the RCPT TO addresses in the order given.  They, not
         the headers, decide who receives the message.
-    @ivar raw: the message bytes exactly as received (after dot-unstuffing),
-        CRLF line endings, without any header we add.
+    @ivar raw: the message bytes exactly as received (after dot-unstuffing;
+        BDAT chunks as sent), without any header we add.
     @ivar warnings: human-readable notes about parts that could not be
         decoded; such parts are kept (as attachments or raw) never dropped.
         At most L{MAX_WARNINGS} are kept.
     @ivar warnings_omitted: how many more warnings there were.
+    @ivar dsn: the DSN parameters of MAIL and RCPT (RFC 3461), or None when
+        the client gave none.
     """
 
     envelope_from: str
@@ -87,6 +91,7 @@ class Email:
     headers: tuple[tuple[str, str], ...] = field(default=())
     warnings: tuple[str, ...] = ()
     warnings_omitted: int = 0
+    dsn: Dsn | None = None
 
     @property
     def size(self) -> int:

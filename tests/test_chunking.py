@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from typing import Any, cast
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -306,7 +306,6 @@ class SessionTests(SynchronousTestCase):
 
 
 class AnySplitTests(SynchronousTestCase):
-    @settings(max_examples=150, deadline=None)
     @given(
         message=st.binary(max_size=400),
         cuts=st.lists(st.integers(0, 400), max_size=6),

@@ -371,6 +371,28 @@ class WireTests(TestCase):
         (email,) = relay.provider.emails
         self.assertEqual(email.raw, message)
 
+    async def test_bdat_turns_off_nagle(self) -> None:
+        """From the first BDAT on, replies leave without waiting for the client's ACK of
+        the one before (TCP_NODELAY), so the last chunk's reply is not held ~40 ms."""
+        relay = start_relay(self, tls_enabled=False)
+
+        def greet(port: int) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            sock.sendall(b"EHLO c\r\n")
+            read_replies(sock, 2)
+            return sock
+
+        def chunk(sock: socket.socket) -> list[str]:
+            sock.sendall(bdat(b"x"))
+            return read_replies(sock, 1)
+
+        sock = await in_thread(greet, relay.port)
+        self.addCleanup(sock.close)
+        (session,) = relay.factory.sessions
+        self.assertFalse(session._tcp.getTcpNoDelay())
+        self.assertEqual(await in_thread(chunk, sock), ["503 5.5.1 Send MAIL first"])
+        self.assertTrue(session._tcp.getTcpNoDelay())
+
 
 class GraphBinaryTests(TestCase):
     """BINARYMIME through the Graph provider in MIME mode: the binary part is not altered."""

@@ -247,6 +247,7 @@ class RelayProtocol(ESMTP):
     _chunk_last = False
     _chunk_refusal: tuple[Reply, bool] | None = None
     _binary_body = False
+    _nodelay = False
     _sasl: tuple[str, bytes | None] | None = None
     _peer = ""
     _admitted = False
@@ -1089,6 +1090,8 @@ class RelayProtocol(ESMTP):
             self.sendCode(*_reply_args(e.reply))
             self._close()
             return
+        if not self._nodelay:
+            self._no_delay()
         refusal: tuple[Reply, bool] | None = None  # (reply, counts as a client error)
         if self._bdat_failed is not None:
             refusal = (self._bdat_failed, False)
@@ -1118,6 +1121,25 @@ class RelayProtocol(ESMTP):
             return
         self.mode = CHUNK
         self.setTimeout(self.settings.data_timeout)
+
+    def _no_delay(self) -> None:
+        """Send small replies at once (no Nagle) from the first BDAT on.
+
+        A chunk's reply is written when its last byte is read, usually in
+        another read than the next one's, so a pipelined message's replies
+        leave as several small writes.  With Nagle's algorithm each waits
+        for the client to acknowledge the one before, and a client that has
+        sent everything and only reads acknowledges late (delayed ACK): the
+        reply to the message came 20-40 ms late on loopback.  Replies are
+        whole lines, so nothing is gained by holding them back.
+        """
+        self._nodelay = True
+        set_no_delay = getattr(self._tcp, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError as e:  # not a TCP socket after all: nothing to gain there
+                log.debug("TCP_NODELAY not set", session=self.id, error=repr(e))
 
     def _feed_chunk(self, data: bytes) -> None:
         reader = self._chunk

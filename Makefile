@@ -33,7 +33,7 @@ unit: $(BIN)/.deps
 	$(BIN)/trial --jobs=2 tests
 
 fuzz: $(BIN)/.deps
-	HYPOTHESIS_PROFILE=long $(BIN)/trial tests.test_properties_protocol tests.test_properties_mime tests.test_commands tests.test_dotreader tests.test_policy
+	HYPOTHESIS_PROFILE=long $(BIN)/trial tests.test_properties_protocol tests.test_properties_mime tests.test_commands tests.test_dotreader tests.test_policy tests.test_chunking tests.test_dsn
 
 bench: $(BIN)/.deps
 	$(BIN)/python bench/run.py

@@ -495,7 +495,7 @@ def bad_line(rng: random.Random) -> tuple[str, bytes]:
     if kind == "long":
         return kind, rng.choice((b"NOOP ", b"MAIL FROM:<", b"VRFY ")) + b"a" * rng.randint(600, 995)
     if kind == "unknown":
-        return kind, rng.choice((b"XYZZY", b"GET / HTTP/1.1", b"", b"   ", b"MAIL", b"BDAT 10"))
+        return kind, rng.choice((b"XYZZY", b"GET / HTTP/1.1", b"", b"   ", b"MAIL", b"TURN"))
     if kind == "syntax":
         return kind, rng.choice(
             (b"MAIL TO:<a@b.test>", b"MAIL FROM:a@", b"MAIL FROM:<a@b.test> SIZE=x", b"EHLO")

@@ -49,6 +49,15 @@ FRAGMENTS = [
     b"QUIT\r\n",
     b"\x00\r\n",
     b"x" * 700 + b"\r\n",
+    # CHUNKING, BINARYMIME and DSN (RFC 3030, 3461).
+    b"BDAT 5\r\n",
+    b"BDAT 12 LAST\r\n",
+    b"BDAT 0 LAST\r\n",
+    b"BDAT x\r\n",
+    b"BDAT 3 LATER\r\n",
+    b"MAIL FROM:<a@example.com> BODY=BINARYMIME RET=HDRS ENVID=a+2Bb\r\n",
+    b"RCPT TO:<b@example.org> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b@example.org\r\n",
+    b"RCPT TO:<c@example.org> NOTIFY=NEVER,DELAY\r\n",
 ]
 
 REPLY = re.compile(rb"^[2-5][0-9][0-9][ -]")
@@ -72,6 +81,7 @@ class ProtocolPropertyTests(SynchronousTestCase):
             max_message_size=2000,
             auth_enabled=bool(len(pieces) % 2),
             allow_insecure_auth=True,
+            binarymime=True,
         )
         factory = RelayFactory(settings, portal, None, clock)
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 25))

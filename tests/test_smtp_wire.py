@@ -157,7 +157,7 @@ class SmallCommandsTests(TestCase):
         replies = await in_thread(
             exchange,
             relay.port,
-            [b"HELO c\r\nNOOP\r\nVRFY postmaster\r\nHELP\r\nRSET\r\nEXPN x\r\nBDAT 10\r\nQUIT\r\n"],
+            [b"HELO c\r\nNOOP\r\nVRFY postmaster\r\nHELP\r\nRSET\r\nEXPN x\r\nTURN\r\nQUIT\r\n"],
             [8],
         )
         self.assertEqual(codes(replies), [220, 250, 250, 252, 214, 250, 502, 500, 221])

@@ -9,8 +9,11 @@ without a socket.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
+from smtpproxy import dsn
 from smtpproxy.errors import Reply
 from smtpproxy.intl import is_idn_domain
 from smtpproxy.qualify import qualify
@@ -34,6 +37,9 @@ _DOMAIN_ASCII = re.compile(rf"{_DOMAIN}|{_LITERAL}")
 _ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
 _KEYWORDS = {word: re.compile(rf"{word}:\s*", re.IGNORECASE) for word in ("FROM", "TO")}
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]*))?$")
+
+_Args = TypeVar("_Args")
+_Options = TypeVar("_Options")
 
 MAX_LOCAL_PART = 64
 MAX_PATH = 256
@@ -59,13 +65,30 @@ class MailArguments:
     body: str | None = None
     # RFC 6531: the transaction may use UTF-8 addresses (and headers).
     smtputf8: bool = False
+    # RFC 3461 (DSN): RET=FULL|HDRS and the decoded ENVID.
+    ret: str | None = None
+    envid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RcptArguments:
-    """A parsed RCPT TO: the forward-path."""
+    """A parsed RCPT TO: the forward-path and its DSN parameters (RFC 3461)."""
 
     recipient: str
+    notify: tuple[str, ...] | None = None
+    orcpt: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MailOptions:
+    """What the MAIL parameters are checked against.
+
+    @ivar max_size: C{SIZE} above this is refused with 552.
+    @ivar binarymime: C{BODY=BINARYMIME} is offered (RFC 3030).
+    """
+
+    max_size: int
+    binarymime: bool = False
 
 
 def check_line(line: bytes) -> None:
@@ -201,52 +224,101 @@ def _parameters(text: str) -> dict[str, str | None]:
         match = _PARAM.match(token)
         if match is None:
             raise CommandError(501, "5.5.4", f"Malformed parameter {token[:40]!r}")
-        found[match.group(1).upper()] = match.group(2)
+        name = match.group(1).upper()
+        if name in found:
+            # RFC 3461 4: each DSN parameter at most once; likewise the rest.
+            raise CommandError(501, "5.5.4", f"Parameter {name[:40]} given twice")
+        found[name] = match.group(2)
     return found
 
 
-def parse_mail(argument: str, max_size: int, default_domain: str = "") -> MailArguments:
-    """Parse the argument of MAIL (C{FROM:<addr> [SIZE=n] [BODY=...]}).
+def _mail_size(args: MailArguments, value: str | None, options: MailOptions) -> MailArguments:
+    if value is None or not value.isdigit() or len(value) > 20:
+        raise ValueError("SIZE needs a number of bytes")
+    size = int(value)
+    if size > options.max_size:
+        raise CommandError(
+            552, "5.3.4", f"Message too big: this server accepts at most {options.max_size} bytes"
+        )
+    return replace(args, size=size)
+
+
+def _mail_body(args: MailArguments, value: str | None, options: MailOptions) -> MailArguments:
+    body = (value or "").upper()
+    if body in ("7BIT", "8BITMIME") or (body == "BINARYMIME" and options.binarymime):
+        return replace(args, body=body)
+    offered = "7BIT, 8BITMIME or BINARYMIME" if options.binarymime else "7BIT or 8BITMIME"
+    raise ValueError(f"BODY must be {offered}")
+
+
+# MAIL and RCPT parameters: keyword -> handler returning the arguments with
+# the parameter applied.  A handler raises ValueError for a malformed value
+# (answered 501 5.5.4) or CommandError for any other reply; a keyword not
+# listed is answered 555.  Offering a new parameter is one entry here.
+_MAIL_PARAMETERS: dict[str, Callable[[MailArguments, str | None, MailOptions], MailArguments]] = {
+    "SIZE": _mail_size,
+    "BODY": _mail_body,
+    # RFC 4954 5: a relay may ignore the AUTH= identity it is handed.
+    "AUTH": lambda args, value, options: args,
+    "RET": lambda args, value, options: replace(args, ret=dsn.parse_ret(value)),
+    "ENVID": lambda args, value, options: replace(args, envid=dsn.parse_envid(value)),
+    "SMTPUTF8": lambda args, value, options: replace(args, smtputf8=_no_value("SMTPUTF8", value)),
+}
+_RCPT_PARAMETERS: dict[str, Callable[[RcptArguments, str | None, None], RcptArguments]] = {
+    "NOTIFY": lambda args, value, options: replace(args, notify=dsn.parse_notify(value)),
+    "ORCPT": lambda args, value, options: replace(args, orcpt=dsn.parse_orcpt(value)),
+}
+
+
+def _no_value(keyword: str, value: str | None) -> bool:
+    """A keyword that takes no value (RFC 6531 3.4's SMTPUTF8): True, or ValueError."""
+    if value is not None:
+        raise ValueError(f"{keyword} takes no value")
+    return True
+
+
+def _apply(
+    verb: str,
+    args: _Args,
+    text: str,
+    table: Mapping[str, Callable[[_Args, str | None, _Options], _Args]],
+    options: _Options,
+) -> _Args:
+    """Apply each parameter in C{text} to C{args} through C{table}."""
+    for name, value in _parameters(text).items():
+        handler = table.get(name)
+        if handler is None:
+            raise CommandError(555, "5.5.4", f"Unsupported {verb} parameter {name[:40]}")
+        try:
+            args = handler(args, value, options)
+        except ValueError as e:
+            raise CommandError(501, "5.5.4", str(e)) from None
+    return args
+
+
+def parse_mail(
+    argument: str, max_size: int, default_domain: str = "", binarymime: bool = False
+) -> MailArguments:
+    """Parse the argument of MAIL (C{FROM:<addr> [SIZE=n] [BODY=...] [RET=...] [ENVID=...]}).
 
     @param default_domain: a bare local part (C{MAIL FROM:<root>}, as cron
         and local tools send) is qualified with it, as Postfix's
         C{append_at_myorigin} does; empty: such a sender is refused.
+    @param binarymime: C{BODY=BINARYMIME} is accepted (CHUNKING is offered
+        and the provider carries binary content).
     """
     path, param_text = _path(argument, "FROM", "sender")
     path = qualify(path, default_domain)
-    sender = check_address(path, "sender") if path else ""
-    size: int | None = None
-    body: str | None = None
-    smtputf8 = False
-    for name, value in _parameters(param_text).items():
-        if name == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
-                raise CommandError(501, "5.5.4", "SIZE needs a number of bytes")
-            size = int(value)
-            if size > max_size:
-                raise CommandError(
-                    552, "5.3.4", f"Message too big: this server accepts at most {max_size} bytes"
-                )
-        elif name == "BODY":
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                raise CommandError(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
-            body = value.upper()
-        elif name == "SMTPUTF8":
-            # RFC 6531 3.4: a keyword without a value.
-            if value is not None:
-                raise CommandError(501, "5.5.4", "SMTPUTF8 takes no value")
-            smtputf8 = True
-        elif name == "AUTH":
-            # RFC 4954 5: a relay may ignore the AUTH= identity it is handed.
-            continue
-        else:
-            raise CommandError(555, "5.5.4", f"Unsupported MAIL parameter {name}")
-    check_declared(sender, smtputf8, "sender")
-    return MailArguments(sender, size, body, smtputf8)
+    args = MailArguments(check_address(path, "sender") if path else "")
+    if param_text:
+        options = MailOptions(max_size, binarymime)
+        args = _apply("MAIL", args, param_text, _MAIL_PARAMETERS, options)
+    check_declared(args.sender, args.smtputf8, "sender")
+    return args
 
 
 def parse_rcpt(argument: str, smtputf8: bool = False) -> RcptArguments:
-    """Parse the argument of RCPT (C{TO:<addr>}); no parameters are offered.
+    """Parse the argument of RCPT (C{TO:<addr> [NOTIFY=...] [ORCPT=...]}).
 
     @param smtputf8: whether this transaction's MAIL declared SMTPUTF8,
         which a non-ASCII recipient address needs.
@@ -256,6 +328,7 @@ def parse_rcpt(argument: str, smtputf8: bool = False) -> RcptArguments:
         raise CommandError(501, "5.1.3", "A recipient address is required")
     address = check_address(path, "recipient")
     check_declared(address, smtputf8, "recipient")
-    for name in _parameters(param_text):
-        raise CommandError(555, "5.5.4", f"Unsupported RCPT parameter {name}")
-    return RcptArguments(address)
+    args = RcptArguments(address)
+    if not param_text:
+        return args
+    return _apply("RCPT", args, param_text, _RCPT_PARAMETERS, None)

@@ -9,6 +9,7 @@ C{IMessage} per recipient).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +23,8 @@ from twisted.mail.smtp import Address, User
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtpproxy.commands import MailArguments, RcptArguments
+from smtpproxy.dsn import Dsn, RecipientDsn, envelope_dsn
 from smtpproxy.errors import DeliveryError, PermanentDeliveryError, reply_for_failure
 from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.message import Email
@@ -65,9 +68,11 @@ class RelayMessage:
         user: str | None,
         log_delivered: bool = True,
         parser: MessageParser | None = None,
+        dsn: Dsn | None = None,
     ) -> None:
         self.id = new_message_id()
         self._parser = parser or MessageParser(reactor)
+        self._dsn = dsn
         self._log_delivered = log_delivered
         self._provider = provider
         self._reactor = reactor
@@ -143,6 +148,8 @@ class RelayMessage:
                     )
                 )
                 return refused
+        if self._dsn is not None:
+            email = dataclasses.replace(email, dsn=self._dsn)
         fields["message_id"] = None if email.message_id is None else clip(email.message_id)
         _log_warnings(self.id, fields["message_id"], email.warnings, email.warnings_omitted)
 
@@ -242,6 +249,10 @@ class RelayDelivery:
         self._recipients: list[str] = []
         self._message: RelayMessage | None = None
         self._client = ""
+        # DSN parameters (RFC 3461), when the protocol passed them along
+        # on the addresses (smtpproxy.smtp.ParsedAddress.parameters).
+        self._mail: MailArguments | None = None
+        self._rcpt_dsn: list[RecipientDsn] = []
 
     def receivedHeader(
         self, helo: tuple[bytes, bytes], origin: Address, recipients: list[User]
@@ -258,10 +269,18 @@ class RelayDelivery:
         self._recipients = []
         self._message = None
         self._client = helo[1].decode("ascii", "replace") if helo[1] else ""
+        parameters = getattr(origin, "parameters", None)
+        self._mail = parameters if isinstance(parameters, MailArguments) else None
+        self._rcpt_dsn = []
         return origin
 
     def validateTo(self, user: User) -> Callable[[], RelayMessage]:
         self._recipients.append(bytes(user.dest).decode("utf-8"))
+        parameters = getattr(user.dest, "parameters", None)
+        if isinstance(parameters, RcptArguments) and (parameters.notify or parameters.orcpt):
+            self._rcpt_dsn.append(
+                RecipientDsn(parameters.recipient, parameters.notify, parameters.orcpt)
+            )
         return self._message_for_transaction
 
     def _message_for_transaction(self) -> RelayMessage:
@@ -275,8 +294,15 @@ class RelayDelivery:
                 self.user,
                 self._log_delivered,
                 self._parser,
+                self._dsn(),
             )
         return self._message
+
+    def _dsn(self) -> Dsn | None:
+        mail = self._mail
+        if mail is None:
+            return envelope_dsn(None, None, self._rcpt_dsn)
+        return envelope_dsn(mail.ret, mail.envid, self._rcpt_dsn)
 
 
 @implementer(IRealm)

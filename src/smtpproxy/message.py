@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 
+from smtpproxy.dsn import Dsn
+
 
 @dataclass(frozen=True, slots=True)
 class Mailbox:
@@ -62,8 +64,8 @@ class Email:
         sender C{<>}.
     @ivar envelope_to: the RCPT TO addresses in the order given.  They, not
         the headers, decide who receives the message.
-    @ivar raw: the message bytes exactly as received (after dot-unstuffing),
-        CRLF line endings, without any header we add.
+    @ivar raw: the message bytes exactly as received (after dot-unstuffing;
+        BDAT chunks as sent), without any header we add.
     @ivar warnings: human-readable notes about parts that could not be
         decoded; such parts are kept (as attachments or raw) never dropped.
         At most L{MAX_WARNINGS} are kept.
@@ -71,6 +73,8 @@ class Email:
     @ivar abandoned: True when parsing took longer than its budget and was
         given up: only the envelope and C{raw} mean anything, and only a
         provider that sends raw MIME can deliver the message faithfully.
+    @ivar dsn: the DSN parameters of MAIL and RCPT (RFC 3461), or None when
+        the client gave none.
     """
 
     envelope_from: str
@@ -91,6 +95,7 @@ class Email:
     warnings: tuple[str, ...] = ()
     warnings_omitted: int = 0
     abandoned: bool = False
+    dsn: Dsn | None = None
 
     @property
     def size(self) -> int:

@@ -45,8 +45,11 @@ from twisted.mail.smtp import (
 from twisted.python.failure import Failure
 
 from smtpproxy import auth
+from smtpproxy.chunking import ChunkReader, ChunkSizeError, parse_bdat
 from smtpproxy.commands import (
     CommandError,
+    MailArguments,
+    RcptArguments,
     check_line,
     parse_mail,
     parse_rcpt,
@@ -67,6 +70,8 @@ from smtpproxy.spool import InflightBudget, MessageBody, Spool
 log = Logger(namespace="smtpproxy.smtp")
 
 COMMAND, DATA, AUTH = "COMMAND", "DATA", "AUTH"
+# Reading the octets announced by a BDAT command (RFC 3030).
+CHUNK = "CHUNK"
 
 # RFC 5321 4.5.3.1.4: 512 octets including CRLF.  AUTH lines may be longer
 # (RFC 4954 4 allows 12288) since they carry base64 credentials.
@@ -85,6 +90,7 @@ FORCE_GRACE = 2.0
 # (Postfix's smtpd_min_data_rate idea): a client trickling a byte at a time
 # cannot hold a session for ever by resetting the idle timer.
 MIN_DATA_RATE = 500.0
+SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +129,15 @@ class SessionSettings:
     # Per-connection debug lines cost a log event each even when filtered
     # out; they are only built when the log level asks for them.
     log_sessions: bool = False
+    # BINARYMIME is offered (RFC 3030): the provider carries binary content.
+    binarymime: bool = False
 
 
-def session_settings(config: Config) -> SessionSettings:
-    """The per-session view of the configuration."""
+def session_settings(config: Config, binarymime: bool = False) -> SessionSettings:
+    """The per-session view of the configuration.
+
+    @param binarymime: offer BINARYMIME (see the provider's C{binary_mime}).
+    """
     return SessionSettings(
         hostname=config.smtp_hostname,
         max_message_size=config.smtp_max_message_size,
@@ -145,6 +156,7 @@ def session_settings(config: Config) -> SessionSettings:
         default_domain=default_domain(config.smtp_default_domain, config.graph_sender),
         auth_users=(config.smtp_username,) if config.auth_enabled else (),
         log_sessions=config.log_level == "debug",
+        binarymime=binarymime,
     )
 
 
@@ -153,9 +165,16 @@ class ParsedAddress(Address):
 
     Twisted's C{Address} tokenizer rejects valid addresses (address literals,
     escaped quotes), so we bypass it and fill in the same attributes.
+
+    @ivar parameters: the whole parsed MAIL or RCPT command, so that the
+        delivery avatar (which Twisted hands only the address) sees its
+        parameters too (DSN's RET, ENVID, NOTIFY, ORCPT).
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(
+        self, address: str, parameters: MailArguments | RcptArguments | None = None
+    ) -> None:
+        self.parameters = parameters
         # UTF-8: an SMTPUTF8 transaction's addresses (RFC 6531) are not ASCII.
         local, _, domain = address.rpartition("@")
         self.addrstr = address.encode("utf-8")
@@ -228,6 +247,18 @@ class RelayProtocol(ESMTP):
     _refusals = 0
     _reader: DataReader | None = None
     _body: MessageBody | None = None
+    # BDAT (RFC 3030): the transaction's chunks so far; the reply every
+    # further chunk gets once one failed; the chunk being read now (the
+    # transaction's reader, or one that only counts a refused chunk), with
+    # its LAST flag and the refusal to send once it is read.  BODY=BINARYMIME
+    # was given: DATA is refused.
+    _bdat: ChunkReader | None = None
+    _bdat_failed: Reply | None = None
+    _chunk: ChunkReader | None = None
+    _chunk_last = False
+    _chunk_refusal: tuple[Reply, bool] | None = None
+    _binary_body = False
+    _nodelay = False
     _sasl: tuple[str, bytes | None] | None = None
     _peer = ""
     _admitted = False
@@ -340,7 +371,7 @@ class RelayProtocol(ESMTP):
         DATA, waiting on a delivery, or closing).  The time already idle
         counts: the deadline moves by the difference between the limits.
         """
-        if self._closing or self._busy or self.mode == DATA:
+        if self._closing or self._busy or self.mode in (DATA, CHUNK):
             return
         period = self._limits().command if self._commanded else self._limits().greeting
         if self.timeOut is None or self._deadline is None or period == self.timeOut:
@@ -403,7 +434,7 @@ class RelayProtocol(ESMTP):
         self._close(grace=1.0)
 
     def _in_transaction(self) -> bool:
-        return self._busy or self.mode == DATA
+        return self._busy or self.mode in (DATA, CHUNK) or self._bdat is not None
 
     def _close(self, grace: float = CLOSE_GRACE) -> None:
         """Close after our last reply is sent, or cut off after C{grace} seconds.
@@ -470,6 +501,9 @@ class RelayProtocol(ESMTP):
                 # Fast path: body bytes go straight to the reader, no copy.
                 self.resetTimeout()
                 self._feed_data(data)
+            elif ready and self.mode == CHUNK:
+                self.resetTimeout()
+                self._feed_chunk(data)
             elif (
                 ready
                 and self.mode == COMMAND
@@ -506,6 +540,14 @@ class RelayProtocol(ESMTP):
                 self._input.clear()
                 self.resetTimeout()
                 self._feed_data(data)
+                continue
+            if self.mode == CHUNK:
+                assert self._chunk is not None
+                take = min(self._chunk.remaining, len(self._input))
+                data = bytes(self._input[:take])
+                del self._input[:take]
+                self.resetTimeout()
+                self._feed_chunk(data)
                 continue
             end = self._input.find(b"\n")
             if end < 0:
@@ -665,8 +707,12 @@ class RelayProtocol(ESMTP):
             b"SIZE": [str(self.settings.max_message_size).encode()],
             b"8BITMIME": None,
             b"ENHANCEDSTATUSCODES": None,
+            b"CHUNKING": None,
+            b"DSN": None,
             b"SMTPUTF8": None,
         }
+        if self.settings.binarymime:
+            ext[b"BINARYMIME"] = None
         if self.canStartTLS and not self.startedTLS:
             ext[b"STARTTLS"] = None
         if self._auth_offered():
@@ -725,7 +771,7 @@ class RelayProtocol(ESMTP):
         self._reply(
             214,
             "2.0.0",
-            "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT STARTTLS AUTH",
+            "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT STARTTLS AUTH",
         )
 
     def do_RSET(self, argument: str) -> None:
@@ -748,7 +794,9 @@ class RelayProtocol(ESMTP):
             return
         try:
             domain = self.settings.default_domain or self.settings.hostname
-            parsed = parse_mail(argument, self.settings.max_message_size, domain)
+            parsed = parse_mail(
+                argument, self.settings.max_message_size, domain, self.settings.binarymime
+            )
         except CommandError as e:
             self._error_reply(e.reply)
             return
@@ -767,12 +815,13 @@ class RelayProtocol(ESMTP):
                 )
                 self._error_reply(refusal, refusal=True)
                 return
-        origin = ParsedAddress(parsed.sender)
+        origin = ParsedAddress(parsed.sender, parsed)
 
         def accepted(result: object) -> None:
             self._reset_transaction()
             self._from = origin
             self._smtputf8 = parsed.smtputf8
+            self._binary_body = parsed.body == "BINARYMIME"
             self._reply(250, "2.1.0", "Sender OK")
 
         if self.delivery is None:
@@ -857,6 +906,9 @@ class RelayProtocol(ESMTP):
         if self._from is None:
             self._error(503, "5.5.1", "Send MAIL first")
             return
+        if self._bdat is not None or self._bdat_failed is not None:
+            self._error(503, "5.5.1", "RCPT after BDAT; send RSET to start over")
+            return
         try:
             parsed = parse_rcpt(argument, self._smtputf8)
         except CommandError as e:
@@ -882,7 +934,7 @@ class RelayProtocol(ESMTP):
         if len(self._to) >= self.settings.max_recipients:
             self._reply(452, "4.5.3", "Too many recipients")
             return
-        user = User(ParsedAddress(parsed.recipient), self._helo, self, self._from)
+        user = User(ParsedAddress(parsed.recipient, parsed), self._helo, self, self._from)
 
         def accepted(factory: Callable[[], Any]) -> None:
             self._to.append((user, factory))
@@ -895,12 +947,30 @@ class RelayProtocol(ESMTP):
         if self._from is None:
             self._error(503, "5.5.1", "Send MAIL first")
             return
+        if self._bdat is not None or self._bdat_failed is not None:
+            # RFC 3030 2: one transaction is sent with DATA or with BDAT.
+            self._error(503, "5.5.1", "DATA after BDAT; send RSET to start over")
+            return
+        if self._binary_body:
+            self._error(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA")
+            return
         if not self._to:
             self._error(554, "5.5.1", "No valid recipients")
             return
         if argument:
             self._error(501, "5.5.4", "DATA takes no arguments")
             return
+        failure = self._open_message()
+        if failure is not None:
+            self.sendCode(*_reply_args(failure))
+            return
+        self._reader = DataReader(self.settings.max_message_size, self._body)
+        self.mode = DATA
+        self.setTimeout(self.settings.data_timeout)
+        self._reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+    def _open_message(self) -> Reply | None:
+        """Build the transaction's message and an empty body; the reply if that failed."""
         messages: list[Any] = []
         try:
             for _, factory in self._to:
@@ -911,27 +981,19 @@ class RelayProtocol(ESMTP):
             for message in messages:
                 message.connectionLost()
             self._reset_transaction()
-            self.sendCode(*_reply_args(reply_for_failure(e)))
-            return
+            return reply_for_failure(e)
         self._messages = messages
         if self.factory is not None:
             self._body = self.factory.spool.body()
         else:
             self._body = MessageBody(self.settings.spool_threshold, None, self.settings.spool_dir)
-        self._reader = DataReader(self.settings.max_message_size, self._body)
         self._data_started = self._clock.seconds()
-        self.mode = DATA
-        self.setTimeout(self.settings.data_timeout)
-        self._reply(354, "", "End data with <CR><LF>.<CR><LF>")
+        return None
 
     def _feed_data(self, data: bytes) -> None:
         assert self._reader is not None
         if self._too_slow(self._reader):
-            self._abandon_message()
-            self.mode = COMMAND
-            self._reset_transaction()
-            self._reply(421, "4.4.2", "Data arriving too slowly, closing connection")
-            self._close(grace=1.0)
+            self._cut_off_slow()
             return
         end = self._reader.feed(data)
         if end is None:
@@ -940,7 +1002,14 @@ class RelayProtocol(ESMTP):
             self._input[:0] = data[end:]
         self._end_of_data()
 
-    def _too_slow(self, reader: DataReader) -> bool:
+    def _cut_off_slow(self) -> None:
+        self._abandon_message()
+        self.mode = COMMAND
+        self._reset_transaction()
+        self._reply(421, "4.4.2", "Data arriving too slowly, closing connection")
+        self._close(grace=1.0)
+
+    def _too_slow(self, reader: DataReader | ChunkReader) -> bool:
         """Past the DATA timeout, has the body fallen below the minimum average rate?"""
         elapsed = self._clock.seconds() - self._data_started
         allowed = self.settings.data_timeout + reader.size / MIN_DATA_RATE
@@ -954,22 +1023,21 @@ class RelayProtocol(ESMTP):
         self._messages = []
         self.mode = COMMAND
         self.setTimeout(self._limits().command)
-        if not reader.oversize:
+        self._complete(messages, body, reader.oversize, reader.size)
+
+    def _complete(self, messages: list[Any], body: MessageBody, oversize: bool, size: int) -> None:
+        """The whole body is in (final dot or BDAT LAST): refuse it, or deliver it and answer."""
+        if not oversize:
             body.finish()
-        if reader.oversize or body.error is not None:
+        if oversize or body.error is not None:
             body.close()
             for message in messages:
                 message.connectionLost()
             self._reset_transaction()
-            if reader.oversize:
-                self._reply(
-                    552,
-                    "5.3.4",
-                    f"Message too big: this server accepts at most "
-                    f"{self.settings.max_message_size} bytes",
-                )
+            if oversize:
+                self.sendCode(*_reply_args(self._too_big()))
             else:
-                self._spool_failed(body, reader.size)
+                self._spool_failed(body, size)
             self._stop_if_shutting_down()
             return
         for message in messages:
@@ -1026,7 +1094,138 @@ class RelayProtocol(ESMTP):
             size=size,
             reason=(error.strerror or str(error)) if error is not None else None,
         )
-        self._reply(452, "4.3.1", "Insufficient system storage, try again later")
+        self.sendCode(*_reply_args(SPOOL_FULL))
+
+    def _too_big(self) -> Reply:
+        size = self.settings.max_message_size
+        return Reply(552, "5.3.4", f"Message too big: this server accepts at most {size} bytes")
+
+    # -- BDAT (RFC 3030) ------------------------------------------------------
+
+    def do_BDAT(self, argument: str) -> None:
+        """Read the announced chunk, then answer: every readable BDAT consumes its octets."""
+        try:
+            chunk = parse_bdat(argument)
+        except ChunkSizeError as e:
+            # Where the chunk ends, and so where the next command starts,
+            # cannot be known: whatever follows may be content, and running
+            # it as commands is how smuggling works.  RFC 3030 offers no way
+            # back into step, so the reply is the last thing we send.
+            self._errors += 1
+            self.sendCode(*_reply_args(e.reply))
+            self._close()
+            return
+        if not self._nodelay:
+            self._no_delay()
+        refusal: tuple[Reply, bool] | None = None  # (reply, counts as a client error)
+        if self._bdat_failed is not None:
+            refusal = (self._bdat_failed, False)
+        elif self._from is None:
+            refusal = (Reply(503, "5.5.1", "Send MAIL first"), True)
+        elif not self._to:
+            refusal = (Reply(554, "5.5.1", "No valid recipients"), True)
+        elif chunk.problem is not None:
+            refusal = (chunk.problem, True)
+        elif self._bdat is None:
+            failure = self._open_message()
+            if failure is not None:
+                refusal = (failure, False)
+            else:
+                self._bdat = ChunkReader(self.settings.max_message_size, self._body)
+        if refusal is None:
+            assert self._bdat is not None
+            reader = self._bdat
+        else:
+            # A refused chunk is read and dropped; its own time counts.
+            reader = ChunkReader(0)
+            self._data_started = self._clock.seconds()
+        reader.expect(chunk.size)
+        self._chunk, self._chunk_last, self._chunk_refusal = reader, chunk.last, refusal
+        if chunk.size == 0:
+            self._end_of_chunk()
+            return
+        self.mode = CHUNK
+        self.setTimeout(self.settings.data_timeout)
+
+    def _no_delay(self) -> None:
+        """Send small replies at once (no Nagle) from the first BDAT on.
+
+        A chunk's reply is written when its last byte is read, usually in
+        another read than the next one's, so a pipelined message's replies
+        leave as several small writes.  With Nagle's algorithm each waits
+        for the client to acknowledge the one before, and a client that has
+        sent everything and only reads acknowledges late (delayed ACK): the
+        reply to the message came 20-40 ms late on loopback.  Replies are
+        whole lines, so nothing is gained by holding them back.
+        """
+        self._nodelay = True
+        set_no_delay = getattr(self._tcp, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError as e:  # not a TCP socket after all: nothing to gain there
+                log.debug("TCP_NODELAY not set", session=self.id, error=repr(e))
+
+    def _feed_chunk(self, data: bytes) -> None:
+        reader = self._chunk
+        assert reader is not None
+        if self._too_slow(reader):
+            self._cut_off_slow()
+            return
+        taken = reader.feed(data)
+        if taken < len(data):
+            self._input[:0] = data[taken:]
+        if reader.remaining == 0:
+            self._end_of_chunk()
+
+    def _end_of_chunk(self) -> None:
+        """The announced octets are in: answer the chunk, deliver after LAST."""
+        reader, last, refusal = self._chunk, self._chunk_last, self._chunk_refusal
+        assert reader is not None
+        self._chunk = self._chunk_refusal = None
+        self.mode = COMMAND
+        self.setTimeout(self._limits().command)
+        if refusal is not None:
+            reply, counts = refusal
+            self._bdat_refused(reply, last)
+            if counts:
+                self._error_reply(reply)
+            else:
+                self.sendCode(*_reply_args(reply))
+            if not self._closing:
+                self._stop_if_shutting_down()
+            return
+        body = self._body
+        assert body is not None
+        if last:
+            messages = self._messages
+            self._bdat, self._body, self._messages = None, None, []
+            self._complete(messages, body, reader.oversize, reader.size)
+            return
+        if reader.oversize:
+            self.sendCode(*_reply_args(self._too_big()))
+            self._bdat_refused(self._too_big(), last)
+        elif body.error is not None:
+            self._spool_failed(body, reader.size)
+            self._bdat_refused(SPOOL_FULL, last)
+        else:
+            self._reply(250, "2.0.0", f"{reader.size} octets received")
+
+    def _bdat_refused(self, reply: Reply, last: bool) -> None:
+        """A chunk was refused, so the transaction has failed (RFC 3030 2).
+
+        Its chunks so far are dropped.  Chunks the client pipelined behind
+        the refused one must not make a message with a hole in it: each gets
+        the same reply, until LAST (which ends the transaction) or RSET.
+        """
+        if self._from is None:
+            return
+        if self._bdat is not None:
+            self._abandon_message()
+        if last:
+            self._reset_transaction()
+        else:
+            self._bdat_failed = reply
 
     def _abandon_message(self) -> None:
         for message in self._messages:
@@ -1036,6 +1235,7 @@ class RelayProtocol(ESMTP):
                 log.failure("message cleanup failed", session=self.id)
         self._messages = []
         self._reader = None
+        self._bdat = self._chunk = None
         if self._body is not None:
             # Connection lost, timed out or cut off at shutdown mid-DATA:
             # the spool file goes now, not when the session is collected.
@@ -1043,6 +1243,11 @@ class RelayProtocol(ESMTP):
             self._body = None
 
     def _reset_transaction(self) -> None:
+        if self._bdat is not None:
+            # RSET, EHLO or STARTTLS between BDAT chunks: the chunks go.
+            self._abandon_message()
+        self._bdat_failed = None
+        self._binary_body = False
         self._from = None
         self._smtputf8 = False
         self._to = []

@@ -249,7 +249,8 @@ def makeService(options: Options) -> RelayService:
         portal.registerChecker(
             StaticPasswordChecker(settings.smtp_username, settings.smtp_password)
         )
-    session = session_settings(settings)
+    # BINARYMIME only where the provider says it carries binary content.
+    session = session_settings(settings, getattr(provider, "binary_mime", False))
     guard = Guard(guard_settings(settings), reactor)
     context = options.get("tls_context") or tls.server_context(cert, key)
     factory = RelayFactory(session, portal, context, reactor, guard)

@@ -12,6 +12,10 @@ says so with a true C{accepts_raw_mime} attribute; see L{accepts_raw_mime}.
 
 New providers register a factory by name with L{register}; configuration
 chooses one with L{create}.
+
+A provider that carries binary message content unchanged (C{BODY=BINARYMIME},
+RFC 3030: bare CR and LF, NUL, long lines) says so with a class attribute
+C{binary_mime = True}; only then does the relay offer BINARYMIME.
 """
 
 from __future__ import annotations

@@ -154,6 +154,10 @@ class GraphProvider:
     """Delivers mail through Microsoft Graph as one of the configured mailboxes."""
 
     name = "graph"
+    # MIME mode sends the raw bytes base64-encoded, so any octet arrives;
+    # the JSON and draft forms are built from the parse, which decodes a
+    # binary part like an 8bit one (see docs/graph.md, "Extensions").
+    binary_mime = True
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, cast
 from twisted.internet.defer import Deferred, fail, succeed
 
 from smtpproxy.config import STDOUT_FORMATS
+from smtpproxy.dsn import Dsn
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.message import Email, Mailbox
 from smtpproxy.providers import register
@@ -91,6 +92,8 @@ class StdoutProvider:
     name = "stdout"
     # An abandoned parse prints as envelope, size and the warning saying so.
     accepts_raw_mime = True
+    # It prints what the parser made of the bytes; no byte is refused.
+    binary_mime = True
 
     def __init__(
         self,
@@ -176,6 +179,7 @@ def render(
     lines += [
         f"Envelope-From: <{_line(email.envelope_from)}>",
         f"Envelope-To: {', '.join(f'<{_line(r)}>' for r in email.envelope_to)}",
+        *_dsn_lines(email.dsn),
         f"Subject: {_line(email.subject)}",
     ]
     # A line with nothing after the label would read as a header the
@@ -229,6 +233,7 @@ def render_json(email: Email, max_body_chars: int = DEFAULT_MAX_BODY_CHARS) -> s
     ]
     record = {
         "envelope": {"from": email.envelope_from, "to": list(email.envelope_to)},
+        "dsn": _json_dsn(email.dsn),
         "headers": {
             "from": _json_mailboxes(email.from_),
             "to": _json_mailboxes(email.to),
@@ -248,6 +253,34 @@ def render_json(email: Email, max_body_chars: int = DEFAULT_MAX_BODY_CHARS) -> s
         "warnings_not_listed": max(0, len(email.warnings) - MAX_LISTED_WARNINGS),
     }
     return json.dumps(_json_safe(record), ensure_ascii=True) + "\n"
+
+
+def _dsn_lines(dsn: Dsn | None) -> list[str]:
+    """The DSN parameters (RFC 3461), one line for MAIL's and one per recipient that had any."""
+    if dsn is None:
+        return []
+    lines = [f"DSN: RET={dsn.ret or '-'} ENVID={_line(dsn.envid or '-')}"]
+    for recipient in dsn.recipients:
+        notify = ",".join(recipient.notify) if recipient.notify else "-"
+        orcpt = ";".join(recipient.orcpt) if recipient.orcpt else "-"
+        lines.append(
+            f"DSN-Recipient: <{_line(recipient.address)}> NOTIFY={notify} ORCPT={_line(orcpt)}"
+        )
+    return lines
+
+
+def _json_dsn(dsn: Dsn | None) -> dict[str, object] | None:
+    if dsn is None:
+        return None
+    recipients = [
+        {
+            "address": r.address,
+            "notify": None if r.notify is None else list(r.notify),
+            "orcpt": None if r.orcpt is None else {"type": r.orcpt[0], "address": r.orcpt[1]},
+        }
+        for r in dsn.recipients
+    ]
+    return {"ret": dsn.ret, "envid": dsn.envid, "recipients": recipients}
 
 
 def _json_mailboxes(mailboxes: tuple[Mailbox, ...]) -> list[dict[str, str]]:

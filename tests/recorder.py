@@ -138,7 +138,16 @@ def _commands(rng: random.Random, auth: bool) -> list[bytes]:
             out.append(b"AUTH CRAM-MD5")
     for _ in range(rng.randrange(4)):
         sender = rng.choice(
-            [b"<a@example.com>", b"<>", b"<a@example.com> SIZE=100", b"<bad", b"<a@[127.0.0.1]>"]
+            [
+                b"<a@example.com>",
+                b"<>",
+                b"<a@example.com> SIZE=100",
+                b"<bad",
+                b"<a@[127.0.0.1]>",
+                b"<a@example.com> RET=HDRS ENVID=x+2By",
+                b"<a@example.com> BODY=BINARYMIME",
+                b"<a@example.com> SMTPUTF8",
+            ]
         )
         out.append(b"MAIL FROM:" + sender)
         for _ in range(rng.randrange(5)):
@@ -151,12 +160,22 @@ def _commands(rng: random.Random, auth: bool) -> list[bytes]:
                         b"<B@EXAMPLE.ORG>",
                         b"<x",
                         b"<>",
+                        b"<r1@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;r1@example.org",
+                        b"<r2@example.org> NOTIFY=bogus",
                     ]
                 )
             )
         roll = rng.random()
-        if roll < 0.7:
+        if roll < 0.55:
             out += [b"DATA", _body(rng)]
+        elif roll < 0.7:
+            # CHUNKING: the body in one to three BDAT chunks, unstuffed.
+            body = _body(rng)[: -len(b".\r\n")]
+            cuts = sorted(rng.randrange(len(body) + 1) for _ in range(rng.randrange(3)))
+            pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+            for n, piece in enumerate(pieces):
+                last = b" LAST" if n == len(pieces) - 1 else b""
+                out.append(b"BDAT %d%s\r\n%s" % (len(piece), last, piece))
         elif roll < 0.85:
             out.append(b"RSET")
         for _ in range(rng.randrange(3)):
@@ -177,7 +196,9 @@ def generate(seed: int = SEED, count: int = SESSIONS) -> list[Session]:
     for _ in range(count):
         auth = rng.random() < 0.3
         commands = _commands(rng, auth)
-        stream = [c if c.endswith(b".\r\n") else c + b"\r\n" for c in commands]
+        stream = [
+            c if c.endswith(b".\r\n") or c.startswith(b"BDAT ") else c + b"\r\n" for c in commands
+        ]
         writes: list[bytes] = []
         roll = rng.random()
         if roll < 0.5:

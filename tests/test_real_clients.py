@@ -9,6 +9,8 @@ reads what the relay printed:
   TLS connection reuse through C{tlsproxy}), a cron-like message with a raw
   UTF-8 subject and an 8-bit body for 100 recipients;
 - msmtp, as a sendmail replacement configured by file;
+- curl (C{smtp://} with C{--ssl-reqd}) and swaks (C{--tls --pipeline}), as
+  scripts use them;
 - nodemailer, as a Node.js application sending an attachment.
 
 One relay serves all of them (it is started by the first test that needs it
@@ -419,18 +421,8 @@ class PostfixRelayhostTests(TestCase):
             relay.wait_listening()
             postfix.start()
             conf = str(postfix.conf)
-            postfix.must(
-                "sendmail",
-                "-C",
-                conf,
-                "-B",
-                "8BITMIME",
-                "-f",
-                "root",
-                "--",
-                *recipients,
-                stdin=text,
-            )
+            submit = ["sendmail", "-C", conf, "-B", "8BITMIME", "-f", "root", "--", *recipients]
+            postfix.must(*submit, stdin=text)
             postfix.must("postqueue", "-c", conf, "-f")
             sent = postfix.wait_sent(len(recipients))
             printed = relay.printed(tag, count=2) if len(sent) == len(recipients) else []

@@ -39,6 +39,7 @@ class Config:
     """The validated settings the service is built from."""
 
     smtp_listen: str = "tcp:2525"
+    smtps_listen: str = ""
     smtp_hostname: str = ""
     smtp_default_domain: str = ""
     smtp_username: str = ""
@@ -272,6 +273,12 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("SMTP_LISTEN", "smtp_listen", listen_endpoint, "SMTP listen address"),
+    Setting(
+        "SMTPS_LISTEN",
+        "smtps_listen",
+        lambda raw: listen_endpoint(raw, allow_empty=True),
+        "implicit-TLS SMTP listen address (port 465); empty disables",
+    ),
     Setting("SMTP_HOSTNAME", "smtp_hostname", _hostname, "name in the greeting (default: FQDN)"),
     Setting(
         "SMTP_DEFAULT_DOMAIN",

@@ -35,6 +35,7 @@ __all__ = [
     "STRESSED_GREETING",
     "IdleLimits",
     "idle_limits",
+    "split_endpoint",
     "stressed",
     "with_backlog",
 ]
@@ -92,7 +93,7 @@ def with_backlog(endpoint: str, backlog: int = LISTEN_BACKLOG) -> str:
     Only endpoint types that take a backlog are changed; C{systemd:} and
     anything unknown pass through as written.
     """
-    parts = _split_endpoint(endpoint)
+    parts = split_endpoint(endpoint)
     if not parts or parts[0] not in _BACKLOG_TYPES:
         return endpoint
     if any(part.startswith("backlog=") for part in parts[1:]):
@@ -100,8 +101,12 @@ def with_backlog(endpoint: str, backlog: int = LISTEN_BACKLOG) -> str:
     return f"{endpoint}:backlog={backlog}"
 
 
-def _split_endpoint(endpoint: str) -> list[str]:
-    """Split on colons not escaped with a backslash (Twisted's endpoint syntax)."""
+def split_endpoint(endpoint: str) -> list[str]:
+    """Split on colons not escaped with a backslash (Twisted's endpoint syntax).
+
+    The escapes stay in the parts, so joining them with colons gives the
+    description back.
+    """
     parts: list[str] = []
     current: list[str] = []
     escaped = False

@@ -18,6 +18,8 @@ loop, because most of stock Twisted's defects live there:
    blanket 550 (twisted#4904).
  - Malformed commands, AUTH exchanges and addresses get a 5xx reply and the
    session continues; nothing reaches the client as a traceback.
+ - Under implicit TLS (L{smtpproxy.listeners}) the greeting waits for the
+   handshake, and every close sends TLS's close_notify at once.
 """
 
 from __future__ import annotations
@@ -28,11 +30,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.cred import error as cred_error
 from twisted.cred.credentials import Anonymous, IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    ITLSTransport,
+)
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger, LogLevel
 from twisted.mail.interfaces import IMessageDelivery
@@ -42,7 +51,9 @@ from twisted.mail.smtp import (
     SMTPServerError,
     User,
 )
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smtpproxy import auth
 from smtpproxy.chunking import ChunkReader, ChunkSizeError, parse_bdat
@@ -189,6 +200,7 @@ def _not_connected(data: bytes) -> None:
     raise RuntimeError("reply before the connection was made")
 
 
+@implementer(IHandshakeListener)
 class RelayProtocol(ESMTP):
     """One SMTP session."""
 
@@ -240,6 +252,10 @@ class RelayProtocol(ESMTP):
     _greeted = False
     # The current transaction's MAIL declared SMTPUTF8 (RFC 6531).
     _smtputf8 = False
+    # Implicit TLS before its handshake has completed: replies wait in
+    # _early (the greeting, or a refusal) and no close can start.
+    _handshaking = False
+    _early: list[bytes]
     # A command arrived since the greeting (or since STARTTLS): the idle
     # limit is then the command timeout, before it the greeting timeout.
     _commanded = False
@@ -280,8 +296,20 @@ class RelayProtocol(ESMTP):
     def connectionMade(self) -> None:
         self._peer = client_name(self._tcp.getPeer())
         self._helo = (None, self._peer.encode("ascii", "replace"))
-        self._write = writer_for(self.transport)
-        self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            # Implicit TLS: the session is encrypted from the start.  What
+            # we write before the handshake would sit in the TLS layer, which
+            # then pauses us as its producer, and a paused session stops
+            # reading the very ClientHello it waits for (issue 10): the
+            # greeting (or refusal) waits here for handshakeCompleted.
+            self._handshaking = True
+            self._early = []
+            self._write = self._early.append
+            self.startedTLS = True
+            self.canStartTLS = False
+        else:
+            self._write = writer_for(self.transport)
+            self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
         # As the transport's producer we hear when our replies back up (a
         # client that pipelines but never reads) and stop taking commands.
         self._tcp.registerProducer(self, True)
@@ -311,7 +339,25 @@ class RelayProtocol(ESMTP):
             self._admitted = True
             self.factory.load_changed()
         self._reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
+        # Under implicit TLS this limit covers the handshake too.
         self.setTimeout(self._limits().greeting)
+
+    def handshakeCompleted(self) -> None:
+        """Twisted's TLS finished a handshake: under implicit TLS, greet now.
+
+        Also called after STARTTLS, where there is nothing to do.
+        """
+        if not self._handshaking:
+            return
+        self._handshaking = False
+        self._write = writer_for(self.transport)
+        early, self._early = self._early, []
+        if early:
+            self._write(b"".join(early))
+        if self._closing:
+            # Refused (or shut down) before the handshake: the reply is out,
+            # the close that _close held back can start.
+            self._lose_connection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._abandon_message()
@@ -320,11 +366,9 @@ class RelayProtocol(ESMTP):
             self._onLogout = None
         self.setTimeout(None)
         self._closing = True
+        self._release_slot()
         if self.factory is not None:
-            if self._admitted:
-                self._admitted = False
-                self.factory.guard.disconnect(self._peer)
-                self.factory.load_changed()
+            self.factory.load_changed()
             self.factory.session_ended(self)
         if self.settings.log_sessions:
             log.debug("session closed", session=self.id, client=self._peer)
@@ -412,6 +456,17 @@ class RelayProtocol(ESMTP):
             # our last bytes (or never finished a TLS handshake).
             self._tcp.abortConnection()
             return
+        if self._handshaking:
+            # Implicit TLS and no complete handshake within the greeting
+            # limit: nothing can be said to this client, so it is cut off.
+            if self.factory is not None:
+                self.factory.log_summary.emit(
+                    LogLevel.info, "TLS handshake timed out", self._peer, session=self.id
+                )
+            self._closing = True
+            self._release_slot()
+            self._tcp.abortConnection()
+            return
         self._reply(421, "4.4.2", f"{self.settings.hostname} idle too long, closing connection")
         self._close(grace=1.0)
 
@@ -442,12 +497,21 @@ class RelayProtocol(ESMTP):
         C{loseConnection} waits for pending output (and, inside TLS, for the
         handshake); a peer that never reads or never finishes the handshake
         would otherwise keep its session and connection slot for ever.
+
+        A closing session no longer counts against the connection caps: a
+        client that opens a new session as soon as it has read C{221} must
+        not be refused because the old one is still being torn down.
         """
         already_closing = self._closing
         self._closing = True
+        self._release_slot()
         self._input.clear()
         self._flush()
-        self._tcp.loseConnection()
+        # Before an implicit-TLS handshake the reply waits for it and
+        # handshakeCompleted closes; the timer below cuts off a client that
+        # never completes it.
+        if not already_closing and not self._handshaking:
+            self._lose_connection()
         # Even with nothing left in Twisted's buffer the close can stall: the
         # kernel's send queue may be full of replies the peer never reads,
         # and the socket then never turns writable.  So there is always a
@@ -455,6 +519,47 @@ class RelayProtocol(ESMTP):
         # aborts a closing session); a second close may only make it shorter.
         if not already_closing or self.timeOut is None or grace < self.timeOut:
             self.setTimeout(grace)
+
+    def _lose_connection(self) -> None:
+        """Start the transport's close once the last reply has been written.
+
+        Twisted's TLS layer does not start its shutdown (close_notify, then
+        the TCP close) while a producer is registered, so the session stops
+        being one; and a session that had paused reading resumes it, since
+        the peer's close_notify or FIN must be read.  Without this every TLS
+        session waited out the close grace and was then aborted (issue 10).
+
+        Twisted's TLS then closes TCP only once the peer has answered with
+        its own close_notify, which many clients never send (they read EOF
+        and wait for the server to close).  RFC 8446 6.1 lets the side that
+        closes stop without waiting for the answer, as Postfix does; telling
+        OpenSSL that the answer has come makes Twisted close TCP right
+        behind our close_notify.  That is only done when all our output has
+        gone into the TLS layer (nothing held back there, which would have
+        paused us), so no reply is cut off.
+        """
+        held_back = self._write_blocked
+        self._tcp.unregisterProducer()
+        if self._paused:
+            self._paused = False
+            self._tcp.resumeProducing()
+        if self.startedTLS and not held_back:
+            # ISystemHandle: the TLS transports give their OpenSSL connection.
+            handle = getattr(self._tcp, "getHandle", lambda: None)()
+            if isinstance(handle, SSL.Connection):
+                handle.set_shutdown(handle.get_shutdown() | SSL.RECEIVED_SHUTDOWN)
+        self._tcp.loseConnection()
+
+    def _release_slot(self) -> None:
+        """Stop counting this session against the connection caps (once).
+
+        The stress state (L{RelayFactory.load_changed}) is re-derived when
+        the session has ended, not here: idle sessions cut together in one
+        storm must all be cut, not spared once the first few are closing.
+        """
+        if self._admitted and self.factory is not None:
+            self._admitted = False
+            self.factory.guard.disconnect(self._peer)
 
     def _stop_if_shutting_down(self) -> bool:
         """Between transactions during shutdown: say 421 and close. True if closed."""

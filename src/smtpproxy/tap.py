@@ -21,7 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from smtpproxy import __version__, config, policy, pressure, providers, proxyheader, spool, tls
+from smtpproxy import __version__, config, listeners, policy, providers, spool, tls
 from smtpproxy import http as health
 from smtpproxy import logging as jsonlog
 from smtpproxy.auth import StaticPasswordChecker
@@ -82,10 +82,17 @@ class Options(usage.Options):
                 f"smtpproxy: PROVIDER: unknown provider {settings.provider!r}; "
                 f"choose one of {', '.join(providers.names())}"
             )
+        specs = _listeners(settings)
         try:
-            if settings.tls_cert_file:
-                cert, key = tls.load_files(settings.tls_cert_file, settings.tls_key_file)
-                source = f"TLS_CERT_FILE {settings.tls_cert_file!r}"
+            cert_file, key_file = listeners.certificate_files(
+                settings.tls_cert_file, settings.tls_key_file, specs
+            )
+        except listeners.ListenError as e:
+            raise SystemExit(f"smtpproxy: {e}") from None
+        try:
+            if cert_file:
+                cert, key = tls.load_files(cert_file, key_file)
+                source = f"TLS_CERT_FILE {cert_file!r}"
             else:
                 cert, key = tls.self_signed(settings.smtp_hostname)
                 source = "the generated certificate"
@@ -94,8 +101,24 @@ class Options(usage.Options):
             raise SystemExit(f"smtpproxy: {e}") from None
         _check_spool_dir(settings.smtp_spool_dir)
         self["settings"] = settings
+        self["listeners"] = specs
+        self["custom_certificate"] = bool(cert_file)
         self["certificate"] = (cert, key)
         self["tls_context"] = context
+
+
+def _listeners(settings: config.Config) -> list[listeners.Listener]:
+    """The SMTP listeners the settings ask for, or one line saying what is wrong."""
+    wanted = [("SMTP_LISTEN", settings.smtp_listen, False)]
+    if settings.smtps_listen:
+        wanted.append(("SMTPS_LISTEN", settings.smtps_listen, True))
+    specs = []
+    for setting, value, implicit_tls in wanted:
+        try:
+            specs.append(listeners.plan(setting, value, implicit_tls=implicit_tls))
+        except listeners.ListenError as e:
+            raise SystemExit(f"smtpproxy: {setting}: {e}") from None
+    return specs
 
 
 def _check_spool_dir(directory: str) -> None:
@@ -140,6 +163,7 @@ class RelayService(MultiService):
         self.stopping = False
         self._bound = False
         self.smtp: IService | None = None
+        self.smtps: IService | None = None
         self.http: IService | None = None
 
     def setServiceParent(self, parent: Any) -> None:
@@ -158,6 +182,7 @@ class RelayService(MultiService):
             version=__version__,
             provider=self.provider.name,
             smtp_listen=s.smtp_listen,
+            smtps_listen=s.smtps_listen or None,
             http_listen=s.http_listen or None,
             hostname=s.smtp_hostname,
             auth="enabled" if s.auth_enabled else "disabled",
@@ -192,7 +217,12 @@ class RelayService(MultiService):
         # a port in use must stop the process with one clear line, not a
         # traceback and not a relay that runs without its listener.
         self._bound = True
-        for child, setting in ((self.smtp, "SMTP_LISTEN"), (self.http, "HTTP_LISTEN")):
+        children = (
+            (self.smtp, "SMTP_LISTEN"),
+            (self.smtps, "SMTPS_LISTEN"),
+            (self.http, "HTTP_LISTEN"),
+        )
+        for child, setting in children:
             if child is None:
                 continue
             child._raiseSynchronously = True  # type: ignore[attr-defined]
@@ -204,8 +234,9 @@ class RelayService(MultiService):
     async def _stop(self) -> None:
         self.stopping = True
         log.info("shutting down: no new connections, finishing messages in flight")
-        if self.smtp is not None:
-            await defer.maybeDeferred(self.smtp.stopService)
+        for listener in (self.smtp, self.smtps):
+            if listener is not None:
+                await defer.maybeDeferred(listener.stopService)
         await self.factory.shutdown(self.settings.smtp_shutdown_timeout)
         # A provider whose connections do not close must not hold the stop
         # up either: SIGTERM finishes within SMTP_SHUTDOWN_TIMEOUT + 5 s.
@@ -254,15 +285,21 @@ def makeService(options: Options) -> RelayService:
     guard = Guard(guard_settings(settings), reactor)
     context = options.get("tls_context") or tls.server_context(cert, key)
     factory = RelayFactory(session, portal, context, reactor, guard)
-    tls_summary = ("custom " if settings.tls_cert_file else "self-signed ") + tls.describe(cert)
+    custom = options.get("custom_certificate", bool(settings.tls_cert_file))
+    tls_summary = ("custom " if custom else "self-signed ") + tls.describe(cert)
     service = RelayService(settings, factory, provider, observer, tls_summary)
 
-    behind_proxy, listen = proxyheader.split_proxy(settings.smtp_listen)
-    listen = pressure.with_backlog(listen)
-    listener: Any = proxyheader.ProxyHeaderFactory(factory, reactor) if behind_proxy else factory
-    smtp = StreamServerEndpointService(serverFromString(reactor, listen), listener)
-    smtp.setServiceParent(service)
-    service.smtp = smtp
+    specs = options.get("listeners") or _listeners(settings)
+    for spec in specs:
+        # One factory behind every listener: the sessions, the caps and the
+        # guard are shared; implicit TLS uses the same context as STARTTLS.
+        wrapped = listeners.wrap(spec, factory, context, reactor)
+        smtp = StreamServerEndpointService(serverFromString(reactor, spec.endpoint), wrapped)
+        smtp.setServiceParent(service)
+        if spec.setting == "SMTPS_LISTEN":
+            service.smtps = smtp
+        else:
+            service.smtp = smtp
     if settings.http_listen:
         site = health.make_site(lambda: service.stopping)
         http = StreamServerEndpointService(serverFromString(reactor, settings.http_listen), site)

@@ -53,7 +53,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from smtpproxy.message import Email, parse_message
+from smtpproxy.mime.message import Email, parse_message
 
 MIB = 1024 * 1024
 REQUEST_CAP = 4 * MIB

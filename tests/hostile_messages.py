@@ -1,6 +1,6 @@
 """Small messages with damaged or unusual header blocks, as clients really send them.
 
-The project's own set for the recipient test in L{tests.test_graph_recipients}
+The project's own set for the recipient test in L{tests.providers.graph.test_recipients}
 (next to the shared corpus, which may be absent).  Each one is written here
 as bytes so that bare CRs and 8-bit bytes stay exactly as intended; none is
 a copy of a corpus file.  Every message names its recipients in To/Cc so

@@ -35,9 +35,9 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from smtpproxy import tls
-from smtpproxy.auth import StaticPasswordChecker
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.smtp import RelayFactory, SessionSettings
+from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
+from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import PASSWORD, USER, RecordingProvider, certificate
 
 RECORDING = Path(__file__).parent / "data" / "recorded_sessions.json.gz"

@@ -26,12 +26,12 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from smtpproxy import tls
-from smtpproxy.auth import StaticPasswordChecker
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.guard import OPEN, Guard, GuardSettings
-from smtpproxy.message import Email
-from smtpproxy.parsetask import MessageParser
-from smtpproxy.smtp import RelayFactory, SessionSettings
+from smtpproxy.mime.message import Email
+from smtpproxy.mime.parsetask import MessageParser
+from smtpproxy.policy.guard import OPEN, Guard, GuardSettings
+from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
+from smtpproxy.smtp.sasl import StaticPasswordChecker
 
 USER = "relay-user"
 PASSWORD = "s3cret-Pa55"
@@ -192,7 +192,7 @@ def listen_behind_proxy(case: TestCase, relay: Relay) -> int:
     """Also listen for PROXY-protocol connections to C{relay}; return the port."""
     from twisted.internet import reactor
 
-    from smtpproxy.proxyheader import ProxyHeaderFactory
+    from smtpproxy.smtp.proxyheader import ProxyHeaderFactory
 
     wrapped: Any = ProxyHeaderFactory(relay.factory, reactor)
     port: Any = reactor.listenTCP(0, wrapped, interface="127.0.0.1")

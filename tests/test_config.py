@@ -327,7 +327,7 @@ class HostnameFallbackTests(SynchronousTestCase):
         """The fallback is logged as a warn line naming the setting once the relay starts,
         next to "smtpproxy started"."""
         from smtpproxy import tap
-        from smtpproxy.smtp import RelayFactory
+        from smtpproxy.smtp.protocol import RelayFactory
 
         events: list[LogEvent] = []
         observer = cast(ILogObserver, events.append)
@@ -359,8 +359,8 @@ class DerivedSettingsTests(SynchronousTestCase):
         Those classes carry defaults for tests and embedding; this keeps them
         the same as the documented configuration defaults.
         """
-        from smtpproxy.guard import GuardSettings, settings_from
-        from smtpproxy.smtp import SessionSettings, session_settings
+        from smtpproxy.policy.guard import GuardSettings, settings_from
+        from smtpproxy.smtp.protocol import SessionSettings, session_settings
 
         config = Config(smtp_hostname="relay.test")
         self.assertEqual(session_settings(config), SessionSettings(hostname="relay.test"))

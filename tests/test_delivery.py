@@ -24,8 +24,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpproxy import providers, tap
 from smtpproxy.delivery import RelayRealm, new_message_id
 from smtpproxy.errors import TransientDeliveryError
-from smtpproxy.guard import OPEN, Guard
-from smtpproxy.smtp import RelayFactory, SessionSettings
+from smtpproxy.policy.guard import OPEN, Guard
+from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
 from tests.support import RecordingProvider
 
 TRANSACTION = (

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy import dsn
-from smtpproxy.commands import CommandError, parse_mail, parse_rcpt
 from smtpproxy.dsn import Dsn, RecipientDsn
-from smtpproxy.graph_payload import plan_delivery
-from smtpproxy.message import parse_message
+from smtpproxy.mime.message import parse_message
+from smtpproxy.providers.graph.payload import plan_delivery
 from smtpproxy.providers.stdout import StdoutProvider
-from tests.test_smtp_edges import Harness, reply_lines
+from smtpproxy.smtp.commands import CommandError, parse_mail, parse_rcpt
+from tests.smtp.test_protocol_edges import Harness, reply_lines
 
 
 def xtext_encode(text: str) -> str:

@@ -12,17 +12,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtpproxy.commands import (
+from smtpproxy.intl import ascii_address, ascii_domain, has_ascii_local_part
+from smtpproxy.mime.message import parse_message
+from smtpproxy.providers.graph.mime import ascii_header_block
+from smtpproxy.providers.graph.payload import JsonSend, MimeSend, address_key, plan_delivery
+from smtpproxy.smtp.commands import (
     CommandError,
     check_address,
     parse_mail,
     parse_rcpt,
     split_command,
 )
-from smtpproxy.graph_mime import ascii_header_block
-from smtpproxy.graph_payload import JsonSend, MimeSend, address_key, plan_delivery
-from smtpproxy.intl import ascii_address, ascii_domain, has_ascii_local_part
-from smtpproxy.message import parse_message
 
 MAILBOX = "relay@contoso.example"
 

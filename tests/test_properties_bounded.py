@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtpproxy.message import (
+from smtpproxy.mime.message import (
     Mailbox,
     _boundary_lines,
     _salvage_addresses,
@@ -27,7 +27,7 @@ from smtpproxy.message import (
     simple_header_fields,
     simple_mailboxes,
 )
-from tests.test_corpus import assert_encodable
+from tests.mime.test_corpus import assert_encodable
 
 
 # Generous, and proportional: a second plus 10 s per megabyte of CPU time

@@ -6,10 +6,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtpproxy.commands import CommandError, parse_mail
 from smtpproxy.config import ConfigError, load
 from smtpproxy.qualify import default_domain, is_deliverable, qualify
-from smtpproxy.smtp import session_settings
+from smtpproxy.smtp.commands import CommandError, parse_mail
+from smtpproxy.smtp.protocol import session_settings
 
 
 class QualifyTests(SynchronousTestCase):

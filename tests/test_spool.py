@@ -19,10 +19,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy import config, tap
 from smtpproxy.errors import PermanentDeliveryError
-from smtpproxy.smtp import session_settings
+from smtpproxy.smtp.protocol import session_settings
 from smtpproxy.spool import InflightBudget, MessageBody, open_spool_file
+from tests.smtp.test_protocol_edges import SHORT_ENVELOPE, Harness, reply_codes, reply_lines
 from tests.support import message, open_files_under
-from tests.test_smtp_edges import SHORT_ENVELOPE, Harness, reply_codes, reply_lines
 
 
 class FileLog:

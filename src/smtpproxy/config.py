@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from smtpproxy import policy
+from smtpproxy.policy import rules as policy
 
 
 class ConfigError(Exception):

@@ -23,13 +23,13 @@ from twisted.mail.smtp import Address, User
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpproxy.commands import MailArguments, RcptArguments
 from smtpproxy.dsn import Dsn, RecipientDsn, envelope_dsn
 from smtpproxy.errors import DeliveryError, PermanentDeliveryError, reply_for_failure
 from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
-from smtpproxy.message import Email
-from smtpproxy.parsetask import MessageParser
+from smtpproxy.mime.message import Email
+from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider, accepts_raw_mime
+from smtpproxy.smtp.commands import MailArguments, RcptArguments
 from smtpproxy.spool import MessageBody
 
 log = Logger(namespace="smtpproxy.delivery")

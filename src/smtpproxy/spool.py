@@ -54,7 +54,7 @@ class InflightBudget:
     than the whole limit is let through when nothing else is held, so it
     can never wait for ever.
 
-    One instance lives on the L{smtpproxy.smtp.RelayFactory}; there is no
+    One instance lives on the L{smtpproxy.smtp.protocol.RelayFactory}; there is no
     module-level state.
     """
 

@@ -21,15 +21,16 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from smtpproxy import __version__, config, listeners, policy, providers, spool, tls
-from smtpproxy import http as health
-from smtpproxy import logging as jsonlog
-from smtpproxy.auth import StaticPasswordChecker
+from smtpproxy import __version__, config, jsonlog, providers, spool, tls
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.guard import Guard
-from smtpproxy.guard import settings_from as guard_settings
-from smtpproxy.parsetask import MessageParser
-from smtpproxy.smtp import RelayFactory, session_settings
+from smtpproxy.mime.parsetask import MessageParser
+from smtpproxy.policy import rules as policy
+from smtpproxy.policy.guard import Guard
+from smtpproxy.policy.guard import settings_from as guard_settings
+from smtpproxy.smtp import listeners
+from smtpproxy.smtp.protocol import RelayFactory, session_settings
+from smtpproxy.smtp.sasl import StaticPasswordChecker
+from smtpproxy.web import health
 
 log = Logger(namespace="smtpproxy")
 

@@ -2,7 +2,7 @@
 passwords out, and command lines that cannot carry a bare CR, LF or NUL.
 
 Logs are captured as the operator sees them: every event goes through the
-relay's own JSON renderer (L{smtpproxy.logging}), and the tests count the
+relay's own JSON renderer (L{smtpproxy.jsonlog}), and the tests count the
 bytes and lines it writes.  Time is a C{Clock} wherever the summaries'
 intervals matter.
 """
@@ -25,16 +25,16 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smtpproxy import logging as jsonlog
-from smtpproxy import policy
-from smtpproxy.auth import StaticPasswordChecker
+from smtpproxy import jsonlog
 from smtpproxy.config import load
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.errors import PermanentDeliveryError
-from smtpproxy.guard import OPEN, Guard, GuardSettings
-from smtpproxy.message import parse_message
-from smtpproxy.proxyheader import ProxyHeaderFactory
-from smtpproxy.smtp import RelayFactory, RelayProtocol, SessionSettings, session_settings
+from smtpproxy.mime.message import parse_message
+from smtpproxy.policy import rules as policy
+from smtpproxy.policy.guard import OPEN, Guard, GuardSettings
+from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings, session_settings
+from smtpproxy.smtp.proxyheader import ProxyHeaderFactory
+from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import (
     PASSWORD,
     TIMEOUT,

@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from smtpproxy.spool import open_spool_file
+from tests.smtp.test_protocol_edges import SHORT_ENVELOPE, Harness, reply_codes
 from tests.support import (
     ENVELOPE,
     TIMEOUT,
@@ -39,7 +40,6 @@ from tests.support import (
     sendmail,
     start_relay,
 )
-from tests.test_smtp_edges import SHORT_ENVELOPE, Harness, reply_codes
 from tests.test_twistd import Relay
 
 MB = 1024 * 1024

@@ -18,7 +18,7 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtpproxy.config import Config, ConfigError, load
-from smtpproxy.message import Attachment, Email, Mailbox, parse_message
+from smtpproxy.mime.message import Attachment, Email, Mailbox, parse_message
 from smtpproxy.providers.stdout import StdoutProvider, render
 from tests.support import (
     RecordingProvider,

@@ -25,9 +25,9 @@ from zope.interface import implementer
 from smtpproxy import delivery
 from smtpproxy.delivery import RelayMessage
 from smtpproxy.errors import PermanentDeliveryError
-from smtpproxy.graph_payload import MimeSend, plan_delivery
-from smtpproxy.message import Email, abandoned, parse_message
-from smtpproxy.parsetask import MessageParser
+from smtpproxy.mime.message import Email, abandoned, parse_message
+from smtpproxy.mime.parsetask import MessageParser
+from smtpproxy.providers.graph.payload import MimeSend, plan_delivery
 from smtpproxy.providers.stdout import StdoutProvider
 from tests.support import (
     TIMEOUT,

@@ -24,12 +24,12 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smtpproxy import policy
-from smtpproxy.auth import StaticPasswordChecker
 from smtpproxy.config import load
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.guard import OPEN, Guard, GuardSettings, settings_from
-from smtpproxy.smtp import RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.policy import rules as policy
+from smtpproxy.policy.guard import OPEN, Guard, GuardSettings, settings_from
+from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import (
     PASSWORD,
     TIMEOUT,

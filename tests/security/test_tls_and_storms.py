@@ -38,10 +38,17 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from smtpproxy import pressure, tap, tls
+from smtpproxy import tap, tls
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.guard import OPEN, Guard
-from smtpproxy.smtp import CLOSE_GRACE, FORCE_GRACE, RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.policy import pressure
+from smtpproxy.policy.guard import OPEN, Guard
+from smtpproxy.smtp.protocol import (
+    CLOSE_GRACE,
+    FORCE_GRACE,
+    RelayFactory,
+    RelayProtocol,
+    SessionSettings,
+)
 from tests.support import (
     TIMEOUT,
     RecordingProvider,

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
     from smtpproxy.config import Config
-    from smtpproxy.message import Email
+    from smtpproxy.mime.message import Email
 
 
 class Provider(Protocol):
@@ -80,4 +80,5 @@ def create(name: str, config: Config, reactor: IReactorTime) -> Provider:
 def _load_builtin() -> None:
     # Imported lazily so that importing this package stays free of side
     # effects and of the HTTP stack when only stdout is used.
-    from smtpproxy.providers import graph, stdout  # noqa: F401
+    from smtpproxy.providers import stdout  # noqa: F401
+    from smtpproxy.providers.graph import provider as graph  # noqa: F401

@@ -34,7 +34,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from smtpproxy.config import STDOUT_FORMATS
 from smtpproxy.dsn import Dsn
 from smtpproxy.errors import TransientDeliveryError
-from smtpproxy.message import Email, Mailbox
+from smtpproxy.mime.message import Email, Mailbox
 from smtpproxy.providers import register
 
 if TYPE_CHECKING:

@@ -1,0 +1,1 @@
+"""The Email value and the MIME parser that builds it."""

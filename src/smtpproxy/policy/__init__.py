@@ -1,0 +1,1 @@
+"""Who may connect and relay, and how much: networks, address patterns, limits."""

@@ -1,0 +1,1 @@
+"""The Microsoft Graph provider: payloads, retries, tokens and its settings."""

@@ -1,0 +1,280 @@
+"""Editing a message's header block without touching anything else.
+
+Graph's MIME mode sends the message it is given, so the few changes Graph
+forces on us (From must be the mailbox, the envelope decides Bcc) are made on
+the raw bytes: the header fields we change are replaced, every other byte of
+the header block and the whole body stay exactly as the client sent them.
+Re-serialising through a parsed C{email.message.Message} would re-fold
+headers and re-encode bodies, which breaks signatures and surprises people.
+
+The fields we add go at the very top of the header block.  Parsers disagree
+about where a damaged header block ends: the standard library (and Graph)
+stop at the first line that is not a field (a broken fold, a stray
+sentence), so a Bcc appended at the end of the block could land in the body
+and its recipient never get the message.  Every parser reads the first
+lines as fields.  Lines are split the way the standard library splits
+them (CRLF, bare CR or bare LF), so a field hidden behind a bare CR is
+seen, and removed, like any other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from email import policy
+from email.header import Header
+from email.utils import formataddr
+
+from smtpproxy.intl import ascii_address
+from smtpproxy.mime.message import Mailbox
+
+# One line and its ending: CRLF, bare CR or bare LF, as the standard
+# library's parser splits lines (a last line may have no ending).
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)?")
+
+
+def split_fields(raw: bytes) -> tuple[list[bytes], bytes]:
+    """Split C{raw} into header fields (each with its folded lines) and the rest.
+
+    The header block runs to the first empty line, including lines a strict
+    parser would take for the start of the body: we must find (and remove)
+    a Bcc or Sender there too, whichever way the reader of the message
+    parses it.
+
+    @return: the fields, each ending with its own line break, and everything
+        from the blank line that ends the header block (inclusive) to the end.
+    """
+    fields: list[bytes] = []
+    position = 0
+    size = len(raw)
+    while position < size:
+        match = _LINE.match(raw, position)
+        end = match.end() if match is not None else size
+        line = raw[position:end]
+        if line in (b"\r\n", b"\n", b"\r"):
+            return fields, raw[position:]
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+        position = end
+    return fields, b""
+
+
+def is_mbox_line(line: bytes) -> bool:
+    """Whether C{line} is an mbox C{From } separator (not C{From : x}, an obsolete field)."""
+    return line.startswith(b"From ") and not line[5:].lstrip(b" \t").startswith(b":")
+
+
+def field_name(field: bytes) -> bytes:
+    """The lower-cased name of a header field (the bytes before its colon)."""
+    return field.split(b":", 1)[0].strip().lower()
+
+
+def field_value(field: bytes) -> bytes:
+    """The raw value of a header field: after the colon, folding kept, line break included."""
+    return field.split(b":", 1)[1] if b":" in field else b""
+
+
+def line_break(fields: Sequence[bytes]) -> bytes:
+    """The line break the message uses (CRLF unless it plainly uses bare LF)."""
+    for field in fields:
+        if field.endswith(b"\r\n"):
+            return b"\r\n"
+        if field.endswith(b"\n"):
+            return b"\n"
+    return b"\r\n"
+
+
+def address_field(name: str, mailboxes: Sequence[Mailbox], newline: bytes = b"\r\n") -> bytes:
+    """A complete address header field, one address per folded line.
+
+    Display names outside ASCII are RFC 2047 encoded; line breaks smuggled
+    into a name are removed so a field can never grow a second one.
+    """
+    separator = b"," + newline + b" "
+    value = separator.join(format_mailbox(mailbox) for mailbox in mailboxes)
+    return name.encode("ascii") + b": " + value + newline
+
+
+def format_mailbox(mailbox: Mailbox) -> bytes:
+    """One mailbox as header bytes: C{Name <addr>}, the name RFC 2047 encoded if needed."""
+    display = " ".join(mailbox.name.split())
+    # An internationalised domain is written as A-labels, which every
+    # reader of the field understands (RFC 6532 readers included).
+    address = ascii_address("".join(mailbox.address.split()))
+    try:
+        return formataddr((display, address), charset="utf-8").encode("ascii")
+    except UnicodeEncodeError:
+        # An internationalised address (SMTPUTF8): formataddr insists on
+        # ASCII addresses, so format the name alone and add the address.
+        if not display:
+            return address.encode("utf-8")
+        shown = formataddr((display, "a@b"), charset="utf-8").removesuffix("<a@b>")
+        return (shown + f"<{address}>").encode("utf-8")
+
+
+def rewrite_headers(
+    raw: bytes,
+    *,
+    from_field: bytes | None,
+    reply_to_field: bytes | None,
+    bcc_field: bytes | None,
+    drop: frozenset[bytes] = frozenset(),
+) -> bytes:
+    """Return C{raw} with From replaced, Reply-To added, Bcc replaced and C{drop} removed.
+
+    The fields we add come first, in that order, ahead of every field of
+    the message (see the module docstring for why).  Two kinds of line that
+    belong to no field are removed, since behind our fields they would
+    change meaning: an mbox C{From } line opening the message (mailbox
+    framing, never part of a message; a strict parser would end the header
+    block there) and a continuation line with no field to continue (it
+    would become part of our last field).
+
+    @param from_field: the new From field, or None to keep the message's own.
+    @param reply_to_field: a Reply-To field to add, or None.
+    @param bcc_field: the Bcc field to add, or None for none; the message's
+        own Bcc fields are always removed.
+    @param drop: lower-case names of further fields to remove.
+    """
+    fields, rest = split_fields(raw)
+    newline = line_break(fields)
+    if fields and not fields[-1].endswith((b"\n", b"\r")):
+        fields[-1] += newline
+    if fields and is_mbox_line(fields[0]):
+        del fields[0]
+    added = [f for f in (from_field, reply_to_field, bcc_field) if f is not None]
+    out: list[bytes] = list(added)
+    for field in fields:
+        if field[:1] in (b" ", b"\t"):
+            continue  # a continuation of nothing (only ever the first line)
+        name = field_name(field)
+        if name == b"bcc" or name in drop or (name == b"from" and from_field is not None):
+            continue
+        out.append(field)
+    if not rest:
+        # A message with no body still needs its header block closed.
+        rest = newline
+    return b"".join(out) + rest
+
+
+# Fields holding addresses: rebuilt with RFC 2047 display names and A-label
+# domains when they carry 8-bit bytes.
+_ADDRESS_FIELDS = frozenset(
+    {b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc"}
+    | {b"resent-" + name for name in (b"from", b"sender", b"to", b"cc", b"bcc")}
+)
+# Structured fields where RFC 2047 encoded words are not allowed (RFC 2047
+# 5): one of these carrying 8-bit bytes has no ASCII form we can write.
+_STRUCTURED_FIELDS = frozenset(
+    {
+        b"date",
+        b"message-id",
+        b"in-reply-to",
+        b"references",
+        b"resent-date",
+        b"resent-message-id",
+        b"return-path",
+        b"mime-version",
+        b"content-type",
+        b"content-transfer-encoding",
+        b"content-disposition",
+        b"content-id",
+        b"dkim-signature",
+    }
+)
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+
+
+def ascii_header_block(raw: bytes) -> bytes | None:
+    """C{raw} with every header field that carries 8-bit bytes written in ASCII.
+
+    RFC 6532 lets a message carry UTF-8 in its header fields as raw bytes;
+    Graph's MIME mode documents no support for that and Microsoft's readers
+    take such bytes for ASCII (see docs/graph.md), so before a message goes
+    that way each such field is rewritten as RFC 5322 and RFC 2047 say:
+
+      - free-text fields (Subject, Comments, Keywords, X- fields, Received
+        and any other not named below) become encoded words (UTF-8, base64);
+      - address fields are rebuilt: display names encoded, domains as
+        A-labels;
+      - the body and every ASCII field stay byte for byte as they were.
+
+    Bytes that are not UTF-8 (a legacy charset sent raw) are read with
+    replacement characters, as the message parser reads them for JSON.
+
+    @return: the new message, C{raw} itself when no field carries 8-bit
+        bytes, or None when a field has no ASCII form: an address whose
+        local part is not ASCII (RFC 6531 gives it none) or a structured
+        field such as Message-ID holding 8-bit bytes.  Such a message must
+        go another way (JSON).
+    """
+    fields, rest = split_fields(raw)
+    if all(field.isascii() for field in fields):
+        return raw
+    newline = line_break(fields)
+    out: list[bytes] = []
+    for field in fields:
+        if field.isascii():
+            out.append(field)
+            continue
+        converted = _ascii_field(field, newline)
+        if converted is None:
+            return None
+        out.append(converted)
+    return b"".join(out) + rest
+
+
+def _ascii_field(field: bytes, newline: bytes) -> bytes | None:
+    """One 8-bit header field in ASCII (see L{ascii_header_block}); None if it has no ASCII form."""
+    name, colon, value = field.partition(b":")
+    if not colon or _FIELD_NAME.fullmatch(name) is None:
+        # Not a field (a stray line): every parser ends the header block
+        # before it, so it is body text, which may be 8-bit.
+        return field
+    key = name.lower()
+    if key in _STRUCTURED_FIELDS:
+        return None
+    text = " ".join(value.decode("utf-8", "replace").split())
+    if key in _ADDRESS_FIELDS:
+        return _ascii_address_field(name.decode("ascii"), text, newline)
+    header = Header(text, "utf-8", header_name=name.decode("ascii"))
+    return name + b": " + header.encode(linesep=newline.decode("ascii")).encode("ascii") + newline
+
+
+def _ascii_address_field(name: str, text: str, newline: bytes) -> bytes | None:
+    """An address field rebuilt in ASCII, or None when an address cannot be (or it cannot be read).
+
+    Comments and the exact spelling are not kept (the field is rewritten
+    only because its bytes could not go as they were); a field that names
+    only empty addresses (C{"Name" <>}) is left out.
+    """
+    try:
+        groups = getattr(policy.default.header_factory(name, text), "groups", None)
+    except Exception:
+        # The standard library's address parser fails in its own ways on
+        # damaged values; such a field cannot be rewritten faithfully.
+        return None
+    if groups is None:
+        return None
+    parts: list[bytes] = []
+    for group in groups:
+        mailboxes: list[bytes] = []
+        for address in group.addresses:
+            if address.addr_spec in ("", "<>"):
+                continue  # a name with an empty address (<>): nobody to write
+            mailbox = Mailbox(address.display_name, address.addr_spec)
+            written = format_mailbox(mailbox)
+            if not written.isascii():
+                return None
+            mailboxes.append(written)
+        if group.display_name is None:
+            parts.extend(mailboxes)
+            continue
+        label = format_mailbox(Mailbox(group.display_name, "a@b")).removesuffix(b"<a@b>")
+        parts.append(label.rstrip() + b": " + b", ".join(mailboxes) + b";")
+    if not parts:
+        return b""  # only empty addresses: a field that names nobody is left out
+    separator = b"," + newline + b" "
+    return name.encode("ascii") + b": " + separator.join(parts) + newline

@@ -1,0 +1,670 @@
+"""What to ask Graph for one message: which mailbox, which recipients, which requests.
+
+L{plan_delivery} turns an L{Email} into a plan made of request bodies:
+
+  - L{MimeSend}: one C{sendMail} with the raw message (base64), the faithful
+    way: every header, both alternatives, inline images and calendar parts
+    arrive as sent.  Used whenever the request fits under Graph's 4 MB cap
+    and the header recipients can be made to match the envelope;
+  - L{JsonSend}: one C{sendMail} with Graph's JSON message, used when the
+    headers name people the envelope does not (Graph's MIME mode would mail
+    them) or when C{GRAPH_SEND_MODE=json};
+  - L{DraftSend}: a draft, its attachments (big ones through upload
+    sessions), then C{send}: for messages too large for one request.
+
+The envelope decides who receives the message, exactly once each: header
+To/Cc recipients that are in the envelope stay To/Cc, envelope recipients
+named in neither become Bcc, and header recipients outside the envelope
+receive nothing.  A Bcc header is never passed on as it was.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import mimetypes
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.utils import getaddresses
+from typing import Any
+from urllib.parse import quote
+
+from smtpproxy.errors import PermanentDeliveryError
+from smtpproxy.intl import ascii_address
+from smtpproxy.mime.message import Attachment, Email, Mailbox
+from smtpproxy.providers.graph.mime import (
+    address_field,
+    ascii_header_block,
+    field_name,
+    field_value,
+    line_break,
+    rewrite_headers,
+    split_fields,
+)
+from smtpproxy.qualify import is_deliverable, mailbox_domain, qualify
+
+# Graph refuses request bodies over 4 MB; keep a margin for the request line
+# and headers, which some gateways count too.
+REQUEST_LIMIT = 4 * 1024 * 1024 - 64 * 1024
+# "Under 3 MB: POST the attachment; 3 MB to 150 MB: upload session" (Graph's
+# documented rule; Graph refuses upload sessions for small files).
+UPLOAD_MIN = 3_000_000
+MAX_ATTACHMENT = 150_000_000
+# Upload ranges must stay below 4 MB; 12 x 320 KiB is the usual safe size.
+UPLOAD_CHUNK = 12 * 320 * 1024
+MAX_RECIPIENTS = 500
+MAX_CUSTOM_HEADERS = 5
+
+
+def address_key(address: str) -> str:
+    """How addresses are compared: without angle brackets or case.
+
+    Local parts are case-sensitive in theory; Exchange treats them as
+    case-insensitive, and so must we to avoid sending a second copy to
+    C{Bob@example.com} because the envelope said C{bob@example.com}.
+    An internationalised domain compares by its A-labels, so
+    C{zoe@exämple.test} and C{zoe@xn--exmple-cua.test} are one address.
+    """
+    return ascii_address(address.strip().strip("<>").strip()).casefold()
+
+
+def choose_mailbox(from_: Sequence[Mailbox], senders: Sequence[str]) -> str:
+    """The configured mailbox to send as: the one the From header names, else the first."""
+    configured = {address_key(sender): sender for sender in senders}
+    for mailbox in from_:
+        found = configured.get(address_key(mailbox.address))
+        if found is not None:
+            return found
+    return senders[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Recipients:
+    """Who receives the message, and in which role.
+
+    @ivar outside: header (To/Cc) recipients that are not in the envelope;
+        they must not receive the message.
+    """
+
+    to: tuple[Mailbox, ...]
+    cc: tuple[Mailbox, ...]
+    bcc: tuple[Mailbox, ...]
+    outside: tuple[Mailbox, ...] = ()
+
+    @property
+    def count(self) -> int:
+        return len(self.to) + len(self.cc) + len(self.bcc)
+
+
+def plan_recipients(email: Email) -> Recipients:
+    """Split the envelope recipients into To, Cc and Bcc, each address exactly once."""
+    envelope: dict[str, str] = {}
+    for address in email.envelope_to:
+        key = address_key(address)
+        if key and key not in envelope:
+            envelope[key] = address.strip().strip("<>").strip()
+    placed: set[str] = set()
+    outside: dict[str, Mailbox] = {}
+    roles: tuple[list[Mailbox], list[Mailbox]] = ([], [])
+    for header, role in ((email.to, roles[0]), (email.cc, roles[1])):
+        for mailbox in header:
+            key = address_key(mailbox.address)
+            if key in envelope:
+                if key not in placed:
+                    placed.add(key)
+                    role.append(mailbox)
+            elif key and key not in outside:
+                outside[key] = mailbox
+    names = {address_key(m.address): m.name for m in email.bcc}
+    bcc = tuple(
+        Mailbox(names.get(key, ""), address)
+        for key, address in envelope.items()
+        if key not in placed
+    )
+    return Recipients(tuple(roles[0]), tuple(roles[1]), bcc, tuple(outside.values()))
+
+
+def _from_name(from_: Sequence[Mailbox], mailbox: str) -> str:
+    """The display name to keep on the rewritten From."""
+    for candidate in from_:
+        if address_key(candidate.address) == address_key(mailbox):
+            return candidate.name
+    return from_[0].name if from_ else ""
+
+
+def _from_is(from_: Sequence[Mailbox], mailbox: str) -> bool:
+    return len(from_) == 1 and address_key(from_[0].address) == address_key(mailbox)
+
+
+# Longer address fields are not read (the standard library's address parser
+# recurses on some long values); a message whose To/Cc we cannot read goes
+# as JSON, where we name the recipients ourselves.
+MAX_ADDRESS_FIELD = 64 * 1024
+
+
+def _header_pairs(value: bytes) -> list[tuple[str, str]] | None:
+    """The (name, address) pairs of a raw address field; None when it cannot be read."""
+    if len(value) > MAX_ADDRESS_FIELD:
+        return None
+    unfolded = value.replace(b"\r", b"").replace(b"\n", b"")
+    try:
+        return getaddresses([unfolded.decode("utf-8", "replace")])
+    except (RecursionError, ValueError, IndexError):
+        return None
+
+
+def raw_recipients_in_envelope(email: Email) -> bool:
+    """Whether every address Graph's MIME mode would read from To/Cc is in the envelope.
+
+    Graph parses the raw header, not our parse of it; a header our parser
+    salvaged differently (or that names someone we cannot make out) must not
+    go as MIME, or Graph might mail a person the envelope never named.
+    """
+    envelope = {address_key(address) for address in email.envelope_to}
+    fields, _ = split_fields(email.raw)
+    for f in fields:
+        if field_name(f) not in (b"to", b"cc"):
+            continue
+        pairs = _header_pairs(field_value(f))
+        if pairs is None:
+            return False
+        for name, address in pairs:
+            if address and address_key(address) in envelope:
+                continue
+            if not address and not name:
+                continue  # an empty group such as "undisclosed-recipients:;"
+            return False
+    return True
+
+
+def reply_to_mailboxes(
+    authors: Sequence[Mailbox], domain: str
+) -> tuple[tuple[Mailbox, ...], tuple[str, ...]]:
+    """The Reply-To the relay writes for C{authors}: each qualified, the invalid left out.
+
+    A bare local part (C{root}) gets C{@domain}; an address that is still
+    not one Graph accepts is dropped, since Graph would refuse the whole
+    message for it (C{ErrorInvalidRecipients}) and a reply path is not
+    worth a bounce.
+
+    @return: the mailboxes to write, and one warning per address left out
+        (the address clipped, so the log line stays short).
+    """
+    kept: list[Mailbox] = []
+    warnings: list[str] = []
+    for author in authors:
+        address = qualify(author.address, domain)
+        if is_deliverable(address):
+            kept.append(Mailbox(author.name, address))
+        else:
+            warnings.append(
+                f"Reply-To: left out the original From {_clip(author.address)!r}, "
+                "not an address Graph accepts"
+            )
+    return tuple(kept), tuple(warnings)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _author_reply_to(
+    original_from: bytes, email: Email, domain: str, newline: bytes
+) -> tuple[bytes | None, tuple[str, ...]]:
+    """The Reply-To field made from the message's own From field, and any warnings.
+
+    The field's own bytes are kept when every address in it is valid
+    (display names stay exactly as written); otherwise it is rebuilt from
+    the qualified, valid addresses, or left out.
+    """
+    value = field_value(original_from)
+    pairs = _header_pairs(value)
+    if pairs is not None and pairs and all(is_deliverable(a) for _, a in pairs):
+        return b"Reply-To:" + value, ()
+    authors = [Mailbox(n, a) for n, a in pairs or () if a] or list(email.from_)
+    kept, warnings = reply_to_mailboxes(authors, domain)
+    if not authors:
+        warnings = ("Reply-To: the original From names no address; none added",)
+    field = address_field("Reply-To", kept, newline) if kept else None
+    return field, warnings
+
+
+def mime_message(email: Email, mailbox: str, recipients: Recipients, domain: str = "") -> bytes:
+    """The raw message as Graph's MIME mode must see it (see L{mime_message_and_warnings})."""
+    return mime_message_and_warnings(email, mailbox, recipients, domain)[0]
+
+
+def mime_message_and_warnings(
+    email: Email, mailbox: str, recipients: Recipients, domain: str = ""
+) -> tuple[bytes, tuple[str, ...]]:
+    """The raw message as Graph's MIME mode must see it, and what had to be left out.
+
+    From becomes the mailbox (Graph refuses any other with ErrorSendAsDenied)
+    keeping the display name; the original From is kept as Reply-To when the
+    message has none, so replies still reach the author (a bare local part
+    qualified with C{domain}, default the mailbox's domain; an invalid
+    address left out); the Bcc header is rebuilt from the envelope (Graph
+    delivers to Bcc addresses and removes the header from the copies); a
+    Sender naming someone else is removed, as Graph would read it as sending
+    on their behalf.  The fields we add go first in the header block.
+    Nothing else changes.
+    """
+    fields, _ = split_fields(email.raw)
+    newline = line_break(fields)
+    names = [field_name(f) for f in fields]
+    original_from = fields[names.index(b"from")] if b"from" in names else None
+    has_reply_to = b"reply-to" in names or bool(email.reply_to)
+    from_field = reply_to_field = None
+    warnings: tuple[str, ...] = ()
+    if original_from is None or not _from_is(email.from_, mailbox):
+        display = _from_name(email.from_, mailbox)
+        from_field = address_field("From", [Mailbox(display, mailbox)], newline)
+        if original_from is not None and not has_reply_to:
+            reply_to_field, warnings = _author_reply_to(
+                original_from, email, domain or mailbox_domain(mailbox), newline
+            )
+    drop: set[bytes] = set()
+    for f, name in zip(fields, names, strict=True):
+        if name == b"sender":
+            pairs = _header_pairs(field_value(f))
+            addresses = [a for _, a in pairs or () if a]
+            if pairs is None or [address_key(a) for a in addresses] != [address_key(mailbox)]:
+                drop.add(b"sender")
+    bcc_field = address_field("Bcc", recipients.bcc, newline) if recipients.bcc else None
+    rewritten = rewrite_headers(
+        email.raw,
+        from_field=from_field,
+        reply_to_field=reply_to_field,
+        bcc_field=bcc_field,
+        drop=frozenset(drop),
+    )
+    return rewritten, warnings
+
+
+def encode_json(document: Any) -> bytes:
+    """The exact bytes sent for a JSON body (compact, so sizes are predictable)."""
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _recipient(mailbox: Mailbox) -> dict[str, Any]:
+    # Domains as A-labels (Exchange takes those everywhere); a UTF-8 local
+    # part stays as it is: Exchange Online delivers to EAI addresses.
+    address: dict[str, str] = {"address": ascii_address(mailbox.address)}
+    if mailbox.name:
+        address["name"] = mailbox.name
+    return {"emailAddress": address}
+
+
+def custom_headers(headers: Sequence[tuple[str, str]]) -> tuple[list[dict[str, str]], list[str]]:
+    """The X- headers Graph's JSON mode can carry: at most five, one per name.
+
+    Graph rejects any other header name and more than five of them with a
+    400; we keep the first five and report the rest so they can be logged.
+
+    @return: the internetMessageHeaders entries, and the names left out.
+    """
+    kept: list[dict[str, str]] = []
+    seen: set[str] = set()
+    dropped: list[str] = []
+    for name, value in headers:
+        key = name.strip().lower()
+        if not key.startswith("x-") or key in seen:
+            continue
+        if len(kept) == MAX_CUSTOM_HEADERS:
+            dropped.append(name)
+            continue
+        seen.add(key)
+        kept.append({"name": name.strip(), "value": " ".join(value.split())})
+    return kept, dropped
+
+
+def _importance(headers: Sequence[tuple[str, str]]) -> str | None:
+    """Graph's importance from the Importance or X-Priority header, if either says."""
+    for name, value in headers:
+        key, text = name.strip().lower(), value.strip().lower()
+        if key == "importance" and text in ("high", "low", "normal"):
+            return text
+        if key == "x-priority" and text[:1] in ("1", "2"):
+            return "high"
+        if key == "x-priority" and text[:1] in ("4", "5"):
+            return "low"
+    return None
+
+
+def json_message(
+    email: Email, mailbox: str, recipients: Recipients, domain: str = ""
+) -> tuple[dict[str, Any], list[str], tuple[str, ...]]:
+    """Graph's JSON message for C{email}, without attachments.
+
+    JSON can carry one body: HTML when the message has it, else the text.
+    Reply-To is the message's own, else its From when we send as someone
+    else; either way its bare local parts are qualified with C{domain}
+    (default: the mailbox's domain) and invalid addresses are left out,
+    since here we write the field and Graph would refuse the message for it.
+
+    @return: the message, the names of headers that could not be carried,
+        and warnings about Reply-To addresses left out.
+    """
+    if email.html is not None:
+        body = {"contentType": "HTML", "content": email.html}
+    else:
+        body = {"contentType": "Text", "content": email.text or ""}
+    message: dict[str, Any] = {
+        "subject": email.subject,
+        "body": body,
+        "from": _recipient(Mailbox(_from_name(email.from_, mailbox), mailbox)),
+        "toRecipients": [_recipient(m) for m in recipients.to],
+        "ccRecipients": [_recipient(m) for m in recipients.cc],
+        "bccRecipients": [_recipient(m) for m in recipients.bcc],
+    }
+    authors: Sequence[Mailbox] = ()
+    if email.reply_to:
+        authors = email.reply_to
+    elif email.from_ and not _from_is(email.from_, mailbox):
+        authors = email.from_
+    reply_to, warnings = reply_to_mailboxes(authors, domain or mailbox_domain(mailbox))
+    if reply_to:
+        message["replyTo"] = [_recipient(m) for m in reply_to]
+    headers, dropped = custom_headers(email.headers)
+    if headers:
+        message["internetMessageHeaders"] = headers
+    importance = _importance(email.headers)
+    if importance is not None:
+        message["importance"] = importance
+    return message, dropped, warnings
+
+
+def attachment_name(attachment: Attachment, index: int) -> str:
+    """The attachment's file name, or a made-up one (Graph requires a name)."""
+    if attachment.filename:
+        return attachment.filename
+    if attachment.content_type == "message/rfc822":
+        extension = ".eml"
+    else:
+        extension = mimetypes.guess_extension(attachment.content_type) or ".bin"
+    return f"attachment-{index}{extension}"
+
+
+def _attachment_stub(attachment: Attachment, index: int) -> dict[str, Any]:
+    stub: dict[str, Any] = {
+        "@odata.type": "#microsoft.graph.fileAttachment",
+        "name": attachment_name(attachment, index),
+        "contentType": attachment.content_type or "application/octet-stream",
+        "contentBytes": "",
+        "isInline": attachment.inline,
+    }
+    if attachment.content_id:
+        stub["contentId"] = attachment.content_id
+    return stub
+
+
+def attachment_json(attachment: Attachment, index: int) -> dict[str, Any]:
+    """A fileAttachment carrying the part's bytes in base64."""
+    document = _attachment_stub(attachment, index)
+    document["contentBytes"] = base64.b64encode(attachment.data).decode("ascii")
+    return document
+
+
+def _b64_size(size: int) -> int:
+    return 4 * ((size + 2) // 3)
+
+
+def attachment_json_size(attachment: Attachment, index: int) -> int:
+    """Bytes L{attachment_json} encodes to, computed without encoding the data."""
+    return len(encode_json(_attachment_stub(attachment, index))) + _b64_size(attachment.size)
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """An attachment big enough to need an upload session."""
+
+    name: str
+    content_type: str
+    data: bytes = field(repr=False)
+    inline: bool = False
+    content_id: str | None = None
+
+    def session_request(self) -> bytes:
+        """The body of C{attachments/createUploadSession}."""
+        item: dict[str, Any] = {
+            "attachmentType": "file",
+            "name": self.name,
+            "size": len(self.data),
+            "contentType": self.content_type,
+            "isInline": self.inline,
+        }
+        if self.content_id:
+            item["contentId"] = self.content_id
+        return encode_json({"AttachmentItem": item})
+
+
+@dataclass(frozen=True, slots=True)
+class MimeSend:
+    """One C{sendMail} request with the base64 of the (header-adjusted) message."""
+
+    mailbox: str
+    body: bytes = field(repr=False)
+    recipients: Recipients
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class JsonSend:
+    """One C{sendMail} request with a JSON message, attachments included."""
+
+    mailbox: str
+    body: bytes = field(repr=False)
+    recipients: Recipients
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DraftSend:
+    """Create a draft, add what did not fit in it, upload big parts, send.
+
+    @ivar draft: the body of C{POST /messages} (with the attachments that fit).
+    @ivar attachments: bodies of C{POST /messages/{id}/attachments}, one each.
+    @ivar uploads: the parts that go through upload sessions.
+    """
+
+    mailbox: str
+    draft: bytes = field(repr=False)
+    attachments: tuple[bytes, ...] = field(repr=False)
+    uploads: tuple[Upload, ...]
+    recipients: Recipients
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+Plan = MimeSend | JsonSend | DraftSend
+
+
+def plan_delivery(
+    email: Email, senders: Sequence[str], mode: str, default_domain: str = ""
+) -> Plan:
+    """Choose and build the requests for C{email}.
+
+    @param mode: C{auto} or C{mime} (raw MIME whenever that is correct and
+        fits) or C{json} (always the JSON message).
+    @param default_domain: what bare local parts in a Reply-To we write are
+        qualified with (C{SMTP_DEFAULT_DOMAIN}); empty: the mailbox's domain.
+    @return: the plan; its C{warnings} say what was left out of the
+        message (for the log), its C{notes} why it goes the way it goes.
+    @raise PermanentDeliveryError: the message breaks a Graph limit no
+        retry can fix (more than 500 recipients, an attachment over 150 MB).
+    """
+    recipients = plan_recipients(email)
+    if recipients.count == 0:
+        raise PermanentDeliveryError("message has no recipients", "5.5.1", 554)
+    if recipients.count > MAX_RECIPIENTS:
+        raise PermanentDeliveryError(
+            f"Graph accepts at most {MAX_RECIPIENTS} recipients per message, "
+            f"this one has {recipients.count}",
+            "5.5.3",
+            554,
+        )
+    for index, attachment in enumerate(email.attachments, 1):
+        if attachment.size > MAX_ATTACHMENT:
+            raise PermanentDeliveryError(
+                f"attachment {attachment_name(attachment, index)!r} is larger than "
+                f"Graph's {MAX_ATTACHMENT // 1_000_000} MB limit",
+                "5.3.4",
+                554,
+            )
+    mailbox = choose_mailbox(email.from_, senders)
+    notes: list[str] = []
+    if email.abandoned:
+        return _raw_plan(email, mailbox, recipients, mode, default_domain)
+    if mode != "json":
+        if recipients.outside or not raw_recipients_in_envelope(email):
+            notes.append(
+                "To/Cc name recipients who are not in the envelope (or cannot be read); "
+                "sending as JSON so that they do not receive it"
+            )
+        else:
+            mime, warnings = mime_message_and_warnings(email, mailbox, recipients, default_domain)
+            ascii_mime = ascii_header_block(mime)
+            if ascii_mime is None:
+                notes.append(
+                    "a header field has no ASCII form (a UTF-8 local part, or 8-bit bytes in"
+                    " a structured field); sending as JSON"
+                )
+            elif _b64_size(len(ascii_mime)) <= REQUEST_LIMIT:
+                if ascii_mime is not mime:
+                    notes.append("8-bit header fields written as RFC 2047 encoded words")
+                body = base64.b64encode(ascii_mime)
+                return MimeSend(mailbox, body, recipients, tuple(notes), warnings)
+            else:
+                notes.append("message too large for one MIME request; sending as a draft")
+    return _json_plan(email, mailbox, recipients, notes, default_domain)
+
+
+def _raw_plan(
+    email: Email, mailbox: str, recipients: Recipients, mode: str, domain: str
+) -> MimeSend:
+    """The only plan for a message whose parse was abandoned: its raw bytes, as MIME.
+
+    Graph's JSON form is built from our parse, which does not exist; so the
+    message goes as MIME when the mode allows it, its header recipients are
+    all in the envelope and it fits in one request, and is refused otherwise.
+    """
+    why = None
+    if mode == "json":
+        why = "GRAPH_SEND_MODE=json"
+    elif not raw_recipients_in_envelope(email):
+        why = "its To/Cc headers name recipients outside the envelope"
+    else:
+        mime, warnings = mime_message_and_warnings(email, mailbox, recipients, domain)
+        ascii_mime = ascii_header_block(mime)
+        if ascii_mime is None:
+            why = "a header field has no ASCII form"
+        elif _b64_size(len(ascii_mime)) <= REQUEST_LIMIT:
+            return MimeSend(mailbox, base64.b64encode(ascii_mime), recipients, (), warnings)
+        else:
+            why = "it is too large for one MIME request"
+    raise PermanentDeliveryError(
+        f"message too complex to parse in time, and it cannot be sent unparsed: {why}",
+        "5.6.0",
+        554,
+    )
+
+
+def _json_plan(
+    email: Email, mailbox: str, recipients: Recipients, notes: list[str], domain: str
+) -> Plan:
+    message, dropped, warnings = json_message(email, mailbox, recipients, domain)
+    if dropped:
+        notes.append(f"Graph carries at most 5 X- headers; left out: {', '.join(dropped)}")
+    indexed = list(enumerate(email.attachments, 1))
+    large = [(i, a) for i, a in indexed if a.size >= UPLOAD_MIN]
+    small = [(i, a) for i, a in indexed if a.size < UPLOAD_MIN]
+    if not large:
+        estimate = len(encode_json({"message": message})) + sum(
+            attachment_json_size(a, i) + 20 for i, a in small
+        )
+        if estimate <= REQUEST_LIMIT:
+            whole = dict(message)
+            if small:
+                whole["attachments"] = [attachment_json(a, i) for i, a in small]
+            body = encode_json({"message": whole})
+            if len(body) <= REQUEST_LIMIT:
+                return JsonSend(mailbox, body, recipients, tuple(notes), warnings)
+    base = encode_json(message)
+    if len(base) > REQUEST_LIMIT:
+        raise PermanentDeliveryError(
+            "message text is larger than Graph's 4 MB request limit", "5.3.4", 554
+        )
+    # Put as many small attachments into the draft itself as fit; each of the
+    # rest gets its own request.
+    room = REQUEST_LIMIT - len(base) - len(',"attachments":[]')
+    inside: list[tuple[int, Attachment]] = []
+    separate: list[tuple[int, Attachment]] = []
+    for i, attachment in small:
+        size = attachment_json_size(attachment, i) + 1
+        if size <= room:
+            inside.append((i, attachment))
+            room -= size
+        else:
+            separate.append((i, attachment))
+    draft = base
+    if inside:
+        draft = encode_json({**message, "attachments": [attachment_json(a, i) for i, a in inside]})
+    uploads = tuple(
+        Upload(
+            attachment_name(a, i),
+            a.content_type or "application/octet-stream",
+            a.data,
+            a.inline,
+            a.content_id,
+        )
+        for i, a in large
+    )
+    return DraftSend(
+        mailbox,
+        draft,
+        tuple(encode_json(attachment_json(a, i)) for i, a in separate),
+        uploads,
+        recipients,
+        tuple(notes),
+        warnings,
+    )
+
+
+def chunk_ranges(size: int, chunk: int = UPLOAD_CHUNK) -> list[tuple[int, int]]:
+    """The byte ranges (first, last, inclusive) to PUT, in order."""
+    return [(start, min(start + chunk, size) - 1) for start in range(0, size, chunk)]
+
+
+def content_range(first: int, last: int, total: int) -> str:
+    """The Content-Range header value for one upload range."""
+    return f"bytes {first}-{last}/{total}"
+
+
+@dataclass(frozen=True, slots=True)
+class GraphUrls:
+    """The Graph v1.0 URLs the provider uses, under C{endpoint} (sovereign clouds differ)."""
+
+    endpoint: str
+
+    def user(self, mailbox: str) -> str:
+        return f"{self.endpoint.rstrip('/')}/v1.0/users/{quote(mailbox, safe='@')}"
+
+    def send_mail(self, mailbox: str) -> str:
+        return f"{self.user(mailbox)}/sendMail"
+
+    def messages(self, mailbox: str) -> str:
+        return f"{self.user(mailbox)}/messages"
+
+    def message(self, mailbox: str, message_id: str) -> str:
+        return f"{self.messages(mailbox)}/{quote(message_id, safe='')}"
+
+    def attachments(self, mailbox: str, message_id: str) -> str:
+        return f"{self.message(mailbox, message_id)}/attachments"
+
+    def upload_session(self, mailbox: str, message_id: str) -> str:
+        return f"{self.attachments(mailbox, message_id)}/createUploadSession"
+
+    def send_draft(self, mailbox: str, message_id: str) -> str:
+        return f"{self.message(mailbox, message_id)}/send"

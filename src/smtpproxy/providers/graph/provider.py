@@ -1,0 +1,608 @@
+"""The Microsoft Graph provider: Twisted and treq glue around the Graph cores.
+
+The decisions live in pure modules: L{smtpproxy.providers.graph.payload} chooses and
+builds the requests, L{smtpproxy.providers.graph.retry} decides whether and when to
+retry, L{smtpproxy.providers.graph.tokens} caches the access token.  This module only
+carries them out: it sends HTTP requests through one persistent connection
+pool, waits on the injected reactor, and keeps at most
+C{GRAPH_MAX_CONCURRENCY} requests in flight per mailbox.
+
+Every message has a time budget (C{GRAPH_SEND_TIMEOUT}) that covers queueing,
+the token, every request and every wait between retries; when it runs out
+the message fails with a 451 and the SMTP client retries later.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from treq.client import HTTPClient
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    TimeoutError,
+    succeed,
+)
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.http_headers import Headers
+
+from smtpproxy.config import Config
+from smtpproxy.errors import TransientDeliveryError
+from smtpproxy.mime.message import Email
+from smtpproxy.providers import register
+from smtpproxy.providers.graph.payload import (
+    DraftSend,
+    GraphUrls,
+    JsonSend,
+    MimeSend,
+    Plan,
+    Upload,
+    chunk_ranges,
+    content_range,
+    plan_delivery,
+)
+from smtpproxy.providers.graph.retry import (
+    GraphRequestError,
+    Problem,
+    Stop,
+    Tuning,
+    decide,
+    network_problem,
+    parse_retry_after,
+    response_problem,
+)
+from smtpproxy.providers.graph.tokens import (
+    Token,
+    TokenCache,
+    parse_token,
+    token_form,
+    token_problem,
+    token_url,
+)
+
+log = Logger(namespace="smtpproxy.graph")
+
+USER_AGENT = "smtpproxy"
+JSON = "application/json"
+# Deleting a failed draft gets its own short budget: it runs after the
+# message's budget may already be spent, and must not hold the SMTP reply long.
+CLEANUP_BUDGET = 10.0
+IDLE_CONNECTION_TIMEOUT = 60
+
+
+class HTTPRequester(Protocol):
+    """The part of treq's C{HTTPClient} we use (treq's StubTreq provides it too)."""
+
+    @property
+    def request(self) -> Callable[..., Deferred[Any]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One HTTP request as the retry loop sees it.
+
+    @ivar what: a label for logs (C{sendMail}, C{uploadRange}, ...).
+    @ivar auth: send the bearer token (never for the token endpoint itself,
+        never for an upload URL, which carries its own credential).
+    @ivar mailbox: whose concurrency gate the request holds, if any.
+    @ivar kind: which classifier reads its failures: graph, token or upload.
+    @ivar read_write: part of the draft path (needs Mail.ReadWrite).
+    """
+
+    what: str
+    method: str
+    url: str = field(repr=False)
+    body: bytes | None = field(default=None, repr=False)
+    content_type: str | None = None
+    auth: bool = True
+    mailbox: str | None = None
+    kind: str = "graph"
+    read_write: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def log_path(self) -> str:
+        # An upload URL carries a credential in its query: never log it.
+        return "(upload URL)" if self.kind == "upload" else urlsplit(self.url).path
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    headers: Headers
+    body: bytes = field(repr=False)
+    client_request_id: str
+    request_id: str
+
+
+class _NoResponseError(Exception):
+    """The exchange ended without an HTTP response."""
+
+    def __init__(self, description: str, *, timed_out: bool, connected: bool) -> None:
+        super().__init__(description)
+        self.description = description
+        self.timed_out = timed_out
+        self.connected = connected
+
+
+def _reasons(error: BaseException) -> list[BaseException]:
+    """The error and, for twisted.web's wrappers, the errors they wrap."""
+    found: list[BaseException] = [error]
+    if isinstance(error, ResponseFailed):
+        found.extend(reason.value for reason in error.reasons)
+    return found
+
+
+def _describe(error: BaseException) -> str:
+    """Class names only: exception text could quote a URL with a token in it."""
+    names = [type(e).__name__ for e in _reasons(error)]
+    return "/".join(dict.fromkeys(names))
+
+
+class GraphProvider:
+    """Delivers mail through Microsoft Graph as one of the configured mailboxes."""
+
+    name = "graph"
+    # MIME mode sends the raw bytes base64-encoded, so any octet arrives;
+    # the JSON and draft forms are built from the parse, which decodes a
+    # binary part like an 8bit one (see docs/graph.md, "Extensions").
+    binary_mime = True
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: IReactorTime,
+        http_client: HTTPRequester | None = None,
+        *,
+        tuning: Tuning | None = None,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        if not config.graph_sender:
+            raise ValueError("GraphProvider needs at least one GRAPH_SENDER mailbox")
+        self._config = config
+        self._reactor = reactor
+        self._tuning = tuning or Tuning()
+        self._jitter = jitter
+        self._senders = config.graph_sender
+        self._concurrency = config.graph_max_concurrency
+        self._pool: HTTPConnectionPool | None = None
+        if http_client is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+            # Every mailbox may use its full share of connections at once.
+            pool.maxPersistentPerHost = self._concurrency * len(self._senders)
+            # Close idle connections before Graph's front end does: a POST on
+            # a connection the server already dropped fails and costs a retry.
+            pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
+            self._pool = pool
+            agent = Agent(reactor, pool=pool)  # type: ignore[no-untyped-call]
+            http_client = HTTPClient(agent)
+        self._http: HTTPRequester = http_client
+        self._urls = GraphUrls(config.graph_endpoint)
+        self._token_url = token_url(config.graph_authority_host, config.graph_tenant_id)
+        self._tokens = TokenCache(reactor, self._fetch_token)
+        self._gates: dict[str, DeferredSemaphore] = {}
+
+    @property
+    def accepts_raw_mime(self) -> bool:
+        """Graph takes raw MIME unless told to send JSON only."""
+        return self._config.graph_send_mode != "json"
+
+    def send(self, email: Email) -> Deferred[None]:
+        """Deliver C{email}; fire once Graph accepted it (HTTP 202)."""
+        return Deferred.fromCoroutine(self._send(email))
+
+    def close(self) -> Deferred[None]:
+        """Close the idle connections of the pool."""
+        if self._pool is None:
+            return succeed(None)
+        closed: Deferred[None] = self._pool.closeCachedConnections()  # type: ignore[no-untyped-call]
+        return closed
+
+    # -- one message -------------------------------------------------------
+
+    async def _send(self, email: Email) -> None:
+        deadline = self._reactor.seconds() + self._config.graph_send_timeout
+        domain = self._config.smtp_default_domain
+        plan = plan_delivery(email, self._senders, self._config.graph_send_mode, domain)
+        try:
+            reply = await self._carry_out(plan, deadline)
+        except GraphRequestError as rejected:
+            # auto mode: Graph could not read the raw message; the JSON form
+            # is built from our own parse and may well be acceptable.
+            if not (
+                isinstance(plan, MimeSend)
+                and self._config.graph_send_mode == "auto"
+                and not email.abandoned
+                and rejected.graph_code.startswith("ErrorMimeContent")
+            ):
+                raise
+            log.warn(
+                "Graph could not read the raw message; sending it as JSON",
+                mailbox=plan.mailbox,
+                graph_code=rejected.graph_code,
+            )
+            plan = plan_delivery(email, self._senders, "json", domain)
+            reply = await self._carry_out(plan, deadline)
+        log.info(
+            "Graph accepted the message",
+            mailbox=plan.mailbox,
+            method=_method(plan),
+            recipients=plan.recipients.count,
+            size=email.size,
+            client_request_id=reply.client_request_id,
+            request_id=reply.request_id,
+        )
+
+    async def _carry_out(self, plan: Plan, deadline: float) -> _Reply:
+        emit = log.warn if self._config.graph_send_mode == "mime" else log.info
+        for note in plan.notes:
+            emit("adjusting how the message is sent", mailbox=plan.mailbox, note=note)
+        for warning in plan.warnings:
+            # A header we write was trimmed rather than have Graph bounce the
+            # message; say so, since nobody else will.
+            log.warn("adjusting the message's headers", mailbox=plan.mailbox, note=warning)
+        mailbox = plan.mailbox
+        if isinstance(plan, DraftSend):
+            return await self._send_draft(plan, deadline)
+        content_type = "text/plain" if isinstance(plan, MimeSend) else JSON
+        url = self._urls.send_mail(mailbox)
+        request = _Request("sendMail", "POST", url, plan.body, content_type, mailbox=mailbox)
+        return await self._call(request, deadline)
+
+    async def _send_draft(self, plan: DraftSend, deadline: float) -> _Reply:
+        """Draft, attachments, uploads, send; delete the draft if any step fails."""
+        mailbox = plan.mailbox
+        created = await self._call(
+            _Request(
+                "createDraft",
+                "POST",
+                self._urls.messages(mailbox),
+                plan.draft,
+                JSON,
+                mailbox=mailbox,
+                read_write=True,
+            ),
+            deadline,
+        )
+        message_id = _json_field(created.body, "id")
+        if message_id is None:
+            raise TransientDeliveryError("Graph created a draft without an id; try again later")
+        try:
+            for body in plan.attachments:
+                await self._call(
+                    _Request(
+                        "addAttachment",
+                        "POST",
+                        self._urls.attachments(mailbox, message_id),
+                        body,
+                        JSON,
+                        mailbox=mailbox,
+                        read_write=True,
+                    ),
+                    deadline,
+                )
+            for upload in plan.uploads:
+                await self._upload(mailbox, message_id, upload, deadline)
+            return await self._call(
+                _Request(
+                    "sendDraft",
+                    "POST",
+                    self._urls.send_draft(mailbox, message_id),
+                    b"",
+                    mailbox=mailbox,
+                    read_write=True,
+                ),
+                deadline,
+                gone_means_done=True,
+            )
+        except Exception:
+            await self._delete_draft(mailbox, message_id)
+            raise
+
+    async def _upload(self, mailbox: str, message_id: str, upload: Upload, deadline: float) -> None:
+        """Stream one big part through an upload session, range by range, in order."""
+        session = await self._call(
+            _Request(
+                "createUploadSession",
+                "POST",
+                self._urls.upload_session(mailbox, message_id),
+                upload.session_request(),
+                JSON,
+                mailbox=mailbox,
+                read_write=True,
+            ),
+            deadline,
+        )
+        url = _json_field(session.body, "uploadUrl")
+        if url is None or urlsplit(url).scheme not in ("http", "https"):
+            raise TransientDeliveryError("Graph sent no usable upload URL; try again later")
+        total = len(upload.data)
+        last_status = 0
+        for first, last in chunk_ranges(total):
+            reply = await self._call(
+                _Request(
+                    "uploadRange",
+                    "PUT",
+                    url,
+                    upload.data[first : last + 1],
+                    "application/octet-stream",
+                    auth=False,
+                    mailbox=mailbox,
+                    kind="upload",
+                    headers={"Content-Range": content_range(first, last, total)},
+                ),
+                deadline,
+            )
+            last_status = reply.status
+        if last_status != 201:
+            raise TransientDeliveryError(
+                f"Graph did not complete the upload of {upload.name!r}; try again later"
+            )
+
+    async def _delete_draft(self, mailbox: str, message_id: str) -> None:
+        """Best effort: a failed message must not leave a draft behind to be sent by hand."""
+        request = _Request(
+            "deleteDraft", "DELETE", self._urls.message(mailbox, message_id), mailbox=mailbox
+        )
+        try:
+            await self._call(request, self._reactor.seconds() + CLEANUP_BUDGET)
+        except Exception as e:
+            log.warn("could not delete a failed message's draft", mailbox=mailbox, error=str(e))
+
+    # -- tokens ------------------------------------------------------------
+
+    def _fetch_token(self) -> Deferred[Token]:
+        return Deferred.fromCoroutine(self._request_token())
+
+    async def _request_token(self) -> Token:
+        deadline = self._reactor.seconds() + self._config.graph_send_timeout
+        form = token_form(
+            self._config.graph_client_id,
+            self._config.graph_client_secret,
+            self._config.graph_endpoint,
+        )
+        request = _Request(
+            "token",
+            "POST",
+            self._token_url,
+            form,
+            "application/x-www-form-urlencoded",
+            auth=False,
+            kind="token",
+        )
+        reply = await self._call(request, deadline)
+        try:
+            return parse_token(reply.body, self._reactor.seconds())
+        except ValueError as e:
+            log.error(
+                "unreadable token response",
+                problem=str(e),
+                client_request_id=reply.client_request_id,
+            )
+            raise TransientDeliveryError(
+                "Entra ID sent an unreadable token response; try again later"
+            ) from None
+
+    async def _token(self, deadline: float) -> str:
+        value: str = await self._bounded(self._tokens.get(), deadline, "waiting for a token")
+        return value
+
+    # -- one request, with retries ----------------------------------------
+
+    async def _call(
+        self, request: _Request, deadline: float, *, gone_means_done: bool = False
+    ) -> _Reply:
+        """Send C{request} until it succeeds, retrying per L{decide}.
+
+        @param gone_means_done: a 404 after an attempt that may have taken
+            effect means that attempt did (used for sending a draft: once
+            sent, the draft no longer exists).
+        """
+        attempt = 0
+        refreshed = False
+        uncertain = False
+        while True:
+            token = await self._token(deadline) if request.auth else None
+            client_request_id = str(uuid.uuid4())
+            problem: Problem
+            reply: _Reply | None = None
+            try:
+                reply = await self._exchange(request, token, client_request_id, deadline)
+            except _NoResponseError as e:
+                problem = network_problem(
+                    e.description, timed_out=e.timed_out, connected=e.connected
+                )
+            else:
+                if 200 <= reply.status < 300:
+                    return reply
+                if reply.status == 404 and gone_means_done and uncertain:
+                    log.info(
+                        "an earlier attempt already went through",
+                        what=request.what,
+                        client_request_id=client_request_id,
+                    )
+                    return reply
+                if reply.status == 401 and token is not None and not refreshed:
+                    refreshed = True
+                    self._tokens.invalidate(token)
+                    log.warn(
+                        "Graph refused the access token; renewing it once",
+                        what=request.what,
+                        client_request_id=client_request_id,
+                        request_id=reply.request_id,
+                    )
+                    continue
+                problem = self._classify(request, reply)
+            uncertain = uncertain or problem.ambiguous
+            now = self._reactor.seconds()
+            step = decide(problem, attempt, now, deadline, self._tuning, self._jitter())
+            fields: dict[str, Any] = {
+                "what": request.what,
+                "method": request.method,
+                "path": request.log_path,
+                "status": problem.status,
+                "client_request_id": client_request_id,
+                "request_id": reply.request_id if reply is not None else "",
+                "attempt": attempt + 1,
+                **problem.fields,
+            }
+            if isinstance(step, Stop):
+                log.error("Graph request failed", reason=step.error.reason, **fields)
+                raise step.error
+            log.warn("Graph request failed; retrying", delay=round(step.delay, 3), **fields)
+            await deferLater(self._reactor, step.delay)
+            attempt += 1
+
+    def _classify(self, request: _Request, reply: _Reply) -> Problem:
+        retry_after = parse_retry_after(
+            _header(reply.headers, "retry-after"), self._reactor.seconds()
+        )
+        if request.kind == "token":
+            return token_problem(reply.status, reply.body, retry_after)
+        problem = response_problem(
+            reply.status, reply.body, retry_after, needs_read_write=request.read_write
+        )
+        if request.kind == "upload" and not problem.retryable:
+            # A refused range means the session went wrong, not the message:
+            # let the client retry the whole message later.
+            error = TransientDeliveryError(
+                f"Graph upload failed ({problem.summary}); try again later", "4.3.0"
+            )
+            problem = replace(problem, error=error)
+        return problem
+
+    async def _exchange(
+        self, request: _Request, token: str | None, client_request_id: str, deadline: float
+    ) -> _Reply:
+        """One HTTP exchange holding the mailbox's gate, bounded by the request timeout."""
+        if deadline <= self._reactor.seconds():
+            raise TransientDeliveryError(
+                "time limit reached before Graph answered; try again later", "4.4.7"
+            )
+        gate = None
+        if request.mailbox is not None:
+            gate = self._gates.setdefault(
+                request.mailbox.casefold(), DeferredSemaphore(self._concurrency)
+            )
+            await self._bounded(gate.acquire(), deadline, "waiting for a free Graph slot")
+        try:
+            headers = {
+                "client-request-id": client_request_id,
+                "return-client-request-id": "true",
+                "User-Agent": USER_AGENT,
+                **request.headers,
+            }
+            if token is not None:
+                headers["Authorization"] = f"Bearer {token}"
+            if request.content_type is not None:
+                headers["Content-Type"] = request.content_type
+            remaining = deadline - self._reactor.seconds()
+            timeout = min(self._tuning.request_timeout, remaining)
+            if timeout <= 0:
+                raise TransientDeliveryError(
+                    "time limit reached before Graph answered; try again later", "4.4.7"
+                )
+            roundtrip = Deferred.fromCoroutine(self._roundtrip(request, headers))
+            expired: list[bool] = []
+
+            def expire() -> None:
+                expired.append(True)
+                roundtrip.cancel()
+
+            timer = self._reactor.callLater(timeout, expire)
+            try:
+                status, response_headers, body = await roundtrip
+            except Exception as e:
+                if expired:
+                    raise _NoResponseError(_describe(e), timed_out=True, connected=True) from None
+                if any(
+                    isinstance(r, (CancelledError, ConnectingCancelledError)) for r in _reasons(e)
+                ):
+                    raise CancelledError() from None
+                connected = not isinstance(e, (ConnectError, DNSLookupError))
+                raise _NoResponseError(_describe(e), timed_out=False, connected=connected) from None
+            finally:
+                if timer.active():
+                    timer.cancel()
+        finally:
+            if gate is not None:
+                gate.release()
+        request_id = _header(response_headers, "request-id") or ""
+        log.debug(
+            "Graph request",
+            what=request.what,
+            method=request.method,
+            path=request.log_path,
+            status=status,
+            client_request_id=client_request_id,
+            request_id=request_id,
+        )
+        return _Reply(status, response_headers, body, client_request_id, request_id)
+
+    async def _roundtrip(
+        self, request: _Request, headers: dict[str, str]
+    ) -> tuple[int, Headers, bytes]:
+        data = request.body
+        if data is None and request.method in ("POST", "PUT"):
+            data = b""
+        response = await self._http.request(
+            request.method,
+            request.url,
+            headers=headers,
+            data=data,
+            # A redirect would carry the bearer token to another host.
+            allow_redirects=False,
+        )
+        body: bytes = await response.content()
+        return response.code, response.headers, body
+
+    async def _bounded(self, waiting: Deferred[Any], deadline: float, what: str) -> Any:
+        """Await C{waiting}, but no later than C{deadline} (then fail with a 451)."""
+        remaining = deadline - self._reactor.seconds()
+        if remaining <= 0:
+            waiting.cancel()
+            waiting.addErrback(lambda _: None)
+            raise TransientDeliveryError(f"time limit reached {what}; try again later", "4.4.7")
+        waiting.addTimeout(remaining, self._reactor)
+        try:
+            return await waiting
+        except TimeoutError:
+            raise TransientDeliveryError(
+                f"time limit reached {what}; try again later", "4.4.7"
+            ) from None
+
+
+def _method(plan: Plan) -> str:
+    if isinstance(plan, MimeSend):
+        return "mime"
+    if isinstance(plan, JsonSend):
+        return "json"
+    return "draft"
+
+
+def _header(headers: Headers, name: str) -> str | None:
+    values = headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
+def _json_field(body: bytes, name: str) -> str | None:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    value = document.get(name) if isinstance(document, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+register("graph", GraphProvider)

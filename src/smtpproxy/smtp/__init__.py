@@ -1,0 +1,1 @@
+"""The SMTP front door: the Twisted protocol, its parsers and its listeners."""

@@ -1,0 +1,1706 @@
+"""The SMTP front end: Twisted's ESMTP with its known defects closed.
+
+L{RelayProtocol} keeps Twisted's ESMTP structure (C{do_*} command methods,
+C{extensions()}, the cred portal, C{IMessageDelivery}) but owns its input
+loop, because most of stock Twisted's defects live there:
+
+ - Input is processed one command at a time.  While a command waits on
+   something asynchronous (delivery after DATA, an AUTH check, a MAIL
+   validation) the rest of the pipelined input waits in the buffer, so
+   replies come out in order and C{.<CRLF>QUIT} can never answer 221 before
+   the 250 (twisted#8126).  That is what makes advertising PIPELINING honest.
+ - DATA is read by the chunk-based L{DataReader}: an over-long line can never
+   drop back into command mode, memory stays bounded by the size limit, and
+   only CRLF.CRLF ends a message.
+ - STARTTLS throws away plaintext pipelined behind it and forgets HELO, the
+   transaction and any authentication (RFC 3207 4.2).
+ - Delivery failures map to 4xx or 5xx through L{reply_for_failure}, not a
+   blanket 550 (twisted#4904).
+ - Malformed commands, AUTH exchanges and addresses get a 5xx reply and the
+   session continues; nothing reaches the client as a traceback.
+ - Under implicit TLS (L{smtpproxy.smtp.listeners}) the greeting waits for the
+   handshake, and every close sends TLS's close_notify at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.cred import error as cred_error
+from twisted.cred.credentials import Anonymous, IUsernamePassword
+from twisted.cred.portal import Portal
+from twisted.internet import defer, task
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    ITLSTransport,
+)
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger, LogLevel
+from twisted.mail.interfaces import IMessageDelivery
+from twisted.mail.smtp import (
+    ESMTP,
+    Address,
+    SMTPServerError,
+    User,
+)
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smtpproxy.config import Config
+from smtpproxy.errors import Reply, reply_for_failure
+from smtpproxy.logsafe import LoginNames, clip
+from smtpproxy.logsummary import LogSummary
+from smtpproxy.policy.guard import OPEN, Guard
+from smtpproxy.policy.pressure import IdleLimits, idle_limits, stressed
+from smtpproxy.policy.rules import client_name
+from smtpproxy.qualify import default_domain
+from smtpproxy.smtp import sasl as auth
+from smtpproxy.smtp.chunking import ChunkReader, ChunkSizeError, parse_bdat
+from smtpproxy.smtp.commands import (
+    CommandError,
+    MailArguments,
+    RcptArguments,
+    check_line,
+    parse_mail,
+    parse_rcpt,
+    split_command,
+)
+from smtpproxy.smtp.dotreader import DataReader
+from smtpproxy.smtp.sendnow import writer_for
+from smtpproxy.spool import InflightBudget, MessageBody, Spool
+
+log = Logger(namespace="smtpproxy.smtp")
+
+COMMAND, DATA, AUTH = "COMMAND", "DATA", "AUTH"
+# Reading the octets announced by a BDAT command (RFC 3030).
+CHUNK = "CHUNK"
+
+# RFC 5321 4.5.3.1.4: 512 octets including CRLF.  AUTH lines may be longer
+# (RFC 4954 4 allows 12288) since they carry base64 credentials.
+MAX_COMMAND_LINE = 510
+MAX_AUTH_LINE = 12_288
+# Input waiting behind a slow command is capped; past this we stop reading
+# from the socket until the command finishes (TCP pushes back on the client).
+PAUSE_INPUT_AT = 64 * 1024
+# A closed session whose peer does not take our last bytes (or never
+# finishes a TLS handshake) is cut off after this many seconds.
+CLOSE_GRACE = 10.0
+# At shutdown, sessions forced closed get this long to report their end;
+# after that the stop goes ahead without them (see RelayFactory._give_up).
+FORCE_GRACE = 2.0
+# DATA must keep up this average rate once SMTP_DATA_TIMEOUT has passed
+# (Postfix's smtpd_min_data_rate idea): a client trickling a byte at a time
+# cannot hold a session for ever by resetting the idle timer.
+MIN_DATA_RATE = 500.0
+SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """What every session needs to know, derived once from the configuration."""
+
+    hostname: str
+    max_message_size: int = 26_214_400
+    # Bodies past spool_threshold go to an unlinked file in spool_dir ("":
+    # the system's temp dir); past max_inflight_bytes held in memory by all
+    # sessions together, new bodies go there at once.
+    spool_threshold: int = 1_048_576
+    spool_dir: str = ""
+    max_inflight_bytes: int = 268_435_456
+    max_recipients: int = 500
+    command_timeout: float = 300.0
+    # Before the first command, and again after STARTTLS (never longer
+    # than the command timeout).
+    greeting_timeout: float = 30.0
+    data_timeout: float = 600.0
+    auth_enabled: bool = False
+    allow_insecure_auth: bool = False
+    max_errors: int = 10
+    # Policy refusals (sender or recipient not allowed, rate limit, AUTH
+    # needed) are not client mistakes and have their own, larger budget,
+    # renewed by each delivered message (Postfix's smtpd_hard_error_limit
+    # counts "errors without delivering mail" the same way).
+    max_refusals: int = 100
+    max_auth_failures: int = 3
+    # What a bare MAIL FROM local part is qualified with (empty: the host
+    # name, as Postfix's myorigin defaults to myhostname).
+    default_domain: str = ""
+    # The configured AUTH user names: a failed login logs one of these as
+    # typed and anything else only as a hash (it may be a mistyped password).
+    auth_users: tuple[str, ...] = ()
+    # Per-connection debug lines cost a log event each even when filtered
+    # out; they are only built when the log level asks for them.
+    log_sessions: bool = False
+    # BINARYMIME is offered (RFC 3030): the provider carries binary content.
+    binarymime: bool = False
+
+
+def session_settings(config: Config, binarymime: bool = False) -> SessionSettings:
+    """The per-session view of the configuration.
+
+    @param binarymime: offer BINARYMIME (see the provider's C{binary_mime}).
+    """
+    return SessionSettings(
+        hostname=config.smtp_hostname,
+        max_message_size=config.smtp_max_message_size,
+        spool_threshold=config.smtp_spool_threshold,
+        spool_dir=config.smtp_spool_dir,
+        max_inflight_bytes=config.smtp_max_inflight_bytes,
+        max_recipients=config.smtp_max_recipients,
+        command_timeout=config.smtp_command_timeout,
+        greeting_timeout=config.smtp_greeting_timeout,
+        data_timeout=config.smtp_data_timeout,
+        auth_enabled=config.auth_enabled,
+        allow_insecure_auth=config.smtp_allow_insecure_auth,
+        max_errors=config.smtp_max_errors,
+        max_refusals=config.smtp_max_refusals,
+        max_auth_failures=config.smtp_auth_max_failures,
+        default_domain=default_domain(config.smtp_default_domain, config.graph_sender),
+        auth_users=(config.smtp_username,) if config.auth_enabled else (),
+        log_sessions=config.log_level == "debug",
+        binarymime=binarymime,
+    )
+
+
+class ParsedAddress(Address):
+    """An address we already validated with L{smtpproxy.smtp.commands}.
+
+    Twisted's C{Address} tokenizer rejects valid addresses (address literals,
+    escaped quotes), so we bypass it and fill in the same attributes.
+
+    @ivar parameters: the whole parsed MAIL or RCPT command, so that the
+        delivery avatar (which Twisted hands only the address) sees its
+        parameters too (DSN's RET, ENVID, NOTIFY, ORCPT).
+    """
+
+    def __init__(
+        self, address: str, parameters: MailArguments | RcptArguments | None = None
+    ) -> None:
+        self.parameters = parameters
+        # UTF-8: an SMTPUTF8 transaction's addresses (RFC 6531) are not ASCII.
+        local, _, domain = address.rpartition("@")
+        self.addrstr = address.encode("utf-8")
+        self.local = local.encode("utf-8")
+        self.domain = domain.encode("utf-8")
+
+
+_sessions = itertools.count(1)
+
+
+def _not_connected(data: bytes) -> None:
+    raise RuntimeError("reply before the connection was made")
+
+
+@implementer(IHandshakeListener)
+class RelayProtocol(ESMTP):
+    """One SMTP session."""
+
+    # Stock SMTP logs every sender and recipient through the legacy logger
+    # when noisy; we log one structured line per message instead.
+    noisy = False
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        portal: Portal,
+        tls_options: Any,
+        reactor: IReactorTime,
+    ) -> None:
+        ESMTP.__init__(self, chal=None, contextFactory=tls_options)
+        self.settings = settings
+        self.host = settings.hostname.encode("ascii")
+        self.portal = portal  # type: ignore[assignment]
+        self._portal = portal
+        self.timeout = settings.command_timeout  # type: ignore[assignment]
+        # Timers go through the injected reactor so tests can drive time
+        # with a Clock.
+        self.callLater = reactor.callLater  # type: ignore[method-assign, assignment]
+        self._clock = reactor
+        self.id = f"s{next(_sessions)}"
+        self._needs_auth = settings.auth_enabled
+        # Only the mutable state is made here; the rest starts as the class
+        # attributes below (a session is built per connection, so each
+        # assignment saved counts).
+        self._input = bytearray()
+        self._to_keys: set[str] = set()
+        self._messages: list[Any] = []
+        self._pending: list[bytes] = []
+
+    # Per-session state and its starting values.
+    factory: RelayFactory | None = None
+    mode = COMMAND
+    user: str | None = None
+    timeOut: float | None = None  # type: ignore[assignment]
+    _deadline: float | None = None
+    _timer: IDelayedCall | None = None
+    _busy = False
+    _paused = False
+    _write_blocked = False
+    _data_started = 0.0
+    _closing = False
+    _stopping = False
+    _discarding_line = False
+    _greeted = False
+    # The current transaction's MAIL declared SMTPUTF8 (RFC 6531).
+    _smtputf8 = False
+    # Implicit TLS before its handshake has completed: replies wait in
+    # _early (the greeting, or a refusal) and no close can start.
+    _handshaking = False
+    _early: list[bytes]
+    # A command arrived since the greeting (or since STARTTLS): the idle
+    # limit is then the command timeout, before it the greeting timeout.
+    _commanded = False
+    _errors = 0
+    _refusals = 0
+    _reader: DataReader | None = None
+    _body: MessageBody | None = None
+    # BDAT (RFC 3030): the transaction's chunks so far; the reply every
+    # further chunk gets once one failed; the chunk being read now (the
+    # transaction's reader, or one that only counts a refused chunk), with
+    # its LAST flag and the refusal to send once it is read.  BODY=BINARYMIME
+    # was given: DATA is refused.
+    _bdat: ChunkReader | None = None
+    _bdat_failed: Reply | None = None
+    _chunk: ChunkReader | None = None
+    _chunk_last = False
+    _chunk_refusal: tuple[Reply, bool] | None = None
+    _binary_body = False
+    _nodelay = False
+    _sasl: tuple[str, bytes | None] | None = None
+    _peer = ""
+    _admitted = False
+    _auth_failures = 0
+    _write: Callable[[bytes], None] = staticmethod(_not_connected)
+    # While a batch of input is handled, its replies are collected and sent
+    # in one write: pipelined commands get one segment back.
+    _corked = False
+    _pending_size = 0
+
+    @property
+    def _tcp(self) -> Any:
+        # The transport is several interfaces at once (ITCPTransport,
+        # ITLSTransport, IPushProducer); no single type names that.
+        return self.transport
+
+    # -- connection lifecycle -------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._peer = client_name(self._tcp.getPeer())
+        self._helo = (None, self._peer.encode("ascii", "replace"))
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            # Implicit TLS: the session is encrypted from the start.  What
+            # we write before the handshake would sit in the TLS layer, which
+            # then pauses us as its producer, and a paused session stops
+            # reading the very ClientHello it waits for (issue 10): the
+            # greeting (or refusal) waits here for handshakeCompleted.
+            self._handshaking = True
+            self._early = []
+            self._write = self._early.append
+            self.startedTLS = True
+            self.canStartTLS = False
+        else:
+            self._write = writer_for(self.transport)
+            self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+        # As the transport's producer we hear when our replies back up (a
+        # client that pipelines but never reads) and stop taking commands.
+        self._tcp.registerProducer(self, True)
+        if self.factory is not None:
+            self.factory.sessions.add(self)
+        if self.settings.log_sessions:
+            log.debug("session opened", session=self.id, client=self._peer)
+        if self.factory is not None and self.factory.stopping:
+            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self._close()
+            return
+        if self.factory is not None:
+            refusal, self._needs_auth = self.factory.guard.connect(self._peer)
+            if refusal is not None:
+                # A refused client may reconnect in a loop: summarised per address.
+                self.factory.log_summary.emit(
+                    LogLevel.info,
+                    "connection refused",
+                    self._peer,
+                    session=self.id,
+                    reply=f"{refusal.code} {refusal.status}",
+                    reason=refusal.text,
+                )
+                self.sendCode(refusal.code, refusal.render())
+                self._close()
+                return
+            self._admitted = True
+            self.factory.load_changed()
+        self._reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
+        # Under implicit TLS this limit covers the handshake too.
+        self.setTimeout(self._limits().greeting)
+
+    def handshakeCompleted(self) -> None:
+        """Twisted's TLS finished a handshake: under implicit TLS, greet now.
+
+        Also called after STARTTLS, where there is nothing to do.
+        """
+        if not self._handshaking:
+            return
+        self._handshaking = False
+        self._write = writer_for(self.transport)
+        early, self._early = self._early, []
+        if early:
+            self._write(b"".join(early))
+        if self._closing:
+            # Refused (or shut down) before the handshake: the reply is out,
+            # the close that _close held back can start.
+            self._lose_connection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._abandon_message()
+        if self._onLogout is not None:
+            self._onLogout()
+            self._onLogout = None
+        self.setTimeout(None)
+        self._closing = True
+        self._release_slot()
+        if self.factory is not None:
+            self.factory.load_changed()
+            self.factory.session_ended(self)
+        if self.settings.log_sessions:
+            log.debug("session closed", session=self.id, client=self._peer)
+
+    # -- the idle timer ------------------------------------------------------
+
+    # TimeoutMixin's timer is a DelayedCall reset on every line.  Moving a
+    # DelayedCall sooner scans the reactor's whole heap of timers, and this
+    # session moves between a 300 s command timeout, a 600 s DATA timeout
+    # and a 10 s close grace several times per message.  Here activity only
+    # moves a deadline; the one DelayedCall, when it fires early, re-arms
+    # for what is left, and is replaced only when the deadline comes sooner.
+
+    def setTimeout(self, period: float | None) -> None:
+        """Time out after C{period} seconds without input; None stops the timer."""
+        self.timeOut = period
+        if period is None:
+            self._deadline = None
+            self._cancel_timer()
+            return
+        self._deadline = self._clock.seconds() + period
+        timer = self._timer
+        if timer is not None and timer.getTime() > self._deadline:
+            self._cancel_timer()
+            timer = None
+        if timer is None:
+            self._timer = self.callLater(period, self._idle_check)
+
+    def resetTimeout(self) -> None:
+        """Input arrived: the idle period starts again."""
+        if self.timeOut is not None:
+            self._deadline = self._clock.seconds() + self.timeOut
+
+    def _limits(self) -> IdleLimits:
+        if self.factory is not None:
+            return self.factory.idle_limits
+        s = self.settings
+        return idle_limits(s.greeting_timeout, s.command_timeout, False)
+
+    def apply_idle_limits(self) -> None:
+        """The relay's stress changed: re-derive this session's idle limit.
+
+        Only a session idling in command mode is affected (not one inside
+        DATA, waiting on a delivery, or closing).  The time already idle
+        counts: the deadline moves by the difference between the limits.
+        """
+        if self._closing or self._busy or self.mode in (DATA, CHUNK):
+            return
+        period = self._limits().command if self._commanded else self._limits().greeting
+        if self.timeOut is None or self._deadline is None or period == self.timeOut:
+            return
+        self._deadline += period - self.timeOut
+        self.timeOut = period
+        timer = self._timer
+        if timer is not None and timer.getTime() > self._deadline:
+            self._cancel_timer()
+            timer = None
+        if timer is None:
+            left = max(self._deadline - self._clock.seconds(), 0.0)
+            self._timer = self.callLater(left, self._idle_check)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _idle_check(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return
+        left = self._deadline - self._clock.seconds()
+        # A millisecond of slack: float sums of the same instants may differ
+        # in the last bit, and a re-arm for 1e-13 s would never end a test
+        # clock's advance to the deadline.
+        if left > 0.001:
+            self._timer = self.callLater(left, self._idle_check)
+            return
+        self.timeOut = self._deadline = None
+        self.timeoutConnection()
+
+    def timeoutConnection(self) -> None:
+        if self._closing:
+            # The grace period of _close ran out: the peer is not taking
+            # our last bytes (or never finished a TLS handshake).
+            self._tcp.abortConnection()
+            return
+        if self._handshaking:
+            # Implicit TLS and no complete handshake within the greeting
+            # limit: nothing can be said to this client, so it is cut off.
+            if self.factory is not None:
+                self.factory.log_summary.emit(
+                    LogLevel.info, "TLS handshake timed out", self._peer, session=self.id
+                )
+            self._closing = True
+            self._release_slot()
+            self._tcp.abortConnection()
+            return
+        self._reply(421, "4.4.2", f"{self.settings.hostname} idle too long, closing connection")
+        self._close(grace=1.0)
+
+    def shutdown(self) -> None:
+        """The service is stopping: close now unless a message is on its way.
+
+        Only a session inside DATA or waiting on its delivery holds the
+        shutdown up.  One that has merely named a sender or recipients has
+        handed us nothing yet; 421 loses nothing and the client retries.
+        """
+        self._stopping = True
+        if not self._in_transaction():
+            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self._close()
+
+    def force_close(self) -> None:
+        """Shutdown timed out: say so if we still can, abort after a short grace."""
+        if not self._closing:
+            self._reply(421, "4.3.2", "Shutting down, message not accepted, try later")
+        self._close(grace=1.0)
+
+    def _in_transaction(self) -> bool:
+        return self._busy or self.mode in (DATA, CHUNK) or self._bdat is not None
+
+    def _close(self, grace: float = CLOSE_GRACE) -> None:
+        """Close after our last reply is sent, or cut off after C{grace} seconds.
+
+        C{loseConnection} waits for pending output (and, inside TLS, for the
+        handshake); a peer that never reads or never finishes the handshake
+        would otherwise keep its session and connection slot for ever.
+
+        A closing session no longer counts against the connection caps: a
+        client that opens a new session as soon as it has read C{221} must
+        not be refused because the old one is still being torn down.
+        """
+        already_closing = self._closing
+        self._closing = True
+        self._release_slot()
+        self._input.clear()
+        self._flush()
+        # Before an implicit-TLS handshake the reply waits for it and
+        # handshakeCompleted closes; the timer below cuts off a client that
+        # never completes it.
+        if not already_closing and not self._handshaking:
+            self._lose_connection()
+        # Even with nothing left in Twisted's buffer the close can stall: the
+        # kernel's send queue may be full of replies the peer never reads,
+        # and the socket then never turns writable.  So there is always a
+        # timer: the idle timer becomes the grace timer (timeoutConnection
+        # aborts a closing session); a second close may only make it shorter.
+        if not already_closing or self.timeOut is None or grace < self.timeOut:
+            self.setTimeout(grace)
+
+    def _lose_connection(self) -> None:
+        """Start the transport's close once the last reply has been written.
+
+        Twisted's TLS layer does not start its shutdown (close_notify, then
+        the TCP close) while a producer is registered, so the session stops
+        being one; and a session that had paused reading resumes it, since
+        the peer's close_notify or FIN must be read.  Without this every TLS
+        session waited out the close grace and was then aborted (issue 10).
+
+        Twisted's TLS then closes TCP only once the peer has answered with
+        its own close_notify, which many clients never send (they read EOF
+        and wait for the server to close).  RFC 8446 6.1 lets the side that
+        closes stop without waiting for the answer, as Postfix does; telling
+        OpenSSL that the answer has come makes Twisted close TCP right
+        behind our close_notify.  That is only done when all our output has
+        gone into the TLS layer (nothing held back there, which would have
+        paused us), so no reply is cut off.
+        """
+        held_back = self._write_blocked
+        self._tcp.unregisterProducer()
+        if self._paused:
+            self._paused = False
+            self._tcp.resumeProducing()
+        if self.startedTLS and not held_back:
+            # ISystemHandle: the TLS transports give their OpenSSL connection.
+            handle = getattr(self._tcp, "getHandle", lambda: None)()
+            if isinstance(handle, SSL.Connection):
+                handle.set_shutdown(handle.get_shutdown() | SSL.RECEIVED_SHUTDOWN)
+        self._tcp.loseConnection()
+
+    def _release_slot(self) -> None:
+        """Stop counting this session against the connection caps (once).
+
+        The stress state (L{RelayFactory.load_changed}) is re-derived when
+        the session has ended, not here: idle sessions cut together in one
+        storm must all be cut, not spared once the first few are closing.
+        """
+        if self._admitted and self.factory is not None:
+            self._admitted = False
+            self.factory.guard.disconnect(self._peer)
+
+    def _stop_if_shutting_down(self) -> bool:
+        """Between transactions during shutdown: say 421 and close. True if closed."""
+        if self._stopping and not self._in_transaction():
+            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self._close()
+            return True
+        return False
+
+    # -- flow control: IPushProducer for the transport ---------------------
+
+    def pauseProducing(self) -> None:
+        """Our replies are not being read: stop reading and handling commands."""
+        self._write_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        if not self._closing:
+            self._process()
+
+    def stopProducing(self) -> None:
+        self._write_blocked = True
+
+    def _update_reading(self) -> None:
+        """Pause the socket while replies back up or a waiting command's input piles up."""
+        want_pause = self._write_blocked or (self._busy and len(self._input) > PAUSE_INPUT_AT)
+        if want_pause and not self._paused:
+            self._paused = True
+            self._tcp.pauseProducing()
+        elif self._paused and not want_pause:
+            self._paused = False
+            self._tcp.resumeProducing()
+
+    # -- input loop -----------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._corked = True
+        try:
+            ready = not self._input and not self._busy and not self._write_blocked
+            if ready and self.mode == DATA:
+                # Fast path: body bytes go straight to the reader, no copy.
+                self.resetTimeout()
+                self._feed_data(data)
+            elif ready and self.mode == CHUNK:
+                self.resetTimeout()
+                self._feed_chunk(data)
+            elif (
+                ready
+                and self.mode == COMMAND
+                and not self._discarding_line
+                and data.endswith(b"\n")
+                and data.find(b"\n") == len(data) - 1
+            ):
+                # Fast path: exactly one whole command line, as clients that
+                # wait for each reply send them; no buffering.
+                line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+                self.resetTimeout()
+                self._command(line)
+            else:
+                self._input += data
+            self._process_input()
+        finally:
+            self._uncork()
+
+    def _process(self) -> None:
+        """Handle buffered input, sending the replies it produces together."""
+        if self._corked:
+            self._process_input()
+            return
+        self._corked = True
+        try:
+            self._process_input()
+        finally:
+            self._uncork()
+
+    def _process_input(self) -> None:
+        while self._input and not self._busy and not self._write_blocked and not self._closing:
+            if self.mode == DATA:
+                data = bytes(self._input)
+                self._input.clear()
+                self.resetTimeout()
+                self._feed_data(data)
+                continue
+            if self.mode == CHUNK:
+                assert self._chunk is not None
+                take = min(self._chunk.remaining, len(self._input))
+                data = bytes(self._input[:take])
+                del self._input[:take]
+                self.resetTimeout()
+                self._feed_chunk(data)
+                continue
+            end = self._input.find(b"\n")
+            if end < 0:
+                if len(self._input) > MAX_AUTH_LINE:
+                    # Keep nothing of an endless line; answer when it ends.
+                    self._input.clear()
+                    self._discarding_line = True
+                break
+            line = bytes(self._input[:end])
+            del self._input[: end + 1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self.resetTimeout()
+            if self._discarding_line:
+                self._discarding_line = False
+                if self.mode == AUTH:
+                    self._end_auth()
+                self._error(500, "5.5.2", "Line too long")
+                continue
+            if self.mode == AUTH:
+                self._auth_response(line)
+            else:
+                self._command(line)
+        if not self._closing:
+            self._update_reading()
+
+    def _command(self, line: bytes) -> None:
+        if not self._commanded:
+            self._commanded = True
+            self.setTimeout(self._limits().command)
+        try:
+            verb, argument = split_command(line)
+        except CommandError as e:
+            self._error_reply(e.reply)
+            return
+        if len(line) > MAX_COMMAND_LINE and verb != "AUTH":
+            self._error(500, "5.5.2", "Line too long")
+            return
+        if verb != "QUIT" and self._stop_if_shutting_down():
+            return
+        name = _HANDLERS.get(verb)
+        if name is None:
+            self._error(500, "5.5.2", "Command not recognized")
+            return
+        getattr(self, name)(argument)
+
+    def _busy_with(
+        self,
+        d: defer.Deferred[Any],
+        on_result: Callable[[Any], object] | None = None,
+    ) -> None:
+        """Hold further input until C{d} fires; C{on_result} then sends the reply.
+
+        C{on_result} gets C{d}'s result, a L{Failure} included.  One
+        callback does everything here: on the hot path each extra Deferred
+        callback is a measurable share of the cost of a message.
+        """
+        self._busy = True
+        # When d has already fired (most validations do), the input loop that
+        # called us carries on by itself; recursing into it here would nest
+        # one stack frame per pipelined command.  Only a command that really
+        # waits stops the idle timer (a slow backend is not an idle client).
+        synchronous = True
+
+        def done(result: object) -> None:
+            try:
+                if on_result is not None:
+                    on_result(result)
+                elif isinstance(result, Failure):
+                    self._unexpected(result)
+            except Exception:
+                self._unexpected(Failure())
+            self._busy = False
+            if self._closing or self._stop_if_shutting_down():
+                return
+            if not synchronous:
+                self.setTimeout(self._limits().command)
+                self._process()
+
+        d.addBoth(done)
+        synchronous = False
+        if self._busy:
+            self.setTimeout(None)
+
+    def _unexpected(self, failure: Failure) -> None:
+        """Our own bug: log it with its traceback, tell the client to retry."""
+        log.failure("unexpected error in session", failure, session=self.id)
+        self._reply(451, "4.3.0", "Local error in processing")
+
+    # -- replies ----------------------------------------------------------
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        """Send a (possibly multi-line) reply in one write."""
+        lines = message.splitlines() or [b""]
+        out = [b"%d-%s\r\n" % (code, line) for line in lines[:-1]]
+        out.append(b"%d %s\r\n" % (code, lines[-1]))
+        self._send(b"".join(out))
+
+    def _send(self, data: bytes) -> None:
+        if not self._corked:
+            self._write(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > PAUSE_INPUT_AT:
+            # A client pipelining faster than it reads: hand the replies to
+            # the transport now so that its flow control can stop us.
+            self._flush()
+
+    def _uncork(self) -> None:
+        self._corked = False
+        self._flush()
+
+    def _flush(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._pending = []
+        self._pending_size = 0
+        self._write(data)
+
+    def _reply(self, code: int, status: str, text: str) -> None:
+        """Send a one-line reply of our own wording (no line breaks in it)."""
+        line = f"{code} {status} {text}\r\n" if status else f"{code} {text}\r\n"
+        self._send(line.encode("utf-8", "replace"))
+
+    def _error(self, code: int, status: str, text: str) -> None:
+        self._error_reply(Reply(code, status, text))
+
+    def _error_reply(self, reply: Reply, *, refusal: bool = False) -> None:
+        """Answer a client mistake, or with C{refusal} a policy refusal, closing after too many.
+
+        Each kind has its own budget: a client sending to many recipients
+        that the allow-list refuses makes no mistake and must not be cut off
+        after C{max_errors}; one that goes on being refused without
+        delivering anything is, after C{max_refusals}.
+        """
+        if refusal:
+            self._refusals += 1
+            spent = self._refusals >= self.settings.max_refusals
+        else:
+            self._errors += 1
+            spent = self._errors >= self.settings.max_errors
+        if spent:
+            what = "refused commands" if refusal else "errors"
+            self._reply(421, "4.7.0", f"Too many {what}, closing connection")
+            self._close()
+            return
+        self.sendCode(reply.code, reply.render())
+
+    # -- commands ---------------------------------------------------------
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        ext: dict[bytes, list[bytes] | None] = {
+            b"PIPELINING": None,
+            b"SIZE": [str(self.settings.max_message_size).encode()],
+            b"8BITMIME": None,
+            b"ENHANCEDSTATUSCODES": None,
+            b"CHUNKING": None,
+            b"DSN": None,
+            b"SMTPUTF8": None,
+        }
+        if self.settings.binarymime:
+            ext[b"BINARYMIME"] = None
+        if self.canStartTLS and not self.startedTLS:
+            ext[b"STARTTLS"] = None
+        if self._auth_offered():
+            ext[b"AUTH"] = list(auth.MECHANISMS)
+        return ext
+
+    def _extension_reply(self) -> bytes:
+        """EHLO's keyword lines as sent, built once per listener for each state they depend on."""
+        key = (self.canStartTLS and not self.startedTLS, self._auth_offered())
+        cache = self.factory.ehlo_cache if self.factory is not None else {}
+        lines = cache.get(key)
+        if lines is None:
+            keywords = self.listExtensions().splitlines()
+            lines = b"".join(b"250-%s\r\n" % line for line in keywords[:-1])
+            lines += b"250 %s\r\n" % keywords[-1]
+            cache[key] = lines
+        return lines
+
+    def _auth_offered(self) -> bool:
+        return self.settings.auth_enabled and (self.startedTLS or self.settings.allow_insecure_auth)
+
+    def _greet(self, argument: str, extended: bool) -> None:
+        if not argument:
+            verb = "EHLO" if extended else "HELO"
+            self._error(501, "5.5.4", f"{verb} needs your domain name or address")
+            return
+        self._helo = (argument.encode("ascii"), self._peer.encode("ascii", "replace"))
+        self._greeted = True
+        self._reset_transaction()
+        text = f"{self.settings.hostname} greets {argument} [{self._peer}]"
+        # check_line refused CR and LF in the argument: the text is one line.
+        if extended:
+            self._send(b"250-" + text.encode("ascii") + b"\r\n" + self._extension_reply())
+            return
+        self.sendCode(250, text.encode("ascii"))
+
+    def do_UNKNOWN(self, argument: str) -> None:
+        self._error(500, "5.5.2", "Command not recognized")
+
+    def do_HELO(self, argument: str) -> None:
+        self._greet(argument, extended=False)
+
+    def do_EHLO(self, argument: str) -> None:
+        self._greet(argument, extended=True)
+
+    def do_NOOP(self, argument: str) -> None:
+        self._reply(250, "2.0.0", "OK")
+
+    def do_VRFY(self, argument: str) -> None:
+        self._reply(252, "2.5.0", "Cannot verify the user, but will accept the message")
+
+    def do_EXPN(self, argument: str) -> None:
+        self._reply(502, "5.5.1", "EXPN is not supported")
+
+    def do_HELP(self, argument: str) -> None:
+        self._reply(
+            214,
+            "2.0.0",
+            "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT STARTTLS AUTH",
+        )
+
+    def do_RSET(self, argument: str) -> None:
+        self._reset_transaction()
+        self._reply(250, "2.0.0", "OK")
+
+    def do_QUIT(self, argument: str) -> None:
+        self._reply(221, "2.0.0", f"{self.settings.hostname} closing connection")
+        self._close()
+
+    def do_MAIL(self, argument: str) -> None:
+        if not self._greeted:
+            self._error(503, "5.5.1", "Send HELO or EHLO first")
+            return
+        if self._from is not None:
+            self._error(503, "5.5.1", "Sender already given; send RSET to start over")
+            return
+        if self._needs_auth and not self.authenticated:
+            self._error_reply(Reply(530, "5.7.0", "Authentication required"), refusal=True)
+            return
+        try:
+            domain = self.settings.default_domain or self.settings.hostname
+            parsed = parse_mail(
+                argument, self.settings.max_message_size, domain, self.settings.binarymime
+            )
+        except CommandError as e:
+            self._error_reply(e.reply)
+            return
+        if self.factory is not None:
+            guard = self.factory.guard
+            refusal = guard.sender(parsed.sender) or guard.message(self._peer, self.user)
+            if refusal is not None:
+                self.factory.log_summary.emit(
+                    LogLevel.info,
+                    "sender refused",
+                    self._peer,
+                    session=self.id,
+                    user=self.user,
+                    sender=clip(parsed.sender),
+                    reply=f"{refusal.code} {refusal.status}",
+                )
+                self._error_reply(refusal, refusal=True)
+                return
+        origin = ParsedAddress(parsed.sender, parsed)
+
+        def accepted(result: object) -> None:
+            self._reset_transaction()
+            self._from = origin
+            self._smtputf8 = parsed.smtputf8
+            self._binary_body = parsed.body == "BINARYMIME"
+            self._reply(250, "2.1.0", "Sender OK")
+
+        if self.delivery is None:
+            # First MAIL of a session without AUTH: log in anonymously through
+            # the portal (what stock validateFrom does, minus a second pass).
+            def logged_in(result: object) -> object:
+                if isinstance(result, Failure):
+                    self._refused(result, "sender")
+                    return None
+                login: tuple[Any, Any, Callable[[], None]] = result  # type: ignore[assignment]
+                _, delivery, self._onLogout = login
+                self.delivery = delivery
+                try:
+                    checked = delivery.validateFrom(self._helo, origin)
+                except Exception:
+                    # Raising (SMTPBadSender, say) is how a delivery refuses.
+                    self._refused(Failure(), "sender")
+                    return None
+                if isinstance(checked, defer.Deferred):
+                    return checked.addCallbacks(accepted, self._refused, errbackArgs=("sender",))
+                accepted(checked)
+                return None
+
+            # An anonymous checker answers at once; handling that answer
+            # here rather than through more callbacks and a busy wait is a
+            # measurable share of a message's cost.
+            early: list[object] = []
+
+            def first(result: object) -> object:
+                if synchronous:
+                    early.append(result)
+                    return None
+                return logged_in(result)
+
+            synchronous = True
+            d = self._portal.login(Anonymous(), None, IMessageDelivery).addBoth(first)
+            synchronous = False
+            if not early:
+                self._busy_with(d)
+                return
+            waiting = logged_in(early[0])
+            if isinstance(waiting, defer.Deferred):
+                self._busy_with(waiting)
+        else:
+            self._validate(self.delivery.validateFrom, (self._helo, origin), accepted, "sender")
+
+    def _validate(
+        self,
+        check: Callable[..., Any],
+        args: tuple[Any, ...],
+        accepted: Callable[[Any], None],
+        what: str,
+    ) -> None:
+        """Run a delivery avatar's check; wait (holding input) only if it returns a Deferred.
+
+        Avatars answer at once nearly always; going through Deferreds for
+        those would be a sizeable share of the cost of a message.
+        """
+        try:
+            result = check(*args)
+        except Exception:
+            self._refused(Failure(), what)
+            return
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(accepted, self._refused, errbackArgs=(what,))
+            self._busy_with(result)
+        else:
+            accepted(result)
+
+    def _refused(self, failure: Failure, what: str) -> None:
+        """A delivery avatar turned a sender or recipient down (or broke)."""
+        error = failure.value
+        if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
+            self._reply(530, "5.7.0", "Authentication required")
+        elif isinstance(error, SMTPServerError):
+            self.sendCode(*_reply_args(Reply(error.code, "5.7.1", str(error.resp))))
+        else:
+            log.failure(f"{what} validation failed", failure, session=self.id)
+            self._reply(451, "4.3.0", "Local error in processing")
+
+    def do_RCPT(self, argument: str) -> None:
+        if self._from is None:
+            self._error(503, "5.5.1", "Send MAIL first")
+            return
+        if self._bdat is not None or self._bdat_failed is not None:
+            self._error(503, "5.5.1", "RCPT after BDAT; send RSET to start over")
+            return
+        try:
+            parsed = parse_rcpt(argument, self._smtputf8)
+        except CommandError as e:
+            self._error_reply(e.reply)
+            return
+        if self.factory is not None:
+            refusal = self.factory.guard.recipient(parsed.recipient)
+            if refusal is not None:
+                self.factory.log_summary.emit(
+                    LogLevel.info,
+                    "recipient refused",
+                    self._peer,
+                    session=self.id,
+                    recipient=clip(parsed.recipient),
+                )
+                self._error_reply(refusal, refusal=True)
+                return
+        key = _address_key(parsed.recipient)
+        if key in self._to_keys:
+            # The same mailbox twice must still receive the message once.
+            self._reply(250, "2.1.5", "Recipient OK (duplicate ignored)")
+            return
+        if len(self._to) >= self.settings.max_recipients:
+            self._reply(452, "4.5.3", "Too many recipients")
+            return
+        user = User(ParsedAddress(parsed.recipient, parsed), self._helo, self, self._from)
+
+        def accepted(factory: Callable[[], Any]) -> None:
+            self._to.append((user, factory))
+            self._to_keys.add(key)
+            self._reply(250, "2.1.5", "Recipient OK")
+
+        self._validate(self.validateTo, (user,), accepted, "recipient")
+
+    def do_DATA(self, argument: str) -> None:
+        if self._from is None:
+            self._error(503, "5.5.1", "Send MAIL first")
+            return
+        if self._bdat is not None or self._bdat_failed is not None:
+            # RFC 3030 2: one transaction is sent with DATA or with BDAT.
+            self._error(503, "5.5.1", "DATA after BDAT; send RSET to start over")
+            return
+        if self._binary_body:
+            self._error(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA")
+            return
+        if not self._to:
+            self._error(554, "5.5.1", "No valid recipients")
+            return
+        if argument:
+            self._error(501, "5.5.4", "DATA takes no arguments")
+            return
+        failure = self._open_message()
+        if failure is not None:
+            self.sendCode(*_reply_args(failure))
+            return
+        self._reader = DataReader(self.settings.max_message_size, self._body)
+        self.mode = DATA
+        self.setTimeout(self.settings.data_timeout)
+        self._reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+    def _open_message(self) -> Reply | None:
+        """Build the transaction's message and an empty body; the reply if that failed."""
+        messages: list[Any] = []
+        try:
+            for _, factory in self._to:
+                message = factory()
+                if not any(message is seen for seen in messages):
+                    messages.append(message)
+        except Exception as e:
+            for message in messages:
+                message.connectionLost()
+            self._reset_transaction()
+            return reply_for_failure(e)
+        self._messages = messages
+        if self.factory is not None:
+            self._body = self.factory.spool.body()
+        else:
+            self._body = MessageBody(self.settings.spool_threshold, None, self.settings.spool_dir)
+        self._data_started = self._clock.seconds()
+        return None
+
+    def _feed_data(self, data: bytes) -> None:
+        assert self._reader is not None
+        if self._too_slow(self._reader):
+            self._cut_off_slow()
+            return
+        end = self._reader.feed(data)
+        if end is None:
+            return
+        if end < len(data):
+            self._input[:0] = data[end:]
+        self._end_of_data()
+
+    def _cut_off_slow(self) -> None:
+        self._abandon_message()
+        self.mode = COMMAND
+        self._reset_transaction()
+        self._reply(421, "4.4.2", "Data arriving too slowly, closing connection")
+        self._close(grace=1.0)
+
+    def _too_slow(self, reader: DataReader | ChunkReader) -> bool:
+        """Past the DATA timeout, has the body fallen below the minimum average rate?"""
+        elapsed = self._clock.seconds() - self._data_started
+        allowed = self.settings.data_timeout + reader.size / MIN_DATA_RATE
+        return elapsed > allowed
+
+    def _end_of_data(self) -> None:
+        reader, messages, body = self._reader, self._messages, self._body
+        assert reader is not None and body is not None
+        self._reader = None
+        self._body = None
+        self._messages = []
+        self.mode = COMMAND
+        self.setTimeout(self._limits().command)
+        self._complete(messages, body, reader.oversize, reader.size)
+
+    def _complete(self, messages: list[Any], body: MessageBody, oversize: bool, size: int) -> None:
+        """The whole body is in (final dot or BDAT LAST): refuse it, or deliver it and answer."""
+        if not oversize:
+            body.finish()
+        if oversize or body.error is not None:
+            body.close()
+            for message in messages:
+                message.connectionLost()
+            self._reset_transaction()
+            if oversize:
+                self.sendCode(*_reply_args(self._too_big()))
+            else:
+                self._spool_failed(body, size)
+            self._stop_if_shutting_down()
+            return
+        for message in messages:
+            message.bodyReceived(body)
+        self._reset_transaction()
+        # A spooled body is read back into memory only when the shared
+        # budget has room for it (see smtpproxy.spool.InflightBudget).
+        waiting = body.claim()
+        d: defer.Deferred[Any]
+        if waiting is None:
+            d = self._deliver(messages)
+        else:
+            d = waiting.addCallback(lambda _: self._deliver(messages))
+
+        def answer(result: object) -> None:
+            # Delivered, refused or failed: the body (its file, its share
+            # of the memory budget) is released here and nowhere later.
+            body.close()
+            if isinstance(result, Failure):
+                error = result.value
+                if isinstance(error, defer.FirstError):
+                    error = error.subFailure.value
+                assert error is not None
+                self.sendCode(*_reply_args(reply_for_failure(error)))
+                return
+            self._refusals = 0
+            ids = result if isinstance(result, list) else [result]
+            names = " ".join(str(i) for i in ids if isinstance(i, str))
+            self._reply(250, "2.0.0", f"OK: delivered as {names}" if names else "OK: delivered")
+
+        if not isinstance(d, defer.Deferred):
+            d = defer.succeed(d)
+        self._busy_with(d, answer)
+
+    def _deliver(self, messages: list[Any]) -> defer.Deferred[Any]:
+        if len(messages) == 1:
+            # Our own delivery always makes one message per transaction.
+            try:
+                d: defer.Deferred[Any] = messages[0].eomReceived()
+            except Exception:
+                log.failure("delivery could not start", session=self.id)
+                d = defer.fail()
+            return d
+        results = [defer.maybeDeferred(message.eomReceived) for message in messages]
+        return defer.gatherResults(results, consumeErrors=True)
+
+    def _spool_failed(self, body: MessageBody, size: int) -> None:
+        """The disk refused the body: the client may retry; nothing was accepted."""
+        error = body.error
+        log.warn(
+            "message body could not be spooled",
+            session=self.id,
+            client=self._peer,
+            size=size,
+            reason=(error.strerror or str(error)) if error is not None else None,
+        )
+        self.sendCode(*_reply_args(SPOOL_FULL))
+
+    def _too_big(self) -> Reply:
+        size = self.settings.max_message_size
+        return Reply(552, "5.3.4", f"Message too big: this server accepts at most {size} bytes")
+
+    # -- BDAT (RFC 3030) ------------------------------------------------------
+
+    def do_BDAT(self, argument: str) -> None:
+        """Read the announced chunk, then answer: every readable BDAT consumes its octets."""
+        try:
+            chunk = parse_bdat(argument)
+        except ChunkSizeError as e:
+            # Where the chunk ends, and so where the next command starts,
+            # cannot be known: whatever follows may be content, and running
+            # it as commands is how smuggling works.  RFC 3030 offers no way
+            # back into step, so the reply is the last thing we send.
+            self._errors += 1
+            self.sendCode(*_reply_args(e.reply))
+            self._close()
+            return
+        if not self._nodelay:
+            self._no_delay()
+        refusal: tuple[Reply, bool] | None = None  # (reply, counts as a client error)
+        if self._bdat_failed is not None:
+            refusal = (self._bdat_failed, False)
+        elif self._from is None:
+            refusal = (Reply(503, "5.5.1", "Send MAIL first"), True)
+        elif not self._to:
+            refusal = (Reply(554, "5.5.1", "No valid recipients"), True)
+        elif chunk.problem is not None:
+            refusal = (chunk.problem, True)
+        elif self._bdat is None:
+            failure = self._open_message()
+            if failure is not None:
+                refusal = (failure, False)
+            else:
+                self._bdat = ChunkReader(self.settings.max_message_size, self._body)
+        if refusal is None:
+            assert self._bdat is not None
+            reader = self._bdat
+        else:
+            # A refused chunk is read and dropped; its own time counts.
+            reader = ChunkReader(0)
+            self._data_started = self._clock.seconds()
+        reader.expect(chunk.size)
+        self._chunk, self._chunk_last, self._chunk_refusal = reader, chunk.last, refusal
+        if chunk.size == 0:
+            self._end_of_chunk()
+            return
+        self.mode = CHUNK
+        self.setTimeout(self.settings.data_timeout)
+
+    def _no_delay(self) -> None:
+        """Send small replies at once (no Nagle) from the first BDAT on.
+
+        A chunk's reply is written when its last byte is read, usually in
+        another read than the next one's, so a pipelined message's replies
+        leave as several small writes.  With Nagle's algorithm each waits
+        for the client to acknowledge the one before, and a client that has
+        sent everything and only reads acknowledges late (delayed ACK): the
+        reply to the message came 20-40 ms late on loopback.  Replies are
+        whole lines, so nothing is gained by holding them back.
+        """
+        self._nodelay = True
+        set_no_delay = getattr(self._tcp, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError as e:  # not a TCP socket after all: nothing to gain there
+                log.debug("TCP_NODELAY not set", session=self.id, error=repr(e))
+
+    def _feed_chunk(self, data: bytes) -> None:
+        reader = self._chunk
+        assert reader is not None
+        if self._too_slow(reader):
+            self._cut_off_slow()
+            return
+        taken = reader.feed(data)
+        if taken < len(data):
+            self._input[:0] = data[taken:]
+        if reader.remaining == 0:
+            self._end_of_chunk()
+
+    def _end_of_chunk(self) -> None:
+        """The announced octets are in: answer the chunk, deliver after LAST."""
+        reader, last, refusal = self._chunk, self._chunk_last, self._chunk_refusal
+        assert reader is not None
+        self._chunk = self._chunk_refusal = None
+        self.mode = COMMAND
+        self.setTimeout(self._limits().command)
+        if refusal is not None:
+            reply, counts = refusal
+            self._bdat_refused(reply, last)
+            if counts:
+                self._error_reply(reply)
+            else:
+                self.sendCode(*_reply_args(reply))
+            if not self._closing:
+                self._stop_if_shutting_down()
+            return
+        body = self._body
+        assert body is not None
+        if last:
+            messages = self._messages
+            self._bdat, self._body, self._messages = None, None, []
+            self._complete(messages, body, reader.oversize, reader.size)
+            return
+        if reader.oversize:
+            self.sendCode(*_reply_args(self._too_big()))
+            self._bdat_refused(self._too_big(), last)
+        elif body.error is not None:
+            self._spool_failed(body, reader.size)
+            self._bdat_refused(SPOOL_FULL, last)
+        else:
+            self._reply(250, "2.0.0", f"{reader.size} octets received")
+
+    def _bdat_refused(self, reply: Reply, last: bool) -> None:
+        """A chunk was refused, so the transaction has failed (RFC 3030 2).
+
+        Its chunks so far are dropped.  Chunks the client pipelined behind
+        the refused one must not make a message with a hole in it: each gets
+        the same reply, until LAST (which ends the transaction) or RSET.
+        """
+        if self._from is None:
+            return
+        if self._bdat is not None:
+            self._abandon_message()
+        if last:
+            self._reset_transaction()
+        else:
+            self._bdat_failed = reply
+
+    def _abandon_message(self) -> None:
+        for message in self._messages:
+            try:
+                message.connectionLost()
+            except Exception:
+                log.failure("message cleanup failed", session=self.id)
+        self._messages = []
+        self._reader = None
+        self._bdat = self._chunk = None
+        if self._body is not None:
+            # Connection lost, timed out or cut off at shutdown mid-DATA:
+            # the spool file goes now, not when the session is collected.
+            self._body.close()
+            self._body = None
+
+    def _reset_transaction(self) -> None:
+        if self._bdat is not None:
+            # RSET, EHLO or STARTTLS between BDAT chunks: the chunks go.
+            self._abandon_message()
+        self._bdat_failed = None
+        self._binary_body = False
+        self._from = None
+        self._smtputf8 = False
+        self._to = []
+        self._to_keys.clear()
+
+    # -- STARTTLS -----------------------------------------------------------
+
+    def ext_STARTTLS(self, argument: str) -> None:
+        if argument:
+            self._error(501, "5.5.4", "STARTTLS takes no arguments")
+            return
+        if self.startedTLS:
+            self._error(503, "5.5.1", "TLS already active")
+            return
+        if not self.canStartTLS:
+            self._reply(454, "4.7.0", "TLS not available")
+            return
+        assert self.ctx is not None  # canStartTLS says so
+        try:
+            # Built and cached at start-up (tls.server_context); should
+            # OpenSSL refuse it here all the same, the plain session is
+            # still intact and can say so.  Inside startTLS the same
+            # refusal left the transport half-switched and the session
+            # never ended (issue 9, L2).
+            self.ctx.getContext()
+        except Exception as e:
+            log.warn("TLS context refused", session=self.id, client=self._peer, error=repr(e))
+            self._reply(454, "4.7.0", "TLS not available due to temporary reason")
+            return
+        self._reply(220, "2.0.0", "Ready to start TLS")
+        # Anything the client pipelined behind STARTTLS arrived in plaintext
+        # and must not run inside the TLS session (CVE-2011-0411 class).
+        self._input.clear()
+        self._flush()  # the 220 must leave in plaintext, before the handshake
+        try:
+            self._tcp.startTLS(self.ctx)
+        except Exception as e:
+            # Not expected once the context exists; if it happens the
+            # transport may be half-switched and never report the end, so
+            # the session releases itself.
+            log.warn("STARTTLS failed", session=self.id, client=self._peer, error=repr(e))
+            self.connectionLost(None)
+            self._tcp.abortConnection()
+            return
+        self.startedTLS = True
+        # The handshake and the new EHLO must come within the greeting
+        # limit: a client that stalls mid-handshake is idle before a command.
+        self._commanded = False
+        self.setTimeout(self._limits().greeting)
+        # RFC 3207 4.2: forget everything learned before TLS.
+        self._greeted = False
+        self._helo = (None, self._peer.encode("ascii", "replace"))
+        self._reset_transaction()
+        self.authenticated = False
+        self.user = None
+        self.delivery = None
+        self.deliveryFactory = None
+
+    # -- AUTH -----------------------------------------------------------------
+
+    def ext_AUTH(self, argument: str) -> None:
+        if not self.settings.auth_enabled:
+            self._error(502, "5.5.1", "AUTH is not enabled on this server")
+            return
+        if not self._auth_offered():
+            self._error(538, "5.7.11", "Encryption required: send STARTTLS first")
+            return
+        if not self._greeted:
+            self._error(503, "5.5.1", "Send EHLO first")
+            return
+        if self.authenticated:
+            self._error(503, "5.5.1", "Already authenticated")
+            return
+        if self._from is not None:
+            self._error(503, "5.5.1", "AUTH is not allowed during a mail transaction")
+            return
+        if self.factory is not None and self.factory.guard.auth_blocked(self._peer):
+            self._reply(421, "4.7.0", "Too many failed logins from your address, try later")
+            self._close()
+            return
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        initial = initial.strip()
+        if not mechanism:
+            self._error(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            return
+        if mechanism.encode() not in auth.MECHANISMS:
+            self._error(504, "5.5.4", "Unrecognized authentication mechanism")
+            return
+        self.mode = AUTH
+        self._sasl = (mechanism, None)
+        if initial:
+            self._auth_response(initial.encode("ascii"))
+        elif mechanism == "PLAIN":
+            self.sendCode(334, b"")
+        else:
+            self.sendCode(334, b"VXNlcm5hbWU6")  # "Username:"
+
+    def _auth_response(self, line: bytes) -> None:
+        assert self._sasl is not None
+        mechanism, username = self._sasl
+        try:
+            check_line(line)
+        except CommandError as e:
+            self._end_auth()
+            self._error_reply(e.reply)
+            return
+        if line.strip() == b"*":
+            self._end_auth()
+            self._error(501, "5.0.0", "Authentication cancelled")
+            return
+        try:
+            decoded = auth.decode_base64(line)
+            if mechanism == "PLAIN":
+                creds = auth.decode_plain(decoded)
+            elif username is None:
+                self._sasl = (mechanism, auth.decode_login_field(decoded, "user name"))
+                self.sendCode(334, b"UGFzc3dvcmQ6")  # "Password:"
+                return
+            else:
+                from twisted.cred.credentials import UsernamePassword
+
+                creds = UsernamePassword(username, auth.decode_login_field(decoded, "password"))
+        except auth.SASLError as e:
+            self._end_auth()
+            self._error(501, "5.5.2", f"Malformed AUTH response: {e}")
+            return
+        self._end_auth()
+        self._login(creds)
+
+    def _end_auth(self) -> None:
+        self.mode = COMMAND
+        self._sasl = None
+
+    def _login(self, creds: IUsernamePassword) -> None:
+        username = creds.username.decode("utf-8", "replace")
+
+        def succeeded(result: tuple[Any, Any, Callable[[], None]]) -> None:
+            _, avatar, logout = result
+            self.delivery = avatar
+            self.deliveryFactory = None
+            self._onLogout = logout
+            self.authenticated = True
+            self.user = username
+            log.info("authenticated", session=self.id, client=self._peer, username=username)
+            self._reply(235, "2.7.0", "Authentication successful")
+
+        def failed(failure: Failure) -> defer.Deferred[None] | None:
+            if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
+                return self._auth_failed(username)
+            log.failure("authentication error", failure, session=self.id)
+            self._reply(454, "4.7.0", "Temporary authentication failure")
+            return None
+
+        d = self._portal.login(creds, None, IMessageDelivery)
+        d.addCallbacks(succeeded, failed)
+        self._busy_with(d)
+
+    def _auth_failed(self, username: str) -> defer.Deferred[None] | None:
+        """Answer a wrong password slowly; after too many, close the session."""
+        self._auth_failures += 1
+        delay, blocked = 0.0, False
+        if self.factory is not None:
+            delay, blocked = self.factory.guard.auth_failed(self._peer, self._auth_failures)
+            names = self.factory.login_names
+        else:  # a session under test, without a listener: no user configured
+            names = LoginNames(())
+        # Each failure is its own line: the guard's delays and address ban
+        # already bound how many one address can cause.  The name appears
+        # only when it is a configured user (a password typed into the user
+        # name prompt must not reach the log), otherwise as a keyed hash.
+        log.warn(
+            "authentication failed",
+            session=self.id,
+            client=self._peer,
+            **names.fields(username),
+            failures=self._auth_failures,
+            blocked=blocked,
+        )
+
+        def answer() -> None:
+            if blocked or self._auth_failures >= self.settings.max_auth_failures:
+                self._reply(421, "4.7.0", "Too many failed logins, closing connection")
+                self._close()
+            else:
+                self._reply(535, "5.7.8", "Authentication credentials invalid")
+
+        if delay <= 0:
+            answer()
+            return None
+        # The session stays busy (input held) until the answer goes out.
+        return task.deferLater(self._clock, delay, answer)
+
+
+def _handlers(protocol: type[ESMTP]) -> dict[str, str]:
+    """Verb -> method name, resolved once: what ESMTP.lookupMethod finds per command."""
+    found = {name[4:]: name for name in dir(protocol) if name.startswith("ext_")}
+    found.update({name[3:]: name for name in dir(protocol) if name.startswith("do_")})
+    found.pop("UNKNOWN", None)
+    return {verb: name for verb, name in found.items() if verb.isalpha() and verb.isupper()}
+
+
+def _address_key(address: str) -> str:
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+def _reply_args(reply: Reply) -> tuple[int, bytes]:
+    return reply.code, reply.render()
+
+
+_HANDLERS = _handlers(RelayProtocol)
+
+
+class RelayFactory(ServerFactory):
+    """Builds sessions and knows every live one, for graceful shutdown."""
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        portal: Portal,
+        tls_options: Any,
+        reactor: IReactorTime,
+        guard: Guard | None = None,
+    ) -> None:
+        self.settings = settings
+        if guard is None:
+            guard = Guard(dataclasses.replace(OPEN, auth_enabled=settings.auth_enabled), reactor)
+        self.guard = guard
+        self.portal = portal
+        self.tls_options = tls_options
+        self.reactor = reactor
+        self.sessions: set[RelayProtocol] = set()
+        # One budget for the body bytes held in memory by all sessions.
+        self.spool = Spool(
+            settings.spool_threshold,
+            settings.spool_dir or None,
+            InflightBudget(settings.max_inflight_bytes),
+        )
+        # EHLO's keyword lines by (STARTTLS offered, AUTH offered).
+        self.ehlo_cache: dict[tuple[bool, bool], bytes] = {}
+        self.stopping = False
+        self._drained: list[defer.Deferred[None]] = []
+        self._give_up_call: IDelayedCall | None = None
+        # Connection storms: see smtpproxy.pressure for the rule.
+        self.stressed = False
+        self.idle_limits = idle_limits(settings.greeting_timeout, settings.command_timeout, False)
+        # Events a client can repeat at will are logged once per address
+        # and interval, with a count (see smtpproxy.logsummary).
+        self.log_summary = LogSummary(log, reactor)
+        self.login_names = LoginNames(settings.auth_users)
+
+    def stopFactory(self) -> None:
+        """The last listener closed: write the refusals counted so far, stop the timer."""
+        self.log_summary.stop()
+
+    def buildProtocol(self, addr: IAddress | None) -> RelayProtocol:  # type: ignore[override]
+        protocol = RelayProtocol(self.settings, self.portal, self.tls_options, self.reactor)
+        protocol.factory = self
+        return protocol
+
+    def session_ended(self, session: RelayProtocol) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._finish_drain()
+
+    def _finish_drain(self) -> None:
+        if self._give_up_call is not None and self._give_up_call.active():
+            self._give_up_call.cancel()
+        self._give_up_call = None
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
+
+    def load_changed(self) -> None:
+        """A session was admitted or released: enter or leave the stressed state.
+
+        On a change every open session re-derives its idle limit once; the
+        gap between entering and leaving (L{smtpproxy.policy.pressure}) keeps that
+        from happening on every connection at the threshold.
+        """
+        counter = self.guard.connections
+        now = stressed(counter.total, counter.max_total, self.stressed)
+        if now == self.stressed:
+            return
+        self.stressed = now
+        s = self.settings
+        self.idle_limits = idle_limits(s.greeting_timeout, s.command_timeout, now)
+        log.warn(
+            "session table nearly full: idle limits shortened"
+            if now
+            else "session table has room again: idle limits restored",
+            sessions=counter.total,
+            max_sessions=counter.max_total,
+            greeting_timeout=self.idle_limits.greeting,
+            command_timeout=self.idle_limits.command,
+        )
+        for session in list(self.sessions):
+            session.apply_idle_limits()
+
+    def shutdown(self, timeout: float) -> defer.Deferred[None]:
+        """Close idle sessions now, the rest after their transaction; force after C{timeout}.
+
+        The result fires at most C{timeout} + L{FORCE_GRACE} seconds later,
+        whatever state the sessions are in (see L{_give_up}).
+        """
+        self.stopping = True
+        for session in list(self.sessions):
+            _guarded(session, session.shutdown)
+        if not self.sessions:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(d)
+        timer = self.reactor.callLater(timeout, self._force_close)
+
+        def cancel_timer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        d.addCallback(cancel_timer)
+        return d
+
+    def _force_close(self) -> None:
+        self._give_up_call = self.reactor.callLater(FORCE_GRACE, self._give_up)
+        for session in list(self.sessions):
+            log.warn("closing session still busy at shutdown", session=session.id)
+            _guarded(session, session.force_close)
+
+    def _give_up(self) -> None:
+        """Stop waiting for sessions that were aborted but never reported their end.
+
+        An aborted TCP connection reports its end on the next reactor turn,
+        so this only happens when a transport is broken (as a TLS layer that
+        failed to start once was); waiting for it would keep the process
+        from ever exiting.
+        """
+        if not self.sessions:
+            return
+        log.warn("stopping without sessions that did not end", sessions=len(self.sessions))
+        for session in list(self.sessions):
+            _guarded(session, session._tcp.abortConnection)
+        self.sessions.clear()
+        self._finish_drain()
+
+
+def _guarded(session: RelayProtocol, action: Callable[[], object]) -> None:
+    """Run a shutdown step for one session; its failure must not stop the others."""
+    try:
+        action()
+    except Exception as e:
+        log.warn("session shutdown step failed", session=session.id, error=repr(e))

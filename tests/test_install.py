@@ -30,7 +30,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from smtpproxy.config import CONFIG_FILE_ENV, ENV_PREFIXES, SETTINGS, Config
+from smtpproxy.config import CONFIG_FILE_ENV, ENV_PREFIXES, Config, settings
 from tests.support import TIMEOUT, message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +162,7 @@ class OperatorGuideTests(SynchronousTestCase):
     """docs/operator-guide.md documents the settings the relay actually has."""
 
     def test_settings_table_matches_the_code(self) -> None:
-        """The guide's table has one row per setting in config.SETTINGS, no more, with the
+        """The guide's table has one row per setting in config.settings(), no more, with the
         YAML path derived from the name and, wherever a default is written as a value,
         that value parsed by the setting equal to the Config default."""
         rows: dict[str, tuple[str, str]] = {}
@@ -172,9 +172,9 @@ class OperatorGuideTests(SynchronousTestCase):
                 name, path, default = match.groups()
                 self.assertNotIn(name, rows, f"{name} is documented twice")
                 rows[name] = (path, default.strip())
-        self.assertEqual(sorted(rows), sorted(s.env for s in SETTINGS))
+        self.assertEqual(sorted(rows), sorted(s.env for s in settings()))
         defaults = Config()
-        for setting in SETTINGS:
+        for setting in settings():
             path, written = rows[setting.env]
             self.assertEqual(path, ".".join(setting.yaml_path), setting.env)
             value = re.match(r"^`([^`]*)`", written)
@@ -205,11 +205,11 @@ def clean_environment() -> dict[str, str]:
     twistd would find the checkout's plugin instead of the installed one and
     prove nothing.  pip's own settings (index, proxy, certificates) stay.
     """
-    settings = {s.env for s in SETTINGS} | {CONFIG_FILE_ENV, "HEALTHCHECK_URL"}
+    names = {s.env for s in settings()} | {CONFIG_FILE_ENV, "HEALTHCHECK_URL"}
     return {
         name: value
         for name, value in os.environ.items()
-        if name not in settings
+        if name not in names
         and not name.startswith("PYTHON")
         # pip may need HTTP_PROXY; any other relay-like name would stop the relay.
         and not (name.startswith(ENV_PREFIXES) and name != "HTTP_PROXY")
@@ -283,6 +283,26 @@ class InstalledRelayTests(SynchronousTestCase):
         assert isinstance(files, list)
         return [str(f) for f in files]
 
+    def provider_entry_points(self, venv: Path, env: dict[str, str]) -> dict[str, str]:
+        """The installed C{smtpproxy.providers} entry points, name to target."""
+        listed = subprocess.run(
+            [
+                str(venv / "bin" / "python"),
+                "-I",
+                "-c",
+                "import json, importlib.metadata as m;"
+                "print(json.dumps({e.name: e.value for e in"
+                " m.entry_points(group='smtpproxy.providers')}))",
+            ],
+            env=env,
+            capture_output=True,
+            timeout=TIMEOUT * 3,
+            check=True,
+        )
+        found = json.loads(listed.stdout)
+        assert isinstance(found, dict)
+        return {str(k): str(v) for k, v in found.items()}
+
     def test_install_start_probe_and_stop(self) -> None:
         """The install script yields a venv whose wheel ships only our plugin file in
         twisted/plugins and a prebuilt plugin cache; the Dockerfile's ENTRYPOINT run
@@ -305,6 +325,16 @@ class InstalledRelayTests(SynchronousTestCase):
             "twisted/plugins/dropin.cache",
         ):
             self.assertNotIn(theirs, files)
+        # Every wing is in the wheel, and the providers are entry points.
+        for wing in ("smtp", "mime", "policy", "web", "providers/graph"):
+            self.assertIn(f"smtpproxy/{wing}/__init__.py", files)
+        self.assertEqual(
+            self.provider_entry_points(venv, env),
+            {
+                "graph": "smtpproxy.providers.graph:create",
+                "stdout": "smtpproxy.providers.stdout:create",
+            },
+        )
         [cache] = venv.glob("lib/python*/site-packages/twisted/plugins/dropin.cache")
         cache_before = (cache.stat().st_mtime_ns, cache.read_bytes())
 

@@ -259,9 +259,9 @@ class StartupErrorTests(TestCase):
     @async_test
     async def test_help_lists_every_setting(self) -> None:
         """`twistd smtpproxy --help` documents every environment variable."""
-        from smtpproxy.config import SETTINGS
+        from smtpproxy.config import settings
 
         result = await in_thread(run_twistd, "--help")
         text = result.stdout.decode()
-        for setting in SETTINGS:
+        for setting in settings():
             self.assertIn(setting.env, text)

@@ -10,6 +10,12 @@ Each setting has an environment name (C{SMTP_LISTEN}) and a YAML path derived
 from it: the part before the first underscore is the section, the rest the
 key in lower case (C{smtp: {listen: ...}}).  Settings without an underscore
 (C{PROVIDER}) are top-level YAML keys.
+
+This module declares the relay's own settings.  A provider declares its own
+(C{smtpproxy.providers.graph.settings}) and hands them over with
+L{register_settings} when the providers package loads it, so this module
+names no provider setting; the parser, C{--help} and the operator guide's
+table all read L{settings}, the one list of both.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -74,18 +80,36 @@ class Config:
     log_level: str = "info"
     provider: str = "stdout"
     stdout_format: str = "text"
-    graph_tenant_id: str = ""
-    graph_client_id: str = ""
-    graph_client_secret: str = ""
-    graph_sender: tuple[str, ...] = ()
-    graph_authority_host: str = "https://login.microsoftonline.com"
-    graph_endpoint: str = "https://graph.microsoft.com"
-    graph_send_mode: str = "auto"
-    graph_send_timeout: float = 120.0
-    graph_max_concurrency: int = 4
+    # Values of the settings providers declare (L{register_settings}), by
+    # attribute name; read as attributes (config.graph_sender) like the rest.
+    provider_settings: Mapping[str, Any] = field(default_factory=dict)
     # Not a setting: (setting, what happened) for each value load() had to
     # fall back on, logged as warnings once logging has started.
     startup_warnings: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def build(cls, **values: Any) -> Config:
+        """A Config from keyword values, where provider settings are named like the rest.
+
+        @raise TypeError: for a name that is neither a field nor a registered setting.
+        """
+        own = {f.name for f in fields(cls)}
+        declared = {s.attr for s in settings()}
+        extra = {name: values.pop(name) for name in list(values) if name not in own}
+        unknown = sorted(set(extra) - declared)
+        if unknown:
+            raise TypeError(f"Config has no setting {', '.join(unknown)}")
+        return cls(**values, provider_settings=extra)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when no field matched: a provider's setting, set or default.
+        if not name.startswith("_"):
+            if name in self.provider_settings:
+                return self.provider_settings[name]
+            for setting in _registered_settings():
+                if setting.attr == name:
+                    return setting.default
+        raise AttributeError(name)
 
     @property
     def auth_enabled(self) -> bool:
@@ -108,20 +132,20 @@ class Config:
     def __repr__(self) -> str:
         # Never let a secret reach a log line or a traceback by way of repr().
         shown = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in _SECRETS and value:
+        secrets = _SECRETS | {s.attr for s in _registered_settings() if s.secret}
+        named = [f.name for f in fields(self) if f.name != "provider_settings"]
+        for name in [*named, *self.provider_settings]:
+            value = getattr(self, name)
+            if name in secrets and value:
                 value = "***"
-            shown.append(f"{f.name}={value!r}")
+            shown.append(f"{name}={value!r}")
         return f"Config({', '.join(shown)})"
 
 
-_SECRETS = frozenset({"smtp_password", "graph_client_secret"})
+_SECRETS = frozenset({"smtp_password"})
 _LOG_LEVELS = ("debug", "info", "warn", "error")
-_SEND_MODES = ("auto", "mime", "json")
 STDOUT_FORMATS = ("text", "json")
 _ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "haproxy", "systemd")
-_GRAPH_REQUIRED = ("GRAPH_TENANT_ID", "GRAPH_CLIENT_ID", "GRAPH_CLIENT_SECRET", "GRAPH_SENDER")
 _ADDR_RE = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
 
 
@@ -264,6 +288,9 @@ class Setting:
     attr: str
     parse: Callable[[str], Any]
     help: str
+    # Used for provider settings only; the relay's own take theirs from Config.
+    default: Any = None
+    secret: bool = False
 
     @property
     def yaml_path(self) -> tuple[str, ...]:
@@ -418,21 +445,43 @@ SETTINGS: tuple[Setting, ...] = (
         _choice(STDOUT_FORMATS),
         "stdout provider output: text (framed blocks) or json (one object per line)",
     ),
-    Setting("GRAPH_TENANT_ID", "graph_tenant_id", _text, "Entra tenant id"),
-    Setting("GRAPH_CLIENT_ID", "graph_client_id", _text, "Entra application (client) id"),
-    Setting("GRAPH_CLIENT_SECRET", "graph_client_secret", _text, "Entra client secret"),
-    Setting("GRAPH_SENDER", "graph_sender", _addresses, "mailbox(es) to send as, comma separated"),
-    Setting("GRAPH_AUTHORITY_HOST", "graph_authority_host", _url, "Entra login base URL"),
-    Setting("GRAPH_ENDPOINT", "graph_endpoint", _url, "Graph base URL"),
-    Setting("GRAPH_SEND_MODE", "graph_send_mode", _choice(_SEND_MODES), "auto, mime or json"),
-    Setting("GRAPH_SEND_TIMEOUT", "graph_send_timeout", _seconds, "seconds per message"),
-    Setting(
-        "GRAPH_MAX_CONCURRENCY",
-        "graph_max_concurrency",
-        _positive_int,
-        "Graph requests at once per mailbox",
-    ),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class SettingGroup:
+    """The settings one provider declares, and its rule for when it is configured.
+
+    @ivar configured: given the parsed values (by attribute), whether the
+        provider has what it needs; raises L{ConfigError} when the values
+        are half there or contradict C{PROVIDER}.
+    """
+
+    provider: str
+    settings: tuple[Setting, ...]
+    configured: Callable[[Mapping[str, Any]], bool]
+
+
+_groups: dict[str, SettingGroup] = {}
+
+
+def register_settings(group: SettingGroup) -> None:
+    """Add a provider's settings to the environment, the YAML file and C{--help}."""
+    _groups[group.provider] = group
+
+
+def _registered_settings() -> tuple[Setting, ...]:
+    return tuple(s for group in _groups.values() for s in group.settings)
+
+
+def settings() -> tuple[Setting, ...]:
+    """Every setting: the relay's own (L{SETTINGS}) and those of every provider found."""
+    # Imported here: the providers package imports this module.
+    from smtpproxy import providers
+
+    providers.names()
+    return SETTINGS + _registered_settings()
+
 
 CONFIG_FILE_ENV = "SMTP_PROXY_CONFIG"
 
@@ -486,10 +535,8 @@ _YAML_KINDS = {
 def _typed_settings() -> frozenset[str]:
     """Settings whose value is a number or a boolean (by their default), so unquoted is fine."""
     defaults = {f.name: f.default for f in fields(Config)}
-    return frozenset(s.env for s in SETTINGS if type(defaults.get(s.attr)) in (int, float, bool))
-
-
-_TYPED_SETTINGS = _typed_settings()
+    defaults.update((s.attr, s.default) for s in _registered_settings())
+    return frozenset(s.env for s in settings() if type(defaults.get(s.attr)) in (int, float, bool))
 
 
 def _flatten_yaml(text: str, source: str) -> dict[str, str]:
@@ -512,8 +559,9 @@ def _flatten_yaml(text: str, source: str) -> dict[str, str]:
         return {}
     if not isinstance(document, yaml.MappingNode):
         raise ConfigError(f"{source}: expected a mapping of settings at the top level")
-    by_path = {s.yaml_path: s for s in SETTINGS}
-    by_env = {s.env: s for s in SETTINGS}
+    by_path = {s.yaml_path: s for s in settings()}
+    by_env = {s.env: s for s in settings()}
+    typed = _typed_settings()
     sections = {path[0] for path in by_path if len(path) == 2}
     found: dict[str, str] = {}
 
@@ -543,7 +591,7 @@ def _flatten_yaml(text: str, source: str) -> dict[str, str]:
         value = str(node.value)
         if kind is None:
             raise ConfigError(f"{setting.env}: {source} line {line}: tag {node.tag} is not allowed")
-        if kind == "text" or setting.env in _TYPED_SETTINGS or (kind == "null" and not value):
+        if kind == "text" or setting.env in typed or (kind == "null" and not value):
             return value
         # Never echo the value: it may be a password.
         raise ConfigError(
@@ -579,12 +627,12 @@ def load(
     raw: dict[str, str] = {}
     if yaml_text is not None:
         raw.update(_flatten_yaml(yaml_text, yaml_source))
-    for setting in SETTINGS:
+    for setting in settings():
         if setting.env in env:
             raw[setting.env] = env[setting.env]
 
     values: dict[str, Any] = {}
-    for setting in SETTINGS:
+    for setting in settings():
         if setting.env not in raw:
             continue
         try:
@@ -599,7 +647,7 @@ def load(
         values["smtp_hostname"], warning = system_hostname(fqdn)
         if warning:
             values["startup_warnings"] = (("SMTP_HOSTNAME", warning),)
-    return Config(**values)
+    return Config.build(**values)
 
 
 def system_hostname(fqdn: Callable[[], str]) -> tuple[str, str | None]:
@@ -626,7 +674,7 @@ def system_hostname(fqdn: Callable[[], str]) -> tuple[str, str | None]:
 
 def _check_environment(env: Mapping[str, str]) -> None:
     """Refuse variables with a relay prefix that name no setting, suggesting the closest."""
-    known = {s.env for s in SETTINGS}
+    known = {s.env for s in settings()}
     unknown = sorted(
         name
         for name in env
@@ -696,16 +744,17 @@ def _check_tls(values: dict[str, Any]) -> None:
 
 
 def _choose_provider(values: dict[str, Any]) -> None:
-    graph_values = {name: values.get(name.lower(), "") for name in _GRAPH_REQUIRED}
-    present = [name for name, value in graph_values.items() if value]
-    explicit = values.get("provider", "")
-    if present and len(present) < len(_GRAPH_REQUIRED):
-        missing = [name for name in _GRAPH_REQUIRED if name not in present]
-        raise ConfigError(
-            f"{missing[0]}: Graph is partly configured; also set {', '.join(missing)} "
-            "(or unset the GRAPH_* settings to print mail to stdout)"
-        )
-    if not explicit:
-        values["provider"] = "graph" if present else "stdout"
-    elif explicit == "graph" and not present:
-        raise ConfigError(f"PROVIDER: graph needs {', '.join(_GRAPH_REQUIRED)}")
+    # Every provider checks its own settings; the registry picks the default.
+    from smtpproxy import providers
+
+    configured = [name for name, group in _groups.items() if group.configured(values)]
+    values["provider"] = providers.choose(values.get("provider", ""), configured)
+
+
+# The value parsers a provider's own settings may use (see register_settings).
+parse_text = _text
+parse_positive_int = _positive_int
+parse_seconds = _seconds
+parse_choice = _choice
+parse_url = _url
+parse_addresses = _addresses

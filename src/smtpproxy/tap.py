@@ -39,7 +39,7 @@ PROVIDER_CLOSE_TIMEOUT = 2.0
 
 
 def _settings_help() -> str:
-    rows = [f"  {s.env:<26} {s.help}" for s in config.SETTINGS]
+    rows = [f"  {s.env:<26} {s.help}" for s in config.settings()]
     return (
         "smtpproxy relays SMTP mail to Microsoft Graph, or prints it to stdout when\n"
         "Graph is not configured.  Settings come from environment variables, over an\n"

@@ -406,7 +406,7 @@ class GraphBinaryTests(TestCase):
         port = fake.listen(reactor)
         self.addCleanup(port.stopListening)
         mailbox = "relay@contoso.example"
-        config = Config(
+        config = Config.build(
             graph_tenant_id=fake.tenant,
             graph_client_id=fake.client_id,
             graph_client_secret=fake.client_secret,

@@ -10,8 +10,13 @@ A provider that can send a message it was given as raw bytes only (an
 L{Email} whose parse was abandoned: envelope and C{raw}, nothing parsed)
 says so with a true C{accepts_raw_mime} attribute; see L{accepts_raw_mime}.
 
-New providers register a factory by name with L{register}; configuration
-chooses one with L{create}.
+Providers are found through the entry-point group C{smtpproxy.providers}: each
+entry names a factory C{create(config, reactor)}, and the factory's module may
+declare the provider's own settings as C{SETTINGS} (a
+L{smtpproxy.config.SettingGroup}), so another installed package adds a
+provider without editing this one.  The built-in providers are registered
+directly too, so the relay also runs from a source tree that was never
+installed.  Configuration chooses one with L{create}.
 
 A provider that carries binary message content unchanged (C{BODY=BINARYMIME},
 RFC 3030: bare CR and LF, NUL, long lines) says so with a class attribute
@@ -20,7 +25,10 @@ C{binary_mime = True}; only then does the relay offer BINARYMIME.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
@@ -57,7 +65,16 @@ def accepts_raw_mime(provider: Provider) -> bool:
 
 ProviderFactory = Callable[["Config", "IReactorTime"], Provider]
 
+ENTRY_POINT_GROUP = "smtpproxy.providers"
+#: Chosen when no provider says it is configured and C{PROVIDER} is unset.
+DEFAULT = "stdout"
+_BUILTIN = {
+    "stdout": "smtpproxy.providers.stdout:create",
+    "graph": "smtpproxy.providers.graph:create",
+}
+
 _registry: dict[str, ProviderFactory] = {}
+_loaded = False
 
 
 def register(name: str, factory: ProviderFactory) -> None:
@@ -67,18 +84,47 @@ def register(name: str, factory: ProviderFactory) -> None:
 
 def names() -> list[str]:
     """Names of every registered provider, sorted."""
-    _load_builtin()
+    _load()
     return sorted(_registry)
 
 
 def create(name: str, config: Config, reactor: IReactorTime) -> Provider:
     """Build the provider called C{name}; KeyError when there is none."""
-    _load_builtin()
+    _load()
     return _registry[name](config, reactor)
 
 
-def _load_builtin() -> None:
-    # Imported lazily so that importing this package stays free of side
-    # effects and of the HTTP stack when only stdout is used.
-    from smtpproxy.providers import stdout  # noqa: F401
-    from smtpproxy.providers.graph import provider as graph  # noqa: F401
+def choose(explicit: str, configured: list[str]) -> str:
+    """The provider to use: C{PROVIDER} when set, else the first configured one, else stdout."""
+    if explicit:
+        return explicit
+    return configured[0] if configured else DEFAULT
+
+
+def _load() -> None:
+    # Done on first use rather than at import, so importing this package
+    # stays free of side effects.
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    found = {name: target for name, target in _BUILTIN.items()}
+    found.update((ep.name, ep.value) for ep in entry_points(group=ENTRY_POINT_GROUP))
+    for name, target in found.items():
+        _add(name, target)
+
+
+def _add(name: str, target: str) -> None:
+    """Register the factory C{module:attribute} and the settings its module declares."""
+    from smtpproxy import config
+
+    module_name, _, attribute = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, attribute)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"provider {name!r} ({target}) cannot be loaded: {e}") from e
+    register(name, factory)
+    settings = getattr(sys.modules[module_name], "SETTINGS", None)
+    if isinstance(settings, config.SettingGroup):
+        config.register_settings(settings)

@@ -35,7 +35,6 @@ from smtpproxy.config import STDOUT_FORMATS
 from smtpproxy.dsn import Dsn
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email, Mailbox
-from smtpproxy.providers import register
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -428,4 +427,4 @@ def _create(config: Config, reactor: IReactorTime) -> StdoutProvider:
     return StdoutProvider(sys.__stdout__ or sys.stdout, output_format=config.stdout_format)
 
 
-register("stdout", _create)
+create = _create

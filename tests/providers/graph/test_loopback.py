@@ -42,7 +42,7 @@ class LoopbackTests(TestCase):
         concurrency: int = 4,
         timeout: float = 10.0,
     ) -> GraphProvider:
-        config = Config(
+        config = Config.build(
             graph_tenant_id=self.fake.tenant,
             graph_client_id=self.fake.client_id,
             graph_client_secret=self.fake.client_secret,

@@ -49,7 +49,7 @@ class Harness:
         self.clock.advance(EPOCH)
         self.fake = FakeGraph(self.clock, mailboxes=mailboxes or senders)
         self.stub = StubTreq(self.fake.resource)
-        self.config = Config(
+        self.config = Config.build(
             graph_tenant_id=self.fake.tenant,
             graph_client_id=self.fake.client_id,
             graph_client_secret=secret or self.fake.client_secret,

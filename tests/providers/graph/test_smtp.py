@@ -68,7 +68,7 @@ def relay_to_fake_graph(case: TestCase) -> tuple[FakeGraph, Relay]:
     fake = FakeGraph(reactor)
     port = fake.listen(reactor)
     case.addCleanup(port.stopListening)
-    config = Config(
+    config = Config.build(
         graph_tenant_id=fake.tenant,
         graph_client_id=fake.client_id,
         graph_client_secret=fake.client_secret,

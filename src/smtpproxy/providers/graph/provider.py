@@ -40,7 +40,6 @@ from twisted.web.http_headers import Headers
 from smtpproxy.config import Config
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
-from smtpproxy.providers import register
 from smtpproxy.providers.graph.payload import (
     DraftSend,
     GraphUrls,
@@ -196,7 +195,7 @@ class GraphProvider:
     @property
     def accepts_raw_mime(self) -> bool:
         """Graph takes raw MIME unless told to send JSON only."""
-        return self._config.graph_send_mode != "json"
+        return bool(self._config.graph_send_mode != "json")
 
     def send(self, email: Email) -> Deferred[None]:
         """Deliver C{email}; fire once Graph accepted it (HTTP 202)."""
@@ -603,6 +602,3 @@ def _json_field(body: bytes, name: str) -> str | None:
         return None
     value = document.get(name) if isinstance(document, dict) else None
     return value if isinstance(value, str) and value else None
-
-
-register("graph", GraphProvider)

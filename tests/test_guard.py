@@ -9,7 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy import guard as guard_module
 from smtpproxy import policy
-from smtpproxy.guard import OPEN, Guard, GuardSettings
+from smtpproxy.guard import Guard, GuardSettings
+from tests.support import OPEN
 
 
 def _settings(**changes: object) -> GuardSettings:

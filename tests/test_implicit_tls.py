@@ -32,8 +32,8 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
 from smtpproxy import listeners
-from smtpproxy.guard import OPEN
 from tests.support import (
+    OPEN,
     PASSWORD,
     TIMEOUT,
     USER,

@@ -28,9 +28,10 @@ from smtpproxy import policy
 from smtpproxy.auth import StaticPasswordChecker
 from smtpproxy.config import load
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.guard import OPEN, Guard, GuardSettings, settings_from
+from smtpproxy.guard import Guard, GuardSettings, settings_from
 from smtpproxy.smtp import RelayFactory, RelayProtocol, SessionSettings
 from tests.support import (
+    OPEN,
     PASSWORD,
     TIMEOUT,
     USER,

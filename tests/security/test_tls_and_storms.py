@@ -40,9 +40,10 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from smtpproxy import pressure, tap, tls
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.guard import OPEN, Guard
+from smtpproxy.guard import Guard
 from smtpproxy.smtp import CLOSE_GRACE, FORCE_GRACE, RelayFactory, RelayProtocol, SessionSettings
 from tests.support import (
+    OPEN,
     TIMEOUT,
     RecordingProvider,
     async_test,

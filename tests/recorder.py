@@ -38,7 +38,7 @@ from smtpproxy import tls
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
-from tests.support import PASSWORD, USER, RecordingProvider, certificate
+from tests.support import PASSWORD, USER, RecordingProvider, certificate, open_guard
 
 RECORDING = Path(__file__).parent / "data" / "recorded_sessions.json.gz"
 SEED = 20261130
@@ -242,7 +242,7 @@ def run(session: Session) -> dict[str, Any]:
         auth_enabled=session.auth,
         allow_insecure_auth=True,
     )
-    factory = RelayFactory(settings, portal, _TLS, clock)
+    factory = RelayFactory(settings, portal, _TLS, clock, open_guard(settings, clock))
     protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 25))
     transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 4000))
     protocol.makeConnection(transport)

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -29,7 +29,8 @@ from smtpproxy import tls
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
-from smtpproxy.policy.guard import OPEN, Guard, GuardSettings
+from smtpproxy.policy.guard import Guard, GuardSettings
+from smtpproxy.policy.rules import parse_networks
 from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 
@@ -38,6 +39,15 @@ PASSWORD = "s3cret-Pa55"
 TIMEOUT = 10.0
 
 _CERT: tuple[bytes, bytes] | None = None
+
+#: No network restriction, the guard's other defaults: what tests on loopback
+#: use.  The relay itself always builds its guard from the settings.
+OPEN = GuardSettings(allowed_networks=parse_networks("0.0.0.0/0 ::/0"))
+
+
+def open_guard(settings: SessionSettings, reactor: IReactorTime) -> Guard:
+    """A guard admitting every address, asking for AUTH when C{settings} enable it."""
+    return Guard(dataclasses.replace(OPEN, auth_enabled=settings.auth_enabled), reactor)
 
 
 def certificate() -> tuple[bytes, bytes]:

@@ -219,8 +219,8 @@ class EnvironmentNamesTests(SynchronousTestCase):
         self.assertEqual(
             self.error({"SMTP_LISTN": ":25"}),
             "SMTP_LISTN (did you mean SMTP_LISTEN?): no such setting in this version of "
-            "smtpproxy; fix or unset this environment variable (twistd smtpproxy --help lists "
-            "every setting)",
+            "smtpproxy; fix or unset this environment variable (twistd smtpproxy "
+            "--help-settings lists every setting)",
         )
         message = self.error({**GRAPH, "GRAPH_TENANT_ID": "", "GRAPH_TENANTID": "t"})
         self.assertTrue(message.startswith("GRAPH_TENANTID (did you mean GRAPH_TENANT_ID?): "))

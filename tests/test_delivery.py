@@ -24,9 +24,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpproxy import providers, tap
 from smtpproxy.delivery import RelayRealm, new_message_id
 from smtpproxy.errors import TransientDeliveryError
-from smtpproxy.policy.guard import OPEN, Guard
+from smtpproxy.policy.guard import Guard
 from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
-from tests.support import RecordingProvider
+from tests.support import OPEN, RecordingProvider
 
 TRANSACTION = (
     b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"

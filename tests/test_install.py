@@ -308,7 +308,8 @@ class InstalledRelayTests(SynchronousTestCase):
         twisted/plugins and a prebuilt plugin cache; the Dockerfile's ENTRYPOINT run
         from an empty directory with PYTHONPATH unset relays a message over STARTTLS,
         answers /healthz, passes the Dockerfile's HEALTHCHECK, exits 0 on SIGTERM,
-        and writes no file: neither in its working directory nor the plugin cache."""
+        and writes no file: neither in its working directory nor the plugin cache.
+        The `smtpproxy` console script lists the settings."""
         base = Path(self.mktemp()).resolve()
         base.mkdir(parents=True)
         venv = base / "venv"
@@ -341,18 +342,28 @@ class InstalledRelayTests(SynchronousTestCase):
         rundir = base / "rundir"
         rundir.mkdir()
         env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"
-        listed = subprocess.run(
-            [str(venv / "bin" / "twistd"), "--help"],
-            cwd=rundir,
-            env=env,
-            capture_output=True,
-            timeout=TIMEOUT * 3,
-            check=False,
-        )
+
+        def installed(program: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [str(venv / "bin" / program), *args],
+                cwd=rundir,
+                env=env,
+                capture_output=True,
+                timeout=TIMEOUT * 3,
+                check=False,
+            )
+
+        listed = installed("twistd", "--help")
         self.assertTrue(
             re.search(rb"^\s+smtpproxy\s", listed.stdout, re.MULTILINE),
             tail(listed.stdout + listed.stderr),
         )
+
+        # The console script: one line per setting, in the order declared.
+        listing = installed("smtpproxy", "settings")
+        self.assertEqual(listing.returncode, 0, tail(listing.stderr))
+        names = [line.split()[0] for line in listing.stdout.decode().splitlines()[1:]]
+        self.assertEqual(names, [s.env for s in settings()])
 
         found = read_dockerfile()
         command = entrypoint(found)

@@ -696,7 +696,7 @@ def _check_environment(env: Mapping[str, str]) -> None:
     these = "these environment variables" if also else "this environment variable"
     raise ConfigError(
         f"{described[0]}: no such setting in this version of smtpproxy{also}; fix or unset "
-        f"{these} (twistd smtpproxy --help lists every setting)"
+        f"{these} (twistd smtpproxy --help-settings lists every setting)"
     )
 
 

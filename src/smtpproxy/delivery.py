@@ -53,9 +53,10 @@ class RelayMessage:
 
     The protocol hands over the whole body at once (L{bodyReceived}), in
     memory or spooled to disk, and keeps ownership of it: it closes the body
-    once delivery has finished.  The chunk- and line-based C{chunkReceived}
-    and C{lineReceived} of C{IMessage} are supported for completeness, into
-    a body of this message's own.
+    once delivery has finished.  C{lineReceived} is never called by
+    smtpproxy's protocol; it is here because C{IMessageSMTP} requires it, and
+    it works (into a body of this message's own) for any caller that feeds
+    the message line by line as stock Twisted SMTP does.
     """
 
     def __init__(
@@ -86,13 +87,10 @@ class RelayMessage:
         """The complete body, read back by L{eomReceived}."""
         self._body = body
 
-    def chunkReceived(self, chunk: bytes) -> None:
+    def lineReceived(self, line: bytes) -> None:
         if self._body is None:
             self._body = MessageBody()
-        self._body.write(chunk)
-
-    def lineReceived(self, line: bytes) -> None:
-        self.chunkReceived(line + b"\r\n")
+        self._body.write(line + b"\r\n")
 
     def connectionLost(self) -> None:
         """The transaction was abandoned: forget the body (its owner closes it)."""

@@ -8,20 +8,21 @@ with one line naming what is wrong.  C{makeService} only assembles objects.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from smtpproxy import __version__, config, jsonlog, providers, spool, tls
+from smtpproxy import __version__, cli, config, jsonlog, providers, spool, tls, twisted_private
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.policy import rules as policy
@@ -39,11 +40,14 @@ PROVIDER_CLOSE_TIMEOUT = 2.0
 
 
 def _settings_help() -> str:
-    rows = [f"  {s.env:<26} {s.help}" for s in config.settings()]
+    # twistd reflows longdesc into one paragraph, so the settings table is
+    # printed by --help-settings (and `smtpproxy settings`) instead.
     return (
-        "smtpproxy relays SMTP mail to Microsoft Graph, or prints it to stdout when\n"
-        "Graph is not configured.  Settings come from environment variables, over an\n"
-        f"optional YAML file (--config or {config.CONFIG_FILE_ENV}):\n\n" + "\n".join(rows)
+        "smtpproxy relays SMTP mail to Microsoft Graph, or prints it to stdout when "
+        "Graph is not configured.  Settings come from environment variables, over an "
+        f"optional YAML file (--config or {config.CONFIG_FILE_ENV}).  "
+        "List them, one per line, with: twistd smtpproxy --help-settings "
+        "(or: smtpproxy settings)."
     )
 
 
@@ -65,7 +69,16 @@ class Options(usage.Options):
         print(f"smtpproxy {__version__}")
         sys.exit(0)
 
+    def opt_help_settings(self) -> None:
+        """Print every setting (variable, YAML path, default, meaning) and exit."""
+        sys.stdout.write(cli.settings_text())
+        sys.exit(0)
+
     def postOptions(self) -> None:
+        try:
+            twisted_private.check()
+        except twisted_private.TwistedChangedError as e:
+            raise SystemExit(f"smtpproxy: {e}") from None
         path = self["config"] or self.environ.get(config.CONFIG_FILE_ENV) or None
         text: str | None = None
         if path:
@@ -212,11 +225,16 @@ class RelayService(MultiService):
             self._bind()
         super().startService()
         self._log_start()
+        from twisted.internet import reactor
+
+        reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_signals)
 
     def _bind(self) -> None:
         # Binding happens before twistd drops privileges or starts logging;
         # a port in use must stop the process with one clear line, not a
-        # traceback and not a relay that runs without its listener.
+        # traceback and not a relay that runs without its listener.  The
+        # listeners come from strports.service, which makes a listen failure
+        # raise here rather than only be logged.
         self._bound = True
         children = (
             (self.smtp, "SMTP_LISTEN"),
@@ -226,7 +244,6 @@ class RelayService(MultiService):
         for child, setting in children:
             if child is None:
                 continue
-            child._raiseSynchronously = True  # type: ignore[attr-defined]
             try:
                 child.privilegedStartService()
             except Exception as e:
@@ -250,18 +267,34 @@ class RelayService(MultiService):
         if self.http is not None:
             await defer.maybeDeferred(self.http.stopService)
         log.info("stopped")
-        # twistd re-raises the signal that stopped the reactor so the exit
-        # status reads "killed by SIGTERM".  A drained, orderly stop is a
-        # success, and supervisors should see it as one: exit status 0.
-        from twisted.internet import reactor
-
-        if getattr(reactor, "_exitSignal", None) is not None:
-            reactor._exitSignal = None  # type: ignore[attr-defined]
 
     def stopService(self) -> defer.Deferred[None]:
         # Children are stopped by _stop in our order, not MultiService's.
         self.running = False
         return defer.Deferred.fromCoroutine(self._stop())
+
+
+def _stop_cleanly_on_signals() -> None:
+    """Stop on SIGTERM (and SIGINT) as the reactor does, but exit with status 0.
+
+    The reactor's own handlers remember the signal, and twistd re-raises it
+    once the reactor has stopped, so the exit status reads "killed by
+    SIGTERM" however orderly the stop was.  A drained stop is a success and
+    supervisors should see it as one.  Where the reactor installed its
+    handler (it does so during startup, unless told not to), ours replaces
+    it and stops the reactor the same way without remembering the signal.
+    """
+    from twisted.internet import reactor
+
+    def stop(number: int, frame: object) -> None:
+        log.info("signal received, stopping", signal=signal.Signals(number).name)
+        # callFromThread, as the reactor's own handler: it wakes the loop.
+        IReactorFromThreads(reactor).callFromThread(reactor.stop)
+
+    for number, name in ((signal.SIGTERM, "sigTerm"), (signal.SIGINT, "sigInt")):
+        handler = getattr(reactor, name, None)
+        if handler is not None and signal.getsignal(number) == handler:
+            signal.signal(number, stop)
 
 
 def makeService(options: Options) -> RelayService:
@@ -295,7 +328,7 @@ def makeService(options: Options) -> RelayService:
         # One factory behind every listener: the sessions, the caps and the
         # guard are shared; implicit TLS uses the same context as STARTTLS.
         wrapped = listeners.wrap(spec, factory, context, reactor)
-        smtp = StreamServerEndpointService(serverFromString(reactor, spec.endpoint), wrapped)
+        smtp = strports.service(spec.endpoint, wrapped, reactor)
         smtp.setServiceParent(service)
         if spec.setting == "SMTPS_LISTEN":
             service.smtps = smtp
@@ -303,7 +336,7 @@ def makeService(options: Options) -> RelayService:
             service.smtp = smtp
     if settings.http_listen:
         site = health.make_site(lambda: service.stopping)
-        http = StreamServerEndpointService(serverFromString(reactor, settings.http_listen), site)
+        http = strports.service(settings.http_listen, site, reactor)
         http.setServiceParent(service)
         service.http = http
     return service

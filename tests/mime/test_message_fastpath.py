@@ -106,12 +106,8 @@ class SimpleHeaderBlockTests(SynchronousTestCase):
 
 
 def _full_parse(raw: bytes) -> Email:
-    """parse_message with the plain-text quick path switched off."""
-    message.PLAIN_FAST_PATH = False
-    try:
-        return parse_message("s@x.example", ["r@y.example"], raw)
-    finally:
-        message.PLAIN_FAST_PATH = True
+    """parse_message without the plain-text quick path."""
+    return message._run(message._parse_steps("s@x.example", ["r@y.example"], raw, quick=False))
 
 
 field_name = st.one_of(

@@ -9,7 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.policy import guard as guard_module
 from smtpproxy.policy import rules as policy
-from smtpproxy.policy.guard import OPEN, Guard, GuardSettings
+from smtpproxy.policy.guard import Guard, GuardSettings
+from tests.support import OPEN
 
 
 def _settings(**changes: object) -> GuardSettings:

@@ -31,11 +31,12 @@ from smtpproxy.delivery import RelayRealm
 from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.message import parse_message
 from smtpproxy.policy import rules as policy
-from smtpproxy.policy.guard import OPEN, Guard, GuardSettings
+from smtpproxy.policy.guard import Guard, GuardSettings
 from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings, session_settings
 from smtpproxy.smtp.proxyheader import ProxyHeaderFactory
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import (
+    OPEN,
     PASSWORD,
     TIMEOUT,
     USER,
@@ -44,6 +45,7 @@ from tests.support import (
     codes,
     exchange,
     in_thread,
+    open_guard,
     read_replies,
     start_relay,
 )
@@ -143,7 +145,8 @@ class WarningFloodTests(TestCase):
         provider = RecordingProvider(outcomes=[PermanentDeliveryError("no " * 50_000)])
         portal = Portal(RelayRealm(provider, clock))
         portal.registerChecker(AllowAnonymousAccess())
-        factory = RelayFactory(SessionSettings(hostname="relay.test"), portal, None, clock)
+        settings = SessionSettings(hostname="relay.test")
+        factory = RelayFactory(settings, portal, None, clock, open_guard(settings, clock))
         protocol = factory.buildProtocol(None)
         transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 4000))
         protocol.makeConnection(transport)

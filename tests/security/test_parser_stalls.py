@@ -29,6 +29,7 @@ from smtpproxy.mime.message import Email, abandoned, parse_message
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers.graph.payload import MimeSend, plan_delivery
 from smtpproxy.providers.stdout import StdoutProvider
+from smtpproxy.spool import MessageBody
 from tests.support import (
     TIMEOUT,
     RecordingProvider,
@@ -237,7 +238,9 @@ class AbandonedDeliveryTests(SynchronousTestCase):
             parser=parser,
         )
         raw = multipart([b"Content-Type: text/plain\r\n\r\nsecret body text"] * 3)
-        message.chunkReceived(raw)
+        body = MessageBody()
+        body.write(raw)
+        message.bodyReceived(body)
         delivered = message.eomReceived()
         self.assertNoResult(delivered)
         clock.advance(6.0)  # past the budget before the next slice runs

@@ -27,10 +27,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from smtpproxy.config import load
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy import rules as policy
-from smtpproxy.policy.guard import OPEN, Guard, GuardSettings, settings_from
+from smtpproxy.policy.guard import Guard, GuardSettings, settings_from
 from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import (
+    OPEN,
     PASSWORD,
     TIMEOUT,
     USER,

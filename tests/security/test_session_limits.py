@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings
-from tests.support import RecordingProvider, message
+from tests.support import RecordingProvider, message, open_guard
 
 ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
 
@@ -32,7 +32,8 @@ class SessionTimingTests(SynchronousTestCase):
         settings = SessionSettings(
             hostname="relay.test", command_timeout=300, greeting_timeout=300, data_timeout=600
         )
-        self.factory = RelayFactory(settings, portal, None, self.clock)
+        guard = open_guard(settings, self.clock)
+        self.factory = RelayFactory(settings, portal, None, self.clock, guard)
 
     def connect(self) -> tuple[RelayProtocol, StringTransport]:
         protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
@@ -119,7 +120,8 @@ class SessionTimingTests(SynchronousTestCase):
         """A portal that refuses anonymous logins makes MAIL answer 530, not crash."""
         portal = Portal(RelayRealm(self.provider, self.clock))
         settings = SessionSettings(hostname="relay.test")
-        self.factory = RelayFactory(settings, portal, None, self.clock)
+        guard = open_guard(settings, self.clock)
+        self.factory = RelayFactory(settings, portal, None, self.clock, guard)
         protocol, transport = self.connect()
         protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nNOOP\r\n")
         self.assertEqual(self.replies(transport), [220, 250, 530, 250])

@@ -41,7 +41,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from smtpproxy import tap, tls
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy import pressure
-from smtpproxy.policy.guard import OPEN, Guard
+from smtpproxy.policy.guard import Guard
 from smtpproxy.smtp.protocol import (
     CLOSE_GRACE,
     FORCE_GRACE,
@@ -50,6 +50,7 @@ from smtpproxy.smtp.protocol import (
     SessionSettings,
 )
 from tests.support import (
+    OPEN,
     TIMEOUT,
     RecordingProvider,
     async_test,

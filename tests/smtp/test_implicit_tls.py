@@ -31,9 +31,9 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
-from smtpproxy.policy.guard import OPEN
 from smtpproxy.smtp import listeners
 from tests.support import (
+    OPEN,
     PASSWORD,
     TIMEOUT,
     USER,

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
-from tests.support import PASSWORD, USER, RecordingProvider
+from tests.support import PASSWORD, USER, RecordingProvider, open_guard
 
 FRAGMENTS = [
     b"EHLO x\r\n",
@@ -83,7 +83,7 @@ class ProtocolPropertyTests(SynchronousTestCase):
             allow_insecure_auth=True,
             binarymime=True,
         )
-        factory = RelayFactory(settings, portal, None, clock)
+        factory = RelayFactory(settings, portal, None, clock, open_guard(settings, clock))
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 25))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 4000))
         protocol.makeConnection(transport)

@@ -32,12 +32,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
-from smtpproxy.policy.guard import OPEN, Guard
+from smtpproxy.policy.guard import Guard
 from smtpproxy.smtp import protocol as smtp_module
 from smtpproxy.smtp.protocol import PAUSE_INPUT_AT, RelayFactory, RelayProtocol, SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
+from smtpproxy.twisted_private import buffered_bytes
 from tests.support import (
     ENVELOPE,
+    OPEN,
     PASSWORD,
     TIMEOUT,
     USER,
@@ -134,8 +136,7 @@ def only_session(factory: RelayFactory) -> RelayProtocol:
 
 def pending_output(session: RelayProtocol) -> int:
     """Bytes of replies Twisted holds in user space for this session's socket."""
-    transport = session._tcp
-    return int(transport._tempDataLen + len(transport.dataBuffer) - transport.offset)
+    return buffered_bytes(session._tcp)
 
 
 def connect_quietly(port: int) -> socket.socket:

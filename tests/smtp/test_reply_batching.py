@@ -31,9 +31,10 @@ from zope.interface import alsoProvides
 
 from smtpproxy import tls
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.policy.guard import OPEN, Guard
+from smtpproxy.policy.guard import Guard
 from smtpproxy.smtp.protocol import PAUSE_INPUT_AT, RelayFactory, RelayProtocol, SessionSettings
 from tests.support import (
+    OPEN,
     TIMEOUT,
     RecordingProvider,
     async_test,

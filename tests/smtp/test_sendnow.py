@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtpproxy.smtp.sendnow import writer_for
+from smtpproxy.twisted_private import buffered_bytes
 from tests.support import TIMEOUT, async_test, in_thread
 
 # Small kernel buffers on both ends: a large write then cannot fit in them,
@@ -80,7 +81,7 @@ def numbered(size: int) -> bytes:
 
 def held(transport: Any) -> int:
     """Bytes the transport holds in user space, not yet given to the socket."""
-    return int(transport._tempDataLen + len(transport.dataBuffer) - transport.offset)
+    return buffered_bytes(transport)
 
 
 class LoopbackTests(TestCase):
@@ -129,8 +130,7 @@ class LoopbackTests(TestCase):
         write(b"250 2.0.0 OK\r\n")
         # Twisted's own write would leave the bytes in _tempDataBuffer until
         # the reactor's next turn; sent now, nothing is held.
-        self.assertEqual(transport.dataBuffer, b"")
-        self.assertEqual(transport._tempDataLen, 0)
+        self.assertEqual(held(transport), 0)
         self.assertEqual(await in_thread(read_exactly, client, 14), b"250 2.0.0 OK\r\n")
 
     @async_test
@@ -161,7 +161,7 @@ class LoopbackTests(TestCase):
         # Everything was read, so the transport's buffers are empty again.
         self.assertEqual(held(transport), 0)
         write(b"221 bye\r\n")
-        self.assertEqual(transport._tempDataLen, 0)
+        self.assertEqual(held(transport), 0)
         self.assertEqual(await in_thread(read_exactly, client, 9), b"221 bye\r\n")
 
     @async_test
@@ -171,7 +171,7 @@ class LoopbackTests(TestCase):
         write = writer_for(transport)
         transport.loseConnection()
         write(b"421 closing\r\n")
-        self.assertEqual(transport._tempDataLen, len(b"421 closing\r\n"))
+        self.assertEqual(held(transport), len(b"421 closing\r\n"))
         self.assertEqual(await in_thread(read_to_eof, client), b"421 closing\r\n")
 
     def assert_same_bytes(self, received: bytes, expected: bytes) -> None:

@@ -29,9 +29,10 @@ from zope.interface import implementer
 
 from smtpproxy.delivery import RelayDelivery, RelayRealm
 from smtpproxy.mime.message import Email
-from smtpproxy.policy.guard import OPEN, Guard
+from smtpproxy.policy.guard import Guard
 from smtpproxy.smtp.protocol import CLOSE_GRACE, RelayFactory, RelayProtocol, SessionSettings
-from tests.support import TIMEOUT, RecordingProvider, async_test, read_replies
+from smtpproxy.twisted_private import buffered_bytes
+from tests.support import OPEN, TIMEOUT, RecordingProvider, async_test, read_replies
 
 # Small kernel buffers: the relay's replies fill them after a few thousand NOOPs.
 SMALL_BUFFER = 16 * 1024
@@ -57,7 +58,7 @@ def _writable(sock: socket.socket) -> bool:
 
 
 def _held(transport: Any) -> int:
-    return int(transport._tempDataLen + len(transport.dataBuffer) - transport.offset)
+    return buffered_bytes(transport)
 
 
 class StuckPeerTests(TestCase):

@@ -221,7 +221,11 @@ def parse_message(envelope_from: str, envelope_to: Sequence[str], raw: bytes) ->
     L{parse_steps} at once; the relay itself uses L{smtpproxy.mime.parsetask},
     which runs them across reactor turns within a time budget.
     """
-    steps = parse_steps(envelope_from, envelope_to, raw)
+    return _run(parse_steps(envelope_from, envelope_to, raw))
+
+
+def _run(steps: ParseSteps) -> Email:
+    """All of a parse's steps at once: its L{Email}."""
     while True:
         try:
             next(steps)
@@ -240,9 +244,20 @@ def parse_steps(envelope_from: str, envelope_to: Sequence[str], raw: bytes) -> P
     reads, so a caller that runs steps until a time slice is used up holds
     the reactor for at most that slice plus one piece.
     """
+    return _parse_steps(envelope_from, envelope_to, raw, quick=True)
+
+
+def _parse_steps(
+    envelope_from: str, envelope_to: Sequence[str], raw: bytes, quick: bool
+) -> ParseSteps:
+    """L{parse_steps}; C{quick=False} never takes the plain-text shortcut.
+
+    The shortcut must not change the result, only the time it takes:
+    tests/test_message_fastpath.py compares the two on generated messages.
+    """
     recipients = tuple(envelope_to)
     try:
-        return (yield from _Parse(raw).steps(envelope_from, recipients))
+        return (yield from _Parse(raw, quick).steps(envelope_from, recipients))
     except Exception as error:
         # A bug here or a standard library surprise: keep the whole message
         # as one attachment rather than lose it.
@@ -260,8 +275,10 @@ def parse_steps(envelope_from: str, envelope_to: Sequence[str], raw: bytes) -> P
 class _Parse:
     """One parse of one message: the raw bytes, and what was found in them so far."""
 
-    def __init__(self, raw: bytes) -> None:
+    def __init__(self, raw: bytes, quick: bool = True) -> None:
         self.raw = raw
+        # May the plain-text shortcut in steps() be taken?
+        self.quick = quick
         self.view = memoryview(raw)
         self.text: str | None = None
         self.html: str | None = None
@@ -272,7 +289,7 @@ class _Parse:
     def steps(self, envelope_from: str, envelope_to: tuple[str, ...]) -> ParseSteps:
         split: list[tuple[str, str]] | None = None
         blank = -1
-        if PLAIN_FAST_PATH:
+        if self.quick:
             # Most messages end their header block with the first empty CRLF
             # line; when every line before it is a field, that is where
             # split_headers would end it too, and one find replaces its scan.
@@ -283,7 +300,7 @@ class _Parse:
             header_end, body_start = blank + 2, blank + 4
         else:
             header_end, body_start = self.split_headers(0, len(self.raw))
-            if PLAIN_FAST_PATH and header_end != blank + 2 and header_end <= MAX_HEADER_BLOCK:
+            if self.quick and header_end != blank + 2 and header_end <= MAX_HEADER_BLOCK:
                 split = simple_header_fields(self.raw[:header_end])
         top: EmailMessage | None = None
         if split is not None and not names_mime_fields(split):
@@ -1023,10 +1040,6 @@ def _message_filename(data: bytes) -> str:
     except Exception:  # a name is a nicety, not worth failing the message for
         subject = ""
     return f"{subject}.eml" if subject else "message.eml"
-
-
-# Off only in tests, which compare the quick path with the full one.
-PLAIN_FAST_PATH = True
 
 
 # One header field with its folded continuation lines.  Every repeat is

@@ -43,9 +43,6 @@ _Client = tuple[str, Reply | None, bool]
 # Distinct client addresses remembered before the memo starts afresh.
 MAX_CACHED_CLIENTS = 4096
 
-OPEN = GuardSettings(allowed_networks=policy.parse_networks("0.0.0.0/0 ::/0"))
-"""No network restriction: what tests and benchmarks on loopback use."""
-
 
 class Guard:
     """Stateful policy shared by every session of one listener."""

@@ -24,7 +24,6 @@ loop, because most of stock Twisted's defects live there:
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from smtpproxy.config import Config
 from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.logsafe import LoginNames, clip
 from smtpproxy.logsummary import LogSummary
-from smtpproxy.policy.guard import OPEN, Guard
+from smtpproxy.policy.guard import Guard
 from smtpproxy.policy.pressure import IdleLimits, idle_limits, stressed
 from smtpproxy.policy.rules import client_name
 from smtpproxy.qualify import default_domain
@@ -208,14 +207,12 @@ class RelayProtocol(ESMTP):
     # when noisy; we log one structured line per message instead.
     noisy = False
 
-    def __init__(
-        self,
-        settings: SessionSettings,
-        portal: Portal,
-        tls_options: Any,
-        reactor: IReactorTime,
-    ) -> None:
-        ESMTP.__init__(self, chal=None, contextFactory=tls_options)
+    def __init__(self, factory: RelayFactory) -> None:
+        settings, portal, reactor = factory.settings, factory.portal, factory.reactor
+        ESMTP.__init__(self, chal=None, contextFactory=factory.tls_options)
+        # Every session belongs to the factory that built it (its listener):
+        # the caps, the guard, the spool and the shutdown all go through it.
+        self.factory = factory
         self.settings = settings
         self.host = settings.hostname.encode("ascii")
         self.portal = portal  # type: ignore[assignment]
@@ -236,7 +233,7 @@ class RelayProtocol(ESMTP):
         self._pending: list[bytes] = []
 
     # Per-session state and its starting values.
-    factory: RelayFactory | None = None
+    factory: RelayFactory
     mode = COMMAND
     user: str | None = None
     timeOut: float | None = None  # type: ignore[assignment]
@@ -279,6 +276,8 @@ class RelayProtocol(ESMTP):
     _peer = ""
     _admitted = False
     _auth_failures = 0
+    # connectionLost ran: a login finishing now is logged out at once.
+    _ended = False
     _write: Callable[[bytes], None] = staticmethod(_not_connected)
     # While a batch of input is handled, its replies are collected and sent
     # in one write: pipelined commands get one segment back.
@@ -313,31 +312,29 @@ class RelayProtocol(ESMTP):
         # As the transport's producer we hear when our replies back up (a
         # client that pipelines but never reads) and stop taking commands.
         self._tcp.registerProducer(self, True)
-        if self.factory is not None:
-            self.factory.sessions.add(self)
+        self.factory.sessions.add(self)
         if self.settings.log_sessions:
             log.debug("session opened", session=self.id, client=self._peer)
-        if self.factory is not None and self.factory.stopping:
+        if self.factory.stopping:
             self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
             return
-        if self.factory is not None:
-            refusal, self._needs_auth = self.factory.guard.connect(self._peer)
-            if refusal is not None:
-                # A refused client may reconnect in a loop: summarised per address.
-                self.factory.log_summary.emit(
-                    LogLevel.info,
-                    "connection refused",
-                    self._peer,
-                    session=self.id,
-                    reply=f"{refusal.code} {refusal.status}",
-                    reason=refusal.text,
-                )
-                self.sendCode(refusal.code, refusal.render())
-                self._close()
-                return
-            self._admitted = True
-            self.factory.load_changed()
+        refusal, self._needs_auth = self.factory.guard.connect(self._peer)
+        if refusal is not None:
+            # A refused client may reconnect in a loop: summarised per address.
+            self.factory.log_summary.emit(
+                LogLevel.info,
+                "connection refused",
+                self._peer,
+                session=self.id,
+                reply=f"{refusal.code} {refusal.status}",
+                reason=refusal.text,
+            )
+            self.sendCode(refusal.code, refusal.render())
+            self._close()
+            return
+        self._admitted = True
+        self.factory.load_changed()
         self._reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
         # Under implicit TLS this limit covers the handshake too.
         self.setTimeout(self._limits().greeting)
@@ -361,15 +358,13 @@ class RelayProtocol(ESMTP):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._abandon_message()
-        if self._onLogout is not None:
-            self._onLogout()
-            self._onLogout = None
+        self._ended = True
+        self._drop_avatar()
         self.setTimeout(None)
         self._closing = True
         self._release_slot()
-        if self.factory is not None:
-            self.factory.load_changed()
-            self.factory.session_ended(self)
+        self.factory.load_changed()
+        self.factory.session_ended(self)
         if self.settings.log_sessions:
             log.debug("session closed", session=self.id, client=self._peer)
 
@@ -403,10 +398,7 @@ class RelayProtocol(ESMTP):
             self._deadline = self._clock.seconds() + self.timeOut
 
     def _limits(self) -> IdleLimits:
-        if self.factory is not None:
-            return self.factory.idle_limits
-        s = self.settings
-        return idle_limits(s.greeting_timeout, s.command_timeout, False)
+        return self.factory.idle_limits
 
     def apply_idle_limits(self) -> None:
         """The relay's stress changed: re-derive this session's idle limit.
@@ -459,10 +451,9 @@ class RelayProtocol(ESMTP):
         if self._handshaking:
             # Implicit TLS and no complete handshake within the greeting
             # limit: nothing can be said to this client, so it is cut off.
-            if self.factory is not None:
-                self.factory.log_summary.emit(
-                    LogLevel.info, "TLS handshake timed out", self._peer, session=self.id
-                )
+            self.factory.log_summary.emit(
+                LogLevel.info, "TLS handshake timed out", self._peer, session=self.id
+            )
             self._closing = True
             self._release_slot()
             self._tcp.abortConnection()
@@ -557,7 +548,7 @@ class RelayProtocol(ESMTP):
         the session has ended, not here: idle sessions cut together in one
         storm must all be cut, not spared once the first few are closing.
         """
-        if self._admitted and self.factory is not None:
+        if self._admitted:
             self._admitted = False
             self.factory.guard.disconnect(self._peer)
 
@@ -827,7 +818,7 @@ class RelayProtocol(ESMTP):
     def _extension_reply(self) -> bytes:
         """EHLO's keyword lines as sent, built once per listener for each state they depend on."""
         key = (self.canStartTLS and not self.startedTLS, self._auth_offered())
-        cache = self.factory.ehlo_cache if self.factory is not None else {}
+        cache = self.factory.ehlo_cache
         lines = cache.get(key)
         if lines is None:
             keywords = self.listExtensions().splitlines()
@@ -853,9 +844,6 @@ class RelayProtocol(ESMTP):
             self._send(b"250-" + text.encode("ascii") + b"\r\n" + self._extension_reply())
             return
         self.sendCode(250, text.encode("ascii"))
-
-    def do_UNKNOWN(self, argument: str) -> None:
-        self._error(500, "5.5.2", "Command not recognized")
 
     def do_HELO(self, argument: str) -> None:
         self._greet(argument, extended=False)
@@ -905,21 +893,20 @@ class RelayProtocol(ESMTP):
         except CommandError as e:
             self._error_reply(e.reply)
             return
-        if self.factory is not None:
-            guard = self.factory.guard
-            refusal = guard.sender(parsed.sender) or guard.message(self._peer, self.user)
-            if refusal is not None:
-                self.factory.log_summary.emit(
-                    LogLevel.info,
-                    "sender refused",
-                    self._peer,
-                    session=self.id,
-                    user=self.user,
-                    sender=clip(parsed.sender),
-                    reply=f"{refusal.code} {refusal.status}",
-                )
-                self._error_reply(refusal, refusal=True)
-                return
+        guard = self.factory.guard
+        refusal = guard.sender(parsed.sender) or guard.message(self._peer, self.user)
+        if refusal is not None:
+            self.factory.log_summary.emit(
+                LogLevel.info,
+                "sender refused",
+                self._peer,
+                session=self.id,
+                user=self.user,
+                sender=clip(parsed.sender),
+                reply=f"{refusal.code} {refusal.status}",
+            )
+            self._error_reply(refusal, refusal=True)
+            return
         origin = ParsedAddress(parsed.sender, parsed)
 
         def accepted(result: object) -> None:
@@ -937,8 +924,8 @@ class RelayProtocol(ESMTP):
                     self._refused(result, "sender")
                     return None
                 login: tuple[Any, Any, Callable[[], None]] = result  # type: ignore[assignment]
-                _, delivery, self._onLogout = login
-                self.delivery = delivery
+                _, delivery, logout = login
+                self._take_avatar(delivery, logout)
                 try:
                     checked = delivery.validateFrom(self._helo, origin)
                 except Exception:
@@ -1019,18 +1006,17 @@ class RelayProtocol(ESMTP):
         except CommandError as e:
             self._error_reply(e.reply)
             return
-        if self.factory is not None:
-            refusal = self.factory.guard.recipient(parsed.recipient)
-            if refusal is not None:
-                self.factory.log_summary.emit(
-                    LogLevel.info,
-                    "recipient refused",
-                    self._peer,
-                    session=self.id,
-                    recipient=clip(parsed.recipient),
-                )
-                self._error_reply(refusal, refusal=True)
-                return
+        refusal = self.factory.guard.recipient(parsed.recipient)
+        if refusal is not None:
+            self.factory.log_summary.emit(
+                LogLevel.info,
+                "recipient refused",
+                self._peer,
+                session=self.id,
+                recipient=clip(parsed.recipient),
+            )
+            self._error_reply(refusal, refusal=True)
+            return
         key = _address_key(parsed.recipient)
         if key in self._to_keys:
             # The same mailbox twice must still receive the message once.
@@ -1088,10 +1074,7 @@ class RelayProtocol(ESMTP):
             self._reset_transaction()
             return reply_for_failure(e)
         self._messages = messages
-        if self.factory is not None:
-            self._body = self.factory.spool.body()
-        else:
-            self._body = MessageBody(self.settings.spool_threshold, None, self.settings.spool_dir)
+        self._body = self.factory.spool.body()
         self._data_started = self._clock.seconds()
         return None
 
@@ -1408,7 +1391,7 @@ class RelayProtocol(ESMTP):
         self._reset_transaction()
         self.authenticated = False
         self.user = None
-        self.delivery = None
+        self._drop_avatar()
         self.deliveryFactory = None
 
     # -- AUTH -----------------------------------------------------------------
@@ -1429,7 +1412,7 @@ class RelayProtocol(ESMTP):
         if self._from is not None:
             self._error(503, "5.5.1", "AUTH is not allowed during a mail transaction")
             return
-        if self.factory is not None and self.factory.guard.auth_blocked(self._peer):
+        if self.factory.guard.auth_blocked(self._peer):
             self._reply(421, "4.7.0", "Too many failed logins from your address, try later")
             self._close()
             return
@@ -1492,9 +1475,8 @@ class RelayProtocol(ESMTP):
 
         def succeeded(result: tuple[Any, Any, Callable[[], None]]) -> None:
             _, avatar, logout = result
-            self.delivery = avatar
+            self._take_avatar(avatar, logout)
             self.deliveryFactory = None
-            self._onLogout = logout
             self.authenticated = True
             self.user = username
             log.info("authenticated", session=self.id, client=self._peer, username=username)
@@ -1511,15 +1493,40 @@ class RelayProtocol(ESMTP):
         d.addCallbacks(succeeded, failed)
         self._busy_with(d)
 
+    # -- the logged-in avatar -------------------------------------------------
+
+    def _take_avatar(self, avatar: IMessageDelivery, logout: Callable[[], None]) -> None:
+        """Use a freshly logged-in avatar; the one it replaces is logged out first.
+
+        A login that completes after the connection was lost is logged out
+        at once: nothing else would ever release it.
+        """
+        self._drop_avatar()
+        if self._ended:
+            self._logout(logout)
+            return
+        self.delivery = avatar
+        self._onLogout = logout
+
+    def _drop_avatar(self) -> None:
+        """Forget the avatar (STARTTLS, a new login, the end): its logout runs once."""
+        logout, self._onLogout = self._onLogout, None
+        self.delivery = None
+        if logout is not None:
+            self._logout(logout)
+
+    def _logout(self, logout: Callable[[], None]) -> None:
+        try:
+            logout()
+        except Exception:
+            # An identity backend's bug must not stop the session's cleanup.
+            log.failure("avatar logout failed", session=self.id)
+
     def _auth_failed(self, username: str) -> defer.Deferred[None] | None:
         """Answer a wrong password slowly; after too many, close the session."""
         self._auth_failures += 1
-        delay, blocked = 0.0, False
-        if self.factory is not None:
-            delay, blocked = self.factory.guard.auth_failed(self._peer, self._auth_failures)
-            names = self.factory.login_names
-        else:  # a session under test, without a listener: no user configured
-            names = LoginNames(())
+        delay, blocked = self.factory.guard.auth_failed(self._peer, self._auth_failures)
+        names = self.factory.login_names
         # Each failure is its own line: the guard's delays and address ban
         # already bound how many one address can cause.  The name appears
         # only when it is a configured user (a password typed into the user
@@ -1576,11 +1583,9 @@ class RelayFactory(ServerFactory):
         portal: Portal,
         tls_options: Any,
         reactor: IReactorTime,
-        guard: Guard | None = None,
+        guard: Guard,
     ) -> None:
         self.settings = settings
-        if guard is None:
-            guard = Guard(dataclasses.replace(OPEN, auth_enabled=settings.auth_enabled), reactor)
         self.guard = guard
         self.portal = portal
         self.tls_options = tls_options
@@ -1610,9 +1615,7 @@ class RelayFactory(ServerFactory):
         self.log_summary.stop()
 
     def buildProtocol(self, addr: IAddress | None) -> RelayProtocol:  # type: ignore[override]
-        protocol = RelayProtocol(self.settings, self.portal, self.tls_options, self.reactor)
-        protocol.factory = self
-        return protocol
+        return RelayProtocol(self)
 
     def session_ended(self, session: RelayProtocol) -> None:
         self.sessions.discard(session)

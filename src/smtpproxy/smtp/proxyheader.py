@@ -14,8 +14,8 @@ log line and a closed connection, never a traceback.  The text form (v1) is
 parsed here in full: Twisted's parser lets C{UnicodeDecodeError} and
 C{ValueError} escape on odd bytes, refuses the valid C{PROXY UNKNOWN}, and
 takes any text for an address.  The binary form (v2) is framed and bounded
-here and decoded by Twisted's private C{V2Parser}, the only private Twisted
-API this module uses.
+here and decoded by Twisted's private C{V2Parser}, reached through
+L{smtpproxy.twisted_private} (which checks it at start-up).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
-from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, providedBy
 
 from smtpproxy.logsummary import LogSummary
 from smtpproxy.policy.rules import client_name
+from smtpproxy.twisted_private import parse_proxy_v2
 
 log = Logger(namespace="smtpproxy.proxyheader")
 
@@ -132,15 +132,14 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     if len(data) < length:
         return None
     try:
-        info = V2Parser.parse(data[:length])
+        source, destination = parse_proxy_v2(data[:length])
     except Exception as error:
         # Twisted's parser of untrusted bytes: whatever it raises means the
         # header is not one we can use (it documents InvalidProxyHeader, but
         # a closed connection is the right answer to anything else too).
         raise HeaderError(f"malformed PROXY header ({type(error).__name__})") from None
-    if info.source is None:
+    if source is None:
         return ProxyHeader(None, None, length)  # LOCAL, or an unspecified family
-    source, destination = info.source, info.destination
     if not (_tcp_over_ip(source) and _tcp_over_ip(destination)):
         raise HeaderError("PROXY header names a client that is not TCP over IP")
     return ProxyHeader(source, destination, length)

@@ -14,6 +14,10 @@ same).  Whatever the socket does not take, and every case we cannot prove
 is plain TCP with an empty buffer (TLS, a wrapped transport, a closing
 connection, a send error), goes through the transport's own C{write}, which
 keeps ordering, flow control and error handling exactly as Twisted does them.
+
+No public interface says whether a transport's buffer is empty; that one
+private read lives in L{smtpproxy.twisted_private}, which checks it at
+start-up.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
+
+from smtpproxy.twisted_private import write_buffer_empty
 
 
 def writer_for(connection: object) -> Callable[[bytes], None]:
@@ -37,8 +43,7 @@ def writer_for(connection: object) -> Callable[[bytes], None]:
             transport.TLS
             or transport.disconnecting
             or not transport.connected
-            or transport.dataBuffer
-            or transport._tempDataLen
+            or not write_buffer_empty(transport)
         ):
             transport.write(data)
             return

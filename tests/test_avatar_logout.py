@@ -1,0 +1,148 @@
+"""Cred hygiene: every avatar the session gets from the portal is logged out once.
+
+Logout is a no-op for today's realm, but an identity backend may hold a
+connection or a lease per login.  The realm here wraps the relay's own and
+records each login and logout; the sessions run in process over a
+StringTransport (one that can start TLS, for STARTTLS).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from typing import Any
+
+from twisted.cred import credentials
+from twisted.cred.checkers import ANONYMOUS, AllowAnonymousAccess, ICredentialsChecker
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from smtpproxy import tls
+from smtpproxy.delivery import RelayRealm
+from smtpproxy.policy.guard import Guard
+from smtpproxy.policy.rules import parse_networks
+from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.smtp.sasl import StaticPasswordChecker
+from tests.recorder import TLSStringTransport
+from tests.support import OPEN, PASSWORD, USER, RecordingProvider, certificate
+
+CLIENT = IPv4Address("TCP", "192.0.2.1", 4000)
+PLAIN = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
+
+
+@implementer(IRealm)
+class RecordingRealm:
+    """The relay's realm, with each login and logout written to C{events}."""
+
+    def __init__(self, realm: RelayRealm) -> None:
+        self.realm = realm
+        self.events: list[tuple[str, str]] = []
+
+    def requestAvatar(self, avatarId: Any, mind: object, *interfaces: Any) -> Any:
+        kind, avatar, _ = self.realm.requestAvatar(avatarId, mind, *interfaces)
+        name = "anonymous" if avatarId is ANONYMOUS else avatarId.decode()
+        self.events.append(("login", name))
+        return kind, avatar, lambda: self.events.append(("logout", name))
+
+
+@implementer(ICredentialsChecker)
+class SlowChecker:
+    """Accepts every password, but only when the test fires the answer."""
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[bytes | tuple[()]]] = []
+
+    def requestAvatarId(
+        self, creds: credentials.IUsernamePassword
+    ) -> defer.Deferred[bytes | tuple[()]]:
+        d: defer.Deferred[bytes | tuple[()]] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+class AvatarLogoutTests(SynchronousTestCase):
+    def session(
+        self, *, auth: bool = False, checker: ICredentialsChecker | None = None
+    ) -> tuple[RelayProtocol, TLSStringTransport, RecordingRealm]:
+        clock = Clock()
+        realm = RecordingRealm(RelayRealm(RecordingProvider(), clock))
+        portal = Portal(realm)
+        portal.registerChecker(AllowAnonymousAccess())
+        if auth:
+            portal.registerChecker(checker or StaticPasswordChecker(USER, PASSWORD))
+        settings = SessionSettings(
+            hostname="relay.test",
+            auth_enabled=auth,
+            allow_insecure_auth=True,
+            auth_users=(USER,) if auth else (),
+        )
+        # The client's network is trusted: it may send with or without AUTH.
+        guard = dataclasses.replace(
+            OPEN, auth_enabled=auth, trusted_networks=parse_networks("192.0.2.0/24")
+        )
+        context = tls.server_context(*certificate())
+        factory = RelayFactory(settings, portal, context, clock, Guard(guard, clock))
+        protocol = factory.buildProtocol(CLIENT)
+        transport = TLSStringTransport(peerAddress=CLIENT)
+        protocol.makeConnection(transport)
+        return protocol, transport, realm
+
+    def end(self, protocol: RelayProtocol) -> None:
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+    def codes(self, transport: TLSStringTransport) -> list[int]:
+        lines = transport.value().split(b"\r\n")
+        return [int(line[:3]) for line in lines if line[3:4] == b" "]
+
+    def test_session_end_logs_out_once(self) -> None:
+        """The anonymous avatar of a plain session is logged out when it ends, once."""
+        protocol, transport, realm = self.session()
+        protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nQUIT\r\n")
+        self.assertEqual(self.codes(transport), [220, 250, 250, 221])
+        self.end(protocol)
+        self.end(protocol)  # a second report of the end changes nothing
+        self.assertEqual(realm.events, [("login", "anonymous"), ("logout", "anonymous")])
+
+    def test_starttls_logs_out_the_avatar(self) -> None:
+        """STARTTLS forgets the avatar (RFC 3207) and logs it out then, not at the end;
+        the avatar of the TLS session is logged out when the session ends."""
+        protocol, transport, realm = self.session()
+        protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRSET\r\nSTARTTLS\r\n")
+        self.assertTrue(transport.tls_started)
+        self.assertEqual(realm.events, [("login", "anonymous"), ("logout", "anonymous")])
+        protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(self.codes(transport), [220, 250, 250, 250, 220, 250, 250])
+        self.end(protocol)
+        self.assertEqual(realm.events, [("login", "anonymous"), ("logout", "anonymous")] * 2)
+
+    def test_auth_replaces_the_anonymous_avatar(self) -> None:
+        """AUTH after an anonymous MAIL (from a trusted network) logs the anonymous avatar
+        out; a second AUTH is refused without a login; the end logs the user out."""
+        protocol, transport, realm = self.session(auth=True)
+        protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRSET\r\n")
+        protocol.dataReceived(f"AUTH PLAIN {PLAIN}\r\nAUTH PLAIN {PLAIN}\r\n".encode())
+        self.assertEqual(self.codes(transport), [220, 250, 250, 250, 235, 503])
+        self.assertEqual(
+            realm.events, [("login", "anonymous"), ("login", USER), ("logout", "anonymous")]
+        )
+        self.end(protocol)
+        self.assertEqual(realm.events[3:], [("logout", USER)])
+
+    def test_login_finishing_after_the_end_is_logged_out(self) -> None:
+        """A login whose answer arrives after the connection is gone is logged out at
+        once: nothing else would ever release that avatar."""
+        checker = SlowChecker()
+        protocol, _, realm = self.session(auth=True, checker=checker)
+        protocol.dataReceived(f"EHLO c\r\nAUTH PLAIN {PLAIN}\r\n".encode())
+        self.end(protocol)
+        self.assertEqual(realm.events, [])
+        checker.pending[0].callback(USER.encode())
+        self.assertEqual(realm.events, [("login", USER), ("logout", USER)])

@@ -1,9 +1,10 @@
 """Every envelope recipient receives every message, whatever its header block looks like.
 
-Each message of the shared corpus (see tests/test_corpus.py) and of the
-project's own hostile set (tests/hostile_messages.py) goes through the real
-parser and the real Graph provider to the strict fake Graph, in two envelope
-shapes:
+Each message of the project's own MIME set (tests/data/mime, in every
+clone), of the shared corpus when it is present (see tests/test_corpus.py)
+and of the project's own hostile set (tests/hostile_messages.py) goes
+through the real parser and the real Graph provider to the strict fake
+Graph, in two envelope shapes:
 
   - header-plus-one: every To/Cc/Bcc address an SMTP client could name in
     RCPT TO and Graph would deliver to (a header's C{xx@xx} is left out:
@@ -39,7 +40,7 @@ from tests.fakegraph import (
     parse_mime,
 )
 from tests.hostile_messages import MESSAGES, PAYLOAD
-from tests.mime.test_corpus import CORPUS, corpus_files
+from tests.mime.test_corpus import CORPUS, OWN_SET, corpus_files, own_files
 from tests.providers.graph.test_provider import MAILBOX, Harness
 
 EXTRA = "one-more@elsewhere.example"
@@ -183,6 +184,9 @@ def _constant(raw: bytes) -> Callable[[], bytes]:
 
 for _name, _raw in MESSAGES.items():
     _add("own_" + _name, _constant(_raw), f"own message {_name}")
+for _path in own_files():
+    _relative = _path.relative_to(OWN_SET)
+    _add("mime_" + str(_relative), _reader(_path), f"own MIME set {_relative}")
 for _path in corpus_files():
     _relative = _path.relative_to(CORPUS)
     _add("corpus_" + str(_relative), _reader(_path), f"corpus {_relative}")

@@ -59,7 +59,7 @@ from smtpproxy.guard import OPEN, Guard
 from smtpproxy.logsafe import LoginNames, clip
 from smtpproxy.logsummary import LogSummary
 from smtpproxy.policy import client_name
-from smtpproxy.pressure import IdleLimits, idle_limits, stressed
+from smtpproxy.pressure import ENTER, IdleLimits, idle_limits, stressed
 from smtpproxy.qualify import default_domain
 from smtpproxy.sendnow import writer_for
 from smtpproxy.spool import InflightBudget, MessageBody, Spool
@@ -1306,7 +1306,9 @@ class RelayFactory(ServerFactory):
 
     def session_ended(self, session: RelayProtocol) -> None:
         self.sessions.discard(session)
-        if not self.sessions:
+        # Nothing to finish unless a drain is under way (most sessions end
+        # with none).
+        if not self.sessions and (self._drained or self._give_up_call is not None):
             self._finish_drain()
 
     def _finish_drain(self) -> None:
@@ -1325,6 +1327,9 @@ class RelayFactory(ServerFactory):
         from happening on every connection at the threshold.
         """
         counter = self.guard.connections
+        if not self.stressed and counter.total < ENTER * counter.max_total:
+            # Calm and below the threshold, as nearly always: no change.
+            return
         now = stressed(counter.total, counter.max_total, self.stressed)
         if now == self.stressed:
             return

@@ -149,7 +149,8 @@ class RelayMessage:
         if self._dsn is not None:
             email = dataclasses.replace(email, dsn=self._dsn)
         fields["message_id"] = None if email.message_id is None else clip(email.message_id)
-        _log_warnings(self.id, fields["message_id"], email.warnings, email.warnings_omitted)
+        if email.warnings or email.warnings_omitted:
+            _log_warnings(self.id, fields["message_id"], email.warnings, email.warnings_omitted)
 
         def delivered(_: object) -> str:
             if self._log_delivered:

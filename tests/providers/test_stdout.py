@@ -488,3 +488,17 @@ class ExcerptTests(SynchronousTestCase):
     def test_same_as_the_plain_rules(self, text: str) -> None:
         """For any text, ASCII or not, the excerpt equals the plain replace-and-substitute."""
         self.assertEqual(stdout._excerpt(text), _reference_excerpt(text))
+
+    @example("")
+    @example(" \t\r\n")
+    @example("a \r\n \r\n")
+    @example("a\x0c")
+    @example("a\n\n\x1f")
+    @example("| a\r\n\r\nb\t")
+    @given(text=st.one_of(_ASCII_TEXT, _ANY_TEXT))
+    def test_prefixed_same_as_prefixing_after(self, text: str) -> None:
+        """The one-join prefixed excerpt equals the excerpt prefixed line by line."""
+        expected = stdout.BODY_PREFIX + _reference_excerpt(text).replace(
+            "\n", "\n" + stdout.BODY_PREFIX
+        )
+        self.assertEqual(stdout._prefixed_excerpt(text), expected)

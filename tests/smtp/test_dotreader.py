@@ -66,3 +66,46 @@ class DataReaderTests(SynchronousTestCase):
         body = b"".join(line + b"\r\n" for line in lines)
         stream = _stuff(body) + b".\r\nREST"
         self.assertEqual(_read(stream, sizes), (body, b"REST"))
+
+    @given(
+        stream=st.lists(
+            st.sampled_from([b"\r\n", b".", b"\r", b"\n", b"..", b"\r\n.\r\n", b"a", b"\r\n."]),
+            max_size=40,
+        ).map(b"".join),
+        sizes=st.lists(st.integers(min_value=1, max_value=17), min_size=1, max_size=5),
+    )
+    def test_same_as_two_scans(self, stream: bytes, sizes: list[int]) -> None:
+        """Any bytes, correctly stuffed or not, any chunking: what the reader keeps, where
+        it ends and the size it counts are those of the plain marker search plus
+        unstuffing of every chunk (the reader's one-scan shortcut changes nothing)."""
+        self.assertEqual(_read(stream, sizes), _reference_read(stream, sizes))
+
+
+def _reference_read(stream: bytes, sizes: list[int]) -> tuple[bytes | None, bytes]:
+    """L{_read} with the reader's first algorithm: find the marker, unstuff every chunk."""
+    marker, stuffed = b"\r\n.\r\n", b"\r\n."
+    kept: list[bytes] = []
+    tail, started, position, step = b"\r\n", False, 0, 0
+
+    def store(chunk: bytes) -> None:
+        nonlocal started
+        chunk = chunk.replace(stuffed, b"\r\n")
+        if not started:
+            if not chunk:
+                return
+            chunk, started = chunk[2:], True
+        kept.append(chunk)
+
+    while position < len(stream):
+        data = stream[position : position + sizes[step % len(sizes)]]
+        step += 1
+        work = tail + data
+        end = work.find(marker)
+        if end >= 0:
+            store(work[: end + 2])
+            return b"".join(kept), stream[position + end + len(marker) - len(tail) :]
+        keep = next((n for n in range(min(4, len(work)), 0, -1) if work.endswith(marker[:n])), 0)
+        store(work[: len(work) - keep])
+        tail = work[len(work) - keep :]
+        position += len(data)
+    return None, b""

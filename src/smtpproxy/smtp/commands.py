@@ -118,13 +118,18 @@ def split_command(line: bytes) -> tuple[str, str]:
         or NUL inside the line, malformed UTF-8, non-ASCII outside MAIL and
         RCPT), so the caller never has to decode anything itself.
     """
-    check_line(line)
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
+        check_line(line)
         # 501 when the verb itself is readable: the argument is what is wrong.
         verb_ok = line.lstrip(b" \t").split(b" ", 1)[0].isascii()
         raise CommandError(501 if verb_ok else 500, "5.5.2", "Malformed UTF-8 in command") from None
+    # CR, LF and NUL are not printable: the usual printable line skips
+    # check_line's three scans, and any other line still gets them, before
+    # anything else is decided, exactly as if they came first.
+    if not text.isprintable():
+        check_line(line)
     text = text.strip(" \t")
     verb, _, rest = text.partition(" ")
     if not text.isascii() and verb.upper() not in _UTF8_VERBS:

@@ -78,18 +78,27 @@ class DataReader:
             belongs to the command stream).
         """
         work = self._tail + data if self._tail else data
-        end = work.find(_MARKER)
+        # The end marker and a stuffed dot both start with CRLF ".", which
+        # ordinary text rarely holds.  When its first occurrence is the
+        # marker (or there is none), nothing before the marker is stuffed:
+        # one scan of the chunk instead of a search for the marker and a
+        # second one for stuffed dots, each slowed down by every line end.
+        first = work.find(_STUFFED)
+        plain = first < 0 or work.startswith(_MARKER, first)
+        end = first if plain else work.find(_MARKER)
         if end >= 0:
-            self._store(work[: end + 2])
+            self._store(work[: end + 2], plain)
             self._tail = b""
             return end + len(_MARKER) - (len(work) - len(data))
         keep = _partial_marker(work)
-        self._store(work[: len(work) - keep] if keep else work)
+        self._store(work[: len(work) - keep] if keep else work, plain)
         self._tail = work[len(work) - keep :] if keep else b""
         return None
 
-    def _store(self, chunk: bytes) -> None:
-        chunk = chunk.replace(_STUFFED, b"\r\n")
+    def _store(self, chunk: bytes, plain: bool = False) -> None:
+        """Unstuff C{chunk} (unless C{plain}: it has no CRLF "." at all) and keep it."""
+        if not plain:
+            chunk = chunk.replace(_STUFFED, b"\r\n")
         if not self._started:
             # Drop the CRLF we pretended to have seen before the body.  A
             # marker prefix never splits it, so a chunk holds all or none of it.

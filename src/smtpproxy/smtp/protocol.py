@@ -59,7 +59,7 @@ from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.logsafe import LoginNames, clip
 from smtpproxy.logsummary import LogSummary
 from smtpproxy.policy.guard import Guard
-from smtpproxy.policy.pressure import IdleLimits, idle_limits, stressed
+from smtpproxy.policy.pressure import ENTER, IdleLimits, idle_limits, stressed
 from smtpproxy.policy.rules import client_name
 from smtpproxy.qualify import default_domain
 from smtpproxy.smtp import sasl as auth
@@ -1619,7 +1619,9 @@ class RelayFactory(ServerFactory):
 
     def session_ended(self, session: RelayProtocol) -> None:
         self.sessions.discard(session)
-        if not self.sessions:
+        # Nothing to finish unless a drain is under way (most sessions end
+        # with none).
+        if not self.sessions and (self._drained or self._give_up_call is not None):
             self._finish_drain()
 
     def _finish_drain(self) -> None:
@@ -1638,6 +1640,9 @@ class RelayFactory(ServerFactory):
         from happening on every connection at the threshold.
         """
         counter = self.guard.connections
+        if not self.stressed and counter.total < ENTER * counter.max_total:
+            # Calm and below the threshold, as nearly always: no change.
+            return
         now = stressed(counter.total, counter.max_total, self.stressed)
         if now == self.stressed:
             return

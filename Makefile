@@ -33,7 +33,7 @@ unit: $(BIN)/.deps
 	$(BIN)/trial --jobs=2 tests
 
 fuzz: $(BIN)/.deps
-	HYPOTHESIS_PROFILE=long $(BIN)/trial tests.smtp.test_properties_protocol tests.mime.test_properties_mime tests.smtp.test_commands tests.smtp.test_dotreader tests.policy.test_rules tests.smtp.test_chunking tests.test_dsn tests.test_properties_bounded tests.test_logsafe
+	HYPOTHESIS_PROFILE=long $(BIN)/trial tests.smtp.test_properties_protocol tests.mime.test_properties_mime tests.smtp.test_commands tests.smtp.test_dotreader tests.policy.test_rules tests.smtp.test_chunking tests.test_dsn tests.mime.test_properties_bounded tests.test_logsafe
 
 bench: $(BIN)/.deps
 	$(BIN)/python bench/run.py

@@ -1004,6 +1004,11 @@ def _oversized_mime_header(headers: EmailMessage) -> str | None:
             return f"{_quote(name)} header longer than {MAX_MIME_HEADER} characters"
         if value.count(";") > MAX_MIME_PARAMETERS:
             return f"{_quote(name)} header with more than {MAX_MIME_PARAMETERS} parameters"
+        if value.count("(") > MAX_MIME_PARAMETERS:
+            # The standard library re-reads the rest of the value for every
+            # comment: 1,300 comments in 4 KB took 75 ms, found by the
+            # property tests.  Real MIME headers carry a comment or two.
+            return f"{_quote(name)} header with more than {MAX_MIME_PARAMETERS} comments"
     return None
 
 

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.config import ConfigError, load
+from smtpproxy.providers.graph.settings import GraphSettings
 from smtpproxy.qualify import default_domain, is_deliverable, qualify
 from smtpproxy.smtp.commands import CommandError, parse_mail
 from smtpproxy.smtp.protocol import session_settings
@@ -63,7 +64,11 @@ class QualifyTests(SynchronousTestCase):
             },
             fqdn=lambda: "relay.test",
         )
-        self.assertEqual(session_settings(graph).default_domain, "contoso.example")
+        # The Graph provider's mailboxes reach the session through tap.
+        senders = GraphSettings.from_config(graph).sender
+        self.assertEqual(
+            session_settings(graph, mailboxes=senders).default_domain, "contoso.example"
+        )
         with self.assertRaises(ConfigError):
             load({"SMTP_DEFAULT_DOMAIN": "not a domain"}, fqdn=lambda: "relay.test")
 

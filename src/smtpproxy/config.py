@@ -81,7 +81,8 @@ class Config:
     provider: str = "stdout"
     stdout_format: str = "text"
     # Values of the settings providers declare (L{register_settings}), by
-    # attribute name; read as attributes (config.graph_sender) like the rest.
+    # attribute name.  A provider reads them typed (the Graph provider through
+    # its GraphSettings); attribute access (config.graph_sender) is for tests.
     provider_settings: Mapping[str, Any] = field(default_factory=dict)
     # Not a setting: (setting, what happened) for each value load() had to
     # fall back on, logged as warnings once logging has started.
@@ -101,7 +102,7 @@ class Config:
             raise TypeError(f"Config has no setting {', '.join(unknown)}")
         return cls(**values, provider_settings=extra)
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> object:
         # Only reached when no field matched: a provider's setting, set or default.
         if not name.startswith("_"):
             if name in self.provider_settings:

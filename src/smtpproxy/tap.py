@@ -315,7 +315,9 @@ def makeService(options: Options) -> RelayService:
             StaticPasswordChecker(settings.smtp_username, settings.smtp_password)
         )
     # BINARYMIME only where the provider says it carries binary content.
-    session = session_settings(settings, getattr(provider, "binary_mime", False))
+    session = session_settings(
+        settings, getattr(provider, "binary_mime", False), providers.mailboxes(provider)
+    )
     guard = Guard(guard_settings(settings), reactor)
     context = options.get("tls_context") or tls.server_context(cert, key)
     factory = RelayFactory(session, portal, context, reactor, guard)

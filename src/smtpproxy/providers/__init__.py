@@ -63,6 +63,16 @@ def accepts_raw_mime(provider: Provider) -> bool:
     return bool(getattr(provider, "accepts_raw_mime", False))
 
 
+def mailboxes(provider: Provider) -> tuple[str, ...]:
+    """The mailboxes C{provider} sends as, if it has any (Graph's C{GRAPH_SENDER}).
+
+    Optional like L{accepts_raw_mime}: the first one's domain qualifies a
+    bare C{MAIL FROM:<root>} when C{SMTP_DEFAULT_DOMAIN} is unset.
+    """
+    found = getattr(provider, "mailboxes", ())
+    return tuple(str(mailbox) for mailbox in found) if isinstance(found, tuple) else ()
+
+
 ProviderFactory = Callable[["Config", "IReactorTime"], Provider]
 
 ENTRY_POINT_GROUP = "smtpproxy.providers"

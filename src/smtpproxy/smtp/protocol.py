@@ -25,7 +25,7 @@ loop, because most of stock Twisted's defects live there:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,10 +143,13 @@ class SessionSettings:
     binarymime: bool = False
 
 
-def session_settings(config: Config, binarymime: bool = False) -> SessionSettings:
+def session_settings(
+    config: Config, binarymime: bool = False, mailboxes: Sequence[str] = ()
+) -> SessionSettings:
     """The per-session view of the configuration.
 
     @param binarymime: offer BINARYMIME (see the provider's C{binary_mime}).
+    @param mailboxes: the mailboxes the provider sends as (the default domain).
     """
     return SessionSettings(
         hostname=config.smtp_hostname,
@@ -163,7 +166,7 @@ def session_settings(config: Config, binarymime: bool = False) -> SessionSetting
         max_errors=config.smtp_max_errors,
         max_refusals=config.smtp_max_refusals,
         max_auth_failures=config.smtp_auth_max_failures,
-        default_domain=default_domain(config.smtp_default_domain, config.graph_sender),
+        default_domain=default_domain(config.smtp_default_domain, mailboxes),
         auth_users=(config.smtp_username,) if config.auth_enabled else (),
         log_sessions=config.log_level == "debug",
         binarymime=binarymime,

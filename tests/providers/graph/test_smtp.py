@@ -78,8 +78,8 @@ def relay_to_fake_graph(case: TestCase) -> tuple[FakeGraph, Relay]:
     )
     provider = GraphProvider(config, reactor, tuning=Tuning(backoff_base=0.02))
     case.addCleanup(provider.close)
-    # As in production, the session qualifies MAIL FROM with what the configuration says.
-    domain = session_settings(config).default_domain
+    # As in production (tap), the session qualifies MAIL FROM with the provider's mailbox.
+    domain = session_settings(config, mailboxes=provider.mailboxes).default_domain
     relay = start_relay(
         case, provider=cast(Any, provider), tls_enabled=False, default_domain=domain
     )

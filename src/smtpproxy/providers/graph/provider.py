@@ -61,6 +61,7 @@ from smtpproxy.providers.graph.retry import (
     parse_retry_after,
     response_problem,
 )
+from smtpproxy.providers.graph.settings import GraphSettings
 from smtpproxy.providers.graph.tokens import (
     Token,
     TokenCache,
@@ -167,14 +168,16 @@ class GraphProvider:
         tuning: Tuning | None = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:
-        if not config.graph_sender:
+        settings = GraphSettings.from_config(config)
+        if not settings.sender:
             raise ValueError("GraphProvider needs at least one GRAPH_SENDER mailbox")
         self._config = config
+        self._settings = settings
         self._reactor = reactor
         self._tuning = tuning or Tuning()
         self._jitter = jitter
-        self._senders = config.graph_sender
-        self._concurrency = config.graph_max_concurrency
+        self._senders = settings.sender
+        self._concurrency = settings.max_concurrency
         self._pool: HTTPConnectionPool | None = None
         if http_client is None:
             pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
@@ -187,15 +190,20 @@ class GraphProvider:
             agent = Agent(reactor, pool=pool)  # type: ignore[no-untyped-call]
             http_client = HTTPClient(agent)
         self._http: HTTPRequester = http_client
-        self._urls = GraphUrls(config.graph_endpoint)
-        self._token_url = token_url(config.graph_authority_host, config.graph_tenant_id)
+        self._urls = GraphUrls(settings.endpoint)
+        self._token_url = token_url(settings.authority_host, settings.tenant_id)
         self._tokens = TokenCache(reactor, self._fetch_token)
         self._gates: dict[str, DeferredSemaphore] = {}
 
     @property
+    def mailboxes(self) -> tuple[str, ...]:
+        """The mailboxes this provider sends as (C{GRAPH_SENDER})."""
+        return self._senders
+
+    @property
     def accepts_raw_mime(self) -> bool:
         """Graph takes raw MIME unless told to send JSON only."""
-        return bool(self._config.graph_send_mode != "json")
+        return self._settings.send_mode != "json"
 
     def send(self, email: Email) -> Deferred[None]:
         """Deliver C{email}; fire once Graph accepted it (HTTP 202)."""
@@ -211,9 +219,9 @@ class GraphProvider:
     # -- one message -------------------------------------------------------
 
     async def _send(self, email: Email) -> None:
-        deadline = self._reactor.seconds() + self._config.graph_send_timeout
+        deadline = self._reactor.seconds() + self._settings.send_timeout
         domain = self._config.smtp_default_domain
-        plan = plan_delivery(email, self._senders, self._config.graph_send_mode, domain)
+        plan = plan_delivery(email, self._senders, self._settings.send_mode, domain)
         try:
             reply = await self._carry_out(plan, deadline)
         except GraphRequestError as rejected:
@@ -221,7 +229,7 @@ class GraphProvider:
             # is built from our own parse and may well be acceptable.
             if not (
                 isinstance(plan, MimeSend)
-                and self._config.graph_send_mode == "auto"
+                and self._settings.send_mode == "auto"
                 and not email.abandoned
                 and rejected.graph_code.startswith("ErrorMimeContent")
             ):
@@ -244,7 +252,7 @@ class GraphProvider:
         )
 
     async def _carry_out(self, plan: Plan, deadline: float) -> _Reply:
-        emit = log.warn if self._config.graph_send_mode == "mime" else log.info
+        emit = log.warn if self._settings.send_mode == "mime" else log.info
         for note in plan.notes:
             emit("adjusting how the message is sent", mailbox=plan.mailbox, note=note)
         for warning in plan.warnings:
@@ -365,11 +373,11 @@ class GraphProvider:
         return Deferred.fromCoroutine(self._request_token())
 
     async def _request_token(self) -> Token:
-        deadline = self._reactor.seconds() + self._config.graph_send_timeout
+        deadline = self._reactor.seconds() + self._settings.send_timeout
         form = token_form(
-            self._config.graph_client_id,
-            self._config.graph_client_secret,
-            self._config.graph_endpoint,
+            self._settings.client_id,
+            self._settings.client_secret,
+            self._settings.endpoint,
         )
         request = _Request(
             "token",

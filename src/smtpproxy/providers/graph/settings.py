@@ -8,9 +8,11 @@ attributes of the L{smtpproxy.config.Config} (C{config.graph_sender}).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from smtpproxy.config import (
+    Config,
     ConfigError,
     Setting,
     SettingGroup,
@@ -88,3 +90,67 @@ def configured(values: Mapping[str, Any]) -> bool:
 
 
 SETTINGS_GROUP = SettingGroup("graph", SETTINGS, configured)
+
+
+@dataclass(frozen=True, slots=True)
+class GraphSettings:
+    """The Graph settings, typed: what the provider reads instead of untyped attributes.
+
+    L{Config} holds a provider's values in a mapping it knows nothing about;
+    this is where they get their types back, checked once when the
+    provider is built.
+    """
+
+    tenant_id: str = ""
+    client_id: str = ""
+    client_secret: str = ""
+    sender: tuple[str, ...] = ()
+    authority_host: str = "https://login.microsoftonline.com"
+    endpoint: str = "https://graph.microsoft.com"
+    send_mode: str = "auto"
+    send_timeout: float = 120.0
+    max_concurrency: int = 4
+
+    def __repr__(self) -> str:
+        secret = "***" if self.client_secret else "''"
+        return f"GraphSettings(tenant_id={self.tenant_id!r}, client_secret={secret}, ...)"
+
+    @classmethod
+    def from_config(cls, config: Config) -> GraphSettings:
+        """The values C{config} holds for this provider (defaults for the rest).
+
+        @raise TypeError: a value of the wrong type (only a Config built by
+            hand can hold one: the parsers produce these types).
+        """
+        found = config.provider_settings
+        default = cls()
+
+        def value(name: str) -> object:
+            return found.get(f"graph_{name}", getattr(default, name))
+
+        senders = value("sender")
+        if not isinstance(senders, tuple) or not all(isinstance(s, str) for s in senders):
+            raise TypeError("graph setting sender: not a tuple of addresses")
+        timeout = value("send_timeout")
+        if not isinstance(timeout, int | float):
+            raise TypeError("graph setting send_timeout: not a number")
+        concurrency = value("max_concurrency")
+        if not isinstance(concurrency, int):
+            raise TypeError("graph setting max_concurrency: not a whole number")
+        return cls(
+            tenant_id=_text(value("tenant_id"), "tenant_id"),
+            client_id=_text(value("client_id"), "client_id"),
+            client_secret=_text(value("client_secret"), "client_secret"),
+            sender=tuple(str(s) for s in senders),
+            authority_host=_text(value("authority_host"), "authority_host"),
+            endpoint=_text(value("endpoint"), "endpoint"),
+            send_mode=_text(value("send_mode"), "send_mode"),
+            send_timeout=float(timeout),
+            max_concurrency=concurrency,
+        )
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"graph setting {name}: not text")
+    return value

@@ -499,6 +499,12 @@ class RelayProtocol(ESMTP):
         already_closing = self._closing
         self._closing = True
         self._release_slot()
+        if self._handshaking:
+            # Refused (or shut down) before an implicit-TLS handshake: no cap
+            # counts this connection any more, so a client that never sends
+            # its ClientHello must not keep it for the whole grace.  A second
+            # is enough to finish a handshake and read the refusal.
+            grace = min(grace, 1.0)
         self._input.clear()
         self._flush()
         # Before an implicit-TLS handshake the reply waits for it and

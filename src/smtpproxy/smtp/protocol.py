@@ -46,7 +46,6 @@ from twisted.logger import Logger, LogLevel
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.mail.smtp import (
     ESMTP,
-    Address,
     SMTPServerError,
     User,
 )
@@ -66,8 +65,6 @@ from smtpproxy.smtp import sasl as auth
 from smtpproxy.smtp.chunking import ChunkReader, ChunkSizeError, parse_bdat
 from smtpproxy.smtp.commands import (
     CommandError,
-    MailArguments,
-    RcptArguments,
     check_line,
     parse_mail,
     parse_rcpt,
@@ -75,6 +72,7 @@ from smtpproxy.smtp.commands import (
 )
 from smtpproxy.smtp.dotreader import DataReader
 from smtpproxy.smtp.sendnow import writer_for
+from smtpproxy.smtp.session import ParsedAddress, Transaction, address_key
 from smtpproxy.spool import InflightBudget, MessageBody, Spool
 
 log = Logger(namespace="smtpproxy.smtp")
@@ -170,28 +168,6 @@ def session_settings(config: Config, binarymime: bool = False) -> SessionSetting
     )
 
 
-class ParsedAddress(Address):
-    """An address we already validated with L{smtpproxy.smtp.commands}.
-
-    Twisted's C{Address} tokenizer rejects valid addresses (address literals,
-    escaped quotes), so we bypass it and fill in the same attributes.
-
-    @ivar parameters: the whole parsed MAIL or RCPT command, so that the
-        delivery avatar (which Twisted hands only the address) sees its
-        parameters too (DSN's RET, ENVID, NOTIFY, ORCPT).
-    """
-
-    def __init__(
-        self, address: str, parameters: MailArguments | RcptArguments | None = None
-    ) -> None:
-        self.parameters = parameters
-        # UTF-8: an SMTPUTF8 transaction's addresses (RFC 6531) are not ASCII.
-        local, _, domain = address.rpartition("@")
-        self.addrstr = address.encode("utf-8")
-        self.local = local.encode("utf-8")
-        self.domain = domain.encode("utf-8")
-
-
 _sessions = itertools.count(1)
 
 
@@ -228,8 +204,7 @@ class RelayProtocol(ESMTP):
         # attributes below (a session is built per connection, so each
         # assignment saved counts).
         self._input = bytearray()
-        self._to_keys: set[str] = set()
-        self._messages: list[Any] = []
+        self._tx = Transaction()
         self._pending: list[bytes] = []
 
     # Per-session state and its starting values.
@@ -247,8 +222,6 @@ class RelayProtocol(ESMTP):
     _stopping = False
     _discarding_line = False
     _greeted = False
-    # The current transaction's MAIL declared SMTPUTF8 (RFC 6531).
-    _smtputf8 = False
     # Implicit TLS before its handshake has completed: replies wait in
     # _early (the greeting, or a refusal) and no close can start.
     _handshaking = False
@@ -258,19 +231,14 @@ class RelayProtocol(ESMTP):
     _commanded = False
     _errors = 0
     _refusals = 0
-    _reader: DataReader | None = None
-    _body: MessageBody | None = None
-    # BDAT (RFC 3030): the transaction's chunks so far; the reply every
-    # further chunk gets once one failed; the chunk being read now (the
-    # transaction's reader, or one that only counts a refused chunk), with
-    # its LAST flag and the refusal to send once it is read.  BODY=BINARYMIME
-    # was given: DATA is refused.
-    _bdat: ChunkReader | None = None
-    _bdat_failed: Reply | None = None
+    # The mail transaction (see smtpproxy.smtp.session.Transaction).
+    _tx: Transaction
+    # BDAT (RFC 3030): the chunk being read now (the transaction's reader,
+    # or one that only counts a refused chunk), with its LAST flag and the
+    # refusal to send once it is read.
     _chunk: ChunkReader | None = None
     _chunk_last = False
     _chunk_refusal: tuple[Reply, bool] | None = None
-    _binary_body = False
     _nodelay = False
     _sasl: tuple[str, bytes | None] | None = None
     _peer = ""
@@ -480,7 +448,7 @@ class RelayProtocol(ESMTP):
         self._close(grace=1.0)
 
     def _in_transaction(self) -> bool:
-        return self._busy or self.mode in (DATA, CHUNK) or self._bdat is not None
+        return self._busy or self.mode in (DATA, CHUNK) or self._tx.chunks is not None
 
     def _close(self, grace: float = CLOSE_GRACE) -> None:
         """Close after our last reply is sent, or cut off after C{grace} seconds.
@@ -879,7 +847,7 @@ class RelayProtocol(ESMTP):
         if not self._greeted:
             self._error(503, "5.5.1", "Send HELO or EHLO first")
             return
-        if self._from is not None:
+        if self._tx.sender is not None:
             self._error(503, "5.5.1", "Sender already given; send RSET to start over")
             return
         if self._needs_auth and not self.authenticated:
@@ -910,10 +878,8 @@ class RelayProtocol(ESMTP):
         origin = ParsedAddress(parsed.sender, parsed)
 
         def accepted(result: object) -> None:
-            self._reset_transaction()
-            self._from = origin
-            self._smtputf8 = parsed.smtputf8
-            self._binary_body = parsed.body == "BINARYMIME"
+            binary = parsed.body == "BINARYMIME"
+            self._reset_transaction(Transaction(origin, smtputf8=parsed.smtputf8, binary=binary))
             self._reply(250, "2.1.0", "Sender OK")
 
         if self.delivery is None:
@@ -995,14 +961,15 @@ class RelayProtocol(ESMTP):
             self._reply(451, "4.3.0", "Local error in processing")
 
     def do_RCPT(self, argument: str) -> None:
-        if self._from is None:
+        tx = self._tx
+        if tx.sender is None:
             self._error(503, "5.5.1", "Send MAIL first")
             return
-        if self._bdat is not None or self._bdat_failed is not None:
+        if tx.bdat_started:
             self._error(503, "5.5.1", "RCPT after BDAT; send RSET to start over")
             return
         try:
-            parsed = parse_rcpt(argument, self._smtputf8)
+            parsed = parse_rcpt(argument, tx.smtputf8)
         except CommandError as e:
             self._error_reply(e.reply)
             return
@@ -1017,35 +984,36 @@ class RelayProtocol(ESMTP):
             )
             self._error_reply(refusal, refusal=True)
             return
-        key = _address_key(parsed.recipient)
-        if key in self._to_keys:
+        key = address_key(parsed.recipient)
+        if key in tx.keys:
             # The same mailbox twice must still receive the message once.
             self._reply(250, "2.1.5", "Recipient OK (duplicate ignored)")
             return
-        if len(self._to) >= self.settings.max_recipients:
+        if len(tx.recipients) >= self.settings.max_recipients:
             self._reply(452, "4.5.3", "Too many recipients")
             return
-        user = User(ParsedAddress(parsed.recipient, parsed), self._helo, self, self._from)
+        user = User(ParsedAddress(parsed.recipient, parsed), self._helo, self, tx.sender)
 
         def accepted(factory: Callable[[], Any]) -> None:
-            self._to.append((user, factory))
-            self._to_keys.add(key)
+            tx.recipients.append((user, factory))
+            tx.keys.add(key)
             self._reply(250, "2.1.5", "Recipient OK")
 
         self._validate(self.validateTo, (user,), accepted, "recipient")
 
     def do_DATA(self, argument: str) -> None:
-        if self._from is None:
+        tx = self._tx
+        if tx.sender is None:
             self._error(503, "5.5.1", "Send MAIL first")
             return
-        if self._bdat is not None or self._bdat_failed is not None:
+        if tx.bdat_started:
             # RFC 3030 2: one transaction is sent with DATA or with BDAT.
             self._error(503, "5.5.1", "DATA after BDAT; send RSET to start over")
             return
-        if self._binary_body:
+        if tx.binary:
             self._error(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA")
             return
-        if not self._to:
+        if not tx.recipients:
             self._error(554, "5.5.1", "No valid recipients")
             return
         if argument:
@@ -1055,7 +1023,7 @@ class RelayProtocol(ESMTP):
         if failure is not None:
             self.sendCode(*_reply_args(failure))
             return
-        self._reader = DataReader(self.settings.max_message_size, self._body)
+        tx.reader = DataReader(self.settings.max_message_size, tx.body)
         self.mode = DATA
         self.setTimeout(self.settings.data_timeout)
         self._reply(354, "", "End data with <CR><LF>.<CR><LF>")
@@ -1064,7 +1032,7 @@ class RelayProtocol(ESMTP):
         """Build the transaction's message and an empty body; the reply if that failed."""
         messages: list[Any] = []
         try:
-            for _, factory in self._to:
+            for _, factory in self._tx.recipients:
                 message = factory()
                 if not any(message is seen for seen in messages):
                     messages.append(message)
@@ -1073,17 +1041,18 @@ class RelayProtocol(ESMTP):
                 message.connectionLost()
             self._reset_transaction()
             return reply_for_failure(e)
-        self._messages = messages
-        self._body = self.factory.spool.body()
+        self._tx.messages = messages
+        self._tx.body = self.factory.spool.body()
         self._data_started = self._clock.seconds()
         return None
 
     def _feed_data(self, data: bytes) -> None:
-        assert self._reader is not None
-        if self._too_slow(self._reader):
+        reader = self._tx.reader
+        assert reader is not None
+        if self._too_slow(reader):
             self._cut_off_slow()
             return
-        end = self._reader.feed(data)
+        end = reader.feed(data)
         if end is None:
             return
         if end < len(data):
@@ -1104,11 +1073,11 @@ class RelayProtocol(ESMTP):
         return elapsed > allowed
 
     def _end_of_data(self) -> None:
-        reader, messages, body = self._reader, self._messages, self._body
+        tx = self._tx
+        reader, messages, body = tx.reader, tx.messages, tx.body
         assert reader is not None and body is not None
-        self._reader = None
-        self._body = None
-        self._messages = []
+        tx.reader = tx.body = None
+        tx.messages = []
         self.mode = COMMAND
         self.setTimeout(self._limits().command)
         self._complete(messages, body, reader.oversize, reader.size)
@@ -1206,23 +1175,24 @@ class RelayProtocol(ESMTP):
         if not self._nodelay:
             self._no_delay()
         refusal: tuple[Reply, bool] | None = None  # (reply, counts as a client error)
-        if self._bdat_failed is not None:
-            refusal = (self._bdat_failed, False)
-        elif self._from is None:
+        tx = self._tx
+        if tx.chunk_failed is not None:
+            refusal = (tx.chunk_failed, False)
+        elif tx.sender is None:
             refusal = (Reply(503, "5.5.1", "Send MAIL first"), True)
-        elif not self._to:
+        elif not tx.recipients:
             refusal = (Reply(554, "5.5.1", "No valid recipients"), True)
         elif chunk.problem is not None:
             refusal = (chunk.problem, True)
-        elif self._bdat is None:
+        elif tx.chunks is None:
             failure = self._open_message()
             if failure is not None:
                 refusal = (failure, False)
             else:
-                self._bdat = ChunkReader(self.settings.max_message_size, self._body)
+                tx.chunks = ChunkReader(self.settings.max_message_size, tx.body)
         if refusal is None:
-            assert self._bdat is not None
-            reader = self._bdat
+            assert tx.chunks is not None
+            reader = tx.chunks
         else:
             # A refused chunk is read and dropped; its own time counts.
             reader = ChunkReader(0)
@@ -1283,11 +1253,12 @@ class RelayProtocol(ESMTP):
             if not self._closing:
                 self._stop_if_shutting_down()
             return
-        body = self._body
+        tx = self._tx
+        body = tx.body
         assert body is not None
         if last:
-            messages = self._messages
-            self._bdat, self._body, self._messages = None, None, []
+            messages = tx.messages
+            tx.chunks, tx.body, tx.messages = None, None, []
             self._complete(messages, body, reader.oversize, reader.size)
             return
         if reader.oversize:
@@ -1306,40 +1277,36 @@ class RelayProtocol(ESMTP):
         the refused one must not make a message with a hole in it: each gets
         the same reply, until LAST (which ends the transaction) or RSET.
         """
-        if self._from is None:
+        if self._tx.sender is None:
             return
-        if self._bdat is not None:
+        if self._tx.chunks is not None:
             self._abandon_message()
         if last:
             self._reset_transaction()
         else:
-            self._bdat_failed = reply
+            self._tx.chunk_failed = reply
 
     def _abandon_message(self) -> None:
-        for message in self._messages:
+        tx = self._tx
+        for message in tx.messages:
             try:
                 message.connectionLost()
             except Exception:
                 log.failure("message cleanup failed", session=self.id)
-        self._messages = []
-        self._reader = None
-        self._bdat = self._chunk = None
-        if self._body is not None:
+        tx.messages = []
+        tx.reader = tx.chunks = self._chunk = None
+        if tx.body is not None:
             # Connection lost, timed out or cut off at shutdown mid-DATA:
             # the spool file goes now, not when the session is collected.
-            self._body.close()
-            self._body = None
+            tx.body.close()
+            tx.body = None
 
-    def _reset_transaction(self) -> None:
-        if self._bdat is not None:
+    def _reset_transaction(self, new: Transaction | None = None) -> None:
+        """End the transaction (its BDAT chunks so far are dropped); C{new} starts the next."""
+        if self._tx.chunks is not None:
             # RSET, EHLO or STARTTLS between BDAT chunks: the chunks go.
             self._abandon_message()
-        self._bdat_failed = None
-        self._binary_body = False
-        self._from = None
-        self._smtputf8 = False
-        self._to = []
-        self._to_keys.clear()
+        self._tx = Transaction() if new is None else new
 
     # -- STARTTLS -----------------------------------------------------------
 
@@ -1409,7 +1376,7 @@ class RelayProtocol(ESMTP):
         if self.authenticated:
             self._error(503, "5.5.1", "Already authenticated")
             return
-        if self._from is not None:
+        if self._tx.sender is not None:
             self._error(503, "5.5.1", "AUTH is not allowed during a mail transaction")
             return
         if self.factory.guard.auth_blocked(self._peer):
@@ -1560,11 +1527,6 @@ def _handlers(protocol: type[ESMTP]) -> dict[str, str]:
     found.update({name[3:]: name for name in dir(protocol) if name.startswith("do_")})
     found.pop("UNKNOWN", None)
     return {verb: name for verb, name in found.items() if verb.isalpha() and verb.isupper()}
-
-
-def _address_key(address: str) -> str:
-    local, _, domain = address.rpartition("@")
-    return f"{local}@{domain.lower()}"
 
 
 def _reply_args(reply: Reply) -> tuple[int, bytes]:

@@ -72,7 +72,15 @@ from smtpproxy.smtp.commands import (
 )
 from smtpproxy.smtp.dotreader import DataReader
 from smtpproxy.smtp.sendnow import writer_for
-from smtpproxy.smtp.session import ParsedAddress, Transaction, address_key
+from smtpproxy.smtp.session import (
+    ERROR,
+    REFUSAL,
+    Budget,
+    ParsedAddress,
+    ReplyBudget,
+    Transaction,
+    address_key,
+)
 from smtpproxy.spool import InflightBudget, MessageBody, Spool
 
 log = Logger(namespace="smtpproxy.smtp")
@@ -205,6 +213,7 @@ class RelayProtocol(ESMTP):
         # assignment saved counts).
         self._input = bytearray()
         self._tx = Transaction()
+        self._budget = ReplyBudget(settings.max_errors, settings.max_refusals)
         self._pending: list[bytes] = []
 
     # Per-session state and its starting values.
@@ -229,8 +238,8 @@ class RelayProtocol(ESMTP):
     # A command arrived since the greeting (or since STARTTLS): the idle
     # limit is then the command timeout, before it the greeting timeout.
     _commanded = False
-    _errors = 0
-    _refusals = 0
+    # Mistakes and refusals so far (see ReplyBudget).
+    _budget: ReplyBudget
     # The mail transaction (see smtpproxy.smtp.session.Transaction).
     _tx: Transaction
     # BDAT (RFC 3030): the chunk being read now (the transaction's reader,
@@ -284,7 +293,7 @@ class RelayProtocol(ESMTP):
         if self.settings.log_sessions:
             log.debug("session opened", session=self.id, client=self._peer)
         if self.factory.stopping:
-            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self.reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
             return
         refusal, self._needs_auth = self.factory.guard.connect(self._peer)
@@ -298,12 +307,12 @@ class RelayProtocol(ESMTP):
                 reply=f"{refusal.code} {refusal.status}",
                 reason=refusal.text,
             )
-            self.sendCode(refusal.code, refusal.render())
+            self.reply(refusal)
             self._close()
             return
         self._admitted = True
         self.factory.load_changed()
-        self._reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
+        self.reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
         # Under implicit TLS this limit covers the handshake too.
         self.setTimeout(self._limits().greeting)
 
@@ -426,7 +435,7 @@ class RelayProtocol(ESMTP):
             self._release_slot()
             self._tcp.abortConnection()
             return
-        self._reply(421, "4.4.2", f"{self.settings.hostname} idle too long, closing connection")
+        self.reply(421, "4.4.2", f"{self.settings.hostname} idle too long, closing connection")
         self._close(grace=1.0)
 
     def shutdown(self) -> None:
@@ -438,13 +447,13 @@ class RelayProtocol(ESMTP):
         """
         self._stopping = True
         if not self._in_transaction():
-            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self.reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
 
     def force_close(self) -> None:
         """Shutdown timed out: say so if we still can, abort after a short grace."""
         if not self._closing:
-            self._reply(421, "4.3.2", "Shutting down, message not accepted, try later")
+            self.reply(421, "4.3.2", "Shutting down, message not accepted, try later")
         self._close(grace=1.0)
 
     def _in_transaction(self) -> bool:
@@ -523,7 +532,7 @@ class RelayProtocol(ESMTP):
     def _stop_if_shutting_down(self) -> bool:
         """Between transactions during shutdown: say 421 and close. True if closed."""
         if self._stopping and not self._in_transaction():
-            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self.reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
             return True
         return False
@@ -629,7 +638,7 @@ class RelayProtocol(ESMTP):
                 self._discarding_line = False
                 if self.mode == AUTH:
                     self._end_auth()
-                self._error(500, "5.5.2", "Line too long")
+                self.reply(500, "5.5.2", "Line too long", counts_as=ERROR)
                 continue
             if self.mode == AUTH:
                 self._auth_response(line)
@@ -645,16 +654,16 @@ class RelayProtocol(ESMTP):
         try:
             verb, argument = split_command(line)
         except CommandError as e:
-            self._error_reply(e.reply)
+            self.reply(e.reply, counts_as=ERROR)
             return
         if len(line) > MAX_COMMAND_LINE and verb != "AUTH":
-            self._error(500, "5.5.2", "Line too long")
+            self.reply(500, "5.5.2", "Line too long", counts_as=ERROR)
             return
         if verb != "QUIT" and self._stop_if_shutting_down():
             return
         name = _HANDLERS.get(verb)
         if name is None:
-            self._error(500, "5.5.2", "Command not recognized")
+            self.reply(500, "5.5.2", "Command not recognized", counts_as=ERROR)
             return
         getattr(self, name)(argument)
 
@@ -699,16 +708,44 @@ class RelayProtocol(ESMTP):
     def _unexpected(self, failure: Failure) -> None:
         """Our own bug: log it with its traceback, tell the client to retry."""
         log.failure("unexpected error in session", failure, session=self.id)
-        self._reply(451, "4.3.0", "Local error in processing")
+        self.reply(451, "4.3.0", "Local error in processing")
 
     # -- replies ----------------------------------------------------------
 
-    def sendCode(self, code: int, message: bytes = b"") -> None:
-        """Send a (possibly multi-line) reply in one write."""
-        lines = message.splitlines() or [b""]
-        out = [b"%d-%s\r\n" % (code, line) for line in lines[:-1]]
-        out.append(b"%d %s\r\n" % (code, lines[-1]))
-        self._send(b"".join(out))
+    def reply(
+        self,
+        reply: Reply | int,
+        status: str = "",
+        text: str = "",
+        *,
+        counts_as: Budget | None = None,
+        continued: bytes = b"",
+    ) -> None:
+        """Send a reply: the one way anything is said to the client.
+
+        @param reply: a L{Reply}, or its code with C{status} ("" for none)
+            and C{text}; line breaks in the text are never sent.
+        @param counts_as: L{ERROR} for a client's mistake, L{REFUSAL} for a
+            policy refusal: the reply counts against that budget
+            (C{SMTP_MAX_ERRORS}, C{SMTP_MAX_REFUSALS}); when it is spent, a
+            421 goes out instead and the session closes.
+        @param continued: EHLO's keyword lines, already formatted: this
+            reply's line then becomes the first of a multi-line reply.
+
+        Replies are batched by L{_send} while a batch of input is handled.
+        """
+        if counts_as is not None:
+            last = self._budget.charge(counts_as)
+            if last is not None:
+                self._send(b"%d %s\r\n" % (last.code, last.render()))
+                self._close()
+                return
+        if not isinstance(reply, Reply):
+            reply = Reply(reply, status, text)
+        if continued:
+            self._send(b"%d-%s\r\n%s" % (reply.code, reply.render(), continued))
+        else:
+            self._send(b"%d %s\r\n" % (reply.code, reply.render()))
 
     def _send(self, data: bytes) -> None:
         if not self._corked:
@@ -733,35 +770,6 @@ class RelayProtocol(ESMTP):
         self._pending = []
         self._pending_size = 0
         self._write(data)
-
-    def _reply(self, code: int, status: str, text: str) -> None:
-        """Send a one-line reply of our own wording (no line breaks in it)."""
-        line = f"{code} {status} {text}\r\n" if status else f"{code} {text}\r\n"
-        self._send(line.encode("utf-8", "replace"))
-
-    def _error(self, code: int, status: str, text: str) -> None:
-        self._error_reply(Reply(code, status, text))
-
-    def _error_reply(self, reply: Reply, *, refusal: bool = False) -> None:
-        """Answer a client mistake, or with C{refusal} a policy refusal, closing after too many.
-
-        Each kind has its own budget: a client sending to many recipients
-        that the allow-list refuses makes no mistake and must not be cut off
-        after C{max_errors}; one that goes on being refused without
-        delivering anything is, after C{max_refusals}.
-        """
-        if refusal:
-            self._refusals += 1
-            spent = self._refusals >= self.settings.max_refusals
-        else:
-            self._errors += 1
-            spent = self._errors >= self.settings.max_errors
-        if spent:
-            what = "refused commands" if refusal else "errors"
-            self._reply(421, "4.7.0", f"Too many {what}, closing connection")
-            self._close()
-            return
-        self.sendCode(reply.code, reply.render())
 
     # -- commands ---------------------------------------------------------
 
@@ -801,17 +809,14 @@ class RelayProtocol(ESMTP):
     def _greet(self, argument: str, extended: bool) -> None:
         if not argument:
             verb = "EHLO" if extended else "HELO"
-            self._error(501, "5.5.4", f"{verb} needs your domain name or address")
+            self.reply(501, "5.5.4", f"{verb} needs your domain name or address", counts_as=ERROR)
             return
         self._helo = (argument.encode("ascii"), self._peer.encode("ascii", "replace"))
         self._greeted = True
         self._reset_transaction()
         text = f"{self.settings.hostname} greets {argument} [{self._peer}]"
         # check_line refused CR and LF in the argument: the text is one line.
-        if extended:
-            self._send(b"250-" + text.encode("ascii") + b"\r\n" + self._extension_reply())
-            return
-        self.sendCode(250, text.encode("ascii"))
+        self.reply(250, "", text, continued=self._extension_reply() if extended else b"")
 
     def do_HELO(self, argument: str) -> None:
         self._greet(argument, extended=False)
@@ -820,16 +825,16 @@ class RelayProtocol(ESMTP):
         self._greet(argument, extended=True)
 
     def do_NOOP(self, argument: str) -> None:
-        self._reply(250, "2.0.0", "OK")
+        self.reply(250, "2.0.0", "OK")
 
     def do_VRFY(self, argument: str) -> None:
-        self._reply(252, "2.5.0", "Cannot verify the user, but will accept the message")
+        self.reply(252, "2.5.0", "Cannot verify the user, but will accept the message")
 
     def do_EXPN(self, argument: str) -> None:
-        self._reply(502, "5.5.1", "EXPN is not supported")
+        self.reply(502, "5.5.1", "EXPN is not supported")
 
     def do_HELP(self, argument: str) -> None:
-        self._reply(
+        self.reply(
             214,
             "2.0.0",
             "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT STARTTLS AUTH",
@@ -837,21 +842,23 @@ class RelayProtocol(ESMTP):
 
     def do_RSET(self, argument: str) -> None:
         self._reset_transaction()
-        self._reply(250, "2.0.0", "OK")
+        self.reply(250, "2.0.0", "OK")
 
     def do_QUIT(self, argument: str) -> None:
-        self._reply(221, "2.0.0", f"{self.settings.hostname} closing connection")
+        self.reply(221, "2.0.0", f"{self.settings.hostname} closing connection")
         self._close()
 
     def do_MAIL(self, argument: str) -> None:
         if not self._greeted:
-            self._error(503, "5.5.1", "Send HELO or EHLO first")
+            self.reply(503, "5.5.1", "Send HELO or EHLO first", counts_as=ERROR)
             return
         if self._tx.sender is not None:
-            self._error(503, "5.5.1", "Sender already given; send RSET to start over")
+            self.reply(
+                503, "5.5.1", "Sender already given; send RSET to start over", counts_as=ERROR
+            )
             return
         if self._needs_auth and not self.authenticated:
-            self._error_reply(Reply(530, "5.7.0", "Authentication required"), refusal=True)
+            self.reply(Reply(530, "5.7.0", "Authentication required"), counts_as=REFUSAL)
             return
         try:
             domain = self.settings.default_domain or self.settings.hostname
@@ -859,7 +866,7 @@ class RelayProtocol(ESMTP):
                 argument, self.settings.max_message_size, domain, self.settings.binarymime
             )
         except CommandError as e:
-            self._error_reply(e.reply)
+            self.reply(e.reply, counts_as=ERROR)
             return
         guard = self.factory.guard
         refusal = guard.sender(parsed.sender) or guard.message(self._peer, self.user)
@@ -873,14 +880,14 @@ class RelayProtocol(ESMTP):
                 sender=clip(parsed.sender),
                 reply=f"{refusal.code} {refusal.status}",
             )
-            self._error_reply(refusal, refusal=True)
+            self.reply(refusal, counts_as=REFUSAL)
             return
         origin = ParsedAddress(parsed.sender, parsed)
 
         def accepted(result: object) -> None:
             binary = parsed.body == "BINARYMIME"
             self._reset_transaction(Transaction(origin, smtputf8=parsed.smtputf8, binary=binary))
-            self._reply(250, "2.1.0", "Sender OK")
+            self.reply(250, "2.1.0", "Sender OK")
 
         if self.delivery is None:
             # First MAIL of a session without AUTH: log in anonymously through
@@ -953,25 +960,25 @@ class RelayProtocol(ESMTP):
         """A delivery avatar turned a sender or recipient down (or broke)."""
         error = failure.value
         if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
-            self._reply(530, "5.7.0", "Authentication required")
+            self.reply(530, "5.7.0", "Authentication required")
         elif isinstance(error, SMTPServerError):
-            self.sendCode(*_reply_args(Reply(error.code, "5.7.1", str(error.resp))))
+            self.reply(Reply(error.code, "5.7.1", str(error.resp)))
         else:
             log.failure(f"{what} validation failed", failure, session=self.id)
-            self._reply(451, "4.3.0", "Local error in processing")
+            self.reply(451, "4.3.0", "Local error in processing")
 
     def do_RCPT(self, argument: str) -> None:
         tx = self._tx
         if tx.sender is None:
-            self._error(503, "5.5.1", "Send MAIL first")
+            self.reply(503, "5.5.1", "Send MAIL first", counts_as=ERROR)
             return
         if tx.bdat_started:
-            self._error(503, "5.5.1", "RCPT after BDAT; send RSET to start over")
+            self.reply(503, "5.5.1", "RCPT after BDAT; send RSET to start over", counts_as=ERROR)
             return
         try:
             parsed = parse_rcpt(argument, tx.smtputf8)
         except CommandError as e:
-            self._error_reply(e.reply)
+            self.reply(e.reply, counts_as=ERROR)
             return
         refusal = self.factory.guard.recipient(parsed.recipient)
         if refusal is not None:
@@ -982,51 +989,51 @@ class RelayProtocol(ESMTP):
                 session=self.id,
                 recipient=clip(parsed.recipient),
             )
-            self._error_reply(refusal, refusal=True)
+            self.reply(refusal, counts_as=REFUSAL)
             return
         key = address_key(parsed.recipient)
         if key in tx.keys:
             # The same mailbox twice must still receive the message once.
-            self._reply(250, "2.1.5", "Recipient OK (duplicate ignored)")
+            self.reply(250, "2.1.5", "Recipient OK (duplicate ignored)")
             return
         if len(tx.recipients) >= self.settings.max_recipients:
-            self._reply(452, "4.5.3", "Too many recipients")
+            self.reply(452, "4.5.3", "Too many recipients")
             return
         user = User(ParsedAddress(parsed.recipient, parsed), self._helo, self, tx.sender)
 
         def accepted(factory: Callable[[], Any]) -> None:
             tx.recipients.append((user, factory))
             tx.keys.add(key)
-            self._reply(250, "2.1.5", "Recipient OK")
+            self.reply(250, "2.1.5", "Recipient OK")
 
         self._validate(self.validateTo, (user,), accepted, "recipient")
 
     def do_DATA(self, argument: str) -> None:
         tx = self._tx
         if tx.sender is None:
-            self._error(503, "5.5.1", "Send MAIL first")
+            self.reply(503, "5.5.1", "Send MAIL first", counts_as=ERROR)
             return
         if tx.bdat_started:
             # RFC 3030 2: one transaction is sent with DATA or with BDAT.
-            self._error(503, "5.5.1", "DATA after BDAT; send RSET to start over")
+            self.reply(503, "5.5.1", "DATA after BDAT; send RSET to start over", counts_as=ERROR)
             return
         if tx.binary:
-            self._error(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA")
+            self.reply(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA", counts_as=ERROR)
             return
         if not tx.recipients:
-            self._error(554, "5.5.1", "No valid recipients")
+            self.reply(554, "5.5.1", "No valid recipients", counts_as=ERROR)
             return
         if argument:
-            self._error(501, "5.5.4", "DATA takes no arguments")
+            self.reply(501, "5.5.4", "DATA takes no arguments", counts_as=ERROR)
             return
         failure = self._open_message()
         if failure is not None:
-            self.sendCode(*_reply_args(failure))
+            self.reply(failure)
             return
         tx.reader = DataReader(self.settings.max_message_size, tx.body)
         self.mode = DATA
         self.setTimeout(self.settings.data_timeout)
-        self._reply(354, "", "End data with <CR><LF>.<CR><LF>")
+        self.reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
     def _open_message(self) -> Reply | None:
         """Build the transaction's message and an empty body; the reply if that failed."""
@@ -1063,7 +1070,7 @@ class RelayProtocol(ESMTP):
         self._abandon_message()
         self.mode = COMMAND
         self._reset_transaction()
-        self._reply(421, "4.4.2", "Data arriving too slowly, closing connection")
+        self.reply(421, "4.4.2", "Data arriving too slowly, closing connection")
         self._close(grace=1.0)
 
     def _too_slow(self, reader: DataReader | ChunkReader) -> bool:
@@ -1092,7 +1099,7 @@ class RelayProtocol(ESMTP):
                 message.connectionLost()
             self._reset_transaction()
             if oversize:
-                self.sendCode(*_reply_args(self._too_big()))
+                self.reply(self._too_big())
             else:
                 self._spool_failed(body, size)
             self._stop_if_shutting_down()
@@ -1118,12 +1125,12 @@ class RelayProtocol(ESMTP):
                 if isinstance(error, defer.FirstError):
                     error = error.subFailure.value
                 assert error is not None
-                self.sendCode(*_reply_args(reply_for_failure(error)))
+                self.reply(reply_for_failure(error))
                 return
-            self._refusals = 0
+            self._budget.delivered()
             ids = result if isinstance(result, list) else [result]
             names = " ".join(str(i) for i in ids if isinstance(i, str))
-            self._reply(250, "2.0.0", f"OK: delivered as {names}" if names else "OK: delivered")
+            self.reply(250, "2.0.0", f"OK: delivered as {names}" if names else "OK: delivered")
 
         if not isinstance(d, defer.Deferred):
             d = defer.succeed(d)
@@ -1151,7 +1158,7 @@ class RelayProtocol(ESMTP):
             size=size,
             reason=(error.strerror or str(error)) if error is not None else None,
         )
-        self.sendCode(*_reply_args(SPOOL_FULL))
+        self.reply(SPOOL_FULL)
 
     def _too_big(self) -> Reply:
         size = self.settings.max_message_size
@@ -1168,8 +1175,7 @@ class RelayProtocol(ESMTP):
             # cannot be known: whatever follows may be content, and running
             # it as commands is how smuggling works.  RFC 3030 offers no way
             # back into step, so the reply is the last thing we send.
-            self._errors += 1
-            self.sendCode(*_reply_args(e.reply))
+            self.reply(e.reply)
             self._close()
             return
         if not self._nodelay:
@@ -1246,10 +1252,7 @@ class RelayProtocol(ESMTP):
         if refusal is not None:
             reply, counts = refusal
             self._bdat_refused(reply, last)
-            if counts:
-                self._error_reply(reply)
-            else:
-                self.sendCode(*_reply_args(reply))
+            self.reply(reply, counts_as=ERROR if counts else None)
             if not self._closing:
                 self._stop_if_shutting_down()
             return
@@ -1262,13 +1265,13 @@ class RelayProtocol(ESMTP):
             self._complete(messages, body, reader.oversize, reader.size)
             return
         if reader.oversize:
-            self.sendCode(*_reply_args(self._too_big()))
+            self.reply(self._too_big())
             self._bdat_refused(self._too_big(), last)
         elif body.error is not None:
             self._spool_failed(body, reader.size)
             self._bdat_refused(SPOOL_FULL, last)
         else:
-            self._reply(250, "2.0.0", f"{reader.size} octets received")
+            self.reply(250, "2.0.0", f"{reader.size} octets received")
 
     def _bdat_refused(self, reply: Reply, last: bool) -> None:
         """A chunk was refused, so the transaction has failed (RFC 3030 2).
@@ -1312,13 +1315,13 @@ class RelayProtocol(ESMTP):
 
     def ext_STARTTLS(self, argument: str) -> None:
         if argument:
-            self._error(501, "5.5.4", "STARTTLS takes no arguments")
+            self.reply(501, "5.5.4", "STARTTLS takes no arguments", counts_as=ERROR)
             return
         if self.startedTLS:
-            self._error(503, "5.5.1", "TLS already active")
+            self.reply(503, "5.5.1", "TLS already active", counts_as=ERROR)
             return
         if not self.canStartTLS:
-            self._reply(454, "4.7.0", "TLS not available")
+            self.reply(454, "4.7.0", "TLS not available")
             return
         assert self.ctx is not None  # canStartTLS says so
         try:
@@ -1330,9 +1333,9 @@ class RelayProtocol(ESMTP):
             self.ctx.getContext()
         except Exception as e:
             log.warn("TLS context refused", session=self.id, client=self._peer, error=repr(e))
-            self._reply(454, "4.7.0", "TLS not available due to temporary reason")
+            self.reply(454, "4.7.0", "TLS not available due to temporary reason")
             return
-        self._reply(220, "2.0.0", "Ready to start TLS")
+        self.reply(220, "2.0.0", "Ready to start TLS")
         # Anything the client pipelined behind STARTTLS arrived in plaintext
         # and must not run inside the TLS session (CVE-2011-0411 class).
         self._input.clear()
@@ -1365,41 +1368,43 @@ class RelayProtocol(ESMTP):
 
     def ext_AUTH(self, argument: str) -> None:
         if not self.settings.auth_enabled:
-            self._error(502, "5.5.1", "AUTH is not enabled on this server")
+            self.reply(502, "5.5.1", "AUTH is not enabled on this server", counts_as=ERROR)
             return
         if not self._auth_offered():
-            self._error(538, "5.7.11", "Encryption required: send STARTTLS first")
+            self.reply(538, "5.7.11", "Encryption required: send STARTTLS first", counts_as=ERROR)
             return
         if not self._greeted:
-            self._error(503, "5.5.1", "Send EHLO first")
+            self.reply(503, "5.5.1", "Send EHLO first", counts_as=ERROR)
             return
         if self.authenticated:
-            self._error(503, "5.5.1", "Already authenticated")
+            self.reply(503, "5.5.1", "Already authenticated", counts_as=ERROR)
             return
         if self._tx.sender is not None:
-            self._error(503, "5.5.1", "AUTH is not allowed during a mail transaction")
+            self.reply(
+                503, "5.5.1", "AUTH is not allowed during a mail transaction", counts_as=ERROR
+            )
             return
         if self.factory.guard.auth_blocked(self._peer):
-            self._reply(421, "4.7.0", "Too many failed logins from your address, try later")
+            self.reply(421, "4.7.0", "Too many failed logins from your address, try later")
             self._close()
             return
         mechanism, _, initial = argument.partition(" ")
         mechanism = mechanism.upper()
         initial = initial.strip()
         if not mechanism:
-            self._error(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            self.reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]", counts_as=ERROR)
             return
         if mechanism.encode() not in auth.MECHANISMS:
-            self._error(504, "5.5.4", "Unrecognized authentication mechanism")
+            self.reply(504, "5.5.4", "Unrecognized authentication mechanism", counts_as=ERROR)
             return
         self.mode = AUTH
         self._sasl = (mechanism, None)
         if initial:
             self._auth_response(initial.encode("ascii"))
         elif mechanism == "PLAIN":
-            self.sendCode(334, b"")
+            self.reply(334, "", "")
         else:
-            self.sendCode(334, b"VXNlcm5hbWU6")  # "Username:"
+            self.reply(334, "", "VXNlcm5hbWU6")  # "Username:"
 
     def _auth_response(self, line: bytes) -> None:
         assert self._sasl is not None
@@ -1408,11 +1413,11 @@ class RelayProtocol(ESMTP):
             check_line(line)
         except CommandError as e:
             self._end_auth()
-            self._error_reply(e.reply)
+            self.reply(e.reply, counts_as=ERROR)
             return
         if line.strip() == b"*":
             self._end_auth()
-            self._error(501, "5.0.0", "Authentication cancelled")
+            self.reply(501, "5.0.0", "Authentication cancelled", counts_as=ERROR)
             return
         try:
             decoded = auth.decode_base64(line)
@@ -1420,7 +1425,7 @@ class RelayProtocol(ESMTP):
                 creds = auth.decode_plain(decoded)
             elif username is None:
                 self._sasl = (mechanism, auth.decode_login_field(decoded, "user name"))
-                self.sendCode(334, b"UGFzc3dvcmQ6")  # "Password:"
+                self.reply(334, "", "UGFzc3dvcmQ6")  # "Password:"
                 return
             else:
                 from twisted.cred.credentials import UsernamePassword
@@ -1428,7 +1433,7 @@ class RelayProtocol(ESMTP):
                 creds = UsernamePassword(username, auth.decode_login_field(decoded, "password"))
         except auth.SASLError as e:
             self._end_auth()
-            self._error(501, "5.5.2", f"Malformed AUTH response: {e}")
+            self.reply(501, "5.5.2", f"Malformed AUTH response: {e}", counts_as=ERROR)
             return
         self._end_auth()
         self._login(creds)
@@ -1447,13 +1452,13 @@ class RelayProtocol(ESMTP):
             self.authenticated = True
             self.user = username
             log.info("authenticated", session=self.id, client=self._peer, username=username)
-            self._reply(235, "2.7.0", "Authentication successful")
+            self.reply(235, "2.7.0", "Authentication successful")
 
         def failed(failure: Failure) -> defer.Deferred[None] | None:
             if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
                 return self._auth_failed(username)
             log.failure("authentication error", failure, session=self.id)
-            self._reply(454, "4.7.0", "Temporary authentication failure")
+            self.reply(454, "4.7.0", "Temporary authentication failure")
             return None
 
         d = self._portal.login(creds, None, IMessageDelivery)
@@ -1509,10 +1514,10 @@ class RelayProtocol(ESMTP):
 
         def answer() -> None:
             if blocked or self._auth_failures >= self.settings.max_auth_failures:
-                self._reply(421, "4.7.0", "Too many failed logins, closing connection")
+                self.reply(421, "4.7.0", "Too many failed logins, closing connection")
                 self._close()
             else:
-                self._reply(535, "5.7.8", "Authentication credentials invalid")
+                self.reply(535, "5.7.8", "Authentication credentials invalid")
 
         if delay <= 0:
             answer()
@@ -1527,10 +1532,6 @@ def _handlers(protocol: type[ESMTP]) -> dict[str, str]:
     found.update({name[3:]: name for name in dir(protocol) if name.startswith("do_")})
     found.pop("UNKNOWN", None)
     return {verb: name for verb, name in found.items() if verb.isalpha() and verb.isupper()}
-
-
-def _reply_args(reply: Reply) -> tuple[int, bytes]:
-    return reply.code, reply.render()
 
 
 _HANDLERS = _handlers(RelayProtocol)

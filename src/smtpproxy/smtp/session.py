@@ -6,13 +6,17 @@ MAIL declared, and, once the body is being read, the messages it goes to
 and the body itself.  The protocol shell (L{smtpproxy.smtp.protocol}) holds
 exactly one; starting over is making a new one, so nothing of an old
 transaction can leak into the next.
+
+L{ReplyBudget} counts the replies that count against the client (its
+mistakes, and policy refusals) in one place; the shell's one reply method
+consults it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Literal
 
 from twisted.mail.smtp import Address, User
 
@@ -87,3 +91,42 @@ class Transaction:
     def bdat_started(self) -> bool:
         """BDAT was used in this transaction (RFC 3030 2: DATA and RCPT may no longer follow)."""
         return self.chunks is not None or self.chunk_failed is not None
+
+
+# What a reply counts against: a client's mistake, or a policy refusal.
+Budget = Literal["error", "refusal"]
+ERROR: Final = "error"
+REFUSAL: Final = "refusal"
+
+
+@dataclass(slots=True)
+class ReplyBudget:
+    """How many mistakes and refusals a session may still make before it is closed.
+
+    Each kind has its own budget: a client sending to many recipients that
+    the allow-list refuses makes no mistake and must not be cut off after
+    C{max_errors}; one that goes on being refused without delivering
+    anything is, after C{max_refusals}.  A delivered message renews the
+    refusal budget (Postfix's smtpd_hard_error_limit idea).
+    """
+
+    max_errors: int
+    max_refusals: int
+    errors: int = 0
+    refusals: int = 0
+
+    def charge(self, kind: Budget) -> Reply | None:
+        """Count one reply of C{kind}; once the budget is spent, the 421 to send instead."""
+        if kind == REFUSAL:
+            self.refusals += 1
+            if self.refusals >= self.max_refusals:
+                return Reply(421, "4.7.0", "Too many refused commands, closing connection")
+            return None
+        self.errors += 1
+        if self.errors >= self.max_errors:
+            return Reply(421, "4.7.0", "Too many errors, closing connection")
+        return None
+
+    def delivered(self) -> None:
+        """A message went through: the client is not just probing the policy."""
+        self.refusals = 0

@@ -33,7 +33,6 @@ from smtpproxy.delivery import RelayRealm
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
 from smtpproxy.policy.guard import Guard
-from smtpproxy.smtp import protocol as smtp_module
 from smtpproxy.smtp import session as session_module
 from smtpproxy.smtp.protocol import PAUSE_INPUT_AT, RelayFactory, RelayProtocol, SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
@@ -356,7 +355,7 @@ class RecipientScanTests(SynchronousTestCase):
             calls += 1
             return real(address)
 
-        self.patch(smtp_module, "address_key", counting)  # the name protocol.py calls
+        self.patch(session_module, "address_key", counting)
         harness = Harness()
         protocol, transport = harness.connect()
         protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n")
@@ -495,8 +494,8 @@ class BoundedInputTests(SynchronousTestCase):
         for _ in range(32):
             protocol.dataReceived(b"z" * 65536)
             self.assertEqual(len(protocol._input), 0)
-        assert protocol._tx.body is not None
-        self.assertEqual(protocol._tx.body.stored, 0)
+        assert protocol.session.tx.body is not None
+        self.assertEqual(protocol.session.tx.body.stored, 0)
         protocol.dataReceived(b"\r\n.\r\nNOOP\r\n")
         self.assertEqual(reply_codes(transport)[-2:], [552, 250])
 

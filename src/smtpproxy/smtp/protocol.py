@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from OpenSSL import SSL
@@ -53,34 +52,45 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpproxy.config import Config
 from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.logsafe import LoginNames, clip
 from smtpproxy.logsummary import LogSummary
 from smtpproxy.policy.guard import Guard
 from smtpproxy.policy.pressure import IdleLimits, idle_limits, stressed
 from smtpproxy.policy.rules import client_name
-from smtpproxy.qualify import default_domain
 from smtpproxy.smtp import sasl as auth
 from smtpproxy.smtp.chunking import ChunkReader, ChunkSizeError, parse_bdat
 from smtpproxy.smtp.commands import (
     CommandError,
+    MailArguments,
+    RcptArguments,
     check_line,
-    parse_mail,
-    parse_rcpt,
     split_command,
 )
 from smtpproxy.smtp.dotreader import DataReader
 from smtpproxy.smtp.sendnow import writer_for
 from smtpproxy.smtp.session import (
     ERROR,
+    GO_AHEAD,
     REFUSAL,
+    Abandon,
     Budget,
+    CheckRecipient,
+    CheckSender,
+    Close,
+    Greeted,
+    Outcome,
     ParsedAddress,
     ReplyBudget,
+    Say,
+    Session,
     Transaction,
-    address_key,
+    ValidateRecipient,
 )
+
+# Re-exported: the settings are built with the listener's factory.
+from smtpproxy.smtp.session import SessionSettings as SessionSettings
+from smtpproxy.smtp.session import session_settings as session_settings
 from smtpproxy.spool import InflightBudget, MessageBody, Spool
 
 log = Logger(namespace="smtpproxy.smtp")
@@ -107,73 +117,6 @@ FORCE_GRACE = 2.0
 # cannot hold a session for ever by resetting the idle timer.
 MIN_DATA_RATE = 500.0
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
-
-
-@dataclass(frozen=True, slots=True)
-class SessionSettings:
-    """What every session needs to know, derived once from the configuration."""
-
-    hostname: str
-    max_message_size: int = 26_214_400
-    # Bodies past spool_threshold go to an unlinked file in spool_dir ("":
-    # the system's temp dir); past max_inflight_bytes held in memory by all
-    # sessions together, new bodies go there at once.
-    spool_threshold: int = 1_048_576
-    spool_dir: str = ""
-    max_inflight_bytes: int = 268_435_456
-    max_recipients: int = 500
-    command_timeout: float = 300.0
-    # Before the first command, and again after STARTTLS (never longer
-    # than the command timeout).
-    greeting_timeout: float = 30.0
-    data_timeout: float = 600.0
-    auth_enabled: bool = False
-    allow_insecure_auth: bool = False
-    max_errors: int = 10
-    # Policy refusals (sender or recipient not allowed, rate limit, AUTH
-    # needed) are not client mistakes and have their own, larger budget,
-    # renewed by each delivered message (Postfix's smtpd_hard_error_limit
-    # counts "errors without delivering mail" the same way).
-    max_refusals: int = 100
-    max_auth_failures: int = 3
-    # What a bare MAIL FROM local part is qualified with (empty: the host
-    # name, as Postfix's myorigin defaults to myhostname).
-    default_domain: str = ""
-    # The configured AUTH user names: a failed login logs one of these as
-    # typed and anything else only as a hash (it may be a mistyped password).
-    auth_users: tuple[str, ...] = ()
-    # Per-connection debug lines cost a log event each even when filtered
-    # out; they are only built when the log level asks for them.
-    log_sessions: bool = False
-    # BINARYMIME is offered (RFC 3030): the provider carries binary content.
-    binarymime: bool = False
-
-
-def session_settings(config: Config, binarymime: bool = False) -> SessionSettings:
-    """The per-session view of the configuration.
-
-    @param binarymime: offer BINARYMIME (see the provider's C{binary_mime}).
-    """
-    return SessionSettings(
-        hostname=config.smtp_hostname,
-        max_message_size=config.smtp_max_message_size,
-        spool_threshold=config.smtp_spool_threshold,
-        spool_dir=config.smtp_spool_dir,
-        max_inflight_bytes=config.smtp_max_inflight_bytes,
-        max_recipients=config.smtp_max_recipients,
-        command_timeout=config.smtp_command_timeout,
-        greeting_timeout=config.smtp_greeting_timeout,
-        data_timeout=config.smtp_data_timeout,
-        auth_enabled=config.auth_enabled,
-        allow_insecure_auth=config.smtp_allow_insecure_auth,
-        max_errors=config.smtp_max_errors,
-        max_refusals=config.smtp_max_refusals,
-        max_auth_failures=config.smtp_auth_max_failures,
-        default_domain=default_domain(config.smtp_default_domain, config.graph_sender),
-        auth_users=(config.smtp_username,) if config.auth_enabled else (),
-        log_sessions=config.log_level == "debug",
-        binarymime=binarymime,
-    )
 
 
 _sessions = itertools.count(1)
@@ -207,12 +150,11 @@ class RelayProtocol(ESMTP):
         self.callLater = reactor.callLater  # type: ignore[method-assign, assignment]
         self._clock = reactor
         self.id = f"s{next(_sessions)}"
-        self._needs_auth = settings.auth_enabled
         # Only the mutable state is made here; the rest starts as the class
         # attributes below (a session is built per connection, so each
         # assignment saved counts).
         self._input = bytearray()
-        self._tx = Transaction()
+        self.session = Session(settings, "")
         self._budget = ReplyBudget(settings.max_errors, settings.max_refusals)
         self._pending: list[bytes] = []
 
@@ -230,7 +172,6 @@ class RelayProtocol(ESMTP):
     _closing = False
     _stopping = False
     _discarding_line = False
-    _greeted = False
     # Implicit TLS before its handshake has completed: replies wait in
     # _early (the greeting, or a refusal) and no close can start.
     _handshaking = False
@@ -240,8 +181,8 @@ class RelayProtocol(ESMTP):
     _commanded = False
     # Mistakes and refusals so far (see ReplyBudget).
     _budget: ReplyBudget
-    # The mail transaction (see smtpproxy.smtp.session.Transaction).
-    _tx: Transaction
+    # The dialogue's state and decisions (see smtpproxy.smtp.session).
+    session: Session
     # BDAT (RFC 3030): the chunk being read now (the transaction's reader,
     # or one that only counts a refused chunk), with its LAST flag and the
     # refusal to send once it is read.
@@ -270,7 +211,7 @@ class RelayProtocol(ESMTP):
     # -- connection lifecycle -------------------------------------------
 
     def connectionMade(self) -> None:
-        self._peer = client_name(self._tcp.getPeer())
+        self._peer = self.session.peer = client_name(self._tcp.getPeer())
         self._helo = (None, self._peer.encode("ascii", "replace"))
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             # Implicit TLS: the session is encrypted from the start.  What
@@ -296,7 +237,7 @@ class RelayProtocol(ESMTP):
             self.reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
             return
-        refusal, self._needs_auth = self.factory.guard.connect(self._peer)
+        refusal, self.session.needs_auth = self.factory.guard.connect(self._peer)
         if refusal is not None:
             # A refused client may reconnect in a loop: summarised per address.
             self.factory.log_summary.emit(
@@ -334,7 +275,7 @@ class RelayProtocol(ESMTP):
             self._lose_connection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._abandon_message()
+        self._abandon(self.session.tx)
         self._ended = True
         self._drop_avatar()
         self.setTimeout(None)
@@ -457,7 +398,7 @@ class RelayProtocol(ESMTP):
         self._close(grace=1.0)
 
     def _in_transaction(self) -> bool:
-        return self._busy or self.mode in (DATA, CHUNK) or self._tx.chunks is not None
+        return self._busy or self.mode in (DATA, CHUNK) or self.session.tx.chunks is not None
 
     def _close(self, grace: float = CLOSE_GRACE) -> None:
         """Close after our last reply is sent, or cut off after C{grace} seconds.
@@ -806,68 +747,56 @@ class RelayProtocol(ESMTP):
     def _auth_offered(self) -> bool:
         return self.settings.auth_enabled and (self.startedTLS or self.settings.allow_insecure_auth)
 
-    def _greet(self, argument: str, extended: bool) -> None:
-        if not argument:
-            verb = "EHLO" if extended else "HELO"
-            self.reply(501, "5.5.4", f"{verb} needs your domain name or address", counts_as=ERROR)
-            return
-        self._helo = (argument.encode("ascii"), self._peer.encode("ascii", "replace"))
-        self._greeted = True
-        self._reset_transaction()
-        text = f"{self.settings.hostname} greets {argument} [{self._peer}]"
-        # check_line refused CR and LF in the argument: the text is one line.
-        self.reply(250, "", text, continued=self._extension_reply() if extended else b"")
+    def _run(self, outcome: Outcome) -> None:
+        """Carry out what the session decided: send its replies, run its effects."""
+        for action in outcome:
+            if isinstance(action, Say):
+                keywords = self._extension_reply() if action.keywords else b""
+                self.reply(action.reply, counts_as=action.counts_as, continued=keywords)
+            elif isinstance(action, Close):
+                self._close()
+            elif isinstance(action, Abandon):
+                self._abandon(action.transaction)
+            elif isinstance(action, Greeted):
+                self._helo = (action.name.encode("ascii"), self._peer.encode("ascii", "replace"))
+            elif isinstance(action, CheckSender):
+                self._check_sender(action.arguments)
+            elif isinstance(action, CheckRecipient):
+                self._check_recipient(action.arguments)
+            elif isinstance(action, ValidateRecipient):
+                self._validate_recipient(action)
+            else:
+                self._open_data()
 
     def do_HELO(self, argument: str) -> None:
-        self._greet(argument, extended=False)
+        self._run(self.session.helo(argument, extended=False))
 
     def do_EHLO(self, argument: str) -> None:
-        self._greet(argument, extended=True)
+        self._run(self.session.helo(argument, extended=True))
 
     def do_NOOP(self, argument: str) -> None:
-        self.reply(250, "2.0.0", "OK")
+        self._run(self.session.noop(argument))
 
     def do_VRFY(self, argument: str) -> None:
-        self.reply(252, "2.5.0", "Cannot verify the user, but will accept the message")
+        self._run(self.session.vrfy(argument))
 
     def do_EXPN(self, argument: str) -> None:
-        self.reply(502, "5.5.1", "EXPN is not supported")
+        self._run(self.session.expn(argument))
 
     def do_HELP(self, argument: str) -> None:
-        self.reply(
-            214,
-            "2.0.0",
-            "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT STARTTLS AUTH",
-        )
+        self._run(self.session.help(argument))
 
     def do_RSET(self, argument: str) -> None:
-        self._reset_transaction()
-        self.reply(250, "2.0.0", "OK")
+        self._run(self.session.rset(argument))
 
     def do_QUIT(self, argument: str) -> None:
-        self.reply(221, "2.0.0", f"{self.settings.hostname} closing connection")
-        self._close()
+        self._run(self.session.quit(argument))
 
     def do_MAIL(self, argument: str) -> None:
-        if not self._greeted:
-            self.reply(503, "5.5.1", "Send HELO or EHLO first", counts_as=ERROR)
-            return
-        if self._tx.sender is not None:
-            self.reply(
-                503, "5.5.1", "Sender already given; send RSET to start over", counts_as=ERROR
-            )
-            return
-        if self._needs_auth and not self.authenticated:
-            self.reply(Reply(530, "5.7.0", "Authentication required"), counts_as=REFUSAL)
-            return
-        try:
-            domain = self.settings.default_domain or self.settings.hostname
-            parsed = parse_mail(
-                argument, self.settings.max_message_size, domain, self.settings.binarymime
-            )
-        except CommandError as e:
-            self.reply(e.reply, counts_as=ERROR)
-            return
+        self._run(self.session.mail(argument))
+
+    def _check_sender(self, parsed: MailArguments) -> None:
+        """The guard, then the delivery avatar (logged in anonymously if need be)."""
         guard = self.factory.guard
         refusal = guard.sender(parsed.sender) or guard.message(self._peer, self.user)
         if refusal is not None:
@@ -885,9 +814,7 @@ class RelayProtocol(ESMTP):
         origin = ParsedAddress(parsed.sender, parsed)
 
         def accepted(result: object) -> None:
-            binary = parsed.body == "BINARYMIME"
-            self._reset_transaction(Transaction(origin, smtputf8=parsed.smtputf8, binary=binary))
-            self.reply(250, "2.1.0", "Sender OK")
+            self._run(self.session.sender_accepted(origin))
 
         if self.delivery is None:
             # First MAIL of a session without AUTH: log in anonymously through
@@ -968,18 +895,9 @@ class RelayProtocol(ESMTP):
             self.reply(451, "4.3.0", "Local error in processing")
 
     def do_RCPT(self, argument: str) -> None:
-        tx = self._tx
-        if tx.sender is None:
-            self.reply(503, "5.5.1", "Send MAIL first", counts_as=ERROR)
-            return
-        if tx.bdat_started:
-            self.reply(503, "5.5.1", "RCPT after BDAT; send RSET to start over", counts_as=ERROR)
-            return
-        try:
-            parsed = parse_rcpt(argument, tx.smtputf8)
-        except CommandError as e:
-            self.reply(e.reply, counts_as=ERROR)
-            return
+        self._run(self.session.rcpt(argument))
+
+    def _check_recipient(self, parsed: RcptArguments) -> None:
         refusal = self.factory.guard.recipient(parsed.recipient)
         if refusal is not None:
             self.factory.log_summary.emit(
@@ -991,55 +909,35 @@ class RelayProtocol(ESMTP):
             )
             self.reply(refusal, counts_as=REFUSAL)
             return
-        key = address_key(parsed.recipient)
-        if key in tx.keys:
-            # The same mailbox twice must still receive the message once.
-            self.reply(250, "2.1.5", "Recipient OK (duplicate ignored)")
-            return
-        if len(tx.recipients) >= self.settings.max_recipients:
-            self.reply(452, "4.5.3", "Too many recipients")
-            return
-        user = User(ParsedAddress(parsed.recipient, parsed), self._helo, self, tx.sender)
+        self._run(self.session.recipient_allowed(parsed))
+
+    def _validate_recipient(self, action: ValidateRecipient) -> None:
+        user = User(action.address, self._helo, self, self.session.tx.sender)
 
         def accepted(factory: Callable[[], Any]) -> None:
-            tx.recipients.append((user, factory))
-            tx.keys.add(key)
-            self.reply(250, "2.1.5", "Recipient OK")
+            self._run(self.session.recipient_accepted(user, factory, action.key))
 
         self._validate(self.validateTo, (user,), accepted, "recipient")
 
     def do_DATA(self, argument: str) -> None:
-        tx = self._tx
-        if tx.sender is None:
-            self.reply(503, "5.5.1", "Send MAIL first", counts_as=ERROR)
-            return
-        if tx.bdat_started:
-            # RFC 3030 2: one transaction is sent with DATA or with BDAT.
-            self.reply(503, "5.5.1", "DATA after BDAT; send RSET to start over", counts_as=ERROR)
-            return
-        if tx.binary:
-            self.reply(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA", counts_as=ERROR)
-            return
-        if not tx.recipients:
-            self.reply(554, "5.5.1", "No valid recipients", counts_as=ERROR)
-            return
-        if argument:
-            self.reply(501, "5.5.4", "DATA takes no arguments", counts_as=ERROR)
-            return
+        self._run(self.session.data(argument))
+
+    def _open_data(self) -> None:
         failure = self._open_message()
         if failure is not None:
             self.reply(failure)
             return
+        tx = self.session.tx
         tx.reader = DataReader(self.settings.max_message_size, tx.body)
         self.mode = DATA
         self.setTimeout(self.settings.data_timeout)
-        self.reply(354, "", "End data with <CR><LF>.<CR><LF>")
+        self.reply(GO_AHEAD)
 
     def _open_message(self) -> Reply | None:
         """Build the transaction's message and an empty body; the reply if that failed."""
         messages: list[Any] = []
         try:
-            for _, factory in self._tx.recipients:
+            for _, factory in self.session.tx.recipients:
                 message = factory()
                 if not any(message is seen for seen in messages):
                     messages.append(message)
@@ -1048,13 +946,13 @@ class RelayProtocol(ESMTP):
                 message.connectionLost()
             self._reset_transaction()
             return reply_for_failure(e)
-        self._tx.messages = messages
-        self._tx.body = self.factory.spool.body()
+        self.session.tx.messages = messages
+        self.session.tx.body = self.factory.spool.body()
         self._data_started = self._clock.seconds()
         return None
 
     def _feed_data(self, data: bytes) -> None:
-        reader = self._tx.reader
+        reader = self.session.tx.reader
         assert reader is not None
         if self._too_slow(reader):
             self._cut_off_slow()
@@ -1067,7 +965,7 @@ class RelayProtocol(ESMTP):
         self._end_of_data()
 
     def _cut_off_slow(self) -> None:
-        self._abandon_message()
+        self._abandon(self.session.tx)
         self.mode = COMMAND
         self._reset_transaction()
         self.reply(421, "4.4.2", "Data arriving too slowly, closing connection")
@@ -1080,7 +978,7 @@ class RelayProtocol(ESMTP):
         return elapsed > allowed
 
     def _end_of_data(self) -> None:
-        tx = self._tx
+        tx = self.session.tx
         reader, messages, body = tx.reader, tx.messages, tx.body
         assert reader is not None and body is not None
         tx.reader = tx.body = None
@@ -1181,7 +1079,7 @@ class RelayProtocol(ESMTP):
         if not self._nodelay:
             self._no_delay()
         refusal: tuple[Reply, bool] | None = None  # (reply, counts as a client error)
-        tx = self._tx
+        tx = self.session.tx
         if tx.chunk_failed is not None:
             refusal = (tx.chunk_failed, False)
         elif tx.sender is None:
@@ -1256,7 +1154,7 @@ class RelayProtocol(ESMTP):
             if not self._closing:
                 self._stop_if_shutting_down()
             return
-        tx = self._tx
+        tx = self.session.tx
         body = tx.body
         assert body is not None
         if last:
@@ -1280,17 +1178,17 @@ class RelayProtocol(ESMTP):
         the refused one must not make a message with a hole in it: each gets
         the same reply, until LAST (which ends the transaction) or RSET.
         """
-        if self._tx.sender is None:
+        if self.session.tx.sender is None:
             return
-        if self._tx.chunks is not None:
-            self._abandon_message()
+        if self.session.tx.chunks is not None:
+            self._abandon(self.session.tx)
         if last:
             self._reset_transaction()
         else:
-            self._tx.chunk_failed = reply
+            self.session.tx.chunk_failed = reply
 
-    def _abandon_message(self) -> None:
-        tx = self._tx
+    def _abandon(self, tx: Transaction) -> None:
+        """Release what a dropped transaction holds: its avatar messages, its body."""
         for message in tx.messages:
             try:
                 message.connectionLost()
@@ -1304,12 +1202,8 @@ class RelayProtocol(ESMTP):
             tx.body.close()
             tx.body = None
 
-    def _reset_transaction(self, new: Transaction | None = None) -> None:
-        """End the transaction (its BDAT chunks so far are dropped); C{new} starts the next."""
-        if self._tx.chunks is not None:
-            # RSET, EHLO or STARTTLS between BDAT chunks: the chunks go.
-            self._abandon_message()
-        self._tx = Transaction() if new is None else new
+    def _reset_transaction(self) -> None:
+        self._run(self.session.reset())
 
     # -- STARTTLS -----------------------------------------------------------
 
@@ -1356,10 +1250,10 @@ class RelayProtocol(ESMTP):
         self._commanded = False
         self.setTimeout(self._limits().greeting)
         # RFC 3207 4.2: forget everything learned before TLS.
-        self._greeted = False
+        self.session.greeted = False
         self._helo = (None, self._peer.encode("ascii", "replace"))
         self._reset_transaction()
-        self.authenticated = False
+        self.session.authenticated = False
         self.user = None
         self._drop_avatar()
         self.deliveryFactory = None
@@ -1373,13 +1267,13 @@ class RelayProtocol(ESMTP):
         if not self._auth_offered():
             self.reply(538, "5.7.11", "Encryption required: send STARTTLS first", counts_as=ERROR)
             return
-        if not self._greeted:
+        if not self.session.greeted:
             self.reply(503, "5.5.1", "Send EHLO first", counts_as=ERROR)
             return
-        if self.authenticated:
+        if self.session.authenticated:
             self.reply(503, "5.5.1", "Already authenticated", counts_as=ERROR)
             return
-        if self._tx.sender is not None:
+        if self.session.tx.sender is not None:
             self.reply(
                 503, "5.5.1", "AUTH is not allowed during a mail transaction", counts_as=ERROR
             )
@@ -1449,7 +1343,7 @@ class RelayProtocol(ESMTP):
             _, avatar, logout = result
             self._take_avatar(avatar, logout)
             self.deliveryFactory = None
-            self.authenticated = True
+            self.session.authenticated = True
             self.user = username
             log.info("authenticated", session=self.id, client=self._peer, username=username)
             self.reply(235, "2.7.0", "Authentication successful")

@@ -20,11 +20,86 @@ from typing import Any, Final, Literal
 
 from twisted.mail.smtp import Address, User
 
+from smtpproxy.config import Config
 from smtpproxy.errors import Reply
+from smtpproxy.qualify import default_domain
 from smtpproxy.smtp.chunking import ChunkReader
-from smtpproxy.smtp.commands import MailArguments, RcptArguments
+from smtpproxy.smtp.commands import (
+    CommandError,
+    MailArguments,
+    RcptArguments,
+    parse_mail,
+    parse_rcpt,
+)
 from smtpproxy.smtp.dotreader import DataReader
 from smtpproxy.spool import MessageBody
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """What every session needs to know, derived once from the configuration."""
+
+    hostname: str
+    max_message_size: int = 26_214_400
+    # Bodies past spool_threshold go to an unlinked file in spool_dir ("":
+    # the system's temp dir); past max_inflight_bytes held in memory by all
+    # sessions together, new bodies go there at once.
+    spool_threshold: int = 1_048_576
+    spool_dir: str = ""
+    max_inflight_bytes: int = 268_435_456
+    max_recipients: int = 500
+    command_timeout: float = 300.0
+    # Before the first command, and again after STARTTLS (never longer
+    # than the command timeout).
+    greeting_timeout: float = 30.0
+    data_timeout: float = 600.0
+    auth_enabled: bool = False
+    allow_insecure_auth: bool = False
+    max_errors: int = 10
+    # Policy refusals (sender or recipient not allowed, rate limit, AUTH
+    # needed) are not client mistakes and have their own, larger budget,
+    # renewed by each delivered message (Postfix's smtpd_hard_error_limit
+    # counts "errors without delivering mail" the same way).
+    max_refusals: int = 100
+    max_auth_failures: int = 3
+    # What a bare MAIL FROM local part is qualified with (empty: the host
+    # name, as Postfix's myorigin defaults to myhostname).
+    default_domain: str = ""
+    # The configured AUTH user names: a failed login logs one of these as
+    # typed and anything else only as a hash (it may be a mistyped password).
+    auth_users: tuple[str, ...] = ()
+    # Per-connection debug lines cost a log event each even when filtered
+    # out; they are only built when the log level asks for them.
+    log_sessions: bool = False
+    # BINARYMIME is offered (RFC 3030): the provider carries binary content.
+    binarymime: bool = False
+
+
+def session_settings(config: Config, binarymime: bool = False) -> SessionSettings:
+    """The per-session view of the configuration.
+
+    @param binarymime: offer BINARYMIME (see the provider's C{binary_mime}).
+    """
+    return SessionSettings(
+        hostname=config.smtp_hostname,
+        max_message_size=config.smtp_max_message_size,
+        spool_threshold=config.smtp_spool_threshold,
+        spool_dir=config.smtp_spool_dir,
+        max_inflight_bytes=config.smtp_max_inflight_bytes,
+        max_recipients=config.smtp_max_recipients,
+        command_timeout=config.smtp_command_timeout,
+        greeting_timeout=config.smtp_greeting_timeout,
+        data_timeout=config.smtp_data_timeout,
+        auth_enabled=config.auth_enabled,
+        allow_insecure_auth=config.smtp_allow_insecure_auth,
+        max_errors=config.smtp_max_errors,
+        max_refusals=config.smtp_max_refusals,
+        max_auth_failures=config.smtp_auth_max_failures,
+        default_domain=default_domain(config.smtp_default_domain, config.graph_sender),
+        auth_users=(config.smtp_username,) if config.auth_enabled else (),
+        log_sessions=config.log_level == "debug",
+        binarymime=binarymime,
+    )
 
 
 class ParsedAddress(Address):
@@ -130,3 +205,237 @@ class ReplyBudget:
     def delivered(self) -> None:
         """A message went through: the client is not just probing the policy."""
         self.refusals = 0
+
+
+# -- the dialogue ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    """Send C{reply}; C{counts_as} charges it to a L{ReplyBudget}.
+
+    @ivar keywords: the EHLO reply: the extension keyword lines follow
+        (the shell formats and caches them per listener).
+    """
+
+    reply: Reply
+    counts_as: Budget | None = None
+    keywords: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the session once the replies before it have been sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    """Release what a dropped transaction holds (its avatar messages, its body)."""
+
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class Greeted:
+    """HELO or EHLO named the client: C{name} goes into what the avatar sees."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSender:
+    """Ask the guard and the delivery avatar about this sender, then call
+    L{Session.sender_accepted} (or say their refusal)."""
+
+    arguments: MailArguments
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRecipient:
+    """Ask the guard about this recipient, then call L{Session.recipient_allowed}."""
+
+    arguments: RcptArguments
+
+
+@dataclass(frozen=True, slots=True)
+class ValidateRecipient:
+    """Ask the delivery avatar about this recipient; on success call
+    L{Session.recipient_accepted} with the message factory it gives."""
+
+    address: ParsedAddress
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpenData:
+    """Open the transaction's messages and body, then say L{GO_AHEAD} and read DATA."""
+
+
+Action = (
+    Say | Close | Abandon | Greeted | CheckSender | CheckRecipient | ValidateRecipient | OpenData
+)
+Outcome = list[Action]
+
+OK = Say(Reply(250, "2.0.0", "OK"))
+GO_AHEAD = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+_CANNOT_VRFY = Say(Reply(252, "2.5.0", "Cannot verify the user, but will accept the message"))
+_NO_EXPN = Say(Reply(502, "5.5.1", "EXPN is not supported"))
+_HELP = Say(
+    Reply(
+        214,
+        "2.0.0",
+        "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT STARTTLS AUTH",
+    )
+)
+_MAIL_FIRST = Say(Reply(503, "5.5.1", "Send MAIL first"), ERROR)
+_SENDER_OK = Say(Reply(250, "2.1.0", "Sender OK"))
+_RECIPIENT_OK = Say(Reply(250, "2.1.5", "Recipient OK"))
+_DUPLICATE = Say(Reply(250, "2.1.5", "Recipient OK (duplicate ignored)"))
+_TOO_MANY = Say(Reply(452, "4.5.3", "Too many recipients"))
+
+
+class Session:
+    """The SMTP dialogue of one connection as a state machine without I/O.
+
+    Each command method takes the command's argument and returns what to
+    do, in order: replies to send (L{Say}) and effects for the protocol
+    shell to carry out (L{Close}, L{CheckSender}, L{OpenData}, ...).  The
+    shell owns the transport, the timers, the guard, the portal and the
+    delivery avatar; when an effect's answer comes back, it calls the
+    matching method here (L{sender_accepted}, L{recipient_allowed},
+    L{recipient_accepted}).  Nothing here reads a clock, logs or writes.
+
+    @ivar greeted: HELO or EHLO was accepted (forgotten by STARTTLS).
+    @ivar tx: the mail transaction; a new one when it ends.
+    @ivar authenticated: AUTH succeeded (the shell says so).
+    @ivar needs_auth: MAIL needs AUTH first (the guard decides per client).
+    """
+
+    def __init__(self, settings: SessionSettings, peer: str) -> None:
+        self.settings = settings
+        self.peer = peer
+        self.tx = Transaction()
+        self.needs_auth = settings.auth_enabled
+
+    greeted = False
+    authenticated = False
+
+    def reset(self, new: Transaction | None = None) -> Outcome:
+        """End the transaction (C{new} starts the next); a BDAT one's chunks are dropped."""
+        old = self.tx
+        self.tx = Transaction() if new is None else new
+        return [Abandon(old)] if old.chunks is not None else []
+
+    # -- commands without a transaction --------------------------------------
+
+    def helo(self, argument: str, extended: bool) -> Outcome:
+        """HELO or EHLO: greet (EHLO lists the extensions) and start over."""
+        if not argument:
+            verb = "EHLO" if extended else "HELO"
+            return [Say(Reply(501, "5.5.4", f"{verb} needs your domain name or address"), ERROR)]
+        self.greeted = True
+        outcome = self.reset()
+        outcome.append(Greeted(argument))
+        # check_line refused CR and LF in the argument: the text is one line.
+        text = f"{self.settings.hostname} greets {argument} [{self.peer}]"
+        outcome.append(Say(Reply(250, "", text), keywords=extended))
+        return outcome
+
+    def noop(self, argument: str) -> Outcome:
+        return [OK]
+
+    def vrfy(self, argument: str) -> Outcome:
+        return [_CANNOT_VRFY]
+
+    def expn(self, argument: str) -> Outcome:
+        return [_NO_EXPN]
+
+    def help(self, argument: str) -> Outcome:
+        return [_HELP]
+
+    def rset(self, argument: str) -> Outcome:
+        outcome = self.reset()
+        outcome.append(OK)
+        return outcome
+
+    def quit(self, argument: str) -> Outcome:
+        return [Say(Reply(221, "2.0.0", f"{self.settings.hostname} closing connection")), Close()]
+
+    # -- the transaction --------------------------------------------------------
+
+    def mail(self, argument: str) -> Outcome:
+        """MAIL: the state checks and the syntax; the policy and the avatar come next."""
+        if not self.greeted:
+            return [Say(Reply(503, "5.5.1", "Send HELO or EHLO first"), ERROR)]
+        if self.tx.sender is not None:
+            return [
+                Say(Reply(503, "5.5.1", "Sender already given; send RSET to start over"), ERROR)
+            ]
+        if self.needs_auth and not self.authenticated:
+            return [Say(Reply(530, "5.7.0", "Authentication required"), REFUSAL)]
+        settings = self.settings
+        try:
+            parsed = parse_mail(
+                argument,
+                settings.max_message_size,
+                settings.default_domain or settings.hostname,
+                settings.binarymime,
+            )
+        except CommandError as e:
+            return [Say(e.reply, ERROR)]
+        return [CheckSender(parsed)]
+
+    def sender_accepted(self, origin: ParsedAddress) -> Outcome:
+        """The guard and the avatar took the sender: a new transaction starts."""
+        parsed = origin.parameters
+        assert isinstance(parsed, MailArguments)
+        binary = parsed.body == "BINARYMIME"
+        outcome = self.reset(Transaction(origin, smtputf8=parsed.smtputf8, binary=binary))
+        outcome.append(_SENDER_OK)
+        return outcome
+
+    def rcpt(self, argument: str) -> Outcome:
+        """RCPT: the state checks and the syntax; the guard comes next."""
+        tx = self.tx
+        if tx.sender is None:
+            return [_MAIL_FIRST]
+        if tx.bdat_started:
+            return [Say(Reply(503, "5.5.1", "RCPT after BDAT; send RSET to start over"), ERROR)]
+        try:
+            parsed = parse_rcpt(argument, tx.smtputf8)
+        except CommandError as e:
+            return [Say(e.reply, ERROR)]
+        return [CheckRecipient(parsed)]
+
+    def recipient_allowed(self, parsed: RcptArguments) -> Outcome:
+        """The guard allows the recipient: a duplicate, one too many, or one for the avatar."""
+        tx = self.tx
+        key = address_key(parsed.recipient)
+        if key in tx.keys:
+            # The same mailbox twice must still receive the message once.
+            return [_DUPLICATE]
+        if len(tx.recipients) >= self.settings.max_recipients:
+            return [_TOO_MANY]
+        return [ValidateRecipient(ParsedAddress(parsed.recipient, parsed), key)]
+
+    def recipient_accepted(self, user: User, factory: Callable[[], Any], key: str) -> Outcome:
+        """The avatar takes the recipient: it joins the transaction."""
+        self.tx.recipients.append((user, factory))
+        self.tx.keys.add(key)
+        return [_RECIPIENT_OK]
+
+    def data(self, argument: str) -> Outcome:
+        """DATA: allowed only after MAIL and a recipient, not after BDAT or BINARYMIME."""
+        tx = self.tx
+        if tx.sender is None:
+            return [_MAIL_FIRST]
+        if tx.bdat_started:
+            # RFC 3030 2: one transaction is sent with DATA or with BDAT.
+            return [Say(Reply(503, "5.5.1", "DATA after BDAT; send RSET to start over"), ERROR)]
+        if tx.binary:
+            return [Say(Reply(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA"), ERROR)]
+        if not tx.recipients:
+            return [Say(Reply(554, "5.5.1", "No valid recipients"), ERROR)]
+        if argument:
+            return [Say(Reply(501, "5.5.4", "DATA takes no arguments"), ERROR)]
+        return [OpenData()]

@@ -62,8 +62,6 @@ from smtpproxy.smtp import sasl as auth
 from smtpproxy.smtp.chunking import ChunkReader, ChunkSizeError, parse_bdat
 from smtpproxy.smtp.commands import (
     CommandError,
-    MailArguments,
-    RcptArguments,
     check_line,
     split_command,
 )
@@ -79,6 +77,7 @@ from smtpproxy.smtp.session import (
     CheckSender,
     Close,
     Greeted,
+    OpenData,
     Outcome,
     ParsedAddress,
     ReplyBudget,
@@ -86,6 +85,7 @@ from smtpproxy.smtp.session import (
     Session,
     Transaction,
     ValidateRecipient,
+    wire,
 )
 
 # Re-exported: the settings are built with the listener's factory.
@@ -155,7 +155,6 @@ class RelayProtocol(ESMTP):
         # assignment saved counts).
         self._input = bytearray()
         self.session = Session(settings, "")
-        self._budget = ReplyBudget(settings.max_errors, settings.max_refusals)
         self._pending: list[bytes] = []
 
     # Per-session state and its starting values.
@@ -179,8 +178,8 @@ class RelayProtocol(ESMTP):
     # A command arrived since the greeting (or since STARTTLS): the idle
     # limit is then the command timeout, before it the greeting timeout.
     _commanded = False
-    # Mistakes and refusals so far (see ReplyBudget).
-    _budget: ReplyBudget
+    # Mistakes and refusals so far (see ReplyBudget), from the first one.
+    _budget: ReplyBudget | None = None
     # The dialogue's state and decisions (see smtpproxy.smtp.session).
     session: Session
     # BDAT (RFC 3030): the chunk being read now (the transaction's reader,
@@ -655,38 +654,44 @@ class RelayProtocol(ESMTP):
 
     def reply(
         self,
-        reply: Reply | int,
+        reply: Say | Reply | int,
         status: str = "",
         text: str = "",
         *,
         counts_as: Budget | None = None,
-        continued: bytes = b"",
     ) -> None:
         """Send a reply: the one way anything is said to the client.
 
-        @param reply: a L{Reply}, or its code with C{status} ("" for none)
-            and C{text}; line breaks in the text are never sent.
-        @param counts_as: L{ERROR} for a client's mistake, L{REFUSAL} for a
-            policy refusal: the reply counts against that budget
+        @param reply: what the session said (a L{Say}), or a L{Reply}, or
+            its code with C{status} ("" for none) and C{text}; line breaks
+            in the text are never sent.
+        @param counts_as: (not with a L{Say}, which carries its own)
+            L{ERROR} for a client's mistake, L{REFUSAL} for a policy
+            refusal: the reply counts against that budget
             (C{SMTP_MAX_ERRORS}, C{SMTP_MAX_REFUSALS}); when it is spent, a
             421 goes out instead and the session closes.
-        @param continued: EHLO's keyword lines, already formatted: this
-            reply's line then becomes the first of a multi-line reply.
 
         Replies are batched by L{_send} while a batch of input is handled.
         """
+        if isinstance(reply, Say):
+            counts_as = reply.counts_as
+        elif not isinstance(reply, Reply):
+            reply = Reply(reply, status, text)
         if counts_as is not None:
+            if self._budget is None:
+                self._budget = ReplyBudget(self.settings.max_errors, self.settings.max_refusals)
             last = self._budget.charge(counts_as)
             if last is not None:
-                self._send(b"%d %s\r\n" % (last.code, last.render()))
+                self._send(wire(last))
                 self._close()
                 return
-        if not isinstance(reply, Reply):
-            reply = Reply(reply, status, text)
-        if continued:
-            self._send(b"%d-%s\r\n%s" % (reply.code, reply.render(), continued))
+        if not isinstance(reply, Say):
+            self._send(wire(reply))
+        elif reply.keywords:
+            # EHLO: the greeting becomes the first line of a multi-line reply.
+            self._send(b"%d-%s%s" % (reply.reply.code, reply.wire[4:], self._extension_reply()))
         else:
-            self._send(b"%d %s\r\n" % (reply.code, reply.render()))
+            self._send(reply.wire)
 
     def _send(self, data: bytes) -> None:
         if not self._corked:
@@ -751,22 +756,12 @@ class RelayProtocol(ESMTP):
         """Carry out what the session decided: send its replies, run its effects."""
         for action in outcome:
             if isinstance(action, Say):
-                keywords = self._extension_reply() if action.keywords else b""
-                self.reply(action.reply, counts_as=action.counts_as, continued=keywords)
-            elif isinstance(action, Close):
-                self._close()
-            elif isinstance(action, Abandon):
-                self._abandon(action.transaction)
-            elif isinstance(action, Greeted):
-                self._helo = (action.name.encode("ascii"), self._peer.encode("ascii", "replace"))
-            elif isinstance(action, CheckSender):
-                self._check_sender(action.arguments)
-            elif isinstance(action, CheckRecipient):
-                self._check_recipient(action.arguments)
-            elif isinstance(action, ValidateRecipient):
-                self._validate_recipient(action)
+                self.reply(action)
             else:
-                self._open_data()
+                _EFFECTS[type(action)](self, action)
+
+    def _greeted(self, action: Greeted) -> None:
+        self._helo = (action.name.encode("ascii"), self._peer.encode("ascii", "replace"))
 
     def do_HELO(self, argument: str) -> None:
         self._run(self.session.helo(argument, extended=False))
@@ -795,8 +790,9 @@ class RelayProtocol(ESMTP):
     def do_MAIL(self, argument: str) -> None:
         self._run(self.session.mail(argument))
 
-    def _check_sender(self, parsed: MailArguments) -> None:
+    def _check_sender(self, action: CheckSender) -> None:
         """The guard, then the delivery avatar (logged in anonymously if need be)."""
+        parsed = action.arguments
         guard = self.factory.guard
         refusal = guard.sender(parsed.sender) or guard.message(self._peer, self.user)
         if refusal is not None:
@@ -897,7 +893,8 @@ class RelayProtocol(ESMTP):
     def do_RCPT(self, argument: str) -> None:
         self._run(self.session.rcpt(argument))
 
-    def _check_recipient(self, parsed: RcptArguments) -> None:
+    def _check_recipient(self, action: CheckRecipient) -> None:
+        parsed = action.arguments
         refusal = self.factory.guard.recipient(parsed.recipient)
         if refusal is not None:
             self.factory.log_summary.emit(
@@ -922,7 +919,7 @@ class RelayProtocol(ESMTP):
     def do_DATA(self, argument: str) -> None:
         self._run(self.session.data(argument))
 
-    def _open_data(self) -> None:
+    def _open_data(self, action: OpenData) -> None:
         failure = self._open_message()
         if failure is not None:
             self.reply(failure)
@@ -1025,7 +1022,8 @@ class RelayProtocol(ESMTP):
                 assert error is not None
                 self.reply(reply_for_failure(error))
                 return
-            self._budget.delivered()
+            if self._budget is not None:
+                self._budget.delivered()
             ids = result if isinstance(result, list) else [result]
             names = " ".join(str(i) for i in ids if isinstance(i, str))
             self.reply(250, "2.0.0", f"OK: delivered as {names}" if names else "OK: delivered")
@@ -1186,6 +1184,9 @@ class RelayProtocol(ESMTP):
             self._reset_transaction()
         else:
             self.session.tx.chunk_failed = reply
+
+    def _abandon_transaction(self, action: Abandon) -> None:
+        self._abandon(action.transaction)
 
     def _abandon(self, tx: Transaction) -> None:
         """Release what a dropped transaction holds: its avatar messages, its body."""
@@ -1429,6 +1430,16 @@ def _handlers(protocol: type[ESMTP]) -> dict[str, str]:
 
 
 _HANDLERS = _handlers(RelayProtocol)
+# What carries out each effect a Session returns (see RelayProtocol._run).
+_EFFECTS: dict[type, Callable[[RelayProtocol, Any], None]] = {
+    Close: lambda protocol, action: protocol._close(),
+    Abandon: RelayProtocol._abandon_transaction,
+    Greeted: RelayProtocol._greeted,
+    CheckSender: RelayProtocol._check_sender,
+    CheckRecipient: RelayProtocol._check_recipient,
+    ValidateRecipient: RelayProtocol._validate_recipient,
+    OpenData: RelayProtocol._open_data,
+}
 
 
 class RelayFactory(ServerFactory):

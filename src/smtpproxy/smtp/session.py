@@ -14,6 +14,7 @@ consults it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -209,40 +210,55 @@ class ReplyBudget:
 
 # -- the dialogue ------------------------------------------------------------
 
+# The actions a Session returns are values, never changed once made (most
+# replies are module constants); they are not frozen only because a frozen
+# dataclass costs three times as much to build, on every command.
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class Say:
     """Send C{reply}; C{counts_as} charges it to a L{ReplyBudget}.
 
     @ivar keywords: the EHLO reply: the extension keyword lines follow
         (the shell formats and caches them per listener).
+    @ivar wire: the reply's line as sent, formatted once: most replies are
+        module constants, so a session never formats them again.
     """
 
     reply: Reply
     counts_as: Budget | None = None
     keywords: bool = False
+    wire: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.wire = wire(self.reply)
 
 
-@dataclass(frozen=True, slots=True)
+def wire(reply: Reply) -> bytes:
+    """A one-line reply as sent."""
+    return b"%d %s\r\n" % (reply.code, reply.render())
+
+
+@dataclass(slots=True)
 class Close:
     """Close the session once the replies before it have been sent."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Abandon:
     """Release what a dropped transaction holds (its avatar messages, its body)."""
 
     transaction: Transaction
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Greeted:
     """HELO or EHLO named the client: C{name} goes into what the avatar sees."""
 
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckSender:
     """Ask the guard and the delivery avatar about this sender, then call
     L{Session.sender_accepted} (or say their refusal)."""
@@ -250,14 +266,14 @@ class CheckSender:
     arguments: MailArguments
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckRecipient:
     """Ask the guard about this recipient, then call L{Session.recipient_allowed}."""
 
     arguments: RcptArguments
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ValidateRecipient:
     """Ask the delivery avatar about this recipient; on success call
     L{Session.recipient_accepted} with the message factory it gives."""
@@ -266,7 +282,7 @@ class ValidateRecipient:
     key: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OpenData:
     """Open the transaction's messages and body, then say L{GO_AHEAD} and read DATA."""
 
@@ -277,6 +293,8 @@ Action = (
 Outcome = list[Action]
 
 OK = Say(Reply(250, "2.0.0", "OK"))
+CLOSE = Close()
+OPEN_DATA = OpenData()
 GO_AHEAD = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 _CANNOT_VRFY = Say(Reply(252, "2.5.0", "Cannot verify the user, but will accept the message"))
 _NO_EXPN = Say(Reply(502, "5.5.1", "EXPN is not supported"))
@@ -292,6 +310,12 @@ _SENDER_OK = Say(Reply(250, "2.1.0", "Sender OK"))
 _RECIPIENT_OK = Say(Reply(250, "2.1.5", "Recipient OK"))
 _DUPLICATE = Say(Reply(250, "2.1.5", "Recipient OK (duplicate ignored)"))
 _TOO_MANY = Say(Reply(452, "4.5.3", "Too many recipients"))
+
+
+@functools.lru_cache(maxsize=8)
+def _closing(hostname: str) -> Say:
+    """QUIT's answer, made once per host name rather than once per session."""
+    return Say(Reply(221, "2.0.0", f"{hostname} closing connection"))
 
 
 class Session:
@@ -323,7 +347,12 @@ class Session:
     def reset(self, new: Transaction | None = None) -> Outcome:
         """End the transaction (C{new} starts the next); a BDAT one's chunks are dropped."""
         old = self.tx
-        self.tx = Transaction() if new is None else new
+        if new is None:
+            if old.sender is None:
+                # Nothing was started (a sender comes first): keep the empty one.
+                return []
+            new = Transaction()
+        self.tx = new
         return [Abandon(old)] if old.chunks is not None else []
 
     # -- commands without a transaction --------------------------------------
@@ -359,7 +388,7 @@ class Session:
         return outcome
 
     def quit(self, argument: str) -> Outcome:
-        return [Say(Reply(221, "2.0.0", f"{self.settings.hostname} closing connection")), Close()]
+        return [_closing(self.settings.hostname), CLOSE]
 
     # -- the transaction --------------------------------------------------------
 
@@ -438,4 +467,4 @@ class Session:
             return [Say(Reply(554, "5.5.1", "No valid recipients"), ERROR)]
         if argument:
             return [Say(Reply(501, "5.5.4", "DATA takes no arguments"), ERROR)]
-        return [OpenData()]
+        return [OPEN_DATA]

@@ -17,10 +17,12 @@ from smtpproxy.smtp.session import (
     GO_AHEAD,
     REFUSAL,
     Abandon,
+    CheckAuthBlocked,
     CheckRecipient,
     CheckSender,
     Close,
     Greeted,
+    Login,
     OpenData,
     Outcome,
     ParsedAddress,
@@ -28,6 +30,7 @@ from smtpproxy.smtp.session import (
     Say,
     Session,
     SessionSettings,
+    StartTLS,
     ValidateRecipient,
 )
 
@@ -224,3 +227,93 @@ class BudgetTests(SynchronousTestCase):
             budget.charge(REFUSAL),
             Reply(421, "4.7.0", "Too many refused commands, closing connection"),
         )
+
+
+class StartTLSTests(SynchronousTestCase):
+    def test_starttls_states(self) -> None:
+        """STARTTLS takes no argument, is refused once active and unavailable without a context."""
+        s = session()
+        self.assertEqual(said(s.starttls("x"))[0][::2], (501, ERROR))
+        self.assertEqual(said(s.starttls("")), [(454, "4.7.0 TLS not available", None)])
+        s.tls_available = True
+        self.assertEqual(s.starttls(""), [StartTLS()])
+        s.tls_started()
+        self.assertEqual(said(s.starttls("")), [(503, "5.5.1 TLS already active", ERROR)])
+
+    def test_tls_forgets_the_plaintext_session(self) -> None:
+        """RFC 3207 4.2: the greeting, the login and the transaction (its chunks too) go."""
+        s = session()
+        in_transaction(s, "b@example.org")
+        s.authenticated = True
+        old = s.tx
+        old.chunks = ChunkReader(100)
+        self.assertEqual(s.tls_started(), [Abandon(old)])
+        self.assertFalse(s.greeted or s.authenticated)
+        self.assertIsNone(s.tx.sender)
+
+    def test_keywords_follow_the_state(self) -> None:
+        """STARTTLS is offered until TLS is on; AUTH only inside TLS unless allowed."""
+        s = session(auth_enabled=True)
+        s.tls_available = True
+        self.assertIn(b"STARTTLS", s.extensions())
+        self.assertNotIn(b"AUTH", s.extensions())
+        s.tls_started()
+        self.assertNotIn(b"STARTTLS", s.extensions())
+        self.assertEqual(s.extensions()[b"AUTH"], [b"PLAIN", b"LOGIN"])
+
+
+class AuthTests(SynchronousTestCase):
+    def authenticating(self) -> Session:
+        s = session(auth_enabled=True)
+        s.tls_started()
+        s.helo("c", extended=True)
+        return s
+
+    def test_auth_states(self) -> None:
+        """AUTH needs it enabled, TLS, EHLO, no login yet and no transaction; then the guard."""
+        self.assertEqual(said(session().auth("PLAIN"))[0][0], 502)
+        plain = session(auth_enabled=True)
+        self.assertEqual(
+            said(plain.auth("PLAIN"))[0][:2],
+            (538, "5.7.11 Encryption required: send STARTTLS first"),
+        )
+        s = session(auth_enabled=True)
+        s.tls_started()
+        self.assertEqual(said(s.auth("PLAIN"))[0][1], "5.5.1 Send EHLO first")
+        s.helo("c", extended=True)
+        self.assertEqual(s.auth("PLAIN x"), [CheckAuthBlocked("PLAIN x")])
+        s.authenticated = True
+        self.assertEqual(said(s.auth("PLAIN"))[0][1], "5.5.1 Already authenticated")
+
+    def test_plain_with_initial_response(self) -> None:
+        """AUTH PLAIN with its response ends the exchange with a Login."""
+        s = self.authenticating()
+        [login] = s.auth_start("plain AHVzZXIAc2VjcmV0")
+        assert isinstance(login, Login)
+        self.assertEqual(
+            (login.credentials.username, login.credentials.password), (b"user", b"secret")
+        )
+        self.assertIsNone(s.sasl)
+
+    def test_login_dialogue(self) -> None:
+        """AUTH LOGIN asks for the user name, then the password, then logs in."""
+        s = self.authenticating()
+        self.assertEqual(said(s.auth_start("LOGIN")), [(334, "VXNlcm5hbWU6", None)])
+        self.assertEqual(said(s.auth_response(b"dXNlcg==")), [(334, "UGFzc3dvcmQ6", None)])
+        [login] = s.auth_response(b"c2VjcmV0")
+        assert isinstance(login, Login)
+        self.assertEqual(login.credentials.username, b"user")
+
+    def test_bad_exchanges_are_errors(self) -> None:
+        """Unknown mechanisms, cancels and bad base64 are client errors that end the exchange."""
+        s = self.authenticating()
+        self.assertEqual(said(s.auth_start("CRAM-MD5"))[0][::2], (504, ERROR))
+        self.assertEqual(said(s.auth_start(""))[0][::2], (501, ERROR))
+        s.auth_start("LOGIN")
+        self.assertEqual(
+            said(s.auth_response(b"*")), [(501, "5.0.0 Authentication cancelled", ERROR)]
+        )
+        self.assertIsNone(s.sasl)
+        s.auth_start("PLAIN")
+        self.assertEqual(said(s.auth_response(b"!!"))[0][::2], (501, ERROR))
+        self.assertIsNone(s.sasl)

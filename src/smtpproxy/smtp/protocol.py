@@ -30,7 +30,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.cred import error as cred_error
-from twisted.cred.credentials import Anonymous, IUsernamePassword
+from twisted.cred.credentials import Anonymous
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
 from twisted.internet.interfaces import (
@@ -58,11 +58,9 @@ from smtpproxy.logsummary import LogSummary
 from smtpproxy.policy.guard import Guard
 from smtpproxy.policy.pressure import IdleLimits, idle_limits, stressed
 from smtpproxy.policy.rules import client_name
-from smtpproxy.smtp import sasl as auth
 from smtpproxy.smtp.chunking import ChunkReader, ChunkSizeError, parse_bdat
 from smtpproxy.smtp.commands import (
     CommandError,
-    check_line,
     split_command,
 )
 from smtpproxy.smtp.dotreader import DataReader
@@ -73,16 +71,19 @@ from smtpproxy.smtp.session import (
     REFUSAL,
     Abandon,
     Budget,
+    CheckAuthBlocked,
     CheckRecipient,
     CheckSender,
     Close,
     Greeted,
+    Login,
     OpenData,
     Outcome,
     ParsedAddress,
     ReplyBudget,
     Say,
     Session,
+    StartTLS,
     Transaction,
     ValidateRecipient,
     wire,
@@ -189,7 +190,6 @@ class RelayProtocol(ESMTP):
     _chunk_last = False
     _chunk_refusal: tuple[Reply, bool] | None = None
     _nodelay = False
-    _sasl: tuple[str, bytes | None] | None = None
     _peer = ""
     _admitted = False
     _auth_failures = 0
@@ -221,11 +221,11 @@ class RelayProtocol(ESMTP):
             self._handshaking = True
             self._early = []
             self._write = self._early.append
-            self.startedTLS = True
-            self.canStartTLS = False
+            self.session.tls_active = True
         else:
             self._write = writer_for(self.transport)
-            self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+            tls = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+            self.session.tls_available = tls
         # As the transport's producer we hear when our replies back up (a
         # client that pipelines but never reads) and stop taking commands.
         self._tcp.registerProducer(self, True)
@@ -451,7 +451,7 @@ class RelayProtocol(ESMTP):
         if self._paused:
             self._paused = False
             self._tcp.resumeProducing()
-        if self.startedTLS and not held_back:
+        if self.session.tls_active and not held_back:
             # ISystemHandle: the TLS transports give their OpenSSL connection.
             handle = getattr(self._tcp, "getHandle", lambda: None)()
             if isinstance(handle, SSL.Connection):
@@ -581,7 +581,7 @@ class RelayProtocol(ESMTP):
                 self.reply(500, "5.5.2", "Line too long", counts_as=ERROR)
                 continue
             if self.mode == AUTH:
-                self._auth_response(line)
+                self._auth_step(self.session.auth_response(line))
             else:
                 self._command(line)
         if not self._closing:
@@ -720,26 +720,12 @@ class RelayProtocol(ESMTP):
     # -- commands ---------------------------------------------------------
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
-        ext: dict[bytes, list[bytes] | None] = {
-            b"PIPELINING": None,
-            b"SIZE": [str(self.settings.max_message_size).encode()],
-            b"8BITMIME": None,
-            b"ENHANCEDSTATUSCODES": None,
-            b"CHUNKING": None,
-            b"DSN": None,
-            b"SMTPUTF8": None,
-        }
-        if self.settings.binarymime:
-            ext[b"BINARYMIME"] = None
-        if self.canStartTLS and not self.startedTLS:
-            ext[b"STARTTLS"] = None
-        if self._auth_offered():
-            ext[b"AUTH"] = list(auth.MECHANISMS)
-        return ext
+        return self.session.extensions()
 
     def _extension_reply(self) -> bytes:
         """EHLO's keyword lines as sent, built once per listener for each state they depend on."""
-        key = (self.canStartTLS and not self.startedTLS, self._auth_offered())
+        session = self.session
+        key = (session.tls_available and not session.tls_active, session.auth_offered())
         cache = self.factory.ehlo_cache
         lines = cache.get(key)
         if lines is None:
@@ -748,9 +734,6 @@ class RelayProtocol(ESMTP):
             lines += b"250 %s\r\n" % keywords[-1]
             cache[key] = lines
         return lines
-
-    def _auth_offered(self) -> bool:
-        return self.settings.auth_enabled and (self.startedTLS or self.settings.allow_insecure_auth)
 
     def _run(self, outcome: Outcome) -> None:
         """Carry out what the session decided: send its replies, run its effects."""
@@ -1209,16 +1192,10 @@ class RelayProtocol(ESMTP):
     # -- STARTTLS -----------------------------------------------------------
 
     def ext_STARTTLS(self, argument: str) -> None:
-        if argument:
-            self.reply(501, "5.5.4", "STARTTLS takes no arguments", counts_as=ERROR)
-            return
-        if self.startedTLS:
-            self.reply(503, "5.5.1", "TLS already active", counts_as=ERROR)
-            return
-        if not self.canStartTLS:
-            self.reply(454, "4.7.0", "TLS not available")
-            return
-        assert self.ctx is not None  # canStartTLS says so
+        self._run(self.session.starttls(argument))
+
+    def _start_tls(self, action: StartTLS) -> None:
+        assert self.ctx is not None  # tls_available says so
         try:
             # Built and cached at start-up (tls.server_context); should
             # OpenSSL refuse it here all the same, the plain session is
@@ -1245,16 +1222,13 @@ class RelayProtocol(ESMTP):
             self.connectionLost(None)
             self._tcp.abortConnection()
             return
-        self.startedTLS = True
         # The handshake and the new EHLO must come within the greeting
         # limit: a client that stalls mid-handshake is idle before a command.
         self._commanded = False
         self.setTimeout(self._limits().greeting)
         # RFC 3207 4.2: forget everything learned before TLS.
-        self.session.greeted = False
+        self._run(self.session.tls_started())
         self._helo = (None, self._peer.encode("ascii", "replace"))
-        self._reset_transaction()
-        self.session.authenticated = False
         self.user = None
         self._drop_avatar()
         self.deliveryFactory = None
@@ -1262,82 +1236,26 @@ class RelayProtocol(ESMTP):
     # -- AUTH -----------------------------------------------------------------
 
     def ext_AUTH(self, argument: str) -> None:
-        if not self.settings.auth_enabled:
-            self.reply(502, "5.5.1", "AUTH is not enabled on this server", counts_as=ERROR)
-            return
-        if not self._auth_offered():
-            self.reply(538, "5.7.11", "Encryption required: send STARTTLS first", counts_as=ERROR)
-            return
-        if not self.session.greeted:
-            self.reply(503, "5.5.1", "Send EHLO first", counts_as=ERROR)
-            return
-        if self.session.authenticated:
-            self.reply(503, "5.5.1", "Already authenticated", counts_as=ERROR)
-            return
-        if self.session.tx.sender is not None:
-            self.reply(
-                503, "5.5.1", "AUTH is not allowed during a mail transaction", counts_as=ERROR
-            )
-            return
+        self._run(self.session.auth(argument))
+
+    def _check_auth_blocked(self, action: CheckAuthBlocked) -> None:
         if self.factory.guard.auth_blocked(self._peer):
             self.reply(421, "4.7.0", "Too many failed logins from your address, try later")
             self._close()
             return
-        mechanism, _, initial = argument.partition(" ")
-        mechanism = mechanism.upper()
-        initial = initial.strip()
-        if not mechanism:
-            self.reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]", counts_as=ERROR)
-            return
-        if mechanism.encode() not in auth.MECHANISMS:
-            self.reply(504, "5.5.4", "Unrecognized authentication mechanism", counts_as=ERROR)
-            return
-        self.mode = AUTH
-        self._sasl = (mechanism, None)
-        if initial:
-            self._auth_response(initial.encode("ascii"))
-        elif mechanism == "PLAIN":
-            self.reply(334, "", "")
-        else:
-            self.reply(334, "", "VXNlcm5hbWU6")  # "Username:"
+        self._auth_step(self.session.auth_start(action.argument))
 
-    def _auth_response(self, line: bytes) -> None:
-        assert self._sasl is not None
-        mechanism, username = self._sasl
-        try:
-            check_line(line)
-        except CommandError as e:
-            self._end_auth()
-            self.reply(e.reply, counts_as=ERROR)
-            return
-        if line.strip() == b"*":
-            self._end_auth()
-            self.reply(501, "5.0.0", "Authentication cancelled", counts_as=ERROR)
-            return
-        try:
-            decoded = auth.decode_base64(line)
-            if mechanism == "PLAIN":
-                creds = auth.decode_plain(decoded)
-            elif username is None:
-                self._sasl = (mechanism, auth.decode_login_field(decoded, "user name"))
-                self.reply(334, "", "UGFzc3dvcmQ6")  # "Password:"
-                return
-            else:
-                from twisted.cred.credentials import UsernamePassword
-
-                creds = UsernamePassword(username, auth.decode_login_field(decoded, "password"))
-        except auth.SASLError as e:
-            self._end_auth()
-            self.reply(501, "5.5.2", f"Malformed AUTH response: {e}", counts_as=ERROR)
-            return
-        self._end_auth()
-        self._login(creds)
+    def _auth_step(self, outcome: Outcome) -> None:
+        """Input goes to the SASL exchange while the session has one open."""
+        self.mode = AUTH if self.session.sasl is not None else COMMAND
+        self._run(outcome)
 
     def _end_auth(self) -> None:
         self.mode = COMMAND
-        self._sasl = None
+        self.session.sasl = None
 
-    def _login(self, creds: IUsernamePassword) -> None:
+    def _log_in(self, action: Login) -> None:
+        creds = action.credentials
         username = creds.username.decode("utf-8", "replace")
 
         def succeeded(result: tuple[Any, Any, Callable[[], None]]) -> None:
@@ -1439,6 +1357,9 @@ _EFFECTS: dict[type, Callable[[RelayProtocol, Any], None]] = {
     CheckRecipient: RelayProtocol._check_recipient,
     ValidateRecipient: RelayProtocol._validate_recipient,
     OpenData: RelayProtocol._open_data,
+    StartTLS: RelayProtocol._start_tls,
+    CheckAuthBlocked: RelayProtocol._check_auth_blocked,
+    Login: RelayProtocol._log_in,
 }
 
 

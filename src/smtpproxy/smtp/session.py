@@ -19,16 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.mail.smtp import Address, User
 
 from smtpproxy.config import Config
 from smtpproxy.errors import Reply
 from smtpproxy.qualify import default_domain
+from smtpproxy.smtp import sasl
 from smtpproxy.smtp.chunking import ChunkReader
 from smtpproxy.smtp.commands import (
     CommandError,
     MailArguments,
     RcptArguments,
+    check_line,
     parse_mail,
     parse_rcpt,
 )
@@ -287,8 +290,37 @@ class OpenData:
     """Open the transaction's messages and body, then say L{GO_AHEAD} and read DATA."""
 
 
+@dataclass(slots=True)
+class StartTLS:
+    """Say 220 and start TLS, dropping pipelined plaintext; then call L{Session.tls_started}."""
+
+
+@dataclass(slots=True)
+class CheckAuthBlocked:
+    """Ask the guard whether this client may try a login; if so call L{Session.auth_start}."""
+
+    argument: str
+
+
+@dataclass(slots=True)
+class Login:
+    """Log in with these credentials through the portal (the SASL exchange is over)."""
+
+    credentials: IUsernamePassword
+
+
 Action = (
-    Say | Close | Abandon | Greeted | CheckSender | CheckRecipient | ValidateRecipient | OpenData
+    Say
+    | Close
+    | Abandon
+    | Greeted
+    | CheckSender
+    | CheckRecipient
+    | ValidateRecipient
+    | OpenData
+    | StartTLS
+    | CheckAuthBlocked
+    | Login
 )
 Outcome = list[Action]
 
@@ -310,6 +342,9 @@ _SENDER_OK = Say(Reply(250, "2.1.0", "Sender OK"))
 _RECIPIENT_OK = Say(Reply(250, "2.1.5", "Recipient OK"))
 _DUPLICATE = Say(Reply(250, "2.1.5", "Recipient OK (duplicate ignored)"))
 _TOO_MANY = Say(Reply(452, "4.5.3", "Too many recipients"))
+_PLAIN_CHALLENGE = Say(Reply(334, "", ""))
+_USERNAME_CHALLENGE = Say(Reply(334, "", "VXNlcm5hbWU6"))  # "Username:"
+_PASSWORD_CHALLENGE = Say(Reply(334, "", "UGFzc3dvcmQ6"))  # "Password:"
 
 
 @functools.lru_cache(maxsize=8)
@@ -343,6 +378,37 @@ class Session:
 
     greeted = False
     authenticated = False
+    # The session runs inside TLS (after STARTTLS, or implicit TLS); TLS
+    # could be started (a TLS-capable transport and a server context).
+    tls_active = False
+    tls_available = False
+    # An AUTH exchange in progress: the mechanism, and LOGIN's user name
+    # once given.
+    sasl: tuple[str, bytes | None] | None = None
+
+    def auth_offered(self) -> bool:
+        """AUTH is advertised and accepted: enabled, and inside TLS unless allowed without."""
+        settings = self.settings
+        return settings.auth_enabled and (self.tls_active or settings.allow_insecure_auth)
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        """The EHLO keywords in the session's present state."""
+        ext: dict[bytes, list[bytes] | None] = {
+            b"PIPELINING": None,
+            b"SIZE": [str(self.settings.max_message_size).encode()],
+            b"8BITMIME": None,
+            b"ENHANCEDSTATUSCODES": None,
+            b"CHUNKING": None,
+            b"DSN": None,
+            b"SMTPUTF8": None,
+        }
+        if self.settings.binarymime:
+            ext[b"BINARYMIME"] = None
+        if self.tls_available and not self.tls_active:
+            ext[b"STARTTLS"] = None
+        if self.auth_offered():
+            ext[b"AUTH"] = list(sasl.MECHANISMS)
+        return ext
 
     def reset(self, new: Transaction | None = None) -> Outcome:
         """End the transaction (C{new} starts the next); a BDAT one's chunks are dropped."""
@@ -468,3 +534,80 @@ class Session:
         if argument:
             return [Say(Reply(501, "5.5.4", "DATA takes no arguments"), ERROR)]
         return [OPEN_DATA]
+
+    # -- STARTTLS ----------------------------------------------------------------
+
+    def starttls(self, argument: str) -> Outcome:
+        if argument:
+            return [Say(Reply(501, "5.5.4", "STARTTLS takes no arguments"), ERROR)]
+        if self.tls_active:
+            return [Say(Reply(503, "5.5.1", "TLS already active"), ERROR)]
+        if not self.tls_available:
+            return [Say(Reply(454, "4.7.0", "TLS not available"))]
+        return [StartTLS()]
+
+    def tls_started(self) -> Outcome:
+        """RFC 3207 4.2: inside TLS, forget everything learned before it."""
+        self.tls_active = True
+        self.greeted = False
+        self.authenticated = False
+        return self.reset()
+
+    # -- AUTH (RFC 4954) ------------------------------------------------------------
+
+    def auth(self, argument: str) -> Outcome:
+        """AUTH: the state checks; the guard's verdict on this client comes next."""
+        if not self.settings.auth_enabled:
+            return [Say(Reply(502, "5.5.1", "AUTH is not enabled on this server"), ERROR)]
+        if not self.auth_offered():
+            return [Say(Reply(538, "5.7.11", "Encryption required: send STARTTLS first"), ERROR)]
+        if not self.greeted:
+            return [Say(Reply(503, "5.5.1", "Send EHLO first"), ERROR)]
+        if self.authenticated:
+            return [Say(Reply(503, "5.5.1", "Already authenticated"), ERROR)]
+        if self.tx.sender is not None:
+            during = "AUTH is not allowed during a mail transaction"
+            return [Say(Reply(503, "5.5.1", during), ERROR)]
+        return [CheckAuthBlocked(argument)]
+
+    def auth_start(self, argument: str) -> Outcome:
+        """The mechanism and its initial response, if any; then the first challenge."""
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        initial = initial.strip()
+        if not mechanism:
+            return [Say(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"), ERROR)]
+        if mechanism.encode() not in sasl.MECHANISMS:
+            return [Say(Reply(504, "5.5.4", "Unrecognized authentication mechanism"), ERROR)]
+        self.sasl = (mechanism, None)
+        if initial:
+            # split_command let only ASCII through outside MAIL and RCPT.
+            return self.auth_response(initial.encode("ascii"))
+        return [_PLAIN_CHALLENGE if mechanism == "PLAIN" else _USERNAME_CHALLENGE]
+
+    def auth_response(self, line: bytes) -> Outcome:
+        """One line of the SASL exchange: the next challenge, an error, or a L{Login}."""
+        assert self.sasl is not None
+        mechanism, username = self.sasl
+        try:
+            check_line(line)
+        except CommandError as e:
+            self.sasl = None
+            return [Say(e.reply, ERROR)]
+        if line.strip() == b"*":
+            self.sasl = None
+            return [Say(Reply(501, "5.0.0", "Authentication cancelled"), ERROR)]
+        try:
+            decoded = sasl.decode_base64(line)
+            if mechanism == "PLAIN":
+                creds: IUsernamePassword = sasl.decode_plain(decoded)
+            elif username is None:
+                self.sasl = (mechanism, sasl.decode_login_field(decoded, "user name"))
+                return [_PASSWORD_CHALLENGE]
+            else:
+                creds = UsernamePassword(username, sasl.decode_login_field(decoded, "password"))
+        except sasl.SASLError as e:
+            self.sasl = None
+            return [Say(Reply(501, "5.5.2", f"Malformed AUTH response: {e}"), ERROR)]
+        self.sasl = None
+        return [Login(creds)]

@@ -10,7 +10,7 @@ from twisted.mail.smtp import User
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.errors import Reply
-from smtpproxy.smtp.chunking import ChunkReader
+from smtpproxy.smtp.chunking import Chunk, ChunkReader
 from smtpproxy.smtp.commands import RcptArguments
 from smtpproxy.smtp.session import (
     ERROR,
@@ -26,6 +26,7 @@ from smtpproxy.smtp.session import (
     OpenData,
     Outcome,
     ParsedAddress,
+    ReadChunk,
     ReplyBudget,
     Say,
     Session,
@@ -317,3 +318,45 @@ class AuthTests(SynchronousTestCase):
         s.auth_start("PLAIN")
         self.assertEqual(said(s.auth_response(b"!!"))[0][::2], (501, ERROR))
         self.assertIsNone(s.sasl)
+
+
+class ChunkingTests(SynchronousTestCase):
+    def test_unreadable_size_closes(self) -> None:
+        """A BDAT whose size cannot be read is answered and the session closes (no resync)."""
+        outcome = session().bdat("lots")
+        self.assertEqual(said(outcome)[0][0], 501)
+        self.assertEqual(effects(outcome), [Close])
+
+    def test_refused_chunks_are_still_read(self) -> None:
+        """Before MAIL or a recipient the chunk is read and refused as a client error."""
+        s = session()
+        [read] = s.bdat("3")
+        assert isinstance(read, ReadChunk)
+        self.assertEqual(read.chunk.size, 3)
+        self.assertEqual(read.refusal, Say(Reply(503, "5.5.1", "Send MAIL first"), ERROR))
+        in_transaction(s)
+        [read] = s.bdat("3 LAST")
+        assert isinstance(read, ReadChunk) and read.refusal is not None
+        self.assertEqual(read.refusal.reply.code, 554)
+
+    def test_accepted_chunk(self) -> None:
+        """With a sender and a recipient the chunk joins the body."""
+        s = session()
+        in_transaction(s, "b@example.org")
+        self.assertEqual(s.bdat("10 LAST"), [ReadChunk(Chunk(10, True), None)])
+
+    def test_failed_chunk_poisons_the_rest(self) -> None:
+        """After a refused chunk, later ones get the same reply (not counted) until LAST."""
+        s = session()
+        in_transaction(s, "b@example.org")
+        old = s.tx
+        old.chunks = ChunkReader(100)
+        too_big = Reply(552, "5.3.4", "Message too big")
+        self.assertEqual(s.chunk_refused(too_big, last=False), [Abandon(old)])
+        [read] = s.bdat("5")
+        assert isinstance(read, ReadChunk)
+        self.assertEqual(read.refusal, Say(too_big))
+        self.assertEqual(said(s.rcpt("TO:<c@example.org>"))[0][0], 503)
+        old.chunks = None  # what the shell's Abandon does
+        self.assertEqual(s.chunk_refused(too_big, last=True), [])
+        self.assertIsNone(s.tx.sender)

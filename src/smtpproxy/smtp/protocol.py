@@ -58,7 +58,7 @@ from smtpproxy.logsummary import LogSummary
 from smtpproxy.policy.guard import Guard
 from smtpproxy.policy.pressure import IdleLimits, idle_limits, stressed
 from smtpproxy.policy.rules import client_name
-from smtpproxy.smtp.chunking import ChunkReader, ChunkSizeError, parse_bdat
+from smtpproxy.smtp.chunking import ChunkReader
 from smtpproxy.smtp.commands import (
     CommandError,
     split_command,
@@ -80,6 +80,7 @@ from smtpproxy.smtp.session import (
     OpenData,
     Outcome,
     ParsedAddress,
+    ReadChunk,
     ReplyBudget,
     Say,
     Session,
@@ -188,7 +189,7 @@ class RelayProtocol(ESMTP):
     # refusal to send once it is read.
     _chunk: ChunkReader | None = None
     _chunk_last = False
-    _chunk_refusal: tuple[Reply, bool] | None = None
+    _chunk_refusal: Say | None = None
     _nodelay = False
     _peer = ""
     _admitted = False
@@ -1047,32 +1048,17 @@ class RelayProtocol(ESMTP):
 
     def do_BDAT(self, argument: str) -> None:
         """Read the announced chunk, then answer: every readable BDAT consumes its octets."""
-        try:
-            chunk = parse_bdat(argument)
-        except ChunkSizeError as e:
-            # Where the chunk ends, and so where the next command starts,
-            # cannot be known: whatever follows may be content, and running
-            # it as commands is how smuggling works.  RFC 3030 offers no way
-            # back into step, so the reply is the last thing we send.
-            self.reply(e.reply)
-            self._close()
-            return
+        self._run(self.session.bdat(argument))
+
+    def _read_chunk(self, action: ReadChunk) -> None:
         if not self._nodelay:
             self._no_delay()
-        refusal: tuple[Reply, bool] | None = None  # (reply, counts as a client error)
+        chunk, refusal = action.chunk, action.refusal
         tx = self.session.tx
-        if tx.chunk_failed is not None:
-            refusal = (tx.chunk_failed, False)
-        elif tx.sender is None:
-            refusal = (Reply(503, "5.5.1", "Send MAIL first"), True)
-        elif not tx.recipients:
-            refusal = (Reply(554, "5.5.1", "No valid recipients"), True)
-        elif chunk.problem is not None:
-            refusal = (chunk.problem, True)
-        elif tx.chunks is None:
+        if refusal is None and tx.chunks is None:
             failure = self._open_message()
             if failure is not None:
-                refusal = (failure, False)
+                refusal = Say(failure)
             else:
                 tx.chunks = ChunkReader(self.settings.max_message_size, tx.body)
         if refusal is None:
@@ -1129,9 +1115,8 @@ class RelayProtocol(ESMTP):
         self.mode = COMMAND
         self.setTimeout(self._limits().command)
         if refusal is not None:
-            reply, counts = refusal
-            self._bdat_refused(reply, last)
-            self.reply(reply, counts_as=ERROR if counts else None)
+            self._run(self.session.chunk_refused(refusal.reply, last))
+            self.reply(refusal)
             if not self._closing:
                 self._stop_if_shutting_down()
             return
@@ -1145,28 +1130,12 @@ class RelayProtocol(ESMTP):
             return
         if reader.oversize:
             self.reply(self._too_big())
-            self._bdat_refused(self._too_big(), last)
+            self._run(self.session.chunk_refused(self._too_big(), last))
         elif body.error is not None:
             self._spool_failed(body, reader.size)
-            self._bdat_refused(SPOOL_FULL, last)
+            self._run(self.session.chunk_refused(SPOOL_FULL, last))
         else:
             self.reply(250, "2.0.0", f"{reader.size} octets received")
-
-    def _bdat_refused(self, reply: Reply, last: bool) -> None:
-        """A chunk was refused, so the transaction has failed (RFC 3030 2).
-
-        Its chunks so far are dropped.  Chunks the client pipelined behind
-        the refused one must not make a message with a hole in it: each gets
-        the same reply, until LAST (which ends the transaction) or RSET.
-        """
-        if self.session.tx.sender is None:
-            return
-        if self.session.tx.chunks is not None:
-            self._abandon(self.session.tx)
-        if last:
-            self._reset_transaction()
-        else:
-            self.session.tx.chunk_failed = reply
 
     def _abandon_transaction(self, action: Abandon) -> None:
         self._abandon(action.transaction)
@@ -1357,6 +1326,7 @@ _EFFECTS: dict[type, Callable[[RelayProtocol, Any], None]] = {
     CheckRecipient: RelayProtocol._check_recipient,
     ValidateRecipient: RelayProtocol._validate_recipient,
     OpenData: RelayProtocol._open_data,
+    ReadChunk: RelayProtocol._read_chunk,
     StartTLS: RelayProtocol._start_tls,
     CheckAuthBlocked: RelayProtocol._check_auth_blocked,
     Login: RelayProtocol._log_in,

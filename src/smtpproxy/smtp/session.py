@@ -26,7 +26,7 @@ from smtpproxy.config import Config
 from smtpproxy.errors import Reply
 from smtpproxy.qualify import default_domain
 from smtpproxy.smtp import sasl
-from smtpproxy.smtp.chunking import ChunkReader
+from smtpproxy.smtp.chunking import Chunk, ChunkReader, ChunkSizeError, parse_bdat
 from smtpproxy.smtp.commands import (
     CommandError,
     MailArguments,
@@ -291,6 +291,18 @@ class OpenData:
 
 
 @dataclass(slots=True)
+class ReadChunk:
+    """Read the BDAT chunk's octets, then answer it.
+
+    @ivar refusal: the chunk is read and dropped, and this is the answer;
+        None: it joins the transaction's body (opened first if need be).
+    """
+
+    chunk: Chunk
+    refusal: Say | None
+
+
+@dataclass(slots=True)
 class StartTLS:
     """Say 220 and start TLS, dropping pipelined plaintext; then call L{Session.tls_started}."""
 
@@ -318,6 +330,7 @@ Action = (
     | CheckRecipient
     | ValidateRecipient
     | OpenData
+    | ReadChunk
     | StartTLS
     | CheckAuthBlocked
     | Login
@@ -338,6 +351,7 @@ _HELP = Say(
     )
 )
 _MAIL_FIRST = Say(Reply(503, "5.5.1", "Send MAIL first"), ERROR)
+_NO_RECIPIENTS = Say(Reply(554, "5.5.1", "No valid recipients"), ERROR)
 _SENDER_OK = Say(Reply(250, "2.1.0", "Sender OK"))
 _RECIPIENT_OK = Say(Reply(250, "2.1.5", "Recipient OK"))
 _DUPLICATE = Say(Reply(250, "2.1.5", "Recipient OK (duplicate ignored)"))
@@ -530,10 +544,51 @@ class Session:
         if tx.binary:
             return [Say(Reply(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA"), ERROR)]
         if not tx.recipients:
-            return [Say(Reply(554, "5.5.1", "No valid recipients"), ERROR)]
+            return [_NO_RECIPIENTS]
         if argument:
             return [Say(Reply(501, "5.5.4", "DATA takes no arguments"), ERROR)]
         return [OPEN_DATA]
+
+    # -- BDAT (RFC 3030) -----------------------------------------------------------
+
+    def bdat(self, argument: str) -> Outcome:
+        """BDAT: every chunk whose size can be read is read, accepted or not."""
+        try:
+            chunk = parse_bdat(argument)
+        except ChunkSizeError as e:
+            # Where the chunk ends, and so where the next command starts,
+            # cannot be known: whatever follows may be content, and running
+            # it as commands is how smuggling works.  RFC 3030 offers no way
+            # back into step, so the reply is the last thing we send.
+            return [Say(e.reply), CLOSE]
+        tx = self.tx
+        refusal: Say | None = None
+        if tx.chunk_failed is not None:
+            refusal = Say(tx.chunk_failed)
+        elif tx.sender is None:
+            refusal = _MAIL_FIRST
+        elif not tx.recipients:
+            refusal = _NO_RECIPIENTS
+        elif chunk.problem is not None:
+            refusal = Say(chunk.problem, ERROR)
+        return [ReadChunk(chunk, refusal)]
+
+    def chunk_refused(self, reply: Reply, last: bool) -> Outcome:
+        """A chunk was refused, so the transaction has failed (RFC 3030 2).
+
+        Its chunks so far are dropped.  Chunks the client pipelined behind
+        the refused one must not make a message with a hole in it: each gets
+        the same reply, until LAST (which ends the transaction) or RSET.
+        """
+        tx = self.tx
+        if tx.sender is None:
+            return []
+        outcome: Outcome = [Abandon(tx)] if tx.chunks is not None else []
+        if last:
+            self.tx = Transaction()
+        else:
+            tx.chunk_failed = reply
+        return outcome
 
     # -- STARTTLS ----------------------------------------------------------------
 

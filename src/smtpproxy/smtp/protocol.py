@@ -1,8 +1,12 @@
 """The SMTP front end: Twisted's ESMTP with its known defects closed.
 
-L{RelayProtocol} keeps Twisted's ESMTP structure (C{do_*} command methods,
-C{extensions()}, the cred portal, C{IMessageDelivery}) but owns its input
-loop, because most of stock Twisted's defects live there:
+L{RelayProtocol} is the shell around L{smtpproxy.smtp.session.Session}: the
+session decides (which reply for which state, what to check next), the
+shell carries that out (the transport, timers, the guard, the portal, the
+delivery avatar, the spool), and every reply goes out through its one
+L{RelayProtocol.reply}.  It keeps Twisted's ESMTP structure (C{do_*}
+command methods, C{extensions()}, the cred portal, C{IMessageDelivery}) but
+owns its input loop, because most of stock Twisted's defects live there:
 
  - Input is processed one command at a time.  While a command waits on
    something asynchronous (delivery after DATA, an AUTH check, a MAIL

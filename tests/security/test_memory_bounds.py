@@ -277,7 +277,9 @@ class InflightBudgetTests(SynchronousTestCase):
         sessions = [harness.connect() for _ in range(5)]
         for protocol, _ in sessions:
             protocol.dataReceived(SHORT_ENVELOPE + body)
-        spooled = [protocol._body.spooled for protocol, _ in sessions if protocol._body]
+        spooled = [
+            protocol.session.tx.body.spooled for protocol, _ in sessions if protocol.session.tx.body
+        ]
         # Three bodies of 30 KB fit in 100 KB; the fourth and fifth spill.
         self.assertEqual(spooled, [False, False, False, True, True])
         self.assertLessEqual(budget.held, 100_000)

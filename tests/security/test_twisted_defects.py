@@ -177,7 +177,7 @@ class DataPhaseTests(TestCase):
                 for _ in range(32):
                     sock.sendall(b"z" * 65536)
                 [session] = relay.factory.sessions
-                reader = session._reader
+                reader = session.session.tx.reader
                 assert reader is not None
                 # sendall returns once the kernel holds the bytes; wait
                 # (boundedly) until the session has read all of them.
@@ -185,8 +185,8 @@ class DataPhaseTests(TestCase):
                 while reader.size < 32 * 65536 and time.monotonic() < deadline:
                     time.sleep(0.01)
                 buffered = len(session._input)
-                assert session._body is not None
-                stored = session._body.stored
+                assert session.session.tx.body is not None
+                stored = session.session.tx.body.stored
                 sock.sendall(b"\r\n.\r\n")
                 replies += read_replies(sock, 1)
                 return [*replies, f"{buffered} {stored}"]

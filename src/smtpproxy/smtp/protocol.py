@@ -1,8 +1,12 @@
 """The SMTP front end: Twisted's ESMTP with its known defects closed.
 
-L{RelayProtocol} keeps Twisted's ESMTP structure (C{do_*} command methods,
-C{extensions()}, the cred portal, C{IMessageDelivery}) but owns its input
-loop, because most of stock Twisted's defects live there:
+L{RelayProtocol} is the shell around L{smtpproxy.smtp.session.Session}: the
+session decides (which reply for which state, what to check next), the
+shell carries that out (the transport, timers, the guard, the portal, the
+delivery avatar, the spool), and every reply goes out through its one
+L{RelayProtocol.reply}.  It keeps Twisted's ESMTP structure (C{do_*}
+command methods, C{extensions()}, the cred portal, C{IMessageDelivery}) but
+owns its input loop, because most of stock Twisted's defects live there:
 
  - Input is processed one command at a time.  While a command waits on
    something asynchronous (delivery after DATA, an AUTH check, a MAIL
@@ -25,13 +29,12 @@ loop, because most of stock Twisted's defects live there:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
 from twisted.cred import error as cred_error
-from twisted.cred.credentials import Anonymous, IUsernamePassword
+from twisted.cred.credentials import Anonymous
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
 from twisted.internet.interfaces import (
@@ -46,7 +49,6 @@ from twisted.logger import Logger, LogLevel
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.mail.smtp import (
     ESMTP,
-    Address,
     SMTPServerError,
     User,
 )
@@ -54,27 +56,47 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpproxy.config import Config
 from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.logsafe import LoginNames, clip
 from smtpproxy.logsummary import LogSummary
 from smtpproxy.policy.guard import Guard
 from smtpproxy.policy.pressure import ENTER, IdleLimits, idle_limits, stressed
 from smtpproxy.policy.rules import client_name
-from smtpproxy.qualify import default_domain
-from smtpproxy.smtp import sasl as auth
-from smtpproxy.smtp.chunking import ChunkReader, ChunkSizeError, parse_bdat
+from smtpproxy.smtp.chunking import ChunkReader
 from smtpproxy.smtp.commands import (
     CommandError,
-    MailArguments,
-    RcptArguments,
-    check_line,
-    parse_mail,
-    parse_rcpt,
     split_command,
 )
 from smtpproxy.smtp.dotreader import DataReader
 from smtpproxy.smtp.sendnow import writer_for
+from smtpproxy.smtp.session import (
+    ERROR,
+    GO_AHEAD,
+    REFUSAL,
+    Abandon,
+    Budget,
+    CheckAuthBlocked,
+    CheckRecipient,
+    CheckSender,
+    Close,
+    Greeted,
+    Login,
+    OpenData,
+    Outcome,
+    ParsedAddress,
+    ReadChunk,
+    ReplyBudget,
+    Say,
+    Session,
+    StartTLS,
+    Transaction,
+    ValidateRecipient,
+    wire,
+)
+
+# Re-exported: the settings are built with the listener's factory.
+from smtpproxy.smtp.session import SessionSettings as SessionSettings
+from smtpproxy.smtp.session import session_settings as session_settings
 from smtpproxy.spool import InflightBudget, MessageBody, Spool
 
 log = Logger(namespace="smtpproxy.smtp")
@@ -101,98 +123,6 @@ FORCE_GRACE = 2.0
 # cannot hold a session for ever by resetting the idle timer.
 MIN_DATA_RATE = 500.0
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
-
-
-@dataclass(frozen=True, slots=True)
-class SessionSettings:
-    """What every session needs to know, derived once from the configuration."""
-
-    hostname: str
-    max_message_size: int = 26_214_400
-    # Bodies past spool_threshold go to an unlinked file in spool_dir ("":
-    # the system's temp dir); past max_inflight_bytes held in memory by all
-    # sessions together, new bodies go there at once.
-    spool_threshold: int = 1_048_576
-    spool_dir: str = ""
-    max_inflight_bytes: int = 268_435_456
-    max_recipients: int = 500
-    command_timeout: float = 300.0
-    # Before the first command, and again after STARTTLS (never longer
-    # than the command timeout).
-    greeting_timeout: float = 30.0
-    data_timeout: float = 600.0
-    auth_enabled: bool = False
-    allow_insecure_auth: bool = False
-    max_errors: int = 10
-    # Policy refusals (sender or recipient not allowed, rate limit, AUTH
-    # needed) are not client mistakes and have their own, larger budget,
-    # renewed by each delivered message (Postfix's smtpd_hard_error_limit
-    # counts "errors without delivering mail" the same way).
-    max_refusals: int = 100
-    max_auth_failures: int = 3
-    # What a bare MAIL FROM local part is qualified with (empty: the host
-    # name, as Postfix's myorigin defaults to myhostname).
-    default_domain: str = ""
-    # The configured AUTH user names: a failed login logs one of these as
-    # typed and anything else only as a hash (it may be a mistyped password).
-    auth_users: tuple[str, ...] = ()
-    # Per-connection debug lines cost a log event each even when filtered
-    # out; they are only built when the log level asks for them.
-    log_sessions: bool = False
-    # BINARYMIME is offered (RFC 3030): the provider carries binary content.
-    binarymime: bool = False
-
-
-def session_settings(
-    config: Config, binarymime: bool = False, mailboxes: Sequence[str] = ()
-) -> SessionSettings:
-    """The per-session view of the configuration.
-
-    @param binarymime: offer BINARYMIME (see the provider's C{binary_mime}).
-    @param mailboxes: the mailboxes the provider sends as (the default domain).
-    """
-    return SessionSettings(
-        hostname=config.smtp_hostname,
-        max_message_size=config.smtp_max_message_size,
-        spool_threshold=config.smtp_spool_threshold,
-        spool_dir=config.smtp_spool_dir,
-        max_inflight_bytes=config.smtp_max_inflight_bytes,
-        max_recipients=config.smtp_max_recipients,
-        command_timeout=config.smtp_command_timeout,
-        greeting_timeout=config.smtp_greeting_timeout,
-        data_timeout=config.smtp_data_timeout,
-        auth_enabled=config.auth_enabled,
-        allow_insecure_auth=config.smtp_allow_insecure_auth,
-        max_errors=config.smtp_max_errors,
-        max_refusals=config.smtp_max_refusals,
-        max_auth_failures=config.smtp_auth_max_failures,
-        default_domain=default_domain(config.smtp_default_domain, mailboxes),
-        auth_users=(config.smtp_username,) if config.auth_enabled else (),
-        log_sessions=config.log_level == "debug",
-        binarymime=binarymime,
-    )
-
-
-class ParsedAddress(Address):
-    """An address we already validated with L{smtpproxy.smtp.commands}.
-
-    Twisted's C{Address} tokenizer rejects valid addresses (address literals,
-    escaped quotes), so we bypass it and fill in the same attributes.
-
-    @ivar parameters: the whole parsed MAIL or RCPT command, so that the
-        delivery avatar (which Twisted hands only the address) sees its
-        parameters too (DSN's RET, ENVID, NOTIFY, ORCPT).
-    """
-
-    def __init__(
-        self, address: str, parameters: MailArguments | RcptArguments | None = None
-    ) -> None:
-        self.parameters = parameters
-        # UTF-8: an SMTPUTF8 transaction's addresses (RFC 6531) are not ASCII.
-        local, _, domain = address.rpartition("@")
-        self.addrstr = address.encode("utf-8")
-        self.local = local.encode("utf-8")
-        self.domain = domain.encode("utf-8")
 
 
 _sessions = itertools.count(1)
@@ -226,13 +156,11 @@ class RelayProtocol(ESMTP):
         self.callLater = reactor.callLater  # type: ignore[method-assign, assignment]
         self._clock = reactor
         self.id = f"s{next(_sessions)}"
-        self._needs_auth = settings.auth_enabled
         # Only the mutable state is made here; the rest starts as the class
         # attributes below (a session is built per connection, so each
         # assignment saved counts).
         self._input = bytearray()
-        self._to_keys: set[str] = set()
-        self._messages: list[Any] = []
+        self.session = Session(settings, "")
         self._pending: list[bytes] = []
 
     # Per-session state and its starting values.
@@ -249,9 +177,6 @@ class RelayProtocol(ESMTP):
     _closing = False
     _stopping = False
     _discarding_line = False
-    _greeted = False
-    # The current transaction's MAIL declared SMTPUTF8 (RFC 6531).
-    _smtputf8 = False
     # Implicit TLS before its handshake has completed: replies wait in
     # _early (the greeting, or a refusal) and no close can start.
     _handshaking = False
@@ -259,23 +184,17 @@ class RelayProtocol(ESMTP):
     # A command arrived since the greeting (or since STARTTLS): the idle
     # limit is then the command timeout, before it the greeting timeout.
     _commanded = False
-    _errors = 0
-    _refusals = 0
-    _reader: DataReader | None = None
-    _body: MessageBody | None = None
-    # BDAT (RFC 3030): the transaction's chunks so far; the reply every
-    # further chunk gets once one failed; the chunk being read now (the
-    # transaction's reader, or one that only counts a refused chunk), with
-    # its LAST flag and the refusal to send once it is read.  BODY=BINARYMIME
-    # was given: DATA is refused.
-    _bdat: ChunkReader | None = None
-    _bdat_failed: Reply | None = None
+    # Mistakes and refusals so far (see ReplyBudget), from the first one.
+    _budget: ReplyBudget | None = None
+    # The dialogue's state and decisions (see smtpproxy.smtp.session).
+    session: Session
+    # BDAT (RFC 3030): the chunk being read now (the transaction's reader,
+    # or one that only counts a refused chunk), with its LAST flag and the
+    # refusal to send once it is read.
     _chunk: ChunkReader | None = None
     _chunk_last = False
-    _chunk_refusal: tuple[Reply, bool] | None = None
-    _binary_body = False
+    _chunk_refusal: Say | None = None
     _nodelay = False
-    _sasl: tuple[str, bytes | None] | None = None
     _peer = ""
     _admitted = False
     _auth_failures = 0
@@ -296,7 +215,7 @@ class RelayProtocol(ESMTP):
     # -- connection lifecycle -------------------------------------------
 
     def connectionMade(self) -> None:
-        self._peer = client_name(self._tcp.getPeer())
+        self._peer = self.session.peer = client_name(self._tcp.getPeer())
         self._helo = (None, self._peer.encode("ascii", "replace"))
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             # Implicit TLS: the session is encrypted from the start.  What
@@ -307,11 +226,11 @@ class RelayProtocol(ESMTP):
             self._handshaking = True
             self._early = []
             self._write = self._early.append
-            self.startedTLS = True
-            self.canStartTLS = False
+            self.session.tls_active = True
         else:
             self._write = writer_for(self.transport)
-            self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+            tls = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+            self.session.tls_available = tls
         # As the transport's producer we hear when our replies back up (a
         # client that pipelines but never reads) and stop taking commands.
         self._tcp.registerProducer(self, True)
@@ -319,10 +238,10 @@ class RelayProtocol(ESMTP):
         if self.settings.log_sessions:
             log.debug("session opened", session=self.id, client=self._peer)
         if self.factory.stopping:
-            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self.reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
             return
-        refusal, self._needs_auth = self.factory.guard.connect(self._peer)
+        refusal, self.session.needs_auth = self.factory.guard.connect(self._peer)
         if refusal is not None:
             # A refused client may reconnect in a loop: summarised per address.
             self.factory.log_summary.emit(
@@ -333,12 +252,12 @@ class RelayProtocol(ESMTP):
                 reply=f"{refusal.code} {refusal.status}",
                 reason=refusal.text,
             )
-            self.sendCode(refusal.code, refusal.render())
+            self.reply(refusal)
             self._close()
             return
         self._admitted = True
         self.factory.load_changed()
-        self._reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
+        self.reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
         # Under implicit TLS this limit covers the handshake too.
         self.setTimeout(self._limits().greeting)
 
@@ -360,7 +279,7 @@ class RelayProtocol(ESMTP):
             self._lose_connection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._abandon_message()
+        self._abandon(self.session.tx)
         self._ended = True
         self._drop_avatar()
         self.setTimeout(None)
@@ -461,7 +380,7 @@ class RelayProtocol(ESMTP):
             self._release_slot()
             self._tcp.abortConnection()
             return
-        self._reply(421, "4.4.2", f"{self.settings.hostname} idle too long, closing connection")
+        self.reply(421, "4.4.2", f"{self.settings.hostname} idle too long, closing connection")
         self._close(grace=1.0)
 
     def shutdown(self) -> None:
@@ -473,17 +392,17 @@ class RelayProtocol(ESMTP):
         """
         self._stopping = True
         if not self._in_transaction():
-            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self.reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
 
     def force_close(self) -> None:
         """Shutdown timed out: say so if we still can, abort after a short grace."""
         if not self._closing:
-            self._reply(421, "4.3.2", "Shutting down, message not accepted, try later")
+            self.reply(421, "4.3.2", "Shutting down, message not accepted, try later")
         self._close(grace=1.0)
 
     def _in_transaction(self) -> bool:
-        return self._busy or self.mode in (DATA, CHUNK) or self._bdat is not None
+        return self._busy or self.mode in (DATA, CHUNK) or self.session.tx.chunks is not None
 
     def _close(self, grace: float = CLOSE_GRACE) -> None:
         """Close after our last reply is sent, or cut off after C{grace} seconds.
@@ -543,7 +462,7 @@ class RelayProtocol(ESMTP):
         if self._paused:
             self._paused = False
             self._tcp.resumeProducing()
-        if self.startedTLS and not held_back:
+        if self.session.tls_active and not held_back:
             # ISystemHandle: the TLS transports give their OpenSSL connection.
             handle = getattr(self._tcp, "getHandle", lambda: None)()
             if isinstance(handle, SSL.Connection):
@@ -564,7 +483,7 @@ class RelayProtocol(ESMTP):
     def _stop_if_shutting_down(self) -> bool:
         """Between transactions during shutdown: say 421 and close. True if closed."""
         if self._stopping and not self._in_transaction():
-            self._reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self.reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
             self._close()
             return True
         return False
@@ -670,10 +589,10 @@ class RelayProtocol(ESMTP):
                 self._discarding_line = False
                 if self.mode == AUTH:
                     self._end_auth()
-                self._error(500, "5.5.2", "Line too long")
+                self.reply(500, "5.5.2", "Line too long", counts_as=ERROR)
                 continue
             if self.mode == AUTH:
-                self._auth_response(line)
+                self._auth_step(self.session.auth_response(line))
             else:
                 self._command(line)
         if not self._closing:
@@ -686,16 +605,16 @@ class RelayProtocol(ESMTP):
         try:
             verb, argument = split_command(line)
         except CommandError as e:
-            self._error_reply(e.reply)
+            self.reply(e.reply, counts_as=ERROR)
             return
         if len(line) > MAX_COMMAND_LINE and verb != "AUTH":
-            self._error(500, "5.5.2", "Line too long")
+            self.reply(500, "5.5.2", "Line too long", counts_as=ERROR)
             return
         if verb != "QUIT" and self._stop_if_shutting_down():
             return
         name = _HANDLERS.get(verb)
         if name is None:
-            self._error(500, "5.5.2", "Command not recognized")
+            self.reply(500, "5.5.2", "Command not recognized", counts_as=ERROR)
             return
         getattr(self, name)(argument)
 
@@ -740,16 +659,50 @@ class RelayProtocol(ESMTP):
     def _unexpected(self, failure: Failure) -> None:
         """Our own bug: log it with its traceback, tell the client to retry."""
         log.failure("unexpected error in session", failure, session=self.id)
-        self._reply(451, "4.3.0", "Local error in processing")
+        self.reply(451, "4.3.0", "Local error in processing")
 
     # -- replies ----------------------------------------------------------
 
-    def sendCode(self, code: int, message: bytes = b"") -> None:
-        """Send a (possibly multi-line) reply in one write."""
-        lines = message.splitlines() or [b""]
-        out = [b"%d-%s\r\n" % (code, line) for line in lines[:-1]]
-        out.append(b"%d %s\r\n" % (code, lines[-1]))
-        self._send(b"".join(out))
+    def reply(
+        self,
+        reply: Say | Reply | int,
+        status: str = "",
+        text: str = "",
+        *,
+        counts_as: Budget | None = None,
+    ) -> None:
+        """Send a reply: the one way anything is said to the client.
+
+        @param reply: what the session said (a L{Say}), or a L{Reply}, or
+            its code with C{status} ("" for none) and C{text}; line breaks
+            in the text are never sent.
+        @param counts_as: (not with a L{Say}, which carries its own)
+            L{ERROR} for a client's mistake, L{REFUSAL} for a policy
+            refusal: the reply counts against that budget
+            (C{SMTP_MAX_ERRORS}, C{SMTP_MAX_REFUSALS}); when it is spent, a
+            421 goes out instead and the session closes.
+
+        Replies are batched by L{_send} while a batch of input is handled.
+        """
+        if isinstance(reply, Say):
+            counts_as = reply.counts_as
+        elif not isinstance(reply, Reply):
+            reply = Reply(reply, status, text)
+        if counts_as is not None:
+            if self._budget is None:
+                self._budget = ReplyBudget(self.settings.max_errors, self.settings.max_refusals)
+            last = self._budget.charge(counts_as)
+            if last is not None:
+                self._send(wire(last))
+                self._close()
+                return
+        if not isinstance(reply, Say):
+            self._send(wire(reply))
+        elif reply.keywords:
+            # EHLO: the greeting becomes the first line of a multi-line reply.
+            self._send(b"%d-%s%s" % (reply.reply.code, reply.wire[4:], self._extension_reply()))
+        else:
+            self._send(reply.wire)
 
     def _send(self, data: bytes) -> None:
         if not self._corked:
@@ -775,58 +728,15 @@ class RelayProtocol(ESMTP):
         self._pending_size = 0
         self._write(data)
 
-    def _reply(self, code: int, status: str, text: str) -> None:
-        """Send a one-line reply of our own wording (no line breaks in it)."""
-        line = f"{code} {status} {text}\r\n" if status else f"{code} {text}\r\n"
-        self._send(line.encode("utf-8", "replace"))
-
-    def _error(self, code: int, status: str, text: str) -> None:
-        self._error_reply(Reply(code, status, text))
-
-    def _error_reply(self, reply: Reply, *, refusal: bool = False) -> None:
-        """Answer a client mistake, or with C{refusal} a policy refusal, closing after too many.
-
-        Each kind has its own budget: a client sending to many recipients
-        that the allow-list refuses makes no mistake and must not be cut off
-        after C{max_errors}; one that goes on being refused without
-        delivering anything is, after C{max_refusals}.
-        """
-        if refusal:
-            self._refusals += 1
-            spent = self._refusals >= self.settings.max_refusals
-        else:
-            self._errors += 1
-            spent = self._errors >= self.settings.max_errors
-        if spent:
-            what = "refused commands" if refusal else "errors"
-            self._reply(421, "4.7.0", f"Too many {what}, closing connection")
-            self._close()
-            return
-        self.sendCode(reply.code, reply.render())
-
     # -- commands ---------------------------------------------------------
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
-        ext: dict[bytes, list[bytes] | None] = {
-            b"PIPELINING": None,
-            b"SIZE": [str(self.settings.max_message_size).encode()],
-            b"8BITMIME": None,
-            b"ENHANCEDSTATUSCODES": None,
-            b"CHUNKING": None,
-            b"DSN": None,
-            b"SMTPUTF8": None,
-        }
-        if self.settings.binarymime:
-            ext[b"BINARYMIME"] = None
-        if self.canStartTLS and not self.startedTLS:
-            ext[b"STARTTLS"] = None
-        if self._auth_offered():
-            ext[b"AUTH"] = list(auth.MECHANISMS)
-        return ext
+        return self.session.extensions()
 
     def _extension_reply(self) -> bytes:
         """EHLO's keyword lines as sent, built once per listener for each state they depend on."""
-        key = (self.canStartTLS and not self.startedTLS, self._auth_offered())
+        session = self.session
+        key = (session.tls_available and not session.tls_active, session.auth_offered())
         cache = self.factory.ehlo_cache
         lines = cache.get(key)
         if lines is None:
@@ -836,72 +746,47 @@ class RelayProtocol(ESMTP):
             cache[key] = lines
         return lines
 
-    def _auth_offered(self) -> bool:
-        return self.settings.auth_enabled and (self.startedTLS or self.settings.allow_insecure_auth)
+    def _run(self, outcome: Outcome) -> None:
+        """Carry out what the session decided: send its replies, run its effects."""
+        for action in outcome:
+            if isinstance(action, Say):
+                self.reply(action)
+            else:
+                _EFFECTS[type(action)](self, action)
 
-    def _greet(self, argument: str, extended: bool) -> None:
-        if not argument:
-            verb = "EHLO" if extended else "HELO"
-            self._error(501, "5.5.4", f"{verb} needs your domain name or address")
-            return
-        self._helo = (argument.encode("ascii"), self._peer.encode("ascii", "replace"))
-        self._greeted = True
-        self._reset_transaction()
-        text = f"{self.settings.hostname} greets {argument} [{self._peer}]"
-        # check_line refused CR and LF in the argument: the text is one line.
-        if extended:
-            self._send(b"250-" + text.encode("ascii") + b"\r\n" + self._extension_reply())
-            return
-        self.sendCode(250, text.encode("ascii"))
+    def _greeted(self, action: Greeted) -> None:
+        self._helo = (action.name.encode("ascii"), self._peer.encode("ascii", "replace"))
 
     def do_HELO(self, argument: str) -> None:
-        self._greet(argument, extended=False)
+        self._run(self.session.helo(argument, extended=False))
 
     def do_EHLO(self, argument: str) -> None:
-        self._greet(argument, extended=True)
+        self._run(self.session.helo(argument, extended=True))
 
     def do_NOOP(self, argument: str) -> None:
-        self._reply(250, "2.0.0", "OK")
+        self._run(self.session.noop(argument))
 
     def do_VRFY(self, argument: str) -> None:
-        self._reply(252, "2.5.0", "Cannot verify the user, but will accept the message")
+        self._run(self.session.vrfy(argument))
 
     def do_EXPN(self, argument: str) -> None:
-        self._reply(502, "5.5.1", "EXPN is not supported")
+        self._run(self.session.expn(argument))
 
     def do_HELP(self, argument: str) -> None:
-        self._reply(
-            214,
-            "2.0.0",
-            "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT STARTTLS AUTH",
-        )
+        self._run(self.session.help(argument))
 
     def do_RSET(self, argument: str) -> None:
-        self._reset_transaction()
-        self._reply(250, "2.0.0", "OK")
+        self._run(self.session.rset(argument))
 
     def do_QUIT(self, argument: str) -> None:
-        self._reply(221, "2.0.0", f"{self.settings.hostname} closing connection")
-        self._close()
+        self._run(self.session.quit(argument))
 
     def do_MAIL(self, argument: str) -> None:
-        if not self._greeted:
-            self._error(503, "5.5.1", "Send HELO or EHLO first")
-            return
-        if self._from is not None:
-            self._error(503, "5.5.1", "Sender already given; send RSET to start over")
-            return
-        if self._needs_auth and not self.authenticated:
-            self._error_reply(Reply(530, "5.7.0", "Authentication required"), refusal=True)
-            return
-        try:
-            domain = self.settings.default_domain or self.settings.hostname
-            parsed = parse_mail(
-                argument, self.settings.max_message_size, domain, self.settings.binarymime
-            )
-        except CommandError as e:
-            self._error_reply(e.reply)
-            return
+        self._run(self.session.mail(argument))
+
+    def _check_sender(self, action: CheckSender) -> None:
+        """The guard, then the delivery avatar (logged in anonymously if need be)."""
+        parsed = action.arguments
         guard = self.factory.guard
         refusal = guard.sender(parsed.sender) or guard.message(self._peer, self.user)
         if refusal is not None:
@@ -914,16 +799,12 @@ class RelayProtocol(ESMTP):
                 sender=clip(parsed.sender),
                 reply=f"{refusal.code} {refusal.status}",
             )
-            self._error_reply(refusal, refusal=True)
+            self.reply(refusal, counts_as=REFUSAL)
             return
         origin = ParsedAddress(parsed.sender, parsed)
 
         def accepted(result: object) -> None:
-            self._reset_transaction()
-            self._from = origin
-            self._smtputf8 = parsed.smtputf8
-            self._binary_body = parsed.body == "BINARYMIME"
-            self._reply(250, "2.1.0", "Sender OK")
+            self._run(self.session.sender_accepted(origin))
 
         if self.delivery is None:
             # First MAIL of a session without AUTH: log in anonymously through
@@ -996,25 +877,18 @@ class RelayProtocol(ESMTP):
         """A delivery avatar turned a sender or recipient down (or broke)."""
         error = failure.value
         if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
-            self._reply(530, "5.7.0", "Authentication required")
+            self.reply(530, "5.7.0", "Authentication required")
         elif isinstance(error, SMTPServerError):
-            self.sendCode(*_reply_args(Reply(error.code, "5.7.1", str(error.resp))))
+            self.reply(Reply(error.code, "5.7.1", str(error.resp)))
         else:
             log.failure(f"{what} validation failed", failure, session=self.id)
-            self._reply(451, "4.3.0", "Local error in processing")
+            self.reply(451, "4.3.0", "Local error in processing")
 
     def do_RCPT(self, argument: str) -> None:
-        if self._from is None:
-            self._error(503, "5.5.1", "Send MAIL first")
-            return
-        if self._bdat is not None or self._bdat_failed is not None:
-            self._error(503, "5.5.1", "RCPT after BDAT; send RSET to start over")
-            return
-        try:
-            parsed = parse_rcpt(argument, self._smtputf8)
-        except CommandError as e:
-            self._error_reply(e.reply)
-            return
+        self._run(self.session.rcpt(argument))
+
+    def _check_recipient(self, action: CheckRecipient) -> None:
+        parsed = action.arguments
         refusal = self.factory.guard.recipient(parsed.recipient)
         if refusal is not None:
             self.factory.log_summary.emit(
@@ -1024,56 +898,37 @@ class RelayProtocol(ESMTP):
                 session=self.id,
                 recipient=clip(parsed.recipient),
             )
-            self._error_reply(refusal, refusal=True)
+            self.reply(refusal, counts_as=REFUSAL)
             return
-        key = _address_key(parsed.recipient)
-        if key in self._to_keys:
-            # The same mailbox twice must still receive the message once.
-            self._reply(250, "2.1.5", "Recipient OK (duplicate ignored)")
-            return
-        if len(self._to) >= self.settings.max_recipients:
-            self._reply(452, "4.5.3", "Too many recipients")
-            return
-        user = User(ParsedAddress(parsed.recipient, parsed), self._helo, self, self._from)
+        self._run(self.session.recipient_allowed(parsed))
+
+    def _validate_recipient(self, action: ValidateRecipient) -> None:
+        user = User(action.address, self._helo, self, self.session.tx.sender)
 
         def accepted(factory: Callable[[], Any]) -> None:
-            self._to.append((user, factory))
-            self._to_keys.add(key)
-            self._reply(250, "2.1.5", "Recipient OK")
+            self._run(self.session.recipient_accepted(user, factory, action.key))
 
         self._validate(self.validateTo, (user,), accepted, "recipient")
 
     def do_DATA(self, argument: str) -> None:
-        if self._from is None:
-            self._error(503, "5.5.1", "Send MAIL first")
-            return
-        if self._bdat is not None or self._bdat_failed is not None:
-            # RFC 3030 2: one transaction is sent with DATA or with BDAT.
-            self._error(503, "5.5.1", "DATA after BDAT; send RSET to start over")
-            return
-        if self._binary_body:
-            self._error(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA")
-            return
-        if not self._to:
-            self._error(554, "5.5.1", "No valid recipients")
-            return
-        if argument:
-            self._error(501, "5.5.4", "DATA takes no arguments")
-            return
+        self._run(self.session.data(argument))
+
+    def _open_data(self, action: OpenData) -> None:
         failure = self._open_message()
         if failure is not None:
-            self.sendCode(*_reply_args(failure))
+            self.reply(failure)
             return
-        self._reader = DataReader(self.settings.max_message_size, self._body)
+        tx = self.session.tx
+        tx.reader = DataReader(self.settings.max_message_size, tx.body)
         self.mode = DATA
         self.setTimeout(self.settings.data_timeout)
-        self._reply(354, "", "End data with <CR><LF>.<CR><LF>")
+        self.reply(GO_AHEAD)
 
     def _open_message(self) -> Reply | None:
         """Build the transaction's message and an empty body; the reply if that failed."""
         messages: list[Any] = []
         try:
-            for _, factory in self._to:
+            for _, factory in self.session.tx.recipients:
                 message = factory()
                 if not any(message is seen for seen in messages):
                     messages.append(message)
@@ -1082,17 +937,18 @@ class RelayProtocol(ESMTP):
                 message.connectionLost()
             self._reset_transaction()
             return reply_for_failure(e)
-        self._messages = messages
-        self._body = self.factory.spool.body()
+        self.session.tx.messages = messages
+        self.session.tx.body = self.factory.spool.body()
         self._data_started = self._clock.seconds()
         return None
 
     def _feed_data(self, data: bytes) -> None:
-        assert self._reader is not None
-        if self._too_slow(self._reader):
+        reader = self.session.tx.reader
+        assert reader is not None
+        if self._too_slow(reader):
             self._cut_off_slow()
             return
-        end = self._reader.feed(data)
+        end = reader.feed(data)
         if end is None:
             return
         if end < len(data):
@@ -1100,10 +956,10 @@ class RelayProtocol(ESMTP):
         self._end_of_data()
 
     def _cut_off_slow(self) -> None:
-        self._abandon_message()
+        self._abandon(self.session.tx)
         self.mode = COMMAND
         self._reset_transaction()
-        self._reply(421, "4.4.2", "Data arriving too slowly, closing connection")
+        self.reply(421, "4.4.2", "Data arriving too slowly, closing connection")
         self._close(grace=1.0)
 
     def _too_slow(self, reader: DataReader | ChunkReader) -> bool:
@@ -1113,11 +969,11 @@ class RelayProtocol(ESMTP):
         return elapsed > allowed
 
     def _end_of_data(self) -> None:
-        reader, messages, body = self._reader, self._messages, self._body
+        tx = self.session.tx
+        reader, messages, body = tx.reader, tx.messages, tx.body
         assert reader is not None and body is not None
-        self._reader = None
-        self._body = None
-        self._messages = []
+        tx.reader = tx.body = None
+        tx.messages = []
         self.mode = COMMAND
         self.setTimeout(self._limits().command)
         self._complete(messages, body, reader.oversize, reader.size)
@@ -1132,7 +988,7 @@ class RelayProtocol(ESMTP):
                 message.connectionLost()
             self._reset_transaction()
             if oversize:
-                self.sendCode(*_reply_args(self._too_big()))
+                self.reply(self._too_big())
             else:
                 self._spool_failed(body, size)
             self._stop_if_shutting_down()
@@ -1158,12 +1014,13 @@ class RelayProtocol(ESMTP):
                 if isinstance(error, defer.FirstError):
                     error = error.subFailure.value
                 assert error is not None
-                self.sendCode(*_reply_args(reply_for_failure(error)))
+                self.reply(reply_for_failure(error))
                 return
-            self._refusals = 0
+            if self._budget is not None:
+                self._budget.delivered()
             ids = result if isinstance(result, list) else [result]
             names = " ".join(str(i) for i in ids if isinstance(i, str))
-            self._reply(250, "2.0.0", f"OK: delivered as {names}" if names else "OK: delivered")
+            self.reply(250, "2.0.0", f"OK: delivered as {names}" if names else "OK: delivered")
 
         if not isinstance(d, defer.Deferred):
             d = defer.succeed(d)
@@ -1191,7 +1048,7 @@ class RelayProtocol(ESMTP):
             size=size,
             reason=(error.strerror or str(error)) if error is not None else None,
         )
-        self.sendCode(*_reply_args(SPOOL_FULL))
+        self.reply(SPOOL_FULL)
 
     def _too_big(self) -> Reply:
         size = self.settings.max_message_size
@@ -1201,37 +1058,22 @@ class RelayProtocol(ESMTP):
 
     def do_BDAT(self, argument: str) -> None:
         """Read the announced chunk, then answer: every readable BDAT consumes its octets."""
-        try:
-            chunk = parse_bdat(argument)
-        except ChunkSizeError as e:
-            # Where the chunk ends, and so where the next command starts,
-            # cannot be known: whatever follows may be content, and running
-            # it as commands is how smuggling works.  RFC 3030 offers no way
-            # back into step, so the reply is the last thing we send.
-            self._errors += 1
-            self.sendCode(*_reply_args(e.reply))
-            self._close()
-            return
+        self._run(self.session.bdat(argument))
+
+    def _read_chunk(self, action: ReadChunk) -> None:
         if not self._nodelay:
             self._no_delay()
-        refusal: tuple[Reply, bool] | None = None  # (reply, counts as a client error)
-        if self._bdat_failed is not None:
-            refusal = (self._bdat_failed, False)
-        elif self._from is None:
-            refusal = (Reply(503, "5.5.1", "Send MAIL first"), True)
-        elif not self._to:
-            refusal = (Reply(554, "5.5.1", "No valid recipients"), True)
-        elif chunk.problem is not None:
-            refusal = (chunk.problem, True)
-        elif self._bdat is None:
+        chunk, refusal = action.chunk, action.refusal
+        tx = self.session.tx
+        if refusal is None and tx.chunks is None:
             failure = self._open_message()
             if failure is not None:
-                refusal = (failure, False)
+                refusal = Say(failure)
             else:
-                self._bdat = ChunkReader(self.settings.max_message_size, self._body)
+                tx.chunks = ChunkReader(self.settings.max_message_size, tx.body)
         if refusal is None:
-            assert self._bdat is not None
-            reader = self._bdat
+            assert tx.chunks is not None
+            reader = tx.chunks
         else:
             # A refused chunk is read and dropped; its own time counts.
             reader = ChunkReader(0)
@@ -1283,86 +1125,56 @@ class RelayProtocol(ESMTP):
         self.mode = COMMAND
         self.setTimeout(self._limits().command)
         if refusal is not None:
-            reply, counts = refusal
-            self._bdat_refused(reply, last)
-            if counts:
-                self._error_reply(reply)
-            else:
-                self.sendCode(*_reply_args(reply))
+            self._run(self.session.chunk_refused(refusal.reply, last))
+            self.reply(refusal)
             if not self._closing:
                 self._stop_if_shutting_down()
             return
-        body = self._body
+        tx = self.session.tx
+        body = tx.body
         assert body is not None
         if last:
-            messages = self._messages
-            self._bdat, self._body, self._messages = None, None, []
+            messages = tx.messages
+            tx.chunks, tx.body, tx.messages = None, None, []
             self._complete(messages, body, reader.oversize, reader.size)
             return
         if reader.oversize:
-            self.sendCode(*_reply_args(self._too_big()))
-            self._bdat_refused(self._too_big(), last)
+            self.reply(self._too_big())
+            self._run(self.session.chunk_refused(self._too_big(), last))
         elif body.error is not None:
             self._spool_failed(body, reader.size)
-            self._bdat_refused(SPOOL_FULL, last)
+            self._run(self.session.chunk_refused(SPOOL_FULL, last))
         else:
-            self._reply(250, "2.0.0", f"{reader.size} octets received")
+            self.reply(250, "2.0.0", f"{reader.size} octets received")
 
-    def _bdat_refused(self, reply: Reply, last: bool) -> None:
-        """A chunk was refused, so the transaction has failed (RFC 3030 2).
+    def _abandon_transaction(self, action: Abandon) -> None:
+        self._abandon(action.transaction)
 
-        Its chunks so far are dropped.  Chunks the client pipelined behind
-        the refused one must not make a message with a hole in it: each gets
-        the same reply, until LAST (which ends the transaction) or RSET.
-        """
-        if self._from is None:
-            return
-        if self._bdat is not None:
-            self._abandon_message()
-        if last:
-            self._reset_transaction()
-        else:
-            self._bdat_failed = reply
-
-    def _abandon_message(self) -> None:
-        for message in self._messages:
+    def _abandon(self, tx: Transaction) -> None:
+        """Release what a dropped transaction holds: its avatar messages, its body."""
+        for message in tx.messages:
             try:
                 message.connectionLost()
             except Exception:
                 log.failure("message cleanup failed", session=self.id)
-        self._messages = []
-        self._reader = None
-        self._bdat = self._chunk = None
-        if self._body is not None:
+        tx.messages = []
+        tx.reader = tx.chunks = self._chunk = None
+        if tx.body is not None:
             # Connection lost, timed out or cut off at shutdown mid-DATA:
             # the spool file goes now, not when the session is collected.
-            self._body.close()
-            self._body = None
+            tx.body.close()
+            tx.body = None
 
     def _reset_transaction(self) -> None:
-        if self._bdat is not None:
-            # RSET, EHLO or STARTTLS between BDAT chunks: the chunks go.
-            self._abandon_message()
-        self._bdat_failed = None
-        self._binary_body = False
-        self._from = None
-        self._smtputf8 = False
-        self._to = []
-        self._to_keys.clear()
+        self._run(self.session.reset())
 
     # -- STARTTLS -----------------------------------------------------------
 
     def ext_STARTTLS(self, argument: str) -> None:
-        if argument:
-            self._error(501, "5.5.4", "STARTTLS takes no arguments")
-            return
-        if self.startedTLS:
-            self._error(503, "5.5.1", "TLS already active")
-            return
-        if not self.canStartTLS:
-            self._reply(454, "4.7.0", "TLS not available")
-            return
-        assert self.ctx is not None  # canStartTLS says so
+        self._run(self.session.starttls(argument))
+
+    def _start_tls(self, action: StartTLS) -> None:
+        assert self.ctx is not None  # tls_available says so
         try:
             # Built and cached at start-up (tls.server_context); should
             # OpenSSL refuse it here all the same, the plain session is
@@ -1372,9 +1184,9 @@ class RelayProtocol(ESMTP):
             self.ctx.getContext()
         except Exception as e:
             log.warn("TLS context refused", session=self.id, client=self._peer, error=repr(e))
-            self._reply(454, "4.7.0", "TLS not available due to temporary reason")
+            self.reply(454, "4.7.0", "TLS not available due to temporary reason")
             return
-        self._reply(220, "2.0.0", "Ready to start TLS")
+        self.reply(220, "2.0.0", "Ready to start TLS")
         # Anything the client pipelined behind STARTTLS arrived in plaintext
         # and must not run inside the TLS session (CVE-2011-0411 class).
         self._input.clear()
@@ -1389,16 +1201,13 @@ class RelayProtocol(ESMTP):
             self.connectionLost(None)
             self._tcp.abortConnection()
             return
-        self.startedTLS = True
         # The handshake and the new EHLO must come within the greeting
         # limit: a client that stalls mid-handshake is idle before a command.
         self._commanded = False
         self.setTimeout(self._limits().greeting)
         # RFC 3207 4.2: forget everything learned before TLS.
-        self._greeted = False
+        self._run(self.session.tls_started())
         self._helo = (None, self._peer.encode("ascii", "replace"))
-        self._reset_transaction()
-        self.authenticated = False
         self.user = None
         self._drop_avatar()
         self.deliveryFactory = None
@@ -1406,96 +1215,42 @@ class RelayProtocol(ESMTP):
     # -- AUTH -----------------------------------------------------------------
 
     def ext_AUTH(self, argument: str) -> None:
-        if not self.settings.auth_enabled:
-            self._error(502, "5.5.1", "AUTH is not enabled on this server")
-            return
-        if not self._auth_offered():
-            self._error(538, "5.7.11", "Encryption required: send STARTTLS first")
-            return
-        if not self._greeted:
-            self._error(503, "5.5.1", "Send EHLO first")
-            return
-        if self.authenticated:
-            self._error(503, "5.5.1", "Already authenticated")
-            return
-        if self._from is not None:
-            self._error(503, "5.5.1", "AUTH is not allowed during a mail transaction")
-            return
+        self._run(self.session.auth(argument))
+
+    def _check_auth_blocked(self, action: CheckAuthBlocked) -> None:
         if self.factory.guard.auth_blocked(self._peer):
-            self._reply(421, "4.7.0", "Too many failed logins from your address, try later")
+            self.reply(421, "4.7.0", "Too many failed logins from your address, try later")
             self._close()
             return
-        mechanism, _, initial = argument.partition(" ")
-        mechanism = mechanism.upper()
-        initial = initial.strip()
-        if not mechanism:
-            self._error(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
-            return
-        if mechanism.encode() not in auth.MECHANISMS:
-            self._error(504, "5.5.4", "Unrecognized authentication mechanism")
-            return
-        self.mode = AUTH
-        self._sasl = (mechanism, None)
-        if initial:
-            self._auth_response(initial.encode("ascii"))
-        elif mechanism == "PLAIN":
-            self.sendCode(334, b"")
-        else:
-            self.sendCode(334, b"VXNlcm5hbWU6")  # "Username:"
+        self._auth_step(self.session.auth_start(action.argument))
 
-    def _auth_response(self, line: bytes) -> None:
-        assert self._sasl is not None
-        mechanism, username = self._sasl
-        try:
-            check_line(line)
-        except CommandError as e:
-            self._end_auth()
-            self._error_reply(e.reply)
-            return
-        if line.strip() == b"*":
-            self._end_auth()
-            self._error(501, "5.0.0", "Authentication cancelled")
-            return
-        try:
-            decoded = auth.decode_base64(line)
-            if mechanism == "PLAIN":
-                creds = auth.decode_plain(decoded)
-            elif username is None:
-                self._sasl = (mechanism, auth.decode_login_field(decoded, "user name"))
-                self.sendCode(334, b"UGFzc3dvcmQ6")  # "Password:"
-                return
-            else:
-                from twisted.cred.credentials import UsernamePassword
-
-                creds = UsernamePassword(username, auth.decode_login_field(decoded, "password"))
-        except auth.SASLError as e:
-            self._end_auth()
-            self._error(501, "5.5.2", f"Malformed AUTH response: {e}")
-            return
-        self._end_auth()
-        self._login(creds)
+    def _auth_step(self, outcome: Outcome) -> None:
+        """Input goes to the SASL exchange while the session has one open."""
+        self.mode = AUTH if self.session.sasl is not None else COMMAND
+        self._run(outcome)
 
     def _end_auth(self) -> None:
         self.mode = COMMAND
-        self._sasl = None
+        self.session.sasl = None
 
-    def _login(self, creds: IUsernamePassword) -> None:
+    def _log_in(self, action: Login) -> None:
+        creds = action.credentials
         username = creds.username.decode("utf-8", "replace")
 
         def succeeded(result: tuple[Any, Any, Callable[[], None]]) -> None:
             _, avatar, logout = result
             self._take_avatar(avatar, logout)
             self.deliveryFactory = None
-            self.authenticated = True
+            self.session.authenticated = True
             self.user = username
             log.info("authenticated", session=self.id, client=self._peer, username=username)
-            self._reply(235, "2.7.0", "Authentication successful")
+            self.reply(235, "2.7.0", "Authentication successful")
 
         def failed(failure: Failure) -> defer.Deferred[None] | None:
             if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
                 return self._auth_failed(username)
             log.failure("authentication error", failure, session=self.id)
-            self._reply(454, "4.7.0", "Temporary authentication failure")
+            self.reply(454, "4.7.0", "Temporary authentication failure")
             return None
 
         d = self._portal.login(creds, None, IMessageDelivery)
@@ -1551,10 +1306,10 @@ class RelayProtocol(ESMTP):
 
         def answer() -> None:
             if blocked or self._auth_failures >= self.settings.max_auth_failures:
-                self._reply(421, "4.7.0", "Too many failed logins, closing connection")
+                self.reply(421, "4.7.0", "Too many failed logins, closing connection")
                 self._close()
             else:
-                self._reply(535, "5.7.8", "Authentication credentials invalid")
+                self.reply(535, "5.7.8", "Authentication credentials invalid")
 
         if delay <= 0:
             answer()
@@ -1571,16 +1326,21 @@ def _handlers(protocol: type[ESMTP]) -> dict[str, str]:
     return {verb: name for verb, name in found.items() if verb.isalpha() and verb.isupper()}
 
 
-def _address_key(address: str) -> str:
-    local, _, domain = address.rpartition("@")
-    return f"{local}@{domain.lower()}"
-
-
-def _reply_args(reply: Reply) -> tuple[int, bytes]:
-    return reply.code, reply.render()
-
-
 _HANDLERS = _handlers(RelayProtocol)
+# What carries out each effect a Session returns (see RelayProtocol._run).
+_EFFECTS: dict[type, Callable[[RelayProtocol, Any], None]] = {
+    Close: lambda protocol, action: protocol._close(),
+    Abandon: RelayProtocol._abandon_transaction,
+    Greeted: RelayProtocol._greeted,
+    CheckSender: RelayProtocol._check_sender,
+    CheckRecipient: RelayProtocol._check_recipient,
+    ValidateRecipient: RelayProtocol._validate_recipient,
+    OpenData: RelayProtocol._open_data,
+    ReadChunk: RelayProtocol._read_chunk,
+    StartTLS: RelayProtocol._start_tls,
+    CheckAuthBlocked: RelayProtocol._check_auth_blocked,
+    Login: RelayProtocol._log_in,
+}
 
 
 class RelayFactory(ServerFactory):

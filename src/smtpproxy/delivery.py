@@ -24,7 +24,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpproxy.dsn import Dsn, RecipientDsn, envelope_dsn
-from smtpproxy.errors import DeliveryError, PermanentDeliveryError, reply_for_failure
+from smtpproxy.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    reply_for_failure,
+)
 from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
@@ -82,6 +87,7 @@ class RelayMessage:
         self._client = client
         self._user = user
         self._body: MessageBody | None = None
+        self._abandoned = False
 
     def bodyReceived(self, body: MessageBody) -> None:
         """The complete body, read back by L{eomReceived}."""
@@ -95,6 +101,16 @@ class RelayMessage:
     def connectionLost(self) -> None:
         """The transaction was abandoned: forget the body (its owner closes it)."""
         self._body = None
+
+    def abandon(self) -> None:
+        """The session ended (or was told "not accepted") before delivery started.
+
+        A body still waiting for its turn to be read back and parsed must
+        not reach the provider afterwards: its client was told nothing was
+        accepted and will send it again.  Once the provider has it, this
+        changes nothing (that is the queue's business, issue 12).
+        """
+        self._abandoned = True
 
     def eomReceived(self) -> defer.Deferred[str]:
         """Parse and deliver; fire with the message id once the provider accepted it."""
@@ -114,7 +130,7 @@ class RelayMessage:
         }
         try:
             parsed = self._parser.parse_body(
-                self._sender, self._recipients, size, _empty if body is None else body.read
+                self._sender, self._recipients, size, self._reader(body)
             )
         except Exception:
             # The parser promises never to raise; if it does, that is our
@@ -127,8 +143,24 @@ class RelayMessage:
             return parsed.addCallback(self._deliver, fields, started)
         return self._deliver(parsed, fields, started)
 
+    def _reader(self, body: MessageBody | None) -> Callable[[], bytes]:
+        """What reads the body back when its turn comes: nothing, if abandoned by then."""
+        if body is None:
+            return _empty
+
+        def read() -> bytes:
+            return b"" if self._abandoned else body.read()
+
+        return read
+
     def _deliver(self, email: Email, fields: dict[str, Any], started: float) -> defer.Deferred[str]:
         """Hand the parsed C{email} to the provider; fire with the message id."""
+        if self._abandoned:
+            log.info("message abandoned before delivery", **fields)
+            gone: defer.Deferred[str] = defer.fail(
+                TransientDeliveryError("the session ended before the message was delivered")
+            )
+            return gone
         if email.abandoned:
             raw_ok = accepts_raw_mime(self._provider)
             log.warn(

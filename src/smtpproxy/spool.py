@@ -218,6 +218,11 @@ class MessageBody:
         waiting.addCallback(granted)
         return waiting
 
+    @property
+    def claim_pending(self) -> bool:
+        """Is a L{claim} still waiting for room in the budget (nothing read back yet)?"""
+        return self._waiting is not None
+
     def read(self) -> bytes:
         """The whole body as bytes; a spooled body's file is closed (its space freed).
 

@@ -180,6 +180,8 @@ class RelayProtocol(ESMTP):
     # Implicit TLS before its handshake has completed: replies wait in
     # _early (the greeting, or a refusal) and no close can start.
     _handshaking = False
+    # A finished body between its final dot and its delivery's answer.
+    _delivering: tuple[MessageBody, list[Any]] | None = None
     _early: list[bytes]
     # A command arrived since the greeting (or since STARTTLS): the idle
     # limit is then the command timeout, before it the greeting timeout.
@@ -280,6 +282,7 @@ class RelayProtocol(ESMTP):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._abandon(self.session.tx)
+        self._give_up_delivery()
         self._ended = True
         self._drop_avatar()
         self.setTimeout(None)
@@ -399,7 +402,27 @@ class RelayProtocol(ESMTP):
         """Shutdown timed out: say so if we still can, abort after a short grace."""
         if not self._closing:
             self.reply(421, "4.3.2", "Shutting down, message not accepted, try later")
+        self._give_up_delivery()
         self._close(grace=1.0)
+
+    def _give_up_delivery(self) -> None:
+        """The client was told "not accepted", or is gone: a delivery not started stays so.
+
+        A body can wait after its final dot, for room in the memory budget
+        or for its turn to be parsed; delivering it after its client heard
+        421 (or lost the connection) would make the client's retry a
+        duplicate.  One already with the provider is left alone.
+        """
+        pending, self._delivering = self._delivering, None
+        if pending is None:
+            return
+        body, messages = pending
+        for message in messages:
+            abandon = getattr(message, "abandon", None)
+            if abandon is not None:
+                abandon()
+        if body.claim_pending:
+            body.close()  # cancels the wait; the delivery's answer then goes nowhere
 
     def _in_transaction(self) -> bool:
         return self._busy or self.mode in (DATA, CHUNK) or self.session.tx.chunks is not None
@@ -577,6 +600,9 @@ class RelayProtocol(ESMTP):
             if end < 0:
                 if len(self._input) > MAX_AUTH_LINE:
                     # Keep nothing of an endless line; answer when it ends.
+                    if self.mode != AUTH and _looks_like_bdat(self._input):
+                        self._refuse_bdat_line(Reply(500, "5.5.2", "Line too long"))
+                        break
                     self._input.clear()
                     self._discarding_line = True
                 break
@@ -605,18 +631,37 @@ class RelayProtocol(ESMTP):
         try:
             verb, argument = split_command(line)
         except CommandError as e:
-            self.reply(e.reply, counts_as=ERROR)
+            self._refuse_line(line, e.reply)
             return
         if len(line) > MAX_COMMAND_LINE and verb != "AUTH":
-            self.reply(500, "5.5.2", "Line too long", counts_as=ERROR)
+            self._refuse_line(line, Reply(500, "5.5.2", "Line too long"))
             return
         if verb != "QUIT" and self._stop_if_shutting_down():
             return
         name = _HANDLERS.get(verb)
         if name is None:
-            self.reply(500, "5.5.2", "Command not recognized", counts_as=ERROR)
+            self._refuse_line(line, Reply(500, "5.5.2", "Command not recognized"))
             return
         getattr(self, name)(argument)
+
+    def _refuse_line(self, line: bytes, reply: Reply) -> None:
+        """A command line turned down before any handler saw it: a client mistake."""
+        if _looks_like_bdat(line):
+            self._refuse_bdat_line(reply)
+            return
+        self.reply(reply, counts_as=ERROR)
+
+    def _refuse_bdat_line(self, reply: Reply) -> None:
+        """A BDAT line we cannot read: its chunk's end is unknown, so close.
+
+        The octets of the chunk follow the line at once; read as commands
+        they would run as commands (the SMTP smuggling shape).  RFC 3030
+        leaves the case open; as for a size that cannot be read
+        (L{smtpproxy.smtp.chunking.ChunkSizeError}) the only safe answer is
+        the reply, then the end of the connection.
+        """
+        self.reply(Reply(reply.code, reply.status, f"{reply.text}; closing connection"))
+        self._close()
 
     def _busy_with(
         self,
@@ -996,6 +1041,7 @@ class RelayProtocol(ESMTP):
         for message in messages:
             message.bodyReceived(body)
         self._reset_transaction()
+        self._delivering = (body, messages)
         # A spooled body is read back into memory only when the shared
         # budget has room for it (see smtpproxy.spool.InflightBudget).
         waiting = body.claim()
@@ -1008,6 +1054,7 @@ class RelayProtocol(ESMTP):
         def answer(result: object) -> None:
             # Delivered, refused or failed: the body (its file, its share
             # of the memory budget) is released here and nowhere later.
+            self._delivering = None
             body.close()
             if isinstance(result, Failure):
                 error = result.value
@@ -1481,3 +1528,8 @@ def _guarded(session: RelayProtocol, action: Callable[[], object]) -> None:
         action()
     except Exception as e:
         log.warn("session shutdown step failed", session=session.id, error=repr(e))
+
+
+def _looks_like_bdat(line: bytes | bytearray) -> bool:
+    """Does this command line (however malformed) start with the verb BDAT?"""
+    return bytes(line[:16]).lstrip(b" \t")[:4].upper() == b"BDAT"

@@ -23,10 +23,10 @@ START = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
 
 class ShutdownDuplicateTests(SynchronousTestCase):
     def test_SEC_070_message_told_not_accepted_is_never_delivered(self) -> None:
-        """Review finding 1, fixed; before the fix: a spooled body waiting for the in-flight budget when shutdown forces
-        its session closed gets "421 ... message not accepted", yet once the budget frees
-        (here: the other session ends too) it is handed to the provider anyway: the client
-        retries and the message is delivered twice.  The queued claim is never cancelled
+        """Review finding 1, fixed; before the fix: a spooled body waiting for the in-flight budget
+        when shutdown forces its session closed gets "421 ... message not accepted", yet once the
+        budget frees (here: the other session ends too) it is handed to the provider anyway: the
+        client retries and the message is delivered twice. The queued claim is never cancelled
         when its session ends (_end_of_data hands the body to _complete, out of reach of
         _abandon_message)."""
         harness = Harness(spool_threshold=1000, max_inflight_bytes=100)
@@ -68,11 +68,11 @@ class BdatDesyncTests(SynchronousTestCase):
         )
 
     def test_SEC_071_unreadable_bdat_line_closes_the_connection(self) -> None:
-        """Review finding 2, fixed; before the fix: a BDAT line turned down before do_BDAT runs (over 510 octets, a tab
-        after the verb, malformed UTF-8, a bare CR) is answered 500/501 and the session
-        goes on in command mode, so the octets of its chunk are run as commands (the
-        smuggling shape chunking.py closes the connection for when the size is
-        unreadable).  Only the reply to the BDAT line may follow it."""
+        """Review finding 2, fixed; before the fix: a BDAT line turned down before do_BDAT runs
+        (over 510 octets, a tab after the verb, malformed UTF-8, a bare CR) is answered 500/501
+        and the session goes on in command mode, so the octets of its chunk are run as commands
+        (the smuggling shape chunking.py closes the connection for when the size is unreadable).
+        Only the reply to the BDAT line may follow it."""
         for line in (
             b"BDAT %d LAST" + b" " * 600 + b"\r\n",
             b"BDAT\t%d LAST\r\n",
@@ -85,13 +85,13 @@ class BdatDesyncTests(SynchronousTestCase):
 class ImplicitTlsRefusalTests(TestCase):
     @async_test
     async def test_SEC_072_refused_smtps_connection_without_handshake_is_cut_quickly(self) -> None:
-        """Review finding 3, fixed; before the fix: on an implicit-TLS listener a refused connection (over the caps, a
-        banned or disallowed address) that never sends a ClientHello is kept for the whole
-        CLOSE_GRACE (10 s), uncounted by any cap, while an admitted one is cut at the
-        greeting timeout (here 1 s).  A client over the cap can so hold any number of
-        descriptors (its connection rate x 10 s), and each refusal costs a full handshake
-        when it does send one; on plain SMTP the same refusal is written and closed at
-        once.  The refused connection must end within the greeting timeout plus a second."""
+        """Review finding 3, fixed; before the fix: on an implicit-TLS listener a refused connection
+        (over the caps, a banned or disallowed address) that never sends a ClientHello is kept
+        for the whole CLOSE_GRACE (10 s), uncounted by any cap, while an admitted one is cut at
+        the greeting timeout (here 1 s). A client over the cap can so hold any number of
+        descriptors (its connection rate x 10 s), and each refusal costs a full handshake when it
+        does send one; on plain SMTP the same refusal is written and closed at once. The refused
+        connection must end within the greeting timeout plus a second."""
         relay = start_relay(
             self, greeting_timeout=1.0, guard=dataclasses.replace(OPEN, max_connections_per_ip=1)
         )

@@ -794,10 +794,13 @@ class RelayProtocol(ESMTP):
     def _run(self, outcome: Outcome) -> None:
         """Carry out what the session decided: send its replies, run its effects."""
         for action in outcome:
-            if isinstance(action, Say):
-                self.reply(action)
-            else:
+            if not isinstance(action, Say):
                 _EFFECTS[type(action)](self, action)
+            elif action.counts_as is None and not action.keywords:
+                # Most replies: a line formatted once, no budget to charge.
+                self._send(action.wire)
+            else:
+                self.reply(action)
 
     def _greeted(self, action: Greeted) -> None:
         self._helo = (action.name.encode("ascii"), self._peer.encode("ascii", "replace"))

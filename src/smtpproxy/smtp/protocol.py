@@ -259,7 +259,7 @@ class RelayProtocol(ESMTP):
             return
         self._admitted = True
         self.factory.load_changed()
-        self.reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
+        self.reply(self.factory.greeting)
         # Under implicit TLS this limit covers the handshake too.
         self.setTimeout(self._limits().greeting)
 
@@ -729,10 +729,20 @@ class RelayProtocol(ESMTP):
 
         Replies are batched by L{_send} while a batch of input is handled.
         """
-        if isinstance(reply, Say):
+        if type(reply) is Say:
             counts_as = reply.counts_as
-        elif not isinstance(reply, Reply):
+            if counts_as is None and not reply.keywords:
+                # Most of the session's replies: formatted once, no budget.
+                self._send(reply.wire)
+                return
+        elif isinstance(reply, int):
             reply = Reply(reply, status, text)
+            if counts_as is None:
+                # The shell's own replies (250 delivered, 235, ...).
+                self._send(wire(reply))
+                return
+        elif not isinstance(reply, Reply):
+            counts_as = reply.counts_as
         if counts_as is not None:
             if self._budget is None:
                 self._budget = ReplyBudget(self.settings.max_errors, self.settings.max_refusals)
@@ -794,7 +804,7 @@ class RelayProtocol(ESMTP):
     def _run(self, outcome: Outcome) -> None:
         """Carry out what the session decided: send its replies, run its effects."""
         for action in outcome:
-            if not isinstance(action, Say):
+            if type(action) is not Say:
                 _EFFECTS[type(action)](self, action)
             elif action.counts_as is None and not action.keywords:
                 # Most replies: a line formatted once, no budget to charge.
@@ -1416,6 +1426,8 @@ class RelayFactory(ServerFactory):
             settings.spool_dir or None,
             InflightBudget(settings.max_inflight_bytes),
         )
+        # The 220 greeting, the same for every session of this listener.
+        self.greeting = Say(Reply(220, "", f"{settings.hostname} ESMTP smtpproxy ready"))
         # EHLO's keyword lines by (STARTTLS offered, AUTH offered).
         self.ehlo_cache: dict[tuple[bool, bool], bytes] = {}
         self.stopping = False

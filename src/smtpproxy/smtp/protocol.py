@@ -122,6 +122,8 @@ FORCE_GRACE = 2.0
 # (Postfix's smtpd_min_data_rate idea): a client trickling a byte at a time
 # cannot hold a session for ever by resetting the idle timer.
 MIN_DATA_RATE = 500.0
+# DATA's go-ahead, formatted once.
+_GO_AHEAD = Say(GO_AHEAD)
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
 
@@ -731,9 +733,9 @@ class RelayProtocol(ESMTP):
         """
         if type(reply) is Say:
             counts_as = reply.counts_as
-            if counts_as is None and not reply.keywords:
+            if counts_as is None:
                 # Most of the session's replies: formatted once, no budget.
-                self._send(reply.wire)
+                self._send(self._said(reply))
                 return
         elif isinstance(reply, int):
             reply = Reply(reply, status, text)
@@ -751,13 +753,13 @@ class RelayProtocol(ESMTP):
                 self._send(wire(last))
                 self._close()
                 return
-        if not isinstance(reply, Say):
-            self._send(wire(reply))
-        elif reply.keywords:
-            # EHLO: the greeting becomes the first line of a multi-line reply.
-            self._send(b"%d-%s%s" % (reply.reply.code, reply.wire[4:], self._extension_reply()))
-        else:
-            self._send(reply.wire)
+        self._send(self._said(reply) if isinstance(reply, Say) else wire(reply))
+
+    def _said(self, say: Say) -> bytes:
+        """A L{Say} as sent: EHLO's greeting becomes the first line of a multi-line reply."""
+        if say.keywords:
+            return b"%d-%s%s" % (say.reply.code, say.wire[4:], self._extension_reply())
+        return say.wire
 
     def _send(self, data: bytes) -> None:
         if not self._corked:
@@ -980,7 +982,7 @@ class RelayProtocol(ESMTP):
         tx.reader = DataReader(self.settings.max_message_size, tx.body)
         self.mode = DATA
         self.setTimeout(self.settings.data_timeout)
-        self.reply(GO_AHEAD)
+        self.reply(_GO_AHEAD)
 
     def _open_message(self) -> Reply | None:
         """Build the transaction's message and an empty body; the reply if that failed."""

@@ -122,6 +122,8 @@ FORCE_GRACE = 2.0
 # (Postfix's smtpd_min_data_rate idea): a client trickling a byte at a time
 # cannot hold a session for ever by resetting the idle timer.
 MIN_DATA_RATE = 500.0
+# DATA's go-ahead, formatted once.
+_GO_AHEAD = Say(GO_AHEAD)
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
 
@@ -259,7 +261,7 @@ class RelayProtocol(ESMTP):
             return
         self._admitted = True
         self.factory.load_changed()
-        self.reply(220, "", f"{self.settings.hostname} ESMTP smtpproxy ready")
+        self.reply(self.factory.greeting)
         # Under implicit TLS this limit covers the handshake too.
         self.setTimeout(self._limits().greeting)
 
@@ -729,10 +731,20 @@ class RelayProtocol(ESMTP):
 
         Replies are batched by L{_send} while a batch of input is handled.
         """
-        if isinstance(reply, Say):
+        if type(reply) is Say:
             counts_as = reply.counts_as
-        elif not isinstance(reply, Reply):
+            if counts_as is None:
+                # Most of the session's replies: formatted once, no budget.
+                self._send(self._said(reply))
+                return
+        elif isinstance(reply, int):
             reply = Reply(reply, status, text)
+            if counts_as is None:
+                # The shell's own replies (250 delivered, 235, ...).
+                self._send(wire(reply))
+                return
+        elif not isinstance(reply, Reply):
+            counts_as = reply.counts_as
         if counts_as is not None:
             if self._budget is None:
                 self._budget = ReplyBudget(self.settings.max_errors, self.settings.max_refusals)
@@ -741,13 +753,13 @@ class RelayProtocol(ESMTP):
                 self._send(wire(last))
                 self._close()
                 return
-        if not isinstance(reply, Say):
-            self._send(wire(reply))
-        elif reply.keywords:
-            # EHLO: the greeting becomes the first line of a multi-line reply.
-            self._send(b"%d-%s%s" % (reply.reply.code, reply.wire[4:], self._extension_reply()))
-        else:
-            self._send(reply.wire)
+        self._send(self._said(reply) if isinstance(reply, Say) else wire(reply))
+
+    def _said(self, say: Say) -> bytes:
+        """A L{Say} as sent: EHLO's greeting becomes the first line of a multi-line reply."""
+        if say.keywords:
+            return b"%d-%s%s" % (say.reply.code, say.wire[4:], self._extension_reply())
+        return say.wire
 
     def _send(self, data: bytes) -> None:
         if not self._corked:
@@ -794,7 +806,7 @@ class RelayProtocol(ESMTP):
     def _run(self, outcome: Outcome) -> None:
         """Carry out what the session decided: send its replies, run its effects."""
         for action in outcome:
-            if not isinstance(action, Say):
+            if type(action) is not Say:
                 _EFFECTS[type(action)](self, action)
             elif action.counts_as is None and not action.keywords:
                 # Most replies: a line formatted once, no budget to charge.
@@ -970,7 +982,7 @@ class RelayProtocol(ESMTP):
         tx.reader = DataReader(self.settings.max_message_size, tx.body)
         self.mode = DATA
         self.setTimeout(self.settings.data_timeout)
-        self.reply(GO_AHEAD)
+        self.reply(_GO_AHEAD)
 
     def _open_message(self) -> Reply | None:
         """Build the transaction's message and an empty body; the reply if that failed."""
@@ -1416,6 +1428,8 @@ class RelayFactory(ServerFactory):
             settings.spool_dir or None,
             InflightBudget(settings.max_inflight_bytes),
         )
+        # The 220 greeting, the same for every session of this listener.
+        self.greeting = Say(Reply(220, "", f"{settings.hostname} ESMTP smtpproxy ready"))
         # EHLO's keyword lines by (STARTTLS offered, AUTH offered).
         self.ehlo_cache: dict[tuple[bool, bool], bytes] = {}
         self.stopping = False

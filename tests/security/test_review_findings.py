@@ -41,7 +41,10 @@ class ShutdownDuplicateTests(SynchronousTestCase):
 
         harness.factory.shutdown(5.0)
         harness.clock.advance(5.0)  # shutdown timeout: force_close on both
-        self.assertIn("421 4.3.2 Shutting down, message not accepted", sender_wire.value().decode())
+        said = sender_wire.value().decode()
+        self.assertIn("421 4.3.2 Shutting down, message not accepted", said)
+        # Nothing follows the 421: the given-up delivery's answer is not sent.
+        self.assertTrue(said.endswith("message not accepted, try later\r\n"), said[-200:])
         # The transports close: the waiting client's first, then the other.
         sender.connectionLost(None)
         holder.connectionLost(None)

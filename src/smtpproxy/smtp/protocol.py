@@ -184,6 +184,9 @@ class RelayProtocol(ESMTP):
     _handshaking = False
     # A finished body between its final dot and its delivery's answer.
     _delivering: tuple[MessageBody, list[Any]] | None = None
+    # That delivery was given up (421 at shutdown, or the client left): its
+    # answer, when it comes, is not sent.
+    _gave_up = False
     _early: list[bytes]
     # A command arrived since the greeting (or since STARTTLS): the idle
     # limit is then the command timeout, before it the greeting timeout.
@@ -284,11 +287,13 @@ class RelayProtocol(ESMTP):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._abandon(self.session.tx)
-        self._give_up_delivery()
         self._ended = True
+        # Closing first: a delivery given up below answers at once, and a
+        # closing session neither replies nor re-arms its timer then.
+        self._closing = True
+        self._give_up_delivery()
         self._drop_avatar()
         self.setTimeout(None)
-        self._closing = True
         self._release_slot()
         self.factory.load_changed()
         self.factory.session_ended(self)
@@ -404,8 +409,8 @@ class RelayProtocol(ESMTP):
         """Shutdown timed out: say so if we still can, abort after a short grace."""
         if not self._closing:
             self.reply(421, "4.3.2", "Shutting down, message not accepted, try later")
-        self._give_up_delivery()
         self._close(grace=1.0)
+        self._give_up_delivery()
 
     def _give_up_delivery(self) -> None:
         """The client was told "not accepted", or is gone: a delivery not started stays so.
@@ -418,6 +423,7 @@ class RelayProtocol(ESMTP):
         pending, self._delivering = self._delivering, None
         if pending is None:
             return
+        self._gave_up = True
         body, messages = pending
         for message in messages:
             abandon = getattr(message, "abandon", None)
@@ -1071,6 +1077,9 @@ class RelayProtocol(ESMTP):
             # of the memory budget) is released here and nowhere later.
             self._delivering = None
             body.close()
+            if self._gave_up:
+                # The client already heard 421 (or is gone): nothing more to say.
+                return
             if isinstance(result, Failure):
                 error = result.value
                 if isinstance(error, defer.FirstError):

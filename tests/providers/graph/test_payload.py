@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import time
 from email import policy
 from email.parser import BytesParser
 from typing import Any
@@ -578,3 +579,20 @@ class UrlTests(SynchronousTestCase):
             "https://graph.microsoft.us/v1.0/users/m@c.example/messages/AAMk%2Fx%3D"
             "/attachments/createUploadSession",
         )
+
+
+class LargeEightBitHeaderTests(SynchronousTestCase):
+    def test_SEC_073_many_8bit_address_fields_go_by_json_quickly(self) -> None:
+        """20 To fields of 55 KB of UTF-8 display names: planned in well under 2 s, by JSON.
+
+        Rewriting them as encoded words through the standard library's header
+        classes took 6.5 s of the reactor's time for this 1 MB message; past
+        16 KB of 8-bit header fields the message goes by JSON instead.
+        """
+        names = b", ".join(b'"J\xc3\xa9r\xc3\xb4me %d" <b@y.test>' % i for i in range(2000))
+        raw = b"From: a@x.test\r\n" + b"".join(b"To: " + names + b"\r\n" for _ in range(20))
+        email = parse_message("a@x.test", ["b@y.test"], raw + b"\r\nbody\r\n")
+        started = time.process_time()
+        plan = plan_delivery(email, ("a@x.test",), "auto", "x.test")
+        self.assertLess(time.process_time() - started, 2.0)
+        self.assertIsInstance(plan, JsonSend)

@@ -228,14 +228,14 @@ class EnvironmentNamesTests(SynchronousTestCase):
 
     def test_every_prefix_is_checked(self) -> None:
         """Each of the project's prefixes is the relay's, also those without settings yet
-        (QUEUE_URL is refused today and accepted once such a setting exists)."""
+        (QUEUE_WOMBAT_BANANA, as QUEUE_URL was before the queue existed)."""
         for name in (
             "SMTP_X",
             "SMTPS_X",
             "GRAPH_X",
             "HTTP_X",
             "TLS_X",
-            "QUEUE_URL",
+            "QUEUE_WOMBAT_BANANA",
             "RELAY_X",
             "AUTH_X",
             "MAILBOX_X",

@@ -70,6 +70,21 @@ class MessageBodyTests(SynchronousTestCase):
         body.close()
         self.assertEqual(budget.held, 0)
 
+    def test_chunks_are_bounded_and_leave_the_body_stored(self) -> None:
+        """chunks() gives the bytes back in pieces no larger than asked, in memory and
+        spooled alike, and the body can still be read (or copied again) afterwards."""
+        for threshold in (1000, 4):
+            body = MessageBody(threshold, InflightBudget(1000), None, FileLog())
+            body.write(b"0123456")
+            body.write(b"789ab")
+            body.finish()
+            pieces = list(body.chunks(5))
+            self.assertEqual(b"".join(pieces), b"0123456789ab", threshold)
+            self.assertLessEqual(max(map(len, pieces)), 5)
+            self.assertEqual(b"".join(body.chunks(100)), b"0123456789ab")
+            self.assertEqual(body.read(), b"0123456789ab")
+            body.close()
+
     def test_large_body_spills_and_reads_back(self) -> None:
         """Past the threshold the body moves to one file; memory is given back; bytes intact."""
         files = FileLog()

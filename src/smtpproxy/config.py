@@ -74,6 +74,14 @@ class Config:
     smtp_auth_max_failures: int = 3
     smtp_auth_ban_failures: int = 10
     smtp_auth_ban_time: float = 600.0
+    queue_url: str = ""
+    queue_max_bytes: int = 1_073_741_824
+    queue_retry_min_interval: float = 60.0
+    queue_retry_max_interval: float = 3600.0
+    queue_max_age: float = 432_000.0
+    queue_dead_retention: float = 604_800.0
+    queue_concurrency: int = 20
+    queue_lease_time: float = 300.0
     http_listen: str = "tcp:8080"
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -186,6 +194,18 @@ def _count(raw: str) -> int:
     if value < 0:
         raise ValueError(f"must be 0 (no limit) or more, got {value}")
     return value
+
+
+def _queue_url(raw: str) -> str:
+    """Empty (direct mode), C{sqlite:///path} or C{postgresql://...}."""
+    text = raw.strip()
+    if text and not text.startswith(("sqlite:", "postgresql:", "postgres:")):
+        raise ValueError(f"expected sqlite:///path or postgresql://..., got {text[:40]!r}")
+    if text:
+        # Until the queue's delivery side is wired in (issue 12), refuse
+        # rather than accept mail the operator believes is queued.
+        raise ValueError("the durable queue is not available in this build yet")
+    return text
 
 
 def _seconds(raw: str) -> float:
@@ -429,6 +449,55 @@ SETTINGS: tuple[Setting, ...] = (
         "smtp_auth_ban_time",
         _seconds,
         "seconds an address stays blocked (and the counting window)",
+    ),
+    Setting(
+        "QUEUE_URL",
+        "queue_url",
+        _queue_url,
+        "durable queue: empty (deliver directly), sqlite:///path or postgresql://...",
+        secret=True,
+    ),
+    Setting(
+        "QUEUE_MAX_BYTES",
+        "queue_max_bytes",
+        _positive_int,
+        "bytes of queued mail past which new mail is answered 452",
+    ),
+    Setting(
+        "QUEUE_RETRY_MIN_INTERVAL",
+        "queue_retry_min_interval",
+        _seconds,
+        "seconds before the first retry of a temporary failure",
+    ),
+    Setting(
+        "QUEUE_RETRY_MAX_INTERVAL",
+        "queue_retry_max_interval",
+        _seconds,
+        "longest wait between retries (the back-off doubles up to it)",
+    ),
+    Setting(
+        "QUEUE_MAX_AGE",
+        "queue_max_age",
+        _seconds,
+        "seconds a message may stay queued before it is given up (dead)",
+    ),
+    Setting(
+        "QUEUE_DEAD_RETENTION",
+        "queue_dead_retention",
+        _seconds,
+        "seconds a dead message is kept with its history",
+    ),
+    Setting(
+        "QUEUE_CONCURRENCY",
+        "queue_concurrency",
+        _positive_int,
+        "deliveries this process runs at once from the queue",
+    ),
+    Setting(
+        "QUEUE_LEASE_TIME",
+        "queue_lease_time",
+        _seconds,
+        "seconds a worker holds a message; a crashed holder's lease expires",
     ),
     Setting(
         "HTTP_LISTEN",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO
 
 from twisted.internet import defer
@@ -239,6 +239,26 @@ class MessageBody:
             self._release_file()
         self._chunks = [data]
         return data
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        """The body from its start in pieces of at most C{size} bytes, leaving it stored.
+
+        This is how a durable queue copies a body without a second whole
+        copy in memory (L{smtpproxy.queue.model.BodySource}).  It may run in
+        a worker thread: nothing else touches the body until the copy's
+        Deferred has fired, and the caller closes it only after that.
+
+        @raise OSError: the spool file could not be read back.
+        """
+        if self._file is None:
+            for chunk in self._chunks:
+                for start in range(0, len(chunk), size):
+                    yield chunk[start : start + size] if len(chunk) > size else chunk
+            return
+        spool = self._file
+        spool.seek(0)
+        while piece := spool.read(size):
+            yield piece
 
     def close(self) -> None:
         """Release everything: the file, the memory reservation, a queued claim."""

@@ -1,0 +1,128 @@
+"""Plain values the queue's stores, its worker and its command share.
+
+They carry no behaviour and no I/O, so a store can build them from rows and
+the policy and the operator command can read them without a database.
+Times are POSIX seconds (C{reactor.seconds()}), so tests drive them with
+C{twisted.internet.task.Clock}.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class State(enum.StrEnum):
+    """Where a queued message stands.  Delivered messages leave the queue."""
+
+    QUEUED = "queued"
+    """Waiting for its next attempt (C{next_attempt})."""
+    DELIVERING = "delivering"
+    """Held by a worker's lease until C{lease_until}; expired leases count as queued."""
+    DEAD = "dead"
+    """Given up (permanent failure or too old); kept for C{QUEUE_DEAD_RETENTION}."""
+
+
+class Outcome(enum.StrEnum):
+    """What one delivery attempt came to."""
+
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    """A temporary failure: tried again later."""
+    FAILED = "failed"
+    """A permanent failure: the message is dead."""
+    EXPIRED = "expired"
+    """Older than C{QUEUE_MAX_AGE} after a temporary failure: the message is dead."""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Everything about a message except its body, as the front door accepted it.
+
+    @ivar sender: the envelope sender (may be empty: a null reverse-path).
+    @ivar recipients: the envelope recipients, in the order given.
+    @ivar client: the client's address as the logs show it.
+    @ivar user: the authenticated identity, if any.
+    @ivar route: the key the provider's concurrency is counted by (for
+        Graph the sending mailbox); empty when the provider has one lane.
+    @ivar meta: further JSON-safe facts the delivery needs again (DSN
+        parameters, SMTPUTF8, BODY=), kept opaque by the store.
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    client: str = ""
+    user: str | None = None
+    route: str = ""
+    meta: str = "{}"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt, as the history records it.
+
+    @ivar reply: the provider's answer as the relay would word it
+        (C{"451 4.4.1 ..."}), clipped; empty for a success.
+    @ivar request_id: the backend's own id for the request (Graph's
+        C{request-id}), when it gave one.
+    """
+
+    at: float
+    outcome: Outcome
+    reply: str = ""
+    request_id: str | None = None
+    worker: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One queued (or dead) message: its envelope, its state, its history so far."""
+
+    id: str
+    envelope: Envelope
+    size: int
+    queued_at: float
+    state: State
+    attempts: int
+    next_attempt: float
+    last_reply: str = ""
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    history: tuple[Attempt, ...] = ()
+    """Filled by L{smtpproxy.queue.store.QueueStore.show} only."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """The queue at a glance, for C{smtpproxy queue stats} and the metrics."""
+
+    queued: int
+    delivering: int
+    dead: int
+    bytes: int
+    oldest_queued_at: float | None
+
+
+class BodySource(Protocol):
+    """A message body a store copies into durable storage.
+
+    L{chunks} may run in a thread of the store's pool; the caller keeps the
+    source unchanged and open until the store's Deferred has fired.
+    """
+
+    @property
+    def size(self) -> int:
+        """The body's length in bytes."""
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body from its start, in pieces of a bounded size."""
+
+
+class QueueFullError(Exception):
+    """The queue is over C{QUEUE_MAX_BYTES}, or its disk is full: answer 452 4.3.1."""
+
+
+class LeaseLostError(Exception):
+    """The worker's lease ran out and another worker may hold the message now."""

@@ -1,0 +1,98 @@
+"""The protocol every queue backend implements (SQLite, PostgreSQL).
+
+Every method returns a Deferred and never blocks the reactor: the backends
+run their SQL through C{twisted.enterprise.adbapi} and their file work in
+the pool's threads.  The rules a backend must keep, which the shared tests
+in C{tests/queue/test_store_contract.py} hold each backend to:
+
+  - L{QueueStore.enqueue} fires only once envelope and body are committed
+    and synced (file and directory, or the database's commit); it may wait
+    to share one commit with other messages (group commit), never answer
+    before it.  Past C{max_bytes} or on a full disk it fails with
+    L{smtpproxy.queue.model.QueueFullError} and leaves nothing behind.
+  - L{QueueStore.claim} hands a due message to one worker at a time: it
+    sets a lease, and nobody else gets the message until the lease is
+    given back or has expired.  Due messages come oldest first
+    (C{queued_at}), so a burst of new mail cannot starve old mail, and no
+    more than C{per_route} messages of one route are leased at once
+    across every process sharing the store.
+  - The outcome methods (L{delivered}, L{deferred}, L{dead}) apply only
+    while the caller still holds the lease; otherwise they fail with
+    L{smtpproxy.queue.model.LeaseLostError} and change nothing.
+  - Ids are the caller's (the relay's message id, printed in the 250 reply
+    and every log line); an id already present fails the enqueue with
+    C{KeyError} and stores nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+from smtpproxy.queue.model import Attempt, BodySource, Entry, Envelope, State, Stats
+
+
+class QueueStore(Protocol):
+    """Durable storage for queued messages; see the module docstring for its rules."""
+
+    def open(self) -> Deferred[None]:
+        """Create or upgrade the schema and tidy what a crash left (partial bodies)."""
+
+    def close(self) -> Deferred[None]:
+        """Finish pending commits and release connections and threads."""
+
+    # The front door.
+
+    def enqueue(self, id: str, envelope: Envelope, body: BodySource, now: float) -> Deferred[None]:
+        """Store a message durably; fire once it is safe to answer 250."""
+
+    # The delivery workers.
+
+    def claim(
+        self, owner: str, now: float, lease: float, limit: int, per_route: int
+    ) -> Deferred[list[Entry]]:
+        """Lease up to C{limit} due messages to C{owner} until C{now + lease}."""
+
+    def renew(self, id: str, owner: str, until: float) -> Deferred[None]:
+        """Extend C{owner}'s lease on C{id} (a slow delivery); L{LeaseLostError} if gone."""
+
+    def read_body(self, id: str) -> Deferred[bytes]:
+        """The stored body, as accepted."""
+
+    def delivered(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
+        """The provider took it: remove the message and its body."""
+
+    def deferred(
+        self, id: str, owner: str, attempt: Attempt, next_attempt: float
+    ) -> Deferred[None]:
+        """A temporary failure: record it, release the lease, try again at C{next_attempt}."""
+
+    def dead(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
+        """Give up: record the attempt and keep the message, dead, with its history."""
+
+    def release(self, owner: str) -> Deferred[int]:
+        """Give back every lease C{owner} holds (shutdown); the count released."""
+
+    # The operator.
+
+    def list(self, state: State | None, limit: int) -> Deferred[list[Entry]]:
+        """Messages (oldest first), all or in one state."""
+
+    def show(self, id: str) -> Deferred[Entry | None]:
+        """One message with its attempt history, or None."""
+
+    def retry(self, id: str, now: float) -> Deferred[bool]:
+        """Make a queued or dead message due now; False if there is no such message."""
+
+    def retry_dead(self, now: float) -> Deferred[int]:
+        """Make every dead message queued and due now; how many."""
+
+    def delete(self, id: str) -> Deferred[bool]:
+        """Remove a message that no worker holds; False if absent or leased."""
+
+    def stats(self) -> Deferred[Stats]:
+        """Counts by state, bytes held, the oldest queued message's age."""
+
+    def purge_dead(self, before: float) -> Deferred[int]:
+        """Remove dead messages that died before C{before}; how many."""

@@ -17,9 +17,15 @@ class DeliveryError(Exception):
     @ivar reason: operator-facing text; it is also shown to the SMTP client,
         so it must never contain secrets or message content.
     @ivar status: an RFC 3463 enhanced status code such as C{"4.4.1"}.
+    @ivar retry_after: seconds the backend asked us to wait before trying
+        again (Graph's C{Retry-After}), if it did; the queue honours it.
+    @ivar request_id: the backend's id for the failed request (Graph's
+        C{request-id}), kept in the queue's attempt history.
     """
 
     default_status = "4.3.0"
+    retry_after: float | None = None
+    request_id: str | None = None
 
     def __init__(self, reason: str, status: str | None = None) -> None:
         super().__init__(reason)

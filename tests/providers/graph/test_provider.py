@@ -320,13 +320,17 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual(len(h.fake.routes("sendMail")), 4)
 
     def test_retry_after_beyond_budget(self) -> None:
-        """A Retry-After longer than the budget fails at once instead of waiting."""
+        """A Retry-After longer than the budget fails at once instead of waiting; the
+        error carries the wait Graph asked for and Graph's request id."""
         h = Harness(timeout=30)
         h.fake.script("sendMail", Fault(429, "ApplicationThrottled", retry_after="60"))
         d = h.send(_simple())
         failure = self.failureResultOf(d, TransientDeliveryError)
         self.assertIn("time limit", failure.value.reason)
         self.assertEqual(h.clock.seconds(), EPOCH)
+        # The durable queue reads both off the error (smtpproxy.queue.policy).
+        self.assertEqual(failure.value.retry_after, 60.0)
+        self.assertEqual(len(failure.value.request_id or ""), 36)
 
     def test_permanent_error_not_retried(self) -> None:
         """A 400 bounces at once with Graph's error code in the reply."""

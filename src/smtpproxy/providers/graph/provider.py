@@ -466,6 +466,9 @@ class GraphProvider:
             }
             if isinstance(step, Stop):
                 log.error("Graph request failed", reason=step.error.reason, **fields)
+                # For the durable queue's retry schedule and attempt history.
+                step.error.retry_after = problem.retry_after
+                step.error.request_id = (reply.request_id or None) if reply is not None else None
                 raise step.error
             log.warn("Graph request failed; retrying", delay=round(step.delay, 3), **fields)
             await deferLater(self._reactor, step.delay)

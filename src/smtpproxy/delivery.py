@@ -34,6 +34,8 @@ from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider, accepts_raw_mime
+from smtpproxy.queue.front import QueueFront, meta_json
+from smtpproxy.queue.model import Envelope, QueueFullError
 from smtpproxy.smtp.commands import MailArguments, RcptArguments
 from smtpproxy.spool import MessageBody
 
@@ -75,8 +77,12 @@ class RelayMessage:
         log_delivered: bool = True,
         parser: MessageParser | None = None,
         dsn: Dsn | None = None,
+        queue: QueueFront | None = None,
     ) -> None:
-        self.id = new_message_id()
+        # A queued message's id must stay unique in a shared queue for
+        # days (96 bits); a direct one only has to find its log lines.
+        self.id = new_message_id() if queue is None else queue.new_id()
+        self._queue = queue
         self._parser = parser or MessageParser(reactor)
         self._dsn = dsn
         self._log_delivered = log_delivered
@@ -88,6 +94,15 @@ class RelayMessage:
         self._user = user
         self._body: MessageBody | None = None
         self._abandoned = False
+
+    @property
+    def queued(self) -> bool:
+        """Queue mode: the body is stored as it is, never read back into memory here.
+
+        The protocol then skips its memory claim for the body and answers
+        C{queued as} rather than C{delivered as}.
+        """
+        return self._queue is not None
 
     def bodyReceived(self, body: MessageBody) -> None:
         """The complete body, read back by L{eomReceived}."""
@@ -113,7 +128,7 @@ class RelayMessage:
         self._abandoned = True
 
     def eomReceived(self) -> defer.Deferred[str]:
-        """Parse and deliver; fire with the message id once the provider accepted it."""
+        """Parse and deliver (or queue); fire with the message id once accepted (or durable)."""
         started = self._reactor.seconds()
         body, self._body = self._body, None
         size = 0 if body is None else body.size
@@ -128,6 +143,8 @@ class RelayMessage:
             "size": size,
             "provider": self._provider.name,
         }
+        if self._queue is not None:
+            return self._enqueue(self._queue, body, fields)
         try:
             parsed = self._parser.parse_body(
                 self._sender, self._recipients, size, self._reader(body)
@@ -161,76 +178,132 @@ class RelayMessage:
                 TransientDeliveryError("the session ended before the message was delivered")
             )
             return gone
-        if email.abandoned:
-            raw_ok = accepts_raw_mime(self._provider)
-            log.warn(
-                "message parse abandoned",
-                outcome="sent raw" if raw_ok else "rejected",
-                reply=None if raw_ok else "554 5.6.0",
-                **fields,
-            )
-            if not raw_ok:
-                refused: defer.Deferred[str] = defer.fail(
-                    PermanentDeliveryError(
-                        "message too complex to parse in time, and this relay's "
-                        "provider cannot send it unparsed",
-                        "5.6.0",
-                    )
-                )
-                return refused
         if self._dsn is not None:
             email = dataclasses.replace(email, dsn=self._dsn)
-        fields["message_id"] = None if email.message_id is None else clip(email.message_id)
-        if email.warnings or email.warnings_omitted:
-            _log_warnings(self.id, fields["message_id"], email.warnings, email.warnings_omitted)
+        sending = send_email(
+            self._provider, self._reactor, email, fields, started, log_delivered=self._log_delivered
+        )
+        return sending.addCallback(lambda _: self.id)
 
-        def delivered(_: object) -> str:
-            if self._log_delivered:
-                log.info(
-                    "message delivered",
-                    outcome="delivered",
-                    duration_ms=round((self._reactor.seconds() - started) * 1000, 1),
-                    **fields,
-                )
+    def _enqueue(
+        self, queue: QueueFront, body: MessageBody | None, fields: dict[str, Any]
+    ) -> defer.Deferred[str]:
+        """Queue mode: store envelope and body; fire with the id once they are durable."""
+        envelope = Envelope(
+            self._sender,
+            tuple(self._recipients),
+            self._client,
+            self._user,
+            queue.route,
+            meta_json(self._dsn),
+        )
+        stored = queue.enqueue(self.id, envelope, body if body is not None else MessageBody())
+        fields["route"] = queue.route
+
+        def queued(_: None) -> str:
+            log.info("message queued", **fields)
             return self.id
 
         def failed(failure: Failure) -> Failure:
-            assert failure.value is not None
-            reply = reply_for_failure(failure.value)
-            outcome = "deferred" if reply.code < 500 else "rejected"
-            duration = round((self._reactor.seconds() - started) * 1000, 1)
-            if reply.code == 451 and reply.status == "4.3.0" and not _known(failure):
-                log.failure(
-                    "provider failed unexpectedly",
-                    failure,
-                    outcome=outcome,
-                    duration_ms=duration,
-                    **fields,
-                )
+            if failure.check(QueueFullError):
+                log.warn("message not queued: the queue is full", reply="452 4.3.1", **fields)
             else:
-                log.warn(
-                    "message not delivered",
-                    outcome=outcome,
-                    reply=f"{reply.code} {reply.status}",
-                    reason=clip(str(failure.value), MAX_REASON),
-                    duration_ms=duration,
-                    **fields,
-                )
+                log.failure("message could not be queued", failure, reply="451 4.3.0", **fields)
             return failure
 
-        # Providers return Deferreds; calling straight through (rather than
-        # via maybeDeferred) saves a Deferred per message on the hot path,
-        # and the except clause still turns a provider that raises into a
-        # failed delivery rather than an exception in the session.
-        try:
-            sending: defer.Deferred[None] = self._provider.send(email)
-        except Exception:
-            sending = defer.fail()
-        if not isinstance(sending, defer.Deferred):
-            # A provider breaking the contract by answering at once still
-            # delivered; treat a plain value as success, never as our error.
-            sending = defer.succeed(sending)
-        return sending.addCallbacks(delivered, failed)
+        return stored.addCallbacks(queued, failed)
+
+
+def send_email(
+    provider: Provider,
+    reactor: IReactorTime,
+    email: Email,
+    fields: dict[str, Any],
+    started: float,
+    *,
+    log_delivered: bool = True,
+    log_failure: bool = True,
+) -> defer.Deferred[None]:
+    """Hand a parsed C{email} to C{provider} and log the outcome: the one delivery pipeline.
+
+    Direct mode calls it while the client waits, the queue's worker for
+    each attempt; both get the same handling of an abandoned parse, the
+    same parser warnings and the same C{message delivered} line (C{fields}
+    carry what the caller adds, such as the queue time).  With
+    C{log_failure} false the caller logs a failure in its own words (the
+    worker's line says what happens next); a provider's unexpected
+    exception is still logged here with its traceback.
+
+    @param started: when the delivery began, for C{duration_ms}.
+    """
+    if email.abandoned:
+        raw_ok = accepts_raw_mime(provider)
+        log.warn(
+            "message parse abandoned",
+            outcome="sent raw" if raw_ok else "rejected",
+            reply=None if raw_ok else "554 5.6.0",
+            **fields,
+        )
+        if not raw_ok:
+            refused: defer.Deferred[None] = defer.fail(
+                PermanentDeliveryError(
+                    "message too complex to parse in time, and this relay's "
+                    "provider cannot send it unparsed",
+                    "5.6.0",
+                )
+            )
+            return refused
+    fields["message_id"] = None if email.message_id is None else clip(email.message_id)
+    if email.warnings or email.warnings_omitted:
+        _log_warnings(fields["id"], fields["message_id"], email.warnings, email.warnings_omitted)
+
+    def delivered(result: None) -> None:
+        if log_delivered:
+            log.info(
+                "message delivered",
+                outcome="delivered",
+                duration_ms=round((reactor.seconds() - started) * 1000, 1),
+                **fields,
+            )
+        return result
+
+    def failed(failure: Failure) -> Failure:
+        assert failure.value is not None
+        reply = reply_for_failure(failure.value)
+        outcome = "deferred" if reply.code < 500 else "rejected"
+        duration = round((reactor.seconds() - started) * 1000, 1)
+        if reply.code == 451 and reply.status == "4.3.0" and not _known(failure):
+            log.failure(
+                "provider failed unexpectedly",
+                failure,
+                outcome=outcome,
+                duration_ms=duration,
+                **fields,
+            )
+        elif log_failure:
+            log.warn(
+                "message not delivered",
+                outcome=outcome,
+                reply=f"{reply.code} {reply.status}",
+                reason=clip(str(failure.value), MAX_REASON),
+                duration_ms=duration,
+                **fields,
+            )
+        return failure
+
+    # Providers return Deferreds; calling straight through (rather than
+    # via maybeDeferred) saves a Deferred per message on the hot path,
+    # and the except clause still turns a provider that raises into a
+    # failed delivery rather than an exception in the session.
+    try:
+        sending: defer.Deferred[None] = provider.send(email)
+    except Exception:
+        sending = defer.fail()
+    if not isinstance(sending, defer.Deferred):
+        # A provider breaking the contract by answering at once still
+        # delivered; treat a plain value as success, never as our error.
+        sending = defer.succeed(sending)
+    return sending.addCallbacks(delivered, failed)
 
 
 def _log_warnings(
@@ -270,9 +343,11 @@ class RelayDelivery:
         user: str | None,
         log_delivered: bool = True,
         parser: MessageParser | None = None,
+        queue: QueueFront | None = None,
     ) -> None:
         self._provider = provider
         self._reactor = reactor
+        self._queue = queue
         self.user = user
         self._log_delivered = log_delivered
         self._parser = parser
@@ -326,6 +401,7 @@ class RelayDelivery:
                 self._log_delivered,
                 self._parser,
                 self._dsn(),
+                self._queue,
             )
         return self._message
 
@@ -346,9 +422,12 @@ class RelayRealm:
         reactor: IReactorTime,
         log_delivered: bool = True,
         parser: MessageParser | None = None,
+        queue: QueueFront | None = None,
     ) -> None:
         self._provider = provider
         self._reactor = reactor
+        # Queue mode (QUEUE_URL set): messages are stored, not sent, here.
+        self._queue = queue
         # One parser (and so one cooperator) for every session: parses in
         # progress share the reactor's turns fairly.
         self._parser = parser or MessageParser(reactor)
@@ -366,7 +445,7 @@ class RelayRealm:
         if isinstance(avatarId, bytes) and avatarId:
             user = avatarId.decode("utf-8", "replace")
         delivery = RelayDelivery(
-            self._provider, self._reactor, user, self._log_delivered, self._parser
+            self._provider, self._reactor, user, self._log_delivered, self._parser, self._queue
         )
         return IMessageDelivery, delivery, _no_logout
 

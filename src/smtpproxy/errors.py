@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smtpproxy.queue.model import QueueFullError
+
 
 class DeliveryError(Exception):
     """A provider could not deliver a message.
@@ -73,6 +75,8 @@ def reply_for_failure(error: BaseException) -> Reply:
     if isinstance(error, PermanentDeliveryError):
         code = error.code if error.code in (550, 552, 553, 554) else 554
         return Reply(code, _clean_status(error.status, "5"), error.reason)
+    if isinstance(error, QueueFullError):
+        return Reply(452, "4.3.1", "Insufficient system storage, try again later")
     if isinstance(error, DeliveryError):
         return Reply(451, _clean_status(error.status, "4"), error.reason)
     return Reply(451, "4.3.0", "Local error in processing, try again later")

@@ -1065,7 +1065,10 @@ class RelayProtocol(ESMTP):
         self._delivering = (body, messages)
         # A spooled body is read back into memory only when the shared
         # budget has room for it (see smtpproxy.spool.InflightBudget).
-        waiting = body.claim()
+        # Queue (issue 12): a queued body is copied to the store as it is,
+        # never read back here, so it claims nothing.
+        queued = bool(messages) and all(getattr(m, "queued", False) for m in messages)
+        waiting = None if queued else body.claim()
         d: defer.Deferred[Any]
         if waiting is None:
             d = self._deliver(messages)
@@ -1091,7 +1094,8 @@ class RelayProtocol(ESMTP):
                 self._budget.delivered()
             ids = result if isinstance(result, list) else [result]
             names = " ".join(str(i) for i in ids if isinstance(i, str))
-            self.reply(250, "2.0.0", f"OK: delivered as {names}" if names else "OK: delivered")
+            verb = "queued" if queued else "delivered"  # queue (issue 12)
+            self.reply(250, "2.0.0", f"OK: {verb} as {names}" if names else f"OK: {verb}")
 
         if not isinstance(d, defer.Deferred):
             d = defer.succeed(d)

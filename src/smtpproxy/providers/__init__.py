@@ -73,6 +73,21 @@ def mailboxes(provider: Provider) -> tuple[str, ...]:
     return tuple(str(mailbox) for mailbox in found) if isinstance(found, tuple) else ()
 
 
+#: The per-route cap of a provider that states none (stdout): no cap.
+UNLIMITED = 1_000_000
+
+
+def mailbox_concurrency(provider: Provider) -> int:
+    """Deliveries one of C{provider}'s mailboxes may have in flight at once.
+
+    Optional like L{mailboxes}: Graph says C{GRAPH_MAX_CONCURRENCY}; a
+    provider without the attribute has no such limit.  The durable queue
+    counts it across every relay sharing the queue.
+    """
+    found = getattr(provider, "mailbox_concurrency", None)
+    return found if isinstance(found, int) and found > 0 else UNLIMITED
+
+
 ProviderFactory = Callable[["Config", "IReactorTime"], Provider]
 
 ENTRY_POINT_GROUP = "smtpproxy.providers"

@@ -201,6 +201,11 @@ class GraphProvider:
         return self._senders
 
     @property
+    def mailbox_concurrency(self) -> int:
+        """Requests in flight per mailbox (C{GRAPH_MAX_CONCURRENCY}); the queue's per-route cap."""
+        return self._concurrency
+
+    @property
     def accepts_raw_mime(self) -> bool:
         """Graph takes raw MIME unless told to send JSON only."""
         return self._settings.send_mode != "json"

@@ -1,0 +1,377 @@
+"""The delivery worker: takes due messages from the store and hands them to the provider.
+
+One L{QueueRunner} runs in every relay process with a queue.  It polls the
+store on a short interval (and at once when this process queued a message,
+L{QueueRunner.kick}), leases up to C{QUEUE_CONCURRENCY} minus what it is
+already delivering, and for each leased message reads the body, parses it
+with the sessions' shared L{MessageParser} and sends it through the same
+pipeline as direct mode (L{smtpproxy.delivery.send_email}).  What happens
+next is L{smtpproxy.queue.policy}'s decision; the store records it with the
+attempt.  A delivery slower than a third of the lease renews it, so only a
+dead process's leases expire.
+
+Every state change is one log line carrying the message id (the front
+door logs C{message queued}; here C{message delivered}, C{message delivery
+deferred}, C{message dead}).
+
+Stopping claims nothing more, gives deliveries in flight up to
+C{shutdown_timeout} to finish, then gives every lease of this process back
+so the messages are due at once for the next start (or another replica).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from smtpproxy.delivery import send_email
+from smtpproxy.logsafe import clip, clip_list
+from smtpproxy.mime.message import Email
+from smtpproxy.mime.parsetask import MessageParser
+from smtpproxy.providers import Provider
+from smtpproxy.queue import policy
+from smtpproxy.queue.front import dsn_from_meta
+from smtpproxy.queue.model import Attempt, Entry, LeaseLostError
+from smtpproxy.queue.store import QueueStore
+
+log = Logger(namespace="smtpproxy.queue")
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSettings:
+    """How the worker paces itself; built from the C{QUEUE_*} settings by L{settings_from}.
+
+    @ivar per_route: deliveries of one route (Graph mailbox) in flight at
+        once, across every process sharing the store.
+    @ivar poll_interval: seconds between two looks at the store when
+        nothing woke the worker (mail queued by another replica, a retry
+        coming due).
+    @ivar purge_interval: seconds between two sweeps of expired dead mail.
+    """
+
+    concurrency: int = 20
+    per_route: int = 4
+    lease_time: float = 300.0
+    schedule: policy.Schedule = dataclasses.field(default_factory=policy.Schedule)
+    dead_retention: float = 604_800.0
+    shutdown_timeout: float = 30.0
+    poll_interval: float = 1.0
+    purge_interval: float = 3600.0
+
+
+def settings_from(config: Any, per_route: int) -> RunnerSettings:
+    """The worker's settings from the relay's L{smtpproxy.config.Config}."""
+    return RunnerSettings(
+        concurrency=config.queue_concurrency,
+        per_route=per_route,
+        lease_time=config.queue_lease_time,
+        schedule=policy.Schedule(
+            config.queue_retry_min_interval,
+            config.queue_retry_max_interval,
+            config.queue_max_age,
+        ),
+        dead_retention=config.queue_dead_retention,
+        shutdown_timeout=config.smtp_shutdown_timeout,
+        purge_interval=min(3600.0, max(1.0, config.queue_dead_retention)),
+    )
+
+
+def worker_name() -> str:
+    """This process's lease owner name: host, pid and a random tag (a restarted pid differs)."""
+    tag = random.Random(os.urandom(8)).getrandbits(32)  # noqa: S311
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{tag:08x}"
+
+
+class QueueRunner(Service):
+    """Delivers due queued messages; see the module docstring."""
+
+    name = "queue"
+
+    def __init__(
+        self,
+        store: QueueStore,
+        provider: Provider,
+        reactor: IReactorTime,
+        parser: MessageParser,
+        settings: RunnerSettings,
+        *,
+        owner: str | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.store = store
+        self._provider = provider
+        self._reactor = reactor
+        self._parser = parser
+        self.settings = settings
+        self.owner = owner or worker_name()
+        self._rand = rand
+        self.inflight: dict[str, defer.Deferred[None]] = {}
+        self._claiming = False
+        self._again = False
+        self._kicked: IDelayedCall | None = None
+        self._stopping = False
+        self._poller: LoopingCall | None = None
+        self._purger: LoopingCall | None = None
+
+    # -- the service ----------------------------------------------------------
+
+    def startService(self) -> None:
+        # What Service.startService does (it is untyped, so mypy --strict
+        # will not let it be called).
+        self.running = True
+        self._stopping = False
+        self._poller = LoopingCall(self.poll)
+        self._poller.clock = self._reactor
+        self._poller.start(self.settings.poll_interval, now=True)
+        self._purger = LoopingCall(self.purge)
+        self._purger.clock = self._reactor
+        self._purger.start(self.settings.purge_interval, now=True)
+
+    def stopService(self) -> defer.Deferred[None]:
+        self.running = False
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        for loop in (self._poller, self._purger):
+            if loop is not None and loop.running:
+                loop.stop()
+        if self._kicked is not None and self._kicked.active():
+            self._kicked.cancel()
+        busy = len(self.inflight)
+        if busy:
+            log.info("waiting for queue deliveries in flight", count=busy)
+            await self._settled(self.settings.shutdown_timeout)
+        try:
+            released = await self.store.release(self.owner)
+        except Exception:
+            log.failure("could not give the queue's leases back", owner=self.owner)
+            return
+        log.info(
+            "queue worker stopped",
+            unfinished=len(self.inflight),
+            released=released,
+            owner=self.owner,
+        )
+
+    def _settled(self, timeout: float) -> defer.Deferred[None]:
+        """Fires once every delivery in flight has ended, or after C{timeout} seconds."""
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def fire(_: object = None) -> None:
+            if not done.called:
+                done.callback(None)
+
+        timer = self._reactor.callLater(timeout, fire)
+        waits = defer.DeferredList(list(self.inflight.values()), consumeErrors=True)
+        waits.addBoth(fire)
+        done.addBoth(lambda result: timer.cancel() if timer.active() else None)
+        return done
+
+    # -- claiming -------------------------------------------------------------
+
+    def kick(self) -> None:
+        """A message was queued here: look for due mail in this reactor turn's wake."""
+        if self.running and not self._stopping and self._kicked is None:
+            self._kicked = self._reactor.callLater(0, self._kick_now)
+
+    def _kick_now(self) -> None:
+        self._kicked = None
+        self.poll()
+
+    def poll(self) -> None:
+        """Lease as many due messages as there is room for, and start delivering them."""
+        if self._stopping:
+            return
+        if self._claiming:
+            # A claim is on its way to the store; look again once it is back.
+            self._again = True
+            return
+        room = self.settings.concurrency - len(self.inflight)
+        if room <= 0:
+            return
+        self._claiming = True
+        self._again = False
+        now = self._reactor.seconds()
+        try:
+            claimed = self.store.claim(
+                self.owner, now, self.settings.lease_time, room, self.settings.per_route
+            )
+        except Exception:
+            claimed = defer.fail()
+        claimed.addCallbacks(self._start, self._claim_failed, callbackArgs=(room,))
+
+    def _start(self, entries: list[Entry], room: int) -> None:
+        self._claiming = False
+        for entry in entries:
+            self._deliver(entry)
+        if (self._again or len(entries) == room) and not self._stopping:
+            # More may be due (a full batch) or was queued meanwhile.
+            self.kick()
+
+    def _claim_failed(self, failure: Any) -> None:
+        self._claiming = False
+        log.failure("could not take due messages from the queue", failure, owner=self.owner)
+
+    # -- one attempt ----------------------------------------------------------
+
+    def _deliver(self, entry: Entry) -> None:
+        attempt = defer.Deferred.fromCoroutine(self._attempt(entry))
+        if attempt.called:
+            return  # finished at once (a store and provider without waits)
+        self.inflight[entry.id] = attempt
+
+        def finished(result: object) -> None:
+            self.inflight.pop(entry.id, None)
+            if not self._stopping:
+                self.kick()  # a slot is free
+
+        attempt.addBoth(finished)
+
+    async def _attempt(self, entry: Entry) -> None:
+        started = self._reactor.seconds()
+        renewer = LoopingCall(lambda: self._renew(entry.id, renewer))
+        renewer.clock = self._reactor
+        renewer.start(self.settings.lease_time / 3, now=False).addErrback(
+            lambda failure: log.failure("lease renewal stopped", failure, id=entry.id)
+        )
+        attempts = entry.attempts + 1
+        envelope = entry.envelope
+        fields: dict[str, Any] = {
+            "id": entry.id,
+            "client": envelope.client,
+            "user": envelope.user,
+            "sender": clip(envelope.sender),
+            "recipients": clip_list(envelope.recipients),
+            "recipient_count": len(envelope.recipients),
+            "size": entry.size,
+            "provider": self._provider.name,
+            "attempts": attempts,
+        }
+        error: BaseException | None = None
+        try:
+            email = await self._parse(entry)
+            fields["queue_time_s"] = round(self._reactor.seconds() - entry.queued_at, 3)
+            await send_email(
+                self._provider, self._reactor, email, fields, started, log_failure=False
+            )
+        except Exception as e:
+            error = e
+        finally:
+            if renewer.running:
+                renewer.stop()
+        now = self._reactor.seconds()
+        decision = policy.decide(
+            error, attempts, entry.queued_at, now, self.settings.schedule, self._rand()
+        )
+        record = Attempt(
+            at=started,
+            outcome=decision.outcome,
+            reply="" if isinstance(decision, policy.Delivered) else decision.reply,
+            request_id=policy.request_id(error),
+            worker=self.owner,
+        )
+        await self._record(entry, decision, record, fields, now)
+
+    async def _parse(self, entry: Entry) -> Email:
+        raw = await self.store.read_body(entry.id)
+        envelope = entry.envelope
+        parsed = self._parser.parse_body(
+            envelope.sender, envelope.recipients, len(raw), lambda: raw
+        )
+        email = await parsed if isinstance(parsed, defer.Deferred) else parsed
+        dsn = dsn_from_meta(envelope.meta)
+        return email if dsn is None else dataclasses.replace(email, dsn=dsn)
+
+    async def _record(
+        self,
+        entry: Entry,
+        decision: policy.Decision,
+        record: Attempt,
+        fields: dict[str, Any],
+        now: float,
+    ) -> None:
+        id, owner = entry.id, self.owner
+        try:
+            if isinstance(decision, policy.Delivered):
+                await self.store.delivered(id, owner, record)
+            elif isinstance(decision, policy.Retry):
+                await self.store.deferred(id, owner, record, decision.at)
+                log.warn(
+                    "message delivery deferred",
+                    id=id,
+                    attempts=fields["attempts"],
+                    reply=decision.reply,
+                    request_id=record.request_id,
+                    retry_in_s=round(decision.at - now, 1),
+                )
+            else:
+                await self.store.dead(id, owner, record)
+                log.error(
+                    "message dead",
+                    outcome=str(decision.outcome),
+                    reply=decision.reply,
+                    request_id=record.request_id,
+                    queue_time_s=round(now - entry.queued_at, 3),
+                    **{k: v for k, v in fields.items() if k != "queue_time_s"},
+                )
+        except LeaseLostError:
+            log.warn(
+                "queue lease lost before the attempt was recorded",
+                id=id,
+                outcome=str(decision.outcome),
+                owner=owner,
+            )
+        except Exception:
+            log.failure(
+                "could not record a queue delivery attempt",
+                id=id,
+                outcome=str(decision.outcome),
+            )
+
+    def _renew(self, id: str, renewer: LoopingCall) -> defer.Deferred[None]:
+        until = self._reactor.seconds() + self.settings.lease_time
+        try:
+            renewing = self.store.renew(id, self.owner, until)
+        except Exception:
+            renewing = defer.fail()
+
+        def lost(failure: Any) -> None:
+            if failure.check(LeaseLostError):
+                # Said once: renewing a lease someone else may hold is pointless.
+                if renewer.running:
+                    renewer.stop()
+                log.warn("queue lease lost during delivery", id=id, owner=self.owner)
+            else:
+                log.failure("could not renew a queue lease", failure, id=id)
+
+        return renewing.addErrback(lost)
+
+    # -- housekeeping ---------------------------------------------------------
+
+    def purge(self) -> None:
+        """Remove dead messages older than C{dead_retention}."""
+        before = self._reactor.seconds() - self.settings.dead_retention
+
+        def purged(count: int) -> None:
+            if count:
+                log.info("dead messages purged", count=count)
+
+        try:
+            purging = self.store.purge_dead(before)
+        except Exception:
+            purging = defer.fail()
+        purging.addCallbacks(
+            purged, lambda failure: log.failure("could not purge dead messages", failure)
+        )

@@ -1,0 +1,273 @@
+"""The queue's delivery worker on a Clock: claiming, outcomes, leases, shutdown.
+
+The provider is the backend double of L{tests.support.RecordingProvider};
+the parser and the delivery pipeline are the real ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, cast
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpproxy.dsn import Dsn, RecipientDsn
+from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
+from smtpproxy.mime.parsetask import MessageParser
+from smtpproxy.queue.front import QueueFront, meta_json
+from smtpproxy.queue.model import Envelope, Outcome, State
+from smtpproxy.queue.policy import Schedule
+from smtpproxy.queue.worker import QueueRunner, RunnerSettings
+from smtpproxy.spool import MessageBody
+from tests.queue.memory import MemoryStore
+from tests.support import RecordingProvider, message
+
+T0 = 1_700_000_000.0
+SETTINGS = RunnerSettings(
+    concurrency=2,
+    per_route=3,
+    lease_time=30.0,
+    schedule=Schedule(min_interval=60.0, max_interval=600.0, max_age=3600.0),
+    dead_retention=86400.0,
+    shutdown_timeout=10.0,
+    poll_interval=5.0,
+    purge_interval=600.0,
+)
+
+
+def body(data: bytes) -> MessageBody:
+    b = MessageBody()
+    b.write(data)
+    return b
+
+
+class WorkerCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.store = MemoryStore()
+        self.provider = RecordingProvider()
+        self.events: list[LogEvent] = []
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def runner(self, **changes: Any) -> QueueRunner:
+        runner = QueueRunner(
+            self.store,
+            self.provider,
+            self.clock,
+            MessageParser(self.clock),
+            dataclasses.replace(SETTINGS, **changes),
+            owner="test-worker",
+            rand=lambda: 0.0,
+        )
+        self.front = QueueFront(self.store, self.clock, kick=runner.kick)
+        return runner
+
+    def queue(self, subject: str = "Hello", meta: str = "{}", route: str = "") -> str:
+        id = self.front.new_id()
+        envelope = Envelope("a@example.com", ("b@example.org",), "192.0.2.7", None, route, meta)
+        self.successResultOf(self.front.enqueue(id, envelope, body(message(subject))))
+        self.clock.advance(0.001)  # distinct queued_at, so age order is well defined
+        return id
+
+    def logged(self, text: str) -> list[LogEvent]:
+        return [e for e in self.events if e.get("log_format") == text]
+
+
+class OutcomeTests(WorkerCase):
+    def test_delivered_once_and_removed(self) -> None:
+        """A queued message reaches the provider once, leaves the queue, and the delivered
+        line carries queue time and attempts."""
+        runner = self.runner()
+        runner.startService()
+        id = self.queue("Report")
+        self.clock.advance(0)
+        self.assertEqual([e.subject for e in self.provider.emails], ["Report"])
+        self.assertEqual(self.provider.emails[0].envelope_to, ("b@example.org",))
+        self.assertEqual(self.store.entries, {})
+        [line] = self.logged("message delivered")
+        self.assertEqual((line["id"], line["attempts"]), (id, 1))
+        self.assertGreaterEqual(line["queue_time_s"], 0)
+        self.clock.advance(60)
+        self.assertEqual(len(self.provider.emails), 1)
+
+    def test_temporary_failure_is_retried_after_the_backoff(self) -> None:
+        """A 451 records the attempt, waits QUEUE_RETRY_MIN_INTERVAL, then delivers."""
+        self.provider.outcomes.append(TransientDeliveryError("Graph down", "4.4.5"))
+        runner = self.runner()
+        runner.startService()
+        id = self.queue()
+        self.clock.advance(0)
+        entry = self.store.entries[id]
+        self.assertEqual((entry.state, entry.attempts), (State.QUEUED, 1))
+        self.assertEqual(entry.history[0].outcome, Outcome.DEFERRED)
+        self.assertEqual(entry.history[0].reply, "451 4.4.5 Graph down")
+        [deferred] = self.logged("message delivery deferred")
+        self.assertEqual((deferred["id"], deferred["retry_in_s"]), (id, 60.0))
+        self.clock.advance(55)
+        self.assertEqual(len(self.provider.emails), 1)
+        self.clock.advance(5)
+        self.assertEqual(len(self.provider.emails), 2)
+        self.assertEqual(self.store.entries, {})
+        [line] = self.logged("message delivered")
+        self.assertEqual(line["attempts"], 2)
+
+    def test_retry_after_and_request_id_recorded(self) -> None:
+        """The provider's Retry-After sets the next attempt, its request id the history."""
+        error = TransientDeliveryError("throttled", "4.4.5")
+        error.retry_after = 900.0
+        error.request_id = "req-1"
+        self.provider.outcomes.append(error)
+        runner = self.runner()
+        runner.startService()
+        id = self.queue()
+        self.clock.advance(0)
+        entry = self.store.entries[id]
+        self.assertEqual(entry.next_attempt, self.clock.seconds() + 900)
+        self.assertEqual(entry.history[0].request_id, "req-1")
+
+    def test_permanent_failure_is_dead_and_logged_as_error(self) -> None:
+        """A 5xx makes the message dead at once, kept with its history, logged at error."""
+        self.provider.outcomes.append(PermanentDeliveryError("no such user", "5.1.1", 550))
+        runner = self.runner()
+        runner.startService()
+        id = self.queue()
+        self.clock.advance(0)
+        entry = self.store.entries[id]
+        self.assertEqual(entry.state, State.DEAD)
+        self.assertEqual(entry.history[0].outcome, Outcome.FAILED)
+        [dead] = self.logged("message dead")
+        self.assertEqual((dead["id"], dead["reply"]), (id, "550 5.1.1 no such user"))
+        self.assertEqual(dead["log_level"].name, "error")
+        self.clock.advance(3600)
+        self.assertEqual(len(self.provider.emails), 1)
+
+    def test_too_old_is_dead(self) -> None:
+        """Temporary failures until the next try would pass QUEUE_MAX_AGE: dead, expired."""
+        self.provider.outcomes.extend(TransientDeliveryError("down") for _ in range(10))
+        runner = self.runner()
+        runner.startService()
+        id = self.queue()
+        self.clock.advance(0)
+        for _ in range(70):
+            self.clock.advance(60)
+        entry = self.store.entries[id]
+        self.assertEqual(entry.state, State.DEAD)
+        outcomes = [a.outcome for a in entry.history]
+        self.assertEqual(outcomes, [Outcome.DEFERRED] * (len(outcomes) - 1) + [Outcome.EXPIRED])
+        # Waits of 60, 120, 240, 480 s, then 600 s: the last attempt is the one
+        # after which 600 s more would pass the hour.
+        last = entry.history[-1].at - entry.queued_at
+        self.assertTrue(3000 < last <= 3600, last)
+        self.assertEqual(len(self.provider.emails), len(outcomes))
+        self.assertEqual(len(outcomes), 9)
+
+    def test_dsn_parameters_reach_the_provider(self) -> None:
+        """The DSN parameters kept in meta are on the Email the provider gets."""
+        dsn = Dsn("HDRS", "env-1", (RecipientDsn("b@example.org", ("FAILURE",), None),))
+        runner = self.runner()
+        runner.startService()
+        self.queue(meta=meta_json(dsn))
+        self.clock.advance(0)
+        self.assertEqual(self.provider.emails[0].dsn, dsn)
+
+    def test_dead_messages_purged_after_retention(self) -> None:
+        """Dead mail older than QUEUE_DEAD_RETENTION goes at the next sweep."""
+        self.provider.outcomes.append(PermanentDeliveryError("no"))
+        runner = self.runner()
+        runner.startService()
+        id = self.queue()
+        self.clock.advance(0)
+        self.assertIn(id, self.store.entries)
+        self.clock.advance(86400 - 600)
+        self.assertIn(id, self.store.entries)
+        self.clock.advance(1200)
+        self.assertNotIn(id, self.store.entries)
+        [purged] = self.logged("dead messages purged")
+        self.assertEqual(purged["count"], 1)
+
+
+class PacingTests(WorkerCase):
+    def test_concurrency_and_per_route(self) -> None:
+        """At most QUEUE_CONCURRENCY in flight, oldest first; a freed slot is filled at once;
+        the provider's per-mailbox cap is passed to every claim."""
+        held = [defer.Deferred[None]() for _ in range(4)]
+        self.provider.outcomes.extend(held)
+        runner = self.runner()
+        ids = [self.queue(f"m{n}") for n in range(4)]
+        runner.startService()
+        self.clock.advance(0)
+        self.assertEqual([e.subject for e in self.provider.emails], ["m0", "m1"])
+        self.assertEqual(sorted(runner.inflight), sorted(ids[:2]))
+        held[0].callback(None)
+        self.clock.advance(0)
+        self.assertEqual([e.subject for e in self.provider.emails], ["m0", "m1", "m2"])
+        self.assertTrue(all(per_route == 3 for _, per_route in self.store.claims))
+        self.assertLessEqual(max(limit for limit, _ in self.store.claims), 2)
+
+    def test_kick_delivers_without_waiting_for_the_poll(self) -> None:
+        """Mail queued by this process goes out in the next reactor turn, not the next poll."""
+        runner = self.runner(poll_interval=1000.0)
+        runner.startService()
+        self.clock.advance(1)
+        self.queue()
+        self.clock.advance(0)
+        self.assertEqual(len(self.provider.emails), 1)
+
+    def test_slow_delivery_renews_its_lease(self) -> None:
+        """A delivery longer than the lease keeps it: renewed every third of the lease."""
+        slow: defer.Deferred[None] = defer.Deferred()
+        self.provider.outcomes.append(slow)
+        runner = self.runner()
+        runner.startService()
+        id = self.queue()
+        self.clock.advance(0)
+        for _ in range(6):
+            self.clock.advance(10)
+        entry = self.store.entries[id]
+        self.assertEqual(entry.lease_until, self.clock.seconds() + 30)
+        self.assertEqual(len(self.provider.emails), 1)
+        slow.callback(None)
+        self.assertEqual(self.store.entries, {})
+
+
+class StopTests(WorkerCase):
+    def test_stop_waits_for_deliveries_in_flight(self) -> None:
+        """stopService claims nothing more and fires once the delivery in flight ended."""
+        slow: defer.Deferred[None] = defer.Deferred()
+        self.provider.outcomes.append(slow)
+        runner = self.runner(concurrency=1)
+        first, second = self.queue("first"), self.queue("second")
+        runner.startService()
+        self.clock.advance(0)
+        stopped = runner.stopService()
+        self.assertNoResult(stopped)
+        slow.callback(None)
+        self.successResultOf(stopped)
+        self.clock.advance(100)
+        self.assertEqual([e.subject for e in self.provider.emails], ["first"])
+        self.assertNotIn(first, self.store.entries)
+        self.assertEqual(self.store.entries[second].state, State.QUEUED)
+
+    def test_stop_gives_leases_back_after_the_timeout(self) -> None:
+        """A delivery still running after the shutdown timeout: the stop fires anyway and
+        the message is queued again, due at once, for the next start."""
+        self.provider.outcomes.append(defer.Deferred())
+        runner = self.runner()
+        runner.startService()
+        id = self.queue()
+        self.clock.advance(0)
+        stopped = runner.stopService()
+        self.clock.advance(9)
+        self.assertNoResult(stopped)
+        self.clock.advance(1)
+        self.successResultOf(stopped)
+        entry = self.store.entries[id]
+        self.assertEqual((entry.state, entry.lease_owner), (State.QUEUED, None))
+        [line] = self.logged("queue worker stopped")
+        self.assertEqual((line["released"], line["unfinished"]), (1, 1))

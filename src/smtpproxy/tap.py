@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from smtpproxy import __version__, cli, config, jsonlog, providers, spool, tls, twisted_private
 from smtpproxy.delivery import RelayRealm
@@ -28,6 +29,10 @@ from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.policy import rules as policy
 from smtpproxy.policy.guard import Guard
 from smtpproxy.policy.guard import settings_from as guard_settings
+from smtpproxy.queue import backend as queue_backend
+from smtpproxy.queue import worker as queue_worker
+from smtpproxy.queue.front import QueueFront, route_for
+from smtpproxy.queue.store import QueueStore
 from smtpproxy.smtp import listeners
 from smtpproxy.smtp.protocol import RelayFactory, session_settings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
@@ -114,6 +119,10 @@ class Options(usage.Options):
         except tls.TLSConfigError as e:
             raise SystemExit(f"smtpproxy: {e}") from None
         _check_spool_dir(settings.smtp_spool_dir)
+        try:
+            queue_backend.check(settings.queue_url)
+        except ValueError as e:
+            raise SystemExit(f"smtpproxy: QUEUE_URL: {e}") from None
         self["settings"] = settings
         self["listeners"] = specs
         self["custom_certificate"] = bool(cert_file)
@@ -144,6 +153,17 @@ def _check_spool_dir(directory: str) -> None:
         raise SystemExit(
             f"smtpproxy: SMTP_SPOOL_DIR: cannot create files in {where}: {_why(e)}"
         ) from None
+
+
+def _queue_kind(url: str) -> str:
+    """C{"sqlite"}, C{"postgresql"} or empty, for the start-up line."""
+    scheme = url.partition(":")[0].lower() if url else ""
+    return "postgresql" if scheme.startswith("postgres") else scheme
+
+
+def _why_failed(failure: Failure) -> str:
+    error = failure.value
+    return _why(error) if isinstance(error, Exception) else repr(error)
 
 
 def _why(error: Exception) -> str:
@@ -179,6 +199,11 @@ class RelayService(MultiService):
         self.smtp: IService | None = None
         self.smtps: IService | None = None
         self.http: IService | None = None
+        # Queue mode (QUEUE_URL set): the store, opened at start, and the
+        # worker delivering from it, started once the store is open.
+        self.store: QueueStore | None = None
+        self.front: QueueFront | None = None
+        self.runner: queue_worker.QueueRunner | None = None
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -205,6 +230,7 @@ class RelayService(MultiService):
             max_message_size=s.smtp_max_message_size,
             allowed_networks=[str(n) for n in s.allowed_networks],
             trusted_networks=[str(n) for n in s.smtp_trusted_networks],
+            queue=_queue_kind(s.queue_url) or None,
         )
         if not s.auth_enabled and policy.is_public_exposure(s.allowed_networks):
             log.warn(
@@ -228,6 +254,34 @@ class RelayService(MultiService):
         from twisted.internet import reactor
 
         reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_signals)
+        if self.store is not None:
+            self._open_queue(self.store)
+
+    def _open_queue(self, store: QueueStore) -> None:
+        """Open the store; then accept mail into it and start the worker, or exit.
+
+        Until the store is open a message's end is answered 451 (the front
+        door is not accepting); a store that cannot be opened stops the
+        relay with one line and exit status 1, as a bad setting does.
+        """
+        from twisted.internet import reactor
+
+        def opened(_: None) -> None:
+            if self.front is not None:
+                self.front.accepting = True
+            if self.runner is not None and not self.stopping:
+                self.runner.startService()
+
+        def failed(failure: Failure) -> None:
+            sys.stderr.write(
+                f"smtpproxy: QUEUE_URL: cannot open the queue: {_why_failed(failure)}\n"
+            )
+            sys.stderr.flush()
+            self.store = None
+            reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            reactor.stop()
+
+        store.open().addCallbacks(opened, failed)
 
     def _bind(self) -> None:
         # Binding happens before twistd drops privileges or starts logging;
@@ -256,6 +310,9 @@ class RelayService(MultiService):
             if listener is not None:
                 await defer.maybeDeferred(listener.stopService)
         await self.factory.shutdown(self.settings.smtp_shutdown_timeout)
+        if self.runner is not None and self.runner.running:
+            # Deliveries in flight finish (bounded), the rest stay queued.
+            await self.runner.stopService()
         # A provider whose connections do not close must not hold the stop
         # up either: SIGTERM finishes within SMTP_SHUTDOWN_TIMEOUT + 5 s.
         closing = defer.maybeDeferred(self.provider.close)
@@ -264,6 +321,11 @@ class RelayService(MultiService):
             await closing
         except Exception as e:
             log.warn("provider did not close cleanly", error=repr(e))
+        if self.store is not None:
+            try:
+                await self.store.close()
+            except Exception as e:
+                log.warn("queue did not close cleanly", error=repr(e))
         if self.http is not None:
             await defer.maybeDeferred(self.http.stopService)
         log.info("stopped")
@@ -297,6 +359,25 @@ def _stop_cleanly_on_signals() -> None:
             signal.signal(number, stop)
 
 
+def _queue(
+    settings: config.Config, provider: providers.Provider, parser: MessageParser
+) -> tuple[QueueStore | None, QueueFront | None, queue_worker.QueueRunner | None]:
+    """Queue mode's store, front door and worker; all None in direct mode."""
+    from twisted.internet import reactor
+
+    if not settings.queue_url:
+        return None, None, None
+    store = queue_backend.make_store(settings.queue_url, settings.queue_max_bytes, reactor)
+    per_route = providers.mailbox_concurrency(provider)
+    runner = queue_worker.QueueRunner(
+        store, provider, reactor, parser, queue_worker.settings_from(settings, per_route)
+    )
+    route = route_for(providers.mailboxes(provider))
+    front = QueueFront(store, reactor, route, kick=runner.kick)
+    front.accepting = False  # until the store is open
+    return store, front, runner
+
+
 def makeService(options: Options) -> RelayService:
     """Assemble the relay from validated options."""
     from twisted.internet import reactor
@@ -308,7 +389,9 @@ def makeService(options: Options) -> RelayService:
 
     info = settings.log_level in ("debug", "info")
     parser = MessageParser(reactor, settings.smtp_parse_timeout)
-    portal = Portal(RelayRealm(provider, reactor, log_delivered=info, parser=parser))
+    store, front, runner = _queue(settings, provider, parser)
+    realm = RelayRealm(provider, reactor, log_delivered=info, parser=parser, queue=front)
+    portal = Portal(realm)
     portal.registerChecker(AllowAnonymousAccess())
     if settings.auth_enabled:
         portal.registerChecker(
@@ -324,6 +407,7 @@ def makeService(options: Options) -> RelayService:
     custom = options.get("custom_certificate", bool(settings.tls_cert_file))
     tls_summary = ("custom " if custom else "self-signed ") + tls.describe(cert)
     service = RelayService(settings, factory, provider, observer, tls_summary)
+    service.store, service.front, service.runner = store, front, runner
 
     specs = options.get("listeners") or _listeners(settings)
     for spec in specs:

@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from smtpproxy.dsn import Dsn, RecipientDsn
+from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.queue.model import BodySource, Envelope
 from smtpproxy.queue.store import QueueStore
 
@@ -124,12 +125,16 @@ class QueueFront:
         self._reactor = reactor
         self.route = route
         self._kick = kick
+        #: False while the store is not open yet (start-up): answer 451.
+        self.accepting = True
 
     def new_id(self) -> str:
         return new_queue_id(self._reactor.seconds())
 
     def enqueue(self, id: str, envelope: Envelope, body: BodySource) -> defer.Deferred[None]:
         """Store the message; fires once it is durable (then the worker is woken)."""
+        if not self.accepting:
+            return defer.fail(TransientDeliveryError("the queue is not open yet, try again later"))
         try:
             stored = self.store.enqueue(id, envelope, body, self._reactor.seconds())
         except Exception:

@@ -1,0 +1,58 @@
+"""The store C{QUEUE_URL} names, built (not yet opened) for the relay and the command.
+
+Each backend's module is imported only when it is chosen: the PostgreSQL
+one needs its driver, which an installation using SQLite (or no queue) need
+not have.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from twisted.internet.interfaces import IReactorTime
+
+from smtpproxy.queue.store import QueueStore
+from smtpproxy.queue.url import parse_queue_url
+
+_CLASSES = {
+    "sqlite": ("smtpproxy.queue.sqlite", "SQLiteStore"),
+    "postgresql": ("smtpproxy.queue.postgres", "PostgresStore"),
+}
+
+
+class NoQueueError(ValueError):
+    """C{QUEUE_URL} is empty: there is no queue to open."""
+
+
+def check(url: str) -> None:
+    """Fail now, with one line, if C{url} is unreadable or its backend cannot load.
+
+    @raise ValueError: saying what is wrong.
+    """
+    kind, _ = parse_queue_url(url)
+    if kind:
+        _load(kind)
+
+
+def _load(kind: str) -> type:
+    module_name, class_name = _CLASSES[kind]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"the {kind} queue cannot be loaded: {e}") from e
+    found: type = getattr(module, class_name)
+    return found
+
+
+def make_store(url: str, max_bytes: int, reactor: IReactorTime) -> QueueStore:
+    """The backend for C{url} (C{QUEUE_URL}); call its C{open} before use.
+
+    @raise NoQueueError: C{url} is empty (direct mode).
+    @raise ValueError: C{url} is not a form L{parse_queue_url} reads, or its
+        backend cannot be loaded (the message says which).
+    """
+    kind, target = parse_queue_url(url)
+    if not kind:
+        raise NoQueueError("QUEUE_URL is empty: this relay delivers directly, without a queue")
+    store: QueueStore = _load(kind)(target, max_bytes, reactor)
+    return store

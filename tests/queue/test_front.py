@@ -1,0 +1,147 @@
+"""The queue's front door: an SMTP transaction in queue mode, over a StringTransport.
+
+The session, the delivery avatar and the front door are the real ones; the
+store is the in-memory one of L{tests.queue.memory} (the real backends are
+covered by their contract tests and the end-to-end tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpproxy.delivery import RelayRealm
+from smtpproxy.policy.guard import Guard
+from smtpproxy.queue.front import QueueFront, dsn_from_meta, new_queue_id, route_for
+from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings
+from tests.queue.memory import MemoryStore
+from tests.support import OPEN, RecordingProvider
+
+BODY = b"Subject: queued?\r\n\r\n" + b"A line of the body.\r\n" * 200
+TRANSACTION = (
+    b"EHLO c\r\nMAIL FROM:<a@example.com> RET=HDRS ENVID=e1\r\n"
+    b"RCPT TO:<b@example.org> NOTIFY=FAILURE\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"
+    + BODY
+    + b".\r\n"
+)
+QUEUED = re.compile(rb"250 2\.0\.0 OK: queued as ([0-9a-f]{24})\r\n")
+
+
+class FrontDoorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = MemoryStore()
+        self.provider = RecordingProvider()
+        self.kicks = 0
+        self.front = QueueFront(self.store, self.clock, "relay@contoso.example", self.kick)
+
+    def kick(self) -> None:
+        self.kicks += 1
+
+    def session(self, spool_threshold: int = 1 << 20) -> tuple[RelayProtocol, StringTransport]:
+        portal = Portal(RelayRealm(self.provider, self.clock, queue=self.front))
+        portal.registerChecker(AllowAnonymousAccess())
+        guard = Guard(dataclasses.replace(OPEN, auth_enabled=False), self.clock)
+        session_settings = SessionSettings(hostname="relay.test", spool_threshold=spool_threshold)
+        factory = RelayFactory(session_settings, portal, None, self.clock, guard)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 25))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_answered_only_once_durable(self) -> None:
+        """The 250 comes after the store's Deferred fired, names the id, and the store
+        holds envelope, DSN parameters, route and body; nothing reached the provider."""
+        self.store.hold_enqueue = []
+        protocol, transport = self.session()
+        protocol.dataReceived(TRANSACTION)
+        self.assertNotIn(b"queued as", transport.value())
+        self.assertEqual(self.store.entries, {})
+        [held] = self.store.hold_enqueue
+        held.callback(None)
+        match = QUEUED.search(transport.value())
+        assert match is not None, transport.value()
+        id = match.group(1).decode()
+        entry = self.store.entries[id]
+        self.assertEqual(entry.envelope.sender, "a@example.com")
+        self.assertEqual(entry.envelope.recipients, ("b@example.org", "c@example.org"))
+        self.assertEqual(entry.envelope.client, "192.0.2.7")
+        self.assertEqual(entry.envelope.route, "relay@contoso.example")
+        dsn = dsn_from_meta(entry.envelope.meta)
+        assert dsn is not None
+        self.assertEqual((dsn.ret, dsn.envid), ("HDRS", "e1"))
+        self.assertEqual(dsn.recipients[0].notify, ("FAILURE",))
+        self.assertEqual(self.store.bodies[id], BODY)
+        self.assertEqual(self.provider.emails, [])
+        self.assertEqual(self.kicks, 1)
+
+    def test_spooled_body_copied_without_a_memory_claim(self) -> None:
+        """A body spooled to disk is copied to the store from its file, never claimed
+        back into the in-memory budget."""
+        self.store.hold_enqueue = []
+        protocol, transport = self.session(spool_threshold=100)
+        protocol.dataReceived(TRANSACTION)
+        self.assertEqual(protocol.factory.spool.budget.held, 0)
+        self.assertEqual(protocol.factory.spool.budget.waiting, 0)
+        self.store.hold_enqueue[0].callback(None)
+        match = QUEUED.search(transport.value())
+        assert match is not None
+        self.assertEqual(self.store.bodies[match.group(1).decode()], BODY)
+
+    def test_queue_full_is_452(self) -> None:
+        """Past QUEUE_MAX_BYTES the client hears 452 4.3.1 and nothing is stored."""
+        self.store.max_bytes = 100
+        protocol, transport = self.session()
+        protocol.dataReceived(TRANSACTION)
+        self.assertIn(b"452 4.3.1 ", transport.value())
+        self.assertEqual(self.store.entries, {})
+
+    def test_store_failure_is_451(self) -> None:
+        """Any other store failure is a 451 4.3.0: the client keeps the message."""
+        self.store.hold_enqueue = []
+        protocol, transport = self.session()
+        protocol.dataReceived(TRANSACTION)
+        self.store.hold_enqueue[0].errback(OSError("disk on fire"))
+        self.assertIn(b"451 4.3.0 ", transport.value())
+        self.assertNotIn(b"disk on fire", transport.value())
+        self.flushLoggedErrors(OSError)
+
+    def test_not_open_yet_is_451(self) -> None:
+        """Before the store has opened, a message is refused with 451, not lost."""
+        self.front.accepting = False
+        protocol, transport = self.session()
+        protocol.dataReceived(TRANSACTION)
+        self.assertIn(b"451 4.3.0 the queue is not open yet", transport.value())
+        self.flushLoggedErrors()
+
+
+class IdTests(SynchronousTestCase):
+    def test_ids_are_96_bits_time_first(self) -> None:
+        """24 hex digits; later ids sort after earlier ones; 10,000 in one millisecond
+        are all distinct."""
+        ids = {new_queue_id(1_700_000_000.0) for _ in range(10_000)}
+        self.assertEqual(len(ids), 10_000)
+        self.assertTrue(all(re.fullmatch(r"[0-9a-f]{24}", i) for i in ids))
+        self.assertLess(max(ids), new_queue_id(1_700_000_000.002))
+
+    def test_route(self) -> None:
+        """One mailbox is the route; several (chosen by the From header) share one lane."""
+        self.assertEqual(route_for(("Relay@Contoso.example",)), "relay@contoso.example")
+        self.assertEqual(route_for(("a@x.example", "b@x.example")), "")
+        self.assertEqual(route_for(()), "")
+
+
+class MetaTests(SynchronousTestCase):
+    def test_unreadable_meta_is_no_dsn(self) -> None:
+        """A meta that is not the expected JSON gives no DSN rather than an error."""
+        for meta in ("", "{", "[]", json.dumps({"dsn": 3}), "{}"):
+            self.assertIsNone(dsn_from_meta(meta))

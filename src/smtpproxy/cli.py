@@ -9,6 +9,9 @@ paragraph, so the table cannot live in C{twistd smtpproxy --help}; that
 help points here, and C{twistd smtpproxy --help-settings} prints the same
 table where only twistd is at hand (the container's entry point).
 
+C{smtpproxy queue ...} looks at and acts on the durable queue
+(L{smtpproxy.queue.command}).
+
 C{--markdown} prints the rows as a Markdown table in the shape of the
 operator guide's; the guide's own table adds longer explanations.
 """
@@ -22,6 +25,7 @@ from collections.abc import Sequence
 from smtpproxy import __version__
 from smtpproxy.config import Config, settings
 from smtpproxy.policy.rules import AddressPatterns
+from smtpproxy.queue import command as queue_command
 
 HEADINGS = ("Variable", "YAML path", "Default", "Meaning")
 
@@ -93,12 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     settings.add_argument(
         "--markdown", action="store_true", help="print a Markdown table (for the docs)"
     )
+    queue_command.add_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the C{smtpproxy} console script."""
     arguments = _parser().parse_args(argv)
+    if arguments.command == "queue":
+        return queue_command.run(arguments)
     if arguments.command == "settings":
         sys.stdout.write(settings_markdown() if arguments.markdown else settings_text())
     return 0

@@ -1,0 +1,296 @@
+"""The queue end to end: the real twistd process, a real SQLite queue, smtplib, kill -9.
+
+Each test starts `twistd -n smtpproxy` with C{QUEUE_URL} pointing into its
+temporary directory, sends with smtplib, and kills or stops the process
+where the issue's crash tests say; a second process on the same queue then
+shows what survived.  stdout (the stdout provider's output) and stderr (the
+JSON log) go to files, so a test can watch them while the relay runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from tests.fakegraph import FakeGraph, Fault
+from tests.support import TIMEOUT, async_test, in_thread, message
+from tests.test_twistd import TWISTD, base_env, free_port
+
+MAILBOX = "relay@contoso.example"
+QUEUED = "OK: queued as "
+
+
+class QueuedRelay:
+    """twistd processes, one after another, sharing one queue directory."""
+
+    def __init__(self, case: TestCase, **settings: str) -> None:
+        self.dir = Path(case.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+        self.settings = {
+            "QUEUE_URL": f"sqlite:///{self.dir / 'queue.db'}",
+            "SMTP_HOSTNAME": "relay.test",
+            "HTTP_LISTEN": "",
+            **settings,
+        }
+        self.runs = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        case.addCleanup(self.kill)
+
+    def start(self, **settings: str) -> None:
+        self.runs += 1
+        self.port = free_port()
+        env = base_env(SMTP_LISTEN=f"127.0.0.1:{self.port}", **{**self.settings, **settings})
+        with open(self.dir / f"out{self.runs}", "wb") as out, open(
+            self.dir / f"err{self.runs}", "wb"
+        ) as err:
+            self.process = subprocess.Popen(
+                [TWISTD, "--nodaemon", "--pidfile=", "smtpproxy"],
+                env=env,
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    if s.recv(100).startswith(b"220"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"relay did not start:\n{self.err()}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout=60)
+        self.process = None
+        return code
+
+    def out(self) -> str:
+        return "".join(
+            (self.dir / f"out{n}").read_text("utf-8", "replace") for n in range(1, self.runs + 1)
+        )
+
+    def err(self, run: int | None = None) -> str:
+        return (self.dir / f"err{run or self.runs}").read_text("utf-8", "replace")
+
+    def events(self, msg: str) -> list[dict[str, Any]]:
+        found = []
+        for n in range(1, self.runs + 1):
+            for line in self.err(n).splitlines():
+                if line.startswith("{"):
+                    event = json.loads(line)
+                    if event.get("msg") == msg:
+                        found.append(event)
+        return found
+
+    def wait_for(self, msg: str, count: int = 1, timeout: float = 30) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.events(msg)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"{count} x {msg!r} not logged in time:\n{self.err()}")
+
+    def send(self, subject: str) -> tuple[str, float]:
+        """One message with smtplib; the id from the 250 and when the 250 arrived."""
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=TIMEOUT) as client:
+            client.ehlo("client.test")
+            client.mail("a@example.com")
+            client.rcpt("b@example.org")
+            code, reply = client.data(message(subject, f"Body of {subject}.\r\n"))
+        text = reply.decode()
+        assert code == 250 and QUEUED in text, (code, text)
+        return text.split(QUEUED, 1)[1].strip(), time.monotonic()
+
+    def command(self, *args: str) -> Any:
+        """`smtpproxy queue --json ...` on the same settings; its JSON output."""
+        result = subprocess.run(
+            [sys.executable, "-m", "smtpproxy.cli", "queue", "--json", *args],
+            env=base_env(**self.settings),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode in (0, 1), result.stderr.decode()
+        return json.loads(result.stdout)
+
+
+class CrashTests(TestCase):
+    @async_test
+    async def test_queued_then_delivered_once(self) -> None:
+        """smtplib hears 250 queued as <id>; the stdout provider prints the message once;
+        the delivered line names that id with its queue time and one attempt."""
+        relay = QueuedRelay(self)
+
+        def scenario() -> tuple[str, float, float]:
+            relay.start()
+            id, answered = relay.send("Queued hello")
+            [delivered] = relay.wait_for("message delivered")
+            seen = time.monotonic()
+            self.assertEqual(relay.kill(signal.SIGTERM), 0)
+            return id, answered, seen
+
+        id, answered, seen = await in_thread(scenario)
+        self.assertEqual(len(id), 24)
+        self.assertEqual(relay.out().count("Body of Queued hello."), 1)
+        [queued] = relay.events("message queued")
+        [delivered] = relay.events("message delivered")
+        self.assertEqual((queued["id"], delivered["id"], delivered["attempts"]), (id, id, 1))
+        self.assertLess(seen - answered, 5)
+
+    @async_test
+    async def test_kill_after_250_delivers_once_after_restart(self) -> None:
+        """kill -9 right after the 250: after a restart the message is delivered, and
+        it is printed exactly once over both runs."""
+        relay = QueuedRelay(self, QUEUE_LEASE_TIME="2")
+
+        def scenario() -> None:
+            relay.start()
+            relay.send("Survivor")
+            relay.kill()
+            relay.start()
+            deadline = time.monotonic() + 30
+            while "Body of Survivor." not in relay.out() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(3)  # a second delivery, if there were one, would be due by now
+            self.assertEqual(relay.kill(signal.SIGTERM), 0)
+
+        await in_thread(scenario)
+        self.assertEqual(relay.out().count("Body of Survivor."), 1)
+        self.assertEqual(relay.command("stats")["queued"], 0)
+
+    @async_test
+    async def test_kill_during_data_delivers_nothing(self) -> None:
+        """kill -9 while the body is arriving: nothing acknowledged, nothing delivered
+        after the restart, nothing left in the queue."""
+        relay = QueuedRelay(self)
+
+        def scenario() -> None:
+            relay.start()
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as sock:
+                sock.recv(1000)
+                sock.sendall(
+                    b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+                    b"DATA\r\nSubject: half\r\n\r\nBody of half, "
+                )
+                time.sleep(0.3)
+                relay.kill()
+            relay.start()
+            time.sleep(1.5)
+            self.assertEqual(relay.kill(signal.SIGTERM), 0)
+
+        await in_thread(scenario)
+        self.assertNotIn("Body of half", relay.out())
+        self.assertEqual(relay.events("message queued"), [])
+        stats = relay.command("stats")
+        self.assertEqual((stats["queued"], stats["delivering"], stats["dead"]), (0, 0, 0))
+
+
+class GraphOutageTests(TestCase):
+    def graph(self) -> FakeGraph:
+        fake = FakeGraph(reactor, mailboxes=(MAILBOX,))
+        port = fake.listen(reactor)
+        self.addCleanup(port.stopListening)
+        return fake
+
+    def graph_settings(self, fake: FakeGraph) -> dict[str, str]:
+        return {
+            "GRAPH_TENANT_ID": fake.tenant,
+            "GRAPH_CLIENT_ID": fake.client_id,
+            "GRAPH_CLIENT_SECRET": fake.client_secret,
+            "GRAPH_SENDER": MAILBOX,
+            "GRAPH_AUTHORITY_HOST": fake.endpoint,
+            "GRAPH_ENDPOINT": fake.endpoint,
+            "GRAPH_SEND_TIMEOUT": "5",
+        }
+
+    @async_test
+    async def test_outage_then_recovery_delivers_all_once(self) -> None:
+        """Graph answers 503 to every request for a while (each attempt's own retries
+        too); the queue keeps the messages, and once Graph recovers each is delivered
+        exactly once."""
+        fake = self.graph()
+        fake.script("sendMail", *[Fault(503)] * 12)
+        relay = QueuedRelay(
+            self,
+            QUEUE_RETRY_MIN_INTERVAL="1",
+            QUEUE_RETRY_MAX_INTERVAL="2",
+            QUEUE_CONCURRENCY="1",
+            **self.graph_settings(fake),
+        )
+        subjects = [f"outage {n}" for n in range(5)]
+
+        def scenario() -> None:
+            relay.start()
+            for subject in subjects:
+                relay.send(subject)
+            relay.wait_for("message delivered", count=len(subjects), timeout=90)
+            self.assertEqual(relay.kill(signal.SIGTERM), 0)
+
+        await in_thread(scenario)
+        deferred = relay.events("message delivery deferred")
+        self.assertGreater(len(deferred), 0)
+        delivered = [d.mime for d in fake.deliveries]
+        self.assertEqual(len(delivered), len(subjects))
+        self.assertEqual(sorted(_subjects(delivered, subjects)), subjects)
+
+    @async_test
+    async def test_sigterm_keeps_queued_mail_for_the_next_start(self) -> None:
+        """SIGTERM with messages waiting for a retry: exit 0, they stay queued (the
+        command sees them); made due again, the next start delivers each once, oldest
+        first."""
+        fake = self.graph()
+        relay = QueuedRelay(
+            self,
+            QUEUE_RETRY_MIN_INTERVAL="3600",
+            QUEUE_CONCURRENCY="1",
+            GRAPH_SEND_TIMEOUT="0.5",
+            **{k: v for k, v in self.graph_settings(fake).items() if k != "GRAPH_SEND_TIMEOUT"},
+        )
+        subjects = ["kept 1", "kept 2", "kept 3"]
+        fake.script("sendMail", *[Fault(503)] * 3)
+
+        def scenario() -> None:
+            relay.start()
+            for subject in subjects:
+                relay.send(subject)
+            relay.wait_for("message delivery deferred", count=3)
+            self.assertEqual(relay.kill(signal.SIGTERM), 0)
+
+        await in_thread(scenario)
+        listed = relay.command("list")
+        self.assertEqual([e["state"] for e in listed], ["queued"] * 3)
+        self.assertEqual(len(fake.deliveries), 0)
+        for entry in reversed(listed):
+            self.assertEqual(relay.command("retry", entry["id"])["retried"], True)
+
+        def restart() -> None:
+            relay.start()
+            relay.wait_for("message delivered", count=3)
+            self.assertEqual(relay.kill(signal.SIGTERM), 0)
+
+        await in_thread(restart)
+        self.assertEqual(_subjects([d.mime for d in fake.deliveries], subjects), subjects)
+        self.assertEqual(relay.command("list"), [])
+
+
+def _subjects(mimes: list[bytes | None], subjects: list[str]) -> list[str]:
+    """Which of C{subjects} each delivered MIME message carries, in delivery order."""
+    return [next(s for s in subjects if f"Subject: {s}".encode() in (m or b"")) for m in mimes]

@@ -29,6 +29,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from smtpproxy import addresses
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
@@ -348,14 +349,14 @@ class RecipientScanTests(SynchronousTestCase):
         Regression test for a defect found in review; see the commit that fixed it.
         """
         calls = 0
-        real = session_module.address_key
+        real = addresses.envelope_key
 
         def counting(address: str) -> str:
             nonlocal calls
             calls += 1
             return real(address)
 
-        self.patch(session_module, "address_key", counting)
+        self.patch(session_module, "envelope_key", counting)
         harness = Harness()
         protocol, transport = harness.connect()
         protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n")

@@ -22,9 +22,9 @@ from typing import Any, Final, Literal
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.mail.smtp import Address, User
 
+from smtpproxy.addresses import default_domain, envelope_key, split
 from smtpproxy.config import Config
 from smtpproxy.errors import Reply
-from smtpproxy.qualify import default_domain
 from smtpproxy.smtp import sasl
 from smtpproxy.smtp.chunking import Chunk, ChunkReader, ChunkSizeError, parse_bdat
 from smtpproxy.smtp.commands import (
@@ -125,16 +125,10 @@ class ParsedAddress(Address):
     ) -> None:
         self.parameters = parameters
         # UTF-8: an SMTPUTF8 transaction's addresses (RFC 6531) are not ASCII.
-        local, _, domain = address.rpartition("@")
+        local, domain = split(address)
         self.addrstr = address.encode("utf-8")
         self.local = local.encode("utf-8")
         self.domain = domain.encode("utf-8")
-
-
-def address_key(address: str) -> str:
-    """What makes two recipients the same mailbox: the domain is case-blind, the local part not."""
-    local, _, domain = address.rpartition("@")
-    return f"{local}@{domain.lower()}"
 
 
 @dataclass(slots=True, eq=False)
@@ -145,7 +139,7 @@ class Transaction:
         travel in C{sender.parameters}); None before MAIL.
     @ivar recipients: each accepted RCPT's C{User} and the message factory
         the delivery avatar gave for it, in order.
-    @ivar keys: L{address_key} of each recipient, so that a duplicate is
+    @ivar keys: L{envelope_key} of each recipient, so that a duplicate is
         found without rescanning the list.
     @ivar smtputf8: MAIL declared SMTPUTF8 (RFC 6531): UTF-8 addresses pass.
     @ivar binary: MAIL declared BODY=BINARYMIME (RFC 3030): only BDAT may follow.
@@ -522,7 +516,7 @@ class Session:
     def recipient_allowed(self, parsed: RcptArguments) -> Outcome:
         """The guard allows the recipient: a duplicate, one too many, or one for the avatar."""
         tx = self.tx
-        key = address_key(parsed.recipient)
+        key = envelope_key(parsed.recipient)
         if key in tx.keys:
             # The same mailbox twice must still receive the message once.
             return [_DUPLICATE]

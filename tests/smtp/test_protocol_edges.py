@@ -35,7 +35,7 @@ from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
 from smtpproxy.policy.guard import Guard
 from smtpproxy.smtp import session as session_module
-from smtpproxy.smtp.protocol import PAUSE_INPUT_AT, RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.smtp.protocol import PAUSE_INPUT_AT, RelayFactory, RelayProtocol
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from smtpproxy.twisted_private import buffered_bytes
 from tests.support import (
@@ -52,6 +52,7 @@ from tests.support import (
     listen_behind_proxy,
     message,
     read_replies,
+    session_defaults,
     start_relay,
 )
 
@@ -80,7 +81,7 @@ class Harness:
         if auth:
             portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))
             settings.setdefault("allow_insecure_auth", True)
-        session = SessionSettings(hostname="relay.test", auth_enabled=auth, **settings)
+        session = session_defaults(auth_enabled=auth, **settings)
         guard = Guard(dataclasses.replace(OPEN, auth_enabled=auth), self.clock)
         self.factory = RelayFactory(session, portal, None, self.clock, guard)
 

@@ -32,18 +32,17 @@ from smtpproxy.smtp.session import (
     ReplyBudget,
     Say,
     Session,
-    SessionSettings,
     StartTLS,
     ValidateRecipient,
     session_settings,
 )
+from tests.support import session_defaults
 
 
 def session(
     *, auth_enabled: bool = False, max_recipients: int = 500, binarymime: bool = False
 ) -> Session:
-    settings = SessionSettings(
-        hostname="relay.test",
+    settings = session_defaults(
         auth_enabled=auth_enabled,
         max_recipients=max_recipients,
         binarymime=binarymime,

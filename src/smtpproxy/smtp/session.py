@@ -41,42 +41,46 @@ from smtpproxy.spool import MessageBody
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
-    """What every session needs to know, derived once from the configuration."""
+    """What every session needs to know, derived once from the configuration.
+
+    No field has a default: every default is declared once, in
+    L{smtpproxy.config}, and L{session_settings} is how these are built.
+    """
 
     hostname: str
-    max_message_size: int = 26_214_400
+    max_message_size: int
     # Bodies past spool_threshold go to an unlinked file in spool_dir ("":
     # the system's temp dir); past max_inflight_bytes held in memory by all
     # sessions together, new bodies go there at once.
-    spool_threshold: int = 1_048_576
-    spool_dir: str = ""
-    max_inflight_bytes: int = 268_435_456
-    max_recipients: int = 500
-    command_timeout: float = 300.0
+    spool_threshold: int
+    spool_dir: str
+    max_inflight_bytes: int
+    max_recipients: int
+    command_timeout: float
     # Before the first command, and again after STARTTLS (never longer
     # than the command timeout).
-    greeting_timeout: float = 30.0
-    data_timeout: float = 600.0
-    auth_enabled: bool = False
-    allow_insecure_auth: bool = False
-    max_errors: int = 10
+    greeting_timeout: float
+    data_timeout: float
+    auth_enabled: bool
+    allow_insecure_auth: bool
+    max_errors: int
     # Policy refusals (sender or recipient not allowed, rate limit, AUTH
     # needed) are not client mistakes and have their own, larger budget,
     # renewed by each delivered message (Postfix's smtpd_hard_error_limit
     # counts "errors without delivering mail" the same way).
-    max_refusals: int = 100
-    max_auth_failures: int = 3
+    max_refusals: int
+    max_auth_failures: int
     # What a bare MAIL FROM local part is qualified with (empty: the host
     # name, as Postfix's myorigin defaults to myhostname).
-    default_domain: str = ""
+    default_domain: str
     # The configured AUTH user names: a failed login logs one of these as
     # typed and anything else only as a hash (it may be a mistyped password).
-    auth_users: tuple[str, ...] = ()
+    auth_users: tuple[str, ...]
     # Per-connection debug lines cost a log event each even when filtered
     # out; they are only built when the log level asks for them.
-    log_sessions: bool = False
+    log_sessions: bool
     # BINARYMIME is offered (RFC 3030): the provider carries binary content.
-    binarymime: bool = False
+    binarymime: bool
 
 
 def session_settings(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from smtpproxy.config import (
     Config,
@@ -75,7 +74,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
-def configured(values: Mapping[str, Any]) -> bool:
+def configured(values: Mapping[str, object]) -> bool:
     """Are all four required settings given?  Half of them is an error, not stdout mode."""
     present = [name for name in REQUIRED if values.get(name.lower())]
     if present and len(present) < len(REQUIRED):

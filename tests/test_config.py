@@ -363,9 +363,11 @@ class DeclaredOnceTests(SynchronousTestCase):
         """
         from smtpproxy.policy.guard import GuardSettings
         from smtpproxy.providers.graph.settings import GraphSettings
+        from smtpproxy.queue.policy import Schedule
+        from smtpproxy.queue.worker import RunnerSettings
         from smtpproxy.smtp.session import SessionSettings
 
-        for cls in (SessionSettings, GuardSettings, GraphSettings):
+        for cls in (SessionSettings, GuardSettings, GraphSettings, Schedule, RunnerSettings):
             for f in dataclasses.fields(cls):
                 where = f"{cls.__name__}.{f.name}"
                 self.assertIs(f.default, dataclasses.MISSING, where)

@@ -21,9 +21,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy.guard import Guard
 from smtpproxy.queue.front import QueueFront, dsn_from_meta, new_queue_id, route_for
-from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol
 from tests.queue.memory import MemoryStore
-from tests.support import OPEN, RecordingProvider
+from tests.support import OPEN, RecordingProvider, session_defaults
 
 BODY = b"Subject: queued?\r\n\r\n" + b"A line of the body.\r\n" * 200
 TRANSACTION = (
@@ -51,7 +51,7 @@ class FrontDoorTests(SynchronousTestCase):
         portal = Portal(RelayRealm(self.provider, self.clock, queue=self.front))
         portal.registerChecker(AllowAnonymousAccess())
         guard = Guard(dataclasses.replace(OPEN, auth_enabled=False), self.clock)
-        session_settings = SessionSettings(hostname="relay.test", spool_threshold=spool_threshold)
+        session_settings = session_defaults(spool_threshold=spool_threshold)
         factory = RelayFactory(session_settings, portal, None, self.clock, guard)
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 25))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555))

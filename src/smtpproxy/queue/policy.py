@@ -38,9 +38,9 @@ JITTER = 0.1
 class Schedule:
     """The retry settings (C{QUEUE_RETRY_MIN_INTERVAL}, C{..._MAX_INTERVAL}, C{QUEUE_MAX_AGE})."""
 
-    min_interval: float = 60.0
-    max_interval: float = 3600.0
-    max_age: float = 432_000.0
+    min_interval: float
+    max_interval: float
+    max_age: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from smtpproxy.config import Config
 from smtpproxy.delivery import send_email
 from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
@@ -60,17 +61,24 @@ class RunnerSettings:
     @ivar purge_interval: seconds between two sweeps of expired dead mail.
     """
 
-    concurrency: int = 20
-    per_route: int = 4
-    lease_time: float = 300.0
-    schedule: policy.Schedule = dataclasses.field(default_factory=policy.Schedule)
-    dead_retention: float = 604_800.0
-    shutdown_timeout: float = 30.0
-    poll_interval: float = 1.0
-    purge_interval: float = 3600.0
+    concurrency: int
+    per_route: int
+    lease_time: float
+    schedule: policy.Schedule
+    dead_retention: float
+    shutdown_timeout: float
+    poll_interval: float
+    purge_interval: float
 
 
-def settings_from(config: Any, per_route: int) -> RunnerSettings:
+#: Seconds between two looks at the store: mail queued by another replica,
+#: or made due by the operator, waits at most this long.
+POLL_INTERVAL = 1.0
+#: Seconds between two sweeps of dead mail past its retention.
+PURGE_INTERVAL = 3600.0
+
+
+def settings_from(config: Config, per_route: int) -> RunnerSettings:
     """The worker's settings from the relay's L{smtpproxy.config.Config}."""
     return RunnerSettings(
         concurrency=config.queue_concurrency,
@@ -83,7 +91,8 @@ def settings_from(config: Any, per_route: int) -> RunnerSettings:
         ),
         dead_retention=config.queue_dead_retention,
         shutdown_timeout=config.smtp_shutdown_timeout,
-        purge_interval=min(3600.0, max(1.0, config.queue_dead_retention)),
+        poll_interval=POLL_INTERVAL,
+        purge_interval=min(PURGE_INTERVAL, max(1.0, config.queue_dead_retention)),
     )
 
 

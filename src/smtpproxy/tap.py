@@ -260,15 +260,16 @@ class RelayService(MultiService):
     def _open_queue(self, store: QueueStore) -> None:
         """Open the store; then accept mail into it and start the worker, or exit.
 
-        Until the store is open a message's end is answered 451 (the front
-        door is not accepting); a store that cannot be opened stops the
-        relay with one line and exit status 1, as a bad setting does.
+        A message finished before the store is open waits for it (the
+        first milliseconds after start); a store that cannot be opened
+        stops the relay with one line and exit status 1, as a bad setting
+        does, and such a waiting message hears 451.
         """
         from twisted.internet import reactor
 
         def opened(_: None) -> None:
             if self.front is not None:
-                self.front.accepting = True
+                self.front.opened()
             if self.runner is not None and not self.stopping:
                 self.runner.startService()
 
@@ -278,6 +279,8 @@ class RelayService(MultiService):
             )
             sys.stderr.flush()
             self.store = None
+            if self.front is not None:
+                self.front.open_failed()
             reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             reactor.stop()
 
@@ -373,8 +376,8 @@ def _queue(
         store, provider, reactor, parser, queue_worker.settings_from(settings, per_route)
     )
     route = route_for(providers.mailboxes(provider))
-    front = QueueFront(store, reactor, route, kick=runner.kick)
-    front.accepting = False  # until the store is open
+    # Messages finished before the store is open wait for it (see startService).
+    front = QueueFront(store, reactor, route, kick=runner.kick, open=False)
     return store, front, runner
 
 

@@ -115,12 +115,21 @@ class FrontDoorTests(SynchronousTestCase):
         self.assertNotIn(b"disk on fire", transport.value())
         self.flushLoggedErrors(OSError)
 
-    def test_not_open_yet_is_451(self) -> None:
-        """Before the store has opened, a message is refused with 451, not lost."""
-        self.front.accepting = False
+    def test_waits_for_the_store_to_open(self) -> None:
+        """A message finished while the store is still opening waits for it, then is
+        answered 250; if the store cannot open, 451."""
+        self.front = QueueFront(self.store, self.clock, open=False)
         protocol, transport = self.session()
         protocol.dataReceived(TRANSACTION)
-        self.assertIn(b"451 4.3.0 the queue is not open yet", transport.value())
+        self.assertNotIn(b"queued as", transport.value())
+        self.front.opened()
+        self.assertIsNotNone(QUEUED.search(transport.value()))
+
+        self.front = QueueFront(self.store, self.clock, open=False)
+        protocol, transport = self.session()
+        protocol.dataReceived(TRANSACTION)
+        self.front.open_failed()
+        self.assertIn(b"451 4.3.0 the queue is not available", transport.value())
         self.flushLoggedErrors()
 
 

@@ -120,21 +120,42 @@ class QueueFront:
         reactor: IReactorTime,
         route: str = "",
         kick: Callable[[], None] = lambda: None,
+        *,
+        open: bool = True,
     ) -> None:
         self.store = store
         self._reactor = reactor
         self.route = route
         self._kick = kick
-        #: False while the store is not open yet (start-up): answer 451.
-        self.accepting = True
+        # Messages finished while the store is still opening (the first
+        # milliseconds after start) wait here rather than hear 451; None
+        # once open.  Bounded by the number of sessions.
+        self._waiting: list[defer.Deferred[None]] | None = None if open else []
+
+    def opened(self) -> None:
+        """The store is open: messages waiting for it go in, and later ones at once."""
+        waiting, self._waiting = self._waiting or [], None
+        for waiter in waiting:
+            waiter.callback(None)
+
+    def open_failed(self) -> None:
+        """The store could not be opened (the relay is stopping): refuse with 451."""
+        waiting, self._waiting = self._waiting or [], []
+        for waiter in waiting:
+            waiter.errback(TransientDeliveryError("the queue is not available, try again later"))
 
     def new_id(self) -> str:
         return new_queue_id(self._reactor.seconds())
 
     def enqueue(self, id: str, envelope: Envelope, body: BodySource) -> defer.Deferred[None]:
         """Store the message; fires once it is durable (then the worker is woken)."""
-        if not self.accepting:
-            return defer.fail(TransientDeliveryError("the queue is not open yet, try again later"))
+        if self._waiting is not None:
+            waiter: defer.Deferred[None] = defer.Deferred()
+            self._waiting.append(waiter)
+            return waiter.addCallback(lambda _: self._enqueue(id, envelope, body))
+        return self._enqueue(id, envelope, body)
+
+    def _enqueue(self, id: str, envelope: Envelope, body: BodySource) -> defer.Deferred[None]:
         try:
             stored = self.store.enqueue(id, envelope, body, self._reactor.seconds())
         except Exception:

@@ -7,12 +7,13 @@ the parser and the delivery pipeline are the real ones.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtpproxy.dsn import Dsn, RecipientDsn
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
@@ -271,3 +272,42 @@ class StopTests(WorkerCase):
         self.assertEqual((entry.state, entry.lease_owner), (State.QUEUED, None))
         [line] = self.logged("queue worker stopped")
         self.assertEqual((line["released"], line["unfinished"]), (1, 1))
+
+
+class SQLiteWorkerTests(TestCase):
+    """The worker on the real SQLite store and the real reactor, with short intervals."""
+
+    async def test_delivers_and_retries_through_sqlite(self) -> None:
+        """Three messages through a real SQLite queue, the first failing once: all reach
+        the provider, the failed one twice, and the queue ends empty."""
+        from smtpproxy.queue.sqlite import SQLiteStore
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        store = SQLiteStore(os.path.join(directory, "queue.db"), 1 << 30, reactor)
+        self.addCleanup(store.close)
+        await store.open()
+        provider = RecordingProvider()
+        provider.outcomes.append(TransientDeliveryError("Graph down", "4.4.5"))
+        settings = dataclasses.replace(
+            SETTINGS,
+            poll_interval=0.05,
+            schedule=Schedule(min_interval=0.2, max_interval=1.0, max_age=60.0),
+        )
+        runner = QueueRunner(store, provider, reactor, MessageParser(reactor), settings)
+        front = QueueFront(store, reactor, kick=runner.kick)
+        runner.startService()
+        self.addCleanup(runner.stopService)
+        envelope = Envelope("a@example.com", ("b@example.org",))
+        for n in range(3):
+            await front.enqueue(front.new_id(), envelope, body(message(f"m{n}")))
+        for _ in range(100):
+            if (await store.stats()).queued == 0 and len(provider.emails) == 4:
+                break
+            await deferLater(reactor, 0.05)
+        subjects = [e.subject for e in provider.emails]
+        self.assertEqual(sorted(subjects), ["m0", "m0", "m1", "m2"])
+        stats = await store.stats()
+        self.assertEqual((stats.queued, stats.delivering, stats.dead), (0, 0, 0))

@@ -205,6 +205,16 @@ class StoreContract(_Base):
         self.assertTrue(all(count >= 1 for count in seen))
         self.assertEqual(len(await store.list(None, 100)), 10)
 
+    async def test_close_finishes_pending_enqueues(self) -> None:
+        """close() while enqueues are under way lets each one commit and fire first."""
+        store = await self.make_store()
+        pending = [store.enqueue(f"p{i}", envelope(), Body(b"x" * 5000), T0) for i in range(20)]
+        await store.close()
+        results = await defer.DeferredList(pending, consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True] * 20)
+        store = await self.reopen(store)
+        self.assertEqual((await store.stats()).queued, 20)
+
     # Leases.
 
     async def test_lease_is_exclusive(self) -> None:

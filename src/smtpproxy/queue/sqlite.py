@@ -209,11 +209,10 @@ class SQLiteStore:
             held, temporary, orphans, lost = result
             self.held = held
             log.info(
-                "queue opened: {path}, {held} bytes held; removed {temporary} partial and "
-                "{orphans} uncommitted body files; {lost} messages dead for a missing body",
+                "queue opened",
                 path=self.path,
                 held=held,
-                temporary=temporary,
+                partial=temporary,
                 orphans=orphans,
                 lost=lost,
             )

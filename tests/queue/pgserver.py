@@ -144,6 +144,11 @@ class PgServer:
         """Stop the server at once, as a crash would (C{pg_ctl stop -m immediate})."""
         self._command("pg_ctl", "stop", "--pgdata", str(self.data), "-m", "immediate", "--wait")
 
+    def start_if_stopped(self) -> None:
+        """Start the server again if a test stopped it (a cleanup for such tests)."""
+        if not self.running():
+            self.start()
+
     def running(self) -> bool:
         """True if the server is up (C{pg_ctl status})."""
         try:
@@ -204,8 +209,6 @@ def server() -> PgServer:
     """This process's server, started on first use; SkipTest without PostgreSQL."""
     global _SERVER
     if _SERVER is not None:
-        if not _SERVER.running():
-            _SERVER.start()  # a test stopped it and failed before starting it again
         return _SERVER
     binaries = find_binaries()
     if binaries is None:

@@ -229,13 +229,15 @@ def claim(
     must count the leases other processes are granting at this very moment,
     so the count is taken under a transaction-level advisory lock on the
     route: its holder counts the live leases and adds its own before it
-    commits, and the commit releases the lock.  The lock is only tried
-    (C{pg_try_advisory_xact_lock}): a route another process is claiming
-    right now is left to that process this round rather than waited for, so
-    claims never queue behind one another and cannot deadlock over the order
-    in which they meet routes.  Advisory locks need no routes table kept in
-    step with the messages and vanish with a dead connection; two routes
-    whose hashes collide merely take turns.
+    commits, and the commit releases the lock.  A claim waits for the first
+    route lock it needs (so replicas sharing one mailbox take turns instead
+    of coming back empty) and only tries the others
+    (C{pg_try_advisory_xact_lock}), leaving a route that another process is
+    claiming right now to that process: a claim that holds a lock never
+    waits, so two claims cannot deadlock over the order in which they meet
+    routes.  Advisory locks need no routes table kept in step with the
+    messages and vanish with a dead connection; two routes whose hashes
+    collide merely take turns.
 
     A route that is full (or busy) is excluded from the following pages, so
     a backlog for one mailbox does not hide due mail for the others.
@@ -259,7 +261,7 @@ def claim(
             if route in closed:
                 continue
             if route not in room:
-                room[route] = _route_room(cursor, route, now, per_route)
+                room[route] = _route_room(cursor, route, now, per_route, wait=not room)
             if room[route] > 0:
                 chosen.append(id)
                 room[route] -= 1
@@ -281,13 +283,20 @@ def claim(
     return sorted((entry(row) for row in cursor.fetchall()), key=lambda e: (e.queued_at, e.id))
 
 
-def _route_room(cursor: Cursor, route: str, now: float, per_route: int) -> int:
-    """How many more leases C{route} may take; 0 while another process is claiming it."""
-    cursor.execute(
-        "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))::integer", (LOCK_SPACE_ROUTE, route)
-    )
-    if not _scalar(cursor):
-        return 0
+def _route_room(cursor: Cursor, route: str, now: float, per_route: int, wait: bool) -> int:
+    """How many more leases C{route} may take, under its lock (waited for or only tried).
+
+    0 when the lock was only tried and another process holds it.
+    """
+    if wait:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_SPACE_ROUTE, route))
+    else:
+        cursor.execute(
+            "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))::integer",
+            (LOCK_SPACE_ROUTE, route),
+        )
+        if not _scalar(cursor):
+            return 0
     cursor.execute(
         "SELECT count(*) FROM queue_messages"
         " WHERE route = %s AND state = 'delivering' AND lease_until > %s",

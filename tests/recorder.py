@@ -36,9 +36,16 @@ from zope.interface import implementer
 
 from smtpproxy import tls
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
+from smtpproxy.smtp.protocol import RelayFactory
 from smtpproxy.smtp.sasl import StaticPasswordChecker
-from tests.support import PASSWORD, USER, RecordingProvider, certificate, open_guard
+from tests.support import (
+    PASSWORD,
+    USER,
+    RecordingProvider,
+    certificate,
+    open_guard,
+    session_defaults,
+)
 
 RECORDING = Path(__file__).parent / "data" / "recorded_sessions.json.gz"
 SEED = 20261130
@@ -235,8 +242,7 @@ def run(session: Session) -> dict[str, Any]:
     portal = Portal(RelayRealm(provider, clock))
     portal.registerChecker(AllowAnonymousAccess())
     portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))
-    settings = SessionSettings(
-        hostname="relay.test",
+    settings = session_defaults(
         max_message_size=3000,
         max_recipients=3,
         auth_enabled=session.auth,

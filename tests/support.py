@@ -26,13 +26,15 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from smtpproxy import tls
+from smtpproxy.config import Config
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
-from smtpproxy.policy.guard import Guard, GuardSettings
+from smtpproxy.policy.guard import Guard, GuardSettings, settings_from
 from smtpproxy.policy.rules import parse_networks
 from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
+from smtpproxy.smtp.session import session_settings
 
 USER = "relay-user"
 PASSWORD = "s3cret-Pa55"
@@ -40,9 +42,25 @@ TIMEOUT = 10.0
 
 _CERT: tuple[bytes, bytes] | None = None
 
+
+def session_defaults(**changes: Any) -> SessionSettings:
+    """The session settings a default configuration gives (host name C{relay.test}), changed.
+
+    The defaults are read from L{smtpproxy.config}, where each is declared
+    once; production code has no second copy for tests to lean on.
+    """
+    base = session_settings(Config(smtp_hostname="relay.test"))
+    return dataclasses.replace(base, **changes)
+
+
+def guard_defaults(**changes: Any) -> GuardSettings:
+    """The guard settings a default configuration gives, with C{changes}."""
+    return dataclasses.replace(settings_from(Config()), **changes)
+
+
 #: No network restriction, the guard's other defaults: what tests on loopback
 #: use.  The relay itself always builds its guard from the settings.
-OPEN = GuardSettings(allowed_networks=parse_networks("0.0.0.0/0 ::/0"))
+OPEN = guard_defaults(allowed_networks=parse_networks("0.0.0.0/0 ::/0"))
 
 
 def open_guard(settings: SessionSettings, reactor: IReactorTime) -> Guard:
@@ -118,7 +136,7 @@ def start_relay(
     options = tls.server_context(*certificate()) if tls_enabled else None
     if auth:
         settings.setdefault("auth_users", (USER,))
-    session = SessionSettings(hostname="relay.test", auth_enabled=auth, **settings)
+    session = session_defaults(auth_enabled=auth, **settings)
     if guard is None:
         guard = dataclasses.replace(OPEN, auth_enabled=auth)
     factory = RelayFactory(session, portal, options, reactor, Guard(guard, reactor))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 from typing import cast
@@ -352,16 +353,29 @@ class HostnameFallbackTests(SynchronousTestCase):
         self.assertTrue(str(caught.exception).startswith("SMTP_HOSTNAME: "))
 
 
-class DerivedSettingsTests(SynchronousTestCase):
-    def test_defaults_do_not_drift(self) -> None:
-        """The session and guard settings built from a default Config equal their own defaults.
+class DeclaredOnceTests(SynchronousTestCase):
+    def test_defaults_are_declared_once(self) -> None:
+        """The settings classes built from a Config carry no defaults of their own.
 
-        Those classes carry defaults for tests and embedding; this keeps them
-        the same as the documented configuration defaults.
+        A second copy of a default (a literal on a dataclass field) can drift
+        from the one in config.py that the docs and --help-settings show;
+        this fails as soon as one is written.
         """
-        from smtpproxy.policy.guard import GuardSettings, settings_from
-        from smtpproxy.smtp.protocol import SessionSettings, session_settings
+        from smtpproxy.policy.guard import GuardSettings
+        from smtpproxy.providers.graph.settings import GraphSettings
+        from smtpproxy.smtp.session import SessionSettings
 
-        config = Config(smtp_hostname="relay.test")
-        self.assertEqual(session_settings(config), SessionSettings(hostname="relay.test"))
-        self.assertEqual(settings_from(config), GuardSettings())
+        for cls in (SessionSettings, GuardSettings, GraphSettings):
+            for f in dataclasses.fields(cls):
+                where = f"{cls.__name__}.{f.name}"
+                self.assertIs(f.default, dataclasses.MISSING, where)
+                self.assertIs(f.default_factory, dataclasses.MISSING, where)
+
+    def test_graph_settings_take_the_declared_defaults(self) -> None:
+        """An unset Graph setting gets the default its Setting declares."""
+        from smtpproxy.providers.graph.settings import SETTINGS, GraphSettings
+
+        graph = GraphSettings.from_config(Config(smtp_hostname="relay.test"))
+        for setting in SETTINGS:
+            name = setting.attr.removeprefix("graph_")
+            self.assertEqual(getattr(graph, name), setting.default, name)

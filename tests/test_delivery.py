@@ -25,8 +25,8 @@ from smtpproxy import providers, tap
 from smtpproxy.delivery import RelayRealm, new_message_id
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.policy.guard import Guard
-from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
-from tests.support import OPEN, RecordingProvider
+from smtpproxy.smtp.protocol import RelayFactory
+from tests.support import OPEN, RecordingProvider, session_defaults
 
 TRANSACTION = (
     b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
@@ -38,7 +38,7 @@ def send_one(portal: Portal) -> bytes:
     """Run one SMTP transaction through C{portal}'s realm; return what the server wrote."""
     clock = Clock()
     guard = Guard(dataclasses.replace(OPEN, auth_enabled=False), clock)
-    factory = RelayFactory(SessionSettings(hostname="relay.test"), portal, None, clock, guard)
+    factory = RelayFactory(session_defaults(), portal, None, clock, guard)
     session = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 25))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555))
     session.makeConnection(transport)

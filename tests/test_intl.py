@@ -12,10 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtpproxy.intl import ascii_address, ascii_domain, has_ascii_local_part
 from smtpproxy.mime.message import parse_message
 from smtpproxy.providers.graph.mime import ascii_header_block
-from smtpproxy.providers.graph.payload import JsonSend, MimeSend, address_key, plan_delivery
+from smtpproxy.providers.graph.payload import JsonSend, MimeSend, plan_delivery
 from smtpproxy.smtp.commands import (
     CommandError,
     check_address,
@@ -34,38 +33,6 @@ def reply(f: Any, *args: Any) -> tuple[int, str]:
     except CommandError as e:
         return e.reply.code, e.reply.status
     raise AssertionError(f"{f.__name__}{args!r} did not raise")
-
-
-class DomainTests(SynchronousTestCase):
-    def test_u_labels_become_a_labels(self) -> None:
-        """Unicode labels become IDNA 2008 A-labels; upper case is folded (UTS 46)."""
-        self.assertEqual(ascii_domain("exämple.test"), "xn--exmple-cua.test")
-        self.assertEqual(ascii_domain("EXÄMPLE.test"), "xn--exmple-cua.test")
-        self.assertEqual(ascii_domain("例え.テスト"), "xn--r8jz45g.xn--zckzah")
-        self.assertEqual(ascii_domain("plain.example"), "plain.example")
-
-    def test_idna_2008_not_2003(self) -> None:
-        """C{faß.de} keeps its sharp s (IDNA 2008), where the standard library's IDNA 2003
-        codec would send the mail to C{fass.de}, a different domain."""
-        self.assertEqual("faß.de".encode("idna"), b"fass.de")
-        self.assertEqual(ascii_domain("faß.de"), "xn--fa-hia.de")
-
-    def test_invalid_domains(self) -> None:
-        """Empty labels, hyphens at the ends, spaces, over-long labels and domains: None."""
-        for domain in ("ex..ämple", "-ä.de", "ä-.de", "ä b.de", "ä" * 64 + ".de", "ä." * 130):
-            self.assertIsNone(ascii_domain(domain), domain)
-
-    def test_addresses(self) -> None:
-        """Only the domain is converted; a UTF-8 local part has no ASCII form and stays."""
-        self.assertEqual(ascii_address("josé@exämple.test"), "josé@xn--exmple-cua.test")
-        self.assertEqual(ascii_address("a@b.example"), "a@b.example")
-        self.assertEqual(ascii_address("a@ex..ämple"), "a@ex..ämple")
-        self.assertFalse(has_ascii_local_part("josé@b.example"))
-        self.assertTrue(has_ascii_local_part("jose@exämple.test"))
-
-    def test_address_key_matches_both_forms(self) -> None:
-        """The same mailbox written with U-labels and with A-labels is one recipient."""
-        self.assertEqual(address_key("Zoe@EXÄMPLE.test"), address_key("zoe@xn--exmple-cua.test"))
 
 
 class ArgumentTests(SynchronousTestCase):

@@ -91,7 +91,7 @@ class Config:
     # Values of the settings providers declare (L{register_settings}), by
     # attribute name.  A provider reads them typed (the Graph provider through
     # its GraphSettings); attribute access (config.graph_sender) is for tests.
-    provider_settings: Mapping[str, Any] = field(default_factory=dict)
+    provider_settings: Mapping[str, object] = field(default_factory=dict)
     # Not a setting: (setting, what happened) for each value load() had to
     # fall back on, logged as warnings once logging has started.
     startup_warnings: tuple[tuple[str, str], ...] = ()
@@ -307,10 +307,10 @@ class Setting:
 
     env: str
     attr: str
-    parse: Callable[[str], Any]
+    parse: Callable[[str], object]
     help: str
     # Used for provider settings only; the relay's own take theirs from Config.
-    default: Any = None
+    default: object = None
     secret: bool = False
 
     @property
@@ -529,7 +529,7 @@ class SettingGroup:
 
     provider: str
     settings: tuple[Setting, ...]
-    configured: Callable[[Mapping[str, Any]], bool]
+    configured: Callable[[Mapping[str, object]], bool]
 
 
 _groups: dict[str, SettingGroup] = {}
@@ -701,7 +701,7 @@ def load(
         if setting.env in env:
             raw[setting.env] = env[setting.env]
 
-    values: dict[str, Any] = {}
+    values: dict[str, object] = {}
     for setting in settings():
         if setting.env not in raw:
             continue
@@ -799,26 +799,27 @@ def _shown_name(name: str) -> str:
     return repr(name[:57] + "..." if len(name) > 60 else name)
 
 
-def _check_auth(values: dict[str, Any]) -> None:
+def _check_auth(values: Mapping[str, object]) -> None:
     user, password = values.get("smtp_username", ""), values.get("smtp_password", "")
     if bool(user) != bool(password):
         missing = "SMTP_PASSWORD" if user else "SMTP_USERNAME"
         raise ConfigError(f"{missing}: must be set together with the other to enable AUTH")
 
 
-def _check_tls(values: dict[str, Any]) -> None:
+def _check_tls(values: Mapping[str, object]) -> None:
     cert, key = values.get("tls_cert_file", ""), values.get("tls_key_file", "")
     if bool(cert) != bool(key):
         missing = "TLS_KEY_FILE" if cert else "TLS_CERT_FILE"
         raise ConfigError(f"{missing}: must be set together with the other to use your certificate")
 
 
-def _choose_provider(values: dict[str, Any]) -> None:
+def _choose_provider(values: dict[str, object]) -> None:
     # Every provider checks its own settings; the registry picks the default.
     from smtpproxy import providers
 
     configured = [name for name, group in _groups.items() if group.configured(values)]
-    values["provider"] = providers.choose(values.get("provider", ""), configured)
+    explicit = values.get("provider", "")  # PROVIDER's parser gives text
+    values["provider"] = providers.choose(explicit if isinstance(explicit, str) else "", configured)
 
 
 # The value parsers a provider's own settings may use (see register_settings).

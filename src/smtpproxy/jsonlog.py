@@ -28,7 +28,7 @@ import os
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TextIO
 
 from twisted.logger import (
     ILogObserver,
@@ -157,7 +157,7 @@ def _is_sensitive(name: object) -> bool:
     return any(word in lowered for word in SENSITIVE)
 
 
-def _redacted_event(event: LogEvent) -> dict[str, Any]:
+def _redacted_event(event: LogEvent) -> dict[str, object]:
     """A copy of C{event} with sensitive fields masked, at any nesting depth.
 
     Twisted's own keys (C{log_*}) are left alone: they are objects the

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
@@ -180,7 +180,7 @@ class RelayService(MultiService):
         self.smtps: IService | None = None
         self.http: IService | None = None
 
-    def setServiceParent(self, parent: Any) -> None:
+    def setServiceParent(self, parent: object) -> None:
         super().setServiceParent(parent)
         # twistd's AppLogger asks the application for an ILogObserver before
         # it falls back to its own file logger: ours writes JSON to stderr,

@@ -19,14 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtpproxy.mime.message import (
-    Mailbox,
-    _boundary_lines,
-    _salvage_addresses,
-    parse_message,
-    simple_header_fields,
-    simple_mailboxes,
-)
+from smtpproxy.addresses import Mailbox, salvage_addresses, simple_mailboxes
+from smtpproxy.mime.message import _boundary_lines, parse_message, simple_header_fields
 from tests.mime.test_corpus import assert_encodable
 
 
@@ -220,7 +214,7 @@ class LinearRewritesAgreeTests(SynchronousTestCase):
     def test_salvage(self, value: str) -> None:
         """The salvage picks out exactly what the old findall pattern picked out."""
         old = [Mailbox("", found) for found in _OLD_ADDRESS_LIKE.findall(value)]
-        new = _salvage_addresses(value, [])
+        new = salvage_addresses(value, [])
         self.assertEqual(
             [m.address.lower() for m in new], list(dict.fromkeys(m.address.lower() for m in old))
         )

@@ -32,7 +32,7 @@ from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.message import parse_message
 from smtpproxy.policy import rules as policy
 from smtpproxy.policy.guard import Guard, GuardSettings
-from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings, session_settings
+from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, session_settings
 from smtpproxy.smtp.proxyheader import ProxyHeaderFactory
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import (
@@ -44,9 +44,11 @@ from tests.support import (
     async_test,
     codes,
     exchange,
+    guard_defaults,
     in_thread,
     open_guard,
     read_replies,
+    session_defaults,
     start_relay,
 )
 
@@ -145,7 +147,7 @@ class WarningFloodTests(TestCase):
         provider = RecordingProvider(outcomes=[PermanentDeliveryError("no " * 50_000)])
         portal = Portal(RelayRealm(provider, clock))
         portal.registerChecker(AllowAnonymousAccess())
-        settings = SessionSettings(hostname="relay.test")
+        settings = session_defaults()
         factory = RelayFactory(settings, portal, None, clock, open_guard(settings, clock))
         protocol = factory.buildProtocol(None)
         transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 4000))
@@ -176,7 +178,7 @@ def clocked_factory(
     portal = Portal(RelayRealm(RecordingProvider(), clock))
     portal.registerChecker(AllowAnonymousAccess())
     portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))
-    session = SessionSettings(hostname="relay.test", **settings)
+    session = session_defaults(**settings)
     return RelayFactory(session, portal, None, clock, Guard(guard, clock)), portal
 
 
@@ -241,7 +243,7 @@ class RefusalFloodTests(SynchronousTestCase):
         """SEC-057: 5,000 distinct refused addresses in one interval log at most
         1,000 lines at once (the table's size), then one "other clients" line with
         the count of the rest; memory for the table stays bounded too."""
-        factory, _ = clocked_factory(self.clock, GuardSettings())
+        factory, _ = clocked_factory(self.clock, guard_defaults())
         for i in range(5000):
             self.refuse(factory, f"198.51.{i // 250}.{i % 250}", 1)
         self.assertEqual(len(self.logs.messages("connection refused")), 1000)

@@ -27,8 +27,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from smtpproxy.config import load
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy import rules as policy
-from smtpproxy.policy.guard import Guard, GuardSettings, settings_from
-from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.policy.guard import Guard, settings_from
+from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import (
     OPEN,
@@ -40,14 +40,16 @@ from tests.support import (
     async_test,
     codes,
     exchange,
+    guard_defaults,
     in_thread,
     listen_behind_proxy,
     message,
     read_replies,
+    session_defaults,
     start_relay,
 )
 
-PRIVATE = GuardSettings()  # the zero-config default: private networks, no AUTH
+PRIVATE = guard_defaults()  # the zero-config default: private networks, no AUTH
 ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
 
 
@@ -84,7 +86,7 @@ class NetworkPolicyTests(TestCase):
     @async_test
     async def test_SEC_003_explicit_networks(self) -> None:
         """SEC-003: SMTP_ALLOWED_NETWORKS narrows who may connect, also for loopback."""
-        guard = GuardSettings(allowed_networks=policy.parse_networks("10.0.0.0/8"))
+        guard = guard_defaults(allowed_networks=policy.parse_networks("10.0.0.0/8"))
         relay = start_relay(self, guard=guard)
         replies = await in_thread(exchange, relay.port, [], [])
         self.assertEqual(codes(replies), [554])
@@ -226,7 +228,7 @@ class UnixListenerTests(TestCase):
     async def test_SEC_068_networks_without_loopback_refuse_it(self) -> None:
         """SMTP_ALLOWED_NETWORKS without 127.0.0.1 refuses socket clients as it refuses
         loopback ones (554 5.7.1)."""
-        guard = GuardSettings(allowed_networks=policy.parse_networks("10.0.0.0/8"))
+        guard = guard_defaults(allowed_networks=policy.parse_networks("10.0.0.0/8"))
         relay = start_relay(self, guard=guard)
         path = self.listen_unix(relay)
         replies = await in_thread(over_unix_socket, path, [], [])
@@ -343,9 +345,7 @@ class ClockedAuthTests(SynchronousTestCase):
         portal = Portal(RelayRealm(RecordingProvider(), self.clock))
         portal.registerChecker(AllowAnonymousAccess())
         portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))
-        settings = SessionSettings(
-            hostname="relay.test", auth_enabled=True, allow_insecure_auth=True
-        )
+        settings = session_defaults(auth_enabled=True, allow_insecure_auth=True)
         guard = Guard(
             dataclasses.replace(OPEN, auth_enabled=True, auth_ban_failures=10, auth_ban_time=600),
             self.clock,

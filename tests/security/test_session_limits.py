@@ -15,8 +15,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings
-from tests.support import RecordingProvider, message, open_guard
+from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol
+from tests.support import RecordingProvider, message, open_guard, session_defaults
 
 ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
 
@@ -29,9 +29,7 @@ class SessionTimingTests(SynchronousTestCase):
         portal.registerChecker(AllowAnonymousAccess())
         # The greeting limit as long as the command timeout: these tests are
         # about the command timer (test_tls_and_storms covers the greeting).
-        settings = SessionSettings(
-            hostname="relay.test", command_timeout=300, greeting_timeout=300, data_timeout=600
-        )
+        settings = session_defaults(command_timeout=300, greeting_timeout=300, data_timeout=600)
         guard = open_guard(settings, self.clock)
         self.factory = RelayFactory(settings, portal, None, self.clock, guard)
 
@@ -119,7 +117,7 @@ class SessionTimingTests(SynchronousTestCase):
     def test_portal_without_anonymous_access(self) -> None:
         """A portal that refuses anonymous logins makes MAIL answer 530, not crash."""
         portal = Portal(RelayRealm(self.provider, self.clock))
-        settings = SessionSettings(hostname="relay.test")
+        settings = session_defaults()
         guard = open_guard(settings, self.clock)
         self.factory = RelayFactory(settings, portal, None, self.clock, guard)
         protocol, transport = self.connect()

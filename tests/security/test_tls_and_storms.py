@@ -47,7 +47,6 @@ from smtpproxy.smtp.protocol import (
     FORCE_GRACE,
     RelayFactory,
     RelayProtocol,
-    SessionSettings,
 )
 from tests.support import (
     OPEN,
@@ -56,6 +55,7 @@ from tests.support import (
     async_test,
     in_thread,
     read_replies,
+    session_defaults,
     start_relay,
 )
 from tests.test_twistd import Relay as TwistdRelay
@@ -393,7 +393,7 @@ def _factory(clock: Clock, **settings: Any) -> RelayFactory:
     portal = Portal(RelayRealm(RecordingProvider(), clock))
     portal.registerChecker(AllowAnonymousAccess())
     guard_settings = dataclasses.replace(OPEN, max_connections=settings.pop("max_connections", 0))
-    session = SessionSettings(hostname="relay.test", **settings)
+    session = session_defaults(**settings)
     return RelayFactory(session, portal, None, clock, Guard(guard_settings, clock))
 
 

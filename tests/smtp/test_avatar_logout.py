@@ -27,10 +27,10 @@ from smtpproxy import tls
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy.guard import Guard
 from smtpproxy.policy.rules import parse_networks
-from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.recorder import TLSStringTransport
-from tests.support import OPEN, PASSWORD, USER, RecordingProvider, certificate
+from tests.support import OPEN, PASSWORD, USER, RecordingProvider, certificate, session_defaults
 
 CLIENT = IPv4Address("TCP", "192.0.2.1", 4000)
 PLAIN = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
@@ -78,8 +78,7 @@ class AvatarLogoutTests(SynchronousTestCase):
         portal.registerChecker(AllowAnonymousAccess())
         if auth:
             portal.registerChecker(checker or StaticPasswordChecker(USER, PASSWORD))
-        settings = SessionSettings(
-            hostname="relay.test",
+        settings = session_defaults(
             auth_enabled=auth,
             allow_insecure_auth=True,
             auth_users=(USER,) if auth else (),

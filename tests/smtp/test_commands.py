@@ -75,3 +75,20 @@ class CommandTests(SynchronousTestCase):
         except CommandError:
             return
         self.assertTrue(verb.isascii() and argument.isascii())
+
+
+class MailFromTests(SynchronousTestCase):
+    def test_bare_sender_is_qualified(self) -> None:
+        """C{MAIL FROM:<root>} is taken as C{root@domain}, as Postfix's append_at_myorigin
+        does; with no domain to add it is refused as before."""
+        self.assertEqual(parse_mail("FROM:<root>", 100, "example.org").sender, "root@example.org")
+        self.assertEqual(
+            parse_mail("FROM:root SIZE=10", 100, "example.org").sender, "root@example.org"
+        )
+        self.assertEqual(parse_mail("FROM:<>", 100, "example.org").sender, "")
+        self.assertEqual(parse_mail("FROM:<a@b.example>", 100, "example.org").sender, "a@b.example")
+        with self.assertRaises(CommandError) as caught:
+            parse_mail("FROM:<root>", 100)
+        self.assertEqual(caught.exception.reply.code, 501)
+        with self.assertRaises(CommandError):
+            parse_mail("FROM:<ro ot>", 100, "example.org")

@@ -20,9 +20,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
+from smtpproxy.smtp.protocol import RelayFactory
 from smtpproxy.smtp.sasl import StaticPasswordChecker
-from tests.support import PASSWORD, USER, RecordingProvider, open_guard
+from tests.support import PASSWORD, USER, RecordingProvider, open_guard, session_defaults
 
 FRAGMENTS = [
     b"EHLO x\r\n",
@@ -76,8 +76,7 @@ class ProtocolPropertyTests(SynchronousTestCase):
         portal = Portal(RelayRealm(provider, clock))
         portal.registerChecker(AllowAnonymousAccess())
         portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))
-        settings = SessionSettings(
-            hostname="relay.test",
+        settings = session_defaults(
             max_message_size=2000,
             auth_enabled=bool(len(pieces) % 2),
             allow_insecure_auth=True,

@@ -29,12 +29,13 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from smtpproxy import addresses
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
 from smtpproxy.policy.guard import Guard
 from smtpproxy.smtp import session as session_module
-from smtpproxy.smtp.protocol import PAUSE_INPUT_AT, RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.smtp.protocol import PAUSE_INPUT_AT, RelayFactory, RelayProtocol
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from smtpproxy.twisted_private import buffered_bytes
 from tests.support import (
@@ -51,6 +52,7 @@ from tests.support import (
     listen_behind_proxy,
     message,
     read_replies,
+    session_defaults,
     start_relay,
 )
 
@@ -79,7 +81,7 @@ class Harness:
         if auth:
             portal.registerChecker(StaticPasswordChecker(USER, PASSWORD))
             settings.setdefault("allow_insecure_auth", True)
-        session = SessionSettings(hostname="relay.test", auth_enabled=auth, **settings)
+        session = session_defaults(auth_enabled=auth, **settings)
         guard = Guard(dataclasses.replace(OPEN, auth_enabled=auth), self.clock)
         self.factory = RelayFactory(session, portal, None, self.clock, guard)
 
@@ -348,14 +350,14 @@ class RecipientScanTests(SynchronousTestCase):
         Regression test for a defect found in review; see the commit that fixed it.
         """
         calls = 0
-        real = session_module.address_key
+        real = addresses.envelope_key
 
         def counting(address: str) -> str:
             nonlocal calls
             calls += 1
             return real(address)
 
-        self.patch(session_module, "address_key", counting)
+        self.patch(session_module, "envelope_key", counting)
         harness = Harness()
         protocol, transport = harness.connect()
         protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n")

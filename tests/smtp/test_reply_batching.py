@@ -32,7 +32,7 @@ from zope.interface import alsoProvides
 from smtpproxy import tls
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy.guard import Guard
-from smtpproxy.smtp.protocol import PAUSE_INPUT_AT, RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.smtp.protocol import PAUSE_INPUT_AT, RelayFactory, RelayProtocol
 from tests.support import (
     OPEN,
     TIMEOUT,
@@ -43,6 +43,7 @@ from tests.support import (
     codes,
     in_thread,
     read_replies,
+    session_defaults,
     start_relay,
 )
 
@@ -126,7 +127,7 @@ def connect(
     portal = Portal(RelayRealm(provider or RecordingProvider(), clock))
     portal.registerChecker(AllowAnonymousAccess())
     options = tls.server_context(*certificate()) if tls_enabled else None
-    settings = SessionSettings(hostname="relay.test")
+    settings = session_defaults()
     guard = Guard(dataclasses.replace(OPEN, auth_enabled=False), clock)
     factory = RelayFactory(settings, portal, options, clock, guard)
     session = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 25))

@@ -9,7 +9,9 @@ from __future__ import annotations
 from twisted.mail.smtp import User
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpproxy.config import ConfigError, load
 from smtpproxy.errors import Reply
+from smtpproxy.providers.graph.settings import GraphSettings
 from smtpproxy.smtp.chunking import Chunk, ChunkReader
 from smtpproxy.smtp.commands import RcptArguments
 from smtpproxy.smtp.session import (
@@ -30,17 +32,17 @@ from smtpproxy.smtp.session import (
     ReplyBudget,
     Say,
     Session,
-    SessionSettings,
     StartTLS,
     ValidateRecipient,
+    session_settings,
 )
+from tests.support import session_defaults
 
 
 def session(
     *, auth_enabled: bool = False, max_recipients: int = 500, binarymime: bool = False
 ) -> Session:
-    settings = SessionSettings(
-        hostname="relay.test",
+    settings = session_defaults(
         auth_enabled=auth_enabled,
         max_recipients=max_recipients,
         binarymime=binarymime,
@@ -360,3 +362,26 @@ class ChunkingTests(SynchronousTestCase):
         old.chunks = None  # what the shell's Abandon does
         self.assertEqual(s.chunk_refused(too_big, last=True), [])
         self.assertIsNone(s.tx.sender)
+
+
+class SettingsTests(SynchronousTestCase):
+    def test_setting_reaches_the_session(self) -> None:
+        """SMTP_DEFAULT_DOMAIN is a setting, validated as a host name, and sessions get it."""
+        config = load({"SMTP_DEFAULT_DOMAIN": "corp.example"}, fqdn=lambda: "relay.test")
+        self.assertEqual(session_settings(config).default_domain, "corp.example")
+        graph = load(
+            {
+                "GRAPH_TENANT_ID": "t",
+                "GRAPH_CLIENT_ID": "c",
+                "GRAPH_CLIENT_SECRET": "s",
+                "GRAPH_SENDER": "relay@contoso.example",
+            },
+            fqdn=lambda: "relay.test",
+        )
+        # The Graph provider's mailboxes reach the session through tap.
+        senders = GraphSettings.from_config(graph).sender
+        self.assertEqual(
+            session_settings(graph, mailboxes=senders).default_domain, "contoso.example"
+        )
+        with self.assertRaises(ConfigError):
+            load({"SMTP_DEFAULT_DOMAIN": "not a domain"}, fqdn=lambda: "relay.test")

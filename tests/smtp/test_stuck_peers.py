@@ -30,9 +30,16 @@ from zope.interface import implementer
 from smtpproxy.delivery import RelayDelivery, RelayRealm
 from smtpproxy.mime.message import Email
 from smtpproxy.policy.guard import Guard
-from smtpproxy.smtp.protocol import CLOSE_GRACE, RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.smtp.protocol import CLOSE_GRACE, RelayFactory, RelayProtocol
 from smtpproxy.twisted_private import buffered_bytes
-from tests.support import OPEN, TIMEOUT, RecordingProvider, async_test, read_replies
+from tests.support import (
+    OPEN,
+    TIMEOUT,
+    RecordingProvider,
+    async_test,
+    read_replies,
+    session_defaults,
+)
 
 # Small kernel buffers: the relay's replies fill them after a few thousand NOOPs.
 SMALL_BUFFER = 16 * 1024
@@ -82,7 +89,7 @@ class StuckPeerTests(TestCase):
         from twisted.internet import reactor
 
         clock = Clock()
-        settings = SessionSettings(hostname="relay.test")
+        settings = session_defaults()
         portal = Portal(RelayRealm(provider or RecordingProvider(), clock))
         portal.registerChecker(AllowAnonymousAccess())
         factory = RelayFactory(settings, portal, None, clock, Guard(OPEN, clock))
@@ -238,9 +245,7 @@ def _session(realm: Any) -> tuple[RelayProtocol, StringTransport]:
     clock = Clock()
     portal = Portal(realm)
     portal.registerChecker(AllowAnonymousAccess())
-    factory = RelayFactory(
-        SessionSettings(hostname="relay.test"), portal, None, clock, Guard(OPEN, clock)
-    )
+    factory = RelayFactory(session_defaults(), portal, None, clock, Guard(OPEN, clock))
     session = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 25))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555))
     session.makeConnection(transport)

@@ -18,18 +18,9 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 
+from smtpproxy.addresses import Mailbox as Mailbox
+from smtpproxy.addresses import salvage_addresses, simple_mailboxes, split_address_list
 from smtpproxy.dsn import Dsn
-
-
-@dataclass(frozen=True, slots=True)
-class Mailbox:
-    """One address from a header: display name (may be empty) and addr-spec."""
-
-    name: str
-    address: str
-
-    def __str__(self) -> str:
-        return f"{self.name} <{self.address}>" if self.name else self.address
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +132,6 @@ _NOT_BASE64_OR_PAD = bytes(sorted(set(_NOT_BASE64) - {ord("=")}))
 # What cannot be part of something that looks like an address, for headers
 # the address parser cannot read: these become blanks, and str.split() cuts
 # on blanks (the same characters as a regular expression's \\s).
-_ADDRESS_SEPARATORS = str.maketrans(dict.fromkeys("<>()[],;:\"'", " "))
 _FILENAME_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
 
 _ADDRESS_FIELDS = {"from": "from_", "to": "to", "cc": "cc", "bcc": "bcc", "reply-to": "reply_to"}
@@ -478,10 +468,10 @@ class _Parse:
             f"header {_quote(name)} is too long to parse ({len(value)} characters); "
             "addresses picked out by pattern"
         )
-        return _salvage_addresses(value, [])
+        return salvage_addresses(value, [])
 
     def salvage(self, name: str, value: str, found: list[Mailbox]) -> list[Mailbox]:
-        mailboxes = _salvage_addresses(value, found)
+        mailboxes = salvage_addresses(value, found)
         self.warnings.append(
             f"header {_quote(name)} is malformed; kept the {len(mailboxes)} address(es) "
             "that could be read"
@@ -905,23 +895,6 @@ def _first(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
     return None
 
 
-def _salvage_addresses(value: str, parsed: list[Mailbox]) -> list[Mailbox]:
-    """C{parsed}, plus whatever else in C{value} looks like an address.
-
-    A candidate is a run of characters other than blanks and C{<>()[],;:"'}
-    with an C{@} somewhere inside it (not first, not last).  Splitting and
-    testing each run is linear; C{findall} with a pattern took 36 s on a
-    160,000-character run without an C{@}.
-    """
-    seen = {mailbox.address.lower() for mailbox in parsed}
-    mailboxes = list(parsed)
-    for candidate in value.translate(_ADDRESS_SEPARATORS).split():
-        if "@" in candidate[1:-1] and candidate.lower() not in seen:
-            seen.add(candidate.lower())
-            mailboxes.append(Mailbox("", candidate))
-    return mailboxes
-
-
 def abandoned(envelope_from: str, envelope_to: Sequence[str], raw: bytes, why: str) -> Email:
     """The L{Email} for a message whose parse was given up: envelope and raw bytes only."""
     return Email(
@@ -951,39 +924,13 @@ def _parse_addresses(name: str, value: str) -> tuple[list[Mailbox], bool]:
 def _address_chunks(value: str) -> list[str] | None:
     """C{value} cut at the commas between addresses into pieces of L{MAX_ADDRESS_CHUNK}.
 
-    A comma separates addresses unless it is inside a quoted string, a
-    comment or angle brackets.  None when one address alone is longer than
-    the limit, or when the value has a group (a colon outside all of
-    those), whose members cannot be parsed apart from it.  One pass over
-    the characters.
+    The cuts are L{split_address_list}'s.  None when one address alone is
+    longer than the limit, or when the value has a group, whose members
+    cannot be parsed apart from it.
     """
-    pieces: list[str] = []
-    start = 0
-    quoted = escaped = angle = False
-    comment = 0
-    for index, char in enumerate(value):
-        if escaped:
-            escaped = False
-        elif char == "\\" and (quoted or comment):
-            escaped = True
-        elif quoted:
-            quoted = char != '"'
-        elif comment:
-            comment += {"(": 1, ")": -1}.get(char, 0)
-        elif char == '"':
-            quoted = True
-        elif char == "(":
-            comment = 1
-        elif angle:
-            angle = char != ">"
-        elif char == "<":
-            angle = True
-        elif char == ":":
-            return None
-        elif char == ",":
-            pieces.append(value[start:index])
-            start = index + 1
-    pieces.append(value[start:])
+    pieces = split_address_list(value)
+    if pieces is None:
+        return None
     chunks: list[str] = []
     for piece in pieces:
         if len(piece) > MAX_ADDRESS_CHUNK:
@@ -1118,42 +1065,6 @@ def _header_message(fields: list[tuple[str, str]]) -> EmailMessage:
     for name, value in fields:
         message.set_raw(name, value)
     return message
-
-
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_ATOM_ADDRESS = rf"{_ATEXT}++(?:\.{_ATEXT}++)*+@{_ATEXT}++(?:\.{_ATEXT}++)*+"
-# One mailbox, blanks around it already stripped.  Possessive repeats: a
-# name's words, the blanks before C{<} and the address's atoms cannot trade
-# characters, so a match reads each character once.  (The former pattern
-# had optional blanks on both sides of an optional name, and a run of
-# blanks cost time quadratic in its length.)
-_SIMPLE_MAILBOX = re.compile(
-    rf"(?:(?P<name>{_ATEXT}++(?:[ \t]++{_ATEXT}++)*+)?\s*+<(?P<bracketed>{_DOT_ATOM_ADDRESS})>"
-    rf"|(?P<bare>{_DOT_ATOM_ADDRESS}))"
-)
-_UNUSUAL_ADDRESS_SYNTAX = re.compile(r'["(\\:;]|=\?')
-
-
-def simple_mailboxes(value: str) -> list[Mailbox] | None:
-    """Parse the everyday forms of an address header quickly, or return None.
-
-    C{Name <a@b.example>} and bare C{a@b.example}, comma separated, cover
-    nearly all real mail; the standard library's full RFC 5322 parser costs
-    a quarter of the relay's CPU per message on them.  Anything with quotes,
-    comments, groups, encoded words, dots in names or other syntax returns
-    None so the full parser decides, and the results agree where both apply.
-    """
-    if not value.isascii() or _UNUSUAL_ADDRESS_SYNTAX.search(value) is not None:
-        return None
-    found = []
-    for item in value.split(","):
-        match = _SIMPLE_MAILBOX.fullmatch(item.strip())
-        if match is None:
-            return None
-        address = match["bracketed"] or match["bare"]
-        name = match["name"]
-        found.append(Mailbox(" ".join(name.split()) if name else "", address))
-    return found
 
 
 def _clean(text: str) -> str:

@@ -8,7 +8,7 @@ Nothing here touches a socket: time comes from the injected clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -20,22 +20,26 @@ from smtpproxy.policy.ratelimit import AuthFailureTracker, ConnectionCounter, Ra
 
 @dataclass(frozen=True, slots=True)
 class GuardSettings:
-    """Everything the guard needs from the configuration."""
+    """Everything the guard needs from the configuration.
 
-    auth_enabled: bool = False
-    allowed_networks: policy.Networks = policy.DEFAULT_PRIVATE_NETWORKS
+    No field has a default: every default is declared once, in
+    L{smtpproxy.config}, and L{settings_from} is how these are built.
+    """
+
+    auth_enabled: bool
+    allowed_networks: policy.Networks
     # With AUTH on, allowed networks still refuse others only when the
     # operator listed them; by default anyone may try to authenticate.
-    restrict_with_auth: bool = False
-    trusted_networks: policy.Networks = ()
-    allowed_senders: policy.AddressPatterns = field(default_factory=policy.AddressPatterns)
-    allowed_recipients: policy.AddressPatterns = field(default_factory=policy.AddressPatterns)
-    max_connections: int = 1000
-    max_connections_per_ip: int = 50
-    rate_limit_per_ip: int = 0
-    rate_limit_per_user: int = 0
-    auth_ban_failures: int = 10
-    auth_ban_time: float = 600.0
+    restrict_with_auth: bool
+    trusted_networks: policy.Networks
+    allowed_senders: policy.AddressPatterns
+    allowed_recipients: policy.AddressPatterns
+    max_connections: int
+    max_connections_per_ip: int
+    rate_limit_per_ip: int
+    rate_limit_per_user: int
+    auth_ban_failures: int
+    auth_ban_time: float
 
 
 # (counting key, refusal at connect or None, whether MAIL needs AUTH)

@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 from twisted.internet.address import UNIXAddress
 
-from smtpproxy.smtp.commands import CommandError, check_address
+from smtpproxy.addresses import domain_of, is_hostname, mailbox_problem, pattern_key
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Networks = tuple[Network, ...]
@@ -225,10 +225,6 @@ def _within(inner: Network, outer: Network) -> bool:
     return False
 
 
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-
-
 @dataclass(frozen=True, slots=True)
 class AddressPatterns:
     """A parsed SMTP_ALLOWED_SENDERS or SMTP_ALLOWED_RECIPIENTS list.
@@ -266,11 +262,11 @@ class AddressPatterns:
             return True
         if address == "":
             return self.null_sender
-        if not address.isascii() or "@" not in address:
+        key = pattern_key(address)
+        if key is None:
             return False
-        address = address.lower()
-        domain = address.rpartition("@")[2]
-        if address in self.addresses or domain in self.domains:
+        domain = domain_of(key)
+        if key in self.addresses or domain in self.domains:
             return True
         labels = domain.split(".")
         return any(".".join(labels[i:]) in self.parent_domains for i in range(1, len(labels)))
@@ -313,21 +309,20 @@ def parse_address_patterns(text: str) -> AddressPatterns:
         elif entry.startswith("@"):
             domains.add(_domain(item, entry[1:]))
         else:
-            try:
-                check_address(entry, "pattern")
-            except CommandError:
+            key = pattern_key(entry)
+            if key is None or mailbox_problem(entry) is not None:
                 raise ValueError(
                     f"{_shown(item)} is not an address (user@example.com), a domain"
                     " (@example.com), subdomains (@.example.com) or <>"
-                ) from None
-            addresses.add(entry.lower())
+                )
+            addresses.add(key)
     return AddressPatterns(
         frozenset(addresses), frozenset(domains), frozenset(parents), null_sender
     )
 
 
 def _domain(item: str, domain: str) -> str:
-    if len(domain) > 253 or not _DOMAIN.fullmatch(domain):
+    if not is_hostname(domain):
         raise ValueError(f"{_shown(item)}: {_shown(domain)} is not a domain name")
     return domain.lower()
 

@@ -14,35 +14,16 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from smtpproxy import dsn
+from smtpproxy.addresses import DOMAIN, Problem, mailbox_problem, qualify
 from smtpproxy.errors import Reply
-from smtpproxy.intl import is_idn_domain
-from smtpproxy.qualify import qualify
 
-# RFC 5321 4.1.2: atext for dot-strings, qtext/quoted-pair for quoted strings,
-# each extended by RFC 6531 3.3 with any non-ASCII character (UTF8-non-ascii);
-# C1 controls stay out.  Whether the transaction may use them at all is
-# decided after the match (see check_declared).  Line and paragraph
-# separators and bidirectional overrides are left out too: they would break
-# a log line or make a displayed address read differently from what it is.
-_UTF8 = "\u00a0-\u2027\u202f-\u2065\u206a-\U0010ffff"
-_ATEXT = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_UTF8}-]"
-_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_QUOTED = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e{_UTF8}])*"'
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
-_LITERAL = r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]"
-# The domain is checked separately (ASCII labels here, U-labels by IDNA 2008).
-_LOCAL_PART = re.compile(rf"{_DOT_STRING}|{_QUOTED}")
-_DOMAIN_ASCII = re.compile(rf"{_DOMAIN}|{_LITERAL}")
-_ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
+_ROUTE = re.compile(rf"^@{DOMAIN}(?:,@{DOMAIN})*:")
 _KEYWORDS = {word: re.compile(rf"{word}:\s*", re.IGNORECASE) for word in ("FROM", "TO")}
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]*))?$")
 
 _Args = TypeVar("_Args")
 _Options = TypeVar("_Options")
 
-MAX_LOCAL_PART = 64
-MAX_PATH = 256
 # RFC 6531 3.3: UTF-8 may appear in these commands' addresses (VRFY and EXPN
 # too, which this relay answers without looking at the argument).
 _UTF8_VERBS = frozenset({"MAIL", "RCPT", "VRFY", "EXPN"})
@@ -184,27 +165,19 @@ def _bad(role: str) -> str:
 def check_address(address: str, role: str) -> str:
     """Return C{address} if it is a valid RFC 5321 (or RFC 6531) mailbox, else raise.
 
-    Lengths are counted in octets, as RFC 6531 3.3 says.  A non-ASCII
-    domain must be a valid internationalised domain name (its labels valid
-    U-labels under IDNA 2008 with the UTS 46 mapping); an ASCII one is
-    checked against RFC 5321's grammar as before.  Whether non-ASCII is
-    allowed in this transaction at all is L{check_declared}'s business.
+    The syntax is L{smtpproxy.addresses.mailbox_problem}'s; this gives each
+    problem its reply.  Whether non-ASCII is allowed in this transaction at
+    all is L{check_declared}'s business.
     """
-    octets = len(address.encode("utf-8"))
-    if octets > MAX_PATH:
-        raise CommandError(501, f"5.1.{_bad(role)}", f"The {role} address is too long")
-    local, at, domain = address.rpartition("@")
-    if not at or not _LOCAL_PART.fullmatch(local):
-        raise CommandError(501, f"5.1.{_bad(role)}", f"Bad {role} address syntax")
-    if domain.isascii():
-        valid = _DOMAIN_ASCII.fullmatch(domain) is not None
-    else:
-        valid = is_idn_domain(domain)
-    if not valid:
-        raise CommandError(501, f"5.1.{_bad(role)}", f"Bad {role} address syntax")
-    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
-        raise CommandError(501, f"5.1.{_bad(role)}", f"The {role} local part is too long")
-    return address
+    problem = mailbox_problem(address)
+    if problem is None:
+        return address
+    status = f"5.1.{_bad(role)}"
+    if problem is Problem.TOO_LONG:
+        raise CommandError(501, status, f"The {role} address is too long")
+    if problem is Problem.LOCAL_PART_TOO_LONG:
+        raise CommandError(501, status, f"The {role} local part is too long")
+    raise CommandError(501, status, f"Bad {role} address syntax")
 
 
 def check_declared(address: str, smtputf8: bool, role: str) -> None:

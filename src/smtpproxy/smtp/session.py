@@ -22,9 +22,9 @@ from typing import Any, Final, Literal
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.mail.smtp import Address, User
 
+from smtpproxy.addresses import default_domain, envelope_key, split
 from smtpproxy.config import Config
 from smtpproxy.errors import Reply
-from smtpproxy.qualify import default_domain
 from smtpproxy.smtp import sasl
 from smtpproxy.smtp.chunking import Chunk, ChunkReader, ChunkSizeError, parse_bdat
 from smtpproxy.smtp.commands import (
@@ -41,42 +41,46 @@ from smtpproxy.spool import MessageBody
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
-    """What every session needs to know, derived once from the configuration."""
+    """What every session needs to know, derived once from the configuration.
+
+    No field has a default: every default is declared once, in
+    L{smtpproxy.config}, and L{session_settings} is how these are built.
+    """
 
     hostname: str
-    max_message_size: int = 26_214_400
+    max_message_size: int
     # Bodies past spool_threshold go to an unlinked file in spool_dir ("":
     # the system's temp dir); past max_inflight_bytes held in memory by all
     # sessions together, new bodies go there at once.
-    spool_threshold: int = 1_048_576
-    spool_dir: str = ""
-    max_inflight_bytes: int = 268_435_456
-    max_recipients: int = 500
-    command_timeout: float = 300.0
+    spool_threshold: int
+    spool_dir: str
+    max_inflight_bytes: int
+    max_recipients: int
+    command_timeout: float
     # Before the first command, and again after STARTTLS (never longer
     # than the command timeout).
-    greeting_timeout: float = 30.0
-    data_timeout: float = 600.0
-    auth_enabled: bool = False
-    allow_insecure_auth: bool = False
-    max_errors: int = 10
+    greeting_timeout: float
+    data_timeout: float
+    auth_enabled: bool
+    allow_insecure_auth: bool
+    max_errors: int
     # Policy refusals (sender or recipient not allowed, rate limit, AUTH
     # needed) are not client mistakes and have their own, larger budget,
     # renewed by each delivered message (Postfix's smtpd_hard_error_limit
     # counts "errors without delivering mail" the same way).
-    max_refusals: int = 100
-    max_auth_failures: int = 3
+    max_refusals: int
+    max_auth_failures: int
     # What a bare MAIL FROM local part is qualified with (empty: the host
     # name, as Postfix's myorigin defaults to myhostname).
-    default_domain: str = ""
+    default_domain: str
     # The configured AUTH user names: a failed login logs one of these as
     # typed and anything else only as a hash (it may be a mistyped password).
-    auth_users: tuple[str, ...] = ()
+    auth_users: tuple[str, ...]
     # Per-connection debug lines cost a log event each even when filtered
     # out; they are only built when the log level asks for them.
-    log_sessions: bool = False
+    log_sessions: bool
     # BINARYMIME is offered (RFC 3030): the provider carries binary content.
-    binarymime: bool = False
+    binarymime: bool
 
 
 def session_settings(
@@ -125,16 +129,10 @@ class ParsedAddress(Address):
     ) -> None:
         self.parameters = parameters
         # UTF-8: an SMTPUTF8 transaction's addresses (RFC 6531) are not ASCII.
-        local, _, domain = address.rpartition("@")
+        local, domain = split(address)
         self.addrstr = address.encode("utf-8")
         self.local = local.encode("utf-8")
         self.domain = domain.encode("utf-8")
-
-
-def address_key(address: str) -> str:
-    """What makes two recipients the same mailbox: the domain is case-blind, the local part not."""
-    local, _, domain = address.rpartition("@")
-    return f"{local}@{domain.lower()}"
 
 
 @dataclass(slots=True, eq=False)
@@ -145,7 +143,7 @@ class Transaction:
         travel in C{sender.parameters}); None before MAIL.
     @ivar recipients: each accepted RCPT's C{User} and the message factory
         the delivery avatar gave for it, in order.
-    @ivar keys: L{address_key} of each recipient, so that a duplicate is
+    @ivar keys: L{envelope_key} of each recipient, so that a duplicate is
         found without rescanning the list.
     @ivar smtputf8: MAIL declared SMTPUTF8 (RFC 6531): UTF-8 addresses pass.
     @ivar binary: MAIL declared BODY=BINARYMIME (RFC 3030): only BDAT may follow.
@@ -522,7 +520,7 @@ class Session:
     def recipient_allowed(self, parsed: RcptArguments) -> Outcome:
         """The guard allows the recipient: a duplicate, one too many, or one for the avatar."""
         tx = self.tx
-        key = address_key(parsed.recipient)
+        key = envelope_key(parsed.recipient)
         if key in tx.keys:
             # The same mailbox twice must still receive the message once.
             return [_DUPLICATE]

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpproxy.addresses import mailbox_key
 from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.message import Attachment, Email, Mailbox, parse_message
 from smtpproxy.providers.graph.mime import rewrite_headers, split_fields
@@ -26,7 +27,6 @@ from smtpproxy.providers.graph.payload import (
     GraphUrls,
     JsonSend,
     MimeSend,
-    address_key,
     choose_mailbox,
     chunk_ranges,
     content_range,
@@ -141,10 +141,10 @@ class RecipientTests(SynchronousTestCase):
             cc=tuple(Mailbox("", address(letter)) for letter in cc),
         )
         recipients = plan_recipients(email)
-        chosen = [address_key(m.address) for m in recipients.to + recipients.cc + recipients.bcc]
+        chosen = [mailbox_key(m.address) for m in recipients.to + recipients.cc + recipients.bcc]
         self.assertEqual(len(chosen), len(set(chosen)))
         self.assertEqual(set(chosen), {f"{letter}@x.example" for letter in envelope})
-        outside = {address_key(m.address) for m in recipients.outside}
+        outside = {mailbox_key(m.address) for m in recipients.outside}
         self.assertFalse(outside & set(chosen))
 
 

@@ -29,8 +29,8 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from smtpproxy.addresses import mailbox_key
 from smtpproxy.mime.message import parse_message
-from smtpproxy.providers.graph.payload import address_key
 from smtpproxy.smtp.commands import CommandError, check_address
 from tests.fakegraph import (
     Delivery,
@@ -63,7 +63,7 @@ def envelope_for(raw: bytes, shape: str) -> list[str]:
         return [STRANGER]
     parsed = parse_message("sender@example.com", [], raw)
     named = [m.address for m in (*parsed.to, *parsed.cc, *parsed.bcc)]
-    unique = {address_key(a): a for a in named if rcpt_acceptable(a) and graph_accepts(a)}
+    unique = {mailbox_key(a): a for a in named if rcpt_acceptable(a) and graph_accepts(a)}
     return [*unique.values(), EXTRA]
 
 
@@ -113,8 +113,8 @@ class RecipientTests(SynchronousTestCase):
         envelope = envelope_for(raw, shape)
         delivery = self.deliver(raw, envelope)
         # Graph delivers one copy per address, however often the headers name it.
-        received = {address_key(a) for a in delivery.recipients}
-        expected = {address_key(a) for a in envelope}
+        received = {mailbox_key(a) for a in delivery.recipients}
+        expected = {mailbox_key(a) for a in envelope}
         self.assertEqual(received, expected, f"recipients ({delivery.method})")
         if delivery.mime is not None:
             sent = delivery.attachments

@@ -25,7 +25,7 @@ from email import policy
 from email.header import Header
 from email.utils import formataddr
 
-from smtpproxy.intl import ascii_address
+from smtpproxy.addresses import ascii_address
 from smtpproxy.mime.message import Mailbox
 
 # One line and its ending: CRLF, bare CR or bare LF, as the standard

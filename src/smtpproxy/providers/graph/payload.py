@@ -29,8 +29,14 @@ from email.utils import getaddresses
 from typing import Any
 from urllib.parse import quote
 
+from smtpproxy.addresses import (
+    ascii_address,
+    domain_of,
+    is_deliverable,
+    mailbox_key,
+    qualify,
+)
 from smtpproxy.errors import PermanentDeliveryError
-from smtpproxy.intl import ascii_address
 from smtpproxy.mime.message import Attachment, Email, Mailbox
 from smtpproxy.providers.graph.mime import (
     address_field,
@@ -41,7 +47,6 @@ from smtpproxy.providers.graph.mime import (
     rewrite_headers,
     split_fields,
 )
-from smtpproxy.qualify import is_deliverable, mailbox_domain, qualify
 
 # Graph refuses request bodies over 4 MB; keep a margin for the request line
 # and headers, which some gateways count too.
@@ -56,23 +61,11 @@ MAX_RECIPIENTS = 500
 MAX_CUSTOM_HEADERS = 5
 
 
-def address_key(address: str) -> str:
-    """How addresses are compared: without angle brackets or case.
-
-    Local parts are case-sensitive in theory; Exchange treats them as
-    case-insensitive, and so must we to avoid sending a second copy to
-    C{Bob@example.com} because the envelope said C{bob@example.com}.
-    An internationalised domain compares by its A-labels, so
-    C{zoe@exämple.test} and C{zoe@xn--exmple-cua.test} are one address.
-    """
-    return ascii_address(address.strip().strip("<>").strip()).casefold()
-
-
 def choose_mailbox(from_: Sequence[Mailbox], senders: Sequence[str]) -> str:
     """The configured mailbox to send as: the one the From header names, else the first."""
-    configured = {address_key(sender): sender for sender in senders}
+    configured = {mailbox_key(sender): sender for sender in senders}
     for mailbox in from_:
-        found = configured.get(address_key(mailbox.address))
+        found = configured.get(mailbox_key(mailbox.address))
         if found is not None:
             return found
     return senders[0]
@@ -100,7 +93,7 @@ def plan_recipients(email: Email) -> Recipients:
     """Split the envelope recipients into To, Cc and Bcc, each address exactly once."""
     envelope: dict[str, str] = {}
     for address in email.envelope_to:
-        key = address_key(address)
+        key = mailbox_key(address)
         if key and key not in envelope:
             envelope[key] = address.strip().strip("<>").strip()
     placed: set[str] = set()
@@ -108,14 +101,14 @@ def plan_recipients(email: Email) -> Recipients:
     roles: tuple[list[Mailbox], list[Mailbox]] = ([], [])
     for header, role in ((email.to, roles[0]), (email.cc, roles[1])):
         for mailbox in header:
-            key = address_key(mailbox.address)
+            key = mailbox_key(mailbox.address)
             if key in envelope:
                 if key not in placed:
                     placed.add(key)
                     role.append(mailbox)
             elif key and key not in outside:
                 outside[key] = mailbox
-    names = {address_key(m.address): m.name for m in email.bcc}
+    names = {mailbox_key(m.address): m.name for m in email.bcc}
     bcc = tuple(
         Mailbox(names.get(key, ""), address)
         for key, address in envelope.items()
@@ -127,13 +120,13 @@ def plan_recipients(email: Email) -> Recipients:
 def _from_name(from_: Sequence[Mailbox], mailbox: str) -> str:
     """The display name to keep on the rewritten From."""
     for candidate in from_:
-        if address_key(candidate.address) == address_key(mailbox):
+        if mailbox_key(candidate.address) == mailbox_key(mailbox):
             return candidate.name
     return from_[0].name if from_ else ""
 
 
 def _from_is(from_: Sequence[Mailbox], mailbox: str) -> bool:
-    return len(from_) == 1 and address_key(from_[0].address) == address_key(mailbox)
+    return len(from_) == 1 and mailbox_key(from_[0].address) == mailbox_key(mailbox)
 
 
 # Longer address fields are not read (the standard library's address parser
@@ -160,7 +153,7 @@ def raw_recipients_in_envelope(email: Email) -> bool:
     salvaged differently (or that names someone we cannot make out) must not
     go as MIME, or Graph might mail a person the envelope never named.
     """
-    envelope = {address_key(address) for address in email.envelope_to}
+    envelope = {mailbox_key(address) for address in email.envelope_to}
     fields, _ = split_fields(email.raw)
     for f in fields:
         if field_name(f) not in (b"to", b"cc"):
@@ -169,7 +162,7 @@ def raw_recipients_in_envelope(email: Email) -> bool:
         if pairs is None:
             return False
         for name, address in pairs:
-            if address and address_key(address) in envelope:
+            if address and mailbox_key(address) in envelope:
                 continue
             if not address and not name:
                 continue  # an empty group such as "undisclosed-recipients:;"
@@ -261,14 +254,14 @@ def mime_message_and_warnings(
         from_field = address_field("From", [Mailbox(display, mailbox)], newline)
         if original_from is not None and not has_reply_to:
             reply_to_field, warnings = _author_reply_to(
-                original_from, email, domain or mailbox_domain(mailbox), newline
+                original_from, email, domain or domain_of(mailbox), newline
             )
     drop: set[bytes] = set()
     for f, name in zip(fields, names, strict=True):
         if name == b"sender":
             pairs = _header_pairs(field_value(f))
             addresses = [a for _, a in pairs or () if a]
-            if pairs is None or [address_key(a) for a in addresses] != [address_key(mailbox)]:
+            if pairs is None or [mailbox_key(a) for a in addresses] != [mailbox_key(mailbox)]:
                 drop.add(b"sender")
     bcc_field = address_field("Bcc", recipients.bcc, newline) if recipients.bcc else None
     rewritten = rewrite_headers(
@@ -362,7 +355,7 @@ def json_message(
         authors = email.reply_to
     elif email.from_ and not _from_is(email.from_, mailbox):
         authors = email.from_
-    reply_to, warnings = reply_to_mailboxes(authors, domain or mailbox_domain(mailbox))
+    reply_to, warnings = reply_to_mailboxes(authors, domain or domain_of(mailbox))
     if reply_to:
         message["replyTo"] = [_recipient(m) for m in reply_to]
     headers, dropped = custom_headers(email.headers)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from smtpproxy.config import (
     Config,
@@ -75,7 +74,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
-def configured(values: Mapping[str, Any]) -> bool:
+def configured(values: Mapping[str, object]) -> bool:
     """Are all four required settings given?  Half of them is an error, not stdout mode."""
     present = [name for name in REQUIRED if values.get(name.lower())]
     if present and len(present) < len(REQUIRED):
@@ -90,6 +89,7 @@ def configured(values: Mapping[str, Any]) -> bool:
 
 
 SETTINGS_GROUP = SettingGroup("graph", SETTINGS, configured)
+_DEFAULTS: Mapping[str, object] = {setting.attr: setting.default for setting in SETTINGS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,18 +98,19 @@ class GraphSettings:
 
     L{Config} holds a provider's values in a mapping it knows nothing about;
     this is where they get their types back, checked once when the
-    provider is built.
+    provider is built.  No field has a default of its own: an unset value
+    takes its L{Setting}'s, declared once in L{SETTINGS}.
     """
 
-    tenant_id: str = ""
-    client_id: str = ""
-    client_secret: str = ""
-    sender: tuple[str, ...] = ()
-    authority_host: str = "https://login.microsoftonline.com"
-    endpoint: str = "https://graph.microsoft.com"
-    send_mode: str = "auto"
-    send_timeout: float = 120.0
-    max_concurrency: int = 4
+    tenant_id: str
+    client_id: str
+    client_secret: str
+    sender: tuple[str, ...]
+    authority_host: str
+    endpoint: str
+    send_mode: str
+    send_timeout: float
+    max_concurrency: int
 
     def __repr__(self) -> str:
         secret = "***" if self.client_secret else "''"
@@ -123,10 +124,10 @@ class GraphSettings:
             hand can hold one: the parsers produce these types).
         """
         found = config.provider_settings
-        default = cls()
 
         def value(name: str) -> object:
-            return found.get(f"graph_{name}", getattr(default, name))
+            attr = f"graph_{name}"
+            return found[attr] if attr in found else _DEFAULTS[attr]
 
         senders = value("sender")
         if not isinstance(senders, tuple) or not all(isinstance(s, str) for s in senders):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any, cast
 
 import psycopg
@@ -22,50 +21,28 @@ from twisted.trial.unittest import TestCase
 
 from smtpproxy.queue.model import (
     Attempt,
-    Envelope,
-    LeaseLostError,
     Outcome,
     QueueFullError,
-    State,
 )
 from smtpproxy.queue.postgres import PostgresStore, QueueUnavailableError
 from smtpproxy.queue.postgres_sql import SCHEMA_VERSION, SchemaTooNewError
+from smtpproxy.queue.store import QueueStore
 from smtpproxy.spool import MessageBody
 from tests.queue import pgserver
+from tests.queue.test_store_contract import Body, FullDiskBody, StoreContract, envelope
+
+T = 1000.0
+
+
+def attempt(at: float, outcome: Outcome) -> Attempt:
+    """A successful or failed attempt as a worker records it."""
+    return Attempt(at, outcome, "", "req-1", "worker-test")
+
 
 REACTOR: IReactorCore = reactor
 
 #: How long a failure against a dead or stuck server may take at most.
 PROMPT = 10.0
-
-
-class Body:
-    """A body held in memory; with C{fail_after}, reading it breaks after that many chunks."""
-
-    def __init__(self, data: bytes, piece: int = 1 << 20, fail_after: int | None = None) -> None:
-        self.data = data
-        self.piece = piece
-        self.fail_after = fail_after
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    def chunks(self) -> Iterator[bytes]:
-        for number, start in enumerate(range(0, len(self.data), self.piece)):
-            if self.fail_after is not None and number >= self.fail_after:
-                raise OSError(5, "Input/output error")
-            yield self.data[start : start + self.piece]
-
-
-def envelope(route: str = "", sender: str = "app@example.com") -> Envelope:
-    """An envelope for C{route} with two recipients."""
-    return Envelope(sender, ("a@example.org", "b@example.org"), "192.0.2.7", "relay", route)
-
-
-def attempt(outcome: Outcome, at: float = 2000.0, reply: str = "") -> Attempt:
-    """One attempt as a worker would record it."""
-    return Attempt(at, outcome, reply, "req-1", "worker-test")
 
 
 class PostgresCase(TestCase):
@@ -117,25 +94,21 @@ class PostgresCase(TestCase):
         )
 
 
-class StoreTests(PostgresCase):
-    """The store's rules, on PostgreSQL."""
+class PostgresContractTests(StoreContract, PostgresCase):
+    """Every rule of the QueueStore protocol (L{StoreContract}), against PostgreSQL."""
 
-    async def test_round_trip(self) -> None:
-        """A message comes back as enqueued: envelope, body, age; delivered, it is gone."""
-        store = await self.opened()
-        await store.enqueue(
-            "m1", envelope("box@example.com"), Body(b"Subject: x\r\n\r\nhi\r\n"), 1000.0
-        )
-        (entry,) = await store.claim("w1", 1000.0, 60.0, 10, 4)
-        self.assertEqual(entry.id, "m1")
-        self.assertEqual(entry.envelope, envelope("box@example.com"))
-        self.assertEqual(
-            (entry.state, entry.lease_owner, entry.lease_until), (State.DELIVERING, "w1", 1060.0)
-        )
-        self.assertEqual(await store.read_body("m1"), b"Subject: x\r\n\r\nhi\r\n")
-        await store.delivered("m1", "w1", attempt(Outcome.DELIVERED))
-        self.assertIsNone(await store.show("m1"))
-        self.assertEqual(self.query("SELECT count(*) FROM queue_body_chunks"), [(0,)])
+    async def make_store(self, max_bytes: int | None = None) -> QueueStore:
+        """An opened store on this test's database."""
+        return await self.opened(max_bytes or self.max_bytes)
+
+    async def reopen(self, store: QueueStore) -> QueueStore:
+        """Close C{store}; a new store (a new pool) on the same database."""
+        await store.close()
+        return await self.make_store()
+
+
+class StoreTests(PostgresCase):
+    """What the contract cannot see: chunk rows, commits by xmin, a batch's refusals."""
 
     async def test_large_body_in_chunks(self) -> None:
         """A 3.5 MiB body from the relay's spool is stored as four 1 MiB-bounded rows, intact."""
@@ -194,7 +167,7 @@ class StoreTests(PostgresCase):
         results = await defer.DeferredList(
             [
                 store.enqueue("first", envelope(), Body(b"b" * 10), 1001.0),
-                store.enqueue("broken", envelope(), Body(b"c" * 3000, 1000, fail_after=2), 1002.0),
+                store.enqueue("broken", envelope(), FullDiskBody(b"c" * 12_000, room=5000), 1002.0),
                 store.enqueue("fits", envelope(), Body(b"d" * 20_000), 1003.0),
                 store.enqueue("over", envelope(), Body(b"e" * 10_000), 1004.0),
             ],
@@ -223,77 +196,6 @@ class StoreTests(PostgresCase):
             [e.id for e in entries], ["m00000", "m00001", "m00002", "m00100", "m00101"]
         )
 
-    async def test_leases(self) -> None:
-        """An expired lease passes to another worker; the first one's outcomes then fail.
-
-        LeaseLostError from renew, delivered, deferred and dead alike, and
-        nothing changes: the message stays with its new holder.
-        """
-        store = await self.opened()
-        await store.enqueue("m1", envelope(), Body(b"z"), 1000.0)
-        self.assertEqual(len(await store.claim("w1", 1000.0, 30.0, 1, 1)), 1)
-        self.assertEqual(await store.claim("w2", 1029.0, 30.0, 1, 1), [])
-        await store.renew("m1", "w1", 1040.0)
-        self.assertEqual(await store.claim("w2", 1039.0, 30.0, 1, 1), [])
-        (second,) = await store.claim("w2", 1040.0, 30.0, 1, 1)
-        self.assertEqual(second.lease_owner, "w2")
-        for lost in (
-            store.renew("m1", "w1", 2000.0),
-            store.delivered("m1", "w1", attempt(Outcome.DELIVERED)),
-            store.deferred("m1", "w1", attempt(Outcome.DEFERRED), 3000.0),
-            store.dead("m1", "w1", attempt(Outcome.FAILED)),
-        ):
-            with self.assertRaises(LeaseLostError):
-                await lost
-        shown = await store.show("m1")
-        assert shown is not None
-        self.assertEqual((shown.lease_owner, shown.attempts, shown.history), ("w2", 0, ()))
-
-    async def test_deferred_dead_retry_purge(self) -> None:
-        """A deferral waits for its time; death keeps the history; retry and purge see the dead."""
-        store = await self.opened()
-        await self.fill(store, 2)
-        await store.claim("w1", 1500.0, 60.0, 2, 2)
-        await store.deferred(
-            "m00000", "w1", attempt(Outcome.DEFERRED, 1500.0, "451 4.4.1 busy"), 1600.0
-        )
-        await store.dead("m00001", "w1", attempt(Outcome.FAILED, 1500.0, "550 5.1.1 no such user"))
-        self.assertEqual(await store.claim("w1", 1599.0, 60.0, 5, 5), [])
-        (again,) = await store.claim("w1", 1600.0, 600.0, 5, 5)
-        self.assertEqual(
-            (again.id, again.attempts, again.last_reply), ("m00000", 1, "451 4.4.1 busy")
-        )
-        dead = await store.show("m00001")
-        assert dead is not None
-        self.assertEqual(dead.state, State.DEAD)
-        self.assertEqual(dead.history, (attempt(Outcome.FAILED, 1500.0, "550 5.1.1 no such user"),))
-        stats = await store.stats()
-        self.assertEqual(
-            (stats.queued, stats.delivering, stats.dead, stats.oldest_queued_at), (0, 1, 1, 1000.0)
-        )
-        self.assertEqual(await store.retry_dead(1700.0), 1)
-        (revived,) = await store.claim("w2", 1700.0, 60.0, 5, 5)
-        self.assertEqual(revived.id, "m00001")
-        await store.dead("m00001", "w2", attempt(Outcome.EXPIRED, 1800.0))
-        self.assertEqual(await store.purge_dead(1800.0), 0)
-        self.assertEqual(await store.purge_dead(1800.5), 1)
-        self.assertEqual([e.id for e in await store.list(None, 10)], ["m00000"])
-
-    async def test_operator_actions(self) -> None:
-        """release gives leases back; delete spares a live lease; retry makes a message due."""
-        store = await self.opened()
-        now = REACTOR.seconds()  # type: ignore[attr-defined]
-        await self.fill(store, 3)
-        await store.claim("w1", now, 600.0, 2, 5)
-        self.assertFalse(await store.delete("m00000"))
-        self.assertTrue(await store.delete("m00002"))
-        self.assertFalse(await store.delete("m00002"))
-        self.assertEqual(await store.release("w1"), 2)
-        self.assertEqual([e.state for e in await store.list(State.QUEUED, 10)], [State.QUEUED] * 2)
-        self.assertTrue(await store.retry("m00001", 10.0))
-        self.assertFalse(await store.retry("nope", 10.0))
-        self.assertTrue(await store.delete("m00000"))
-
 
 class ReplicaTests(PostgresCase):
     """Two stores on one database, each with its own pool: two relay processes."""
@@ -303,7 +205,7 @@ class ReplicaTests(PostgresCase):
         while entries := await store.claim(owner, 9000.0, 60.0, 7, 1000):
             for entry in entries:
                 taken.append(entry.id)
-                await store.delivered(entry.id, owner, attempt(Outcome.DELIVERED))
+                await store.delivered(entry.id, owner, attempt(T, Outcome.DELIVERED))
 
     async def test_concurrent_claims_never_share(self) -> None:
         """Two stores, three claim loops each, 300 messages: each is taken exactly once."""
@@ -349,7 +251,7 @@ class ReplicaTests(PostgresCase):
             for entry in leased:
                 assert entry.lease_owner is not None
                 store = stores[entry.lease_owner[:3]]
-                await store.delivered(entry.id, entry.lease_owner, attempt(Outcome.DELIVERED))
+                await store.delivered(entry.id, entry.lease_owner, attempt(T, Outcome.DELIVERED))
             remaining -= len(leased)
         await self.fill(stores["one"], 5, route="mailbox@example.com", start=100)
         self.assertEqual(len(await stores["one"].claim("w1", 6000.0, 60.0, 5, 3)), 3)

@@ -169,6 +169,8 @@ class PostgresStore:
         one of them commits enqueues, the others serve the workers.
     @param statement_timeout: seconds one statement may run, waiting for
         locks included, before it fails and the caller answers 451.
+    @ivar commits: enqueue transactions committed so far; with group commit
+        it grows more slowly than the number of messages.
     """
 
     def __init__(
@@ -197,23 +199,32 @@ class PostgresStore:
         }
         given = conninfo_to_dict(dsn)
         extra = {key: value for key, value in defaults.items() if key not in given}
-        self._pool = adbapi.ConnectionPool(
-            "psycopg",
-            conninfo=make_conninfo(dsn, **extra),
-            cp_min=1,
-            cp_max=pool_size,
-            cp_openfun=self._configure,
-            cp_reactor=reactor,
-            cp_noisy=False,
-        )
-        # adbapi documents connectionFactory as "any callable" taking the pool.
-        self._pool.connectionFactory = cast("type[adbapi.Connection]", _Link)
+        self._conninfo = make_conninfo(dsn, **extra)
+        self._reactor = reactor
+        self._pool_size = pool_size
+        self._pool = self._new_pool()
+        self.commits = 0
         self._pending: list[_Pending] = []
         self._committing = False
         self._closing = False
         self._closed = False
         self._busy = 0
         self._idle: list[Deferred[None]] = []
+
+    def _new_pool(self) -> adbapi.ConnectionPool:
+        """A pool of at most C{pool_size} connections, each in a thread of its own."""
+        pool = adbapi.ConnectionPool(
+            "psycopg",
+            conninfo=self._conninfo,
+            cp_min=1,
+            cp_max=self._pool_size,
+            cp_openfun=self._configure,
+            cp_reactor=self._reactor,
+            cp_noisy=False,
+        )
+        # adbapi documents connectionFactory as "any callable" taking the pool.
+        pool.connectionFactory = cast("type[adbapi.Connection]", _Link)
+        return pool
 
     def _configure(self, connection: psycopg.Connection[TupleRow]) -> None:
         """Session limits for every new connection (in a pool thread).
@@ -266,12 +277,18 @@ class PostgresStore:
         """Create or check the schema; two processes opening at once take turns.
 
         Bodies are written in their message's transaction, so a crash never
-        leaves a partial body behind: there is nothing to tidy.
+        leaves a partial body behind: there is nothing to tidy.  A closed
+        store may be opened again.
         """
+        if self._closed:
+            self._pool = self._new_pool()
+            self._closed = self._closing = False
         return self._run(tx.open_schema)
 
     def close(self) -> Deferred[None]:
         """Refuse new enqueues, let pending commits and calls finish, close the connections."""
+        if self._closed:
+            return succeed(None)
         self._closing = True
         waiter: Deferred[None] = Deferred()
         self._idle.append(waiter)
@@ -281,8 +298,9 @@ class PostgresStore:
 
     def _close_pool(self, _: None) -> None:
         """Stop the pool's threads (idle by now) and close its connections."""
-        self._closed = True
-        self._pool.close()
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
 
     # The front door: group commit.
 
@@ -313,6 +331,8 @@ class PostgresStore:
         self, outcome: list[BaseException | None] | Failure, batch: list[_Pending]
     ) -> None:
         """Answer each enqueue of a finished commit, then start the next commit."""
+        if not isinstance(outcome, Failure):
+            self.commits += 1
         for index, pending in enumerate(batch):
             if isinstance(outcome, Failure):
                 pending.done.errback(outcome)
@@ -373,7 +393,7 @@ class PostgresStore:
         return self._run(tx.show, id)
 
     def retry(self, id: str, now: float) -> Deferred[bool]:
-        """Make a queued or dead message due now; False if there is none."""
+        """Make a queued or dead message due now; False if there is none or a lease holds it."""
         return self._run(tx.retry, id, now).addCallback(bool)
 
     def retry_dead(self, now: float) -> Deferred[int]:

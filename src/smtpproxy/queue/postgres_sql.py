@@ -410,11 +410,12 @@ def show(cursor: Cursor, id: str) -> Entry | None:
 
 
 def retry(cursor: Cursor, id: str | None, now: float) -> int:
-    """Make one message (any state), or every dead one (C{id} None), queued and due now."""
+    """Make one message no live lease holds, or every dead one (C{id} None), queued and due."""
     cursor.execute(
-        "UPDATE queue_messages SET next_attempt = %(now)s, died_at = NULL,"
-        " state = CASE WHEN state = 'dead' THEN 'queued' ELSE state END"
-        " WHERE (%(id)s::text IS NULL AND state = 'dead') OR id = %(id)s",
+        "UPDATE queue_messages SET state = 'queued', next_attempt = %(now)s, died_at = NULL,"
+        " lease_owner = NULL, lease_until = NULL"
+        " WHERE (%(id)s::text IS NULL AND state = 'dead')"
+        " OR (id = %(id)s AND (state <> 'delivering' OR lease_until <= %(now)s))",
         {"id": id, "now": now},
     )
     return cursor.rowcount

@@ -247,13 +247,13 @@ class GraphProvider:
         scope = scope_for(settings.endpoint)
         kind = settings.credential
         if kind == CERTIFICATE:
-            password = settings.certificate_password or None
+            password = settings.client_certificate_password or None
             return ClientCertificate.load(
-                settings.client_id, self._token_url, scope, settings.certificate_file, password
+                settings.client_id, self._token_url, scope, settings.client_certificate_file, password
             )
         if kind == FEDERATED:
             return FederatedToken(
-                settings.client_id, self._token_url, scope, settings.federated_token_file
+                settings.client_id, self._token_url, scope, settings.azure_federated_token_file
             )
         if kind == MANAGED:
             return ManagedIdentity(

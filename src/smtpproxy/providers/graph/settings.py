@@ -295,7 +295,12 @@ def configured(values: Mapping[str, object]) -> bool:
         )
     if not own:
         return False
-    credential_kind(values)
+    try:
+        credential_kind(values)
+    except ConfigError as e:
+        if values.get("graph_sender"):
+            raise
+        raise ConfigError(f"{e}; also set GRAPH_SENDER") from None
     if not values.get("graph_sender"):
         raise ConfigError(
             "GRAPH_SENDER: Graph is partly configured; also set GRAPH_SENDER "
@@ -331,9 +336,12 @@ class GraphSettings:
     send_timeout: float
     max_concurrency: int
     save_to_sent_items: bool
-    certificate_file: str
-    certificate_password: str = field(repr=False)
-    federated_token_file: str
+    client_certificate_file: str
+    client_certificate_password: str = field(repr=False)
+    azure_federated_token_file: str
+    azure_client_id: str
+    azure_tenant_id: str
+    azure_authority_host: str
     managed_identity: bool
     managed_identity_client_id: str
     managed_identity_endpoint: str
@@ -349,9 +357,9 @@ class GraphSettings:
     @property
     def credential(self) -> str:
         """The credential kind (one of L{CREDENTIALS}; the secret when none is set)."""
-        if self.certificate_file:
+        if self.client_certificate_file:
             return CERTIFICATE
-        if self.federated_token_file:
+        if self.azure_federated_token_file:
             return FEDERATED
         if self.managed_identity:
             return MANAGED
@@ -409,9 +417,12 @@ class GraphSettings:
             send_timeout=float(timeout),
             max_concurrency=concurrency,
             save_to_sent_items=flag("graph_save_to_sent_items"),
-            certificate_file=text("graph_client_certificate_file"),
-            certificate_password=text("graph_client_certificate_password"),
-            federated_token_file=federated,
+            client_certificate_file=text("graph_client_certificate_file"),
+            client_certificate_password=text("graph_client_certificate_password"),
+            azure_federated_token_file=federated,
+            azure_client_id=text("azure_client_id"),
+            azure_tenant_id=text("azure_tenant_id"),
+            azure_authority_host=text("azure_authority_host"),
             managed_identity=flag("graph_managed_identity"),
             managed_identity_client_id=text("graph_managed_identity_client_id"),
             managed_identity_endpoint=text("graph_managed_identity_endpoint"),

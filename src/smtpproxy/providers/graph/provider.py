@@ -247,9 +247,10 @@ class GraphProvider:
         scope = scope_for(settings.endpoint)
         kind = settings.credential
         if kind == CERTIFICATE:
+            path = settings.client_certificate_file
             password = settings.client_certificate_password or None
             return ClientCertificate.load(
-                settings.client_id, self._token_url, scope, settings.client_certificate_file, password
+                settings.client_id, self._token_url, scope, path, password
             )
         if kind == FEDERATED:
             return FederatedToken(

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.mail.smtp import (
@@ -120,6 +120,8 @@ class RelayClient(ESMTPClient):
         self._sending: FileSender | None = None
         self._waiting_for = "the greeting"
         self._closing = False
+        self._gone: list[Deferred[None]] = []
+        self._lost = False
 
     @property
     def _wire(self) -> _Transport:
@@ -293,7 +295,19 @@ class RelayClient(ESMTPClient):
             self.ready.errback(error)
         elif self._result is not None:
             self._finish_failure(error)
+        self._lost = True
         self.on_lost(self)
+        gone, self._gone = self._gone, []
+        for waiting in gone:
+            waiting.callback(None)
+
+    def closed(self) -> Deferred[None]:
+        """Fires once the connection is gone."""
+        if self._lost or self.transport is None:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._gone.append(waiting)
+        return waiting
 
     def _close_now(self) -> None:
         if self.transport is not None:

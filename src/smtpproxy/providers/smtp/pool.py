@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from smtpproxy.errors import TransientDeliveryError
@@ -114,15 +114,20 @@ class Pool:
                 return
 
     def close(self) -> Deferred[None]:
-        """QUIT every idle session; busy ones close when handed back."""
+        """QUIT every idle session; busy ones close when handed back.
+
+        Fires once every connection is gone (each QUIT is bounded by its
+        own short timeout).
+        """
         self._closed = True
+        members = list(self._members)
         idle, self._idle = self._idle, []
         for client, timer in idle:
             timer.cancel()
-            self._forget(client)
             client.quit()
         self._wake_all()
-        return succeed(None)
+        gone = [client.closed() for client in members]
+        return gatherResults(gone).addCallback(lambda _: None)
 
     def _wake_all(self) -> None:
         waiters, self._waiters = self._waiters, deque()

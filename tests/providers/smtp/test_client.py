@@ -8,10 +8,11 @@ what the provider sent and what our client would be told.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.mail.smtp import ESMTPClient
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -26,7 +27,7 @@ from smtpproxy.mime.message import Email
 from smtpproxy.providers.smtp.client import RelayClient
 from smtpproxy.providers.smtp.provider import SmtpProvider
 from smtpproxy.providers.smtp.trust import client_tls
-from tests.providers.smtp.upstream import Script, authority, listen, relay_settings
+from tests.providers.smtp.upstream import Script, authority, listen, port_of, relay_settings
 from tests.support import async_test
 
 RAW = b"From: a@example.com\r\nSubject: hi\r\n\r\n.leading dot\r\nbody\r\n"
@@ -41,16 +42,19 @@ class Case(TestCase):
 
     def setUp(self) -> None:
         self.events: list[LogEvent] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def logged(self, text: str) -> list[LogEvent]:
         return [e for e in self.events if e.get("log_format") == text]
 
-    async def upstream(self, script: Script, implicit: bool = False, **settings: object) -> SmtpProvider:
+    async def upstream(
+        self, script: Script, implicit: bool = False, **settings: object
+    ) -> SmtpProvider:
         port = await listen(script, script.starttls if implicit else None)
         self.addCleanup(port.stopListening)
-        provider = SmtpProvider(relay_settings(port.getHost().port, **settings), reactor)
+        provider = SmtpProvider(relay_settings(port_of(port), **settings), reactor)
         self.addCleanup(provider.close)
         return provider
 
@@ -181,7 +185,11 @@ class TlsTests(Case):
         ca = authority()
         script = Script(starttls=ca.server_options(), login=("app", "s3cret"))
         provider = await self.upstream(
-            script, tls="starttls", ca_file=self.ca_file(ca.ca_pem), username="app", password="s3cret"
+            script,
+            tls="starttls",
+            ca_file=self.ca_file(ca.ca_pem),
+            username="app",
+            password="s3cret",
         )
         await provider.send(message())
         self.assertEqual(script.bodies, [RAW])
@@ -195,7 +203,11 @@ class TlsTests(Case):
         ca = authority()
         script = Script(starttls=ca.server_options(), login=("app", "right"))
         provider = await self.upstream(
-            script, tls="starttls", ca_file=self.ca_file(ca.ca_pem), username="app", password="wrong"
+            script,
+            tls="starttls",
+            ca_file=self.ca_file(ca.ca_pem),
+            username="app",
+            password="wrong",
         )
         error = await self.failure_of(provider.send(message()))
         self.assertIsInstance(error, TransientDeliveryError)

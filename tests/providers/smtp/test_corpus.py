@@ -17,7 +17,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from smtpproxy.mime.message import Email
 from smtpproxy.providers.smtp.provider import SmtpProvider
 from tests.mime.test_corpus import corpus_files
-from tests.providers.smtp.upstream import Script, listen, relay_settings
+from tests.providers.smtp.upstream import Script, listen, port_of, relay_settings
 from tests.support import async_test
 
 
@@ -33,7 +33,7 @@ class CorpusTests(TestCase):
         script = Script()
         port = await listen(script)
         self.addCleanup(port.stopListening)
-        provider = SmtpProvider(relay_settings(port.getHost().port), reactor)
+        provider = SmtpProvider(relay_settings(port_of(port)), reactor)
         self.addCleanup(provider.close)
         sent = []
         for path in files:

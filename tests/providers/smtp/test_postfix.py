@@ -36,20 +36,16 @@ class PostfixUpstreamTests(TestCase):
     def relay(self, upstream: PostfixUpstream, **settings: str) -> Relay:
         ca_file = Path(self.mktemp()).absolute()
         ca_file.write_bytes(self.ca.ca_pem)
-        relay = Relay(
-            self,
-            RELAY_HOST="127.0.0.1",
-            RELAY_PORT=str(upstream.port),
-            RELAY_CA_FILE=str(ca_file),
-            **settings,
+        settings.update(
+            RELAY_HOST="127.0.0.1", RELAY_PORT=str(upstream.port), RELAY_CA_FILE=str(ca_file)
         )
-        return relay
+        return Relay(self, (), **settings)
 
     @async_test
     async def test_relayed_over_starttls(self) -> None:
-        """Three messages (8-bit body, a leading-dot line, two recipients each) go through the
-        relay to Postfix over verified STARTTLS; Postfix logs each with its sender, its
-        message-id and both recipients, over TLS, and the relay used one connection for all three."""
+        """Three messages (8-bit body, a leading-dot line, two recipients each) go through
+        the relay to Postfix over verified STARTTLS; Postfix logs each with its sender, its
+        message-id and both recipients, and the relay used one TLS connection for all three."""
         upstream = self.postfix()
         relay = self.relay(upstream)
         body = "Subject: über\r\nMessage-ID: <{n}@relay.test>\r\n\r\n.dot\r\nGrüße\r\n"
@@ -89,7 +85,9 @@ class PostfixUpstreamTests(TestCase):
             relay.wait_listening()
             with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=TIMEOUT) as client:
                 try:
-                    client.sendmail("app@example.com", ["one@example.org"], b"Subject: x\r\n\r\nx\r\n")
+                    client.sendmail(
+                        "app@example.com", ["one@example.org"], b"Subject: x\r\n\r\nx\r\n"
+                    )
                 except smtplib.SMTPDataError as e:
                     return e
             return None

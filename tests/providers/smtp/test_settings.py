@@ -39,7 +39,9 @@ class SettingsTests(SynchronousTestCase):
         )
         settings = RelaySettings.from_config(loaded)
         self.assertEqual(settings.host, "2001:db8::1")
-        self.assertEqual((settings.port, settings.tls, settings.password), (465, "implicit", " p@ss "))
+        self.assertEqual(
+            (settings.port, settings.tls, settings.password), (465, "implicit", " p@ss ")
+        )
         self.assertEqual((settings.max_connections, settings.timeout), (3, 5.0))
         self.assertFalse(settings.tls_verify)
         self.assertNotIn("p@ss", repr(loaded))
@@ -56,7 +58,9 @@ class SettingsTests(SynchronousTestCase):
             ({"RELAY_PORT": "25"}, "RELAY_HOST"),
             ({"PROVIDER": "smtp"}, "PROVIDER"),
         ):
-            error = self.assertRaises(config.ConfigError, config.load, env, fqdn=lambda: "r.example")
+            error = self.assertRaises(
+                config.ConfigError, config.load, env, fqdn=lambda: "r.example"
+            )
             self.assertTrue(str(error).startswith(f"{name}:"), (env, str(error)))
 
     def test_capabilities_declared(self) -> None:

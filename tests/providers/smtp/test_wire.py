@@ -45,7 +45,7 @@ class BodyEncodingTests(SynchronousTestCase):
         self.assertEqual(wire.encode_body(b".x\r\n..y\r\n"), b"..x\r\n...y\r\n.\r\n")
 
     def test_round_trip_is_byte_for_byte(self) -> None:
-        """A CRLF body decodes back to exactly itself, dots and all, with or without a final CRLF."""
+        """A CRLF body decodes back to itself, dots and all, with or without a final CRLF."""
         for raw in (
             b"",
             b"x",
@@ -83,7 +83,7 @@ class ReplyTests(SynchronousTestCase):
         self.assertEqual((reply.code, reply.status, reply.text), (550, "5.1.1", "first second"))
 
     def test_strict_codes(self) -> None:
-        """Defect: Twisted reads int(line[:3]), so ' 25', '+25' and '25 ' pass as codes; here not."""
+        """Defect: Twisted reads int(line[:3]): ' 25', '+25' and '25 ' pass as codes; not here."""
         for line in (b" 25 x", b"+25 x", b"25 ", b"abc", b"250x", b"650 x", b""):
             self.assertRaises(wire.ReplyError, wire.ReplyReader().feed, line)
 

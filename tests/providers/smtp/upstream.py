@@ -49,7 +49,9 @@ def _name(text: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
 
 
-def authority(names: tuple[str, ...] = ("localhost", "127.0.0.1"), expired: bool = False) -> Authority:
+def authority(
+    names: tuple[str, ...] = ("localhost", "127.0.0.1"), expired: bool = False
+) -> Authority:
     """A fresh CA and a certificate for C{names} signed by it (expired if asked)."""
     now = datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -88,9 +90,7 @@ def authority(names: tuple[str, ...] = ("localhost", "127.0.0.1"), expired: bool
     return Authority(
         ca.public_bytes(pem),
         cert.public_bytes(pem),
-        key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
 
 
@@ -232,9 +232,16 @@ class _Factory(Factory):
 
 async def listen(script: Script, implicit: CertificateOptions | None = None) -> IListeningPort:
     """Start the scripted upstream on a free loopback port (implicit TLS if given)."""
+    endpoint: SSL4ServerEndpoint | TCP4ServerEndpoint
     if implicit is not None:
         endpoint = SSL4ServerEndpoint(reactor, 0, implicit, interface="127.0.0.1")
     else:
         endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port: IListeningPort = await endpoint.listen(_Factory(script))
     return port
+
+
+def port_of(listening: IListeningPort) -> int:
+    """The TCP port C{listening} was given."""
+    number: int = listening.getHost().port  # type: ignore[attr-defined]
+    return number

@@ -237,7 +237,7 @@ class EnvironmentNamesTests(SynchronousTestCase):
             "HTTP_X",
             "TLS_X",
             "QUEUE_WOMBAT_BANANA",
-            "RELAY_X",
+            "RELAY_WOMBAT_BANANA",
             "AUTH_X",
             "MAILBOX_X",
             "STDOUT_X",

@@ -13,7 +13,7 @@ sink.  Both get Postfix's C{smtp-source} (10 KB messages, 50 sessions):
 The two go in alternating pairs, and the median of each is reported.  The
 Postfix instance is private (its own configuration, queue and log in a
 temporary directory, loopback only); it needs Debian's C{postfix} package
-and root, as C{bench/queue.py} does.
+and root, as C{bench/queue_ingress.py} does.
 
     .venv/bin/python bench/upstream.py [--messages 2000] [--pairs 3]
 """
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import queue, run  # noqa: E402
+from bench import queue_ingress, run  # noqa: E402
 
 MESSAGES = 2_000
 SESSIONS = 50
@@ -71,9 +71,9 @@ smtp_destination_concurrency_limit = {connections}
 default_destination_concurrency_limit = {connections}
 """
 
-# bench/queue.py's master.cf, plus the smtp client that relays.
+# bench/queue_ingress.py's master.cf, plus the smtp client that relays.
 POSTFIX_RELAY_MASTER_CF = (
-    queue.POSTFIX_MASTER_CF
+    queue_ingress.POSTFIX_MASTER_CF
     + "smtp      unix  -       -       n       -       -       smtp\n"
     + "relay     unix  -       -       n       -       -       smtp\n"
 )
@@ -173,7 +173,7 @@ def measure(messages: int, pairs: int) -> dict[str, Any]:
         sink_port = stack.enter_context(sink())
         ours = stack.enter_context(run.started(relay(sink_port)))
         run.warm_up(ours.port)
-        why = queue.postfix_missing()
+        why = queue_ingress.postfix_missing()
         if why is not None:
             results["postfix"] = {"skipped": why}
             results["smtpproxy_msg_s"] = round(relay_rate(ours.port, messages), 1)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from smtpproxy import __version__
 from smtpproxy.config import Config, settings
 from smtpproxy.policy.rules import AddressPatterns
-from smtpproxy.tools import probe
+from smtpproxy.tools import probe, send
 
 HEADINGS = ("Variable", "YAML path", "Default", "Meaning")
 
@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="print a Markdown table (for the docs)"
     )
     probe.register(commands)
+    send.register(commands)
     return parser
 
 

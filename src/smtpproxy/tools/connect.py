@@ -21,13 +21,14 @@ import getpass
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import TimeoutError as TwistedTimeoutError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.ssl import (
     Certificate,
@@ -46,6 +47,7 @@ __all__ = [
     "Target",
     "UsageError",
     "add_connection_arguments",
+    "describe_error",
     "endpoint",
     "observing_tls",
     "parse_target",
@@ -55,6 +57,8 @@ __all__ = [
     "verifying_tls",
 ]
 
+#: The connection modes, as the reports name them.
+MODES = {"plain": "no TLS", "starttls": "STARTTLS", "tls": "implicit TLS"}
 SUBMISSIONS_PORT = 465
 SMTP_PORT = 25
 
@@ -125,6 +129,11 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds to wait for the connection and for each reply (default 30)",
     )
+    parser.add_argument(
+        "--insecure-auth",
+        action="store_true",
+        help="allow AUTH without TLS (the password travels in clear text)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -193,6 +202,12 @@ def _sni(host: str) -> bytes | None:
         return host.encode("idna")
     except UnicodeError:
         return None
+
+
+class HasHandle(Protocol):
+    """A TLS transport: C{getHandle()} is its OpenSSL connection."""
+
+    def getHandle(self) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,3 +281,17 @@ def react(run: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
     except SystemExit as e:
         if e.code not in (0, None):
             raise
+
+
+def describe_error(error: BaseException, timeout: float) -> str:
+    """A failure in words: a timeout, a refused connection, an OpenSSL reason."""
+    if isinstance(error, TwistedTimeoutError | TimeoutError | CancelledError):
+        return f"no answer within {timeout:g} s"
+    reasons = getattr(error, "args", ())
+    # OpenSSL errors carry a list of (library, function, reason) tuples.
+    if reasons and isinstance(reasons[0], list):
+        texts = [str(entry[2]) for entry in reasons[0] if isinstance(entry, tuple)]
+        if texts:
+            return "; ".join(texts)
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TextIO, TypeVar, cast
 
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import TimeoutError as TwistedTimeoutError
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from smtpproxy.config import system_hostname
@@ -349,7 +348,7 @@ class _Timer:
             result = await waiting
         except Exception as e:
             ms = (time.perf_counter() - started) * 1000
-            why = _why(e, self._timeout)
+            why = connect.describe_error(e, self._timeout)
             self._report.steps.append(Step(name, False, ms, why))
             raise _StopError(f"{failed or name}: {why}") from None
         ms = (time.perf_counter() - started) * 1000
@@ -358,26 +357,12 @@ class _Timer:
         return result
 
 
-def _why(error: BaseException, timeout: float) -> str:
-    """A failure in words: a timeout, a refused connection, an OpenSSL reason."""
-    if isinstance(error, TwistedTimeoutError | TimeoutError | CancelledError):
-        return f"no answer within {timeout:g} s"
-    reasons = getattr(error, "args", ())
-    # OpenSSL errors carry a list of (library, function, reason) tuples.
-    if reasons and isinstance(reasons[0], list):
-        texts = [str(entry[2]) for entry in reasons[0] if isinstance(entry, tuple)]
-        if texts:
-            return "; ".join(texts)
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
-
-
 # -- output ------------------------------------------------------------------
 
 
 def render_text(report: ProbeReport, verdict: Verdict, now: datetime, verbose: bool) -> str:
     """The human report: steps with times, capabilities, TLS and chain, the verdict last."""
-    mode = {"plain": "no TLS", "starttls": "STARTTLS", "tls": "implicit TLS"}[report.mode]
+    mode = connect.MODES[report.mode]
     lines = [f"smtpproxy probe {report.target} ({mode})"]
     for step in report.steps:
         mark = " " if step.ok else "!"
@@ -478,11 +463,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument("server", metavar="HOST[:PORT]")
     connect.add_connection_arguments(parser)
-    parser.add_argument(
-        "--insecure-auth",
-        action="store_true",
-        help="allow the AUTH test without TLS (the password travels in clear text)",
-    )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="also print the dialogue (passwords hidden)"
     )

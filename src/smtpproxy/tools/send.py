@@ -155,7 +155,8 @@ def build_message(spec: MessageSpec, *, now: datetime, hostname: str) -> BuiltMe
 
 def render_text(message: BuiltMessage, options: SendOptions, outcome: Outcome) -> str:
     lines = [
-        f"smtpproxy send {options.target} ({connect.MODES[options.mode]}): message {message.message_id}, "
+        f"smtpproxy send {options.target} ({connect.MODES[options.mode]}): "
+        f"message {message.message_id}, "
         f"{len(message.data)} bytes, {len(message.recipients)} recipients"
     ]
     if options.mode != "plain" and not options.verify:
@@ -202,7 +203,6 @@ def render_json(message: BuiltMessage, options: SendOptions, outcome: Outcome) -
         "transcript": [{"from": who, "line": text} for who, text in outcome.transcript],
     }
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
-
 
 
 # -- the command -------------------------------------------------------------

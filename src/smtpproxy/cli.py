@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from smtpproxy import __version__
 from smtpproxy.config import Config, settings
 from smtpproxy.policy.rules import AddressPatterns
-from smtpproxy.tools import probe, send
+from smtpproxy.tools import doctor, probe, send
 
 HEADINGS = ("Variable", "YAML path", "Default", "Meaning")
 
@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     probe.register(commands)
     send.register(commands)
+    doctor.register(commands)
     return parser
 
 

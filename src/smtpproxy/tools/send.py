@@ -30,6 +30,7 @@ sent, 2 a usage error.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import mimetypes
 import os
@@ -189,6 +190,8 @@ def render_json(message: BuiltMessage, options: SendOptions, outcome: Outcome) -
         "verified": options.verify if options.mode != "plain" else None,
         "message_id": message.message_id,
         "size": len(message.data),
+        # The message as built, before dot-stuffing: what the server should store.
+        "sha256": hashlib.sha256(message.data).hexdigest(),
         "envelope": {"from": message.envelope_from, "to": list(message.recipients)},
         "tls": None
         if tls is None

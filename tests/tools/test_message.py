@@ -69,7 +69,7 @@ class BuildMessageTests(SynchronousTestCase):
         """Each --attach file is a part with its base name, bytes intact and a type guessed
         from the name; unknown and compressed files are application/octet-stream."""
         files = {
-            "/tmp/x/report.pdf": b"%PDF-1.7 ...",
+            "reports/2026/report.pdf": b"%PDF-1.7 ...",
             "notes.txt": b"plain\nnotes\n",
             "photo.png": bytes(range(256)),
             "data.unknownext": b"\x00\x01",

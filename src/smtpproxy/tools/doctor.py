@@ -282,6 +282,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     """Add C{doctor} to the C{smtpproxy} command's subcommands."""
     parser = commands.add_parser(
         "doctor",
+        # No abbreviations: "--password" must not quietly mean --password-file.
+        allow_abbrev=False,
         help="check the relay's settings: listen addresses, certificate, provider",
         description=(
             "Read the relay's settings as twistd smtpproxy does and check what can go wrong "

@@ -14,6 +14,7 @@ token, payload, the mailbox's send-as right.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import treq
@@ -22,6 +23,7 @@ from twisted.web.http_headers import Headers
 
 from smtpproxy.errors import DeliveryError
 from smtpproxy.mime.message import parse_message
+from smtpproxy.providers.graph.provider import USER_AGENT, GraphProvider
 from smtpproxy.providers.graph.settings import GraphSettings
 from smtpproxy.providers.graph.tokens import parse_token, token_form, token_problem, token_url
 from smtpproxy.tools import connect
@@ -59,7 +61,15 @@ async def _token(context: Context, settings: GraphSettings) -> Result:
         response: Any = await treq.post(
             url,
             data=form,
-            headers=Headers({b"Content-Type": [b"application/x-www-form-urlencoded"]}),
+            headers=Headers(
+                {
+                    b"Content-Type": [b"application/x-www-form-urlencoded"],
+                    # As the provider sends it: Entra's logs find the request by it.
+                    b"client-request-id": [str(uuid.uuid4()).encode("ascii")],
+                    b"return-client-request-id": [b"true"],
+                    b"User-Agent": [USER_AGENT.encode("ascii")],
+                }
+            ),
             timeout=context.timeout,
             reactor=context.reactor,
         )
@@ -86,8 +96,6 @@ async def _token(context: Context, settings: GraphSettings) -> Result:
 
 
 async def _send_tests(context: Context, settings: GraphSettings, to: str) -> list[Result]:
-    from smtpproxy.providers.graph.provider import GraphProvider
-
     provider = GraphProvider(context.config, context.reactor)
     results = []
     try:

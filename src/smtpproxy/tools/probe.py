@@ -454,6 +454,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     """Add C{probe} to the C{smtpproxy} command's subcommands."""
     parser = commands.add_parser(
         "probe",
+        # No abbreviations: "--password" must not quietly mean --password-file.
+        allow_abbrev=False,
         help="connect to an SMTP server and report what it offers and whether it works",
         description=(
             "Connect to HOST[:PORT] (port 25, or 465 with --tls), report the greeting, "

@@ -215,6 +215,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     """Add C{send} to the C{smtpproxy} command's subcommands."""
     parser = commands.add_parser(
         "send",
+        # No abbreviations: "--password" must not quietly mean --password-file.
+        allow_abbrev=False,
         help="send one complete test message and show the server's replies",
         description=(
             "Build a complete message (Date, Message-ID, MIME, attachments) and send it "

@@ -285,7 +285,13 @@ def main(arguments: argparse.Namespace, out: TextIO | None = None) -> int:
             )
         if arguments.ca_file is not None:
             connect.ca_certificates(arguments.ca_file)
-        message = build_message(_spec(arguments), now=_now(), hostname=hostname)
+        spec = _spec(arguments)
+        # The Message-ID's right-hand side: this host, unless it has no usable
+        # name, then the sender's domain (never "localhost", which filters mark).
+        id_domain = arguments.helo or hostname
+        if id_domain == "localhost":
+            id_domain = envelope_address(spec.sender, "--from").rpartition("@")[2]
+        message = build_message(spec, now=_now(), hostname=id_domain)
         password = connect.read_password(arguments.user, arguments.password_file)
     except (UsageError, UnicodeDecodeError) as e:
         sys.stderr.write(f"smtpproxy send: {e}\n")

@@ -65,7 +65,6 @@ class ProbeProtocol(LineReceiver):
 
     def __init__(self) -> None:
         self.transcript: Transcript = []
-        self.connected_once: Deferred[None] = Deferred()
         self._assembler = ReplyAssembler()
         self._replies: list[Reply] = []
         self._waiting: Deferred[Reply] | None = None
@@ -74,9 +73,6 @@ class ProbeProtocol(LineReceiver):
         self._in_auth = False
 
     # -- Twisted's side ------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        self.connected_once.callback(None)
 
     def lineReceived(self, line: bytes) -> None:
         try:

@@ -37,7 +37,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -79,7 +79,6 @@ class Context:
     timeout: float = 30.0
     send_test_to: str | None = None
     source: str = "environment"
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 Check = Callable[[Context], Awaitable[list[Result]]]

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from smtpproxy import __version__
 from smtpproxy.config import Config, settings
 from smtpproxy.policy.rules import AddressPatterns
+from smtpproxy.tools import doctor, probe, send
 
 HEADINGS = ("Variable", "YAML path", "Default", "Meaning")
 
@@ -93,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     settings.add_argument(
         "--markdown", action="store_true", help="print a Markdown table (for the docs)"
     )
+    probe.register(commands)
+    send.register(commands)
+    doctor.register(commands)
     return parser
 
 
@@ -101,7 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     if arguments.command == "settings":
         sys.stdout.write(settings_markdown() if arguments.markdown else settings_text())
-    return 0
+        return 0
+    # Each tool's register() set its entry point (smtpproxy.tools).
+    status: int = arguments.run(arguments)
+    return status
 
 
 if __name__ == "__main__":

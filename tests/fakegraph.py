@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
+import hashlib
 import json
 import re
 import uuid
@@ -48,11 +50,17 @@ from email.utils import getaddresses
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTCP, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from smtpproxy import tls
 from smtpproxy.mime.message import Email, parse_message
 
 MIB = 1024 * 1024
@@ -63,6 +71,11 @@ RANGE_MAX = 4 * MIB
 ATTACHMENT_POST_MAX = 3 * MIB
 MAX_RECIPIENTS = 500
 MAX_CUSTOM_HEADERS = 5
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+# Microsoft: keep an assertion's lifetime short, "5-10 minutes after nbf at
+# most"; the fake refuses more than this (and records it).
+ASSERTION_MAX_LIFETIME = 15 * 60
+CLOCK_SKEW = 5 * 60
 
 _SEND_AS_DENIED = (
     "The user account which was used to submit this request does not have the right"
@@ -124,6 +137,7 @@ class Delivery:
     mime: bytes | None = None
     message: dict[str, Any] | None = None
     attachments: list[tuple[str, bytes]] = field(default_factory=list)
+    saved_to_sent_items: bool = True
 
     @property
     def recipients(self) -> tuple[str, ...]:
@@ -201,15 +215,38 @@ class FakeGraph:
         *,
         tenant: str = "contoso-tenant",
         client_id: str = "11111111-2222-3333-4444-555555555555",
-        client_secret: str = "client-secret-value",  # noqa: S107 (a fixture, not a secret)
+        client_secret: str | None = "client-secret-value",  # noqa: S107 (a fixture)
         mailboxes: tuple[str, ...] = ("relay@contoso.example",),
         endpoint: str = "http://graph.test",
         token_lifetime: int = 3599,
+        certificate: bytes | None = None,
+        federated_token: str | None = None,
+        managed_client_id: str | None = None,
+        identity_header: str | None = None,
     ) -> None:
+        """
+        @param client_secret: the app's secret, or None when it has none.
+        @param certificate: the PEM certificate uploaded to the app: client
+            assertions signed with its key are accepted.
+        @param federated_token: the workload token a federated credential
+            of the app trusts (a real one checks issuer, subject and
+            audience; the fake compares the whole token).
+        @param managed_client_id: the client id of the user-assigned managed
+            identity on this "host" (requests naming another get 400).
+        @param identity_header: App Service's secret header value.
+        """
         self.clock = clock
         self.tenant = tenant
         self.client_id = client_id
         self.client_secret = client_secret
+        self.certificate = (
+            x509.load_pem_x509_certificate(certificate) if certificate is not None else None
+        )
+        self.federated_token = federated_token
+        self.managed_client_id = managed_client_id
+        self.identity_header = identity_header
+        self.assertions: list[dict[str, Any]] = []
+        self.full_mailboxes: set[str] = set()
         self.mailboxes = {m.casefold(): m for m in mailboxes}
         self.endpoint = endpoint
         self.token_lifetime = token_lifetime
@@ -256,9 +293,23 @@ class FakeGraph:
         listening: IListeningPort = port
         return listening
 
+    def listen_tls(self, reactor: Any) -> IListeningPort:
+        """Listen with TLS on 127.0.0.1 with L{server_certificate}; C{endpoint} is
+        C{https://localhost:<port>} (the certificate's name)."""
+        cert, key = server_certificate()
+        site: Any = Site(self.resource)
+        port: Any = reactor.listenSSL(0, site, tls.server_context(cert, key), interface="127.0.0.1")
+        self.endpoint = f"https://localhost:{port.getHost().port}"
+        listening: IListeningPort = port
+        return listening
+
     # -- dispatch -----------------------------------------------------------
 
     def route_of(self, method: str, segments: list[str]) -> tuple[str, dict[str, str]]:
+        if segments == ["metadata", "identity", "oauth2", "token"] and method == "GET":
+            return "managedToken", {}
+        if segments == ["msi", "token"] and method == "GET":
+            return "appServiceToken", {}
         if len(segments) == 4 and segments[1:] == ["oauth2", "v2.0", "token"] and method == "POST":
             return "token", {"tenant": segments[0]}
         if segments[:1] == ["upload"] and len(segments) == 2 and method == "PUT":
@@ -289,6 +340,8 @@ class FakeGraph:
         try:
             if route == "token":
                 return self._token(params["tenant"], request, body)
+            if route in ("managedToken", "appServiceToken"):
+                return self._managed_token(route, request)
             if route == "upload":
                 return self._upload(params["session"], request, body)
             if route == "unknown":
@@ -327,7 +380,13 @@ class FakeGraph:
             return _oauth_error(
                 400, "unauthorized_client", 700016, "Application was not found in the directory."
             )
-        if form.get("client_secret") != self.client_secret:
+        if "client_assertion" in form:
+            if "client_secret" in form:
+                self.violations.append("token: both a secret and an assertion")
+            refused = self._check_client_assertion(tenant, form)
+            if refused is not None:
+                return refused
+        elif self.client_secret is None or form.get("client_secret") != self.client_secret:
             return _oauth_error(401, "invalid_client", 7000215, "Invalid client secret provided.")
         if form.get("scope") != f"{self.endpoint}/.default":
             self.violations.append(f"token: scope {form.get('scope')!r}")
@@ -337,14 +396,98 @@ class FakeGraph:
                 70011,
                 "The provided value for the input parameter 'scope' is not valid.",
             )
-        token = f"fake-token-{uuid.uuid4().hex}"
-        self.tokens[token] = self.clock.seconds() + self.token_lifetime
+        token = self._issue()
         document = {
             "token_type": "Bearer",
             "expires_in": self.token_lifetime,
             "ext_expires_in": self.token_lifetime,
             "access_token": token,
         }
+        return 200, {"Content-Type": "application/json"}, json.dumps(document).encode()
+
+    def _issue(self) -> str:
+        token = f"fake-token-{uuid.uuid4().hex}"
+        self.tokens[token] = self.clock.seconds() + self.token_lifetime
+        return token
+
+    def _check_client_assertion(self, tenant: str, form: dict[str, str]) -> _Answer | None:
+        """A federated token or a certificate-signed assertion: None when accepted."""
+        if form.get("client_assertion_type") != ASSERTION_TYPE:
+            self.violations.append(
+                f"token: client_assertion_type {form.get('client_assertion_type')!r}"
+            )
+            return _oauth_error(400, "invalid_request", 50027, "Invalid client_assertion_type.")
+        assertion = form["client_assertion"]
+        if self.federated_token is not None and assertion == self.federated_token:
+            return None
+        if self.certificate is None:
+            return _oauth_error(
+                401,
+                "invalid_client",
+                70021,
+                "No matching federated identity record found for presented assertion.",
+            )
+        audience = f"{self.endpoint}/{tenant}/oauth2/v2.0/token"
+        problem = check_assertion(
+            assertion,
+            self.certificate,
+            self.client_id,
+            audience,
+            self.clock.seconds(),
+            {str(a.get("jti")) for a in self.assertions},
+        )
+        if problem is not None:
+            aadsts, text, violation = problem
+            if violation:
+                self.violations.append(f"token: client assertion: {text}")
+            return _oauth_error(401, "invalid_client", aadsts, text)
+        self.assertions.append(_jwt_part(assertion, 1))
+        return None
+
+    def _managed_token(self, route: str, request: Request) -> _Answer:
+        """The instance metadata service's token endpoint (or App Service's)."""
+        query = {k.decode(): v[-1].decode() for k, v in (request.args or {}).items()}
+        if route == "managedToken":
+            if _header(request, "metadata") != "true":
+                self.violations.append("managedToken: no Metadata: true header")
+                return _managed_error(
+                    400, "invalid_request", "Required metadata header not specified"
+                )
+            version = "2018-02-01"
+        else:
+            if (
+                self.identity_header is None
+                or _header(request, "x-identity-header") != self.identity_header
+            ):
+                self.violations.append("appServiceToken: wrong or missing X-IDENTITY-HEADER")
+                return _managed_error(401, "invalid_request", "Unauthorized")
+            version = "2019-08-01"
+        if query.get("api-version") != version:
+            self.violations.append(f"{route}: api-version {query.get('api-version')!r}")
+            return _managed_error(400, "invalid_request", "Invalid api-version")
+        if _header(request, "authorization") is not None:
+            self.violations.append(f"{route}: Authorization header sent")
+        if query.get("resource") != self.endpoint:
+            self.violations.append(f"{route}: resource {query.get('resource')!r}")
+            return _managed_error(400, "invalid_resource", "Invalid resource")
+        wanted = query.get("client_id")
+        if wanted is not None and wanted != self.managed_client_id:
+            return _managed_error(400, "invalid_request", "Identity not found")
+        token = self._issue()
+        expires_on = str(int(self.clock.seconds()) + self.token_lifetime)
+        document: dict[str, str] = {
+            "access_token": token,
+            "expires_on": expires_on,
+            "resource": self.endpoint,
+            "token_type": "Bearer",
+        }
+        if route == "managedToken":
+            # IMDS sends these as strings; App Service sends only expires_on.
+            document.update(
+                expires_in=str(self.token_lifetime), not_before=str(int(self.clock.seconds()))
+            )
+        else:
+            document["client_id"] = wanted or "system-assigned"
         return 200, {"Content-Type": "application/json"}, json.dumps(document).encode()
 
     # -- Graph --------------------------------------------------------------
@@ -375,6 +518,10 @@ class FakeGraph:
     def _sendMail(
         self, mailbox: str, params: dict[str, str], request: Request, body: bytes
     ) -> _Answer:
+        if mailbox.casefold() in self.full_mailboxes:
+            raise GraphError(
+                413, "ErrorQuotaExceeded", "Mailbox has exceeded maximum mailbox size."
+            )
         content_type = _header(request, "content-type") or ""
         if content_type.startswith("text/plain"):
             return self._send_mime(mailbox, body)
@@ -386,10 +533,15 @@ class FakeGraph:
         message = document.get("message")
         if not isinstance(message, dict):
             raise GraphError(400, "ErrorInvalidParameter", "message is required", True)
+        save = document.get("saveToSentItems", True)
+        if not isinstance(save, bool):
+            raise GraphError(400, "RequestBodyRead", "saveToSentItems must be a Boolean.", True)
         self._check_message(mailbox, message)
         self._check_recipients(message)
         attachments = [self._file_attachment(a) for a in message.get("attachments", [])]
-        self.deliveries.append(self._delivery(mailbox, "json", message, attachments))
+        delivery = self._delivery(mailbox, "json", message, attachments)
+        delivery.saved_to_sent_items = save
+        self.deliveries.append(delivery)
         return 202, {}, b""
 
     def _send_mime(self, mailbox: str, body: bytes) -> _Answer:
@@ -1000,3 +1152,142 @@ def make_email(
         )
     raw = message.as_bytes(policy=policy.SMTP)
     return parse_message(envelope_from, list(envelope_to), raw)
+
+
+def _managed_error(status: int, error: str, description: str) -> _Answer:
+    document = {"error": error, "error_description": description}
+    return status, {"Content-Type": "application/json"}, json.dumps(document).encode()
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _jwt_part(token: str, index: int) -> dict[str, Any]:
+    try:
+        document = json.loads(_b64url_decode(token.split(".")[index]))
+    except (ValueError, IndexError, binascii.Error):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def check_assertion(
+    assertion: str,
+    certificate: x509.Certificate,
+    client_id: str,
+    audience: str,
+    now: float,
+    seen_jti: set[str],
+) -> tuple[int, str, bool] | None:
+    """Check a client assertion as Entra does: None, or (AADSTS code, text, relay's fault).
+
+    Written from Microsoft's "certificate credentials" page, independently
+    of the relay's signer: the header's algorithm and thumbprint, the
+    signature against the registered certificate's public key, the
+    audience, issuer and subject, a fresh C{jti}, and a short validity that
+    includes C{now}.
+    """
+    parts = assertion.split(".")
+    if len(parts) != 3:
+        return 50027, "JWT token is invalid or malformed.", True
+    header, claims = _jwt_part(assertion, 0), _jwt_part(assertion, 1)
+    try:
+        signature = _b64url_decode(parts[2])
+    except (ValueError, binascii.Error):
+        return 50027, "JWT signature is not base64url.", True
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    sha256 = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+    if header.get("typ") != "JWT":
+        return 50027, f"typ {header.get('typ')!r} is not JWT.", True
+    if header.get("x5t#S256") != sha256:
+        return (
+            700027,
+            "The certificate with identifier used to sign the client assertion is not"
+            " registered on application.",
+            False,
+        )
+    public = certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    signed = f"{parts[0]}.{parts[1]}".encode("ascii")
+    algorithm = header.get("alg")
+    scheme: padding.AsymmetricPadding
+    if algorithm == "PS256":
+        scheme = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    elif algorithm == "RS256":
+        scheme = padding.PKCS1v15()
+    else:
+        return 50027, f"alg {algorithm!r} is not PS256 or RS256.", True
+    try:
+        public.verify(signature, signed, scheme, hashes.SHA256())
+    except InvalidSignature:
+        return 700027, "Client assertion failed signature validation.", False
+    if claims.get("aud") != audience:
+        return 700027, f"The audience {claims.get('aud')!r} is not {audience!r}.", True
+    if claims.get("iss") != client_id or claims.get("sub") != client_id:
+        return 700027, "iss and sub must both be the client id.", True
+    jti = claims.get("jti")
+    try:
+        uuid.UUID(str(jti))
+    except ValueError:
+        return 700027, "jti is not a GUID.", True
+    if jti in seen_jti:
+        return 700027, "The jti of the client assertion was used before.", True
+    numbers = [claims.get(k) for k in ("nbf", "exp", "iat")]
+    if not all(isinstance(n, int) for n in numbers):
+        return 700027, "nbf, exp and iat must be whole seconds.", True
+    nbf, exp, _ = numbers
+    assert isinstance(nbf, int) and isinstance(exp, int)
+    if exp - nbf > ASSERTION_MAX_LIFETIME:
+        return 700027, f"The assertion is valid for {exp - nbf} s: keep it short.", True
+    if not nbf - CLOCK_SKEW <= now < exp + CLOCK_SKEW:
+        return 700024, "Client assertion is not within its valid time range.", True
+    return None
+
+
+_RSA: dict[str, tuple[bytes, bytes]] = {}
+_SERVER: list[tuple[bytes, bytes]] = []
+
+
+def server_certificate() -> tuple[bytes, bytes]:
+    """The fake's TLS certificate (for localhost and 127.0.0.1), made once per run."""
+    if not _SERVER:
+        _SERVER.append(tls.self_signed("localhost"))
+    return _SERVER[0]
+
+
+def client_certificate(name: str = "relay", password: bytes | None = None) -> tuple[bytes, bytes]:
+    """An app's RSA certificate: (the PEM file the relay reads, the certificate alone).
+
+    The file holds the certificate then the key (encrypted with C{password}
+    when given), as C{openssl req -x509 ... -out} and a key appended give.
+    Keys are made once per name and run.
+    """
+    if name not in _RSA:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"smtpproxy {name}")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .sign(key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _RSA[name] = (cert.public_bytes(serialization.Encoding.PEM), key_pem)
+    cert_pem, key_pem = _RSA[name]
+    if password is not None:
+        loaded = serialization.load_pem_private_key(key_pem, None)
+        key_pem = loaded.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(password),
+        )
+    return cert_pem + key_pem, cert_pem

@@ -237,13 +237,15 @@ class EnvironmentNamesTests(SynchronousTestCase):
             "HTTP_X",
             "TLS_X",
             "QUEUE_WOMBAT_BANANA",
-            "RELAY_X",
+            "RELAY_WOMBAT_BANANA",
             "AUTH_X",
             "MAILBOX_X",
             "STDOUT_X",
         ):
             message = self.error({name: "1"})
-            self.assertTrue(message.startswith(f"{name}: no such setting in this version"), name)
+            # A hint may come between (HTTP_X is close to HTTPS_PROXY).
+            self.assertTrue(message.startswith(f"{name}"), name)
+            self.assertIn(": no such setting in this version", message, name)
 
     def test_hints_are_useful_or_absent(self) -> None:
         """SMTP_PORT points at SMTP_LISTEN (not at SMTP_PASSWORD, which it spells like); a

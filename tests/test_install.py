@@ -327,12 +327,13 @@ class InstalledRelayTests(SynchronousTestCase):
         ):
             self.assertNotIn(theirs, files)
         # Every wing is in the wheel, and the providers are entry points.
-        for wing in ("smtp", "mime", "policy", "web", "providers/graph"):
+        for wing in ("smtp", "mime", "policy", "web", "providers/graph", "providers/smtp"):
             self.assertIn(f"smtpproxy/{wing}/__init__.py", files)
         self.assertEqual(
             self.provider_entry_points(venv, env),
             {
                 "graph": "smtpproxy.providers.graph:create",
+                "smtp": "smtpproxy.providers.smtp:create",
                 "stdout": "smtpproxy.providers.stdout:create",
             },
         )

@@ -26,6 +26,7 @@ from smtpproxy import __version__
 from smtpproxy.config import Config, settings
 from smtpproxy.policy.rules import AddressPatterns
 from smtpproxy.queue import command as queue_command
+from smtpproxy.tools import doctor, probe, send
 
 HEADINGS = ("Variable", "YAML path", "Default", "Meaning")
 
@@ -97,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     settings.add_argument(
         "--markdown", action="store_true", help="print a Markdown table (for the docs)"
     )
+    probe.register(commands)
+    send.register(commands)
+    doctor.register(commands)
     queue_command.add_parser(commands)
     return parser
 
@@ -104,11 +108,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the C{smtpproxy} console script."""
     arguments = _parser().parse_args(argv)
-    if arguments.command == "queue":
-        return queue_command.run(arguments)
     if arguments.command == "settings":
         sys.stdout.write(settings_markdown() if arguments.markdown else settings_text())
-    return 0
+        return 0
+    # Each tool's register() set its entry point (smtpproxy.tools).
+    status: int = arguments.run(arguments)
+    return status
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from smtpproxy.policy import rules as policy
+from smtpproxy.queue.url import parse_queue_url
 
 
 class ConfigError(Exception):
@@ -199,8 +200,7 @@ def _count(raw: str) -> int:
 def _queue_url(raw: str) -> str:
     """Empty (direct mode), C{sqlite:///path} or C{postgresql://...}."""
     text = raw.strip()
-    if text and not text.startswith(("sqlite:", "postgresql:", "postgres:")):
-        raise ValueError(f"expected sqlite:///path or postgresql://..., got {text[:40]!r}")
+    parse_queue_url(text)  # ValueError, saying which forms are read
     return text
 
 
@@ -308,6 +308,9 @@ class Setting:
     # Used for provider settings only; the relay's own take theirs from Config.
     default: object = None
     secret: bool = False
+    # Other environment names for the same value, read when C{env} is unset
+    # (the lower-case C{https_proxy} that many hosts set instead).
+    aliases: tuple[str, ...] = ()
 
     @property
     def yaml_path(self) -> tuple[str, ...]:
@@ -569,7 +572,7 @@ ENV_PREFIXES = (
 )
 # Names with those prefixes that are set for good reasons and are no typo:
 # the config file variable, and the proxy variable many hosts set for every
-# process (the relay does not use a proxy for Graph).
+# process (Graph and Entra are HTTPS only: HTTPS_PROXY applies, HTTP_PROXY never).
 _NOT_SETTINGS = frozenset({CONFIG_FILE_ENV, "HTTP_PROXY"})
 # What Kubernetes (service links: RELAY_SERVICE_HOST, RELAY_PORT_25_TCP_ADDR
 # ...) and Docker's legacy links (RELAY_NAME, RELAY_ENV_X) set for another
@@ -696,6 +699,13 @@ def load(
     for setting in settings():
         if setting.env in env:
             raw[setting.env] = env[setting.env]
+        for alias in setting.aliases:
+            if alias not in env:
+                continue
+            if setting.env in env and env[setting.env] != env[alias]:
+                # Never echo the values: a proxy URL may carry a password.
+                raise ConfigError(f"{setting.env}: {alias} is set too, to another value; unset one")
+            raw[setting.env] = env[alias]
 
     values: dict[str, object] = {}
     for setting in settings():
@@ -820,6 +830,7 @@ def _choose_provider(values: dict[str, object]) -> None:
 
 # The value parsers a provider's own settings may use (see register_settings).
 parse_text = _text
+parse_boolean = _boolean
 parse_positive_int = _positive_int
 parse_seconds = _seconds
 parse_choice = _choice

@@ -36,9 +36,17 @@ class DeliveryError(Exception):
 
 
 class TransientDeliveryError(DeliveryError):
-    """The client should retry later (4xx): throttling, outages, our own misconfiguration."""
+    """The client should retry later (4xx): throttling, outages, our own misconfiguration.
+
+    @ivar code: 451 unless the cause has a code of its own (452: out of
+        storage, such as a full sending mailbox).
+    """
 
     default_status = "4.3.0"
+
+    def __init__(self, reason: str, status: str | None = None, code: int = 451) -> None:
+        super().__init__(reason, status)
+        self.code = code
 
 
 class PermanentDeliveryError(DeliveryError):
@@ -77,6 +85,9 @@ def reply_for_failure(error: BaseException) -> Reply:
         return Reply(code, _clean_status(error.status, "5"), error.reason)
     if isinstance(error, QueueFullError):
         return Reply(452, "4.3.1", "Insufficient system storage, try again later")
+    if isinstance(error, TransientDeliveryError):
+        code = error.code if error.code in (450, 451, 452) else 451
+        return Reply(code, _clean_status(error.status, "4"), error.reason)
     if isinstance(error, DeliveryError):
         return Reply(451, _clean_status(error.status, "4"), error.reason)
     return Reply(451, "4.3.0", "Local error in processing, try again later")

@@ -216,7 +216,7 @@ class GraphOutageTests(TestCase):
         return {
             "GRAPH_TENANT_ID": fake.tenant,
             "GRAPH_CLIENT_ID": fake.client_id,
-            "GRAPH_CLIENT_SECRET": fake.client_secret,
+            "GRAPH_CLIENT_SECRET": fake.client_secret or "",
             "GRAPH_SENDER": MAILBOX,
             "GRAPH_AUTHORITY_HOST": fake.endpoint,
             "GRAPH_ENDPOINT": fake.endpoint,

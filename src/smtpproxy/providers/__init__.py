@@ -96,6 +96,7 @@ DEFAULT = "stdout"
 _BUILTIN = {
     "stdout": "smtpproxy.providers.stdout:create",
     "graph": "smtpproxy.providers.graph:create",
+    "smtp": "smtpproxy.providers.smtp:create",
 }
 
 _registry: dict[str, ProviderFactory] = {}

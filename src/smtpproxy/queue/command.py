@@ -54,6 +54,7 @@ def add_parser(commands: Any) -> None:
     delete = actions.add_parser("delete", help="remove a message that is not being delivered")
     delete.add_argument("id")
     actions.add_parser("stats", help="counts by state, bytes held, the oldest message's age")
+    queue.set_defaults(run=run)
 
 
 def run(

@@ -100,11 +100,26 @@ class BackoffTests(SynchronousTestCase):
 class ClassificationTests(SynchronousTestCase):
     def test_transient_statuses(self) -> None:
         """429, 503, 504 and other 5xx are retryable; 500/502/504 may have taken effect."""
-        for status in (429, 500, 502, 503, 504, 507):
+        for status in (409, 423, 429, 500, 502, 503, 504, 509):
             problem = response_problem(status, _graph_body("x"), None)
             self.assertTrue(problem.retryable, status)
             self.assertEqual(problem.ambiguous, status in (500, 502, 504), status)
+            self.assertEqual(reply_for_failure(problem.error).code, 451, status)
         self.assertEqual(response_problem(429, b"", None).error.status, "4.4.5")
+        self.assertEqual(response_problem(409, b"", None).error.status, "4.2.1")
+
+    def test_full_mailbox(self) -> None:
+        """413 ErrorQuotaExceeded (and 507) is 452 4.2.2 at once: temporary for the client,
+        but not retried within the message's budget (freeing space takes longer)."""
+        for status, code in ((413, "ErrorQuotaExceeded"), (507, "x")):
+            problem = response_problem(status, _graph_body(code), None)
+            self.assertFalse(problem.retryable, status)
+            reply = reply_for_failure(problem.error)
+            self.assertEqual((reply.code, reply.status), (452, "4.2.2"), status)
+            self.assertIn("over its storage quota", reply.text)
+        # Only the quota: any other 413 stays a size bounce.
+        other = reply_for_failure(response_problem(413, _graph_body("x"), None).error)
+        self.assertEqual((other.code, other.status), (554, "5.3.4"))
 
     def test_permanent_statuses(self) -> None:
         """400, 403, 404, 413 and other 4xx are final, with Graph's code in the reply."""
@@ -113,7 +128,7 @@ class ClassificationTests(SynchronousTestCase):
             (400, "ErrorInvalidParameter"): "554 5.6.0 Graph ErrorInvalidParameter: Bad.",
             (404, "ErrorInvalidUser"): "550 5.1.0 Graph ErrorInvalidUser: Bad.",
             (413, "RequestEntityTooLarge"): "554 5.3.4 Graph RequestEntityTooLarge: Bad.",
-            (409, "ErrorIrresolvableConflict"): "554 5.6.0 Graph ErrorIrresolvableConflict: Bad.",
+            (415, "UnsupportedMediaType"): "554 5.6.0 Graph UnsupportedMediaType: Bad.",
         }
         for (status, code), expected in cases.items():
             problem = response_problem(status, _graph_body(code, "Bad."), None)

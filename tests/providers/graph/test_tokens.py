@@ -10,11 +10,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.errors import TransientDeliveryError, reply_for_failure
+from smtpproxy.providers.graph.credentials import ClientSecret, scope_for
 from smtpproxy.providers.graph.tokens import (
     Token,
     TokenCache,
     parse_token,
-    token_form,
     token_problem,
     token_url,
 )
@@ -24,6 +24,9 @@ def _token_body(value: str = "tok", lifetime: object = 3599) -> bytes:
     return json.dumps(
         {"token_type": "Bearer", "expires_in": lifetime, "access_token": value}
     ).encode()
+
+
+US = "https://graph.microsoft.us/"
 
 
 class RequestTests(SynchronousTestCase):
@@ -36,7 +39,14 @@ class RequestTests(SynchronousTestCase):
 
     def test_form(self) -> None:
         """A form-encoded client-credentials grant whose scope is the endpoint's .default."""
-        form = parse_qs(token_form("id", "s&cr=t", "https://graph.microsoft.us/").decode())
+        secret = ClientSecret("id", "s&cr=t", "https://login.test/t/token", scope_for(US))
+        request = secret.token_request(0.0)
+        self.assertEqual(
+            (request.method, request.url, request.content_type),
+            ("POST", "https://login.test/t/token", "application/x-www-form-urlencoded"),
+        )
+        assert request.body is not None
+        form = parse_qs(request.body.decode())
         self.assertEqual(
             form,
             {

@@ -475,7 +475,11 @@ Plan = MimeSend | JsonSend | DraftSend
 
 
 def plan_delivery(
-    email: Email, senders: Sequence[str], mode: str, default_domain: str = ""
+    email: Email,
+    senders: Sequence[str],
+    mode: str,
+    default_domain: str = "",
+    save_to_sent_items: bool = True,
 ) -> Plan:
     """Choose and build the requests for C{email}.
 
@@ -487,6 +491,8 @@ def plan_delivery(
         message (for the log), its C{notes} why it goes the way it goes.
     @raise PermanentDeliveryError: the message breaks a Graph limit no
         retry can fix (more than 500 recipients, an attachment over 150 MB).
+    @param save_to_sent_items: C{GRAPH_SAVE_TO_SENT_ITEMS}; only a JSON
+        C{sendMail} can say no (Graph has no switch for MIME sends or drafts).
     """
     recipients = plan_recipients(email)
     if recipients.count == 0:
@@ -531,7 +537,7 @@ def plan_delivery(
                 return MimeSend(mailbox, body, recipients, tuple(notes), warnings)
             else:
                 notes.append("message too large for one MIME request; sending as a draft")
-    return _json_plan(email, mailbox, recipients, notes, default_domain)
+    return _json_plan(email, mailbox, recipients, notes, default_domain, save_to_sent_items)
 
 
 def _raw_plan(
@@ -565,7 +571,12 @@ def _raw_plan(
 
 
 def _json_plan(
-    email: Email, mailbox: str, recipients: Recipients, notes: list[str], domain: str
+    email: Email,
+    mailbox: str,
+    recipients: Recipients,
+    notes: list[str],
+    domain: str,
+    save_to_sent_items: bool = True,
 ) -> Plan:
     message, dropped, warnings = json_message(email, mailbox, recipients, domain)
     if dropped:
@@ -581,7 +592,12 @@ def _json_plan(
             whole = dict(message)
             if small:
                 whole["attachments"] = [attachment_json(a, i) for i, a in small]
-            body = encode_json({"message": whole})
+            request: dict[str, Any] = {"message": whole}
+            if not save_to_sent_items:
+                # Graph's default is to save; it documents the flag as one
+                # to send only when it is false.
+                request["saveToSentItems"] = False
+            body = encode_json(request)
             if len(body) <= REQUEST_LIMIT:
                 return JsonSend(mailbox, body, recipients, tuple(notes), warnings)
     base = encode_json(message)

@@ -34,12 +34,21 @@ from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLo
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from smtpproxy.config import Config
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
+from smtpproxy.providers.graph.credentials import (
+    ClientCertificate,
+    ClientSecret,
+    Credential,
+    CredentialError,
+    FederatedToken,
+    ManagedIdentity,
+    scope_for,
+)
 from smtpproxy.providers.graph.payload import (
     DraftSend,
     GraphUrls,
@@ -51,7 +60,9 @@ from smtpproxy.providers.graph.payload import (
     content_range,
     plan_delivery,
 )
+from smtpproxy.providers.graph.proxyconfig import parse_no_proxy, parse_proxy
 from smtpproxy.providers.graph.retry import (
+    QUOTA_CODES,
     GraphRequestError,
     Problem,
     Stop,
@@ -61,15 +72,21 @@ from smtpproxy.providers.graph.retry import (
     parse_retry_after,
     response_problem,
 )
-from smtpproxy.providers.graph.settings import GraphSettings
+from smtpproxy.providers.graph.settings import (
+    CERTIFICATE,
+    CREDENTIAL_NAMES,
+    FEDERATED,
+    MANAGED,
+    GraphSettings,
+)
 from smtpproxy.providers.graph.tokens import (
     Token,
     TokenCache,
     parse_token,
-    token_form,
     token_problem,
     token_url,
 )
+from smtpproxy.providers.graph.tunnel import GraphEndpoints, ProxyTunnelError
 
 log = Logger(namespace="smtpproxy.graph")
 
@@ -96,7 +113,8 @@ class _Request:
     @ivar auth: send the bearer token (never for the token endpoint itself,
         never for an upload URL, which carries its own credential).
     @ivar mailbox: whose concurrency gate the request holds, if any.
-    @ivar kind: which classifier reads its failures: graph, token or upload.
+    @ivar kind: which classifier reads its failures: graph, token, managed
+        (an identity endpoint's token) or upload.
     @ivar read_write: part of the draft path (needs Mail.ReadWrite).
     """
 
@@ -167,7 +185,13 @@ class GraphProvider:
         *,
         tuning: Tuning | None = None,
         jitter: Callable[[], float] = random.random,
+        trust_root: object | None = None,
     ) -> None:
+        """
+        @param trust_root: an C{IOpenSSLTrustRoot}: the certificate authorities
+            HTTPS peers are verified against (default: the system's, which
+            C{SSL_CERT_FILE} can replace); tests pass their own.
+        """
         settings = GraphSettings.from_config(config)
         if not settings.sender:
             raise ValueError("GraphProvider needs at least one GRAPH_SENDER mailbox")
@@ -187,13 +211,60 @@ class GraphProvider:
             # a connection the server already dropped fails and costs a retry.
             pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
             self._pool = pool
-            agent = Agent(reactor, pool=pool)  # type: ignore[no-untyped-call]
+            proxy = parse_proxy(settings.https_proxy) if settings.https_proxy else None
+            endpoints = GraphEndpoints(
+                reactor,
+                BrowserLikePolicyForHTTPS(trust_root),  # type: ignore[no-untyped-call]
+                proxy,
+                parse_no_proxy(settings.no_proxy),
+            )
+            if proxy is not None:
+                log.info(
+                    "Graph requests go through the proxy",
+                    proxy=proxy.display,
+                    authenticated=proxy.authorization is not None,
+                    no_proxy=settings.no_proxy,
+                )
+            agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)  # type: ignore[no-untyped-call]
             http_client = HTTPClient(agent)
         self._http: HTTPRequester = http_client
         self._urls = GraphUrls(settings.endpoint)
         self._token_url = token_url(settings.authority_host, settings.tenant_id)
+        self._credential = self._make_credential(settings)
+        log.info(
+            "Graph credential",
+            kind=CREDENTIAL_NAMES[settings.credential],
+            credential=self._credential.description,
+        )
         self._tokens = TokenCache(reactor, self._fetch_token)
         self._gates: dict[str, DeferredSemaphore] = {}
+
+    def _make_credential(self, settings: GraphSettings) -> Credential:
+        """The one credential the settings configure (L{settings.credential_kind} checked it).
+
+        @raise CredentialError: the certificate file cannot be used.
+        """
+        scope = scope_for(settings.endpoint)
+        kind = settings.credential
+        if kind == CERTIFICATE:
+            path = settings.client_certificate_file
+            password = settings.client_certificate_password or None
+            return ClientCertificate.load(
+                settings.client_id, self._token_url, scope, path, password
+            )
+        if kind == FEDERATED:
+            return FederatedToken(
+                settings.client_id, self._token_url, scope, settings.azure_federated_token_file
+            )
+        if kind == MANAGED:
+            return ManagedIdentity(
+                settings.endpoint.rstrip("/"),
+                settings.managed_identity_endpoint,
+                settings.managed_identity_client_id,
+                settings.identity_endpoint,
+                settings.identity_header,
+            )
+        return ClientSecret(settings.client_id, settings.client_secret, self._token_url, scope)
 
     @property
     def mailboxes(self) -> tuple[str, ...]:
@@ -226,7 +297,8 @@ class GraphProvider:
     async def _send(self, email: Email) -> None:
         deadline = self._reactor.seconds() + self._settings.send_timeout
         domain = self._config.smtp_default_domain
-        plan = plan_delivery(email, self._senders, self._settings.send_mode, domain)
+        save = self._settings.save_to_sent_items
+        plan = plan_delivery(email, self._senders, self._settings.send_mode, domain, save)
         try:
             reply = await self._carry_out(plan, deadline)
         except GraphRequestError as rejected:
@@ -244,7 +316,7 @@ class GraphProvider:
                 mailbox=plan.mailbox,
                 graph_code=rejected.graph_code,
             )
-            plan = plan_delivery(email, self._senders, "json", domain)
+            plan = plan_delivery(email, self._senders, "json", domain, save)
             reply = await self._carry_out(plan, deadline)
         log.info(
             "Graph accepted the message",
@@ -379,19 +451,29 @@ class GraphProvider:
 
     async def _request_token(self) -> Token:
         deadline = self._reactor.seconds() + self._settings.send_timeout
-        form = token_form(
-            self._settings.client_id,
-            self._settings.client_secret,
-            self._settings.endpoint,
-        )
+        try:
+            wanted = self._credential.token_request(self._reactor.seconds())
+        except CredentialError as e:
+            log.error("cannot read the Graph credential", problem=str(e))
+            raise TransientDeliveryError(
+                "relay misconfigured: its Graph credential cannot be read; try again later",
+                "4.3.5",
+            ) from None
+        reload_error = getattr(self._credential, "reload_error", None)
+        if reload_error:
+            log.error(
+                "the certificate file changed but cannot be used; still using the previous one",
+                problem=reload_error,
+            )
         request = _Request(
             "token",
-            "POST",
-            self._token_url,
-            form,
-            "application/x-www-form-urlencoded",
+            wanted.method,
+            wanted.url,
+            wanted.body,
+            wanted.content_type,
             auth=False,
-            kind="token",
+            kind="managed" if wanted.kind == "managed" else "token",
+            headers=wanted.headers,
         )
         reply = await self._call(request, deadline)
         try:
@@ -471,6 +553,13 @@ class GraphProvider:
             }
             if isinstance(step, Stop):
                 log.error("Graph request failed", reason=step.error.reason, **fields)
+                if problem.code in QUOTA_CODES or problem.status == 507:
+                    log.error(
+                        "the sending mailbox is over its storage quota; "
+                        "free space in it (Sent Items, Deleted Items) or raise its quota",
+                        mailbox=request.mailbox or "",
+                        graph_code=problem.code or "",
+                    )
                 # For the durable queue's retry schedule and attempt history.
                 step.error.retry_after = problem.retry_after
                 step.error.request_id = (reply.request_id or None) if reply is not None else None
@@ -483,8 +572,10 @@ class GraphProvider:
         retry_after = parse_retry_after(
             _header(reply.headers, "retry-after"), self._reactor.seconds()
         )
-        if request.kind == "token":
-            return token_problem(reply.status, reply.body, retry_after)
+        if request.kind in ("token", "managed"):
+            return token_problem(
+                reply.status, reply.body, retry_after, managed=request.kind == "managed"
+            )
         problem = response_problem(
             reply.status, reply.body, retry_after, needs_read_write=request.read_write
         )
@@ -545,7 +636,7 @@ class GraphProvider:
                     isinstance(r, (CancelledError, ConnectingCancelledError)) for r in _reasons(e)
                 ):
                     raise CancelledError() from None
-                connected = not isinstance(e, (ConnectError, DNSLookupError))
+                connected = not isinstance(e, (ConnectError, DNSLookupError, ProxyTunnelError))
                 raise _NoResponseError(_describe(e), timed_out=False, connected=connected) from None
             finally:
                 if timer.active():

@@ -12,6 +12,9 @@ The rules, from the spec and from how Graph behaves:
     what C{Retry-After} asks for when Graph says;
   - never wait past the message's time budget: when the wait would cross it,
     stop at once with a 451 so the SMTP client retries on its own schedule;
+  - 409 and 423 (the mailbox is busy) are retried the same way;
+  - a full sending mailbox (C{ErrorQuotaExceeded}, or 507) is not retried
+    now but answered C{452 4.2.2}: the client retries once space is freed;
   - other 4xx are final: the reply carries Graph's error code so the person
     reading the bounce (or the operator) sees what Graph objected to.
 """
@@ -206,6 +209,15 @@ _TOO_LARGE_CODES = frozenset(
     {"ErrorMessageSizeExceeded", "RequestEntityTooLarge", "ErrorAttachmentSizeLimitExceeded"}
 )
 _THROTTLED = frozenset({429, 503})
+# The sending mailbox is over its storage quota (Exchange answers 413
+# ErrorQuotaExceeded; Graph's error list gives 507 for a storage quota).
+# Freeing space fixes it, so the client is told to retry later (452, RFC
+# 5321's "insufficient system storage"), but not within this message's
+# budget: space is not freed in seconds.
+QUOTA_CODES = frozenset({"ErrorQuotaExceeded"})
+# Conflict and Locked: the mailbox or item is busy (a move, a concurrent
+# change); Graph's error list says a 409 may be repeated after a delay.
+_BUSY = frozenset({409, 423})
 # Statuses after which the request may nevertheless have been carried out.
 _AMBIGUOUS = frozenset({500, 502, 504})
 
@@ -227,6 +239,30 @@ def response_problem(
     fields = {"graph_code": error.code}
     if error.request_id:
         fields["request_id"] = error.request_id
+    if error.code in QUOTA_CODES or status == 507:
+        reason = (
+            f"Graph {error.code}: the sending mailbox is over its storage quota; try again later"
+        )
+        return Problem(
+            summary,
+            False,
+            TransientDeliveryError(reason, "4.2.2", 452),
+            None,
+            status,
+            error.code,
+            fields=fields,
+        )
+    if status in _BUSY:
+        reason = f"Graph {error.code}: the mailbox is busy (HTTP {status})"
+        return Problem(
+            summary,
+            True,
+            TransientDeliveryError(reason, "4.2.1"),
+            retry_after,
+            status,
+            error.code,
+            fields=fields,
+        )
     if status == 429 or status >= 500:
         transient_status = "4.4.5" if status in _THROTTLED else "4.3.0"
         reason = f"Graph {error.code}: temporarily unavailable (HTTP {status})"

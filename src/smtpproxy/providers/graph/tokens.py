@@ -18,7 +18,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -39,18 +39,6 @@ REFRESH_MARGIN = 300.0
 def token_url(authority: str, tenant: str) -> str:
     """The v2.0 token endpoint of C{tenant} at C{authority} (sovereign clouds differ)."""
     return f"{authority.rstrip('/')}/{quote(tenant, safe='')}/oauth2/v2.0/token"
-
-
-def token_form(client_id: str, client_secret: str, endpoint: str) -> bytes:
-    """The form-encoded client-credentials request for Graph at C{endpoint}."""
-    return urlencode(
-        {
-            "client_id": client_id,
-            "client_secret": client_secret,
-            "scope": f"{endpoint.rstrip('/')}/.default",
-            "grant_type": "client_credentials",
-        }
-    ).encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +65,17 @@ def parse_token(body: bytes, now: float) -> Token:
         raise ValueError("token response has no access_token")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise ValueError("token response is not a bearer token")
-    # Entra's v1 endpoint sends expires_in as a string; accept both.
-    seconds = float(lifetime) if isinstance(lifetime, (int, float, str)) else 0.0
+    # Entra's v1 endpoint and the instance metadata service send expires_in
+    # as a string; App Service's identity endpoint sends only expires_on
+    # (POSIX seconds).  Accept all three.
+    try:
+        if isinstance(lifetime, (int, float, str)):
+            seconds = float(lifetime)
+        else:
+            expires_on = document.get("expires_on")
+            seconds = float(expires_on) - now if isinstance(expires_on, (int, str)) else 0.0
+    except ValueError:
+        seconds = 0.0
     if not seconds > 0:
         raise ValueError("token response has no usable expires_in")
     margin = min(REFRESH_MARGIN, seconds / 10)
@@ -95,15 +92,37 @@ _HINTS = {
     "AADSTS70011": "the scope is invalid; check GRAPH_ENDPOINT",
     "AADSTS500011": "the resource is not known in this tenant; check GRAPH_ENDPOINT",
     "AADSTS7000112": "the application is disabled",
-    "AADSTS700027": "the client assertion is invalid",
+    "AADSTS700027": (
+        "the client assertion is invalid: is the certificate in GRAPH_CLIENT_CERTIFICATE_FILE"
+        " uploaded to the app registration?"
+    ),
+    "AADSTS700024": "the client assertion is outside its validity: check this host's clock",
+    "AADSTS70021": (
+        "no federated credential of the app matches the token: check its issuer, subject"
+        " (system:serviceaccount:<namespace>:<name>) and audience"
+    ),
+    "AADSTS700211": "no federated credential of the app has the token's issuer (the OIDC URL)",
+    "AADSTS700213": (
+        "no federated credential of the app has the token's subject"
+        " (system:serviceaccount:<namespace>:<name>)"
+    ),
 }
 
 
-def token_problem(status: int, body: bytes, retry_after: float | None) -> Problem:
+# The instance metadata service answers 404 while it is being updated and
+# 410 while its host agent restarts (Microsoft's retry guidance for managed
+# identities lists 404, 410, 429 and 5xx as worth retrying).
+_MANAGED_RETRY = frozenset({404, 410})
+
+
+def token_problem(
+    status: int, body: bytes, retry_after: float | None, *, managed: bool = False
+) -> Problem:
     """Classify a failed token request.
 
-    Throttling and server errors are retried.  Everything else is our own
-    misconfiguration (wrong secret, unknown tenant, disabled app): the
+    Throttling and server errors are retried (for a managed identity also
+    404 and 410).  Everything else is our own misconfiguration (wrong
+    secret, unknown tenant, disabled app, no identity on this host): the
     message is not at fault, so the SMTP client gets a 451 and the operator
     gets the AADSTS code, trace id and correlation id in the log.
     """
@@ -129,8 +148,9 @@ def token_problem(status: int, body: bytes, retry_after: float | None) -> Proble
         fields["aadsts"] = aadsts
         if aadsts in _HINTS:
             fields["hint"] = _HINTS[aadsts]
-    summary = f"token request HTTP {status} {error} {aadsts}".rstrip()
-    if status == 429 or status >= 500:
+    which = "managed identity token request" if managed else "token request"
+    summary = f"{which} HTTP {status} {error} {aadsts}".rstrip()
+    if status == 429 or status >= 500 or (managed and status in _MANAGED_RETRY):
         return Problem(
             summary,
             True,
@@ -140,7 +160,8 @@ def token_problem(status: int, body: bytes, retry_after: float | None) -> Proble
             str(error),
             fields=fields,
         )
-    reason = f"relay misconfigured: Entra ID refused its credentials ({error} {aadsts})".rstrip()
+    who = "the managed identity endpoint refused" if managed else "Entra ID refused its credentials"
+    reason = f"relay misconfigured: {who} ({error} {aadsts})".rstrip()
     return Problem(
         summary,
         False,

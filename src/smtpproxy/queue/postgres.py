@@ -1,0 +1,413 @@
+"""The queue in PostgreSQL, shared by every relay process that names the same database.
+
+Everything lives in the database, bodies included, so any replica on any
+machine can deliver any message, and a message is durable exactly when its
+transaction has committed (with the server's default C{synchronous_commit =
+on}, the commit returns once the WAL is flushed).  The schema and each
+transaction's statements are in L{smtpproxy.queue.postgres_sql}; this module
+runs them off the reactor and gathers enqueues into group commits.
+
+The SQL runs in C{twisted.enterprise.adbapi}'s threads through psycopg 3: a
+plain DB-API 2 driver, kept by the PostgreSQL community, with a binary wheel
+(no libpq to build on the relay's image), which adbapi drives unchanged.  No
+Twisted-native PostgreSQL driver is kept as well.
+
+Failures the front door must answer with C{451} (server down, connection
+lost, a statement over its time limit) come out as L{QueueUnavailableError},
+a L{smtpproxy.errors.TransientDeliveryError}; a full disk on the server
+(SQLSTATE 53100) as L{smtpproxy.queue.model.QueueFullError} (C{452}).
+Nothing waits forever: connecting is bounded by C{connect_timeout}, each
+statement by C{statement_timeout} and C{lock_timeout}, and a server that
+vanished without a word by TCP keepalives and C{tcp_user_timeout}.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Concatenate, ParamSpec, TypeVar, cast
+
+import psycopg
+import psycopg.errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.python.failure import Failure
+
+from smtpproxy.errors import TransientDeliveryError
+from smtpproxy.queue import postgres_sql as tx
+from smtpproxy.queue.model import Attempt, BodySource, Entry, Envelope, QueueFullError, State, Stats
+
+#: Enqueues committed together at most; more wait for the next commit.
+BATCH_MAX = 256
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class QueueUnavailableError(TransientDeliveryError):
+    """The queue's database cannot be reached or did not answer in time: answer 451.
+
+    The driver's own error is chained (C{__cause__}) for the log; the text
+    here is what a client may see, so it names nothing about the server.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("Queue temporarily unavailable, try again later", "4.3.0")
+
+
+@dataclass
+class _Pending:
+    """One enqueue waiting for its group commit."""
+
+    id: str
+    envelope: Envelope
+    body: BodySource
+    now: float
+    done: Deferred[None] = field(default_factory=Deferred)
+
+
+class _Link:
+    """The connection adbapi hands one call: this thread's psycopg connection.
+
+    Installed as the pool's C{connectionFactory}.  adbapi's own wrapper,
+    asked to reconnect, logs a traceback for each lost connection; this one
+    drops a broken connection quietly, so that the thread's next call
+    connects afresh, and lets the driver's error through to become
+    L{QueueUnavailableError}.
+    """
+
+    def __init__(self, pool: adbapi.ConnectionPool) -> None:
+        self._pool = pool
+        self.raw: psycopg.Connection[TupleRow] | None = pool.connect()
+
+    def connection(self) -> psycopg.Connection[TupleRow]:
+        """This thread's connection, a new one if the last was dropped."""
+        if self.raw is None:
+            self.raw = self._pool.connect()
+        return self.raw
+
+    def drop(self) -> None:
+        """Close this thread's connection and forget it."""
+        if self.raw is not None:
+            raw, self.raw = self.raw, None
+            self._pool.disconnect(raw)
+
+    def commit(self) -> None:
+        """adbapi's commit after a call: nothing left to do, L{_in_thread} committed."""
+        if self.raw is not None and not self.raw.closed:
+            self.raw.commit()
+
+    def rollback(self) -> None:
+        """Roll back after a failure; a connection that cannot is dropped, not reported."""
+        if self.raw is None:
+            return
+        if self.raw.closed:
+            self.drop()
+            return
+        try:
+            self.raw.rollback()
+        except psycopg.Error:
+            self.drop()
+
+
+def _in_thread(
+    link: _Link,
+    work: Callable[Concatenate[tx.Cursor, P], T],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """Run C{work} as one transaction on this thread's connection, and commit it.
+
+    A connection that broke while idle (the server restarted, a proxy cut
+    it) fails at its first statement.  Nothing of the transaction can have
+    committed then, so the work runs once more on a new connection.  A
+    failure at C{COMMIT} is never repeated: that commit may have happened.
+    """
+    for last in (False, True):
+        raw = link.connection()
+        try:
+            with raw.cursor() as cursor:
+                result = work(cursor, *args, **kwargs)
+        except psycopg.OperationalError:
+            if last or not raw.closed:
+                raise
+            link.drop()
+            continue
+        raw.commit()
+        return result
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _translate(failure: Failure) -> Failure:
+    """Driver errors become the queue's: a full server disk 452, the rest 451."""
+    error = failure.value
+    if isinstance(error, psycopg.errors.DiskFull):
+        full = QueueFullError("the queue database's disk is full")
+        full.__cause__ = error
+        return Failure(full)
+    if isinstance(error, psycopg.Error):
+        down = QueueUnavailableError()
+        down.__cause__ = error
+        return Failure(down)
+    return failure
+
+
+class PostgresStore:
+    """A L{smtpproxy.queue.store.QueueStore} in a PostgreSQL database.
+
+    @param dsn: a libpq connection string or C{postgresql://} URI; any libpq
+        parameter it names (C{connect_timeout}, C{sslmode}, ...) wins over
+        the defaults set here.
+    @param max_bytes: the sum of stored sizes past which enqueues fail with
+        L{QueueFullError}; replicas committing at the same moment may
+        overshoot it by one batch each (see L{tx.insert_batch}).
+    @param pool_size: connections (and threads) this process uses at most;
+        one of them commits enqueues, the others serve the workers.
+    @param statement_timeout: seconds one statement may run, waiting for
+        locks included, before it fails and the caller answers 451.
+    @ivar commits: enqueue transactions committed so far; with group commit
+        it grows more slowly than the number of messages.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        max_bytes: int,
+        reactor: IReactorCore,
+        *,
+        pool_size: int = 4,
+        connect_timeout: float = 5.0,
+        statement_timeout: float = 30.0,
+    ) -> None:
+        self._clock = cast(IReactorTime, reactor)
+        self._max_bytes = max_bytes
+        self._statement_ms = max(1, round(statement_timeout * 1000))
+        defaults: dict[str, str | int] = {
+            "connect_timeout": max(2, math.ceil(connect_timeout)),
+            # A server that vanished mid-statement (a dead host, a cut
+            # network) is given up on after about this many milliseconds.
+            "tcp_user_timeout": max(1000, self._statement_ms),
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "application_name": "smtpproxy-queue",
+        }
+        given = conninfo_to_dict(dsn)
+        extra = {key: value for key, value in defaults.items() if key not in given}
+        self._conninfo = make_conninfo(dsn, **extra)
+        self._reactor = reactor
+        self._pool_size = pool_size
+        self._pool = self._new_pool()
+        self.commits = 0
+        self._pending: list[_Pending] = []
+        self._committing = False
+        self._closing = False
+        self._closed = False
+        self._busy = 0
+        self._idle: list[Deferred[None]] = []
+
+    def _new_pool(self) -> adbapi.ConnectionPool:
+        """A pool of at most C{pool_size} connections, each in a thread of its own."""
+        pool = adbapi.ConnectionPool(
+            "psycopg",
+            conninfo=self._conninfo,
+            cp_min=1,
+            cp_max=self._pool_size,
+            cp_openfun=self._configure,
+            cp_reactor=self._reactor,
+            cp_noisy=False,
+        )
+        # adbapi documents connectionFactory as "any callable" taking the pool.
+        pool.connectionFactory = cast("type[adbapi.Connection]", _Link)
+        return pool
+
+    def _configure(self, connection: psycopg.Connection[TupleRow]) -> None:
+        """Session limits for every new connection (in a pool thread).
+
+        Set here rather than in the DSN's C{options}, so that a connection
+        pooler that refuses startup options still passes them on.
+        """
+        limit = f"{self._statement_ms}ms"
+        try:
+            connection.execute(
+                "SELECT set_config('statement_timeout', %s, false),"
+                " set_config('lock_timeout', %s, false),"
+                " set_config('idle_in_transaction_session_timeout', %s, false)",
+                (limit, limit, f"{2 * self._statement_ms}ms"),
+            )
+            connection.commit()
+        except BaseException:
+            connection.close()
+            raise
+
+    def _run(
+        self,
+        work: Callable[Concatenate[tx.Cursor, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Deferred[T]:
+        """Run C{work(cursor, ...)} as one transaction in the pool; driver errors translated."""
+        if self._closed:
+            return fail(QueueUnavailableError())
+        self._busy += 1
+        done = cast("Deferred[T]", self._pool.runWithConnection(_in_thread, work, *args, **kwargs))
+        done.addErrback(_translate)
+        done.addBoth(self._finished)
+        return done
+
+    def _finished(self, result: T) -> T:
+        """One call fewer in flight."""
+        self._busy -= 1
+        self._wake_closer()
+        return result
+
+    def _wake_closer(self) -> None:
+        """Let a waiting L{close} go on once no call or commit is left."""
+        if self._busy == 0 and not self._committing and not self._pending:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
+
+    def open(self) -> Deferred[None]:
+        """Create or check the schema; two processes opening at once take turns.
+
+        Bodies are written in their message's transaction, so a crash never
+        leaves a partial body behind: there is nothing to tidy.  A closed
+        store may be opened again.
+        """
+        if self._closed:
+            self._pool = self._new_pool()
+            self._closed = self._closing = False
+        return self._run(tx.open_schema)
+
+    def close(self) -> Deferred[None]:
+        """Refuse new enqueues, let pending commits and calls finish, close the connections."""
+        if self._closed:
+            return succeed(None)
+        self._closing = True
+        waiter: Deferred[None] = Deferred()
+        self._idle.append(waiter)
+        self._wake_closer()
+        waiter.addCallback(self._close_pool)
+        return waiter
+
+    def _close_pool(self, _: None) -> None:
+        """Stop the pool's threads (idle by now) and close its connections."""
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
+
+    # The front door: group commit.
+
+    def enqueue(self, id: str, envelope: Envelope, body: BodySource, now: float) -> Deferred[None]:
+        """Store a message; fires after the commit that holds it, maybe shared with others.
+
+        One transaction commits at a time; enqueues arriving meanwhile wait
+        and go together into the next one, so under load one commit (one WAL
+        flush) serves many messages, and none is answered before its own.
+        """
+        pending = _Pending(id, envelope, body, now)
+        if self._closing:
+            pending.done.errback(QueueUnavailableError())
+            return pending.done
+        self._pending.append(pending)
+        if not self._committing:
+            self._commit_pending()
+        return pending.done
+
+    def _commit_pending(self) -> None:
+        """Commit what waits (up to L{BATCH_MAX} messages) in one transaction."""
+        batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
+        self._committing = True
+        done = self._run(tx.insert_batch, batch, self._max_bytes)
+        done.addBoth(self._committed, batch)
+
+    def _committed(
+        self, outcome: list[BaseException | None] | Failure, batch: list[_Pending]
+    ) -> None:
+        """Answer each enqueue of a finished commit, then start the next commit."""
+        if not isinstance(outcome, Failure):
+            self.commits += 1
+        for index, pending in enumerate(batch):
+            if isinstance(outcome, Failure):
+                pending.done.errback(outcome)
+            elif (error := outcome[index]) is not None:
+                pending.done.errback(error)
+            else:
+                pending.done.callback(None)
+        self._committing = False
+        if self._pending:
+            self._commit_pending()
+        else:
+            self._wake_closer()
+
+    # The delivery workers.
+
+    def claim(
+        self, owner: str, now: float, lease: float, limit: int, per_route: int
+    ) -> Deferred[list[Entry]]:
+        """Lease up to C{limit} due messages to C{owner}; see L{tx.claim} for how."""
+        if limit <= 0 or per_route <= 0:
+            return succeed([])
+        return self._run(tx.claim, owner, now, lease, limit, per_route)
+
+    def renew(self, id: str, owner: str, until: float) -> Deferred[None]:
+        """Extend C{owner}'s lease on C{id}; L{LeaseLostError} if it is no longer C{owner}'s."""
+        return self._run(tx.renew, id, owner, until)
+
+    def read_body(self, id: str) -> Deferred[bytes]:
+        """The stored body; KeyError if there is no such message."""
+        return self._run(tx.read_body, id)
+
+    def delivered(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
+        """Remove the message, its body and its history, if C{owner} still holds it."""
+        return self._run(tx.delivered, id, owner)
+
+    def deferred(
+        self, id: str, owner: str, attempt: Attempt, next_attempt: float
+    ) -> Deferred[None]:
+        """Record a temporary failure and put the message back until C{next_attempt}."""
+        return self._run(tx.record, id, owner, attempt, next_attempt)
+
+    def dead(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
+        """Record the last attempt and keep the message, dead, with its history."""
+        return self._run(tx.record, id, owner, attempt, None)
+
+    def release(self, owner: str) -> Deferred[int]:
+        """Give back every lease C{owner} holds; how many."""
+        return self._run(tx.release, owner)
+
+    # The operator.
+
+    def list(self, state: State | None, limit: int) -> Deferred[list[Entry]]:
+        """Messages oldest first, all or in one state."""
+        return self._run(tx.entries, state, limit)
+
+    def show(self, id: str) -> Deferred[Entry | None]:
+        """One message with its attempts; None if there is none."""
+        return self._run(tx.show, id)
+
+    def retry(self, id: str, now: float) -> Deferred[bool]:
+        """Make a queued or dead message due now; False if there is none or a lease holds it."""
+        return self._run(tx.retry, id, now).addCallback(bool)
+
+    def retry_dead(self, now: float) -> Deferred[int]:
+        """Make every dead message queued and due now; how many."""
+        return self._run(tx.retry, None, now)
+
+    def delete(self, id: str) -> Deferred[bool]:
+        """Remove a message no live lease holds; False if absent or held."""
+        return self._run(tx.delete, id, self._clock.seconds()).addCallback(bool)
+
+    def stats(self) -> Deferred[Stats]:
+        """Counts by state, bytes held, the oldest live message's arrival."""
+        return self._run(tx.stats)
+
+    def purge_dead(self, before: float) -> Deferred[int]:
+        """Remove messages that died before C{before}; how many."""
+        return self._run(tx.purge_dead, before)

@@ -1,0 +1,451 @@
+"""The PostgreSQL queue's schema and transactions, as plain DB-API code.
+
+Each function here is one transaction's work: it takes a psycopg cursor,
+runs its statements and returns a value; L{smtpproxy.queue.postgres} runs it
+in a pool thread and commits it.  Nothing here knows about Twisted, so every
+rule of the store (leases, route caps, capacity) reads top to bottom.
+
+Tables:
+
+  - C{queue_schema}: the schema's version (L{SCHEMA_VERSION});
+  - C{queue_messages}: one row per message, envelope, state and lease;
+  - C{queue_body_chunks}: the body in pieces of at most 1 MiB, keyed by
+    (message id, sequence number), inserted in the message's own
+    transaction straight from L{smtpproxy.queue.model.BodySource.chunks};
+  - C{queue_attempts}: every recorded delivery attempt, for C{queue show}.
+
+Times are the callers' POSIX seconds (C{reactor.seconds()}), so replicas
+sharing a database must keep their clocks in step (NTP); a lease is judged
+by the clock of whoever looks at it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from smtpproxy.queue.model import (
+    Attempt,
+    BodySource,
+    Entry,
+    Envelope,
+    LeaseLostError,
+    Outcome,
+    QueueFullError,
+    State,
+    Stats,
+)
+
+SCHEMA_VERSION = 1
+
+#: The first key of each advisory lock taken here, keeping them apart from
+#: other applications' locks in the same database ("QUEU", "QUEV").
+LOCK_SPACE_SCHEMA = 0x51554555
+LOCK_SPACE_ROUTE = 0x51554556
+
+#: Pages of due candidates one claim looks through at most.
+CLAIM_PAGES = 20
+_CLAIM_PAGE_MIN = 16
+
+Cursor = psycopg.Cursor[TupleRow]
+
+SCHEMA = """
+CREATE TABLE queue_messages (
+    id text PRIMARY KEY,
+    sender text NOT NULL,
+    recipients text[] NOT NULL,
+    client text NOT NULL,
+    auth_user text,
+    route text NOT NULL,
+    meta text NOT NULL,
+    size bigint NOT NULL,
+    queued_at double precision NOT NULL,
+    state text NOT NULL CHECK (state IN ('queued', 'delivering', 'dead')),
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt double precision NOT NULL,
+    last_reply text NOT NULL DEFAULT '',
+    lease_owner text,
+    lease_until double precision,
+    died_at double precision
+);
+CREATE INDEX queue_messages_age ON queue_messages (queued_at, id) WHERE state <> 'dead';
+CREATE INDEX queue_messages_leases ON queue_messages (route, lease_until)
+    WHERE state = 'delivering';
+CREATE INDEX queue_messages_owner ON queue_messages (lease_owner) WHERE state = 'delivering';
+CREATE INDEX queue_messages_dead ON queue_messages (died_at) WHERE state = 'dead';
+CREATE TABLE queue_body_chunks (
+    id text NOT NULL REFERENCES queue_messages (id) ON DELETE CASCADE,
+    seq integer NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (id, seq)
+);
+CREATE TABLE queue_attempts (
+    n bigserial PRIMARY KEY,
+    id text NOT NULL REFERENCES queue_messages (id) ON DELETE CASCADE,
+    at double precision NOT NULL,
+    outcome text NOT NULL,
+    reply text NOT NULL,
+    request_id text,
+    worker text NOT NULL
+);
+CREATE INDEX queue_attempts_message ON queue_attempts (id, n);
+"""
+
+_COLUMNS = sql.SQL(
+    "id, sender, recipients, client, auth_user, route, meta, size, queued_at,"
+    " state, attempts, next_attempt, last_reply, lease_owner, lease_until"
+)
+
+
+class SchemaTooNewError(Exception):
+    """The database holds a queue schema newer than this relay understands."""
+
+
+class Pending(Protocol):
+    """What L{insert_batch} needs of one waiting enqueue."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def envelope(self) -> Envelope: ...
+    @property
+    def body(self) -> BodySource: ...
+    @property
+    def now(self) -> float: ...
+
+
+def entry(row: TupleRow, history: tuple[Attempt, ...] = ()) -> Entry:
+    """An L{Entry} from a row of C{_COLUMNS}."""
+    (id, sender, recipients, client, user, route, meta, size, queued_at) = row[:9]
+    (state, attempts, next_attempt, last_reply, lease_owner, lease_until) = row[9:]
+    return Entry(
+        id=id,
+        envelope=Envelope(sender, tuple(recipients), client, user, route, meta),
+        size=size,
+        queued_at=queued_at,
+        state=State(state),
+        attempts=attempts,
+        next_attempt=next_attempt,
+        last_reply=last_reply,
+        lease_owner=lease_owner,
+        lease_until=lease_until,
+        history=history,
+    )
+
+
+def _scalar(cursor: Cursor) -> int:
+    """The first column of the one row a query returned, as an int."""
+    row = cursor.fetchone()
+    assert row is not None  # every caller's query returns exactly one row
+    return int(row[0])
+
+
+def open_schema(cursor: Cursor) -> None:
+    """Create the schema, or check its version.
+
+    A transaction-level advisory lock makes two processes opening a new
+    database at once take turns (C{CREATE TABLE IF NOT EXISTS} alone can
+    still collide in the catalog).
+    """
+    cursor.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_SPACE_SCHEMA,))
+    cursor.execute("CREATE TABLE IF NOT EXISTS queue_schema (version integer NOT NULL)")
+    row = cursor.execute("SELECT max(version) FROM queue_schema").fetchone()
+    version = row[0] if row is not None else None
+    if version is None:
+        cursor.execute(SCHEMA.encode())
+        cursor.execute("INSERT INTO queue_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+    elif version > SCHEMA_VERSION:
+        raise SchemaTooNewError(
+            f"the queue's schema is version {version}; this relay knows {SCHEMA_VERSION}"
+        )
+
+
+def insert_batch(
+    cursor: Cursor, batch: Sequence[Pending], max_bytes: int
+) -> list[BaseException | None]:
+    """Insert a group commit's messages; one outcome each, None for stored.
+
+    A message refused (a duplicate id, over capacity, an unreadable body)
+    leaves no row behind and does not spoil the others.  Capacity is the sum
+    of sizes at the start of this transaction plus what it adds: replicas
+    committing at the same moment may overshoot it by one batch each.
+    """
+    cursor.execute("SELECT coalesce(sum(size), 0) FROM queue_messages")
+    used = _scalar(cursor)
+    outcomes: list[BaseException | None] = []
+    for pending in batch:
+        size = pending.body.size
+        if used + size > max_bytes:
+            outcomes.append(QueueFullError(f"the queue holds {used} of {max_bytes} bytes"))
+            continue
+        envelope = pending.envelope
+        cursor.execute(
+            "INSERT INTO queue_messages (id, sender, recipients, client, auth_user, route,"
+            " meta, size, queued_at, state, next_attempt)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'queued', %s)"
+            " ON CONFLICT (id) DO NOTHING",
+            (
+                pending.id,
+                envelope.sender,
+                list(envelope.recipients),
+                envelope.client,
+                envelope.user,
+                envelope.route,
+                envelope.meta,
+                size,
+                pending.now,
+                pending.now,
+            ),
+        )
+        if cursor.rowcount != 1:
+            outcomes.append(KeyError(pending.id))
+            continue
+        try:
+            for seq, chunk in enumerate(pending.body.chunks()):
+                cursor.execute(
+                    "INSERT INTO queue_body_chunks (id, seq, data) VALUES (%s, %s, %s)",
+                    (pending.id, seq, chunk),
+                )
+        except OSError as error:
+            cursor.execute("DELETE FROM queue_messages WHERE id = %s", (pending.id,))
+            outcomes.append(error)
+            continue
+        used += size
+        outcomes.append(None)
+    return outcomes
+
+
+def claim(
+    cursor: Cursor, owner: str, now: float, lease: float, limit: int, per_route: int
+) -> list[Entry]:
+    """Lease up to C{limit} due messages, oldest first, within each route's cap.
+
+    Due candidates are read oldest first with C{FOR UPDATE SKIP LOCKED}, so
+    two processes claiming at once never see the same row.  A route's cap
+    must count the leases other processes are granting at this very moment,
+    so the count is taken under a transaction-level advisory lock on the
+    route: its holder counts the live leases and adds its own before it
+    commits, and the commit releases the lock.  A claim waits for the first
+    route lock it needs (so replicas sharing one mailbox take turns instead
+    of coming back empty) and only tries the others
+    (C{pg_try_advisory_xact_lock}), leaving a route that another process is
+    claiming right now to that process: a claim that holds a lock never
+    waits, so two claims cannot deadlock over the order in which they meet
+    routes.  Advisory locks need no routes table kept in step with the
+    messages and vanish with a dead connection; two routes whose hashes
+    collide merely take turns.
+
+    A route that is full (or busy) is excluded from the following pages, so
+    a backlog for one mailbox does not hide due mail for the others.
+    """
+    chosen: list[str] = []
+    room: dict[str, int] = {}
+    closed: list[str] = []
+    after: tuple[float, str] = (float("-inf"), "")
+    for _ in range(CLAIM_PAGES):
+        page = max(limit - len(chosen), _CLAIM_PAGE_MIN)
+        rows = cursor.execute(
+            "SELECT id, route, queued_at FROM queue_messages"
+            " WHERE ((state = 'queued' AND next_attempt <= %(now)s)"
+            " OR (state = 'delivering' AND lease_until <= %(now)s))"
+            " AND (queued_at, id) > (%(at)s, %(id)s) AND route <> ALL(%(closed)s)"
+            " ORDER BY queued_at, id LIMIT %(page)s FOR UPDATE SKIP LOCKED",
+            {"now": now, "at": after[0], "id": after[1], "closed": closed, "page": page},
+        ).fetchall()
+        for id, route, queued_at in rows:
+            after = (queued_at, id)
+            if route in closed:
+                continue
+            if route not in room:
+                room[route] = _route_room(cursor, route, now, per_route, wait=not room)
+            if room[route] > 0:
+                chosen.append(id)
+                room[route] -= 1
+            if room[route] <= 0:
+                closed.append(route)
+            if len(chosen) == limit:
+                break
+        if len(chosen) == limit or len(rows) < page:
+            break
+    if not chosen:
+        return []
+    cursor.execute(
+        sql.SQL(
+            "UPDATE queue_messages SET state = 'delivering', lease_owner = %s, lease_until = %s"
+            " WHERE id = ANY(%s) RETURNING {}"
+        ).format(_COLUMNS),
+        (owner, now + lease, chosen),
+    )
+    return sorted((entry(row) for row in cursor.fetchall()), key=lambda e: (e.queued_at, e.id))
+
+
+def _route_room(cursor: Cursor, route: str, now: float, per_route: int, wait: bool) -> int:
+    """How many more leases C{route} may take, under its lock (waited for or only tried).
+
+    0 when the lock was only tried and another process holds it.
+    """
+    if wait:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_SPACE_ROUTE, route))
+    else:
+        cursor.execute(
+            "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))::integer",
+            (LOCK_SPACE_ROUTE, route),
+        )
+        if not _scalar(cursor):
+            return 0
+    cursor.execute(
+        "SELECT count(*) FROM queue_messages"
+        " WHERE route = %s AND state = 'delivering' AND lease_until > %s",
+        (route, now),
+    )
+    return per_route - _scalar(cursor)
+
+
+def _held(cursor: Cursor, query: sql.SQL, values: dict[str, object]) -> None:
+    """Run an update guarded by C{id} and C{owner}; L{LeaseLostError} if it matched nothing."""
+    cursor.execute(
+        sql.SQL("{} WHERE id = %(id)s AND lease_owner = %(owner)s AND state = 'delivering'").format(
+            query
+        ),
+        values,
+    )
+    if cursor.rowcount != 1:
+        raise LeaseLostError(values["id"])
+
+
+def renew(cursor: Cursor, id: str, owner: str, until: float) -> None:
+    """Move C{owner}'s lease on C{id} to C{until}."""
+    _held(
+        cursor,
+        sql.SQL("UPDATE queue_messages SET lease_until = %(until)s"),
+        {"id": id, "owner": owner, "until": until},
+    )
+
+
+def delivered(cursor: Cursor, id: str, owner: str) -> None:
+    """Remove a delivered message with its body and history."""
+    _held(cursor, sql.SQL("DELETE FROM queue_messages"), {"id": id, "owner": owner})
+
+
+def record(
+    cursor: Cursor, id: str, owner: str, attempt: Attempt, next_attempt: float | None
+) -> None:
+    """Record a failed attempt: queued again at C{next_attempt}, or dead if that is None."""
+    values: dict[str, object] = {
+        "id": id,
+        "owner": owner,
+        "reply": attempt.reply,
+        "next": next_attempt,
+        "at": attempt.at,
+    }
+    _held(
+        cursor,
+        sql.SQL(
+            "UPDATE queue_messages SET attempts = attempts + 1, last_reply = %(reply)s,"
+            " lease_owner = NULL, lease_until = NULL,"
+            " state = CASE WHEN %(next)s::float8 IS NULL THEN 'dead' ELSE 'queued' END,"
+            " next_attempt = coalesce(%(next)s::float8, next_attempt),"
+            " died_at = CASE WHEN %(next)s::float8 IS NULL THEN %(at)s ELSE NULL END"
+        ),
+        values,
+    )
+    cursor.execute(
+        "INSERT INTO queue_attempts (id, at, outcome, reply, request_id, worker)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        (id, attempt.at, str(attempt.outcome), attempt.reply, attempt.request_id, attempt.worker),
+    )
+
+
+def release(cursor: Cursor, owner: str) -> int:
+    """Give back every lease C{owner} holds; how many."""
+    cursor.execute(
+        "UPDATE queue_messages SET state = 'queued', lease_owner = NULL, lease_until = NULL"
+        " WHERE lease_owner = %s AND state = 'delivering'",
+        (owner,),
+    )
+    return cursor.rowcount
+
+
+def read_body(cursor: Cursor, id: str) -> bytes:
+    """The body joined from its chunks; KeyError if there is no such message."""
+    cursor.execute("SELECT 1 FROM queue_messages WHERE id = %s", (id,))
+    if cursor.fetchone() is None:
+        raise KeyError(id)
+    cursor.execute("SELECT data FROM queue_body_chunks WHERE id = %s ORDER BY seq", (id,))
+    return b"".join(bytes(row[0]) for row in cursor)
+
+
+def entries(cursor: Cursor, state: State | None, limit: int) -> list[Entry]:
+    """Messages oldest first, all or in one state."""
+    cursor.execute(
+        sql.SQL(
+            "SELECT {} FROM queue_messages WHERE (%(state)s::text IS NULL OR state = %(state)s)"
+            " ORDER BY queued_at, id LIMIT %(limit)s"
+        ).format(_COLUMNS),
+        {"state": None if state is None else str(state), "limit": max(0, limit)},
+    )
+    return [entry(row) for row in cursor.fetchall()]
+
+
+def show(cursor: Cursor, id: str) -> Entry | None:
+    """One message with its attempts, oldest first; None if there is none."""
+    cursor.execute(sql.SQL("SELECT {} FROM queue_messages WHERE id = %s").format(_COLUMNS), (id,))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    cursor.execute(
+        "SELECT at, outcome, reply, request_id, worker FROM queue_attempts"
+        " WHERE id = %s ORDER BY n",
+        (id,),
+    )
+    history = tuple(
+        Attempt(at=at, outcome=Outcome(outcome), reply=reply, request_id=rid, worker=worker)
+        for at, outcome, reply, rid, worker in cursor.fetchall()
+    )
+    return entry(row, history)
+
+
+def retry(cursor: Cursor, id: str | None, now: float) -> int:
+    """Make one message no live lease holds, or every dead one (C{id} None), queued and due."""
+    cursor.execute(
+        "UPDATE queue_messages SET state = 'queued', next_attempt = %(now)s, died_at = NULL,"
+        " lease_owner = NULL, lease_until = NULL"
+        " WHERE (%(id)s::text IS NULL AND state = 'dead')"
+        " OR (id = %(id)s AND (state <> 'delivering' OR lease_until <= %(now)s))",
+        {"id": id, "now": now},
+    )
+    return cursor.rowcount
+
+
+def delete(cursor: Cursor, id: str, now: float) -> int:
+    """Remove a message unless a live lease holds it; 1 if removed."""
+    cursor.execute(
+        "DELETE FROM queue_messages WHERE id = %s AND (state <> 'delivering' OR lease_until <= %s)",
+        (id, now),
+    )
+    return cursor.rowcount
+
+
+def stats(cursor: Cursor) -> Stats:
+    """Counts by state, bytes held, the oldest live message's arrival."""
+    row = cursor.execute(
+        "SELECT count(*) FILTER (WHERE state = 'queued'),"
+        " count(*) FILTER (WHERE state = 'delivering'),"
+        " count(*) FILTER (WHERE state = 'dead'),"
+        " coalesce(sum(size), 0),"
+        " min(queued_at) FILTER (WHERE state <> 'dead')"
+        " FROM queue_messages"
+    ).fetchone()
+    assert row is not None  # an aggregate without GROUP BY returns one row
+    queued, delivering, dead, held, oldest = row
+    return Stats(int(queued), int(delivering), int(dead), int(held), oldest)
+
+
+def purge_dead(cursor: Cursor, before: float) -> int:
+    """Remove messages that died before C{before}; how many."""
+    cursor.execute("DELETE FROM queue_messages WHERE state = 'dead' AND died_at < %s", (before,))
+    return cursor.rowcount

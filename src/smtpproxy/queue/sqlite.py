@@ -1,0 +1,838 @@
+"""The embedded queue: one SQLite file for envelopes, one file per body beside it.
+
+C{queue.db} holds the rows (WAL mode, C{synchronous=FULL}, so a commit is on
+disk when it returns) and C{queue.db.bodies/} holds each body as its own
+file, named by a random token, so a body never passes through SQLite's page
+cache and a 150 MB message costs the database nothing.
+
+An enqueue is durable in this order, and only then fires:
+
+  1. the body is copied from C{body.chunks()} into C{<token>.tmp} in a
+     thread of the store's body pool, and the file is fsynced;
+  2. it is renamed to C{<token>};
+  3. the directory is fsynced (one fsync for every body in the batch);
+  4. the rows of the batch are inserted in one transaction and committed.
+
+A crash before 4 leaves a temporary or an orphan body file and no row:
+L{SQLiteStore.open} deletes both, and the client, which never heard 250,
+sends again.  A row is never committed before its body is on disk, so a row
+without a body file means the disk lost it; open makes such a row dead with
+a reply that says so, rather than dropping it without a trace.
+
+Group commit: while one batch commits, bodies that finish are collected and
+go together in the next transaction.  Body files are written in a pool of
+their own (several threads, so their fsyncs overlap with each other and with
+the commit in progress); the database has one connection in a pool of one
+thread.  One connection because SQLite admits one writer at a time anyway:
+more connections would only wait on its file lock, polling, where one
+thread takes the work in order; and because the commit batches then never
+race each other.  C{check_same_thread=False} lets the pool close that
+connection from the reactor thread at shutdown.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TypeVar, cast
+
+from twisted.enterprise.adbapi import ConnectionPool
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from smtpproxy.queue.model import (
+    Attempt,
+    BodySource,
+    Entry,
+    Envelope,
+    LeaseLostError,
+    Outcome,
+    QueueFullError,
+    State,
+    Stats,
+)
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore", "body_directory"]
+
+log = Logger(namespace="smtpproxy.queue")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+"""Kept in C{PRAGMA user_version}; a newer file is refused rather than misread."""
+
+#: Errors that mean "no room": the client is told 452 and retries later.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+#: How many body files are written at once.  Each mostly waits in fsync, so
+#: a few threads let those waits overlap without crowding a small machine.
+BODY_THREADS = 4
+
+_BODY_NAME = re.compile(r"[0-9a-f]{32}")
+_TMP_SUFFIX = ".tmp"
+
+LOST_BODY_REPLY = "554 5.3.0 queued body file was missing when the queue was opened"
+
+_SCHEMA = """
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    sender TEXT NOT NULL,
+    recipients TEXT NOT NULL,
+    client TEXT NOT NULL,
+    user TEXT,
+    route TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    body TEXT,
+    queued_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_reply TEXT NOT NULL DEFAULT '',
+    lease_owner TEXT,
+    lease_until REAL,
+    died_at REAL
+);
+CREATE INDEX messages_order ON messages (state, queued_at, seq);
+CREATE INDEX messages_owner ON messages (lease_owner) WHERE lease_owner IS NOT NULL;
+CREATE TABLE attempts (
+    message INTEGER NOT NULL REFERENCES messages (seq) ON DELETE CASCADE,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    reply TEXT NOT NULL,
+    request_id TEXT,
+    worker TEXT NOT NULL
+);
+CREATE INDEX attempts_message ON attempts (message);
+"""
+
+#: Spelled out once and put into the SELECTs with an f-string: a constant,
+#: never input (values are always bound), hence the S608 exemptions below.
+_COLUMNS = (
+    "seq, id, sender, recipients, client, user, route, meta, size, queued_at, state,"
+    " attempts, next_attempt, last_reply, lease_owner, lease_until"
+)
+
+
+def body_directory(path: str) -> str:
+    """Where the bodies of the queue at C{path} live: beside it, named after it."""
+    return path + ".bodies"
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One enqueue between its 250 being asked for and its commit."""
+
+    id: str
+    envelope: Envelope
+    size: int
+    now: float
+    name: str
+    done: Deferred[None] = field(default_factory=Deferred)
+
+
+class SQLiteStore:
+    """A L{smtpproxy.queue.store.QueueStore} in one SQLite file and a body directory.
+
+    One process writes the queue (the relay); the operator command may open
+    the same file at the same time for reading and small changes, which
+    SQLite's locking serialises (C{timeout} is how long either waits).
+
+    @ivar commits: enqueue transactions committed so far; with group commit
+        it grows more slowly than the number of messages (tests read it).
+    @ivar held: bytes of bodies this store holds, counted against
+        C{max_bytes}; loaded at L{open} and kept up to date by this
+        process only (the operator command's deletions show at the next
+        open).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        max_bytes: int,
+        reactor: IReactorTime,
+        timeout: float = 30.0,
+    ) -> None:
+        self.path = path
+        self.bodies = body_directory(path)
+        self.max_bytes = max_bytes
+        self.commits = 0
+        self.held = 0
+        self._reactor = reactor
+        self._timeout = timeout
+        self._pool: ConnectionPool | None = None
+        self._files: ThreadPool | None = None
+        self._ids: set[str] = set()
+        self._ready: list[_Pending] = []
+        self._committing = False
+        self._inflight: set[Deferred[None]] = set()
+
+    # Opening and closing.
+
+    def open(self) -> Deferred[None]:
+        """Create or check the schema, tidy what a crash left, count the bytes held."""
+        # adbapi's constructor has no annotations; calling it through a typed
+        # name keeps the rest of this module under mypy's strict checks.
+        make_pool: Callable[..., ConnectionPool] = ConnectionPool
+        self._pool = make_pool(
+            "sqlite3",
+            self.path,
+            timeout=self._timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_configure,
+            cp_reactor=self._reactor,
+            cp_name="smtpproxy-queue-db",
+        )
+        _untyped(self._pool.start)
+        self._files = ThreadPool(0, BODY_THREADS, "smtpproxy-queue-bodies")
+        _untyped(self._files.start)
+        now = self._reactor.seconds()
+
+        def opened(result: tuple[int, int, int, int]) -> None:
+            held, temporary, orphans, lost = result
+            self.held = held
+            log.info(
+                "queue opened",
+                path=self.path,
+                held=held,
+                partial=temporary,
+                orphans=orphans,
+                lost=lost,
+            )
+
+        return self._run(lambda cursor: self._open_in_thread(cursor, now)).addCallback(opened)
+
+    def close(self) -> Deferred[None]:
+        """Let enqueues in progress commit, then stop the threads and close the file."""
+        waiting = list(self._inflight)
+
+        def stop(_: object) -> None:
+            if self._pool is not None:
+                _untyped(self._pool.close)
+                self._pool = None
+            if self._files is not None:
+                _untyped(self._files.stop)
+                self._files = None
+
+        return (
+            defer.DeferredList(waiting, consumeErrors=True)
+            .addCallback(stop)
+            .addCallback(lambda _: None)
+        )
+
+    # The front door.
+
+    def enqueue(self, id: str, envelope: Envelope, body: BodySource, now: float) -> Deferred[None]:
+        """Store a message; fire after its body and its row are both on disk."""
+        size = body.size
+        if id in self._ids:
+            return defer.fail(KeyError(id))
+        if self.held + size > self.max_bytes:
+            return defer.fail(QueueFullError(f"queue holds {self.held} of {self.max_bytes} bytes"))
+        self.held += size
+        self._ids.add(id)
+        item = _Pending(id, envelope, size, now, secrets.token_hex(16))
+        written = self._in_files(lambda: self._write_body(item.name, body, size))
+        written.addCallbacks(lambda _: self._ready_to_commit(item), item.done.errback)
+        self._inflight.add(item.done)
+
+        def finished(result: object) -> object:
+            self._inflight.discard(item.done)
+            self._ids.discard(id)
+            if isinstance(result, Failure):
+                self.held -= size
+            return result
+
+        item.done.addBoth(finished)
+        # The caller gets its own Deferred, so one caller's callbacks cannot
+        # change what close() waits on.
+        answer: Deferred[None] = Deferred()
+        item.done.chainDeferred(answer)
+        return answer
+
+    # The delivery workers.
+
+    def claim(
+        self, owner: str, now: float, lease: float, limit: int, per_route: int
+    ) -> Deferred[list[Entry]]:
+        """Lease up to C{limit} due messages, oldest first, no route past C{per_route}."""
+
+        def work(cursor: sqlite3.Cursor) -> list[Entry]:
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute(
+                "SELECT route, COUNT(*) FROM messages"
+                " WHERE state = 'delivering' AND lease_until > ? GROUP BY route",
+                (now,),
+            )
+            busy: dict[str, int] = {route: count for route, count in cursor.fetchall()}
+            cursor.execute(
+                f"SELECT {_COLUMNS} FROM messages"  # noqa: S608
+                " WHERE (state = 'queued' AND next_attempt <= ?)"
+                " OR (state = 'delivering' AND lease_until <= ?)"
+                " ORDER BY queued_at, seq",
+                (now, now),
+            )
+            chosen: list[tuple[object, ...]] = []
+            while len(chosen) < limit and (rows := cursor.fetchmany(64)):
+                for row in rows:
+                    route = row[6]
+                    if busy.get(route, 0) >= per_route:
+                        continue
+                    busy[route] = busy.get(route, 0) + 1
+                    chosen.append(row)
+                    if len(chosen) == limit:
+                        break
+            until = now + lease
+            cursor.executemany(
+                "UPDATE messages SET state = 'delivering', lease_owner = ?, lease_until = ?"
+                " WHERE seq = ?",
+                [(owner, until, row[0]) for row in chosen],
+            )
+            return [
+                _entry(row, state=State.DELIVERING, lease_owner=owner, lease_until=until)
+                for row in chosen
+            ]
+
+        if limit <= 0 or per_route <= 0:
+            return defer.succeed([])
+        return self._run(work)
+
+    def renew(self, id: str, owner: str, until: float) -> Deferred[None]:
+        """Move C{owner}'s lease on to C{until}; L{LeaseLostError} if it is not theirs now."""
+
+        changed = self._change(
+            "UPDATE messages SET lease_until = ?"
+            " WHERE id = ? AND state = 'delivering' AND lease_owner = ?",
+            (until, id, owner),
+        )
+
+        def check(count: int) -> None:
+            if count != 1:
+                raise LeaseLostError(id)
+
+        return changed.addCallback(check)
+
+    def read_body(self, id: str) -> Deferred[bytes]:
+        """The body as accepted; C{KeyError} for no such message, C{OSError} if unreadable."""
+
+        def find(cursor: sqlite3.Cursor) -> str:
+            cursor.execute("SELECT body FROM messages WHERE id = ?", (id,))
+            row = cursor.fetchone()
+            if row is None:
+                raise KeyError(id)
+            if row[0] is None:
+                raise FileNotFoundError(errno.ENOENT, f"the body of {id} was lost")
+            return str(row[0])
+
+        def read(name: str) -> Deferred[bytes]:
+            return self._in_files(lambda: self._read_file(name))
+
+        return self._run(find).addCallback(read)
+
+    def delivered(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
+        """Remove the message (its history goes with it; the log keeps the story)."""
+
+        def work(cursor: sqlite3.Cursor) -> tuple[int, str | None]:
+            cursor.execute("BEGIN IMMEDIATE")
+            seq, size, name = _held_by(cursor, id, owner)
+            cursor.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+            return size, name
+
+        return self._run(work).addCallback(self._forget_bodies_of_one)
+
+    def deferred(
+        self, id: str, owner: str, attempt: Attempt, next_attempt: float
+    ) -> Deferred[None]:
+        """Record a temporary failure and put the message back, due at C{next_attempt}."""
+
+        return self._settle(id, owner, attempt, "state = 'queued', next_attempt = ?", next_attempt)
+
+    def dead(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
+        """Record the last attempt and keep the message, dead, with its history."""
+
+        return self._settle(id, owner, attempt, "state = 'dead', died_at = ?", attempt.at)
+
+    def release(self, owner: str) -> Deferred[int]:
+        """Put back every message C{owner} holds, due as before."""
+        return self._change(
+            "UPDATE messages SET state = 'queued', lease_owner = NULL, lease_until = NULL"
+            " WHERE state = 'delivering' AND lease_owner = ?",
+            (owner,),
+        )
+
+    # The operator.
+
+    def list(self, state: State | None, limit: int) -> Deferred[list[Entry]]:
+        """Up to C{limit} messages, oldest first, all or in one state."""
+
+        def work(cursor: sqlite3.Cursor) -> list[Entry]:
+            if state is None:
+                cursor.execute(
+                    f"SELECT {_COLUMNS} FROM messages ORDER BY queued_at, seq LIMIT ?",  # noqa: S608
+                    (limit,),
+                )
+            else:
+                cursor.execute(
+                    f"SELECT {_COLUMNS} FROM messages WHERE state = ?"  # noqa: S608
+                    " ORDER BY queued_at, seq LIMIT ?",
+                    (state.value, limit),
+                )
+            return [_entry(row) for row in cursor.fetchall()]
+
+        return self._run(work)
+
+    def show(self, id: str) -> Deferred[Entry | None]:
+        """One message and its attempts, oldest first; None if absent."""
+
+        def work(cursor: sqlite3.Cursor) -> Entry | None:
+            cursor.execute("BEGIN")
+            cursor.execute(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (id,))  # noqa: S608
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            cursor.execute(
+                "SELECT at, outcome, reply, request_id, worker FROM attempts"
+                " WHERE message = ? ORDER BY at, rowid",
+                (row[0],),
+            )
+            history = tuple(
+                Attempt(at, Outcome(outcome), reply, request_id, worker)
+                for at, outcome, reply, request_id, worker in cursor.fetchall()
+            )
+            return _entry(row, history=history)
+
+        return self._run(work)
+
+    def retry(self, id: str, now: float) -> Deferred[bool]:
+        """Make a queued or dead message due at C{now}.
+
+        False when there is no such message, when a worker's lease on it
+        is still running, or when its body was lost (nothing to send).
+        """
+
+        changed = self._change(
+            "UPDATE messages SET state = 'queued', next_attempt = ?, died_at = NULL,"
+            " lease_owner = NULL, lease_until = NULL"
+            " WHERE id = ? AND body IS NOT NULL"
+            " AND (state != 'delivering' OR lease_until <= ?)",
+            (now, id, now),
+        )
+        return changed.addCallback(lambda count: count == 1)
+
+    def retry_dead(self, now: float) -> Deferred[int]:
+        """Queue every dead message whose body is still there, due at C{now}."""
+
+        return self._change(
+            "UPDATE messages SET state = 'queued', next_attempt = ?, died_at = NULL"
+            " WHERE state = 'dead' AND body IS NOT NULL",
+            (now,),
+        )
+
+    def delete(self, id: str) -> Deferred[bool]:
+        """Remove a message and its body unless a worker's lease on it is still running."""
+        now = self._reactor.seconds()
+
+        def work(cursor: sqlite3.Cursor) -> tuple[int, str | None] | None:
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute(
+                "DELETE FROM messages WHERE id = ? AND (state != 'delivering' OR lease_until <= ?)"
+                " RETURNING size, body",
+                (id, now),
+            )
+            row = cursor.fetchone()
+            return None if row is None else (int(row[0]), row[1])
+
+        def done(removed: tuple[int, str | None] | None) -> Deferred[bool]:
+            if removed is None:
+                return defer.succeed(False)
+            return self._forget_bodies([removed]).addCallback(lambda _: True)
+
+        return self._run(work).addCallback(done)
+
+    def stats(self) -> Deferred[Stats]:
+        """Counts by stored state, bytes of bodies on disk, the oldest live message's time."""
+
+        def work(cursor: sqlite3.Cursor) -> Stats:
+            cursor.execute(
+                "SELECT"
+                " COUNT(*) FILTER (WHERE state = 'queued'),"
+                " COUNT(*) FILTER (WHERE state = 'delivering'),"
+                " COUNT(*) FILTER (WHERE state = 'dead'),"
+                " COALESCE(SUM(size) FILTER (WHERE body IS NOT NULL), 0),"
+                " MIN(queued_at) FILTER (WHERE state != 'dead')"
+                " FROM messages"
+            )
+            queued, delivering, dead, held, oldest = cursor.fetchone()
+            return Stats(queued, delivering, dead, held, oldest)
+
+        return self._run(work)
+
+    def purge_dead(self, before: float) -> Deferred[int]:
+        """Remove the messages that died before C{before}, and their bodies."""
+
+        def work(cursor: sqlite3.Cursor) -> list[tuple[int, str | None]]:
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute(
+                "DELETE FROM messages WHERE state = 'dead' AND died_at < ? RETURNING size, body",
+                (before,),
+            )
+            return [(int(size), name) for size, name in cursor.fetchall()]
+
+        def done(removed: list[tuple[int, str | None]]) -> Deferred[int]:
+            return self._forget_bodies(removed).addCallback(lambda _: len(removed))
+
+        return self._run(work).addCallback(done)
+
+    # Group commit.
+
+    def _ready_to_commit(self, item: _Pending) -> None:
+        self._ready.append(item)
+        if not self._committing:
+            self._commit_next()
+
+    def _commit_next(self) -> None:
+        batch, self._ready = self._ready, []
+        self._committing = True
+
+        def committed(duplicates: set[str]) -> None:
+            self.commits += 1
+            lost = [item for item in batch if item.id in duplicates]
+            kept = [item for item in batch if item.id not in duplicates]
+            if lost:
+                names = [item.name for item in lost]
+
+                def refuse(_: object) -> None:
+                    for item in lost:
+                        item.done.errback(KeyError(item.id))
+
+                self._in_files(lambda: _unlink_all(self.bodies, names)).addBoth(refuse)
+            for item in kept:
+                item.done.callback(None)
+
+        def failed(reason: Failure) -> None:
+            # Nothing of the batch is committed: take its bodies back too, so
+            # the bytes and the files go together.
+            error: BaseException = reason.value or RuntimeError("commit failed")
+            if isinstance(error, sqlite3.Error) and _sqlite_full(error):
+                error = QueueFullError(f"the queue's database is full: {error}")
+            names = [item.name for item in batch]
+
+            def answer(_: object) -> None:
+                for item in batch:
+                    item.done.errback(error)
+
+            self._in_files(lambda: _unlink_all(self.bodies, names)).addBoth(answer)
+
+        def next_batch(result: object) -> None:
+            if isinstance(result, Failure):
+                log.failure("queue commit bookkeeping failed", result)
+            self._committing = False
+            if self._ready:
+                self._commit_next()
+
+        self._run(lambda cursor: self._commit_in_thread(cursor, batch)).addCallbacks(
+            committed, failed
+        ).addBoth(next_batch)
+
+    def _commit_in_thread(self, cursor: sqlite3.Cursor, batch: Iterable[_Pending]) -> set[str]:
+        # One directory fsync makes every rename of the batch durable; the
+        # renames all happened before the batch was handed over.
+        _fsync_directory(self.bodies)
+        cursor.execute("BEGIN IMMEDIATE")
+        duplicates: set[str] = set()
+        for item in batch:
+            envelope = item.envelope
+            cursor.execute(
+                "INSERT INTO messages (id, sender, recipients, client, user, route, meta,"
+                " size, body, queued_at, state, next_attempt)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)"
+                " ON CONFLICT (id) DO NOTHING",
+                (
+                    item.id,
+                    envelope.sender,
+                    json.dumps(list(envelope.recipients)),
+                    envelope.client,
+                    envelope.user,
+                    envelope.route,
+                    envelope.meta,
+                    item.size,
+                    item.name,
+                    item.now,
+                    item.now,
+                ),
+            )
+            if cursor.rowcount != 1:
+                duplicates.add(item.id)
+        return duplicates
+
+    # Work in the threads.
+
+    def _write_body(self, name: str, body: BodySource, size: int) -> None:
+        """Copy the body into its file and make it durable (not yet the directory)."""
+        temporary = os.path.join(self.bodies, name + _TMP_SUFFIX)
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno in _FULL_ERRNOS:
+                raise _full(e) from e
+            raise
+        try:
+            written = 0
+            try:
+                for chunk in body.chunks():
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    written += len(chunk)
+                if written != size:
+                    raise ValueError(f"the body source gave {written} bytes of {size}")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, os.path.join(self.bodies, name))
+        except BaseException as e:
+            _unlink_all(self.bodies, [name + _TMP_SUFFIX])
+            if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+                raise _full(e) from e
+            raise
+
+    def _read_file(self, name: str) -> bytes:
+        with open(os.path.join(self.bodies, name), "rb") as f:
+            return f.read()
+
+    def _open_in_thread(self, cursor: sqlite3.Cursor, now: float) -> tuple[int, int, int, int]:
+        if not os.path.isdir(self.bodies):
+            os.makedirs(self.bodies, mode=0o700, exist_ok=True)
+            _fsync_directory(os.path.dirname(os.path.abspath(self.bodies)))
+        cursor.execute("BEGIN IMMEDIATE")
+        version = cursor.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            # executescript() would commit the BEGIN above; one statement at
+            # a time keeps the schema and its version in one transaction.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    cursor.execute(statement)
+            cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has queue schema {version}; this smtpproxy knows {SCHEMA_VERSION}"
+            )
+        cursor.execute("SELECT seq, body FROM messages WHERE body IS NOT NULL")
+        rows: dict[str, int] = {str(name): int(seq) for seq, name in cursor.fetchall()}
+        present: set[str] = set()
+        temporary = orphans = 0
+        for name in os.listdir(self.bodies):
+            if name.endswith(_TMP_SUFFIX) and _BODY_NAME.fullmatch(name[: -len(_TMP_SUFFIX)]):
+                _unlink_all(self.bodies, [name])
+                temporary += 1
+            elif _BODY_NAME.fullmatch(name):
+                if name in rows:
+                    present.add(name)
+                else:
+                    _unlink_all(self.bodies, [name])
+                    orphans += 1
+        lost = [seq for name, seq in rows.items() if name not in present]
+        cursor.executemany(
+            "UPDATE messages SET state = 'dead', body = NULL, last_reply = ?, died_at = ?,"
+            " lease_owner = NULL, lease_until = NULL WHERE seq = ?",
+            [(LOST_BODY_REPLY, now, seq) for seq in lost],
+        )
+        cursor.execute("SELECT COALESCE(SUM(size), 0) FROM messages WHERE body IS NOT NULL")
+        held = int(cursor.fetchone()[0])
+        return held, temporary, orphans, len(lost)
+
+    # Plumbing.
+
+    def _run(self, work: Callable[[sqlite3.Cursor], T]) -> Deferred[T]:
+        """Run C{work} on the database thread; its transaction commits if it returns.
+
+        adbapi hands C{work} a C{Transaction}, which passes every call on to
+        an C{sqlite3.Cursor}; the cast says so, since adbapi is unannotated.
+        """
+        if self._pool is None:
+            return defer.fail(RuntimeError("the queue store is not open"))
+        run = cast(
+            "Callable[[Callable[[sqlite3.Cursor], T]], Deferred[T]]", self._pool.runInteraction
+        )
+        return run(work)
+
+    def _settle(
+        self, id: str, owner: str, attempt: Attempt, state: str, value: float
+    ) -> Deferred[None]:
+        """Record C{attempt} and end C{owner}'s lease, setting C{state} (a constant).
+
+        C{state} is "state = '...', <column> = ?" and C{value} fills its
+        placeholder; both outcomes that keep the message differ only there.
+        """
+
+        def work(cursor: sqlite3.Cursor) -> None:
+            cursor.execute("BEGIN IMMEDIATE")
+            seq, _, _ = _held_by(cursor, id, owner)
+            _record(cursor, seq, attempt)
+            cursor.execute(
+                f"UPDATE messages SET {state}, attempts = attempts + 1, last_reply = ?,"  # noqa: S608
+                " lease_owner = NULL, lease_until = NULL WHERE seq = ?",
+                (value, attempt.reply, seq),
+            )
+
+        return self._run(work)
+
+    def _change(self, statement: str, parameters: tuple[object, ...]) -> Deferred[int]:
+        """Run one writing statement in its own transaction; how many rows it changed."""
+
+        def work(cursor: sqlite3.Cursor) -> int:
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute(statement, parameters)
+            return cursor.rowcount
+
+        return self._run(work)
+
+    def _in_files(self, work: Callable[[], T]) -> Deferred[T]:
+        if self._files is None:
+            return defer.fail(RuntimeError("the queue store is not open"))
+        return deferToThreadPool(cast(IReactorThreads, self._reactor), self._files, work)
+
+    def _forget_bodies_of_one(self, removed: tuple[int, str | None]) -> Deferred[None]:
+        return self._forget_bodies([removed])
+
+    def _forget_bodies(self, removed: builtins.list[tuple[int, str | None]]) -> Deferred[None]:
+        """After the rows' deletion committed: give back their bytes, delete their files.
+
+        A crash before the files go leaves orphans, which the next open removes.
+        """
+        self.held -= sum(size for size, name in removed if name is not None)
+        names = [name for _, name in removed if name is not None]
+        if not names:
+            return defer.succeed(None)
+        return self._in_files(lambda: _unlink_all(self.bodies, names))
+
+
+def _untyped(method: object) -> None:
+    """Call a Twisted method that has no annotations yet (pool start and stop)."""
+    cast("Callable[[], None]", method)()
+
+
+def _configure(connection: sqlite3.Connection) -> None:
+    """Every connection: WAL, commits synced to disk, cascades on."""
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA synchronous = FULL")
+    connection.execute("PRAGMA foreign_keys = ON")
+
+
+def _held_by(cursor: sqlite3.Cursor, id: str, owner: str) -> tuple[int, int, str | None]:
+    """The message's seq, size and body if C{owner} holds its lease, else L{LeaseLostError}.
+
+    Holding means being the recorded owner of a message still delivering:
+    a lease that ran out but that nobody else has claimed is still the
+    caller's, since no one else can have started a delivery, and accepting
+    its outcome is what keeps a message from being sent twice.
+    """
+    cursor.execute(
+        "SELECT seq, size, body FROM messages"
+        " WHERE id = ? AND state = 'delivering' AND lease_owner = ?",
+        (id, owner),
+    )
+    row = cursor.fetchone()
+    if row is None:
+        raise LeaseLostError(id)
+    return int(row[0]), int(row[1]), row[2]
+
+
+def _record(cursor: sqlite3.Cursor, seq: int, attempt: Attempt) -> None:
+    cursor.execute(
+        "INSERT INTO attempts (message, at, outcome, reply, request_id, worker)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (seq, attempt.at, attempt.outcome.value, attempt.reply, attempt.request_id, attempt.worker),
+    )
+
+
+def _entry(
+    row: tuple[object, ...],
+    *,
+    state: State | None = None,
+    lease_owner: str | None = None,
+    lease_until: float | None = None,
+    history: tuple[Attempt, ...] = (),
+) -> Entry:
+    (
+        _seq,
+        id,
+        sender,
+        recipients,
+        client,
+        user,
+        route,
+        meta,
+        size,
+        queued_at,
+        stored_state,
+        attempts,
+        next_attempt,
+        last_reply,
+        stored_owner,
+        stored_until,
+    ) = cast(
+        "tuple[int, str, str, str, str, str | None, str, str, int, float, str, int, float,"
+        " str, str | None, float | None]",
+        row,
+    )
+    return Entry(
+        id=id,
+        envelope=Envelope(
+            sender=sender,
+            recipients=tuple(json.loads(recipients)),
+            client=client,
+            user=user,
+            route=route,
+            meta=meta,
+        ),
+        size=size,
+        queued_at=queued_at,
+        state=state if state is not None else State(stored_state),
+        attempts=attempts,
+        next_attempt=next_attempt,
+        last_reply=last_reply,
+        lease_owner=lease_owner if state is not None else stored_owner,
+        lease_until=lease_until if state is not None else stored_until,
+        history=history,
+    )
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_all(directory: str, names: Iterable[str]) -> None:
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+
+
+def _full(error: OSError) -> QueueFullError:
+    """A full disk (or quota, or file size limit) as the caller should see it: answer 452."""
+    return QueueFullError(f"no room for the body: {os.strerror(error.errno or 0)}")
+
+
+def _sqlite_full(error: sqlite3.Error) -> bool:
+    return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL

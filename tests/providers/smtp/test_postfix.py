@@ -1,0 +1,102 @@
+"""Through the real relay to a real Postfix: smtplib -> twistd (PROVIDER=smtp) -> Postfix.
+
+Postfix requires STARTTLS with a certificate from the test CA and discards
+what it accepts; its maillog says what arrived.  Skipped, with the reason,
+where Postfix is not installed or the tests do not run as root.
+"""
+
+from __future__ import annotations
+
+import smtplib
+from pathlib import Path
+
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.providers.smtp.postfix import PostfixUpstream, missing
+from tests.providers.smtp.upstream import authority
+from tests.support import async_test, in_thread
+from tests.test_twistd import Relay
+
+TIMEOUT = 30
+
+
+class PostfixUpstreamTests(TestCase):
+    timeout = 120
+
+    def postfix(self, **kwargs: object) -> PostfixUpstream:
+        why = missing()
+        if why:
+            raise SkipTest(why)
+        self.ca = authority()
+        upstream = PostfixUpstream(self.ca, **kwargs)  # type: ignore[arg-type]
+        self.addCleanup(upstream.stop)
+        upstream.start()
+        return upstream
+
+    def relay(self, upstream: PostfixUpstream, **settings: str) -> Relay:
+        ca_file = Path(self.mktemp()).absolute()
+        ca_file.write_bytes(self.ca.ca_pem)
+        settings.update(
+            RELAY_HOST="127.0.0.1", RELAY_PORT=str(upstream.port), RELAY_CA_FILE=str(ca_file)
+        )
+        return Relay(self, (), **settings)
+
+    @async_test
+    async def test_relayed_over_starttls(self) -> None:
+        """Three messages (8-bit body, a leading-dot line, two recipients each) go through
+        the relay to Postfix over verified STARTTLS; Postfix logs each with its sender, its
+        message-id and both recipients, and the relay used one TLS connection for all three."""
+        upstream = self.postfix()
+        relay = self.relay(upstream)
+        body = "Subject: über\r\nMessage-ID: <{n}@relay.test>\r\n\r\n.dot\r\nGrüße\r\n"
+
+        def scenario() -> None:
+            relay.wait_listening()
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=TIMEOUT) as client:
+                for n in range(3):
+                    client.sendmail(
+                        "app@example.com",
+                        ["one@example.org", "two@example.org"],
+                        body.format(n=n).encode(),
+                    )
+
+        await in_thread(scenario)
+        queued = upstream.wait_for("nrcpt=2", 3)
+        self.assertEqual(len(queued), 3, upstream.log())
+        self.assertTrue(all("from=<app@example.com>" in line for line in queued))
+        ids = upstream.wait_for("message-id=<", 3)
+        self.assertEqual(
+            sorted(line.split("message-id=")[1].strip() for line in ids),
+            [f"<{n}@relay.test>" for n in range(3)],
+        )
+        self.assertEqual(len(upstream.wait_for("status=sent", 6)), 6)
+        tls = [line for line in upstream.log().splitlines() if "TLS connection established" in line]
+        self.assertEqual(len(tls), 1, upstream.log())
+
+    @async_test
+    async def test_unverified_certificate_refused(self) -> None:
+        """A CA file that is not the upstream's: the client hears 451 4.7.5 and the relay's log
+        names the certificate problem; Postfix got no message."""
+        upstream = self.postfix()
+        self.ca = authority()  # the relay is given a CA that did not sign Postfix's certificate
+        relay = self.relay(upstream)
+
+        def scenario() -> smtplib.SMTPDataError | None:
+            relay.wait_listening()
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=TIMEOUT) as client:
+                try:
+                    client.sendmail(
+                        "app@example.com", ["one@example.org"], b"Subject: x\r\n\r\nx\r\n"
+                    )
+                except smtplib.SMTPDataError as e:
+                    return e
+            return None
+
+        refused = await in_thread(scenario)
+        assert refused is not None
+        self.assertEqual(refused.smtp_code, 451)
+        self.assertTrue(refused.smtp_error.startswith(b"4.7.5"), refused.smtp_error)
+        _, err = relay.stop()
+        self.assertIn(b"upstream TLS certificate not accepted", err)
+        self.assertIn(b"certificate verify failed", err)
+        self.assertNotIn("nrcpt=", upstream.log())

@@ -1,0 +1,590 @@
+"""The rules of L{smtpproxy.queue.store}, held against every backend.
+
+L{StoreContract} is backend-agnostic: it only calls the L{QueueStore}
+methods (no SQL, no file names), so the PostgreSQL store runs the same tests
+by subclassing it with its own L{StoreContract.make_store} and
+L{StoreContract.reopen}.  Each backend also exposes C{commits}, the number
+of enqueue transactions it committed, so group commit can be checked.
+
+Time is always an explicit C{now}; Deferreds are real (trial waits on the
+async tests), and the SQLite tests use real files in a temporary directory.
+L{SQLiteStoreTests} adds what only the file layout can show: crash
+leftovers tidied at open, a lost body made dead, a full disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import sqlite3
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol, cast
+
+from twisted.internet import defer, reactor
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from smtpproxy.queue.model import (
+    Attempt,
+    Envelope,
+    LeaseLostError,
+    Outcome,
+    QueueFullError,
+    State,
+)
+from smtpproxy.queue.sqlite import LOST_BODY_REPLY, SQLiteStore, body_directory
+from smtpproxy.queue.store import QueueStore
+
+if TYPE_CHECKING:
+    _Base = TestCase
+else:
+    _Base = object
+
+T0 = 1_700_000_000.0
+LEASE = 60.0
+MB = 1 << 20
+
+
+class Body:
+    """A body source over bytes, handed out in pieces like L{smtpproxy.spool.MessageBody}."""
+
+    def __init__(self, data: bytes, piece: int = 64 * 1024) -> None:
+        self.data = data
+        self.piece = piece
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def chunks(self) -> Iterator[bytes]:
+        for start in range(0, len(self.data), self.piece):
+            yield self.data[start : start + self.piece]
+
+
+class FullDiskBody(Body):
+    """A body whose copy fails like a full disk after C{room} bytes."""
+
+    def __init__(self, data: bytes, room: int, code: int = errno.ENOSPC) -> None:
+        super().__init__(data, piece=4096)
+        self.room = room
+        self.code = code
+
+    def chunks(self) -> Iterator[bytes]:
+        given = 0
+        for chunk in super().chunks():
+            if given + len(chunk) > self.room:
+                raise OSError(self.code, os.strerror(self.code))
+            given += len(chunk)
+            yield chunk
+
+
+def envelope(route: str = "", sender: str = "app@example.com") -> Envelope:
+    return Envelope(
+        sender=sender,
+        recipients=("a@example.org", "b@example.org"),
+        client="192.0.2.7",
+        user="scanner",
+        route=route,
+        meta='{"smtputf8": false}',
+    )
+
+
+def attempt(at: float, outcome: Outcome, reply: str = "", worker: str = "w1") -> Attempt:
+    return Attempt(at=at, outcome=outcome, reply=reply, request_id="req-1", worker=worker)
+
+
+class _Counting(Protocol):
+    commits: int
+
+
+class StoreContract(_Base):
+    """Every rule of the QueueStore protocol; a backend's test case mixes this in."""
+
+    max_bytes = 64 * MB
+
+    async def make_store(self, max_bytes: int | None = None) -> QueueStore:
+        """An opened, empty store (closed again at the end of the test)."""
+        raise NotImplementedError
+
+    async def reopen(self, store: QueueStore) -> QueueStore:
+        """Close C{store} and open a new store object on the same storage."""
+        raise NotImplementedError
+
+    def commits(self, store: QueueStore) -> int:
+        """Enqueue transactions C{store} has committed (every backend counts them in C{commits})."""
+        return cast(_Counting, store).commits
+
+    async def put(
+        self,
+        store: QueueStore,
+        id: str,
+        now: float = T0,
+        data: bytes = b"Subject: hi\r\n\r\nbody\r\n",
+        route: str = "",
+    ) -> None:
+        await store.enqueue(id, envelope(route), Body(data), now)
+
+    # Enqueue, claim, deliver.
+
+    async def test_enqueue_claim_delivered(self) -> None:
+        """A stored message is claimed with its envelope and body; delivered removes both."""
+        store = await self.make_store()
+        data = b"Subject: one\r\n\r\nhello\r\n"
+        await self.put(store, "m1", data=data)
+        [entry] = await store.claim("w1", T0, LEASE, 10, 10)
+        self.assertEqual(entry.id, "m1")
+        self.assertEqual(entry.envelope, envelope())
+        self.assertEqual(entry.size, len(data))
+        self.assertEqual(entry.state, State.DELIVERING)
+        self.assertEqual((entry.lease_owner, entry.lease_until), ("w1", T0 + LEASE))
+        self.assertEqual(await store.read_body("m1"), data)
+        await store.delivered("m1", "w1", attempt(T0 + 1, Outcome.DELIVERED))
+        self.assertIsNone(await store.show("m1"))
+        self.assertEqual(await store.claim("w2", T0 + 999, LEASE, 10, 10), [])
+        stats = await store.stats()
+        self.assertEqual((stats.queued, stats.delivering, stats.dead, stats.bytes), (0, 0, 0, 0))
+        await self.assertFailure(store.read_body("m1"), KeyError)
+
+    async def test_durable_across_reopen(self) -> None:
+        """Queued and dead messages, bodies and history survive close and open, and a new store."""
+        store = await self.make_store()
+        await self.put(store, "q1", T0, b"first\r\n")
+        await self.put(store, "d1", T0 + 1, b"second\r\n")
+        await store.claim("w1", T0 + 2, LEASE, 10, 10)
+        await store.deferred("q1", "w1", attempt(T0 + 2, Outcome.DEFERRED, "451 4.4.1 x"), T0 + 9)
+        await store.dead("d1", "w1", attempt(T0 + 2, Outcome.FAILED, "550 5.1.1 no"))
+        await store.close()
+        await store.open()
+        self.assertEqual(await store.read_body("q1"), b"first\r\n")
+        store = await self.reopen(store)
+        queued = await store.show("q1")
+        dead = await store.show("d1")
+        assert queued is not None and dead is not None
+        self.assertEqual(
+            (queued.state, queued.attempts, queued.next_attempt), (State.QUEUED, 1, T0 + 9)
+        )
+        self.assertEqual(queued.envelope, envelope())
+        self.assertEqual(dead.state, State.DEAD)
+        self.assertEqual([a.reply for a in dead.history], ["550 5.1.1 no"])
+        self.assertEqual(await store.read_body("d1"), b"second\r\n")
+        self.assertEqual((await store.stats()).bytes, len(b"first\r\n") + len(b"second\r\n"))
+
+    async def test_group_commit(self) -> None:
+        """Fifty enqueues at once all fire, all are stored, and share fewer commits than that."""
+        store = await self.make_store()
+        before = self.commits(store)
+        bodies = {f"g{i:02}": os.urandom(10_000) for i in range(50)}
+        await defer.gatherResults(
+            [
+                store.enqueue(id, envelope(), Body(data), T0 + i)
+                for i, (id, data) in enumerate(bodies.items())
+            ]
+        )
+        commits = self.commits(store) - before
+        self.assertLess(commits, 50)
+        self.assertGreater(commits, 0)
+        self.assertEqual((await store.stats()).queued, 50)
+        store = await self.reopen(store)
+        for id, data in bodies.items():
+            self.assertEqual(await store.read_body(id), data)
+
+    async def test_enqueue_fires_only_once_committed(self) -> None:
+        """When an enqueue's Deferred fires the message is already visible to a claim."""
+        store = await self.make_store()
+        seen: list[int] = []
+
+        async def enqueue_then_look(id: str) -> None:
+            await self.put(store, id)
+            seen.append(len(await store.list(None, 100)))
+
+        await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(enqueue_then_look(f"c{i}")) for i in range(10)]
+        )
+        self.assertEqual(len(seen), 10)
+        self.assertTrue(all(count >= 1 for count in seen))
+        self.assertEqual(len(await store.list(None, 100)), 10)
+
+    async def test_close_finishes_pending_enqueues(self) -> None:
+        """close() while enqueues are under way lets each one commit and fire first."""
+        store = await self.make_store()
+        pending = [store.enqueue(f"p{i}", envelope(), Body(b"x" * 5000), T0) for i in range(20)]
+        await store.close()
+        results = await defer.DeferredList(pending, consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True] * 20)
+        store = await self.reopen(store)
+        self.assertEqual((await store.stats()).queued, 20)
+
+    # Leases.
+
+    async def test_lease_is_exclusive(self) -> None:
+        """While one owner holds a message, another owner's claim does not get it."""
+        store = await self.make_store()
+        await self.put(store, "m1")
+        first = await store.claim("w1", T0, LEASE, 10, 10)
+        second = await store.claim("w2", T0 + 1, LEASE, 10, 10)
+        self.assertEqual([e.id for e in first], ["m1"])
+        self.assertEqual(second, [])
+        await self.assertFailure(
+            store.delivered("m1", "w2", attempt(T0 + 2, Outcome.DELIVERED)), LeaseLostError
+        )
+        self.assertIsNotNone(await store.show("m1"))
+
+    async def test_expired_lease_is_claimed_again(self) -> None:
+        """A lease that ran out lets another owner claim; the first owner's outcome is refused."""
+        store = await self.make_store()
+        await self.put(store, "m1")
+        await store.claim("w1", T0, LEASE, 10, 10)
+        self.assertEqual(await store.claim("w2", T0 + LEASE - 1, LEASE, 10, 10), [])
+        [entry] = await store.claim("w2", T0 + LEASE, LEASE, 10, 10)
+        self.assertEqual((entry.lease_owner, entry.lease_until), ("w2", T0 + 2 * LEASE))
+        await self.assertFailure(
+            store.delivered("m1", "w1", attempt(T0 + 61, Outcome.DELIVERED)), LeaseLostError
+        )
+        await self.assertFailure(
+            store.deferred("m1", "w1", attempt(T0 + 61, Outcome.DEFERRED), T0 + 999),
+            LeaseLostError,
+        )
+        await self.assertFailure(
+            store.dead("m1", "w1", attempt(T0 + 61, Outcome.FAILED)), LeaseLostError
+        )
+        await self.assertFailure(store.renew("m1", "w1", T0 + 999), LeaseLostError)
+        shown = await store.show("m1")
+        assert shown is not None
+        self.assertEqual((shown.lease_owner, shown.attempts, shown.history), ("w2", 0, ()))
+        await store.delivered("m1", "w2", attempt(T0 + 62, Outcome.DELIVERED))
+        self.assertIsNone(await store.show("m1"))
+
+    async def test_renew_extends_the_lease(self) -> None:
+        """A renewed lease keeps other owners out past the first expiry."""
+        store = await self.make_store()
+        await self.put(store, "m1")
+        await store.claim("w1", T0, LEASE, 10, 10)
+        await store.renew("m1", "w1", T0 + 3 * LEASE)
+        self.assertEqual(await store.claim("w2", T0 + 2 * LEASE, LEASE, 10, 10), [])
+        self.assertEqual(len(await store.claim("w2", T0 + 3 * LEASE, LEASE, 10, 10)), 1)
+
+    async def test_release_gives_leases_back(self) -> None:
+        """release() returns an owner's messages at once; its later outcomes change nothing."""
+        store = await self.make_store()
+        await self.put(store, "m1", T0)
+        await self.put(store, "m2", T0 + 1)
+        await self.put(store, "m3", T0 + 2)
+        await store.claim("w1", T0 + 5, LEASE, 2, 10)
+        await store.claim("w2", T0 + 5, LEASE, 1, 10)
+        self.assertEqual(await store.release("w1"), 2)
+        self.assertEqual(await store.release("w1"), 0)
+        await self.assertFailure(
+            store.deferred("m1", "w1", attempt(T0 + 6, Outcome.DEFERRED, "451"), T0 + 999),
+            LeaseLostError,
+        )
+        shown = await store.show("m1")
+        assert shown is not None
+        self.assertEqual((shown.state, shown.attempts, shown.next_attempt), (State.QUEUED, 0, T0))
+        self.assertEqual(
+            [e.id for e in await store.claim("w3", T0 + 6, LEASE, 10, 10)], ["m1", "m2"]
+        )
+
+    # Order and concurrency.
+
+    async def test_oldest_first(self) -> None:
+        """Due messages come in order of queued_at, whatever order they were stored in."""
+        store = await self.make_store()
+        for id, at in (("c", T0 + 3), ("a", T0 + 1), ("d", T0 + 4), ("b", T0 + 2)):
+            await self.put(store, id, at)
+        [oldest] = await store.claim("w1", T0 + 10, LEASE, 1, 10)
+        self.assertEqual(oldest.id, "a")
+        rest = await store.claim("w1", T0 + 10, LEASE, 10, 10)
+        self.assertEqual([e.id for e in rest], ["b", "c", "d"])
+        self.assertEqual([e.id for e in await store.list(None, 10)], ["a", "b", "c", "d"])
+
+    async def test_per_route_cap(self) -> None:
+        """No more than per_route live leases per route, counted across owners."""
+        store = await self.make_store()
+        for i in range(5):
+            await self.put(store, f"a{i}", T0 + i, route="alice@x")
+        await self.put(store, "b0", T0 + 10, route="bob@x")
+        await self.put(store, "b1", T0 + 11, route="bob@x")
+        first = await store.claim("w1", T0 + 20, LEASE, 10, 2)
+        self.assertEqual([e.id for e in first], ["a0", "a1", "b0", "b1"])
+        self.assertEqual(await store.claim("w2", T0 + 20, LEASE, 10, 2), [])
+        await store.delivered("a0", "w1", attempt(T0 + 21, Outcome.DELIVERED))
+        self.assertEqual([e.id for e in await store.claim("w2", T0 + 21, LEASE, 10, 2)], ["a2"])
+        # Expired leases no longer count against the route; a2's (taken
+        # a second later) still does, so alice gets one more, the oldest.
+        later = await store.claim("w3", T0 + 20 + LEASE, LEASE, 10, 2)
+        self.assertEqual([e.id for e in later], ["a1", "b0", "b1"])
+
+    async def test_deferred_waits_for_next_attempt(self) -> None:
+        """A deferred message is not due before its next attempt; the attempt is recorded."""
+        store = await self.make_store()
+        await self.put(store, "m1")
+        await store.claim("w1", T0, LEASE, 10, 10)
+        await store.deferred(
+            "m1", "w1", attempt(T0 + 1, Outcome.DEFERRED, "451 4.4.1 busy"), T0 + 300
+        )
+        self.assertEqual(await store.claim("w1", T0 + 299, LEASE, 10, 10), [])
+        [entry] = await store.claim("w1", T0 + 300, LEASE, 10, 10)
+        self.assertEqual((entry.attempts, entry.last_reply), (1, "451 4.4.1 busy"))
+        shown = await store.show("m1")
+        assert shown is not None
+        self.assertEqual(shown.history, (attempt(T0 + 1, Outcome.DEFERRED, "451 4.4.1 busy"),))
+
+    async def test_dead_keeps_history(self) -> None:
+        """A dead message stays with every attempt, in order, and is never claimed."""
+        store = await self.make_store()
+        await self.put(store, "m1")
+        await store.claim("w1", T0, LEASE, 10, 10)
+        first = attempt(T0 + 1, Outcome.DEFERRED, "451 4.4.1 later")
+        await store.deferred("m1", "w1", first, T0 + 60)
+        await store.claim("w2", T0 + 60, LEASE, 10, 10)
+        last = Attempt(T0 + 61, Outcome.FAILED, "550 5.1.1 unknown", None, "w2")
+        await store.dead("m1", "w2", last)
+        shown = await store.show("m1")
+        assert shown is not None
+        self.assertEqual(shown.state, State.DEAD)
+        self.assertEqual(shown.history, (first, last))
+        self.assertEqual((shown.attempts, shown.last_reply), (2, "550 5.1.1 unknown"))
+        self.assertIsNone(shown.lease_owner)
+        self.assertEqual(await store.claim("w1", T0 + 10_000, LEASE, 10, 10), [])
+        self.assertEqual((await store.stats()).dead, 1)
+        self.assertEqual(await store.read_body("m1"), b"Subject: hi\r\n\r\nbody\r\n")
+
+    # The operator.
+
+    async def make_dead(self, store: QueueStore, id: str, at: float) -> None:
+        await self.put(store, id, at)
+        claimed = await store.claim("op", at, LEASE, 100, 100)
+        self.assertIn(id, [e.id for e in claimed])
+        await store.dead(id, "op", attempt(at, Outcome.FAILED, "550 no"))
+        await store.release("op")
+
+    async def test_retry(self) -> None:
+        """retry() makes a dead or waiting message due now; unknown or leased ids are refused."""
+        store = await self.make_store()
+        await self.make_dead(store, "dead", T0)
+        await self.put(store, "later", T0 + 1)
+        await store.claim("w1", T0 + 1, LEASE, 10, 10)
+        await store.deferred("later", "w1", attempt(T0 + 2, Outcome.DEFERRED), T0 + 5000)
+        self.assertTrue(await store.retry("dead", T0 + 100))
+        self.assertTrue(await store.retry("later", T0 + 100))
+        self.assertFalse(await store.retry("absent", T0 + 100))
+        claimed = await store.claim("w1", T0 + 100, LEASE, 10, 10)
+        self.assertEqual([e.id for e in claimed], ["dead", "later"])
+        self.assertFalse(await store.retry("dead", T0 + 101))
+        self.assertEqual(len((await store.show("dead") or self.fail()).history), 1)
+
+    async def test_retry_dead(self) -> None:
+        """retry_dead() requeues every dead message and leaves the others alone."""
+        store = await self.make_store()
+        await self.make_dead(store, "d1", T0)
+        await self.make_dead(store, "d2", T0 + 1)
+        await self.put(store, "q1", T0 + 2)
+        self.assertEqual(await store.retry_dead(T0 + 50), 2)
+        self.assertEqual(await store.retry_dead(T0 + 50), 0)
+        stats = await store.stats()
+        self.assertEqual((stats.queued, stats.dead), (3, 0))
+        self.assertEqual(len(await store.claim("w1", T0 + 50, LEASE, 10, 10)), 3)
+
+    async def test_delete(self) -> None:
+        """delete() removes a message and its body, but not one a worker holds."""
+        store = await self.make_store()
+        await self.put(store, "m1", T0, b"x" * 100)
+        await self.put(store, "m2", T0 + 1, b"y" * 50)
+        await store.claim("w1", reactor.seconds(), 3600, 1, 10)  # m1, leased now
+        self.assertFalse(await store.delete("m1"))
+        self.assertTrue(await store.delete("m2"))
+        self.assertFalse(await store.delete("m2"))
+        self.assertFalse(await store.delete("absent"))
+        await self.assertFailure(store.read_body("m2"), KeyError)
+        self.assertEqual((await store.stats()).bytes, 100)
+        self.assertEqual([e.id for e in await store.list(None, 10)], ["m1"])
+
+    async def test_list(self) -> None:
+        """list() gives messages oldest first, all or one state, at most limit."""
+        store = await self.make_store()
+        await self.make_dead(store, "d1", T0 + 5)
+        for i in range(4):
+            await self.put(store, f"q{i}", T0 + i)
+        self.assertEqual([e.id for e in await store.list(None, 10)], ["q0", "q1", "q2", "q3", "d1"])
+        self.assertEqual([e.id for e in await store.list(State.QUEUED, 2)], ["q0", "q1"])
+        self.assertEqual([e.id for e in await store.list(State.DEAD, 10)], ["d1"])
+        await store.claim("w1", T0 + 10, LEASE, 1, 10)
+        [held] = await store.list(State.DELIVERING, 10)
+        self.assertEqual((held.id, held.lease_owner), ("q0", "w1"))
+        self.assertEqual(held.history, ())
+
+    async def test_stats(self) -> None:
+        """stats() counts each state, the bytes held and the oldest live message's time."""
+        store = await self.make_store()
+        self.assertEqual(await store.stats(), type(await store.stats())(0, 0, 0, 0, None))
+        await self.make_dead(store, "d1", T0)
+        await self.put(store, "q1", T0 + 1, b"a" * 10)
+        await self.put(store, "q2", T0 + 2, b"b" * 20)
+        await store.claim("w1", T0 + 3, LEASE, 1, 10)
+        stats = await store.stats()
+        dead_size = len(b"Subject: hi\r\n\r\nbody\r\n")
+        self.assertEqual(
+            (stats.queued, stats.delivering, stats.dead, stats.bytes, stats.oldest_queued_at),
+            (1, 1, 1, 30 + dead_size, T0 + 1),
+        )
+
+    async def test_purge_dead(self) -> None:
+        """purge_dead() removes only messages that died before the cut-off, with their bodies."""
+        store = await self.make_store()
+        await self.make_dead(store, "old", T0)
+        await self.make_dead(store, "new", T0 + 100)
+        await self.put(store, "live", T0 - 50)
+        self.assertEqual(await store.purge_dead(T0 + 50), 1)
+        self.assertIsNone(await store.show("old"))
+        await self.assertFailure(store.read_body("old"), KeyError)
+        self.assertEqual({e.id for e in await store.list(None, 10)}, {"new", "live"})
+        self.assertEqual(await store.purge_dead(T0 + 50), 0)
+
+    # Refusals.
+
+    async def test_duplicate_id(self) -> None:
+        """An id already stored, or being stored, fails with KeyError and changes nothing."""
+        store = await self.make_store()
+        await self.put(store, "m1", data=b"original")
+        await self.assertFailure(
+            store.enqueue("m1", envelope(sender="x@y"), Body(b"imposter!"), T0 + 1), KeyError
+        )
+        racing = [
+            store.enqueue("m2", envelope(), Body(b"one"), T0),
+            store.enqueue("m2", envelope(), Body(b"two"), T0),
+        ]
+        results = await defer.DeferredList(racing, consumeErrors=True)
+        self.assertEqual(sorted(ok for ok, _ in results), [False, True])
+        [failure] = [value for ok, value in results if not ok]
+        assert isinstance(failure, Failure)
+        failure.trap(KeyError)
+        self.assertEqual(await store.read_body("m1"), b"original")
+        self.assertEqual((await store.show("m1") or self.fail()).envelope.sender, "app@example.com")
+        stats = await store.stats()
+        self.assertEqual((stats.queued, stats.bytes), (2, len(b"original") + 3))
+        store = await self.reopen(store)
+        self.assertEqual((await store.stats()).bytes, len(b"original") + 3)
+
+    async def test_queue_full(self) -> None:
+        """Past max_bytes an enqueue fails with QueueFullError, stores nothing, and room returns."""
+        store = await self.make_store(max_bytes=1000)
+        await self.put(store, "m1", data=b"a" * 600)
+        await self.assertFailure(
+            store.enqueue("m2", envelope(), Body(b"b" * 401), T0), QueueFullError
+        )
+        await self.put(store, "m3", data=b"c" * 400)
+        self.assertIsNone(await store.show("m2"))
+        self.assertEqual((await store.stats()).bytes, 1000)
+        await store.claim("w1", T0, LEASE, 1, 10)
+        await store.delivered("m1", "w1", attempt(T0, Outcome.DELIVERED))
+        await self.put(store, "m4", data=b"d" * 600)
+        self.assertEqual((await store.stats()).bytes, 1000)
+
+    async def test_body_bytes_exact(self) -> None:
+        """Bodies come back byte for byte: every octet, bare CR and LF, NUL, empty, 3 MB."""
+        store = await self.make_store()
+        rng = random.Random(12)
+        bodies = {
+            "octets": bytes(range(256)) * 4,
+            "line-ends": b"a\rb\nc\r\n\r\n.\r\n..\n\r",
+            "nul": b"\x00" * 100 + b"after",
+            "empty": b"",
+            "big": rng.randbytes(3 * MB + 7),
+        }
+        for id, data in bodies.items():
+            await store.enqueue(id, envelope(), Body(data, piece=100_000), T0)
+        store = await self.reopen(store)
+        for id, data in bodies.items():
+            self.assertEqual(await store.read_body(id), data, id)
+        self.assertEqual((await store.stats()).bytes, sum(map(len, bodies.values())))
+
+
+class SQLiteStoreTests(StoreContract, TestCase):
+    """The contract against SQLite files, and what only the file layout shows."""
+
+    def setUp(self) -> None:
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.path = os.path.join(self.directory, "queue.db")
+
+    def new_store(self, max_bytes: int | None = None) -> SQLiteStore:
+        store = SQLiteStore(self.path, max_bytes or self.max_bytes, reactor)
+        self.addCleanup(store.close)
+        return store
+
+    async def make_store(self, max_bytes: int | None = None) -> QueueStore:
+        store = self.new_store(max_bytes)
+        await store.open()
+        return store
+
+    async def reopen(self, store: QueueStore) -> QueueStore:
+        await store.close()
+        return await self.make_store()
+
+    def body_files(self) -> list[str]:
+        return sorted(os.listdir(body_directory(self.path)))
+
+    async def test_crash_leftovers_tidied_at_open(self) -> None:
+        """A partial body and a body without a row (a crash before commit) are deleted at open."""
+        store = await self.make_store()
+        await self.put(store, "kept", data=b"kept body")
+        await store.close()
+        [kept] = self.body_files()
+        bodies = body_directory(self.path)
+        partial = os.path.join(bodies, "0" * 32 + ".tmp")
+        orphan = os.path.join(bodies, "f" * 32)
+        stranger = os.path.join(bodies, "README")
+        for name in (partial, orphan, stranger):
+            with open(name, "wb") as f:
+                f.write(b"half a mess")
+        store = await self.make_store()
+        self.assertEqual(self.body_files(), sorted([kept, "README"]))
+        self.assertEqual(await store.read_body("kept"), b"kept body")
+        self.assertEqual((await store.stats()).bytes, len(b"kept body"))
+
+    async def test_missing_body_made_dead(self) -> None:
+        """A row whose body file is gone becomes dead with a reply that says so, never vanishes."""
+        store = await self.make_store()
+        await self.put(store, "lost", data=b"x" * 10)
+        [lost_file] = self.body_files()
+        await self.put(store, "fine", T0 + 1, data=b"y" * 20)
+        await store.close()
+        os.unlink(os.path.join(body_directory(self.path), lost_file))
+        store = await self.make_store()
+        shown = await store.show("lost")
+        assert shown is not None
+        self.assertEqual((shown.state, shown.last_reply), (State.DEAD, LOST_BODY_REPLY))
+        await self.assertFailure(store.read_body("lost"), FileNotFoundError)
+        self.assertFalse(await store.retry("lost", T0 + 5))
+        self.assertEqual(await store.retry_dead(T0 + 5), 0)
+        self.assertEqual((await store.stats()).bytes, 20)
+        self.assertEqual([e.id for e in await store.claim("w1", T0 + 9, LEASE, 10, 10)], ["fine"])
+
+    async def test_disk_full_leaves_nothing(self) -> None:
+        """A body copy failing with ENOSPC or EDQUOT is QueueFullError, with no file or row left."""
+        store = await self.make_store(max_bytes=100_000)
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            body = FullDiskBody(b"z" * 50_000, room=20_000, code=code)
+            await self.assertFailure(
+                store.enqueue(f"m{code}", envelope(), body, T0), QueueFullError
+            )
+            self.assertIsNone(await store.show(f"m{code}"))
+        self.assertEqual(self.body_files(), [])
+        self.assertEqual(await store.stats(), type(await store.stats())(0, 0, 0, 0, None))
+        # The bytes it had reserved are free again: a message of the whole size fits.
+        await self.put(store, "after", data=b"a" * 100_000)
+
+    async def test_wal_and_schema_version(self) -> None:
+        """The file is in WAL mode, and a file from a newer schema is refused, not misread."""
+        store = await self.make_store()
+        await store.close()
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 1)
+            db.execute("PRAGMA user_version = 99")
+        db.close()
+        newer = self.new_store()
+        with self.assertRaises(RuntimeError) as caught:
+            await newer.open()
+        self.assertIn("schema 99", str(caught.exception))

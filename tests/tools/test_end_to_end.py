@@ -274,6 +274,7 @@ class DoctorGraphTests(FilesMixin, TestCase):
         the certificate loads and names SMTP_HOSTNAME, a token is obtained, and each
         GRAPH_SENDER mailbox sends one test message that Graph accepts."""
         _, cert, key, _ = self.files(self)
+        assert self.fake.client_secret is not None
         env = self.env(self.fake.client_secret, cert, key)
         status, report = await in_thread(
             tool_json, "doctor", "--send-test-to", "ops@example.org", env=env

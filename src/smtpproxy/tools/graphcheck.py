@@ -1,10 +1,12 @@
 """C{smtpproxy doctor}'s Graph checks: a token, and (when asked) one send per mailbox.
 
-The token request is the provider's own, built and read by the pure
-functions of L{smtpproxy.providers.graph.tokens} (C{token_url},
-C{token_form}, C{parse_token}, and C{token_problem}, whose AADSTS hints say
-what to change: a wrong secret, an expired one, an unknown tenant).  It is
-sent once, without the provider's retries: a doctor reports what it sees.
+The token request is the provider's own: built by the configured
+credential (L{smtpproxy.providers.graph.credentials.credential_for}: secret,
+certificate, federated token or managed identity) and read by
+L{smtpproxy.providers.graph.tokens} (C{parse_token}, and C{token_problem},
+whose AADSTS hints say what to change: a wrong secret, an expired one, an
+unknown tenant).  It is sent once, without the provider's retries and
+without C{HTTPS_PROXY}: a doctor reports what it sees from this machine.
 
 The send test goes through the real provider (L{GraphProvider.send}) with
 a message built like C{smtpproxy send}'s, From each C{GRAPH_SENDER}
@@ -23,9 +25,10 @@ from twisted.web.http_headers import Headers
 
 from smtpproxy.errors import DeliveryError
 from smtpproxy.mime.message import parse_message
+from smtpproxy.providers.graph.credentials import CredentialError, credential_for
 from smtpproxy.providers.graph.provider import USER_AGENT, GraphProvider
-from smtpproxy.providers.graph.settings import GraphSettings
-from smtpproxy.providers.graph.tokens import parse_token, token_form, token_problem, token_url
+from smtpproxy.providers.graph.settings import CREDENTIAL_NAMES, GraphSettings
+from smtpproxy.providers.graph.tokens import parse_token, token_problem
 from smtpproxy.tools import connect
 from smtpproxy.tools.doctor import Context, Result
 from smtpproxy.tools.send import MessageSpec, build_message
@@ -55,41 +58,46 @@ async def check(context: Context) -> list[Result]:
 
 
 async def _token(context: Context, settings: GraphSettings) -> Result:
-    url = token_url(settings.authority_host, settings.tenant_id)
-    form = token_form(settings.client_id, settings.client_secret, settings.endpoint)
     try:
-        response: Any = await treq.post(
+        wanted = credential_for(settings).token_request(context.now.timestamp())
+    except CredentialError as e:
+        return Result("graph token", "FAIL", f"the Graph credential cannot be used: {e}")
+    url = wanted.url
+    headers = {
+        # As the provider sends it: Entra's logs find the request by it.
+        "client-request-id": str(uuid.uuid4()),
+        "return-client-request-id": "true",
+        "User-Agent": USER_AGENT,
+        **wanted.headers,
+    }
+    if wanted.content_type:
+        headers["Content-Type"] = wanted.content_type
+    try:
+        response: Any = await treq.request(
+            wanted.method,
             url,
-            data=form,
-            headers=Headers(
-                {
-                    b"Content-Type": [b"application/x-www-form-urlencoded"],
-                    # As the provider sends it: Entra's logs find the request by it.
-                    b"client-request-id": [str(uuid.uuid4()).encode("ascii")],
-                    b"return-client-request-id": [b"true"],
-                    b"User-Agent": [USER_AGENT.encode("ascii")],
-                }
-            ),
+            data=wanted.body,
+            headers=Headers({k.encode("ascii"): [v.encode("latin-1")] for k, v in headers.items()}),
             timeout=context.timeout,
             reactor=context.reactor,
         )
         body: bytes = await treq.content(response)
     except Exception as e:
         why = connect.describe_error(e, context.timeout)
-        return Result("graph token", "FAIL", f"no answer from {url}: {why}")
+        return Result("graph token", "FAIL", f"no answer from {_shown(url)}: {why}")
     if response.code == 200:
         try:
             parsed = parse_token(body, 0.0)
         except ValueError as e:
-            return Result("graph token", "FAIL", f"{url} answered 200 but {e}")
+            return Result("graph token", "FAIL", f"{_shown(url)} answered 200 but {e}")
         lifetime = round(parsed.expires_at)
         return Result(
             "graph token",
             "PASS",
-            f"tenant {settings.tenant_id}, client {settings.client_id}: "
-            f"token obtained (valid {lifetime} s)",
+            f"{CREDENTIAL_NAMES[settings.credential]}, tenant {settings.tenant_id or '-'}, "
+            f"client {settings.client_id or '-'}: token obtained (valid {lifetime} s)",
         )
-    problem = token_problem(response.code, body, None)
+    problem = token_problem(response.code, body, None, managed=wanted.kind == "managed")
     hint = problem.fields.get("hint")
     detail = problem.summary + (f": {hint}" if hint else "")
     return Result("graph token", "FAIL", detail)
@@ -128,3 +136,8 @@ async def _send_tests(context: Context, settings: GraphSettings, to: str) -> lis
     finally:
         await provider.close()
     return results
+
+
+def _shown(url: str) -> str:
+    """A token URL without its query (a managed identity's may name the client)."""
+    return url.split("?", 1)[0]

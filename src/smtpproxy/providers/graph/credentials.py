@@ -32,13 +32,16 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlencode
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+if TYPE_CHECKING:
+    from smtpproxy.providers.graph.settings import GraphSettings
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME = 600
@@ -345,3 +348,35 @@ class ManagedIdentity:
             url = f"{self.endpoint}?{urlencode(query)}"
             headers = {"Metadata": "true"}
         return TokenRequest("GET", url, None, None, headers, kind="managed")
+
+
+def credential_for(settings: GraphSettings) -> Credential:
+    """The one credential the settings configure (L{GraphSettings.credential} chose it).
+
+    The provider and C{smtpproxy doctor} both build theirs here, so the
+    doctor's token check asks Entra exactly what a delivery would.
+
+    @raise CredentialError: the certificate file cannot be used.
+    """
+    from smtpproxy.providers.graph.settings import CERTIFICATE, FEDERATED, MANAGED
+    from smtpproxy.providers.graph.tokens import token_url
+
+    url = token_url(settings.authority_host, settings.tenant_id)
+    scope = scope_for(settings.endpoint)
+    kind = settings.credential
+    if kind == CERTIFICATE:
+        password = settings.client_certificate_password or None
+        return ClientCertificate.load(
+            settings.client_id, url, scope, settings.client_certificate_file, password
+        )
+    if kind == FEDERATED:
+        return FederatedToken(settings.client_id, url, scope, settings.azure_federated_token_file)
+    if kind == MANAGED:
+        return ManagedIdentity(
+            settings.endpoint.rstrip("/"),
+            settings.managed_identity_endpoint,
+            settings.managed_identity_client_id,
+            settings.identity_endpoint,
+            settings.identity_header,
+        )
+    return ClientSecret(settings.client_id, settings.client_secret, url, scope)

@@ -40,15 +40,7 @@ from twisted.web.http_headers import Headers
 from smtpproxy.config import Config
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
-from smtpproxy.providers.graph.credentials import (
-    ClientCertificate,
-    ClientSecret,
-    Credential,
-    CredentialError,
-    FederatedToken,
-    ManagedIdentity,
-    scope_for,
-)
+from smtpproxy.providers.graph.credentials import CredentialError, credential_for
 from smtpproxy.providers.graph.payload import (
     DraftSend,
     GraphUrls,
@@ -73,10 +65,7 @@ from smtpproxy.providers.graph.retry import (
     response_problem,
 )
 from smtpproxy.providers.graph.settings import (
-    CERTIFICATE,
     CREDENTIAL_NAMES,
-    FEDERATED,
-    MANAGED,
     GraphSettings,
 )
 from smtpproxy.providers.graph.tokens import (
@@ -230,7 +219,7 @@ class GraphProvider:
         self._http: HTTPRequester = http_client
         self._urls = GraphUrls(settings.endpoint)
         self._token_url = token_url(settings.authority_host, settings.tenant_id)
-        self._credential = self._make_credential(settings)
+        self._credential = credential_for(settings)
         log.info(
             "Graph credential",
             kind=CREDENTIAL_NAMES[settings.credential],
@@ -238,33 +227,6 @@ class GraphProvider:
         )
         self._tokens = TokenCache(reactor, self._fetch_token)
         self._gates: dict[str, DeferredSemaphore] = {}
-
-    def _make_credential(self, settings: GraphSettings) -> Credential:
-        """The one credential the settings configure (L{settings.credential_kind} checked it).
-
-        @raise CredentialError: the certificate file cannot be used.
-        """
-        scope = scope_for(settings.endpoint)
-        kind = settings.credential
-        if kind == CERTIFICATE:
-            path = settings.client_certificate_file
-            password = settings.client_certificate_password or None
-            return ClientCertificate.load(
-                settings.client_id, self._token_url, scope, path, password
-            )
-        if kind == FEDERATED:
-            return FederatedToken(
-                settings.client_id, self._token_url, scope, settings.azure_federated_token_file
-            )
-        if kind == MANAGED:
-            return ManagedIdentity(
-                settings.endpoint.rstrip("/"),
-                settings.managed_identity_endpoint,
-                settings.managed_identity_client_id,
-                settings.identity_endpoint,
-                settings.identity_header,
-            )
-        return ClientSecret(settings.client_id, settings.client_secret, self._token_url, scope)
 
     @property
     def mailboxes(self) -> tuple[str, ...]:

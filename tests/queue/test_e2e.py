@@ -252,6 +252,32 @@ class GraphOutageTests(TestCase):
         self.assertEqual(sorted(_subjects(fake.deliveries)), subjects)
 
     @async_test
+    async def test_kill_during_a_slow_graph_request(self) -> None:
+        """kill -9 while Graph holds the sendMail request unanswered: the request dies
+        with the connection, the lease runs out, and the restarted relay delivers the
+        message: once in all (at most once more than the attempt that was cut off)."""
+        fake = self.graph()
+        fake.script("sendMail", Fault(delay=60))
+        relay = QueuedRelay(self, QUEUE_LEASE_TIME="2", **self.graph_settings(fake))
+
+        def scenario() -> None:
+            relay.start()
+            relay.send("slow")
+            deadline = time.monotonic() + 30
+            while not fake.routes("sendMail") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            relay.kill()
+            relay.start()
+            relay.wait_for("message delivered")
+            self.assertEqual(relay.kill(signal.SIGTERM), 0)
+
+        await in_thread(scenario)
+        self.assertEqual(len(fake.routes("sendMail")), 2)
+        self.assertEqual(_subjects(fake.deliveries), ["slow"])
+        [delivered] = relay.events("message delivered")
+        self.assertEqual(delivered["attempts"], 1)  # the cut-off attempt was never recorded
+
+    @async_test
     async def test_sigterm_keeps_queued_mail_for_the_next_start(self) -> None:
         """SIGTERM with messages waiting for a retry: exit 0, they stay queued (the
         command sees them); made due again, the next start delivers each once, oldest

@@ -327,3 +327,30 @@ def _subjects(deliveries: list[Delivery]) -> list[str]:
             parsed = email.message_from_bytes(delivery.mime or b"", policy=email.policy.default)
             found.append(str(parsed["subject"]))
     return found
+
+
+class StartTests(TestCase):
+    @async_test
+    async def test_queue_that_cannot_open_stops_the_relay(self) -> None:
+        """A QUEUE_URL whose database cannot be created: one line naming QUEUE_URL and
+        the reason, exit status 1 (not a relay that runs without its queue)."""
+        settings = {
+            "QUEUE_URL": "sqlite:///proc/no-such-place/queue.db",
+            "SMTP_LISTEN": f"127.0.0.1:{free_port()}",
+            "HTTP_LISTEN": "",
+        }
+
+        def scenario() -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [TWISTD, "--nodaemon", "--pidfile=", "smtpproxy"],
+                env=base_env(**settings),
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+
+        result = await in_thread(scenario)
+        self.assertEqual(result.returncode, 1)
+        lines = [line for line in result.stderr.decode().splitlines() if "QUEUE_URL" in line]
+        self.assertEqual(len(lines), 1, result.stderr.decode())
+        self.assertIn("cannot open the queue", lines[0])

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from smtpproxy.queue.sqlite import SQLiteStore
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from smtpproxy.queue.model import Attempt, Envelope, Outcome
+from smtpproxy.queue.sqlite import SQLiteStore
 from smtpproxy.spool import MessageBody
 from tests.support import async_test, in_thread
 from tests.test_twistd import base_env

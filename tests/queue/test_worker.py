@@ -280,9 +280,10 @@ class SQLiteWorkerTests(TestCase):
     async def test_delivers_and_retries_through_sqlite(self) -> None:
         """Three messages through a real SQLite queue, the first failing once: all reach
         the provider, the failed one twice, and the queue ends empty."""
-        from smtpproxy.queue.sqlite import SQLiteStore
         from twisted.internet import reactor
         from twisted.internet.task import deferLater
+
+        from smtpproxy.queue.sqlite import SQLiteStore
 
         directory = self.mktemp()
         os.makedirs(directory)

@@ -36,7 +36,8 @@ from zope.interface import implementer
 
 from smtpproxy import tls
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import PASSWORD, USER, RecordingProvider, certificate, open_guard
 

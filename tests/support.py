@@ -31,7 +31,8 @@ from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.policy.guard import Guard, GuardSettings
 from smtpproxy.policy.rules import parse_networks
-from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 
 USER = "relay-user"

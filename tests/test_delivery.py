@@ -25,7 +25,8 @@ from smtpproxy import providers, tap
 from smtpproxy.delivery import RelayRealm, new_message_id
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.policy.guard import Guard
-from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import SessionSettings
 from tests.support import OPEN, RecordingProvider
 
 TRANSACTION = (

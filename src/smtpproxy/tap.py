@@ -29,7 +29,8 @@ from smtpproxy.policy import rules as policy
 from smtpproxy.policy.guard import Guard
 from smtpproxy.policy.guard import settings_from as guard_settings
 from smtpproxy.smtp import listeners
-from smtpproxy.smtp.protocol import RelayFactory, session_settings
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import session_settings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from smtpproxy.web import health
 

@@ -27,7 +27,8 @@ from smtpproxy import tls
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy.guard import Guard
 from smtpproxy.policy.rules import parse_networks
-from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, SessionSettings
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import RelayProtocol, SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.recorder import TLSStringTransport
 from tests.support import OPEN, PASSWORD, USER, RecordingProvider, certificate

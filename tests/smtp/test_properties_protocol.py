@@ -20,7 +20,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import PASSWORD, USER, RecordingProvider, open_guard
 

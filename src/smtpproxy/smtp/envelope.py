@@ -9,10 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.cred import error as cred_error
-from twisted.cred.credentials import Anonymous
 from twisted.internet import defer
 from twisted.logger import LogLevel
-from twisted.mail.interfaces import IMessageDelivery
 from twisted.mail.smtp import SMTPServerError, User
 from twisted.python.failure import Failure
 
@@ -54,8 +52,8 @@ class Envelope(ShellBase):
             self._run(self.session.sender_accepted(origin))
 
         if self.delivery is None:
-            # First MAIL of a session without AUTH: log in anonymously through
-            # the portal (what stock validateFrom does, minus a second pass).
+            # First MAIL of a session without AUTH: log in anonymously (what
+            # stock validateFrom does through the portal, minus a second pass).
             def logged_in(result: object) -> object:
                 if isinstance(result, Failure):
                     self._refused(result, "sender")
@@ -74,24 +72,11 @@ class Envelope(ShellBase):
                 accepted(checked)
                 return None
 
-            # An anonymous checker answers at once; handling that answer
-            # here rather than through more callbacks and a busy wait is a
-            # measurable share of a message's cost.
-            early: list[object] = []
-
-            def first(result: object) -> object:
-                if synchronous:
-                    early.append(result)
-                    return None
-                return logged_in(result)
-
-            synchronous = True
-            d = self._portal.login(Anonymous(), None, IMessageDelivery).addBoth(first)
-            synchronous = False
-            if not early:
-                self._busy_with(d)
+            answer = self._log_in_anonymously()
+            if isinstance(answer, defer.Deferred):
+                self._busy_with(answer.addBoth(logged_in))
                 return
-            waiting = logged_in(early[0])
+            waiting = logged_in(answer)
             if isinstance(waiting, defer.Deferred):
                 self._busy_with(waiting)
         else:

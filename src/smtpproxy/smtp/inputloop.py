@@ -79,7 +79,10 @@ class InputLoop(ShellBase):
                 self._input += data
             self._process_input()
         finally:
-            self._uncork()
+            # What _uncork does, without two calls per read.
+            self._corked = False
+            if self._pending:
+                self._flush()
 
     def _process(self) -> None:
         """Handle buffered input, sending the replies it produces together."""

@@ -9,12 +9,17 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.cred import error as cred_error
+from twisted.cred.checkers import ANONYMOUS, AllowAnonymousAccess
+from twisted.cred.credentials import Anonymous
 from twisted.internet import defer, task
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
 
 from smtpproxy.smtp.base import AUTH, COMMAND, ShellBase, log
 from smtpproxy.smtp.session import CheckAuthBlocked, Login, Outcome
+
+# Only asked whether a checker's interface covers anonymous credentials.
+_ANONYMOUS = Anonymous()
 
 
 class Logins(ShellBase):
@@ -59,6 +64,31 @@ class Logins(ShellBase):
         d = self._portal.login(creds, None, IMessageDelivery)
         d.addCallbacks(succeeded, failed)
         self._busy_with(d)
+
+    def _log_in_anonymously(self) -> object:
+        """Log in without credentials: the realm's answer, a L{Failure}, or a Deferred of either.
+
+        For the first C{MAIL} of a session without AUTH.  C{Portal.login}
+        would wrap the answer in four Deferred callbacks even when nothing
+        waits; with Twisted's C{AllowAnonymousAccess} as the portal's
+        checker (the avatar ID is always C{ANONYMOUS}) the realm is asked
+        here directly, with what C{Portal.login} would pass it.  Any other
+        checker, or none (refused with C{UnhandledCredentials}), goes
+        through C{Portal.login} as before.  The avatar's logout is kept by
+        L{_take_avatar} either way.
+        """
+        portal = self._portal
+        found = None
+        for interface, checker in portal.checkers.items():
+            if interface.providedBy(_ANONYMOUS):
+                found = checker
+                break
+        if type(found) is not AllowAnonymousAccess:
+            return portal.login(Anonymous(), None, IMessageDelivery)
+        try:
+            return portal.realm.requestAvatar(ANONYMOUS, None, IMessageDelivery)
+        except Exception:
+            return Failure()
 
     # -- the logged-in avatar -------------------------------------------------
 

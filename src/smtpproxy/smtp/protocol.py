@@ -216,7 +216,7 @@ class RelayProtocol(Logins, Intake, Envelope, Closing, InputLoop, Output, IdleTi
         if len(line) > MAX_COMMAND_LINE and verb != "AUTH":
             self._refuse_line(line, Reply(500, "5.5.2", "Line too long"))
             return
-        if verb != "QUIT" and self._stop_if_shutting_down():
+        if self._stopping and verb != "QUIT" and self._stop_if_shutting_down():
             return
         name = _HANDLERS.get(verb)
         if name is None:

@@ -77,7 +77,10 @@ class InputLoop(ShellBase):
                 self._command(line)
             else:
                 self._input += data
-            self._process_input()
+            if self._input or self._paused or self._write_blocked:
+                # Otherwise nothing is buffered and reading needs no change:
+                # _process_input would find nothing to do.
+                self._process_input()
         finally:
             # What _uncork does, without two calls per read.
             self._corked = False

@@ -115,8 +115,8 @@ class RelayProtocol(Logins, Intake, Envelope, Closing, InputLoop, Output, IdleTi
         self._clock = reactor
         self.id = f"s{next(_sessions)}"
         # Only the mutable state is made here; the rest starts as the class
-        # attributes below (a session is built per connection, so each
-        # assignment saved counts).
+        # attributes declared in smtpproxy.smtp.base (a session is built per
+        # connection, so each assignment saved counts).
         self._input = bytearray()
         self.session = Session(settings, "")
         self._pending: list[bytes] = []
@@ -239,9 +239,10 @@ class RelayProtocol(Logins, Intake, Envelope, Closing, InputLoop, Output, IdleTi
         for action in outcome:
             if type(action) is not Say:
                 _EFFECTS[type(action)](self, action)
-            elif action.counts_as is None and not action.keywords:
-                # Most replies: a line formatted once, no budget to charge.
-                self._send(action.wire)
+            elif action.counts_as is None:
+                # Most replies: a line formatted once, no budget to charge
+                # (EHLO's with its keyword lines).
+                self._send(self._said(action) if action.keywords else action.wire)
             else:
                 self.reply(action)
 

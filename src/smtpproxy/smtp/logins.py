@@ -72,7 +72,7 @@ class Logins(ShellBase):
         would wrap the answer in four Deferred callbacks even when nothing
         waits; with Twisted's C{AllowAnonymousAccess} as the portal's
         checker (the avatar ID is always C{ANONYMOUS}) the realm is asked
-        here directly, with what C{Portal.login} would pass it.  Any other
+        here directly, with what C{Portal.login} would pass it.  Every other
         checker, or none (refused with C{UnhandledCredentials}), goes
         through C{Portal.login} as before.  The avatar's logout is kept by
         L{_take_avatar} either way.

@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from smtpproxy import tls
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.smtp.protocol import RelayFactory
+from smtpproxy.smtp.factory import RelayFactory
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import (
     PASSWORD,

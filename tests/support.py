@@ -32,7 +32,8 @@ from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.policy.guard import Guard, GuardSettings, settings_from
 from smtpproxy.policy.rules import parse_networks
-from smtpproxy.smtp.protocol import RelayFactory, SessionSettings
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import SessionSettings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from smtpproxy.smtp.session import session_settings
 

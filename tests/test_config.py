@@ -330,7 +330,7 @@ class HostnameFallbackTests(SynchronousTestCase):
         """The fallback is logged as a warn line naming the setting once the relay starts,
         next to "smtpproxy started"."""
         from smtpproxy import tap
-        from smtpproxy.smtp.protocol import RelayFactory
+        from smtpproxy.smtp.factory import RelayFactory
 
         events: list[LogEvent] = []
         observer = cast(ILogObserver, events.append)

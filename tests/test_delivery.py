@@ -25,7 +25,7 @@ from smtpproxy import providers, tap
 from smtpproxy.delivery import RelayRealm, new_message_id
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.policy.guard import Guard
-from smtpproxy.smtp.protocol import RelayFactory
+from smtpproxy.smtp.factory import RelayFactory
 from tests.support import OPEN, RecordingProvider, session_defaults
 
 TRANSACTION = (

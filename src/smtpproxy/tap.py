@@ -34,7 +34,8 @@ from smtpproxy.queue import worker as queue_worker
 from smtpproxy.queue.front import QueueFront, route_for
 from smtpproxy.queue.store import QueueStore
 from smtpproxy.smtp import listeners
-from smtpproxy.smtp.protocol import RelayFactory, session_settings
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import session_settings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from smtpproxy.web import health
 

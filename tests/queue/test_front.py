@@ -21,7 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy.guard import Guard
 from smtpproxy.queue.front import QueueFront, dsn_from_meta, new_queue_id, route_for
-from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import RelayProtocol
 from tests.queue.memory import MemoryStore
 from tests.support import OPEN, RecordingProvider, session_defaults
 

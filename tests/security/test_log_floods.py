@@ -32,7 +32,8 @@ from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.message import parse_message
 from smtpproxy.policy import rules as policy
 from smtpproxy.policy.guard import Guard, GuardSettings
-from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol, session_settings
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import RelayProtocol, session_settings
 from smtpproxy.smtp.proxyheader import ProxyHeaderFactory
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import (

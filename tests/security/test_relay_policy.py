@@ -28,7 +28,8 @@ from smtpproxy.config import load
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy import rules as policy
 from smtpproxy.policy.guard import Guard, settings_from
-from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import RelayProtocol
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import (
     OPEN,

@@ -42,12 +42,9 @@ from smtpproxy import tap, tls
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy import pressure
 from smtpproxy.policy.guard import Guard
-from smtpproxy.smtp.protocol import (
-    CLOSE_GRACE,
-    FORCE_GRACE,
-    RelayFactory,
-    RelayProtocol,
-)
+from smtpproxy.smtp.closing import CLOSE_GRACE
+from smtpproxy.smtp.factory import FORCE_GRACE, RelayFactory
+from smtpproxy.smtp.protocol import RelayProtocol
 from tests.support import (
     OPEN,
     TIMEOUT,

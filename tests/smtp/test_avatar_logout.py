@@ -27,7 +27,8 @@ from smtpproxy import tls
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy.guard import Guard
 from smtpproxy.policy.rules import parse_networks
-from smtpproxy.smtp.protocol import RelayFactory, RelayProtocol
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import RelayProtocol
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.recorder import TLSStringTransport
 from tests.support import OPEN, PASSWORD, USER, RecordingProvider, certificate, session_defaults
@@ -68,6 +69,12 @@ class SlowChecker:
         return d
 
 
+def codes(transport: TLSStringTransport) -> list[int]:
+    """The codes of the complete replies sent so far."""
+    lines = transport.value().split(b"\r\n")
+    return [int(line[:3]) for line in lines if line[3:4] == b" "]
+
+
 class AvatarLogoutTests(SynchronousTestCase):
     def session(
         self, *, auth: bool = False, checker: ICredentialsChecker | None = None
@@ -97,15 +104,11 @@ class AvatarLogoutTests(SynchronousTestCase):
     def end(self, protocol: RelayProtocol) -> None:
         protocol.connectionLost(Failure(ConnectionDone()))
 
-    def codes(self, transport: TLSStringTransport) -> list[int]:
-        lines = transport.value().split(b"\r\n")
-        return [int(line[:3]) for line in lines if line[3:4] == b" "]
-
     def test_session_end_logs_out_once(self) -> None:
         """The anonymous avatar of a plain session is logged out when it ends, once."""
         protocol, transport, realm = self.session()
         protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nQUIT\r\n")
-        self.assertEqual(self.codes(transport), [220, 250, 250, 221])
+        self.assertEqual(codes(transport), [220, 250, 250, 221])
         self.end(protocol)
         self.end(protocol)  # a second report of the end changes nothing
         self.assertEqual(realm.events, [("login", "anonymous"), ("logout", "anonymous")])
@@ -118,7 +121,7 @@ class AvatarLogoutTests(SynchronousTestCase):
         self.assertTrue(transport.tls_started)
         self.assertEqual(realm.events, [("login", "anonymous"), ("logout", "anonymous")])
         protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n")
-        self.assertEqual(self.codes(transport), [220, 250, 250, 250, 220, 250, 250])
+        self.assertEqual(codes(transport), [220, 250, 250, 250, 220, 250, 250])
         self.end(protocol)
         self.assertEqual(realm.events, [("login", "anonymous"), ("logout", "anonymous")] * 2)
 
@@ -128,7 +131,7 @@ class AvatarLogoutTests(SynchronousTestCase):
         protocol, transport, realm = self.session(auth=True)
         protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRSET\r\n")
         protocol.dataReceived(f"AUTH PLAIN {PLAIN}\r\nAUTH PLAIN {PLAIN}\r\n".encode())
-        self.assertEqual(self.codes(transport), [220, 250, 250, 250, 235, 503])
+        self.assertEqual(codes(transport), [220, 250, 250, 250, 235, 503])
         self.assertEqual(
             realm.events, [("login", "anonymous"), ("login", USER), ("logout", "anonymous")]
         )
@@ -145,3 +148,96 @@ class AvatarLogoutTests(SynchronousTestCase):
         self.assertEqual(realm.events, [])
         checker.pending[0].callback(USER.encode())
         self.assertEqual(realm.events, [("login", USER), ("logout", USER)])
+
+
+@implementer(ICredentialsChecker)
+class SlowAnonymousChecker:
+    """Lets anyone in anonymously, but only when the test fires the answer."""
+
+    credentialInterfaces = (credentials.IAnonymous,)
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[bytes | tuple[()]]] = []
+
+    def requestAvatarId(self, creds: credentials.IAnonymous) -> defer.Deferred[bytes | tuple[()]]:
+        d: defer.Deferred[bytes | tuple[()]] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+@implementer(IRealm)
+class LateRealm:
+    """A realm whose answer the test fires (C{pending}), or that raises (C{broken})."""
+
+    def __init__(self, realm: RecordingRealm, broken: bool = False) -> None:
+        self.realm = realm
+        self.broken = broken
+        self.pending: list[defer.Deferred[Any]] = []
+
+    def requestAvatar(self, avatarId: Any, mind: object, *interfaces: Any) -> Any:
+        if self.broken:
+            raise RuntimeError("identity backend down")
+        d: defer.Deferred[Any] = defer.Deferred()
+        d.addCallback(lambda _: self.realm.requestAvatar(avatarId, mind, *interfaces))
+        self.pending.append(d)
+        return d
+
+
+class AnonymousLoginTests(SynchronousTestCase):
+    """The first MAIL's anonymous login, whichever way the portal answers.
+
+    With Twisted's AllowAnonymousAccess the shell asks the realm itself
+    (L{smtpproxy.smtp.logins.Logins._log_in_anonymously}); these tests pin
+    that the replies, the wait and the logout are those of C{Portal.login}.
+    """
+
+    def session(
+        self, realm: IRealm, checker: ICredentialsChecker | None
+    ) -> tuple[RelayProtocol, TLSStringTransport]:
+        clock = Clock()
+        portal = Portal(realm)
+        if checker is not None:
+            portal.registerChecker(checker)
+        settings = session_defaults(hostname="relay.test")
+        factory = RelayFactory(settings, portal, None, clock, Guard(OPEN, clock))
+        protocol = factory.buildProtocol(CLIENT)
+        transport = TLSStringTransport(peerAddress=CLIENT)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def recording(self) -> RecordingRealm:
+        return RecordingRealm(RelayRealm(RecordingProvider(), Clock()))
+
+    def test_realm_answering_later_holds_the_pipeline(self) -> None:
+        """A realm that answers with a Deferred: MAIL and the pipelined RCPT wait for it,
+        then both are answered in order; the avatar is logged out at the end."""
+        recording = self.recording()
+        realm = LateRealm(recording)
+        protocol, transport = self.session(realm, AllowAnonymousAccess())
+        protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n")
+        self.assertNotIn(b"Sender OK", transport.value())
+        realm.pending[0].callback(None)
+        self.assertEqual(codes(transport), [220, 250, 250, 250])
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(recording.events, [("login", "anonymous"), ("logout", "anonymous")])
+
+    def test_anonymous_checker_answering_later(self) -> None:
+        """Another anonymous checker goes through Portal.login: MAIL waits for its answer."""
+        recording = self.recording()
+        checker = SlowAnonymousChecker()
+        protocol, transport = self.session(recording, checker)
+        protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n")
+        self.assertEqual(recording.events, [])
+        checker.pending[0].callback(ANONYMOUS)
+        self.assertIn(b"250 2.1.5", transport.value())
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(recording.events, [("login", "anonymous"), ("logout", "anonymous")])
+
+    def test_realm_raising_is_a_local_error(self) -> None:
+        """A realm that raises gets the client 451 4.3.0 (as through Portal.login), logged
+        with its traceback; the session goes on."""
+        realm = LateRealm(self.recording(), broken=True)
+        protocol, transport = self.session(realm, AllowAnonymousAccess())
+        protocol.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nNOOP\r\n")
+        self.assertIn(b"451 4.3.0 Local error in processing\r\n250 2.0.0", transport.value())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

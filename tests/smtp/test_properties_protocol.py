@@ -20,7 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.delivery import RelayRealm
-from smtpproxy.smtp.protocol import RelayFactory
+from smtpproxy.smtp.factory import RelayFactory
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from tests.support import PASSWORD, USER, RecordingProvider, open_guard, session_defaults
 

@@ -35,7 +35,9 @@ from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
 from smtpproxy.policy.guard import Guard
 from smtpproxy.smtp import session as session_module
-from smtpproxy.smtp.protocol import PAUSE_INPUT_AT, RelayFactory, RelayProtocol
+from smtpproxy.smtp.base import PAUSE_INPUT_AT
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import RelayProtocol
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from smtpproxy.twisted_private import buffered_bytes
 from tests.support import (

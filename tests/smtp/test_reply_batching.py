@@ -32,7 +32,9 @@ from zope.interface import alsoProvides
 from smtpproxy import tls
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.policy.guard import Guard
-from smtpproxy.smtp.protocol import PAUSE_INPUT_AT, RelayFactory, RelayProtocol
+from smtpproxy.smtp.base import PAUSE_INPUT_AT
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import RelayProtocol
 from tests.support import (
     OPEN,
     TIMEOUT,

@@ -30,7 +30,9 @@ from zope.interface import implementer
 from smtpproxy.delivery import RelayDelivery, RelayRealm
 from smtpproxy.mime.message import Email
 from smtpproxy.policy.guard import Guard
-from smtpproxy.smtp.protocol import CLOSE_GRACE, RelayFactory, RelayProtocol
+from smtpproxy.smtp.closing import CLOSE_GRACE
+from smtpproxy.smtp.factory import RelayFactory
+from smtpproxy.smtp.protocol import RelayProtocol
 from smtpproxy.twisted_private import buffered_bytes
 from tests.support import (
     OPEN,

@@ -1,0 +1,144 @@
+"""How an SMTP session ends: the close sequence, time-outs and the shutdown steps.
+
+A part of L{smtpproxy.smtp.protocol.RelayProtocol} (see L{smtpproxy.smtp.base}).
+"""
+
+from __future__ import annotations
+
+from OpenSSL import SSL
+from twisted.logger import LogLevel
+
+from smtpproxy.smtp.base import CHUNK, DATA, ShellBase
+
+# A closed session whose peer does not take our last bytes (or never
+# finishes a TLS handshake) is cut off after this many seconds.
+CLOSE_GRACE = 10.0
+
+
+class Closing(ShellBase):
+    """Close after the last reply, with a grace timer; 421 at shutdown or time-out."""
+
+    def timeoutConnection(self) -> None:
+        if self._closing:
+            # The grace period of _close ran out: the peer is not taking
+            # our last bytes (or never finished a TLS handshake).
+            self._tcp.abortConnection()
+            return
+        if self._handshaking:
+            # Implicit TLS and no complete handshake within the greeting
+            # limit: nothing can be said to this client, so it is cut off.
+            self.factory.log_summary.emit(
+                LogLevel.info, "TLS handshake timed out", self._peer, session=self.id
+            )
+            self._closing = True
+            self._release_slot()
+            self._tcp.abortConnection()
+            return
+        self.reply(421, "4.4.2", f"{self.settings.hostname} idle too long, closing connection")
+        self._close(grace=1.0)
+
+    def shutdown(self) -> None:
+        """The service is stopping: close now unless a message is on its way.
+
+        Only a session inside DATA or waiting on its delivery holds the
+        shutdown up.  One that has merely named a sender or recipients has
+        handed us nothing yet; 421 loses nothing and the client retries.
+        """
+        self._stopping = True
+        if not self._in_transaction():
+            self.reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self._close()
+
+    def force_close(self) -> None:
+        """Shutdown timed out: say so if we still can, abort after a short grace."""
+        if not self._closing:
+            self.reply(421, "4.3.2", "Shutting down, message not accepted, try later")
+        self._close(grace=1.0)
+        self._give_up_delivery()
+
+    def _in_transaction(self) -> bool:
+        return self._busy or self.mode in (DATA, CHUNK) or self.session.tx.chunks is not None
+
+    def _close(self, grace: float = CLOSE_GRACE) -> None:
+        """Close after our last reply is sent, or cut off after C{grace} seconds.
+
+        C{loseConnection} waits for pending output (and, inside TLS, for the
+        handshake); a peer that never reads or never finishes the handshake
+        would otherwise keep its session and connection slot for ever.
+
+        A closing session no longer counts against the connection caps: a
+        client that opens a new session as soon as it has read C{221} must
+        not be refused because the old one is still being torn down.
+        """
+        already_closing = self._closing
+        self._closing = True
+        self._release_slot()
+        if self._handshaking:
+            # Refused (or shut down) before an implicit-TLS handshake: no cap
+            # counts this connection any more, so a client that never sends
+            # its ClientHello must not keep it for the whole grace.  A second
+            # is enough to finish a handshake and read the refusal.
+            grace = min(grace, 1.0)
+        self._input.clear()
+        self._flush()
+        # Before an implicit-TLS handshake the reply waits for it and
+        # handshakeCompleted closes; the timer below cuts off a client that
+        # never completes it.
+        if not already_closing and not self._handshaking:
+            self._lose_connection()
+        # Even with nothing left in Twisted's buffer the close can stall: the
+        # kernel's send queue may be full of replies the peer never reads,
+        # and the socket then never turns writable.  So there is always a
+        # timer: the idle timer becomes the grace timer (timeoutConnection
+        # aborts a closing session); a second close may only make it shorter.
+        if not already_closing or self.timeOut is None or grace < self.timeOut:
+            self.setTimeout(grace)
+
+    def _lose_connection(self) -> None:
+        """Start the transport's close once the last reply has been written.
+
+        Twisted's TLS layer does not start its shutdown (close_notify, then
+        the TCP close) while a producer is registered, so the session stops
+        being one; and a session that had paused reading resumes it, since
+        the peer's close_notify or FIN must be read.  Without this every TLS
+        session waited out the close grace and was then aborted (issue 10).
+
+        Twisted's TLS then closes TCP only once the peer has answered with
+        its own close_notify, which many clients never send (they read EOF
+        and wait for the server to close).  RFC 8446 6.1 lets the side that
+        closes stop without waiting for the answer, as Postfix does; telling
+        OpenSSL that the answer has come makes Twisted close TCP right
+        behind our close_notify.  That is only done when all our output has
+        gone into the TLS layer (nothing held back there, which would have
+        paused us), so no reply is cut off.
+        """
+        held_back = self._write_blocked
+        self._tcp.unregisterProducer()
+        if self._paused:
+            self._paused = False
+            self._tcp.resumeProducing()
+        if self.session.tls_active and not held_back:
+            # ISystemHandle: the TLS transports give their OpenSSL connection.
+            handle = getattr(self._tcp, "getHandle", lambda: None)()
+            if isinstance(handle, SSL.Connection):
+                handle.set_shutdown(handle.get_shutdown() | SSL.RECEIVED_SHUTDOWN)
+        self._tcp.loseConnection()
+
+    def _release_slot(self) -> None:
+        """Stop counting this session against the connection caps (once).
+
+        The stress state (L{RelayFactory.load_changed}) is re-derived when
+        the session has ended, not here: idle sessions cut together in one
+        storm must all be cut, not spared once the first few are closing.
+        """
+        if self._admitted:
+            self._admitted = False
+            self.factory.guard.disconnect(self._peer)
+
+    def _stop_if_shutting_down(self) -> bool:
+        """Between transactions during shutdown: say 421 and close. True if closed."""
+        if self._stopping and not self._in_transaction():
+            self.reply(421, "4.3.2", f"{self.settings.hostname} shutting down, try later")
+            self._close()
+            return True
+        return False

@@ -10,7 +10,12 @@ L{plan_delivery} turns an L{Email} into a plan made of request bodies:
     headers name people the envelope does not (Graph's MIME mode would mail
     them) or when C{GRAPH_SEND_MODE=json};
   - L{DraftSend}: a draft, its attachments (big ones through upload
-    sessions), then C{send}: for messages too large for one request.
+    sessions), then C{send}: for messages too large for one request.  The
+    draft is the raw message itself (MIME) with its largest attachments
+    taken out (L{smtpproxy.providers.graph.mimeparts}), so headers and
+    alternatives survive; only when the message is too large even without
+    them is it rebuilt as a JSON draft.  A signed message too large for
+    one request is refused: no way of sending it keeps the signature.
 
 The envelope decides who receives the message, exactly once each: header
 To/Cc recipients that are in the envelope stay To/Cc, envelope recipients
@@ -47,6 +52,7 @@ from smtpproxy.providers.graph.mime import (
     rewrite_headers,
     split_fields,
 )
+from smtpproxy.providers.graph.mimeparts import is_signed, take_out
 
 # Graph refuses request bodies over 4 MB; keep a margin for the request line
 # and headers, which some gateways count too.
@@ -457,7 +463,10 @@ class JsonSend:
 class DraftSend:
     """Create a draft, add what did not fit in it, upload big parts, send.
 
-    @ivar draft: the body of C{POST /messages} (with the attachments that fit).
+    @ivar draft: the body of C{POST /messages}: the base64 of the MIME
+        message without the parts that are added after (C{draft_type}
+        C{text/plain}), or Graph's JSON message with the attachments that
+        fit (C{application/json}).
     @ivar attachments: bodies of C{POST /messages/{id}/attachments}, one each.
     @ivar uploads: the parts that go through upload sessions.
     """
@@ -469,6 +478,12 @@ class DraftSend:
     recipients: Recipients
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    draft_type: str = "application/json"
+
+    @property
+    def mime(self) -> bool:
+        """Whether the draft is made from the raw message (else from JSON)."""
+        return self.draft_type == "text/plain"
 
 
 Plan = MimeSend | JsonSend | DraftSend
@@ -524,14 +539,80 @@ def plan_delivery(
                     "a header field has no ASCII form (a UTF-8 local part, or 8-bit bytes in"
                     " a structured field); sending as JSON"
                 )
-            elif _b64_size(len(ascii_mime)) <= REQUEST_LIMIT:
+            else:
                 if ascii_mime is not mime:
                     notes.append("8-bit header fields written as RFC 2047 encoded words")
-                body = base64.b64encode(ascii_mime)
-                return MimeSend(mailbox, body, recipients, tuple(notes), warnings)
-            else:
-                notes.append("message too large for one MIME request; sending as a draft")
+                if _b64_size(len(ascii_mime)) <= REQUEST_LIMIT:
+                    body = base64.b64encode(ascii_mime)
+                    return MimeSend(mailbox, body, recipients, tuple(notes), warnings)
+                draft = _mime_draft_plan(ascii_mime, mailbox, recipients, notes, warnings)
+                if draft is not None:
+                    return draft
+                notes.append(
+                    "message too large for one MIME request even without its attachments;"
+                    " sending as a JSON draft"
+                )
     return _json_plan(email, mailbox, recipients, notes, default_domain)
+
+
+def _mime_draft_plan(
+    mime: bytes,
+    mailbox: str,
+    recipients: Recipients,
+    notes: list[str],
+    warnings: tuple[str, ...],
+) -> DraftSend | None:
+    """A draft made from the raw message with its largest attachments taken out.
+
+    Each part taken out is added to the draft afterwards: by one POST when
+    under 3 MB, else through an upload session.  None when the message does
+    not fit in one request even without every part that may be taken out.
+
+    @raise PermanentDeliveryError: the message is signed (or encrypted):
+        taking a part out would break it, and it is too large to go whole.
+    """
+    if is_signed(mime):
+        raise PermanentDeliveryError(
+            "signed (S/MIME) message too large for Graph's 4 MB MIME request; it cannot be"
+            " split without breaking its signature",
+            "5.3.4",
+            554,
+        )
+    taken = take_out(mime, lambda size: _b64_size(size) <= REQUEST_LIMIT)
+    if taken is None:
+        return None
+    rest, parts = taken
+    posts: list[bytes] = []
+    uploads: list[Upload] = []
+    for index, part in enumerate(parts, 1):
+        if part.size >= UPLOAD_MIN:
+            uploads.append(_upload(part, index))
+        else:
+            posts.append(encode_json(attachment_json(part, index)))
+    notes.append(
+        f"message too large for one MIME request; sending it as a MIME draft with {len(parts)}"
+        " attachment(s) added separately"
+    )
+    return DraftSend(
+        mailbox,
+        base64.b64encode(rest),
+        tuple(posts),
+        tuple(uploads),
+        recipients,
+        tuple(notes),
+        warnings,
+        draft_type="text/plain",
+    )
+
+
+def _upload(attachment: Attachment, index: int) -> Upload:
+    return Upload(
+        attachment_name(attachment, index),
+        attachment.content_type or "application/octet-stream",
+        attachment.data,
+        attachment.inline,
+        attachment.content_id,
+    )
 
 
 def _raw_plan(
@@ -604,16 +685,7 @@ def _json_plan(
     draft = base
     if inside:
         draft = encode_json({**message, "attachments": [attachment_json(a, i) for i, a in inside]})
-    uploads = tuple(
-        Upload(
-            attachment_name(a, i),
-            a.content_type or "application/octet-stream",
-            a.data,
-            a.inline,
-            a.content_id,
-        )
-        for i, a in large
-    )
+    uploads = tuple(_upload(a, i) for i, a in large)
     return DraftSend(
         mailbox,
         draft,

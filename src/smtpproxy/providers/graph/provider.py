@@ -268,7 +268,11 @@ class GraphProvider:
         return await self._call(request, deadline)
 
     async def _send_draft(self, plan: DraftSend, deadline: float) -> _Reply:
-        """Draft, attachments, uploads, send; delete the draft if any step fails."""
+        """Draft, attachments, uploads, send; delete the draft if any step fails.
+
+        The draft is the raw message less the parts added afterwards
+        (C{text/plain}, base64) or Graph's JSON message (see L{DraftSend}).
+        """
         mailbox = plan.mailbox
         created = await self._call(
             _Request(
@@ -276,7 +280,7 @@ class GraphProvider:
                 "POST",
                 self._urls.messages(mailbox),
                 plan.draft,
-                JSON,
+                plan.draft_type,
                 mailbox=mailbox,
                 read_write=True,
             ),
@@ -595,7 +599,7 @@ def _method(plan: Plan) -> str:
         return "mime"
     if isinstance(plan, JsonSend):
         return "json"
-    return "draft"
+    return "mime-draft" if plan.mime else "draft"
 
 
 def _header(headers: Headers, name: str) -> str | None:

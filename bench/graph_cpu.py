@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "src"):  # bench.run, and smtpproxy.tls for the certificate
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from bench import run  # noqa: E402
 

@@ -44,12 +44,13 @@ from smtpproxy.addresses import (
 from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.message import Attachment, Email, Mailbox
 from smtpproxy.providers.graph.mime import (
+    Split,
     address_field,
     ascii_header_block,
     field_name,
     field_value,
     line_break,
-    rewrite_headers,
+    rewrite_fields,
     split_fields,
 )
 from smtpproxy.providers.graph.mimeparts import is_signed, take_out
@@ -152,7 +153,7 @@ def _header_pairs(value: bytes) -> list[tuple[str, str]] | None:
         return None
 
 
-def raw_recipients_in_envelope(email: Email) -> bool:
+def raw_recipients_in_envelope(email: Email, split: Split | None = None) -> bool:
     """Whether every address Graph's MIME mode would read from To/Cc is in the envelope.
 
     Graph parses the raw header, not our parse of it; a header our parser
@@ -160,7 +161,7 @@ def raw_recipients_in_envelope(email: Email) -> bool:
     go as MIME, or Graph might mail a person the envelope never named.
     """
     envelope = {mailbox_key(address) for address in email.envelope_to}
-    fields, _ = split_fields(email.raw)
+    fields, _ = split if split is not None else split_fields(email.raw)
     for f in fields:
         if field_name(f) not in (b"to", b"cc"):
             continue
@@ -238,6 +239,21 @@ def mime_message_and_warnings(
 ) -> tuple[bytes, tuple[str, ...]]:
     """The raw message as Graph's MIME mode must see it, and what had to be left out.
 
+    See L{mime_fields}.
+    """
+    split, warnings = mime_fields(email, mailbox, recipients, domain)
+    return b"".join(split[0]) + split[1], warnings
+
+
+def mime_fields(
+    email: Email,
+    mailbox: str,
+    recipients: Recipients,
+    domain: str = "",
+    split: Split | None = None,
+) -> tuple[Split, tuple[str, ...]]:
+    """The raw message as Graph's MIME mode must see it, and what had to be left out.
+
     From becomes the mailbox (Graph refuses any other with ErrorSendAsDenied)
     keeping the display name; the original From is kept as Reply-To when the
     message has none, so replies still reach the author (a bare local part
@@ -247,8 +263,14 @@ def mime_message_and_warnings(
     Sender naming someone else is removed, as Graph would read it as sending
     on their behalf.  The fields we add go first in the header block.
     Nothing else changes.
+
+    @param split: C{email.raw} split by L{split_fields}, if the caller has it.
+    @return: the new message split into header fields and the rest, and
+        warnings about what was left out.
     """
-    fields, _ = split_fields(email.raw)
+    if split is None:
+        split = split_fields(email.raw)
+    fields = split[0]
     newline = line_break(fields)
     names = [field_name(f) for f in fields]
     original_from = fields[names.index(b"from")] if b"from" in names else None
@@ -270,8 +292,8 @@ def mime_message_and_warnings(
             if pairs is None or [mailbox_key(a) for a in addresses] != [mailbox_key(mailbox)]:
                 drop.add(b"sender")
     bcc_field = address_field("Bcc", recipients.bcc, newline) if recipients.bcc else None
-    rewritten = rewrite_headers(
-        email.raw,
+    rewritten = rewrite_fields(
+        split,
         from_field=from_field,
         reply_to_field=reply_to_field,
         bcc_field=bcc_field,
@@ -526,14 +548,17 @@ def plan_delivery(
     if email.abandoned:
         return _raw_plan(email, mailbox, recipients, mode, default_domain)
     if mode != "json":
-        if recipients.outside or not raw_recipients_in_envelope(email):
+        # The header block is split once, here, for every step below.
+        split = split_fields(email.raw)
+        if recipients.outside or not raw_recipients_in_envelope(email, split):
             notes.append(
                 "To/Cc name recipients who are not in the envelope (or cannot be read); "
                 "sending as JSON so that they do not receive it"
             )
         else:
-            mime, warnings = mime_message_and_warnings(email, mailbox, recipients, default_domain)
-            ascii_mime = ascii_header_block(mime)
+            ascii_mime, mime, warnings = _ascii_mime(
+                email, mailbox, recipients, default_domain, split
+            )
             if ascii_mime is None:
                 notes.append(
                     "a header field has no ASCII form (a UTF-8 local part, or 8-bit bytes in"
@@ -615,6 +640,16 @@ def _upload(attachment: Attachment, index: int) -> Upload:
     )
 
 
+def _ascii_mime(
+    email: Email, mailbox: str, recipients: Recipients, domain: str, split: Split
+) -> tuple[bytes | None, bytes, tuple[str, ...]]:
+    """The MIME form (see L{mime_fields}) with its header fields in ASCII (None: impossible),
+    the MIME form as it was, and the warnings; from C{email.raw} already C{split}."""
+    rewritten, warnings = mime_fields(email, mailbox, recipients, domain, split)
+    mime = b"".join(rewritten[0]) + rewritten[1]
+    return ascii_header_block(mime, rewritten), mime, warnings
+
+
 def _raw_plan(
     email: Email, mailbox: str, recipients: Recipients, mode: str, domain: str
 ) -> MimeSend:
@@ -627,11 +662,10 @@ def _raw_plan(
     why = None
     if mode == "json":
         why = "GRAPH_SEND_MODE=json"
-    elif not raw_recipients_in_envelope(email):
+    elif not raw_recipients_in_envelope(email, split := split_fields(email.raw)):
         why = "its To/Cc headers name recipients outside the envelope"
     else:
-        mime, warnings = mime_message_and_warnings(email, mailbox, recipients, domain)
-        ascii_mime = ascii_header_block(mime)
+        ascii_mime, _, warnings = _ascii_mime(email, mailbox, recipients, domain, split)
         if ascii_mime is None:
             why = "a header field has no ASCII form"
         elif _b64_size(len(ascii_mime)) <= REQUEST_LIMIT:

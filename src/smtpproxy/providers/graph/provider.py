@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from treq.client import HTTPClient
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -40,6 +39,7 @@ from twisted.web.http_headers import Headers
 from smtpproxy.config import Config
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
+from smtpproxy.providers.graph.agentclient import AgentClient
 from smtpproxy.providers.graph.payload import (
     DraftSend,
     GraphUrls,
@@ -82,7 +82,7 @@ IDLE_CONNECTION_TIMEOUT = 60
 
 
 class HTTPRequester(Protocol):
-    """The part of treq's C{HTTPClient} we use (treq's StubTreq provides it too)."""
+    """The part of treq's C{HTTPClient} we use (L{AgentClient} and treq's StubTreq provide it)."""
 
     @property
     def request(self) -> Callable[..., Deferred[Any]]: ...
@@ -188,7 +188,8 @@ class GraphProvider:
             pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
             self._pool = pool
             agent = Agent(reactor, pool=pool)  # type: ignore[no-untyped-call]
-            http_client = HTTPClient(agent)
+            # Agent straight, not treq's HTTPClient: see agentclient's docstring.
+            http_client = AgentClient(agent)
         self._http: HTTPRequester = http_client
         self._urls = GraphUrls(settings.endpoint)
         self._token_url = token_url(settings.authority_host, settings.tenant_id)

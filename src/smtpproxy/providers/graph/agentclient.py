@@ -9,23 +9,81 @@ want, its replies are small JSON that we do not ask to be compressed, and
 our URLs are ASCII already (built by L{GraphUrls} with C{quote}, or handed
 to us by Graph for uploads), so none of that is needed.
 
+Twisted's C{Agent} itself, through its standard endpoint factory, builds
+a new endpoint for every request, even one that goes out on a pooled
+connection: the host goes through IDNA each time and, for HTTPS, a new TLS
+context is made (trust roots loaded again).  L{CachedEndpoints} builds the
+endpoint once per scheme, host and port and hands the same one out again;
+an endpoint is a recipe for connecting and may be used for any number of
+connections.
+
 L{AgentClient} keeps the one method of treq's interface the provider calls
 (C{request(method, url, headers=, data=, allow_redirects=)}, answering an
 object with C{code}, C{headers} and C{content()}), so tests still drive the
 provider through treq's C{StubTreq}.  Only public Twisted API is used:
-C{IAgent.request}, C{IBodyProducer} and C{readBody}.
+C{IAgent.request}, C{IBodyProducer}, C{readBody}, C{Agent.usingEndpointFactory}
+with an C{IAgentEndpointFactory}, C{HostnameEndpoint} and C{wrapClientTLS}.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
-from twisted.web.client import readBody
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import (
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from zope.interface import implementer
+
+#: Endpoints kept at most (a relay talks to Entra ID, Graph and Graph's upload host).
+MAX_ENDPOINTS = 16
+
+
+@implementer(IAgentEndpointFactory)
+class CachedEndpoints:
+    """One endpoint per scheme, host and port, made on first use (see the module docstring)."""
+
+    def __init__(self, reactor: Any, policy: IPolicyForHTTPS | None = None) -> None:
+        self._reactor = reactor
+        self._policy = policy or BrowserLikePolicyForHTTPS()  # type: ignore[no-untyped-call]
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is not None:
+            return endpoint
+        if uri.scheme not in (b"http", b"https"):
+            raise ValueError(f"unsupported scheme {uri.scheme!r}")
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError("non-ASCII host in a request URI") from None
+        endpoint = HostnameEndpoint(self._reactor, host, uri.port)
+        if uri.scheme == b"https":
+            creator = self._policy.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        if len(self._endpoints) >= MAX_ENDPOINTS:
+            self._endpoints.clear()
+        self._endpoints[key] = endpoint
+        return endpoint
+
+
+def pooled_agent(reactor: Any, pool: HTTPConnectionPool) -> IAgent:
+    """Twisted's Agent over C{pool}, with endpoints made once (L{CachedEndpoints})."""
+    agent: IAgent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
+        reactor, CachedEndpoints(reactor), pool=pool
+    )
+    return agent
 
 
 @implementer(IBodyProducer)

@@ -33,13 +33,13 @@ from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLo
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from smtpproxy.config import Config
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
-from smtpproxy.providers.graph.agentclient import AgentClient
+from smtpproxy.providers.graph.agentclient import AgentClient, pooled_agent
 from smtpproxy.providers.graph.payload import (
     DraftSend,
     GraphUrls,
@@ -187,7 +187,7 @@ class GraphProvider:
             # a connection the server already dropped fails and costs a retry.
             pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
             self._pool = pool
-            agent = Agent(reactor, pool=pool)  # type: ignore[no-untyped-call]
+            agent = pooled_agent(reactor, pool)
             # Agent straight, not treq's HTTPClient: see agentclient's docstring.
             http_client = AgentClient(agent)
         self._http: HTTPRequester = http_client
@@ -581,6 +581,9 @@ class GraphProvider:
 
     async def _bounded(self, waiting: Deferred[Any], deadline: float, what: str) -> Any:
         """Await C{waiting}, but no later than C{deadline} (then fail with a 451)."""
+        if waiting.called:
+            # A cached token, a free slot: no timer to arm and cancel (twice per request).
+            return await waiting
         remaining = deadline - self._reactor.seconds()
         if remaining <= 0:
             waiting.cancel()

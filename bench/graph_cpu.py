@@ -42,7 +42,8 @@ from smtpproxy import tls  # noqa: E402
 SESSIONS = 20
 MESSAGES = 2_000
 ROUNDS = 5
-# The fake answers at once: the figure is CPU, not latency.
+# By default the fake answers at once: the figure is CPU, not latency
+# (--delay 0.02 holds each answer as run.py's graph scenario does).
 DELAY = 0.0
 
 
@@ -65,16 +66,18 @@ def user_system(pid: int) -> tuple[float, float]:
 KEYS = ("stdout", "graph-http", "graph-https")
 
 
-def measure(rounds: int, messages: int, sessions: int) -> dict[str, list[float]]:
+def measure(
+    rounds: int, messages: int, sessions: int, delay: float = DELAY
+) -> dict[str, list[float]]:
     """CPU ms per message of each relay, one figure per round (and its system part)."""
     figures: dict[str, list[float]] = {k: [] for k in KEYS}
     figures.update({f"{k} (system)": [] for k in KEYS})
     with ExitStack() as stack:
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         cert, key = self_signed(directory)
-        http_port, http_stats = stack.enter_context(run.fake_graph(delay=DELAY))
+        http_port, http_stats = stack.enter_context(run.fake_graph(delay=delay))
         https_port, https_stats = stack.enter_context(
-            run.fake_graph("--tls", str(cert), str(key), delay=DELAY)
+            run.fake_graph("--tls", str(cert), str(key), delay=delay)
         )
         relays = {
             "stdout": stack.enter_context(run.started(run.SERVERS[0])),
@@ -137,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--messages", type=int, default=MESSAGES)
     parser.add_argument("--sessions", type=int, default=SESSIONS)
+    parser.add_argument("--delay", type=float, default=DELAY, help="the fake's answer delay, s")
     args = parser.parse_args(argv)
     run.raise_file_limit()
     if not run.ensure_postfix_tools():
         run.log("smtp-source is required (Debian package postfix)")
         return 2
-    figures = measure(args.rounds, args.messages, args.sessions)
+    figures = measure(args.rounds, args.messages, args.sessions, args.delay)
     text = report(figures, args.messages, args.sessions)
     print(text)
     run.RESULTS.mkdir(parents=True, exist_ok=True)

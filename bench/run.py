@@ -545,10 +545,12 @@ def percentile(ascending: list[float], fraction: float) -> float:
 
 
 @contextmanager
-def fake_graph() -> Iterator[tuple[int, Callable[[], dict[str, Any]]]]:
+def fake_graph(
+    *options: str, delay: float = GRAPH_DELAY
+) -> Iterator[tuple[int, Callable[[], dict[str, Any]]]]:
     """Run bench/peers/fake_graph.py; yield its port and a function reading its counters."""
     proc = subprocess.Popen(
-        [str(PYTHON), str(BENCH / "peers" / "fake_graph.py"), "--delay", str(GRAPH_DELAY)],
+        [str(PYTHON), str(BENCH / "peers" / "fake_graph.py"), "--delay", str(delay), *options],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"},
         stdin=subprocess.PIPE,
@@ -573,9 +575,15 @@ def fake_graph() -> Iterator[tuple[int, Callable[[], dict[str, Any]]]]:
         stop(proc)
 
 
-def graph_relay(graph_port: int) -> Server:
-    """smtpproxy configured for the Graph provider, pointed at the fake."""
-    base = f"http://{HOST}:{graph_port}"
+def graph_relay(
+    graph_port: int, scheme: str = "http", extra: dict[str, str] | None = None
+) -> Server:
+    """smtpproxy configured for the Graph provider, pointed at the fake.
+
+    @param extra: more environment (for HTTPS: C{SSL_CERT_FILE}, the fake's
+        certificate, which OpenSSL's default trust then includes).
+    """
+    base = f"{scheme}://{HOST}:{graph_port}"
 
     def env(port: int) -> dict[str, str]:
         return {
@@ -583,9 +591,11 @@ def graph_relay(graph_port: int) -> Server:
             **GRAPH_ENV,
             "GRAPH_AUTHORITY_HOST": base,
             "GRAPH_ENDPOINT": base,
+            **(extra or {}),
         }
 
-    return Server("smtpproxy-graph", "smtpproxy (Graph provider)", SERVERS[0].argv, env)
+    key = "smtpproxy-graph" if scheme == "http" else f"smtpproxy-graph-{scheme}"
+    return Server(key, f"smtpproxy (Graph provider, {scheme})", SERVERS[0].argv, env)
 
 
 def graph_path(plan: Plan) -> dict[str, Any]:

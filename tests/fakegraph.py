@@ -19,7 +19,12 @@ real service until production):
     records the violation);
   - upload sessions only for parts of 3 MB or more, ranges of at most 4 MB
     uploaded in order, and never with an Authorization header;
-  - a draft is sent only when its uploads are complete.
+  - a draft is sent only when its uploads are complete;
+  - a draft may be created from MIME (C{text/plain}, base64, under 4 MB
+    like any request, From equal to the mailbox); when it is sent, the
+    attachments added to it become parts of the message, as Exchange
+    writes them: the original parts and header fields stay as they were,
+    and L{Delivery.mime} is the message the recipients get.
 
 A request that breaks a rule gets the error Graph would give, and the rule
 is also appended to L{FakeGraph.violations}, which tests expect to be empty.
@@ -180,10 +185,15 @@ class _Session:
 
 @dataclass
 class _Draft:
+    """A draft: from JSON (C{message}) or from MIME (C{mime}); what was added to it."""
+
     mailbox: str
     message: dict[str, Any]
     attachments: list[tuple[str, bytes]] = field(default_factory=list)
     sessions: list[_Session] = field(default_factory=list)
+    mime: bytes | None = None
+    # (name, content type, data) of every attachment added after creation.
+    added: list[tuple[str, str, bytes]] = field(default_factory=list)
 
 
 _Answer = tuple[int, dict[str, str], bytes]
@@ -545,6 +555,16 @@ class FakeGraph:
         return 202, {}, b""
 
     def _send_mime(self, mailbox: str, body: bytes) -> _Answer:
+        mime, parsed, attachments = self._read_mime(mailbox, body, "sendMail")
+        to, cc, bcc = (mime_addresses(parsed, name) for name in ("to", "cc", "bcc"))
+        self._check_addresses(to + cc + bcc)
+        self.deliveries.append(Delivery(mailbox, "mime", to, cc, bcc, mime, None, attachments))
+        return 202, {}, b""
+
+    def _read_mime(
+        self, mailbox: str, body: bytes, route: str
+    ) -> tuple[bytes, EmailMessage, list[tuple[str, bytes]]]:
+        """Decode and check a base64 MIME body as Graph does (sendMail and MIME drafts)."""
         try:
             mime = base64.b64decode(re.sub(rb"\s+", b"", body), validate=True)
         except (binascii.Error, ValueError):
@@ -566,7 +586,7 @@ class FakeGraph:
             # Graph takes the message and shows these fields garbled: no
             # error to answer with, but the relay broke the rule.
             self.violations.append(
-                f"sendMail: 8-bit bytes in MIME header fields {', '.join(eight_bit)}"
+                f"{route}: 8-bit bytes in MIME header fields {', '.join(eight_bit)}"
             )
         senders = mime_addresses(parsed, "from")
         if [s.casefold() for s in senders] not in ([], [mailbox.casefold()]):
@@ -576,22 +596,25 @@ class FakeGraph:
                 _SEND_AS_DENIED,
                 True,
             )
-        to, cc, bcc = (mime_addresses(parsed, name) for name in ("to", "cc", "bcc"))
-        self._check_addresses(to + cc + bcc)
         self._check_addresses(mime_addresses(parsed, "reply-to"), allow_none=True)
-        self.deliveries.append(Delivery(mailbox, "mime", to, cc, bcc, mime, None, attachments))
-        return 202, {}, b""
+        return mime, parsed, attachments
 
     def _createDraft(
         self, mailbox: str, params: dict[str, str], request: Request, body: bytes
     ) -> _Answer:
+        draft_id = "AAMk" + base64.b64encode(uuid.uuid4().bytes).decode("ascii")
+        if (_header(request, "content-type") or "").startswith("text/plain"):
+            mime, parsed, attachments = self._read_mime(mailbox, body, "createDraft")
+            message = {"subject": str(parsed.get("subject", ""))}
+            self.drafts[draft_id] = _Draft(mailbox, message, attachments, mime=mime)
+            document = {"id": draft_id, "isDraft": True, "subject": message["subject"]}
+            return 201, {"Content-Type": "application/json"}, json.dumps(document).encode()
         _require_json(request)
         message = _json(body)
         if not isinstance(message, dict):
             raise GraphError(400, "RequestBodyRead", "Expected a message object.", True)
         self._check_message(mailbox, message)
         attachments = [self._file_attachment(a) for a in message.get("attachments", [])]
-        draft_id = "AAMk" + base64.b64encode(uuid.uuid4().bytes).decode("ascii")
         self.drafts[draft_id] = _Draft(mailbox, message, attachments)
         document = {"id": draft_id, "isDraft": True, "subject": message.get("subject", "")}
         return 201, {"Content-Type": "application/json"}, json.dumps(document).encode()
@@ -609,7 +632,8 @@ class FakeGraph:
     ) -> _Answer:
         _require_json(request)
         draft = self._draft(mailbox, params)
-        name, data = self._file_attachment(_json(body))
+        document = _json(body)
+        name, data = self._file_attachment(document)
         if len(data) > ATTACHMENT_POST_MAX:
             raise GraphError(
                 413,
@@ -618,6 +642,7 @@ class FakeGraph:
                 True,
             )
         draft.attachments.append((name, data))
+        draft.added.append((name, str(document.get("contentType", "")), data))
         return (
             201,
             {"Content-Type": "application/json"},
@@ -713,7 +738,9 @@ class FakeGraph:
             }
             return 200, {"Content-Type": "application/json"}, json.dumps(document).encode()
         session.done = True
-        self.drafts[session.draft_id].attachments.append((session.name, bytes(session.received)))
+        draft = self.drafts[session.draft_id]
+        draft.attachments.append((session.name, bytes(session.received)))
+        draft.added.append((session.name, session.content_type, bytes(session.received)))
         return 201, {"Location": f"{self.endpoint}/attachments/{uuid.uuid4().hex}"}, b""
 
     def _sendDraft(
@@ -726,6 +753,17 @@ class FakeGraph:
             raise GraphError(
                 400, "ErrorInvalidOperation", "An attachment upload is incomplete.", True
             )
+        if draft.mime is not None:
+            mime = with_attachments(draft.mime, draft.added)
+            parsed = parse_mime(mime)
+            to, cc, bcc = (mime_addresses(parsed, name) for name in ("to", "cc", "bcc"))
+            self._check_addresses(to + cc + bcc)
+            del self.drafts[params["id"]]
+            delivery = Delivery(
+                mailbox, "mime-draft", to, cc, bcc, mime, None, mime_attachments(parsed)
+            )
+            self.deliveries.append(delivery)
+            return 202, {}, b""
         self._check_recipients(draft.message)
         del self.drafts[params["id"]]
         self.deliveries.append(self._delivery(mailbox, "draft", draft.message, draft.attachments))
@@ -1116,6 +1154,56 @@ def mime_attachments(message: EmailMessage) -> list[tuple[str, bytes]]:
             data = str(part.get_payload()).encode("utf-8", "surrogateescape")
         found.append((named or "", data))
     return found
+
+
+def with_attachments(mime: bytes, added: list[tuple[str, str, bytes]]) -> bytes:
+    """The message a MIME draft becomes once sent: its bytes, then the added attachments.
+
+    Exchange keeps a MIME draft's structure and header fields (it stores
+    the MIME skeleton, MS-OXCMAIL 2.1.3.5) and writes added attachments as
+    further parts of a multipart/mixed.  The original bytes stay as they
+    are: a multipart/mixed root gets the parts before its closing boundary;
+    any other root becomes the first part of a new multipart/mixed whose
+    header block is the original one (less its Content- fields, which move
+    down to that first part).
+    """
+    if not added:
+        return mime
+    parsed = parse_mime(mime)
+    head, sep, body = mime.partition(b"\r\n\r\n")
+    boundary = parsed.get_boundary() if parsed.get_content_type() == "multipart/mixed" else None
+    if boundary is not None:
+        closing = b"\r\n--" + boundary.encode("ascii") + b"--"
+        at = body.rfind(closing)
+        if at >= 0:
+            parts = b"".join(_attachment_part(boundary, *attachment) for attachment in added)
+            return head + sep + body[:at] + b"\r\n" + parts.removesuffix(b"\r\n") + body[at:]
+    outer = "=_fake_graph_" + uuid.uuid4().hex
+    parts = b"".join(_attachment_part(outer, *attachment) for attachment in added)
+    lines = re.split(rb"\r\n(?![ \t])", head)
+    content = [line for line in lines if line.lower().startswith(b"content-")]
+    kept = [line for line in lines if not line.lower().startswith(b"content-")]
+    first = b"\r\n".join(content) + b"\r\n\r\n" + body
+    return (
+        b"\r\n".join(kept)
+        + f'\r\nContent-Type: multipart/mixed; boundary="{outer}"\r\n\r\n'.encode()
+        + f"--{outer}\r\n".encode()
+        + first
+        + b"\r\n"
+        + parts
+        + f"--{outer}--\r\n".encode()
+    )
+
+
+def _attachment_part(boundary: str, name: str, content_type: str, data: bytes) -> bytes:
+    """One attachment as a MIME part, opened by its boundary line."""
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    header = (
+        f"--{boundary}\r\nContent-Type: {content_type or 'application/octet-stream'}\r\n"
+        f'Content-Disposition: attachment; filename="{name}"\r\n'
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+    )
+    return header.encode() + encoded
 
 
 def make_email(

@@ -13,7 +13,10 @@ answered with one JSON line of counters, with the time each request was held
 time, which the relay's added latency is measured against); it exits when
 stdin closes.
 
-Run: C{PYTHONPATH=src:. python bench/peers/fake_graph.py [--delay 0.02]}
+With C{--tls CERT KEY} it serves HTTPS with that certificate (PEM files),
+so the relay's TLS cost to Graph can be measured too.
+
+Run: C{PYTHONPATH=src:. python bench/peers/fake_graph.py [--delay 0.02] [--tls CERT KEY]}
 """
 
 from __future__ import annotations
@@ -102,12 +105,24 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--delay", type=float, default=0.02)
+    parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), help="serve HTTPS")
     args = parser.parse_args(argv)
     fake = FakeGraph(reactor)
     delayed = Delayed(fake.resource, args.delay, reactor)
     site: Any = CountingSite(delayed)  # type: ignore[no-untyped-call]
-    port: Any = reactor.listenTCP(0, site, backlog=1024, interface="127.0.0.1")
-    fake.endpoint = f"http://127.0.0.1:{port.getHost().port}"
+    port: Any
+    if args.tls:
+        from twisted.internet.ssl import PrivateCertificate
+
+        with open(args.tls[0], "rb") as cert, open(args.tls[1], "rb") as key:
+            pem = cert.read() + key.read()
+        identity = PrivateCertificate.loadPEM(pem)  # type: ignore[no-untyped-call]
+        listener: Any = reactor
+        port = listener.listenSSL(0, site, identity.options(), backlog=1024, interface="127.0.0.1")
+        fake.endpoint = f"https://127.0.0.1:{port.getHost().port}"
+    else:
+        port = reactor.listenTCP(0, site, backlog=1024, interface="127.0.0.1")
+        fake.endpoint = f"http://127.0.0.1:{port.getHost().port}"
     control: Protocol = Control(fake, site, delayed, reactor)
     stdio.StandardIO(control)  # type: ignore[no-untyped-call]
     print(json.dumps({"port": port.getHost().port}), flush=True)

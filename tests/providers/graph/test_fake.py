@@ -18,7 +18,9 @@ MAILBOX = "relay@contoso.example"
 API = f"http://graph.test/v1.0/users/{MAILBOX}"
 
 
-class FakeGraphTests(SynchronousTestCase):
+class FakeGraphCase(SynchronousTestCase):
+    """A fake Graph and helpers to call it through StubTreq."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.fake = FakeGraph(self.clock, mailboxes=(MAILBOX,))
@@ -82,6 +84,8 @@ class FakeGraphTests(SynchronousTestCase):
     def send_json(self, message: dict[str, Any]) -> tuple[int, Any]:
         return self.call("POST", f"{API}/sendMail", json.dumps({"message": message}).encode())
 
+
+class FakeGraphTests(FakeGraphCase):
     def test_token_rules(self) -> None:
         """A wrong secret is invalid_client; a JSON token request is refused and recorded."""
         self.assertEqual(self.token("wrong"), "refused:invalid_client")
@@ -195,3 +199,101 @@ class FakeGraphTests(SynchronousTestCase):
         self.assertEqual(status, 202)
         self.assertEqual(self.fake.deliveries[0].attachments, [("f.bin", bytes(3_000_000))])
         self.assertEqual(len(self.fake.violations), 3)
+
+
+class MimeDraftFakeTests(FakeGraphCase):
+    """The fake holds MIME drafts to what Graph enforces."""
+
+    def mime(self, sender: str = MAILBOX, body: bytes = b"Hello.\r\n") -> bytes:
+        raw = (
+            (
+                f"From: {sender}\r\nTo: a@x.example\r\nSubject: s\r\n"
+                "Message-ID: <m-1@example.org>\r\n"
+                'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+                "--b\r\nContent-Type: text/plain\r\n\r\n"
+            ).encode()
+            + body
+            + b"\r\n--b--\r\n"
+        )
+        return base64.b64encode(raw)
+
+    def create(self, body: bytes) -> tuple[int, Any]:
+        return self.call("POST", f"{API}/messages", body, "text/plain")
+
+    def test_request_over_4_mb_refused(self) -> None:
+        """A base64 MIME draft over 4 MB is refused (413) and counted as the relay's mistake."""
+        status, _ = self.create(self.mime(body=b"x" * (3 * 1024 * 1024 + 100)))
+        self.assertEqual(status, 413)
+        self.assertEqual(len(self.fake.violations), 1)
+
+    def test_from_must_be_the_mailbox(self) -> None:
+        """A MIME draft from someone else is ErrorSendAsDenied."""
+        answer = self.create(self.mime(sender="other@contoso.example"))
+        self.assertEqual(self.code(answer), (403, "ErrorSendAsDenied"))
+
+    def test_not_base64_refused(self) -> None:
+        """A MIME draft body that is not base64 is refused as Graph refuses it."""
+        answer = self.create(b"not base64!")
+        self.assertEqual(self.code(answer), (400, "ErrorMimeContentInvalidBase64String"))
+
+    def test_send_only_when_uploads_complete(self) -> None:
+        """A MIME draft whose upload is incomplete is not sent; once complete, the message
+        Graph delivers is the draft plus the attachment, headers kept."""
+        status, created = self.create(self.mime())
+        self.assertEqual(status, 201)
+        draft = created["id"]
+        item = {"attachmentType": "file", "name": "big.bin", "size": 3_000_001}
+        status, session = self.call(
+            "POST",
+            f"{API}/messages/{quote(draft, safe='')}/attachments/createUploadSession",
+            json.dumps({"AttachmentItem": item}).encode(),
+        )
+        self.assertEqual(status, 201)
+        upload = session["uploadUrl"]
+        data = bytes(range(256)) * (3_000_001 // 256) + b"\x00" * (3_000_001 % 256)
+        first = data[:2_000_000]
+        status, _ = self.call(
+            "PUT",
+            upload,
+            first,
+            "application/octet-stream",
+            token=False,
+            headers={"Content-Range": f"bytes 0-{len(first) - 1}/{len(data)}"},
+        )
+        self.assertEqual(status, 200)
+        send = f"{API}/messages/{quote(draft, safe='')}/send"
+        self.assertEqual(self.code(self.call("POST", send))[0], 400)
+        status, _ = self.call(
+            "PUT",
+            upload,
+            data[len(first) :],
+            "application/octet-stream",
+            token=False,
+            headers={"Content-Range": f"bytes {len(first)}-{len(data) - 1}/{len(data)}"},
+        )
+        self.assertEqual(status, 201)
+        self.assertEqual(self.call("POST", send)[0], 202)
+        (delivery,) = self.fake.deliveries
+        self.assertEqual(delivery.method, "mime-draft")
+        assert delivery.mime is not None
+        self.assertIn(b"Message-ID: <m-1@example.org>\r\n", delivery.mime)
+        self.assertEqual(dict(delivery.attachments)["big.bin"], data)
+
+    def test_upload_range_gap_refused(self) -> None:
+        """A range that does not start where the last one ended is refused (416)."""
+        _, created = self.create(self.mime())
+        item = {"attachmentType": "file", "name": "big.bin", "size": 3_000_001}
+        _, session = self.call(
+            "POST",
+            f"{API}/messages/{quote(created['id'], safe='')}/attachments/createUploadSession",
+            json.dumps({"AttachmentItem": item}).encode(),
+        )
+        status, _ = self.call(
+            "PUT",
+            session["uploadUrl"],
+            b"x" * 10,
+            "application/octet-stream",
+            token=False,
+            headers={"Content-Range": "bytes 10-19/3000001"},
+        )
+        self.assertEqual(status, 416)

@@ -465,12 +465,13 @@ class PlanTests(SynchronousTestCase):
         self.assertTrue(any("X-Tag-5, X-Tag-6" in note for note in plan.notes))
 
     def test_large_attachment_uses_upload_session(self) -> None:
-        """A part of 3 MB or more makes a draft with an upload session for it."""
+        """JSON mode: a part of 3 MB or more makes a JSON draft with an upload session for it
+        (auto mode makes a MIME draft: tests/providers/graph/test_mimeparts.py)."""
         big = bytes(range(256)) * (UPLOAD_MIN // 256 + 1)
         email = make_email(
             ("a@x.example",), to=("a@x.example",), attachments=(("big.bin", big), ("s.txt", b"s"))
         )
-        plan = plan_delivery(email, SENDERS, "auto")
+        plan = plan_delivery(email, SENDERS, "json")
         assert isinstance(plan, DraftSend)
         (upload,) = plan.uploads
         self.assertEqual((upload.name, upload.data), ("big.bin", big))

@@ -472,7 +472,8 @@ class DraftTests(SynchronousTestCase):
         for seen in uploads:
             self.assertNotIn("authorization", seen.headers)
         (delivery,) = h.fake.deliveries
-        self.assertEqual(delivery.method, "draft")
+        # The draft is the message itself (MIME) less the big part, added back by the upload.
+        self.assertEqual(delivery.method, "mime-draft")
         self.assertEqual(dict(delivery.attachments), {"small.txt": b"small", "big.bin": data})
         self.assertEqual(delivery.bcc, ("hidden@x.example",))
         self.assertEqual(h.fake.violations, [])

@@ -114,6 +114,10 @@ def format_mailbox(mailbox: Mailbox) -> bytes:
         return (shown + f"<{address}>").encode("utf-8")
 
 
+#: A message split by L{split_fields}: its header fields and the rest.
+Split = tuple[list[bytes], bytes]
+
+
 def rewrite_headers(
     raw: bytes,
     *,
@@ -121,7 +125,31 @@ def rewrite_headers(
     reply_to_field: bytes | None,
     bcc_field: bytes | None,
     drop: frozenset[bytes] = frozenset(),
+    split: Split | None = None,
 ) -> bytes:
+    """Return C{raw} with From replaced, Reply-To added, Bcc replaced and C{drop} removed.
+
+    See L{rewrite_fields}, which does the work on C{split} (C{raw} split
+    by L{split_fields}, when the caller has done so already).
+    """
+    fields, rest = rewrite_fields(
+        split if split is not None else split_fields(raw),
+        from_field=from_field,
+        reply_to_field=reply_to_field,
+        bcc_field=bcc_field,
+        drop=drop,
+    )
+    return b"".join(fields) + rest
+
+
+def rewrite_fields(
+    split: Split,
+    *,
+    from_field: bytes | None,
+    reply_to_field: bytes | None,
+    bcc_field: bytes | None,
+    drop: frozenset[bytes] = frozenset(),
+) -> Split:
     """Return C{raw} with From replaced, Reply-To added, Bcc replaced and C{drop} removed.
 
     The fields we add come first, in that order, ahead of every field of
@@ -137,8 +165,10 @@ def rewrite_headers(
     @param bcc_field: the Bcc field to add, or None for none; the message's
         own Bcc fields are always removed.
     @param drop: lower-case names of further fields to remove.
+    @return: the new message, split the way L{split_fields} would split it
+        (the fields of C{split} are not changed).
     """
-    fields, rest = split_fields(raw)
+    fields, rest = list(split[0]), split[1]
     newline = line_break(fields)
     if fields and not fields[-1].endswith((b"\n", b"\r")):
         fields[-1] += newline
@@ -156,7 +186,7 @@ def rewrite_headers(
     if not rest:
         # A message with no body still needs its header block closed.
         rest = newline
-    return b"".join(out) + rest
+    return out, rest
 
 
 # Fields holding addresses: rebuilt with RFC 2047 display names and A-label
@@ -191,7 +221,7 @@ _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 MAX_CONVERTED_BYTES = 16 * 1024
 
 
-def ascii_header_block(raw: bytes) -> bytes | None:
+def ascii_header_block(raw: bytes, split: Split | None = None) -> bytes | None:
     """C{raw} with every header field that carries 8-bit bytes written in ASCII.
 
     RFC 6532 lets a message carry UTF-8 in its header fields as raw bytes;
@@ -214,8 +244,10 @@ def ascii_header_block(raw: bytes) -> bytes | None:
         field such as Message-ID holding 8-bit bytes, or more than
         L{MAX_CONVERTED_BYTES} of 8-bit fields.  Such a message must go
         another way (JSON).
+    @param split: C{raw} split by L{split_fields}, when the caller has it
+        (the relay splits a message's header block once).
     """
-    fields, rest = split_fields(raw)
+    fields, rest = split if split is not None else split_fields(raw)
     if all(field.isascii() for field in fields):
         return raw
     eight_bit = sum(len(field) for field in fields if not field.isascii())

@@ -10,7 +10,12 @@ L{plan_delivery} turns an L{Email} into a plan made of request bodies:
     headers name people the envelope does not (Graph's MIME mode would mail
     them) or when C{GRAPH_SEND_MODE=json};
   - L{DraftSend}: a draft, its attachments (big ones through upload
-    sessions), then C{send}: for messages too large for one request.
+    sessions), then C{send}: for messages too large for one request.  The
+    draft is the raw message itself (MIME) with its largest attachments
+    taken out (L{smtpproxy.providers.graph.mimeparts}), so headers and
+    alternatives survive; only when the message is too large even without
+    them is it rebuilt as a JSON draft.  A signed message too large for
+    one request is refused: no way of sending it keeps the signature.
 
 The envelope decides who receives the message, exactly once each: header
 To/Cc recipients that are in the envelope stay To/Cc, envelope recipients
@@ -39,14 +44,16 @@ from smtpproxy.addresses import (
 from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.message import Attachment, Email, Mailbox
 from smtpproxy.providers.graph.mime import (
+    Split,
     address_field,
     ascii_header_block,
     field_name,
     field_value,
     line_break,
-    rewrite_headers,
+    rewrite_fields,
     split_fields,
 )
+from smtpproxy.providers.graph.mimeparts import is_signed, take_out
 
 # Graph refuses request bodies over 4 MB; keep a margin for the request line
 # and headers, which some gateways count too.
@@ -146,7 +153,7 @@ def _header_pairs(value: bytes) -> list[tuple[str, str]] | None:
         return None
 
 
-def raw_recipients_in_envelope(email: Email) -> bool:
+def raw_recipients_in_envelope(email: Email, split: Split | None = None) -> bool:
     """Whether every address Graph's MIME mode would read from To/Cc is in the envelope.
 
     Graph parses the raw header, not our parse of it; a header our parser
@@ -154,7 +161,7 @@ def raw_recipients_in_envelope(email: Email) -> bool:
     go as MIME, or Graph might mail a person the envelope never named.
     """
     envelope = {mailbox_key(address) for address in email.envelope_to}
-    fields, _ = split_fields(email.raw)
+    fields, _ = split if split is not None else split_fields(email.raw)
     for f in fields:
         if field_name(f) not in (b"to", b"cc"):
             continue
@@ -232,6 +239,21 @@ def mime_message_and_warnings(
 ) -> tuple[bytes, tuple[str, ...]]:
     """The raw message as Graph's MIME mode must see it, and what had to be left out.
 
+    See L{mime_fields}.
+    """
+    split, warnings = mime_fields(email, mailbox, recipients, domain)
+    return b"".join(split[0]) + split[1], warnings
+
+
+def mime_fields(
+    email: Email,
+    mailbox: str,
+    recipients: Recipients,
+    domain: str = "",
+    split: Split | None = None,
+) -> tuple[Split, tuple[str, ...]]:
+    """The raw message as Graph's MIME mode must see it, and what had to be left out.
+
     From becomes the mailbox (Graph refuses any other with ErrorSendAsDenied)
     keeping the display name; the original From is kept as Reply-To when the
     message has none, so replies still reach the author (a bare local part
@@ -241,8 +263,14 @@ def mime_message_and_warnings(
     Sender naming someone else is removed, as Graph would read it as sending
     on their behalf.  The fields we add go first in the header block.
     Nothing else changes.
+
+    @param split: C{email.raw} split by L{split_fields}, if the caller has it.
+    @return: the new message split into header fields and the rest, and
+        warnings about what was left out.
     """
-    fields, _ = split_fields(email.raw)
+    if split is None:
+        split = split_fields(email.raw)
+    fields = split[0]
     newline = line_break(fields)
     names = [field_name(f) for f in fields]
     original_from = fields[names.index(b"from")] if b"from" in names else None
@@ -264,8 +292,8 @@ def mime_message_and_warnings(
             if pairs is None or [mailbox_key(a) for a in addresses] != [mailbox_key(mailbox)]:
                 drop.add(b"sender")
     bcc_field = address_field("Bcc", recipients.bcc, newline) if recipients.bcc else None
-    rewritten = rewrite_headers(
-        email.raw,
+    rewritten = rewrite_fields(
+        split,
         from_field=from_field,
         reply_to_field=reply_to_field,
         bcc_field=bcc_field,
@@ -457,7 +485,10 @@ class JsonSend:
 class DraftSend:
     """Create a draft, add what did not fit in it, upload big parts, send.
 
-    @ivar draft: the body of C{POST /messages} (with the attachments that fit).
+    @ivar draft: the body of C{POST /messages}: the base64 of the MIME
+        message without the parts that are added after (C{draft_type}
+        C{text/plain}), or Graph's JSON message with the attachments that
+        fit (C{application/json}).
     @ivar attachments: bodies of C{POST /messages/{id}/attachments}, one each.
     @ivar uploads: the parts that go through upload sessions.
     """
@@ -469,6 +500,12 @@ class DraftSend:
     recipients: Recipients
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    draft_type: str = "application/json"
+
+    @property
+    def mime(self) -> bool:
+        """Whether the draft is made from the raw message (else from JSON)."""
+        return self.draft_type == "text/plain"
 
 
 Plan = MimeSend | JsonSend | DraftSend
@@ -517,27 +554,106 @@ def plan_delivery(
     if email.abandoned:
         return _raw_plan(email, mailbox, recipients, mode, default_domain)
     if mode != "json":
-        if recipients.outside or not raw_recipients_in_envelope(email):
+        # The header block is split once, here, for every step below.
+        split = split_fields(email.raw)
+        if recipients.outside or not raw_recipients_in_envelope(email, split):
             notes.append(
                 "To/Cc name recipients who are not in the envelope (or cannot be read); "
                 "sending as JSON so that they do not receive it"
             )
         else:
-            mime, warnings = mime_message_and_warnings(email, mailbox, recipients, default_domain)
-            ascii_mime = ascii_header_block(mime)
+            ascii_mime, mime, warnings = _ascii_mime(
+                email, mailbox, recipients, default_domain, split
+            )
             if ascii_mime is None:
                 notes.append(
                     "a header field has no ASCII form (a UTF-8 local part, or 8-bit bytes in"
                     " a structured field); sending as JSON"
                 )
-            elif _b64_size(len(ascii_mime)) <= REQUEST_LIMIT:
+            else:
                 if ascii_mime is not mime:
                     notes.append("8-bit header fields written as RFC 2047 encoded words")
-                body = base64.b64encode(ascii_mime)
-                return MimeSend(mailbox, body, recipients, tuple(notes), warnings)
-            else:
-                notes.append("message too large for one MIME request; sending as a draft")
+                if _b64_size(len(ascii_mime)) <= REQUEST_LIMIT:
+                    body = base64.b64encode(ascii_mime)
+                    return MimeSend(mailbox, body, recipients, tuple(notes), warnings)
+                draft = _mime_draft_plan(ascii_mime, mailbox, recipients, notes, warnings)
+                if draft is not None:
+                    return draft
+                notes.append(
+                    "message too large for one MIME request even without its attachments;"
+                    " sending as a JSON draft"
+                )
     return _json_plan(email, mailbox, recipients, notes, default_domain, save_to_sent_items)
+
+
+def _mime_draft_plan(
+    mime: bytes,
+    mailbox: str,
+    recipients: Recipients,
+    notes: list[str],
+    warnings: tuple[str, ...],
+) -> DraftSend | None:
+    """A draft made from the raw message with its largest attachments taken out.
+
+    Each part taken out is added to the draft afterwards: by one POST when
+    under 3 MB, else through an upload session.  None when the message does
+    not fit in one request even without every part that may be taken out.
+
+    @raise PermanentDeliveryError: the message is signed (or encrypted):
+        taking a part out would break it, and it is too large to go whole.
+    """
+    if is_signed(mime):
+        raise PermanentDeliveryError(
+            "signed (S/MIME) message too large for Graph's 4 MB MIME request; it cannot be"
+            " split without breaking its signature",
+            "5.3.4",
+            554,
+        )
+    taken = take_out(mime, lambda size: _b64_size(size) <= REQUEST_LIMIT)
+    if taken is None:
+        return None
+    rest, parts = taken
+    posts: list[bytes] = []
+    uploads: list[Upload] = []
+    for index, part in enumerate(parts, 1):
+        if part.size >= UPLOAD_MIN:
+            uploads.append(_upload(part, index))
+        else:
+            posts.append(encode_json(attachment_json(part, index)))
+    notes.append(
+        f"message too large for one MIME request; sending it as a MIME draft with {len(parts)}"
+        " attachment(s) added separately"
+    )
+    return DraftSend(
+        mailbox,
+        base64.b64encode(rest),
+        tuple(posts),
+        tuple(uploads),
+        recipients,
+        tuple(notes),
+        warnings,
+        draft_type="text/plain",
+    )
+
+
+def _upload(attachment: Attachment, index: int) -> Upload:
+    return Upload(
+        attachment_name(attachment, index),
+        attachment.content_type or "application/octet-stream",
+        attachment.data,
+        attachment.inline,
+        attachment.content_id,
+    )
+
+
+def _ascii_mime(
+    email: Email, mailbox: str, recipients: Recipients, domain: str, split: Split
+) -> tuple[bytes | None, bytes, tuple[str, ...]]:
+    """The MIME form (see L{mime_fields}) with its header fields in ASCII (None: impossible),
+    the MIME form as it was, and the warnings; from C{email.raw} already C{split}."""
+    rewritten, warnings = mime_fields(email, mailbox, recipients, domain, split)
+    mime = b"".join(rewritten[0]) + rewritten[1]
+    return ascii_header_block(mime, rewritten), mime, warnings
 
 
 def _raw_plan(
@@ -552,11 +668,10 @@ def _raw_plan(
     why = None
     if mode == "json":
         why = "GRAPH_SEND_MODE=json"
-    elif not raw_recipients_in_envelope(email):
+    elif not raw_recipients_in_envelope(email, split := split_fields(email.raw)):
         why = "its To/Cc headers name recipients outside the envelope"
     else:
-        mime, warnings = mime_message_and_warnings(email, mailbox, recipients, domain)
-        ascii_mime = ascii_header_block(mime)
+        ascii_mime, _, warnings = _ascii_mime(email, mailbox, recipients, domain, split)
         if ascii_mime is None:
             why = "a header field has no ASCII form"
         elif _b64_size(len(ascii_mime)) <= REQUEST_LIMIT:
@@ -620,16 +735,7 @@ def _json_plan(
     draft = base
     if inside:
         draft = encode_json({**message, "attachments": [attachment_json(a, i) for i, a in inside]})
-    uploads = tuple(
-        Upload(
-            attachment_name(a, i),
-            a.content_type or "application/octet-stream",
-            a.data,
-            a.inline,
-            a.content_id,
-        )
-        for i, a in large
-    )
+    uploads = tuple(_upload(a, i) for i, a in large)
     return DraftSend(
         mailbox,
         draft,

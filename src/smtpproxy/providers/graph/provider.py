@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from treq.client import HTTPClient
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -34,12 +33,13 @@ from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLo
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from smtpproxy.config import Config
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
+from smtpproxy.providers.graph.agentclient import AgentClient, pooled_agent
 from smtpproxy.providers.graph.credentials import CredentialError, credential_for
 from smtpproxy.providers.graph.payload import (
     DraftSend,
@@ -88,7 +88,7 @@ IDLE_CONNECTION_TIMEOUT = 60
 
 
 class HTTPRequester(Protocol):
-    """The part of treq's C{HTTPClient} we use (treq's StubTreq provides it too)."""
+    """The part of treq's C{HTTPClient} we use (L{AgentClient} and treq's StubTreq provide it)."""
 
     @property
     def request(self) -> Callable[..., Deferred[Any]]: ...
@@ -214,8 +214,9 @@ class GraphProvider:
                     authenticated=proxy.authorization is not None,
                     no_proxy=settings.no_proxy,
                 )
-            agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)  # type: ignore[no-untyped-call]
-            http_client = HTTPClient(agent)
+            agent = pooled_agent(reactor, pool, endpoints)
+            # Agent straight, not treq's HTTPClient: see agentclient's docstring.
+            http_client = AgentClient(agent)
         self._http: HTTPRequester = http_client
         self._urls = GraphUrls(settings.endpoint)
         self._token_url = token_url(settings.authority_host, settings.tenant_id)
@@ -307,7 +308,11 @@ class GraphProvider:
         return await self._call(request, deadline)
 
     async def _send_draft(self, plan: DraftSend, deadline: float) -> _Reply:
-        """Draft, attachments, uploads, send; delete the draft if any step fails."""
+        """Draft, attachments, uploads, send; delete the draft if any step fails.
+
+        The draft is the raw message less the parts added afterwards
+        (C{text/plain}, base64) or Graph's JSON message (see L{DraftSend}).
+        """
         mailbox = plan.mailbox
         created = await self._call(
             _Request(
@@ -315,7 +320,7 @@ class GraphProvider:
                 "POST",
                 self._urls.messages(mailbox),
                 plan.draft,
-                JSON,
+                plan.draft_type,
                 mailbox=mailbox,
                 read_write=True,
             ),
@@ -637,6 +642,9 @@ class GraphProvider:
 
     async def _bounded(self, waiting: Deferred[Any], deadline: float, what: str) -> Any:
         """Await C{waiting}, but no later than C{deadline} (then fail with a 451)."""
+        if waiting.called:
+            # A cached token, a free slot: no timer to arm and cancel (twice per request).
+            return await waiting
         remaining = deadline - self._reactor.seconds()
         if remaining <= 0:
             waiting.cancel()
@@ -656,7 +664,7 @@ def _method(plan: Plan) -> str:
         return "mime"
     if isinstance(plan, JsonSend):
         return "json"
-    return "draft"
+    return "mime-draft" if plan.mime else "draft"
 
 
 def _header(headers: Headers, name: str) -> str | None:

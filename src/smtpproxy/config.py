@@ -832,6 +832,7 @@ def _choose_provider(values: dict[str, object]) -> None:
 parse_text = _text
 parse_boolean = _boolean
 parse_positive_int = _positive_int
+parse_count = _count
 parse_seconds = _seconds
 parse_choice = _choice
 parse_url = _url

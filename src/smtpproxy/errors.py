@@ -23,11 +23,15 @@ class DeliveryError(Exception):
         again (Graph's C{Retry-After}), if it did; the queue honours it.
     @ivar request_id: the backend's id for the failed request (Graph's
         C{request-id}), kept in the queue's attempt history.
+    @ivar not_attempted: the provider held the message back without trying
+        (a sending budget was used up): the queue retries it after
+        C{retry_after} exactly, rather than on its growing back-off.
     """
 
     default_status = "4.3.0"
     retry_after: float | None = None
     request_id: str | None = None
+    not_attempted: bool = False
 
     def __init__(self, reason: str, status: str | None = None) -> None:
         super().__init__(reason)

@@ -32,7 +32,7 @@ from smtpproxy.policy.guard import settings_from as guard_settings
 from smtpproxy.queue import backend as queue_backend
 from smtpproxy.queue import worker as queue_worker
 from smtpproxy.queue.front import QueueFront, route_for
-from smtpproxy.queue.store import QueueStore
+from smtpproxy.queue.store import CounterStore, QueueStore
 from smtpproxy.smtp import listeners
 from smtpproxy.smtp.factory import RelayFactory
 from smtpproxy.smtp.protocol import session_settings
@@ -372,6 +372,10 @@ def _queue(
     if not settings.queue_url:
         return None, None, None
     store = queue_backend.make_store(settings.queue_url, settings.queue_max_bytes, reactor)
+    keep_counts = getattr(provider, "keep_budgets_in", None)
+    if callable(keep_counts) and isinstance(store, CounterStore):
+        # Graph's sending budgets live with the queue: kept over restarts, shared by replicas.
+        keep_counts(store)
     per_route = providers.mailbox_concurrency(provider)
     runner = queue_worker.QueueRunner(
         store, provider, reactor, parser, queue_worker.settings_from(settings, per_route)

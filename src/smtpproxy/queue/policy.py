@@ -14,7 +14,9 @@ The rules, modelled on Postfix's queue manager:
     attempt up to C{max_interval}, less a little jitter so that messages
     failed by one outage do not all come back in the same second; a
     provider's C{Retry-After} (carried on the error) is a floor, never cut
-    short;
+    short; a message the provider held back without trying
+    (C{not_attempted}, a used-up sending budget) is due again exactly
+    then, not on the back-off;
   - a temporary failure whose next attempt would fall past C{queued_at +
     max_age} makes the message dead now (Postfix's
     C{maximal_queue_lifetime}): better to say so at once than to keep a
@@ -107,7 +109,9 @@ def decide(
     delay = wait(attempts, schedule, rand)
     asked = retry_after(error)
     if asked is not None:
-        delay = max(delay, asked)
+        # Held back without an attempt (a sending budget): due again exactly
+        # when the provider said, however often it was held before.
+        delay = asked if getattr(error, "not_attempted", False) is True else max(delay, asked)
     if now + delay > queued_at + schedule.max_age:
         return Dead(Outcome.EXPIRED, reply)
     return Retry(now + delay, reply)

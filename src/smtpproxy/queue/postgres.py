@@ -23,8 +23,9 @@ vanished without a word by TCP keepalives and C{tcp_user_timeout}.
 
 from __future__ import annotations
 
+import builtins
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, TypeVar, cast
 
@@ -38,6 +39,7 @@ from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.python.failure import Failure
 
 from smtpproxy.errors import TransientDeliveryError
+from smtpproxy.queue import counters
 from smtpproxy.queue import postgres_sql as tx
 from smtpproxy.queue.model import Attempt, BodySource, Entry, Envelope, QueueFullError, State, Stats
 
@@ -381,6 +383,20 @@ class PostgresStore:
     def release(self, owner: str) -> Deferred[int]:
         """Give back every lease C{owner} holds; how many."""
         return self._run(tx.release, owner)
+
+    # Counters (the Graph sending budgets): see smtpproxy.queue.counters.
+
+    def add_counts(
+        self, counts: Sequence[tuple[str, int, int]], forget_before: Mapping[str, int]
+    ) -> Deferred[None]:
+        """Add to counters in one transaction, atomically per row (C{n = n + amount})."""
+        return self._run(counters.add, "%s", counts, forget_before)
+
+    def read_counts(
+        self, since: Mapping[str, int]
+    ) -> Deferred[builtins.list[tuple[str, int, int]]]:
+        """Counter rows; see L{smtpproxy.queue.store.CounterStore}."""
+        return self._run(counters.read, "%s", since)
 
     # The operator.
 

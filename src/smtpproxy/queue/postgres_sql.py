@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
+from smtpproxy.queue import counters
 from smtpproxy.queue.model import (
     Attempt,
     BodySource,
@@ -162,6 +163,8 @@ def open_schema(cursor: Cursor) -> None:
         raise SchemaTooNewError(
             f"the queue's schema is version {version}; this relay knows {SCHEMA_VERSION}"
         )
+    # Added after schema 1 was released: created where it is missing.
+    cursor.execute(counters.TABLE)
 
 
 def insert_batch(

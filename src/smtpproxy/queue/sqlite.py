@@ -40,7 +40,7 @@ import os
 import re
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
@@ -53,6 +53,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from smtpproxy.queue import counters
 from smtpproxy.queue.model import (
     Attempt,
     BodySource,
@@ -634,6 +635,7 @@ class SQLiteStore:
             raise RuntimeError(
                 f"{self.path} has queue schema {version}; this smtpproxy knows {SCHEMA_VERSION}"
             )
+        cursor.execute(counters.TABLE)
         cursor.execute("SELECT seq, body FROM messages WHERE body IS NOT NULL")
         rows: dict[str, int] = {str(name): int(seq) for seq, name in cursor.fetchall()}
         present: set[str] = set()
@@ -657,6 +659,25 @@ class SQLiteStore:
         cursor.execute("SELECT COALESCE(SUM(size), 0) FROM messages WHERE body IS NOT NULL")
         held = int(cursor.fetchone()[0])
         return held, temporary, orphans, len(lost)
+
+    # Counters (the Graph sending budgets): see smtpproxy.queue.counters.
+
+    def add_counts(
+        self, counts: Sequence[tuple[str, int, int]], forget_before: Mapping[str, int]
+    ) -> Deferred[None]:
+        """Add to counters in one transaction; see L{smtpproxy.queue.store.CounterStore}."""
+
+        def work(cursor: sqlite3.Cursor) -> None:
+            cursor.execute("BEGIN IMMEDIATE")
+            counters.add(cursor, "?", counts, forget_before)
+
+        return self._run(work)
+
+    def read_counts(
+        self, since: Mapping[str, int]
+    ) -> Deferred[builtins.list[tuple[str, int, int]]]:
+        """Counter rows; see L{smtpproxy.queue.store.CounterStore}."""
+        return self._run(lambda cursor: counters.read(cursor, "?", since))
 
     # Plumbing.
 

@@ -26,7 +26,8 @@ in C{tests/queue/test_store_contract.py} hold each backend to:
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
@@ -96,3 +97,24 @@ class QueueStore(Protocol):
 
     def purge_dead(self, before: float) -> Deferred[int]:
         """Remove dead messages that died before C{before}; how many."""
+
+
+@runtime_checkable
+class CounterStore(Protocol):
+    """Optional: counters kept with the queue, such as the Graph sending budgets.
+
+    Both backends provide it (the statements are in
+    L{smtpproxy.queue.counters}); a provider that keeps counts asks for it
+    with C{isinstance(store, CounterStore)}.  Adding is atomic per row
+    (C{n = n + amount}), so processes sharing a store never lose each
+    other's counts; a read followed by an add is not one step, which the
+    caller must allow for (see docs/graph.md, "Sending budgets").
+    """
+
+    def add_counts(
+        self, counts: Sequence[tuple[str, int, int]], forget_before: Mapping[str, int]
+    ) -> Deferred[None]:
+        """Add each (key, slot, amount); drop each key's slots before C{forget_before[key]}."""
+
+    def read_counts(self, since: Mapping[str, int]) -> Deferred[list[tuple[str, int, int]]]:
+        """The (key, slot, count) rows of each key of C{since}, from slot C{since[key]} on."""

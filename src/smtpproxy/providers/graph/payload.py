@@ -68,14 +68,22 @@ MAX_RECIPIENTS = 500
 MAX_CUSTOM_HEADERS = 5
 
 
-def choose_mailbox(from_: Sequence[Mailbox], senders: Sequence[str]) -> str:
-    """The configured mailbox to send as: the one the From header names, else the first."""
+def matching_mailbox(from_: Sequence[Mailbox], senders: Sequence[str]) -> str | None:
+    """The configured mailbox the From header names, if it names one."""
     configured = {mailbox_key(sender): sender for sender in senders}
     for mailbox in from_:
         found = configured.get(mailbox_key(mailbox.address))
         if found is not None:
             return found
-    return senders[0]
+    return None
+
+
+def choose_mailbox(from_: Sequence[Mailbox], senders: Sequence[str]) -> str:
+    """The configured mailbox to send as: the one the From header names, else the first.
+
+    (The provider passes a single mailbox when the sending budgets chose it.)
+    """
+    return matching_mailbox(from_, senders) or senders[0]
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,8 +40,10 @@ from smtpproxy.config import Config
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
 from smtpproxy.providers.graph.agentclient import AgentClient, pooled_agent
+from smtpproxy.providers.graph.budgetkeeper import BudgetKeeper, Charge
 from smtpproxy.providers.graph.credentials import CredentialError, credential_for
 from smtpproxy.providers.graph.payload import (
+    MAX_RECIPIENTS,
     DraftSend,
     GraphUrls,
     JsonSend,
@@ -50,7 +52,9 @@ from smtpproxy.providers.graph.payload import (
     Upload,
     chunk_ranges,
     content_range,
+    matching_mailbox,
     plan_delivery,
+    plan_recipients,
 )
 from smtpproxy.providers.graph.proxyconfig import parse_no_proxy, parse_proxy
 from smtpproxy.providers.graph.retry import (
@@ -76,6 +80,7 @@ from smtpproxy.providers.graph.tokens import (
     token_url,
 )
 from smtpproxy.providers.graph.tunnel import GraphEndpoints, ProxyTunnelError
+from smtpproxy.queue.store import CounterStore
 
 log = Logger(namespace="smtpproxy.graph")
 
@@ -228,6 +233,7 @@ class GraphProvider:
         )
         self._tokens = TokenCache(reactor, self._fetch_token)
         self._gates: dict[str, DeferredSemaphore] = {}
+        self._budgets = BudgetKeeper(settings.budget, self._senders, reactor)
 
     @property
     def mailboxes(self) -> tuple[str, ...]:
@@ -261,7 +267,13 @@ class GraphProvider:
         deadline = self._reactor.seconds() + self._settings.send_timeout
         domain = self._config.smtp_default_domain
         save = self._settings.save_to_sent_items
-        plan = plan_delivery(email, self._senders, self._settings.send_mode, domain, save)
+        senders, charge = await self._choose_mailbox(email)
+        try:
+            plan = plan_delivery(email, senders, self._settings.send_mode, domain, save)
+        except Exception:
+            if charge is not None:
+                await self._budgets.give_back(charge)
+            raise
         try:
             reply = await self._carry_out(plan, deadline)
         except GraphRequestError as rejected:
@@ -279,7 +291,7 @@ class GraphProvider:
                 mailbox=plan.mailbox,
                 graph_code=rejected.graph_code,
             )
-            plan = plan_delivery(email, self._senders, "json", domain, save)
+            plan = plan_delivery(email, (plan.mailbox,), "json", domain, save)
             reply = await self._carry_out(plan, deadline)
         log.info(
             "Graph accepted the message",
@@ -290,6 +302,26 @@ class GraphProvider:
             client_request_id=reply.client_request_id,
             request_id=reply.request_id,
         )
+
+    async def _choose_mailbox(self, email: Email) -> tuple[tuple[str, ...], Charge | None]:
+        """The mailbox(es) to plan with, and the budget charge made for the message.
+
+        From naming a sending mailbox: that one.  Otherwise the least-used
+        mailbox by the budgets (the first one when nothing is counted).  A
+        message that the planner will refuse anyway (no recipients, too
+        many) is not charged.
+        """
+        matched = matching_mailbox(email.from_, self._senders)
+        candidates = (matched,) if matched is not None else self._senders
+        recipients = plan_recipients(email).count
+        if not self._budgets.counting or not 0 < recipients <= MAX_RECIPIENTS:
+            return candidates, None
+        charge = await self._budgets.charge(candidates, recipients)
+        return (charge.mailbox,), charge
+
+    def keep_budgets_in(self, store: CounterStore) -> None:
+        """Keep the sending budgets in the queue's store (shared, and kept over restarts)."""
+        self._budgets.keep_in(store)
 
     async def _carry_out(self, plan: Plan, deadline: float) -> _Reply:
         emit = log.warn if self._settings.send_mode == "mime" else log.info

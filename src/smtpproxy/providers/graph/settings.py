@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from smtpproxy.config import (
     Config,
@@ -18,11 +19,13 @@ from smtpproxy.config import (
     parse_addresses,
     parse_boolean,
     parse_choice,
+    parse_count,
     parse_positive_int,
     parse_seconds,
     parse_text,
     parse_url,
 )
+from smtpproxy.providers.graph.budget import Limits
 
 SEND_MODES = ("auto", "mime", "json")
 
@@ -117,6 +120,34 @@ SETTINGS: tuple[Setting, ...] = (
         parse_boolean,
         "keep a copy in the mailbox's Sent Items (JSON sends)",
         True,
+    ),
+    Setting(
+        "GRAPH_MAILBOX_RECIPIENTS_PER_DAY",
+        "graph_mailbox_recipients_per_day",
+        parse_count,
+        "recipients one mailbox may send to in a rolling day (0 = not counted)",
+        10_000,
+    ),
+    Setting(
+        "GRAPH_MAILBOX_MESSAGES_PER_MINUTE",
+        "graph_mailbox_messages_per_minute",
+        parse_count,
+        "messages one mailbox may send a minute (0 = not counted)",
+        30,
+    ),
+    Setting(
+        "GRAPH_MAILBOX_RECIPIENT_WINDOW",
+        "graph_mailbox_recipient_window",
+        parse_seconds,
+        "seconds the recipient budget is counted over (Exchange: a day)",
+        86_400.0,
+    ),
+    Setting(
+        "GRAPH_MAILBOX_MESSAGE_WINDOW",
+        "graph_mailbox_message_window",
+        parse_seconds,
+        "seconds the message budget is counted over (Exchange: a minute)",
+        60.0,
     ),
     Setting(
         "GRAPH_CLIENT_CERTIFICATE_FILE",
@@ -309,6 +340,13 @@ def configured(values: Mapping[str, object]) -> bool:
     return True
 
 
+_BUDGET = (
+    "graph_mailbox_recipients_per_day",
+    "graph_mailbox_messages_per_minute",
+    "graph_mailbox_recipient_window",
+    "graph_mailbox_message_window",
+)
+
 SETTINGS_GROUP = SettingGroup("graph", SETTINGS, configured)
 _DEFAULTS: Mapping[str, object] = {setting.attr: setting.default for setting in SETTINGS}
 
@@ -349,6 +387,7 @@ class GraphSettings:
     identity_header: str = field(repr=False)
     https_proxy: str = field(repr=False)
     no_proxy: str
+    budget: Limits = field(default_factory=Limits)
 
     def __repr__(self) -> str:
         secret = "***" if self.client_secret else "''"
@@ -395,6 +434,9 @@ class GraphSettings:
         concurrency = value("graph_max_concurrency")
         if not isinstance(concurrency, int):
             raise TypeError("graph setting max_concurrency: not a whole number")
+        counts = [value(name) for name in _BUDGET]
+        if not all(isinstance(n, int | float) and not isinstance(n, bool) for n in counts):
+            raise TypeError("graph setting mailbox budget: not a number")
         federated = text("azure_federated_token_file")
         tenant, client, authority = (
             text("graph_tenant_id"),
@@ -430,6 +472,12 @@ class GraphSettings:
             identity_header=text("identity_header"),
             https_proxy=text("https_proxy"),
             no_proxy=text("no_proxy"),
+            budget=Limits(
+                recipients_per_day=int(cast(float, counts[0])),
+                messages_per_minute=int(cast(float, counts[1])),
+                day=float(cast(float, counts[2])),
+                minute=float(cast(float, counts[3])),
+            ),
         )
 
 

@@ -33,7 +33,10 @@ Faults are scripted per route with L{FakeGraph.script}: error statuses with
 Graph error codes and Retry-After, dropped connections, slow answers.
 
 What was "delivered" is in L{FakeGraph.deliveries}: one entry per accepted
-message, with the recipients Graph would deliver to.
+message, with the recipients Graph would deliver to.  Given Exchange
+Online's sending limits (C{messages_per_minute}, C{recipients_per_day}),
+the fake applies them as Exchange does: past either, a message is still
+accepted (202) but lands in L{FakeGraph.bounced} instead.
 """
 
 from __future__ import annotations
@@ -158,6 +161,16 @@ class Delivery:
         return b"\r\n".join(kept) + sep + body
 
 
+@dataclass(frozen=True)
+class Bounce:
+    """A message Graph accepted (202) that Exchange then bounced past a sending limit."""
+
+    delivery: Delivery
+    time: float
+    status: str
+    reason: str
+
+
 @dataclass
 class Seen:
     """One request as the fake received it."""
@@ -233,6 +246,10 @@ class FakeGraph:
         federated_token: str | None = None,
         managed_client_id: str | None = None,
         identity_header: str | None = None,
+        messages_per_minute: int | None = None,
+        recipients_per_day: int | None = None,
+        minute: float = 60.0,
+        day: float = 86_400.0,
     ) -> None:
         """
         @param client_secret: the app's secret, or None when it has none.
@@ -244,6 +261,10 @@ class FakeGraph:
         @param managed_client_id: the client id of the user-assigned managed
             identity on this "host" (requests naming another get 400).
         @param identity_header: App Service's secret header value.
+        @param messages_per_minute: Exchange's message rate limit per mailbox
+            (None: not enforced); C{minute} is its window in seconds.
+        @param recipients_per_day: Exchange's recipient rate limit per
+            mailbox (None: not enforced); C{day} is its window.
         """
         self.clock = clock
         self.tenant = tenant
@@ -271,6 +292,13 @@ class FakeGraph:
         self.drafts: dict[str, _Draft] = {}
         self.sessions: dict[str, _Session] = {}
         self._request_ids: set[str] = set()
+        self.messages_per_minute = messages_per_minute
+        self.recipients_per_day = recipients_per_day
+        self.minute = minute
+        self.day = day
+        # Per mailbox: (time, recipients) of each message that counted, oldest first.
+        self.sent: dict[str, list[tuple[float, int]]] = {}
+        self.bounced: list[Bounce] = []
         self.resource = _FakeResource(self)
 
     # -- test controls ------------------------------------------------------
@@ -551,14 +579,14 @@ class FakeGraph:
         attachments = [self._file_attachment(a) for a in message.get("attachments", [])]
         delivery = self._delivery(mailbox, "json", message, attachments)
         delivery.saved_to_sent_items = save
-        self.deliveries.append(delivery)
+        self._accept(delivery)
         return 202, {}, b""
 
     def _send_mime(self, mailbox: str, body: bytes) -> _Answer:
         mime, parsed, attachments = self._read_mime(mailbox, body, "sendMail")
         to, cc, bcc = (mime_addresses(parsed, name) for name in ("to", "cc", "bcc"))
         self._check_addresses(to + cc + bcc)
-        self.deliveries.append(Delivery(mailbox, "mime", to, cc, bcc, mime, None, attachments))
+        self._accept(Delivery(mailbox, "mime", to, cc, bcc, mime, None, attachments))
         return 202, {}, b""
 
     def _read_mime(
@@ -762,11 +790,11 @@ class FakeGraph:
             delivery = Delivery(
                 mailbox, "mime-draft", to, cc, bcc, mime, None, mime_attachments(parsed)
             )
-            self.deliveries.append(delivery)
+            self._accept(delivery)
             return 202, {}, b""
         self._check_recipients(draft.message)
         del self.drafts[params["id"]]
-        self.deliveries.append(self._delivery(mailbox, "draft", draft.message, draft.attachments))
+        self._accept(self._delivery(mailbox, "draft", draft.message, draft.attachments))
         return 202, {}, b""
 
     def _deleteDraft(
@@ -902,6 +930,29 @@ class FakeGraph:
         return Delivery(
             mailbox, method, to, cc, bcc, message=message, attachments=list(attachments)
         )
+
+    def _accept(self, delivery: Delivery) -> None:
+        """Graph has answered 202: Exchange delivers it, or bounces it past a sending limit.
+
+        Exchange Online counts each mailbox's messages in the last minute and
+        recipients in the last 24 hours; a message over either is accepted
+        and then bounced (an NDR into the sending mailbox, status 5.2.0),
+        which the client never hears of: here it lands in L{bounced}.
+        """
+        now = self.clock.seconds()
+        sent = self.sent.setdefault(delivery.mailbox.casefold(), [])
+        horizon = max(self.minute, self.day)
+        sent[:] = [(at, n) for at, n in sent if now - at < horizon]
+        last_minute = sum(1 for at, _ in sent if now - at < self.minute)
+        last_day = sum(n for at, n in sent if now - at < self.day)
+        count = len(delivery.recipients)
+        if self.messages_per_minute is not None and last_minute + 1 > self.messages_per_minute:
+            self.bounced.append(Bounce(delivery, now, "5.2.0", "message rate limit"))
+        elif self.recipients_per_day is not None and last_day + count > self.recipients_per_day:
+            self.bounced.append(Bounce(delivery, now, "5.2.0", "recipient rate limit"))
+        else:
+            sent.append((now, count))
+            self.deliveries.append(delivery)
 
     # -- bookkeeping --------------------------------------------------------
 

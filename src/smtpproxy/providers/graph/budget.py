@@ -56,13 +56,15 @@ class Window:
 
     def _expire(self, now: float) -> None:
         # A bucket leaves the window once its end is span seconds ago.
-        oldest = self.slot(now) - self.buckets
-        while self._slots and self._slots[0][0] <= oldest:
+        first = self.first_slot(now)
+        while self._slots and self._slots[0][0] < first:
             self._total -= self._slots.popleft()[1]
 
     def first_slot(self, now: float) -> int:
-        """The oldest bucket still inside the window at C{now}."""
-        return self.slot(now) - self.buckets + 1
+        """The oldest bucket still inside the window at C{now} (the window spans one more
+        bucket than C{buckets}, the oldest only in part: counting it whole is the
+        conservative side)."""
+        return self.slot(now) - self.buckets
 
     def used(self, now: float) -> int:
         """What the window holds at C{now}."""

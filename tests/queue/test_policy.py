@@ -82,6 +82,16 @@ class DecideTests(SynchronousTestCase):
         shorter = decide(_throttled(retry_after=5.0), 1, T0, T0, SCHEDULE, 0.0)
         self.assertEqual(shorter, Retry(T0 + 60, _reply(shorter)))
 
+    def test_held_back_without_an_attempt_comes_back_exactly_then(self) -> None:
+        """A message a sending budget held back (not_attempted) is due again exactly at
+        its retry_after, however many times it was held: no back-off is added."""
+        error = _throttled(retry_after=5.0)
+        error.not_attempted = True
+        for attempts in (1, 9):
+            decision = decide(error, attempts, T0, T0 + 10, SCHEDULE, 0.0)
+            assert isinstance(decision, Retry)
+            self.assertEqual(decision.at, T0 + 15)
+
     def test_nonsense_retry_after_ignored(self) -> None:
         """A negative or infinite Retry-After falls back to the backoff."""
         for value in (-1.0, float("inf"), float("nan")):

@@ -99,7 +99,7 @@ class BudgetTwistdTests(TestCase):
         self.assertEqual(len(fake.routes("sendMail")), LIMIT + 1)
         self.assertEqual(fake.bounced, [])
         self.assertEqual(fake.violations, [])
-        held = [e for e in json_lines(err) if e.get("msg").startswith("sending budget used up")]
+        held = [e for e in json_lines(err) if str(e.get("msg")).startswith("sending budget used")]
         self.assertEqual(len(held), 1)
         self.assertEqual(held[0]["limit"], "GRAPH_MAILBOX_MESSAGES_PER_MINUTE")
         self.assertGreater(retry_at, 0)

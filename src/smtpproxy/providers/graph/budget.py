@@ -134,11 +134,12 @@ class Limits:
     """C{GRAPH_MAILBOX_RECIPIENTS_PER_DAY} and C{GRAPH_MAILBOX_MESSAGES_PER_MINUTE}.
 
     The spans are Exchange's (a rolling day, a minute); tests shorten them.
-    A limit of 0 is not counted.
+    A limit of 0 is not counted (so is a limit left out here: the relay's
+    defaults are the settings', declared once in the provider's settings).
     """
 
-    recipients_per_day: int = 10_000
-    messages_per_minute: int = 30
+    recipients_per_day: int = 0
+    messages_per_minute: int = 0
     day: float = 86_400.0
     minute: float = 60.0
 

@@ -387,7 +387,20 @@ class GraphSettings:
     identity_header: str = field(repr=False)
     https_proxy: str = field(repr=False)
     no_proxy: str
-    budget: Limits = field(default_factory=Limits)
+    mailbox_recipients_per_day: int
+    mailbox_messages_per_minute: int
+    mailbox_recipient_window: float
+    mailbox_message_window: float
+
+    @property
+    def budget(self) -> Limits:
+        """The sending budgets' limits and windows."""
+        return Limits(
+            self.mailbox_recipients_per_day,
+            self.mailbox_messages_per_minute,
+            self.mailbox_recipient_window,
+            self.mailbox_message_window,
+        )
 
     def __repr__(self) -> str:
         secret = "***" if self.client_secret else "''"
@@ -472,12 +485,10 @@ class GraphSettings:
             identity_header=text("identity_header"),
             https_proxy=text("https_proxy"),
             no_proxy=text("no_proxy"),
-            budget=Limits(
-                recipients_per_day=int(cast(float, counts[0])),
-                messages_per_minute=int(cast(float, counts[1])),
-                day=float(cast(float, counts[2])),
-                minute=float(cast(float, counts[3])),
-            ),
+            mailbox_recipients_per_day=int(cast(float, counts[0])),
+            mailbox_messages_per_minute=int(cast(float, counts[1])),
+            mailbox_recipient_window=float(cast(float, counts[2])),
+            mailbox_message_window=float(cast(float, counts[3])),
         )
 
 

@@ -8,7 +8,6 @@ failing the first login.  Nothing connects anywhere here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-
 from typing import Any
 
 from smtpproxy.identities.errors import IdentityConfigError
@@ -76,4 +75,13 @@ def build_checker(
     return IdentityChecker(entries, backends, reactor, seconds, limit)
 
 
+def from_settings(
+    auth_config: str, env: Mapping[str, str], builtin: tuple[str, str] | None, reactor: Any
+) -> IdentityChecker | None:
+    """The checker for C{AUTH_CONFIG} (and C{SMTP_USERNAME}'s user), or None without a file.
 
+    @raise IdentityConfigError: the file, or a provider in it, is wrong.
+    """
+    if not auth_config:
+        return None
+    return build_checker(read(auth_config, env), reactor, builtin)

@@ -14,7 +14,7 @@ class IdentityConfigError(ValueError):
     """The C{AUTH_CONFIG} file is unreadable or describes something impossible."""
 
 
-class BackendUnavailable(Exception):
+class BackendUnavailable(Exception):  # noqa: N818 (a state, not a bug: reads as one)
     """An identity backend gave no usable answer; the client should retry.
 
     @ivar provider: the provider's name from C{AUTH_CONFIG}.

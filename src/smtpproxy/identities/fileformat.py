@@ -139,7 +139,9 @@ def _entry(raw: object, index: int, env: Mapping[str, str]) -> ProviderEntry:
     body = _mapping(raw, where)
     unknown = sorted(set(body) - set(_ENTRY_KEYS))
     if unknown:
-        raise IdentityConfigError(f"{where}: unknown key {unknown[0]!r}; known: meta, params, policy")
+        raise IdentityConfigError(
+            f"{where}: unknown key {unknown[0]!r}; known: meta, params, policy"
+        )
     meta = _mapping(body.get("meta"), f"{where}.meta")
     extra = sorted(set(meta) - set(_META_KEYS))
     if extra:
@@ -201,7 +203,9 @@ def parse(text: str, env: Mapping[str, str], source: str = "AUTH_CONFIG") -> Ide
     if isinstance(document, dict):
         unknown = sorted(set(map(str, document)) - {"providers", "cache"})
         if unknown:
-            raise IdentityConfigError(f"{source}: unknown key {unknown[0]!r}; known: providers, cache")
+            raise IdentityConfigError(
+                f"{source}: unknown key {unknown[0]!r}; known: providers, cache"
+            )
         cache = _mapping(document.get("cache"), f"{source}: cache")
         document = document.get("providers")
     if not isinstance(document, list) or not document:
@@ -226,7 +230,11 @@ def _cache(raw: Mapping[str, object], source: str) -> tuple[float, int]:
     if unknown:
         raise IdentityConfigError(f"{source}: cache: unknown key {unknown[0]!r}")
     seconds = raw.get("seconds", 0)
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= 3600:
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 <= seconds <= 3600
+    ):
         raise IdentityConfigError(f"{source}: cache.seconds: a number from 0 to 3600")
     entries = raw.get("max_entries", 10_000)
     if isinstance(entries, bool) or not isinstance(entries, int) or not 1 <= entries <= 1_000_000:

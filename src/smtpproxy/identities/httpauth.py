@@ -18,6 +18,7 @@ from treq.client import HTTPClient
 from twisted.cred import error
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from smtpproxy.identities.errors import BackendUnavailable
@@ -31,18 +32,18 @@ _TEMPORARY = frozenset({408, 429})
 MAX_TOKEN_CHARS = 16_384
 
 
-def make_client(reactor: object, ca_file: str, where: str) -> HTTPClient:
-    """A treq client with verified TLS and a small persistent pool."""
+def make_client(reactor: object, ca_file: str, where: str) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """A treq client with verified TLS and a small persistent pool (closed by C{close})."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 4
     agent = Agent(reactor, contextFactory=http_policy(ca_file, where), pool=pool)
-    return HTTPClient(agent)
+    return HTTPClient(agent), pool
 
 
 class HTTPBackend:
     """One HTTP endpoint; C{kind} is C{"http_basic"} or C{"http_header"}."""
 
-    def __init__(self, entry: ProviderEntry, reactor: IReactorTime, client: HTTPClient | None = None) -> None:
+    def __init__(self, entry: ProviderEntry, reactor: IReactorTime) -> None:
         known = ["url", "method", "success_codes", "timeout", "tls_ca"]
         if entry.type == "http_header":
             known.append("header")
@@ -59,14 +60,21 @@ class HTTPBackend:
         if self.header and not all(c.isalnum() or c == "-" for c in self.header):
             raise p.error("header", f"{self.header!r} is not an HTTP header name")
         self._reactor = reactor
-        self._client = client or make_client(reactor, p.file("tls_ca"), p.where + ".tls_ca")
+        self._client, self._pool = make_client(reactor, p.file("tls_ca"), p.where + ".tls_ca")
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the kept-alive connections (at shutdown)."""
+        closing: defer.Deferred[None] = self._pool.closeCachedConnections()
+        return closing
 
     def check(self, user: str, secret: str) -> defer.Deferred[Verified]:
         if self.kind == "http_basic":
             if not user or ":" in user or not secret:
                 return defer.fail(error.UnauthorizedLogin("no user name or password"))
             pair = f"{user}:{secret}".encode()
-            headers = {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+            headers: dict[str | bytes, str | bytes] = {
+                "Authorization": "Basic " + base64.b64encode(pair).decode("ascii")
+            }
         else:
             token = secret
             # A header value cannot hold line breaks; such a token is no token.
@@ -77,10 +85,10 @@ class HTTPBackend:
         asking = defer.Deferred.fromCoroutine(self._ask(headers, user))
         return asking.addTimeout(self.timeout, self._reactor, self._timed_out)
 
-    def _timed_out(self, result: object, timeout: float) -> object:
+    def _timed_out(self, result: Verified | Failure, timeout: float) -> Verified | Failure:
         raise BackendUnavailable(self.name, f"no answer within {timeout:g} s")
 
-    async def _ask(self, headers: dict[str, str], user: str) -> Verified:
+    async def _ask(self, headers: dict[str | bytes, str | bytes], user: str) -> Verified:
         try:
             response = await self._client.request(
                 self.method, self.url, headers=headers, allow_redirects=False

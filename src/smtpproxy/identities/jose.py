@@ -142,7 +142,10 @@ def verify_signature(token: Token, key: PublicKey) -> None:
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise TokenError(f"{alg} needs an EC key")
         curve, size = _CURVES[alg]
-        if key.curve.name != {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}[curve]:
+        if (
+            key.curve.name
+            != {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}[curve]
+        ):
             raise TokenError(f"{alg} needs a {curve} key")
         if len(token.signature) != 2 * size:
             raise TokenError("EC signature of the wrong length")

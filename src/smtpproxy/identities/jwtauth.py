@@ -36,11 +36,24 @@ MAX_JWKS_BYTES = 1_048_576
 class JWTBackend:
     """Verifies tokens against one JWKS URL and the configured claims."""
 
-    def __init__(self, entry: ProviderEntry, reactor: IReactorTime, client: HTTPClient | None = None) -> None:
+    def __init__(
+        self, entry: ProviderEntry, reactor: IReactorTime, clock: IReactorTime | None = None
+    ) -> None:
+        """@param clock: what token times and fetch intervals are read from (the reactor)."""
         p = Params(
             entry.name,
             entry.params,
-            ["jwks_url", "iss", "aud", "sub", "claims", "leeway", "timeout", "tls_ca", "jwks_cache_seconds"],
+            [
+                "jwks_url",
+                "iss",
+                "aud",
+                "sub",
+                "claims",
+                "leeway",
+                "timeout",
+                "tls_ca",
+                "jwks_cache_seconds",
+            ],
         )
         self.name = entry.name
         self.jwks_url = p.url("jwks_url")
@@ -60,12 +73,18 @@ class JWTBackend:
         self.timeout = p.number("timeout", 10.0, 0.1, 120.0)
         self.max_age = p.number("jwks_cache_seconds", 3600.0, 60.0, 86400.0)
         self._reactor = reactor
-        self._client = client or make_client(reactor, p.file("tls_ca"), p.where + ".tls_ca")
+        self._clock = clock or reactor
+        self._client, self._pool = make_client(reactor, p.file("tls_ca"), p.where + ".tls_ca")
         self._keys: dict[str | None, jose.PublicKey] = {}
         self._fetched_at: float | None = None
         self._tried_at: float | None = None
         self._fetching: defer.Deferred[None] | None = None
         self._waiting: list[defer.Deferred[None]] = []
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the kept-alive connection to the key set URL (at shutdown)."""
+        closing: defer.Deferred[None] = self._pool.closeCachedConnections()
+        return closing
 
     def check(self, user: str, secret: str) -> defer.Deferred[Verified]:
         try:
@@ -75,7 +94,7 @@ class JWTBackend:
         return defer.Deferred.fromCoroutine(self._check(token))
 
     async def _check(self, token: jose.Token) -> Verified:
-        now = self._reactor.seconds()
+        now = self._clock.seconds()
         stale = self._fetched_at is None or now - self._fetched_at >= self.max_age
         wanted = stale or token.kid not in self._keys
         if wanted and self._may_refetch(now):
@@ -91,7 +110,7 @@ class JWTBackend:
             raise error.UnauthorizedLogin("token refused: no key with its id")
         try:
             jose.verify_signature(token, key)
-            subject = jose.check_claims(token.claims, self.expected, self._reactor.seconds())
+            subject = jose.check_claims(token.claims, self.expected, self._clock.seconds())
         except jose.TokenError as e:
             raise error.UnauthorizedLogin(f"token refused: {e}") from None
         return Verified(subject)
@@ -123,7 +142,7 @@ class JWTBackend:
     def _fetched(self, result: object) -> None:
         self._fetching = None
         # Even a failed fetch counts: the next one waits its interval.
-        self._tried_at = self._reactor.seconds()
+        self._tried_at = self._clock.seconds()
         waiting, self._waiting = self._waiting, []
         failure: BackendUnavailable | None = None
         if not isinstance(result, Failure):
@@ -148,7 +167,9 @@ class JWTBackend:
         except defer.CancelledError:
             raise
         except Exception as e:
-            raise BackendUnavailable(self.name, f"key set not fetched: {type(e).__name__}") from None
+            raise BackendUnavailable(
+                self.name, f"key set not fetched: {type(e).__name__}"
+            ) from None
         if response.code != 200:
             raise BackendUnavailable(self.name, f"key set URL answered {response.code}")
         if len(body) > MAX_JWKS_BYTES:

@@ -22,7 +22,8 @@ from ldaptor.protocols.ldap.ldapclient import LDAPClient
 from twisted.cred import error
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.python.failure import Failure
 
 from smtpproxy.identities.errors import BackendUnavailable
 from smtpproxy.identities.fileformat import ProviderEntry
@@ -58,7 +59,9 @@ class LDAPBackend:
         self.server = p.text("server")
         self.port = p.integer("port", 636, 1, 65535)
         if not p.flag("enable_tls", True):
-            raise p.error("enable_tls", "passwords never go to LDAP unencrypted; use LDAPS or StartTLS")
+            raise p.error(
+                "enable_tls", "passwords never go to LDAP unencrypted; use LDAPS or StartTLS"
+            )
         if p.flag("tls_insecure_skip_verify", False):
             raise p.error("tls_insecure_skip_verify", "not supported; give the CA in tls_ca")
         default_mode = "ldaps" if self.port == 636 else "starttls"
@@ -92,11 +95,11 @@ class LDAPBackend:
         asking = defer.Deferred.fromCoroutine(self._check(user, secret))
         return asking.addTimeout(self.timeout, self._reactor, self._timed_out)
 
-    def _timed_out(self, result: object, timeout: float) -> object:
+    def _timed_out(self, result: Verified | Failure, timeout: float) -> Verified | Failure:
         raise BackendUnavailable(self.name, f"no answer within {timeout:g} s")
 
     async def _connect(self) -> LDAPClient:
-        endpoint = HostnameEndpoint(self._reactor, self.server, self.port)
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, self.server, self.port)
         if self.mode == "ldaps":
             endpoint = wrapClientTLS(self._tls, endpoint)
         client: LDAPClient = await connectProtocol(endpoint, LDAPClient())

@@ -35,7 +35,11 @@ class Params:
 
     def number(self, key: str, default: float, low: float, high: float) -> float:
         value = self.values.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high
+        ):
             raise self.error(key, f"a number from {low:g} to {high:g}")
         return float(value)
 
@@ -74,7 +78,9 @@ class Params:
                 with open(path, "rb"):
                     pass
             except OSError as e:
-                raise self.error(key, f"cannot read {path}: {(e.strerror or str(e)).lower()}") from None
+                raise self.error(
+                    key, f"cannot read {path}: {(e.strerror or str(e)).lower()}"
+                ) from None
         return path
 
     def url(self, key: str) -> str:

@@ -15,7 +15,7 @@ C{mailbox} is exposed as the avatar's attribute for the provider to use.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.cred.portal import IRealm
 from twisted.internet.interfaces import IReactorTime
@@ -31,9 +31,7 @@ from smtpproxy.policy.identity import UNRESTRICTED, IdentityPolicy, IdentityRate
 class PolicedDelivery:
     """An identity's delivery: its own rules first, then the relay's delivery."""
 
-    def __init__(
-        self, inner: IMessageDelivery, identity: Identity, rates: IdentityRates
-    ) -> None:
+    def __init__(self, inner: IMessageDelivery, identity: Identity, rates: IdentityRates) -> None:
         self._inner = inner
         self.identity = identity
         self.user = identity.name
@@ -59,11 +57,19 @@ class PolicedDelivery:
         return self._inner.validateTo(user)
 
 
+class _Realm(Protocol):
+    """The relay's realm (L{smtpproxy.delivery.RelayRealm}): answers at once."""
+
+    def requestAvatar(
+        self, avatarId: Any, mind: object, *interfaces: Any
+    ) -> tuple[Any, Any, Callable[[], None]]: ...
+
+
 @implementer(IRealm)
 class IdentityRealm:
     """Wraps the relay's realm; identities with a policy get a L{PolicedDelivery}."""
 
-    def __init__(self, inner: IRealm, clock: IReactorTime) -> None:
+    def __init__(self, inner: _Realm, clock: IReactorTime) -> None:
         self._inner = inner
         self.rates = IdentityRates(clock)
 
@@ -71,7 +77,7 @@ class IdentityRealm:
         self, avatarId: Any, mind: object, *interfaces: Any
     ) -> tuple[Any, Any, Callable[[], None]]:
         if not isinstance(avatarId, Identity):
-            return self._inner.requestAvatar(avatarId, mind, *interfaces)  # type: ignore[no-any-return]
+            return self._inner.requestAvatar(avatarId, mind, *interfaces)
         interface, delivery, logout = self._inner.requestAvatar(
             avatarId.name.encode("utf-8"), mind, *interfaces
         )

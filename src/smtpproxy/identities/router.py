@@ -13,6 +13,7 @@ client must never be banned because a backend was down.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
@@ -48,11 +49,30 @@ class IdentityChecker:
         self.backends = dict(backends)
         self.cache: SuccessCache[Identity] = SuccessCache(cache_seconds, cache_max_entries, clock)
 
-    def requestAvatarId(self, creds: credentials.IUsernamePassword) -> defer.Deferred[Identity]:
+    def close(self) -> defer.Deferred[None]:
+        """Close every backend's kept-alive connections (at shutdown)."""
+        closing = []
+        for backend in self.backends.values():
+            close = getattr(backend, "close", None)
+            if close is not None:
+                closing.append(defer.maybeDeferred(close))
+        return defer.DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
+
+    def login_names(self) -> tuple[str, ...]:
+        """Names a failed login may log as they are: provider names and listed users.
+
+        Any other name could be a password typed into the wrong prompt; the
+        relay logs it as a keyed hash (L{smtpproxy.logsafe.LoginNames}).
+        """
+        names = [e.name for e in self.providers if e.name]
+        for backend in self.backends.values():
+            names.extend(getattr(backend, "usernames", ()))
+        return tuple(dict.fromkeys(names))
+
+    def requestAvatarId(self, creds: credentials.IUsernamePassword) -> defer.Deferred[Any]:
+        # Any: the avatar ID is an Identity; the interface stub says bytes.
         names = requested_names(getattr(creds, "sni", None), getattr(creds, "ehlo", None))
-        attempts = select(
-            self.providers, text(creds.username), text(creds.password), names
-        )
+        attempts = select(self.providers, text(creds.username), text(creds.password), names)
         return defer.Deferred.fromCoroutine(self._try(attempts))
 
     async def _try(self, attempts: list[Attempt]) -> Identity:

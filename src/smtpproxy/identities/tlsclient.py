@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import ssl
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
@@ -9,8 +13,12 @@ from twisted.web.iweb import IPolicyForHTTPS
 from smtpproxy.identities.errors import IdentityConfigError
 
 
-def trust_root(ca_file: str, where: str) -> ssl.IOpenSSLTrustRoot:
-    """The CA bundle in C{ca_file}, or the platform's trust store when empty."""
+def trust_root(ca_file: str, where: str) -> Any:
+    """The CA certificates in C{ca_file} (a bundle is fine), or the platform's when empty.
+
+    Typed Any: Twisted's trust root interface is only importable from a
+    private module.
+    """
     if not ca_file:
         return ssl.platformTrust()
     try:
@@ -19,9 +27,12 @@ def trust_root(ca_file: str, where: str) -> ssl.IOpenSSLTrustRoot:
     except OSError as e:
         raise IdentityConfigError(f"{where}: cannot read {ca_file}: {e.strerror}") from None
     try:
-        return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(data)])
-    except Exception:
+        found = x509.load_pem_x509_certificates(data)
+    except ValueError:
         raise IdentityConfigError(f"{where}: {ca_file} holds no PEM certificate") from None
+    return ssl.trustRootFromCertificates(
+        [ssl.Certificate.load(c.public_bytes(serialization.Encoding.DER)) for c in found]
+    )
 
 
 def client_certificate(cert_file: str, key_file: str, where: str) -> ssl.PrivateCertificate | None:
@@ -32,7 +43,10 @@ def client_certificate(cert_file: str, key_file: str, where: str) -> ssl.Private
         raise IdentityConfigError(f"{where}: tls_cert and tls_key go together")
     try:
         with open(cert_file, "rb") as c, open(key_file, "rb") as k:
-            return ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
+            loaded: ssl.PrivateCertificate = ssl.PrivateCertificate.loadPEM(
+                c.read() + b"\n" + k.read()
+            )
+            return loaded
     except Exception as e:
         raise IdentityConfigError(f"{where}: client certificate unusable: {e}") from None
 

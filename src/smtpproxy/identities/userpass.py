@@ -143,6 +143,12 @@ class UserpassBackend:
             )
         self._plain = (username, hashlib.sha256(password.encode("utf-8")).digest())
 
+    @property
+    def usernames(self) -> tuple[str, ...]:
+        """The listed user names (they may appear in the log of a failed login)."""
+        plain = (self._plain[0],) if self._plain is not None else ()
+        return (*self._users, *plain)
+
     def check(self, user: str, secret: str) -> defer.Deferred[Verified]:
         password = secret.encode("utf-8", "surrogatepass")
         if self._plain is not None and user == self._plain[0]:

@@ -19,6 +19,7 @@ from smtpproxy.addresses import mailbox_problem
 from smtpproxy.policy.ratelimit import RateLimiter
 from smtpproxy.policy.rules import AddressPatterns, parse_address_patterns
 
+_ANY = AddressPatterns()
 POLICY_KEYS = ("allowed_senders", "allowed_recipients", "mailbox", "rate_limit_per_min")
 
 
@@ -32,8 +33,8 @@ class IdentityPolicy:
         no limit of its own.
     """
 
-    allowed_senders: AddressPatterns = AddressPatterns()
-    allowed_recipients: AddressPatterns = AddressPatterns()
+    allowed_senders: AddressPatterns = _ANY
+    allowed_recipients: AddressPatterns = _ANY
     mailbox: str = ""
     rate_limit_per_min: int = 0
 

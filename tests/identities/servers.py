@@ -178,7 +178,7 @@ def serve_https(case: TestCase, resource: Resource, ca: Authority | None = None)
     ca = ca or authority()
     port: Any = reactor.listenSSL(0, Site(resource), ca.server_options(), interface="127.0.0.1")
     case.addCleanup(port.stopListening)
-    directory = case.mktemp()
+    directory = os.path.abspath(case.mktemp())
     os.makedirs(directory)
     ca_file = os.path.join(directory, "ca.pem")
     with open(ca_file, "wb") as f:

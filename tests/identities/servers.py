@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-
 import socket
 import subprocess
 import time
@@ -176,7 +175,8 @@ class HTTPS:
 def serve_https(case: TestCase, resource: Resource, ca: Authority | None = None) -> HTTPS:
     """Serve C{resource} over TLS (certificate for localhost) until the test ends."""
     ca = ca or authority()
-    port: Any = reactor.listenSSL(0, Site(resource), ca.server_options(), interface="127.0.0.1")
+    listen: Any = reactor
+    port: Any = listen.listenSSL(0, Site(resource), ca.server_options(), interface="127.0.0.1")
     case.addCleanup(port.stopListening)
     directory = os.path.abspath(case.mktemp())
     os.makedirs(directory)
@@ -208,8 +208,8 @@ def start_slapd(case: TestCase) -> Slapd:
             f.write(data)
     conf = os.path.join(directory, "slapd.conf")
     schema = "/etc/ldap/schema"
-    with open(conf, "w") as f:
-        f.write(
+    with open(conf, "w") as text:
+        text.write(
             "".join(
                 f"include {schema}/{s}.schema\n" for s in ("core", "cosine", "inetorgperson", "nis")
             )
@@ -221,7 +221,8 @@ def start_slapd(case: TestCase) -> Slapd:
             + f"directory {directory}/db\nmaxsize 10485760\n"
         )
     entries = [
-        f"dn: {BASE_DN}\nobjectClass: dcObject\nobjectClass: organization\no: Example\ndc: example\n",
+        f"dn: {BASE_DN}\nobjectClass: dcObject\nobjectClass: organization\n"
+        "o: Example\ndc: example\n",
         f"dn: ou=people,{BASE_DN}\nobjectClass: organizationalUnit\nou: people\n",
     ]
     for user, password in LDAP_USERS.items():
@@ -230,8 +231,8 @@ def start_slapd(case: TestCase) -> Slapd:
             f"cn: {user}\nsn: {user}\nuserPassword: {password}\n"
         )
     ldif = os.path.join(directory, "users.ldif")
-    with open(ldif, "w") as f:
-        f.write("\n".join(entries))
+    with open(ldif, "w") as text:
+        text.write("\n".join(entries))
     subprocess.run([SLAPADD, "-f", conf, "-l", ldif], check=True, capture_output=True, timeout=60)
     port, ldaps_port = free_port(), free_port()
     urls = f"ldap://127.0.0.1:{port}/ ldaps://127.0.0.1:{ldaps_port}/"

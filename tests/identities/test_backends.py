@@ -7,6 +7,7 @@ JWKS from one; ldap talks to Debian's slapd (StartTLS and LDAPS).
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -76,7 +77,8 @@ class UserpassTests(TestCase):
         await refused(self, backend, "app", "env-pw2")
 
     def test_plaintext_refused(self) -> None:
-        """A password written into the file, or a users entry without a bcrypt hash, stops start-up."""
+        """A password written into the file, or a users entry without a bcrypt hash, stops
+        start-up."""
         literal = parse(
             "- meta: {name: u, type: userpass}\n  params: {username: a, password: pw}", {}
         )
@@ -109,7 +111,7 @@ class UserpassTests(TestCase):
         done.append(True)
         await servers.wait(0.02)
         took = time.monotonic() - started
-        gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(ticks)]
         self.assertGreater(took, 0.05)
         self.assertGreater(len(ticks), 3)
         self.assertLess(max(gaps), took * 0.75)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.trial.unittest import TestCase
 
 from smtpproxy.identities.errors import IdentityConfigError
@@ -82,11 +84,12 @@ class SelectionTests(TestCase):
     def setUp(self) -> None:
         self.providers = parse(YAML, {"LDAP_PASS": "x"}).providers
 
-    def names(self, attempts: list) -> list[tuple[str, str, str]]:
+    def names(self, attempts: list[Any]) -> list[tuple[str, str, str]]:
         return [(a.provider.name, a.user, a.secret) for a in attempts]
 
     def test_unique_domain_passes_credentials_as_given(self) -> None:
-        """Asking for the unique domain (SNI or EHLO) selects that provider with user/password as is."""
+        """Asking for the unique domain (SNI or EHLO) selects that provider, credentials as
+        given."""
         got = select(self.providers, "alice", "pw", requested_names("LDAP.relay.test.", None))
         self.assertEqual(self.names(got), [("corp-ldap", "alice", "pw")])
         got = select(self.providers, "alice", "pw", requested_names(None, "ldap.relay.test"))
@@ -109,7 +112,8 @@ class SelectionTests(TestCase):
         self.assertEqual(select(self.providers, "apps", "no-colon", ()), [])
 
     def test_fallbacks_in_order_with_domain_filter(self) -> None:
-        """Other names go to the fallbacks in file order; one with a domain only when asked for it."""
+        """Other names go to the fallbacks in file order; one with a domain only when asked
+        for it."""
         self.assertEqual(
             self.names(select(self.providers, "bob", "pw", ("relay.test",))),
             [("apps", "bob", "pw")],

@@ -23,8 +23,15 @@ from tests.test_twistd import Relay, json_lines
 LATENCIES: dict[str, list[float]] = {}
 
 
-def login(port: int, user: str, secret: str, *, host: str = "127.0.0.1", mechanism: str = "PLAIN",
-          sender: str = "a@apps.test") -> tuple[int, str]:
+def login(
+    port: int,
+    user: str,
+    secret: str,
+    *,
+    host: str = "127.0.0.1",
+    mechanism: str = "PLAIN",
+    sender: str = "a@apps.test",
+) -> tuple[int, str]:
     """STARTTLS, AUTH, one message; the AUTH reply code (or the refusal's), and what happened."""
     with smtplib.SMTP(host, port, timeout=TIMEOUT) as client:
         client.ehlo("client.test")
@@ -61,36 +68,67 @@ class TwistdIdentitiesTests(TestCase):
         slapd = servers.start_slapd(self)
         token = servers.sign(servers.claims(), key, "k1")
         providers = [
-            {"meta": {"name": "apps", "type": "userpass", "fallback": True},
-             "params": {"users": [{"username": "app", "password_hash": hash_password("app-pw", 4)}]},
-             "policy": {"allowed_senders": ["@apps.test"]}},
-            {"meta": {"name": "partners", "type": "http_basic"},
-             "params": {"url": site.url("/check"), "tls_ca": site.ca_file}},
-            {"meta": {"name": "apikeys", "type": "http_header"},
-             "params": {"url": site.url("/check"), "tls_ca": site.ca_file, "header": "X-Api-Key"}},
-            {"meta": {"name": "tokens", "type": "jwt"},
-             "params": {"jwks_url": jwks.url("/keys"), "tls_ca": jwks.ca_file,
-                        "iss": "https://idp.test", "aud": "smtp-relay"}},
-            {"meta": {"name": "corp", "type": "ldap"},
-             "params": {**servers.ldap_params(slapd), "bind_pass": "${LDAP_SERVICE_PW}"}},
-            {"meta": {"name": "corp-sni", "type": "ldap", "domain": "localhost",
-                      "unique_domain_auth": True},
-             "params": servers.ldap_params(slapd, "ldaps")},
-            {"meta": {"name": "down", "type": "http_basic"},
-             "params": {"url": f"https://localhost:{servers.free_port()}/", "timeout": 2}},
+            {
+                "meta": {"name": "apps", "type": "userpass", "fallback": True},
+                "params": {
+                    "users": [{"username": "app", "password_hash": hash_password("app-pw", 4)}]
+                },
+                "policy": {"allowed_senders": ["@apps.test"]},
+            },
+            {
+                "meta": {"name": "partners", "type": "http_basic"},
+                "params": {"url": site.url("/check"), "tls_ca": site.ca_file},
+            },
+            {
+                "meta": {"name": "apikeys", "type": "http_header"},
+                "params": {
+                    "url": site.url("/check"),
+                    "tls_ca": site.ca_file,
+                    "header": "X-Api-Key",
+                },
+            },
+            {
+                "meta": {"name": "tokens", "type": "jwt"},
+                "params": {
+                    "jwks_url": jwks.url("/keys"),
+                    "tls_ca": jwks.ca_file,
+                    "iss": "https://idp.test",
+                    "aud": "smtp-relay",
+                },
+            },
+            {
+                "meta": {"name": "corp", "type": "ldap"},
+                "params": {**servers.ldap_params(slapd), "bind_pass": "${LDAP_SERVICE_PW}"},
+            },
+            {
+                "meta": {
+                    "name": "corp-sni",
+                    "type": "ldap",
+                    "domain": "localhost",
+                    "unique_domain_auth": True,
+                },
+                "params": servers.ldap_params(slapd, "ldaps"),
+            },
+            {
+                "meta": {"name": "down", "type": "http_basic"},
+                "params": {"url": f"https://localhost:{servers.free_port()}/", "timeout": 2},
+            },
         ]
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             json.dump({"providers": providers, "cache": {"seconds": 30}}, f)
         relay = Relay(
-            self, AUTH_CONFIG=path, LDAP_SERVICE_PW=servers.ADMIN_PASSWORD,
-            SMTP_USERNAME="legacy", SMTP_PASSWORD="legacy-pw",
+            self,
+            AUTH_CONFIG=path,
+            LDAP_SERVICE_PW=servers.ADMIN_PASSWORD,
+            SMTP_USERNAME="legacy",
+            SMTP_PASSWORD="legacy-pw",
         )
 
         def scenario() -> tuple[dict[str, Any], bytes, bytes]:
             relay.wait_listening()
             port = relay.smtp_port
-            results = {
+            results: dict[str, Any] = {
                 "userpass by name": login(port, "apps", "app:app-pw"),
                 "userpass plain LOGIN": login(port, "app", "app-pw", mechanism="LOGIN"),
                 "userpass wrong": login(port, "app", "nope"),
@@ -131,11 +169,27 @@ class TwistdIdentitiesTests(TestCase):
         self.assertEqual(results, expected, err.decode()[-3000:])
         events = json_lines(err)
         users = {e.get("username") for e in events if e.get("msg") == "authenticated"}
-        self.assertLessEqual({"apps/app", "partners/alice", "tokens/scanner-01", "corp/bob", "corp-sni/alice", "legacy"}, users)
+        self.assertLessEqual(
+            {
+                "apps/app",
+                "partners/alice",
+                "tokens/scanner-01",
+                "corp/bob",
+                "corp-sni/alice",
+                "legacy",
+            },
+            users,
+        )
         down = [e for e in events if e.get("msg") == "identity backend unavailable"]
         # smtplib tries PLAIN, then LOGIN: one line per attempt, each naming the provider.
         self.assertEqual({e["provider"] for e in down}, {"down"}, down)
-        for secret in (b"app-pw", b"alice-pw", b"tok-1", token.encode(), servers.ADMIN_PASSWORD.encode()):
+        for secret in (
+            b"app-pw",
+            b"alice-pw",
+            b"tok-1",
+            token.encode(),
+            servers.ADMIN_PASSWORD.encode(),
+        ):
             self.assertNotIn(secret, err)
         self.assertIn(b"via tokens", out)
         for user, times in sorted(LATENCIES.items()):

@@ -9,6 +9,7 @@ import json
 import smtplib
 import statistics
 import time
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from twisted.cred.error import UnauthorizedLogin
@@ -41,15 +42,21 @@ class JWTAttackTests(TestCase):
         self.key = servers.rsa_key()
         self.jwks = servers.Jwks({"r1": self.key})
         site = servers.serve_https(self, self.jwks)
-        self.backend = backend_for(
+        backend: Any = backend_for(
             ProviderEntry(
                 "t",
                 "jwt",
-                {"jwks_url": site.url(), "tls_ca": site.ca_file, "iss": "https://idp.test", "aud": "smtp-relay"},
+                {
+                    "jwks_url": site.url(),
+                    "tls_ca": site.ca_file,
+                    "iss": "https://idp.test",
+                    "aud": "smtp-relay",
+                },
             ),
             reactor,
         )
-        self.addCleanup(self.backend.close)
+        self.addCleanup(backend.close)
+        self.backend = backend
 
     async def assert_refused(self, token: str) -> None:
         try:
@@ -60,7 +67,8 @@ class JWTAttackTests(TestCase):
 
     @async_test
     async def test_SEC_074_alg_none_refused(self) -> None:
-        """An unsigned token (alg none, any capitalisation, with or without a signature part) is refused."""
+        """An unsigned token (alg none, any capitalisation, with or without a signature part)
+        is refused."""
         await self.backend.check("", servers.sign(servers.claims(), self.key, "r1"))  # keys loaded
         for alg in ("none", "None", "NONE", ""):
             await self.assert_refused(unsigned(servers.claims(), alg))
@@ -68,11 +76,16 @@ class JWTAttackTests(TestCase):
 
     @async_test
     async def test_SEC_075_hmac_with_the_public_key_refused(self) -> None:
-        """Algorithm confusion: an HS256 token whose HMAC secret is the RSA public key (PEM or DER) fails."""
+        """Algorithm confusion: an HS256 token whose HMAC secret is the RSA public key (PEM,
+        DER or the JWK) fails."""
         public = self.key.public_key()
         for secret in (
-            public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
-            public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+            public.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+            public.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
             json.dumps(servers.jwk("r1", self.key)).encode(),
         ):
             for alg, digest in (("HS256", hashlib.sha256), ("HS512", hashlib.sha512)):
@@ -99,7 +112,13 @@ class JWTAttackTests(TestCase):
         expected = jose.Expected("i", "a", claims={"admin": True, "level": 1, "groups": ["mail"]})
         good = {"exp": 2e9, "iss": "i", "aud": "a", "admin": True, "level": 1, "groups": ["mail"]}
         self.assertEqual(jose.check_claims(good, expected, 1e9), "token")
-        for change in ({"admin": 1}, {"level": "1"}, {"level": True}, {"groups": ["mail", "x"]}, {"groups": "mail"}):
+        for change in (
+            {"admin": 1},
+            {"level": "1"},
+            {"level": True},
+            {"groups": ["mail", "x"]},
+            {"groups": "mail"},
+        ):
             with self.assertRaises(jose.TokenError):
                 jose.check_claims({**good, **change}, expected, 1e9)
 
@@ -107,17 +126,26 @@ class JWTAttackTests(TestCase):
 class LDAPAttackTests(TestCase):
     @async_test
     async def test_SEC_077_filter_injection(self) -> None:
-        """User names with filter syntax (*, *)(uid=*, a backslash) find no entry: escaped per RFC 4515."""
+        """User names with filter syntax (*, *)(uid=*, a backslash) find no entry: escaped per
+        RFC 4515."""
         slapd = servers.start_slapd(self)
         backend = backend_for(ProviderEntry("l", "ldap", servers.ldap_params(slapd)), reactor)
         self.assertEqual((await backend.check("alice", "alice-pw")).user, "alice")
-        for user in ("*", "a*", "*)(uid=*", "alice)(|(uid=*", "*)(objectClass=*))(&(uid=x", "al\\69ce"):
+        for user in (
+            "*",
+            "a*",
+            "*)(uid=*",
+            "alice)(|(uid=*",
+            "*)(objectClass=*))(&(uid=x",
+            "al\\69ce",
+        ):
             with self.assertRaises(UnauthorizedLogin, msg=user):
                 await backend.check(user, "alice-pw")
 
     @async_test
     async def test_SEC_078_empty_password_is_not_an_anonymous_bind(self) -> None:
-        """An empty password is refused before LDAP sees it (a DN with no password binds anonymously)."""
+        """An empty password is refused before LDAP sees it (a DN with no password binds
+        anonymously)."""
         slapd = servers.start_slapd(self)
         backend = backend_for(ProviderEntry("l", "ldap", servers.ldap_params(slapd)), reactor)
         with self.assertRaises(UnauthorizedLogin):
@@ -130,7 +158,10 @@ class BackendDownTests(TestCase):
         """An identity backend that cannot be reached answers 454 4.7.0, never 535, and the guard
         counts no failure (an outage must not get clients banned)."""
         provider = ProviderEntry(
-            "down", "http_basic", {"url": f"https://localhost:{servers.free_port()}/", "timeout": 2}, fallback=True
+            "down",
+            "http_basic",
+            {"url": f"https://localhost:{servers.free_port()}/", "timeout": 2},
+            fallback=True,
         )
         checker = IdentityChecker([provider], {"down": backend_for(provider, reactor)}, reactor)
         relay = start_relay(self, auth=True)
@@ -153,7 +184,11 @@ class SecretHandlingTests(TestCase):
         """An unknown user name takes as long as a wrong password (both run bcrypt), so timing
         does not reveal which names exist."""
         backend = backend_for(
-            ProviderEntry("u", "userpass", {"users": [{"username": "app", "password_hash": hash_password("pw", 8)}]}),
+            ProviderEntry(
+                "u",
+                "userpass",
+                {"users": [{"username": "app", "password_hash": hash_password("pw", 8)}]},
+            ),
             reactor,
         )
 
@@ -170,7 +205,9 @@ class SecretHandlingTests(TestCase):
 
     def test_SEC_081_no_plaintext_password_in_the_file(self) -> None:
         """A userpass password written into the file is refused; only ${VAR} or a bcrypt hash."""
-        entry = parse("- meta: {name: u, type: userpass}\n  params: {username: a, password: hunter2}", {}).providers[0]
+        entry = parse(
+            "- meta: {name: u, type: userpass}\n  params: {username: a, password: hunter2}", {}
+        ).providers[0]
         with self.assertRaises(IdentityConfigError) as caught:
             backend_for(entry, reactor)
         self.assertNotIn("hunter2", str(caught.exception))
@@ -195,14 +232,17 @@ class SecretHandlingTests(TestCase):
         """An auth endpoint whose certificate is not from the configured CA is never trusted."""
         site = servers.serve_https(self, servers.AuthEndpoint(users={"a": "b"}))
         other = servers.serve_https(self, servers.AuthEndpoint())
-        backend = backend_for(ProviderEntry("h", "http_basic", {"url": site.url(), "tls_ca": other.ca_file}), reactor)
+        backend: Any = backend_for(
+            ProviderEntry("h", "http_basic", {"url": site.url(), "tls_ca": other.ca_file}), reactor
+        )
         self.addCleanup(backend.close)
         with self.assertRaises(BackendUnavailable):
             await backend.check("a", "b")
         self.assertEqual(backend.kind, "http_basic")
 
     def test_SEC_085_missing_variable_refuses_start_without_echoing_values(self) -> None:
-        """An unset ${VAR} stops start-up naming the variable; the error never shows other values."""
+        """An unset ${VAR} stops start-up naming the variable; the error never shows other
+        values."""
         text = "- meta: {name: l, type: ldap}\n  params: {bind_pass: '${NOPE}', bind_user: 'cn=x'}"
         with self.assertRaises(IdentityConfigError) as caught:
             parse(text, {"OTHER": "s3cret"})

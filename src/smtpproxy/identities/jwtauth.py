@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 
-from treq.client import HTTPClient
 from twisted.cred import error
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime

@@ -24,7 +24,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument("--stdin", action="store_true", help="read the password from stdin")
     parser.add_argument(
-        "--rounds", type=int, default=12, choices=range(10, 16), metavar="10-15",
+        "--rounds",
+        type=int,
+        default=12,
+        choices=range(10, 16),
+        metavar="10-15",
         help="bcrypt cost (default 12: about a quarter of a second per login)",
     )
     parser.set_defaults(run=run)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from smtpproxy import __version__
 from smtpproxy.config import Config, settings
+from smtpproxy.identities import passwd
 from smtpproxy.policy.rules import AddressPatterns
 from smtpproxy.queue import command as queue_command
 from smtpproxy.tools import doctor, probe, send
@@ -102,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     send.register(commands)
     doctor.register(commands)
     queue_command.add_parser(commands)
+    passwd.register(commands)
     return parser
 
 

@@ -75,6 +75,7 @@ class Config:
     smtp_auth_max_failures: int = 3
     smtp_auth_ban_failures: int = 10
     smtp_auth_ban_time: float = 600.0
+    auth_config: str = ""
     queue_url: str = ""
     queue_max_bytes: int = 1_073_741_824
     queue_retry_min_interval: float = 60.0
@@ -123,7 +124,8 @@ class Config:
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.smtp_username)
+        # AUTH_CONFIG: identity providers (smtpproxy.identities) enable it too.
+        return bool(self.smtp_username) or bool(self.auth_config)
 
     @property
     def allowed_networks(self) -> policy.Networks:
@@ -507,6 +509,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TLS_CERT_FILE", "tls_cert_file", _text, "PEM certificate (chain) for STARTTLS"),
     Setting("TLS_KEY_FILE", "tls_key_file", _text, "PEM private key for STARTTLS"),
     Setting("LOG_LEVEL", "log_level", _choice(_LOG_LEVELS), "debug, info, warn or error"),
+    Setting(
+        "AUTH_CONFIG",
+        "auth_config",
+        _text,
+        "identity providers file (YAML or JSON, docs/identities.md); enables AUTH",
+    ),
     Setting("PROVIDER", "provider", _text, "provider name (default: chosen from settings)"),
     Setting(
         "STDOUT_FORMAT",

@@ -7,6 +7,7 @@ with one line naming what is wrong.  C{makeService} only assembles objects.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -23,8 +24,19 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from smtpproxy import __version__, cli, config, jsonlog, providers, spool, tls, twisted_private
+from smtpproxy import (
+    __version__,
+    cli,
+    config,
+    identities,
+    jsonlog,
+    providers,
+    spool,
+    tls,
+    twisted_private,
+)
 from smtpproxy.delivery import RelayRealm
+from smtpproxy.identities import build as identity_build
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.policy import rules as policy
 from smtpproxy.policy.guard import Guard
@@ -124,11 +136,25 @@ class Options(usage.Options):
             queue_backend.check(settings.queue_url)
         except ValueError as e:
             raise SystemExit(f"smtpproxy: QUEUE_URL: {e}") from None
+        self["identities"] = _identities(settings, self.environ)
         self["settings"] = settings
         self["listeners"] = specs
         self["custom_certificate"] = bool(cert_file)
         self["certificate"] = (cert, key)
         self["tls_context"] = context
+
+
+def _identities(
+    settings: config.Config, environ: Mapping[str, str]
+) -> identities.IdentityChecker | None:
+    """The AUTH_CONFIG checker (built now, so a bad file stops start-up), or None."""
+    from twisted.internet import reactor
+
+    builtin = (settings.smtp_username, settings.smtp_password) if settings.smtp_username else None
+    try:
+        return identity_build.from_settings(settings.auth_config, environ, builtin, reactor)
+    except identities.IdentityConfigError as e:
+        raise SystemExit(f"smtpproxy: {e}") from None
 
 
 def _listeners(settings: config.Config) -> list[listeners.Listener]:
@@ -399,9 +425,15 @@ def makeService(options: Options) -> RelayService:
     parser = MessageParser(reactor, settings.smtp_parse_timeout)
     store, front, runner = _queue(settings, provider, parser)
     realm = RelayRealm(provider, reactor, log_delivered=info, parser=parser, queue=front)
-    portal = Portal(realm)
+    # AUTH_CONFIG: identities behind the one portal (smtpproxy.identities).
+    checker = options.get("identities", None)
+    if checker is None and "identities" not in options:
+        checker = _identities(settings, os.environ)
+    portal = Portal(realm if checker is None else identities.IdentityRealm(realm, reactor))
     portal.registerChecker(AllowAnonymousAccess())
-    if settings.auth_enabled:
+    if checker is not None:
+        portal.registerChecker(checker)
+    elif settings.auth_enabled:
         portal.registerChecker(
             StaticPasswordChecker(settings.smtp_username, settings.smtp_password)
         )
@@ -409,6 +441,10 @@ def makeService(options: Options) -> RelayService:
     session = session_settings(
         settings, getattr(provider, "binary_mime", False), providers.mailboxes(provider)
     )
+    if checker is not None:
+        session = dataclasses.replace(
+            session, auth_users=(*session.auth_users, *checker.login_names())
+        )
     guard = Guard(guard_settings(settings), reactor)
     context = options.get("tls_context") or tls.server_context(cert, key)
     factory = RelayFactory(session, portal, context, reactor, guard)

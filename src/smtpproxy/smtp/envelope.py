@@ -111,7 +111,9 @@ class Envelope(ShellBase):
         if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
             self.reply(530, "5.7.0", "Authentication required")
         elif isinstance(error, SMTPServerError):
-            self.reply(Reply(error.code, "5.7.1", str(error.resp)))
+            # The class follows the code: a 450 from an identity's rate
+            # limit (smtpproxy.identities.realm) is 4.7.1, not 5.7.1.
+            self.reply(Reply(error.code, f"{error.code // 100}.7.1", str(error.resp)))
         else:
             log.failure(f"{what} validation failed", failure, session=self.id)
             self.reply(451, "4.3.0", "Local error in processing")

@@ -15,6 +15,8 @@ from twisted.internet import defer, task
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
 
+from smtpproxy.identities.credentials import ClientCredentials, sni_of
+from smtpproxy.identities.errors import BackendUnavailable
 from smtpproxy.smtp.base import AUTH, COMMAND, ShellBase, log
 from smtpproxy.smtp.session import CheckAuthBlocked, Login, Outcome
 
@@ -50,17 +52,33 @@ class Logins(ShellBase):
             self._take_avatar(avatar, logout)
             self.deliveryFactory = None
             self.session.authenticated = True
-            self.user = username
-            log.info("authenticated", session=self.id, client=self._peer, username=username)
+            # An identity's avatar names it (provider/user); otherwise the
+            # name the client gave.
+            self.user = getattr(avatar, "user", None) or username
+            log.info("authenticated", session=self.id, client=self._peer, username=self.user)
             self.reply(235, "2.7.0", "Authentication successful")
 
         def failed(failure: Failure) -> defer.Deferred[None] | None:
             if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
                 return self._auth_failed(username)
-            log.failure("authentication error", failure, session=self.id)
+            if failure.check(BackendUnavailable):
+                # Logged by the router with its reason; never counted as a
+                # wrong password: the client retries later.
+                log.warn("authentication deferred", session=self.id, client=self._peer)
+            else:
+                log.failure("authentication error", failure, session=self.id)
             self.reply(454, "4.7.0", "Temporary authentication failure")
             return None
 
+        # The names the client asked for choose identity providers
+        # (unique_domain_auth): the TLS SNI name, and the EHLO name.
+        ehlo = self._helo[0] if self._helo else None
+        creds = ClientCredentials(
+            creds.username,
+            creds.password,
+            sni_of(self._tcp) if self.session.tls_active else None,
+            ehlo.decode("ascii", "replace") if ehlo else None,
+        )
         d = self._portal.login(creds, None, IMessageDelivery)
         d.addCallbacks(succeeded, failed)
         self._busy_with(d)

@@ -107,7 +107,7 @@ def session_settings(
         max_refusals=config.smtp_max_refusals,
         max_auth_failures=config.smtp_auth_max_failures,
         default_domain=default_domain(config.smtp_default_domain, mailboxes),
-        auth_users=(config.smtp_username,) if config.auth_enabled else (),
+        auth_users=(config.smtp_username,) if config.smtp_username else (),
         log_sessions=config.log_level == "debug",
         binarymime=binarymime,
     )

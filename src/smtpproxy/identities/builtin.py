@@ -1,0 +1,34 @@
+"""C{SMTP_USERNAME} / C{SMTP_PASSWORD} as one more backend beside the file's.
+
+The same constant-time comparison as the relay's own checker
+(L{smtpproxy.smtp.sasl.StaticPasswordChecker}), answering with a
+L{Verified} so the router can try it with the file's fallbacks.
+"""
+
+from __future__ import annotations
+
+from twisted.cred import credentials, error
+from twisted.internet import defer
+
+from smtpproxy.identities.model import Verified
+from smtpproxy.smtp.sasl import StaticPasswordChecker
+
+
+class BuiltinBackend:
+    """The single configured user."""
+
+    name = "SMTP_USERNAME"
+
+    def __init__(self, username: str, password: str) -> None:
+        self._checker = StaticPasswordChecker(username, password)
+
+    def check(self, user: str, secret: str) -> defer.Deferred[Verified]:
+        creds = credentials.UsernamePassword(user.encode("utf-8"), secret.encode("utf-8"))
+        checking = self._checker.requestAvatarId(creds)
+
+        def verified(avatar_id: object) -> Verified:
+            if not isinstance(avatar_id, bytes):
+                raise error.UnauthorizedLogin("no user")
+            return Verified(avatar_id.decode("utf-8"))
+
+        return checking.addCallback(verified)

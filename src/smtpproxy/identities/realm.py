@@ -1,0 +1,86 @@
+"""The avatar an identity gets: the relay's delivery, held to the identity's policy.
+
+L{IdentityRealm} wraps the relay's realm.  An avatar ID that is an
+L{Identity} with a policy gets a L{PolicedDelivery}: the relay's own
+delivery for that user, whose C{validateFrom} and C{validateTo} first
+apply the identity's C{allowed_senders}, C{allowed_recipients} and
+C{rate_limit_per_min}.  Refusing in the avatar is Twisted's own way (a
+delivery raises C{SMTPBadSender} or C{SMTPBadRcpt}), and the global checks
+of the guard have already run before it is asked.  Every other avatar ID
+(anonymous, the C{SMTP_USERNAME} user) goes to the wrapped realm as before.
+
+C{mailbox} is exposed as the avatar's attribute for the provider to use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.cred.portal import IRealm
+from twisted.internet.interfaces import IReactorTime
+from twisted.mail.interfaces import IMessageDelivery
+from twisted.mail.smtp import Address, SMTPBadRcpt, SMTPBadSender, SMTPServerError, User
+from zope.interface import implementer
+
+from smtpproxy.identities.model import Identity
+from smtpproxy.policy.identity import UNRESTRICTED, IdentityPolicy, IdentityRates
+
+
+@implementer(IMessageDelivery)
+class PolicedDelivery:
+    """An identity's delivery: its own rules first, then the relay's delivery."""
+
+    def __init__(self, inner: IMessageDelivery, identity: Identity, rates: IdentityRates) -> None:
+        self._inner = inner
+        self.identity = identity
+        self.user = identity.name
+        self.mailbox = identity.policy.mailbox
+        self._policy: IdentityPolicy = identity.policy
+        self._rates = rates
+
+    def receivedHeader(self, helo: Any, origin: Address, recipients: list[User]) -> Any:
+        return self._inner.receivedHeader(helo, origin, recipients)
+
+    def validateFrom(self, helo: Any, origin: Address) -> Any:
+        sender = bytes(origin).decode("utf-8", "replace")
+        if not self._policy.allowed_senders.allows(sender):
+            raise SMTPBadSender(origin, 550, "Sender address not allowed for this login")
+        if not self._rates.allow(self.user, self._policy):
+            raise SMTPServerError(450, "Too many messages from this login, slow down")
+        return self._inner.validateFrom(helo, origin)
+
+    def validateTo(self, user: User) -> Any:
+        recipient = bytes(user.dest).decode("utf-8", "replace")
+        if not self._policy.allowed_recipients.allows(recipient):
+            raise SMTPBadRcpt(user, 550, "Recipient address not allowed for this login")
+        return self._inner.validateTo(user)
+
+
+class _Realm(Protocol):
+    """The relay's realm (L{smtpproxy.delivery.RelayRealm}): answers at once."""
+
+    def requestAvatar(
+        self, avatarId: Any, mind: object, *interfaces: Any
+    ) -> tuple[Any, Any, Callable[[], None]]: ...
+
+
+@implementer(IRealm)
+class IdentityRealm:
+    """Wraps the relay's realm; identities with a policy get a L{PolicedDelivery}."""
+
+    def __init__(self, inner: _Realm, clock: IReactorTime) -> None:
+        self._inner = inner
+        self.rates = IdentityRates(clock)
+
+    def requestAvatar(
+        self, avatarId: Any, mind: object, *interfaces: Any
+    ) -> tuple[Any, Any, Callable[[], None]]:
+        if not isinstance(avatarId, Identity):
+            return self._inner.requestAvatar(avatarId, mind, *interfaces)
+        interface, delivery, logout = self._inner.requestAvatar(
+            avatarId.name.encode("utf-8"), mind, *interfaces
+        )
+        if avatarId.policy == UNRESTRICTED:
+            return interface, delivery, logout
+        return interface, PolicedDelivery(delivery, avatarId, self.rates), logout

@@ -1,0 +1,108 @@
+"""The one checker in the relay's portal: selects providers, asks them, caches yes.
+
+L{IdentityChecker} is what C{AUTH} reaches.  It reads the names the client
+asked for from L{smtpproxy.identities.credentials.ClientCredentials}
+(plain C{UsernamePassword} means none), picks the attempts with
+L{smtpproxy.identities.selection.select} and asks each backend in turn
+until one says yes.  A refusal from every one is C{UnauthorizedLogin}
+(C{535}, counted by the guard); if any backend could not answer and none
+said yes, the result is L{BackendUnavailable} (C{454}, not counted): a
+client must never be banned because a backend was down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.cred import credentials, error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from smtpproxy.identities.cache import SuccessCache
+from smtpproxy.identities.errors import BackendUnavailable
+from smtpproxy.identities.fileformat import ProviderEntry
+from smtpproxy.identities.model import Backend, Identity, text
+from smtpproxy.identities.selection import Attempt, requested_names, select
+
+log = Logger(namespace="smtpproxy.identities")
+
+
+@implementer(ICredentialsChecker)
+class IdentityChecker:
+    """Checks a login against the configured providers; the avatar ID is an L{Identity}."""
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(
+        self,
+        providers: Sequence[ProviderEntry],
+        backends: Mapping[str, Backend],
+        clock: IReactorTime,
+        cache_seconds: float = 0.0,
+        cache_max_entries: int = 10_000,
+    ) -> None:
+        self.providers = tuple(providers)
+        self.backends = dict(backends)
+        self.cache: SuccessCache[Identity] = SuccessCache(cache_seconds, cache_max_entries, clock)
+
+    def close(self) -> defer.Deferred[None]:
+        """Close every backend's kept-alive connections (at shutdown)."""
+        closing = []
+        for backend in self.backends.values():
+            close = getattr(backend, "close", None)
+            if close is not None:
+                closing.append(defer.maybeDeferred(close))
+        return defer.DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
+
+    def login_names(self) -> tuple[str, ...]:
+        """Names a failed login may log as they are: provider names and listed users.
+
+        Any other name could be a password typed into the wrong prompt; the
+        relay logs it as a keyed hash (L{smtpproxy.logsafe.LoginNames}).
+        """
+        names = [e.name for e in self.providers if e.name]
+        for backend in self.backends.values():
+            names.extend(getattr(backend, "usernames", ()))
+        return tuple(dict.fromkeys(names))
+
+    def requestAvatarId(self, creds: credentials.IUsernamePassword) -> defer.Deferred[Any]:
+        # Any: the avatar ID is an Identity; the interface stub says bytes.
+        names = requested_names(getattr(creds, "sni", None), getattr(creds, "ehlo", None))
+        attempts = select(self.providers, text(creds.username), text(creds.password), names)
+        return defer.Deferred.fromCoroutine(self._try(attempts))
+
+    async def _try(self, attempts: list[Attempt]) -> Identity:
+        unavailable: BackendUnavailable | None = None
+        for attempt in attempts:
+            entry = attempt.provider
+            cached = self.cache.get(entry.name, attempt.user, attempt.secret)
+            if cached is not None:
+                return cached
+            backend = self.backends[entry.name]
+            try:
+                verified = await backend.check(attempt.user, attempt.secret)
+            except error.UnauthorizedLogin:
+                continue
+            except BackendUnavailable as e:
+                log.warn(
+                    "identity backend unavailable",
+                    provider=entry.name,
+                    type=entry.type,
+                    reason=e.reason,
+                )
+                unavailable = e
+                continue
+            identity = Identity(
+                entry.name,
+                verified.user,
+                verified.policy if verified.policy is not None else entry.policy,
+            )
+            self.cache.put(entry.name, attempt.user, attempt.secret, identity)
+            return identity
+        if unavailable is not None:
+            raise unavailable
+        raise error.UnauthorizedLogin("no provider accepted these credentials")

@@ -1,0 +1,196 @@
+"""End to end: `twistd smtpproxy` with AUTH_CONFIG, every backend type, smtplib AUTH.
+
+The relay runs as an operator runs it; the identity servers (an HTTPS
+auth endpoint, a JWKS, slapd) are real and started by the test; the
+client is smtplib with STARTTLS and AUTH PLAIN or LOGIN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import smtplib
+import time
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from smtpproxy.identities.userpass import hash_password
+from tests.identities import servers
+from tests.support import TIMEOUT, async_test, client_tls, in_thread, message
+from tests.test_twistd import Relay, json_lines
+
+LATENCIES: dict[str, list[float]] = {}
+
+
+def login(
+    port: int,
+    user: str,
+    secret: str,
+    *,
+    host: str = "127.0.0.1",
+    mechanism: str = "PLAIN",
+    sender: str = "a@apps.test",
+) -> tuple[int, str]:
+    """STARTTLS, AUTH, one message; the AUTH reply code (or the refusal's), and what happened."""
+    with smtplib.SMTP(host, port, timeout=TIMEOUT) as client:
+        client.ehlo("client.test")
+        client.starttls(context=client_tls())
+        client.ehlo("client.test")
+        started = time.perf_counter()
+        try:
+            if mechanism == "LOGIN":
+                client.user, client.password = user, secret
+                code, _ = client.auth("LOGIN", client.auth_login)
+            else:
+                code, _ = client.login(user, secret)
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code, "auth refused"
+        LATENCIES.setdefault(user, []).append(time.perf_counter() - started)
+        try:
+            client.sendmail(sender, ["b@example.org"], message(f"via {user}"))
+        except smtplib.SMTPRecipientsRefused:
+            return code, "recipient refused"
+        except smtplib.SMTPSenderRefused as e:
+            return code, f"sender refused {e.smtp_code}"
+        return code, "sent"
+
+
+class TwistdIdentitiesTests(TestCase):
+    @async_test
+    async def test_every_backend_through_twistd(self) -> None:
+        """Each backend type logs in through the real relay (PLAIN and LOGIN), the SNI name selects
+        a unique-domain provider, policy refuses a sender, a down backend answers 454."""
+        endpoint = servers.AuthEndpoint(users={"alice": "pw"}, tokens={"tok-1"}, header="X-Api-Key")
+        site = servers.serve_https(self, endpoint)
+        key = servers.rsa_key()
+        jwks = servers.serve_https(self, servers.Jwks({"k1": key}))
+        slapd = servers.start_slapd(self)
+        token = servers.sign(servers.claims(), key, "k1")
+        providers = [
+            {
+                "meta": {"name": "apps", "type": "userpass", "fallback": True},
+                "params": {
+                    "users": [{"username": "app", "password_hash": hash_password("app-pw", 4)}]
+                },
+                "policy": {"allowed_senders": ["@apps.test"]},
+            },
+            {
+                "meta": {"name": "partners", "type": "http_basic"},
+                "params": {"url": site.url("/check"), "tls_ca": site.ca_file},
+            },
+            {
+                "meta": {"name": "apikeys", "type": "http_header"},
+                "params": {
+                    "url": site.url("/check"),
+                    "tls_ca": site.ca_file,
+                    "header": "X-Api-Key",
+                },
+            },
+            {
+                "meta": {"name": "tokens", "type": "jwt"},
+                "params": {
+                    "jwks_url": jwks.url("/keys"),
+                    "tls_ca": jwks.ca_file,
+                    "iss": "https://idp.test",
+                    "aud": "smtp-relay",
+                },
+            },
+            {
+                "meta": {"name": "corp", "type": "ldap"},
+                "params": {**servers.ldap_params(slapd), "bind_pass": "${LDAP_SERVICE_PW}"},
+            },
+            {
+                "meta": {
+                    "name": "corp-sni",
+                    "type": "ldap",
+                    "domain": "localhost",
+                    "unique_domain_auth": True,
+                },
+                "params": servers.ldap_params(slapd, "ldaps"),
+            },
+            {
+                "meta": {"name": "down", "type": "http_basic"},
+                "params": {"url": f"https://localhost:{servers.free_port()}/", "timeout": 2},
+            },
+        ]
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            json.dump({"providers": providers, "cache": {"seconds": 30}}, f)
+        relay = Relay(
+            self,
+            AUTH_CONFIG=path,
+            LDAP_SERVICE_PW=servers.ADMIN_PASSWORD,
+            SMTP_USERNAME="legacy",
+            SMTP_PASSWORD="legacy-pw",
+        )
+
+        def scenario() -> tuple[dict[str, Any], bytes, bytes]:
+            relay.wait_listening()
+            port = relay.smtp_port
+            results: dict[str, Any] = {
+                "userpass by name": login(port, "apps", "app:app-pw"),
+                "userpass plain LOGIN": login(port, "app", "app-pw", mechanism="LOGIN"),
+                "userpass wrong": login(port, "app", "nope"),
+                "http_basic": login(port, "partners", "alice:pw", mechanism="LOGIN"),
+                "http_header": login(port, "apikeys", "tok-1"),
+                "jwt": login(port, "tokens", token),
+                "ldap": login(port, "corp", "bob:bob-pw"),
+                "ldap sni": login(port, "alice", "alice-pw", host="localhost"),
+                "ldap without sni": login(port, "alice", "alice-pw"),
+                "policy": login(port, "app", "app-pw", sender="x@elsewhere.test"),
+                "down": login(port, "down", "a:b"),
+                "legacy": login(port, "legacy", "legacy-pw", sender="z@other.test"),
+            }
+            # Cached: the second login of the same credentials skips the backend.
+            before = len(endpoint.requests)
+            results["http_basic again"] = login(port, "partners", "alice:pw")
+            results["cache hits"] = len(endpoint.requests) - before
+            out, err = relay.stop()
+            return results, out, err
+
+        results, out, err = await in_thread(scenario)
+        expected = {
+            "userpass by name": (235, "sent"),
+            "userpass plain LOGIN": (235, "sent"),
+            "userpass wrong": (535, "auth refused"),
+            "http_basic": (235, "sent"),
+            "http_header": (235, "sent"),
+            "jwt": (235, "sent"),
+            "ldap": (235, "sent"),
+            "ldap sni": (235, "sent"),
+            "ldap without sni": (535, "auth refused"),
+            "policy": (235, "sender refused 550"),
+            "down": (454, "auth refused"),
+            "legacy": (235, "sent"),
+            "http_basic again": (235, "sent"),
+            "cache hits": 0,
+        }
+        self.assertEqual(results, expected, err.decode()[-3000:])
+        events = json_lines(err)
+        users = {e.get("username") for e in events if e.get("msg") == "authenticated"}
+        self.assertLessEqual(
+            {
+                "apps/app",
+                "partners/alice",
+                "tokens/scanner-01",
+                "corp/bob",
+                "corp-sni/alice",
+                "legacy",
+            },
+            users,
+        )
+        down = [e for e in events if e.get("msg") == "identity backend unavailable"]
+        # smtplib tries PLAIN, then LOGIN: one line per attempt, each naming the provider.
+        self.assertEqual({e["provider"] for e in down}, {"down"}, down)
+        for secret in (
+            b"app-pw",
+            b"alice-pw",
+            b"tok-1",
+            token.encode(),
+            servers.ADMIN_PASSWORD.encode(),
+        ):
+            self.assertNotIn(secret, err)
+        self.assertIn(b"via tokens", out)
+        for user, times in sorted(LATENCIES.items()):
+            print(f"AUTH latency {user}: {min(times) * 1000:.1f} ms")

@@ -12,6 +12,7 @@ loopback; each fails on the listener as it was.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -426,8 +427,8 @@ class NetworkTests(TestCase):
         padded = b"X-Forwarded-For: 192.0.2.7, 198.51.100.9\r\n"
 
         def scenario() -> list[int]:
-            for relay in (untrusted, trusted):
-                wait_until(lambda relay=relay: _answers(relay.http_port), "the HTTP port")
+            for port in (untrusted.http_port, trusted.http_port):
+                wait_until(functools.partial(_answers, port), "the HTTP port")
             return [
                 get(untrusted.http_port, "/healthz", spoof)[0],
                 get(trusted.http_port, "/healthz", spoof)[0],

@@ -85,6 +85,12 @@ class Config:
     queue_concurrency: int = 20
     queue_lease_time: float = 300.0
     http_listen: str = "tcp:8080"
+    http_max_connections: int = 64
+    http_request_timeout: float = 10.0
+    http_allowed_networks: policy.Networks = policy.DEFAULT_PRIVATE_NETWORKS
+    http_trusted_proxies: policy.Networks = ()
+    http_tls_cert_file: str = ""
+    http_tls_key_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
     log_level: str = "info"
@@ -504,8 +510,39 @@ SETTINGS: tuple[Setting, ...] = (
         "HTTP_LISTEN",
         "http_listen",
         lambda raw: listen_endpoint(raw, allow_empty=True),
-        "health endpoint address; empty disables",
+        "HTTP listener address (health, readiness, metrics); empty disables",
     ),
+    Setting(
+        "HTTP_MAX_CONNECTIONS",
+        "http_max_connections",
+        _positive_int,
+        "open HTTP connections in total; more are closed at once",
+    ),
+    Setting(
+        "HTTP_REQUEST_TIMEOUT",
+        "http_request_timeout",
+        _seconds,
+        "seconds from a request's first byte to its last; arriving bytes do not extend it",
+    ),
+    Setting(
+        "HTTP_ALLOWED_NETWORKS",
+        "http_allowed_networks",
+        policy.parse_networks,
+        "CIDRs whose clients may use any HTTP path (default: loopback and private nets)",
+    ),
+    Setting(
+        "HTTP_TRUSTED_PROXIES",
+        "http_trusted_proxies",
+        policy.parse_networks,
+        "CIDRs of proxies whose X-Forwarded-For names the client (default: none)",
+    ),
+    Setting(
+        "HTTP_TLS_CERT_FILE",
+        "http_tls_cert_file",
+        _text,
+        "PEM certificate (chain) to serve HTTPS on HTTP_LISTEN; empty: plain HTTP",
+    ),
+    Setting("HTTP_TLS_KEY_FILE", "http_tls_key_file", _text, "PEM private key for HTTPS"),
     Setting("TLS_CERT_FILE", "tls_cert_file", _text, "PEM certificate (chain) for STARTTLS"),
     Setting("TLS_KEY_FILE", "tls_key_file", _text, "PEM private key for STARTTLS"),
     Setting("LOG_LEVEL", "log_level", _choice(_LOG_LEVELS), "debug, info, warn or error"),
@@ -821,10 +858,14 @@ def _check_auth(values: Mapping[str, object]) -> None:
 
 
 def _check_tls(values: Mapping[str, object]) -> None:
-    cert, key = values.get("tls_cert_file", ""), values.get("tls_key_file", "")
-    if bool(cert) != bool(key):
-        missing = "TLS_KEY_FILE" if cert else "TLS_CERT_FILE"
-        raise ConfigError(f"{missing}: must be set together with the other to use your certificate")
+    for prefix in ("", "http_"):
+        cert = values.get(f"{prefix}tls_cert_file", "")
+        key = values.get(f"{prefix}tls_key_file", "")
+        if bool(cert) != bool(key):
+            missing = f"{prefix.upper()}TLS_KEY_FILE" if cert else f"{prefix.upper()}TLS_CERT_FILE"
+            raise ConfigError(
+                f"{missing}: must be set together with the other to use your certificate"
+            )
 
 
 def _choose_provider(values: dict[str, object]) -> None:

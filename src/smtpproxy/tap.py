@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import sys
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
@@ -20,7 +21,8 @@ from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.logger import ILogObserver, Logger
+from twisted.internet.ssl import CertificateOptions
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -28,6 +30,7 @@ from smtpproxy import (
     __version__,
     cli,
     config,
+    fdlimit,
     identities,
     jsonlog,
     providers,
@@ -39,7 +42,6 @@ from smtpproxy.delivery import RelayRealm
 from smtpproxy.identities import build as identity_build
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.policy import rules as policy
-from smtpproxy.policy.guard import Guard
 from smtpproxy.policy.guard import settings_from as guard_settings
 from smtpproxy.queue import backend as queue_backend
 from smtpproxy.queue import worker as queue_worker
@@ -49,7 +51,10 @@ from smtpproxy.smtp import listeners
 from smtpproxy.smtp.factory import RelayFactory
 from smtpproxy.smtp.protocol import session_settings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
-from smtpproxy.web import health
+from smtpproxy.web import health, ready
+from smtpproxy.web import metrics as web_metrics
+from smtpproxy.web import site as web_site
+from smtpproxy.web.status import StatusPoller
 
 log = Logger(namespace="smtpproxy")
 
@@ -133,6 +138,13 @@ class Options(usage.Options):
             raise SystemExit(f"smtpproxy: {e}") from None
         _check_spool_dir(settings.smtp_spool_dir)
         try:
+            self["fd_limit"] = fdlimit.ensure(
+                settings.smtp_max_connections, settings.http_max_connections
+            )
+        except fdlimit.FdLimitError as e:
+            raise SystemExit(f"smtpproxy: {e}") from None
+        self["http_tls_context"] = _http_tls(settings)
+        try:
             queue_backend.check(settings.queue_url)
         except ValueError as e:
             raise SystemExit(f"smtpproxy: QUEUE_URL: {e}") from None
@@ -155,6 +167,19 @@ def _identities(
         return identity_build.from_settings(settings.auth_config, environ, builtin, reactor)
     except identities.IdentityConfigError as e:
         raise SystemExit(f"smtpproxy: {e}") from None
+
+
+def _http_tls(settings: config.Config) -> CertificateOptions | None:
+    """The TLS context for HTTPS on C{HTTP_LISTEN}, or None for plain HTTP."""
+    if not settings.http_tls_cert_file or not settings.http_listen:
+        return None
+    try:
+        cert, key = tls.load_files(settings.http_tls_cert_file, settings.http_tls_key_file)
+        return tls.server_context(cert, key, f"HTTP_TLS_CERT_FILE {settings.http_tls_cert_file!r}")
+    except tls.TLSConfigError as e:
+        # tls names the SMTP settings in its messages; these are the HTTP ones.
+        text = re.sub(r"(?<!HTTP_)\bTLS_(CERT|KEY)_FILE", r"HTTP_TLS_\1_FILE", str(e))
+        raise SystemExit(f"smtpproxy: {text}") from None
 
 
 def _listeners(settings: config.Config) -> list[listeners.Listener]:
@@ -231,6 +256,11 @@ class RelayService(MultiService):
         self.store: QueueStore | None = None
         self.front: QueueFront | None = None
         self.runner: queue_worker.QueueRunner | None = None
+        self.queue_open = False
+        # The HTTP side: the metrics, counting log events while running,
+        # and the poller behind /readyz and the queue's gauges.
+        self.metrics: web_metrics.Metrics | None = None
+        self.poller: StatusPoller | None = None
 
     def setServiceParent(self, parent: object) -> None:
         super().setServiceParent(parent)
@@ -277,6 +307,10 @@ class RelayService(MultiService):
         if not self._bound:
             self._bind()
         super().startService()
+        if self.metrics is not None:
+            globalLogPublisher.addObserver(self.metrics.observer)
+        if self.poller is not None:
+            self.poller.start()
         self._log_start()
         from twisted.internet import reactor
 
@@ -295,6 +329,7 @@ class RelayService(MultiService):
         from twisted.internet import reactor
 
         def opened(_: None) -> None:
+            self.queue_open = True
             if self.front is not None:
                 self.front.opened()
             if self.runner is not None and not self.stopping:
@@ -356,9 +391,13 @@ class RelayService(MultiService):
                 await self.store.close()
             except Exception as e:
                 log.warn("queue did not close cleanly", error=repr(e))
+        if self.poller is not None:
+            self.poller.stop()
         if self.http is not None:
             await defer.maybeDeferred(self.http.stopService)
         log.info("stopped")
+        if self.metrics is not None:
+            globalLogPublisher.removeObserver(self.metrics.observer)
 
     def stopService(self) -> defer.Deferred[None]:
         # Children are stopped by _stop in our order, not MultiService's.
@@ -445,13 +484,15 @@ def makeService(options: Options) -> RelayService:
         session = dataclasses.replace(
             session, auth_users=(*session.auth_users, *checker.login_names())
         )
-    guard = Guard(guard_settings(settings), reactor)
+    metrics = web_metrics.Metrics()
+    guard = web_metrics.CountingGuard(guard_settings(settings), reactor, metrics)
     context = options.get("tls_context") or tls.server_context(cert, key)
     factory = RelayFactory(session, portal, context, reactor, guard)
     custom = options.get("custom_certificate", bool(settings.tls_cert_file))
     tls_summary = ("custom " if custom else "self-signed ") + tls.describe(cert)
     service = RelayService(settings, factory, provider, observer, tls_summary)
     service.store, service.front, service.runner = store, front, runner
+    service.metrics = metrics
 
     specs = options.get("listeners") or _listeners(settings)
     for spec in specs:
@@ -465,8 +506,54 @@ def makeService(options: Options) -> RelayService:
         else:
             service.smtp = smtp
     if settings.http_listen:
-        site = health.make_site(lambda: service.stopping)
-        http = strports.service(settings.http_listen, site, reactor)
-        http.setServiceParent(service)
-        service.http = http
+        _http(service, options.get("http_tls_context"), reactor)
     return service
+
+
+def _http(service: RelayService, context: CertificateOptions | None, reactor: Any) -> None:
+    """The HTTP listener: the probes and the metrics, mounted on one bounded site.
+
+    Another HTTP part (the submission API, the mailbox UI) is one more
+    L{web_site.Mount} in C{parts}.
+    """
+    settings, metrics = service.settings, service.metrics
+    assert metrics is not None
+    store = service.store
+    poller = StatusPoller(
+        reactor,
+        providers.ready_check(service.provider),
+        store.stats if store is not None else None,
+    )
+    service.poller = poller
+    metrics.watch_sessions(lambda: len(service.factory.sessions))
+    if store is not None:
+        metrics.watch_queue(poller)
+    fetches = getattr(service.provider, "token_fetches", None)
+    if isinstance(fetches, int):
+        metrics.watch_token_fetches(lambda: int(getattr(service.provider, "token_fetches", 0)))
+
+    def listening() -> bool:
+        return bool(service.running) and service._bound
+
+    facts = ready.facts_from(
+        poller,
+        listening,
+        lambda: service.stopping,
+        (lambda: service.queue_open) if store is not None else None,
+        settings.queue_max_bytes,
+    )
+    parts = [
+        health.mount(lambda: service.stopping),
+        ready.mount(facts),
+        web_metrics.mount(metrics),
+    ]
+    bounds = web_site.HttpSettings.from_config(settings)
+
+    def refused(reason: str) -> None:
+        metrics.refusal("http", reason)
+
+    site = web_site.build_site(parts, bounds, reactor, refused)
+    factory = web_site.listening_factory(site, bounds, context, reactor, refused)
+    http = strports.service(settings.http_listen, factory, reactor)
+    http.setServiceParent(service)
+    service.http = http

@@ -16,6 +16,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
 from smtpproxy.web import health as http
+from smtpproxy.web import site as web_site
 
 
 class PureTests(SynchronousTestCase):
@@ -28,9 +29,9 @@ class PureTests(SynchronousTestCase):
 
     def test_site_settings(self) -> None:
         """No tracebacks in replies, a short idle timeout, no factory start/stop chatter."""
-        site = http.make_site(lambda: False, reactor)
+        site = web_site.build_site([http.mount(lambda: False)], reactor=reactor)
         self.assertFalse(site.displayTracebacks)
-        self.assertEqual(site.timeOut, http.IDLE_TIMEOUT)
+        self.assertEqual(site.timeOut, web_site.IDLE_TIMEOUT)
         self.assertFalse(site.noisy)
 
 
@@ -80,7 +81,7 @@ class EndpointTests(TestCase):
     def setUp(self) -> None:
         self.stopping = False
         self.lengths: list[object] = []
-        self.site = http.make_site(lambda: self.stopping, reactor)
+        self.site = web_site.build_site([http.mount(lambda: self.stopping)], reactor=reactor)
         self.tracking = _Tracking(self.site)
         tcp: IReactorTCP = reactor
         # WrappingFactory predates Twisted's typed ServerFactory.
@@ -113,7 +114,7 @@ class EndpointTests(TestCase):
             self.assertEqual(status, code, f"{method} {path}")
             self.assertEqual(json.loads(data), body)
             self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
-            self.assertEqual(headers.getRawHeaders(b"server"), [http.SERVER])
+            self.assertEqual(headers.getRawHeaders(b"server"), [web_site.SERVER])
             # Twisted's client moves Content-Length from the headers to .length.
             self.assertEqual(self.lengths[-1], len(data))
             return headers
@@ -151,7 +152,7 @@ class EndpointTests(TestCase):
                 _, _, get_body = await self.fetch("GET", "/healthz")
                 status, headers, body = await self.fetch("HEAD", "/healthz")
                 self.assertEqual((status, body), (code, b""))
-                self.assertEqual(headers.getRawHeaders(b"server"), [http.SERVER])
+                self.assertEqual(headers.getRawHeaders(b"server"), [web_site.SERVER])
                 # A HEAD reply has no body, so the client leaves Content-Length in place.
                 self.assertEqual(headers.getRawHeaders(b"content-length"), [b"%d" % len(get_body)])
 
@@ -185,14 +186,15 @@ class EndpointTests(TestCase):
         def broken() -> bool:
             raise RuntimeError("internal detail xyzzy")
 
-        self.site.resource = http.HealthResource(broken)
+        # The site routes by its mounts: replace the health check in place.
+        self.site.mounts[b"healthz"] = web_site.Mount("/healthz", http.HealthResource(broken))
 
         async def run() -> None:
             status, headers, body = await self.fetch("GET", "/healthz")
             self.assertEqual(status, 500)
             self.assertNotIn(b"xyzzy", body)
             self.assertNotIn(b"Traceback", body)
-            self.assertEqual(headers.getRawHeaders(b"server"), [http.SERVER])
+            self.assertEqual(headers.getRawHeaders(b"server"), [web_site.SERVER])
             self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
         return defer.Deferred.fromCoroutine(run())

@@ -63,6 +63,16 @@ def accepts_raw_mime(provider: Provider) -> bool:
     return bool(getattr(provider, "accepts_raw_mime", False))
 
 
+def ready_check(provider: Provider) -> Callable[[], Deferred[None]] | None:
+    """How to ask C{provider} whether it can deliver now (C{/readyz}), if it can say.
+
+    Optional like L{accepts_raw_mime}: a provider without C{check_ready}
+    (stdout) is always ready once running.
+    """
+    check = getattr(provider, "check_ready", None)
+    return check if callable(check) else None
+
+
 def mailboxes(provider: Provider) -> tuple[str, ...]:
     """The mailboxes C{provider} sends as, if it has any (Graph's C{GRAPH_SENDER}).
 

@@ -250,6 +250,18 @@ class GraphProvider:
         """Graph takes raw MIME unless told to send JSON only."""
         return self._settings.send_mode != "json"
 
+    @property
+    def token_fetches(self) -> int:
+        """How many access tokens were requested so far (for the metrics)."""
+        return self._tokens.fetches
+
+    def check_ready(self) -> Deferred[None]:
+        """Fire once a token is at hand (cached, or fetched now); fail with why not.
+
+        For C{/readyz}: without a token no message can go out.
+        """
+        return self._tokens.get().addCallback(lambda _: None)
+
     def send(self, email: Email) -> Deferred[None]:
         """Deliver C{email}; fire once Graph accepted it (HTTP 202)."""
         return Deferred.fromCoroutine(self._send(email))

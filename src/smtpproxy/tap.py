@@ -38,6 +38,7 @@ from smtpproxy.smtp.factory import RelayFactory
 from smtpproxy.smtp.protocol import session_settings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from smtpproxy.web import health
+from smtpproxy.web.api import service as web_api
 
 log = Logger(namespace="smtpproxy")
 
@@ -124,6 +125,11 @@ class Options(usage.Options):
             queue_backend.check(settings.queue_url)
         except ValueError as e:
             raise SystemExit(f"smtpproxy: QUEUE_URL: {e}") from None
+        # The submission API's keys: a keys file that cannot be read stops here.
+        try:
+            self["api_keys"] = web_api.load_keys(settings)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise SystemExit(f"smtpproxy: {_why(e)}") from None
         self["settings"] = settings
         self["listeners"] = specs
         self["custom_certificate"] = bool(cert_file)
@@ -425,7 +431,13 @@ def makeService(options: Options) -> RelayService:
         else:
             service.smtp = smtp
     if settings.http_listen:
-        site = health.make_site(lambda: service.stopping)
+        # --- the submission API at /v1 (mounted through health's stop-gap hook).
+        keys = options.get("api_keys") or web_api.load_keys(settings)
+        api = web_api.make_api(settings, keys, provider, reactor, parser, front, log_delivered=info)
+        reactor.addSystemEventTrigger("after", "startup", web_api.reload_on_sighup, reactor, api)
+        mounts = {b"v1": api.resource}
+        # --- end of the submission API.
+        site = health.make_site(lambda: service.stopping, mounts=mounts)
         http = strports.service(settings.http_listen, site, reactor)
         http.setServiceParent(service)
         service.http = http

@@ -14,13 +14,13 @@ C{twisted.web} glue.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import Request as HTTPRequest
-from twisted.web.resource import Resource
+from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import Request, Site
 
 __all__ = ["SERVER", "HealthResource", "health", "make_site"]
@@ -66,11 +66,23 @@ class HealthResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, is_stopping: Callable[[], bool]) -> None:
+    def __init__(self, is_stopping: Callable[[], bool], mounts: Mounts | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # twisted.web is unannotated
         self._is_stopping = is_stopping
+        self._mounts = mounts or {}
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
+        # --- mounted resources (the submission API at /v1), see make_site.
+        # A stop-gap until the listener's own mounting API (branch httpops).
+        mount = self._mounts.get(request.postpath[0]) if request.postpath else None
+        mounted = mount() if mount is not None else None
+        if mounted is not None:
+            assert request.prepath is not None and request.postpath is not None
+            request.prepath.append(request.postpath.pop(0))
+            found: Resource = getChildForRequest(mounted, request)  # type: ignore[no-untyped-call]
+            rendered: bytes | int = found.render(request)  # type: ignore[no-untyped-call]
+            return rendered
+        # --- end of mounted resources.
         # postpath is the path split on "/": exactly ["healthz"], so
         # "/healthz/" and "/healthz/x" are not found.
         if request.postpath != [b"healthz"]:
@@ -110,16 +122,26 @@ class _Site(Site):
         )
 
 
-def make_site(is_stopping: Callable[[], bool], reactor: IReactorTime | None = None) -> Site:
+#: First path segment -> the resource serving everything under it, or None
+#: while it is off (then the path is a plain 404, as if it did not exist).
+Mounts = Mapping[bytes, Callable[[], Resource | None]]
+
+
+def make_site(
+    is_stopping: Callable[[], bool],
+    reactor: IReactorTime | None = None,
+    mounts: Mounts | None = None,
+) -> Site:
     """The C{twisted.web} site serving C{/healthz}.
 
     @param is_stopping: asked on every check; true once shutdown has begun.
     @param reactor: for connection timeouts; Twisted's global one if not given.
+    @param mounts: further resources by first path segment (C{b"v1"}).
     """
     kwargs: dict[str, Any] = {"timeout": IDLE_TIMEOUT}
     if reactor is not None:
         kwargs["reactor"] = reactor
-    site = _Site(HealthResource(is_stopping), requestFactory=_Request, **kwargs)  # type: ignore[no-untyped-call]
+    site = _Site(HealthResource(is_stopping, mounts), requestFactory=_Request, **kwargs)  # type: ignore[no-untyped-call]
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -236,7 +236,8 @@ def check_header_text(value: object, field: str, limit: int) -> str:
 
 def check_address(value: str, field: str) -> Mailbox:
     """An address as a client typed it: a deliverable mailbox, its domain as A-labels."""
-    value = check_header_text(value, field, addresses.MAX_PATH)
+    # Too long is an address problem (mailbox_problem), not a text-field one.
+    value = check_header_text(value, field, 4 * addresses.MAX_PATH)
     if addresses.mailbox_problem(value) is not None or not addresses.is_deliverable(value):
         raise ApiError(400, "invalid_address", "not a valid email address", field)
     local, domain = addresses.split(value)

@@ -128,8 +128,11 @@ class Options(usage.Options):
         # The submission API's keys: a keys file that cannot be read stops here.
         try:
             self["api_keys"] = web_api.load_keys(settings)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise SystemExit(f"smtpproxy: {_why(e)}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            where = f"HTTP_API_KEYS_FILE {settings.http_api_keys_file}"
+            raise SystemExit(f"smtpproxy: {where}: {_why(e)}") from None
+        except ValueError as e:
+            raise SystemExit(f"smtpproxy: {e}") from None
         self["settings"] = settings
         self["listeners"] = specs
         self["custom_certificate"] = bool(cert_file)

@@ -38,7 +38,8 @@ class JsonTests(SynchronousTestCase):
     def refused(self, body: bytes) -> ApiError:
         with self.assertRaises(ApiError) as caught:
             compose.parse_json(body)
-        return caught.exception
+        error: ApiError = caught.exception
+        return error
 
     def test_strict_json(self) -> None:
         """Not UTF-8, not JSON, not an object, NaN, a duplicate name or absurd nesting are
@@ -63,7 +64,8 @@ class FieldTests(SynchronousTestCase):
     def refused(self, document: dict[str, Any], **kw: Any) -> ApiError:
         with self.assertRaises(ApiError) as caught:
             read(document, **kw)
-        return caught.exception
+        error: ApiError = caught.exception
+        return error
 
     def test_unknown_fields_named(self) -> None:
         """An unknown field at the top, in an attachment or in an address object is 400

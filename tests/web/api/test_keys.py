@@ -33,7 +33,7 @@ def hexed(secret: str) -> str:
 
 class EnvKeyTests(SynchronousTestCase):
     def test_pairs(self) -> None:
-        """id:secret pairs become keys holding the secret's digest only (secrets may hold colons)."""
+        """id:secret pairs become keys holding only the digest (a secret may hold colons)."""
         keys = parse_env_keys(f" app:{SECRET} , other:{OTHER_SECRET}:x ")
         self.assertEqual([k.id for k in keys], ["app", "other"])
         self.assertEqual(keys[0].secret_digest, digest(SECRET))

@@ -350,7 +350,7 @@ class DisclosureTests(TestCase):
         logs = LogCapture(self)
         server = ApiServer(self)
         await self.exercise(server)
-        server.api.refusals.flush()
+        server.api.refusal_log.flush()
         text = logs.text()
         self.assertIn("http api request refused", text)
         self.assertIn("message delivered", text)
@@ -391,7 +391,7 @@ class RequestIdTests(TestCase):
         self.assertNotIn("client-chosen", "".join(str(i) for i in ids))
         for answer in answers[1:5]:
             self.assertEqual(answer.json["request_id"], answer.header("x-request-id"))
-        server.api.refusals.flush()
+        server.api.refusal_log.flush()
         [delivered] = logs.named("message delivered")
         self.assertEqual(
             (delivered["request_id"], delivered["key_id"], delivered["client"]),

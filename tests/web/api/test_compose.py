@@ -224,14 +224,15 @@ class BuildTests(SynchronousTestCase):
 
     @given(st.text(max_size=200))
     def test_any_subject_is_refused_or_read_back_unchanged(self, subject: str) -> None:
-        """Whatever the subject, it is either refused (400) or arrives exactly as sent:
-        nothing a client writes there can add a header."""
+        """Whatever the subject, it is either refused (400) or arrives as sent (blanks at
+        its ends and runs of them aside, which folding may change): nothing a client
+        writes there can add a header."""
         try:
             parsed = built(message(subject=subject, headers={"X-Marker": "m"}))
         except ApiError as e:
             self.assertEqual(e.status, 400)
             return
-        self.assertEqual(parsed["Subject"], subject)
+        self.assertEqual(" ".join(str(parsed["Subject"]).split()), " ".join(subject.split()))
         self.assertEqual(len(parsed.get_all("X-Marker") or []), 1)
         self.assertIsNone(parsed["Bcc"])
 

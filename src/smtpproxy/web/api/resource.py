@@ -107,7 +107,7 @@ class Api:
         self.submitter = submitter
         self.clock = clock
         self._reload = reload
-        self.refusals = LogSummary(log, clock)
+        self.refusal_log = LogSummary(log, clock)
         self.v1 = V1Resource(self)
 
     @property
@@ -132,7 +132,7 @@ class Api:
         log.info("api keys reloaded", keys=len(ring))
 
     def stop(self) -> None:
-        self.refusals.stop()
+        self.refusal_log.stop()
 
 
 class _Endpoint(Resource):
@@ -230,7 +230,7 @@ class _Submission(_Endpoint):
 
     def _refused(self, error: ApiError, context: dict[str, Any]) -> None:
         fields = {k: v for k, v in context.items() if k != "client"}
-        self.api.refusals.emit(
+        self.api.refusal_log.emit(
             LogLevel.info,
             "http api request refused",
             context["client"],

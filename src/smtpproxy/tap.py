@@ -435,7 +435,7 @@ def makeService(options: Options) -> RelayService:
             service.smtp = smtp
     if settings.http_listen:
         # --- the submission API at /v1 (mounted through health's stop-gap hook).
-        keys = options.get("api_keys") or web_api.load_keys(settings)
+        keys = options["api_keys"] if "api_keys" in options else web_api.load_keys(settings)
         api = web_api.make_api(settings, keys, provider, reactor, parser, front, log_delivered=info)
         reactor.addSystemEventTrigger("after", "startup", web_api.reload_on_sighup, reactor, api)
         mounts = {b"v1": api.resource}

@@ -32,6 +32,7 @@ import yaml
 
 from smtpproxy.policy import rules as policy
 from smtpproxy.queue.url import parse_queue_url
+from smtpproxy.web.api.keys import ApiKey, parse_env_keys
 
 
 class ConfigError(Exception):
@@ -91,6 +92,11 @@ class Config:
     http_trusted_proxies: policy.Networks = ()
     http_tls_cert_file: str = ""
     http_tls_key_file: str = ""
+    http_api_keys: tuple[ApiKey, ...] = ()
+    http_api_keys_file: str = ""
+    http_api_rate_limit_per_min: int = 600
+    http_api_rate_limit_per_ip: int = 120
+    http_api_rate_limit_per_key: int = 120
     tls_cert_file: str = ""
     tls_key_file: str = ""
     log_level: str = "info"
@@ -160,7 +166,7 @@ class Config:
         return f"Config({', '.join(shown)})"
 
 
-_SECRETS = frozenset({"smtp_password"})
+_SECRETS = frozenset({"smtp_password", "http_api_keys"})
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 STDOUT_FORMATS = ("text", "json")
 _ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "haproxy", "systemd")
@@ -543,6 +549,37 @@ SETTINGS: tuple[Setting, ...] = (
         "PEM certificate (chain) to serve HTTPS on HTTP_LISTEN; empty: plain HTTP",
     ),
     Setting("HTTP_TLS_KEY_FILE", "http_tls_key_file", _text, "PEM private key for HTTPS"),
+    Setting(
+        "HTTP_API_KEYS",
+        "http_api_keys",
+        parse_env_keys,
+        "submission API keys, id:secret pairs (secrets of 32+ characters); none: API off",
+        secret=True,
+    ),
+    Setting(
+        "HTTP_API_KEYS_FILE",
+        "http_api_keys_file",
+        _text,
+        "YAML file of API keys by SHA-256 digest, with per-key policy; read again on SIGHUP",
+    ),
+    Setting(
+        "HTTP_API_RATE_LIMIT_PER_MIN",
+        "http_api_rate_limit_per_min",
+        _count,
+        "API requests per minute in total (0 = off)",
+    ),
+    Setting(
+        "HTTP_API_RATE_LIMIT_PER_IP",
+        "http_api_rate_limit_per_ip",
+        _count,
+        "API requests per minute per client address, keyed or not (0 = off)",
+    ),
+    Setting(
+        "HTTP_API_RATE_LIMIT_PER_KEY",
+        "http_api_rate_limit_per_key",
+        _count,
+        "API requests per minute per key without its own rate_limit_per_min (0 = off)",
+    ),
     Setting("TLS_CERT_FILE", "tls_cert_file", _text, "PEM certificate (chain) for STARTTLS"),
     Setting("TLS_KEY_FILE", "tls_key_file", _text, "PEM private key for STARTTLS"),
     Setting("LOG_LEVEL", "log_level", _choice(_LOG_LEVELS), "debug, info, warn or error"),

@@ -12,7 +12,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from twisted.application import strports
@@ -54,6 +54,7 @@ from smtpproxy.smtp.sasl import StaticPasswordChecker
 from smtpproxy.web import health, ready
 from smtpproxy.web import metrics as web_metrics
 from smtpproxy.web import site as web_site
+from smtpproxy.web.api import service as web_api
 from smtpproxy.web.status import StatusPoller
 
 log = Logger(namespace="smtpproxy")
@@ -149,6 +150,14 @@ class Options(usage.Options):
         except ValueError as e:
             raise SystemExit(f"smtpproxy: QUEUE_URL: {e}") from None
         self["identities"] = _identities(settings, self.environ)
+        # The submission API's keys: a keys file that cannot be read stops here.
+        try:
+            self["api_keys"] = web_api.load_keys(settings)
+        except (OSError, UnicodeDecodeError) as e:
+            where = f"HTTP_API_KEYS_FILE {settings.http_api_keys_file}"
+            raise SystemExit(f"smtpproxy: {where}: {_why(e)}") from None
+        except ValueError as e:
+            raise SystemExit(f"smtpproxy: {e}") from None
         self["settings"] = settings
         self["listeners"] = specs
         self["custom_certificate"] = bool(cert_file)
@@ -506,11 +515,23 @@ def makeService(options: Options) -> RelayService:
         else:
             service.smtp = smtp
     if settings.http_listen:
-        _http(service, options.get("http_tls_context"), reactor)
+        # The submission API at /v1: one more part of the one bounded site.
+        keys = options["api_keys"] if "api_keys" in options else web_api.load_keys(settings)
+        api = web_api.make_api(settings, keys, provider, reactor, parser, front, log_delivered=info)
+        reactor.addSystemEventTrigger("after", "startup", web_api.reload_on_sighup, reactor, api)
+        v1 = web_site.Mount(
+            "/v1", web_site.Switchable(api.resource), max_body=api.settings.json_body_limit
+        )
+        _http(service, options.get("http_tls_context"), reactor, [v1])
     return service
 
 
-def _http(service: RelayService, context: CertificateOptions | None, reactor: Any) -> None:
+def _http(
+    service: RelayService,
+    context: CertificateOptions | None,
+    reactor: Any,
+    more: Sequence[web_site.Mount] = (),
+) -> None:
     """The HTTP listener: the probes and the metrics, mounted on one bounded site.
 
     Another HTTP part (the submission API, the mailbox UI) is one more
@@ -546,6 +567,7 @@ def _http(service: RelayService, context: CertificateOptions | None, reactor: An
         health.mount(lambda: service.stopping),
         ready.mount(facts),
         web_metrics.mount(metrics),
+        *more,
     ]
     bounds = web_site.HttpSettings.from_config(settings)
 

@@ -120,6 +120,31 @@ class NotFound(Resource):
         return respond_json(request, 404, {"status": "not found"})
 
 
+class Switchable(Resource):
+    """A mount whose resource may come and go: C{current()} or, while it is None, L{NotFound}.
+
+    The submission API is off until a key exists and keys are read again
+    on SIGHUP, so what C{/v1} serves is decided per request, not at start.
+    """
+
+    def __init__(self, current: Callable[[], IResource | None]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # twisted.web is unannotated
+        self._current = current
+        self._missing = NotFound()  # type: ignore[no-untyped-call]
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
+        target = self._current()
+        if target is None:
+            return self._missing
+        child: IResource = target.getChildWithDefault(path, request)  # type: ignore[no-untyped-call]
+        return child
+
+    def render(self, request: Request) -> bytes:
+        target = self._current()
+        rendered: bytes = (target or self._missing).render(request)
+        return rendered
+
+
 class _Root(Resource):
     """The mounts by first path segment; everything else is L{NotFound}."""
 

@@ -1,0 +1,209 @@
+"""An accepted submission into the relay's one delivery pipeline, queued or direct.
+
+The SMTP front door and this one end in the same places: with a queue
+(C{QUEUE_URL}) the envelope and the bytes go to L{QueueFront.enqueue} and
+the worker delivers them later, exactly as for a message that came over
+SMTP; without one the bytes are parsed by the shared L{MessageParser} and
+handed to the provider by L{smtpproxy.delivery.send_email}, which logs
+the one C{message delivered} line.  What failed becomes an HTTP answer
+here, from the same exception types the SMTP side turns into replies
+(L{smtpproxy.errors.reply_for_failure}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from smtpproxy.delivery import new_message_id, send_email
+from smtpproxy.errors import reply_for_failure
+from smtpproxy.logsafe import clip, clip_list
+from smtpproxy.mime.message import Email
+from smtpproxy.mime.parsetask import MessageParser
+from smtpproxy.providers import Provider
+from smtpproxy.queue.front import QueueFront
+from smtpproxy.queue.model import Envelope, QueueFullError
+from smtpproxy.web.api.problems import ApiError
+
+__all__ = ["DEFAULT_RETRY_AFTER", "Accepted", "Submitter", "error_for_failure"]
+
+log = Logger(namespace="smtpproxy.delivery")
+
+#: Seconds a client is told to wait after a temporary failure that named no time.
+DEFAULT_RETRY_AFTER = 30
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The message is with the provider (C{delivered}) or durable in the queue (C{queued})."""
+
+    id: str
+    status: str
+
+
+class _Bytes:
+    """A body already in memory, as the queue's stores read one (L{BodySource})."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def chunks(self) -> Iterator[bytes]:
+        view = memoryview(self._data)
+        for start in range(0, len(view), _CHUNK):
+            yield bytes(view[start : start + _CHUNK])
+
+
+def error_for_failure(error: BaseException) -> ApiError:
+    """The HTTP answer for a failed delivery or enqueue.
+
+    Temporary (what SMTP answers 4xx) is 503 with C{Retry-After}: the
+    client should send the same request again later.  A full queue is
+    503 too, not 507: 507 belongs to WebDAV and generic HTTP clients do
+    not retry it, while the right move is the same as for an outage.
+    Permanent (5xx) is 502: the backend refused this message, and sending
+    it again will not help.  The provider's reason is passed on, as SMTP
+    passes it on in its reply (providers keep secrets and content out of it).
+    """
+    reply = reply_for_failure(error)
+    if isinstance(error, QueueFullError):
+        return ApiError(
+            503, "queue_full", "the queue is full, try again later", None, DEFAULT_RETRY_AFTER
+        )
+    if reply.code < 500:
+        wait = getattr(error, "retry_after", None)
+        seconds = (
+            max(1, round(wait))
+            if isinstance(wait, int | float) and wait > 0
+            else DEFAULT_RETRY_AFTER
+        )
+        return ApiError(503, "temporary_failure", f"{reply.status} {reply.text}", None, seconds)
+    return ApiError(502, "rejected", f"{reply.status} {reply.text}")
+
+
+class Submitter:
+    """Hands checked messages to the queue or the provider, like the SMTP side's avatar."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        reactor: IReactorTime,
+        parser: MessageParser,
+        queue: QueueFront | None = None,
+        *,
+        log_delivered: bool = True,
+    ) -> None:
+        self._provider = provider
+        self._reactor = reactor
+        self._parser = parser
+        self._queue = queue
+        self._log_delivered = log_delivered
+
+    @property
+    def queued(self) -> bool:
+        return self._queue is not None
+
+    def submit(
+        self, sender: str, recipients: list[str], data: bytes, fields: dict[str, Any]
+    ) -> defer.Deferred[Accepted]:
+        """Queue or deliver C{data}; fails with an L{ApiError} for the client.
+
+        @param fields: what the outcome's log line carries besides the
+            envelope (C{request_id}, C{key_id}, C{client}); never the body.
+        """
+        started = self._reactor.seconds()
+        queue = self._queue
+        message_id = new_message_id() if queue is None else queue.new_id()
+        fields = {
+            "id": message_id,
+            **fields,
+            "front_door": "http",
+            "sender": clip(sender),
+            "recipients": clip_list(recipients),
+            "recipient_count": len(recipients),
+            "size": len(data),
+            "provider": self._provider.name,
+        }
+        if queue is not None:
+            done = self._enqueue(queue, message_id, sender, recipients, data, fields)
+        else:
+            done = self._deliver(message_id, sender, recipients, data, fields, started)
+        return done.addErrback(self._refusal)
+
+    def _enqueue(
+        self,
+        queue: QueueFront,
+        message_id: str,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        fields: dict[str, Any],
+    ) -> defer.Deferred[Accepted]:
+        envelope = Envelope(
+            sender, tuple(recipients), fields.get("client", ""), fields.get("key_id"), queue.route
+        )
+        fields["route"] = queue.route
+
+        def queued(_: None) -> Accepted:
+            log.info("message queued", **fields)
+            return Accepted(message_id, "queued")
+
+        def failed(failure: Failure) -> Failure:
+            if isinstance(failure.value, QueueFullError):
+                log.warn("message not queued: the queue is full", **fields)
+            else:
+                log.failure("message could not be queued", failure, **fields)
+            return failure
+
+        try:
+            stored = queue.enqueue(message_id, envelope, _Bytes(data))
+        except Exception:
+            stored = defer.fail()
+        return stored.addCallbacks(queued, failed)
+
+    def _deliver(
+        self,
+        message_id: str,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        fields: dict[str, Any],
+        started: float,
+    ) -> defer.Deferred[Accepted]:
+        def send(email: Email) -> defer.Deferred[Accepted]:
+            sending = send_email(
+                self._provider,
+                self._reactor,
+                email,
+                fields,
+                started,
+                log_delivered=self._log_delivered,
+            )
+            return sending.addCallback(lambda _: Accepted(message_id, "delivered"))
+
+        try:
+            parsed = self._parser.parse(sender, recipients, data)
+        except Exception:
+            # The parser promises never to raise; if it does, it is our bug.
+            log.failure("message could not be parsed", **fields)
+            return defer.fail()
+        if isinstance(parsed, defer.Deferred):
+            return parsed.addCallback(send)
+        return send(parsed)
+
+    @staticmethod
+    def _refusal(failure: Failure) -> Failure:
+        error = failure.value
+        if isinstance(error, ApiError) or error is None:
+            return failure
+        raise error_for_failure(error) from None

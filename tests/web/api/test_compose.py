@@ -1,0 +1,280 @@
+"""Pure tests of L{smtpproxy.web.api.compose}: strict reading, field checks, building."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+from datetime import UTC, datetime
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpproxy.web.api import compose
+from smtpproxy.web.api.problems import ApiError
+from tests.web.api.harness import message
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def read(document: dict[str, Any], **kw: Any) -> compose.JsonMessage:
+    kw.setdefault("max_recipients", 50)
+    kw.setdefault("max_size", 1 << 20)
+    return compose.read_json_message(document, **kw)
+
+
+def built(document: dict[str, Any]) -> email.message.EmailMessage:
+    data = compose.encode_message(
+        compose.build_message(read(document), message_id="<id@relay.test>", now=NOW), 1 << 20
+    )
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    return parsed
+
+
+class JsonTests(SynchronousTestCase):
+    def refused(self, body: bytes) -> ApiError:
+        with self.assertRaises(ApiError) as caught:
+            compose.parse_json(body)
+        error: ApiError = caught.exception
+        return error
+
+    def test_strict_json(self) -> None:
+        """Not UTF-8, not JSON, not an object, NaN, a duplicate name or absurd nesting are
+        each 400 invalid_json, never an exception of another kind."""
+        for body in (
+            b"\xff{}",
+            b"{",
+            b"[]",
+            b'{"a": NaN}',
+            b'{"from": "a@b.example", "from": "c@d.example"}',
+            b"[" * 100_000 + b"]" * 100_000,
+        ):
+            error = self.refused(body)
+            self.assertEqual((error.status, error.code), (400, "invalid_json"), body[:20])
+
+    def test_duplicate_names_the_field(self) -> None:
+        """A field given twice is named, so the client knows which."""
+        self.assertEqual(self.refused(b'{"to": [], "to": []}').field, "to")
+
+
+class FieldTests(SynchronousTestCase):
+    def refused(self, document: dict[str, Any], **kw: Any) -> ApiError:
+        with self.assertRaises(ApiError) as caught:
+            read(document, **kw)
+        error: ApiError = caught.exception
+        return error
+
+    def test_unknown_fields_named(self) -> None:
+        """An unknown field at the top, in an attachment or in an address object is 400
+        unknown_field naming where it is."""
+        cases = {
+            "bogus": message(bogus=1),
+            "attachments[0].size": message(
+                attachments=[{"filename": "a", "content": "", "size": 1}]
+            ),
+            "from.email": message(**{"from": {"address": "a@b.example", "email": "x"}}),
+        }
+        for field, document in cases.items():
+            error = self.refused(document)
+            self.assertEqual((error.code, error.field), ("unknown_field", field))
+
+    def test_control_characters_in_header_fields(self) -> None:
+        """CR, LF, NUL, tab, DEL, a C1 control or U+2028 in any header-bound field is 400
+        header_injection naming the field."""
+        fields: dict[str, Any] = {
+            "subject": lambda v: message(subject=v),
+            "from": lambda v: message(**{"from": "a@b.example" + v}),
+            "from.name": lambda v: message(**{"from": {"address": "a@b.example", "name": v}}),
+            "to[0]": lambda v: message(to=["c@d.example" + v]),
+            "reply_to": lambda v: message(reply_to="r@d.example" + v),
+            "attachments[0].filename": lambda v: message(
+                attachments=[{"filename": "x" + v, "content": ""}]
+            ),
+            "headers.X-Tag": lambda v: message(headers={"X-Tag": "t" + v}),
+        }
+        for field, make in fields.items():
+            for bad in (
+                "\r\nBcc: x@evil.example",
+                "\n",
+                "\r",
+                "\x00",
+                "\t",
+                "\x7f",
+                "\x85",
+                "\u2028",
+            ):
+                error = self.refused(make(bad))
+                self.assertEqual((error.code, error.field), ("header_injection", field), repr(bad))
+
+    def test_addresses(self) -> None:
+        """Syntax errors, quoted local parts, address literals, single-label domains and
+        over-long addresses are 400 invalid_address; an IDN domain becomes A-labels."""
+        for bad in (
+            "no-at",
+            "a@",
+            "@b.example",
+            '"quoted"@b.example',
+            "a@[127.0.0.1]",
+            "root@localhost",
+            "a" * 65 + "@b.example",
+            "a@" + "b" * 250 + ".example",
+            "a b@c.example",
+            "zoë@b.example",
+        ):
+            error = self.refused(message(to=[bad]))
+            self.assertEqual((error.code, error.field), ("invalid_address", "to[0]"), bad)
+        checked = read(message(to=["zoe@exämple.test"]))
+        self.assertEqual(checked.to[0].address, "zoe@xn--exmple-cua.test")
+
+    def test_types_and_counts(self) -> None:
+        """Wrong types, no recipient, too many recipients, bad base64 and disallowed
+        headers are refused with the field named."""
+        cases = [
+            (message(to="a@b.example"), "invalid_field", "to"),
+            (message(to=[]), "missing_field", "to"),
+            (message(to=["a@b.example"] * 3), "too_many_recipients", "to"),
+            (message(subject=5), "invalid_field", "subject"),
+            (message(text=["x"]), "invalid_field", "text"),
+            (
+                message(attachments=[{"filename": "a", "content": "not base64!"}]),
+                "invalid_field",
+                "attachments[0].content",
+            ),
+            (
+                message(attachments=[{"filename": "a", "content": "", "inline": "yes"}]),
+                "invalid_field",
+                "attachments[0].inline",
+            ),
+            (message(headers={"From": "x@evil.example"}), "header_not_allowed", "headers.From"),
+            (message(headers={"X-A:b": "c"}), "header_injection", "headers.X-A:b"),
+        ]
+        for document, code, field in cases:
+            error = self.refused(document, max_recipients=2)
+            self.assertEqual((error.code, error.field), (code, field), document)
+
+    def test_missing_sender(self) -> None:
+        """No from: 400 missing_field from."""
+        document = message()
+        del document["from"]
+        self.assertEqual(self.refused(document).field, "from")
+
+    def test_oversize_attachment_refused_before_decoding(self) -> None:
+        """base64 longer than the size limit could ever hold is 413 before it is decoded."""
+        big = "A" * 4000
+        error = self.refused(message(attachments=[{"filename": "a", "content": big}]), max_size=100)
+        self.assertEqual((error.status, error.field), (413, "attachments[0].content"))
+
+
+class BuildTests(SynchronousTestCase):
+    def test_headers_built_by_email(self) -> None:
+        """Display names with specials and non-ASCII are quoted or encoded by the email
+        package, and read back as given; Bcc is not a header."""
+        parsed = built(
+            message(
+                **{"from": {"address": "a@b.example", "name": 'Smith, "Jo" é'}},
+                bcc=["secret@b.example"],
+                subject="Grüße, 100%",
+            )
+        )
+        self.assertEqual(parsed["From"].addresses[0].display_name, 'Smith, "Jo" é')
+        self.assertEqual(parsed["Subject"], "Grüße, 100%")
+        self.assertIsNone(parsed["Bcc"])
+        self.assertEqual(parsed["Date"], "Mon, 30 Nov 2026 12:00:00 +0000")
+
+    def test_bodies_and_attachments(self) -> None:
+        """text + html make multipart/alternative; attachments follow, inline ones with
+        their Content-ID; a UTF-8 file name survives."""
+        parsed = built(
+            message(
+                html="<p>hi <img src='cid:logo@x'></p>",
+                attachments=[
+                    {
+                        "filename": "logo.png",
+                        "content_type": "image/png",
+                        "content": base64.b64encode(b"\x89PNG").decode(),
+                        "content_id": "logo@x",
+                        "inline": True,
+                    },
+                    {"filename": "résumé.pdf", "content": base64.b64encode(b"%PDF").decode()},
+                ],
+            )
+        )
+        self.assertEqual(parsed.get_content_type(), "multipart/mixed")
+        body = parsed.get_body(("html",))
+        assert body is not None
+        self.assertIn("cid:logo@x", body.get_content())
+        parts = list(parsed.iter_attachments())
+        self.assertEqual([p.get_filename() for p in parts], ["logo.png", "résumé.pdf"])
+        self.assertEqual(parts[0]["Content-ID"], "<logo@x>")
+        self.assertEqual(parts[0].get_content_disposition(), "inline")
+        self.assertEqual(parts[1].get_content(), b"%PDF")
+
+    def test_encoded_size_limit(self) -> None:
+        """Past the size limit after encoding (base64 grows content by a third): 413."""
+        content = base64.b64encode(b"x" * 900).decode()
+        request = read(message(attachments=[{"filename": "a", "content": content}]))
+        with self.assertRaises(ApiError) as caught:
+            compose.encode_message(
+                compose.build_message(request, message_id="<i@r>", now=NOW), 1000
+            )
+        self.assertEqual(caught.exception.status, 413)
+
+    @given(st.text(max_size=200))
+    def test_any_subject_is_refused_or_read_back_unchanged(self, subject: str) -> None:
+        """Whatever the subject, it is either refused (400) or arrives as sent (blanks at
+        its ends and runs of them aside, which folding may change): nothing a client
+        writes there can add a header."""
+        try:
+            parsed = built(message(subject=subject, headers={"X-Marker": "m"}))
+        except ApiError as e:
+            self.assertEqual(e.status, 400)
+            return
+        self.assertEqual(" ".join(str(parsed["Subject"]).split()), " ".join(subject.split()))
+        self.assertEqual(len(parsed.get_all("X-Marker") or []), 1)
+        self.assertIsNone(parsed["Bcc"])
+
+
+class RawTests(SynchronousTestCase):
+    def test_query_envelope(self) -> None:
+        """from exactly once, to at least once, nothing else; addresses checked."""
+        data = b"Subject: x\r\n\r\n"
+        raw = compose.read_raw_query(
+            {b"from": [b"a@b.example"], b"to": [b"c@d.example", b"e@f.example"]},
+            data,
+            max_recipients=5,
+        )
+        self.assertEqual(raw.envelope_recipients, ["c@d.example", "e@f.example"])
+        self.assertIs(raw.data, data)
+        for args, field in (
+            ({b"to": [b"c@d.example"]}, "from"),
+            ({b"from": [b"a@b.example", b"x@b.example"], b"to": [b"c@d.example"]}, "from"),
+            ({b"from": [b"a@b.example"]}, "to"),
+            ({b"from": [b"a@b.example"], b"to": [b"c@d.example"], b"cc": [b"x"]}, "cc"),
+            ({b"from": [b"a@b.example\r\n"], b"to": [b"c@d.example"]}, "from"),
+            ({b"from": [b"a@b.example"], b"to": [b"\xff@d.example"]}, "to[0]"),
+        ):
+            with self.assertRaises(ApiError) as caught:
+                compose.read_raw_query(args, data, max_recipients=5)
+            self.assertEqual(caught.exception.field, field, args)
+
+    def test_json_form(self) -> None:
+        """{"from", "to", "data"} and nothing else; data is strict base64."""
+        data = b"Subject: x\r\n\r\nbody\r\n"
+        raw = compose.read_raw_json(
+            {"from": "a@b.example", "to": ["c@d.example"], "data": base64.b64encode(data).decode()},
+            max_recipients=5,
+            max_size=1000,
+        )
+        self.assertEqual(raw.data, data)
+        with self.assertRaises(ApiError) as caught:
+            compose.read_raw_json(
+                {"from": "a@b.example", "to": ["c@d.example"], "data": "", "subject": "x"},
+                max_recipients=5,
+                max_size=1000,
+            )
+        self.assertEqual(
+            (caught.exception.code, caught.exception.field), ("unknown_field", "subject")
+        )

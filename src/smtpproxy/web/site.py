@@ -132,6 +132,10 @@ class Switchable(Resource):
         self._current = current
         self._missing = NotFound()  # type: ignore[no-untyped-call]
 
+    def active(self) -> bool:
+        """Is there a resource now?  While not, the mount takes no body either."""
+        return self._current() is not None
+
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         target = self._current()
         if target is None:
@@ -190,7 +194,12 @@ class BoundedSite(Site):
         if method in _BODYLESS or not path.startswith(b"/"):
             return 0
         mount = self.mounts.get(path[1:].partition(b"/")[0])
-        return mount.max_body if mount is not None else 0
+        if mount is None:
+            return 0
+        if isinstance(mount.resource, Switchable) and not mount.resource.active():
+            # Switched off: as absent as a path nobody mounted.
+            return 0
+        return mount.max_body
 
     def counted(self, reason: str) -> None:
         """A request or connection was refused for C{reason} (for the metrics)."""

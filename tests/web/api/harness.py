@@ -24,6 +24,7 @@ from zope.interface import implementer
 from smtpproxy.config import Config
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.queue.front import QueueFront
+from smtpproxy.web import health
 from smtpproxy.web import site as web_site
 from smtpproxy.web.api.keys import ApiKey, KeyRing, digest
 from smtpproxy.web.api.limits import Limits
@@ -127,7 +128,7 @@ class ApiServer:
             web_site.Switchable(self.api.resource),
             max_body=self.api.settings.json_body_limit,
         )
-        site = web_site.build_site([v1], reactor=reactor)
+        site = web_site.build_site([health.mount(lambda: False), v1], reactor=reactor)
         self.tracking = _Tracking(site)
         tcp: IReactorTCP = reactor
         self.listening = tcp.listenTCP(0, self.tracking, interface="127.0.0.1")  # type: ignore[arg-type]

@@ -585,8 +585,8 @@ class SQLiteInlineStoreTests(_SQLiteFiles, TestCase):
         store = await self.make_store()
         await store.close()
         with sqlite3.connect(self.path) as db:
-            # What version 1 looked like: no data column.
-            db.execute("ALTER TABLE messages DROP COLUMN data")
+            # What version 1 looked like: no table of small bodies.
+            db.execute("DROP TABLE inline_bodies")
             db.execute("PRAGMA user_version = 1")
         db.close()
         old = SQLiteStore(self.path, self.max_bytes, reactor, inline_max=0)

@@ -40,6 +40,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import heapq
+import itertools
 import json
 import os
 import re
@@ -79,15 +81,15 @@ T = TypeVar("T")
 SCHEMA_VERSION = 2
 """Kept in C{PRAGMA user_version}; a newer file is refused rather than misread.
 
-Version 2 added C{messages.data}, the body of a small message kept in its
-row; a version 1 file is upgraded in place at open.
+Version 2 added C{inline_bodies}, the bodies of small messages; a version 1
+file is upgraded in place at open.
 """
 
 #: Bodies up to this size live in their row (C{data}); larger ones in a file.
 INLINE_MAX = 64 * 1024
 
-#: C{messages.body} of a row whose body is in C{data} (a file's name otherwise,
-#: NULL once the body was found lost).
+#: C{messages.body} of a message whose body is in C{inline_bodies} (a file's
+#: name otherwise, NULL once the body was found lost).
 _INLINE = ""
 
 #: Errors that mean "no room": the client is told 452 and retries later.
@@ -102,7 +104,17 @@ _TMP_SUFFIX = ".tmp"
 
 LOST_BODY_REPLY = "554 5.3.0 queued body file was missing when the queue was opened"
 
-_SCHEMA = """
+#: What version 2 added: small bodies, in a table of their own so that the
+#: scans of C{messages} (claims, listings) never walk a body's pages.
+_SCHEMA_2 = """
+CREATE TABLE inline_bodies (
+    message INTEGER PRIMARY KEY REFERENCES messages (seq) ON DELETE CASCADE,
+    data BLOB NOT NULL
+);
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE messages (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -114,7 +126,6 @@ CREATE TABLE messages (
     meta TEXT NOT NULL,
     size INTEGER NOT NULL,
     body TEXT,
-    data BLOB,
     queued_at REAL NOT NULL,
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -136,6 +147,8 @@ CREATE TABLE attempts (
 );
 CREATE INDEX attempts_message ON attempts (message);
 """
+    + _SCHEMA_2
+)
 
 #: Spelled out once and put into the SELECTs with an f-string: a constant,
 #: never input (values are always bound), hence the S608 exemptions below.
@@ -342,23 +355,30 @@ class SQLiteStore:
                 (now,),
             )
             busy: dict[str, int] = {route: count for route, count in cursor.fetchall()}
+            # Expired leases first (a few rows at most: what a dead process
+            # held), then the due queued messages in the index's order, read
+            # lazily, merged oldest first: no sort of the whole backlog.
             cursor.execute(
-                f"SELECT {_COLUMNS}, body, data FROM messages"  # noqa: S608
-                " WHERE (state = 'queued' AND next_attempt <= ?)"
-                " OR (state = 'delivering' AND lease_until <= ?)"
-                " ORDER BY queued_at, seq",
-                (now, now),
+                f"SELECT {_COLUMNS}, body FROM messages"  # noqa: S608
+                " WHERE state = 'delivering' AND lease_until <= ? ORDER BY queued_at, seq",
+                (now,),
             )
+            expired = cursor.fetchall()
+            cursor.execute(
+                f"SELECT {_COLUMNS}, body FROM messages"  # noqa: S608
+                " WHERE state = 'queued' AND next_attempt <= ? ORDER BY queued_at, seq",
+                (now,),
+            )
+            due = itertools.chain.from_iterable(iter(lambda: cursor.fetchmany(64), []))
             chosen: list[tuple[object, ...]] = []
-            while len(chosen) < limit and (rows := cursor.fetchmany(64)):
-                for row in rows:
-                    route = row[6]
-                    if busy.get(route, 0) >= per_route:
-                        continue
-                    busy[route] = busy.get(route, 0) + 1
-                    chosen.append(row)
-                    if len(chosen) == limit:
-                        break
+            for row in heapq.merge(expired, due, key=_age):
+                route = row[6]
+                if busy.get(route, 0) >= per_route:
+                    continue
+                busy[route] = busy.get(route, 0) + 1
+                chosen.append(row)
+                if len(chosen) == limit:
+                    break
             until = now + lease
             cursor.executemany(
                 "UPDATE messages SET state = 'delivering', lease_owner = ?, lease_until = ?"
@@ -367,8 +387,8 @@ class SQLiteStore:
             )
             return [
                 (
-                    _entry(row[:-2], state=State.DELIVERING, lease_owner=owner, lease_until=until),
-                    cast("bytes", row[-1]) if row[-2] == _INLINE else None,
+                    _entry(row[:-1], state=State.DELIVERING, lease_owner=owner, lease_until=until),
+                    _inline_body(cursor, cast(int, row[0])) if row[-1] == _INLINE else None,
                 )
                 for row in chosen
             ]
@@ -409,15 +429,15 @@ class SQLiteStore:
             return defer.succeed(claimed)
 
         def find(cursor: sqlite3.Cursor) -> str | bytes:
-            cursor.execute("SELECT body, data FROM messages WHERE id = ?", (id,))
+            cursor.execute("SELECT seq, body FROM messages WHERE id = ?", (id,))
             row = cursor.fetchone()
             if row is None:
                 raise KeyError(id)
-            if row[0] is None:
+            if row[1] is None:
                 raise FileNotFoundError(errno.ENOENT, f"the body of {id} was lost")
-            if row[0] == _INLINE:
-                return bytes(row[1])
-            return str(row[0])
+            if row[1] == _INLINE:
+                return _inline_body(cursor, row[0])
+            return str(row[1])
 
         def read(found: str | bytes) -> bytes | Deferred[bytes]:
             if isinstance(found, bytes):
@@ -685,8 +705,8 @@ class SQLiteStore:
             envelope = item.envelope
             cursor.execute(
                 "INSERT INTO messages (id, sender, recipients, client, user, route, meta,"
-                " size, body, data, queued_at, state, next_attempt)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)"
+                " size, body, queued_at, state, next_attempt)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)"
                 " ON CONFLICT (id) DO NOTHING",
                 (
                     item.id,
@@ -698,13 +718,17 @@ class SQLiteStore:
                     envelope.meta,
                     item.size,
                     item.name,
-                    item.data,
                     item.now,
                     item.now,
                 ),
             )
             if cursor.rowcount != 1:
                 duplicates.add(item.id)
+            elif item.data is not None:
+                cursor.execute(
+                    "INSERT INTO inline_bodies (message, data) VALUES (?, ?)",
+                    (cursor.lastrowid, item.data),
+                )
         lost: set[str] = set()
         removed: builtins.list[tuple[int, str | None]] = []
         for one in finished:
@@ -766,7 +790,7 @@ class SQLiteStore:
                     cursor.execute(statement)
             cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif version == 1:
-            cursor.execute("ALTER TABLE messages ADD COLUMN data BLOB")
+            cursor.execute(_SCHEMA_2)
             cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif version != SCHEMA_VERSION:
             raise RuntimeError(
@@ -888,6 +912,19 @@ def _held_by(cursor: sqlite3.Cursor, id: str, owner: str) -> tuple[int, int, str
     if row is None:
         raise LeaseLostError(id)
     return int(row[0]), int(row[1]), row[2]
+
+
+def _age(row: tuple[object, ...]) -> tuple[float, int]:
+    """A row's place in the queue: C{queued_at}, then C{seq} (both in L{_COLUMNS})."""
+    return cast(float, row[9]), cast(int, row[0])
+
+
+def _inline_body(cursor: sqlite3.Cursor, seq: int) -> bytes:
+    """The body of message C{seq}, kept in C{inline_bodies}."""
+    row = cursor.execute("SELECT data FROM inline_bodies WHERE message = ?", (seq,)).fetchone()
+    if row is None:
+        raise FileNotFoundError(errno.ENOENT, f"the body of message {seq} was lost")
+    return bytes(row[0])
 
 
 def _record(cursor: sqlite3.Cursor, seq: int, attempt: Attempt) -> None:

@@ -408,6 +408,9 @@ def makeService(options: Options) -> RelayService:
     guard = Guard(guard_settings(settings), reactor)
     context = options.get("tls_context") or tls.server_context(cert, key)
     factory = RelayFactory(session, portal, context, reactor, guard)
+    if runner is not None:
+        # Queued bodies read back for delivery share the sessions' memory budget.
+        runner.budget = factory.spool.budget
     custom = options.get("custom_certificate", bool(settings.tls_cert_file))
     tls_summary = ("custom " if custom else "self-signed ") + tls.describe(cert)
     service = RelayService(settings, factory, provider, observer, tls_summary)

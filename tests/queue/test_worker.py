@@ -22,7 +22,7 @@ from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import Envelope, Outcome, State
 from smtpproxy.queue.policy import Schedule
 from smtpproxy.queue.worker import QueueRunner, RunnerSettings
-from smtpproxy.spool import MessageBody
+from smtpproxy.spool import InflightBudget, MessageBody
 from tests.queue.memory import MemoryStore
 from tests.support import RecordingProvider, message
 
@@ -210,6 +210,23 @@ class PacingTests(WorkerCase):
         self.assertEqual([e.subject for e in self.provider.emails], ["m0", "m1", "m2"])
         self.assertTrue(all(per_route == 3 for _, per_route in self.store.claims))
         self.assertLessEqual(max(limit for limit, _ in self.store.claims), 2)
+
+    def test_bodies_read_back_within_the_memory_budget(self) -> None:
+        """With the sessions' memory budget nearly full, a queued body is not read back
+        (nor delivered) until its size fits; its bytes go back once the provider is done."""
+        budget = InflightBudget(1_000)
+        runner = self.runner()
+        runner.budget = budget
+        self.assertTrue(budget.reserve(900))  # a session holds most of it
+        runner.startService()
+        self.queue("waits")
+        self.clock.advance(0)
+        self.assertEqual(self.provider.emails, [])
+        self.assertEqual(budget.waiting, 1)
+        budget.release(900)
+        self.clock.advance(0)
+        self.assertEqual([e.subject for e in self.provider.emails], ["waits"])
+        self.assertEqual((budget.held, budget.waiting), (0, 0))
 
     def test_kick_delivers_without_waiting_for_the_poll(self) -> None:
         """Mail queued by this process goes out in the next reactor turn, not the next poll."""

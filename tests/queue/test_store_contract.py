@@ -360,7 +360,9 @@ class StoreContract(_Base):
         await store.release("op")
 
     async def test_retry(self) -> None:
-        """retry() makes a dead or waiting message due now; unknown or leased ids are refused."""
+        """retry() makes a dead or waiting message due now; unknown or leased ids are refused;
+        the dead one starts its age again (so it goes behind older mail), the waiting one
+        keeps its age."""
         store = await self.make_store()
         await self.make_dead(store, "dead", T0)
         await self.put(store, "later", T0 + 1)
@@ -370,7 +372,9 @@ class StoreContract(_Base):
         self.assertTrue(await store.retry("later", T0 + 100))
         self.assertFalse(await store.retry("absent", T0 + 100))
         claimed = await store.claim("w1", T0 + 100, LEASE, 10, 10)
-        self.assertEqual([e.id for e in claimed], ["dead", "later"])
+        self.assertEqual(
+            [(e.id, e.queued_at) for e in claimed], [("later", T0 + 1), ("dead", T0 + 100)]
+        )
         self.assertFalse(await store.retry("dead", T0 + 101))
         self.assertEqual(len((await store.show("dead") or self.fail()).history), 1)
 
@@ -383,7 +387,7 @@ class StoreContract(_Base):
         self.assertEqual(await store.retry_dead(T0 + 50), 2)
         self.assertEqual(await store.retry_dead(T0 + 50), 0)
         stats = await store.stats()
-        self.assertEqual((stats.queued, stats.dead), (3, 0))
+        self.assertEqual((stats.queued, stats.dead, stats.oldest_queued_at), (3, 0, T0 + 2))
         self.assertEqual(len(await store.claim("w1", T0 + 50, LEASE, 10, 10)), 3)
 
     async def test_delete(self) -> None:

@@ -168,6 +168,22 @@ class OutcomeTests(WorkerCase):
         self.assertEqual(len(self.provider.emails), len(outcomes))
         self.assertEqual(len(outcomes), 9)
 
+    def test_retried_expired_message_gets_a_new_max_age(self) -> None:
+        """An expired (dead) message retried by the operator starts its age again: its next
+        temporary failure is deferred for another try, not expired at once."""
+        self.provider.outcomes.extend(TransientDeliveryError("down") for _ in range(10))
+        runner = self.runner()
+        runner.startService()
+        id = self.queue()
+        for _ in range(70):
+            self.clock.advance(60)
+        self.assertEqual(self.store.entries[id].history[-1].outcome, Outcome.EXPIRED)
+        self.assertTrue(self.successResultOf(self.store.retry(id, self.clock.seconds())))
+        self.clock.advance(runner.settings.poll_interval)
+        entry = self.store.entries[id]
+        self.assertEqual((entry.state, entry.history[-1].outcome), (State.QUEUED, Outcome.DEFERRED))
+        self.assertEqual(len(self.provider.emails), 10)
+
     def test_dsn_parameters_reach_the_provider(self) -> None:
         """The DSN parameters kept in meta are on the Email the provider gets."""
         dsn = Dsn("HDRS", "env-1", (RecipientDsn("b@example.org", ("FAILURE",), None),))

@@ -535,7 +535,7 @@ class SQLiteStore:
         return self._run(work)
 
     def retry(self, id: str, now: float) -> Deferred[bool]:
-        """Make a queued or dead message due at C{now}.
+        """Make a queued or dead message due at C{now}; a dead one starts its age again.
 
         False when there is no such message, when a worker's lease on it
         is still running, or when its body was lost (nothing to send).
@@ -543,20 +543,21 @@ class SQLiteStore:
 
         changed = self._change(
             "UPDATE messages SET state = 'queued', next_attempt = ?, died_at = NULL,"
+            " queued_at = CASE WHEN state = 'dead' THEN ? ELSE queued_at END,"
             " lease_owner = NULL, lease_until = NULL"
             " WHERE id = ? AND body IS NOT NULL"
             " AND (state != 'delivering' OR lease_until <= ?)",
-            (now, id, now),
+            (now, now, id, now),
         )
         return changed.addCallback(lambda count: count == 1)
 
     def retry_dead(self, now: float) -> Deferred[int]:
-        """Queue every dead message whose body is still there, due at C{now}."""
+        """Queue every dead message whose body is still there, due at C{now}, its age restarted."""
 
         return self._change(
-            "UPDATE messages SET state = 'queued', next_attempt = ?, died_at = NULL"
+            "UPDATE messages SET state = 'queued', next_attempt = ?, died_at = NULL, queued_at = ?"
             " WHERE state = 'dead' AND body IS NOT NULL",
-            (now,),
+            (now, now),
         )
 
     def delete(self, id: str) -> Deferred[bool]:

@@ -574,6 +574,28 @@ class SQLiteInlineStoreTests(_SQLiteFiles, TestCase):
         self.assertLessEqual(store.group_commits - before, 2)
         self.assertEqual((await store.stats()).queued + (await store.stats()).delivering, 0)
 
+    async def test_claims_unsynced_enqueues_synced(self) -> None:
+        """A claim commits without the WAL fsync (synchronous NORMAL: its loss in a power cut
+        only queues the message again), and the next enqueue's commit is synced (FULL)."""
+        store = cast(SQLiteStore, await self.make_store())
+        pool = store._pool
+        assert pool is not None
+
+        def level() -> defer.Deferred[int]:
+            return cast(
+                defer.Deferred[int],
+                pool.runInteraction(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]),
+            )
+
+        await self.put(store, "m1")
+        self.assertEqual(await level(), 2)  # FULL
+        await store.claim("w1", T0, LEASE, 10, 10)
+        self.assertEqual(await level(), 1)  # NORMAL
+        await self.put(store, "m2", T0 + 1)
+        self.assertEqual(await level(), 2)
+        await store.delivered("m1", "w1", attempt(T0 + 2, Outcome.DELIVERED))
+        self.assertEqual(await level(), 2)
+
     async def test_small_body_disk_full(self) -> None:
         """A small body whose read fails with ENOSPC is QueueFullError; nothing is stored
         and its bytes are free again."""

@@ -2,8 +2,9 @@
 
 C{queue.db} holds the rows (WAL mode, C{synchronous=FULL}, so a commit is on
 disk when it returns).  A body of at most C{inline_max} bytes (64 KiB) is
-stored in its row, so the common small message costs no file, no rename and
-no fsync of its own: its batch's one commit makes it durable.  A larger body
+stored in the database beside its row, so the common small message costs no
+file, no rename and no fsync of its own: its batch's one commit makes it
+durable.  A larger body
 gets its own file in C{queue.db.bodies/}, named by a random token, so it
 never passes through SQLite's page cache and a 150 MB message costs the
 database nothing.
@@ -85,7 +86,9 @@ Version 2 added C{inline_bodies}, the bodies of small messages; a version 1
 file is upgraded in place at open.
 """
 
-#: Bodies up to this size live in their row (C{data}); larger ones in a file.
+_FULL, _NORMAL = "FULL", "NORMAL"
+
+#: Bodies up to this size live in the database (C{inline_bodies}); larger ones in a file.
 INLINE_MAX = 64 * 1024
 
 #: C{messages.body} of a message whose body is in C{inline_bodies} (a file's
@@ -237,9 +240,11 @@ class SQLiteStore:
         self._ready: list[_Pending] = []
         self._finished: list[_Finished] = []
         # Small bodies read along with a claim, so the worker's read_body
-        # does not wait behind a commit; at most one claim's worth each.
+        # does not wait behind a commit; dropped when read, settled or
+        # released, so at most the worker's concurrency of them.
         self._claimed: dict[str, bytes] = {}
         self._committing = False
+        self._level = _FULL
         self._inflight: set[Deferred[None]] = set()
 
     # Opening and closing.
@@ -401,7 +406,7 @@ class SQLiteStore:
 
         if limit <= 0 or per_route <= 0:
             return defer.succeed([])
-        return self._run(work).addCallback(keep)
+        return self._run(work, synced=False).addCallback(keep)
 
     def renew(self, id: str, owner: str, until: float) -> Deferred[None]:
         """Move C{owner}'s lease on to C{until}; L{LeaseLostError} if it is not theirs now."""
@@ -410,6 +415,7 @@ class SQLiteStore:
             "UPDATE messages SET lease_until = ?"
             " WHERE id = ? AND state = 'delivering' AND lease_owner = ?",
             (until, id, owner),
+            synced=False,
         )
 
         def check(count: int) -> None:
@@ -823,18 +829,36 @@ class SQLiteStore:
 
     # Plumbing.
 
-    def _run(self, work: Callable[[sqlite3.Cursor], T]) -> Deferred[T]:
+    def _run(self, work: Callable[[sqlite3.Cursor], T], synced: bool = True) -> Deferred[T]:
         """Run C{work} on the database thread; its transaction commits if it returns.
 
         adbapi hands C{work} a C{Transaction}, which passes every call on to
         an C{sqlite3.Cursor}; the cast says so, since adbapi is unannotated.
+
+        @param synced: False for a transaction whose loss in a power cut is
+            harmless (a claim, a lease renewal: the message is simply
+            queued again, as it would be once the lease ran out).  Its
+            commit then skips the WAL fsync (C{synchronous=NORMAL}); it is
+            still in the WAL, safe from a process crash, and the next synced
+            commit makes it durable too, since the WAL is written in order.
         """
         if self._pool is None:
             return defer.fail(RuntimeError("the queue store is not open"))
         run = cast(
             "Callable[[Callable[[sqlite3.Cursor], T]], Deferred[T]]", self._pool.runInteraction
         )
-        return run(work)
+        level = _FULL if synced else _NORMAL
+
+        def at_level(cursor: sqlite3.Cursor) -> T:
+            # Only the database thread reads or sets _level.  A connection
+            # that adbapi replaced starts at FULL: the stale value can then
+            # only cause a needless PRAGMA or a synced claim, never the reverse.
+            if self._level != level:
+                cursor.execute(f"PRAGMA synchronous = {level}")
+                self._level = level
+            return work(cursor)
+
+        return run(at_level)
 
     def _settle(
         self, id: str, owner: str, attempt: Attempt, state: str, value: float
@@ -857,7 +881,9 @@ class SQLiteStore:
 
         return self._run(work)
 
-    def _change(self, statement: str, parameters: tuple[object, ...]) -> Deferred[int]:
+    def _change(
+        self, statement: str, parameters: tuple[object, ...], synced: bool = True
+    ) -> Deferred[int]:
         """Run one writing statement in its own transaction; how many rows it changed."""
 
         def work(cursor: sqlite3.Cursor) -> int:
@@ -865,7 +891,7 @@ class SQLiteStore:
             cursor.execute(statement, parameters)
             return cursor.rowcount
 
-        return self._run(work)
+        return self._run(work, synced)
 
     def _in_files(self, work: Callable[[], T]) -> Deferred[T]:
         if self._files is None:

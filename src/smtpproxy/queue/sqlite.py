@@ -4,10 +4,9 @@ C{queue.db} holds the rows (WAL mode, C{synchronous=FULL}, so a commit is on
 disk when it returns).  A body of at most C{inline_max} bytes (64 KiB) is
 stored in the database beside its row, so the common small message costs no
 file, no rename and no fsync of its own: its batch's one commit makes it
-durable.  A larger body
-gets its own file in C{queue.db.bodies/}, named by a random token, so it
-never passes through SQLite's page cache and a 150 MB message costs the
-database nothing.
+durable.  A larger body gets its own file in C{queue.db.bodies/}, named by a
+random token, so it never passes through SQLite's page cache and a 150 MB
+message costs the database nothing.
 
 An enqueue of a large body is durable in this order, and only then fires:
 
@@ -26,10 +25,11 @@ a reply that says so, rather than dropping it without a trace.
 Group commit: while one batch commits, bodies that finish are collected and
 go together in the next transaction, with the deliveries the worker
 finished meanwhile (L{SQLiteStore.delivered}): under load one fsync of the
-WAL serves many messages in and many out.  Body files are written in a pool of
-their own (several threads, so their fsyncs overlap with each other and with
-the commit in progress); the database has one connection in a pool of one
-thread.  One connection because SQLite admits one writer at a time anyway:
+WAL serves many messages in and many out.  Claims and lease renewals commit
+without an fsync (see L{SQLiteStore._run}).  Body files are written in a
+pool of their own (several threads, so their fsyncs overlap with each other
+and with the commit in progress); the database has one connection in a pool
+of one thread.  One connection because SQLite admits one writer at a time anyway:
 more connections would only wait on its file lock, polling, where one
 thread takes the work in order; and because the commit batches then never
 race each other.  C{check_same_thread=False} lets the pool close that

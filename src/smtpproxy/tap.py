@@ -372,6 +372,7 @@ def _queue(
     if not settings.queue_url:
         return None, None, None
     store = queue_backend.make_store(settings.queue_url, settings.queue_max_bytes, reactor)
+    queue_backend.share_the_gil()
     per_route = providers.mailbox_concurrency(provider)
     runner = queue_worker.QueueRunner(
         store, provider, reactor, parser, queue_worker.settings_from(settings, per_route)

@@ -374,7 +374,9 @@ class SQLiteStore:
                 " WHERE state = 'queued' AND next_attempt <= ? ORDER BY queued_at, seq",
                 (now,),
             )
-            due = itertools.chain.from_iterable(iter(lambda: cursor.fetchmany(64), []))
+            # Each row fetched is one step of SQLite's, and one hand-over of
+            # the GIL: fetch no more than a claim can take at a time.
+            due = itertools.chain.from_iterable(iter(lambda: cursor.fetchmany(limit), []))
             chosen: list[tuple[object, ...]] = []
             for row in heapq.merge(expired, due, key=_age):
                 route = row[6]
@@ -390,10 +392,19 @@ class SQLiteStore:
                 " WHERE seq = ?",
                 [(owner, until, row[0]) for row in chosen],
             )
+            small = [cast(int, row[0]) for row in chosen if row[-1] == _INLINE]
+            bodies: dict[int, bytes] = {}
+            if small:
+                cursor.execute(
+                    "SELECT message, data FROM inline_bodies"  # noqa: S608
+                    f" WHERE message IN ({', '.join('?' * len(small))})",
+                    small,
+                )
+                bodies = dict(cursor.fetchall())
             return [
                 (
                     _entry(row[:-1], state=State.DELIVERING, lease_owner=owner, lease_until=until),
-                    _inline_body(cursor, cast(int, row[0])) if row[-1] == _INLINE else None,
+                    bodies.get(cast(int, row[0])),
                 )
                 for row in chosen
             ]

@@ -41,6 +41,7 @@ bench: $(BIN)/.deps
 	$(BIN)/python bench/ab.py --peer smtp-sink --pairs 20 --docs
 	$(BIN)/python bench/adversarial.py --docs
 	$(BIN)/python bench/http_api.py
+	$(BIN)/python bench/queue_ingress.py
 
 clean:
 	rm -rf $(VENV) _trial_temp* .mypy_cache .ruff_cache

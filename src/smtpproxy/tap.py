@@ -450,6 +450,7 @@ def _queue(
     if callable(keep_counts) and isinstance(store, CounterStore):
         # Graph's sending budgets live with the queue: kept over restarts, shared by replicas.
         keep_counts(store)
+    queue_backend.share_the_gil()
     per_route = providers.mailbox_concurrency(provider)
     runner = queue_worker.QueueRunner(
         store, provider, reactor, parser, queue_worker.settings_from(settings, per_route)
@@ -497,6 +498,9 @@ def makeService(options: Options) -> RelayService:
     guard = web_metrics.CountingGuard(guard_settings(settings), reactor, metrics)
     context = options.get("tls_context") or tls.server_context(cert, key)
     factory = RelayFactory(session, portal, context, reactor, guard)
+    if runner is not None:
+        # Queued bodies read back for delivery share the sessions' memory budget.
+        runner.budget = factory.spool.budget
     custom = options.get("custom_certificate", bool(settings.tls_cert_file))
     tls_summary = ("custom " if custom else "self-signed ") + tls.describe(cert)
     service = RelayService(settings, factory, provider, observer, tls_summary)

@@ -168,14 +168,17 @@ class MemoryStore:
         entry = self.entries.get(id)
         if entry is None:
             return defer.succeed(False)
-        self.entries[id] = dataclasses.replace(entry, state=State.QUEUED, next_attempt=now)
+        queued_at = now if entry.state == State.DEAD else entry.queued_at
+        self.entries[id] = dataclasses.replace(
+            entry, state=State.QUEUED, next_attempt=now, queued_at=queued_at
+        )
         return defer.succeed(True)
 
     def retry_dead(self, now: float) -> defer.Deferred[int]:
         dead = [id for id, e in self.entries.items() if e.state == State.DEAD]
         for id in dead:
             self.entries[id] = dataclasses.replace(
-                self.entries[id], state=State.QUEUED, next_attempt=now
+                self.entries[id], state=State.QUEUED, next_attempt=now, queued_at=now
             )
         return defer.succeed(len(dead))
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import os
+import shutil
 import signal
 import smtplib
 import socket
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.fakegraph import Delivery, FakeGraph, Fault
 from tests.support import TIMEOUT, async_test, in_thread, message
@@ -205,23 +207,33 @@ class CrashTests(TestCase):
         self.assertEqual((stats["queued"], stats["delivering"], stats["dead"]), (0, 0, 0))
 
 
+def fake_graph(case: TestCase) -> FakeGraph:
+    """A fake Graph listening in this test's reactor until the test ends."""
+    fake = FakeGraph(reactor, mailboxes=(MAILBOX,))
+    port = fake.listen(reactor)
+    case.addCleanup(port.stopListening)
+    return fake
+
+
+def graph_settings(fake: FakeGraph) -> dict[str, str]:
+    """The relay's settings for sending through C{fake}."""
+    return {
+        "GRAPH_TENANT_ID": fake.tenant,
+        "GRAPH_CLIENT_ID": fake.client_id,
+        "GRAPH_CLIENT_SECRET": fake.client_secret or "",
+        "GRAPH_SENDER": MAILBOX,
+        "GRAPH_AUTHORITY_HOST": fake.endpoint,
+        "GRAPH_ENDPOINT": fake.endpoint,
+        "GRAPH_SEND_TIMEOUT": "5",
+    }
+
+
 class GraphOutageTests(TestCase):
     def graph(self) -> FakeGraph:
-        fake = FakeGraph(reactor, mailboxes=(MAILBOX,))
-        port = fake.listen(reactor)
-        self.addCleanup(port.stopListening)
-        return fake
+        return fake_graph(self)
 
     def graph_settings(self, fake: FakeGraph) -> dict[str, str]:
-        return {
-            "GRAPH_TENANT_ID": fake.tenant,
-            "GRAPH_CLIENT_ID": fake.client_id,
-            "GRAPH_CLIENT_SECRET": fake.client_secret or "",
-            "GRAPH_SENDER": MAILBOX,
-            "GRAPH_AUTHORITY_HOST": fake.endpoint,
-            "GRAPH_ENDPOINT": fake.endpoint,
-            "GRAPH_SEND_TIMEOUT": "5",
-        }
+        return graph_settings(fake)
 
     @async_test
     async def test_outage_then_recovery_delivers_all_once(self) -> None:
@@ -354,3 +366,83 @@ class StartTests(TestCase):
         lines = [line for line in result.stderr.decode().splitlines() if "QUEUE_URL" in line]
         self.assertEqual(len(lines), 1, result.stderr.decode())
         self.assertIn("cannot open the queue", lines[0])
+
+
+class DiskFullTests(TestCase):
+    timeout = 300
+
+    def small_filesystem(self, directory: Path, size: str) -> None:
+        """Mount a tmpfs of C{size} on C{directory} (root only); unmounted at cleanup."""
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            raise SkipTest("a size-limited filesystem needs root and mount(8)")
+        directory.mkdir(parents=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise SkipTest(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        self.addCleanup(
+            subprocess.run, ["umount", "-l", str(directory)], capture_output=True, check=False
+        )
+
+    @async_test
+    async def test_full_disk_answers_452_and_loses_nothing_acknowledged(self) -> None:
+        """The queue on a 1 MiB filesystem: small messages (kept in SQLite's rows) and then
+        large ones (a file each) are accepted until the disk is full, then answered
+        452 4.3.1 by the real relay; after kill -9, more room and a restart, every
+        message that heard 250 is delivered exactly once and none that heard 452 is."""
+        relay = QueuedRelay(self)
+        volume = relay.dir / "volume"
+        self.small_filesystem(volume, "1m")
+        fake = fake_graph(self)
+        # Graph holds every request: nothing leaves the queue while it fills.
+        fake.script("sendMail", *[Fault(delay=120)] * 50)
+        graph = graph_settings(fake)
+        relay.settings["QUEUE_URL"] = f"sqlite:///{volume / 'queue.db'}"
+        relay.settings["QUEUE_LEASE_TIME"] = "2"
+        accepted: list[str] = []
+        refused: list[str] = []
+
+        def fill(label: str, size: int) -> None:
+            for n in range(2_000):
+                subject = f"{label} {n}"
+                with smtplib.SMTP("127.0.0.1", relay.port, timeout=TIMEOUT * 3) as client:
+                    client.ehlo("client.test")
+                    client.mail("a@example.com")
+                    client.rcpt("b@example.org")
+                    body = f"Body of {subject}.\r\n" + "z" * size + "\r\n"
+                    code, reply = client.data(message(subject, body))
+                if code == 250:
+                    accepted.append(subject)
+                    continue
+                self.assertEqual((code, reply.decode()[:5]), (452, "4.3.1"))
+                refused.append(subject)
+                return
+            self.fail(f"{label}: the disk never filled")
+
+        def scenario() -> None:
+            relay.start(**graph)
+            fill("small", 20_000)
+            fill("large", 200_000)
+            relay.kill()
+            subprocess.run(["mount", "-o", "remount,size=16m", str(volume)], check=True, timeout=30)
+            relay.start(PROVIDER="stdout")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                out = relay.out()
+                if all(f"Body of {s}." in out for s in accepted):
+                    break
+                time.sleep(0.2)
+            time.sleep(2.5)  # past a lease: a second delivery would show
+            self.assertEqual(relay.kill(signal.SIGTERM), 0)
+
+        await in_thread(scenario)
+        out = relay.out()
+        self.assertGreater(len(accepted), 10)
+        self.assertEqual(len(refused), 2)
+        self.assertEqual([s for s in accepted if out.count(f"Body of {s}.") != 1], [])
+        self.assertEqual([s for s in refused if f"Body of {s}." in out], [])
+        self.assertEqual(len(relay.events("message not queued: the queue is full")), 2)

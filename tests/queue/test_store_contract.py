@@ -33,7 +33,7 @@ from smtpproxy.queue.model import (
     QueueFullError,
     State,
 )
-from smtpproxy.queue.sqlite import LOST_BODY_REPLY, SQLiteStore, body_directory
+from smtpproxy.queue.sqlite import INLINE_MAX, LOST_BODY_REPLY, SQLiteStore, body_directory
 from smtpproxy.queue.store import QueueStore
 
 if TYPE_CHECKING:
@@ -360,7 +360,9 @@ class StoreContract(_Base):
         await store.release("op")
 
     async def test_retry(self) -> None:
-        """retry() makes a dead or waiting message due now; unknown or leased ids are refused."""
+        """retry() makes a dead or waiting message due now; unknown or leased ids are refused;
+        the dead one starts its age again (so it goes behind older mail), the waiting one
+        keeps its age."""
         store = await self.make_store()
         await self.make_dead(store, "dead", T0)
         await self.put(store, "later", T0 + 1)
@@ -370,7 +372,9 @@ class StoreContract(_Base):
         self.assertTrue(await store.retry("later", T0 + 100))
         self.assertFalse(await store.retry("absent", T0 + 100))
         claimed = await store.claim("w1", T0 + 100, LEASE, 10, 10)
-        self.assertEqual([e.id for e in claimed], ["dead", "later"])
+        self.assertEqual(
+            [(e.id, e.queued_at) for e in claimed], [("later", T0 + 1), ("dead", T0 + 100)]
+        )
         self.assertFalse(await store.retry("dead", T0 + 101))
         self.assertEqual(len((await store.show("dead") or self.fail()).history), 1)
 
@@ -383,7 +387,7 @@ class StoreContract(_Base):
         self.assertEqual(await store.retry_dead(T0 + 50), 2)
         self.assertEqual(await store.retry_dead(T0 + 50), 0)
         stats = await store.stats()
-        self.assertEqual((stats.queued, stats.dead), (3, 0))
+        self.assertEqual((stats.queued, stats.dead, stats.oldest_queued_at), (3, 0, T0 + 2))
         self.assertEqual(len(await store.claim("w1", T0 + 50, LEASE, 10, 10)), 3)
 
     async def test_delete(self) -> None:
@@ -500,17 +504,21 @@ class StoreContract(_Base):
         self.assertEqual((await store.stats()).bytes, sum(map(len, bodies.values())))
 
 
-class SQLiteStoreTests(StoreContract, TestCase):
-    """The contract against SQLite files, and what only the file layout shows."""
+class _SQLiteFiles(StoreContract):
+    """A fresh SQLite file per test; C{inline_max} chooses where small bodies go."""
+
+    inline_max = INLINE_MAX
 
     def setUp(self) -> None:
-        self.directory = self.mktemp()
+        self.directory = cast(TestCase, self).mktemp()
         os.makedirs(self.directory)
         self.path = os.path.join(self.directory, "queue.db")
 
     def new_store(self, max_bytes: int | None = None) -> SQLiteStore:
-        store = SQLiteStore(self.path, max_bytes or self.max_bytes, reactor)
-        self.addCleanup(store.close)
+        store = SQLiteStore(
+            self.path, max_bytes or self.max_bytes, reactor, inline_max=self.inline_max
+        )
+        cast(TestCase, self).addCleanup(store.close)
         return store
 
     async def make_store(self, max_bytes: int | None = None) -> QueueStore:
@@ -524,6 +532,106 @@ class SQLiteStoreTests(StoreContract, TestCase):
 
     def body_files(self) -> list[str]:
         return sorted(os.listdir(body_directory(self.path)))
+
+
+class SQLiteInlineStoreTests(_SQLiteFiles, TestCase):
+    """The contract against SQLite with small bodies kept in their rows (the default)."""
+
+    async def test_small_bodies_inline_large_in_files(self) -> None:
+        """A body up to inline_max lives in its row (no file); one byte more gets a file;
+        both read back byte for byte after a reopen, and delivering removes both."""
+        store = await self.make_store()
+        small, large = os.urandom(INLINE_MAX), os.urandom(INLINE_MAX + 1)
+        await self.put(store, "small", data=small)
+        self.assertEqual(self.body_files(), [])
+        await self.put(store, "large", T0 + 1, data=large)
+        self.assertEqual(len(self.body_files()), 1)
+        store = await self.reopen(store)
+        self.assertEqual(len(self.body_files()), 1)
+        self.assertEqual((await store.stats()).bytes, len(small) + len(large))
+        claimed = await store.claim("w1", T0 + 5, LEASE, 10, 10)
+        self.assertEqual([e.id for e in claimed], ["small", "large"])
+        self.assertEqual(await store.read_body("small"), small)
+        self.assertEqual(await store.read_body("large"), large)
+        for id in ("small", "large"):
+            await store.delivered(id, "w1", attempt(T0 + 6, Outcome.DELIVERED))
+        self.assertEqual(self.body_files(), [])
+        self.assertEqual((await store.stats()).bytes, 0)
+
+    async def test_deliveries_share_commits(self) -> None:
+        """Fifty deliveries recorded at once are committed together (far fewer commits than
+        messages) and each is answered: the delivered ones gone, a lost lease refused."""
+        store = cast(SQLiteStore, await self.make_store())
+        for i in range(50):
+            await self.put(store, f"d{i:02}", T0 + i)
+        claimed = await store.claim("w1", T0 + 99, LEASE, 50, 50)
+        self.assertEqual(len(claimed), 50)
+        before = store.group_commits
+        done = [store.delivered(e.id, "w1", attempt(T0 + 100, Outcome.DELIVERED)) for e in claimed]
+        wrong = store.delivered("d00", "someone-else", attempt(T0 + 100, Outcome.DELIVERED))
+        await defer.gatherResults(done)
+        await self.assertFailure(wrong, LeaseLostError)
+        self.assertLessEqual(store.group_commits - before, 2)
+        self.assertEqual((await store.stats()).queued + (await store.stats()).delivering, 0)
+
+    async def test_claims_unsynced_enqueues_synced(self) -> None:
+        """A claim commits without the WAL fsync (synchronous NORMAL: its loss in a power cut
+        only queues the message again), and the next enqueue's commit is synced (FULL)."""
+        store = cast(SQLiteStore, await self.make_store())
+        pool = store._pool
+        assert pool is not None
+
+        def level() -> defer.Deferred[int]:
+            return cast(
+                defer.Deferred[int],
+                pool.runInteraction(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]),
+            )
+
+        await self.put(store, "m1")
+        self.assertEqual(await level(), 2)  # FULL
+        await store.claim("w1", T0, LEASE, 10, 10)
+        self.assertEqual(await level(), 1)  # NORMAL
+        await self.put(store, "m2", T0 + 1)
+        self.assertEqual(await level(), 2)
+        await store.delivered("m1", "w1", attempt(T0 + 2, Outcome.DELIVERED))
+        self.assertEqual(await level(), 2)
+
+    async def test_small_body_disk_full(self) -> None:
+        """A small body whose read fails with ENOSPC is QueueFullError; nothing is stored
+        and its bytes are free again."""
+        store = await self.make_store(max_bytes=100_000)
+        body = FullDiskBody(b"z" * 50_000, room=20_000)
+        await self.assertFailure(store.enqueue("m", envelope(), body, T0), QueueFullError)
+        self.assertIsNone(await store.show("m"))
+        await self.put(store, "after", data=b"a" * 100_000)
+
+    async def test_version_1_file_upgraded(self) -> None:
+        """A queue written by schema 1 (every body in a file) is upgraded at open: its
+        messages and bodies stay, and new small messages go inline."""
+        store = await self.make_store()
+        await store.close()
+        with sqlite3.connect(self.path) as db:
+            # What version 1 looked like: no table of small bodies.
+            db.execute("DROP TABLE inline_bodies")
+            db.execute("PRAGMA user_version = 1")
+        db.close()
+        old = SQLiteStore(self.path, self.max_bytes, reactor, inline_max=0)
+        await old.open()
+        await old.enqueue("old", envelope(), Body(b"old body"), T0)
+        await old.close()
+        store = await self.make_store()
+        await self.put(store, "new", T0 + 1, data=b"new body")
+        self.assertEqual(await store.read_body("old"), b"old body")
+        self.assertEqual(await store.read_body("new"), b"new body")
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
+        db.close()
+
+
+class SQLiteStoreTests(_SQLiteFiles, TestCase):
+    """The contract against SQLite with every body in a file, and what only files show."""
+
+    inline_max = 0
 
     async def test_crash_leftovers_tidied_at_open(self) -> None:
         """A partial body and a body without a row (a crash before commit) are deleted at open."""
@@ -581,7 +689,7 @@ class SQLiteStoreTests(StoreContract, TestCase):
         await store.close()
         with sqlite3.connect(self.path) as db:
             self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 1)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
             db.execute("PRAGMA user_version = 99")
         db.close()
         newer = self.new_store()

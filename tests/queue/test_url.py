@@ -1,9 +1,12 @@
-"""C{QUEUE_URL} read into a backend and its path or DSN, without I/O."""
+"""C{QUEUE_URL} read into a backend and its path or DSN, without I/O; queue mode's GIL setting."""
 
 from __future__ import annotations
 
+import sys
+
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpproxy.queue import backend
 from smtpproxy.queue.url import parse_queue_url
 
 
@@ -62,3 +65,17 @@ class ParseQueueURLTests(SynchronousTestCase):
             parse_queue_url("mysql://x/y")
         self.assertIn("sqlite:relative/path.db", str(caught.exception))
         self.assertIn("postgresql://", str(caught.exception))
+
+
+class SwitchIntervalTests(SynchronousTestCase):
+    def test_queue_mode_shortens_the_gil_switch_interval(self) -> None:
+        """share_the_gil() lowers the interpreter's switch interval to SWITCH_INTERVAL (the
+        queue's database thread gets the GIL back sooner), and never raises it."""
+        before = sys.getswitchinterval()
+        self.addCleanup(sys.setswitchinterval, before)
+        sys.setswitchinterval(0.005)
+        backend.share_the_gil()
+        self.assertAlmostEqual(sys.getswitchinterval(), backend.SWITCH_INTERVAL, places=5)
+        sys.setswitchinterval(0.0001)
+        backend.share_the_gil()
+        self.assertLess(sys.getswitchinterval(), 0.0002)

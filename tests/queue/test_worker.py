@@ -22,7 +22,7 @@ from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import Envelope, Outcome, State
 from smtpproxy.queue.policy import Schedule
 from smtpproxy.queue.worker import QueueRunner, RunnerSettings
-from smtpproxy.spool import MessageBody
+from smtpproxy.spool import InflightBudget, MessageBody
 from tests.queue.memory import MemoryStore
 from tests.support import RecordingProvider, message
 
@@ -168,6 +168,22 @@ class OutcomeTests(WorkerCase):
         self.assertEqual(len(self.provider.emails), len(outcomes))
         self.assertEqual(len(outcomes), 9)
 
+    def test_retried_expired_message_gets_a_new_max_age(self) -> None:
+        """An expired (dead) message retried by the operator starts its age again: its next
+        temporary failure is deferred for another try, not expired at once."""
+        self.provider.outcomes.extend(TransientDeliveryError("down") for _ in range(10))
+        runner = self.runner()
+        runner.startService()
+        id = self.queue()
+        for _ in range(70):
+            self.clock.advance(60)
+        self.assertEqual(self.store.entries[id].history[-1].outcome, Outcome.EXPIRED)
+        self.assertTrue(self.successResultOf(self.store.retry(id, self.clock.seconds())))
+        self.clock.advance(runner.settings.poll_interval)
+        entry = self.store.entries[id]
+        self.assertEqual((entry.state, entry.history[-1].outcome), (State.QUEUED, Outcome.DEFERRED))
+        self.assertEqual(len(self.provider.emails), 10)
+
     def test_dsn_parameters_reach_the_provider(self) -> None:
         """The DSN parameters kept in meta are on the Email the provider gets."""
         dsn = Dsn("HDRS", "env-1", (RecipientDsn("b@example.org", ("FAILURE",), None),))
@@ -210,6 +226,23 @@ class PacingTests(WorkerCase):
         self.assertEqual([e.subject for e in self.provider.emails], ["m0", "m1", "m2"])
         self.assertTrue(all(per_route == 3 for _, per_route in self.store.claims))
         self.assertLessEqual(max(limit for limit, _ in self.store.claims), 2)
+
+    def test_bodies_read_back_within_the_memory_budget(self) -> None:
+        """With the sessions' memory budget nearly full, a queued body is not read back
+        (nor delivered) until its size fits; its bytes go back once the provider is done."""
+        budget = InflightBudget(1_000)
+        runner = self.runner()
+        runner.budget = budget
+        self.assertTrue(budget.reserve(900))  # a session holds most of it
+        runner.startService()
+        self.queue("waits")
+        self.clock.advance(0)
+        self.assertEqual(self.provider.emails, [])
+        self.assertEqual(budget.waiting, 1)
+        budget.release(900)
+        self.clock.advance(0)
+        self.assertEqual([e.subject for e in self.provider.emails], ["waits"])
+        self.assertEqual((budget.held, budget.waiting), (0, 0))
 
     def test_kick_delivers_without_waiting_for_the_poll(self) -> None:
         """Mail queued by this process goes out in the next reactor turn, not the next poll."""

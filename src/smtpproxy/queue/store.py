@@ -84,10 +84,16 @@ class QueueStore(Protocol):
         """One message with its attempt history, or None."""
 
     def retry(self, id: str, now: float) -> Deferred[bool]:
-        """Make a queued or dead message due now; False if there is no such message."""
+        """Make a queued or dead message due now; False if there is no such message.
+
+        A dead message also starts its age again (C{queued_at} becomes
+        C{now}): the operator fixed the cause, and an expired message would
+        otherwise die again at its first temporary failure.  A queued one
+        keeps its age (and its place in the age order).
+        """
 
     def retry_dead(self, now: float) -> Deferred[int]:
-        """Make every dead message queued and due now; how many."""
+        """Make every dead message queued and due now, its age restarted; how many."""
 
     def delete(self, id: str) -> Deferred[bool]:
         """Remove a message that no worker holds; False if absent or leased."""

@@ -45,6 +45,7 @@ from smtpproxy.queue import policy
 from smtpproxy.queue.front import dsn_from_meta
 from smtpproxy.queue.model import Attempt, Entry, LeaseLostError
 from smtpproxy.queue.store import QueueStore
+from smtpproxy.spool import InflightBudget
 
 log = Logger(namespace="smtpproxy.queue")
 
@@ -117,6 +118,7 @@ class QueueRunner(Service):
         *,
         owner: str | None = None,
         rand: Callable[[], float] = random.random,
+        budget: InflightBudget | None = None,
     ) -> None:
         self.store = store
         self._provider = provider
@@ -125,6 +127,10 @@ class QueueRunner(Service):
         self.settings = settings
         self.owner = owner or worker_name()
         self._rand = rand
+        # The sessions' memory budget (smtpproxy.spool): a body is read back
+        # only once its size fits, so concurrent large deliveries take turns
+        # rather than all sitting in memory; None: no limit (tests).
+        self.budget = budget
         self.inflight: dict[str, defer.Deferred[None]] = {}
         self._claiming = False
         self._again = False
@@ -269,7 +275,13 @@ class QueueRunner(Service):
             "attempts": attempts,
         }
         error: BaseException | None = None
+        held = 0
         try:
+            if self.budget is not None:
+                waiting = self.budget.acquire(entry.size)
+                if waiting is not None:
+                    await waiting
+                held = entry.size
             email = await self._parse(entry)
             fields["queue_time_s"] = round(self._reactor.seconds() - entry.queued_at, 3)
             await send_email(
@@ -280,6 +292,9 @@ class QueueRunner(Service):
         finally:
             if renewer.running:
                 renewer.stop()
+            if held and self.budget is not None:
+                # The provider is done with the body: its bytes may go.
+                self.budget.release(held)
         now = self._reactor.seconds()
         decision = policy.decide(
             error, attempts, entry.queued_at, now, self.settings.schedule, self._rand()

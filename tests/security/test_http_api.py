@@ -404,16 +404,22 @@ class RequestIdTests(TestCase):
 class FailClosedTests(TestCase):
     @async_test
     async def test_SEC_114_api_off_until_a_key_exists(self) -> None:
-        """No key configured: /v1 is the site's 404 for every path and method, even with a
-        bearer token, and nothing is delivered."""
+        """No key configured: every /v1 path is answered as a path nobody mounted (a body:
+        413 before it is read; none: 404), even with a bearer token, and nothing is
+        delivered."""
         server = ApiServer(self, keys=())
+        missing = await server.request("POST", "/nothing-here", b"{}")
+        self.assertEqual(missing.status, 413)
         for path in ("/v1/messages", "/v1/messages/raw", "/v1/openapi.json"):
             answer = (
                 await server.send(message())
                 if path == "/v1/messages"
                 else await server.request("POST", path, b"{}")
             )
-            self.assertEqual(answer.status, 404, path)
+            self.assertEqual((answer.status, answer.body), (missing.status, missing.body), path)
+            self.assertIsNone(answer.header("x-request-id"), path)
+        answer = await server.request("GET", "/v1/openapi.json", secret=None, content_type=None)
+        self.assertEqual(answer.status, 404)
         self.assertEqual(server.provider.emails, [])
 
     @async_test

@@ -31,7 +31,7 @@ from smtpproxy.policy.guard import settings_from as guard_settings
 from smtpproxy.smtp import listeners
 from smtpproxy.smtp.protocol import RelayFactory, session_settings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
-from smtpproxy.web import health
+from smtpproxy.web import site as web_site
 
 log = Logger(namespace="smtpproxy")
 
@@ -337,7 +337,7 @@ def makeService(options: Options) -> RelayService:
         else:
             service.smtp = smtp
     if settings.http_listen:
-        site = health.make_site(lambda: service.stopping)
+        site = web_site.make_site(lambda: service.stopping, provider, reactor)
         http = strports.service(settings.http_listen, site, reactor)
         http.setServiceParent(service)
         service.http = http

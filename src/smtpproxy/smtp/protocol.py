@@ -56,7 +56,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpproxy.errors import Reply, reply_for_failure
+from smtpproxy.errors import DeliveryError, Reply, reply_for_failure
 from smtpproxy.logsafe import LoginNames, clip
 from smtpproxy.logsummary import LogSummary
 from smtpproxy.policy.guard import Guard
@@ -946,6 +946,9 @@ class RelayProtocol(ESMTP):
             self.reply(530, "5.7.0", "Authentication required")
         elif isinstance(error, SMTPServerError):
             self.reply(Reply(error.code, "5.7.1", str(error.resp)))
+        elif isinstance(error, DeliveryError):
+            # A provider's refusal at MAIL or RCPT (providers.envelope_refusal).
+            self.reply(reply_for_failure(error))
         else:
             log.failure(f"{what} validation failed", failure, session=self.id)
             self.reply(451, "4.3.0", "Local error in processing")

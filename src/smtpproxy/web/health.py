@@ -110,16 +110,23 @@ class _Site(Site):
         )
 
 
-def make_site(is_stopping: Callable[[], bool], reactor: IReactorTime | None = None) -> Site:
+def make_site(
+    is_stopping: Callable[[], bool],
+    reactor: IReactorTime | None = None,
+    root: Resource | None = None,
+) -> Site:
     """The C{twisted.web} site serving C{/healthz}.
 
     @param is_stopping: asked on every check; true once shutdown has begun.
     @param reactor: for connection timeouts; Twisted's global one if not given.
+    @param root: the resource for the whole URL space in place of the health
+        endpoint alone (L{smtpproxy.web.site} builds one from parts).
     """
     kwargs: dict[str, Any] = {"timeout": IDLE_TIMEOUT}
     if reactor is not None:
         kwargs["reactor"] = reactor
-    site = _Site(HealthResource(is_stopping), requestFactory=_Request, **kwargs)  # type: ignore[no-untyped-call]
+    resource = root if root is not None else HealthResource(is_stopping)
+    site = _Site(resource, requestFactory=_Request, **kwargs)  # type: ignore[no-untyped-call]
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -60,6 +60,16 @@ class Triggers:
     def enabled(self) -> bool:
         return any(self.stage(name).probability for name in STAGES)
 
+    def __str__(self) -> str:
+        """As C{MAILBOX_CHAOS} would be written: C{off}, or the stages that refuse."""
+        parts = [
+            f"{name}={t.code}:{t.probability}"
+            for name in STAGES
+            for t in [self.stage(name)]
+            if t.probability
+        ]
+        return " ".join(parts) or "off"
+
 
 def _trigger(code: int, probability: int, where: str) -> Trigger:
     if code not in CODES:
@@ -70,11 +80,13 @@ def _trigger(code: int, probability: int, where: str) -> Trigger:
 
 
 def parse_triggers(raw: str) -> Triggers:
-    """C{"recipient=451:20, data=554:5"}: stage, reply code and percentage; empty is off.
+    """C{"recipient=451:20, data=554:5"}: stage, reply code and percentage; empty or C{off} is off.
 
     @raise ValueError: naming the part that is wrong.
     """
     triggers = Triggers()
+    if raw.strip().lower() == "off":
+        return triggers
     for part in raw.replace(",", " ").split():
         stage, sep, rule = part.partition("=")
         code, sep2, percent = rule.partition(":")

@@ -68,7 +68,7 @@
     const tr = document.createElement("tr");
     tr.dataset.id = m.ID;
     if (!m.Read) tr.className = "unread";
-    const cells = [who(m.From), who(m.To), null, when(m.Created), size(m.Size), m.Attachments ? "\u{1F4CE}" : ""];
+    const cells = [who(m.From), who(m.To), null, when(m.Created), size(m.Size), m.Attachments ? String(m.Attachments) : ""];
     cells.forEach((value, i) => {
       const td = document.createElement("td");
       if (i === 2) {
@@ -81,7 +81,7 @@
       } else {
         text(td, value);
       }
-      if (i === 5 && m.Attachments) td.title = m.Attachments + " attachment(s)";
+      if (i === 5 && m.Attachments) { td.title = m.Attachments + " attachment(s)"; td.className = "badge"; }
       tr.appendChild(td);
     });
     tr.addEventListener("click", () => { location.hash = "#" + encodeURIComponent(m.ID); });
@@ -98,6 +98,7 @@
     text($("m-from"), who(m.From));
     text($("m-to"), who(m.To));
     text($("m-cc"), who(m.Cc));
+    $("m-cc").hidden = $("m-cc-label").hidden = !m.Cc.length;
     text($("m-date"), when(m.Date));
     text($("m-size"), size(m.Size));
     $("download").href = "/api/v1/message/" + encodeURIComponent(m.ID) + "/raw?dl=1";

@@ -9,6 +9,7 @@ thread beside the reactor); every wait is bounded.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -81,7 +82,11 @@ class Browser:
         self.call("Runtime.enable", session=True)
 
     def call(
-        self, method: str, params: dict[str, Any] | None = None, *, session: bool = False,
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        session: bool = False,
         timeout: float = 30.0,
     ) -> dict[str, Any]:
         self._next_id += 1
@@ -162,20 +167,16 @@ class Browser:
         ]
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(BrowserError, OSError):
             self.call("Browser.close", timeout=5)
-        except (BrowserError, OSError):
-            pass
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)
         for fd in (self._to_chrome, self._from_chrome):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         shutil.rmtree(self._profile, ignore_errors=True)
 
 

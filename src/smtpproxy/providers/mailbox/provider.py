@@ -226,6 +226,9 @@ class MailboxProvider:
                 file.delete(evicted).addErrback(self._file_failed, "delete")
 
         def unreadable(failure: Failure) -> None:
+            # Every write would fail the same way: run in memory instead.
+            self.file = None
+            file.close()
             log.error(
                 "mailbox file not readable; starting empty",
                 path=file.path,

@@ -159,6 +159,22 @@ class Browser:
             if e.get("method") == "Network.requestWillBeSent"
         ]
 
+    def sent_urls(self) -> list[str]:
+        """The URLs the browser actually sent a request for: without those it blocked
+        itself (a Content-Security-Policy, a sandbox) before anything left."""
+        self.evaluate("1")
+        blocked = {
+            e["params"]["requestId"]
+            for e in self.events
+            if e.get("method") == "Network.loadingFailed" and e["params"].get("blockedReason")
+        }
+        return [
+            e["params"]["request"]["url"]
+            for e in self.events
+            if e.get("method") == "Network.requestWillBeSent"
+            and e["params"]["requestId"] not in blocked
+        ]
+
     def console_messages(self) -> list[str]:
         return [
             json.dumps(e["params"])

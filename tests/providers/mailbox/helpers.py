@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from email.message import EmailMessage
 from typing import Any
 
 from smtpproxy.mime.message import Email, parse_message
+
+
+def tiny_png(width: int = 48, height: int = 16) -> bytes:
+    """A real PNG (a blue bar), so an inline image visibly renders in screenshots."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\x00" + b"\x09\x69\xda" * width
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
+    )
 
 
 def raw_message(

@@ -173,7 +173,8 @@ class ChaosOverSmtpTests(TestCase):
                         code, text = e.recipients["b@example.org"]
                         return code, text if isinstance(text, bytes) else text.encode()
                     except smtplib.SMTPDataError as e:
-                        return e.smtp_code, e.smtp_error
+                        error = e.smtp_error
+                        return e.smtp_code, error if isinstance(error, bytes) else error.encode()
                 return 250, b""
 
             results[stage] = await in_thread(attempt)

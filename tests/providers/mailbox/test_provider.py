@@ -5,6 +5,7 @@ from __future__ import annotations
 import smtplib
 import sqlite3
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -129,6 +130,24 @@ class FileTests(TestCase):
         with sqlite3.connect(path) as db:
             (count,) = db.execute("SELECT count(*) FROM messages").fetchone()
         self.assertEqual(count, 2)
+
+    @async_test
+    async def test_a_burst_is_written_whole_and_in_order(self) -> None:
+        """Fifty sends at once (group commit puts several in one transaction): each fires
+        once committed, and a restart reads all fifty back in arrival order."""
+        from twisted.internet import reactor
+
+        path = self.mktemp()
+        first = MailboxProvider(settings(path=path), reactor, file=MailboxFile(path))
+        sends = [first.send(email(raw_message(subject=f"m{n}"))) for n in range(50)]
+        await defer.gatherResults(sends, consumeErrors=True)
+        await first.close()
+        second = MailboxProvider(settings(path=path), reactor, file=MailboxFile(path))
+        self.addCleanup(second.close)
+        assert second._loaded is not None
+        await second._loaded
+        subjects = [m.email.subject for m in second.store.newest_first()]
+        self.assertEqual(subjects, [f"m{n}" for n in reversed(range(50))])
 
     @async_test
     async def test_an_unreadable_file_starts_empty(self) -> None:

@@ -28,6 +28,7 @@ from typing import Any, TypeVar, cast
 
 from twisted.enterprise.adbapi import ConnectionPool
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 T = TypeVar("T")
 
@@ -73,6 +74,8 @@ class MailboxFile:
         if reactor is not None:
             kwargs["cp_reactor"] = reactor
         self._pool = ConnectionPool("sqlite3", path, **kwargs)
+        self._waiting: list[tuple[Row, list[str], Deferred[None]]] = []
+        self._writing = False
 
     def load(self, limit: int, prepare: Callable[[Row], T]) -> Deferred[list[T]]:
         """The newest C{limit} rows, oldest first (the order they are put back in).
@@ -84,8 +87,37 @@ class MailboxFile:
         return cast("Deferred[list[T]]", loading)
 
     def insert(self, row: Row, evicted: Sequence[str]) -> Deferred[None]:
-        """Write C{row} and forget C{evicted}, in one transaction."""
-        return cast("Deferred[None]", self._pool.runInteraction(_insert, row, list(evicted)))
+        """Write C{row} and forget C{evicted}; fire once that is committed.
+
+        Group commit: while one transaction runs, the rows that arrive wait
+        and go together in the next, so a burst of mail costs a few
+        transactions, not one each (and the order of rows is the order of
+        calls).
+        """
+        done: Deferred[None] = Deferred()
+        self._waiting.append((row, list(evicted), done))
+        if not self._writing:
+            self._write_next()
+        return done
+
+    def _write_next(self) -> None:
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            self._writing = False
+            return
+        self._writing = True
+        writes = [(row, evicted) for row, evicted, _ in batch]
+        writing = self._pool.runInteraction(_insert_all, writes)
+
+        def finished(result: object) -> None:
+            self._write_next()
+            for _, _, done in batch:
+                if isinstance(result, Failure):
+                    done.errback(result)
+                else:
+                    done.callback(None)
+
+        writing.addBoth(finished)
 
     def delete(self, ids: Sequence[str]) -> Deferred[None]:
         return cast("Deferred[None]", self._pool.runInteraction(_delete, list(ids)))
@@ -137,6 +169,11 @@ def _load(cursor: sqlite3.Cursor, limit: int, prepare: Callable[[Row], T]) -> li
     ]
     rows.reverse()
     return [prepare(row) for row in rows]
+
+
+def _insert_all(cursor: sqlite3.Cursor, writes: list[tuple[Row, list[str]]]) -> None:
+    for row, evicted in writes:
+        _insert(cursor, row, evicted)
 
 
 def _insert(cursor: sqlite3.Cursor, row: Row, evicted: list[str]) -> None:

@@ -1,0 +1,147 @@
+"""The HTTP listener's URL space: health always, the mailbox only with PROVIDER=mailbox;
+and the mailbox's live event streams, bounded."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from smtpproxy.config import Config
+from smtpproxy.providers.mailbox.provider import MailboxProvider
+from smtpproxy.providers.mailbox.settings import MailboxSettings
+from smtpproxy.web import site
+from smtpproxy.web.mailbox.events import EventHub
+from tests.providers.mailbox.helpers import email
+from tests.support import TIMEOUT, RecordingProvider, async_test, in_thread
+
+
+def get(port: int, path: str) -> tuple[int, str, bytes]:
+    url = f"http://127.0.0.1:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as reply:
+            return reply.status, reply.headers["content-type"], reply.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["content-type"], e.read()
+
+
+class SiteTests(TestCase):
+    def listen(self, provider: Any) -> int:
+        from twisted.internet import reactor
+
+        http = site.make_site(lambda: False, provider, reactor)
+        port: Any = reactor.listenTCP(0, http, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return int(port.getHost().port)
+
+    @async_test
+    async def test_without_the_mailbox_nothing_changes(self) -> None:
+        """Another provider: /healthz answers, / and /api/v1/messages are the JSON 404s."""
+        port = self.listen(RecordingProvider())
+        health, root, api = await in_thread(
+            lambda: [get(port, p) for p in ("/healthz", "/", "/api/v1/messages")]
+        )
+        self.assertEqual((health[0], json.loads(health[2])), (200, {"status": "ok"}))
+        self.assertEqual((root[0], root[1]), (404, "application/json"))
+        self.assertEqual(api[0], 404)
+
+    @async_test
+    async def test_with_the_mailbox(self) -> None:
+        """The mailbox: /healthz still the health endpoint, / the page, /api/v1 the API."""
+        from twisted.internet import reactor
+
+        provider = MailboxProvider(MailboxSettings.from_config(Config()), reactor)
+        provider.send(email(subject="Mounted"))
+        port = self.listen(provider)
+        health, root, api = await in_thread(
+            lambda: [get(port, p) for p in ("/healthz", "/", "/api/v1/messages")]
+        )
+        self.assertEqual(json.loads(health[2]), {"status": "ok"})
+        self.assertEqual((root[0], root[1]), (200, "text/html; charset=utf-8"))
+        self.assertIn(b"/static/mailbox.js", root[2])
+        self.assertEqual(json.loads(api[2])["messages"][0]["Subject"], "Mounted")
+
+
+class StreamRequest:
+    """The part of a twisted.web request an event stream uses, recording what it gets.
+
+    Not Twisted's DummyRequest: that one pulls from a registered producer in a
+    loop, where the socket behind a real request pushes and pauses.
+    """
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.headers: dict[bytes, bytes] = {}
+        self.producer: Any = None
+        self.finished = 0
+        self._finish: list[Deferred[None]] = []
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.headers[name] = value
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def notifyFinish(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._finish.append(d)
+        return d
+
+    def finish(self) -> None:
+        self.finished += 1
+        for d in self._finish:
+            d.callback(None)
+
+
+class EventHubTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.provider = MailboxProvider(MailboxSettings.from_config(Config()), self.clock)
+        self.hub = EventHub(self.provider.store, self.clock, max_clients=2)
+
+    def test_new_mail_reaches_every_stream_and_the_count_is_capped(self) -> None:
+        """Two streams get each new message as one event; a third is turned away."""
+        first, second, third = (StreamRequest() for _ in range(3))
+        self.assertTrue(self.hub.open(first))
+        self.assertTrue(self.hub.open(second))
+        self.assertFalse(self.hub.open(third))
+        self.provider.send(email(subject="Live"))
+        for request in (first, second):
+            frames = b"".join(request.written)
+            self.assertIn(b"event: new\ndata: ", frames)
+            data = frames.split(b"data: ", 1)[1].split(b"\n\n", 1)[0]
+            self.assertEqual(json.loads(data)["Subject"], "Live")
+
+    def test_a_client_that_does_not_read_is_dropped(self) -> None:
+        """When the socket's buffer is full (the stream is paused) the stream is finished
+        and its slot freed: nothing piles up for a client that does not read."""
+        request = StreamRequest()
+        self.hub.open(request)
+        self.assertEqual(request.headers[b"content-type"], b"text/event-stream; charset=utf-8")
+        request.producer.pauseProducing()
+        self.clock.advance(0)
+        self.assertEqual(self.hub.streams, [])
+        self.assertEqual(request.finished, 1)
+        self.assertTrue(self.hub.open(StreamRequest()))
+
+    def test_keepalive_only_while_streams_are_open(self) -> None:
+        """A comment every 25 s keeps idle streams open; with none open, no timer runs."""
+        request = StreamRequest()
+        self.hub.open(request)
+        before = len(request.written)
+        self.clock.advance(25)
+        self.assertEqual(request.written[before:], [b": keep-alive\n\n"])
+        self.hub.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -105,6 +105,11 @@ class StreamRequest:
             d.callback(None)
 
 
+def stream_request() -> Any:
+    """A L{StreamRequest}, typed as the twisted.web request it stands in for."""
+    return StreamRequest()
+
+
 class EventHubTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -113,7 +118,7 @@ class EventHubTests(SynchronousTestCase):
 
     def test_new_mail_reaches_every_stream_and_the_count_is_capped(self) -> None:
         """Two streams get each new message as one event; a third is turned away."""
-        first, second, third = (StreamRequest() for _ in range(3))
+        first, second, third = (stream_request() for _ in range(3))
         self.assertTrue(self.hub.open(first))
         self.assertTrue(self.hub.open(second))
         self.assertFalse(self.hub.open(third))
@@ -127,18 +132,18 @@ class EventHubTests(SynchronousTestCase):
     def test_a_client_that_does_not_read_is_dropped(self) -> None:
         """When the socket's buffer is full (the stream is paused) the stream is finished
         and its slot freed: nothing piles up for a client that does not read."""
-        request = StreamRequest()
+        request = stream_request()
         self.hub.open(request)
         self.assertEqual(request.headers[b"content-type"], b"text/event-stream; charset=utf-8")
         request.producer.pauseProducing()
         self.clock.advance(0)
         self.assertEqual(self.hub.streams, [])
         self.assertEqual(request.finished, 1)
-        self.assertTrue(self.hub.open(StreamRequest()))
+        self.assertTrue(self.hub.open(stream_request()))
 
     def test_keepalive_only_while_streams_are_open(self) -> None:
         """A comment every 25 s keeps idle streams open; with none open, no timer runs."""
-        request = StreamRequest()
+        request = stream_request()
         self.hub.open(request)
         before = len(request.written)
         self.clock.advance(25)

@@ -34,7 +34,7 @@ class SiteTests(TestCase):
     def listen(self, provider: Any) -> int:
         from twisted.internet import reactor
 
-        http = site.make_site(lambda: False, provider, reactor)
+        http: Any = site.make_site(lambda: False, provider, reactor)
         port: Any = reactor.listenTCP(0, http, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return int(port.getHost().port)

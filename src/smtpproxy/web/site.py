@@ -1,7 +1,7 @@
 """The HTTP listener's URL space, built from parts: health always, the mailbox when it runs.
 
 C{/healthz} is always the health endpoint.  With C{PROVIDER=mailbox} the
-mailbox (L{smtpproxy.web.mailbox.resource}) answers every other path (its
+mailbox (L{smtpproxy.web.mailbox.routes}) answers every other path (its
 page at C{/}, Mailpit's API under C{/api/v1/}); otherwise they are the
 health endpoint's JSON 404s, as before.
 """
@@ -45,7 +45,7 @@ def make_site(is_stopping: Callable[[], bool], provider: Provider, reactor: IRea
 
     mailbox: Resource | None = None
     if isinstance(provider, MailboxProvider):
-        from smtpproxy.web.mailbox.resource import MailboxResource
+        from smtpproxy.web.mailbox.routes import MailboxResource
 
         mailbox = MailboxResource(provider, reactor)
     root = Root(health.HealthResource(is_stopping), mailbox)

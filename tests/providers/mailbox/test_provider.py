@@ -144,8 +144,7 @@ class FileTests(TestCase):
         await first.close()
         second = MailboxProvider(settings(path=path), reactor, file=MailboxFile(path))
         self.addCleanup(second.close)
-        assert second._loaded is not None
-        await second._loaded
+        await second.loaded()
         subjects = [m.email.subject for m in second.store.newest_first()]
         self.assertEqual(subjects, [f"m{n}" for n in reversed(range(50))])
 

@@ -78,6 +78,25 @@ class MailboxProvider:
         if file is not None:
             self._loaded = self._load(file)
 
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is None or self._loaded.called
+
+    def loaded(self) -> Deferred[None]:
+        """Fires once the file's messages are in the store (at once without a file)."""
+        if self._loaded is None or self._loaded.called:
+            return defer.succeed(None)
+        waiting: Deferred[None] = Deferred()
+
+        def done(result: None) -> None:
+            # _load's callbacks never fail (an unreadable file is logged), and
+            # the waiter gets its own Deferred, so nothing chains back here.
+            waiting.callback(None)
+            return result
+
+        self._loaded.addCallback(done)
+        return waiting
+
     # -- the provider contract ------------------------------------------------
 
     def send(self, email: Email) -> Deferred[None]:
@@ -86,11 +105,9 @@ class MailboxProvider:
         if refusal is not None:
             self.store.counters.rejected += 1
             return defer.fail(refusal)
-        if self._loaded is not None and not self._loaded.called:
+        if not self.is_loaded:
             # Mail that arrives while the file is read waits, so the order holds.
-            waiting: Deferred[None] = Deferred()
-            self._loaded.addBoth(lambda _: self._keep(email).chainDeferred(waiting))
-            return waiting
+            return self.loaded().addCallback(lambda _: self._keep(email))
         return self._keep(email)
 
     def close(self) -> Deferred[None]:

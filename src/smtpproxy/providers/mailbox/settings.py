@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
 
 from smtpproxy.config import (
     Config,
@@ -163,14 +164,18 @@ class MailboxSettings:
             assert isinstance(got, int)
             return got
 
-        networks = value("allowed_networks", tuple)
+        found_networks = value("allowed_networks", tuple)
+        assert isinstance(found_networks, tuple)
+        networks = tuple(n for n in found_networks if isinstance(n, IPv4Network | IPv6Network))
+        if len(networks) != len(found_networks):
+            raise TypeError("mailbox setting allowed_networks: not a tuple of networks")
         chaos = value("chaos", Triggers)
         assert isinstance(chaos, Triggers)
         return cls(
             max_messages=number("max_messages"),
             max_bytes=number("max_bytes"),
             path=str(value("path", str)),
-            allowed_networks=networks,  # type: ignore[arg-type]  # checked: a tuple of networks
+            allowed_networks=networks,
             username=str(value("username", str)),
             password=str(value("password", str)),
             release_provider=str(value("release_provider", str)),

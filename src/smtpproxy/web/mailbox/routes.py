@@ -16,8 +16,8 @@ every request is checked against L{Access} first.
 from __future__ import annotations
 
 import json
-import resource as _rusage
-from importlib import resources
+import resource
+from importlib import resources as package_files
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -59,7 +59,7 @@ class HTTPReply(Exception):  # noqa: N818 - an answer, not an error
 
 
 def _static(name: str) -> bytes:
-    return (resources.files("smtpproxy.web.mailbox") / "static" / name).read_bytes()
+    return (package_files.files("smtpproxy.web.mailbox") / "static" / name).read_bytes()
 
 
 class MailboxResource(Resource):
@@ -96,11 +96,27 @@ class MailboxResource(Resource):
             request.getHeader(b"origin"), request.getHeader(b"host")
         ):
             return _text(request, 403, "cross-site request refused")
+        if not self.provider.is_loaded:
+            # Right after start, the file is still being read: answer once it is,
+            # rather than show an empty mailbox that fills a moment later.
+            self.provider.loaded().addCallback(lambda _: self._answer_later(request))
+            return NOT_DONE_YET
+        return self._answer(request)
+
+    def _answer(self, request: Request) -> bytes | int:
         path = [segment.decode("utf-8", "replace") for segment in request.postpath or []]
         try:
             return self._route(request, path)
         except HTTPReply as reply:
             return _text(request, reply.code, reply.message)
+
+    def _answer_later(self, request: Request) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        body = self._answer(request)
+        if body is not NOT_DONE_YET and isinstance(body, bytes):
+            request.write(body)
+            request.finish()
 
     def _route(self, request: Request, path: list[str]) -> bytes | int:
         method = request.method
@@ -270,7 +286,7 @@ class MailboxResource(Resource):
     def _info(self) -> dict[str, object]:
         p = self.provider
         counters = p.store.counters
-        usage = _rusage.getrusage(_rusage.RUSAGE_SELF)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "Version": f"smtpproxy {__version__}",
             "LatestVersion": "",
@@ -398,8 +414,4 @@ def _finish(request: Request, code: int, data: bytes, content_type: bytes) -> No
     request.finish()
 
 
-def mailbox_resource(provider: MailboxProvider, reactor: IReactorTime) -> MailboxResource:
-    return MailboxResource(provider, reactor)
-
-
-__all__ = ["MailboxResource", "mailbox_resource"]
+__all__ = ["MailboxResource"]

@@ -150,3 +150,47 @@ class EventHubTests(SynchronousTestCase):
         self.assertEqual(request.written[before:], [b": keep-alive\n\n"])
         self.hub.close()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class PendingFile:
+    """A mailbox file whose messages arrive when the test says (the disk, simulated)."""
+
+    path = "pending.sqlite"
+
+    def __init__(self) -> None:
+        self.loading: Deferred[list[Any]] = Deferred()
+
+    def load(self, limit: int, prepare: Any) -> Deferred[list[Any]]:
+        return self.loading
+
+    def insert(self, row: Any, evicted: Any) -> Deferred[None]:
+        return Deferred()
+
+    def close(self) -> None:
+        pass
+
+
+class LoadingTests(SynchronousTestCase):
+    def test_api_waits_for_the_file(self) -> None:
+        """Right after start, while MAILBOX_PATH is read, an API request is held and then
+        answered with the messages read, not with an empty mailbox."""
+        from twisted.internet.address import IPv4Address
+        from twisted.web.server import NOT_DONE_YET
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from smtpproxy.providers.mailbox.store import prepare
+        from smtpproxy.web.mailbox.routes import MailboxResource
+
+        clock = Clock()
+        pending = PendingFile()
+        disk: Any = pending
+        provider = MailboxProvider(MailboxSettings.from_config(Config()), clock, file=disk)
+        resource = MailboxResource(provider, clock)
+        request: Any = DummyRequest([b"api", b"v1", b"messages"])
+        request.client = IPv4Address("TCP", "127.0.0.1", 40000)
+        self.assertEqual(resource.render(request), NOT_DONE_YET)
+        self.assertEqual(request.written, [])
+        pending.loading.callback([prepare(email(subject="From the file"), 1.0, "kept-id")])
+        self.assertEqual(request.finished, 1)
+        listed = json.loads(b"".join(request.written))
+        self.assertEqual([m["ID"] for m in listed["messages"]], ["kept-id"])

@@ -439,8 +439,9 @@ class PageTests(TestCase):
 
     @async_test
     async def test_list_and_message_screenshots(self) -> None:
-        """The page lists the messages and opens one with its tabs; screenshots of both are
-        saved (in the test's directory, and as docs/img/ when SAVE_DOC_IMAGES is set)."""
+        """The page lists the messages, shows one arriving live, opens one with its tabs
+        (marking it read) and searches; screenshots of the list and of the message are saved
+        (in the test's directory, and as docs/img/ when SAVE_DOC_IMAGES is set)."""
         assert self.chromium is not None
         chromium = self.chromium
         relay = mailbox(self)
@@ -479,8 +480,21 @@ class PageTests(TestCase):
                 time.sleep(0.5)  # let the iframe paint
                 browser.screenshot(os.path.join(out_dir, "mailbox-message.png"))
                 browser.evaluate("document.querySelector('[data-tab=attachments]').click()")
+                unread = browser.wait_for(
+                    "document.getElementById('status').textContent.includes('3 unread')"
+                    " && document.getElementById('status').textContent"
+                )
                 attachments = browser.evaluate(
                     "document.getElementById('tab-attachments').textContent"
+                )
+                # Search from the box: only the matching message is listed.
+                browser.evaluate(
+                    "location.hash = ''; document.getElementById('query').value = 'to:billing';"
+                    " document.querySelector('#search button').click()"
+                )
+                found = browser.wait_for(
+                    "document.querySelectorAll('#list tbody tr').length === 1 &&"
+                    " document.querySelector('#list tbody td.subject').firstChild.textContent"
                 )
                 errors = browser.console_messages()
             finally:
@@ -492,6 +506,8 @@ class PageTests(TestCase):
                 "live": live,
                 "subject": subject,
                 "attachments": attachments,
+                "unread": unread,
+                "found": found,
                 "errors": errors,
             }
 
@@ -501,6 +517,8 @@ class PageTests(TestCase):
         self.assertTrue(out["live"])
         self.assertEqual(out["subject"], "Monthly report")
         self.assertIn("report.pdf", out["attachments"])
+        self.assertEqual(out["unread"], "4 messages, 3 unread")
+        self.assertEqual(out["found"], "Invoice 42")
         self.assertEqual(out["errors"], [])
         for name in ("mailbox-list.png", "mailbox-message.png"):
             with open(os.path.join(out_dir, name), "rb") as f:

@@ -136,6 +136,14 @@
     }
     if (!list.children.length) { const li = document.createElement("li"); text(li, "No attachments."); list.appendChild(li); }
     tab(m.HTML ? "html" : "text");
+    refreshStatus();
+  }
+
+  async function refreshStatus() {
+    try {
+      const info = await api("GET", "/api/v1/info");
+      status(info.Messages + " message" + (info.Messages === 1 ? "" : "s") + (info.Unread ? ", " + info.Unread + " unread" : ""));
+    } catch (e) { status(e.message); }
   }
 
   function tab(name) {

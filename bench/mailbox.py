@@ -38,8 +38,11 @@ def relay(provider: str, extra: dict[str, str] | None = None) -> run.Server:
     """The relay as bench/run.py starts it, with C{provider} and more settings."""
 
     def env(port: int) -> dict[str, str]:
-        # The mailbox's own HTTP side is not under test: HTTP_LISTEN stays off.
-        return {**run.relay_env(port), "PROVIDER": provider, **(extra or {})}
+        settings = {**run.relay_env(port), "PROVIDER": provider, **(extra or {})}
+        if provider == "mailbox":
+            # The mailbox needs its page's listener; any free loopback port will do.
+            settings["HTTP_LISTEN"] = f"tcp:0:interface={run.HOST}"
+        return settings
 
     key = f"smtpproxy-{provider}" + ("-file" if extra and "MAILBOX_PATH" in extra else "")
     return run.Server(key, key, run.SERVERS[0].argv, env)

@@ -43,8 +43,8 @@ class SettingsTests(SynchronousTestCase):
         self.assertNotIn("hunter2", repr(settings))
 
     def test_mistakes_stop_the_relay_with_the_setting_named(self) -> None:
-        """Half of basic auth, an unknown or circular release provider, bad chaos: one
-        ConfigError naming the setting."""
+        """Half of basic auth, an unknown or circular release provider, bad chaos, no
+        HTTP listener: one ConfigError naming the setting."""
         for env, name in (
             ({"MAILBOX_USERNAME": "dev"}, "MAILBOX_PASSWORD"),
             ({"MAILBOX_PASSWORD": "x"}, "MAILBOX_USERNAME"),
@@ -52,6 +52,7 @@ class SettingsTests(SynchronousTestCase):
             ({"MAILBOX_RELEASE_PROVIDER": "mailbox"}, "MAILBOX_RELEASE_PROVIDER"),
             ({"MAILBOX_CHAOS": "sender=200:5"}, "MAILBOX_CHAOS"),
             ({"MAILBOX_MAX_BYTES": "0"}, "MAILBOX_MAX_BYTES"),
+            ({"HTTP_LISTEN": ""}, "HTTP_LISTEN"),
         ):
             with self.assertRaises(ConfigError) as caught:
                 load({"PROVIDER": "mailbox", **env})

@@ -105,6 +105,8 @@ def configured(values: Mapping[str, object]) -> bool:
     if bool(user) != bool(password):
         missing = "MAILBOX_PASSWORD" if user else "MAILBOX_USERNAME"
         raise ConfigError(f"{missing}: must be set together with the other for basic auth")
+    if values.get("provider") == "mailbox" and values.get("http_listen", "tcp:8080") == "":
+        raise ConfigError("HTTP_LISTEN: PROVIDER=mailbox shows its mail there; it cannot be off")
     release = values.get("mailbox_release_provider")
     if release and values.get("provider") == "mailbox":
         # Checked here, where the registry is complete, not in the parser.

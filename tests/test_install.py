@@ -327,12 +327,26 @@ class InstalledRelayTests(SynchronousTestCase):
         ):
             self.assertNotIn(theirs, files)
         # Every wing is in the wheel, and the providers are entry points.
-        for wing in ("smtp", "mime", "policy", "web", "providers/graph", "providers/smtp"):
+        wings = (
+            "smtp",
+            "mime",
+            "policy",
+            "web",
+            "web/mailbox",
+            "providers/graph",
+            "providers/smtp",
+            "providers/mailbox",
+        )
+        for wing in wings:
             self.assertIn(f"smtpproxy/{wing}/__init__.py", files)
+        # The mailbox page's files are package data.
+        for name in ("index.html", "mailbox.js", "mailbox.css"):
+            self.assertIn(f"smtpproxy/web/mailbox/static/{name}", files)
         self.assertEqual(
             self.provider_entry_points(venv, env),
             {
                 "graph": "smtpproxy.providers.graph:create",
+                "mailbox": "smtpproxy.providers.mailbox:create",
                 "smtp": "smtpproxy.providers.smtp:create",
                 "stdout": "smtpproxy.providers.stdout:create",
             },

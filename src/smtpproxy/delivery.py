@@ -33,7 +33,7 @@ from smtpproxy.errors import (
 from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
-from smtpproxy.providers import Provider, accepts_raw_mime
+from smtpproxy.providers import Provider, accepts_raw_mime, envelope_refusal
 from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import Envelope, QueueFullError
 from smtpproxy.smtp.commands import MailArguments, RcptArguments
@@ -359,6 +359,8 @@ class RelayDelivery:
         # on the addresses (smtpproxy.smtp.ParsedAddress.parameters).
         self._mail: MailArguments | None = None
         self._rcpt_dsn: list[RecipientDsn] = []
+        # The provider's own say at MAIL and RCPT (the mailbox's chaos), if any.
+        self._refusal = envelope_refusal(provider)
 
     def receivedHeader(
         self, helo: tuple[bytes, bytes], origin: Address, recipients: list[User]
@@ -369,6 +371,8 @@ class RelayDelivery:
         return None
 
     def validateFrom(self, helo: tuple[bytes, bytes], origin: Address) -> Address:
+        if self._refusal is not None:
+            _refuse(self._refusal("sender"))
         # Not str(): Twisted's Address decodes as ASCII, and an SMTPUTF8
         # transaction's addresses are UTF-8 (validated before they got here).
         self._sender = bytes(origin).decode("utf-8")
@@ -381,6 +385,8 @@ class RelayDelivery:
         return origin
 
     def validateTo(self, user: User) -> Callable[[], RelayMessage]:
+        if self._refusal is not None:
+            _refuse(self._refusal("recipient"))
         self._recipients.append(bytes(user.dest).decode("utf-8"))
         parameters = getattr(user.dest, "parameters", None)
         if isinstance(parameters, RcptArguments) and (parameters.notify or parameters.orcpt):
@@ -410,6 +416,12 @@ class RelayDelivery:
         if mail is None:
             return envelope_dsn(None, None, self._rcpt_dsn)
         return envelope_dsn(mail.ret, mail.envid, self._rcpt_dsn)
+
+
+def _refuse(refusal: DeliveryError | None) -> None:
+    """Raise the provider's refusal: the protocol answers it as L{reply_for_failure} says."""
+    if refusal is not None:
+        raise refusal
 
 
 @implementer(IRealm)

@@ -52,6 +52,7 @@ from smtpproxy.smtp.factory import RelayFactory
 from smtpproxy.smtp.protocol import session_settings
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 from smtpproxy.web import health, ready
+from smtpproxy.web import mailbox as web_mailbox
 from smtpproxy.web import metrics as web_metrics
 from smtpproxy.web import site as web_site
 from smtpproxy.web.api import service as web_api
@@ -526,7 +527,13 @@ def makeService(options: Options) -> RelayService:
         v1 = web_site.Mount(
             "/v1", web_site.Switchable(api.resource), max_body=api.settings.json_body_limit
         )
-        _http(service, options.get("http_tls_context"), reactor, [v1])
+        _http(
+            service,
+            options.get("http_tls_context"),
+            reactor,
+            [v1],
+            web_mailbox.mount_for(provider, reactor),
+        )
     return service
 
 
@@ -535,6 +542,7 @@ def _http(
     context: CertificateOptions | None,
     reactor: Any,
     more: Sequence[web_site.Mount] = (),
+    fallback: web_site.Mount | None = None,
 ) -> None:
     """The HTTP listener: the probes and the metrics, mounted on one bounded site.
 
@@ -578,7 +586,7 @@ def _http(
     def refused(reason: str) -> None:
         metrics.refusal("http", reason)
 
-    site = web_site.build_site(parts, bounds, reactor, refused)
+    site = web_site.build_site(parts, bounds, reactor, refused, fallback)
     factory = web_site.listening_factory(site, bounds, context, reactor, refused)
     http = strports.service(settings.http_listen, factory, reactor)
     http.setServiceParent(service)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
     from smtpproxy.config import Config
+    from smtpproxy.errors import DeliveryError
     from smtpproxy.mime.message import Email
 
 
@@ -98,6 +99,18 @@ def mailbox_concurrency(provider: Provider) -> int:
     return found if isinstance(found, int) and found > 0 else UNLIMITED
 
 
+def envelope_refusal(provider: Provider) -> Callable[[str], DeliveryError | None] | None:
+    """The provider's check of a transaction's C{MAIL} and C{RCPT}, if it has one.
+
+    Optional like L{accepts_raw_mime}: a provider with an C{envelope_refusal}
+    method is asked at C{"sender"} and each C{"recipient"} stage and may
+    answer with the L{DeliveryError} to refuse it with (the mailbox's chaos
+    does).  Looked up once per session, so providers without it cost nothing.
+    """
+    check = getattr(provider, "envelope_refusal", None)
+    return check if callable(check) else None
+
+
 ProviderFactory = Callable[["Config", "IReactorTime"], Provider]
 
 ENTRY_POINT_GROUP = "smtpproxy.providers"
@@ -107,6 +120,7 @@ _BUILTIN = {
     "stdout": "smtpproxy.providers.stdout:create",
     "graph": "smtpproxy.providers.graph:create",
     "smtp": "smtpproxy.providers.smtp:create",
+    "mailbox": "smtpproxy.providers.mailbox:create",
 }
 
 _registry: dict[str, ProviderFactory] = {}

@@ -14,7 +14,7 @@ from twisted.logger import LogLevel
 from twisted.mail.smtp import SMTPServerError, User
 from twisted.python.failure import Failure
 
-from smtpproxy.errors import Reply
+from smtpproxy.errors import DeliveryError, Reply, reply_for_failure
 from smtpproxy.logsafe import clip
 from smtpproxy.smtp.base import ShellBase, log
 from smtpproxy.smtp.session import (
@@ -114,6 +114,9 @@ class Envelope(ShellBase):
             # The class follows the code: a 450 from an identity's rate
             # limit (smtpproxy.identities.realm) is 4.7.1, not 5.7.1.
             self.reply(Reply(error.code, f"{error.code // 100}.7.1", str(error.resp)))
+        elif isinstance(error, DeliveryError):
+            # A provider's refusal at MAIL or RCPT (providers.envelope_refusal).
+            self.reply(reply_for_failure(error))
         else:
             log.failure(f"{what} validation failed", failure, session=self.id)
             self.reply(451, "4.3.0", "Local error in processing")

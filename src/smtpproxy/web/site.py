@@ -150,16 +150,25 @@ class Switchable(Resource):
 
 
 class _Root(Resource):
-    """The mounts by first path segment; everything else is L{NotFound}."""
+    """The mounts by first path segment; everything else the fallback's, or L{NotFound}."""
 
-    def __init__(self, mounts: dict[bytes, Mount]) -> None:
+    def __init__(self, mounts: dict[bytes, Mount], fallback: Mount | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # twisted.web is unannotated
         self._mounts = mounts
+        self._fallback = fallback
         self._missing = NotFound()  # type: ignore[no-untyped-call]
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         mount = self._mounts.get(path)
-        return mount.resource if mount is not None else self._missing
+        if mount is not None:
+            return mount.resource
+        if self._fallback is not None:
+            # The fallback (the mailbox's pages and API) routes the whole
+            # path itself: give the segment back.
+            if request.prepath and request.postpath is not None:
+                request.postpath.insert(0, request.prepath.pop())
+            return self._fallback.resource
+        return self._missing
 
     def render(self, request: Request) -> bytes:
         return self._missing.render(request)
@@ -176,12 +185,14 @@ class BoundedSite(Site):
         settings: HttpSettings,
         reactor: IReactorTime | None,
         on_refusal: Callable[[str], None],
+        fallback: Mount | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {"timeout": settings.idle_timeout}
         if reactor is not None:
             kwargs["reactor"] = reactor
-        super().__init__(_Root(mounts), requestFactory=BoundedRequest, **kwargs)  # type: ignore[no-untyped-call]
+        super().__init__(_Root(mounts, fallback), requestFactory=BoundedRequest, **kwargs)  # type: ignore[no-untyped-call]
         self.mounts = mounts
+        self.fallback = fallback
         self.allowed_networks = settings.allowed_networks
         self.trusted_proxies = settings.trusted_proxies
         self.request_timeout = settings.request_timeout
@@ -193,7 +204,7 @@ class BoundedSite(Site):
         """The largest body a request for C{path} with C{method} may send."""
         if method in _BODYLESS or not path.startswith(b"/"):
             return 0
-        mount = self.mounts.get(path[1:].partition(b"/")[0])
+        mount = self.mounts.get(path[1:].partition(b"/")[0]) or self.fallback
         if mount is None:
             return 0
         if isinstance(mount.resource, Switchable) and not mount.resource.active():
@@ -230,11 +241,14 @@ def build_site(
     settings: HttpSettings | None = None,
     reactor: IReactorTime | None = None,
     on_refusal: Callable[[str], None] = _ignore,
+    fallback: Mount | None = None,
 ) -> BoundedSite:
     """The site serving C{parts}.
 
     @param settings: the bounds; the defaults when not given.
     @param reactor: for timeouts; Twisted's global one if not given.
+    @param fallback: what serves every path no part claims (its C{path} is
+        not used), e.g. the mailbox's page and API; else a JSON 404.
     @param on_refusal: called with a reason (C{"network"},
         C{"body_too_large"}, C{"request_timeout"}) for each refusal.
     @raise ValueError: a path that is not one segment, or mounted twice.
@@ -247,7 +261,7 @@ def build_site(
         if segment[1:] in mounts:
             raise ValueError(f"mount path {part.path!r} is mounted twice")
         mounts[segment[1:]] = part
-    return BoundedSite(mounts, settings or HttpSettings(), reactor, on_refusal)
+    return BoundedSite(mounts, settings or HttpSettings(), reactor, on_refusal, fallback)
 
 
 class ConnectionCap(WrappingFactory):

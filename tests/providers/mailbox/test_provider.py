@@ -1,0 +1,220 @@
+"""The mailbox provider: keeping, chaos, release, the SQLite copy, and chaos over SMTP."""
+
+from __future__ import annotations
+
+import smtplib
+import sqlite3
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from smtpproxy.config import Config
+from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
+from smtpproxy.providers import create, envelope_refusal
+from smtpproxy.providers.mailbox import chaos
+from smtpproxy.providers.mailbox.persist import MailboxFile
+from smtpproxy.providers.mailbox.provider import MailboxProvider, ReleaseError
+from smtpproxy.providers.mailbox.settings import MailboxSettings
+from tests.providers.mailbox.helpers import email, raw_message
+from tests.support import TIMEOUT, RecordingProvider, async_test, in_thread, start_relay
+
+
+def settings(**changes: object) -> MailboxSettings:
+    values = {f"mailbox_{k}": v for k, v in changes.items()}
+    return MailboxSettings.from_config(Config.build(**values))
+
+
+class ProviderTests(TestCase):
+    def test_send_keeps_the_exact_bytes(self) -> None:
+        """send() keeps the message, raw bytes unchanged, and fires at once in memory."""
+        provider = MailboxProvider(settings(), Clock())
+        raw = raw_message(text="line\r\n.dot line\r\n\x00binary")
+        d = provider.send(email(raw))
+        self.assertIsNone(self.successResultOf(d))
+        stored = provider.store.get("latest")
+        assert stored is not None
+        self.assertEqual(stored.email.raw, raw)
+
+    def test_data_stage_chaos(self) -> None:
+        """With data chaos at 100 %, send() fails with the chosen code and keeps nothing."""
+        triggers = chaos.parse_triggers("data=452:100")
+        provider = MailboxProvider(settings(chaos=triggers), Clock())
+        failure = self.failureResultOf(provider.send(email()), TransientDeliveryError)
+        self.assertEqual(failure.value.code, 452)
+        self.assertEqual(len(provider.store), 0)
+        self.assertEqual(provider.store.counters.rejected, 1)
+
+    def test_envelope_stages_through_the_hook(self) -> None:
+        """The registry's hook finds the mailbox's sender and recipient checks; the draw
+        decides; other providers have no hook."""
+        draws = iter([0.5, 0.05, 0.99])
+        triggers = chaos.parse_triggers("sender=451:10 recipient=550:100")
+        provider = MailboxProvider(settings(chaos=triggers), Clock(), draw=lambda: next(draws))
+        check = envelope_refusal(provider)
+        assert check is not None
+        self.assertIsNone(check("sender"))
+        self.assertIsInstance(check("sender"), TransientDeliveryError)
+        self.assertIsInstance(check("recipient"), PermanentDeliveryError)
+        self.assertIsNone(envelope_refusal(RecordingProvider()))
+
+    def test_release_sends_the_same_bytes_to_new_recipients(self) -> None:
+        """release() hands the captured message, bytes untouched, to the release provider
+        with only the envelope recipients changed."""
+        target = RecordingProvider()
+        provider = MailboxProvider(settings(), Clock(), release_to=target)
+        provider.send(email(attachment=b"%PDF"))
+        stored = provider.store.get("latest")
+        assert stored is not None
+        self.successResultOf(provider.release(stored, [" carol@example.net ", "dave@example.com"]))
+        (sent,) = target.emails
+        self.assertEqual(sent.envelope_to, ("carol@example.net", "dave@example.com"))
+        self.assertEqual(sent.raw, stored.email.raw)
+        self.assertEqual(sent.envelope_from, stored.email.envelope_from)
+
+    def test_release_refusals(self) -> None:
+        """No release provider, no recipients, or a non-address: a ReleaseError saying so;
+        a failing release provider fails the Deferred."""
+        plain = MailboxProvider(settings(), Clock())
+        plain.send(email())
+        stored = plain.store.get("latest")
+        assert stored is not None
+        with self.assertRaises(ReleaseError):
+            plain.release(stored, ["a@example.com"])
+        target = RecordingProvider(outcomes=[PermanentDeliveryError("no such user", "5.1.1")])
+        provider = MailboxProvider(settings(), Clock(), release_to=target)
+        for bad in ([], [" "], ["not an address"], ["a@example.com"] * 101):
+            with self.assertRaises(ReleaseError):
+                provider.release(stored, bad)
+        self.failureResultOf(provider.release(stored, ["a@example.com"]), PermanentDeliveryError)
+
+    def test_registry_builds_it_with_its_release_provider(self) -> None:
+        """PROVIDER=mailbox through the registry, releasing through stdout here."""
+        config = Config.build(provider="mailbox", mailbox_release_provider="stdout")
+        provider = create("mailbox", config, Clock())
+        assert isinstance(provider, MailboxProvider)
+        assert provider.release_to is not None
+        self.assertEqual(provider.release_to.name, "stdout")
+
+
+class FileTests(TestCase):
+    @async_test
+    async def test_messages_survive_a_restart(self) -> None:
+        """With MAILBOX_PATH, messages (bytes, ids, read state) come back after a restart;
+        deleted and evicted ones do not; the count limit applies on load too."""
+        from twisted.internet import reactor
+
+        path = self.mktemp()
+        first = MailboxProvider(settings(path=path), reactor, file=MailboxFile(path))
+        raws = [raw_message(subject=f"m{n}") for n in range(4)]
+        for raw in raws:
+            await first.send(email(raw))
+        newest = first.store.get("latest")
+        assert newest is not None
+        oldest = list(first.store.newest_first())[-1]
+        first.mark_read(newest)
+        await first.delete([oldest.id])
+        ids = [m.id for m in first.store.newest_first()]
+        await first.close()
+
+        second = MailboxProvider(
+            settings(path=path, max_messages=2), reactor, file=MailboxFile(path)
+        )
+        await second.send(email(raw_message(subject="after restart")))
+        self.addCleanup(second.close)
+        kept = list(second.store.newest_first())
+        self.assertEqual([m.email.subject for m in kept], ["after restart", "m3"])
+        self.assertEqual(kept[1].id, ids[0])
+        self.assertEqual(kept[1].email.raw, raws[3])
+        self.assertTrue(kept[1].read)
+        with sqlite3.connect(path) as db:
+            (count,) = db.execute("SELECT count(*) FROM messages").fetchone()
+        self.assertEqual(count, 2)
+
+    @async_test
+    async def test_a_burst_is_written_whole_and_in_order(self) -> None:
+        """Fifty sends at once (group commit puts several in one transaction): each fires
+        once committed, and a restart reads all fifty back in arrival order."""
+        from twisted.internet import reactor
+
+        path = self.mktemp()
+        first = MailboxProvider(settings(path=path), reactor, file=MailboxFile(path))
+        sends = [first.send(email(raw_message(subject=f"m{n}"))) for n in range(50)]
+        await defer.gatherResults(sends, consumeErrors=True)
+        await first.close()
+        second = MailboxProvider(settings(path=path), reactor, file=MailboxFile(path))
+        self.addCleanup(second.close)
+        await second.loaded()
+        subjects = [m.email.subject for m in second.store.newest_first()]
+        self.assertEqual(subjects, [f"m{n}" for n in reversed(range(50))])
+
+    @async_test
+    async def test_an_unreadable_file_starts_empty(self) -> None:
+        """A file that is not SQLite: logged, and the mailbox runs in memory from empty
+        (a message is kept, and the file is left as it was)."""
+        from twisted.internet import reactor
+
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"not a database" * 100)
+        provider = MailboxProvider(settings(path=path), reactor, file=MailboxFile(path))
+        self.addCleanup(provider.close)
+        await provider.send(email())
+        self.assertEqual(len(provider.store), 1)
+        self.assertIsNone(provider.file)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"not a database" * 100)
+
+
+class ChaosOverSmtpTests(TestCase):
+    """The envelope hook through the real SMTP server, as a client sees it."""
+
+    @async_test
+    async def test_each_stage_answers_its_code(self) -> None:
+        """Sender chaos answers MAIL, recipient chaos answers RCPT, data chaos the final
+        dot, each with the chosen code and a matching enhanced status; nothing is kept."""
+        from twisted.internet import reactor
+
+        results = {}
+        for stage, code in (("sender", 451), ("recipient", 550), ("data", 452)):
+            triggers = chaos.parse_triggers(f"{stage}={code}:100")
+            provider = MailboxProvider(settings(chaos=triggers), reactor)
+            relay = start_relay(self, provider=provider, tls_enabled=False)  # type: ignore[arg-type]
+
+            def attempt(port: int = relay.port) -> tuple[int, bytes]:
+                with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
+                    try:
+                        client.sendmail("a@example.com", ["b@example.org"], raw_message())
+                    except smtplib.SMTPSenderRefused as e:
+                        return e.smtp_code, e.smtp_error
+                    except smtplib.SMTPRecipientsRefused as e:
+                        code, text = e.recipients["b@example.org"]
+                        return code, text if isinstance(text, bytes) else text.encode()
+                    except smtplib.SMTPDataError as e:
+                        error = e.smtp_error
+                        return e.smtp_code, error if isinstance(error, bytes) else error.encode()
+                return 250, b""
+
+            results[stage] = await in_thread(attempt)
+            self.assertEqual(len(provider.store), 0)
+        self.assertEqual(results["sender"][0], 451)
+        self.assertTrue(results["sender"][1].startswith(b"4.3.0 chaos"), results)
+        self.assertEqual(results["recipient"][0], 550)
+        self.assertTrue(results["recipient"][1].startswith(b"5.7.1 chaos"), results)
+        self.assertEqual(results["data"][0], 452)
+        self.assertTrue(results["data"][1].startswith(b"4.3.1 chaos"), results)
+
+    @async_test
+    async def test_chaos_off_delivers(self) -> None:
+        """Without chaos the same path keeps the message (the test above can fail)."""
+        from twisted.internet import reactor
+
+        provider = MailboxProvider(settings(), reactor)
+        relay = start_relay(self, provider=provider, tls_enabled=False)  # type: ignore[arg-type]
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=TIMEOUT) as client:
+                client.sendmail("a@example.com", ["b@example.org"], raw_message())
+
+        await in_thread(send)
+        self.assertEqual(len(provider.store), 1)

@@ -1,0 +1,200 @@
+"""Chaos triggers, access rules, Mailpit's JSON shapes and the safe HTML view: pure parts."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError, reply_for_failure
+from smtpproxy.policy.rules import parse_networks
+from smtpproxy.providers.mailbox import chaos
+from smtpproxy.providers.mailbox.store import prepare
+from smtpproxy.web.mailbox import shapes, view
+from smtpproxy.web.mailbox.access import Access, same_origin
+from tests.providers.mailbox.helpers import email
+
+ROOT = Path(__file__).resolve().parents[3]
+TYPES = ROOT / "tests" / "clients" / "node_modules" / "mailpit-api" / "dist" / "index.d.mts"
+
+
+class ChaosTests(SynchronousTestCase):
+    def test_parse_and_show(self) -> None:
+        """MAILBOX_CHAOS reads stage=code:percent items and shows them the same way."""
+        triggers = chaos.parse_triggers("recipient=451:20, data=554:5")
+        self.assertEqual(triggers.recipient, chaos.Trigger(451, 20))
+        self.assertEqual(triggers.data, chaos.Trigger(554, 5))
+        self.assertEqual(triggers.sender.probability, 0)
+        self.assertEqual(str(triggers), "recipient=451:20 data=554:5")
+        self.assertEqual(chaos.parse_triggers(str(triggers)), triggers)
+        self.assertEqual(chaos.parse_triggers("off"), chaos.Triggers())
+        self.assertEqual(chaos.parse_triggers(""), chaos.Triggers())
+
+    def test_bad_values_are_named(self) -> None:
+        """A wrong stage, code or percentage is refused with what was wrong."""
+        for raw, words in (
+            ("auth=451:1", "stage"),
+            ("sender=421:5", "reply code"),
+            ("sender=451:101", "probability"),
+            ("sender=451", "stage=code:percent"),
+            ("sender=x:1", "whole numbers"),
+        ):
+            with self.assertRaises(ValueError) as caught:
+                chaos.parse_triggers(raw)
+            self.assertIn(words, str(caught.exception), raw)
+
+    def test_json_round_trip_in_mailpit_shape(self) -> None:
+        """GET shows Mailpit's triggers (and Data); PUT resets what it omits, refuses
+        Authentication above 0 %."""
+        triggers = chaos.from_json({"Sender": {"ErrorCode": 550, "Probability": 30}})
+        shown = chaos.to_json(triggers)
+        self.assertEqual(shown["Sender"], {"ErrorCode": 550, "Probability": 30})
+        self.assertEqual(shown["Recipient"]["Probability"], 0)
+        self.assertEqual(shown["Authentication"], {"ErrorCode": 451, "Probability": 0})
+        self.assertEqual(chaos.from_json(None), chaos.Triggers())
+        bad: object
+        for bad in (
+            {"Authentication": {"ErrorCode": 451, "Probability": 5}},
+            {"Sender": {"ErrorCode": "451", "Probability": 5}},
+            {"Sender": {"ErrorCode": 451, "Probability": True}},
+            {"Nope": {}},
+            [],
+        ):
+            with self.assertRaises(ValueError):
+                chaos.from_json(bad)
+
+    def test_refusal_follows_the_draw(self) -> None:
+        """A draw below the share refuses with the chosen code; the SMTP reply keeps it."""
+        trigger = chaos.Trigger(452, 25)
+        self.assertIsNone(chaos.refusal(trigger, lambda: 0.25, "data"))
+        refused = chaos.refusal(trigger, lambda: 0.2499, "data")
+        assert isinstance(refused, TransientDeliveryError)
+        reply = reply_for_failure(refused)
+        self.assertEqual((reply.code, reply.status), (452, "4.3.1"))
+        permanent = chaos.refusal(chaos.Trigger(550, 100), lambda: 0.99, "recipient")
+        assert isinstance(permanent, PermanentDeliveryError)
+        self.assertEqual(reply_for_failure(permanent).code, 550)
+        self.assertIsNone(chaos.refusal(chaos.Trigger(550, 0), lambda: 0.0, "sender"))
+
+
+class AccessTests(SynchronousTestCase):
+    def test_networks(self) -> None:
+        """Only listed networks pass; an unknown peer (a UNIX socket) does not."""
+        access = Access(parse_networks("10.0.0.0/8"))
+        self.assertTrue(access.network_allowed("10.1.2.3"))
+        self.assertFalse(access.network_allowed("127.0.0.1"))
+        self.assertFalse(access.network_allowed(None))
+
+    def test_basic_auth(self) -> None:
+        """Right user and password pass; anything else, malformed or not, does not."""
+        access = Access(parse_networks("0.0.0.0/0"), "dev", "pa:ss")
+
+        def header(value: bytes) -> bytes:
+            return b"Basic " + base64.b64encode(value)
+
+        self.assertTrue(access.authorised(header(b"dev:pa:ss")))
+        for wrong in (
+            header(b"dev:pa:sx"),
+            header(b"dex:pa:ss"),
+            header(b"devpass"),
+            b"Basic !!!",
+            b"Bearer abc",
+            None,
+            b"Basic " + b"A" * 2000,
+        ):
+            self.assertFalse(access.authorised(wrong), wrong)
+        self.assertTrue(Access(parse_networks("0.0.0.0/0")).authorised(None))
+
+    def test_same_origin(self) -> None:
+        """A browser's cross-site Origin is refused; no Origin (curl, node) is not a browser."""
+        self.assertTrue(same_origin(None, b"127.0.0.1:8080"))
+        self.assertTrue(same_origin(b"http://127.0.0.1:8080", b"127.0.0.1:8080"))
+        self.assertFalse(same_origin(b"https://evil.example", b"127.0.0.1:8080"))
+        self.assertFalse(same_origin(b"null", b"127.0.0.1:8080"))
+
+
+def _fields(interface: str) -> set[str]:
+    """The field names of one interface in mailpit-api's published type definitions."""
+    text = TYPES.read_text()
+    body = text.split(f"interface {interface} ", 1)[1].split("\n}", 1)[0]
+    return {m for m in re.findall(r"^  (\w+)\??:", body, re.MULTILINE)}
+
+
+#: Mailpit's fields, as the mailpit-api client (2.1.0) declares them.
+LIST_ITEM = {
+    "Attachments", "Bcc", "Cc", "Created", "From", "ID", "MessageID", "Read",
+    "ReplyTo", "Size", "Snippet", "Subject", "Tags", "To", "Username",
+}  # fmt: skip
+SUMMARY = {
+    "Attachments", "Bcc", "Cc", "Date", "From", "HTML", "ID", "Inline", "ListUnsubscribe",
+    "MessageID", "ReplyTo", "ReturnPath", "Size", "Subject", "Tags", "Text", "To", "Username",
+}  # fmt: skip
+PAGE = {
+    "messages", "messages_count", "messages_unread", "start", "tags", "total", "unread", "count",
+}  # fmt: skip
+ATTACHMENT = {"ContentID", "ContentType", "FileName", "PartID", "Size", "Checksums"}
+
+
+class ShapeTests(SynchronousTestCase):
+    def test_fields_match_mailpit(self) -> None:
+        """Every field Mailpit's client declares is there (Username is optional and left
+        out: smtpproxy does not record who sent), with JSON types as declared."""
+        stored = prepare(email(html="<p>Hi</p>", attachment=b"%PDF"), 1_700_000_000.5, "abc")
+        item = shapes.list_item(stored)
+        self.assertEqual(set(item), LIST_ITEM - {"Username"})
+        summary = shapes.message(stored)
+        self.assertEqual(set(summary), SUMMARY - {"Username"})
+        page = shapes.messages_page([stored], 0, 50, 1, 1)
+        self.assertEqual(set(page), PAGE)
+        attachments = summary["Attachments"]
+        assert isinstance(attachments, list)
+        self.assertEqual(set(attachments[0]), ATTACHMENT)
+        self.assertEqual(item["Created"], "2023-11-14T22:13:20.500Z")
+        self.assertEqual(summary["Date"], "2026-12-01T10:00:00.000Z")
+        self.assertEqual(item["From"], {"Name": "Alice", "Address": "alice@example.com"})
+        self.assertIsInstance(item["Size"], int)
+        self.assertIsInstance(item["Attachments"], int)
+
+    def test_fields_match_the_installed_client(self) -> None:
+        """The lists above are the ones in the installed mailpit-api's type definitions."""
+        if not TYPES.exists():
+            self.skipTest("mailpit-api is not installed (npm ci --prefix tests/clients)")
+        self.assertEqual(_fields("MailpitMessageListItem"), LIST_ITEM)
+        self.assertEqual(_fields("MailpitMessageSummaryResponse"), SUMMARY)
+        self.assertEqual(_fields("MailpitMessagesSummaryResponse"), PAGE)
+        self.assertEqual(_fields("MailpitAttachmentResponse"), ATTACHMENT)
+
+    def test_headers_in_go_canonical_form(self) -> None:
+        """Header keys come as Go's textproto writes them (Message-Id), sorted, values listed."""
+        stored = prepare(email(), 0.0, "abc")
+        headers = shapes.headers(stored)
+        self.assertEqual(list(headers), sorted(headers))
+        self.assertIn("Message-Id", headers)
+        self.assertEqual(headers["Subject"], ["Hello"])
+
+
+class ViewTests(SynchronousTestCase):
+    def test_inline_images_become_data_urls(self) -> None:
+        """cid: references turn into data: URLs, so the body needs no request to show them."""
+        stored = prepare(
+            email(html='<img src="cid:logo1">', inline_image=("logo1", b"\x89PNG")), 0.0, "x"
+        )
+        document = view.html_document(stored)
+        assert document is not None
+        self.assertIn("data:image/png;base64," + base64.b64encode(b"\x89PNG").decode(), document)
+        self.assertNotIn("cid:logo1", document)
+        self.assertIsNone(view.html_document(prepare(email(), 0.0, "y")))
+
+    def test_policies(self) -> None:
+        """The body's policy forbids scripts, forms and requests (remote images only on
+        request) and sandboxes the document; the page's allows its own script only."""
+        strict = view.body_policy(remote=False)
+        self.assertIn(b"default-src 'none'", strict)
+        self.assertIn(b"img-src data:;", strict)
+        self.assertIn(b"sandbox", strict)
+        self.assertNotIn(b"script-src", strict)
+        self.assertIn(b"img-src data: http: https:;", view.body_policy(remote=True))
+        self.assertIn(b"script-src 'self'", view.PAGE_POLICY)
+        self.assertIn(b"frame-ancestors 'none'", view.PAGE_POLICY)

@@ -75,16 +75,21 @@ class Twistd:
         self.process.communicate(timeout=TIMEOUT)
 
     def wait_listening(self) -> None:
-        """Poll /healthz until it answers 200 (bounded), or fail with the logs."""
-        deadline = time.monotonic() + 30
+        """Poll /healthz until it answers 200 (bounded), or fail with the relay's own words."""
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 if get(self.http_port, "/healthz")[0] == 200:
                     return
             except OSError:
-                time.sleep(0.1)
-        self.kill()
-        raise AssertionError("relay did not start")
+                pass
+            time.sleep(0.1)
+        exited = self.process.poll()
+        if self.process.poll() is None:
+            self.process.kill()
+        _, err = self.process.communicate(timeout=TIMEOUT)
+        tail = err.decode("utf-8", "replace")[-2000:]
+        raise AssertionError(f"relay did not start (exit status {exited}):\n{tail}")
 
     def sockets(self) -> int:
         """How many sockets the process holds (listeners included)."""

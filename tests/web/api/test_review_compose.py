@@ -42,3 +42,15 @@ class LoneSurrogateTests(SynchronousTestCase):
     def test_html(self) -> None:
         """A lone surrogate in the HTML body is a 400, not a UnicodeEncodeError (a 500)."""
         self.assertRefused(b"html")
+
+    def test_sender_address(self) -> None:
+        """A lone surrogate in the sender's domain is a 400, not a crash in the address checks."""
+        body = b'{"from":"a@b\\ud800.example","to":["c@d.example"]}'
+        with self.assertRaises(ApiError):
+            compose.read_json_message(compose.parse_json(body), max_recipients=50, max_size=1 << 20)
+
+    def test_raw_recipient(self) -> None:
+        """A lone surrogate in a raw submission's recipient is a 400, not a UnicodeEncodeError."""
+        body = b'{"from":"a@b.example","to":["c@d\\udc00.example"],"data":"QQ=="}'
+        with self.assertRaises(ApiError):
+            compose.read_raw_json(compose.parse_json(body), max_recipients=50, max_size=1 << 20)

@@ -197,6 +197,13 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(document, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    try:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no UTF-8
+        # text can carry: every later step (addresses, headers, the body)
+        # would fail on it.  One linear pass over the parsed document.
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "invalid_json", "the JSON holds a lone surrogate escape") from None
     return document
 
 

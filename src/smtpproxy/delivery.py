@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
 from twisted.mail.smtp import Address, User
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from smtpproxy.dsn import Dsn, RecipientDsn, envelope_dsn
 from smtpproxy.errors import (
@@ -448,8 +448,8 @@ class RelayRealm:
         self._log_delivered = log_delivered
 
     def requestAvatar(
-        self, avatarId: Any, mind: object, *interfaces: Any
-    ) -> tuple[Any, RelayDelivery, Callable[[], None]]:
+        self, avatarId: object, mind: object, *interfaces: object
+    ) -> tuple[type[Interface], RelayDelivery, Callable[[], None]]:
         # Identity, not ==: comparing zope interfaces for equality is slow.
         if not any(interface is IMessageDelivery for interface in interfaces):
             raise NotImplementedError("smtpproxy only offers IMessageDelivery")

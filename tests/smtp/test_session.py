@@ -25,6 +25,7 @@ from smtpproxy.smtp.session import (
     Close,
     Greeted,
     Login,
+    Message,
     OpenData,
     Outcome,
     ParsedAddress,
@@ -37,6 +38,11 @@ from smtpproxy.smtp.session import (
     session_settings,
 )
 from tests.support import session_defaults
+
+
+def _never_opened() -> Message:
+    """A recipient's message factory: the session only stores it; opening is the shell's job."""
+    raise AssertionError("the pure session never opens a message")
 
 
 def session(
@@ -75,7 +81,7 @@ def in_transaction(s: Session, *recipients: str) -> None:
         [validate] = s.recipient_allowed(allowed.arguments)
         assert isinstance(validate, ValidateRecipient)
         user = User(validate.address, None, None, s.tx.sender)
-        s.recipient_accepted(user, lambda: None, validate.key)
+        s.recipient_accepted(user, _never_opened, validate.key)
 
 
 class GreetingTests(SynchronousTestCase):
@@ -178,7 +184,7 @@ class TransactionTests(SynchronousTestCase):
         [validate] = s.recipient_allowed(RcptArguments("c@example.org"))
         assert isinstance(validate, ValidateRecipient)
         s.recipient_accepted(
-            User(validate.address, None, None, s.tx.sender), lambda: None, validate.key
+            User(validate.address, None, None, s.tx.sender), _never_opened, validate.key
         )
         self.assertEqual(
             said(s.recipient_allowed(RcptArguments("d@example.org"))),

@@ -15,13 +15,13 @@ C{mailbox} is exposed as the avatar's attribute for the provider to use.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.cred.portal import IRealm
 from twisted.internet.interfaces import IReactorTime
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.mail.smtp import Address, SMTPBadRcpt, SMTPBadSender, SMTPServerError, User
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from smtpproxy.identities.model import Identity
 from smtpproxy.policy.identity import UNRESTRICTED, IdentityPolicy, IdentityRates
@@ -39,10 +39,10 @@ class PolicedDelivery:
         self._policy: IdentityPolicy = identity.policy
         self._rates = rates
 
-    def receivedHeader(self, helo: Any, origin: Address, recipients: list[User]) -> Any:
+    def receivedHeader(self, helo: object, origin: Address, recipients: list[User]) -> object:
         return self._inner.receivedHeader(helo, origin, recipients)
 
-    def validateFrom(self, helo: Any, origin: Address) -> Any:
+    def validateFrom(self, helo: object, origin: Address) -> object:
         sender = bytes(origin).decode("utf-8", "replace")
         if not self._policy.allowed_senders.allows(sender):
             raise SMTPBadSender(origin, 550, "Sender address not allowed for this login")
@@ -50,7 +50,7 @@ class PolicedDelivery:
             raise SMTPServerError(450, "Too many messages from this login, slow down")
         return self._inner.validateFrom(helo, origin)
 
-    def validateTo(self, user: User) -> Any:
+    def validateTo(self, user: User) -> object:
         recipient = bytes(user.dest).decode("utf-8", "replace")
         if not self._policy.allowed_recipients.allows(recipient):
             raise SMTPBadRcpt(user, 550, "Recipient address not allowed for this login")
@@ -61,8 +61,8 @@ class _Realm(Protocol):
     """The relay's realm (L{smtpproxy.delivery.RelayRealm}): answers at once."""
 
     def requestAvatar(
-        self, avatarId: Any, mind: object, *interfaces: Any
-    ) -> tuple[Any, Any, Callable[[], None]]: ...
+        self, avatarId: object, mind: object, *interfaces: object
+    ) -> tuple[type[Interface], IMessageDelivery, Callable[[], None]]: ...
 
 
 @implementer(IRealm)
@@ -74,8 +74,8 @@ class IdentityRealm:
         self.rates = IdentityRates(clock)
 
     def requestAvatar(
-        self, avatarId: Any, mind: object, *interfaces: Any
-    ) -> tuple[Any, Any, Callable[[], None]]:
+        self, avatarId: object, mind: object, *interfaces: object
+    ) -> tuple[type[Interface], IMessageDelivery, Callable[[], None]]:
         if not isinstance(avatarId, Identity):
             return self._inner.requestAvatar(avatarId, mind, *interfaces)
         interface, delivery, logout = self._inner.requestAvatar(

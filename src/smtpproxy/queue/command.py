@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, NotRequired, TypedDict
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -29,10 +29,54 @@ from smtpproxy.queue.backend import make_store
 from smtpproxy.queue.model import Entry, State, Stats
 from smtpproxy.queue.store import QueueStore
 
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
 LIST_LIMIT = 100
 
 
-def add_parser(commands: Any) -> None:
+class AttemptJson(TypedDict):
+    """One delivery attempt in C{queue show --json}."""
+
+    at: float
+    outcome: str
+    reply: str
+    request_id: str | None
+    worker: str
+
+
+class EntryJson(TypedDict):
+    """A queued message in C{queue list --json} and C{queue show --json}."""
+
+    id: str
+    state: str
+    queued_at: float
+    attempts: int
+    next_attempt: float
+    size: int
+    sender: str
+    recipients: list[str]
+    client: str
+    user: str | None
+    route: str
+    last_reply: str
+    lease_owner: str | None
+    lease_until: float | None
+    history: NotRequired[list[AttemptJson]]
+
+
+class StatsJson(TypedDict):
+    """C{queue stats --json}."""
+
+    queued: int
+    delivering: int
+    dead: int
+    bytes: int
+    oldest_queued_at: float | None
+    oldest_age_s: float | None
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add C{queue} and its subcommands to the C{smtpproxy} parser's C{commands}."""
     queue = commands.add_parser(
         "queue",
@@ -98,7 +142,7 @@ def run(
         finally:
             await store.close()
 
-    def start(reactor: Any) -> Any:
+    def start(reactor: IReactorTime) -> Deferred[None]:
         from twisted.internet.defer import Deferred
 
         return Deferred.fromCoroutine(main(reactor))
@@ -161,9 +205,9 @@ def _dump(document: object) -> str:
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
-def _entry(entry: Entry, history: bool = False) -> dict[str, Any]:
+def _entry(entry: Entry, history: bool = False) -> EntryJson:
     envelope = entry.envelope
-    document: dict[str, Any] = {
+    document: EntryJson = {
         "id": entry.id,
         "state": entry.state.value,
         "queued_at": entry.queued_at,
@@ -193,7 +237,7 @@ def _entry(entry: Entry, history: bool = False) -> dict[str, Any]:
     return document
 
 
-def _stats(stats: Stats, now: float) -> dict[str, Any]:
+def _stats(stats: Stats, now: float) -> StatsJson:
     oldest = stats.oldest_queued_at
     return {
         "queued": stats.queued,

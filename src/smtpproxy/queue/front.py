@@ -17,7 +17,6 @@ import json
 import os
 import random
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -59,7 +58,7 @@ def meta_json(dsn: Dsn | None) -> str:
     """The envelope's C{meta}: the DSN parameters, as JSON."""
     if dsn is None:
         return "{}"
-    document: dict[str, Any] = {
+    document: dict[str, object] = {
         "dsn": {
             "ret": dsn.ret,
             "envid": dsn.envid,

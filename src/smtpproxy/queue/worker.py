@@ -34,6 +34,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from smtpproxy.config import Config
 from smtpproxy.delivery import send_email
@@ -235,7 +236,7 @@ class QueueRunner(Service):
             # More may be due (a full batch) or was queued meanwhile.
             self.kick()
 
-    def _claim_failed(self, failure: Any) -> None:
+    def _claim_failed(self, failure: Failure) -> None:
         self._claiming = False
         log.failure("could not take due messages from the queue", failure, owner=self.owner)
 

@@ -34,7 +34,15 @@ from twisted.python.failure import Failure
 
 from smtpproxy.policy.pressure import IdleLimits
 from smtpproxy.smtp.chunking import ChunkReader
-from smtpproxy.smtp.session import Budget, Outcome, ReplyBudget, Say, Session, SessionSettings
+from smtpproxy.smtp.session import (
+    Budget,
+    Message,
+    Outcome,
+    ReplyBudget,
+    Say,
+    Session,
+    SessionSettings,
+)
 from smtpproxy.spool import MessageBody
 
 if TYPE_CHECKING:
@@ -94,7 +102,7 @@ class ShellBase(ESMTP):
     # _early (the greeting, or a refusal) and no close can start.
     _handshaking = False
     # A finished body between its final dot and its delivery's answer.
-    _delivering: tuple[MessageBody, list[Any]] | None = None
+    _delivering: tuple[MessageBody, list[Message]] | None = None
     # That delivery was given up (421 at shutdown, or the client left): its
     # answer, when it comes, is not sent.
     _gave_up = False

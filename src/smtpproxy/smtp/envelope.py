@@ -21,6 +21,7 @@ from smtpproxy.smtp.session import (
     REFUSAL,
     CheckRecipient,
     CheckSender,
+    Message,
     ParsedAddress,
     ValidateRecipient,
 )
@@ -84,8 +85,8 @@ class Envelope(ShellBase):
 
     def _validate(
         self,
-        check: Callable[..., Any],
-        args: tuple[Any, ...],
+        check: Callable[..., object],
+        args: tuple[object, ...],
         accepted: Callable[[Any], None],
         what: str,
     ) -> None:
@@ -139,7 +140,7 @@ class Envelope(ShellBase):
     def _validate_recipient(self, action: ValidateRecipient) -> None:
         user = User(action.address, self._helo, self, self.session.tx.sender)
 
-        def accepted(factory: Callable[[], Any]) -> None:
+        def accepted(factory: Callable[[], Message]) -> None:
             self._run(self.session.recipient_accepted(user, factory, action.key))
 
         self._validate(self.validateTo, (user,), accepted, "recipient")

@@ -5,8 +5,6 @@ A part of L{smtpproxy.smtp.protocol.RelayProtocol} (see L{smtpproxy.smtp.base}).
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -14,7 +12,15 @@ from smtpproxy.errors import Reply, reply_for_failure
 from smtpproxy.smtp.base import CHUNK, COMMAND, DATA, ShellBase, log
 from smtpproxy.smtp.chunking import ChunkReader
 from smtpproxy.smtp.dotreader import DataReader
-from smtpproxy.smtp.session import GO_AHEAD, Abandon, OpenData, ReadChunk, Say, Transaction
+from smtpproxy.smtp.session import (
+    GO_AHEAD,
+    Abandon,
+    Message,
+    OpenData,
+    ReadChunk,
+    Say,
+    Transaction,
+)
 from smtpproxy.spool import MessageBody
 
 # DATA must keep up this average rate once SMTP_DATA_TIMEOUT has passed
@@ -42,7 +48,7 @@ class Intake(ShellBase):
 
     def _open_message(self) -> Reply | None:
         """Build the transaction's message and an empty body; the reply if that failed."""
-        messages: list[Any] = []
+        messages: list[Message] = []
         try:
             for _, factory in self.session.tx.recipients:
                 message = factory()
@@ -94,7 +100,9 @@ class Intake(ShellBase):
         self.setTimeout(self._limits().command)
         self._complete(messages, body, reader.oversize, reader.size)
 
-    def _complete(self, messages: list[Any], body: MessageBody, oversize: bool, size: int) -> None:
+    def _complete(
+        self, messages: list[Message], body: MessageBody, oversize: bool, size: int
+    ) -> None:
         """The whole body is in (final dot or BDAT LAST): refuse it, or deliver it and answer."""
         if not oversize:
             body.finish()
@@ -119,7 +127,7 @@ class Intake(ShellBase):
         # here, so it claims nothing.
         queued = bool(messages) and all(getattr(m, "queued", False) for m in messages)
         waiting = None if queued else body.claim()
-        d: defer.Deferred[Any]
+        d: object
         if waiting is None:
             d = self._deliver(messages)
         else:
@@ -151,11 +159,12 @@ class Intake(ShellBase):
             d = defer.succeed(d)
         self._busy_with(d, answer)
 
-    def _deliver(self, messages: list[Any]) -> defer.Deferred[Any]:
+    def _deliver(self, messages: list[Message]) -> object:
+        """Ask each message to deliver: a Deferred of the id(s), or a foreign avatar's bare id."""
         if len(messages) == 1:
             # Our own delivery always makes one message per transaction.
             try:
-                d: defer.Deferred[Any] = messages[0].eomReceived()
+                d: object = messages[0].eomReceived()
             except Exception:
                 log.failure("delivery could not start", session=self.id)
                 d = defer.fail()

@@ -6,7 +6,6 @@ A part of L{smtpproxy.smtp.protocol.RelayProtocol} (see L{smtpproxy.smtp.base}).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from twisted.cred import error as cred_error
 from twisted.cred.checkers import ANONYMOUS, AllowAnonymousAccess
@@ -47,7 +46,7 @@ class Logins(ShellBase):
         creds = action.credentials
         username = creds.username.decode("utf-8", "replace")
 
-        def succeeded(result: tuple[Any, Any, Callable[[], None]]) -> None:
+        def succeeded(result: tuple[object, IMessageDelivery, Callable[[], None]]) -> None:
             _, avatar, logout = result
             self._take_avatar(avatar, logout)
             self.deliveryFactory = None

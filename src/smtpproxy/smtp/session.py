@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Final, Literal, Protocol
 
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.mail.smtp import Address, User
@@ -37,6 +37,23 @@ from smtpproxy.smtp.commands import (
 )
 from smtpproxy.smtp.dotreader import DataReader
 from smtpproxy.spool import MessageBody
+
+
+class Message(Protocol):
+    """What a recipient's factory makes (the avatar's IMessage, with the body handed over whole).
+
+    A Protocol rather than twisted.mail's IMessage: the relay's own message
+    takes the spooled body in one call instead of line by line.
+    """
+
+    def bodyReceived(self, body: MessageBody) -> None:
+        """The whole body, spooled."""
+
+    def eomReceived(self) -> object:
+        """Deliver: a Deferred of the message id, or the id itself."""
+
+    def connectionLost(self) -> None:
+        """The transaction ended without a delivery."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +174,11 @@ class Transaction:
     """
 
     sender: ParsedAddress | None = None
-    recipients: list[tuple[User, Callable[[], Any]]] = field(default_factory=list)
+    recipients: list[tuple[User, Callable[[], Message]]] = field(default_factory=list)
     keys: set[str] = field(default_factory=set)
     smtputf8: bool = False
     binary: bool = False
-    messages: list[Any] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
     body: MessageBody | None = None
     reader: DataReader | None = None
     chunks: ChunkReader | None = None
@@ -528,7 +545,7 @@ class Session:
             return [_TOO_MANY]
         return [ValidateRecipient(ParsedAddress(parsed.recipient, parsed), key)]
 
-    def recipient_accepted(self, user: User, factory: Callable[[], Any], key: str) -> Outcome:
+    def recipient_accepted(self, user: User, factory: Callable[[], Message], key: str) -> Outcome:
         """The avatar takes the recipient: it joins the transaction."""
         self.tx.recipients.append((user, factory))
         self.tx.keys.add(key)

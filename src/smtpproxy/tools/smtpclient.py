@@ -113,7 +113,7 @@ class SendClient(smtp.ESMTPClient):
         self._note("C", redact(text, in_auth=self._in_auth))
         super().sendLine(line)
 
-    def lineReceived(self, line: bytes) -> Any:
+    def lineReceived(self, line: bytes) -> object:
         text = line.decode("utf-8", "replace")
         self._note("S", text)
         if text[3:4] != "-":

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from twisted.internet.interfaces import IReactorTime
@@ -213,10 +212,10 @@ class _ScrapeCollector(Collector):
         self.poller: StatusPoller | None = None
         self.token_fetches: Callable[[], int] | None = None
 
-    def describe(self) -> list[Any]:
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         if self.token_fetches is not None:
             fetched = CounterMetricFamily(
                 "smtpproxy_graph_token_refreshes", "Access tokens requested from Entra ID."

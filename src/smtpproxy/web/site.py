@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -39,6 +39,9 @@ from twisted.web.server import Request, Site
 
 from smtpproxy.policy import rules as policy
 from smtpproxy.web.channel import SERVER, BoundedChannel, BoundedRequest
+
+if TYPE_CHECKING:
+    from smtpproxy.config import Config
 
 __all__ = [
     "IDLE_TIMEOUT",
@@ -88,7 +91,7 @@ class HttpSettings:
     idle_timeout: float = IDLE_TIMEOUT
 
     @classmethod
-    def from_config(cls, config: Any) -> HttpSettings:
+    def from_config(cls, config: Config) -> HttpSettings:
         """The listener's settings from a L{smtpproxy.config.Config}."""
         return cls(
             allowed_networks=config.http_allowed_networks,

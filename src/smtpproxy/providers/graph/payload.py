@@ -31,7 +31,7 @@ import mimetypes
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
-from typing import Any
+from typing import NotRequired, TypedDict
 from urllib.parse import quote
 
 from smtpproxy.addresses import (
@@ -54,6 +54,82 @@ from smtpproxy.providers.graph.mime import (
     split_fields,
 )
 from smtpproxy.providers.graph.mimeparts import is_signed, take_out
+
+
+class AddressJson(TypedDict):
+    """Graph's emailAddress: the address, and a display name when there is one."""
+
+    address: str
+    name: NotRequired[str]
+
+
+class RecipientJson(TypedDict):
+    """Graph's recipient resource, as every address field of a message takes it."""
+
+    emailAddress: AddressJson
+
+
+class BodyJson(TypedDict):
+    """Graph's itemBody: the one body JSON mode can carry."""
+
+    contentType: str
+    content: str
+
+
+class HeaderJson(TypedDict):
+    """One internetMessageHeaders entry."""
+
+    name: str
+    value: str
+
+
+# Functional form: "@odata.type" and "from" are not Python identifiers.
+AttachmentJson = TypedDict(
+    "AttachmentJson",
+    {
+        "@odata.type": str,
+        "name": str,
+        "contentType": str,
+        "contentBytes": str,
+        "isInline": bool,
+        "contentId": NotRequired[str],
+    },
+)
+
+MessageJson = TypedDict(
+    "MessageJson",
+    {
+        "subject": str,
+        "body": BodyJson,
+        "from": RecipientJson,
+        "toRecipients": list[RecipientJson],
+        "ccRecipients": list[RecipientJson],
+        "bccRecipients": list[RecipientJson],
+        "replyTo": NotRequired[list[RecipientJson]],
+        "internetMessageHeaders": NotRequired[list[HeaderJson]],
+        "importance": NotRequired[str],
+        "attachments": NotRequired[list[AttachmentJson]],
+    },
+)
+
+
+class SendMailJson(TypedDict):
+    """The body of C{sendMail} in JSON mode."""
+
+    message: MessageJson
+    saveToSentItems: NotRequired[bool]
+
+
+class UploadItemJson(TypedDict):
+    """The AttachmentItem of C{attachments/createUploadSession}."""
+
+    attachmentType: str
+    name: str
+    size: int
+    contentType: str
+    isInline: bool
+    contentId: NotRequired[str]
+
 
 # Graph refuses request bodies over 4 MB; keep a margin for the request line
 # and headers, which some gateways count too.
@@ -310,21 +386,21 @@ def mime_fields(
     return rewritten, warnings
 
 
-def encode_json(document: Any) -> bytes:
+def encode_json(document: object) -> bytes:
     """The exact bytes sent for a JSON body (compact, so sizes are predictable)."""
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _recipient(mailbox: Mailbox) -> dict[str, Any]:
+def _recipient(mailbox: Mailbox) -> RecipientJson:
     # Domains as A-labels (Exchange takes those everywhere); a UTF-8 local
     # part stays as it is: Exchange Online delivers to EAI addresses.
-    address: dict[str, str] = {"address": ascii_address(mailbox.address)}
+    address: AddressJson = {"address": ascii_address(mailbox.address)}
     if mailbox.name:
         address["name"] = mailbox.name
     return {"emailAddress": address}
 
 
-def custom_headers(headers: Sequence[tuple[str, str]]) -> tuple[list[dict[str, str]], list[str]]:
+def custom_headers(headers: Sequence[tuple[str, str]]) -> tuple[list[HeaderJson], list[str]]:
     """The X- headers Graph's JSON mode can carry: at most five, one per name.
 
     Graph rejects any other header name and more than five of them with a
@@ -332,7 +408,7 @@ def custom_headers(headers: Sequence[tuple[str, str]]) -> tuple[list[dict[str, s
 
     @return: the internetMessageHeaders entries, and the names left out.
     """
-    kept: list[dict[str, str]] = []
+    kept: list[HeaderJson] = []
     seen: set[str] = set()
     dropped: list[str] = []
     for name, value in headers:
@@ -362,7 +438,7 @@ def _importance(headers: Sequence[tuple[str, str]]) -> str | None:
 
 def json_message(
     email: Email, mailbox: str, recipients: Recipients, domain: str = ""
-) -> tuple[dict[str, Any], list[str], tuple[str, ...]]:
+) -> tuple[MessageJson, list[str], tuple[str, ...]]:
     """Graph's JSON message for C{email}, without attachments.
 
     JSON can carry one body: HTML when the message has it, else the text.
@@ -374,11 +450,12 @@ def json_message(
     @return: the message, the names of headers that could not be carried,
         and warnings about Reply-To addresses left out.
     """
+    body: BodyJson
     if email.html is not None:
         body = {"contentType": "HTML", "content": email.html}
     else:
         body = {"contentType": "Text", "content": email.text or ""}
-    message: dict[str, Any] = {
+    message: MessageJson = {
         "subject": email.subject,
         "body": body,
         "from": _recipient(Mailbox(_from_name(email.from_, mailbox), mailbox)),
@@ -414,8 +491,8 @@ def attachment_name(attachment: Attachment, index: int) -> str:
     return f"attachment-{index}{extension}"
 
 
-def _attachment_stub(attachment: Attachment, index: int) -> dict[str, Any]:
-    stub: dict[str, Any] = {
+def _attachment_stub(attachment: Attachment, index: int) -> AttachmentJson:
+    stub: AttachmentJson = {
         "@odata.type": "#microsoft.graph.fileAttachment",
         "name": attachment_name(attachment, index),
         "contentType": attachment.content_type or "application/octet-stream",
@@ -427,7 +504,7 @@ def _attachment_stub(attachment: Attachment, index: int) -> dict[str, Any]:
     return stub
 
 
-def attachment_json(attachment: Attachment, index: int) -> dict[str, Any]:
+def attachment_json(attachment: Attachment, index: int) -> AttachmentJson:
     """A fileAttachment carrying the part's bytes in base64."""
     document = _attachment_stub(attachment, index)
     document["contentBytes"] = base64.b64encode(attachment.data).decode("ascii")
@@ -455,7 +532,7 @@ class Upload:
 
     def session_request(self) -> bytes:
         """The body of C{attachments/createUploadSession}."""
-        item: dict[str, Any] = {
+        item: UploadItemJson = {
             "attachmentType": "file",
             "name": self.name,
             "size": len(self.data),
@@ -712,10 +789,10 @@ def _json_plan(
             attachment_json_size(a, i) + 20 for i, a in small
         )
         if estimate <= REQUEST_LIMIT:
-            whole = dict(message)
+            whole = message.copy()
             if small:
                 whole["attachments"] = [attachment_json(a, i) for i, a in small]
-            request: dict[str, Any] = {"message": whole}
+            request: SendMailJson = {"message": whole}
             if not save_to_sent_items:
                 # Graph's default is to save; it documents the flag as one
                 # to send only when it is false.

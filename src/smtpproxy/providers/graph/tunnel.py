@@ -20,7 +20,12 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -88,7 +93,9 @@ class _TunnelProtocol(Protocol):
         self._inner: IProtocol | None = None
 
     def connectionMade(self) -> None:
-        self.transport.write(self._request)  # type: ignore[union-attr]
+        transport = self.transport
+        assert transport is not None  # connectionMade: makeConnection set it
+        transport.write(self._request)
 
     def dataReceived(self, data: bytes) -> None:
         if self._inner is not None:
@@ -107,7 +114,8 @@ class _TunnelProtocol(Protocol):
             why = f"HTTP {status}" if status else "not an HTTP answer"
             self._fail(status, f"the proxy refused the tunnel ({why})")
             return
-        transport: Any = self.transport
+        transport = self.transport
+        assert transport is not None  # bytes arrived, so it is connected
         inner = self._inner_factory.buildProtocol(transport.getPeer())
         if inner is None:
             self._fail(0, "no protocol for the tunnel")
@@ -146,7 +154,7 @@ class _TunnelFactory(ClientFactory):
     def __init__(self, protocol: _TunnelProtocol) -> None:
         self.tunnel = protocol
 
-    def buildProtocol(self, addr: Any) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return self.tunnel
 
 
@@ -162,7 +170,7 @@ class TunnelEndpoint:
         self._where = {"proxy": proxy.display, "target": f"{host}:{port}"}
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        connecting: Deferred[Any] | None = None
+        connecting: Deferred[IProtocol] | None = None
         tunnel: _TunnelProtocol | None = None
 
         def cancel(_: Deferred[IProtocol]) -> None:

@@ -29,7 +29,7 @@ from datetime import datetime
 from email.headerregistry import Address, BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import format_datetime
-from typing import Any
+from typing import NoReturn
 
 from smtpproxy import addresses
 from smtpproxy.web.api.problems import ApiError
@@ -163,12 +163,12 @@ class RawSubmission:
 # -- JSON ---------------------------------------------------------------------
 
 
-def _refuse_constant(name: str) -> Any:
+def _refuse_constant(name: str) -> NoReturn:
     raise ApiError(400, "invalid_json", f"{name} is not JSON")
 
 
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document: dict[str, Any] = {}
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    document: dict[str, object] = {}
     for name, value in pairs:
         if name in document:
             # Two readers of the same request could see two messages.
@@ -177,7 +177,7 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return document
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+def parse_json(body: bytes) -> dict[str, object]:
     """The request body as a JSON object: UTF-8, no duplicate names, no NaN.
 
     @raise ApiError: 400 C{invalid_json}.
@@ -213,7 +213,7 @@ def _shown_name(name: str) -> str:
     return cleaned if len(name) <= 64 else cleaned + "..."
 
 
-def _only(document: Mapping[str, Any], known: Sequence[str], prefix: str = "") -> None:
+def _only(document: Mapping[str, object], known: Sequence[str], prefix: str = "") -> None:
     for name in document:
         if name not in known:
             raise ApiError(400, "unknown_field", "unknown field", prefix + _shown_name(name))
@@ -276,7 +276,7 @@ def read_mailbox(value: object, field: str) -> Mailbox:
     raise ApiError(400, "invalid_field", "must be an address or an address object", field)
 
 
-def _mailboxes(document: Mapping[str, Any], name: str, limit: int) -> tuple[Mailbox, ...]:
+def _mailboxes(document: Mapping[str, object], name: str, limit: int) -> tuple[Mailbox, ...]:
     value = document.get(name, [])
     if not isinstance(value, list):
         raise ApiError(400, "invalid_field", "must be a list of addresses", name)
@@ -285,7 +285,7 @@ def _mailboxes(document: Mapping[str, Any], name: str, limit: int) -> tuple[Mail
     return tuple(read_mailbox(item, f"{name}[{i}]") for i, item in enumerate(value))
 
 
-def _body_text(document: Mapping[str, Any], name: str) -> str | None:
+def _body_text(document: Mapping[str, object], name: str) -> str | None:
     value = document.get(name)
     if value is None:
         return None
@@ -370,7 +370,7 @@ def _custom_headers(value: object) -> tuple[tuple[str, str], ...]:
 
 
 def read_json_message(
-    document: Mapping[str, Any], *, max_recipients: int, max_size: int
+    document: Mapping[str, object], *, max_recipients: int, max_size: int
 ) -> JsonMessage:
     """Check a C{POST /v1/messages} document field by field.
 
@@ -413,7 +413,7 @@ def read_json_message(
 
 
 def read_raw_json(
-    document: Mapping[str, Any], *, max_recipients: int, max_size: int
+    document: Mapping[str, object], *, max_recipients: int, max_size: int
 ) -> RawSubmission:
     """C{{"from", "to": [...], "data": base64}}: the raw form for JSON clients."""
     _only(document, RAW_FIELDS)

@@ -11,7 +11,6 @@ client's value (let alone a secret or a body) is never echoed back.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 __all__ = ["ApiError", "error_body", "json_bytes"]
 
@@ -42,7 +41,7 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
-def json_bytes(document: Any) -> bytes:
+def json_bytes(document: object) -> bytes:
     """Compact ASCII JSON: no client text can reach the wire as raw bytes."""
     return json.dumps(document, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 

@@ -25,8 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import pwd
-import shutil
 import signal
 import socket
 import sqlite3
@@ -45,6 +43,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import run  # noqa: E402
+from tests.postfix import PrivatePostfix  # noqa: E402
+from tests.postfix import missing as postfix_missing  # noqa: E402
 
 MESSAGES = 2_000
 SESSIONS = 50
@@ -52,92 +52,27 @@ PAIRS = 6
 BIG = 150 * 1024 * 1024
 BACKLOG = 10_000
 
-POSTFIX_MAIN_CF = """\
-compatibility_level = 3.6
-config_directory = {base}/conf
-queue_directory = {base}/queue
-data_directory = {base}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = bench.test
-mydomain = bench.test
-mydestination =
-alias_maps =
-alias_database =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-maillog_file = {base}/maillog
-maillog_file_prefixes = {base}
-default_transport = discard:bench
-relay_transport = discard:bench
-message_size_limit = 0
-smtpd_client_connection_count_limit = 0
-smtpd_client_connection_rate_limit = 0
-"""
-
-# What an smtpd -> queue -> discard instance needs of Debian's master.cf,
-# without chroot (a private instance has no chroot to run in).
-POSTFIX_MASTER_CF = """\
-127.0.0.1:{port} inet n -  n  -  -  smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-proxymap  unix  -       -       n       -       -       proxymap
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
-def postfix_missing() -> str | None:
-    """Why a private Postfix cannot run here, or None."""
-    if not Path("/usr/sbin/postfix").exists():
-        return "Debian's postfix package is not installed"
-    if os.geteuid() != 0:
-        return "a private Postfix instance has to be started as root"
-    try:
-        pwd.getpwnam("postfix")
-    except KeyError:
-        return "no postfix user"
-    return None
+# A private Postfix (tests/postfix.py) that accepts from loopback into its
+# queue and discards: the peer the queued relay's ingress is measured against.
+POSTFIX_LINES = (
+    "mynetworks = 127.0.0.0/8",
+    "smtpd_relay_restrictions = permit_mynetworks, reject",
+    "default_transport = discard:bench",
+    "relay_transport = discard:bench",
+    "message_size_limit = 0",
+    "smtpd_client_connection_count_limit = 0",
+    "smtpd_client_connection_rate_limit = 0",
+)
 
 
 @contextmanager
 def postfix(port: int) -> Iterator[int]:
     """A private Postfix accepting on 127.0.0.1:C{port}; yields its master's pid."""
-    # Not under bench/: Postfix's sockets live in its queue directory, and
-    # a UNIX socket path must fit in 108 bytes.
-    base = Path(tempfile.mkdtemp(prefix="smtpproxy-bench-postfix-"))
-    base.chmod(0o755)
-    (base / "conf").mkdir(mode=0o755)
-    (base / "queue").mkdir(mode=0o755)
-    (base / "conf" / "main.cf").write_text(POSTFIX_MAIN_CF.format(base=base))
-    (base / "conf" / "master.cf").write_text(POSTFIX_MASTER_CF.format(port=port))
-    conf = ["/usr/sbin/postfix", "-c", str(base / "conf")]
-    try:
-        started = subprocess.run([*conf, "start"], capture_output=True, timeout=60, check=False)
-        if started.returncode != 0:
-            raise RuntimeError(f"postfix start failed: {started.stderr.decode(errors='replace')}")
-        deadline = time.monotonic() + run.START_TIMEOUT
-        while not run.greets(port):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Postfix did not greet; see {base}/maillog")
-            time.sleep(0.1)
-        pid = int((base / "queue" / "pid" / "master.pid").read_text().split()[0])
-        yield pid
-    finally:
-        subprocess.run([*conf, "stop"], capture_output=True, timeout=60, check=False)
-        shutil.rmtree(base, ignore_errors=True)
+    instance = PrivatePostfix(
+        POSTFIX_LINES, port=port, hostname="bench.test", prefix="smtpproxy-bench-postfix-"
+    )
+    with instance:
+        yield instance.master_pid()
 
 
 def relay(queue_url: str, extra: dict[str, str] | None = None) -> run.Server:

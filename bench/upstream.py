@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -38,44 +36,26 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import queue_ingress, run  # noqa: E402
+from bench import run  # noqa: E402
+from tests.postfix import PrivatePostfix  # noqa: E402
+from tests.postfix import missing as postfix_missing  # noqa: E402
 
 MESSAGES = 2_000
 SESSIONS = 50
 PAIRS = 3
 RELAY_CONNECTIONS = 20
 
-POSTFIX_RELAY_CF = """\
-compatibility_level = 3.6
-config_directory = {base}/conf
-queue_directory = {base}/queue
-data_directory = {base}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = bench.test
-mydomain = bench.test
-mydestination =
-alias_maps =
-alias_database =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-maillog_file = {base}/maillog
-maillog_file_prefixes = {base}
-relayhost = [127.0.0.1]:{sink}
-message_size_limit = 0
-smtpd_client_connection_count_limit = 0
-smtpd_client_connection_rate_limit = 0
-smtp_destination_concurrency_limit = {connections}
-default_destination_concurrency_limit = {connections}
-"""
-
-# bench/queue_ingress.py's master.cf, plus the smtp client that relays.
-POSTFIX_RELAY_MASTER_CF = (
-    queue_ingress.POSTFIX_MASTER_CF
-    + "smtp      unix  -       -       n       -       -       smtp\n"
-    + "relay     unix  -       -       n       -       -       smtp\n"
+# A private Postfix (tests/postfix.py) that relays everything it accepts to
+# the sink, with as many connections as the relay gets.
+POSTFIX_RELAY_LINES = (
+    "mynetworks = 127.0.0.0/8",
+    "smtpd_relay_restrictions = permit_mynetworks, reject",
+    "relayhost = [127.0.0.1]:{sink}",
+    "message_size_limit = 0",
+    "smtpd_client_connection_count_limit = 0",
+    "smtpd_client_connection_rate_limit = 0",
+    "smtp_destination_concurrency_limit = {connections}",
+    "default_destination_concurrency_limit = {connections}",
 )
 
 
@@ -103,27 +83,14 @@ def sink() -> Iterator[int]:
 @contextmanager
 def postfix_relay(port: int, sink_port: int) -> Iterator[Path]:
     """A private Postfix on C{port} relaying everything to the sink; yields its maillog."""
-    base = Path(tempfile.mkdtemp(prefix="smtpproxy-bench-relay-"))
-    base.chmod(0o755)
-    (base / "conf").mkdir(mode=0o755)
-    (base / "queue").mkdir(mode=0o755)
-    main = POSTFIX_RELAY_CF.format(base=base, sink=sink_port, connections=RELAY_CONNECTIONS)
-    (base / "conf" / "main.cf").write_text(main)
-    (base / "conf" / "master.cf").write_text(POSTFIX_RELAY_MASTER_CF.format(port=port))
-    conf = ["/usr/sbin/postfix", "-c", str(base / "conf")]
-    try:
-        started = subprocess.run([*conf, "start"], capture_output=True, timeout=60, check=False)
-        if started.returncode != 0:
-            raise RuntimeError(f"postfix start failed: {started.stderr.decode(errors='replace')}")
-        deadline = time.monotonic() + run.START_TIMEOUT
-        while not run.greets(port):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Postfix did not greet; see {base}/maillog")
-            time.sleep(0.1)
-        yield base / "maillog"
-    finally:
-        subprocess.run([*conf, "stop"], capture_output=True, timeout=60, check=False)
-        shutil.rmtree(base, ignore_errors=True)
+    lines = [
+        line.format(sink=sink_port, connections=RELAY_CONNECTIONS) for line in POSTFIX_RELAY_LINES
+    ]
+    instance = PrivatePostfix(
+        lines, port=port, hostname="bench.test", prefix="smtpproxy-bench-relay-"
+    )
+    with instance:
+        yield instance.maillog
 
 
 def relay(sink_port: int) -> run.Server:
@@ -173,7 +140,7 @@ def measure(messages: int, pairs: int) -> dict[str, Any]:
         sink_port = stack.enter_context(sink())
         ours = stack.enter_context(run.started(relay(sink_port)))
         run.warm_up(ours.port)
-        why = queue_ingress.postfix_missing()
+        why = postfix_missing()
         if why is not None:
             results["postfix"] = {"skipped": why}
             results["smtpproxy_msg_s"] = round(relay_rate(ours.port, messages), 1)

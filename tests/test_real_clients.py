@@ -22,13 +22,10 @@ is missing skips and names the package; C{.ci/run} installs all of them.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import ctypes
-import glob
 import hashlib
 import json
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -42,6 +39,7 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests import postfix as private
 from tests.support import PASSWORD, USER, async_test, in_thread
 from tests.test_twistd import ROOT, TWISTD, base_env, free_port
 
@@ -196,142 +194,40 @@ POSTFIX_RELAY_SETTINGS = (
     "smtp_tls_connection_reuse = yes",
 )
 
-# A private instance: its own configuration, queue and data directories, no
-# listening socket (mail comes in through sendmail/postdrop as from cron), a
-# log file instead of syslog, and a relayhost.  The extra smtp_* lines make the
-# connection reuse deterministic for the test: one delivery at a time, and
-# every connection to the relay kept for the next one.
-POSTFIX_MAIN_CF = """\
-compatibility_level = 3.6
-config_directory = {conf}
-queue_directory = {queue}
-data_directory = {data}
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.test
-mydomain = postfix.test
-myorigin = $myhostname
-mydestination =
-alias_maps =
-alias_database =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-maillog_file = {maillog}
-maillog_file_prefixes = {base}
-relayhost = [127.0.0.1]:{port}
-{relay_settings}
-smtp_sasl_password_maps = static:{user}:{password}
-smtp_tls_loglevel = 1
-smtp_destination_concurrency_limit = 1
-smtp_connection_cache_destinations = 127.0.0.1
-smtp_connection_cache_time_limit = 10s
-"""
 
-# Debian's master.cf, cut down to what a relayhost client needs, with every
-# chroot column "n" (a private instance has no chroot to run in) and the two
-# services Debian leaves commented out: tlsproxy (TLS connection reuse) and
-# postlog (maillog_file).
-POSTFIX_MASTER_CF = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-scache    unix  -       -       n       -       1       scache
-tlsproxy  unix  -       -       n       -       0       tlsproxy
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
+# A private instance (tests/postfix.py): no listening socket (mail comes in
+# through sendmail/postdrop as from cron) and a relayhost.  The extra smtp_*
+# lines make the connection reuse deterministic for the test: one delivery at
+# a time, and every connection to the relay kept for the next one.
 def postfix_main_cf(base: str, port: str, user: str, password: str) -> str:
     """main.cf for an instance living in C{base} that relays to 127.0.0.1:C{port}."""
-    return POSTFIX_MAIN_CF.format(
-        conf=f"{base}/conf",
-        queue=f"{base}/queue",
-        data=f"{base}/data",  # created by Postfix, owned by its user
-        maillog=f"{base}/maillog",
-        base=base,
-        port=port,
-        relay_settings="\n".join(POSTFIX_RELAY_SETTINGS),
-        user=user,
-        password=password,
-    )
+    return private.main_cf(base, "postfix.test", relayhost_lines(port, user, password))
+
+
+def relayhost_lines(port: str, user: str, password: str) -> list[str]:
+    """The main.cf lines, after the common ones, of a relayhost client of the relay."""
+    return [
+        "myorigin = $myhostname",
+        f"relayhost = [127.0.0.1]:{port}",
+        *POSTFIX_RELAY_SETTINGS,
+        f"smtp_sasl_password_maps = static:{user}:{password}",
+        "smtp_tls_loglevel = 1",
+        "smtp_destination_concurrency_limit = 1",
+        "smtp_connection_cache_destinations = 127.0.0.1",
+        "smtp_connection_cache_time_limit = 10s",
+    ]
 
 
 def postfix_missing() -> str | None:
-    """Why a private Postfix instance cannot run here, or None."""
-    for program in ("postfix", "postqueue", "sendmail"):
-        if shutil.which(program) is None and not Path("/usr/sbin", program).exists():
-            return f"{program} not installed (Debian package postfix; .ci/run installs it)"
-    if os.geteuid() != 0:
-        return "a private Postfix instance has to be started as root"
-    try:
-        pwd.getpwnam("postfix")
-    except KeyError:
-        return "no postfix user (Debian's postfix package creates it)"
-    if not glob.glob("/usr/lib/*/sasl2/libplain.so*") + glob.glob("/usr/lib/sasl2/libplain.so*"):
-        return "Cyrus SASL PLAIN module missing (Debian package libsasl2-modules)"
-    return None
+    """Why a private relayhost client cannot run here, or None."""
+    return private.missing(("postfix", "postqueue", "sendmail"), sasl=True)
 
 
-def sbin(program: str) -> str:
-    return shutil.which(program) or str(Path("/usr/sbin", program))
-
-
-class PostfixInstance:
-    """A Postfix of its own in a temporary directory, stopped by the test's cleanup."""
+class PostfixInstance(private.PrivatePostfix):
+    """A relayhost client of the relay on C{relay_port}, stopped by the test's cleanup."""
 
     def __init__(self, relay_port: int) -> None:
-        # Not under trial's directory: Postfix's sockets live in the queue
-        # directory, and a UNIX socket's path must fit in 108 bytes.
-        base = Path(tempfile.mkdtemp(prefix="smtpproxy-postfix-"))
-        self.base = base
-        self.conf = base / "conf"
-        self.queue = base / "queue"
-        self.maillog = base / "maillog"
-        base.chmod(0o755)  # the daemons run as the postfix user and must reach the queue
-        self.conf.mkdir(mode=0o755)
-        self.queue.mkdir(mode=0o755)
-        main_cf = postfix_main_cf(str(base), str(relay_port), USER, PASSWORD)
-        (self.conf / "main.cf").write_text(main_cf)
-        (self.conf / "master.cf").write_text(POSTFIX_MASTER_CF)
-
-    def run(self, *command: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [sbin(command[0]), *command[1:]],
-            input=stdin,
-            capture_output=True,
-            timeout=CLIENT_TIMEOUT,
-            check=False,
-        )
-
-    def must(self, *command: str, stdin: bytes = b"") -> None:
-        result = self.run(*command, stdin=stdin)
-        if result.returncode != 0:
-            raise AssertionError(
-                f"{' '.join(command)} exited {result.returncode}:\n"
-                f"{result.stdout.decode(errors='replace')}{result.stderr.decode(errors='replace')}"
-                f"\n{self.log()}"
-            )
-
-    def log(self) -> str:
-        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
-
-    def start(self) -> None:
-        self.must("postfix", "-c", str(self.conf), "check")
-        self.must("postfix", "-c", str(self.conf), "start")
+        super().__init__(relayhost_lines(str(relay_port), USER, PASSWORD))
 
     def wait_sent(self, count: int) -> list[str]:
         """The maillog's C{status=sent} lines once there are C{count} (bounded).
@@ -349,33 +245,6 @@ class PostfixInstance:
             if len(sent) >= count or trouble or time.monotonic() > deadline:
                 return sent
             time.sleep(0.1)
-
-    def stop(self) -> None:
-        """Stop the instance and make sure none of its processes is left (bounded)."""
-        self.run("postfix", "-c", str(self.conf), "stop")
-        deadline = time.monotonic() + 10
-        while self.processes() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for pid in self.processes():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.base, ignore_errors=True)
-
-    def processes(self) -> list[int]:
-        """Live processes of this instance: Postfix exports MAIL_CONFIG to every daemon."""
-        mine = f"MAIL_CONFIG={self.conf}".encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                environ = (entry / "environ").read_bytes()
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if mine in environ.split(b"\0") and state != "Z":
-                found.append(int(entry.name))
-        return found
 
 
 class PostfixRelayhostTests(TestCase):
@@ -459,7 +328,7 @@ class PostfixRelayhostTests(TestCase):
             self.assertIn(f"\n{line}\n", page)
         main_cf = postfix_main_cf("<dir>", "<port>", "<user>", "<password>")
         self.assertIn(f"```text\n{main_cf}```", page)
-        self.assertIn(f"```text\n{POSTFIX_MASTER_CF}```", page)
+        self.assertIn(f"```text\n{private.MASTER_CF}```", page)
 
 
 # --- msmtp ---------------------------------------------------------------------

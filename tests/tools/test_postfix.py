@@ -8,36 +8,21 @@ Skips with the reason when Postfix cannot run here (.ci/run installs it).
 
 from __future__ import annotations
 
-import os
-
 from twisted.trial.unittest import SkipTest, TestCase
 
 from smtpproxy import tls
-from tests.test_real_clients import POSTFIX_MASTER_CF, PostfixInstance, postfix_missing
+from tests.postfix import PrivatePostfix, missing
 from tests.test_twistd import free_port
 from tests.tools.test_end_to_end import tool, tool_json, write
 
-MAIN_CF = """\
-compatibility_level = 3.6
-config_directory = {base}/conf
-queue_directory = {base}/queue
-data_directory = {base}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.test
-mydestination =
-alias_maps =
-alias_database =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-maillog_file = {base}/maillog
-maillog_file_prefixes = {base}
-mynetworks = 127.0.0.0/8
-smtputf8_enable = yes
-smtpd_tls_security_level = may
-smtpd_tls_cert_file = {base}/cert.pem
-smtpd_tls_key_file = {base}/key.pem
-"""
+# A receiving smtpd that offers STARTTLS with a self-signed certificate.
+PROBED_LINES = (
+    "mynetworks = 127.0.0.0/8",
+    "smtputf8_enable = yes",
+    "smtpd_tls_security_level = may",
+    "smtpd_tls_cert_file = $config_directory/cert.pem",
+    "smtpd_tls_key_file = $config_directory/key.pem",
+)
 
 
 class PostfixProbeTests(TestCase):
@@ -45,22 +30,15 @@ class PostfixProbeTests(TestCase):
         """Postfix's smtpd on loopback: the probe parses its capabilities, negotiates
         STARTTLS and verifies its certificate (OK, exit 0); `send` over STARTTLS with a
         body of dot lines and two recipients gets Postfix's 250 (exit 0)."""
-        why_not = postfix_missing()
+        why_not = missing()
         if why_not is not None:
             raise SkipTest(why_not)
         port = free_port()
-        postfix = PostfixInstance(port)
-        self.addCleanup(postfix.stop)
         cert, key = tls.self_signed("postfix.test")
-        write(str(postfix.base), "cert.pem", cert)
-        write(str(postfix.base), "key.pem", key)
-        os.chmod(postfix.base / "key.pem", 0o600)
-        (postfix.conf / "main.cf").write_text(MAIN_CF.format(base=postfix.base))
-        (postfix.conf / "master.cf").write_text(
-            POSTFIX_MASTER_CF + f"127.0.0.1:{port} inet n - n - - smtpd\n"
-        )
+        postfix = PrivatePostfix(PROBED_LINES, port=port, files={"cert.pem": cert, "key.pem": key})
+        self.addCleanup(postfix.stop)
         postfix.start()
-        ca = str(postfix.base / "cert.pem")
+        ca = str(postfix.conf / "cert.pem")
 
         status, report = tool_json("probe", f"127.0.0.1:{port}", "--starttls", "--ca-file", ca)
         self.assertEqual(status, 0, report["verdict"])

@@ -122,15 +122,18 @@ def verify(
     *,
     ca: Sequence[x509.Certificate] | None = None,
     ca_name: str = "",
+    ca_label: str = "--ca-file",
     now: datetime | None = None,
 ) -> Verification:
     """Does C{chain} (server certificate first) verify for C{host}?
 
     @param ca: trust only these certificates (C{--ca-file}); C{None} trusts
         the system's CA store, as a mail client on this machine would.
+    @param ca_label: how the report names where C{ca} came from (the
+        probe's option, or the doctor's C{RELAY_CA_FILE}).
     @param now: the time to check validity at (tests pass a fixed one).
     """
-    trust = f"--ca-file {ca_name}" if ca is not None else "the system CA store"
+    trust = f"{ca_label} {ca_name}" if ca is not None else "the system CA store"
     if not chain:
         return Verification(False, trust, "the server sent no certificate")
     store = crypto.X509Store()

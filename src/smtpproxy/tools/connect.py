@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStream
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
+    PrivateCertificate,
     optionsForClientTLS,
     platformTrust,
     trustRootFromCertificates,
@@ -176,11 +177,20 @@ class _Observing:
     """Client TLS that accepts any certificate, sending the host name (SNI) as a client would.
 
     Only the probe uses it, and it verifies the chain itself afterwards;
-    nothing secret is sent before that verdict is printed.
+    nothing secret is sent before that verdict is printed.  C{client} is a
+    certificate to show the server (the doctor's C{RELAY_CLIENT_CERT_FILE}).
     """
 
-    def __init__(self, host: str) -> None:
-        self._options = CertificateOptions(verify=False)
+    def __init__(self, host: str, client: PrivateCertificate | None = None) -> None:
+        self._options = (
+            CertificateOptions(verify=False)
+            if client is None
+            else CertificateOptions(
+                privateKey=client.privateKey.original,
+                certificate=client.original,
+                verify=False,
+            )
+        )
         self._name = _sni(host)
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
@@ -190,8 +200,10 @@ class _Observing:
         return connection
 
 
-def observing_tls(host: str) -> IOpenSSLClientConnectionCreator:
-    return _Observing(host)
+def observing_tls(
+    host: str, client: PrivateCertificate | None = None
+) -> IOpenSSLClientConnectionCreator:
+    return _Observing(host, client)
 
 
 def _sni(host: str) -> bytes | None:

@@ -13,20 +13,23 @@ WARN, FAIL or SKIP with one line of detail:
     relay's start-up checks (L{smtpproxy.tls.load_files}), the expiry is
     not near, the names cover C{SMTP_HOSTNAME}; without them, a warning
     that clients which verify will refuse the generated certificate;
+  - queue: with C{QUEUE_URL}, the store opens as the relay opens it, takes
+    one write (removed again), and its depth and oldest message by state
+    are reported, with warnings past thresholds (L{smtpproxy.tools.queuecheck});
   - the provider's own checks (L{PROVIDER_CHECKS}): stdout needs none;
     Graph must hand out a token for the configured credential, and with
     C{--send-test-to ADDRESS} each C{GRAPH_SENDER} mailbox sends one test
-    message through the provider's real delivery path.
+    message through the provider's real delivery path; upstream SMTP is
+    probed with the provider's TLS and AUTH settings
+    (L{smtpproxy.tools.upstreamcheck}).
 
 Exit status: 0 when every check passes (SKIP counts as passing), 3 when
 the worst is a warning, 1 when any check fails, 2 for a usage error.
 
 Adding a check: write C{async def check_x(context: Context) -> list[Result]}
-and append it to L{CHECKS} (relay-wide, such as the durable queue: return
-a SKIP when C{QUEUE_URL} is empty) or put it in L{PROVIDER_CHECKS} under
-the provider's name (such as an upstream SMTP provider, which can run
-L{smtpproxy.tools.probe.probe} against its server for reachability, TLS
-and AUTH).  A check never raises for what it finds; an exception it does
+and append it to L{CHECKS} (relay-wide, such as the durable queue, which
+returns a SKIP when C{QUEUE_URL} is empty) or put it in L{PROVIDER_CHECKS}
+under the provider's name.  A check never raises for what it finds; an exception it does
 not expect is reported as a FAIL of that check, and the others still run.
 """
 
@@ -198,6 +201,20 @@ async def check_stdout(context: Context) -> list[Result]:
     return [Result("provider", "PASS", "stdout: mail is printed on standard output")]
 
 
+async def check_queue(context: Context) -> list[Result]:
+    """The durable queue (C{QUEUE_URL}): opens, takes a write, depth and age by state."""
+    from smtpproxy.tools import queuecheck
+
+    return await queuecheck.check(context)
+
+
+async def check_upstream(context: Context) -> list[Result]:
+    """The upstream SMTP server: reachable, TLS verifies, AUTH works, what EHLO offers."""
+    from smtpproxy.tools import upstreamcheck
+
+    return await upstreamcheck.check(context)
+
+
 async def check_graph(context: Context) -> list[Result]:
     """A token for the configured credential; with --send-test-to, one send per mailbox."""
     from smtpproxy.tools import graphcheck
@@ -209,6 +226,7 @@ async def check_graph(context: Context) -> list[Result]:
 CHECKS: list[tuple[str, Check]] = [
     ("listen", check_listen),
     ("certificate", check_certificate),
+    ("queue", check_queue),
     ("provider", check_provider),
 ]
 
@@ -216,6 +234,7 @@ CHECKS: list[tuple[str, Check]] = [
 PROVIDER_CHECKS: dict[str, Check] = {
     "stdout": check_stdout,
     "graph": check_graph,
+    "smtp": check_upstream,
 }
 
 
@@ -260,7 +279,7 @@ def summary(results: list[Result]) -> str:
 
 def render_text(results: list[Result]) -> str:
     lines = ["smtpproxy doctor"]
-    lines += [f"  {r.status:<4}  {r.check:<12} {r.detail}" for r in results]
+    lines += [f"  {r.status:<4}  {r.check:<13} {r.detail}" for r in results]
     lines.append(summary(results))
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,7 @@ from typing import TextIO, TypeVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.ssl import PrivateCertificate
 
 from smtpproxy.config import system_hostname
 from smtpproxy.tools import certs, connect
@@ -194,6 +195,13 @@ class ProbeOptions:
     user: str | None = None
     password: str | None = None
     insecure_auth: bool = False
+    #: How the report names C{ca_file} (the doctor says C{RELAY_CA_FILE}).
+    ca_label: str = "--ca-file"
+    #: Stop right after the handshake when the chain does not verify, before
+    #: AUTH: a client that verifies (the SMTP provider) would not go on.
+    require_verified: bool = False
+    #: A certificate to show the server (the doctor's RELAY_CLIENT_CERT_FILE).
+    client_certificate: PrivateCertificate | None = None
 
 
 async def probe(reactor: IReactorTime, options: ProbeOptions) -> ProbeReport:
@@ -217,7 +225,9 @@ async def _steps(
 ) -> ProbeProtocol:
     timed = _Timer(reactor, options.timeout, report)
     implicit = options.mode == "tls"
-    creator = connect.observing_tls(options.target.host) if implicit else None
+    creator = (
+        connect.observing_tls(options.target.host, options.client_certificate) if implicit else None
+    )
     where = connect.endpoint(reactor, options.target, options.timeout, creator)
     factory = ProbeFactory()
     connected = cast("Deferred[ProbeProtocol]", where.connect(factory))
@@ -232,6 +242,7 @@ async def _steps(
                 failed="TLS handshake failed (a plain or STARTTLS port? try --starttls)",
             )
             report.tls = _tls_report("implicit TLS", facts, options)
+            _insist_verified(report.tls, options)
         greeting = await timed(
             "greeting",
             protocol.next_reply(),
@@ -248,11 +259,12 @@ async def _steps(
             reply = await timed("starttls", protocol.command("STARTTLS"), _reply_line)
             if reply.code != 220:
                 raise _StopError(f"STARTTLS refused: {reply.code} {reply.text}")
-            creator = connect.observing_tls(options.target.host)
+            creator = connect.observing_tls(options.target.host, options.client_certificate)
             facts = await timed(
                 "tls", protocol.start_tls(creator), _facts_line, failed="TLS handshake failed"
             )
             report.tls = _tls_report("STARTTLS", facts, options)
+            _insist_verified(report.tls, options)
             report.ehlo_after_tls = await _ehlo(protocol, timed, options.helo, "ehlo")
         if options.user is not None:
             report.auth = await _auth(protocol, timed, report, options)
@@ -306,10 +318,23 @@ def _tls_report(how: str, facts: connect.TLSFacts | None, options: ProbeOptions)
         raise _StopError("the TLS handshake gave no session to report on")
     ca = connect.ca_certificates(options.ca_file)
     verification = certs.verify(
-        facts.chain, options.target.host, ca=ca, ca_name=options.ca_file or ""
+        facts.chain,
+        options.target.host,
+        ca=ca,
+        ca_name=options.ca_file or "",
+        ca_label=options.ca_label,
     )
     chain = tuple(certs.describe(c) for c in facts.chain)
     return TLSReport(how, facts.version, facts.cipher, facts.bits, chain, verification)
+
+
+def _insist_verified(tls: TLSReport, options: ProbeOptions) -> None:
+    """End the probe when verification is required and the chain does not verify."""
+    if options.require_verified and not tls.verification.ok:
+        raise _StopError(
+            f"the certificate does not verify against {tls.verification.trust}: "
+            f"{tls.verification.reason}"
+        )
 
 
 def _reply_line(reply: Reply) -> str:

@@ -9,11 +9,19 @@ session.
 
 from __future__ import annotations
 
+import base64
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+
 from tests.postfix import PrivatePostfix, missing
-from tests.providers.smtp.upstream import Authority
+from tests.providers.smtp.upstream import Authority, port_of
 from tests.test_twistd import free_port
 
-__all__ = ["PostfixUpstream", "missing"]
+__all__ = ["DovecotAuth", "PostfixUpstream", "missing"]
 
 
 def upstream_lines(tls_level: str, size_limit: int) -> list[str]:
@@ -50,4 +58,73 @@ class PostfixUpstream(PrivatePostfix):
             hostname="upstream.test",
             files={"cert.pem": authority.cert_pem, "key.pem": authority.key_pem},
             prefix="smtpproxy-upstream-",
+        )
+
+
+class DovecotAuthProtocol(LineReceiver):
+    """The server side of Dovecot's authentication protocol, as Postfix's smtpd speaks it.
+
+    Postfix checks AUTH passwords through a SASL backend; with
+    C{smtpd_sasl_type = dovecot} that backend is a socket speaking this small
+    tab-separated protocol.  This stands in for Dovecot (Postfix itself, the
+    server under test, stays real): it offers PLAIN only, accepts one user
+    and password, and records every AUTH request's mechanism and user so a
+    test can prove a password was, or was not, sent.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(self, auth: DovecotAuth) -> None:
+        self.auth = auth
+
+    def connectionMade(self) -> None:
+        self.sendLine(b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nSPID\t1\nCUID\t1\nDONE")
+
+    def lineReceived(self, line: bytes) -> None:
+        fields = line.decode("utf-8", "replace").split("\t")
+        if fields[0] != "AUTH" or len(fields) < 3:
+            return  # VERSION and CPID need no answer
+        request = fields[1]
+        params = dict(f.partition("=")[::2] for f in fields[3:])
+        if "resp" not in params:
+            self.sendLine(f"FAIL\t{request}\treason=initial response expected".encode())
+            return
+        try:
+            _, user, password = base64.b64decode(params["resp"]).decode().split("\0")
+        except (ValueError, UnicodeDecodeError):
+            self.sendLine(f"FAIL\t{request}\treason=malformed".encode())
+            return
+        self.auth.attempts.append(user)
+        if (user, password) == (self.auth.user, self.auth.password):
+            self.sendLine(f"OK\t{request}\tuser={user}".encode())
+        else:
+            self.sendLine(f"FAIL\t{request}\tuser={user}".encode())
+
+
+class DovecotAuth(Factory):
+    """Listens on loopback for Postfix's SASL requests; L{lines} point smtpd at it."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self.user = user
+        self.password = password
+        self.attempts: list[str] = []
+
+    def buildProtocol(self, addr: object) -> DovecotAuthProtocol:
+        return DovecotAuthProtocol(self)
+
+    async def listen(self) -> IListeningPort:
+        """Listen on a free loopback port (stop it in the test's cleanup)."""
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        port: IListeningPort = await endpoint.listen(self)
+        self.port = port
+        return port
+
+    def lines(self) -> tuple[str, ...]:
+        """main.cf lines for an smtpd that checks AUTH here, after STARTTLS only."""
+        number = port_of(self.port)
+        return (
+            "smtpd_sasl_auth_enable = yes",
+            "smtpd_sasl_type = dovecot",
+            f"smtpd_sasl_path = inet:127.0.0.1:{number}",
+            "smtpd_tls_auth_only = yes",
         )

@@ -39,16 +39,7 @@ def client_tls(settings: RelaySettings) -> IOpenSSLClientConnectionCreator:
 
     @raise ConfigError: a file named in the settings is unreadable or not PEM.
     """
-    client: PrivateCertificate | None = None
-    if settings.client_cert_file:
-        cert = _read("RELAY_CLIENT_CERT_FILE", settings.client_cert_file)
-        key = _read("RELAY_CLIENT_KEY_FILE", settings.client_key_file)
-        try:
-            client = PrivateCertificate.loadPEM(cert + b"\n" + key)
-        except Exception as e:  # OpenSSL's errors share no base to name
-            raise ConfigError(
-                f"RELAY_CLIENT_CERT_FILE: cannot use the certificate and key: {e}"
-            ) from None
+    client = client_certificate(settings)
     if not settings.tls_verify:
         # Encrypted but unauthenticated: for an upstream on a private
         # network with a certificate nobody can check.  Said at start-up.
@@ -62,6 +53,24 @@ def client_tls(settings: RelaySettings) -> IOpenSSLClientConnectionCreator:
         platformTrust() if not settings.ca_file else _trust_root(settings.ca_file)
     )
     return optionsForClientTLS(settings.host, trustRoot=trust, clientCertificate=client)
+
+
+def client_certificate(settings: RelaySettings) -> PrivateCertificate | None:
+    """The certificate and key of C{RELAY_CLIENT_CERT_FILE}, or None when unset.
+
+    @raise ConfigError: a file is unreadable, or the key does not fit the certificate.
+    """
+    if not settings.client_cert_file:
+        return None
+    cert = _read("RELAY_CLIENT_CERT_FILE", settings.client_cert_file)
+    key = _read("RELAY_CLIENT_KEY_FILE", settings.client_key_file)
+    try:
+        loaded: PrivateCertificate = PrivateCertificate.loadPEM(cert + b"\n" + key)
+    except Exception as e:  # OpenSSL's errors share no base to name
+        raise ConfigError(
+            f"RELAY_CLIENT_CERT_FILE: cannot use the certificate and key: {e}"
+        ) from None
+    return loaded
 
 
 def _trust_root(path: str) -> IOpenSSLTrustRoot:

@@ -33,6 +33,7 @@ import yaml
 from smtpproxy.policy import rules as policy
 from smtpproxy.queue.url import parse_queue_url
 from smtpproxy.web.api.keys import ApiKey, parse_env_keys
+from smtpproxy.web.hosts import parse_allowed_hosts
 
 
 class ConfigError(Exception):
@@ -90,6 +91,7 @@ class Config:
     http_request_timeout: float = 10.0
     http_allowed_networks: policy.Networks = policy.DEFAULT_PRIVATE_NETWORKS
     http_trusted_proxies: policy.Networks = ()
+    http_allowed_hosts: tuple[str, ...] = ()
     http_tls_cert_file: str = ""
     http_tls_key_file: str = ""
     http_api_keys: tuple[ApiKey, ...] = ()
@@ -541,6 +543,12 @@ SETTINGS: tuple[Setting, ...] = (
         "http_trusted_proxies",
         policy.parse_networks,
         "CIDRs of proxies whose X-Forwarded-For names the client (default: none)",
+    ),
+    Setting(
+        "HTTP_ALLOWED_HOSTS",
+        "http_allowed_hosts",
+        parse_allowed_hosts,
+        "host names the mailbox answers besides IP addresses and localhost (DNS rebinding)",
     ),
     Setting(
         "HTTP_TLS_CERT_FILE",

@@ -21,9 +21,10 @@ Three attacks on the listener as Twisted ships it (issue 14) are closed here:
   first one); arriving bytes do not move that deadline, unlike the idle
   timer.  Past it the client gets C{408} and the connection closes.
 
-The network policy (C{HTTP_ALLOWED_NETWORKS}, C{HTTP_TRUSTED_PROXIES}) is
-decided at the same point as the body limit, so a refused client cannot
-upload anything either.  Only public Twisted API and documented override
+The network policy (C{HTTP_ALLOWED_NETWORKS}, C{HTTP_TRUSTED_PROXIES}) and
+the browser-facing parts' C{Host} check (C{HTTP_ALLOWED_HOSTS}) are decided
+at the same point as the body limit, so a refused client cannot upload
+anything either.  Only public Twisted API and documented override
 points are used: C{dataReceived}, C{lineReceived}, C{requestDone}, the
 C{IPushProducer} methods of the channel, and C{Request.gotLength},
 C{handleContentChunk}, C{requestReceived}, C{process}.
@@ -45,7 +46,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
 from smtpproxy.policy import rules as policy
-from smtpproxy.web import clientaddr
+from smtpproxy.web import clientaddr, hosts
 
 if TYPE_CHECKING:
     from smtpproxy.web.site import BoundedSite
@@ -71,6 +72,7 @@ _REASONS = {
     403: b"Forbidden",
     408: b"Request Timeout",
     413: b"Content Too Large",
+    421: b"Misdirected Request",
 }
 
 
@@ -273,6 +275,12 @@ class BoundedRequest(Request):
             self.refusal = (403, "forbidden")
             if has_body:
                 self._drop(403, "forbidden")
+            self.content = io.BytesIO()
+            return
+        if site.host_refused(self.line_path, self.requestHeaders.getRawHeaders(b"host")):
+            self.refusal = (421, hosts.REFUSAL)
+            if has_body:
+                self._drop(421, hosts.REFUSAL)
             self.content = io.BytesIO()
             return
         self._limit = site.body_limit(self.line_method, self.line_path)

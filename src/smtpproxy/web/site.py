@@ -13,6 +13,8 @@ C{HTTP_TLS_CERT_FILE}, TLS.  The site owns what every path shares:
   (C{max_body}, zero by default); GET and HEAD never take one;
 - the request deadline (C{HTTP_REQUEST_TIMEOUT}), the idle timeout and the
   flow control of L{smtpproxy.web.channel};
+- the C{Host} check of the browser-facing parts (L{Mount.browser}, the
+  mailbox), against DNS rebinding (L{smtpproxy.web.hosts}): C{421};
 - JSON C{404} for every path no part claims, no Twisted version anywhere.
 
 A resource behind a mount reads the client with C{request.getClientAddress()}
@@ -23,7 +25,7 @@ JSON with L{respond_json}.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -38,6 +40,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from smtpproxy.policy import rules as policy
+from smtpproxy.web import hosts
 from smtpproxy.web.channel import SERVER, BoundedChannel, BoundedRequest
 
 if TYPE_CHECKING:
@@ -73,11 +76,15 @@ class Mount(NamedTuple):
     @ivar max_body: the largest request body (bytes) any method but GET and
         HEAD may send to it; a larger declared one is answered C{413}
         before it is read.  Zero: no body at all.
+    @ivar browser: a part people open in a browser (the mailbox): it answers
+        only a C{Host} that L{smtpproxy.web.hosts.host_allowed} accepts,
+        against DNS rebinding; others get C{421} before any body is read.
     """
 
     path: str
     resource: IResource
     max_body: int = 0
+    browser: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +93,7 @@ class HttpSettings:
 
     allowed_networks: policy.Networks = policy.DEFAULT_PRIVATE_NETWORKS
     trusted_proxies: policy.Networks = ()
+    allowed_hosts: tuple[str, ...] = ()
     max_connections: int = 64
     request_timeout: float = 10.0
     idle_timeout: float = IDLE_TIMEOUT
@@ -96,6 +104,7 @@ class HttpSettings:
         return cls(
             allowed_networks=config.http_allowed_networks,
             trusted_proxies=config.http_trusted_proxies,
+            allowed_hosts=config.http_allowed_hosts,
             max_connections=config.http_max_connections,
             request_timeout=config.http_request_timeout,
         )
@@ -198,16 +207,44 @@ class BoundedSite(Site):
         self.fallback = fallback
         self.allowed_networks = settings.allowed_networks
         self.trusted_proxies = settings.trusted_proxies
+        self.allowed_hosts = settings.allowed_hosts
+        self.host_refusals = hosts.RefusalLog()
         self.request_timeout = settings.request_timeout
         self.displayTracebacks = False
         self.noisy = False
         self._on_refusal = on_refusal
 
+    def _mount(self, path: bytes) -> Mount | None:
+        """The part that serves C{path} (a request line's path, without the query)."""
+        return self.mounts.get(path[1:].partition(b"/")[0]) or self.fallback
+
+    def host_refused(self, path: bytes, values: Sequence[bytes] | None) -> bool:
+        """Is C{path} a browser-facing part's, and the C{Host} header one it does not answer?
+
+        Refusals are logged (the first, then at most one a minute, with the
+        count left out) and counted as C{"host"}.
+        """
+        mount = self._mount(path)
+        if mount is None or not mount.browser:
+            return False
+        if hosts.host_allowed(values, self.allowed_hosts):
+            return False
+        self.counted("host")
+        unlogged = self.host_refusals.record(self.reactor.seconds())
+        if unlogged is not None:
+            log.warn(
+                "http request refused: Host not allowed",
+                host=hosts.shown(values),
+                path=path[:100].decode("ascii", "replace"),
+                unlogged_before=unlogged,
+            )
+        return True
+
     def body_limit(self, method: bytes, path: bytes) -> int:
         """The largest body a request for C{path} with C{method} may send."""
         if method in _BODYLESS or not path.startswith(b"/"):
             return 0
-        mount = self.mounts.get(path[1:].partition(b"/")[0]) or self.fallback
+        mount = self._mount(path)
         if mount is None:
             return 0
         if isinstance(mount.resource, Switchable) and not mount.resource.active():
@@ -253,7 +290,7 @@ def build_site(
     @param fallback: what serves every path no part claims (its C{path} is
         not used), e.g. the mailbox's page and API; else a JSON 404.
     @param on_refusal: called with a reason (C{"network"},
-        C{"body_too_large"}, C{"request_timeout"}) for each refusal.
+        C{"body_too_large"}, C{"request_timeout"}, C{"host"}) for each refusal.
     @raise ValueError: a path that is not one segment, or mounted twice.
     """
     mounts: dict[bytes, Mount] = {}

@@ -25,4 +25,6 @@ def mount_for(provider: Provider, reactor: IReactorTime) -> Mount | None:
     from smtpproxy.web.mailbox.routes import MAX_BODY, MailboxResource
     from smtpproxy.web.site import Mount
 
-    return Mount("/", MailboxResource(provider, reactor), max_body=MAX_BODY)
+    # browser=True: the page and its API answer only a Host that cannot be
+    # a rebound DNS name (smtpproxy.web.hosts).
+    return Mount("/", MailboxResource(provider, reactor), max_body=MAX_BODY, browser=True)

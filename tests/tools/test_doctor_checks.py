@@ -20,11 +20,16 @@ from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from smtpproxy import tls
+from smtpproxy.providers.smtp.settings import RelaySettings
 from smtpproxy.queue.model import Envelope, State
 from smtpproxy.queue.sqlite import SQLiteStore
 from smtpproxy.tools import queuecheck
+from smtpproxy.tools.certs import Verification
+from smtpproxy.tools.dialogue import Capabilities, Reply
 from smtpproxy.tools.doctor import Result
+from smtpproxy.tools.probe import ProbeReport, TLSReport
 from smtpproxy.tools.queuecheck import Depth, stats_results
+from smtpproxy.tools.upstreamcheck import options_for, results_for
 from tests.providers.smtp.postfix import DovecotAuth, PostfixUpstream, missing
 from tests.providers.smtp.upstream import authority
 from tests.queue import pgserver
@@ -249,3 +254,90 @@ class UpstreamDoctorTests(UpstreamFixture):
         )
         self.assertEqual(auth.attempts, [UPSTREAM_USER])
         self.assertNotIn(UPSTREAM_PASSWORD, out)
+
+
+def relay_settings(
+    tls: str = "starttls", tls_verify: bool = True, username: str = "", password: str = ""
+) -> RelaySettings:
+    """RelaySettings as the defaults give them for an upstream at mail.example.net."""
+    return RelaySettings(
+        host="mail.example.net",
+        port=587,
+        tls=tls,
+        username=username,
+        password=password,
+        ca_file="",
+        tls_verify=tls_verify,
+        client_cert_file="",
+        client_key_file="",
+        max_connections=10,
+        timeout=60.0,
+        helo="relay.test",
+    )
+
+
+def probe_report(verified: bool = True, size: int | None = 10_000_000) -> ProbeReport:
+    """A probe's report of a STARTTLS session with the given verification and SIZE."""
+    caps = Capabilities(
+        name="mail.example.net", size=size, pipelining=True, eightbitmime=True, smtputf8=True
+    )
+    verification = Verification(verified, "the system CA store", "" if verified else "expired")
+    report = ProbeReport("mail.example.net:587", "starttls")
+    report.greeting = Reply(220, ("mail.example.net ESMTP",))
+    report.ehlo = caps
+    report.ehlo_after_tls = caps
+    report.tls = TLSReport("STARTTLS", "TLSv1.3", "TLS_AES_128_GCM_SHA256", 128, (), verification)
+    return report
+
+
+class UpstreamResultsTests(SynchronousTestCase):
+    """What a probe's report means for the relay's upstream, without a server."""
+
+    def test_options_follow_the_provider(self) -> None:
+        """RELAY_TLS picks the probe's mode; verification is required only when the
+        provider verifies; AUTH in clear text only with RELAY_TLS=none, as the provider."""
+        options = options_for(relay_settings(username="u", password="p"), 5.0)
+        self.assertEqual((options.mode, options.require_verified), ("starttls", True))
+        self.assertEqual((options.user, options.password, options.insecure_auth), ("u", "p", False))
+        self.assertEqual(options.ca_label, "RELAY_CA_FILE")
+        self.assertEqual(options_for(relay_settings(tls="implicit"), 5.0).mode, "tls")
+        plain = options_for(relay_settings(tls="none"), 5.0)
+        self.assertEqual(
+            (plain.mode, plain.insecure_auth, plain.require_verified), ("plain", True, False)
+        )
+        self.assertFalse(options_for(relay_settings(tls_verify=False), 5.0).require_verified)
+
+    def test_verification_off_warns(self) -> None:
+        """With RELAY_TLS_VERIFY=false a certificate that would not verify is a WARN saying
+        so, and one that would verify a WARN to turn verification back on."""
+        bad = results_for(probe_report(verified=False), relay_settings(tls_verify=False), 1)
+        self.assertEqual(bad[1].status, "WARN")
+        self.assertIn("would not verify against the system CA store: expired", bad[1].detail)
+        good = results_for(probe_report(), relay_settings(tls_verify=False), 1)
+        self.assertIn("turn verification on", good[1].detail)
+
+    def test_no_tls_and_small_size_warn(self) -> None:
+        """RELAY_TLS=none is a WARN (clear text); an upstream SIZE below
+        SMTP_MAX_MESSAGE_SIZE is a WARN naming both numbers; no username is a SKIP."""
+        found = results_for(probe_report(), relay_settings(tls="none"), 26_214_400)
+        self.assertEqual([r.status for r in found], ["PASS", "WARN", "SKIP", "WARN"])
+        self.assertIn("clear text", found[1].detail)
+        self.assertIn(
+            "at most 10000000 bytes but SMTP_MAX_MESSAGE_SIZE is 26214400", found[3].detail
+        )
+
+    def test_unreachable(self) -> None:
+        """A probe that got no EHLO reply is one FAIL line with its reason."""
+        report = ProbeReport("mail.example.net:587", "starttls", stopped="connect: refused")
+        self.assertEqual(
+            results_for(report, relay_settings(), 1),
+            [Result("upstream", "FAIL", "mail.example.net:587: connect: refused")],
+        )
+
+
+class QueueWhereTests(SynchronousTestCase):
+    def test_dsn_password_not_shown(self) -> None:
+        """The report names a PostgreSQL queue by host, port and database, never with the
+        password a QUEUE_URL may hold."""
+        where = queuecheck._where("postgresql", "postgresql://relay:s3cret@db.internal:5433/mail")
+        self.assertEqual(where, "postgresql db.internal:5433/mail")

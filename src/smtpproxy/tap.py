@@ -34,6 +34,7 @@ from smtpproxy import (
     identities,
     jsonlog,
     providers,
+    sendas,
     spool,
     tls,
     twisted_private,
@@ -174,9 +175,15 @@ def _identities(
 
     builtin = (settings.smtp_username, settings.smtp_password) if settings.smtp_username else None
     try:
-        return identity_build.from_settings(settings.auth_config, environ, builtin, reactor)
+        checker = identity_build.from_settings(settings.auth_config, environ, builtin, reactor)
     except identities.IdentityConfigError as e:
         raise SystemExit(f"smtpproxy: {e}") from None
+    if checker is not None:
+        # A policy's mailbox must be one the provider can send as.
+        problem = sendas.unknown_mailbox(checker.mailboxes(), settings)
+        if problem is not None:
+            raise SystemExit(f"smtpproxy: AUTH_CONFIG {settings.auth_config}: {problem}")
+    return checker
 
 
 def _http_tls(settings: config.Config) -> CertificateOptions | None:

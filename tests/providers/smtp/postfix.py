@@ -4,7 +4,10 @@ Started as root in a temporary directory (its own configuration, queue and
 log), it accepts from 127.0.0.0/8 only, requires STARTTLS with a
 certificate the test CA issued, and hands every message to the C{discard}
 transport; its maillog (read back by the tests) shows each message's
-sender, size, recipient count, message-id and the TLS session.
+sender, size, recipient count, message-id and the TLS session.  With
+C{keep=True} messages go instead to a C{pipe} transport that stores each
+one as Postfix delivers it (L{PostfixUpstream.kept}), for tests of what
+the message looked like on arrival.
 """
 
 from __future__ import annotations
@@ -71,6 +74,24 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
+# The keeping transport: Postfix's pipe(8) runs a script as nobody with the
+# message on stdin, exactly as queued (Postfix's own Received field first,
+# lines ending in LF), one file per queue id.
+KEEP_MAIN_CF = """\
+default_transport = keep
+relay_transport = keep
+local_header_rewrite_clients =
+"""
+KEEP_MASTER_CF = """\
+keep      unix  -       n       n       -       -       pipe
+  user=nobody argv={base}/keep.sh ${{queue_id}}
+"""
+KEEP_SCRIPT = """\
+#!/bin/sh
+cat > "{base}/kept/$1.tmp" && mv "{base}/kept/$1.tmp" "{base}/kept/$1"
+"""
+
+
 def missing() -> str | None:
     """Why a private Postfix cannot run here, or None."""
     if not Path("/usr/sbin/postfix").exists():
@@ -94,7 +115,11 @@ class PostfixUpstream:
     """One private Postfix smtpd on 127.0.0.1:C{port}; L{stop} removes every trace."""
 
     def __init__(
-        self, authority: Authority, tls_level: str = "encrypt", size_limit: int = 0
+        self,
+        authority: Authority,
+        tls_level: str = "encrypt",
+        size_limit: int = 0,
+        keep: bool = False,
     ) -> None:
         self.port = free_port()
         # Not under trial's directory: Postfix's sockets live in the queue
@@ -104,10 +129,21 @@ class PostfixUpstream:
         conf = self.base / "conf"
         conf.mkdir(mode=0o755)
         (self.base / "queue").mkdir(mode=0o755)
-        (conf / "main.cf").write_text(
-            MAIN_CF.format(base=self.base, tls_level=tls_level, size_limit=size_limit)
-        )
-        (conf / "master.cf").write_text(MASTER_CF.format(port=self.port))
+        main_cf = MAIN_CF.format(base=self.base, tls_level=tls_level, size_limit=size_limit)
+        master_cf = MASTER_CF.format(port=self.port)
+        if keep:
+            # Later lines win in main.cf: the keeping transport replaces discard.
+            main_cf += KEEP_MAIN_CF
+            master_cf += KEEP_MASTER_CF.format(base=self.base)
+            script = self.base / "keep.sh"
+            script.write_text(KEEP_SCRIPT.format(base=self.base))
+            script.chmod(0o755)
+            kept = self.base / "kept"
+            kept.mkdir()
+            nobody = pwd.getpwnam("nobody")
+            os.chown(kept, nobody.pw_uid, nobody.pw_gid)
+        (conf / "main.cf").write_text(main_cf)
+        (conf / "master.cf").write_text(master_cf)
         (conf / "cert.pem").write_bytes(authority.cert_pem)
         (conf / "key.pem").write_bytes(authority.key_pem)
         (conf / "key.pem").chmod(0o600)
@@ -138,6 +174,16 @@ class PostfixUpstream:
             lines = [line for line in self.log().splitlines() if text in line]
             if len(lines) >= count or time.monotonic() > deadline:
                 return lines
+            time.sleep(0.1)
+
+    def kept(self, count: int, seconds: float = 30) -> list[bytes]:
+        """The messages the keeping transport stored, once there are C{count} (bounded wait)."""
+        directory = self.base / "kept"
+        deadline = time.monotonic() + seconds
+        while True:
+            names = sorted(p for p in directory.iterdir() if p.suffix != ".tmp")
+            if len(names) >= count or time.monotonic() > deadline:
+                return [p.read_bytes() for p in names]
             time.sleep(0.1)
 
     def stop(self) -> None:

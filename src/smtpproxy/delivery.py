@@ -78,6 +78,7 @@ class RelayMessage:
         parser: MessageParser | None = None,
         dsn: Dsn | None = None,
         queue: QueueFront | None = None,
+        mailbox: str = "",
     ) -> None:
         # A queued message's id must stay unique in a shared queue for
         # days (96 bits); a direct one only has to find its log lines.
@@ -94,6 +95,8 @@ class RelayMessage:
         self._user = user
         self._body: MessageBody | None = None
         self._abandoned = False
+        # The identity's sending mailbox (its policy's), empty for the provider's choice.
+        self._mailbox = mailbox
 
     @property
     def queued(self) -> bool:
@@ -178,8 +181,8 @@ class RelayMessage:
                 TransientDeliveryError("the session ended before the message was delivered")
             )
             return gone
-        if self._dsn is not None:
-            email = dataclasses.replace(email, dsn=self._dsn)
+        if self._dsn is not None or self._mailbox:
+            email = dataclasses.replace(email, dsn=self._dsn, mailbox=self._mailbox)
         sending = send_email(
             self._provider, self._reactor, email, fields, started, log_delivered=self._log_delivered
         )
@@ -194,11 +197,11 @@ class RelayMessage:
             tuple(self._recipients),
             self._client,
             self._user,
-            queue.route,
-            meta_json(self._dsn),
+            queue.route_for(self._mailbox),
+            meta_json(self._dsn, self._mailbox),
         )
         stored = queue.enqueue(self.id, envelope, body if body is not None else MessageBody())
-        fields["route"] = queue.route
+        fields["route"] = envelope.route
 
         def queued(_: None) -> str:
             log.info("message queued", **fields)
@@ -349,6 +352,9 @@ class RelayDelivery:
         self._reactor = reactor
         self._queue = queue
         self.user = user
+        # Set by the identity realm when the login's policy names a mailbox:
+        # every message of this session is sent as it.
+        self.mailbox = ""
         self._log_delivered = log_delivered
         self._parser = parser
         self._sender = ""
@@ -408,6 +414,7 @@ class RelayDelivery:
                 self._parser,
                 self._dsn(),
                 self._queue,
+                self.mailbox,
             )
         return self._message
 

@@ -34,6 +34,7 @@ from smtpproxy import (
     identities,
     jsonlog,
     providers,
+    sendas,
     spool,
     tls,
     twisted_private,
@@ -174,9 +175,15 @@ def _identities(
 
     builtin = (settings.smtp_username, settings.smtp_password) if settings.smtp_username else None
     try:
-        return identity_build.from_settings(settings.auth_config, environ, builtin, reactor)
+        checker = identity_build.from_settings(settings.auth_config, environ, builtin, reactor)
     except identities.IdentityConfigError as e:
         raise SystemExit(f"smtpproxy: {e}") from None
+    if checker is not None:
+        # A policy's mailbox must be one the provider can send as.
+        problem = sendas.unknown_mailbox(checker.mailboxes(), settings)
+        if problem is not None:
+            raise SystemExit(f"smtpproxy: AUTH_CONFIG {settings.auth_config}: {problem}")
+    return checker
 
 
 def _http_tls(settings: config.Config) -> CertificateOptions | None:
@@ -271,6 +278,9 @@ class RelayService(MultiService):
         # and the poller behind /readyz and the queue's gauges.
         self.metrics: web_metrics.Metrics | None = None
         self.poller: StatusPoller | None = None
+        # AUTH_CONFIG's backends: their kept-alive connections (HTTP auth
+        # endpoints, the JWKS) are closed at the stop, not left to the exit.
+        self.identities: identities.IdentityChecker | None = None
 
     def setServiceParent(self, parent: object) -> None:
         super().setServiceParent(parent)
@@ -392,10 +402,14 @@ class RelayService(MultiService):
         # up either: SIGTERM finishes within SMTP_SHUTDOWN_TIMEOUT + 5 s.
         closing = defer.maybeDeferred(self.provider.close)
         closing.addTimeout(PROVIDER_CLOSE_TIMEOUT, self.factory.reactor)
+        # AUTH_CONFIG's backends close alongside (no session is logging in
+        # any more), in the same 2 s, so the stop's bound is unchanged.
+        closing_identities = self._close_identities()
         try:
             await closing
         except Exception as e:
             log.warn("provider did not close cleanly", error=repr(e))
+        await closing_identities
         if self.store is not None:
             try:
                 await self.store.close()
@@ -408,6 +422,18 @@ class RelayService(MultiService):
         log.info("stopped")
         if self.metrics is not None:
             globalLogPublisher.removeObserver(self.metrics.observer)
+
+    def _close_identities(self) -> defer.Deferred[None]:
+        """Close the identity backends' kept-alive connections (bounded; never fails)."""
+        if self.identities is None:
+            return defer.succeed(None)
+        closing = self.identities.close()
+        closing.addTimeout(PROVIDER_CLOSE_TIMEOUT, self.factory.reactor)
+
+        def failed(failure: Failure) -> None:
+            log.warn("identity backends did not close cleanly", error=repr(failure.value))
+
+        return closing.addErrback(failed)
 
     def stopService(self) -> defer.Deferred[None]:
         # Children are stopped by _stop in our order, not MultiService's.
@@ -507,6 +533,7 @@ def makeService(options: Options) -> RelayService:
     service = RelayService(settings, factory, provider, observer, tls_summary)
     service.store, service.front, service.runner = store, front, runner
     service.metrics = metrics
+    service.identities = checker
 
     specs = options.get("listeners") or _listeners(settings)
     for spec in specs:

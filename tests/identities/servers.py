@@ -172,11 +172,41 @@ class HTTPS:
         return f"https://localhost:{self.port}{path}"
 
 
-def serve_https(case: TestCase, resource: Resource, ca: Authority | None = None) -> HTTPS:
-    """Serve C{resource} over TLS (certificate for localhost) until the test ends."""
+class ClosingSite(Site):
+    """A site that records how each of its connections ended.
+
+    C{ends} gets the type of each lost connection's reason: C{ConnectionDone}
+    when the client closed TLS properly (a close_notify before the FIN, as
+    a connection pool's close does), C{ConnectionLost} when the TCP
+    connection simply went away (a process that exited with it open).
+    """
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource)
+        self.ends: list[type] = []
+        self.opened = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        self.opened += 1
+        lost = protocol.connectionLost
+
+        def connection_lost(reason: Any) -> None:
+            self.ends.append(reason.type)
+            lost(reason)
+
+        protocol.connectionLost = connection_lost
+        return protocol
+
+
+def serve_https(
+    case: TestCase, resource: Resource, ca: Authority | None = None, site: Site | None = None
+) -> HTTPS:
+    """Serve C{resource} (or C{site}) over TLS (certificate for localhost) until the test ends."""
     ca = ca or authority()
     listen: Any = reactor
-    port: Any = listen.listenSSL(0, Site(resource), ca.server_options(), interface="127.0.0.1")
+    site = site or Site(resource)
+    port: Any = listen.listenSSL(0, site, ca.server_options(), interface="127.0.0.1")
     case.addCleanup(port.stopListening)
     directory = os.path.abspath(case.mktemp())
     os.makedirs(directory)

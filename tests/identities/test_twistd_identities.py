@@ -194,3 +194,41 @@ class TwistdIdentitiesTests(TestCase):
         self.assertIn(b"via tokens", out)
         for user, times in sorted(LATENCIES.items()):
             print(f"AUTH latency {user}: {min(times) * 1000:.1f} ms")
+
+
+class ShutdownTests(TestCase):
+    @async_test
+    async def test_sigterm_closes_auth_endpoint_connections(self) -> None:
+        """SIGTERM closes an http_basic backend's kept-alive connection properly (TLS
+        close_notify, so the endpoint sees a clean end) before twistd exits; without the
+        close at stop the connection would only vanish with the process (an OpenSSL EOF)."""
+        from twisted.internet.error import ConnectionDone
+
+        endpoint = servers.AuthEndpoint(users={"alice": "pw"})
+        site = servers.ClosingSite(endpoint)
+        https = servers.serve_https(self, endpoint, site=site)
+        providers = [
+            {
+                "meta": {"name": "partners", "type": "http_basic", "fallback": True},
+                "params": {"url": https.url("/check"), "tls_ca": https.ca_file},
+            }
+        ]
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            json.dump({"providers": providers}, f)
+        relay = Relay(self, AUTH_CONFIG=path)
+
+        def scenario() -> tuple[tuple[int, str], int, int, bytes]:
+            relay.wait_listening()
+            result = login(relay.smtp_port, "alice", "pw")
+            # The pool keeps the connection open after the check.
+            kept, ended = site.opened, len(site.ends)
+            _, err = relay.stop()
+            return result, kept, ended, err
+
+        result, kept, ended_before, err = await in_thread(scenario)
+        self.assertEqual((result, kept, ended_before), ((235, "sent"), 1, 0), err.decode())
+        deadline = time.monotonic() + TIMEOUT
+        while not site.ends and time.monotonic() < deadline:
+            await servers.wait(0.05)
+        self.assertEqual(site.ends, [ConnectionDone], err.decode()[-2000:])

@@ -16,13 +16,27 @@ from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.mail.interfaces import IMessageDelivery
+from twisted.mail.smtp import Address, User
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.delivery import RelayRealm
+from smtpproxy.dsn import Dsn, RecipientDsn
+from smtpproxy.identities.model import Identity
+from smtpproxy.identities.realm import IdentityRealm
 from smtpproxy.policy.guard import Guard
-from smtpproxy.queue.front import QueueFront, dsn_from_meta, new_queue_id, route_for
+from smtpproxy.policy.identity import IdentityPolicy
+from smtpproxy.queue.front import (
+    QueueFront,
+    dsn_from_meta,
+    mailbox_from_meta,
+    meta_json,
+    new_queue_id,
+    route_for,
+)
 from smtpproxy.smtp.factory import RelayFactory
 from smtpproxy.smtp.protocol import RelayProtocol
+from smtpproxy.spool import MessageBody
 from tests.queue.memory import MemoryStore
 from tests.support import OPEN, RecordingProvider, session_defaults
 
@@ -33,6 +47,14 @@ TRANSACTION = (
     + BODY
     + b".\r\n"
 )
+
+
+def body_of(data: bytes) -> MessageBody:
+    body = MessageBody()
+    body.write(data)
+    return body
+
+
 QUEUED = re.compile(rb"250 2\.0\.0 OK: queued as ([0-9a-f]{24})\r\n")
 
 
@@ -150,7 +172,67 @@ class IdTests(SynchronousTestCase):
         self.assertEqual(route_for(()), "")
 
 
+class BoundMailboxTests(SynchronousTestCase):
+    """An identity's policy mailbox travels with the message, direct and queued."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = MemoryStore()
+        self.provider = RecordingProvider()
+
+    def send(self, queue: QueueFront | None, mailbox: str) -> str:
+        """One message through the identity realm's avatar; fires with its id."""
+        realm = IdentityRealm(RelayRealm(self.provider, self.clock, queue=queue), self.clock)
+        identity = Identity("apps", "app", IdentityPolicy(mailbox=mailbox))
+        _, delivery, _ = realm.requestAvatar(identity, None, IMessageDelivery)
+        delivery.validateFrom((b"c", b"192.0.2.7"), Address(b"a@example.com"))
+        factory = delivery.validateTo(User(b"b@example.org", b"c", None, Address(b"a@example.com")))
+        assert callable(factory)
+        message = factory()
+        message.bodyReceived(body_of(b"Subject: hi\r\n\r\nHello.\r\n"))
+        return str(self.successResultOf(message.eomReceived()))
+
+    def test_direct_email_carries_the_mailbox(self) -> None:
+        """Direct mode: the provider's Email names the identity's mailbox."""
+        self.send(None, "billing@contoso.example")
+        [email] = self.provider.emails
+        self.assertEqual(email.mailbox, "billing@contoso.example")
+
+    def test_unbound_identity_leaves_the_choice_to_the_provider(self) -> None:
+        """An identity without a mailbox sends with an empty one: the provider chooses."""
+        self.send(None, "")
+        [email] = self.provider.emails
+        self.assertEqual(email.mailbox, "")
+
+    def test_queued_entry_keeps_the_mailbox_and_its_lane(self) -> None:
+        """Queue mode: the stored meta names the mailbox (read back by mailbox_from_meta,
+        DSN-free) and the route is that mailbox's lane, not the provider's default."""
+        front = QueueFront(self.store, self.clock, "relay@contoso.example")
+        id = self.send(front, "Billing@Contoso.example")
+        entry = self.store.entries[id]
+        self.assertEqual(mailbox_from_meta(entry.envelope.meta), "Billing@Contoso.example")
+        self.assertIsNone(dsn_from_meta(entry.envelope.meta))
+        self.assertEqual(entry.envelope.route, "billing@contoso.example")
+        self.assertEqual(self.provider.emails, [])
+
+
 class MetaTests(SynchronousTestCase):
+    def test_mailbox_round_trip_beside_dsn(self) -> None:
+        """meta_json keeps mailbox and DSN side by side; each reads back alone."""
+        dsn = Dsn("FULL", "e9", (RecipientDsn("b@example.org", ("NEVER",), None),))
+        meta = meta_json(dsn, "billing@contoso.example")
+        self.assertEqual(mailbox_from_meta(meta), "billing@contoso.example")
+        self.assertEqual(dsn_from_meta(meta), dsn)
+        self.assertEqual(meta_json(None, ""), "{}")
+
+    def test_meta_written_before_mailboxes_has_none(self) -> None:
+        """A row queued by an older relay (no mailbox key, or unreadable meta) reads as no
+        mailbox: the provider chooses as it did then."""
+        old = json.dumps({"dsn": {"ret": "HDRS", "envid": None, "recipients": []}})
+        for meta in (old, "{}", "", "{", "[]", json.dumps({"mailbox": 7})):
+            self.assertEqual(mailbox_from_meta(meta), "")
+
     def test_unreadable_meta_is_no_dsn(self) -> None:
         """A meta that is not the expected JSON gives no DSN rather than an error."""
         for meta in ("", "{", "[]", json.dumps({"dsn": 3}), "{}"):

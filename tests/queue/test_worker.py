@@ -193,6 +193,21 @@ class OutcomeTests(WorkerCase):
         self.clock.advance(0)
         self.assertEqual(self.provider.emails[0].dsn, dsn)
 
+    def test_bound_mailbox_reaches_the_provider(self) -> None:
+        """A queued message's mailbox (kept in meta) is on the Email the worker sends, so
+        a restart between queueing and sending still sends as the identity's mailbox;
+        one queued before mailboxes were kept (DSN-only meta) sends with none."""
+        dsn = Dsn("HDRS", "env-1", ())
+        runner = self.runner()
+        runner.startService()
+        self.queue(meta=meta_json(None, "billing@contoso.example"))
+        self.queue(meta='{"dsn":{"ret":"HDRS","envid":"env-1","recipients":[]}}')
+        self.clock.advance(0)
+        self.assertEqual(
+            [(e.mailbox, e.dsn) for e in self.provider.emails],
+            [("billing@contoso.example", None), ("", dsn)],
+        )
+
     def test_dead_messages_purged_after_retention(self) -> None:
         """Dead mail older than QUEUE_DEAD_RETENTION goes at the next sweep."""
         self.provider.outcomes.append(PermanentDeliveryError("no"))

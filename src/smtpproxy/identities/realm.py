@@ -9,7 +9,10 @@ delivery raises C{SMTPBadSender} or C{SMTPBadRcpt}), and the global checks
 of the guard have already run before it is asked.  Every other avatar ID
 (anonymous, the C{SMTP_USERNAME} user) goes to the wrapped realm as before.
 
-C{mailbox} is exposed as the avatar's attribute for the provider to use.
+An identity whose policy names a C{mailbox} has it set on the relay's
+delivery (L{smtpproxy.delivery.RelayDelivery.mailbox}), which puts it on
+every message of the session, direct or queued; the Graph provider sends
+as that mailbox.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from twisted.mail.interfaces import IMessageDelivery
 from twisted.mail.smtp import Address, SMTPBadRcpt, SMTPBadSender, SMTPServerError, User
 from zope.interface import Interface, implementer
 
+from smtpproxy.delivery import RelayDelivery
 from smtpproxy.identities.model import Identity
 from smtpproxy.policy.identity import UNRESTRICTED, IdentityPolicy, IdentityRates
 
@@ -81,6 +85,8 @@ class IdentityRealm:
         interface, delivery, logout = self._inner.requestAvatar(
             avatarId.name.encode("utf-8"), mind, *interfaces
         )
+        if avatarId.policy.mailbox and isinstance(delivery, RelayDelivery):
+            delivery.mailbox = avatarId.policy.mailbox
         if avatarId.policy == UNRESTRICTED:
             return interface, delivery, logout
         return interface, PolicedDelivery(delivery, avatarId, self.rates), logout

@@ -58,6 +58,20 @@ class IdentityChecker:
                 closing.append(defer.maybeDeferred(close))
         return defer.DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
+    def mailboxes(self) -> tuple[tuple[str, str], ...]:
+        """Every C{mailbox} the file binds a login to, with where it is written.
+
+        A provider's policy, and a backend's own per-user policies (userpass
+        users), for the start-up check against the provider's mailboxes
+        (L{smtpproxy.sendas}).
+        """
+        found = [(f"provider {e.name!r}", e.policy.mailbox) for e in self.providers]
+        for backend in self.backends.values():
+            own = getattr(backend, "mailboxes", None)
+            if own is not None:
+                found.extend(own())
+        return tuple((where, mailbox) for where, mailbox in found if mailbox)
+
     def login_names(self) -> tuple[str, ...]:
         """Names a failed login may log as they are: provider names and listed users.
 

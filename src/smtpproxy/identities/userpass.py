@@ -90,6 +90,14 @@ class UserpassBackend:
         rounds = next(iter(self._users.values())).password_hash[4:6] if self._users else b"12"
         self._dummy = bcrypt.hashpw(b"no such user", bcrypt.gensalt(int(rounds)))
 
+    def mailboxes(self) -> tuple[tuple[str, str], ...]:
+        """C{(where, mailbox)} for each user whose own policy names a mailbox (start-up check)."""
+        return tuple(
+            (f"provider {self.name!r} user {username!r}", user.policy.mailbox)
+            for username, user in self._users.items()
+            if user.policy is not None and user.policy.mailbox
+        )
+
     def _add_user(self, raw: object, where: str, base: IdentityPolicy) -> None:
         if not isinstance(raw, dict):
             raise IdentityConfigError(f"{where}: a mapping with username and password_hash")

@@ -66,6 +66,9 @@ class Email:
         provider that sends raw MIME can deliver the message faithfully.
     @ivar dsn: the DSN parameters of MAIL and RCPT (RFC 3461), or None when
         the client gave none.
+    @ivar mailbox: the sending mailbox the client's identity is bound to
+        (its policy's C{mailbox}, or an API key's); empty when the
+        provider chooses as it always does.
     """
 
     envelope_from: str
@@ -87,6 +90,7 @@ class Email:
     warnings_omitted: int = 0
     abandoned: bool = False
     dsn: Dsn | None = None
+    mailbox: str = ""
 
     @property
     def size(self) -> int:

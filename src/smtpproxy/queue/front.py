@@ -8,7 +8,11 @@ and sending it through the same pipeline as direct mode
 (L{smtpproxy.delivery.send_email}).
 
 The envelope keeps what delivery needs again beyond the addresses: the
-DSN parameters, as JSON in C{meta} (L{meta_json}, L{dsn_from_meta}).
+DSN parameters and the identity's sending mailbox, as JSON in C{meta}
+(L{meta_json}, L{dsn_from_meta}, L{mailbox_from_meta}).  C{meta} is a
+column every schema version has, so a new fact needs no migration: a row
+written before the fact existed simply lacks its key, which reads as the
+old behaviour (no mailbox: the provider chooses).
 """
 
 from __future__ import annotations
@@ -54,12 +58,15 @@ def route_for(mailboxes: tuple[str, ...]) -> str:
     return mailboxes[0].casefold() if len(mailboxes) == 1 else ""
 
 
-def meta_json(dsn: Dsn | None) -> str:
-    """The envelope's C{meta}: the DSN parameters, as JSON."""
-    if dsn is None:
+def meta_json(dsn: Dsn | None, mailbox: str = "") -> str:
+    """The envelope's C{meta}: the DSN parameters and the sending mailbox, as JSON."""
+    if dsn is None and not mailbox:
         return "{}"
-    document: dict[str, object] = {
-        "dsn": {
+    document: dict[str, object] = {}
+    if mailbox:
+        document["mailbox"] = mailbox
+    if dsn is not None:
+        document["dsn"] = {
             "ret": dsn.ret,
             "envid": dsn.envid,
             "recipients": [
@@ -71,8 +78,21 @@ def meta_json(dsn: Dsn | None) -> str:
                 for r in dsn.recipients
             ],
         }
-    }
     return json.dumps(document, separators=(",", ":"))
+
+
+def mailbox_from_meta(meta: str) -> str:
+    """The sending mailbox kept by L{meta_json}; empty when there is none.
+
+    Empty too for a row queued before mailboxes were kept, and for
+    unreadable text: the provider then chooses as it always did.
+    """
+    try:
+        document = json.loads(meta)
+    except ValueError:
+        return ""
+    found = document.get("mailbox") if isinstance(document, dict) else None
+    return found if isinstance(found, str) else ""
 
 
 def dsn_from_meta(meta: str) -> Dsn | None:
@@ -145,6 +165,10 @@ class QueueFront:
 
     def new_id(self) -> str:
         return new_queue_id(self._reactor.seconds())
+
+    def route_for(self, mailbox: str) -> str:
+        """The lane of a message bound to C{mailbox} (an identity's); the default without one."""
+        return mailbox.casefold() if mailbox else self.route
 
     def enqueue(self, id: str, envelope: Envelope, body: BodySource) -> defer.Deferred[None]:
         """Store the message; fires once it is durable (then the worker is woken)."""

@@ -43,7 +43,7 @@ from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider
 from smtpproxy.queue import policy
-from smtpproxy.queue.front import dsn_from_meta
+from smtpproxy.queue.front import dsn_from_meta, mailbox_from_meta
 from smtpproxy.queue.model import Attempt, Entry, LeaseLostError
 from smtpproxy.queue.store import QueueStore
 from smtpproxy.spool import InflightBudget
@@ -316,8 +316,10 @@ class QueueRunner(Service):
             envelope.sender, envelope.recipients, len(raw), lambda: raw
         )
         email = await parsed if isinstance(parsed, defer.Deferred) else parsed
-        dsn = dsn_from_meta(envelope.meta)
-        return email if dsn is None else dataclasses.replace(email, dsn=dsn)
+        dsn, mailbox = dsn_from_meta(envelope.meta), mailbox_from_meta(envelope.meta)
+        if dsn is None and not mailbox:
+            return email
+        return dataclasses.replace(email, dsn=dsn, mailbox=mailbox)
 
     async def _record(
         self,

@@ -7,6 +7,7 @@ checked at exact clock readings, without waiting.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, cast
 
 from treq.testing import StubTreq
@@ -145,6 +146,32 @@ class DeliveryTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(h.fake.deliveries[0].mailbox, second)
         self.assertIn("/users/billing@contoso.example/", h.fake.routes("sendMail")[0].path)
+
+    def test_identity_mailbox_wins_over_from(self) -> None:
+        """An Email bound to a mailbox (an identity's policy) is sent as that mailbox, in
+        the configured spelling, even when its From names the other configured one."""
+        second = "billing@contoso.example"
+        h = Harness(senders=(MAILBOX, second))
+        email = dataclasses.replace(
+            _simple(from_=f"Relay <{MAILBOX}>"), mailbox="Billing@Contoso.Example"
+        )
+        d = h.send(email)
+        h.run()
+        self.successResultOf(d)
+        self.assertEqual(h.fake.deliveries[0].mailbox, second)
+        self.assertIn(f"/users/{second}/sendMail", h.fake.routes("sendMail")[0].path)
+        self.assertEqual(h.fake.violations, [])
+
+    def test_identity_mailbox_outside_graph_sender(self) -> None:
+        """A bound mailbox that is not a GRAPH_SENDER is refused for good (550 5.7.1,
+        naming it) without a request to Graph."""
+        h = Harness()
+        d = h.send(dataclasses.replace(_simple(), mailbox="other@contoso.example"))
+        h.run()
+        failure = self.failureResultOf(d, PermanentDeliveryError)
+        self.assertEqual(_reply(failure), "550 5.7.1")
+        self.assertIn("other@contoso.example", failure.value.reason)
+        self.assertEqual(h.fake.routes("sendMail"), [])
 
     def test_unknown_mailbox(self) -> None:
         """A mailbox Graph does not know bounces with Graph's code."""

@@ -4,12 +4,17 @@ A L{tests.postfix.PrivatePostfix} that accepts from 127.0.0.0/8 only,
 requires STARTTLS with a certificate the test CA issued, and hands every
 message to the C{discard} transport; its maillog (read back by the tests)
 shows each message's sender, size, recipient count, message-id and the TLS
-session.
+session.  With C{keep=True} messages go instead to a C{pipe} transport that
+stores each one as Postfix delivers it (L{PostfixUpstream.kept}), for tests
+of what the message looked like on arrival.
 """
 
 from __future__ import annotations
 
 import base64
+import os
+import pwd
+import time
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -22,6 +27,25 @@ from tests.providers.smtp.upstream import Authority, port_of
 from tests.test_twistd import free_port
 
 __all__ = ["DovecotAuth", "PostfixUpstream", "missing"]
+
+
+# The keeping transport: Postfix's pipe(8) runs a script as nobody with the
+# message on stdin, exactly as queued (Postfix's own Received field first,
+# lines ending in LF), one file per queue id.  Later lines win in main.cf, so
+# these replace the discard transport.
+KEEP_LINES = (
+    "default_transport = keep",
+    "relay_transport = keep",
+    "local_header_rewrite_clients =",
+)
+KEEP_MASTER_CF = """\
+keep      unix  -       n       n       -       -       pipe
+  user=nobody argv={base}/keep.sh ${{queue_id}}
+"""
+KEEP_SCRIPT = """\
+#!/bin/sh
+cat > "{base}/kept/$1.tmp" && mv "{base}/kept/$1.tmp" "{base}/kept/$1"
+"""
 
 
 def upstream_lines(tls_level: str, size_limit: int) -> list[str]:
@@ -51,14 +75,35 @@ class PostfixUpstream(PrivatePostfix):
         tls_level: str = "encrypt",
         size_limit: int = 0,
         extra: tuple[str, ...] = (),
+        keep: bool = False,
     ) -> None:
         super().__init__(
-            [*upstream_lines(tls_level, size_limit), *extra],
+            [*upstream_lines(tls_level, size_limit), *extra, *(KEEP_LINES if keep else ())],
             port=free_port(),
             hostname="upstream.test",
             files={"cert.pem": authority.cert_pem, "key.pem": authority.key_pem},
             prefix="smtpproxy-upstream-",
         )
+        if keep:
+            with (self.conf / "master.cf").open("a") as master:
+                master.write(KEEP_MASTER_CF.format(base=self.base))
+            script = self.base / "keep.sh"
+            script.write_text(KEEP_SCRIPT.format(base=self.base))
+            script.chmod(0o755)
+            kept = self.base / "kept"
+            kept.mkdir()
+            nobody = pwd.getpwnam("nobody")
+            os.chown(kept, nobody.pw_uid, nobody.pw_gid)
+
+    def kept(self, count: int, seconds: float = 30) -> list[bytes]:
+        """The messages the keeping transport stored, once there are C{count} (bounded wait)."""
+        directory = self.base / "kept"
+        deadline = time.monotonic() + seconds
+        while True:
+            names = sorted(p for p in directory.iterdir() if p.suffix != ".tmp")
+            if len(names) >= count or time.monotonic() > deadline:
+                return [p.read_bytes() for p in names]
+            time.sleep(0.1)
 
 
 class DovecotAuthProtocol(LineReceiver):

@@ -100,3 +100,55 @@ class PostfixUpstreamTests(TestCase):
         self.assertIn(b"upstream TLS certificate not accepted", err)
         self.assertIn(b"certificate verify failed", err)
         self.assertNotIn("nrcpt=", upstream.log())
+
+    @async_test
+    async def test_relay_from(self) -> None:
+        """RELAY_FROM: Postfix logs the forced envelope sender (a bounce's <> stays <>); the
+        message it stores starts, after its own Received field, with the new From and the
+        client's From as Reply-To (an existing Reply-To kept, none added), then every other
+        field and the body exactly as sent."""
+        upstream = self.postfix(keep=True)
+        relay = self.relay(upstream, RELAY_FROM="relay@example.com")
+        body = b"\r\n.dot line\r\nFrom: body text, not a field\r\nGr\xc3\xbc\xc3\x9fe  \t\r\n" * 50
+        sent = {
+            b"one": b'From: "Scanner 3" <scan@apps.example>\r\nSubject: one\r\n'
+            b"Message-ID: <one@apps.example>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+            b"X-Folded: a\r\n\tb\r\n" + body,
+            b"two": b"Subject: two\r\nReply-To: desk@apps.example\r\nFrom: scan@apps.example\r\n"
+            b"Message-ID: <two@apps.example>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n" + body,
+        }
+
+        def scenario() -> None:
+            relay.wait_listening()
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=TIMEOUT) as client:
+                client.sendmail("scan@apps.example", ["one@example.org"], sent[b"one"])
+                client.sendmail("", ["two@example.org"], sent[b"two"])
+
+        await in_thread(scenario)
+        kept = upstream.kept(2)
+        self.assertEqual(len(kept), 2, upstream.log())
+        senders = sorted(
+            line.split("from=")[1].split(",")[0] for line in upstream.wait_for("nrcpt=1", 2)
+        )
+        self.assertEqual(senders, ["<>", "<relay@example.com>"])
+        stored = {}
+        for message in kept:
+            lines = message.split(b"\n")
+            # Postfix's Received field (folded) first; the message as it arrived after it.
+            assert lines[0].startswith(b"Received: "), message[:200]
+            start = next(n for n, line in enumerate(lines[1:], 1) if line[:1] not in b" \t")
+            arrived = b"\n".join(lines[start:])
+            stored[arrived.split(b"Subject: ", 1)[1][:3]] = arrived
+        # Postfix keeps lines without their CRLF and pipe(8) writes LF: the only difference.
+        lf = body.replace(b"\r\n", b"\n")
+        self.assertEqual(
+            stored[b"one"],
+            b'From: Scanner 3 <relay@example.com>\nReply-To: "Scanner 3" <scan@apps.example>\n'
+            b"Subject: one\nMessage-ID: <one@apps.example>\n"
+            b"Date: Mon, 1 Jan 2024 00:00:00 +0000\nX-Folded: a\n\tb\n" + lf,
+        )
+        self.assertEqual(
+            stored[b"two"],
+            b"From: relay@example.com\nSubject: two\nReply-To: desk@apps.example\n"
+            b"Message-ID: <two@apps.example>\nDate: Mon, 1 Jan 2024 00:00:00 +0000\n" + lf,
+        )

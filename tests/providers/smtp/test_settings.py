@@ -36,8 +36,11 @@ class SettingsTests(SynchronousTestCase):
             RELAY_MAX_CONNECTIONS="3",
             RELAY_TIMEOUT="5s",
             RELAY_HELO="out.example.com",
+            RELAY_FROM=" <relay@example.com>",
         )
         settings = RelaySettings.from_config(loaded)
+        self.assertEqual(settings.sender, "relay@example.com")
+        self.assertEqual(RelaySettings.from_config(load(RELAY_HOST="h")).sender, "")
         self.assertEqual(settings.host, "2001:db8::1")
         self.assertEqual(
             (settings.port, settings.tls, settings.password), (465, "implicit", " p@ss ")
@@ -53,6 +56,9 @@ class SettingsTests(SynchronousTestCase):
             ({"RELAY_HOST": "a b"}, "RELAY_HOST"),
             ({"RELAY_HOST": "h", "RELAY_PORT": "0"}, "RELAY_PORT"),
             ({"RELAY_HOST": "h", "RELAY_TLS": "ssl"}, "RELAY_TLS"),
+            ({"RELAY_HOST": "h", "RELAY_FROM": "relay"}, "RELAY_FROM"),
+            ({"RELAY_HOST": "h", "RELAY_FROM": "a b@example.com"}, "RELAY_FROM"),
+            ({"RELAY_FROM": "a@example.com"}, "RELAY_HOST"),
             ({"RELAY_HOST": "h", "RELAY_USERNAME": "u"}, "RELAY_PASSWORD"),
             ({"RELAY_HOST": "h", "RELAY_CLIENT_CERT_FILE": "c"}, "RELAY_CLIENT_KEY_FILE"),
             ({"RELAY_PORT": "25"}, "RELAY_HOST"),

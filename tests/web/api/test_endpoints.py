@@ -19,11 +19,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
 from smtpproxy.policy.rules import parse_address_patterns
+from smtpproxy.queue.front import mailbox_from_meta
 from smtpproxy.web.api.openapi import document
 from smtpproxy.web.api.resource import Api, V1Resource
 from tests.queue.memory import MemoryStore
 from tests.support import async_test
-from tests.web.api.harness import Answer, ApiServer, key, message
+from tests.web.api.harness import OTHER_SECRET, Answer, ApiServer, key, message
 
 Scenario = Callable[[TestCase], Awaitable[Answer]]
 
@@ -261,6 +262,25 @@ class SubmissionTests(TestCase):
         self.assertEqual(entry.envelope.user, "app")
         self.assertEqual(entry.envelope.recipients, ("rcpt@example.org",))
         self.assertEqual(server.provider.emails, [])
+
+    @async_test
+    async def test_key_mailbox_travels_direct_and_queued(self) -> None:
+        """A key with a mailbox: its message reaches the provider bound to that mailbox;
+        queued, the stored meta names it and the route is its lane; a key without one
+        leaves the provider's choice (empty mailbox)."""
+        bound = key(mailbox="Billing@Contoso.example")
+        server = ApiServer(self, keys=(bound, key("other", OTHER_SECRET)))
+        self.assertEqual((await server.raw(RAW_QUERY, RAW)).status, 200)
+        self.assertEqual((await server.raw(RAW_QUERY, RAW, secret=OTHER_SECRET)).status, 200)
+        self.assertEqual(
+            [e.mailbox for e in server.provider.emails], ["Billing@Contoso.example", ""]
+        )
+        store = MemoryStore()
+        queued = ApiServer(self, keys=(bound,), store=store)
+        self.assertEqual((await queued.raw(RAW_QUERY, RAW)).status, 202)
+        [entry] = store.entries.values()
+        self.assertEqual(mailbox_from_meta(entry.envelope.meta), "Billing@Contoso.example")
+        self.assertEqual(entry.envelope.route, "billing@contoso.example")
 
     @async_test
     async def test_full_queue_is_503_with_retry_after(self) -> None:

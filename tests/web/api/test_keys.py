@@ -88,6 +88,8 @@ class FileTests(SynchronousTestCase):
             good + "  enabled: 'no'\n",
             good + "  rate_limit_per_min: -1\n",
             good + "  allowed_networks: [nonsense]\n",
+            good + "  mailbox: not-an-address\n",
+            good + "  mailbox: [a@x.example]\n",
             "{a: 1}",
             "- [",
         ):
@@ -109,6 +111,26 @@ class FileTests(SynchronousTestCase):
         os.remove(path)
         with self.assertRaises(OSError):
             load_keys(settings)
+
+    def test_mailbox(self) -> None:
+        """A key's mailbox is read like an identity's; with PROVIDER=graph one outside
+        GRAPH_SENDER stops start-up (and a reload) naming the key; other providers ignore it."""
+        path = self.mktemp()
+        text = f"- id: scan\n  secret_sha256: {hexed(SECRET)}\n  mailbox: Scan@C.example\n"
+        with open(path, "w") as f:
+            f.write(text)
+        (scan,) = parse_keys_file(text)
+        self.assertEqual(scan.mailbox, "Scan@C.example")
+        graph = config.Config.build(
+            provider="graph", http_api_keys_file=path, graph_sender=("scan@c.example",)
+        )
+        self.assertEqual(load_keys(graph).keys[0].mailbox, "Scan@C.example")
+        other = config.Config.build(
+            provider="graph", http_api_keys_file=path, graph_sender=("relay@c.example",)
+        )
+        with self.assertRaisesRegex(ValueError, "key 'scan': mailbox 'Scan@C.example' is not"):
+            load_keys(other)
+        self.assertEqual(len(load_keys(config.Config(http_api_keys_file=path))), 1)
 
 
 class LookupTests(SynchronousTestCase):

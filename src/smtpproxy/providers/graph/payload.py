@@ -154,6 +154,29 @@ def matching_mailbox(from_: Sequence[Mailbox], senders: Sequence[str]) -> str | 
     return None
 
 
+def bound_mailbox(mailbox: str, senders: Sequence[str]) -> str:
+    """The configured sender an identity's C{mailbox} names, spelt as configured.
+
+    An identity bound to a mailbox (its policy's C{mailbox}, an API key's)
+    sends as that mailbox whatever its From header says, as a message whose
+    From names no configured mailbox is sent as one of them.  Start-up
+    refuses an identity file naming a mailbox outside C{GRAPH_SENDER}; a
+    message that still names one (queued before C{GRAPH_SENDER} changed)
+    is refused for good: no retry makes Graph let it send as that mailbox.
+
+    @raise PermanentDeliveryError: C{550 5.7.1}, naming the mailbox.
+    """
+    key = mailbox_key(mailbox)
+    for sender in senders:
+        if mailbox_key(sender) == key:
+            return sender
+    raise PermanentDeliveryError(
+        f"this login may only send as {mailbox}, which is not a GRAPH_SENDER mailbox",
+        "5.7.1",
+        550,
+    )
+
+
 def choose_mailbox(from_: Sequence[Mailbox], senders: Sequence[str]) -> str:
     """The configured mailbox to send as: the one the From header names, else the first.
 

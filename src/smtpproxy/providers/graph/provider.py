@@ -50,6 +50,7 @@ from smtpproxy.providers.graph.payload import (
     MimeSend,
     Plan,
     Upload,
+    bound_mailbox,
     chunk_ranges,
     content_range,
     matching_mailbox,
@@ -318,13 +319,17 @@ class GraphProvider:
     async def _choose_mailbox(self, email: Email) -> tuple[tuple[str, ...], Charge | None]:
         """The mailbox(es) to plan with, and the budget charge made for the message.
 
-        From naming a sending mailbox: that one.  Otherwise the least-used
+        An identity bound to a mailbox: that one (L{bound_mailbox}).  From
+        naming a sending mailbox: that one.  Otherwise the least-used
         mailbox by the budgets (the first one when nothing is counted).  A
         message that the planner will refuse anyway (no recipients, too
         many) is not charged.
         """
-        matched = matching_mailbox(email.from_, self._senders)
-        candidates = (matched,) if matched is not None else self._senders
+        if email.mailbox:
+            candidates: tuple[str, ...] = (bound_mailbox(email.mailbox, self._senders),)
+        else:
+            matched = matching_mailbox(email.from_, self._senders)
+            candidates = (matched,) if matched is not None else self._senders
         recipients = plan_recipients(email).count
         if not self._budgets.counting or not 0 < recipients <= MAX_RECIPIENTS:
             return candidates, None

@@ -28,6 +28,7 @@ from smtpproxy.mime.message import Email
 from smtpproxy.providers.smtp import wire
 from smtpproxy.providers.smtp.client import RelayClient, StaleConnectionError
 from smtpproxy.providers.smtp.pool import Pool
+from smtpproxy.providers.smtp.relayfrom import force_sender
 from smtpproxy.providers.smtp.settings import RelaySettings
 from smtpproxy.providers.smtp.trust import client_tls
 
@@ -64,6 +65,9 @@ class SmtpProvider:
         return Deferred.fromCoroutine(self._send(email))
 
     async def _send(self, email: Email) -> None:
+        if self._settings.sender:
+            # RELAY_FROM: once per message, before any attempt (relayfrom).
+            email = force_sender(email, self._settings.sender)
         for attempt in (1, 2):
             client = await self.pool.acquire()
             try:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from smtpproxy.addresses import mailbox_problem
 from smtpproxy.config import (
     Config,
     ConfigError,
@@ -49,6 +50,14 @@ def _flag(raw: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected true or false, got {raw[:20]!r}")
+
+
+def _sender(raw: str) -> str:
+    """An address (C{RELAY_FROM}); empty means the client's own sender goes upstream."""
+    value = raw.strip().removeprefix("<").removesuffix(">")
+    if value and mailbox_problem(value) is not None:
+        raise ValueError(f"{raw[:80]!r} is not an address")
+    return value
 
 
 def _helo(raw: str) -> str:
@@ -120,6 +129,13 @@ SETTINGS: tuple[Setting, ...] = (
         60.0,
     ),
     Setting(
+        "RELAY_FROM",
+        "relay_from",
+        _sender,
+        "forced envelope sender and From; the client's From kept as Reply-To",
+        "",
+    ),
+    Setting(
         "RELAY_HELO",
         "relay_helo",
         _helo,
@@ -167,6 +183,8 @@ class RelaySettings:
     max_connections: int
     timeout: float
     helo: str
+    sender: str = ""
+    """C{RELAY_FROM}: empty to relay the client's sender and From as they are."""
 
     def __repr__(self) -> str:
         secret = "***" if self.password else "''"
@@ -212,4 +230,5 @@ class RelaySettings:
             max_connections=connections,
             timeout=float(timeout),
             helo=text("helo") or config.smtp_hostname or "localhost",
+            sender=text("from"),
         )

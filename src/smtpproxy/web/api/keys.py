@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from smtpproxy.addresses import mailbox_problem
 from smtpproxy.policy import rules
 
 __all__ = [
@@ -49,6 +50,7 @@ _FILE_FIELDS = frozenset(
         "allowed_recipients",
         "allowed_networks",
         "rate_limit_per_min",
+        "mailbox",
     }
 )
 _ANY = rules.AddressPatterns()
@@ -68,6 +70,9 @@ class ApiKey:
         C{HTTP_API_RATE_LIMIT_PER_KEY}.
     @ivar allowed_networks: client networks this key may be used from;
         empty means any (the listener's own network rule still applies).
+    @ivar mailbox: the sending mailbox (one of C{GRAPH_SENDER}) this key's
+        messages go out as, as an identity's policy C{mailbox}; empty for
+        the provider's own choice.
     """
 
     id: str
@@ -77,6 +82,7 @@ class ApiKey:
     allowed_recipients: rules.AddressPatterns = _ANY
     allowed_networks: rules.Networks = ()
     rate_limit_per_min: int | None = None
+    mailbox: str = ""
 
     def __repr__(self) -> str:
         # The digest is no secret, but nothing about a key needs to be in a log.
@@ -186,6 +192,9 @@ def parse_keys_file(text: str, source: str = "HTTP_API_KEYS_FILE") -> tuple[ApiK
         rate = entry.get("rate_limit_per_min")
         if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate < 0):
             raise ValueError(f"{where}: rate_limit_per_min must be a whole number, 0 or more")
+        mailbox = entry.get("mailbox", "")
+        if not isinstance(mailbox, str) or (mailbox and mailbox_problem(mailbox) is not None):
+            raise ValueError(f"{where}: mailbox must be an address")
         try:
             senders = rules.parse_address_patterns(_joined(entry, "allowed_senders"))
             recipients = rules.parse_address_patterns(_joined(entry, "allowed_recipients"))
@@ -201,6 +210,7 @@ def parse_keys_file(text: str, source: str = "HTTP_API_KEYS_FILE") -> tuple[ApiK
                 recipients,
                 networks,
                 rate,
+                mailbox,
             )
         )
     return tuple(keys)

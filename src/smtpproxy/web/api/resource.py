@@ -254,7 +254,7 @@ class _Submission(_Endpoint):
             raise _rate_limited(refusal.retry_after)
         sender, recipients, data = self.read(request, context)
         _check_policy(key, api.settings, sender, recipients)
-        return await api.submitter.submit(sender, recipients, data, context)
+        return await api.submitter.submit(sender, recipients, data, context, mailbox=key.mailbox)
 
     def read(self, request: Request, context: dict[str, Any]) -> tuple[str, list[str], bytes]:
         """The envelope and the message bytes, or an L{ApiError}."""

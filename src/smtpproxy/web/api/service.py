@@ -17,6 +17,7 @@ from smtpproxy.config import Config
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider
 from smtpproxy.queue.front import QueueFront
+from smtpproxy.sendas import unknown_mailbox
 from smtpproxy.web.api.keys import KeyRing, parse_keys_file
 from smtpproxy.web.api.limits import Limits
 from smtpproxy.web.api.resource import Api, ApiSettings
@@ -55,6 +56,10 @@ def load_keys(config: Config) -> KeyRing:
                     f"HTTP_API_KEYS_FILE {path}: key id {key.id!r} is also in HTTP_API_KEYS"
                 )
             keys.append(key)
+        # A key's mailbox must be one the provider can send as (smtpproxy.sendas).
+        problem = unknown_mailbox(((f"key {k.id!r}", k.mailbox) for k in keys), config)
+        if problem is not None:
+            raise ValueError(f"HTTP_API_KEYS_FILE {path}: {problem}")
     return KeyRing(keys)
 
 

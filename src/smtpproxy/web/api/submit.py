@@ -12,6 +12,7 @@ here, from the same exception types the SMTP side turns into replies
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider
-from smtpproxy.queue.front import QueueFront
+from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import Envelope, QueueFullError
 from smtpproxy.web.api.problems import ApiError
 
@@ -114,12 +115,20 @@ class Submitter:
         return self._queue is not None
 
     def submit(
-        self, sender: str, recipients: list[str], data: bytes, fields: dict[str, Any]
+        self,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        fields: dict[str, Any],
+        *,
+        mailbox: str = "",
     ) -> defer.Deferred[Accepted]:
         """Queue or deliver C{data}; fails with an L{ApiError} for the client.
 
         @param fields: what the outcome's log line carries besides the
             envelope (C{request_id}, C{key_id}, C{client}); never the body.
+        @param mailbox: the key's sending mailbox (as an identity's policy
+            C{mailbox}); empty for the provider's own choice.
         """
         started = self._reactor.seconds()
         queue = self._queue
@@ -135,9 +144,9 @@ class Submitter:
             "provider": self._provider.name,
         }
         if queue is not None:
-            done = self._enqueue(queue, message_id, sender, recipients, data, fields)
+            done = self._enqueue(queue, message_id, sender, recipients, data, fields, mailbox)
         else:
-            done = self._deliver(message_id, sender, recipients, data, fields, started)
+            done = self._deliver(message_id, sender, recipients, data, fields, started, mailbox)
         return done.addErrback(self._refusal)
 
     def _enqueue(
@@ -148,11 +157,17 @@ class Submitter:
         recipients: list[str],
         data: bytes,
         fields: dict[str, Any],
+        mailbox: str,
     ) -> defer.Deferred[Accepted]:
         envelope = Envelope(
-            sender, tuple(recipients), fields.get("client", ""), fields.get("key_id"), queue.route
+            sender,
+            tuple(recipients),
+            fields.get("client", ""),
+            fields.get("key_id"),
+            queue.route_for(mailbox),
+            meta_json(None, mailbox),
         )
-        fields["route"] = queue.route
+        fields["route"] = envelope.route
 
         def queued(_: None) -> Accepted:
             log.info("message queued", **fields)
@@ -179,8 +194,11 @@ class Submitter:
         data: bytes,
         fields: dict[str, Any],
         started: float,
+        mailbox: str,
     ) -> defer.Deferred[Accepted]:
         def send(email: Email) -> defer.Deferred[Accepted]:
+            if mailbox:
+                email = dataclasses.replace(email, mailbox=mailbox)
             sending = send_email(
                 self._provider,
                 self._reactor,

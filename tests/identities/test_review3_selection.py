@@ -87,3 +87,51 @@ class BruteForceWithABackendDownTests(TestCase):
             any(code in (0, 421) for code in guesses[5:]) and right != 235,
             f"answers to 12 wrong passwords: {guesses}; then the right one: {right}",
         )
+
+
+class KeyRotationTests(TestCase):
+    @async_test
+    async def test_a_token_of_a_new_key_is_not_a_wrong_password(self) -> None:
+        """The identity provider rotates its keys: the JWKS now holds k1 and k2, and
+        a client presents a valid token signed with k2, shortly after the relay last
+        fetched the set (which held only k1).  The relay may not refetch yet (it waits
+        60 s between fetches), so it cannot know whether the token is good: that is
+        454 (try later), never 535, which the guard counts and which bans a client
+        that did nothing wrong.  Today it is 535 until the next fetch is allowed."""
+        key1, key2 = servers.rsa_key(), servers.rsa_key()
+        jwks = servers.Jwks({"k1": key1})
+        site = servers.serve_https(self, jwks)
+        providers = [
+            {
+                "meta": {"name": "tokens", "type": "jwt"},
+                "params": {
+                    "jwks_url": site.url("/keys"),
+                    "tls_ca": site.ca_file,
+                    "iss": "https://idp.test",
+                    "aud": "smtp-relay",
+                },
+            }
+        ]
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            json.dump({"providers": providers}, f)
+        relay = Relay(self, AUTH_CONFIG=path)
+        old = servers.sign(servers.claims(), key1, "k1")
+        new = servers.sign(servers.claims(), key2, "k2")
+
+        def scenario() -> tuple[int, int, int]:
+            relay.wait_listening()
+            port = relay.smtp_port
+            before = auth_code(port, "tokens", old)
+            jwks.keys["k2"] = key2
+            rotated = [auth_code(port, "tokens", new) for _ in range(2)]
+            relay.stop()
+            return before, rotated[0], rotated[1]
+
+        before, first, second = await in_thread(scenario)
+        self.assertEqual(before, 235)
+        self.assertNotIn(
+            535,
+            (first, second),
+            f"answers to a valid k2 token: {first}, {second}; JWKS fetches: {jwks.fetches}",
+        )

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from smtpproxy.identities.build import backend_for
-from smtpproxy.identities.errors import BackendUnavailable, IdentityConfigError
+from smtpproxy.identities.errors import BackendUnavailable, IdentityConfigError, NoSuchUser
 from smtpproxy.identities.fileformat import ProviderEntry, parse
 from smtpproxy.identities.jwtauth import JWTBackend
 from smtpproxy.identities.userpass import hash_password
@@ -40,11 +40,11 @@ def make(case: TestCase, provider: ProviderEntry) -> Any:
     return backend
 
 
-async def refused(case: TestCase, backend: Any, user: str, secret: str) -> None:
+async def refused(case: TestCase, backend: Any, user: str, secret: str) -> UnauthorizedLogin:
     try:
         await backend.check(user, secret)
-    except UnauthorizedLogin:
-        return
+    except UnauthorizedLogin as e:
+        return e
     case.fail(f"{user!r} was not refused")
 
 
@@ -65,8 +65,9 @@ class UserpassTests(TestCase):
             entry("userpass", {"users": [{"username": "app", "password_hash": HASH}]}), reactor
         )
         self.assertEqual((await backend.check("app", "right-pw")).user, "app")
-        await refused(self, backend, "app", "wrong")
-        await refused(self, backend, "nobody", "right-pw")
+        # A wrong password tested a secret; an unknown name did not (NoSuchUser).
+        self.assertNotIsInstance(await refused(self, backend, "app", "wrong"), NoSuchUser)
+        self.assertIsInstance(await refused(self, backend, "nobody", "right-pw"), NoSuchUser)
         await refused(self, backend, "app", "")
         single = parse(
             "- meta: {name: u, type: userpass}\n  params: {username: app, password: '${PW}'}",
@@ -280,8 +281,9 @@ class LDAPTests(TestCase):
         for mode in ("starttls", "ldaps"):
             backend = make(self, entry("ldap", servers.ldap_params(slapd, mode)))
             self.assertEqual((await backend.check("alice", "alice-pw")).user, "alice")
-            await refused(self, backend, "alice", "bob-pw")
-            await refused(self, backend, "nobody", "x")
+            # Only the router tells these apart (see test_outcomes).
+            self.assertNotIsInstance(await refused(self, backend, "alice", "bob-pw"), NoSuchUser)
+            self.assertIsInstance(await refused(self, backend, "nobody", "x"), NoSuchUser)
             await refused(self, backend, "alice", "")
 
     @async_test

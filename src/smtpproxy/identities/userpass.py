@@ -9,7 +9,9 @@ password is ever read from the file.
 bcrypt is slow on purpose (0.25 to 0.8 s at cost 12, by CPU and load), so it runs
 in the reactor's thread pool and the relay keeps serving while it works.
 An unknown user costs one bcrypt against a dummy hash, the same as a
-wrong password, so timing does not tell which names exist.
+wrong password, so timing does not tell which names exist; it is refused
+as L{NoSuchUser}, which only the router tells apart (see
+L{smtpproxy.identities.router}).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from twisted.cred import error
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 
-from smtpproxy.identities.errors import IdentityConfigError
+from smtpproxy.identities.errors import IdentityConfigError, NoSuchUser
 from smtpproxy.identities.fileformat import ProviderEntry, is_reference
 from smtpproxy.identities.model import Verified
 from smtpproxy.policy.identity import IdentityPolicy, parse_policy
@@ -171,8 +173,10 @@ class UserpassBackend:
         checking: defer.Deferred[bool] = threads.deferToThreadPool(reactor, pool, compare)
 
         def answer(good: bool) -> Verified:
-            if good and found is not None and secret:
+            if found is None:
+                raise NoSuchUser("no such user")
+            if good and secret:
                 return Verified(user, found.policy)
-            raise error.UnauthorizedLogin("wrong user name or password")
+            raise error.UnauthorizedLogin("wrong password")
 
         return checking.addCallback(answer)

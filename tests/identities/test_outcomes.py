@@ -11,9 +11,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpproxy.identities.builtin import BuiltinBackend
 from smtpproxy.identities.errors import BackendUnavailable, NoSuchUser, RefusedWhileUnavailable
 from smtpproxy.identities.fileformat import ProviderEntry
-from smtpproxy.identities.model import Identity, Verified
+from smtpproxy.identities.model import Backend, Identity, Verified
 from smtpproxy.identities.router import IdentityChecker
 
 
@@ -36,7 +37,7 @@ def down(name: str) -> Scripted:
     return Scripted(name, BackendUnavailable(name, "connection refused"))
 
 
-def checker(*backends: Scripted) -> IdentityChecker:
+def checker(*backends: Backend) -> IdentityChecker:
     entries = [ProviderEntry(b.name, "userpass", {}, fallback=True) for b in backends]
     return IdentityChecker(entries, {b.name: b for b in backends}, Clock())
 
@@ -94,3 +95,18 @@ class OutcomeTests(SynchronousTestCase):
         )
         self.assertIsInstance(outcome, Identity)
         self.assertEqual(yes.asked, ["app"])
+
+
+class BuiltinUserTests(SynchronousTestCase):
+    def test_only_its_own_name_is_tested(self) -> None:
+        """SMTP_USERNAME's user, asked first among the fallbacks, refuses another name as
+        NoSuchUser (so a fallback's user is not counted while that fallback is down) and a
+        wrong password for its own name as a plain refusal (counted)."""
+        backend = BuiltinBackend("relay", "relay-pw")
+        self.assertEqual(self.successResultOf(backend.check("relay", "relay-pw")).user, "relay")
+        self.failureResultOf(backend.check("alice", "relay-pw"), NoSuchUser)
+        wrong = self.failureResultOf(backend.check("relay", "guess"), error.UnauthorizedLogin)
+        self.assertNotIsInstance(wrong.value, NoSuchUser)
+        # In the router: a login for a name the down fallback may hold is not counted.
+        outcome = login(self, checker(backend, down("corp")))
+        self.assertIs(type(outcome), BackendUnavailable)

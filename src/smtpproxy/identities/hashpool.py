@@ -32,8 +32,9 @@ T = TypeVar("T")
 #: Checks run at once.  bcrypt releases the GIL, so each running check
 #: takes a CPU; two bound what a flood of logins can take from the relay.
 THREADS = 2
-#: Checks that may wait for a thread; at about 0.3 s per check (cost 12)
-#: the last one waits some 5 s, well inside an SMTP client's patience.
+#: Checks that may wait for a thread: at cost 12 (0.25 to 0.8 s a check by
+#: CPU and load) the last one waits 5 to 15 s, well inside an SMTP
+#: client's patience (RFC 5321 gives a command minutes).
 WAITING = 32
 
 

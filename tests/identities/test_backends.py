@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from smtpproxy.identities.build import backend_for
-from smtpproxy.identities.errors import BackendUnavailable, IdentityConfigError
+from smtpproxy.identities.errors import BackendUnavailable, IdentityConfigError, NoSuchUser
 from smtpproxy.identities.fileformat import ProviderEntry, parse
 from smtpproxy.identities.jwtauth import JWTBackend
 from smtpproxy.identities.userpass import hash_password
@@ -40,11 +40,11 @@ def make(case: TestCase, provider: ProviderEntry) -> Any:
     return backend
 
 
-async def refused(case: TestCase, backend: Any, user: str, secret: str) -> None:
+async def refused(case: TestCase, backend: Any, user: str, secret: str) -> UnauthorizedLogin:
     try:
         await backend.check(user, secret)
-    except UnauthorizedLogin:
-        return
+    except UnauthorizedLogin as e:
+        return e
     case.fail(f"{user!r} was not refused")
 
 
@@ -65,8 +65,9 @@ class UserpassTests(TestCase):
             entry("userpass", {"users": [{"username": "app", "password_hash": HASH}]}), reactor
         )
         self.assertEqual((await backend.check("app", "right-pw")).user, "app")
-        await refused(self, backend, "app", "wrong")
-        await refused(self, backend, "nobody", "right-pw")
+        # A wrong password tested a secret; an unknown name did not (NoSuchUser).
+        self.assertNotIsInstance(await refused(self, backend, "app", "wrong"), NoSuchUser)
+        self.assertIsInstance(await refused(self, backend, "nobody", "right-pw"), NoSuchUser)
         await refused(self, backend, "app", "")
         single = parse(
             "- meta: {name: u, type: userpass}\n  params: {username: app, password: '${PW}'}",
@@ -214,7 +215,8 @@ class JWTTests(TestCase):
     @async_test
     async def test_unknown_kid_refetches_at_most_once_a_minute(self) -> None:
         """A rotated key is found by a refetch; a flood of unknown key ids costs at most one
-        fetch a minute."""
+        fetch a minute.  Between fetches an unknown key id is 'cannot check now'
+        (BackendUnavailable), not a refusal: it may be a key the provider just added."""
         clock = Clock()
         clock.advance(time.time())
         backend = JWTBackend(entry("jwt", self.params), reactor, clock)
@@ -222,16 +224,43 @@ class JWTTests(TestCase):
         await backend.check("", servers.sign(servers.claims(), self.rsa, "r1"))
         self.assertEqual(self.jwks.fetches, 1)
         for i in range(5):
-            await refused(self, backend, "", servers.sign(servers.claims(), self.rsa, f"x{i}"))
+            await unavailable(self, backend, "", servers.sign(servers.claims(), self.rsa, f"x{i}"))
         self.assertEqual(self.jwks.fetches, 1)
         clock.advance(61)
-        for i in range(5):
-            await refused(self, backend, "", servers.sign(servers.claims(), self.rsa, f"y{i}"))
+        # The first one fetches, finds no y0 in the fresh set: a refusal.
+        await refused(self, backend, "", servers.sign(servers.claims(), self.rsa, "y0"))
+        for i in range(1, 5):
+            await unavailable(self, backend, "", servers.sign(servers.claims(), self.rsa, f"y{i}"))
         self.assertEqual(self.jwks.fetches, 2)
         rotated = servers.rsa_key()
         self.jwks.keys["r2"] = rotated
         token = servers.sign(servers.claims(), rotated, "r2")
-        await refused(self, backend, "", token)
+        await unavailable(self, backend, "", token)
+        self.assertEqual(self.jwks.fetches, 2)
+        clock.advance(61)
+        self.assertEqual((await backend.check("", token)).user, "scanner-01")
+        self.assertEqual(self.jwks.fetches, 3)
+
+    @async_test
+    async def test_unknown_kid_after_a_failed_refetch_is_unavailable(self) -> None:
+        """The refetch an unknown key id causes fails (the JWKS answers 500): the relay still
+        holds its old set but cannot tell whether the new id is good, so 'try later'; a token
+        of a key it holds still passes, and once the fetch works the new key does too."""
+        clock = Clock()
+        clock.advance(time.time())
+        backend = JWTBackend(entry("jwt", self.params), reactor, clock)
+        self.addCleanup(backend.close)
+        await backend.check("", servers.sign(servers.claims(), self.rsa, "r1"))
+        rotated = servers.rsa_key()
+        self.jwks.keys["r2"] = rotated
+        self.jwks.status = 500
+        clock.advance(61)
+        token = servers.sign(servers.claims(), rotated, "r2")
+        await unavailable(self, backend, "", token)
+        self.assertEqual(self.jwks.fetches, 2)
+        old = servers.sign(servers.claims(), self.rsa, "r1")
+        self.assertEqual((await backend.check("", old)).user, "scanner-01")
+        self.jwks.status = 200
         clock.advance(61)
         self.assertEqual((await backend.check("", token)).user, "scanner-01")
         self.assertEqual(self.jwks.fetches, 3)
@@ -252,8 +281,9 @@ class LDAPTests(TestCase):
         for mode in ("starttls", "ldaps"):
             backend = make(self, entry("ldap", servers.ldap_params(slapd, mode)))
             self.assertEqual((await backend.check("alice", "alice-pw")).user, "alice")
-            await refused(self, backend, "alice", "bob-pw")
-            await refused(self, backend, "nobody", "x")
+            # Only the router tells these apart (see test_outcomes).
+            self.assertNotIsInstance(await refused(self, backend, "alice", "bob-pw"), NoSuchUser)
+            self.assertIsInstance(await refused(self, backend, "nobody", "x"), NoSuchUser)
             await refused(self, backend, "alice", "")
 
     @async_test

@@ -176,6 +176,52 @@ class BackendDownTests(TestCase):
         self.assertEqual(len(relay.factory.guard.auth_failures), 0)
 
 
+def plain_auth(port: int, user: str, secret: str) -> tuple[int, bytes]:
+    """One session: STARTTLS, AUTH PLAIN; the reply to AUTH."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
+        client.starttls(context=client_tls())
+        client.ehlo()
+        return client.docmd("AUTH", "PLAIN " + b64plain(user, secret))
+
+
+def b64plain(user: str, secret: str) -> str:
+    return base64.b64encode(f"\0{user}\0{secret}".encode()).decode("ascii")
+
+
+class OneBackendDownTests(TestCase):
+    @async_test
+    async def test_SEC_121_wrong_password_counts_while_another_backend_is_down(self) -> None:
+        """Two fallback providers, the second down.  A wrong password for a user the first one
+        holds was really tested: 454 (the down one might have said yes) and counted by the
+        guard.  A name the first one does not hold tested nothing (it may be the down
+        backend's user): 454 and not counted, so that backend's users are not banned."""
+        apps = ProviderEntry(
+            "apps",
+            "userpass",
+            {"users": [{"username": "app", "password_hash": hash_password("app-pw", 4)}]},
+            fallback=True,
+        )
+        down = ProviderEntry(
+            "down",
+            "http_basic",
+            {"url": f"https://localhost:{servers.free_port()}/", "timeout": 2},
+            fallback=True,
+        )
+        backends = {e.name: backend_for(e, reactor) for e in (apps, down)}
+        checker = IdentityChecker([apps, down], backends, reactor)
+        self.addCleanup(checker.close)
+        relay = start_relay(self, auth=True)
+        relay.factory.portal.registerChecker(checker)
+        failures = relay.factory.guard.auth_failures
+
+        code, text = await in_thread(plain_auth, relay.port, "carol", "carol-pw")
+        self.assertEqual((code, text[:5], len(failures)), (454, b"4.7.0", 0))
+        code, text = await in_thread(plain_auth, relay.port, "app", "guess")
+        self.assertEqual((code, text[:5], len(failures)), (454, b"4.7.0", 1))
+        code, _ = await in_thread(plain_auth, relay.port, "app", "app-pw")
+        self.assertEqual(code, 235)
+
+
 class SecretHandlingTests(TestCase):
     @async_test
     async def test_SEC_080_unknown_user_costs_a_bcrypt_too(self) -> None:

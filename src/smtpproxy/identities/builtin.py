@@ -7,9 +7,13 @@ L{Verified} so the router can try it with the file's fallbacks.
 
 from __future__ import annotations
 
+import hmac
+
 from twisted.cred import credentials, error
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
+from smtpproxy.identities.errors import NoSuchUser
 from smtpproxy.identities.model import Verified
 from smtpproxy.smtp.sasl import StaticPasswordChecker
 
@@ -21,10 +25,16 @@ class BuiltinBackend:
 
     def __init__(self, username: str, password: str) -> None:
         self._checker = StaticPasswordChecker(username, password)
+        self._username = username.encode("utf-8")
 
     def check(self, user: str, secret: str) -> defer.Deferred[Verified]:
-        creds = credentials.UsernamePassword(user.encode("utf-8"), secret.encode("utf-8"))
+        name = user.encode("utf-8")
+        creds = credentials.UsernamePassword(name, secret.encode("utf-8"))
         checking = self._checker.requestAvatarId(creds)
+        if not hmac.compare_digest(name, self._username):
+            # Another name: nothing tested (the router must not count it
+            # against a fallback's user while that fallback is down).
+            checking.addErrback(_not_this_user)
 
         def verified(avatar_id: object) -> Verified:
             if not isinstance(avatar_id, bytes):
@@ -32,3 +42,7 @@ class BuiltinBackend:
             return Verified(avatar_id.decode("utf-8"))
 
         return checking.addCallback(verified)
+
+
+def _not_this_user(failure: Failure) -> bytes:
+    raise NoSuchUser("not SMTP_USERNAME")

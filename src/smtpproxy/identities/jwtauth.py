@@ -7,6 +7,14 @@ make us hammer the provider; concurrent logins share one fetch.  The set
 is refreshed anyway after C{jwks_cache_seconds}.  No key set at all (the
 provider never answered) is L{BackendUnavailable}; a token we cannot
 verify against a key set we hold is a plain refusal.
+
+A key id we do not hold is a refusal only when this very login fetched
+the set afresh and the id is still missing.  When the minute between
+fetches has not passed yet, or the fetch failed, the token may well be
+signed by a key the provider has just added: we cannot tell, so that is
+L{BackendUnavailable} (C{454}, not counted), never a C{535} that would
+count a valid token as a wrong password and get its client banned.  An
+invented key id gains an attacker nothing: no signature is checked.
 """
 
 from __future__ import annotations
@@ -96,9 +104,11 @@ class JWTBackend:
         now = self._clock.seconds()
         stale = self._fetched_at is None or now - self._fetched_at >= self.max_age
         wanted = stale or token.kid not in self._keys
+        fresh = False  # this login saw a fetch succeed
         if wanted and self._may_refetch(now):
             try:
                 await self._refresh()
+                fresh = True
             except BackendUnavailable:
                 if not self._keys:
                     raise
@@ -106,6 +116,8 @@ class JWTBackend:
             raise BackendUnavailable(self.name, "no key set yet (the last fetch failed)")
         key = self._key_for(token)
         if key is None:
+            if token.kid is not None and not fresh:
+                raise BackendUnavailable(self.name, "token of an unknown key id; set not refetched")
             raise error.UnauthorizedLogin("token refused: no key with its id")
         try:
             jose.verify_signature(token, key)

@@ -9,7 +9,8 @@ password.  The server's certificate and host name are verified.
 An empty password is refused before the server is asked: LDAP treats a
 bind with a DN and no password as an anonymous ("unauthenticated") bind,
 which many servers accept.  Wrong password, no entry or several entries
-is C{UnauthorizedLogin}; anything that stops the question being asked
+is C{UnauthorizedLogin} (no entry or several: L{NoSuchUser}, as no
+password was tried); anything that stops the question being asked
 (connection, TLS, the service bind, a timeout) is L{BackendUnavailable}.
 """
 
@@ -25,7 +26,7 @@ from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapCl
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
-from smtpproxy.identities.errors import BackendUnavailable
+from smtpproxy.identities.errors import BackendUnavailable, NoSuchUser
 from smtpproxy.identities.fileformat import ProviderEntry
 from smtpproxy.identities.ldapfilter import MAX_USER_CHARS, PLACEHOLDER, user_filter
 from smtpproxy.identities.model import Verified
@@ -131,7 +132,8 @@ class LDAPBackend:
             # not the client's: never a 535.
             raise BackendUnavailable(self.name, f"search failed: {_describe(e)}") from None
         if len(found) != 1:
-            raise error.UnauthorizedLogin("no single entry for this user")
+            # No password was tried: the name may belong to another backend.
+            raise NoSuchUser("no single entry for this user")
         try:
             await client.bind(found[0], secret)
         except ldaperrors.LDAPInvalidCredentials:

@@ -5,9 +5,16 @@ asked for from L{smtpproxy.identities.credentials.ClientCredentials}
 (plain C{UsernamePassword} means none), picks the attempts with
 L{smtpproxy.identities.selection.select} and asks each backend in turn
 until one says yes.  A refusal from every one is C{UnauthorizedLogin}
-(C{535}, counted by the guard); if any backend could not answer and none
-said yes, the result is L{BackendUnavailable} (C{454}, not counted): a
-client must never be banned because a backend was down.
+(C{535}, counted by the guard).  If any backend could not answer and none
+said yes, the client hears C{454} (the missing answer might have been
+yes), and whether it counts depends on what the others did:
+
+  - a backend that holds the user refused the secret: a password was
+    tested, so it counts (L{RefusedWhileUnavailable}); otherwise an outage
+    of one fallback would allow unlimited guessing at another;
+  - only refusals that tested nothing (L{NoSuchUser}: the name may belong
+    to the backend that is down): L{BackendUnavailable}, not counted, so a
+    backend's own users are never banned because it was down.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from smtpproxy.identities.cache import SuccessCache
-from smtpproxy.identities.errors import BackendUnavailable
+from smtpproxy.identities.errors import BackendUnavailable, NoSuchUser, RefusedWhileUnavailable
 from smtpproxy.identities.fileformat import ProviderEntry
 from smtpproxy.identities.model import Backend, Identity, text
 from smtpproxy.identities.selection import Attempt, requested_names, select
@@ -91,6 +98,7 @@ class IdentityChecker:
 
     async def _try(self, attempts: list[Attempt]) -> Identity:
         unavailable: BackendUnavailable | None = None
+        tested: str | None = None  # a provider that refused a secret it did test
         for attempt in attempts:
             entry = attempt.provider
             cached = self.cache.get(entry.name, attempt.user, attempt.secret)
@@ -99,7 +107,10 @@ class IdentityChecker:
             backend = self.backends[entry.name]
             try:
                 verified = await backend.check(attempt.user, attempt.secret)
+            except NoSuchUser:
+                continue
             except error.UnauthorizedLogin:
+                tested = tested or entry.name
                 continue
             except BackendUnavailable as e:
                 log.warn(
@@ -118,5 +129,9 @@ class IdentityChecker:
             self.cache.put(entry.name, attempt.user, attempt.secret, identity)
             return identity
         if unavailable is not None:
+            if tested is not None:
+                raise RefusedWhileUnavailable(
+                    tested, f"refused while {unavailable.provider} could not answer"
+                )
             raise unavailable
         raise error.UnauthorizedLogin("no provider accepted these credentials")

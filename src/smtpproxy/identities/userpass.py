@@ -7,9 +7,14 @@ password must then come from the environment (C{${VAR}}): no plaintext
 password is ever read from the file.
 
 bcrypt is slow on purpose (0.25 to 0.8 s at cost 12, by CPU and load), so it runs
-in the reactor's thread pool and the relay keeps serving while it works.
+in threads and the relay keeps serving while it works: a small pool of
+its own (L{smtpproxy.identities.hashpool}), never the reactor's, which
+also resolves host names.  When that pool and its wait list are full the
+login is L{BackendUnavailable} (C{454}, not counted: nothing was tested).
 An unknown user costs one bcrypt against a dummy hash, the same as a
-wrong password, so timing does not tell which names exist.
+wrong password, so timing does not tell which names exist; it is refused
+as L{NoSuchUser}, which only the router tells apart (see
+L{smtpproxy.identities.router}).
 """
 
 from __future__ import annotations
@@ -18,15 +23,16 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import cast
 
 import bcrypt
 from twisted.cred import error
-from twisted.internet import defer, threads
-from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorCore
+from twisted.python.failure import Failure
 
-from smtpproxy.identities.errors import IdentityConfigError
+from smtpproxy.identities.errors import BackendUnavailable, IdentityConfigError, NoSuchUser
 from smtpproxy.identities.fileformat import ProviderEntry, is_reference
+from smtpproxy.identities.hashpool import HashPool, PoolBusy
 from smtpproxy.identities.model import Verified
 from smtpproxy.policy.identity import IdentityPolicy, parse_policy
 
@@ -66,10 +72,12 @@ class UserpassBackend:
     def __init__(
         self,
         entry: ProviderEntry,
-        reactor: IReactorThreads,
+        reactor: IReactorCore,
+        pool: HashPool | None = None,
     ) -> None:
+        """@param pool: where bcrypt runs (by default a L{HashPool} of this backend's own)."""
         self.name = entry.name
-        self._reactor = reactor
+        self._hashing = pool if pool is not None else HashPool(reactor, name=f"bcrypt-{entry.name}")
         self._users: dict[str, _User] = {}
         self._plain: tuple[str, bytes] | None = None
         params = entry.params
@@ -157,6 +165,10 @@ class UserpassBackend:
         plain = (self._plain[0],) if self._plain is not None else ()
         return (*self._users, *plain)
 
+    def close(self) -> None:
+        """Stop the bcrypt threads (at shutdown); checks still waiting are unavailable."""
+        self._hashing.close()
+
     def check(self, user: str, secret: str) -> defer.Deferred[Verified]:
         password = secret.encode("utf-8", "surrogatepass")
         if self._plain is not None and user == self._plain[0]:
@@ -174,13 +186,16 @@ class UserpassBackend:
         def compare() -> bool:
             return bcrypt.checkpw(password, stored)
 
-        pool = self._reactor.getThreadPool()
-        reactor = cast(IReactorFromThreads, self._reactor)
-        checking: defer.Deferred[bool] = threads.deferToThreadPool(reactor, pool, compare)
-
         def answer(good: bool) -> Verified:
-            if good and found is not None and secret:
+            if found is None:
+                raise NoSuchUser("no such user")
+            if good and secret:
                 return Verified(user, found.policy)
-            raise error.UnauthorizedLogin("wrong user name or password")
+            raise error.UnauthorizedLogin("wrong password")
 
-        return checking.addCallback(answer)
+        def busy(failure: Failure) -> Verified | Failure:
+            if not isinstance(failure.value, PoolBusy):
+                return failure
+            raise BackendUnavailable(self.name, f"password checks busy: {failure.value}")
+
+        return self._hashing.run(compare).addCallbacks(answer, busy)

@@ -15,7 +15,7 @@ from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
 
 from smtpproxy.identities.credentials import ClientCredentials, sni_of
-from smtpproxy.identities.errors import BackendUnavailable
+from smtpproxy.identities.errors import BackendUnavailable, RefusedWhileUnavailable
 from smtpproxy.smtp.base import AUTH, COMMAND, ShellBase, log
 from smtpproxy.smtp.session import CheckAuthBlocked, Login, Outcome
 
@@ -60,6 +60,10 @@ class Logins(ShellBase):
         def failed(failure: Failure) -> defer.Deferred[None] | None:
             if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
                 return self._auth_failed(username)
+            if failure.check(RefusedWhileUnavailable):
+                # A secret was tested and refused: counted like a 535, but
+                # answered 454 (the backend that is down might say yes).
+                return self._auth_failed(username, temporary=True)
             if failure.check(BackendUnavailable):
                 # Logged by the router with its reason; never counted as a
                 # wrong password: the client retries later.
@@ -136,8 +140,12 @@ class Logins(ShellBase):
             # An identity backend's bug must not stop the session's cleanup.
             log.failure("avatar logout failed", session=self.id)
 
-    def _auth_failed(self, username: str) -> defer.Deferred[None] | None:
-        """Answer a wrong password slowly; after too many, close the session."""
+    def _auth_failed(self, username: str, temporary: bool = False) -> defer.Deferred[None] | None:
+        """Answer a wrong password slowly; after too many, close the session.
+
+        @param temporary: answer C{454} rather than C{535} (another backend
+            could not answer), though the failure counts all the same.
+        """
         self._auth_failures += 1
         delay, blocked = self.factory.guard.auth_failed(self._peer, self._auth_failures)
         names = self.factory.login_names
@@ -152,12 +160,15 @@ class Logins(ShellBase):
             **names.fields(username),
             failures=self._auth_failures,
             blocked=blocked,
+            temporary=temporary,
         )
 
         def answer() -> None:
             if blocked or self._auth_failures >= self.settings.max_auth_failures:
                 self.reply(421, "4.7.0", "Too many failed logins, closing connection")
                 self._close()
+            elif temporary:
+                self.reply(454, "4.7.0", "Temporary authentication failure")
             else:
                 self.reply(535, "5.7.8", "Authentication credentials invalid")
 

@@ -45,9 +45,11 @@ import base64
 import binascii
 import datetime
 import hashlib
+import itertools
 import json
 import re
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,6 +184,7 @@ class Seen:
     size: int
     time: float
     connection: int = 0
+    """The serial number of the connection the request came on (1 for the first)."""
 
 
 @dataclass
@@ -292,6 +295,10 @@ class FakeGraph:
         self.drafts: dict[str, _Draft] = {}
         self.sessions: dict[str, _Session] = {}
         self._request_ids: set[str] = set()
+        # Serial numbers, not id(): a closed channel's id may be handed to the
+        # next one, which would make two connections look like one.
+        self._connections: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+        self._serials = itertools.count(1)
         self.messages_per_minute = messages_per_minute
         self.recipients_per_day = recipients_per_day
         self.minute = minute
@@ -956,6 +963,12 @@ class FakeGraph:
 
     # -- bookkeeping --------------------------------------------------------
 
+    def _connection_number(self, channel: object) -> int:
+        number = self._connections.get(channel)
+        if number is None:
+            number = self._connections[channel] = next(self._serials)
+        return number
+
     def begin(self, route: str, request: Request, body: bytes) -> str | None:
         """Record a request; return the mailbox it counts against, if any."""
         headers = {
@@ -969,7 +982,7 @@ class FakeGraph:
                 headers,
                 len(body),
                 self.clock.seconds(),
-                id(request.channel),
+                self._connection_number(request.channel),
             )
         )
         crid = headers.get("client-request-id")

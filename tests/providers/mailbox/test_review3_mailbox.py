@@ -1,0 +1,83 @@
+"""Review 3: the mailbox API's destructive requests, against the real twistd process.
+
+A delete that names some messages, or a search that narrows them, must
+never remove the others: the mailbox is the only copy of what it caught.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from tests.providers.mailbox.helpers import raw_message
+from tests.providers.mailbox.test_twistd_mailbox import mailbox, request, send
+from tests.support import async_test, in_thread
+
+KEEP = raw_message(subject="Keep me", text="Precious.")
+DROP = raw_message(subject="Drop me", text="Noise.")
+
+
+class DestructiveRequestTests(TestCase):
+    @async_test
+    async def test_delete_with_an_unreadable_id_list_deletes_nothing(self) -> None:
+        """DELETE /api/v1/messages whose JSON body is not Mailpit's {"IDs": [...]}
+        (a bare list of ids, or "ids" in lower case, which Mailpit's Go decoder
+        accepts) must be refused or delete only those ids: never empty the mailbox.
+        Today any body without the exact key "IDs" is taken as "delete all"."""
+        relay = mailbox(self)
+
+        def scenario() -> list[tuple[int, int]]:
+            relay.wait_listening()
+            port = relay.http_port
+            results = []
+            bodies: list[object] = [[], {"ids": []}]
+            for body in bodies:
+                for raw in (KEEP, DROP):
+                    send(relay.smtp_port, raw)
+                listing = request(port, "/api/v1/messages").json()
+                drop_id = next(m["ID"] for m in listing["messages"] if m["Subject"] == "Drop me")
+                sent: Any = [drop_id] if body == [] else {"ids": [drop_id]}
+                reply = request(port, "/api/v1/messages", method="DELETE", body=sent)
+                left = request(port, "/api/v1/search?query=subject%3A%22keep+me%22").json()
+                results.append((reply.status, left["messages_count"]))
+                request(port, "/api/v1/messages", method="DELETE")
+            relay.stop()
+            return results
+
+        results = await in_thread(scenario)
+        self.assertEqual(
+            [status >= 400 or kept == 1 for status, kept in results],
+            [True, True],
+            f"(status, messages not named that were left) per body: {results}",
+        )
+
+    @async_test
+    async def test_search_delete_never_drops_a_condition(self) -> None:
+        """DELETE /api/v1/search?query=... removes only what the whole query matches.
+        A query past the parser's limits (17 terms, or over 500 characters) has its
+        tail silently dropped, so "-subject:keep" at the end stops protecting the
+        messages it names and they are deleted.  Refusing such a query (400) would
+        be right; deleting more than asked is not."""
+        relay = mailbox(self)
+        # 16 harmless terms that every message matches, then the exclusion.
+        query = " ".join(["example"] * 16) + " -subject:keep"
+
+        def scenario() -> tuple[int, int, int]:
+            relay.wait_listening()
+            port = relay.http_port
+            for raw in (KEEP, DROP):
+                send(relay.smtp_port, raw)
+            listed = request(port, "/api/v1/search?query=" + query.replace(" ", "+")).json()
+            reply = request(
+                port, "/api/v1/search?query=" + query.replace(" ", "+"), method="DELETE"
+            )
+            left = request(port, "/api/v1/messages").json()
+            relay.stop()
+            return listed["messages_count"], reply.status, left["total"]
+
+        listed, status, left = await in_thread(scenario)
+        self.assertTrue(
+            status >= 400 or left == 1,
+            f"search listed {listed}, DELETE answered {status}, {left} of 2 left",
+        )

@@ -6,10 +6,12 @@ never remove the others: the mailbox is the only copy of what it caught.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from smtpproxy.web.mailbox import view
 from tests.providers.mailbox.helpers import raw_message
 from tests.providers.mailbox.test_twistd_mailbox import mailbox, request, send
 from tests.support import async_test, in_thread
@@ -81,3 +83,33 @@ class DestructiveRequestTests(TestCase):
             status >= 400 or left == 1,
             f"search listed {listed}, DELETE answered {status}, {left} of 2 left",
         )
+
+
+class HostileHtmlTests(TestCase):
+    @async_test
+    async def test_inline_images_add_at_most_max_inline_bytes(self) -> None:
+        """view.MAX_INLINE_BYTES bounds what inline parts may add to a message's HTML
+        document.  The budget is charged once per part, but every occurrence of its
+        cid: reference is replaced, so a 100 KB image referenced 300 times (a 5 KB
+        HTML body) makes a 40 MB reply: memory and time grow with the product of the
+        two, and a larger message takes the relay down.  The reply must stay within
+        the HTML plus MAX_INLINE_BYTES (base64-encoded)."""
+        image = os.urandom(100 * 1024)
+        html = "<p>" + '<img src="cid:logo1">' * 300 + "</p>"
+        raw = raw_message(
+            subject="Many references", html=html, inline_image=("logo1", image), text="x"
+        )
+        relay = mailbox(self)
+
+        def scenario() -> int:
+            relay.wait_listening()
+            send(relay.smtp_port, raw)
+            port = relay.http_port
+            ident = request(port, "/api/v1/messages").json()["messages"][0]["ID"]
+            size = len(request(port, f"/view/{ident}.html").body)
+            relay.stop()
+            return size
+
+        size = await in_thread(scenario)
+        bound = len(html) + (view.MAX_INLINE_BYTES * 4) // 3 + 1000
+        self.assertLessEqual(size, bound, f"/view/<id>.html is {size} bytes")

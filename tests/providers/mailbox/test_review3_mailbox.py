@@ -84,6 +84,35 @@ class DestructiveRequestTests(TestCase):
             f"search listed {listed}, DELETE answered {status}, {left} of 2 left",
         )
 
+    @async_test
+    async def test_search_delete_without_a_condition_deletes_nothing(self) -> None:
+        """DELETE /api/v1/search with a query that states no condition (empty, blank,
+        a lone quote, a field name without a value) is a request to delete by
+        search that names nothing: Mailpit answers it with an error.  Here every such
+        query matches every message and the whole mailbox goes."""
+        relay = mailbox(self)
+        queries = ["", "+", "%22", "subject%3A"]
+
+        def scenario() -> list[tuple[str, int, int]]:
+            relay.wait_listening()
+            port = relay.http_port
+            results = []
+            for query in queries:
+                send(relay.smtp_port, KEEP)
+                reply = request(port, "/api/v1/search?query=" + query, method="DELETE")
+                left = request(port, "/api/v1/messages").json()["total"]
+                results.append((query, reply.status, left))
+                request(port, "/api/v1/messages", method="DELETE")
+            relay.stop()
+            return results
+
+        results = await in_thread(scenario)
+        self.assertEqual(
+            [status >= 400 or left == 1 for _, status, left in results],
+            [True] * len(queries),
+            f"(query, status, messages left) per query: {results}",
+        )
+
 
 class HostileHtmlTests(TestCase):
     @async_test

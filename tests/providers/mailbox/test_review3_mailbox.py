@@ -70,18 +70,19 @@ class DestructiveRequestTests(TestCase):
             port = relay.http_port
             for raw in (KEEP, DROP):
                 send(relay.smtp_port, raw)
-            listed = request(port, "/api/v1/search?query=" + query.replace(" ", "+")).json()
+            # A search cut short is refused too (400, no JSON): its status is shown below.
+            listed = request(port, "/api/v1/search?query=" + query.replace(" ", "+")).status
             reply = request(
                 port, "/api/v1/search?query=" + query.replace(" ", "+"), method="DELETE"
             )
             left = request(port, "/api/v1/messages").json()
             relay.stop()
-            return listed["messages_count"], reply.status, left["total"]
+            return listed, reply.status, left["total"]
 
         listed, status, left = await in_thread(scenario)
         self.assertTrue(
             status >= 400 or left == 1,
-            f"search listed {listed}, DELETE answered {status}, {left} of 2 left",
+            f"search answered {listed}, DELETE answered {status}, {left} of 2 left",
         )
 
     @async_test

@@ -7,6 +7,7 @@ never remove the others: the mailbox is the only copy of what it caught.
 from __future__ import annotations
 
 import os
+import sqlite3
 from typing import Any
 
 from twisted.trial.unittest import TestCase
@@ -113,6 +114,60 @@ class DestructiveRequestTests(TestCase):
             [True] * len(queries),
             f"(query, status, messages left) per query: {results}",
         )
+
+
+class RefusalTests(TestCase):
+    @async_test
+    async def test_refused_requests_change_nothing_and_say_why(self) -> None:
+        """Over real HTTP with MAILBOX_PATH: a blank search is Mailpit's 400 "Error: no
+        search query"; a search past the limits, a delete with {} and a PUT naming more
+        than 1,000 IDs are refused with the reason and leave every message as it was;
+        "mark all read" answers once the file holds it (read straight from SQLite)."""
+        path = os.path.abspath(self.mktemp() + "-mailbox.sqlite")
+        relay = mailbox(self, MAILBOX_PATH=path)
+        too_long = "+".join(["example"] * 17)
+
+        def scenario() -> dict[str, object]:
+            relay.wait_listening()
+            port = relay.http_port
+            for raw in (KEEP, DROP):
+                send(relay.smtp_port, raw)
+            out: dict[str, object] = {}
+            for name, path_, method, body in (
+                ("blank", "/api/v1/search?query=+", "GET", None),
+                ("cut", "/api/v1/search?query=" + too_long, "GET", None),
+                ("empty object", "/api/v1/messages", "DELETE", {}),
+                ("too many", "/api/v1/messages", "PUT", {"IDs": ["x"] * 1001, "Read": True}),
+                ("misspelt", "/api/v1/messages", "PUT", {"Reed": True}),
+            ):
+                reply = request(port, path_, method, body)
+                out[name] = (reply.status, reply.body.decode())
+            out["left"] = request(port, "/api/v1/messages").json()["total"]
+            out["unread before"] = request(port, "/api/v1/info").json()["Unread"]
+            out["mark"] = request(port, "/api/v1/messages", "PUT", {"Read": True}).status
+            with sqlite3.connect(path) as db:
+                out["read in file"] = db.execute(
+                    "SELECT count(*) FROM messages WHERE read = 1"
+                ).fetchone()[0]
+            relay.stop()
+            return out
+
+        out = await in_thread(scenario)
+        self.assertEqual(out["blank"], (400, "Error: no search query"))
+        for name, status, words in (
+            ("cut", 400, "more than 16 terms"),
+            ("empty object", 400, '"IDs"'),
+            ("too many", 413, "at most 1000 IDs"),
+            ("misspelt", 400, 'unknown field "Reed"'),
+        ):
+            got = out[name]
+            assert isinstance(got, tuple)
+            self.assertEqual(got[0], status, name)
+            self.assertIn(words, got[1], name)
+        self.assertEqual(out["left"], 2)
+        self.assertEqual(out["unread before"], 2)
+        self.assertEqual(out["mark"], 200)
+        self.assertEqual(out["read in file"], 2)
 
 
 class HostileHtmlTests(TestCase):

@@ -159,7 +159,7 @@ class MailboxResource(Resource):
             deleting = method == b"DELETE"
             found = store.matching(_checked_query(_arg(request, b"query"), deleting))
             if deleting:
-                return self._forget(request, self.provider.delete([m.id for m in found]))
+                return self._ok_once(request, self.provider.delete([m.id for m in found]))
             return self._page(request, found)
         if path == ["info"]:
             _allow(request, b"GET", b"HEAD")
@@ -232,8 +232,8 @@ class MailboxResource(Resource):
         except bodies.BodyError as e:
             raise HTTPReply(e.status, e.message) from None
         if ids is None:
-            return self._forget(request, self.provider.clear())
-        return self._forget(request, self.provider.delete(ids))
+            return self._ok_once(request, self.provider.clear())
+        return self._ok_once(request, self.provider.delete(ids))
 
     def _set_read(self, request: Request) -> int:
         try:
@@ -247,9 +247,9 @@ class MailboxResource(Resource):
             targets = [m for m in (store.get(i) for i in change.ids) if m is not None]
         else:
             targets = list(store.newest_first())
-        return self._forget(request, self.provider.set_read(targets, change.read))
+        return self._ok_once(request, self.provider.set_read(targets, change.read))
 
-    def _forget(self, request: Request, done: Deferred[None]) -> int:
+    def _ok_once(self, request: Request, done: Deferred[None]) -> int:
         """Answer C{ok} once C{done} (a change to the file, if any) fires; 500 if it fails.
 
         Waiting also paces a client: its next change is not read before this

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import smtplib
 import sqlite3
+from collections.abc import Sequence
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -18,6 +19,22 @@ from smtpproxy.providers.mailbox.provider import MailboxProvider, ReleaseError
 from smtpproxy.providers.mailbox.settings import MailboxSettings
 from tests.providers.mailbox.helpers import email, raw_message
 from tests.support import TIMEOUT, RecordingProvider, async_test, in_thread, start_relay
+
+
+class CountingFile(MailboxFile):
+    """The real SQLite file, recording each read-flag write the provider asks of it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.writes: list[int] = []
+
+    def set_read(self, message_id: str, read: bool) -> defer.Deferred[None]:
+        self.writes.append(1)
+        return super().set_read(message_id, read)
+
+    def set_read_many(self, ids: Sequence[str], read: bool) -> defer.Deferred[None]:
+        self.writes.append(len(ids))
+        return super().set_read_many(ids, read)
 
 
 def settings(**changes: object) -> MailboxSettings:
@@ -130,6 +147,30 @@ class FileTests(TestCase):
         with sqlite3.connect(path) as db:
             (count,) = db.execute("SELECT count(*) FROM messages").fetchone()
         self.assertEqual(count, 2)
+
+    @async_test
+    async def test_marking_many_read_is_one_write(self) -> None:
+        """set_read on every message (PUT /api/v1/messages) is one write to the file,
+        whatever their number, fired once committed; messages already in that state
+        cost nothing.  One write per message would queue without bound."""
+        from twisted.internet import reactor
+
+        path = self.mktemp()
+        file = CountingFile(path)
+        provider = MailboxProvider(settings(path=path), reactor, file=file)
+        self.addCleanup(provider.close)
+        await defer.gatherResults(
+            [provider.send(email(raw_message(subject=f"m{n}"))) for n in range(200)]
+        )
+        everything = list(provider.store.newest_first())
+        await provider.set_read(everything, True)
+        with sqlite3.connect(path) as db:
+            (read,) = db.execute("SELECT count(*) FROM messages WHERE read = 1").fetchone()
+        self.assertEqual(read, 200)
+        await provider.set_read(everything, True)
+        await provider.set_read(everything[:10], False)
+        self.assertEqual(file.writes, [200, 10])
+        self.assertEqual(sum(1 for m in provider.store.newest_first() if not m.read), 10)
 
     @async_test
     async def test_a_burst_is_written_whole_and_in_order(self) -> None:

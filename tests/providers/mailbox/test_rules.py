@@ -1,18 +1,22 @@
-"""Chaos triggers, access rules, Mailpit's JSON shapes and the safe HTML view: pure parts."""
+"""Chaos triggers, access rules, Mailpit's JSON shapes, request bodies and the safe HTML
+view: pure parts."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 import re
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError, reply_for_failure
+from smtpproxy.mime.message import Attachment
 from smtpproxy.policy.rules import parse_networks
 from smtpproxy.providers.mailbox import chaos
-from smtpproxy.providers.mailbox.store import prepare
-from smtpproxy.web.mailbox import shapes, view
+from smtpproxy.providers.mailbox.store import Stored, prepare
+from smtpproxy.web.mailbox import bodies, shapes, view
 from smtpproxy.web.mailbox.access import Access, same_origin
 from tests.providers.mailbox.helpers import email
 
@@ -175,6 +179,79 @@ class ShapeTests(SynchronousTestCase):
         self.assertEqual(headers["Subject"], ["Hello"])
 
 
+class BodyTests(SynchronousTestCase):
+    def refused(self, read: object, data: bytes) -> bodies.BodyError:
+        assert callable(read)
+        error = self.assertRaises(bodies.BodyError, read, data)
+        assert isinstance(error, bodies.BodyError)
+        return error
+
+    def test_delete_all_only_when_asked_so(self) -> None:
+        """DELETE /api/v1/messages empties the mailbox for no body or an empty IDs list
+        (the key in any case, as Go's decoder reads it), and for nothing else."""
+        for data in (b"", b" \r\n", b'{"IDs": []}', b'{"ids": []}', b'{"iDs":[]}'):
+            self.assertIsNone(bodies.delete_request(data), data)
+        self.assertEqual(bodies.delete_request(b'{"IDs": ["a", "b"]}'), ("a", "b"))
+        self.assertEqual(bodies.delete_request(b'{"Ids": ["a"]}'), ("a",))
+
+    def test_other_delete_bodies_are_refused_with_the_reason(self) -> None:
+        """Each shape Mailpit would take as "delete all" (it deletes everything when the
+        body does not decode) is a 400 here saying what is wrong."""
+        for data, words in (
+            (b'["a"]', "JSON array"),
+            (b"null", "JSON null"),
+            (b'"a"', "JSON string"),
+            (b"{}", 'name the messages in "IDs"'),
+            (b'{"IDs": null}', "list of message IDs"),
+            (b'{"IDs": {}}', "list of message IDs"),
+            (b'{"IDs": "a"}', "list of message IDs"),
+            (b'{"IDs": [1]}', "list of message IDs"),
+            (b'{"IDs": ["a"], "ids": []}', "more than once"),
+            (b'{"IDs": [], "Search": "from:x"}', 'unknown field "Search"'),
+            (b'{"id": "a"}', 'unknown field "id"'),
+            (b'{"IDs": [', "not valid JSON"),
+            (b"[" * 50_000, "not valid JSON"),
+        ):
+            error = self.refused(bodies.delete_request, data)
+            self.assertEqual(error.status, 400, data[:40])
+            self.assertIn(words, error.message, data[:40])
+
+    def test_too_many_ids_is_413(self) -> None:
+        """A request may name MAX_IDS messages; one more is refused as too large."""
+        ids = [f"id{n}" for n in range(bodies.MAX_IDS)]
+        self.assertEqual(len(bodies.delete_request(json.dumps({"IDs": ids}).encode()) or ()), 1000)
+        data = json.dumps({"IDs": [*ids, "one more"]}).encode()
+        for read in (bodies.delete_request, bodies.read_request):
+            self.assertEqual(self.refused(read, data).status, 413)
+
+    def test_read_requests(self) -> None:
+        """PUT /api/v1/messages takes Mailpit's Read, IDs and Search (any case); not both
+        IDs and Search, no body, or a field it does not know."""
+        self.assertEqual(bodies.read_request(b"{}"), bodies.ReadChange(False))
+        self.assertEqual(
+            bodies.read_request(b'{"read": true, "ids": ["a"]}'),
+            bodies.ReadChange(True, ("a",)),
+        )
+        self.assertEqual(
+            bodies.read_request(b'{"Read": true, "Search": "from:x"}'),
+            bodies.ReadChange(True, search="from:x"),
+        )
+        for data, words in (
+            (b"", "expected"),
+            (b'{"Read": "yes"}', "true or false"),
+            (b'{"Search": 1}', "search query"),
+            (b'{"IDs": ["a"], "Search": "x"}', "not both"),
+            (b'{"Reed": true}', 'unknown field "Reed"'),
+        ):
+            self.assertIn(words, self.refused(bodies.read_request, data).message, data)
+
+
+def with_inline(html: str, *parts: tuple[str, bytes]) -> Stored:
+    """A message with this HTML body and these (Content-ID, bytes) inline PNGs."""
+    attachments = tuple(Attachment(None, "image/png", data, True, cid) for cid, data in parts)
+    return prepare(dataclasses.replace(email(), html=html, attachments=attachments), 0.0, "x")
+
+
 class ViewTests(SynchronousTestCase):
     def test_inline_images_become_data_urls(self) -> None:
         """cid: references turn into data: URLs, so the body needs no request to show them."""
@@ -186,6 +263,41 @@ class ViewTests(SynchronousTestCase):
         self.assertIn("data:image/png;base64," + base64.b64encode(b"\x89PNG").decode(), document)
         self.assertNotIn("cid:logo1", document)
         self.assertIsNone(view.html_document(prepare(email(), 0.0, "y")))
+
+    def test_each_reference_is_looked_up_whole(self) -> None:
+        """cid:a is not a prefix match for cid:ab: each reference becomes its own part's
+        URL (or stays when no part has that id), in any case, percent-encoded or not."""
+        stored = with_inline(
+            "<img src='cid:ab'><img src=\"CID:a\"><p style='background:url(cid:a)'>"
+            "<img src=cid:a%40b><img src='cid:abc'>",
+            ("a", b"A"),
+            ("ab", b"AB"),
+            ("a@b", b"A@B"),
+        )
+        document = view.html_document(stored)
+
+        def url(data: bytes) -> str:
+            return "data:image/png;base64," + base64.b64encode(data).decode()
+
+        self.assertEqual(
+            document,
+            f"<img src='{url(b'AB')}'><img src=\"{url(b'A')}\">"
+            f"<p style='background:url({url(b'A')})'><img src={url(b'A@B')}><img src='cid:abc'>",
+        )
+
+    def test_every_reference_is_paid_for(self) -> None:
+        """A part named many times costs its data: URL each time: past MAX_INLINE_BYTES the
+        references stay cid: (shown as missing), so the document grows by at most that."""
+        image = b"\x89" * (3 * 1024 * 1024)
+        html = '<img src="cid:big">' * 10
+        document = view.html_document(with_inline(html, ("big", image)))
+        assert document is not None
+        url = len("data:image/png;base64,") + len(base64.b64encode(image))
+        fits = view.MAX_INLINE_BYTES // url
+        self.assertEqual(document.count("data:image/png"), fits)
+        self.assertEqual(document.count("cid:big"), 10 - fits)
+        self.assertLessEqual(len(document), len(html) + view.MAX_INLINE_BYTES)
+        self.assertGreater(fits, 0)
 
     def test_policies(self) -> None:
         """The body's policy forbids scripts, forms and requests (remote images only on

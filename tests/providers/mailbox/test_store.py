@@ -6,7 +6,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtpproxy.providers.mailbox.search import MAX_TERMS, Term, parse_query
+from smtpproxy.providers.mailbox.search import MAX_QUERY, MAX_TERMS, Term, parse, parse_query
 from smtpproxy.providers.mailbox.store import Store, TooLargeError, held_bytes
 from tests.providers.mailbox.helpers import email
 
@@ -147,6 +147,41 @@ class SearchTests(SynchronousTestCase):
             ),
         )
         self.assertEqual(len(parse_query("w " * 1000)), MAX_TERMS)
+
+    def test_a_cut_query_says_so(self) -> None:
+        """Past MAX_QUERY characters or MAX_TERMS terms the parser keeps the beginning and
+        says why, so no caller acts on a query whose tail (an exclusion, say) was lost."""
+        whole = parse(" ".join(["w"] * MAX_TERMS))
+        self.assertIsNone(whole.cut)
+        self.assertIsNone(whole.refusal(deleting=True))
+        terms = parse(" ".join(["w"] * MAX_TERMS) + " -subject:keep")
+        self.assertEqual(len(terms.terms), MAX_TERMS)
+        self.assertEqual(terms.cut, f"more than {MAX_TERMS} terms")
+        long = parse("subject:" + "a" * MAX_QUERY + " -from:boss")
+        self.assertEqual(long.cut, f"more than {MAX_QUERY} characters")
+        for query in (terms, long):
+            for deleting in (False, True):
+                refusal = query.refusal(deleting)
+                assert refusal is not None
+                self.assertIn("past the search limits", refusal)
+        # Spaces past the limit lose nothing.
+        self.assertIsNone(parse("to:a" + " " * MAX_QUERY).cut)
+
+    def test_pieces_without_a_condition_are_reported(self) -> None:
+        """A lone quote or dash, a field without a value, an is:/has: value not kept here
+        match nothing and are skipped by a search; they are listed, and a delete by
+        search with one of them, or with no condition at all, is refused."""
+        query = parse('subject: - to:"" is:starred has:pdf from:alice is:tagged "')
+        self.assertEqual(query.terms, (Term("from", "alice"), Term("is", "tagged")))
+        self.assertEqual(query.vague, ("subject:", "-", 'to:""', "is:starred", "has:pdf", '"'))
+        self.assertIsNone(query.refusal(deleting=False))
+        refusal = query.refusal(deleting=True)
+        assert refusal is not None
+        self.assertIn("'subject:'", refusal)
+        for nothing in ("", "   ", '"', "subject:"):
+            self.assertEqual(parse(nothing).terms, ())
+            self.assertIsNotNone(parse(nothing).refusal(deleting=True), nothing)
+        self.assertIsNone(parse("has:attachments is:unread").refusal(deleting=True))
 
     def test_hostile_queries_take_linear_time(self) -> None:
         """The longest query over the biggest searchable text stays well under a second:

@@ -126,6 +126,14 @@ class MailboxFile:
         update = "UPDATE messages SET read = ? WHERE id = ?"
         return cast("Deferred[None]", self._pool.runOperation(update, (int(read), message_id)))
 
+    def set_read_many(self, ids: Sequence[str], read: bool) -> Deferred[None]:
+        """Set the read flag of these rows: one transaction, one statement for them all.
+
+        One request of the API marks many messages; a write each would queue
+        as many jobs in the pool, without bound.
+        """
+        return cast("Deferred[None]", self._pool.runInteraction(_set_read, list(ids), read))
+
     def size(self) -> int:
         """The file's size in bytes (for C{/api/v1/info}); 0 if it cannot be read."""
         import os
@@ -195,3 +203,7 @@ def _insert(cursor: sqlite3.Cursor, row: Row, evicted: list[str]) -> None:
 def _delete(cursor: sqlite3.Cursor, ids: list[str]) -> None:
     if ids:
         cursor.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
+
+
+def _set_read(cursor: sqlite3.Cursor, ids: list[str], read: bool) -> None:
+    cursor.executemany("UPDATE messages SET read = ? WHERE id = ?", [(int(read), i) for i in ids])

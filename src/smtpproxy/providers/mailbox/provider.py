@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
@@ -139,6 +139,26 @@ class MailboxProvider:
             stored.read = read
             if self.file is not None:
                 self.file.set_read(stored.id, read).addErrback(self._file_failed, "update")
+
+    def set_read(self, targets: Iterable[Stored], read: bool) -> Deferred[None]:
+        """Set the read flag of C{targets}; with a file, fire once that is written.
+
+        The file gets one write for them all, not one per message: marking a
+        full mailbox read would otherwise queue a write per message per
+        request.
+        """
+        changed = [stored for stored in targets if stored.read != read]
+        for stored in changed:
+            stored.read = read
+        if self.file is None or not changed:
+            return defer.succeed(None)
+        writing = self.file.set_read_many([stored.id for stored in changed], read)
+
+        def failed(failure: Failure) -> Failure:
+            self._file_failed(failure, "update")
+            return failure  # the caller answers it (500)
+
+        return writing.addErrback(failed)
 
     def set_chaos(self, triggers: chaos.Triggers) -> None:
         self.chaos = triggers

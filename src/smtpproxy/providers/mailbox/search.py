@@ -7,10 +7,16 @@ phrase"} as one word, a C{field:value} to look in one field only, and a
 leading C{-} or C{!} to exclude.  Every term must match (AND); matching is
 case-insensitive substring search.
 
-Linear time: the query is cut at L{MAX_QUERY} characters and at
-L{MAX_TERMS} terms, and each term is one substring search (C{str.find},
+Linear time: at most L{MAX_QUERY} characters are read and at most
+L{MAX_TERMS} terms kept, and each term is one substring search (C{str.find},
 linear in the text for a needle this short) in text the store prepared
 once per message, itself bounded (L{Haystack}).
+
+A query past those limits is never narrowed silently: L{parse} says it was
+cut (L{Query.cut}), and which pieces stated no condition (a lone quote,
+C{subject:} without a value, C{is:} with a state not kept here), so the
+API can refuse a search, and above all a delete by search, that would
+otherwise match more than was asked (docs/mailbox.md).
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ MAX_QUERY = 500
 MAX_TERMS = 16
 #: The fields a term can name, and the filters without a value.
 FIELDS = ("from", "to", "cc", "bcc", "subject", "message-id", "has", "is")
+#: The values the two filters understand (C{is:tagged} is known: no message has tags here).
+FILTER_VALUES = {
+    "has": ("attachment", "attachments"),
+    "is": ("read", "unread", "tagged"),
+}
+#: Characters of an unusable piece quoted back in an error.
+_SHOWN = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,15 +67,59 @@ class Haystack:
         return value
 
 
-def parse_query(query: str) -> tuple[Term, ...]:
-    """The terms of C{query}, in order; an empty query has none (matches everything)."""
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A parsed query: its terms, and what of the text did not become one.
+
+    @ivar cut: why the terms are only the query's beginning (past L{MAX_QUERY}
+        characters or L{MAX_TERMS} terms), or None when all of it was read.
+    @ivar vague: the pieces that state no condition this mailbox can apply,
+        as typed (clipped): a lone quote or C{-}, a field without a value,
+        C{is:} or C{has:} with a value it does not know.  A search skips them.
+    """
+
+    terms: tuple[Term, ...]
+    cut: str | None = None
+    vague: tuple[str, ...] = ()
+
+    def refusal(self, deleting: bool) -> str | None:
+        """Why the API should answer 400 rather than run this query, or None.
+
+        A search that was cut would list what the missing tail excluded; a
+        delete by search must also say what to delete, all of it understood,
+        since it removes what it matches for good.
+        """
+        if self.cut is not None:
+            return f"the query is past the search limits ({self.cut}); shorten it"
+        if not deleting:
+            return None
+        if self.vague:
+            shown = ", ".join(repr(piece) for piece in self.vague[:3])
+            return f"the query has parts that state no condition ({shown}); nothing was deleted"
+        if not self.terms:
+            return "the query states no condition; nothing was deleted"
+        return None
+
+
+def parse(query: str) -> Query:
+    """Read C{query} into terms, reporting a cut and the pieces that mean nothing.
+
+    The whole of the first L{MAX_QUERY} characters is read, so a query with
+    more than L{MAX_TERMS} terms is known to be one.
+    """
+    cut = None
+    if len(query) > MAX_QUERY and query[MAX_QUERY:].strip():
+        cut = f"more than {MAX_QUERY} characters"
     text = query[:MAX_QUERY]
     terms: list[Term] = []
+    vague: list[str] = []
+    found = 0
     i, n = 0, len(text)
-    while i < n and len(terms) < MAX_TERMS:
+    while i < n:
         if text[i].isspace():
             i += 1
             continue
+        piece_start = i
         negated = text[i] in "-!"
         if negated:
             i += 1
@@ -84,9 +141,25 @@ def parse_query(query: str) -> tuple[Term, ...]:
                 i += 1
             value = text[start:i]
         value = value.strip().lower()
-        if value:
+        known = FILTER_VALUES.get(field or "")
+        if not value or (known is not None and value not in known):
+            vague.append(text[piece_start:i][:_SHOWN])
+            continue
+        found += 1
+        if found <= MAX_TERMS:
             terms.append(Term(field, value, negated))
-    return tuple(terms)
+    if found > MAX_TERMS and cut is None:
+        cut = f"more than {MAX_TERMS} terms"
+    return Query(tuple(terms), cut, tuple(vague))
+
+
+def parse_query(query: str) -> tuple[Term, ...]:
+    """The terms of C{query}, in order; an empty query has none (matches everything).
+
+    What L{parse} reports beside them is dropped: for the page's own listing,
+    where a longer query showing more is harmless.
+    """
+    return parse(query).terms
 
 
 def matches(terms: tuple[Term, ...], haystack: Haystack, read: bool = False) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from smtpproxy.addresses import Mailbox
 from smtpproxy.mime.message import Attachment, Email
-from smtpproxy.providers.mailbox.search import Haystack, matches, parse_query
+from smtpproxy.providers.mailbox.search import Haystack, Term, matches, parse_query
 
 #: Characters of each body that search looks at; the rest of a huge body is not searched.
 SEARCH_BODY_CHARS = 100_000
@@ -193,7 +193,10 @@ class Store:
 
     def search(self, query: str) -> list[Stored]:
         """Every message matching C{query}, newest first (see L{parse_query})."""
-        terms = parse_query(query)
+        return self.matching(parse_query(query))
+
+    def matching(self, terms: tuple[Term, ...]) -> list[Stored]:
+        """Every message satisfying all of C{terms} (parsed and checked by the caller)."""
         return [m for m in self.newest_first() if matches(terms, m.haystack, m.read)]
 
     def delete(self, ids: Iterable[str]) -> list[str]:

@@ -20,6 +20,7 @@ import resource
 from importlib import resources as package_files
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,10 +29,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from smtpproxy import __version__
 from smtpproxy.errors import reply_for_failure
-from smtpproxy.providers.mailbox import chaos
+from smtpproxy.providers.mailbox import chaos, search
 from smtpproxy.providers.mailbox.provider import MailboxProvider, ReleaseError
+from smtpproxy.providers.mailbox.search import Term
 from smtpproxy.providers.mailbox.store import Stored
-from smtpproxy.web.mailbox import shapes, view
+from smtpproxy.web.mailbox import bodies, shapes, view
 from smtpproxy.web.mailbox.access import REALM, Access, same_origin
 from smtpproxy.web.mailbox.events import EventHub
 
@@ -154,10 +156,10 @@ class MailboxResource(Resource):
             return self._page(request, found)
         if path == ["search"]:
             _allow(request, b"GET", b"HEAD", b"DELETE")
-            query = _arg(request, b"query")
-            found = store.search(query)
-            if method == b"DELETE":
-                return self._forget(request, self.provider.delete([m.id for m in found]))
+            deleting = method == b"DELETE"
+            found = store.matching(_checked_query(_arg(request, b"query"), deleting))
+            if deleting:
+                return self._ok_once(request, self.provider.delete([m.id for m in found]))
             return self._page(request, found)
         if path == ["info"]:
             _allow(request, b"GET", b"HEAD")
@@ -224,34 +226,36 @@ class MailboxResource(Resource):
         request.setHeader(b"content-security-policy", b"default-src 'none'; sandbox")
         return _body(request, part.attachment.data)
 
-    def _delete(self, request: Request) -> int | bytes:
-        body = _read_json(request, optional=True)
-        ids = body.get("IDs") if isinstance(body, dict) else None
-        if ids is None or ids == []:
-            return self._forget(request, self.provider.clear())
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise HTTPReply(400, "IDs must be a list of message IDs")
-        return self._forget(request, self.provider.delete(ids))
+    def _delete(self, request: Request) -> int:
+        try:
+            ids = bodies.delete_request(_read_body(request))
+        except bodies.BodyError as e:
+            raise HTTPReply(e.status, e.message) from None
+        if ids is None:
+            return self._ok_once(request, self.provider.clear())
+        return self._ok_once(request, self.provider.delete(ids))
 
-    def _set_read(self, request: Request) -> bytes:
-        body = _read_json(request, optional=True)
-        body = body if isinstance(body, dict) else {}
-        read = body.get("Read", False)
-        ids = body.get("IDs") or []
-        if not isinstance(read, bool) or not isinstance(ids, list):
-            raise HTTPReply(400, 'expected {"IDs": [...], "Read": true|false}')
+    def _set_read(self, request: Request) -> int:
+        try:
+            change = bodies.read_request(_read_body(request))
+        except bodies.BodyError as e:
+            raise HTTPReply(e.status, e.message) from None
         store = self.provider.store
-        if body.get("Search"):
-            targets = store.search(str(body["Search"]))
-        elif ids:
-            targets = [m for m in (store.get(str(i)) for i in ids) if m is not None]
+        if change.search:
+            targets = store.matching(_checked_query(change.search, deleting=False))
+        elif change.ids:
+            targets = [m for m in (store.get(i) for i in change.ids) if m is not None]
         else:
             targets = list(store.newest_first())
-        for stored in targets:
-            self.provider.mark_read(stored, read)
-        return _text(request, 200, "ok")
+        return self._ok_once(request, self.provider.set_read(targets, change.read))
 
-    def _forget(self, request: Request, done: Any) -> int:
+    def _ok_once(self, request: Request, done: Deferred[None]) -> int:
+        """Answer C{ok} once C{done} (a change to the file, if any) fires; 500 if it fails.
+
+        Waiting also paces a client: its next change is not read before this
+        one is written.
+        """
+
         def answer(_: object) -> None:
             _finish(request, 200, b"ok", b"text/plain; charset=utf-8")
 
@@ -352,6 +356,21 @@ class MailboxResource(Resource):
 # -- small helpers -------------------------------------------------------------
 
 
+def _checked_query(query: str, deleting: bool) -> tuple[Term, ...]:
+    """The terms of a search query, or a 400 saying why it is not run.
+
+    A blank query is Mailpit's own error; a query past the parser's limits, and
+    for a delete one that states no condition, are ours (docs/mailbox.md).
+    """
+    if not query.strip():
+        raise HTTPReply(400, "Error: no search query")
+    parsed = search.parse(query)
+    refusal = parsed.refusal(deleting)
+    if refusal is not None:
+        raise HTTPReply(400, refusal)
+    return parsed.terms
+
+
 def _allow(request: Request, *methods: bytes) -> None:
     if request.method not in methods:
         request.setHeader(b"allow", b", ".join(methods))
@@ -372,18 +391,21 @@ def _number(request: Request, name: bytes, default: int, ceiling: int) -> int:
     return min(int(text), ceiling)
 
 
-def _read_json(request: Request, optional: bool = False) -> Any:
+def _read_body(request: Request) -> bytes:
     content = request.content
     data = content.read(MAX_BODY + 1) if content is not None else b""
     if len(data) > MAX_BODY:
         raise HTTPReply(413, "request body too large")
+    return data
+
+
+def _read_json(request: Request) -> Any:
+    data = _read_body(request)
     if not data.strip():
-        if optional:
-            return None
         raise HTTPReply(400, "expected a JSON body")
     try:
         return json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise HTTPReply(400, "the body is not valid JSON") from None
 
 

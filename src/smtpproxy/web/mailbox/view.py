@@ -14,12 +14,22 @@ variant, which allows images over http(s) and nothing else.
 from __future__ import annotations
 
 import base64
+import re
+from urllib.parse import unquote
 
-from smtpproxy.providers.mailbox.store import Stored
+from smtpproxy.providers.mailbox.store import Part, Stored
 
-#: Inline parts turned into C{data:} URLs, and the bytes they may add.
+#: Inline parts that may be turned into C{data:} URLs (the first ones with a Content-ID).
 MAX_INLINE_PARTS = 50
+#: Characters the C{data:} URLs may add to one document, all references counted:
+#: a part referenced twice is paid for twice.  Past it, references stay C{cid:}
+#: (the policy loads nothing, so they show as missing images).
 MAX_INLINE_BYTES = 10 * 1024 * 1024
+
+#: A C{cid:} reference up to what ends a URL in an attribute or in CSS.  One
+#: literal, then one run of a class the literal's end cannot re-enter: each
+#: character is looked at once or twice, whatever the input.
+_REFERENCE = re.compile(r"""cid:([^\s"'()<>]+)""", re.IGNORECASE)
 
 #: The policy of every page of the mailbox's own (the list, the script, the API).
 PAGE_POLICY = (
@@ -40,19 +50,52 @@ def body_policy(remote: bool) -> bytes:
 
 
 def html_document(stored: Stored) -> str | None:
-    """The HTML body with inline parts as C{data:} URLs; None when there is no HTML."""
+    """The HTML body with inline parts as C{data:} URLs; None when there is no HTML.
+
+    One pass over the HTML: each C{cid:} reference is looked up whole, so
+    C{cid:a} never rewrites part of C{cid:ab}, and each substitution is
+    charged to L{MAX_INLINE_BYTES} at the length it adds, so the document
+    is at most that much longer than the HTML however often a part is named.
+    """
     html = stored.email.html
     if html is None:
         return None
+    inline: dict[str, Part] = {}
+    for part in stored.parts:
+        content_id = part.attachment.content_id
+        if content_id and content_id not in inline:
+            inline[content_id] = part
+            if len(inline) == MAX_INLINE_PARTS:
+                break
+    if not inline:
+        return html
+    urls: dict[str, str] = {}
     budget = MAX_INLINE_BYTES
-    inline = [p for p in stored.parts if p.attachment.content_id][:MAX_INLINE_PARTS]
-    for part in inline:
-        reference = f"cid:{part.attachment.content_id}"
-        if reference not in html or part.attachment.size > budget:
+    pieces: list[str] = []
+    done = 0
+    for reference in _REFERENCE.finditer(html):
+        named = inline.get(reference.group(1)) or inline.get(unquote(reference.group(1)))
+        if named is None or _url_length(named) > budget:
             continue
-        budget -= part.attachment.size
-        encoded = base64.b64encode(part.attachment.data).decode("ascii")
-        kind = part.attachment.content_type
-        content_type = "".join(c for c in kind if c.isalnum() or c in "/.+-")
-        html = html.replace(reference, f"data:{content_type};base64,{encoded}")
-    return html
+        url = urls.get(named.part_id)
+        if url is None:
+            url = urls[named.part_id] = _data_url(named)
+        budget -= len(url)
+        pieces += (html[done : reference.start()], url)
+        done = reference.end()
+    pieces.append(html[done:])
+    return "".join(pieces)
+
+
+def _content_type(part: Part) -> str:
+    return "".join(c for c in part.attachment.content_type if c.isalnum() or c in "/.+-")
+
+
+def _url_length(part: Part) -> int:
+    """The length of L{_data_url} without building it (base64: 4 characters per 3 bytes)."""
+    return len("data:;base64,") + len(_content_type(part)) + 4 * -(-part.attachment.size // 3)
+
+
+def _data_url(part: Part) -> str:
+    encoded = base64.b64encode(part.attachment.data).decode("ascii")
+    return f"data:{_content_type(part)};base64,{encoded}"

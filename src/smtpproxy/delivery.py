@@ -35,7 +35,7 @@ from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider, accepts_raw_mime, envelope_refusal
 from smtpproxy.queue.front import QueueFront, meta_json
-from smtpproxy.queue.model import Envelope, QueueFullError
+from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
 from smtpproxy.smtp.commands import MailArguments, RcptArguments
 from smtpproxy.spool import MessageBody
 
@@ -127,6 +127,15 @@ class RelayMessage:
         """
         self._abandoned = True
 
+    def withdraw(self) -> bool:
+        """Forced shutdown: stop queuing this message if the store still can.
+
+        True: it will never be stored (the session says "not accepted");
+        False: direct mode, or the queue is committing it and the answer
+        to C{eomReceived} will tell.
+        """
+        return self._queue is not None and self._queue.withdraw(self.id)
+
     def eomReceived(self) -> defer.Deferred[str]:
         """Parse and deliver (or queue); fire with the message id once accepted (or durable)."""
         started = self._reactor.seconds()
@@ -207,6 +216,8 @@ class RelayMessage:
         def failed(failure: Failure) -> Failure:
             if failure.check(QueueFullError):
                 log.warn("message not queued: the queue is full", reply="452 4.3.1", **fields)
+            elif failure.check(EnqueueWithdrawnError):
+                log.info("message withdrawn at shutdown, not queued", reply="421 4.3.2", **fields)
             else:
                 log.failure("message could not be queued", failure, reply="451 4.3.0", **fields)
             return failure

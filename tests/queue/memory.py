@@ -16,6 +16,7 @@ from twisted.internet import defer
 from smtpproxy.queue.model import (
     Attempt,
     BodySource,
+    EnqueueWithdrawnError,
     Entry,
     Envelope,
     LeaseLostError,
@@ -34,6 +35,9 @@ class MemoryStore:
     closed: bool = False
     claims: list[tuple[int, int]] = field(default_factory=list)
     hold_enqueue: list[defer.Deferred[None]] | None = None
+    withdrawable: dict[str, defer.Deferred[None]] = field(default_factory=dict)
+    # Held enqueues whose commit is "under way": withdraw() refuses them.
+    sealed: set[str] = field(default_factory=set)
 
     def open(self) -> defer.Deferred[None]:
         self.opened = True
@@ -60,9 +64,21 @@ class MemoryStore:
         if self.hold_enqueue is not None:
             held: defer.Deferred[None] = defer.Deferred()
             self.hold_enqueue.append(held)
+            self.withdrawable[id] = held
             return held.addCallback(commit)
         commit()
         return defer.succeed(None)
+
+    def withdraw(self, id: str) -> bool:
+        if id in self.sealed:
+            return False
+        held = self.withdrawable.pop(id, None)
+        if held is None or held.called:
+            return False
+        if self.hold_enqueue is not None and held in self.hold_enqueue:
+            self.hold_enqueue.remove(held)
+        held.errback(EnqueueWithdrawnError(id))
+        return True
 
     def _leased(self, entry: Entry, now: float) -> bool:
         return (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import psycopg
@@ -105,6 +106,17 @@ class PostgresContractTests(StoreContract, PostgresCase):
         """Close C{store}; a new store (a new pool) on the same database."""
         await store.close()
         return await self.make_store()
+
+    def hold_writes(self) -> Callable[[], None]:
+        """Lock the messages table from a connection of the test's own."""
+        holder = psycopg.connect(self.dsn)
+        holder.execute("LOCK TABLE queue_messages IN ACCESS EXCLUSIVE MODE")
+
+        def release() -> None:
+            holder.rollback()
+            holder.close()
+
+        return release
 
 
 class StoreTests(PostgresCase):

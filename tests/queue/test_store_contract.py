@@ -18,15 +18,18 @@ import errno
 import os
 import random
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol, cast
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from smtpproxy.queue.model import (
     Attempt,
+    EnqueueWithdrawnError,
     Envelope,
     LeaseLostError,
     Outcome,
@@ -35,6 +38,12 @@ from smtpproxy.queue.model import (
 )
 from smtpproxy.queue.sqlite import INLINE_MAX, LOST_BODY_REPLY, SQLiteStore, body_directory
 from smtpproxy.queue.store import QueueStore
+
+
+def deferLater(seconds: float) -> defer.Deferred[None]:
+    """Fires after C{seconds} of the real reactor (threads get to run meanwhile)."""
+    return task.deferLater(cast(IReactorTime, reactor), seconds, lambda: None)
+
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -79,6 +88,18 @@ class FullDiskBody(Body):
             yield chunk
 
 
+class GatedBody(Body):
+    """A body whose copy waits at its first piece until the test opens C{gate}."""
+
+    def __init__(self, data: bytes, gate: threading.Event) -> None:
+        super().__init__(data)
+        self.gate = gate
+
+    def chunks(self) -> Iterator[bytes]:
+        self.gate.wait(30)
+        yield from super().chunks()
+
+
 def envelope(route: str = "", sender: str = "app@example.com") -> Envelope:
     return Envelope(
         sender=sender,
@@ -109,6 +130,11 @@ class StoreContract(_Base):
 
     async def reopen(self, store: QueueStore) -> QueueStore:
         """Close C{store} and open a new store object on the same storage."""
+        raise NotImplementedError
+
+    def hold_writes(self) -> Callable[[], None]:
+        """Take the storage's write lock from outside the store (as another process,
+        or the operator command, may); returns what gives it back."""
         raise NotImplementedError
 
     def commits(self, store: QueueStore) -> int:
@@ -214,6 +240,59 @@ class StoreContract(_Base):
         self.assertEqual([ok for ok, _ in results], [True] * 20)
         store = await self.reopen(store)
         self.assertEqual((await store.stats()).queued, 20)
+
+    # Withdrawal (a session forced closed at shutdown).
+
+    async def test_withdraw_while_writes_are_held(self) -> None:
+        """Enqueues waiting for a write lock held elsewhere, in the batch under way or the
+        next one, are withdrawn for good: they fail with EnqueueWithdrawnError once the
+        lock goes, leave no row, body or bytes, and their ids are free again; an enqueue
+        beside them that was not withdrawn is stored."""
+        store = await self.make_store()
+        release = self.hold_writes()
+        try:
+            first = store.enqueue("w1", envelope(), Body(b"1" * 5000), T0)
+            second = store.enqueue("w2", envelope(), Body(b"2" * 100_000), T0)
+            kept = store.enqueue("k1", envelope(), Body(b"k" * 300), T0)
+            await deferLater(0.3)  # let the batch under way reach the lock
+            self.assertTrue(store.withdraw("w1"))
+            self.assertTrue(store.withdraw("w2"))
+            self.assertFalse(store.withdraw("unknown"))
+        finally:
+            release()
+        await self.assertFailure(first, EnqueueWithdrawnError)
+        await self.assertFailure(second, EnqueueWithdrawnError)
+        await kept
+        self.assertFalse(store.withdraw("k1"))
+        store = await self.reopen(store)
+        stats = await store.stats()
+        self.assertEqual((stats.queued, stats.bytes), (1, 300))
+        self.assertEqual([e.id for e in await store.list(None, 10)], ["k1"])
+        await self.put(store, "w1")
+        self.assertEqual((await store.stats()).queued, 2)
+
+    async def test_withdraw_while_the_body_is_copied(self) -> None:
+        """A large body still being copied in when withdrawn: the copy finishes, nothing
+        is kept (no row, no body, no bytes)."""
+        store = await self.make_store()
+        gate = threading.Event()
+        copying = store.enqueue("g1", envelope(), GatedBody(os.urandom(300_000), gate), T0)
+        await deferLater(0.2)
+        try:
+            self.assertTrue(store.withdraw("g1"))
+        finally:
+            gate.set()
+        await self.assertFailure(copying, EnqueueWithdrawnError)
+        store = await self.reopen(store)
+        stats = await store.stats()
+        self.assertEqual((stats.queued, stats.bytes), (0, 0))
+
+    async def test_withdraw_refused_once_committed(self) -> None:
+        """A committed enqueue cannot be withdrawn: withdraw says False and it stays."""
+        store = await self.make_store()
+        await self.put(store, "c1")
+        self.assertFalse(store.withdraw("c1"))
+        self.assertEqual((await store.stats()).queued, 1)
 
     # Leases.
 
@@ -529,6 +608,16 @@ class _SQLiteFiles(StoreContract):
     async def reopen(self, store: QueueStore) -> QueueStore:
         await store.close()
         return await self.make_store()
+
+    def hold_writes(self) -> Callable[[], None]:
+        holder = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        holder.execute("BEGIN IMMEDIATE")
+
+        def release() -> None:
+            holder.execute("ROLLBACK")
+            holder.close()
+
+        return release
 
     def body_files(self) -> list[str]:
         return sorted(os.listdir(body_directory(self.path)))

@@ -126,3 +126,12 @@ class QueueFullError(Exception):
 
 class LeaseLostError(Exception):
     """The worker's lease ran out and another worker may hold the message now."""
+
+
+class EnqueueWithdrawnError(Exception):
+    """The enqueue was withdrawn before its commit (a forced shutdown): nothing was stored.
+
+    A store fails an enqueue's Deferred with it once the store no longer
+    reads the body; the session had already told its client "421 ... not
+    accepted" when L{smtpproxy.queue.store.QueueStore.withdraw} said yes.
+    """

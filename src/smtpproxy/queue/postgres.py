@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, TypeVar, cast
@@ -41,7 +42,16 @@ from twisted.python.failure import Failure
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.queue import counters
 from smtpproxy.queue import postgres_sql as tx
-from smtpproxy.queue.model import Attempt, BodySource, Entry, Envelope, QueueFullError, State, Stats
+from smtpproxy.queue.model import (
+    Attempt,
+    BodySource,
+    EnqueueWithdrawnError,
+    Entry,
+    Envelope,
+    QueueFullError,
+    State,
+    Stats,
+)
 
 #: Enqueues committed together at most; more wait for the next commit.
 BATCH_MAX = 256
@@ -63,13 +73,43 @@ class QueueUnavailableError(TransientDeliveryError):
 
 @dataclass
 class _Pending:
-    """One enqueue waiting for its group commit."""
+    """One enqueue waiting for its group commit.
+
+    @ivar withdrawn: L{PostgresStore.withdraw} stopped it; its row, if
+        already inserted, is deleted before the commit.
+    @ivar sealed: its transaction is about to commit: too late to withdraw.
+        Both flags change under the store's C{_seal} lock only.
+    """
 
     id: str
     envelope: Envelope
     body: BodySource
     now: float
     done: Deferred[None] = field(default_factory=Deferred)
+    withdrawn: bool = False
+    sealed: bool = False
+
+
+def _insert_sealed(
+    cursor: tx.Cursor, batch: Sequence[_Pending], max_bytes: int, seal: threading.Lock
+) -> list[BaseException | None]:
+    """Insert a batch, then seal it: what was withdrawn meanwhile is deleted, the rest commits.
+
+    Runs in the pool thread right before L{_in_thread}'s commit, so a
+    message is withdrawable for as long as its body streams in and its
+    statements wait for the server; after the seal only the COMMIT is left.
+    """
+    chosen = [p for p in batch if not p.withdrawn]
+    inserted = tx.insert_batch(cursor, chosen, max_bytes)
+    outcome = {id(p): result for p, result in zip(chosen, inserted, strict=True)}
+    with seal:
+        for pending in batch:
+            if not pending.withdrawn:
+                pending.sealed = True
+    gone = [p.id for p in chosen if p.withdrawn and outcome[id(p)] is None]
+    if gone:
+        cursor.execute("DELETE FROM queue_messages WHERE id = ANY(%s)", (gone,))
+    return [EnqueueWithdrawnError(p.id) if p.withdrawn else outcome[id(p)] for p in batch]
 
 
 class _Link:
@@ -207,6 +247,10 @@ class PostgresStore:
         self._pool = self._new_pool()
         self.commits = 0
         self._pending: list[_Pending] = []
+        # Enqueues in flight by id, for withdraw(); the lock guards the
+        # withdrawn and sealed flags, which the commit thread reads too.
+        self._inflight: dict[str, _Pending] = {}
+        self._seal = threading.Lock()
         self._committing = False
         self._closing = False
         self._closed = False
@@ -317,16 +361,45 @@ class PostgresStore:
         if self._closing:
             pending.done.errback(QueueUnavailableError())
             return pending.done
+        if id not in self._inflight:
+            self._inflight[id] = pending
+            pending.done.addBoth(self._settled, pending)
         self._pending.append(pending)
         if not self._committing:
             self._commit_pending()
         return pending.done
 
+    def _settled(self, result: T, pending: _Pending) -> T:
+        if self._inflight.get(pending.id) is pending:
+            del self._inflight[pending.id]
+        return result
+
+    def withdraw(self, id: str) -> bool:
+        """Stop the enqueue of C{id} unless its transaction is about to commit.
+
+        Waiting for its batch, it is answered at once; in a batch under
+        way (its body streaming, a statement waiting for a lock), its row
+        is deleted again before that batch commits, and it is answered
+        with the batch.
+        """
+        pending = self._inflight.get(id)
+        if pending is None:
+            return False
+        with self._seal:
+            if pending.sealed:
+                return False
+            pending.withdrawn = True
+        if pending in self._pending:
+            self._pending.remove(pending)
+            pending.done.errback(EnqueueWithdrawnError(id))
+            self._wake_closer()
+        return True
+
     def _commit_pending(self) -> None:
         """Commit what waits (up to L{BATCH_MAX} messages) in one transaction."""
         batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
         self._committing = True
-        done = self._run(tx.insert_batch, batch, self._max_bytes)
+        done = self._run(_insert_sealed, batch, self._max_bytes, self._seal)
         done.addBoth(self._committed, batch)
 
     def _committed(

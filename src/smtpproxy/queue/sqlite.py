@@ -48,6 +48,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -65,6 +66,7 @@ from smtpproxy.queue import counters
 from smtpproxy.queue.model import (
     Attempt,
     BodySource,
+    EnqueueWithdrawnError,
     Entry,
     Envelope,
     LeaseLostError,
@@ -172,6 +174,9 @@ class _Pending:
     """One enqueue between its 250 being asked for and its commit.
 
     @ivar name: the body file's name, or C{_INLINE} with the body in C{data}.
+    @ivar withdrawn: L{SQLiteStore.withdraw} stopped it: it is never inserted.
+    @ivar sealed: its batch holds the write lock and inserts it: too late to
+        withdraw.  Both flags change under the store's C{_seal} lock only.
     """
 
     id: str
@@ -181,6 +186,8 @@ class _Pending:
     name: str
     data: bytes | None = None
     done: Deferred[None] = field(default_factory=Deferred)
+    withdrawn: bool = False
+    sealed: bool = False
 
 
 @dataclass(eq=False)
@@ -194,9 +201,10 @@ class _Finished:
 
 @dataclass(frozen=True, slots=True)
 class _Committed:
-    """What one group commit did: refused duplicates, lost leases, removed bodies."""
+    """What one group commit did: ids left out (duplicates, withdrawn), lost leases, bodies gone."""
 
     duplicates: set[str]
+    withdrawn: set[str]
     lost: set[str]
     removed: builtins.list[tuple[int, str | None]]
 
@@ -237,7 +245,10 @@ class SQLiteStore:
         self._timeout = timeout
         self._pool: ConnectionPool | None = None
         self._files: ThreadPool | None = None
-        self._ids: set[str] = set()
+        # Enqueues in flight, by id: for duplicates and for withdraw().
+        self._ids: dict[str, _Pending] = {}
+        # Taken by withdraw() and by the commit thread when it seals a batch.
+        self._seal = threading.Lock()
         self._ready: list[_Pending] = []
         self._finished: list[_Finished] = []
         # Small bodies read along with a claim, so the worker's read_body
@@ -314,9 +325,9 @@ class SQLiteStore:
         if self.held + size > self.max_bytes:
             return defer.fail(QueueFullError(f"queue holds {self.held} of {self.max_bytes} bytes"))
         self.held += size
-        self._ids.add(id)
         if size <= self.inline_max:
             item = _Pending(id, envelope, size, now, _INLINE)
+            self._ids[id] = item
             self._inflight.add(item.done)
             try:
                 # At most inline_max bytes, from memory (or a spool file the
@@ -328,13 +339,14 @@ class SQLiteStore:
                 self._ready_to_commit(item)
         else:
             item = _Pending(id, envelope, size, now, secrets.token_hex(16))
+            self._ids[id] = item
             written = self._in_files(lambda: self._write_body(item.name, body, size))
             written.addCallbacks(lambda _: self._ready_to_commit(item), item.done.errback)
             self._inflight.add(item.done)
 
         def finished(result: object) -> object:
             self._inflight.discard(item.done)
-            self._ids.discard(id)
+            self._ids.pop(id, None)
             if isinstance(result, Failure):
                 self.held -= size
             return result
@@ -345,6 +357,39 @@ class SQLiteStore:
         answer: Deferred[None] = Deferred()
         item.done.chainDeferred(answer)
         return answer
+
+    def withdraw(self, id: str) -> bool:
+        """Stop the enqueue of C{id} unless its batch already holds the write lock.
+
+        Withdrawn while its body is being written, it is dropped when the
+        write ends; waiting for the next batch, at once; in a batch still
+        waiting for SQLite's write lock (another process holds it), the
+        batch skips it.  Its Deferred fails with L{EnqueueWithdrawnError}
+        when its body file (if any) is gone, and its bytes are given back.
+        """
+        item = self._ids.get(id)
+        if item is None:
+            return False
+        with self._seal:
+            if item.sealed:
+                return False
+            item.withdrawn = True
+        if item in self._ready:
+            self._ready.remove(item)
+            self._drop([item], EnqueueWithdrawnError)
+        return True
+
+    def _drop(self, items: builtins.list[_Pending], error: Callable[[str], Exception]) -> None:
+        """Fail enqueues that were not inserted, once their body files are deleted."""
+        if not items:
+            return
+        names = [item.name for item in items if item.name != _INLINE]
+
+        def refuse(_: object) -> None:
+            for item in items:
+                item.done.errback(error(item.id))
+
+        self._in_files(lambda: _unlink_all(self.bodies, names)).addBoth(refuse)
 
     # The delivery workers.
 
@@ -636,6 +681,9 @@ class SQLiteStore:
     # Group commit.
 
     def _ready_to_commit(self, item: _Pending) -> None:
+        if item.withdrawn:  # while its body was being written
+            self._drop([item], EnqueueWithdrawnError)
+            return
         self._ready.append(item)
         if not self._committing:
             self._commit_next()
@@ -650,17 +698,10 @@ class SQLiteStore:
             if batch:
                 self.commits += 1
             self._settle_finished(finished, result)
-            duplicates = result.duplicates
-            lost = [item for item in batch if item.id in duplicates]
-            kept = [item for item in batch if item.id not in duplicates]
-            if lost:
-                names = [item.name for item in lost]
-
-                def refuse(_: object) -> None:
-                    for item in lost:
-                        item.done.errback(KeyError(item.id))
-
-                self._in_files(lambda: _unlink_all(self.bodies, names)).addBoth(refuse)
+            duplicates, withdrawn = result.duplicates, result.withdrawn
+            self._drop([item for item in batch if item.id in duplicates], KeyError)
+            self._drop([item for item in batch if item.id in withdrawn], EnqueueWithdrawnError)
+            kept = [item for item in batch if item.id not in duplicates | withdrawn]
             for item in kept:
                 item.done.callback(None)
 
@@ -719,8 +760,20 @@ class SQLiteStore:
         if any(item.name != _INLINE for item in batch):
             _fsync_directory(self.bodies)
         cursor.execute("BEGIN IMMEDIATE")
+        # The write lock is ours: from here the batch commits in moments,
+        # so what was not withdrawn while it waited for the lock no longer
+        # can be (see withdraw).
+        withdrawn: set[str] = set()
+        with self._seal:
+            for item in batch:
+                if item.withdrawn:
+                    withdrawn.add(item.id)
+                else:
+                    item.sealed = True
         duplicates: set[str] = set()
         for item in batch:
+            if item.withdrawn:
+                continue
             envelope = item.envelope
             cursor.execute(
                 "INSERT INTO messages (id, sender, recipients, client, user, route, meta,"
@@ -758,7 +811,7 @@ class SQLiteStore:
                 continue
             cursor.execute("DELETE FROM messages WHERE seq = ?", (seq,))
             removed.append((size, name))
-        return _Committed(duplicates, lost, removed)
+        return _Committed(duplicates, withdrawn, lost, removed)
 
     # Work in the threads.
 

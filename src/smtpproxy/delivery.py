@@ -34,6 +34,7 @@ from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider, accepts_raw_mime, envelope_refusal
+from smtpproxy.providers.result import PartlyRefused
 from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
 from smtpproxy.smtp.commands import MailArguments, RcptArguments
@@ -192,7 +193,27 @@ class RelayMessage:
         sending = send_email(
             self._provider, self._reactor, email, fields, started, log_delivered=self._log_delivered
         )
-        return sending.addCallback(lambda _: self.id)
+        return sending.addCallback(self._delivered, fields)
+
+    def _delivered(self, result: PartlyRefused | None, fields: dict[str, Any]) -> str:
+        """Direct mode: the client hears 250; recipients refused meanwhile are named at error.
+
+        The client's RCPTs were all answered 250 before the upstream was
+        asked, and the one reply after DATA cannot differ by recipient:
+        answering 451 would make the client send again to those who have
+        the message.  Without a queue nothing retries the refused ones, so
+        this line is their only trace (docs/upstream-smtp.md).
+        """
+        if result is not None:
+            log.error(
+                "recipients refused and not retried (no queue)",
+                id=self.id,
+                message_id=fields.get("message_id"),
+                accepted=len(result.accepted),
+                refused=clip_list([f"<{r.address}> {r.reply}" for r in result.refused]),
+                temporary=len(result.temporary),
+            )
+        return self.id
 
     def _enqueue(
         self, queue: QueueFront, body: MessageBody | None, fields: dict[str, Any]
@@ -234,7 +255,7 @@ def send_email(
     *,
     log_delivered: bool = True,
     log_failure: bool = True,
-) -> defer.Deferred[None]:
+) -> defer.Deferred[PartlyRefused | None]:
     """Hand a parsed C{email} to C{provider} and log the outcome: the one delivery pipeline.
 
     Direct mode calls it while the client waits, the queue's worker for
@@ -246,6 +267,8 @@ def send_email(
     exception is still logged here with its traceback.
 
     @param started: when the delivery began, for C{duration_ms}.
+    @return: fires with what the provider's C{send} fired with: None, or
+        the recipients it refused while taking the others.
     """
     if email.abandoned:
         raw_ok = accepts_raw_mime(provider)
@@ -256,7 +279,7 @@ def send_email(
             **fields,
         )
         if not raw_ok:
-            refused: defer.Deferred[None] = defer.fail(
+            refused: defer.Deferred[PartlyRefused | None] = defer.fail(
                 PermanentDeliveryError(
                     "message too complex to parse in time, and this relay's "
                     "provider cannot send it unparsed",
@@ -268,11 +291,11 @@ def send_email(
     if email.warnings or email.warnings_omitted:
         _log_warnings(fields["id"], fields["message_id"], email.warnings, email.warnings_omitted)
 
-    def delivered(result: None) -> None:
+    def delivered(result: PartlyRefused | None) -> PartlyRefused | None:
         if log_delivered:
             log.info(
                 "message delivered",
-                outcome="delivered",
+                outcome="delivered" if result is None else "partly delivered",
                 duration_ms=round((reactor.seconds() - started) * 1000, 1),
                 **fields,
             )
@@ -306,14 +329,15 @@ def send_email(
     # via maybeDeferred) saves a Deferred per message on the hot path,
     # and the except clause still turns a provider that raises into a
     # failed delivery rather than an exception in the session.
+    sending: defer.Deferred[None] | defer.Deferred[PartlyRefused | None]
     try:
-        sending: defer.Deferred[None] = provider.send(email)
+        sending = provider.send(email)
     except Exception:
         sending = defer.fail()
     if not isinstance(sending, defer.Deferred):
         # A provider breaking the contract by answering at once still
         # delivered; treat a plain value as success, never as our error.
-        sending = defer.succeed(sending)
+        sending = defer.succeed(None)
     return sending.addCallbacks(delivered, failed)
 
 

@@ -21,6 +21,7 @@ from smtpproxy.queue.model import (
     Envelope,
     LeaseLostError,
     QueueFullError,
+    Recipients,
     State,
     Stats,
 )
@@ -156,12 +157,34 @@ class MemoryStore:
         return defer.succeed(None)
 
     def deferred(
-        self, id: str, owner: str, attempt: Attempt, next_attempt: float
+        self,
+        id: str,
+        owner: str,
+        attempt: Attempt,
+        next_attempt: float,
+        recipients: Recipients | None = None,
     ) -> defer.Deferred[None]:
-        return self._settle(id, owner, attempt, state=State.QUEUED, next_attempt=next_attempt)
+        changes = self._recipients(id, recipients)
+        return self._settle(
+            id, owner, attempt, state=State.QUEUED, next_attempt=next_attempt, **changes
+        )
 
-    def dead(self, id: str, owner: str, attempt: Attempt) -> defer.Deferred[None]:
-        return self._settle(id, owner, attempt, state=State.DEAD, next_attempt=attempt.at)
+    def dead(
+        self, id: str, owner: str, attempt: Attempt, recipients: Recipients | None = None
+    ) -> defer.Deferred[None]:
+        changes = self._recipients(id, recipients)
+        return self._settle(
+            id, owner, attempt, state=State.DEAD, next_attempt=attempt.at, **changes
+        )
+
+    def _recipients(self, id: str, recipients: Recipients | None) -> dict[str, object]:
+        entry = self.entries.get(id)
+        if recipients is None or entry is None:
+            return {}
+        return {
+            "envelope": dataclasses.replace(entry.envelope, recipients=recipients.owed),
+            "failed": recipients.failed,
+        }
 
     def release(self, owner: str) -> defer.Deferred[int]:
         count = 0

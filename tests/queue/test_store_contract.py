@@ -34,9 +34,17 @@ from smtpproxy.queue.model import (
     LeaseLostError,
     Outcome,
     QueueFullError,
+    Recipients,
+    Refused,
     State,
 )
-from smtpproxy.queue.sqlite import INLINE_MAX, LOST_BODY_REPLY, SQLiteStore, body_directory
+from smtpproxy.queue.sqlite import (
+    INLINE_MAX,
+    LOST_BODY_REPLY,
+    SCHEMA_VERSION,
+    SQLiteStore,
+    body_directory,
+)
 from smtpproxy.queue.store import QueueStore
 
 
@@ -240,6 +248,41 @@ class StoreContract(_Base):
         self.assertEqual([ok for ok, _ in results], [True] * 20)
         store = await self.reopen(store)
         self.assertEqual((await store.stats()).queued, 20)
+
+    # Partial deliveries (an upstream that refused some recipients).
+
+    async def test_partial_delivery_narrows_the_recipients(self) -> None:
+        """deferred() with recipients: the message is owed only to those from now on,
+        keeps the ones failed for good, and its attempt keeps each refused recipient
+        with its reply; all of it survives a reopen and is what the next claim gets.
+        dead() with recipients keeps only those."""
+        store = await self.make_store()
+        await self.put(store, "p1")
+        await store.claim("w1", T0, LEASE, 10, 10)
+        refused = (
+            Refused("b@example.org", "450 4.2.1 Busy"),
+            Refused('"odd user"@example.org', "550 5.1.1 No such user"),
+        )
+        first = Attempt(T0 + 1, Outcome.DEFERRED, "450 4.2.1 Busy", None, "w1", refused)
+        owed = Recipients(("b@example.org",), ('"odd user"@example.org',))
+        await store.deferred("p1", "w1", first, T0 + 60, owed)
+        store = await self.reopen(store)
+        entry = await store.show("p1")
+        assert entry is not None
+        self.assertEqual(entry.envelope.recipients, ("b@example.org",))
+        self.assertEqual(entry.failed, ('"odd user"@example.org',))
+        self.assertEqual(entry.history, (first,))
+        [claimed] = await store.claim("w1", T0 + 60, LEASE, 10, 10)
+        self.assertEqual((claimed.envelope.recipients, claimed.failed), (owed.owed, owed.failed))
+        last = Attempt(T0 + 61, Outcome.FAILED, "550 5.1.1 No such user", None, "w1")
+        await store.dead("p1", "w1", last, Recipients(('"odd user"@example.org',)))
+        entry = await store.show("p1")
+        assert entry is not None
+        self.assertEqual(entry.state, State.DEAD)
+        self.assertEqual(
+            (entry.envelope.recipients, entry.failed), (('"odd user"@example.org',), ())
+        )
+        self.assertEqual([a.refused for a in entry.history], [refused, ()])
 
     # Withdrawal (a session forced closed at shutdown).
 
@@ -713,7 +756,7 @@ class SQLiteInlineStoreTests(_SQLiteFiles, TestCase):
         self.assertEqual(await store.read_body("old"), b"old body")
         self.assertEqual(await store.read_body("new"), b"new body")
         with sqlite3.connect(self.path) as db:
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
         db.close()
 
 
@@ -778,7 +821,7 @@ class SQLiteStoreTests(_SQLiteFiles, TestCase):
         await store.close()
         with sqlite3.connect(self.path) as db:
             self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
             db.execute("PRAGMA user_version = 99")
         db.close()
         newer = self.new_store()

@@ -49,6 +49,7 @@ from smtpproxy.queue.model import (
     Entry,
     Envelope,
     QueueFullError,
+    Recipients,
     State,
     Stats,
 )
@@ -444,14 +445,21 @@ class PostgresStore:
         return self._run(tx.delivered, id, owner)
 
     def deferred(
-        self, id: str, owner: str, attempt: Attempt, next_attempt: float
+        self,
+        id: str,
+        owner: str,
+        attempt: Attempt,
+        next_attempt: float,
+        recipients: Recipients | None = None,
     ) -> Deferred[None]:
         """Record a temporary failure and put the message back until C{next_attempt}."""
-        return self._run(tx.record, id, owner, attempt, next_attempt)
+        return self._run(tx.record, id, owner, attempt, next_attempt, recipients)
 
-    def dead(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
+    def dead(
+        self, id: str, owner: str, attempt: Attempt, recipients: Recipients | None = None
+    ) -> Deferred[None]:
         """Record the last attempt and keep the message, dead, with its history."""
-        return self._run(tx.record, id, owner, attempt, None)
+        return self._run(tx.record, id, owner, attempt, None, recipients)
 
     def release(self, owner: str) -> Deferred[int]:
         """Give back every lease C{owner} holds; how many."""

@@ -72,8 +72,11 @@ from smtpproxy.queue.model import (
     LeaseLostError,
     Outcome,
     QueueFullError,
+    Recipients,
     State,
     Stats,
+    refused_from_json,
+    refused_json,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "body_directory"]
@@ -82,11 +85,12 @@ log = Logger(namespace="smtpproxy.queue")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Kept in C{PRAGMA user_version}; a newer file is refused rather than misread.
 
-Version 2 added C{inline_bodies}, the bodies of small messages; a version 1
-file is upgraded in place at open.
+Version 2 added C{inline_bodies}, the bodies of small messages; version 3
+the recipients refused by partial deliveries (L{_COLUMNS_3}).  Older files
+are upgraded in place at open.
 """
 
 _FULL, _NORMAL = "FULL", "NORMAL"
@@ -156,11 +160,18 @@ CREATE INDEX attempts_message ON attempts (message);
     + _SCHEMA_2
 )
 
+#: What version 3 added: per attempt, the recipients refused while others
+#: got the message; per message, those refused for good (JSON lists).
+_COLUMNS_3 = (
+    ("messages", "failed", "TEXT NOT NULL DEFAULT '[]'"),
+    ("attempts", "refused", "TEXT NOT NULL DEFAULT '[]'"),
+)
+
 #: Spelled out once and put into the SELECTs with an f-string: a constant,
 #: never input (values are always bound), hence the S608 exemptions below.
 _COLUMNS = (
     "seq, id, sender, recipients, client, user, route, meta, size, queued_at, state,"
-    " attempts, next_attempt, last_reply, lease_owner, lease_until"
+    " attempts, next_attempt, last_reply, lease_owner, lease_until, failed"
 )
 
 
@@ -532,18 +543,25 @@ class SQLiteStore:
         return answer
 
     def deferred(
-        self, id: str, owner: str, attempt: Attempt, next_attempt: float
+        self,
+        id: str,
+        owner: str,
+        attempt: Attempt,
+        next_attempt: float,
+        recipients: Recipients | None = None,
     ) -> Deferred[None]:
         """Record a temporary failure and put the message back, due at C{next_attempt}."""
         self._claimed.pop(id, None)
+        state = "state = 'queued', next_attempt = ?"
+        return self._settle(id, owner, attempt, state, next_attempt, recipients)
 
-        return self._settle(id, owner, attempt, "state = 'queued', next_attempt = ?", next_attempt)
-
-    def dead(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
+    def dead(
+        self, id: str, owner: str, attempt: Attempt, recipients: Recipients | None = None
+    ) -> Deferred[None]:
         """Record the last attempt and keep the message, dead, with its history."""
         self._claimed.pop(id, None)
-
-        return self._settle(id, owner, attempt, "state = 'dead', died_at = ?", attempt.at)
+        state = "state = 'dead', died_at = ?"
+        return self._settle(id, owner, attempt, state, attempt.at, recipients)
 
     def release(self, owner: str) -> Deferred[int]:
         """Put back every message C{owner} holds, due as before."""
@@ -585,13 +603,13 @@ class SQLiteStore:
             if row is None:
                 return None
             cursor.execute(
-                "SELECT at, outcome, reply, request_id, worker FROM attempts"
+                "SELECT at, outcome, reply, request_id, worker, refused FROM attempts"
                 " WHERE message = ? ORDER BY at, rowid",
                 (row[0],),
             )
             history = tuple(
-                Attempt(at, Outcome(outcome), reply, request_id, worker)
-                for at, outcome, reply, request_id, worker in cursor.fetchall()
+                Attempt(at, Outcome(outcome), reply, request_id, worker, refused_from_json(refused))
+                for at, outcome, reply, request_id, worker, refused in cursor.fetchall()
             )
             return _entry(row, history=history)
 
@@ -860,14 +878,18 @@ class SQLiteStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     cursor.execute(statement)
-            cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif version == 1:
             cursor.execute(_SCHEMA_2)
-            cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif version != SCHEMA_VERSION:
+        elif version > SCHEMA_VERSION:
             raise RuntimeError(
                 f"{self.path} has queue schema {version}; this smtpproxy knows {SCHEMA_VERSION}"
             )
+        if version < SCHEMA_VERSION:
+            for table, column, kind in _COLUMNS_3:
+                columns = {row[1] for row in cursor.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    cursor.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         cursor.execute(counters.TABLE)
         cursor.execute("SELECT seq, body FROM messages WHERE body IS NOT NULL AND body != ''")
         rows: dict[str, int] = {str(name): int(seq) for seq, name in cursor.fetchall()}
@@ -946,12 +968,19 @@ class SQLiteStore:
         return run(at_level)
 
     def _settle(
-        self, id: str, owner: str, attempt: Attempt, state: str, value: float
+        self,
+        id: str,
+        owner: str,
+        attempt: Attempt,
+        state: str,
+        value: float,
+        recipients: Recipients | None,
     ) -> Deferred[None]:
         """Record C{attempt} and end C{owner}'s lease, setting C{state} (a constant).
 
         C{state} is "state = '...', <column> = ?" and C{value} fills its
         placeholder; both outcomes that keep the message differ only there.
+        C{recipients}, if given, replace the envelope's and the failed ones.
         """
 
         def work(cursor: sqlite3.Cursor) -> None:
@@ -963,6 +992,11 @@ class SQLiteStore:
                 " lease_owner = NULL, lease_until = NULL WHERE seq = ?",
                 (value, attempt.reply, seq),
             )
+            if recipients is not None:
+                cursor.execute(
+                    "UPDATE messages SET recipients = ?, failed = ? WHERE seq = ?",
+                    (json.dumps(list(recipients.owed)), json.dumps(list(recipients.failed)), seq),
+                )
 
         return self._run(work)
 
@@ -1041,9 +1075,17 @@ def _inline_body(cursor: sqlite3.Cursor, seq: int) -> bytes:
 
 def _record(cursor: sqlite3.Cursor, seq: int, attempt: Attempt) -> None:
     cursor.execute(
-        "INSERT INTO attempts (message, at, outcome, reply, request_id, worker)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (seq, attempt.at, attempt.outcome.value, attempt.reply, attempt.request_id, attempt.worker),
+        "INSERT INTO attempts (message, at, outcome, reply, request_id, worker, refused)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            seq,
+            attempt.at,
+            attempt.outcome.value,
+            attempt.reply,
+            attempt.request_id,
+            attempt.worker,
+            refused_json(attempt.refused),
+        ),
     )
 
 
@@ -1072,9 +1114,10 @@ def _entry(
         last_reply,
         stored_owner,
         stored_until,
+        failed,
     ) = cast(
         "tuple[int, str, str, str, str, str | None, str, str, int, float, str, int, float,"
-        " str, str | None, float | None]",
+        " str, str | None, float | None, str]",
         row,
     )
     return Entry(
@@ -1096,6 +1139,7 @@ def _entry(
         lease_owner=lease_owner if state is not None else stored_owner,
         lease_until=lease_until if state is not None else stored_until,
         history=history,
+        failed=tuple(json.loads(failed)),
     )
 
 

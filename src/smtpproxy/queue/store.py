@@ -37,7 +37,7 @@ from typing import Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
-from smtpproxy.queue.model import Attempt, BodySource, Entry, Envelope, State, Stats
+from smtpproxy.queue.model import Attempt, BodySource, Entry, Envelope, Recipients, State, Stats
 
 
 class QueueStore(Protocol):
@@ -81,12 +81,28 @@ class QueueStore(Protocol):
         """The provider took it: remove the message and its body."""
 
     def deferred(
-        self, id: str, owner: str, attempt: Attempt, next_attempt: float
+        self,
+        id: str,
+        owner: str,
+        attempt: Attempt,
+        next_attempt: float,
+        recipients: Recipients | None = None,
     ) -> Deferred[None]:
-        """A temporary failure: record it, release the lease, try again at C{next_attempt}."""
+        """A temporary failure: record it, release the lease, try again at C{next_attempt}.
 
-    def dead(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
-        """Give up: record the attempt and keep the message, dead, with its history."""
+        C{recipients}, after an attempt that reached some: whom the message
+        is still owed to (the envelope's recipients from now on) and whom
+        it failed for good; None leaves both as they were.
+        """
+
+    def dead(
+        self, id: str, owner: str, attempt: Attempt, recipients: Recipients | None = None
+    ) -> Deferred[None]:
+        """Give up: record the attempt and keep the message, dead, with its history.
+
+        C{recipients} as for L{deferred}: a message dead after reaching
+        some keeps only those it never reached, so a retry sends to them.
+        """
 
     def release(self, owner: str) -> Deferred[int]:
         """Give back every lease C{owner} holds (shutdown); the count released."""

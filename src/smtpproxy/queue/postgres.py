@@ -72,6 +72,16 @@ class QueueUnavailableError(TransientDeliveryError):
         super().__init__("Queue temporarily unavailable, try again later", "4.3.0")
 
 
+class CommitUnknownError(QueueUnavailableError):
+    """The connection broke during C{COMMIT}: the transaction may have committed or not.
+
+    Answered like any L{QueueUnavailableError} (451), except by the group
+    commit, which first looks for its rows (L{tx.stored_ids}): a message
+    whose row is there is answered 250, since the client would otherwise
+    send it again and it would be delivered twice.
+    """
+
+
 @dataclass
 class _Pending:
     """One enqueue waiting for its group commit.
@@ -89,6 +99,8 @@ class _Pending:
     done: Deferred[None] = field(default_factory=Deferred)
     withdrawn: bool = False
     sealed: bool = False
+    inserted: bool = False
+    """Its row is in the batch's transaction (set in the pool thread before the commit)."""
 
 
 def _insert_sealed(
@@ -107,6 +119,8 @@ def _insert_sealed(
         for pending in batch:
             if not pending.withdrawn:
                 pending.sealed = True
+    for pending in batch:
+        pending.inserted = not pending.withdrawn and outcome.get(id(pending), KeyError()) is None
     gone = [p.id for p in chosen if p.withdrawn and outcome[id(p)] is None]
     if gone:
         cursor.execute("DELETE FROM queue_messages WHERE id = ANY(%s)", (gone,))
@@ -168,7 +182,8 @@ def _in_thread(
     A connection that broke while idle (the server restarted, a proxy cut
     it) fails at its first statement.  Nothing of the transaction can have
     committed then, so the work runs once more on a new connection.  A
-    failure at C{COMMIT} is never repeated: that commit may have happened.
+    failure at C{COMMIT} is never repeated: that commit may have happened
+    (L{CommitUnknownError}).
     """
     for last in (False, True):
         raw = link.connection()
@@ -180,7 +195,10 @@ def _in_thread(
                 raise
             link.drop()
             continue
-        raw.commit()
+        try:
+            raw.commit()
+        except psycopg.OperationalError as error:
+            raise CommitUnknownError() from error
         return result
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -407,6 +425,30 @@ class PostgresStore:
         self, outcome: list[BaseException | None] | Failure, batch: list[_Pending]
     ) -> None:
         """Answer each enqueue of a finished commit, then start the next commit."""
+        if isinstance(outcome, Failure) and outcome.check(CommitUnknownError):
+            candidates = [p.id for p in batch if p.inserted]
+            if candidates:
+                # Still committing: the next batch waits for this answer.
+                looked = self._run(tx.stored_ids, candidates)
+                looked.addBoth(self._looked_up, batch, outcome)
+                return
+        self._answer(outcome, batch)
+
+    def _looked_up(self, stored: set[str] | Failure, batch: list[_Pending], lost: Failure) -> None:
+        """After a commit whose answer was lost: 250 for the rows that are there, 451 else."""
+        if isinstance(stored, Failure):
+            self._answer(lost, batch)
+            return
+        self.commits += 1 if stored else 0
+        for pending in batch:
+            if pending.inserted and pending.id in stored:
+                pending.done.callback(None)
+            else:
+                pending.done.errback(lost)
+        self._next_commit()
+
+    def _answer(self, outcome: list[BaseException | None] | Failure, batch: list[_Pending]) -> None:
+        """Answer each enqueue of a finished commit."""
         if not isinstance(outcome, Failure):
             self.commits += 1
         for index, pending in enumerate(batch):
@@ -416,6 +458,10 @@ class PostgresStore:
                 pending.done.errback(error)
             else:
                 pending.done.callback(None)
+        self._next_commit()
+
+    def _next_commit(self) -> None:
+        """Start the next group commit, or let a waiting close go on."""
         self._committing = False
         if self._pending:
             self._commit_pending()

@@ -236,6 +236,28 @@ def insert_batch(
     return outcomes
 
 
+def stored_ids(cursor: Cursor, ids: Sequence[str]) -> set[str]:
+    """Which of C{ids} are committed messages, once no open transaction holds one of them.
+
+    After a connection broke during C{COMMIT}, the server may still be
+    finishing that transaction.  A plain SELECT could miss rows it is about
+    to commit; an insert of the same keys with C{ON CONFLICT DO NOTHING}
+    waits for any transaction that inserted them and is still open
+    (bounded by C{lock_timeout}), then conflicts exactly with the rows that
+    exist.  The probe rows are rolled back, never kept.
+    """
+    cursor.execute(
+        "INSERT INTO queue_messages (id, sender, recipients, client, route, meta, size,"
+        " queued_at, state, next_attempt)"
+        " SELECT id, '', '{}', '', '', '{}', 0, 0, 'dead', 0 FROM unnest(%s::text[]) AS id"
+        " ON CONFLICT (id) DO NOTHING RETURNING id",
+        (list(ids),),
+    )
+    absent = {str(row[0]) for row in cursor.fetchall()}
+    cursor.connection.rollback()
+    return set(ids) - absent
+
+
 def claim(
     cursor: Cursor, owner: str, now: float, lease: float, limit: int, per_route: int
 ) -> list[Entry]:

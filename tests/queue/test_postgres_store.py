@@ -285,6 +285,21 @@ class ReplicaTests(PostgresCase):
         await defer.gatherResults([self.store().open(), self.store().open()])
         self.assertEqual(self.query("SELECT version FROM queue_schema"), [(SCHEMA_VERSION,)])
 
+    async def test_version_1_upgraded(self) -> None:
+        """A database of schema 1 (before refused recipients were kept) is upgraded at
+        open: its messages stay, and partial deliveries can be recorded."""
+        store = await self.opened()
+        await self.fill(store, 1)
+        await store.close()
+        self.query("ALTER TABLE queue_messages DROP COLUMN failed")
+        self.query("ALTER TABLE queue_attempts DROP COLUMN refused")
+        self.query("DELETE FROM queue_schema")
+        self.query("INSERT INTO queue_schema (version) VALUES (1)")
+        store = await self.opened()
+        [entry] = await store.claim("w1", 5000.0, 60.0, 5, 5)
+        self.assertEqual(entry.failed, ())
+        self.assertEqual(self.query("SELECT max(version) FROM queue_schema"), [(SCHEMA_VERSION,)])
+
     async def test_newer_schema_refused(self) -> None:
         """A database whose schema is newer than this relay's is refused, not altered."""
         await self.opened()

@@ -15,16 +15,19 @@ from typing import Any, cast
 
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy import providers, tap
 from smtpproxy.delivery import RelayRealm, new_message_id
 from smtpproxy.errors import TransientDeliveryError
+from smtpproxy.mime.message import Email
 from smtpproxy.policy.guard import Guard
+from smtpproxy.providers.result import PartlyRefused, RecipientRefusal
 from smtpproxy.smtp.factory import RelayFactory
 from tests.support import OPEN, RecordingProvider, session_defaults
 
@@ -48,7 +51,7 @@ def send_one(portal: Portal) -> bytes:
     return written
 
 
-def portal_for(provider: RecordingProvider, **realm_options: Any) -> Portal:
+def portal_for(provider: providers.Provider, **realm_options: Any) -> Portal:
     portal = Portal(RelayRealm(provider, Clock(), **realm_options))
     portal.registerChecker(AllowAnonymousAccess())
     return portal
@@ -104,6 +107,35 @@ class DeliveredEventTests(_EventsCase):
         [event] = self.named("provider failed unexpectedly")
         self.assertIsInstance(event["log_failure"].value, RuntimeError)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class PartlyRefusingProvider:
+    """Takes the message for every recipient but C{busy@example.org}, refused with 450."""
+
+    name = "partly"
+
+    def send(self, email: Email) -> defer.Deferred[PartlyRefused | None]:
+        refusal = RecipientRefusal("busy@example.org", 450, "4.2.1", "Mailbox busy")
+        return defer.succeed(PartlyRefused(("b@example.org",), (refusal,)))
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+class PartlyRefusedDirectTests(_EventsCase):
+    def test_client_hears_250_and_the_refusal_is_an_error_line(self) -> None:
+        """Direct mode: the message went to the accepted recipient, so the client hears
+        250 (a 451 would make it send again to those who have it); the refused
+        recipient, which nothing will retry without a queue, is named at error level
+        with the upstream's reply."""
+        written = send_one(portal_for(PartlyRefusingProvider()))
+        self.assertIn(b"250 2.0.0 OK: delivered as ", written)
+        [event] = self.named("recipients refused and not retried (no queue)")
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertEqual(event["refused"], ["<busy@example.org> 450 4.2.1 Mailbox busy"])
+        self.assertEqual((event["accepted"], event["temporary"]), (1, 1))
+        [delivered] = self.named("message delivered")
+        self.assertEqual(delivered["outcome"], "partly delivered")
 
 
 class TapLogLevelTests(_EventsCase):

@@ -34,8 +34,9 @@ from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider, accepts_raw_mime, envelope_refusal
+from smtpproxy.providers.result import PartlyRefused
 from smtpproxy.queue.front import QueueFront, meta_json
-from smtpproxy.queue.model import Envelope, QueueFullError
+from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
 from smtpproxy.smtp.commands import MailArguments, RcptArguments
 from smtpproxy.spool import MessageBody
 
@@ -130,6 +131,15 @@ class RelayMessage:
         """
         self._abandoned = True
 
+    def withdraw(self) -> bool:
+        """Forced shutdown: stop queuing this message if the store still can.
+
+        True: it will never be stored (the session says "not accepted");
+        False: direct mode, or the queue is committing it and the answer
+        to C{eomReceived} will tell.
+        """
+        return self._queue is not None and self._queue.withdraw(self.id)
+
     def eomReceived(self) -> defer.Deferred[str]:
         """Parse and deliver (or queue); fire with the message id once accepted (or durable)."""
         started = self._reactor.seconds()
@@ -186,7 +196,27 @@ class RelayMessage:
         sending = send_email(
             self._provider, self._reactor, email, fields, started, log_delivered=self._log_delivered
         )
-        return sending.addCallback(lambda _: self.id)
+        return sending.addCallback(self._delivered, fields)
+
+    def _delivered(self, result: PartlyRefused | None, fields: dict[str, Any]) -> str:
+        """Direct mode: the client hears 250; recipients refused meanwhile are named at error.
+
+        The client's RCPTs were all answered 250 before the upstream was
+        asked, and the one reply after DATA cannot differ by recipient:
+        answering 451 would make the client send again to those who have
+        the message.  Without a queue nothing retries the refused ones, so
+        this line is their only trace (docs/upstream-smtp.md).
+        """
+        if result is not None:
+            log.error(
+                "recipients refused and not retried (no queue)",
+                id=self.id,
+                message_id=fields.get("message_id"),
+                accepted=len(result.accepted),
+                refused=clip_list([f"<{r.address}> {r.reply}" for r in result.refused]),
+                temporary=len(result.temporary),
+            )
+        return self.id
 
     def _enqueue(
         self, queue: QueueFront, body: MessageBody | None, fields: dict[str, Any]
@@ -210,6 +240,8 @@ class RelayMessage:
         def failed(failure: Failure) -> Failure:
             if failure.check(QueueFullError):
                 log.warn("message not queued: the queue is full", reply="452 4.3.1", **fields)
+            elif failure.check(EnqueueWithdrawnError):
+                log.info("message withdrawn at shutdown, not queued", reply="421 4.3.2", **fields)
             else:
                 log.failure("message could not be queued", failure, reply="451 4.3.0", **fields)
             return failure
@@ -226,7 +258,7 @@ def send_email(
     *,
     log_delivered: bool = True,
     log_failure: bool = True,
-) -> defer.Deferred[None]:
+) -> defer.Deferred[PartlyRefused | None]:
     """Hand a parsed C{email} to C{provider} and log the outcome: the one delivery pipeline.
 
     Direct mode calls it while the client waits, the queue's worker for
@@ -238,6 +270,8 @@ def send_email(
     exception is still logged here with its traceback.
 
     @param started: when the delivery began, for C{duration_ms}.
+    @return: fires with what the provider's C{send} fired with: None, or
+        the recipients it refused while taking the others.
     """
     if email.abandoned:
         raw_ok = accepts_raw_mime(provider)
@@ -248,7 +282,7 @@ def send_email(
             **fields,
         )
         if not raw_ok:
-            refused: defer.Deferred[None] = defer.fail(
+            refused: defer.Deferred[PartlyRefused | None] = defer.fail(
                 PermanentDeliveryError(
                     "message too complex to parse in time, and this relay's "
                     "provider cannot send it unparsed",
@@ -260,11 +294,11 @@ def send_email(
     if email.warnings or email.warnings_omitted:
         _log_warnings(fields["id"], fields["message_id"], email.warnings, email.warnings_omitted)
 
-    def delivered(result: None) -> None:
+    def delivered(result: PartlyRefused | None) -> PartlyRefused | None:
         if log_delivered:
             log.info(
                 "message delivered",
-                outcome="delivered",
+                outcome="delivered" if result is None else "partly delivered",
                 duration_ms=round((reactor.seconds() - started) * 1000, 1),
                 **fields,
             )
@@ -298,14 +332,15 @@ def send_email(
     # via maybeDeferred) saves a Deferred per message on the hot path,
     # and the except clause still turns a provider that raises into a
     # failed delivery rather than an exception in the session.
+    sending: defer.Deferred[None] | defer.Deferred[PartlyRefused | None]
     try:
-        sending: defer.Deferred[None] = provider.send(email)
+        sending = provider.send(email)
     except Exception:
         sending = defer.fail()
     if not isinstance(sending, defer.Deferred):
         # A provider breaking the contract by answering at once still
         # delivered; treat a plain value as success, never as our error.
-        sending = defer.succeed(sending)
+        sending = defer.succeed(None)
     return sending.addCallbacks(delivered, failed)
 
 

@@ -16,10 +16,12 @@ from twisted.internet import defer
 from smtpproxy.queue.model import (
     Attempt,
     BodySource,
+    EnqueueWithdrawnError,
     Entry,
     Envelope,
     LeaseLostError,
     QueueFullError,
+    Recipients,
     State,
     Stats,
 )
@@ -34,6 +36,9 @@ class MemoryStore:
     closed: bool = False
     claims: list[tuple[int, int]] = field(default_factory=list)
     hold_enqueue: list[defer.Deferred[None]] | None = None
+    withdrawable: dict[str, defer.Deferred[None]] = field(default_factory=dict)
+    # Held enqueues whose commit is "under way": withdraw() refuses them.
+    sealed: set[str] = field(default_factory=set)
 
     def open(self) -> defer.Deferred[None]:
         self.opened = True
@@ -60,9 +65,21 @@ class MemoryStore:
         if self.hold_enqueue is not None:
             held: defer.Deferred[None] = defer.Deferred()
             self.hold_enqueue.append(held)
+            self.withdrawable[id] = held
             return held.addCallback(commit)
         commit()
         return defer.succeed(None)
+
+    def withdraw(self, id: str) -> bool:
+        if id in self.sealed:
+            return False
+        held = self.withdrawable.pop(id, None)
+        if held is None or held.called:
+            return False
+        if self.hold_enqueue is not None and held in self.hold_enqueue:
+            self.hold_enqueue.remove(held)
+        held.errback(EnqueueWithdrawnError(id))
+        return True
 
     def _leased(self, entry: Entry, now: float) -> bool:
         return (
@@ -140,12 +157,34 @@ class MemoryStore:
         return defer.succeed(None)
 
     def deferred(
-        self, id: str, owner: str, attempt: Attempt, next_attempt: float
+        self,
+        id: str,
+        owner: str,
+        attempt: Attempt,
+        next_attempt: float,
+        recipients: Recipients | None = None,
     ) -> defer.Deferred[None]:
-        return self._settle(id, owner, attempt, state=State.QUEUED, next_attempt=next_attempt)
+        changes = self._recipients(id, recipients)
+        return self._settle(
+            id, owner, attempt, state=State.QUEUED, next_attempt=next_attempt, **changes
+        )
 
-    def dead(self, id: str, owner: str, attempt: Attempt) -> defer.Deferred[None]:
-        return self._settle(id, owner, attempt, state=State.DEAD, next_attempt=attempt.at)
+    def dead(
+        self, id: str, owner: str, attempt: Attempt, recipients: Recipients | None = None
+    ) -> defer.Deferred[None]:
+        changes = self._recipients(id, recipients)
+        return self._settle(
+            id, owner, attempt, state=State.DEAD, next_attempt=attempt.at, **changes
+        )
+
+    def _recipients(self, id: str, recipients: Recipients | None) -> dict[str, object]:
+        entry = self.entries.get(id)
+        if recipients is None or entry is None:
+            return {}
+        return {
+            "envelope": dataclasses.replace(entry.envelope, recipients=recipients.owed),
+            "failed": recipients.failed,
+        }
 
     def release(self, owner: str) -> defer.Deferred[int]:
         count = 0

@@ -58,7 +58,9 @@ def body_of(data: bytes) -> MessageBody:
 QUEUED = re.compile(rb"250 2\.0\.0 OK: queued as ([0-9a-f]{24})\r\n")
 
 
-class FrontDoorTests(SynchronousTestCase):
+class _FrontCase(SynchronousTestCase):
+    """A real session, avatar and front door over the in-memory store."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -81,6 +83,8 @@ class FrontDoorTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         return protocol, transport
 
+
+class FrontDoorTests(_FrontCase):
     def test_answered_only_once_durable(self) -> None:
         """The 250 comes after the store's Deferred fired, names the id, and the store
         holds envelope, DSN parameters, route and body; nothing reached the provider."""
@@ -154,6 +158,61 @@ class FrontDoorTests(SynchronousTestCase):
         self.front.open_failed()
         self.assertIn(b"451 4.3.0 the queue is not available", transport.value())
         self.flushLoggedErrors()
+
+
+class ForcedShutdownTests(_FrontCase):
+    """SMTP_SHUTDOWN_TIMEOUT runs out while the store holds a session's message.
+
+    The session asks the store to withdraw it: "not accepted" only when the
+    store confirms it will never commit; otherwise the real outcome.
+    """
+
+    def held_at_shutdown(self) -> tuple[RelayProtocol, StringTransport, str]:
+        """A session whose message waits in the store when the shutdown timeout forces it."""
+        self.store.hold_enqueue = []
+        protocol, transport = self.session()
+        protocol.dataReceived(TRANSACTION)
+        [id] = self.store.withdrawable
+        protocol.factory.shutdown(1.0)
+        self.assertNotIn(b"421", transport.value())
+        return protocol, transport, id
+
+    def test_withdrawn_then_421(self) -> None:
+        """The store withdrew the message: 421 "not accepted", and nothing is stored."""
+        _, transport, _ = self.held_at_shutdown()
+        self.clock.advance(1.0)
+        self.assertIn(b"421 4.3.2 Shutting down, message not accepted", transport.value())
+        self.assertNotIn(b"queued as", transport.value())
+        self.assertEqual((self.store.entries, self.store.hold_enqueue), ({}, []))
+
+    def test_commit_under_way_answers_250(self) -> None:
+        """The store could no longer withdraw it (its commit was under way): no 421
+        "not accepted"; once it commits the client hears 250 queued, then the
+        ordinary 421 of a shutdown."""
+        _, transport, id = self.held_at_shutdown()
+        self.store.sealed.add(id)
+        self.clock.advance(1.0)
+        self.assertNotIn(b"421", transport.value())
+        assert self.store.hold_enqueue is not None
+        self.store.hold_enqueue[0].callback(None)
+        reply = transport.value()
+        match = QUEUED.search(reply)
+        assert match is not None, reply
+        self.assertEqual(match.group(1).decode(), id)
+        self.assertIn(id, self.store.entries)
+        self.assertNotIn(b"not accepted", reply)
+        self.assertIn(b"421 4.3.2 ", reply[match.end() :])
+
+    def test_commit_unanswered_gets_no_reply(self) -> None:
+        """A commit under way that does not answer within the grace: the connection is
+        cut without a reply (neither "not accepted" nor 250 would be known true)."""
+        _, transport, id = self.held_at_shutdown()
+        self.store.sealed.add(id)
+        self.clock.advance(1.0)
+        self.clock.advance(2.0)
+        self.assertTrue(transport.disconnected)
+        self.assertNotIn(b"421", transport.value())
+        self.assertNotIn(b"queued as", transport.value())
 
 
 class IdTests(SynchronousTestCase):

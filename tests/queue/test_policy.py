@@ -5,13 +5,14 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
-from smtpproxy.queue.model import Outcome
+from smtpproxy.queue.model import Outcome, Recipients
 from smtpproxy.queue.policy import (
     JITTER,
     Dead,
     Delivered,
     Retry,
     Schedule,
+    after_partial,
     decide,
     request_id,
     wait,
@@ -126,3 +127,76 @@ class RequestIdTests(SynchronousTestCase):
         self.assertEqual(request_id(error), "5e8c1f1a-0000-4000-8000-000000000001")
         error.request_id = ""
         self.assertIsNone(request_id(error))
+
+
+class AfterPartialTests(SynchronousTestCase):
+    """after_partial: an attempt that reached some recipients, judged per recipient."""
+
+    OWED = ("ok@x.example", "busy@x.example", "gone@x.example")
+
+    def decide(
+        self, refused: list[tuple[str, str, bool]], failed: tuple[str, ...] = (), attempts: int = 1
+    ) -> object:
+        return after_partial(self.OWED, failed, refused, attempts, T0, T0, SCHEDULE, 0.0)
+
+    def test_temporary_owed_alone_on_the_back_off(self) -> None:
+        """4xx-refused recipients are all that is owed next, after the normal back-off;
+        5xx-refused ones join the failed."""
+        decision = self.decide(
+            [("busy@x.example", "450 4.2.1 Busy", False), ("gone@x.example", "550 5.1.1 No", True)],
+            attempts=3,
+        )
+        self.assertEqual(
+            decision,
+            Retry(
+                T0 + 240,
+                "450 4.2.1 Busy (delivered to 1 of 3 recipients)",
+                recipients=Recipients(("busy@x.example",), ("gone@x.example",)),
+            ),
+        )
+
+    def test_permanent_only_is_dead_for_them(self) -> None:
+        """Only 5xx refusals: dead now (a permanent failure), owed to nobody else."""
+        decision = self.decide([("gone@x.example", "550 5.1.1 No", True)])
+        self.assertEqual(
+            decision,
+            Dead(
+                Outcome.FAILED,
+                "550 5.1.1 No (delivered to 2 of 3 recipients)",
+                Recipients(("gone@x.example",)),
+            ),
+        )
+
+    def test_earlier_failures_end_dead_once_the_rest_is_delivered(self) -> None:
+        """Everything owed now delivered, some failed for good before: dead for those."""
+        decision = self.decide([], failed=("old@x.example",))
+        assert isinstance(decision, Dead), decision
+        self.assertEqual(
+            (decision.outcome, decision.recipients),
+            (
+                Outcome.FAILED,
+                Recipients(("old@x.example",)),
+            ),
+        )
+        self.assertIn("old@x.example", decision.reply)
+
+    def test_nothing_refused_nothing_failed_is_delivered(self) -> None:
+        """No refusal and nothing failed before: delivered."""
+        self.assertEqual(self.decide([]), Delivered())
+
+    def test_past_max_age_expires_for_all_never_reached(self) -> None:
+        """A retry that would fall past QUEUE_MAX_AGE: dead (expired) for the temporarily
+        refused and the failed alike."""
+        decision = after_partial(
+            self.OWED,
+            ("old@x.example",),
+            [("busy@x.example", "450 4.2.1 Busy", False)],
+            1,
+            T0,
+            T0 + SCHEDULE.max_age,
+            SCHEDULE,
+            0.0,
+        )
+        assert isinstance(decision, Dead), decision
+        self.assertEqual(decision.outcome, Outcome.EXPIRED)
+        self.assertEqual(decision.recipients, Recipients(("busy@x.example", "old@x.example")))

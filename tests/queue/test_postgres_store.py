@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import psycopg
-from twisted.internet import defer, reactor
-from twisted.internet.interfaces import IReactorCore
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorTCP,
+    IReactorTime,
+    ITCPTransport,
+    ITransport,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -40,6 +49,8 @@ def attempt(at: float, outcome: Outcome) -> Attempt:
 
 
 REACTOR: IReactorCore = reactor
+REACTOR_TIME = cast(IReactorTime, reactor)
+REACTOR_TCP = cast(IReactorTCP, reactor)
 
 #: How long a failure against a dead or stuck server may take at most.
 PROMPT = 10.0
@@ -105,6 +116,17 @@ class PostgresContractTests(StoreContract, PostgresCase):
         """Close C{store}; a new store (a new pool) on the same database."""
         await store.close()
         return await self.make_store()
+
+    def hold_writes(self) -> Callable[[], None]:
+        """Lock the messages table from a connection of the test's own."""
+        holder = psycopg.connect(self.dsn)
+        holder.execute("LOCK TABLE queue_messages IN ACCESS EXCLUSIVE MODE")
+
+        def release() -> None:
+            holder.rollback()
+            holder.close()
+
+        return release
 
 
 class StoreTests(PostgresCase):
@@ -263,6 +285,21 @@ class ReplicaTests(PostgresCase):
         await defer.gatherResults([self.store().open(), self.store().open()])
         self.assertEqual(self.query("SELECT version FROM queue_schema"), [(SCHEMA_VERSION,)])
 
+    async def test_version_1_upgraded(self) -> None:
+        """A database of schema 1 (before refused recipients were kept) is upgraded at
+        open: its messages stay, and partial deliveries can be recorded."""
+        store = await self.opened()
+        await self.fill(store, 1)
+        await store.close()
+        self.query("ALTER TABLE queue_messages DROP COLUMN failed")
+        self.query("ALTER TABLE queue_attempts DROP COLUMN refused")
+        self.query("DELETE FROM queue_schema")
+        self.query("INSERT INTO queue_schema (version) VALUES (1)")
+        store = await self.opened()
+        [entry] = await store.claim("w1", 5000.0, 60.0, 5, 5)
+        self.assertEqual(entry.failed, ())
+        self.assertEqual(self.query("SELECT max(version) FROM queue_schema"), [(SCHEMA_VERSION,)])
+
     async def test_newer_schema_refused(self) -> None:
         """A database whose schema is newer than this relay's is refused, not altered."""
         await self.opened()
@@ -337,3 +374,136 @@ class FailureTests(PostgresCase):
         self.assertLess(
             await self.timed_failure(store.enqueue("m", envelope(), Body(b"c"), 1.0)), 1.0
         )
+
+
+#: psycopg's COMMIT: a simple Query message ('Q', length 11, "COMMIT\0").
+COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+
+
+class _Upstream(protocol.Protocol):
+    """The relay's side towards the real server: what it says goes back to the client."""
+
+    def __init__(self, client: _Cutter) -> None:
+        self.client = client
+
+    def connectionMade(self) -> None:
+        self.client.connected_upstream(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client.from_server(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.client.server_gone()
+
+
+class _Cutter(protocol.Protocol):
+    """One client connection through L{CommitCutter}, passed on to the real server."""
+
+    def __init__(self, cutter: CommitCutter) -> None:
+        self.cutter = cutter
+        self.upstream: ITransport | None = None
+        self.early: list[bytes] = []
+        self.muted = False
+        # This connection is in a transaction that inserts messages (an
+        # enqueue's): only its COMMIT is cut, not that of a new connection's
+        # session settings.
+        self.inserting = False
+
+    def connectionMade(self) -> None:
+        endpoint = TCP4ClientEndpoint(REACTOR_TCP, self.cutter.host, self.cutter.port)
+        connectProtocol(endpoint, _Upstream(self))
+
+    def connected_upstream(self, upstream: _Upstream) -> None:
+        assert upstream.transport is not None
+        self.upstream = upstream.transport
+        for data in self.early:
+            self.upstream.write(data)
+        self.early = []
+
+    def from_server(self, data: bytes) -> None:
+        if not self.muted and self.transport is not None:
+            self.transport.write(data)
+
+    def server_gone(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        armed = self.cutter.armed
+        self.inserting = self.inserting or b"INSERT INTO queue_messages" in data
+        if armed is not None and self.inserting and COMMIT_MESSAGE in data:
+            self.cutter.armed = None
+            self.cutter.cut += 1
+            self.muted = True
+            if armed:
+                self.to_server(data)
+            # The client hears nothing more; the server gets its EOF a moment later.
+            cast(ITCPTransport, self.transport).abortConnection()
+            return
+        self.to_server(data)
+
+    def to_server(self, data: bytes) -> None:
+        if self.upstream is None:
+            self.early.append(data)
+        else:
+            self.upstream.write(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.upstream is not None:
+            REACTOR_TIME.callLater(0.3, self.upstream.loseConnection)
+
+
+class CommitCutter(protocol.Factory):
+    """A TCP relay to PostgreSQL that, once armed, cuts the next COMMIT's connection.
+
+    C{armed = True}: the COMMIT reaches the server (which commits) but its
+    answer never reaches the store.  C{armed = False}: the COMMIT is
+    dropped and the connection cut, so the server rolls the transaction back.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.armed: bool | None = None
+        self.cut = 0
+
+    def buildProtocol(self, addr: object) -> _Cutter:
+        return _Cutter(self)
+
+
+class LostCommitAnswerTests(PostgresCase):
+    """The connection breaks during COMMIT: the enqueue is answered by what was committed."""
+
+    async def through_cutter(self) -> tuple[PostgresStore, CommitCutter]:
+        given = conninfo_to_dict(self.dsn)
+        cutter = CommitCutter(str(given.get("host") or "127.0.0.1"), int(given.get("port") or 5432))
+        port = await TCP4ServerEndpoint(REACTOR_TCP, 0, interface="127.0.0.1").listen(cutter)
+        self.addCleanup(port.stopListening)
+        # Last of the clean-ups: the relay closes its server sides 0.3 s
+        # after the store's connections went.
+        self.addCleanup(task.deferLater, REACTOR_TIME, 0.5, lambda: None)
+        dsn = make_conninfo(self.dsn, host="127.0.0.1", port=port.getHost().port)
+        store = self.store(dsn=dsn)
+        await store.open()
+        return store, cutter
+
+    async def test_committed_but_answer_lost_is_250(self) -> None:
+        """The COMMIT reached the server and committed; only its answer was lost.  The
+        enqueue succeeds (the client hears 250), since a 451 would make the client send
+        a message the queue already holds."""
+        store, cutter = await self.through_cutter()
+        cutter.armed = True
+        await store.enqueue("m1", envelope(), Body(b"committed"), 1.0)
+        self.assertEqual(cutter.cut, 1)
+        self.assertEqual(self.query("SELECT id FROM queue_messages"), [("m1",)])
+        await store.enqueue("m2", envelope(), Body(b"after"), 2.0)
+        self.assertEqual((await store.stats()).queued, 2)
+
+    async def test_commit_that_never_arrived_is_451(self) -> None:
+        """The COMMIT never reached the server: the transaction was rolled back, so
+        the enqueue fails (451) and nothing is stored."""
+        store, cutter = await self.through_cutter()
+        cutter.armed = False
+        with self.assertRaises(QueueUnavailableError):
+            await store.enqueue("m1", envelope(), Body(b"lost"), 1.0)
+        self.assertEqual(cutter.cut, 1)
+        self.assertEqual(self.query("SELECT id FROM queue_messages"), [])

@@ -18,23 +18,40 @@ import errno
 import os
 import random
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol, cast
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from smtpproxy.queue.model import (
     Attempt,
+    EnqueueWithdrawnError,
     Envelope,
     LeaseLostError,
     Outcome,
     QueueFullError,
+    Recipients,
+    Refused,
     State,
 )
-from smtpproxy.queue.sqlite import INLINE_MAX, LOST_BODY_REPLY, SQLiteStore, body_directory
+from smtpproxy.queue.sqlite import (
+    INLINE_MAX,
+    LOST_BODY_REPLY,
+    SCHEMA_VERSION,
+    SQLiteStore,
+    body_directory,
+)
 from smtpproxy.queue.store import QueueStore
+
+
+def deferLater(seconds: float) -> defer.Deferred[None]:
+    """Fires after C{seconds} of the real reactor (threads get to run meanwhile)."""
+    return task.deferLater(cast(IReactorTime, reactor), seconds, lambda: None)
+
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -79,6 +96,18 @@ class FullDiskBody(Body):
             yield chunk
 
 
+class GatedBody(Body):
+    """A body whose copy waits at its first piece until the test opens C{gate}."""
+
+    def __init__(self, data: bytes, gate: threading.Event) -> None:
+        super().__init__(data)
+        self.gate = gate
+
+    def chunks(self) -> Iterator[bytes]:
+        self.gate.wait(30)
+        yield from super().chunks()
+
+
 def envelope(route: str = "", sender: str = "app@example.com") -> Envelope:
     return Envelope(
         sender=sender,
@@ -109,6 +138,11 @@ class StoreContract(_Base):
 
     async def reopen(self, store: QueueStore) -> QueueStore:
         """Close C{store} and open a new store object on the same storage."""
+        raise NotImplementedError
+
+    def hold_writes(self) -> Callable[[], None]:
+        """Take the storage's write lock from outside the store (as another process,
+        or the operator command, may); returns what gives it back."""
         raise NotImplementedError
 
     def commits(self, store: QueueStore) -> int:
@@ -214,6 +248,94 @@ class StoreContract(_Base):
         self.assertEqual([ok for ok, _ in results], [True] * 20)
         store = await self.reopen(store)
         self.assertEqual((await store.stats()).queued, 20)
+
+    # Partial deliveries (an upstream that refused some recipients).
+
+    async def test_partial_delivery_narrows_the_recipients(self) -> None:
+        """deferred() with recipients: the message is owed only to those from now on,
+        keeps the ones failed for good, and its attempt keeps each refused recipient
+        with its reply; all of it survives a reopen and is what the next claim gets.
+        dead() with recipients keeps only those."""
+        store = await self.make_store()
+        await self.put(store, "p1")
+        await store.claim("w1", T0, LEASE, 10, 10)
+        refused = (
+            Refused("b@example.org", "450 4.2.1 Busy"),
+            Refused('"odd user"@example.org', "550 5.1.1 No such user"),
+        )
+        first = Attempt(T0 + 1, Outcome.DEFERRED, "450 4.2.1 Busy", None, "w1", refused)
+        owed = Recipients(("b@example.org",), ('"odd user"@example.org',))
+        await store.deferred("p1", "w1", first, T0 + 60, owed)
+        store = await self.reopen(store)
+        entry = await store.show("p1")
+        assert entry is not None
+        self.assertEqual(entry.envelope.recipients, ("b@example.org",))
+        self.assertEqual(entry.failed, ('"odd user"@example.org',))
+        self.assertEqual(entry.history, (first,))
+        [claimed] = await store.claim("w1", T0 + 60, LEASE, 10, 10)
+        self.assertEqual((claimed.envelope.recipients, claimed.failed), (owed.owed, owed.failed))
+        last = Attempt(T0 + 61, Outcome.FAILED, "550 5.1.1 No such user", None, "w1")
+        await store.dead("p1", "w1", last, Recipients(('"odd user"@example.org',)))
+        entry = await store.show("p1")
+        assert entry is not None
+        self.assertEqual(entry.state, State.DEAD)
+        self.assertEqual(
+            (entry.envelope.recipients, entry.failed), (('"odd user"@example.org',), ())
+        )
+        self.assertEqual([a.refused for a in entry.history], [refused, ()])
+
+    # Withdrawal (a session forced closed at shutdown).
+
+    async def test_withdraw_while_writes_are_held(self) -> None:
+        """Enqueues waiting for a write lock held elsewhere, in the batch under way or the
+        next one, are withdrawn for good: they fail with EnqueueWithdrawnError once the
+        lock goes, leave no row, body or bytes, and their ids are free again; an enqueue
+        beside them that was not withdrawn is stored."""
+        store = await self.make_store()
+        release = self.hold_writes()
+        try:
+            first = store.enqueue("w1", envelope(), Body(b"1" * 5000), T0)
+            second = store.enqueue("w2", envelope(), Body(b"2" * 100_000), T0)
+            kept = store.enqueue("k1", envelope(), Body(b"k" * 300), T0)
+            await deferLater(0.3)  # let the batch under way reach the lock
+            self.assertTrue(store.withdraw("w1"))
+            self.assertTrue(store.withdraw("w2"))
+            self.assertFalse(store.withdraw("unknown"))
+        finally:
+            release()
+        await self.assertFailure(first, EnqueueWithdrawnError)
+        await self.assertFailure(second, EnqueueWithdrawnError)
+        await kept
+        self.assertFalse(store.withdraw("k1"))
+        store = await self.reopen(store)
+        stats = await store.stats()
+        self.assertEqual((stats.queued, stats.bytes), (1, 300))
+        self.assertEqual([e.id for e in await store.list(None, 10)], ["k1"])
+        await self.put(store, "w1")
+        self.assertEqual((await store.stats()).queued, 2)
+
+    async def test_withdraw_while_the_body_is_copied(self) -> None:
+        """A large body still being copied in when withdrawn: the copy finishes, nothing
+        is kept (no row, no body, no bytes)."""
+        store = await self.make_store()
+        gate = threading.Event()
+        copying = store.enqueue("g1", envelope(), GatedBody(os.urandom(300_000), gate), T0)
+        await deferLater(0.2)
+        try:
+            self.assertTrue(store.withdraw("g1"))
+        finally:
+            gate.set()
+        await self.assertFailure(copying, EnqueueWithdrawnError)
+        store = await self.reopen(store)
+        stats = await store.stats()
+        self.assertEqual((stats.queued, stats.bytes), (0, 0))
+
+    async def test_withdraw_refused_once_committed(self) -> None:
+        """A committed enqueue cannot be withdrawn: withdraw says False and it stays."""
+        store = await self.make_store()
+        await self.put(store, "c1")
+        self.assertFalse(store.withdraw("c1"))
+        self.assertEqual((await store.stats()).queued, 1)
 
     # Leases.
 
@@ -530,6 +652,16 @@ class _SQLiteFiles(StoreContract):
         await store.close()
         return await self.make_store()
 
+    def hold_writes(self) -> Callable[[], None]:
+        holder = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        holder.execute("BEGIN IMMEDIATE")
+
+        def release() -> None:
+            holder.execute("ROLLBACK")
+            holder.close()
+
+        return release
+
     def body_files(self) -> list[str]:
         return sorted(os.listdir(body_directory(self.path)))
 
@@ -624,7 +756,7 @@ class SQLiteInlineStoreTests(_SQLiteFiles, TestCase):
         self.assertEqual(await store.read_body("old"), b"old body")
         self.assertEqual(await store.read_body("new"), b"new body")
         with sqlite3.connect(self.path) as db:
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
         db.close()
 
 
@@ -689,7 +821,7 @@ class SQLiteStoreTests(_SQLiteFiles, TestCase):
         await store.close()
         with sqlite3.connect(self.path) as db:
             self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
             db.execute("PRAGMA user_version = 99")
         db.close()
         newer = self.new_store()

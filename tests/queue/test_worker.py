@@ -17,9 +17,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtpproxy.dsn import Dsn, RecipientDsn
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
+from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
+from smtpproxy.providers.result import PartlyRefused, RecipientRefusal
 from smtpproxy.queue.front import QueueFront, meta_json
-from smtpproxy.queue.model import Envelope, Outcome, State
+from smtpproxy.queue.model import Envelope, Outcome, Refused, State
 from smtpproxy.queue.policy import Schedule
 from smtpproxy.queue.worker import QueueRunner, RunnerSettings
 from smtpproxy.spool import InflightBudget, MessageBody
@@ -360,3 +362,123 @@ class SQLiteWorkerTests(TestCase):
         self.assertEqual(sorted(subjects), ["m0", "m0", "m1", "m2"])
         stats = await store.stats()
         self.assertEqual((stats.queued, stats.delivering, stats.dead), (0, 0, 0))
+
+
+class PartialProvider:
+    """A backend that refuses some recipients per call (as an SMTP upstream's RCPT replies).
+
+    Each send takes the next dict of C{refusals}: address -> reply ("450 4.2.1 Busy").
+    """
+
+    name = "partial"
+
+    def __init__(self, *refusals: dict[str, str]) -> None:
+        self.refusals = list(refusals)
+        self.emails: list[Email] = []
+
+    def send(self, email: Email) -> defer.Deferred[PartlyRefused | None]:
+        self.emails.append(email)
+        refuse = self.refusals.pop(0) if self.refusals else {}
+        refused = tuple(
+            RecipientRefusal(address, int(reply[:3]), *reply[4:].split(" ", 1))
+            for address, reply in refuse.items()
+            if address in email.envelope_to
+        )
+        if not refused:
+            return defer.succeed(None)
+        accepted = tuple(a for a in email.envelope_to if a not in refuse)
+        return defer.succeed(PartlyRefused(accepted, refused))
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+class PartlyRefusedTests(WorkerCase):
+    """The provider took the message for some recipients and refused others."""
+
+    RECIPIENTS = ("ok@example.org", "busy@example.org", "gone@example.org")
+
+    def partial(self, *refusals: dict[str, str]) -> tuple[PartialProvider, str]:
+        provider = PartialProvider(*refusals)
+        self.provider = cast(RecordingProvider, provider)
+        runner = self.runner()
+        runner.startService()
+        id = self.front.new_id()
+        envelope = Envelope("a@example.com", self.RECIPIENTS, "192.0.2.7")
+        self.successResultOf(self.front.enqueue(id, envelope, body(message("Partly"))))
+        self.clock.advance(0)
+        return provider, id
+
+    def test_temporary_retried_alone_permanent_dead_alone(self) -> None:
+        """One accepted, one 450, one 550: the attempt records both refusals; the message
+        waits the normal back-off owed only to the 450 one (the accepted one never gets it
+        again); once that one takes it, the message is dead for the 550 one alone, with its
+        reply, as the queue treats a permanent failure."""
+        provider, id = self.partial(
+            {"busy@example.org": "450 4.2.1 Busy", "gone@example.org": "550 5.1.1 No such user"}
+        )
+        entry = self.store.entries[id]
+        self.assertEqual((entry.state, entry.attempts), (State.QUEUED, 1))
+        self.assertEqual(entry.envelope.recipients, ("busy@example.org",))
+        self.assertEqual(entry.failed, ("gone@example.org",))
+        [first] = entry.history
+        self.assertEqual(first.outcome, Outcome.DEFERRED)
+        self.assertEqual(
+            first.refused,
+            (
+                Refused("busy@example.org", "450 4.2.1 Busy"),
+                Refused("gone@example.org", "550 5.1.1 No such user"),
+            ),
+        )
+        self.assertEqual(first.reply, "450 4.2.1 Busy (delivered to 1 of 3 recipients)")
+        [deferred] = self.logged("message delivery deferred")
+        self.assertEqual(deferred["retry_in_s"], 60.0)
+        self.assertEqual(deferred["owed"], ["busy@example.org"])
+        self.assertEqual(len(deferred["refused"]), 2)
+
+        self.clock.advance(59)
+        self.assertEqual(len(provider.emails), 1)
+        self.clock.advance(1)
+        self.assertEqual(
+            [e.envelope_to for e in provider.emails],
+            [self.RECIPIENTS, ("busy@example.org",)],
+        )
+        entry = self.store.entries[id]
+        self.assertEqual((entry.state, entry.attempts), (State.DEAD, 2))
+        self.assertEqual((entry.envelope.recipients, entry.failed), (("gone@example.org",), ()))
+        self.assertEqual(entry.history[1].outcome, Outcome.FAILED)
+        self.assertIn("gone@example.org", entry.history[1].reply)
+        [dead] = self.logged("message dead")
+        self.assertEqual(dead["recipients"], ["gone@example.org"])
+        self.clock.advance(3600)
+        self.assertEqual(len(provider.emails), 2)
+
+    def test_only_permanent_refusals_dead_at_once(self) -> None:
+        """Refused for good only (the others accepted): dead at once for the refused
+        recipients alone; nothing is sent again."""
+        provider, id = self.partial({"gone@example.org": "550 5.1.1 No such user"})
+        entry = self.store.entries[id]
+        self.assertEqual(entry.state, State.DEAD)
+        self.assertEqual(entry.envelope.recipients, ("gone@example.org",))
+        self.assertEqual(entry.history[0].outcome, Outcome.FAILED)
+        self.assertEqual(
+            entry.history[0].reply, "550 5.1.1 No such user (delivered to 2 of 3 recipients)"
+        )
+        self.clock.advance(3600)
+        self.assertEqual(len(provider.emails), 1)
+
+    def test_refused_again_keeps_waiting_then_expires_for_those_never_reached(self) -> None:
+        """A recipient refused with 4xx at every attempt follows the back-off up to
+        QUEUE_MAX_AGE, then the message is dead (expired) for it and for the one refused
+        for good earlier; the accepted one is never sent to again."""
+        busy = {"busy@example.org": "450 4.2.1 Busy"}
+        provider, id = self.partial(
+            {**busy, "gone@example.org": "550 5.1.1 No such user"}, *[busy] * 20
+        )
+        self.clock.pump([60.0] * 70)
+        entry = self.store.entries[id]
+        self.assertEqual(entry.state, State.DEAD)
+        self.assertEqual(entry.history[-1].outcome, Outcome.EXPIRED)
+        self.assertEqual(set(entry.envelope.recipients), {"busy@example.org", "gone@example.org"})
+        self.assertTrue(all(e.envelope_to == ("busy@example.org",) for e in provider.emails[1:]))
+        self.assertGreater(len(provider.emails), 2)

@@ -4,7 +4,10 @@ A provider is anything with a C{name} and a C{send(email)} method returning a
 Deferred that fires when the backend has accepted the message.  Failing that
 Deferred with L{smtpproxy.errors.TransientDeliveryError} or
 L{smtpproxy.errors.PermanentDeliveryError} chooses between "try again later"
-and a bounce; anything else is treated as transient.
+and a bounce; anything else is treated as transient.  A backend that took
+the message for some recipients only fires with a
+L{smtpproxy.providers.result.PartlyRefused} naming the others; one that
+takes all or none (most) fires with None and keeps its C{Deferred[None]}.
 
 A provider that can send a message it was given as raw bytes only (an
 L{Email} whose parse was abandoned: envelope and C{raw}, nothing parsed)
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from smtpproxy.config import Config
     from smtpproxy.errors import DeliveryError
     from smtpproxy.mime.message import Email
+    from smtpproxy.providers.result import PartlyRefused
 
 
 class Provider(Protocol):
@@ -48,8 +52,12 @@ class Provider(Protocol):
     def name(self) -> str:
         """Short name used in logs, e.g. C{"stdout"} or C{"graph"}."""
 
-    def send(self, email: Email) -> Deferred[None]:
-        """Deliver C{email}; fire with None once the backend accepted it."""
+    def send(self, email: Email) -> Deferred[None] | Deferred[PartlyRefused | None]:
+        """Deliver C{email}; fire once the backend accepted it.
+
+        With None when it took the message for every recipient, with a
+        L{PartlyRefused} when it took it for some and refused the others.
+        """
 
     def close(self) -> Deferred[None]:
         """Release connections and timers; called once at shutdown."""

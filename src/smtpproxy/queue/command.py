@@ -35,6 +35,13 @@ if TYPE_CHECKING:
 LIST_LIMIT = 100
 
 
+class RefusedJson(TypedDict):
+    """A recipient an attempt was refused for while others got the message."""
+
+    address: str
+    reply: str
+
+
 class AttemptJson(TypedDict):
     """One delivery attempt in C{queue show --json}."""
 
@@ -43,6 +50,7 @@ class AttemptJson(TypedDict):
     reply: str
     request_id: str | None
     worker: str
+    refused: list[RefusedJson]
 
 
 class EntryJson(TypedDict):
@@ -56,6 +64,7 @@ class EntryJson(TypedDict):
     size: int
     sender: str
     recipients: list[str]
+    failed: list[str]
     client: str
     user: str | None
     route: str
@@ -216,6 +225,7 @@ def _entry(entry: Entry, history: bool = False) -> EntryJson:
         "size": entry.size,
         "sender": envelope.sender,
         "recipients": list(envelope.recipients),
+        "failed": list(entry.failed),
         "client": envelope.client,
         "user": envelope.user,
         "route": envelope.route,
@@ -231,6 +241,7 @@ def _entry(entry: Entry, history: bool = False) -> EntryJson:
                 "reply": a.reply,
                 "request_id": a.request_id,
                 "worker": a.worker,
+                "refused": [{"address": r.address, "reply": r.reply} for r in a.refused],
             }
             for a in entry.history
         ]
@@ -316,6 +327,7 @@ def _details(entry: Entry, now: float) -> str:
         f"size:        {entry.size} bytes",
         f"from:        {envelope.sender or '<>'}",
         f"to:          {', '.join(envelope.recipients)}",
+        *([f"failed for:  {', '.join(entry.failed)}"] if entry.failed else []),
         f"client:      {envelope.client}",
         f"user:        {envelope.user or '-'}",
         f"route:       {envelope.route or '-'}",
@@ -329,6 +341,7 @@ def _details(entry: Entry, now: float) -> str:
         for a in entry.history:
             request = f" request-id {a.request_id}" if a.request_id else ""
             lines.append(f"  {_when(a.at)} UTC  {a.outcome.value:<9}  {a.reply}{request}")
+            lines.extend(f"      refused <{r.address}>: {r.reply}" for r in a.refused)
     return "\n".join(lines) + "\n"
 
 

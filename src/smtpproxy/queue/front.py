@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from smtpproxy.dsn import Dsn, RecipientDsn
 from smtpproxy.errors import TransientDeliveryError
-from smtpproxy.queue.model import BodySource, Envelope
+from smtpproxy.queue.model import BodySource, EnqueueWithdrawnError, Envelope
 from smtpproxy.queue.store import QueueStore
 
 # Seeded from the system's entropy once, so that replicas started at the
@@ -150,16 +150,19 @@ class QueueFront:
         # milliseconds after start) wait here rather than hear 451; None
         # once open.  Bounded by the number of sessions.
         self._waiting: list[defer.Deferred[None]] | None = None if open else []
+        self._waiting_ids: dict[str, defer.Deferred[None]] = {}
 
     def opened(self) -> None:
         """The store is open: messages waiting for it go in, and later ones at once."""
         waiting, self._waiting = self._waiting or [], None
+        self._waiting_ids.clear()
         for waiter in waiting:
             waiter.callback(None)
 
     def open_failed(self) -> None:
         """The store could not be opened (the relay is stopping): refuse with 451."""
         waiting, self._waiting = self._waiting or [], []
+        self._waiting_ids.clear()
         for waiter in waiting:
             waiter.errback(TransientDeliveryError("the queue is not available, try again later"))
 
@@ -175,8 +178,24 @@ class QueueFront:
         if self._waiting is not None:
             waiter: defer.Deferred[None] = defer.Deferred()
             self._waiting.append(waiter)
+            self._waiting_ids[id] = waiter
             return waiter.addCallback(lambda _: self._enqueue(id, envelope, body))
         return self._enqueue(id, envelope, body)
+
+    def withdraw(self, id: str) -> bool:
+        """Give up queuing C{id} if it can still be stopped before its commit.
+
+        True: it will never be stored, and its C{enqueue} Deferred fails
+        with L{EnqueueWithdrawnError}; False: it is stored or being
+        committed, and that Deferred tells the outcome.  See
+        L{smtpproxy.queue.store.QueueStore.withdraw}.
+        """
+        waiter = self._waiting_ids.pop(id, None)
+        if waiter is not None and self._waiting is not None:
+            self._waiting.remove(waiter)
+            waiter.errback(EnqueueWithdrawnError(id))
+            return True
+        return self.store.withdraw(id)
 
     def _enqueue(self, id: str, envelope: Envelope, body: BodySource) -> defer.Deferred[None]:
         try:

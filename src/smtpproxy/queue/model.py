@@ -9,6 +9,7 @@ C{twisted.internet.task.Clock}.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,7 +43,8 @@ class Envelope:
     """Everything about a message except its body, as the front door accepted it.
 
     @ivar sender: the envelope sender (may be empty: a null reverse-path).
-    @ivar recipients: the envelope recipients, in the order given.
+    @ivar recipients: the envelope recipients, in the order given; after an
+        attempt that reached only some, those still owed (L{Recipients}).
     @ivar client: the client's address as the logs show it.
     @ivar user: the authenticated identity, if any.
     @ivar route: the key the provider's concurrency is counted by (for
@@ -60,6 +62,37 @@ class Envelope:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """A recipient the backend refused while it took the message for others.
+
+    @ivar reply: the backend's reply for it (C{"450 4.2.1 Mailbox busy"}), clipped.
+    """
+
+    address: str
+    reply: str
+
+
+def refused_json(refused: tuple[Refused, ...]) -> str:
+    """An attempt's refused recipients as stored: a JSON list of [address, reply]."""
+    return json.dumps([[r.address, r.reply] for r in refused], separators=(",", ":"))
+
+
+def refused_from_json(text: str) -> tuple[Refused, ...]:
+    """The refused recipients of L{refused_json}; none if the text is unreadable."""
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return ()
+    if not isinstance(found, list):
+        return ()
+    return tuple(
+        Refused(str(item[0]), str(item[1]))
+        for item in found
+        if isinstance(item, list) and len(item) == 2
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """One delivery attempt, as the history records it.
 
@@ -67,6 +100,8 @@ class Attempt:
         (C{"451 4.4.1 ..."}), clipped; empty for a success.
     @ivar request_id: the backend's own id for the request (Graph's
         C{request-id}), when it gave one.
+    @ivar refused: recipients refused while the others got the message
+        (an SMTP upstream's per-RCPT answers); empty when it was all or none.
     """
 
     at: float
@@ -74,6 +109,21 @@ class Attempt:
     reply: str = ""
     request_id: str | None = None
     worker: str = ""
+    refused: tuple[Refused, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Recipients:
+    """Who a message is still owed to, after an attempt that reached only some.
+
+    @ivar owed: the recipients the next attempt sends to (the envelope's
+        recipients from now on).
+    @ivar failed: recipients refused permanently by earlier attempts,
+        kept until the message ends, when it becomes dead for them.
+    """
+
+    owed: tuple[str, ...]
+    failed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +142,8 @@ class Entry:
     lease_until: float | None = None
     history: tuple[Attempt, ...] = ()
     """Filled by L{smtpproxy.queue.store.QueueStore.show} only."""
+    failed: tuple[str, ...] = ()
+    """Recipients a partial delivery could not reach for good (see L{Recipients})."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,3 +178,12 @@ class QueueFullError(Exception):
 
 class LeaseLostError(Exception):
     """The worker's lease ran out and another worker may hold the message now."""
+
+
+class EnqueueWithdrawnError(Exception):
+    """The enqueue was withdrawn before its commit (a forced shutdown): nothing was stored.
+
+    A store fails an enqueue's Deferred with it once the store no longer
+    reads the body; the session had already told its client "421 ... not
+    accepted" when L{smtpproxy.queue.store.QueueStore.withdraw} said yes.
+    """

@@ -20,16 +20,24 @@ The rules, modelled on Postfix's queue manager:
   - a temporary failure whose next attempt would fall past C{queued_at +
     max_age} makes the message dead now (Postfix's
     C{maximal_queue_lifetime}): better to say so at once than to keep a
-    message that cannot be tried again in time.
+    message that cannot be tried again in time;
+  - an attempt that reached some recipients and was refused for others
+    (L{after_partial}) is judged per recipient, as Postfix's queue manager
+    does: the accepted ones are done and never sent to again; those
+    refused with a 4xx wait on the same back-off as a temporary failure;
+    those refused with a 5xx are failed for good, and the message ends
+    dead for them (with those never reached), like a permanent failure,
+    once nothing is left to retry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from smtpproxy.errors import reply_for_failure
 from smtpproxy.logsafe import MAX_REASON, clip
-from smtpproxy.queue.model import Outcome
+from smtpproxy.queue.model import Outcome, Recipients
 
 #: At most this fraction of a wait is taken off at random.  Taking off
 #: rather than adding keeps every wait within C{max_interval}.
@@ -59,6 +67,8 @@ class Retry:
     at: float
     reply: str
     outcome: Outcome = Outcome.DEFERRED
+    recipients: Recipients | None = None
+    """Set after a partial delivery: whom the message is still owed to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +77,8 @@ class Dead:
 
     outcome: Outcome
     reply: str
+    recipients: Recipients | None = None
+    """Set when the message reached some: the dead message keeps only the others."""
 
 
 Decision = Delivered | Retry | Dead
@@ -115,6 +127,56 @@ def decide(
     if now + delay > queued_at + schedule.max_age:
         return Dead(Outcome.EXPIRED, reply)
     return Retry(now + delay, reply)
+
+
+def after_partial(
+    owed: Sequence[str],
+    failed: Sequence[str],
+    refused: Sequence[tuple[str, str, bool]],
+    attempts: int,
+    queued_at: float,
+    now: float,
+    schedule: Schedule,
+    rand: float,
+) -> Decision:
+    """Choose what becomes of a message after an attempt that reached only some recipients.
+
+    Also the end of a message that has recipients failed for good from
+    earlier attempts (C{failed}) and was now delivered to all it was owed
+    (C{refused} empty): it is dead for those, never delivered.
+
+    @param owed: the recipients this attempt was sent to.
+    @param failed: recipients refused permanently by earlier attempts.
+    @param refused: (address, reply, permanent) for each recipient refused now.
+    @return: L{Retry} with only the temporarily refused recipients owed,
+        L{Dead} with only the recipients never reached, or L{Delivered}.
+    """
+    temporary = [(address, reply) for address, reply, permanent in refused if not permanent]
+    lost = [*failed, *(address for address, _, permanent in refused if permanent)]
+    if not temporary and not lost:
+        return Delivered()
+    reached = len(owed) - len(refused)
+    if temporary:
+        reply = _partial_reply(temporary[0][1], reached, len(owed))
+        delay = wait(attempts, schedule, rand)
+        never = tuple(address for address, _ in temporary) + tuple(lost)
+        if now + delay > queued_at + schedule.max_age:
+            return Dead(Outcome.EXPIRED, reply, Recipients(never))
+        return Retry(
+            now + delay, reply, recipients=Recipients(tuple(a for a, _ in temporary), tuple(lost))
+        )
+    permanent = [reply for _, reply, is_permanent in refused if is_permanent]
+    reply = (
+        _partial_reply(permanent[0], reached, len(owed))
+        if permanent
+        else clip(f"refused for good by an earlier attempt: {', '.join(failed)}", MAX_REASON)
+    )
+    return Dead(Outcome.FAILED, reply, Recipients(tuple(lost)))
+
+
+def _partial_reply(reply: str, reached: int, owed: int) -> str:
+    """An attempt's reply when it reached some: the deciding refusal, and how many got it."""
+    return clip(f"{reply} (delivered to {reached} of {owed} recipients)", MAX_REASON)
 
 
 def retry_after(error: BaseException) -> float | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, TypeVar, cast
@@ -41,7 +42,17 @@ from twisted.python.failure import Failure
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.queue import counters
 from smtpproxy.queue import postgres_sql as tx
-from smtpproxy.queue.model import Attempt, BodySource, Entry, Envelope, QueueFullError, State, Stats
+from smtpproxy.queue.model import (
+    Attempt,
+    BodySource,
+    EnqueueWithdrawnError,
+    Entry,
+    Envelope,
+    QueueFullError,
+    Recipients,
+    State,
+    Stats,
+)
 
 #: Enqueues committed together at most; more wait for the next commit.
 BATCH_MAX = 256
@@ -61,15 +72,59 @@ class QueueUnavailableError(TransientDeliveryError):
         super().__init__("Queue temporarily unavailable, try again later", "4.3.0")
 
 
+class CommitUnknownError(QueueUnavailableError):
+    """The connection broke during C{COMMIT}: the transaction may have committed or not.
+
+    Answered like any L{QueueUnavailableError} (451), except by the group
+    commit, which first looks for its rows (L{tx.stored_ids}): a message
+    whose row is there is answered 250, since the client would otherwise
+    send it again and it would be delivered twice.
+    """
+
+
 @dataclass
 class _Pending:
-    """One enqueue waiting for its group commit."""
+    """One enqueue waiting for its group commit.
+
+    @ivar withdrawn: L{PostgresStore.withdraw} stopped it; its row, if
+        already inserted, is deleted before the commit.
+    @ivar sealed: its transaction is about to commit: too late to withdraw.
+        Both flags change under the store's C{_seal} lock only.
+    """
 
     id: str
     envelope: Envelope
     body: BodySource
     now: float
     done: Deferred[None] = field(default_factory=Deferred)
+    withdrawn: bool = False
+    sealed: bool = False
+    inserted: bool = False
+    """Its row is in the batch's transaction (set in the pool thread before the commit)."""
+
+
+def _insert_sealed(
+    cursor: tx.Cursor, batch: Sequence[_Pending], max_bytes: int, seal: threading.Lock
+) -> list[BaseException | None]:
+    """Insert a batch, then seal it: what was withdrawn meanwhile is deleted, the rest commits.
+
+    Runs in the pool thread right before L{_in_thread}'s commit, so a
+    message is withdrawable for as long as its body streams in and its
+    statements wait for the server; after the seal only the COMMIT is left.
+    """
+    chosen = [p for p in batch if not p.withdrawn]
+    inserted = tx.insert_batch(cursor, chosen, max_bytes)
+    outcome = {id(p): result for p, result in zip(chosen, inserted, strict=True)}
+    with seal:
+        for pending in batch:
+            if not pending.withdrawn:
+                pending.sealed = True
+    for pending in batch:
+        pending.inserted = not pending.withdrawn and outcome.get(id(pending), KeyError()) is None
+    gone = [p.id for p in chosen if p.withdrawn and outcome[id(p)] is None]
+    if gone:
+        cursor.execute("DELETE FROM queue_messages WHERE id = ANY(%s)", (gone,))
+    return [EnqueueWithdrawnError(p.id) if p.withdrawn else outcome[id(p)] for p in batch]
 
 
 class _Link:
@@ -127,7 +182,8 @@ def _in_thread(
     A connection that broke while idle (the server restarted, a proxy cut
     it) fails at its first statement.  Nothing of the transaction can have
     committed then, so the work runs once more on a new connection.  A
-    failure at C{COMMIT} is never repeated: that commit may have happened.
+    failure at C{COMMIT} is never repeated: that commit may have happened
+    (L{CommitUnknownError}).
     """
     for last in (False, True):
         raw = link.connection()
@@ -139,7 +195,10 @@ def _in_thread(
                 raise
             link.drop()
             continue
-        raw.commit()
+        try:
+            raw.commit()
+        except psycopg.OperationalError as error:
+            raise CommitUnknownError() from error
         return result
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -207,6 +266,10 @@ class PostgresStore:
         self._pool = self._new_pool()
         self.commits = 0
         self._pending: list[_Pending] = []
+        # Enqueues in flight by id, for withdraw(); the lock guards the
+        # withdrawn and sealed flags, which the commit thread reads too.
+        self._inflight: dict[str, _Pending] = {}
+        self._seal = threading.Lock()
         self._committing = False
         self._closing = False
         self._closed = False
@@ -317,22 +380,75 @@ class PostgresStore:
         if self._closing:
             pending.done.errback(QueueUnavailableError())
             return pending.done
+        if id not in self._inflight:
+            self._inflight[id] = pending
+            pending.done.addBoth(self._settled, pending)
         self._pending.append(pending)
         if not self._committing:
             self._commit_pending()
         return pending.done
 
+    def _settled(self, result: T, pending: _Pending) -> T:
+        if self._inflight.get(pending.id) is pending:
+            del self._inflight[pending.id]
+        return result
+
+    def withdraw(self, id: str) -> bool:
+        """Stop the enqueue of C{id} unless its transaction is about to commit.
+
+        Waiting for its batch, it is answered at once; in a batch under
+        way (its body streaming, a statement waiting for a lock), its row
+        is deleted again before that batch commits, and it is answered
+        with the batch.
+        """
+        pending = self._inflight.get(id)
+        if pending is None:
+            return False
+        with self._seal:
+            if pending.sealed:
+                return False
+            pending.withdrawn = True
+        if pending in self._pending:
+            self._pending.remove(pending)
+            pending.done.errback(EnqueueWithdrawnError(id))
+            self._wake_closer()
+        return True
+
     def _commit_pending(self) -> None:
         """Commit what waits (up to L{BATCH_MAX} messages) in one transaction."""
         batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
         self._committing = True
-        done = self._run(tx.insert_batch, batch, self._max_bytes)
+        done = self._run(_insert_sealed, batch, self._max_bytes, self._seal)
         done.addBoth(self._committed, batch)
 
     def _committed(
         self, outcome: list[BaseException | None] | Failure, batch: list[_Pending]
     ) -> None:
         """Answer each enqueue of a finished commit, then start the next commit."""
+        if isinstance(outcome, Failure) and outcome.check(CommitUnknownError):
+            candidates = [p.id for p in batch if p.inserted]
+            if candidates:
+                # Still committing: the next batch waits for this answer.
+                looked = self._run(tx.stored_ids, candidates)
+                looked.addBoth(self._looked_up, batch, outcome)
+                return
+        self._answer(outcome, batch)
+
+    def _looked_up(self, stored: set[str] | Failure, batch: list[_Pending], lost: Failure) -> None:
+        """After a commit whose answer was lost: 250 for the rows that are there, 451 else."""
+        if isinstance(stored, Failure):
+            self._answer(lost, batch)
+            return
+        self.commits += 1 if stored else 0
+        for pending in batch:
+            if pending.inserted and pending.id in stored:
+                pending.done.callback(None)
+            else:
+                pending.done.errback(lost)
+        self._next_commit()
+
+    def _answer(self, outcome: list[BaseException | None] | Failure, batch: list[_Pending]) -> None:
+        """Answer each enqueue of a finished commit."""
         if not isinstance(outcome, Failure):
             self.commits += 1
         for index, pending in enumerate(batch):
@@ -342,6 +458,10 @@ class PostgresStore:
                 pending.done.errback(error)
             else:
                 pending.done.callback(None)
+        self._next_commit()
+
+    def _next_commit(self) -> None:
+        """Start the next group commit, or let a waiting close go on."""
         self._committing = False
         if self._pending:
             self._commit_pending()
@@ -371,14 +491,21 @@ class PostgresStore:
         return self._run(tx.delivered, id, owner)
 
     def deferred(
-        self, id: str, owner: str, attempt: Attempt, next_attempt: float
+        self,
+        id: str,
+        owner: str,
+        attempt: Attempt,
+        next_attempt: float,
+        recipients: Recipients | None = None,
     ) -> Deferred[None]:
         """Record a temporary failure and put the message back until C{next_attempt}."""
-        return self._run(tx.record, id, owner, attempt, next_attempt)
+        return self._run(tx.record, id, owner, attempt, next_attempt, recipients)
 
-    def dead(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
+    def dead(
+        self, id: str, owner: str, attempt: Attempt, recipients: Recipients | None = None
+    ) -> Deferred[None]:
         """Record the last attempt and keep the message, dead, with its history."""
-        return self._run(tx.record, id, owner, attempt, None)
+        return self._run(tx.record, id, owner, attempt, None, recipients)
 
     def release(self, owner: str) -> Deferred[int]:
         """Give back every lease C{owner} holds; how many."""

@@ -37,11 +37,15 @@ from smtpproxy.queue.model import (
     LeaseLostError,
     Outcome,
     QueueFullError,
+    Recipients,
     State,
     Stats,
+    refused_from_json,
+    refused_json,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Version 2 added the recipients refused by partial deliveries (L{SCHEMA_2})."""
 
 #: The first key of each advisory lock taken here, keeping them apart from
 #: other applications' locks in the same database ("QUEU", "QUEV").
@@ -96,9 +100,16 @@ CREATE TABLE queue_attempts (
 CREATE INDEX queue_attempts_message ON queue_attempts (id, n);
 """
 
+#: Per attempt, the recipients refused while others got the message (JSON,
+#: L{refused_json}); per message, those refused for good.
+SCHEMA_2 = """
+ALTER TABLE queue_messages ADD COLUMN IF NOT EXISTS failed text[] NOT NULL DEFAULT '{}';
+ALTER TABLE queue_attempts ADD COLUMN IF NOT EXISTS refused text NOT NULL DEFAULT '[]';
+"""
+
 _COLUMNS = sql.SQL(
     "id, sender, recipients, client, auth_user, route, meta, size, queued_at,"
-    " state, attempts, next_attempt, last_reply, lease_owner, lease_until"
+    " state, attempts, next_attempt, last_reply, lease_owner, lease_until, failed"
 )
 
 
@@ -122,7 +133,7 @@ class Pending(Protocol):
 def entry(row: TupleRow, history: tuple[Attempt, ...] = ()) -> Entry:
     """An L{Entry} from a row of C{_COLUMNS}."""
     (id, sender, recipients, client, user, route, meta, size, queued_at) = row[:9]
-    (state, attempts, next_attempt, last_reply, lease_owner, lease_until) = row[9:]
+    (state, attempts, next_attempt, last_reply, lease_owner, lease_until, failed) = row[9:]
     return Entry(
         id=id,
         envelope=Envelope(sender, tuple(recipients), client, user, route, meta),
@@ -135,6 +146,7 @@ def entry(row: TupleRow, history: tuple[Attempt, ...] = ()) -> Entry:
         lease_owner=lease_owner,
         lease_until=lease_until,
         history=history,
+        failed=tuple(failed),
     )
 
 
@@ -158,11 +170,13 @@ def open_schema(cursor: Cursor) -> None:
     version = row[0] if row is not None else None
     if version is None:
         cursor.execute(SCHEMA.encode())
-        cursor.execute("INSERT INTO queue_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
     elif version > SCHEMA_VERSION:
         raise SchemaTooNewError(
             f"the queue's schema is version {version}; this relay knows {SCHEMA_VERSION}"
         )
+    if version is None or version < SCHEMA_VERSION:
+        cursor.execute(SCHEMA_2.encode())
+        cursor.execute("INSERT INTO queue_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
     # Added after schema 1 was released: created where it is missing.
     cursor.execute(counters.TABLE)
 
@@ -220,6 +234,28 @@ def insert_batch(
         used += size
         outcomes.append(None)
     return outcomes
+
+
+def stored_ids(cursor: Cursor, ids: Sequence[str]) -> set[str]:
+    """Which of C{ids} are committed messages, once no open transaction holds one of them.
+
+    After a connection broke during C{COMMIT}, the server may still be
+    finishing that transaction.  A plain SELECT could miss rows it is about
+    to commit; an insert of the same keys with C{ON CONFLICT DO NOTHING}
+    waits for any transaction that inserted them and is still open
+    (bounded by C{lock_timeout}), then conflicts exactly with the rows that
+    exist.  The probe rows are rolled back, never kept.
+    """
+    cursor.execute(
+        "INSERT INTO queue_messages (id, sender, recipients, client, route, meta, size,"
+        " queued_at, state, next_attempt)"
+        " SELECT id, '', '{}', '', '', '{}', 0, 0, 'dead', 0 FROM unnest(%s::text[]) AS id"
+        " ON CONFLICT (id) DO NOTHING RETURNING id",
+        (list(ids),),
+    )
+    absent = {str(row[0]) for row in cursor.fetchall()}
+    cursor.connection.rollback()
+    return set(ids) - absent
 
 
 def claim(
@@ -335,9 +371,17 @@ def delivered(cursor: Cursor, id: str, owner: str) -> None:
 
 
 def record(
-    cursor: Cursor, id: str, owner: str, attempt: Attempt, next_attempt: float | None
+    cursor: Cursor,
+    id: str,
+    owner: str,
+    attempt: Attempt,
+    next_attempt: float | None,
+    recipients: Recipients | None = None,
 ) -> None:
-    """Record a failed attempt: queued again at C{next_attempt}, or dead if that is None."""
+    """Record a failed attempt: queued again at C{next_attempt}, or dead if that is None.
+
+    C{recipients}, if given, replace the envelope's and the failed ones.
+    """
     values: dict[str, object] = {
         "id": id,
         "owner": owner,
@@ -356,10 +400,23 @@ def record(
         ),
         values,
     )
+    if recipients is not None:
+        cursor.execute(
+            "UPDATE queue_messages SET recipients = %s, failed = %s WHERE id = %s",
+            (list(recipients.owed), list(recipients.failed), id),
+        )
     cursor.execute(
-        "INSERT INTO queue_attempts (id, at, outcome, reply, request_id, worker)"
-        " VALUES (%s, %s, %s, %s, %s, %s)",
-        (id, attempt.at, str(attempt.outcome), attempt.reply, attempt.request_id, attempt.worker),
+        "INSERT INTO queue_attempts (id, at, outcome, reply, request_id, worker, refused)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (
+            id,
+            attempt.at,
+            str(attempt.outcome),
+            attempt.reply,
+            attempt.request_id,
+            attempt.worker,
+            refused_json(attempt.refused),
+        ),
     )
 
 
@@ -401,13 +458,20 @@ def show(cursor: Cursor, id: str) -> Entry | None:
     if row is None:
         return None
     cursor.execute(
-        "SELECT at, outcome, reply, request_id, worker FROM queue_attempts"
+        "SELECT at, outcome, reply, request_id, worker, refused FROM queue_attempts"
         " WHERE id = %s ORDER BY n",
         (id,),
     )
     history = tuple(
-        Attempt(at=at, outcome=Outcome(outcome), reply=reply, request_id=rid, worker=worker)
-        for at, outcome, reply, rid, worker in cursor.fetchall()
+        Attempt(
+            at=at,
+            outcome=Outcome(outcome),
+            reply=reply,
+            request_id=rid,
+            worker=worker,
+            refused=refused_from_json(refused),
+        )
+        for at, outcome, reply, rid, worker, refused in cursor.fetchall()
     )
     return entry(row, history)
 

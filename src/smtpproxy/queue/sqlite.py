@@ -48,6 +48,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -65,13 +66,17 @@ from smtpproxy.queue import counters
 from smtpproxy.queue.model import (
     Attempt,
     BodySource,
+    EnqueueWithdrawnError,
     Entry,
     Envelope,
     LeaseLostError,
     Outcome,
     QueueFullError,
+    Recipients,
     State,
     Stats,
+    refused_from_json,
+    refused_json,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "body_directory"]
@@ -80,11 +85,12 @@ log = Logger(namespace="smtpproxy.queue")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Kept in C{PRAGMA user_version}; a newer file is refused rather than misread.
 
-Version 2 added C{inline_bodies}, the bodies of small messages; a version 1
-file is upgraded in place at open.
+Version 2 added C{inline_bodies}, the bodies of small messages; version 3
+the recipients refused by partial deliveries (L{_COLUMNS_3}).  Older files
+are upgraded in place at open.
 """
 
 _FULL, _NORMAL = "FULL", "NORMAL"
@@ -154,11 +160,18 @@ CREATE INDEX attempts_message ON attempts (message);
     + _SCHEMA_2
 )
 
+#: What version 3 added: per attempt, the recipients refused while others
+#: got the message; per message, those refused for good (JSON lists).
+_COLUMNS_3 = (
+    ("messages", "failed", "TEXT NOT NULL DEFAULT '[]'"),
+    ("attempts", "refused", "TEXT NOT NULL DEFAULT '[]'"),
+)
+
 #: Spelled out once and put into the SELECTs with an f-string: a constant,
 #: never input (values are always bound), hence the S608 exemptions below.
 _COLUMNS = (
     "seq, id, sender, recipients, client, user, route, meta, size, queued_at, state,"
-    " attempts, next_attempt, last_reply, lease_owner, lease_until"
+    " attempts, next_attempt, last_reply, lease_owner, lease_until, failed"
 )
 
 
@@ -172,6 +185,9 @@ class _Pending:
     """One enqueue between its 250 being asked for and its commit.
 
     @ivar name: the body file's name, or C{_INLINE} with the body in C{data}.
+    @ivar withdrawn: L{SQLiteStore.withdraw} stopped it: it is never inserted.
+    @ivar sealed: its batch holds the write lock and inserts it: too late to
+        withdraw.  Both flags change under the store's C{_seal} lock only.
     """
 
     id: str
@@ -181,6 +197,8 @@ class _Pending:
     name: str
     data: bytes | None = None
     done: Deferred[None] = field(default_factory=Deferred)
+    withdrawn: bool = False
+    sealed: bool = False
 
 
 @dataclass(eq=False)
@@ -194,9 +212,10 @@ class _Finished:
 
 @dataclass(frozen=True, slots=True)
 class _Committed:
-    """What one group commit did: refused duplicates, lost leases, removed bodies."""
+    """What one group commit did: ids left out (duplicates, withdrawn), lost leases, bodies gone."""
 
     duplicates: set[str]
+    withdrawn: set[str]
     lost: set[str]
     removed: builtins.list[tuple[int, str | None]]
 
@@ -237,7 +256,10 @@ class SQLiteStore:
         self._timeout = timeout
         self._pool: ConnectionPool | None = None
         self._files: ThreadPool | None = None
-        self._ids: set[str] = set()
+        # Enqueues in flight, by id: for duplicates and for withdraw().
+        self._ids: dict[str, _Pending] = {}
+        # Taken by withdraw() and by the commit thread when it seals a batch.
+        self._seal = threading.Lock()
         self._ready: list[_Pending] = []
         self._finished: list[_Finished] = []
         # Small bodies read along with a claim, so the worker's read_body
@@ -314,9 +336,9 @@ class SQLiteStore:
         if self.held + size > self.max_bytes:
             return defer.fail(QueueFullError(f"queue holds {self.held} of {self.max_bytes} bytes"))
         self.held += size
-        self._ids.add(id)
         if size <= self.inline_max:
             item = _Pending(id, envelope, size, now, _INLINE)
+            self._ids[id] = item
             self._inflight.add(item.done)
             try:
                 # At most inline_max bytes, from memory (or a spool file the
@@ -328,13 +350,14 @@ class SQLiteStore:
                 self._ready_to_commit(item)
         else:
             item = _Pending(id, envelope, size, now, secrets.token_hex(16))
+            self._ids[id] = item
             written = self._in_files(lambda: self._write_body(item.name, body, size))
             written.addCallbacks(lambda _: self._ready_to_commit(item), item.done.errback)
             self._inflight.add(item.done)
 
         def finished(result: object) -> object:
             self._inflight.discard(item.done)
-            self._ids.discard(id)
+            self._ids.pop(id, None)
             if isinstance(result, Failure):
                 self.held -= size
             return result
@@ -345,6 +368,39 @@ class SQLiteStore:
         answer: Deferred[None] = Deferred()
         item.done.chainDeferred(answer)
         return answer
+
+    def withdraw(self, id: str) -> bool:
+        """Stop the enqueue of C{id} unless its batch already holds the write lock.
+
+        Withdrawn while its body is being written, it is dropped when the
+        write ends; waiting for the next batch, at once; in a batch still
+        waiting for SQLite's write lock (another process holds it), the
+        batch skips it.  Its Deferred fails with L{EnqueueWithdrawnError}
+        when its body file (if any) is gone, and its bytes are given back.
+        """
+        item = self._ids.get(id)
+        if item is None:
+            return False
+        with self._seal:
+            if item.sealed:
+                return False
+            item.withdrawn = True
+        if item in self._ready:
+            self._ready.remove(item)
+            self._drop([item], EnqueueWithdrawnError)
+        return True
+
+    def _drop(self, items: builtins.list[_Pending], error: Callable[[str], Exception]) -> None:
+        """Fail enqueues that were not inserted, once their body files are deleted."""
+        if not items:
+            return
+        names = [item.name for item in items if item.name != _INLINE]
+
+        def refuse(_: object) -> None:
+            for item in items:
+                item.done.errback(error(item.id))
+
+        self._in_files(lambda: _unlink_all(self.bodies, names)).addBoth(refuse)
 
     # The delivery workers.
 
@@ -487,18 +543,25 @@ class SQLiteStore:
         return answer
 
     def deferred(
-        self, id: str, owner: str, attempt: Attempt, next_attempt: float
+        self,
+        id: str,
+        owner: str,
+        attempt: Attempt,
+        next_attempt: float,
+        recipients: Recipients | None = None,
     ) -> Deferred[None]:
         """Record a temporary failure and put the message back, due at C{next_attempt}."""
         self._claimed.pop(id, None)
+        state = "state = 'queued', next_attempt = ?"
+        return self._settle(id, owner, attempt, state, next_attempt, recipients)
 
-        return self._settle(id, owner, attempt, "state = 'queued', next_attempt = ?", next_attempt)
-
-    def dead(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
+    def dead(
+        self, id: str, owner: str, attempt: Attempt, recipients: Recipients | None = None
+    ) -> Deferred[None]:
         """Record the last attempt and keep the message, dead, with its history."""
         self._claimed.pop(id, None)
-
-        return self._settle(id, owner, attempt, "state = 'dead', died_at = ?", attempt.at)
+        state = "state = 'dead', died_at = ?"
+        return self._settle(id, owner, attempt, state, attempt.at, recipients)
 
     def release(self, owner: str) -> Deferred[int]:
         """Put back every message C{owner} holds, due as before."""
@@ -540,13 +603,13 @@ class SQLiteStore:
             if row is None:
                 return None
             cursor.execute(
-                "SELECT at, outcome, reply, request_id, worker FROM attempts"
+                "SELECT at, outcome, reply, request_id, worker, refused FROM attempts"
                 " WHERE message = ? ORDER BY at, rowid",
                 (row[0],),
             )
             history = tuple(
-                Attempt(at, Outcome(outcome), reply, request_id, worker)
-                for at, outcome, reply, request_id, worker in cursor.fetchall()
+                Attempt(at, Outcome(outcome), reply, request_id, worker, refused_from_json(refused))
+                for at, outcome, reply, request_id, worker, refused in cursor.fetchall()
             )
             return _entry(row, history=history)
 
@@ -636,6 +699,9 @@ class SQLiteStore:
     # Group commit.
 
     def _ready_to_commit(self, item: _Pending) -> None:
+        if item.withdrawn:  # while its body was being written
+            self._drop([item], EnqueueWithdrawnError)
+            return
         self._ready.append(item)
         if not self._committing:
             self._commit_next()
@@ -650,17 +716,10 @@ class SQLiteStore:
             if batch:
                 self.commits += 1
             self._settle_finished(finished, result)
-            duplicates = result.duplicates
-            lost = [item for item in batch if item.id in duplicates]
-            kept = [item for item in batch if item.id not in duplicates]
-            if lost:
-                names = [item.name for item in lost]
-
-                def refuse(_: object) -> None:
-                    for item in lost:
-                        item.done.errback(KeyError(item.id))
-
-                self._in_files(lambda: _unlink_all(self.bodies, names)).addBoth(refuse)
+            duplicates, withdrawn = result.duplicates, result.withdrawn
+            self._drop([item for item in batch if item.id in duplicates], KeyError)
+            self._drop([item for item in batch if item.id in withdrawn], EnqueueWithdrawnError)
+            kept = [item for item in batch if item.id not in duplicates | withdrawn]
             for item in kept:
                 item.done.callback(None)
 
@@ -719,8 +778,20 @@ class SQLiteStore:
         if any(item.name != _INLINE for item in batch):
             _fsync_directory(self.bodies)
         cursor.execute("BEGIN IMMEDIATE")
+        # The write lock is ours: from here the batch commits in moments,
+        # so what was not withdrawn while it waited for the lock no longer
+        # can be (see withdraw).
+        withdrawn: set[str] = set()
+        with self._seal:
+            for item in batch:
+                if item.withdrawn:
+                    withdrawn.add(item.id)
+                else:
+                    item.sealed = True
         duplicates: set[str] = set()
         for item in batch:
+            if item.withdrawn:
+                continue
             envelope = item.envelope
             cursor.execute(
                 "INSERT INTO messages (id, sender, recipients, client, user, route, meta,"
@@ -758,7 +829,7 @@ class SQLiteStore:
                 continue
             cursor.execute("DELETE FROM messages WHERE seq = ?", (seq,))
             removed.append((size, name))
-        return _Committed(duplicates, lost, removed)
+        return _Committed(duplicates, withdrawn, lost, removed)
 
     # Work in the threads.
 
@@ -807,14 +878,18 @@ class SQLiteStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     cursor.execute(statement)
-            cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif version == 1:
             cursor.execute(_SCHEMA_2)
-            cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif version != SCHEMA_VERSION:
+        elif version > SCHEMA_VERSION:
             raise RuntimeError(
                 f"{self.path} has queue schema {version}; this smtpproxy knows {SCHEMA_VERSION}"
             )
+        if version < SCHEMA_VERSION:
+            for table, column, kind in _COLUMNS_3:
+                columns = {row[1] for row in cursor.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    cursor.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         cursor.execute(counters.TABLE)
         cursor.execute("SELECT seq, body FROM messages WHERE body IS NOT NULL AND body != ''")
         rows: dict[str, int] = {str(name): int(seq) for seq, name in cursor.fetchall()}
@@ -893,12 +968,19 @@ class SQLiteStore:
         return run(at_level)
 
     def _settle(
-        self, id: str, owner: str, attempt: Attempt, state: str, value: float
+        self,
+        id: str,
+        owner: str,
+        attempt: Attempt,
+        state: str,
+        value: float,
+        recipients: Recipients | None,
     ) -> Deferred[None]:
         """Record C{attempt} and end C{owner}'s lease, setting C{state} (a constant).
 
         C{state} is "state = '...', <column> = ?" and C{value} fills its
         placeholder; both outcomes that keep the message differ only there.
+        C{recipients}, if given, replace the envelope's and the failed ones.
         """
 
         def work(cursor: sqlite3.Cursor) -> None:
@@ -910,6 +992,11 @@ class SQLiteStore:
                 " lease_owner = NULL, lease_until = NULL WHERE seq = ?",
                 (value, attempt.reply, seq),
             )
+            if recipients is not None:
+                cursor.execute(
+                    "UPDATE messages SET recipients = ?, failed = ? WHERE seq = ?",
+                    (json.dumps(list(recipients.owed)), json.dumps(list(recipients.failed)), seq),
+                )
 
         return self._run(work)
 
@@ -988,9 +1075,17 @@ def _inline_body(cursor: sqlite3.Cursor, seq: int) -> bytes:
 
 def _record(cursor: sqlite3.Cursor, seq: int, attempt: Attempt) -> None:
     cursor.execute(
-        "INSERT INTO attempts (message, at, outcome, reply, request_id, worker)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (seq, attempt.at, attempt.outcome.value, attempt.reply, attempt.request_id, attempt.worker),
+        "INSERT INTO attempts (message, at, outcome, reply, request_id, worker, refused)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            seq,
+            attempt.at,
+            attempt.outcome.value,
+            attempt.reply,
+            attempt.request_id,
+            attempt.worker,
+            refused_json(attempt.refused),
+        ),
     )
 
 
@@ -1019,9 +1114,10 @@ def _entry(
         last_reply,
         stored_owner,
         stored_until,
+        failed,
     ) = cast(
         "tuple[int, str, str, str, str, str | None, str, str, int, float, str, int, float,"
-        " str, str | None, float | None]",
+        " str, str | None, float | None, str]",
         row,
     )
     return Entry(
@@ -1043,6 +1139,7 @@ def _entry(
         lease_owner=lease_owner if state is not None else stored_owner,
         lease_until=lease_until if state is not None else stored_until,
         history=history,
+        failed=tuple(json.loads(failed)),
     )
 
 

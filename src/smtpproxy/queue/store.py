@@ -19,6 +19,12 @@ in C{tests/queue/test_store_contract.py} hold each backend to:
   - The outcome methods (L{delivered}, L{deferred}, L{dead}) apply only
     while the caller still holds the lease; otherwise they fail with
     L{smtpproxy.queue.model.LeaseLostError} and change nothing.
+  - L{QueueStore.withdraw} answers at once and for good: True means the
+    enqueue will never commit (its Deferred then fails with
+    L{smtpproxy.queue.model.EnqueueWithdrawnError} and nothing is left
+    behind), False means it has committed or is committing (its Deferred
+    tells which).  A session forced closed at shutdown asks it before it
+    says "421 ... not accepted", so that answer is never a lie.
   - Ids are the caller's (the relay's message id, printed in the 250 reply
     and every log line); an id already present fails the enqueue with
     C{KeyError} and stores nothing.
@@ -31,7 +37,7 @@ from typing import Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
-from smtpproxy.queue.model import Attempt, BodySource, Entry, Envelope, State, Stats
+from smtpproxy.queue.model import Attempt, BodySource, Entry, Envelope, Recipients, State, Stats
 
 
 class QueueStore(Protocol):
@@ -47,6 +53,16 @@ class QueueStore(Protocol):
 
     def enqueue(self, id: str, envelope: Envelope, body: BodySource, now: float) -> Deferred[None]:
         """Store a message durably; fire once it is safe to answer 250."""
+
+    def withdraw(self, id: str) -> bool:
+        """Give up the enqueue of C{id} if it can still be stopped before its commit.
+
+        True: it never commits (its Deferred fails with
+        L{smtpproxy.queue.model.EnqueueWithdrawnError} once the store has
+        let go of the body).  False: no enqueue of C{id} is in flight, or
+        it is already past the point of no return (its commit is under way
+        or done).
+        """
 
     # The delivery workers.
 
@@ -65,12 +81,28 @@ class QueueStore(Protocol):
         """The provider took it: remove the message and its body."""
 
     def deferred(
-        self, id: str, owner: str, attempt: Attempt, next_attempt: float
+        self,
+        id: str,
+        owner: str,
+        attempt: Attempt,
+        next_attempt: float,
+        recipients: Recipients | None = None,
     ) -> Deferred[None]:
-        """A temporary failure: record it, release the lease, try again at C{next_attempt}."""
+        """A temporary failure: record it, release the lease, try again at C{next_attempt}.
 
-    def dead(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
-        """Give up: record the attempt and keep the message, dead, with its history."""
+        C{recipients}, after an attempt that reached some: whom the message
+        is still owed to (the envelope's recipients from now on) and whom
+        it failed for good; None leaves both as they were.
+        """
+
+    def dead(
+        self, id: str, owner: str, attempt: Attempt, recipients: Recipients | None = None
+    ) -> Deferred[None]:
+        """Give up: record the attempt and keep the message, dead, with its history.
+
+        C{recipients} as for L{deferred}: a message dead after reaching
+        some keeps only those it never reached, so a retry sends to them.
+        """
 
     def release(self, owner: str) -> Deferred[int]:
         """Give back every lease C{owner} holds (shutdown); the count released."""

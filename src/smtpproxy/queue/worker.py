@@ -42,9 +42,10 @@ from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider
+from smtpproxy.providers.result import PartlyRefused
 from smtpproxy.queue import policy
 from smtpproxy.queue.front import dsn_from_meta, mailbox_from_meta
-from smtpproxy.queue.model import Attempt, Entry, LeaseLostError
+from smtpproxy.queue.model import Attempt, Entry, LeaseLostError, Recipients, Refused
 from smtpproxy.queue.store import QueueStore
 from smtpproxy.spool import InflightBudget
 
@@ -276,6 +277,7 @@ class QueueRunner(Service):
             "attempts": attempts,
         }
         error: BaseException | None = None
+        result: PartlyRefused | None = None
         held = 0
         try:
             if self.budget is not None:
@@ -285,7 +287,7 @@ class QueueRunner(Service):
                 held = entry.size
             email = await self._parse(entry)
             fields["queue_time_s"] = round(self._reactor.seconds() - entry.queued_at, 3)
-            await send_email(
+            result = await send_email(
                 self._provider, self._reactor, email, fields, started, log_failure=False
             )
         except Exception as e:
@@ -297,17 +299,48 @@ class QueueRunner(Service):
                 # The provider is done with the body: its bytes may go.
                 self.budget.release(held)
         now = self._reactor.seconds()
-        decision = policy.decide(
-            error, attempts, entry.queued_at, now, self.settings.schedule, self._rand()
-        )
+        decision = self._decide(entry, error, result, attempts, now)
+        refused = () if result is None else result.refused
         record = Attempt(
             at=started,
             outcome=decision.outcome,
             reply="" if isinstance(decision, policy.Delivered) else decision.reply,
             request_id=policy.request_id(error),
             worker=self.owner,
+            refused=tuple(Refused(r.address, r.reply) for r in refused),
         )
         await self._record(entry, decision, record, fields, now)
+
+    def _decide(
+        self,
+        entry: Entry,
+        error: BaseException | None,
+        result: PartlyRefused | None,
+        attempts: int,
+        now: float,
+    ) -> policy.Decision:
+        """The policy's verdict, per recipient when the provider reached only some.
+
+        A message with recipients failed for good by an earlier attempt
+        ends dead for them (and for any it still could not reach).
+        """
+        schedule, owed = self.settings.schedule, entry.envelope.recipients
+        if error is None and (result is not None or entry.failed):
+            refused = [] if result is None else result.refused
+            return policy.after_partial(
+                owed,
+                entry.failed,
+                [(r.address, r.reply, r.permanent) for r in refused],
+                attempts,
+                entry.queued_at,
+                now,
+                schedule,
+                self._rand(),
+            )
+        decision = policy.decide(error, attempts, entry.queued_at, now, schedule, self._rand())
+        if isinstance(decision, policy.Dead) and entry.failed:
+            return dataclasses.replace(decision, recipients=Recipients(owed + entry.failed))
+        return decision
 
     async def _parse(self, entry: Entry) -> Email:
         raw = await self.store.read_body(entry.id)
@@ -334,7 +367,7 @@ class QueueRunner(Service):
             if isinstance(decision, policy.Delivered):
                 await self.store.delivered(id, owner, record)
             elif isinstance(decision, policy.Retry):
-                await self.store.deferred(id, owner, record, decision.at)
+                await self.store.deferred(id, owner, record, decision.at, decision.recipients)
                 log.warn(
                     "message delivery deferred",
                     id=id,
@@ -342,16 +375,22 @@ class QueueRunner(Service):
                     reply=decision.reply,
                     request_id=record.request_id,
                     retry_in_s=round(decision.at - now, 1),
+                    **_partial_fields(record, decision.recipients),
                 )
             else:
-                await self.store.dead(id, owner, record)
+                await self.store.dead(id, owner, record, decision.recipients)
+                dead_fields = {k: v for k, v in fields.items() if k != "queue_time_s"}
+                if decision.recipients is not None:
+                    dead_fields["recipients"] = clip_list(decision.recipients.owed)
+                    dead_fields["recipient_count"] = len(decision.recipients.owed)
                 log.error(
                     "message dead",
                     outcome=str(decision.outcome),
                     reply=decision.reply,
                     request_id=record.request_id,
                     queue_time_s=round(now - entry.queued_at, 3),
-                    **{k: v for k, v in fields.items() if k != "queue_time_s"},
+                    **dead_fields,
+                    **_partial_fields(record, None),
                 )
         except LeaseLostError:
             log.warn(
@@ -402,3 +441,15 @@ class QueueRunner(Service):
         purging.addCallbacks(
             purged, lambda failure: log.failure("could not purge dead messages", failure)
         )
+
+
+def _partial_fields(record: Attempt, recipients: Recipients | None) -> dict[str, object]:
+    """Log fields of an attempt that reached only some: who was refused, who is still owed."""
+    if not record.refused:
+        return {}
+    fields: dict[str, object] = {
+        "refused": clip_list([f"<{r.address}> {r.reply}" for r in record.refused])
+    }
+    if recipients is not None:
+        fields["owed"] = clip_list(recipients.owed)
+    return fields

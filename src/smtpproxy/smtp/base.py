@@ -106,6 +106,9 @@ class ShellBase(ESMTP):
     # That delivery was given up (421 at shutdown, or the client left): its
     # answer, when it comes, is not sent.
     _gave_up = False
+    # Forced closed at shutdown while the queue was committing its message:
+    # waiting for that outcome to tell the client (see Closing.force_close).
+    _awaiting_commit = False
     _early: list[bytes]
     # A command arrived since the greeting (or since STARTTLS): the idle
     # limit is then the command timeout, before it the greeting timeout.
@@ -164,6 +167,7 @@ class ShellBase(ESMTP):
         # smtpproxy.smtp.closing
         def _close(self, grace: float = ...) -> None: ...
         def _stop_if_shutting_down(self) -> bool: ...
+        def _not_accepted(self) -> None: ...
 
         # smtpproxy.smtp.inputloop
         def _process(self) -> None: ...

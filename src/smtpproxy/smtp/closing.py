@@ -13,6 +13,10 @@ from smtpproxy.smtp.base import CHUNK, DATA, ShellBase
 # A closed session whose peer does not take our last bytes (or never
 # finishes a TLS handshake) is cut off after this many seconds.
 CLOSE_GRACE = 10.0
+# Forced closed while the queue commits the session's message: how long the
+# outcome is waited for (a commit under way takes milliseconds; this stays
+# below the factory's FORCE_GRACE, so the session ends itself).
+COMMIT_GRACE = 1.5
 
 
 class Closing(ShellBase):
@@ -22,6 +26,22 @@ class Closing(ShellBase):
         if self._closing:
             # The grace period of _close ran out: the peer is not taking
             # our last bytes (or never finished a TLS handshake).
+            self._tcp.abortConnection()
+            return
+        if self._awaiting_commit:
+            # The queue's commit of the message did not answer in time.  It
+            # may still land, so "not accepted" would be a lie, and 250 may
+            # be one too: the only honest answer is none (RFC 5321 6.1: the
+            # client retries, the classic duplicate rather than a loss).
+            self.factory.log_summary.emit(
+                LogLevel.warn,
+                "queue commit unanswered at shutdown, closing without a reply",
+                self._peer,
+                session=self.id,
+            )
+            self._closing = True
+            self._release_slot()
+            self._give_up_delivery()
             self._tcp.abortConnection()
             return
         if self._handshaking:
@@ -50,11 +70,46 @@ class Closing(ShellBase):
             self._close()
 
     def force_close(self) -> None:
-        """Shutdown timed out: say so if we still can, abort after a short grace."""
+        """Shutdown timed out: say so if we still can, abort after a short grace.
+
+        A message the queue is storing is withdrawn first: only when the
+        store confirms it will never commit does the client hear "not
+        accepted".  If its commit is already under way, the client gets
+        the real outcome (250 once committed) within L{COMMIT_GRACE}.
+        """
+        if not self._closing and self._commit_under_way():
+            self._awaiting_commit = True
+            self.setTimeout(COMMIT_GRACE)
+            return
         if not self._closing:
-            self.reply(421, "4.3.2", "Shutting down, message not accepted, try later")
+            self._not_accepted()
+            return
         self._close(grace=1.0)
         self._give_up_delivery()
+
+    def _not_accepted(self) -> None:
+        """421 for a message given up at shutdown, then close."""
+        self.reply(421, "4.3.2", "Shutting down, message not accepted, try later")
+        self._close(grace=1.0)
+        self._give_up_delivery()
+
+    def _commit_under_way(self) -> bool:
+        """Withdraw the queued message being stored; True if it is past withdrawing.
+
+        Each message of ours says C{queued} and can C{withdraw}; one that
+        cannot (another avatar's, or direct mode, where the provider has
+        it) is given up as before.  A withdrawal may answer at once, the
+        session then saying 421 from its answer (L{_not_accepted}).
+        """
+        pending = self._delivering
+        if pending is None:
+            return False
+        committing = False
+        for message in pending[1]:
+            withdraw = getattr(message, "withdraw", None)
+            if getattr(message, "queued", False) and withdraw is not None and not withdraw():
+                committing = True
+        return committing and not self._closing
 
     def _in_transaction(self) -> bool:
         return self._busy or self.mode in (DATA, CHUNK) or self.session.tx.chunks is not None

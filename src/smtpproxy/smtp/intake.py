@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from smtpproxy.errors import Reply, reply_for_failure
+from smtpproxy.queue.model import EnqueueWithdrawnError
 from smtpproxy.smtp.base import CHUNK, COMMAND, DATA, ShellBase, log
 from smtpproxy.smtp.chunking import ChunkReader
 from smtpproxy.smtp.dotreader import DataReader
@@ -146,6 +147,9 @@ class Intake(ShellBase):
                 if isinstance(error, defer.FirstError):
                     error = error.subFailure.value
                 assert error is not None
+                if isinstance(error, EnqueueWithdrawnError):
+                    self._not_accepted()  # withdrawn by force_close, at once
+                    return
                 self.reply(reply_for_failure(error))
                 return
             if self._budget is not None:

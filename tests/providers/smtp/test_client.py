@@ -24,6 +24,7 @@ from smtpproxy.errors import (
     reply_for_failure,
 )
 from smtpproxy.mime.message import Email
+from smtpproxy.providers.result import PartlyRefused, RecipientRefusal
 from smtpproxy.providers.smtp.client import RelayClient
 from smtpproxy.providers.smtp.provider import SmtpProvider
 from smtpproxy.providers.smtp.trust import client_tls
@@ -58,7 +59,7 @@ class Case(TestCase):
         self.addCleanup(provider.close)
         return provider
 
-    async def failure_of(self, d: defer.Deferred[None]) -> DeliveryError:
+    async def failure_of(self, d: defer.Deferred[PartlyRefused | None]) -> DeliveryError:
         try:
             await d
         except DeliveryError as e:
@@ -100,16 +101,41 @@ class TransactionTests(Case):
 
     @async_test
     async def test_some_recipients_refused(self) -> None:
-        """Refused recipients are logged with the upstream's reply; the others get the message."""
-        script = Script(
-            rcpt=lambda a: "550 5.1.1 <x>: unknown" if a.startswith("gone") else "250 2.1.5 Ok"
+        """Refused recipients are logged with the upstream's reply, and send fires with
+        them, each with its reply (the caller decides what they are owed); the others
+        get the message."""
+
+        def rcpt(address: str) -> str:
+            if address.startswith("gone"):
+                return "550 5.1.1 <x>: unknown"
+            if address.startswith("busy"):
+                return "450 Mailbox busy"
+            return "250 2.1.5 Ok"
+
+        provider = await self.upstream(script := Script(rcpt=rcpt))
+        result = await provider.send(
+            message("b@example.org", "gone@example.org", "busy@example.org")
         )
-        provider = await self.upstream(script)
-        await provider.send(message("b@example.org", "gone@example.org"))
+        self.assertEqual(
+            result,
+            PartlyRefused(
+                ("b@example.org",),
+                (
+                    RecipientRefusal("gone@example.org", 550, "5.1.1", "<x>: unknown"),
+                    RecipientRefusal("busy@example.org", 450, "", "Mailbox busy"),
+                ),
+            ),
+        )
+        assert result is not None
+        self.assertEqual([r.permanent for r in result.refused], [True, False])
+        self.assertEqual(result.refused[1].reply, "450 Mailbox busy")
         self.assertEqual(script.bodies, [RAW])
         [event] = self.logged("upstream refused some recipients")
         self.assertEqual(event["accepted"], 1)
-        self.assertEqual(event["refused"], ["<gone@example.org> 550 5.1.1 <x>: unknown"])
+        self.assertEqual(
+            event["refused"],
+            ["<gone@example.org> 550 5.1.1 <x>: unknown", "<busy@example.org> 450 Mailbox busy"],
+        )
 
     @async_test
     async def test_all_recipients_refused(self) -> None:

@@ -5,8 +5,9 @@ L{wire.plan} turn the message into commands for what that upstream offers,
 runs the transaction (L{RelayClient.deliver}) and hands the session back.
 The upstream's verdict becomes ours: its 4xx a L{TransientDeliveryError},
 its 5xx a L{PermanentDeliveryError} of the same class, both with its text.
-Recipients it refused while taking others are logged; the message counts as
-delivered to the rest.
+Recipients it refused while taking others are logged, and C{send} fires
+with a L{PartlyRefused} naming them and their replies: the message went to
+the rest, and the caller decides what the refused ones are owed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from twisted.logger import Logger
 from smtpproxy.errors import DeliveryError, TransientDeliveryError
 from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
+from smtpproxy.providers.result import PartlyRefused, RecipientRefusal
 from smtpproxy.providers.smtp import wire
 from smtpproxy.providers.smtp.client import RelayClient, StaleConnectionError
 from smtpproxy.providers.smtp.pool import Pool
@@ -60,11 +62,14 @@ class SmtpProvider:
         if settings.tls != "none" and not settings.tls_verify:
             log.warn("upstream certificate not checked", upstream=self._where)
 
-    def send(self, email: Email) -> Deferred[None]:
-        """Relay C{email}; fires once the upstream accepted it for at least one recipient."""
+    def send(self, email: Email) -> Deferred[PartlyRefused | None]:
+        """Relay C{email}; fires once the upstream accepted it for at least one recipient.
+
+        With None when it took every recipient, else with the refused ones.
+        """
         return Deferred.fromCoroutine(self._send(email))
 
-    async def _send(self, email: Email) -> None:
+    async def _send(self, email: Email) -> PartlyRefused | None:
         if self._settings.sender:
             # RELAY_FROM: once per message, before any attempt (relayfrom).
             email = force_sender(email, self._settings.sender)
@@ -88,7 +93,15 @@ class SmtpProvider:
                     accepted=len(delivered.accepted),
                     refused=clip_list(refused),
                 )
-            return
+                return PartlyRefused(
+                    delivered.accepted,
+                    tuple(
+                        RecipientRefusal(address, reply.code, reply.status or "", reply.text)
+                        for address, reply in delivered.refused
+                    ),
+                )
+            return None
+        return None  # pragma: no cover (the loop returns or raises)
 
     async def _open(self) -> RelayClient:
         settings = self._settings

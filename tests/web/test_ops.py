@@ -13,13 +13,15 @@ import http.client
 import json
 import os
 import resource
+import shutil
 import ssl
+import subprocess
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from smtpproxy import fdlimit, tls
 from smtpproxy.policy.rules import parse_networks
@@ -29,7 +31,7 @@ from smtpproxy.web.channel import body_problem
 from smtpproxy.web.metrics import Metrics
 from smtpproxy.web.status import StatusPoller
 from tests.support import async_test, in_thread, message, sendmail
-from tests.test_twistd import Relay
+from tests.test_twistd import Relay, free_port
 
 PROXIES = parse_networks("10.0.0.0/8")
 
@@ -185,6 +187,24 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(found[("smtpproxy_graph_retries_total", ())], 2)
         self.assertEqual(found[("smtpproxy_graph_throttle_wait_seconds_total", ())], 2.5)
 
+    def test_tls_events(self) -> None:
+        """Completed handshakes are counted by front door and version, failures by front door."""
+        metrics = Metrics()
+        done = {"log_format": "TLS handshake completed"}
+        for event in (
+            {**done, "front_door": "smtps", "tls_version": "TLSv1.3"},
+            {**done, "front_door": "smtps", "tls_version": "TLSv1.3"},
+            {**done, "front_door": "https", "tls_version": "TLSv1.2"},
+            {"log_format": "TLS handshake failed", "front_door": "starttls"},
+        ):
+            metrics.observe(event)
+        found = samples(metrics)
+        name = "smtpproxy_tls_handshakes_total"
+        self.assertEqual(found[(name, (("front_door", "smtps"), ("version", "TLSv1.3")))], 2)
+        self.assertEqual(found[(name, (("front_door", "https"), ("version", "TLSv1.2")))], 1)
+        failed = ("smtpproxy_tls_handshake_failures_total", (("front_door", "starttls"),))
+        self.assertEqual(found[failed], 1)
+
     def test_bad_event_never_raises(self) -> None:
         """An event with odd field types is skipped, never an exception in logging."""
         Metrics().observe({"log_format": "message delivered", "provider": object(), "size": "x"})
@@ -235,6 +255,19 @@ def fetch(port: int, path: str, context: ssl.SSLContext | None = None) -> tuple[
         conn.close()
 
 
+def certificate_files(case: TestCase) -> tuple[str, str]:
+    """A throw-away certificate and key for relay.test, written as PEM files under the test."""
+    cert, key = tls.self_signed("relay.test")
+    directory = os.path.abspath(case.mktemp())
+    os.makedirs(directory)
+    paths = []
+    for name, data in (("cert.pem", cert), ("key.pem", key)):
+        paths.append(os.path.join(directory, name))
+        with open(paths[-1], "wb") as f:
+            f.write(data)
+    return paths[0], paths[1]
+
+
 class TwistdTests(TestCase):
     @async_test
     async def test_metrics_and_readyz_from_the_real_process(self) -> None:
@@ -260,14 +293,7 @@ class TwistdTests(TestCase):
     @async_test
     async def test_https(self) -> None:
         """With HTTP_TLS_CERT_FILE/KEY_FILE the listener speaks HTTPS (TLS 1.2+)."""
-        cert, key = tls.self_signed("relay.test")
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        paths = []
-        for name, data in (("cert.pem", cert), ("key.pem", key)):
-            paths.append(os.path.join(directory, name))
-            with open(paths[-1], "wb") as f:
-                f.write(data)
+        paths = certificate_files(self)
         relay = Relay(self, HTTP_TLS_CERT_FILE=paths[0], HTTP_TLS_KEY_FILE=paths[1])
         context = ssl.create_default_context()
         context.check_hostname = False
@@ -278,3 +304,81 @@ class TwistdTests(TestCase):
             return fetch(relay.http_port, "/healthz", context)
 
         self.assertEqual(await in_thread(scenario), (200, b'{"status": "ok"}'))
+
+    @async_test
+    async def test_tls_handshakes_by_version(self) -> None:
+        """openssl s_client's handshakes on SMTPS, STARTTLS and HTTPS move exactly their counters.
+
+        TLS 1.2 and 1.3 on each SMTP door, one refused handshake on each
+        (a cipher the relay does not offer), then two scrapes over HTTPS:
+        the first scrape's own handshake is in its answer, and the second
+        shows that nothing else moved in between.
+        """
+        if shutil.which("openssl") is None:
+            raise SkipTest("openssl is installed by .ci/run")
+        paths = certificate_files(self)
+        smtps = free_port()
+        relay = Relay(
+            self,
+            SMTPS_LISTEN=f"127.0.0.1:{smtps}",
+            TLS_CERT_FILE=paths[0],
+            TLS_KEY_FILE=paths[1],
+            HTTP_TLS_CERT_FILE=paths[0],
+            HTTP_TLS_KEY_FILE=paths[1],
+        )
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_3
+
+        def s_client(port: int, *args: str) -> bool:
+            done = subprocess.run(
+                ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *args],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+            return b"Cipher is (NONE)" not in done.stdout and b", Cipher is " in done.stdout
+
+        def scenario() -> tuple[list[bool], bytes, bytes]:
+            relay.wait_listening()
+            starttls = ("-starttls", "smtp")
+            shook = [
+                s_client(smtps, "-tls1_2"),
+                s_client(smtps, "-tls1_3"),
+                s_client(smtps, "-tls1_3"),
+                s_client(relay.smtp_port, *starttls, "-tls1_2"),
+                s_client(relay.smtp_port, *starttls, "-tls1_3"),
+                s_client(smtps, "-tls1_2", "-cipher", "AES128-SHA"),
+                s_client(relay.smtp_port, *starttls, "-tls1_2", "-cipher", "AES128-SHA"),
+            ]
+            first = fetch(relay.http_port, "/metrics", context)[1]
+            second = fetch(relay.http_port, "/metrics", context)[1]
+            return shook, first, second
+
+        shook, first, second = await in_thread(scenario)
+        self.assertEqual(shook, [True] * 5 + [False] * 2)
+
+        def counts(text: bytes) -> dict[tuple[str, ...], float]:
+            found: dict[tuple[str, ...], float] = {}
+            for family in text_string_to_metric_families(text.decode()):
+                for sample in family.samples:
+                    if sample.name == "smtpproxy_tls_handshakes_total":
+                        labels = (sample.labels["front_door"], sample.labels["version"])
+                        found[labels] = sample.value
+                    elif sample.name == "smtpproxy_tls_handshake_failures_total":
+                        found[(sample.labels["front_door"], "failed")] = sample.value
+            return found
+
+        expected = {
+            ("smtps", "TLSv1.2"): 1.0,
+            ("smtps", "TLSv1.3"): 2.0,
+            ("starttls", "TLSv1.2"): 1.0,
+            ("starttls", "TLSv1.3"): 1.0,
+            ("smtps", "failed"): 1.0,
+            ("starttls", "failed"): 1.0,
+            ("https", "TLSv1.3"): 1.0,
+        }
+        self.assertEqual(counts(first), expected)
+        self.assertEqual(counts(second), {**expected, ("https", "TLSv1.3"): 2.0})

@@ -44,6 +44,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtpproxy import tlsevents
 from smtpproxy.errors import Reply
 from smtpproxy.policy.rules import client_name
 from smtpproxy.smtp.base import log
@@ -97,6 +98,8 @@ class RelayProtocol(Logins, Intake, Envelope, Closing, InputLoop, Output, IdleTi
     # Stock SMTP logs every sender and recipient through the legacy logger
     # when noisy; we log one structured line per message instead.
     noisy = False
+    #: The front door whose TLS handshake is under way (L{tlsevents}), if any.
+    _tls_door: str | None = None
 
     def __init__(self, factory: RelayFactory) -> None:
         settings, portal, reactor = factory.settings, factory.portal, factory.reactor
@@ -133,6 +136,7 @@ class RelayProtocol(Logins, Intake, Envelope, Closing, InputLoop, Output, IdleTi
             # reading the very ClientHello it waits for (issue 10): the
             # greeting (or refusal) waits here for handshakeCompleted.
             self._handshaking = True
+            self._tls_door = "smtps"
             self._early = []
             self._write = self._early.append
             self.session.tls_active = True
@@ -173,8 +177,11 @@ class RelayProtocol(Logins, Intake, Envelope, Closing, InputLoop, Output, IdleTi
     def handshakeCompleted(self) -> None:
         """Twisted's TLS finished a handshake: under implicit TLS, greet now.
 
-        Also called after STARTTLS, where there is nothing to do.
+        Also called after STARTTLS, where there is nothing to do but count it.
         """
+        if self._tls_door is not None:
+            tlsevents.completed(self._tls_door, self._tcp)
+            self._tls_door = None
         if not self._handshaking:
             return
         self._handshaking = False
@@ -188,6 +195,8 @@ class RelayProtocol(Logins, Intake, Envelope, Closing, InputLoop, Output, IdleTi
             self._lose_connection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._tls_door is not None:
+            tlsevents.ended(self._tls_door, reason)
         self._abandon(self.session.tx)
         self._ended = True
         # Closing first: a delivery given up below answers at once, and a
@@ -309,6 +318,7 @@ class RelayProtocol(Logins, Intake, Envelope, Closing, InputLoop, Output, IdleTi
         # and must not run inside the TLS session (CVE-2011-0411 class).
         self._input.clear()
         self._flush()  # the 220 must leave in plaintext, before the handshake
+        self._tls_door = "starttls"
         try:
             self._tcp.startTLS(self.ctx)
         except Exception as e:

@@ -39,12 +39,20 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    ITCPTransport,
+)
 from twisted.internet.protocol import connectionDone
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
+from zope.interface import implementer
 
+from smtpproxy import tlsevents
 from smtpproxy.policy import rules as policy
 from smtpproxy.web import clientaddr, hosts
 
@@ -94,6 +102,7 @@ def raw_response(code: int, message: str) -> bytes:
     return head + body
 
 
+@implementer(IHandshakeListener)
 class BoundedChannel(HTTPChannel):
     """One HTTP connection that reads no faster than it can answer, and not for ever."""
 
@@ -112,16 +121,29 @@ class BoundedChannel(HTTPChannel):
         self._abort: IDelayedCall | None = None
         #: The line being parsed; a new request reads its request line here.
         self.current_line = b""
+        #: C{https} until the TLS handshake completes (L{tlsevents}); None without TLS.
+        self._tls_door: str | None = None
 
     # -- connection -------------------------------------------------------
 
     def connectionMade(self) -> None:
         super().connectionMade()  # type: ignore[no-untyped-call]
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            self._tls_door = "https"
         # The first request's clock starts with the connection, so a client
         # that connects and sends nothing is also gone after the deadline.
         self._arm_deadline()
 
+    def handshakeCompleted(self) -> None:
+        """Twisted's TLS finished the handshake (HTTPS): count it by version."""
+        if self._tls_door is not None:
+            tlsevents.completed(self._tls_door, self.transport)
+            self._tls_door = None
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._tls_door is not None:
+            tlsevents.ended(self._tls_door, reason)
+            self._tls_door = None
         for call in (self._deadline, self._abort):
             if call is not None and call.active():
                 call.cancel()

@@ -139,6 +139,18 @@ class Metrics:
             "Seconds spent waiting because Graph throttled (429) before retrying.",
             registry=r,
         )
+        self.tls_handshakes = Counter(
+            "smtpproxy_tls_handshakes",
+            "TLS handshakes completed, by front door (smtps, starttls, https) and version.",
+            ["front_door", "version"],
+            registry=r,
+        )
+        self.tls_failures = Counter(
+            "smtpproxy_tls_handshake_failures",
+            "TLS handshakes that ended in an OpenSSL error, by front door.",
+            ["front_door"],
+            registry=r,
+        )
         self.sessions = Gauge("smtpproxy_smtp_sessions_open", "SMTP sessions open now.", registry=r)
         self._extra = _ScrapeCollector()
         r.register(self._extra)
@@ -192,6 +204,11 @@ class Metrics:
             self.auth.labels("success").inc()
         elif fmt == "authentication failed":
             self.auth.labels("failure").inc()
+        elif fmt == "TLS handshake completed":
+            door = str(event.get("front_door"))
+            self.tls_handshakes.labels(door, str(event.get("tls_version"))).inc()
+        elif fmt == "TLS handshake failed":
+            self.tls_failures.labels(str(event.get("front_door"))).inc()
         elif fmt == "Graph request":
             self.graph_requests.labels(str(event.get("status", 0))).inc()
         elif fmt == "Graph request failed; retrying":

@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.policy
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.headerregistry import Address, BaseHeader, HeaderRegistry
+from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import NoReturn
 
 from smtpproxy import addresses
+from smtpproxy.web.api.headercache import POLICY
 from smtpproxy.web.api.problems import ApiError
 
 __all__ = [
@@ -86,6 +86,8 @@ _CONTENT_ID = re.compile(r"[!-~]{1,250}")
 # C0 controls (tab included), DEL, C1 controls, and the Unicode line and
 # paragraph separators: none belongs in a header, and each could end or
 # split one somewhere down the line.
+#: A JSON escape of a UTF-16 surrogate, U+D800 to U+DFFF.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -197,10 +199,15 @@ def parse_json(body: bytes) -> dict[str, object]:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(document, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return document
     try:
         # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no UTF-8
         # text can carry: every later step (addresses, headers, the body)
-        # would fail on it.  One linear pass over the parsed document.
+        # would fail on it.  One linear pass over the parsed document, made
+        # only when the text has such an escape at all (UTF-8 itself cannot
+        # hold a surrogate, so an escape is the only way one gets in; pairs
+        # and an escaped backslash before "ud800" take the long way too).
         json.dumps(document, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise ApiError(400, "invalid_json", "the JSON holds a lone surrogate escape") from None
@@ -469,36 +476,6 @@ def _query_text(value: bytes, field: str) -> str:
 MAX_LINE = 998
 
 
-class _HeaderClasses(HeaderRegistry):
-    """The standard registry, keeping the header classes it makes.
-
-    C{HeaderRegistry} builds a new class (C{type(...)}) every time it is
-    asked for a header's class: some 50 microseconds each, a dozen times
-    per message.  The classes depend on the name alone, so the usual names
-    are kept; the table stops growing at L{_KEPT} names (custom headers are
-    the client's choice).
-    """
-
-    _KEPT = 256
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._made: dict[str, type[BaseHeader]] = {}
-
-    def __getitem__(self, name: str) -> type[BaseHeader]:
-        key = name.lower()
-        made = self._made.get(key)
-        if made is None:
-            made = super().__getitem__(name)
-            if len(self._made) < self._KEPT:
-                self._made[key] = made
-        return made
-
-
-#: The SMTP policy (CRLF, 78-column folding) with the registry above.
-POLICY = email.policy.SMTP.clone(header_factory=_HeaderClasses())
-
-
 def _transfer_encoding(text: str) -> str | None:
     """C{7bit} for ASCII text whose lines all fit RFC 5322; else None (the package chooses).
 
@@ -506,7 +483,7 @@ def _transfer_encoding(text: str) -> str | None:
     line over 78 characters, which costs time and makes the message
     harder to read; 7bit is valid up to 998.
     """
-    if text.isascii() and all(len(line) <= MAX_LINE for line in text.splitlines()):
+    if text.isascii() and max(map(len, text.splitlines()), default=0) <= MAX_LINE:
         return "7bit"
     return None
 

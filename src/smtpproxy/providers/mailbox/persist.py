@@ -23,9 +23,9 @@ in docs/performance.md):
  - A batch is one transaction whatever its size, and few calls into SQLite:
    one C{DELETE ... IN} for every id evicted or deleted meanwhile and one
    C{executemany} for the rows.  Each call gives the GIL up and takes it
-   back, and taking it back waits for the reactor thread, which is busy
-   with SMTP, up to the interpreter's switch interval (5 ms): calls per
-   row, not bytes, were what made a busy relay's commits slow.
+   back, and taking it back can wait for the reactor thread, busy with
+   SMTP, up to the interpreter's switch interval: two calls a row before,
+   two a batch now (C{executemany} still steps once a row, inside C).
  - Checkpoints (copying the WAL into the database, with the only fsyncs
    C{synchronous=NORMAL} does) are not run by the commit a client waits for.
    SQLite's own would run inside the commit that crosses 1,000 pages (every
@@ -53,6 +53,8 @@ from twisted.enterprise.adbapi import ConnectionPool
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from smtpproxy.logsafe import MAX_REASON, clip
 
 T = TypeVar("T")
 
@@ -177,7 +179,9 @@ class MailboxFile:
         def failed(failure: Failure) -> None:
             # The writer's own checkpoint at BACKSTOP_PAGES still bounds the WAL.
             log.warn(
-                "mailbox file checkpoint failed", path=self.path, reason=str(failure.value)[:200]
+                "mailbox file checkpoint failed",
+                path=self.path,
+                reason=clip(str(failure.value), MAX_REASON),
             )
 
         def over(_: object) -> None:

@@ -7,7 +7,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from twisted.internet import defer
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from smtpproxy.config import Config
@@ -188,6 +188,58 @@ class FileTests(TestCase):
         await second.loaded()
         subjects = [m.email.subject for m in second.store.newest_first()]
         self.assertEqual(subjects, [f"m{n}" for n in reversed(range(50))])
+
+    @async_test
+    async def test_a_delete_before_the_commit_is_not_undone(self) -> None:
+        """A message deleted (or evicted) while its row still waits for its batch stays
+        gone: deletes join the write queue, so the row cannot be written after them."""
+        from twisted.internet import reactor
+
+        path = self.mktemp()
+        first = MailboxProvider(settings(path=path), reactor, file=MailboxFile(path))
+        await first.loaded()
+        # The first send starts a transaction; the next two wait for the following one.
+        sends = [first.send(email(raw_message(subject=f"m{n}"))) for n in range(3)]
+        doomed = [m.id for m in first.store.newest_first()][:2]
+        deleting = first.delete(doomed)
+        await defer.gatherResults([*sends, deleting], consumeErrors=True)
+        await first.close()
+        with sqlite3.connect(path) as db:
+            found = [row[0] for row in db.execute("SELECT id FROM messages")]
+        self.assertEqual(len(found), 1)
+        self.assertNotIn(doomed[0], found)
+        self.assertNotIn(doomed[1], found)
+
+    @async_test
+    async def test_the_wal_is_checkpointed_beside_the_writer(self) -> None:
+        """Past CHECKPOINT_BYTES of messages the background connection copies the WAL
+        into the database file: a copy of that file alone (no WAL) holds the rows, long
+        before SQLite's own checkpoint (BACKSTOP_PAGES) would have run."""
+        import shutil
+
+        from twisted.internet import reactor
+
+        from smtpproxy.providers.mailbox import persist
+
+        path = self.mktemp()
+        file = MailboxFile(path)
+        first = MailboxProvider(settings(path=path), reactor, file=file)
+        big = b"x" * (persist.CHECKPOINT_BYTES // 4)
+        for n in range(5):
+            await first.send(email(raw_message(subject=f"m{n}", attachment=big)))
+        self.assertLess(persist.CHECKPOINT_BYTES * 2, persist.BACKSTOP_PAGES * 4096)
+        for _ in range(200):
+            if not file._checkpointing:
+                break
+            await deferLater(reactor, 0.05)
+        self.assertFalse(file._checkpointing)
+        copy = self.mktemp()
+        shutil.copyfile(path, copy)
+        await first.close()
+        with sqlite3.connect(copy) as db:
+            (count,) = db.execute("SELECT count(*) FROM messages").fetchone()
+        # Each raw message is about 1.37 MiB (base64): the third crosses 4 MiB.
+        self.assertGreaterEqual(count, 3)
 
     @async_test
     async def test_an_unreadable_file_starts_empty(self) -> None:

@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import smtplib
 import subprocess
 import threading
@@ -323,6 +324,37 @@ class ApiTests(TestCase):
         self.assertEqual(after, before)
         self.assertEqual(len(after), 2)
         self.assertEqual(raw, INVOICE)
+
+    @async_test
+    async def test_a_killed_relay_keeps_every_acknowledged_message(self) -> None:
+        """Every message answered 250 is in the file after SIGKILL (no shutdown, no
+        final checkpoint): the row was committed to the WAL before the reply, and
+        opening the file again recovers it, whatever the background checkpointer
+        had copied by then."""
+        path = os.path.abspath(self.mktemp() + "-mailbox.sqlite")
+        relay = mailbox(self, MAILBOX_PATH=path)
+        # Enough bytes (about 7 MiB) that a background checkpoint runs meanwhile.
+        body = "line of text to make the message long\r\n" * 5000
+
+        def scenario() -> tuple[list[str], list[str]]:
+            relay.wait_listening()
+            subjects = [f"kept {n}" for n in range(40)]
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=TIMEOUT) as client:
+                for subject in subjects:
+                    client.sendmail(
+                        "alice@example.com",
+                        ["bob@example.org"],
+                        raw_message(subject=subject, text=body),
+                    )
+                relay.stop(signal.SIGKILL)
+            again = mailbox(self, MAILBOX_PATH=path)
+            again.wait_listening()
+            listed = request(again.http_port, "/api/v1/messages?limit=100").json()
+            again.stop()
+            return subjects, [m["Subject"] for m in listed["messages"]]
+
+        subjects, found = await in_thread(scenario)
+        self.assertEqual(found, list(reversed(subjects)))
 
 
 class MailpitClientTests(TestCase):

@@ -24,7 +24,15 @@ from smtpproxy.web.api.openapi import document
 from smtpproxy.web.api.resource import Api, V1Resource
 from tests.queue.memory import MemoryStore
 from tests.support import async_test
-from tests.web.api.harness import OTHER_SECRET, Answer, ApiServer, key, message
+from tests.web.api.harness import (
+    OTHER_SECRET,
+    SECRET,
+    Answer,
+    ApiServer,
+    LogCapture,
+    key,
+    message,
+)
 
 Scenario = Callable[[TestCase], Awaitable[Answer]]
 
@@ -332,3 +340,44 @@ class SubmissionTests(TestCase):
         server = ApiServer(self)
         answer = await server.request("GET", "/healthz", secret=None, content_type=None)
         self.assertEqual((answer.status, answer.json), (200, {"status": "ok"}))
+
+
+class RequestLogTests(TestCase):
+    """The two per-request debug lines: emitted at debug level, not even built above it."""
+
+    @async_test
+    async def test_debug_level_logs_each_request(self) -> None:
+        """At LOG_LEVEL=debug a submission logs C{http request} (the listener's line) and
+        C{http api request} (the API's), with the same fields as before the level was passed
+        in; no key and no body in either."""
+        server = ApiServer(self, log_level="debug")
+        captured = LogCapture(self)
+        answer = await server.send(message())
+        self.assertEqual(answer.status, 200, answer.body)
+        request_id = answer.json["request_id"]
+        [listener] = captured.named("http request")
+        self.assertEqual(listener["log_level"].name, "debug")
+        self.assertEqual(
+            {k: listener[k] for k in ("method", "path", "status", "client")},
+            {"method": "POST", "path": "/v1/messages", "status": 200, "client": "127.0.0.1"},
+        )
+        [api] = captured.named("http api request")
+        self.assertEqual(api["log_level"].name, "debug")
+        self.assertEqual(
+            {k: api[k] for k in ("status", "request_id", "client", "key_id")},
+            {"status": 200, "request_id": request_id, "client": "127.0.0.1", "key_id": "app"},
+        )
+        self.assertIsInstance(api["duration_ms"], float)
+        self.assertNotIn("Body text.", captured.text())
+        self.assertNotIn(SECRET, captured.text())
+
+    @async_test
+    async def test_info_level_builds_neither(self) -> None:
+        """Above debug neither event is even built (no observer sees it), while the
+        submission itself is answered as usual."""
+        server = ApiServer(self, log_level="info")
+        captured = LogCapture(self)
+        answer = await server.send(message())
+        self.assertEqual(answer.status, 200, answer.body)
+        self.assertEqual(captured.named("http request"), [])
+        self.assertEqual(captured.named("http api request"), [])

@@ -78,6 +78,8 @@ class ApiSettings:
     hostname: str
     allowed_senders: rules.AddressPatterns
     allowed_recipients: rules.AddressPatterns
+    # The per-request debug line is only built when the level asks for it.
+    log_requests: bool = True
 
     @property
     def json_body_limit(self) -> int:
@@ -218,6 +220,8 @@ class _Submission(_Endpoint):
                     self._refused(error, context)
                 request.write(_error(request, request_id, error))  # type: ignore[no-untyped-call]
             request.finish()  # type: ignore[no-untyped-call]
+            if not self.api.settings.log_requests:
+                return
             log.debug(
                 "http api request",
                 status=request.code,

@@ -18,6 +18,7 @@ from openapi_spec_validator import validate
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
+from smtpproxy.mime.message import parse_message
 from smtpproxy.policy.rules import parse_address_patterns
 from smtpproxy.queue.front import mailbox_from_meta
 from smtpproxy.web.api.openapi import document
@@ -231,6 +232,9 @@ class SubmissionTests(TestCase):
         self.assertEqual(attachment.get_filename(), "report.csv")
         self.assertEqual(attachment.get_content(), "a,b\r\n1,2\r\n")
         self.assertEqual(parsed["Message-ID"], f"<{answer.json['request_id']}@relay.test>")
+        # The view the provider got was written down from the request, not parsed:
+        # it is the one the shared parser makes of the same bytes.
+        self.assertEqual(sent, parse_message(sent.envelope_from, sent.envelope_to, sent.raw))
 
     @async_test
     async def test_raw_message_reaches_the_provider_unchanged(self) -> None:

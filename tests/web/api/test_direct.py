@@ -89,7 +89,12 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         document["headers"] = draw(
             st.dictionaries(
-                st.from_regex(r"X-[A-Za-z0-9-]{1,12}", fullmatch=True), _text, max_size=3
+                st.one_of(
+                    st.from_regex(r"X-[A-Za-z0-9-]{1,12}", fullmatch=True),
+                    st.sampled_from(sorted(compose.EXTRA_HEADERS)),
+                ),
+                st.one_of(_text, st.sampled_from(["<a.1@example.org>", "<a@b> <c@d>", "no"])),
+                max_size=3,
             )
         )
     return document

@@ -123,6 +123,9 @@ class BoundedChannel(HTTPChannel):
         self.current_line = b""
         #: C{https} until the TLS handshake completes (L{tlsevents}); None without TLS.
         self._tls_door: str | None = None
+        #: The transport as a push producer (None if it is not one), once known.
+        self._producer: IPushProducer | None = None
+        self._producer_known = False
 
     # -- connection -------------------------------------------------------
 
@@ -171,10 +174,16 @@ class BoundedChannel(HTTPChannel):
             while self._held_len and not (self._output_full or self._busy or self._closing):
                 if self._deadline is None:
                     self._arm_deadline()
-                data = b"".join(self._held)
-                chunk, rest = data[:SLICE], data[SLICE:]
-                self._held = [rest] if rest else []
-                self._held_len = len(rest)
+                held = self._held
+                data = held[0] if len(held) == 1 else b"".join(held)
+                if len(data) <= SLICE:
+                    # Most requests arrive whole and small: no copies.
+                    chunk = data
+                    self._held, self._held_len = [], 0
+                else:
+                    chunk, rest = data[:SLICE], data[SLICE:]
+                    self._held = [rest]
+                    self._held_len = len(rest)
                 super().dataReceived(chunk)  # type: ignore[no-untyped-call]
         finally:
             self._feeding = False
@@ -182,7 +191,12 @@ class BoundedChannel(HTTPChannel):
 
     def _update_reading(self) -> None:
         """Read the socket only while replies flow and little is held."""
-        transport = IPushProducer(self.transport, None)
+        if not self._producer_known:
+            # Looked up once: an interface adaptation per read costs more
+            # than the rest of this method.  The transport is set for life.
+            self._producer = IPushProducer(self.transport, None)
+            self._producer_known = True
+        transport = self._producer
         if transport is None or self._closing:
             return
         stop = self._output_full or self._held_len >= HOLD_LIMIT

@@ -97,6 +97,10 @@ class HttpSettings:
     max_connections: int = 64
     request_timeout: float = 10.0
     idle_timeout: float = IDLE_TIMEOUT
+    # One debug line per request costs a log event even when the level
+    # filters it out; it is only built when the level asks for it (as the
+    # SMTP side's log_sessions).
+    log_requests: bool = True
 
     @classmethod
     def from_config(cls, config: Config) -> HttpSettings:
@@ -107,6 +111,7 @@ class HttpSettings:
             allowed_hosts=config.http_allowed_hosts,
             max_connections=config.http_max_connections,
             request_timeout=config.http_request_timeout,
+            log_requests=config.log_level == "debug",
         )
 
 
@@ -210,6 +215,7 @@ class BoundedSite(Site):
         self.allowed_hosts = settings.allowed_hosts
         self.host_refusals = hosts.RefusalLog()
         self.request_timeout = settings.request_timeout
+        self.log_requests = settings.log_requests
         self.displayTracebacks = False
         self.noisy = False
         self._on_refusal = on_refusal
@@ -262,6 +268,8 @@ class BoundedSite(Site):
         The query string is left out: it is the part of a URL that carries
         tokens.
         """
+        if not self.log_requests:
+            return
         client = request.getClientAddress()  # type: ignore[no-untyped-call]
         log.debug(
             "http request",

@@ -128,7 +128,9 @@ class ApiServer:
             web_site.Switchable(self.api.resource),
             max_body=self.api.settings.json_body_limit,
         )
-        site = web_site.build_site([health.mount(lambda: False), v1], reactor=reactor)
+        # The listener's bounds stay the defaults; the log level reaches it as in the relay.
+        bounds = web_site.HttpSettings(log_requests=self.api.settings.log_requests)
+        site = web_site.build_site([health.mount(lambda: False), v1], bounds, reactor=reactor)
         self.tracking = _Tracking(site)
         tcp: IReactorTCP = reactor
         self.listening = tcp.listenTCP(0, self.tracking, interface="127.0.0.1")  # type: ignore[arg-type]

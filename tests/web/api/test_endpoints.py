@@ -18,13 +18,22 @@ from openapi_spec_validator import validate
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
+from smtpproxy.mime.message import parse_message
 from smtpproxy.policy.rules import parse_address_patterns
 from smtpproxy.queue.front import mailbox_from_meta
 from smtpproxy.web.api.openapi import document
 from smtpproxy.web.api.resource import Api, V1Resource
 from tests.queue.memory import MemoryStore
 from tests.support import async_test
-from tests.web.api.harness import OTHER_SECRET, Answer, ApiServer, key, message
+from tests.web.api.harness import (
+    OTHER_SECRET,
+    SECRET,
+    Answer,
+    ApiServer,
+    LogCapture,
+    key,
+    message,
+)
 
 Scenario = Callable[[TestCase], Awaitable[Answer]]
 
@@ -223,6 +232,9 @@ class SubmissionTests(TestCase):
         self.assertEqual(attachment.get_filename(), "report.csv")
         self.assertEqual(attachment.get_content(), "a,b\r\n1,2\r\n")
         self.assertEqual(parsed["Message-ID"], f"<{answer.json['request_id']}@relay.test>")
+        # The view the provider got was written down from the request, not parsed:
+        # it is the one the shared parser makes of the same bytes.
+        self.assertEqual(sent, parse_message(sent.envelope_from, sent.envelope_to, sent.raw))
 
     @async_test
     async def test_raw_message_reaches_the_provider_unchanged(self) -> None:
@@ -332,3 +344,44 @@ class SubmissionTests(TestCase):
         server = ApiServer(self)
         answer = await server.request("GET", "/healthz", secret=None, content_type=None)
         self.assertEqual((answer.status, answer.json), (200, {"status": "ok"}))
+
+
+class RequestLogTests(TestCase):
+    """The two per-request debug lines: emitted at debug level, not even built above it."""
+
+    @async_test
+    async def test_debug_level_logs_each_request(self) -> None:
+        """At LOG_LEVEL=debug a submission logs C{http request} (the listener's line) and
+        C{http api request} (the API's), with the same fields as before the level was passed
+        in; no key and no body in either."""
+        server = ApiServer(self, log_level="debug")
+        captured = LogCapture(self)
+        answer = await server.send(message())
+        self.assertEqual(answer.status, 200, answer.body)
+        request_id = answer.json["request_id"]
+        [listener] = captured.named("http request")
+        self.assertEqual(listener["log_level"].name, "debug")
+        self.assertEqual(
+            {k: listener[k] for k in ("method", "path", "status", "client")},
+            {"method": "POST", "path": "/v1/messages", "status": 200, "client": "127.0.0.1"},
+        )
+        [api] = captured.named("http api request")
+        self.assertEqual(api["log_level"].name, "debug")
+        self.assertEqual(
+            {k: api[k] for k in ("status", "request_id", "client", "key_id")},
+            {"status": 200, "request_id": request_id, "client": "127.0.0.1", "key_id": "app"},
+        )
+        self.assertIsInstance(api["duration_ms"], float)
+        self.assertNotIn("Body text.", captured.text())
+        self.assertNotIn(SECRET, captured.text())
+
+    @async_test
+    async def test_info_level_builds_neither(self) -> None:
+        """Above debug neither event is even built (no observer sees it), while the
+        submission itself is answered as usual."""
+        server = ApiServer(self, log_level="info")
+        captured = LogCapture(self)
+        answer = await server.send(message())
+        self.assertEqual(answer.status, 200, answer.body)
+        self.assertEqual(captured.named("http request"), [])
+        self.assertEqual(captured.named("http api request"), [])

@@ -35,8 +35,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from smtpproxy.logsummary import LogSummary
+from smtpproxy.mime.message import Email
 from smtpproxy.policy import rules
 from smtpproxy.web.api import compose
+from smtpproxy.web.api.direct import direct_email
 from smtpproxy.web.api.keys import ApiKey, KeyRing
 from smtpproxy.web.api.limits import Limits
 from smtpproxy.web.api.openapi import document as openapi_document
@@ -46,6 +48,10 @@ from smtpproxy.web.api.submit import Accepted, Submitter
 __all__ = ["Api", "ApiSettings", "V1Resource", "client_address", "new_request_id"]
 
 log = Logger(namespace="smtpproxy.http.api")
+
+#: What a submission endpoint reads: sender, recipients, the message bytes and,
+#: when it built them itself, their parsed view.
+Read = tuple[str, list[str], bytes, Email | None]
 
 JSON = "application/json"
 RFC822 = "message/rfc822"
@@ -78,6 +84,8 @@ class ApiSettings:
     hostname: str
     allowed_senders: rules.AddressPatterns
     allowed_recipients: rules.AddressPatterns
+    # The per-request debug line is only built when the level asks for it.
+    log_requests: bool = True
 
     @property
     def json_body_limit(self) -> int:
@@ -218,6 +226,8 @@ class _Submission(_Endpoint):
                     self._refused(error, context)
                 request.write(_error(request, request_id, error))  # type: ignore[no-untyped-call]
             request.finish()  # type: ignore[no-untyped-call]
+            if not self.api.settings.log_requests:
+                return
             log.debug(
                 "http api request",
                 status=request.code,
@@ -252,12 +262,14 @@ class _Submission(_Endpoint):
         refusal = api.limits.key(key.id, key.rate_limit_per_min)
         if refusal is not None:
             raise _rate_limited(refusal.retry_after)
-        sender, recipients, data = self.read(request, context)
+        sender, recipients, data, built = self.read(request, context)
         _check_policy(key, api.settings, sender, recipients)
-        return await api.submitter.submit(sender, recipients, data, context, mailbox=key.mailbox)
+        return await api.submitter.submit(
+            sender, recipients, data, context, mailbox=key.mailbox, parsed=built
+        )
 
-    def read(self, request: Request, context: dict[str, Any]) -> tuple[str, list[str], bytes]:
-        """The envelope and the message bytes, or an L{ApiError}."""
+    def read(self, request: Request, context: dict[str, Any]) -> Read:
+        """The envelope, the message bytes and their parsed view if known, or an L{ApiError}."""
         raise NotImplementedError
 
 
@@ -268,7 +280,7 @@ class MessagesResource(_Submission):
         super().__init__(api)
         self.putChild(b"raw", RawResource(api))
 
-    def read(self, request: Request, context: dict[str, Any]) -> tuple[str, list[str], bytes]:
+    def read(self, request: Request, context: dict[str, Any]) -> Read:
         settings = self.api.settings
         _content_type(request, (JSON,))
         document = compose.parse_json(_body(request, settings.json_body_limit))
@@ -283,13 +295,17 @@ class MessagesResource(_Submission):
             now=datetime.fromtimestamp(self.api.clock.seconds(), UTC),
         )
         data = compose.encode_message(built, settings.max_message_size)
-        return message.sender.address, message.envelope_recipients, data
+        recipients = message.envelope_recipients
+        # What parsing these bytes would give, written down from the request
+        # (smtpproxy.web.api.direct; None: the shared parser reads them).
+        parsed = direct_email(message, recipients, data)
+        return message.sender.address, recipients, data, parsed
 
 
 class RawResource(_Submission):
     """C{POST /v1/messages/raw}: a whole message, passed on byte for byte."""
 
-    def read(self, request: Request, context: dict[str, Any]) -> tuple[str, list[str], bytes]:
+    def read(self, request: Request, context: dict[str, Any]) -> Read:
         settings = self.api.settings
         kind = _content_type(request, (RFC822, JSON))
         if kind == RFC822:
@@ -308,7 +324,8 @@ class RawResource(_Submission):
             )
             if len(raw.data) > settings.max_message_size:
                 raise ApiError(413, "too_large", "larger than the message size limit", "data")
-        return raw.sender.address, raw.envelope_recipients, raw.data
+        # The client's bytes: only the shared parser may say what they hold.
+        return raw.sender.address, raw.envelope_recipients, raw.data, None
 
 
 # -- the steps ------------------------------------------------------------------

@@ -35,6 +35,7 @@ def settings_from(config: Config) -> ApiSettings:
         hostname=config.smtp_hostname or "localhost",
         allowed_senders=config.smtp_allowed_senders,
         allowed_recipients=config.smtp_allowed_recipients,
+        log_requests=config.log_level == "debug",
     )
 
 

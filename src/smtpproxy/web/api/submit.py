@@ -3,9 +3,11 @@
 The SMTP front door and this one end in the same places: with a queue
 (C{QUEUE_URL}) the envelope and the bytes go to L{QueueFront.enqueue} and
 the worker delivers them later, exactly as for a message that came over
-SMTP; without one the bytes are parsed by the shared L{MessageParser} and
-handed to the provider by L{smtpproxy.delivery.send_email}, which logs
-the one C{message delivered} line.  What failed becomes an HTTP answer
+SMTP; without one the bytes are parsed by the shared L{MessageParser} (or,
+for a message the API built itself, their parsed view is written down from
+the request: L{smtpproxy.web.api.direct}) and handed to the provider by
+L{smtpproxy.delivery.send_email}, which logs the one C{message delivered}
+line.  What failed becomes an HTTP answer
 here, from the same exception types the SMTP side turns into replies
 (L{smtpproxy.errors.reply_for_failure}).
 """
@@ -122,6 +124,7 @@ class Submitter:
         fields: dict[str, Any],
         *,
         mailbox: str = "",
+        parsed: Email | None = None,
     ) -> defer.Deferred[Accepted]:
         """Queue or deliver C{data}; fails with an L{ApiError} for the client.
 
@@ -129,6 +132,9 @@ class Submitter:
             envelope (C{request_id}, C{key_id}, C{client}); never the body.
         @param mailbox: the key's sending mailbox (as an identity's policy
             C{mailbox}); empty for the provider's own choice.
+        @param parsed: what the shared parser would make of C{data}, when the
+            caller knows it already (it built C{data}); delivered without
+            parsing.  The queue stores only the bytes and ignores it.
         """
         started = self._reactor.seconds()
         queue = self._queue
@@ -146,7 +152,9 @@ class Submitter:
         if queue is not None:
             done = self._enqueue(queue, message_id, sender, recipients, data, fields, mailbox)
         else:
-            done = self._deliver(message_id, sender, recipients, data, fields, started, mailbox)
+            done = self._deliver(
+                message_id, sender, recipients, data, fields, started, mailbox, parsed
+            )
         return done.addErrback(self._refusal)
 
     def _enqueue(
@@ -195,6 +203,7 @@ class Submitter:
         fields: dict[str, Any],
         started: float,
         mailbox: str,
+        known: Email | None,
     ) -> defer.Deferred[Accepted]:
         def send(email: Email) -> defer.Deferred[Accepted]:
             if mailbox:
@@ -209,6 +218,8 @@ class Submitter:
             )
             return sending.addCallback(lambda _: Accepted(message_id, "delivered"))
 
+        if known is not None:
+            return send(known)
         try:
             parsed = self._parser.parse(sender, recipients, data)
         except Exception:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -78,3 +80,72 @@ class OpenBesideRelayTests(TestCase):
             await stored  # the client hears 250 now
             body = await relay.read_body(f"m{attempt}")
             self.assertEqual(body, data)
+
+
+def _leftovers(bodies: str) -> list[str]:
+    """Write a partial body and a body without a row, as a crash before commit leaves them."""
+    names = ["0" * 32 + ".tmp", "f" * 32]
+    for name in names:
+        with open(os.path.join(bodies, name), "wb") as f:
+            f.write(b"half a mess")
+    return names
+
+
+class WriterLockTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.path = os.path.join(directory, "queue.db")
+        self.bodies = body_directory(self.path)
+
+    async def _open(self, writer: bool = True) -> SQLiteStore:
+        store = SQLiteStore(self.path, 1 << 30, reactor, writer=writer)
+        await store.open()
+        self.addCleanup(store.close)
+        return store
+
+    async def test_relay_open_after_a_crash_tidies(self) -> None:
+        """A relay killed with SIGKILL while holding the writer lock leaves leftovers and the
+        lock file; the kernel released its lock, so the next relay's open takes it and
+        deletes the leftovers.  A reader's open before it (the operator command) leaves them."""
+        first = await self._open()
+        await first.close()
+        names = _leftovers(self.bodies)
+        crashed = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, os, sys, time\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(60)\n",
+                self.path + ".lock",
+            ],
+            stdout=subprocess.PIPE,
+        )
+        assert crashed.stdout is not None
+        self.assertEqual(crashed.stdout.readline(), b"locked\n")
+        reader = await self._open(writer=False)
+        await reader.close()
+        self.assertEqual(sorted(os.listdir(self.bodies)), sorted(names))
+        crashed.kill()
+        crashed.wait()
+        crashed.stdout.close()
+        self.assertTrue(os.path.exists(self.path + ".lock"))
+        await self._open()
+        self.assertEqual(os.listdir(self.bodies), [])
+
+    async def test_second_writer_does_not_tidy(self) -> None:
+        """A second relay on the same file (a mistake) cannot take the writer lock and leaves
+        files it cannot know to be leftovers; once the first closes, a new open tidies."""
+        first = await self._open()
+        names = _leftovers(self.bodies)
+        second = await self._open()
+        self.assertEqual(sorted(os.listdir(self.bodies)), sorted(names))
+        await second.close()
+        await first.close()
+        await self._open()
+        self.assertEqual(os.listdir(self.bodies), [])

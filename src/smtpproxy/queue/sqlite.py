@@ -902,11 +902,8 @@ class SQLiteStore:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(descriptor)
-            log.warn(
-                "another process holds the queue's writer lock {lock}: is a second relay"
-                " using this queue?  Crash leftovers are not tidied",
-                lock=self.path + _LOCK_SUFFIX,
-            )
+            # Another relay on this file by mistake (see the module docstring).
+            log.warn("queue writer lock held by another process", lock=self.path + _LOCK_SUFFIX)
             return
         except BaseException:
             os.close(descriptor)

@@ -184,6 +184,37 @@ class AfterPartialTests(SynchronousTestCase):
         """No refusal and nothing failed before: delivered."""
         self.assertEqual(self.decide([]), Delivered())
 
+    def test_every_recipient_refused_mixed(self) -> None:
+        """Every recipient refused (an L{AllRefusedError}, judged here too): the 5xx ones
+        fail at once and only the 4xx one is owed next; none is retried for nothing."""
+        decision = self.decide(
+            [
+                ("ok@x.example", "550 5.1.1 No", True),
+                ("busy@x.example", "450 4.2.1 Busy", False),
+                ("gone@x.example", "550 5.1.1 No", True),
+            ]
+        )
+        self.assertEqual(
+            decision,
+            Retry(
+                T0 + 60,
+                "450 4.2.1 Busy (delivered to 0 of 3 recipients)",
+                recipients=Recipients(("busy@x.example",), ("ok@x.example", "gone@x.example")),
+            ),
+        )
+
+    def test_every_recipient_refused_for_good(self) -> None:
+        """Every recipient refused with 5xx: dead (failed) for all of them, now."""
+        refused = [(address, "550 5.1.1 No", True) for address in self.OWED]
+        self.assertEqual(
+            self.decide(refused),
+            Dead(
+                Outcome.FAILED,
+                "550 5.1.1 No (delivered to 0 of 3 recipients)",
+                Recipients(self.OWED),
+            ),
+        )
+
     def test_past_max_age_expires_for_all_never_reached(self) -> None:
         """A retry that would fall past QUEUE_MAX_AGE: dead (expired) for the temporarily
         refused and the failed alike."""

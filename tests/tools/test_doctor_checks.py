@@ -21,10 +21,9 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from smtpproxy import tls
 from smtpproxy.providers.smtp.settings import RelaySettings
+from smtpproxy.queue import postgres_sql
 from smtpproxy.queue.model import Envelope, State
-from smtpproxy.queue.postgres_sql import SCHEMA_VERSION as POSTGRES_SCHEMA
-from smtpproxy.queue.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
-from smtpproxy.queue.sqlite import SQLiteStore
+from smtpproxy.queue.sqlite import SCHEMA_VERSION, SQLiteStore
 from smtpproxy.tools import queuecheck
 from smtpproxy.tools.certs import Verification
 from smtpproxy.tools.dialogue import Capabilities, Reply
@@ -121,7 +120,9 @@ class SQLiteQueueDoctorTests(TestCase):
         status, report = await in_thread(tool_json, "doctor", env=env)
         self.assertEqual(status, 3, report)
         found = lines(report, "queue")
-        self.assertEqual(found[0], ("PASS", f"sqlite {path} opens; schema version {SQLITE_SCHEMA}"))
+        self.assertEqual(
+            found[0], ("PASS", f"sqlite {path} opens; schema version {SCHEMA_VERSION}")
+        )
         self.assertEqual(found[1][0], "PASS")
         self.assertIn("is writable: one message stored and removed", found[1][1])
         self.assertEqual(found[2][0], "PASS")
@@ -179,7 +180,9 @@ class PostgresQueueDoctorTests(TestCase):
         found = lines(report, "queue")
         database = dsn.rsplit("/", 1)[1]
         where = f"postgresql 127.0.0.1:{server.port}/{database}"
-        self.assertEqual(found[0], ("PASS", f"{where} opens; schema version {POSTGRES_SCHEMA}"))
+        self.assertEqual(
+            found[0], ("PASS", f"{where} opens; schema version {postgres_sql.SCHEMA_VERSION}")
+        )
         self.assertEqual(found[1], ("PASS", f"{where} is writable: one message stored and removed"))
         self.assertEqual(
             found[2],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
 from smtpproxy.logsafe import MAX_REASON, clip
 
 
@@ -56,3 +57,32 @@ class PartlyRefused:
     @property
     def permanent(self) -> tuple[RecipientRefusal, ...]:
         return tuple(r for r in self.refused if r.permanent)
+
+
+class AllRefusedTemporaryError(TransientDeliveryError):
+    """The backend refused every recipient, at least one of them with a 4xx.
+
+    Our client hears the temporary refusal (retrying can still help that
+    recipient); the queue reads C{refused} and fails the 5xx recipients at
+    once, retrying only the others (L{smtpproxy.queue.policy.after_partial}).
+    """
+
+    def __init__(
+        self, reason: str, status: str | None, code: int, refused: tuple[RecipientRefusal, ...]
+    ) -> None:
+        super().__init__(reason, status, code)
+        self.refused = refused
+
+
+class AllRefusedPermanentError(PermanentDeliveryError):
+    """The backend refused every recipient, each with a 5xx: nothing is worth retrying."""
+
+    def __init__(
+        self, reason: str, status: str | None, code: int, refused: tuple[RecipientRefusal, ...]
+    ) -> None:
+        super().__init__(reason, status, code)
+        self.refused = refused
+
+
+#: The error of a backend that refused every recipient, each with its own reply.
+AllRefusedError = AllRefusedTemporaryError | AllRefusedPermanentError

@@ -63,8 +63,14 @@ def _load(kind: str) -> type:
     return found
 
 
-def make_store(url: str, max_bytes: int, reactor: IReactorTime) -> QueueStore:
+def make_store(
+    url: str, max_bytes: int, reactor: IReactorTime, *, writer: bool = True
+) -> QueueStore:
     """The backend for C{url} (C{QUEUE_URL}); call its C{open} before use.
+
+    @param writer: whether this process writes the queue (the relay).  The
+        operator command and the doctor pass False: the SQLite store then
+        leaves the files of a running relay's enqueues alone at open.
 
     @raise NoQueueError: C{url} is empty (direct mode).
     @raise ValueError: C{url} is not a form L{parse_queue_url} reads, or its
@@ -73,5 +79,6 @@ def make_store(url: str, max_bytes: int, reactor: IReactorTime) -> QueueStore:
     kind, target = parse_queue_url(url)
     if not kind:
         raise NoQueueError("QUEUE_URL is empty: this relay delivers directly, without a queue")
-    store: QueueStore = _load(kind)(target, max_bytes, reactor)
+    options = {} if kind != "sqlite" else {"writer": writer}
+    store: QueueStore = _load(kind)(target, max_bytes, reactor, **options)
     return store

@@ -134,7 +134,7 @@ def run(
 
     async def main(reactor: IReactorTime) -> None:
         try:
-            store = make_store(settings.queue_url, settings.queue_max_bytes, reactor)
+            store = make_store(settings.queue_url, settings.queue_max_bytes, reactor, writer=False)
         except ValueError as e:
             err.write(f"smtpproxy queue: QUEUE_URL: {e}\n")
             status[0] = 2

@@ -22,6 +22,16 @@ sends again.  A row is never committed before its body is on disk, so a row
 without a body file means the disk lost it; open makes such a row dead with
 a reply that says so, rather than dropping it without a trace.
 
+Only the queue's writer tidies, and only while no other process is the
+writer: between steps 2 and 4 a live relay's body file has no row yet, so a
+second process tidying then would delete the body of a message about to be
+acknowledged.  The writer (the relay) holds an exclusive advisory lock on
+C{queue.db.lock} (C{flock}) from its open to its close; the kernel drops it
+when the process dies, so a crash never leaves it held.  An open that
+cannot take it (a second relay on the same file by mistake) logs a warning
+and does not tidy; opens that are not the writer (the operator command, the
+doctor's check) never take it and never tidy.
+
 Group commit: while one batch commits, bodies that finish are collected and
 go together in the next transaction, with the deliveries the worker
 finished meanwhile (L{SQLiteStore.delivered}): under load one fsync of the
@@ -41,6 +51,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import fcntl
 import heapq
 import itertools
 import json
@@ -111,6 +122,7 @@ BODY_THREADS = 4
 
 _BODY_NAME = re.compile(r"[0-9a-f]{32}")
 _TMP_SUFFIX = ".tmp"
+_LOCK_SUFFIX = ".lock"
 
 LOST_BODY_REPLY = "554 5.3.0 queued body file was missing when the queue was opened"
 
@@ -226,6 +238,8 @@ class SQLiteStore:
     One process writes the queue (the relay); the operator command may open
     the same file at the same time for reading and small changes, which
     SQLite's locking serialises (C{timeout} is how long either waits).
+    Only the writer tidies crash leftovers at open (see the module
+    docstring): pass C{writer=False} for any other use.
 
     @ivar commits: enqueue transactions committed so far; with group commit
         it grows more slowly than the number of messages (tests read it).
@@ -244,8 +258,13 @@ class SQLiteStore:
         reactor: IReactorTime,
         timeout: float = 30.0,
         inline_max: int = INLINE_MAX,
+        *,
+        writer: bool = True,
     ) -> None:
         self.path = path
+        self.writer = writer
+        # The writer lock's file, while this store holds it.
+        self._lock: int | None = None
         self.inline_max = inline_max
         self.bodies = body_directory(path)
         self.max_bytes = max_bytes
@@ -304,9 +323,18 @@ class SQLiteStore:
                 partial=temporary,
                 orphans=orphans,
                 lost=lost,
+                tidied=self._lock is not None,
             )
 
-        return self._run(lambda cursor: self._open_in_thread(cursor, now)).addCallback(opened)
+        def failed(failure: Failure) -> Failure:
+            self._release()
+            return failure
+
+        return (
+            self._run(lambda cursor: self._open_in_thread(cursor, now))
+            .addCallback(opened)
+            .addErrback(failed)
+        )
 
     def close(self) -> Deferred[None]:
         """Let enqueues in progress commit, then stop the threads and close the file."""
@@ -319,6 +347,7 @@ class SQLiteStore:
             if self._files is not None:
                 _untyped(self._files.stop)
                 self._files = None
+            self._release()
 
         return (
             defer.DeferredList(waiting, consumeErrors=True)
@@ -866,10 +895,33 @@ class SQLiteStore:
         with open(os.path.join(self.bodies, name), "rb") as f:
             return f.read()
 
+    def _take_lock(self) -> None:
+        """Become the queue's writer: take C{queue.db.lock}, or warn that another process has it."""
+        descriptor = os.open(self.path + _LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            # Another relay on this file by mistake (see the module docstring).
+            log.warn("queue writer lock held by another process", lock=self.path + _LOCK_SUFFIX)
+            return
+        except BaseException:
+            os.close(descriptor)
+            raise
+        self._lock = descriptor
+
+    def _release(self) -> None:
+        """Give up the writer lock (closing its file releases it)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def _open_in_thread(self, cursor: sqlite3.Cursor, now: float) -> tuple[int, int, int, int]:
         if not os.path.isdir(self.bodies):
             os.makedirs(self.bodies, mode=0o700, exist_ok=True)
             _fsync_directory(os.path.dirname(os.path.abspath(self.bodies)))
+        if self.writer and self._lock is None:
+            self._take_lock()
         cursor.execute("BEGIN IMMEDIATE")
         version = cursor.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
@@ -895,6 +947,10 @@ class SQLiteStore:
         rows: dict[str, int] = {str(name): int(seq) for seq, name in cursor.fetchall()}
         present: set[str] = set()
         temporary = orphans = 0
+        if self._lock is None:
+            # Not the writer: a body without a row may be a live relay's
+            # enqueue waiting for its commit.  Leave every file alone.
+            return _held(cursor), 0, 0, 0
         for name in os.listdir(self.bodies):
             if name.endswith(_TMP_SUFFIX) and _BODY_NAME.fullmatch(name[: -len(_TMP_SUFFIX)]):
                 _unlink_all(self.bodies, [name])
@@ -911,9 +967,7 @@ class SQLiteStore:
             " lease_owner = NULL, lease_until = NULL WHERE seq = ?",
             [(LOST_BODY_REPLY, now, seq) for seq in lost],
         )
-        cursor.execute("SELECT COALESCE(SUM(size), 0) FROM messages WHERE body IS NOT NULL")
-        held = int(cursor.fetchone()[0])
-        return held, temporary, orphans, len(lost)
+        return _held(cursor), temporary, orphans, len(lost)
 
     # Counters (the Graph sending budgets): see smtpproxy.queue.counters.
 
@@ -1149,6 +1203,12 @@ def _fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _held(cursor: sqlite3.Cursor) -> int:
+    """Bytes of the bodies the queue holds (counted against its size limit)."""
+    cursor.execute("SELECT COALESCE(SUM(size), 0) FROM messages WHERE body IS NOT NULL")
+    return int(cursor.fetchone()[0])
 
 
 def _unlink_all(directory: str, names: Iterable[str]) -> None:

@@ -42,7 +42,7 @@ from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider
-from smtpproxy.providers.result import PartlyRefused
+from smtpproxy.providers.result import AllRefusedError, PartlyRefused, RecipientRefusal
 from smtpproxy.queue import policy
 from smtpproxy.queue.front import dsn_from_meta, mailbox_from_meta
 from smtpproxy.queue.model import Attempt, Entry, LeaseLostError, Recipients, Refused
@@ -300,7 +300,7 @@ class QueueRunner(Service):
                 self.budget.release(held)
         now = self._reactor.seconds()
         decision = self._decide(entry, error, result, attempts, now)
-        refused = () if result is None else result.refused
+        refused = _refusals(error, result)
         record = Attempt(
             at=started,
             outcome=decision.outcome,
@@ -321,16 +321,20 @@ class QueueRunner(Service):
     ) -> policy.Decision:
         """The policy's verdict, per recipient when the provider reached only some.
 
-        A message with recipients failed for good by an earlier attempt
-        ends dead for them (and for any it still could not reach).
+        Also per recipient when the provider refused every recipient, each
+        with its own reply (L{AllRefusedError}): those refused with a 5xx
+        are failed at once, only the 4xx ones are retried.  A message with
+        recipients failed for good by an earlier attempt ends dead for them
+        (and for any it still could not reach).
         """
         schedule, owed = self.settings.schedule, entry.envelope.recipients
-        if error is None and (result is not None or entry.failed):
-            refused = [] if result is None else result.refused
+        if isinstance(error, AllRefusedError) or (
+            error is None and (result is not None or entry.failed)
+        ):
             return policy.after_partial(
                 owed,
                 entry.failed,
-                [(r.address, r.reply, r.permanent) for r in refused],
+                [(r.address, r.reply, r.permanent) for r in _refusals(error, result)],
                 attempts,
                 entry.queued_at,
                 now,
@@ -453,3 +457,12 @@ def _partial_fields(record: Attempt, recipients: Recipients | None) -> dict[str,
     if recipients is not None:
         fields["owed"] = clip_list(recipients.owed)
     return fields
+
+
+def _refusals(
+    error: BaseException | None, result: PartlyRefused | None
+) -> tuple[RecipientRefusal, ...]:
+    """The recipients an attempt was refused for, each with its reply (none: no such news)."""
+    if isinstance(error, AllRefusedError):
+        return error.refused
+    return () if result is None else result.refused

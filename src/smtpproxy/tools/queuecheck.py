@@ -3,7 +3,9 @@
 The store is the relay's own (L{smtpproxy.queue.backend.make_store}, the
 same code for SQLite and PostgreSQL), opened as the relay opens it at
 start: that creates the schema of an empty PostgreSQL database or upgrades
-an older one, exactly what the relay's next start would do.  An SQLite file
+an older one, exactly what the relay's next start would do.  It opens it
+as a reader (C{writer=False}), so it never tidies files a running relay is
+about to commit as crash leftovers.  An SQLite file
 that does not exist yet is not created: the check says whether its
 directory would let the relay create it.
 
@@ -93,7 +95,7 @@ async def check(context: Context) -> list[Result]:
     if kind == "sqlite" and not os.path.exists(target):
         return [_not_created(target)]
     try:
-        store = make_store(url, settings.queue_max_bytes, context.reactor)
+        store = make_store(url, settings.queue_max_bytes, context.reactor, writer=False)
     except ValueError as e:
         return [Result("queue", "FAIL", f"QUEUE_URL: {e}")]
     try:

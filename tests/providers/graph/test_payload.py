@@ -16,8 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.addresses import mailbox_key
 from smtpproxy.errors import PermanentDeliveryError
+from smtpproxy.mime.fields import split_fields
 from smtpproxy.mime.message import Attachment, Email, Mailbox, parse_message
-from smtpproxy.providers.graph.mime import rewrite_headers, split_fields
+from smtpproxy.providers.graph.mime import rewrite_headers
 from smtpproxy.providers.graph.payload import (
     MAX_CUSTOM_HEADERS,
     REQUEST_LIMIT,

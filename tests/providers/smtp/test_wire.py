@@ -12,6 +12,7 @@ from smtpproxy.errors import (
     reply_for_failure,
 )
 from smtpproxy.mime.message import Email
+from smtpproxy.providers.result import AllRefusedPermanentError, AllRefusedTemporaryError
 from smtpproxy.providers.smtp import wire
 
 FULL = wire.Capabilities(
@@ -237,6 +238,25 @@ class OutcomeTests(SynchronousTestCase):
             None,
         )
         self.assertEqual(reply_for_failure(error).status, "4.2.2")
+
+    def test_all_refused_names_each_recipient(self) -> None:
+        """Every recipient refused: the error still answers our client as one reply (4xx when
+        any refusal was 4xx, 5xx when all were), and names each recipient's own reply so
+        the queue can fail the 5xx ones at once."""
+        busy, gone = wire.Reply(450, (b"4.2.1 busy",)), wire.Reply(550, (b"5.1.1 no",))
+        mixed = self.assertRaises(
+            AllRefusedTemporaryError, wire.outcome, ("a@x", "b@x"), OK, (gone, busy), None, None
+        )
+        self.assertEqual((reply_for_failure(mixed).code, mixed.status), (451, "4.2.1"))
+        self.assertEqual(
+            [(r.address, r.code, r.status, r.permanent) for r in mixed.refused],
+            [("a@x", 550, "5.1.1", True), ("b@x", 450, "4.2.1", False)],
+        )
+        final = self.assertRaises(
+            AllRefusedPermanentError, wire.outcome, ("a@x", "b@x"), OK, (gone, gone), None, None
+        )
+        self.assertEqual((reply_for_failure(final).code, final.status), (550, "5.1.1"))
+        self.assertEqual([r.address for r in final.refused], ["a@x", "b@x"])
 
     def test_sender_refused(self) -> None:
         """A refused MAIL decides, whatever the pipelined RCPTs got back."""

@@ -42,17 +42,16 @@ from smtpproxy.addresses import (
     qualify,
 )
 from smtpproxy.errors import PermanentDeliveryError
-from smtpproxy.mime.message import Attachment, Email, Mailbox
-from smtpproxy.providers.graph.mime import (
+from smtpproxy.mime.fields import (
     Split,
     address_field,
-    ascii_header_block,
     field_name,
     field_value,
     line_break,
-    rewrite_fields,
     split_fields,
 )
+from smtpproxy.mime.message import Attachment, Email, Mailbox
+from smtpproxy.providers.graph.mime import ascii_header_block, rewrite_fields
 from smtpproxy.providers.graph.mimeparts import is_signed, take_out
 
 

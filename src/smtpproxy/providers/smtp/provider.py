@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from smtpproxy.errors import DeliveryError, TransientDeliveryError
 from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
-from smtpproxy.providers.result import PartlyRefused, RecipientRefusal
+from smtpproxy.providers.result import PartlyRefused
 from smtpproxy.providers.smtp import wire
 from smtpproxy.providers.smtp.client import RelayClient, StaleConnectionError
 from smtpproxy.providers.smtp.pool import Pool
@@ -95,10 +95,7 @@ class SmtpProvider:
                 )
                 return PartlyRefused(
                     delivered.accepted,
-                    tuple(
-                        RecipientRefusal(address, reply.code, reply.status or "", reply.text)
-                        for address, reply in delivered.refused
-                    ),
+                    tuple(wire.refusal(address, reply) for address, reply in delivered.refused),
                 )
             return None
         return None  # pragma: no cover (the loop returns or raises)

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from smtpproxy.mime.message import Email, Mailbox
-from smtpproxy.providers.graph.mime import (
+from smtpproxy.mime.fields import (
     address_field,
     field_name,
     field_value,
@@ -32,6 +31,7 @@ from smtpproxy.providers.graph.mime import (
     line_break,
     split_fields,
 )
+from smtpproxy.mime.message import Email, Mailbox
 
 
 def force_sender(email: Email, sender: str) -> Email:

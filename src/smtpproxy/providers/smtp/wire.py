@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from smtpproxy.dsn import Dsn, RecipientDsn
 from smtpproxy.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from smtpproxy.mime.message import Email
+from smtpproxy.providers.result import (
+    AllRefusedPermanentError,
+    AllRefusedTemporaryError,
+    RecipientRefusal,
+)
 
 #: How much of an upstream reply's text is passed on to our client and logs.
 MAX_REPLY_TEXT = 300
@@ -342,19 +347,30 @@ class Delivered:
     reply: Reply
 
 
-def failure(reply: Reply, stage: str) -> DeliveryError:
+def failure(reply: Reply, stage: str, refused: tuple[RecipientRefusal, ...] = ()) -> DeliveryError:
     """The delivery error that carries the upstream's C{reply} to our client.
 
     4xx (and anything odd) -> try again later with the upstream's text and
-    status; 5xx -> the same class of permanent failure.
+    status; 5xx -> the same class of permanent failure.  With C{refused}
+    (every recipient refused), the error also names each recipient's reply
+    (L{smtpproxy.providers.result.AllRefusedError}).
     """
     reason = f"upstream {stage}: {reply.text}" if reply.text else f"upstream {stage}: {reply.code}"
     status = reply.status
     if 500 <= reply.code < 600:
-        return PermanentDeliveryError(
-            reason, status if status and status[0] == "5" else "5.0.0", reply.code
-        )
-    return TransientDeliveryError(reason, status if status and status[0] == "4" else "4.0.0")
+        status = status if status and status[0] == "5" else "5.0.0"
+        if refused:
+            return AllRefusedPermanentError(reason, status, reply.code, refused)
+        return PermanentDeliveryError(reason, status, reply.code)
+    status = status if status and status[0] == "4" else "4.0.0"
+    if refused:
+        return AllRefusedTemporaryError(reason, status, 451, refused)
+    return TransientDeliveryError(reason, status)
+
+
+def refusal(address: str, reply: Reply) -> RecipientRefusal:
+    """One recipient's refusal, as providers report it."""
+    return RecipientRefusal(address, reply.code, reply.status or "", reply.text)
 
 
 def outcome(
@@ -368,7 +384,10 @@ def outcome(
 
     @raise DeliveryError: nothing was delivered; the error carries the reply
         that decided it.  When every recipient was refused, a temporary
-        refusal wins over a permanent one: retrying can still help those.
+        refusal wins over a permanent one (our client hears 4xx: retrying
+        can still help those; 5xx only when all were 5xx), and the error is
+        an L{smtpproxy.providers.result.AllRefusedError} naming each recipient's
+        reply, so the queue fails the 5xx ones at once and retries the rest.
     """
     if not mail.positive:
         raise failure(mail, "refused the sender")
@@ -378,7 +397,11 @@ def outcome(
     accepted = tuple(r for r, reply in zip(recipients, rcpts, strict=True) if reply.positive)
     if not accepted:
         temporary = [reply for _, reply in refused if reply.code < 500]
-        raise failure((temporary or [reply for _, reply in refused])[0], "refused every recipient")
+        raise failure(
+            (temporary or [reply for _, reply in refused])[0],
+            "refused every recipient",
+            tuple(refusal(address, reply) for address, reply in refused),
+        )
     if data is None or data.code != 354:
         raise failure(data or Reply(451, (b"no reply to DATA",)), "refused DATA")
     if final is None or not 200 <= final.code < 300:

@@ -146,7 +146,8 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
     return True
 
 
-def wait_until(condition: Callable[[], bool], what: str, limit: float = 30) -> None:
+def wait_until(condition: Callable[[], bool], what: str, limit: float = 60) -> None:
+    """Poll C{condition} until it holds; 60 s, as twistd may start slowly on a loaded machine."""
     deadline = time.monotonic() + limit
     while not condition():
         if time.monotonic() > deadline:

@@ -14,7 +14,7 @@ from smtpproxy.config import Config
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
 from smtpproxy.providers import create, envelope_refusal
 from smtpproxy.providers.mailbox import chaos
-from smtpproxy.providers.mailbox.persist import MailboxFile
+from smtpproxy.providers.mailbox.persist import MailboxFile, Row
 from smtpproxy.providers.mailbox.provider import MailboxProvider, ReleaseError
 from smtpproxy.providers.mailbox.settings import MailboxSettings
 from tests.providers.mailbox.helpers import email, raw_message
@@ -209,6 +209,30 @@ class FileTests(TestCase):
         self.assertEqual(len(found), 1)
         self.assertNotIn(doomed[0], found)
         self.assertNotIn(doomed[1], found)
+
+    @async_test
+    async def test_a_read_mark_before_the_commit_survives_a_reopen(self) -> None:
+        """A row marked read (or unread again) while it still waits for its batch keeps
+        that flag in the file: the marks join the write queue, so they cannot reach
+        SQLite before the row does and update nothing."""
+        path = self.mktemp()
+        file = MailboxFile(path)
+        await file.load(10, lambda row: row)
+        rows = [
+            Row(f"id{n}", float(n), "a@example.com", ("b@example.com",), b"x") for n in range(4)
+        ]
+        # The first insert starts a transaction; the rest wait for the following one.
+        writes = [file.insert(row, []) for row in rows]
+        writes.append(file.set_read("id1", True))
+        writes.append(file.set_read_many(["id2", "id3"], True))
+        writes.append(file.set_read_many(["id3"], False))
+        await defer.gatherResults(writes, consumeErrors=True)
+        file.close()
+
+        again = MailboxFile(path)
+        self.addCleanup(again.close)
+        loaded = await again.load(10, lambda row: (row.id, row.read))
+        self.assertEqual(loaded, [("id0", False), ("id1", True), ("id2", True), ("id3", False)])
 
     @async_test
     async def test_the_wal_is_checkpointed_beside_the_writer(self) -> None:

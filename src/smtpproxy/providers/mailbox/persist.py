@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from twisted.enterprise.adbapi import ConnectionPool
@@ -96,6 +96,17 @@ class Row:
     read: bool = False
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """One call waiting for the next batch: a row to add, ids to forget, flags to set."""
+
+    row: Row | None
+    gone: list[str]
+    #: (read, id) pairs, in the order they were asked for.
+    marks: list[tuple[int, str]] = field(default_factory=list)
+    done: Deferred[None] = field(default_factory=Deferred)
+
+
 class MailboxFile:
     """The SQLite copy of the mailbox; every method returns a Deferred."""
 
@@ -115,7 +126,7 @@ class MailboxFile:
         self._checkpointer = ConnectionPool(
             "sqlite3", path, **{**kwargs, "cp_openfun": _configure_checkpointer}
         )
-        self._waiting: list[tuple[Row | None, list[str], Deferred[None]]] = []
+        self._waiting: list[_Waiting] = []
         self._writing = False
         self._unchecked = 0
         self._checkpointing = False
@@ -137,11 +148,11 @@ class MailboxFile:
         transactions, not one each (and the order of rows is the order of
         calls).
         """
-        return self._queue(row, evicted)
+        return self._queue(_Waiting(row, list(evicted)))
 
-    def _queue(self, row: Row | None, gone: Sequence[str]) -> Deferred[None]:
-        done: Deferred[None] = Deferred()
-        self._waiting.append((row, list(gone), done))
+    def _queue(self, waiting: _Waiting) -> Deferred[None]:
+        self._waiting.append(waiting)
+        done = waiting.done
         if not self._writing:
             self._write_next()
         return done
@@ -152,19 +163,20 @@ class MailboxFile:
             self._writing = False
             return
         self._writing = True
-        rows = [row for row, _, _ in batch if row is not None]
-        gone = [message_id for _, ids, _ in batch for message_id in ids]
-        writing = self._pool.runInteraction(_write, rows, gone)
+        rows = [waiting.row for waiting in batch if waiting.row is not None]
+        gone = [message_id for waiting in batch for message_id in waiting.gone]
+        marks = [mark for waiting in batch for mark in waiting.marks]
+        writing = self._pool.runInteraction(_write, rows, gone, marks)
 
         def finished(result: object) -> None:
             self._write_next()
             if not isinstance(result, Failure):
                 self._written(sum(len(row.raw) for row in rows))
-            for _, _, done in batch:
+            for waiting in batch:
                 if isinstance(result, Failure):
-                    done.errback(result)
+                    waiting.done.errback(result)
                 else:
-                    done.callback(None)
+                    waiting.done.callback(None)
 
         writing.addBoth(finished)
 
@@ -192,19 +204,26 @@ class MailboxFile:
 
     def delete(self, ids: Sequence[str]) -> Deferred[None]:
         """Forget these ids, in order with the writes queued before (group commit too)."""
-        return self._queue(None, ids)
+        return self._queue(_Waiting(None, list(ids)))
 
     def set_read(self, message_id: str, read: bool) -> Deferred[None]:
-        update = "UPDATE messages SET read = ? WHERE id = ?"
-        return cast("Deferred[None]", self._pool.runOperation(update, (int(read), message_id)))
+        """Set one row's read flag, in order with the writes queued before.
+
+        Through the write queue, not straight to the pool: a message marked
+        read while its row still waits for its batch would otherwise be
+        updated before it is inserted (no row yet), then inserted unread.
+        """
+        return self.set_read_many([message_id], read)
 
     def set_read_many(self, ids: Sequence[str], read: bool) -> Deferred[None]:
-        """Set the read flag of these rows: one transaction, one statement for them all.
+        """Set the read flag of these rows, in order with the writes queued before.
 
-        One request of the API marks many messages; a write each would queue
-        as many jobs in the pool, without bound.
+        One request of the API marks many messages: it is one entry in the
+        queue, so it lands whole in one transaction (shared with whatever
+        else waited), and fires once that is committed; a write each would
+        queue as many jobs, without bound.
         """
-        return cast("Deferred[None]", self._pool.runInteraction(_set_read, list(ids), read))
+        return self._queue(_Waiting(None, [], [(int(read), i) for i in ids]))
 
     def size(self) -> int:
         """The file's size in bytes (for C{/api/v1/info}); 0 if it cannot be read."""
@@ -266,12 +285,17 @@ def _load(cursor: sqlite3.Cursor, limit: int, prepare: Callable[[Row], T]) -> li
     return [prepare(row) for row in rows]
 
 
-def _write(cursor: sqlite3.Cursor, rows: list[Row], gone: list[str]) -> None:
-    """One batch: forget C{gone}, then add C{rows}, in one transaction.
+def _write(
+    cursor: sqlite3.Cursor, rows: list[Row], gone: list[str], marks: list[tuple[int, str]]
+) -> None:
+    """One batch: forget C{gone}, add C{rows}, then set the read flags, in one transaction.
 
     Ids are unique, so a row also named in C{gone} (evicted or deleted
     before its batch was written) is simply left out: the same end state as
-    writing it and deleting it again, in fewer calls.
+    writing it and deleting it again, in fewer calls.  The flags go last, in
+    the order asked: a message is marked only once it was stored, so its
+    row, in this batch or an earlier one, is there to update (or was
+    deleted, and the update finds nothing, as it should).
     """
     forgotten = set(gone)
     _delete(cursor, gone)
@@ -291,6 +315,8 @@ def _write(cursor: sqlite3.Cursor, rows: list[Row], gone: list[str]) -> None:
             if row.id not in forgotten
         ],
     )
+    if marks:
+        cursor.executemany("UPDATE messages SET read = ? WHERE id = ?", marks)
 
 
 def _delete(cursor: sqlite3.Cursor, ids: list[str]) -> None:
@@ -299,7 +325,3 @@ def _delete(cursor: sqlite3.Cursor, ids: list[str]) -> None:
         # Only "?" placeholders are built into the text; the ids are parameters.
         marks = ", ".join("?" * len(chunk))
         cursor.execute(f"DELETE FROM messages WHERE id IN ({marks})", chunk)  # noqa: S608
-
-
-def _set_read(cursor: sqlite3.Cursor, ids: list[str], read: bool) -> None:
-    cursor.executemany("UPDATE messages SET read = ? WHERE id = ?", [(int(read), i) for i in ids])

@@ -8,13 +8,11 @@ operator command reading the result back.
 from __future__ import annotations
 
 import signal
-import smtplib
 
 from twisted.trial.unittest import TestCase
 
-from tests.providers.smtp import upstream
-from tests.queue.test_e2e import QueuedRelay
-from tests.support import TIMEOUT, async_test, in_thread, message
+from tests.queue.refusing_upstream import relay_to, send
+from tests.support import async_test, in_thread
 
 
 class RecordedOnTheMessageTests(TestCase):
@@ -30,24 +28,10 @@ class RecordedOnTheMessageTests(TestCase):
             seen.append(address)
             return "550 5.1.1 No such user" if address.startswith("gone") else "250 2.1.5 Ok"
 
-        script = upstream.Script(rcpt=rcpt)
-        listening = await upstream.listen(script)
-        self.addCleanup(listening.stopListening)
-        relay = QueuedRelay(
-            self,
-            RELAY_HOST="127.0.0.1",
-            RELAY_PORT=str(upstream.port_of(listening)),
-            RELAY_TLS="none",
-        )
+        script, relay = await relay_to(self, rcpt)
 
         def scenario() -> tuple[object, object]:
-            relay.start()
-            with smtplib.SMTP("127.0.0.1", relay.port, timeout=TIMEOUT) as client:
-                client.sendmail(
-                    "a@example.com",
-                    ["ok@example.org", "gone@example.org"],
-                    message("Partly dead", "Body.\r\n"),
-                )
+            send(relay, ["ok@example.org", "gone@example.org"], "Partly dead", "Body.\r\n")
             [dead] = relay.wait_for("message dead")
             shown = relay.command("show", dead["id"])
             listed = relay.command("list")

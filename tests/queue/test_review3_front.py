@@ -8,16 +8,15 @@ slow disk would) so that an enqueue is in flight when the relay stops.
 from __future__ import annotations
 
 import signal
-import smtplib
 import socket
 import sqlite3
 import time
 
 from twisted.trial.unittest import TestCase
 
-from tests.providers.smtp import upstream
+from tests.queue.refusing_upstream import relay_to, send
 from tests.queue.test_e2e import QueuedRelay
-from tests.support import TIMEOUT, async_test, in_thread, message
+from tests.support import TIMEOUT, async_test, in_thread
 
 
 def _read_reply(sock: socket.socket, deadline: float) -> bytes:
@@ -93,26 +92,17 @@ class PartlyRefusedTests(TestCase):
                 return "450 4.2.1 Mailbox busy, try later"
             return "250 2.1.5 Ok"
 
-        script = upstream.Script(rcpt=rcpt)
-        listening = await upstream.listen(script)
-        self.addCleanup(listening.stopListening)
-        relay = QueuedRelay(
-            self,
-            RELAY_HOST="127.0.0.1",
-            RELAY_PORT=str(upstream.port_of(listening)),
-            RELAY_TLS="none",
-            QUEUE_RETRY_MIN_INTERVAL="1",
-            QUEUE_RETRY_MAX_INTERVAL="2",
+        script, relay = await relay_to(
+            self, rcpt, QUEUE_RETRY_MIN_INTERVAL="1", QUEUE_RETRY_MAX_INTERVAL="2"
         )
 
         def scenario() -> None:
-            relay.start()
-            with smtplib.SMTP("127.0.0.1", relay.port, timeout=TIMEOUT) as client:
-                client.sendmail(
-                    "a@example.com",
-                    ["ok@example.org", "busy@example.org"],
-                    message("Partly refused", "Body of partly refused.\r\n"),
-                )
+            send(
+                relay,
+                ["ok@example.org", "busy@example.org"],
+                "Partly refused",
+                "Body of partly refused.\r\n",
+            )
             relay.wait_for("message delivered")
             deadline = time.monotonic() + 10
             while seen.count("busy@example.org") < 2 and time.monotonic() < deadline:

@@ -13,13 +13,11 @@ instead of failed at once.
 from __future__ import annotations
 
 import signal
-import smtplib
 
 from twisted.trial.unittest import TestCase
 
-from tests.providers.smtp import upstream
-from tests.queue.test_e2e import QueuedRelay
-from tests.support import TIMEOUT, async_test, in_thread, message
+from tests.queue.refusing_upstream import relay_to, send
+from tests.support import async_test, in_thread
 
 
 class AllRefusedMixedTests(TestCase):
@@ -38,25 +36,10 @@ class AllRefusedMixedTests(TestCase):
                 return "450 4.2.1 Mailbox busy"
             return "250 2.1.5 Ok"
 
-        script = upstream.Script(rcpt=rcpt)
-        listening = await upstream.listen(script)
-        self.addCleanup(listening.stopListening)
-        relay = QueuedRelay(
-            self,
-            RELAY_HOST="127.0.0.1",
-            RELAY_PORT=str(upstream.port_of(listening)),
-            RELAY_TLS="none",
-            QUEUE_RETRY_MIN_INTERVAL="1",
-        )
+        script, relay = await relay_to(self, rcpt, QUEUE_RETRY_MIN_INTERVAL="1")
 
         def scenario() -> object:
-            relay.start()
-            with smtplib.SMTP("127.0.0.1", relay.port, timeout=TIMEOUT) as client:
-                client.sendmail(
-                    "a@example.com",
-                    ["busy@example.org", "gone@example.org"],
-                    message("Mixed", "Body.\r\n"),
-                )
+            send(relay, ["busy@example.org", "gone@example.org"], "Mixed", "Body.\r\n")
             [dead] = relay.wait_for("message dead", timeout=60)
             shown = relay.command("show", dead["id"])
             relay.kill(signal.SIGTERM)

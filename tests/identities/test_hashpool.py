@@ -84,6 +84,8 @@ class FullPoolOnTheWireTests(TestCase):
             fallback=True,
         )
         checker = IdentityChecker([entry], {"apps": UserpassBackend(entry, reactor, pool)}, reactor)
+        # Its log summary's timer runs on the real reactor.
+        self.addCleanup(checker.log_summary.stop)
         relay = start_relay(self, auth=True)
         relay.factory.portal.registerChecker(checker)
         blocked = [pool.run(lambda: gate.wait(TIMEOUT)) for _ in range(2)]

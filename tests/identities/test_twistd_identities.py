@@ -7,6 +7,7 @@ client is smtplib with STARTTLS and AUTH PLAIN or LOGIN.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import smtplib
@@ -194,6 +195,62 @@ class TwistdIdentitiesTests(TestCase):
         self.assertIn(b"via tokens", out)
         for user, times in sorted(LATENCIES.items()):
             print(f"AUTH latency {user}: {min(times) * 1000:.1f} ms")
+
+
+class DeferredFloodTests(TestCase):
+    @async_test
+    async def test_SEC_124_jwks_down_auth_flood_log_bounded(self) -> None:
+        """SEC-124 on the wire: 1,000 AUTH PLAIN attempts with invented-key tokens against
+        a JWT identity whose JWKS endpoint is down all get 454 4.7.0, and twistd's log holds
+        one "authentication deferred" and one "identity backend unavailable" line with the
+        client, provider and reason, plus summary lines whose counts add up to 1,000 (written
+        at the latest when twistd stops), never the token; before SEC-124 it held 2,000."""
+        token = servers.sign(servers.claims(), servers.rsa_key(), "invented-kid")
+        providers = [
+            {
+                "meta": {"name": "tokens", "type": "jwt", "fallback": True},
+                "params": {
+                    "jwks_url": f"http://127.0.0.1:{servers.free_port()}/keys",
+                    "iss": "https://idp.test",
+                    "aud": "smtp-relay",
+                },
+            }
+        ]
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            json.dump({"providers": providers}, f)
+        relay = Relay(self, AUTH_CONFIG=path)
+        plain = base64.b64encode(f"\0scanner\0{token}".encode()).decode("ascii")
+        sessions, per_session = 20, 50
+
+        def scenario() -> tuple[list[int], bytes]:
+            relay.wait_listening()
+            codes = []
+            for _ in range(sessions):
+                with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=TIMEOUT) as client:
+                    client.ehlo("client.test")
+                    client.starttls(context=client_tls())
+                    client.ehlo("client.test")
+                    for _ in range(per_session):
+                        codes.append(client.docmd("AUTH", "PLAIN " + plain)[0])
+            _, err = relay.stop()
+            return codes, err
+
+        codes, err = await in_thread(scenario)
+        self.assertEqual(set(codes), {454}, err.decode()[-3000:])
+        self.assertEqual(len(codes), sessions * per_session)
+        self.assertNotIn(token.encode(), err)
+        self.assertNotIn(token.split(".")[2].encode(), err)
+        events = json_lines(err)
+        for msg in ("authentication deferred", "identity backend unavailable"):
+            (first,) = [e for e in events if e.get("msg") == msg]
+            self.assertEqual((first["client"], first["provider"]), ("127.0.0.1", "tokens"))
+            self.assertIn("key set", first["reason"])
+            repeats = [e for e in events if e.get("msg") == f"{msg} (repeated)"]
+            self.assertLessEqual(len(repeats), 3, repeats)
+            self.assertEqual(1 + sum(e["count"] for e in repeats), sessions * per_session)
+        warnings = [e for e in events if e.get("level") == "warn"]
+        self.assertLess(len(warnings), 20, warnings)
 
 
 class ShutdownTests(TestCase):

@@ -162,6 +162,8 @@ class BackendDownTests(TestCase):
             fallback=True,
         )
         checker = IdentityChecker([provider], {"down": backend_for(provider, reactor)}, reactor)
+        # Its log summary's timer runs on the real reactor.
+        self.addCleanup(checker.log_summary.stop)
         relay = start_relay(self, auth=True)
         relay.factory.portal.registerChecker(checker)
 

@@ -29,6 +29,9 @@ from smtpproxy import jsonlog
 from smtpproxy.config import load
 from smtpproxy.delivery import RelayRealm
 from smtpproxy.errors import PermanentDeliveryError
+from smtpproxy.identities.errors import BackendUnavailable
+from smtpproxy.identities.fileformat import ProviderEntry
+from smtpproxy.identities.router import IdentityChecker
 from smtpproxy.mime.message import parse_message
 from smtpproxy.policy import rules as policy
 from smtpproxy.policy.guard import Guard, GuardSettings
@@ -36,6 +39,7 @@ from smtpproxy.smtp.factory import RelayFactory
 from smtpproxy.smtp.protocol import RelayProtocol, session_settings
 from smtpproxy.smtp.proxyheader import ProxyHeaderFactory
 from smtpproxy.smtp.sasl import StaticPasswordChecker
+from tests.identities.test_outcomes import Scripted
 from tests.support import (
     OPEN,
     PASSWORD,
@@ -304,6 +308,89 @@ class RefusalFloodTests(SynchronousTestCase):
         summaries = [line for line in self.logs.lines() if line["msg"].endswith("(repeated)")]
         self.assertEqual(sorted(s["count"] for s in summaries), [499, 499])
         self.assertLessEqual(self.logs.count, 4)
+
+
+class DeferredAuthFloodTests(SynchronousTestCase):
+    """SEC-124: AUTH answered 454 and not counted (a backend that cannot answer) is summarised.
+
+    The guard bounds counted failures; these are not counted, so without a
+    summary an invented JWT key id or a full bcrypt pool gave one or two log
+    lines per AUTH, without limit.  The backend is scripted (it always says
+    it cannot answer, as the JWT backend does within its refetch gate): the
+    session's and the router's log lines are what is tested.
+    """
+
+    SECRET = "eyJ-token-never-logged"
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.logs = LogCapture(self)
+        guard = dataclasses.replace(OPEN, auth_enabled=True)
+        self.factory, portal = clocked_factory(
+            self.clock, guard, auth_enabled=True, allow_insecure_auth=True
+        )
+        reason = "JWT key id 'invented' not in the key set; refetch allowed in 42 s"
+        backend = Scripted("tokens", BackendUnavailable("tokens", reason))
+        entry = ProviderEntry("tokens", "jwt", {}, fallback=True)
+        self.checker = IdentityChecker([entry], {"tokens": backend}, self.clock)
+        portal.registerChecker(self.checker)
+
+    def flood(self, client: str, sessions: int, per_session: int) -> None:
+        """C{sessions} sessions from C{client}, each C{per_session} AUTH PLAIN, all 454."""
+        plain = base64.b64encode(f"\0scanner\0{self.SECRET}".encode())
+        for _ in range(sessions):
+            protocol, transport = connect(self.factory, client)
+            protocol.dataReceived(b"EHLO c\r\n" + b"AUTH PLAIN " + plain + b"\r\n")
+            for _ in range(per_session - 1):
+                protocol.dataReceived(b"AUTH PLAIN " + plain + b"\r\n")
+            self.assertEqual(transport.value().count(b"\r\n454 4.7.0"), per_session)
+            protocol.connectionLost(None)
+
+    def test_SEC_124_uncounted_454_lines_are_bounded(self) -> None:
+        """SEC-124: 10,000 AUTH attempts answered 454 by a backend that cannot answer,
+        from one address, log the first "authentication deferred" and "identity backend
+        unavailable" lines at once (with client, provider and reason, never the token),
+        then one summary line each per 60 s interval with the count; nothing is counted
+        by the guard.  Without the summary this wrote 20,000 lines."""
+        self.flood("203.0.113.77", 100, 50)
+        self.assertEqual(len(self.factory.guard.auth_failures), 0)
+        (deferred,) = self.logs.messages("authentication deferred")
+        (unavailable,) = self.logs.messages("identity backend unavailable")
+        for line in (deferred, unavailable):
+            self.assertEqual(line["client"], "203.0.113.77")
+            self.assertEqual(line["provider"], "tokens")
+            self.assertIn("not in the key set", line["reason"])
+        self.assertEqual(unavailable["type"], "jwt")
+        self.clock.advance(60)
+        self.assertEqual(self.logs.messages("authentication deferred (repeated)")[0]["count"], 4999)
+        self.assertEqual(
+            self.logs.messages("identity backend unavailable (repeated)")[0]["count"], 4999
+        )
+        # Still going over two more intervals: one summary line each per interval.
+        for _ in range(2):
+            self.flood("203.0.113.77", 50, 50)
+            self.clock.advance(60)
+        counts = [
+            line["count"] for line in self.logs.messages("authentication deferred (repeated)")
+        ]
+        self.assertEqual(counts, [4999, 2500, 2500])
+        self.assertEqual(self.logs.count, 2 + 3 * 2)
+        self.assertNotIn(self.SECRET, self.logs.text())
+        # A quiet interval ends the summaries and their timers.
+        self.clock.advance(60)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_SEC_124_many_addresses_share_the_bounded_table(self) -> None:
+        """SEC-124: uncounted 454s from 3,000 addresses log at most 1,000 first lines per
+        event (the summary table's size), then one "other clients" line with the rest."""
+        for i in range(3000):
+            self.flood(f"198.51.{i // 250}.{i % 250}", 1, 1)
+        self.assertEqual(len(self.logs.messages("authentication deferred")), 1000)
+        self.assertEqual(len(self.logs.messages("identity backend unavailable")), 1000)
+        self.clock.advance(60)
+        others = self.logs.messages("authentication deferred (repeated, other clients)")
+        self.assertEqual([line["count"] for line in others], [2000])
+        self.assertLessEqual(self.logs.count, 2002)
 
 
 class AuthLogTests(SynchronousTestCase):

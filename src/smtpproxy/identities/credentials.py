@@ -17,15 +17,25 @@ from zope.interface import implementer
 
 @implementer(IUsernamePassword)
 class ClientCredentials:
-    """A user name and password, plus the TLS SNI and EHLO names (or None)."""
+    """A user name and password, plus the TLS SNI and EHLO names (or None).
+
+    @ivar client: the client's address as the session logs it, or None; the
+        router keys its summarised log lines by it (never a credential).
+    """
 
     def __init__(
-        self, username: bytes, password: bytes, sni: str | None = None, ehlo: str | None = None
+        self,
+        username: bytes,
+        password: bytes,
+        sni: str | None = None,
+        ehlo: str | None = None,
+        client: str | None = None,
     ) -> None:
         self.username = username
         self.password = password
         self.sni = sni
         self.ehlo = ehlo
+        self.client = client
 
     def checkPassword(self, password: bytes) -> bool:
         return hmac.compare_digest(self.password, password)

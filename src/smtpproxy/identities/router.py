@@ -26,7 +26,7 @@ from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from smtpproxy.identities.cache import SuccessCache
@@ -34,6 +34,7 @@ from smtpproxy.identities.errors import BackendUnavailable, NoSuchUser, RefusedW
 from smtpproxy.identities.fileformat import ProviderEntry
 from smtpproxy.identities.model import Backend, Identity, text
 from smtpproxy.identities.selection import Attempt, requested_names, select
+from smtpproxy.logsummary import LogSummary
 
 log = Logger(namespace="smtpproxy.identities")
 
@@ -55,9 +56,15 @@ class IdentityChecker:
         self.providers = tuple(providers)
         self.backends = dict(backends)
         self.cache: SuccessCache[Identity] = SuccessCache(cache_seconds, cache_max_entries, clock)
+        # A backend that cannot answer fails every login at once, as often
+        # as a client asks (invented JWT key ids, a full bcrypt pool), and
+        # such a 454 is not counted by the guard: its lines are summarised
+        # per client address like the session's refusals.
+        self.log_summary = LogSummary(log, clock)
 
     def close(self) -> defer.Deferred[None]:
         """Close every backend's kept-alive connections (at shutdown)."""
+        self.log_summary.stop()
         closing = []
         for backend in self.backends.values():
             close = getattr(backend, "close", None)
@@ -94,9 +101,10 @@ class IdentityChecker:
         # Any: the avatar ID is an Identity; the interface stub says bytes.
         names = requested_names(getattr(creds, "sni", None), getattr(creds, "ehlo", None))
         attempts = select(self.providers, text(creds.username), text(creds.password), names)
-        return defer.Deferred.fromCoroutine(self._try(attempts))
+        client = getattr(creds, "client", None) or "unknown"
+        return defer.Deferred.fromCoroutine(self._try(attempts, client))
 
-    async def _try(self, attempts: list[Attempt]) -> Identity:
+    async def _try(self, attempts: list[Attempt], client: str) -> Identity:
         unavailable: BackendUnavailable | None = None
         tested: str | None = None  # a provider that refused a secret it did test
         for attempt in attempts:
@@ -113,8 +121,10 @@ class IdentityChecker:
                 tested = tested or entry.name
                 continue
             except BackendUnavailable as e:
-                log.warn(
+                self.log_summary.emit(
+                    LogLevel.warn,
                     "identity backend unavailable",
+                    client,
                     provider=entry.name,
                     type=entry.type,
                     reason=e.reason,

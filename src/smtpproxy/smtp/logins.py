@@ -11,6 +11,7 @@ from twisted.cred import error as cred_error
 from twisted.cred.checkers import ANONYMOUS, AllowAnonymousAccess
 from twisted.cred.credentials import Anonymous
 from twisted.internet import defer, task
+from twisted.logger import LogLevel
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
 
@@ -65,9 +66,19 @@ class Logins(ShellBase):
                 # answered 454 (the backend that is down might say yes).
                 return self._auth_failed(username, temporary=True)
             if failure.check(BackendUnavailable):
-                # Logged by the router with its reason; never counted as a
-                # wrong password: the client retries later.
-                log.warn("authentication deferred", session=self.id, client=self._peer)
+                # Never counted as a wrong password (the client retries
+                # later), so nothing else bounds how often a client can
+                # cause it: summarised per address like refusals.
+                unavailable = failure.value
+                assert isinstance(unavailable, BackendUnavailable)
+                self.factory.log_summary.emit(
+                    LogLevel.warn,
+                    "authentication deferred",
+                    self._peer,
+                    session=self.id,
+                    provider=unavailable.provider,
+                    reason=unavailable.reason,
+                )
             else:
                 log.failure("authentication error", failure, session=self.id)
             self.reply(454, "4.7.0", "Temporary authentication failure")
@@ -81,6 +92,7 @@ class Logins(ShellBase):
             creds.password,
             sni_of(self._tcp) if self.session.tls_active else None,
             ehlo.decode("ascii", "replace") if ehlo else None,
+            self._peer,
         )
         d = self._portal.login(creds, None, IMessageDelivery)
         d.addCallbacks(succeeded, failed)

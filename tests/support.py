@@ -14,6 +14,7 @@ import os
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -301,3 +302,15 @@ def open_files_under(directory: str, pid: int | str = "self") -> list[str]:
         if target.startswith(base):
             found.append(target)
     return found
+
+
+def wait_until(condition: Callable[[], bool], what: str, limit: float = 60) -> None:
+    """Poll C{condition} from a thread until it holds; fail naming C{what} after C{limit} s.
+
+    60 s, as a twistd started by a test may start slowly on a loaded machine.
+    """
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

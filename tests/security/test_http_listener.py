@@ -19,14 +19,13 @@ import resource
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 from bench.run import memory_kb
 from twisted.trial.unittest import TestCase
 
-from tests.support import TIMEOUT, async_test, in_thread, open_files_under
+from tests.support import TIMEOUT, async_test, in_thread, open_files_under, wait_until
 from tests.test_twistd import TWISTD, base_env, free_port
 
 MB = 1024 * 1024
@@ -144,15 +143,6 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
     except ConnectionResetError:
         return True
     return True
-
-
-def wait_until(condition: Callable[[], bool], what: str, limit: float = 60) -> None:
-    """Poll C{condition} until it holds; 60 s, as twistd may start slowly on a loaded machine."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class PipeliningTests(TestCase):

@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -39,19 +39,11 @@ from tests.support import (
     read_replies,
     sendmail,
     start_relay,
+    wait_until,
 )
 from tests.test_twistd import Relay
 
 MB = 1024 * 1024
-
-
-def wait_until(condition: Callable[[], bool], what: str, limit: float = 60) -> None:
-    """Poll C{condition} (bounded); fail naming C{what} if it never holds."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def text_lines(size: int) -> bytes:

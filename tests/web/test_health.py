@@ -62,6 +62,32 @@ class _Tracking(WrappingFactory):
         return d
 
 
+class Loopback:
+    """A site listening on a free loopback port, with a treq client for it.
+
+    Cleaned up with the test: the client's kept connections closed, then
+    the server's connections waited out, then the port closed.
+    """
+
+    def __init__(self, case: TestCase, site: Any) -> None:
+        self.tracking = _Tracking(site)
+        tcp: IReactorTCP = reactor
+        # WrappingFactory predates Twisted's typed ServerFactory.
+        self.listening = tcp.listenTCP(0, self.tracking, interface="127.0.0.1")  # type: ignore[arg-type]
+        self.base = f"http://127.0.0.1:{self.listening.getHost().port}"  # type: ignore[attr-defined]
+        self.pool = HTTPConnectionPool(reactor)
+        self.client = HTTPClient(Agent(reactor, pool=self.pool))
+        case.addCleanup(self.shut)
+
+    def shut(self) -> defer.Deferred[None]:
+        async def run() -> None:
+            await self.pool.closeCachedConnections()
+            await self.tracking.closed()
+            await defer.maybeDeferred(self.listening.stopListening)
+
+        return defer.Deferred.fromCoroutine(run())
+
+
 @implementer(ILogObserver)
 class _Collect:
     """Keeps the events of one namespace."""
@@ -82,22 +108,8 @@ class EndpointTests(TestCase):
         self.stopping = False
         self.lengths: list[object] = []
         self.site = web_site.build_site([http.mount(lambda: self.stopping)], reactor=reactor)
-        self.tracking = _Tracking(self.site)
-        tcp: IReactorTCP = reactor
-        # WrappingFactory predates Twisted's typed ServerFactory.
-        self.listening = tcp.listenTCP(0, self.tracking, interface="127.0.0.1")  # type: ignore[arg-type]
-        self.base = f"http://127.0.0.1:{self.listening.getHost().port}"  # type: ignore[attr-defined]
-        self.pool = HTTPConnectionPool(reactor)
-        self.client = HTTPClient(Agent(reactor, pool=self.pool))
-        self.addCleanup(self.shut)
-
-    def shut(self) -> defer.Deferred[None]:
-        async def run() -> None:
-            await self.pool.closeCachedConnections()
-            await self.tracking.closed()
-            await defer.maybeDeferred(self.listening.stopListening)
-
-        return defer.Deferred.fromCoroutine(run())
+        self.loopback = Loopback(self, self.site)
+        self.client, self.base = self.loopback.client, self.loopback.base
 
     async def fetch(self, method: str, path: str) -> tuple[int, Any, bytes]:
         """Make one request; return the status, the headers and the body."""

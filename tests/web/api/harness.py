@@ -11,13 +11,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from treq.client import HTTPClient
-from twisted.internet import defer, reactor
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet import reactor
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -33,7 +31,7 @@ from smtpproxy.web.api.service import settings_from
 from smtpproxy.web.api.submit import Submitter
 from tests.queue.memory import MemoryStore
 from tests.support import RecordingProvider
-from tests.web.test_health import _Tracking
+from tests.web.test_health import Loopback
 
 SECRET = "s" * 24 + "-api-secret-0001"
 OTHER_SECRET = "o" * 24 + "-api-secret-0002"
@@ -131,21 +129,8 @@ class ApiServer:
         # The listener's bounds stay the defaults; the log level reaches it as in the relay.
         bounds = web_site.HttpSettings(log_requests=self.api.settings.log_requests)
         site = web_site.build_site([health.mount(lambda: False), v1], bounds, reactor=reactor)
-        self.tracking = _Tracking(site)
-        tcp: IReactorTCP = reactor
-        self.listening = tcp.listenTCP(0, self.tracking, interface="127.0.0.1")  # type: ignore[arg-type]
-        self.base = f"http://127.0.0.1:{self.listening.getHost().port}"  # type: ignore[attr-defined]
-        self.pool = HTTPConnectionPool(reactor)
-        self.client = HTTPClient(Agent(reactor, pool=self.pool))
-        case.addCleanup(self.shut)
-
-    def shut(self) -> defer.Deferred[None]:
-        async def run() -> None:
-            await self.pool.closeCachedConnections()
-            await self.tracking.closed()
-            await defer.maybeDeferred(self.listening.stopListening)
-
-        return defer.Deferred.fromCoroutine(run())
+        loopback = Loopback(case, site)
+        self.client, self.base = loopback.client, loopback.base
 
     async def request(
         self,

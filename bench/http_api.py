@@ -11,6 +11,11 @@ framework's ceiling on this machine.  Reported: requests per second
 
     .venv/bin/python bench/http_api.py                # 3 rounds of 10 s each
     .venv/bin/python bench/http_api.py --seconds 5 --rounds 1
+    .venv/bin/python bench/http_api.py --baseline /tmp/api-base   # A/B: another tree's relay too
+
+With C{--baseline DIR} a third process, the relay from C{DIR/src} (an
+exported older commit), runs in the same rounds, so the two relays are
+compared in the same minutes on a shared machine.
 """
 
 from __future__ import annotations
@@ -71,10 +76,10 @@ def payload(size: int) -> str:
     )
 
 
-def start_relay(port: int) -> subprocess.Popen[bytes]:
+def start_relay(port: int, src: Path = ROOT / "src") -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "HTTP_", "GRAPH_"))}
     env.update(
-        PYTHONPATH=str(ROOT / "src"),
+        PYTHONPATH=str(src),
         SMTP_LISTEN=f"127.0.0.1:{free_port()}",
         HTTP_LISTEN=f"127.0.0.1:{port}",
         SMTP_HOSTNAME="relay.test",
@@ -140,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--size", type=int, default=10_240)
+    parser.add_argument("--baseline", type=Path, help="another tree whose src/ relay runs too")
     args = parser.parse_args(argv)
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -147,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     ports = {"smtpproxy": free_port(), "bare": free_port()}
     processes = {"smtpproxy": start_relay(ports["smtpproxy"]), "bare": start_bare(ports["bare"])}
+    if args.baseline is not None:
+        ports["baseline"] = free_port()
+        processes["baseline"] = start_relay(ports["baseline"], args.baseline.resolve() / "src")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in ports}
     try:
         for name, process in processes.items():
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
             f.write(LUA.format(body=json.dumps(payload(args.size)), secret=SECRET))
             script = f.name
-        paths = {"smtpproxy": "/v1/messages", "bare": "/"}
+        paths = {"smtpproxy": "/v1/messages", "bare": "/", "baseline": "/v1/messages"}
         for name in ports:  # warm-up
             url = f"http://127.0.0.1:{ports[name]}{paths[name]}"
             run_wrk(wrk, url, script, 2, 10, processes[name].pid)
@@ -188,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median of {len(pairs)} pairwise ratios {statistics.median(pairs):.2f}", end=" ")
     print(f"(min {min(pairs):.2f}, max {max(pairs):.2f}),")
     print(f"{cpu['bare'] / cpu['smtpproxy']:.2f} by CPU per request")
+    if "baseline" in results:
+        mine = [r["cpu_ms_per_request"] for r in results["smtpproxy"]]
+        theirs = [r["cpu_ms_per_request"] for r in results["baseline"]]
+        shares = [m / t for m, t in zip(mine, theirs, strict=True)]
+        median = statistics.median(shares)
+        print(f"CPU per request, smtpproxy / baseline: median of pairs {median:.2f}")
+        print(f"baseline / bare by CPU per request: {cpu['bare'] / cpu['baseline']:.2f}")
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
     print("all rounds:", json.dumps(results))
     return 0 if best["smtpproxy"]["non_2xx"] == 0 else 1

@@ -153,6 +153,18 @@ class DirectTests(SynchronousTestCase):
         named = {"from": {"address": "a@example.com", "name": "Zoë"}, "to": ["b@example.org"]}
         self.assertEqual(both({**named, "subject": "s", "text": "x"})[0], None)
 
+    def test_blank_ended_file_names_are_parsed(self) -> None:
+        """A file name with blanks at its ends (or only blanks) reads back trimmed (or as
+        none): such a message is left to the parser, which then says what it holds."""
+        for filename in (" ", " a", "a ", "\u3000", "é\xa0"):
+            document = {
+                "from": "a@example.com",
+                "to": ["b@example.org"],
+                "text": "x",
+                "attachments": [{"filename": filename, "content": ""}],
+            }
+            self.assertIsNone(both(document)[0], repr(filename))
+
     def test_wire_text(self) -> None:
         """Every line end becomes CRLF and a last one is added; the empty text is one line."""
         self.assertEqual(wire_text(""), "\r\n")

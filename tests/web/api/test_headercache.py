@@ -1,4 +1,4 @@
-"""L{smtpproxy.web.api.headercache}: the kept header objects change no byte of a message."""
+"""L{smtpproxy.web.api.headercache}: values kept as set and kept header objects change no byte."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ _BOUNDARY = re.compile(rb"={15}\d+==")
 
 
 def both(document: dict[str, Any]) -> tuple[bytes, bytes]:
-    """The message built and written with the kept tables, and with the stock SMTP policy."""
+    """The message built and written with L{headercache.POLICY}, and with the stock SMTP policy."""
     request = compose.read_json_message(document, max_recipients=50, max_size=1 << 20)
     ours = compose.build_message(request, message_id="<id@relay.test>", now=NOW)
     mine = compose.encode_message(ours, 1 << 20)
     # The same message with every header made again by the stock policy's
-    # own registry (in every part), so nothing kept is reused.
+    # own registry (in every part): each value parsed and folded, nothing
+    # kept as set and nothing kept is reused.
     fresh = compose.build_message(request, message_id="<id@relay.test>", now=NOW)
     for part in fresh.walk():
         part.policy = email.policy.SMTP
@@ -36,10 +37,17 @@ def both(document: dict[str, Any]) -> tuple[bytes, bytes]:
 
 class HeaderCacheTests(SynchronousTestCase):
     def test_same_bytes_as_the_stock_policy(self) -> None:
-        """Messages built twice (the second from kept objects) write the same bytes as the
-        stock C{email.policy.SMTP} writes them: text, HTML, attachments, non-ASCII."""
+        """Messages built twice (the second from kept objects), their short ASCII values
+        written as set, give the same bytes as the stock C{email.policy.SMTP} writes when it
+        parses and folds every value: text, HTML, attachments, non-ASCII, quoted names."""
         documents = [
             message(text="plain"),
+            message(
+                **{"from": {"address": "a@b.example", "name": 'Smith, "Jo" (EU)'}},
+                to=["c@d.example", {"address": "e@f.example", "name": "Zoë"}],
+                subject="a " * 60,
+                headers={"X-Tag": "t", "References": "<a@b> <c@d>"},
+            ),
             message(text="é" * 100, html="<p>" + "x" * 1200 + "</p>"),
             message(
                 html="<b>x</b>",
@@ -78,4 +86,11 @@ class HeaderCacheTests(SynchronousTestCase):
         registry = headercache.POLICY.header_factory
         assert isinstance(registry, headercache._HeaderClasses)
         self.assertLessEqual(len(registry._mime), headercache.KEPT)
-        self.assertLessEqual(len(headercache._folded), headercache.KEPT)
+        self.assertLessEqual(len(registry._classes), headercache.KEPT)
+
+    def test_line_breaks_refused(self) -> None:
+        """A value with a line break is refused when set, as the stock policy refuses it:
+        kept as set, it would end the header and start another."""
+        for value in ("a\r\nBcc: x@evil.example", "a\nb", "a\rb"):
+            with self.assertRaises(ValueError):
+                headercache.POLICY.header_store_parse("Subject", value)

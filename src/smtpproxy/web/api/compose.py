@@ -10,9 +10,10 @@ value would be a different message than the one the client meant).
 Addresses must be valid mailboxes (L{smtpproxy.addresses}) in the plain
 form providers deliver to.
 
-The message itself is an L{email.message.EmailMessage} built through the
-standard library's header registry and content manager, which encode,
-fold and quote every value themselves; no header line is ever assembled
+The message itself is built by the standard library's C{email} package:
+its C{Message} classes, C{formataddr}, C{Charset}, C{set_param} and a
+policy (L{headercache.POLICY}) that encodes and folds every value that
+needs it through the header registry; no header line is ever assembled
 from strings here.
 """
 
@@ -22,13 +23,17 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from email import quoprimime
+from email.charset import BASE64, QP, Charset
+from email.encoders import encode_base64
 from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import format_datetime
-from typing import NoReturn
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.utils import format_datetime, formataddr
+from typing import NoReturn, cast
 
 from smtpproxy import addresses
 from smtpproxy.web.api.headercache import POLICY
@@ -46,6 +51,8 @@ __all__ = [
     "read_json_message",
     "read_raw_json",
     "read_raw_query",
+    "transfer_encoding",
+    "wire_text",
 ]
 
 MAX_SUBJECT = 998
@@ -474,70 +481,156 @@ def _query_text(value: bytes, field: str) -> str:
 
 #: RFC 5322 2.1.1: the longest line a message may carry, CRLF excluded.
 MAX_LINE = 998
+#: The policy's line length, past which the package chooses an encoding for non-ASCII text.
+_FOLD = 78
 
 
-def _transfer_encoding(text: str) -> str | None:
-    """C{7bit} for ASCII text whose lines all fit RFC 5322; else None (the package chooses).
+def _charset(body_encoding: int | None) -> Charset:
+    charset = Charset("utf-8")
+    # None (no body encoding) is a documented value the stubs leave out.
+    charset.body_encoding = cast(int, body_encoding)
+    return charset
 
-    Left to itself the package quoted-printable encodes any text with a
-    line over 78 characters, which costs time and makes the message
-    harder to read; 7bit is valid up to 998.
+
+#: UTF-8 text written as it is (7bit or 8bit, as the bytes are), in quoted
+#: printable, or in base64.  Never changed once made (C{Charset} keeps no
+#: state of the message it encodes).
+_AS_IS, _QUOTED, _BASE64 = _charset(None), _charset(QP), _charset(BASE64)
+
+
+def transfer_encoding(text: str) -> str:
+    """The C{Content-Transfer-Encoding} a text body gets: what the previous builder chose.
+
+    C{7bit} for ASCII text whose lines all fit RFC 5322 (998), as this API
+    always asked for; otherwise the content manager's own rule, followed
+    step by step: C{8bit} (this policy allows it) when every line fits the
+    policy's 78 columns, else quoted-printable or base64, whichever encodes
+    the first ten lines shorter.
     """
     if text.isascii() and max(map(len, text.splitlines()), default=0) <= MAX_LINE:
         return "7bit"
-    return None
+    lines = text.encode("utf-8").splitlines()
+    if max(map(len, lines), default=0) <= _FOLD:
+        return "8bit"
+    sniff = b"\r\n".join(lines[:10]) + b"\r\n"
+    quoted = quoprimime.body_encode(sniff.decode("latin-1"), _FOLD)
+    return "base64" if len(quoted) > len(binascii.b2a_base64(sniff)) else "quoted-printable"
 
 
-def _header_address(mailbox: Mailbox) -> Address:
-    return Address(display_name=mailbox.name, username=mailbox.local, domain=mailbox.domain)
+def _set_text(part: Message, text: str) -> None:
+    """Give C{part} a UTF-8 text body the package encodes (C{Charset}) as the rule says.
+
+    The text ends with a line end, as the content manager ended it; base64
+    carries the lines with CRLF, as the content manager encoded them (7bit,
+    8bit and quoted-printable lines take the policy's line end when written).
+    """
+    cte = transfer_encoding(text)
+    if cte == "base64":
+        part.set_payload(wire_text(text), _BASE64)
+        return
+    if not text.endswith(("\n", "\r")):
+        text += "\n"
+    part.set_payload(text, _QUOTED if cte == "quoted-printable" else _AS_IS)
 
 
-def build_message(request: JsonMessage, *, message_id: str, now: datetime) -> EmailMessage:
+def wire_text(text: str) -> str:
+    """A text body as it reads back: each line ended by CRLF, the last one too.
+
+    The package splits the text at CRLF, CR and LF (as C{bytes.splitlines}
+    does, the only line ends it knows) and writes each line with the
+    policy's CRLF; the empty text is one empty line.
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"
+    return text.replace("\n", "\r\n")
+
+
+def _text_part(text: str, subtype: str, part: Message | None = None) -> Message:
+    if part is None:
+        part = Message(policy=POLICY)
+    if subtype != "plain":
+        part.add_header("Content-Type", "text/" + subtype, charset="utf-8")
+    _set_text(part, text)
+    return part
+
+
+def _addresses(name: str, mailboxes: Sequence[Mailbox]) -> str:
+    """An address header's value: C{formataddr} quotes ASCII names; any other name is
+    handed to the header registry (as L{Address}es), which encodes it in RFC 2047 words."""
+    if all(m.name.isascii() for m in mailboxes):
+        return ", ".join([formataddr((m.name, m.address)) for m in mailboxes])
+    found = [Address(display_name=m.name, username=m.local, domain=m.domain) for m in mailboxes]
+    header: str = POLICY.header_factory(name, found)
+    return header
+
+
+def _multipart(subtype: str, parts: Sequence[Message], into: Message | None = None) -> Message:
+    container = Message(policy=POLICY) if into is None else into
+    container["MIME-Version"] = "1.0"
+    container.add_header("Content-Type", "multipart/" + subtype)
+    for part in parts:
+        container.attach(part)
+    return container
+
+
+def _attachment_part(attachment: Attachment) -> Message:
+    part = MIMEBase(attachment.maintype, attachment.subtype, policy=POLICY)
+    part.set_payload(attachment.content)
+    encode_base64(part)
+    name = attachment.filename
+    # A non-ASCII name in RFC 2231's form, which set_param writes.
+    filename: str | tuple[str, str, str] = name if name.isascii() else ("utf-8", "", name)
+    part.add_header(
+        "Content-Disposition", "inline" if attachment.inline else "attachment", filename=filename
+    )
+    if attachment.content_id is not None:
+        part["Content-ID"] = f"<{attachment.content_id}>"
+    return part
+
+
+def build_message(request: JsonMessage, *, message_id: str, now: datetime) -> Message:
     """The message a checked request describes, built by the C{email} package.
 
     Bcc recipients are in the envelope only, never in a header.  The
     text and HTML bodies become C{multipart/alternative}; attachments are
     added after them (C{multipart/mixed}), inline ones with their content
-    id so the HTML can refer to them.
+    id so the HTML can refer to them.  The C{Message} classes, C{Charset}
+    (the body's transfer encoding), C{formataddr} (quoting), C{set_param}
+    (RFC 2231 file names) and the policy (L{POLICY}: RFC 2047 words and
+    folding for any value that needs them) make every header and body.
 
     @param message_id: the C{Message-ID} value, angle brackets included.
     @param now: the C{Date}, timezone-aware.
     """
-    message = EmailMessage(policy=POLICY)
-    message["From"] = _header_address(request.sender)
+    message = Message(policy=POLICY)
+    message["From"] = _addresses("From", (request.sender,))
     if request.to:
-        message["To"] = [_header_address(m) for m in request.to]
+        message["To"] = _addresses("To", request.to)
     if request.cc:
-        message["Cc"] = [_header_address(m) for m in request.cc]
+        message["Cc"] = _addresses("Cc", request.cc)
     if request.reply_to is not None:
-        message["Reply-To"] = _header_address(request.reply_to)
+        message["Reply-To"] = _addresses("Reply-To", (request.reply_to,))
     message["Subject"] = request.subject
     message["Date"] = format_datetime(now)
     message["Message-ID"] = message_id
     for name, value in request.headers:
         message[name] = value
     text, html = request.text, request.html
+    top = None if request.attachments else message
     if html is not None and text is not None:
-        message.set_content(text, cte=_transfer_encoding(text))
-        message.add_alternative(html, subtype="html", cte=_transfer_encoding(html))
+        body = _multipart("alternative", (_text_part(text, "plain"), _text_part(html, "html")), top)
     elif html is not None:
-        message.set_content(html, subtype="html", cte=_transfer_encoding(html))
+        body = _text_part(html, "html", top)
     else:
-        message.set_content(text or "", cte=_transfer_encoding(text or ""))
-    add: Callable[..., None] = message.add_attachment
-    for attachment in request.attachments:
-        add(
-            attachment.content,
-            maintype=attachment.maintype,
-            subtype=attachment.subtype,
-            filename=attachment.filename,
-            disposition="inline" if attachment.inline else "attachment",
-            cid=None if attachment.content_id is None else f"<{attachment.content_id}>",
-        )
+        body = _text_part(text or "", "plain", top)
+    if top is None:
+        _multipart("mixed", (body, *map(_attachment_part, request.attachments)), message)
     return message
 
 
-def encode_message(message: EmailMessage, max_size: int) -> bytes:
+def encode_message(message: Message, max_size: int) -> bytes:
     """The message's bytes as they go on (CRLF line ends), or 413 past C{max_size}."""
     data = message.as_bytes(policy=POLICY)
     if len(data) > max_size:

@@ -33,25 +33,11 @@ from collections.abc import Sequence
 
 from smtpproxy.addresses import Mailbox as HeaderMailbox
 from smtpproxy.mime.message import MAX_SUBJECT, Attachment, Email, simple_header_fields
-from smtpproxy.web.api.compose import JsonMessage, Mailbox
+from smtpproxy.web.api.compose import JsonMessage, Mailbox, wire_text
 
 __all__ = ["direct_email", "wire_text"]
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def wire_text(text: str) -> str:
-    """A text body as it reads back: each line ended by CRLF, the last one too.
-
-    The package splits the text at CRLF, CR and LF (as C{bytes.splitlines}
-    does, the only line ends it knows) and writes each line with the
-    policy's CRLF; the empty text is one empty line.
-    """
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not text.endswith("\n"):
-        text += "\n"
-    return text.replace("\n", "\r\n")
 
 
 def _subject(value: str) -> str | None:
@@ -99,6 +85,10 @@ def direct_email(
     if not all(_plain_name(m.name) for m in (request.sender, *request.to, *request.cc)) or (
         request.reply_to is not None and not _plain_name(request.reply_to.name)
     ):
+        return None
+    if any(a.filename != a.filename.strip() for a in request.attachments):
+        # The package reads a file name back without blanks at its ends
+        # (a blank one as none): the parser decides.
         return None
     blank = raw.find(b"\r\n\r\n")
     fields = simple_header_fields(raw[: blank + 2]) if blank >= 0 else None

@@ -1,26 +1,30 @@
-"""The C{email} policy the API builds messages with, made cheaper where results repeat.
+"""The C{email} policy the API builds messages with: the package's work, once per value.
 
-Building a message with the standard library costs most of an API
-request (see docs/http-api.md): every header assigned is parsed into a
-token tree, and every header written is folded from that tree again.
-Two of those costs repeat identically from message to message:
+Building a message through the header registry costs most of an API
+request: every header assigned is parsed into a token tree the moment it
+is set, and folded from that tree again when the message is written.  For
+the headers of nearly every message (a short ASCII value: an address, a
+plain subject, the date, the message id, the MIME headers) that round
+trip ends where it began, with the value written unchanged.
 
- - C{HeaderRegistry} makes a new header class (C{type(...)}) each time
-   it is asked for one; the classes depend on the name alone.
- - The MIME headers the content manager writes itself (C{MIME-Version},
-   C{Content-Type}, C{Content-Transfer-Encoding}) take a handful of
-   values (C{1.0}, C{text/plain; charset="utf-8"}, C{7bit}, ...); each is
-   parsed, then folded, to the same result every time.
+The policy here (L{POLICY}, C{email.policy.SMTP}'s settings: CRLF, 78
+columns, 8-bit bodies) keeps such a value as it was set, the way the
+package keeps a header it read from a source, and writes it through the
+package's own rule for those (C{refold_source="long"}): a value that fits
+on one line is written as is, a longer one is parsed by the registry and
+folded.  A value that is not ASCII (a subject in another script, a display
+name with an accent) is made a registry header when it is set, as before,
+so it is encoded into RFC 2047 words and folded by the package.  A value
+with a line break is refused when set, as the stock policy refuses it.
 
-Both are pure functions of their inputs, so their results are kept:
-header classes by name, parsed MIME headers by (name, value), and the
-folded bytes of those MIME headers by (name, value, line settings).  The
-package still makes and writes every header; nothing is assembled from
-strings here.  Every table is bounded (L{KEPT} entries, then results are
-simply no longer kept), so values a client chooses (an attachment's
-content type) cannot grow them.  Header objects are never changed after
-they are made (folding reads the token tree, it does not alter it), so
-one object can safely stand in several messages.
+Two costs that repeat from message to message are kept besides, both pure
+functions of their inputs: the header classes the registry makes (by
+name), and the parsed C{MIME-Version}, C{Content-Type} and
+C{Content-Transfer-Encoding} headers the message methods read back while
+building (by name and value).  Both tables are bounded (L{KEPT} entries,
+then results are no longer kept), so values a client chooses (an
+attachment's content type) cannot grow them; a header object is never
+changed after it is made, so one can stand in several messages.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ __all__ = ["KEPT", "POLICY"]
 #: The most entries any one of the tables below keeps.
 KEPT = 256
 
-#: Headers the content manager writes, whose values repeat across messages.
+#: Headers the message methods read back while building, whose values repeat.
 _MIME_NAMES = frozenset({"mime-version", "content-type", "content-transfer-encoding"})
 
 
@@ -67,22 +71,17 @@ class _HeaderClasses(HeaderRegistry):
         return made
 
 
-_folded: dict[tuple[str, str, int | None, bool, str], bytes] = {}
-
-
 class _Policy(EmailPolicy):
-    """C{SMTP} (CRLF, 78 columns) whose MIME headers are folded once per value."""
+    """C{SMTP}'s settings; an ASCII value is kept as set and folded only when written."""
 
-    def fold_binary(self, name: str, value: Any) -> bytes:
-        if not isinstance(value, BaseHeader) or name.lower() not in _MIME_NAMES:
-            return super().fold_binary(name, value)
-        key = (name, str(value), self.max_line_length, self.utf8, self.linesep)
-        folded = _folded.get(key)
-        if folded is None:
-            folded = super().fold_binary(name, value)
-            if len(_folded) < KEPT:
-                _folded[key] = folded
-        return folded
+    def header_store_parse(self, name: str, value: Any) -> tuple[str, Any]:
+        if type(value) is str and value.isascii():
+            if len(value.splitlines()) > 1:
+                # What the stock policy refuses too: a line break would end
+                # the header and start another.
+                raise ValueError("Header values may not contain linefeed or carriage return")
+            return (name, value)
+        return super().header_store_parse(name, value)
 
 
 #: The policy of every message the API builds and of its serialisation.

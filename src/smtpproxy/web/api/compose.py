@@ -530,7 +530,13 @@ def _set_text(part: Message, text: str) -> None:
         return
     if not text.endswith(("\n", "\r")):
         text += "\n"
-    part.set_payload(text, _QUOTED if cte == "quoted-printable" else _AS_IS)
+    if cte == "quoted-printable":
+        part.set_payload(text, _QUOTED)
+        return
+    # Named before the payload is set: C{set_charset} would otherwise decode
+    # the whole body again only to find what the rule above already found.
+    part["Content-Transfer-Encoding"] = cte
+    part.set_payload(text, _AS_IS)
 
 
 def wire_text(text: str) -> str:

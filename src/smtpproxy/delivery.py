@@ -34,7 +34,7 @@ from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider, accepts_raw_mime, envelope_refusal
-from smtpproxy.providers.result import PartlyRefused
+from smtpproxy.providers.result import PartlyRefused, SendCancelledError
 from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
 from smtpproxy.smtp.commands import MailArguments, RcptArguments
@@ -96,6 +96,10 @@ class RelayMessage:
         self._user = user
         self._body: MessageBody | None = None
         self._abandoned = False
+        # Direct mode: the provider's send while it is under way, and
+        # whether the session cancelled it (forced shutdown, see cancel).
+        self._sending: defer.Deferred[PartlyRefused | None] | None = None
+        self._cancelled = False
         # The identity's sending mailbox (its policy's), empty for the provider's choice.
         self._mailbox = mailbox
 
@@ -130,6 +134,23 @@ class RelayMessage:
         changes nothing (that is the queue's business, issue 12).
         """
         self._abandoned = True
+
+    def cancel(self) -> None:
+        """Forced shutdown in direct mode: the client hears 421, so stop the provider's send.
+
+        A message delivered after its client was told "not accepted" is
+        delivered twice once the client sends it again.  Cancelling stops
+        what has not happened yet (waiting for a token, a slot, a retry;
+        the upstream not yet given the end of DATA); a provider that had
+        already handed the message over cannot take it back, and the
+        outcome is then logged as unknown (L{_settled_after_cancel}).
+        """
+        self._abandoned = True
+        sending = self._sending
+        if sending is None or sending.called:
+            return
+        self._cancelled = True
+        sending.cancel()
 
     def withdraw(self) -> bool:
         """Forced shutdown: stop queuing this message if the store still can.
@@ -196,7 +217,13 @@ class RelayMessage:
         sending = send_email(
             self._provider, self._reactor, email, fields, started, log_delivered=self._log_delivered
         )
-        return sending.addCallback(self._delivered, fields)
+        self._sending = sending
+        return sending.addCallbacks(
+            self._delivered,
+            self._settled_after_cancel,
+            callbackArgs=(fields,),
+            errbackArgs=(fields,),
+        )
 
     def _delivered(self, result: PartlyRefused | None, fields: dict[str, Any]) -> str:
         """Direct mode: the client hears 250; recipients refused meanwhile are named at error.
@@ -207,6 +234,11 @@ class RelayMessage:
         the message.  Without a queue nothing retries the refused ones, so
         this line is their only trace (docs/upstream-smtp.md).
         """
+        self._sending = None
+        if self._cancelled:
+            # The provider did not stop: the message went out although its
+            # client heard 421 (and may send it again).
+            _log_cancelled(fields, "delivered")
         if result is not None:
             log.error(
                 "recipients refused and not retried (no queue)",
@@ -217,6 +249,21 @@ class RelayMessage:
                 temporary=len(result.temporary),
             )
         return self.id
+
+    def _settled_after_cancel(self, failure: Failure, fields: dict[str, Any]) -> Failure:
+        """A failed send: if the session cancelled it, log what became of the message (once)."""
+        self._sending = None
+        if not self._cancelled:
+            return failure
+        error = failure.value
+        if isinstance(error, SendCancelledError) and not error.handed_over:
+            _log_cancelled(fields, "not delivered")
+        elif isinstance(error, DeliveryError):
+            # The provider finished with its own refusal: nothing went out.
+            _log_cancelled(fields, "not delivered")
+        else:
+            _log_cancelled(fields, "unknown")
+        return failure
 
     def _enqueue(
         self, queue: QueueFront, body: MessageBody | None, fields: dict[str, Any]
@@ -247,6 +294,35 @@ class RelayMessage:
             return failure
 
         return stored.addCallbacks(queued, failed)
+
+
+def _log_cancelled(fields: dict[str, Any], outcome: str) -> None:
+    """One line per message whose delivery was cancelled at a forced shutdown.
+
+    Its client heard 421 and will send it again.  "not delivered" is the
+    expected case; "unknown" (the provider had already handed it over) and
+    "delivered" mean the retry may be a duplicate, so they are warnings
+    naming the message, never its body.
+    """
+    line = {
+        "id": fields.get("id"),
+        "message_id": fields.get("message_id"),
+        "provider": fields.get("provider"),
+        "outcome": outcome,
+    }
+    if outcome == "not delivered":
+        log.info("delivery cancelled at shutdown, message not delivered", **line)
+    elif outcome == "delivered":
+        log.warn(
+            "message delivered at shutdown although the client was told it was not accepted",
+            **line,
+        )
+    else:
+        log.warn(
+            "delivery cancelled at shutdown after the provider had the message: "
+            "it may be delivered although the client was told it was not accepted",
+            **line,
+        )
 
 
 def send_email(
@@ -306,6 +382,9 @@ def send_email(
 
     def failed(failure: Failure) -> Failure:
         assert failure.value is not None
+        if failure.check(defer.CancelledError):
+            # Cancelled by the caller (a forced shutdown): the caller logs it.
+            return failure
         reply = reply_for_failure(failure.value)
         outcome = "deferred" if reply.code < 500 else "rejected"
         duration = round((reactor.seconds() - started) * 1000, 1)

@@ -238,7 +238,7 @@ class RelayMessage:
         if self._cancelled:
             # The provider did not stop: the message went out although its
             # client heard 421 (and may send it again).
-            _log_cancelled(fields, "delivered")
+            log_cancelled(fields, result)
         if result is not None:
             log.error(
                 "recipients refused and not retried (no queue)",
@@ -253,16 +253,8 @@ class RelayMessage:
     def _settled_after_cancel(self, failure: Failure, fields: dict[str, Any]) -> Failure:
         """A failed send: if the session cancelled it, log what became of the message (once)."""
         self._sending = None
-        if not self._cancelled:
-            return failure
-        error = failure.value
-        if isinstance(error, SendCancelledError) and not error.handed_over:
-            _log_cancelled(fields, "not delivered")
-        elif isinstance(error, DeliveryError):
-            # The provider finished with its own refusal: nothing went out.
-            _log_cancelled(fields, "not delivered")
-        else:
-            _log_cancelled(fields, "unknown")
+        if self._cancelled:
+            log_cancelled(fields, failure)
         return failure
 
     def _enqueue(
@@ -296,14 +288,26 @@ class RelayMessage:
         return stored.addCallbacks(queued, failed)
 
 
-def _log_cancelled(fields: dict[str, Any], outcome: str) -> None:
+def log_cancelled(fields: dict[str, Any], result: object) -> None:
     """One line per message whose delivery was cancelled at a forced shutdown.
 
-    Its client heard 421 and will send it again.  "not delivered" is the
-    expected case; "unknown" (the provider had already handed it over) and
-    "delivered" mean the retry may be a duplicate, so they are warnings
-    naming the message, never its body.
+    Its client was told it was not accepted (SMTP 421, HTTP 503) and will
+    send it again.  C{result} is what the cancelled send fired with: a
+    L{SendCancelledError} saying nothing was handed over, or the provider's
+    own refusal (a Failure or the error itself), is "not delivered", the expected case; a success is
+    "delivered" and anything else "unknown" (the provider had handed it
+    over): the retry may then be a duplicate, so those are warnings naming
+    the message (ids, never its body).
     """
+    error = result.value if isinstance(result, Failure) else result
+    if not isinstance(error, BaseException):
+        outcome = "delivered"
+    elif isinstance(error, SendCancelledError) and not error.handed_over:
+        outcome = "not delivered"
+    elif isinstance(error, DeliveryError):
+        outcome = "not delivered"  # the provider finished with its own refusal
+    else:
+        outcome = "unknown"
     line = {
         "id": fields.get("id"),
         "message_id": fields.get("message_id"),

@@ -240,14 +240,7 @@ class RelayMessage:
             # client heard 421 (and may send it again).
             log_cancelled(fields, result)
         if result is not None:
-            log.error(
-                "recipients refused and not retried (no queue)",
-                id=self.id,
-                message_id=fields.get("message_id"),
-                accepted=len(result.accepted),
-                refused=clip_list([f"<{r.address}> {r.reply}" for r in result.refused]),
-                temporary=len(result.temporary),
-            )
+            log_not_retried(self.id, fields, result)
         return self.id
 
     def _settled_after_cancel(self, failure: Failure, fields: dict[str, Any]) -> Failure:
@@ -286,6 +279,22 @@ class RelayMessage:
             return failure
 
         return stored.addCallbacks(queued, failed)
+
+
+def log_not_retried(id: str, fields: dict[str, Any], result: PartlyRefused) -> None:
+    """Direct mode (SMTP or HTTP): recipients the provider refused, whom nothing will retry.
+
+    Without a queue this line is the refused recipients' only trace
+    (docs/upstream-smtp.md), so it is an error.
+    """
+    log.error(
+        "recipients refused and not retried (no queue)",
+        id=id,
+        message_id=fields.get("message_id"),
+        accepted=len(result.accepted),
+        refused=clip_list([f"<{r.address}> {r.reply}" for r in result.refused]),
+        temporary=len(result.temporary),
+    )
 
 
 def log_cancelled(fields: dict[str, Any], result: object) -> None:

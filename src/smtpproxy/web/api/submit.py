@@ -24,13 +24,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smtpproxy.delivery import log_cancelled, new_message_id, send_email
+from smtpproxy.delivery import log_cancelled, log_not_retried, new_message_id, send_email
 from smtpproxy.errors import reply_for_failure
 from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider
-from smtpproxy.providers.result import SendCancelledError
+from smtpproxy.providers.result import PartlyRefused, SendCancelledError
 from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
 from smtpproxy.web.api.drain import Flight, Flights, stopping_error
@@ -250,8 +250,15 @@ class Submitter:
                     log_cancelled(fields, result)
                 return result
 
+            def delivered(result: PartlyRefused | None) -> Accepted:
+                if result is not None:
+                    # The provider took it for some recipients only; without a
+                    # queue nothing retries the others (as on the SMTP side).
+                    log_not_retried(message_id, fields, result)
+                return Accepted(message_id, "delivered")
+
             sending.addBoth(after)
-            return sending.addCallback(lambda _: Accepted(message_id, "delivered"))
+            return sending.addCallback(delivered)
 
         if known is not None:
             return send(known)

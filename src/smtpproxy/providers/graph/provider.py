@@ -407,7 +407,12 @@ class GraphProvider:
                 deadline,
                 gone_means_done=True,
             )
-        except Exception:
+        except Exception as e:
+            if isinstance(e, CancelledError):
+                # A forced shutdown: the relay must learn the outcome now (its
+                # log line), not after the clean-up; the draft goes meanwhile.
+                Deferred.fromCoroutine(self._delete_draft(mailbox, message_id))
+                raise
             await self._delete_draft(mailbox, message_id)
             raise
 

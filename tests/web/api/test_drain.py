@@ -8,8 +8,13 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpproxy.mime.parsetask import MessageParser
+from smtpproxy.queue.front import QueueFront
 from smtpproxy.web.api.drain import GIVE_UP_GRACE, STOPPING_RETRY_AFTER, Flights
 from smtpproxy.web.api.problems import ApiError
+from smtpproxy.web.api.submit import Accepted, Submitter
+from tests.queue.memory import MemoryStore
+from tests.support import RecordingProvider, message
 
 
 def _recorder(calls: list[bool]) -> Callable[[], bool]:
@@ -72,3 +77,44 @@ class FlightsTests(SynchronousTestCase):
         clock.advance(GIVE_UP_GRACE)
         self.successResultOf(drained)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class QueuedSubmissionsAtShutdownTests(SynchronousTestCase):
+    """The Submitter in queue mode at the stop, on a Clock, with enqueues the test holds."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = MemoryStore(hold_enqueue=[])
+        front = QueueFront(self.store, self.clock)
+        self.submitter = Submitter(
+            RecordingProvider(), self.clock, MessageParser(self.clock), front
+        )
+
+    def submit(self, subject: str) -> defer.Deferred[Accepted]:
+        return self.submitter.submit(
+            "a@example.com", ["b@example.org"], message(subject), {"client": "127.0.0.1"}
+        )
+
+    def test_withdrawn_is_503_committing_is_202_new_is_503(self) -> None:
+        """Past the timeout a submission whose enqueue can still be withdrawn is, and
+        hears 503 shutting_down with nothing stored; one whose commit is under way is
+        waited for and hears 202 once stored (never 503 for a stored message); a new
+        submission during the stop is refused at once."""
+        withdrawn, committing = self.submit("withdrawn"), self.submit("committing")
+        ids = list(self.store.withdrawable)
+        self.store.sealed.add(ids[1])
+        drained = self.submitter.flights.drain(5)
+        with self.assertRaises(ApiError) as caught:
+            self.submit("late")
+        self.assertEqual(caught.exception.code, "shutting_down")
+        self.clock.advance(5)
+        refused = self.failureResultOf(withdrawn, ApiError).value
+        assert isinstance(refused, ApiError)
+        self.assertEqual((refused.status, refused.code), (503, "shutting_down"))
+        self.assertNoResult(committing)
+        self.assertNoResult(drained)
+        self.store.hold_enqueue = None
+        self.store.withdrawable.pop(ids[1]).callback(None)  # the commit lands
+        self.assertEqual(self.successResultOf(committing).status, "queued")
+        self.successResultOf(drained)
+        self.assertEqual(list(self.store.entries), [ids[1]])

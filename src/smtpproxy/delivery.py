@@ -34,7 +34,7 @@ from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider, accepts_raw_mime, envelope_refusal
-from smtpproxy.providers.result import PartlyRefused
+from smtpproxy.providers.result import PartlyRefused, SendCancelledError
 from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
 from smtpproxy.smtp.commands import MailArguments, RcptArguments
@@ -96,6 +96,10 @@ class RelayMessage:
         self._user = user
         self._body: MessageBody | None = None
         self._abandoned = False
+        # Direct mode: the provider's send while it is under way, and
+        # whether the session cancelled it (forced shutdown, see cancel).
+        self._sending: defer.Deferred[PartlyRefused | None] | None = None
+        self._cancelled = False
         # The identity's sending mailbox (its policy's), empty for the provider's choice.
         self._mailbox = mailbox
 
@@ -130,6 +134,23 @@ class RelayMessage:
         changes nothing (that is the queue's business, issue 12).
         """
         self._abandoned = True
+
+    def cancel(self) -> None:
+        """Forced shutdown in direct mode: the client hears 421, so stop the provider's send.
+
+        A message delivered after its client was told "not accepted" is
+        delivered twice once the client sends it again.  Cancelling stops
+        what has not happened yet (waiting for a token, a slot, a retry;
+        the upstream not yet given the end of DATA); a provider that had
+        already handed the message over cannot take it back, and the
+        outcome is then logged as unknown (L{_settled_after_cancel}).
+        """
+        self._abandoned = True
+        sending = self._sending
+        if sending is None or sending.called:
+            return
+        self._cancelled = True
+        sending.cancel()
 
     def withdraw(self) -> bool:
         """Forced shutdown: stop queuing this message if the store still can.
@@ -196,7 +217,13 @@ class RelayMessage:
         sending = send_email(
             self._provider, self._reactor, email, fields, started, log_delivered=self._log_delivered
         )
-        return sending.addCallback(self._delivered, fields)
+        self._sending = sending
+        return sending.addCallbacks(
+            self._delivered,
+            self._settled_after_cancel,
+            callbackArgs=(fields,),
+            errbackArgs=(fields,),
+        )
 
     def _delivered(self, result: PartlyRefused | None, fields: dict[str, Any]) -> str:
         """Direct mode: the client hears 250; recipients refused meanwhile are named at error.
@@ -207,16 +234,21 @@ class RelayMessage:
         the message.  Without a queue nothing retries the refused ones, so
         this line is their only trace (docs/upstream-smtp.md).
         """
+        self._sending = None
+        if self._cancelled:
+            # The provider did not stop: the message went out although its
+            # client heard 421 (and may send it again).
+            log_cancelled(fields, result)
         if result is not None:
-            log.error(
-                "recipients refused and not retried (no queue)",
-                id=self.id,
-                message_id=fields.get("message_id"),
-                accepted=len(result.accepted),
-                refused=clip_list([f"<{r.address}> {r.reply}" for r in result.refused]),
-                temporary=len(result.temporary),
-            )
+            log_not_retried(self.id, fields, result)
         return self.id
+
+    def _settled_after_cancel(self, failure: Failure, fields: dict[str, Any]) -> Failure:
+        """A failed send: if the session cancelled it, log what became of the message (once)."""
+        self._sending = None
+        if self._cancelled:
+            log_cancelled(fields, failure)
+        return failure
 
     def _enqueue(
         self, queue: QueueFront, body: MessageBody | None, fields: dict[str, Any]
@@ -247,6 +279,63 @@ class RelayMessage:
             return failure
 
         return stored.addCallbacks(queued, failed)
+
+
+def log_not_retried(id: str, fields: dict[str, Any], result: PartlyRefused) -> None:
+    """Direct mode (SMTP or HTTP): recipients the provider refused, whom nothing will retry.
+
+    Without a queue this line is the refused recipients' only trace
+    (docs/upstream-smtp.md), so it is an error.
+    """
+    log.error(
+        "recipients refused and not retried (no queue)",
+        id=id,
+        message_id=fields.get("message_id"),
+        accepted=len(result.accepted),
+        refused=clip_list([f"<{r.address}> {r.reply}" for r in result.refused]),
+        temporary=len(result.temporary),
+    )
+
+
+def log_cancelled(fields: dict[str, Any], result: object) -> None:
+    """One line per message whose delivery was cancelled at a forced shutdown.
+
+    Its client was told it was not accepted (SMTP 421, HTTP 503) and will
+    send it again.  C{result} is what the cancelled send fired with: a
+    L{SendCancelledError} saying nothing was handed over, or the provider's
+    own refusal (a Failure or the error itself), is "not delivered", the expected case; a success is
+    "delivered" and anything else "unknown" (the provider had handed it
+    over): the retry may then be a duplicate, so those are warnings naming
+    the message (ids, never its body).
+    """
+    error = result.value if isinstance(result, Failure) else result
+    if not isinstance(error, BaseException):
+        outcome = "delivered"
+    elif isinstance(error, SendCancelledError) and not error.handed_over:
+        outcome = "not delivered"
+    elif isinstance(error, DeliveryError):
+        outcome = "not delivered"  # the provider finished with its own refusal
+    else:
+        outcome = "unknown"
+    line = {
+        "id": fields.get("id"),
+        "message_id": fields.get("message_id"),
+        "provider": fields.get("provider"),
+        "outcome": outcome,
+    }
+    if outcome == "not delivered":
+        log.info("delivery cancelled at shutdown, message not delivered", **line)
+    elif outcome == "delivered":
+        log.warn(
+            "message delivered at shutdown although the client was told it was not accepted",
+            **line,
+        )
+    else:
+        log.warn(
+            "delivery cancelled at shutdown after the provider had the message: "
+            "it may be delivered although the client was told it was not accepted",
+            **line,
+        )
 
 
 def send_email(
@@ -306,6 +395,9 @@ def send_email(
 
     def failed(failure: Failure) -> Failure:
         assert failure.value is not None
+        if failure.check(defer.CancelledError):
+            # Cancelled by the caller (a forced shutdown): the caller logs it.
+            return failure
         reply = reply_for_failure(failure.value)
         outcome = "deferred" if reply.code < 500 else "rejected"
         duration = round((reactor.seconds() - started) * 1000, 1)

@@ -57,6 +57,7 @@ from smtpproxy.web import mailbox as web_mailbox
 from smtpproxy.web import metrics as web_metrics
 from smtpproxy.web import site as web_site
 from smtpproxy.web.api import service as web_api
+from smtpproxy.web.api.resource import Api
 from smtpproxy.web.status import StatusPoller
 
 log = Logger(namespace="smtpproxy")
@@ -281,6 +282,8 @@ class RelayService(MultiService):
         # AUTH_CONFIG's backends: their kept-alive connections (HTTP auth
         # endpoints, the JWKS) are closed at the stop, not left to the exit.
         self.identities: identities.IdentityChecker | None = None
+        # The submission API, when HTTP_LISTEN is set: drained at the stop.
+        self.api: Api | None = None
 
     def setServiceParent(self, parent: object) -> None:
         super().setServiceParent(parent)
@@ -391,10 +394,16 @@ class RelayService(MultiService):
     async def _stop(self) -> None:
         self.stopping = True
         log.info("shutting down: no new connections, finishing messages in flight")
+        # The HTTP submissions as the SMTP sessions: new ones refused (503)
+        # from now on, those in flight waited for in the same bound.
+        timeout = self.settings.smtp_shutdown_timeout
+        api_drained = self.api.submitter.flights.drain(timeout) if self.api else None
         for listener in (self.smtp, self.smtps):
             if listener is not None:
                 await defer.maybeDeferred(listener.stopService)
-        await self.factory.shutdown(self.settings.smtp_shutdown_timeout)
+        await self.factory.shutdown(timeout)
+        if api_drained is not None:
+            await api_drained
         if self.runner is not None and self.runner.running:
             # Deliveries in flight finish (bounded), the rest stay queued.
             await self.runner.stopService()
@@ -551,6 +560,7 @@ def makeService(options: Options) -> RelayService:
         keys = options["api_keys"] if "api_keys" in options else web_api.load_keys(settings)
         api = web_api.make_api(settings, keys, provider, reactor, parser, front, log_delivered=info)
         reactor.addSystemEventTrigger("after", "startup", web_api.reload_on_sighup, reactor, api)
+        service.api = api
         v1 = web_site.Mount(
             "/v1", web_site.Switchable(api.resource), max_body=api.settings.json_body_limit
         )

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.internet.defer import CancelledError
+
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
 from smtpproxy.logsafe import MAX_REASON, clip
 
@@ -86,3 +88,20 @@ class AllRefusedPermanentError(PermanentDeliveryError):
 
 #: The error of a backend that refused every recipient, each with its own reply.
 AllRefusedError = AllRefusedTemporaryError | AllRefusedPermanentError
+
+
+class SendCancelledError(CancelledError):
+    """A C{send} stopped by its caller (the relay giving up at shutdown), and what it knows.
+
+    Cancelling a provider's C{send} stops what has not happened yet; what
+    it cannot undo is a backend that already has the message.  A provider
+    fails a cancelled C{send} with this error to say which of the two it
+    was: with C{handed_over} false nothing reached the backend, so nothing
+    will be delivered; with it true the request (Graph's C{sendMail}, the
+    upstream's end of DATA) had left, and whether the message is delivered
+    is unknown.  A plain C{CancelledError} is read as unknown.
+    """
+
+    def __init__(self, handed_over: bool) -> None:
+        super().__init__("delivery cancelled" + (" after hand-over" if handed_over else ""))
+        self.handed_over = handed_over

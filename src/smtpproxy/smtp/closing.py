@@ -8,7 +8,8 @@ from __future__ import annotations
 from OpenSSL import SSL
 from twisted.logger import LogLevel
 
-from smtpproxy.smtp.base import CHUNK, DATA, ShellBase
+from smtpproxy.smtp.base import CHUNK, DATA, ShellBase, log
+from smtpproxy.smtp.session import Message
 
 # A closed session whose peer does not take our last bytes (or never
 # finishes a TLS handshake) is cut off after this many seconds.
@@ -84,14 +85,25 @@ class Closing(ShellBase):
         if not self._closing:
             self._not_accepted()
             return
+        pending = self._delivering
         self._close(grace=1.0)
         self._give_up_delivery()
+        _cancel_sends(pending)
 
     def _not_accepted(self) -> None:
-        """421 for a message given up at shutdown, then close."""
+        """421 for a message given up at shutdown, then close; its send is cancelled.
+
+        Direct mode: the provider may still be working on the message (a
+        slow Graph, an upstream that has not yet had the end of DATA).
+        Left alone, it would deliver what the client was just told to send
+        again; so the send is cancelled once the client can no longer hear
+        a 250 for it (see L{smtpproxy.delivery.RelayMessage.cancel}).
+        """
+        pending = self._delivering
         self.reply(421, "4.3.2", "Shutting down, message not accepted, try later")
         self._close(grace=1.0)
         self._give_up_delivery()
+        _cancel_sends(pending)
 
     def _commit_under_way(self) -> bool:
         """Withdraw the queued message being stored; True if it is past withdrawing.
@@ -197,3 +209,16 @@ class Closing(ShellBase):
             self._close()
             return True
         return False
+
+
+def _cancel_sends(pending: tuple[object, list[Message]] | None) -> None:
+    """Cancel the provider sends of a delivery given up at shutdown (messages that can)."""
+    if pending is None:
+        return
+    for message in pending[1]:
+        cancel = getattr(message, "cancel", None)
+        if callable(cancel):
+            try:
+                cancel()
+            except Exception:
+                log.failure("cancelling a delivery failed")

@@ -26,6 +26,7 @@ from smtpproxy.mime.message import Email
 from smtpproxy.providers import create
 from smtpproxy.providers.graph.provider import GraphProvider, HTTPRequester
 from smtpproxy.providers.graph.retry import Tuning
+from smtpproxy.providers.result import SendCancelledError
 from tests.fakegraph import FakeGraph, Fault, make_email
 
 EPOCH = 1_700_000_000.0
@@ -544,3 +545,45 @@ class DraftTests(SynchronousTestCase):
     def test_closing_without_a_pool(self) -> None:
         """close() succeeds when the HTTP client was injected (no pool of our own)."""
         self.successResultOf(Harness().provider.close())
+
+
+class CancelTests(SynchronousTestCase):
+    """A send cancelled by the relay (a forced shutdown) says whether Graph may have it."""
+
+    def cancelled(self, h: Harness, d: Deferred[None]) -> SendCancelledError:
+        d.cancel()
+        error = self.failureResultOf(d, SendCancelledError).value
+        assert isinstance(error, SendCancelledError)
+        return error
+
+    def test_send_request_on_the_wire_is_handed_over(self) -> None:
+        """Cancelled while Graph is answering sendMail: it may have the message."""
+        h = Harness()
+        h.fake.script("sendMail", Fault(delay=10))
+        d = h.send(_simple())
+        self.assertEqual(len(h.fake.routes("sendMail")), 1)
+        self.assertTrue(self.cancelled(h, d).handed_over)
+
+    def test_waiting_to_retry_is_not_handed_over(self) -> None:
+        """Cancelled while waiting out a 503's Retry-After: nothing reached Graph, and
+        the retry never goes."""
+        h = Harness()
+        h.fake.script("sendMail", Fault(503, retry_after="5"))
+        d = h.send(_simple())
+        self.assertFalse(self.cancelled(h, d).handed_over)
+        h.run()
+        self.assertEqual((len(h.fake.routes("sendMail")), h.fake.deliveries), (1, []))
+
+    def test_draft_path_answers_at_once_and_still_deletes_the_draft(self) -> None:
+        """Cancelled while Graph is answering sendDraft: the outcome (handed over) is
+        known at once, not after the draft's deletion, which still happens."""
+        h = Harness()
+        h.fake.script("sendDraft", Fault(delay=10))
+        h.fake.script("deleteDraft", Fault(delay=5))
+        email, _ = _big_email()
+        d = h.send(email)
+        h.run(horizon=1.0)
+        self.assertEqual(len(h.fake.routes("sendDraft")), 1)
+        self.assertTrue(self.cancelled(h, d).handed_over)
+        h.run()
+        self.assertEqual(len(h.fake.deleted), 1)

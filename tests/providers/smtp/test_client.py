@@ -7,6 +7,7 @@ what the provider sent and what our client would be told.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -24,7 +25,7 @@ from smtpproxy.errors import (
     reply_for_failure,
 )
 from smtpproxy.mime.message import Email
-from smtpproxy.providers.result import PartlyRefused, RecipientRefusal
+from smtpproxy.providers.result import PartlyRefused, RecipientRefusal, SendCancelledError
 from smtpproxy.providers.smtp.client import RelayClient
 from smtpproxy.providers.smtp.provider import SmtpProvider
 from smtpproxy.providers.smtp.trust import client_tls
@@ -320,3 +321,49 @@ class LogTests(SynchronousTestCase):
 
         settings = relay_settings(25, tls="starttls", ca_file="/nonexistent/ca.pem")
         self.assertRaises(ConfigError, client_tls, settings)
+
+
+class CancelTests(Case):
+    async def cancel_when(
+        self, script: Script, ready: Callable[[], bool]
+    ) -> tuple[SmtpProvider, BaseException]:
+        """Send one message, cancel the send once C{ready()}; the provider and the error."""
+        provider = await self.upstream(script)
+        sending = provider.send(message())
+        for _ in range(200):
+            if ready():
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        sending.cancel()
+        try:
+            await sending
+        except BaseException as e:
+            return provider, e
+        self.fail("the cancelled send succeeded")
+
+    @async_test
+    async def test_cancelled_before_the_body_sends_nothing(self) -> None:
+        """The upstream is slow to answer DATA: cancelling the send cuts the transaction
+        before the body leaves, says nothing was handed over, and the upstream, even once
+        it answers, never gets the message; the provider is not left with a half-done
+        session (a new message goes through on a fresh connection)."""
+        script = Script(data_delay=0.5)
+        provider, error = await self.cancel_when(script, lambda: b"DATA" in script.commands)
+        self.assertIsInstance(error, SendCancelledError)
+        assert isinstance(error, SendCancelledError)
+        self.assertFalse(error.handed_over)
+        await deferLater(reactor, 0.7, lambda: None)
+        self.assertEqual(script.bodies, [])
+        script.data_delay = 0.0
+        self.assertIsNone(await provider.send(message()))
+        self.assertEqual((len(script.bodies), script.connections), (1, 2))
+
+    @async_test
+    async def test_cancelled_after_the_body_is_unknown(self) -> None:
+        """The upstream has the whole body and answers late: cancelling then says the
+        message was handed over (it may be delivered)."""
+        script = Script(final_delay=0.5)
+        _, error = await self.cancel_when(script, lambda: bool(script.bodies))
+        self.assertIsInstance(error, SendCancelledError)
+        assert isinstance(error, SendCancelledError)
+        self.assertTrue(error.handed_over)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate
 from twisted.protocols.basic import LineReceiver
@@ -133,6 +133,10 @@ class Script:
     rcpt: Callable[[str], str] = _ok_rcpt
     data: str = "354 End data with <CR><LF>.<CR><LF>"
     final: str = "250 2.0.0 Ok: queued"
+    #: Seconds before the reply to DATA (the upstream busy before the body)
+    #: and before the reply after the body (it has the message, answers late).
+    data_delay: float = 0.0
+    final_delay: float = 0.0
     commands: list[bytes] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
     connections: int = 0
@@ -149,6 +153,14 @@ class ScriptedUpstream(LineReceiver):
         self.script = script
         self.secure = False
         self.body: list[bytes] | None = None
+        self.lost = False
+        self.later: list[IDelayedCall] = []
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost = True
+        for call in self.later:
+            if call.active():
+                call.cancel()
 
     def connectionMade(self) -> None:
         self.script.connections += 1
@@ -169,7 +181,7 @@ class ScriptedUpstream(LineReceiver):
             if line == b".":
                 self.script.bodies.append(b"".join(self.body))
                 self.body = None
-                self.reply(self.script.final)
+                self.reply_after(self.script.final_delay, self.script.final)
             else:
                 self.body.append((line[1:] if line.startswith(b".") else line) + b"\r\n")
             return
@@ -209,9 +221,10 @@ class ScriptedUpstream(LineReceiver):
             if not self.accepted:
                 self.reply("554 5.5.1 Error: no valid recipients")
                 return
-            self.reply(script.data)
-            if script.data.startswith("354"):
-                self.body = []
+            if script.data_delay:
+                self.later.append(reactor.callLater(script.data_delay, self._data_go_ahead))
+                return
+            self._data_go_ahead()
         elif verb == b"RSET" or verb == b"NOOP":
             self.accepted = 0
             self.reply("250 2.0.0 Ok")
@@ -220,6 +233,25 @@ class ScriptedUpstream(LineReceiver):
             self.transport.loseConnection()  # type: ignore[union-attr]
         else:
             self.reply("502 5.5.2 Error: command not recognized")
+
+    def _data_go_ahead(self) -> None:
+        if self.lost:
+            return
+        self.reply(self.script.data)
+        if self.script.data.startswith("354"):
+            self.body = []
+
+    def reply_after(self, delay: float, text: str) -> None:
+        """Reply now, or after C{delay} seconds if the connection is still open then."""
+        if not delay:
+            self.reply(text)
+            return
+
+        def later() -> None:
+            if not self.lost:
+                self.reply(text)
+
+        self.later.append(reactor.callLater(delay, later))
 
 
 class _Factory(Factory):

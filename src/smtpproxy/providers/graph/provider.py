@@ -81,6 +81,7 @@ from smtpproxy.providers.graph.tokens import (
     token_url,
 )
 from smtpproxy.providers.graph.tunnel import GraphEndpoints, ProxyTunnelError
+from smtpproxy.providers.result import SendCancelledError
 from smtpproxy.queue.store import CounterStore
 
 log = Logger(namespace="smtpproxy.graph")
@@ -406,7 +407,12 @@ class GraphProvider:
                 deadline,
                 gone_means_done=True,
             )
-        except Exception:
+        except Exception as e:
+            if isinstance(e, CancelledError):
+                # A forced shutdown: the relay must learn the outcome now (its
+                # log line), not after the clean-up; the draft goes meanwhile.
+                Deferred.fromCoroutine(self._delete_draft(mailbox, message_id))
+                raise
             await self._delete_draft(mailbox, message_id)
             raise
 
@@ -515,10 +521,30 @@ class GraphProvider:
     ) -> _Reply:
         """Send C{request} until it succeeds, retrying per L{decide}.
 
+        A cancelled call (the relay giving up at shutdown) fails with a
+        L{SendCancelledError} saying whether the message may have been
+        handed over: only a sending request (C{sendMail}, C{sendDraft})
+        that was on the wire, or whose earlier attempt was ambiguous,
+        can have taken effect.
+
         @param gone_means_done: a 404 after an attempt that may have taken
             effect means that attempt did (used for sending a draft: once
             sent, the draft no longer exists).
         """
+        uncertain: list[bool] = []
+        try:
+            return await self._attempts(request, deadline, gone_means_done, uncertain)
+        except CancelledError as e:
+            if isinstance(e, SendCancelledError):
+                raise
+            sending = request.what in _SENDING
+            handed_over = sending and (bool(uncertain) or isinstance(e, _CancelledOnWireError))
+            raise SendCancelledError(handed_over=handed_over) from None
+
+    async def _attempts(
+        self, request: _Request, deadline: float, gone_means_done: bool, ambiguous: list[bool]
+    ) -> _Reply:
+        """L{_call}'s loop; appends to C{ambiguous} once an attempt may have taken effect."""
         attempt = 0
         refreshed = False
         uncertain = False
@@ -555,6 +581,8 @@ class GraphProvider:
                     continue
                 problem = self._classify(request, reply)
             uncertain = uncertain or problem.ambiguous
+            if uncertain and not ambiguous:
+                ambiguous.append(True)
             now = self._reactor.seconds()
             step = decide(problem, attempt, now, deadline, self._tuning, self._jitter())
             fields: dict[str, Any] = {
@@ -648,10 +676,12 @@ class GraphProvider:
             except Exception as e:
                 if expired:
                     raise _NoResponseError(_describe(e), timed_out=True, connected=True) from None
-                if any(
-                    isinstance(r, (CancelledError, ConnectingCancelledError)) for r in _reasons(e)
-                ):
+                reasons = _reasons(e)
+                if any(isinstance(r, ConnectingCancelledError) for r in reasons):
                     raise CancelledError() from None
+                if any(isinstance(r, CancelledError) for r in reasons):
+                    # Cancelled once connected: the request may have left.
+                    raise _CancelledOnWireError() from None
                 connected = not isinstance(e, (ConnectError, DNSLookupError, ProxyTunnelError))
                 raise _NoResponseError(_describe(e), timed_out=False, connected=connected) from None
             finally:
@@ -706,6 +736,14 @@ class GraphProvider:
             raise TransientDeliveryError(
                 f"time limit reached {what}; try again later", "4.4.7"
             ) from None
+
+
+#: The requests that send the message: once one is on the wire, Graph may have it.
+_SENDING = frozenset({"sendMail", "sendDraft"})
+
+
+class _CancelledOnWireError(CancelledError):
+    """A request cancelled after its connection was made: it may have reached Graph."""
 
 
 def _method(plan: Plan) -> str:

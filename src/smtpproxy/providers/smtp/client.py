@@ -54,6 +54,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
 from smtpproxy.errors import DeliveryError, TransientDeliveryError
+from smtpproxy.providers.result import SendCancelledError
 from smtpproxy.providers.smtp import wire
 from smtpproxy.providers.smtp.trust import tls_problem
 
@@ -118,6 +119,9 @@ class RelayClient(ESMTPClient):
         self._result: Deferred[wire.Delivered] | None = None
         self._replies_seen = 0
         self._sending: FileSender | None = None
+        # The whole body, end of DATA included, has been written: from then
+        # on a cancelled transaction may have been delivered all the same.
+        self._handed_over = False
         self._waiting_for = "the greeting"
         self._closing = False
         self._gone: list[Deferred[None]] = []
@@ -330,8 +334,9 @@ class RelayClient(ESMTPClient):
         """Run one transaction; fires with the outcome or fails with a L{DeliveryError}."""
         if not self.usable or self._result is not None:
             raise RuntimeError("deliver() on a client that is not idle")
-        result: Deferred[wire.Delivered] = Deferred()
+        result: Deferred[wire.Delivered] = Deferred(self._cancel)
         self._result = result
+        self._handed_over = False
         self._replies_seen = 0
         self._used_before = self._used
         self._used = True
@@ -359,6 +364,25 @@ class RelayClient(ESMTPClient):
             self._unsent = deque(commands)
             self.sendLine(self._unsent.popleft())
         return result
+
+    def _cancel(self, result: Deferred[wire.Delivered]) -> None:
+        """The caller gave up on the transaction (a forced shutdown): abort it.
+
+        Cutting the connection before the end of DATA has left means the
+        upstream discards the message (RFC 5321 4.1.1.4: it is only
+        accepted at the final dot); after that, it may have been accepted,
+        and the error says so.
+        """
+        if self._result is not result:
+            return
+        self._result = None
+        self._handlers.clear()
+        self.usable = False
+        if self._sending is not None:
+            self._sending.stopProducing()
+            self._sending = None
+        self._close_now()
+        result.errback(SendCancelledError(handed_over=self._handed_over))
 
     def _next(self) -> None:
         if self._unsent:
@@ -430,6 +454,7 @@ class RelayClient(ESMTPClient):
 
     def _body_sent(self, last: object) -> None:
         self._sending = None
+        self._handed_over = True
 
     def _after_body(
         self,

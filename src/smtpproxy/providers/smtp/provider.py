@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from smtpproxy.errors import DeliveryError, TransientDeliveryError
 from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
-from smtpproxy.providers.result import PartlyRefused
+from smtpproxy.providers.result import PartlyRefused, SendCancelledError
 from smtpproxy.providers.smtp import wire
 from smtpproxy.providers.smtp.client import RelayClient, StaleConnectionError
 from smtpproxy.providers.smtp.pool import Pool
@@ -74,7 +74,11 @@ class SmtpProvider:
             # RELAY_FROM: once per message, before any attempt (relayfrom).
             email = force_sender(email, self._settings.sender)
         for attempt in (1, 2):
-            client = await self.pool.acquire()
+            try:
+                client = await self.pool.acquire()
+            except CancelledError:
+                # Cancelled while waiting for a connection: nothing was sent.
+                raise SendCancelledError(handed_over=False) from None
             try:
                 transaction = wire.plan(email, client.capabilities)
                 delivered = await client.deliver(transaction)

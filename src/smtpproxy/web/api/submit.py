@@ -24,14 +24,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smtpproxy.delivery import new_message_id, send_email
+from smtpproxy.delivery import log_cancelled, log_not_retried, new_message_id, send_email
 from smtpproxy.errors import reply_for_failure
 from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider
+from smtpproxy.providers.result import PartlyRefused, SendCancelledError
 from smtpproxy.queue.front import QueueFront, meta_json
-from smtpproxy.queue.model import Envelope, QueueFullError
+from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
+from smtpproxy.web.api.drain import Flight, Flights, stopping_error
 from smtpproxy.web.api.problems import ApiError
 
 __all__ = ["DEFAULT_RETRY_AFTER", "Accepted", "Submitter", "error_for_failure"]
@@ -78,6 +80,9 @@ def error_for_failure(error: BaseException) -> ApiError:
     it again will not help.  The provider's reason is passed on, as SMTP
     passes it on in its reply (providers keep secrets and content out of it).
     """
+    if isinstance(error, EnqueueWithdrawnError | defer.CancelledError):
+        # Given up at shutdown (withdrawn before its commit, or its send cancelled).
+        return stopping_error()
     reply = reply_for_failure(error)
     if isinstance(error, QueueFullError):
         return ApiError(
@@ -111,6 +116,8 @@ class Submitter:
         self._parser = parser
         self._queue = queue
         self._log_delivered = log_delivered
+        # The submissions in flight, for the stop (smtpproxy.web.api.drain).
+        self.flights = Flights(reactor)
 
     @property
     def queued(self) -> bool:
@@ -137,6 +144,7 @@ class Submitter:
             parsing.  The queue stores only the bytes and ignores it.
         """
         started = self._reactor.seconds()
+        flight = self.flights.start()  # 503 once the relay is stopping
         queue = self._queue
         message_id = new_message_id() if queue is None else queue.new_id()
         fields = {
@@ -150,12 +158,22 @@ class Submitter:
             "provider": self._provider.name,
         }
         if queue is not None:
+            flight.withdraw = lambda: queue.withdraw(message_id)
             done = self._enqueue(queue, message_id, sender, recipients, data, fields, mailbox)
         else:
             done = self._deliver(
-                message_id, sender, recipients, data, fields, started, mailbox, parsed
+                message_id, sender, recipients, data, fields, started, mailbox, parsed, flight
             )
-        return done.addErrback(self._refusal)
+
+        def landed(accepted: Accepted) -> Accepted:
+            self.flights.end(flight)
+            return accepted
+
+        def not_landed(failure: Failure) -> Failure:
+            self.flights.end(flight)
+            return failure
+
+        return done.addCallbacks(landed, not_landed).addErrback(self._refusal)
 
     def _enqueue(
         self,
@@ -184,6 +202,8 @@ class Submitter:
         def failed(failure: Failure) -> Failure:
             if isinstance(failure.value, QueueFullError):
                 log.warn("message not queued: the queue is full", **fields)
+            elif isinstance(failure.value, EnqueueWithdrawnError):
+                log.info("message withdrawn at shutdown, not queued", **fields)
             else:
                 log.failure("message could not be queued", failure, **fields)
             return failure
@@ -204,8 +224,14 @@ class Submitter:
         started: float,
         mailbox: str,
         known: Email | None,
+        flight: Flight,
     ) -> defer.Deferred[Accepted]:
         def send(email: Email) -> defer.Deferred[Accepted]:
+            if flight.given_up:
+                # The stop gave up on it while it was being parsed: never sent.
+                never = SendCancelledError(handed_over=False)
+                log_cancelled(fields, never)
+                return defer.fail(never)
             if mailbox:
                 email = dataclasses.replace(email, mailbox=mailbox)
             sending = send_email(
@@ -216,7 +242,23 @@ class Submitter:
                 started,
                 log_delivered=self._log_delivered,
             )
-            return sending.addCallback(lambda _: Accepted(message_id, "delivered"))
+            flight.sending = sending
+
+            def after(result: object) -> object:
+                flight.sending = None
+                if flight.given_up:
+                    log_cancelled(fields, result)
+                return result
+
+            def delivered(result: PartlyRefused | None) -> Accepted:
+                if result is not None:
+                    # The provider took it for some recipients only; without a
+                    # queue nothing retries the others (as on the SMTP side).
+                    log_not_retried(message_id, fields, result)
+                return Accepted(message_id, "delivered")
+
+            sending.addBoth(after)
+            return sending.addCallback(delivered)
 
         if known is not None:
             return send(known)

@@ -1,0 +1,121 @@
+"""The submission API at shutdown: refuse new messages, finish (or give up) the ones in flight.
+
+The HTTP listener is the last thing the relay stops (the probes must keep
+answering), so a submission can arrive, or still be under way, while the
+queue or the provider is closing behind it.  The SMTP side's rule applies
+here too: from the moment the stop begins new messages are refused with a
+retryable answer (503 with C{Retry-After}); those already accepted for
+processing get until C{SMTP_SHUTDOWN_TIMEOUT}; past it each is given up the
+way the SMTP side gives up its own (L{Flight.give_up}), and every client
+hears the truth: 202/200 only for what is stored or delivered, 503 for what
+is not, never 503 for a message that is then stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from smtpproxy.web.api.problems import ApiError
+
+#: After giving up the submissions still in flight, how long their answers
+#: are waited for: a withdrawn enqueue and a cancelled send answer at once,
+#: a commit already under way within the SMTP side's COMMIT_GRACE (1.5 s).
+GIVE_UP_GRACE = 2.0
+#: Retry-After (seconds) for a submission refused because the relay stops.
+STOPPING_RETRY_AFTER = 30
+
+
+def stopping_error() -> ApiError:
+    """The answer for a submission the relay will not take because it is stopping."""
+    return ApiError(
+        503,
+        "shutting_down",
+        "the relay is shutting down; the message was not accepted, try again later",
+        None,
+        STOPPING_RETRY_AFTER,
+    )
+
+
+class Flight:
+    """One submission between its acceptance for processing and its answer.
+
+    @ivar withdraw: queue mode: stop the enqueue if it has not committed
+        (True: it never will; False: the commit's outcome is coming).
+    @ivar sending: direct mode: the provider's send, once started.
+    @ivar given_up: set at the forced stop; a send not started by then never is.
+    """
+
+    def __init__(self) -> None:
+        self.withdraw: Callable[[], bool] | None = None
+        self.sending: defer.Deferred[Any] | None = None
+        self.given_up = False
+
+    def give_up(self) -> None:
+        """The stop's time is up: withdraw the enqueue, or cancel the provider's send."""
+        self.given_up = True
+        if self.withdraw is not None:
+            self.withdraw()
+        sending = self.sending
+        if sending is not None and not sending.called:
+            sending.cancel()
+
+
+class Flights:
+    """The submissions in flight, and the stop that waits for them (bounded)."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._open: set[Flight] = set()
+        self._drained: list[defer.Deferred[None]] = []
+        self._timer: IDelayedCall | None = None
+        self.stopping = False
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def start(self) -> Flight:
+        """Track a new submission; L{stopping_error} once the stop has begun."""
+        if self.stopping:
+            raise stopping_error()
+        flight = Flight()
+        self._open.add(flight)
+        return flight
+
+    def end(self, flight: Flight) -> None:
+        """The submission has its answer."""
+        self._open.discard(flight)
+        if not self._open:
+            self._finish()
+
+    def drain(self, timeout: float) -> defer.Deferred[None]:
+        """Refuse new submissions; fire when those in flight have answered.
+
+        After C{timeout} seconds those still in flight are given up, and
+        after L{GIVE_UP_GRACE} more the result fires whatever is left (a
+        store that never answers must not hold the stop up).
+        """
+        self.stopping = True
+        if not self._open:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(done)
+        if self._timer is None:
+            self._timer = self._clock.callLater(timeout, self._give_up)
+        return done
+
+    def _give_up(self) -> None:
+        self._timer = self._clock.callLater(GIVE_UP_GRACE, self._finish)
+        for flight in list(self._open):
+            flight.give_up()
+
+    def _finish(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        drained, self._drained = self._drained, []
+        for done in drained:
+            done.callback(None)

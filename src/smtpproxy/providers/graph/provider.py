@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    DeferredSemaphore,
     TimeoutError,
     succeed,
 )
@@ -80,6 +79,7 @@ from smtpproxy.providers.graph.tokens import (
     token_problem,
     token_url,
 )
+from smtpproxy.providers.graph.slots import SlotGate, SlotTimeout
 from smtpproxy.providers.graph.tunnel import GraphEndpoints, ProxyTunnelError
 from smtpproxy.queue.store import CounterStore
 
@@ -233,7 +233,11 @@ class GraphProvider:
             credential=self._credential.description,
         )
         self._tokens = TokenCache(reactor, self._fetch_token)
-        self._gates: dict[str, DeferredSemaphore] = {}
+        # Requests answered, by HTTP status, for /metrics (read at scrape
+        # time); the per-request debug event is built only when it is logged.
+        self._statuses: dict[int, int] = {}
+        self._log_requests = config.log_level == "debug"
+        self._gates: dict[str, SlotGate] = {}
         self._budgets = BudgetKeeper(settings.budget, self._senders, reactor)
 
     @property
@@ -250,6 +254,11 @@ class GraphProvider:
     def accepts_raw_mime(self) -> bool:
         """Graph takes raw MIME unless told to send JSON only."""
         return self._settings.send_mode != "json"
+
+    @property
+    def request_statuses(self) -> Mapping[int, int]:
+        """HTTP requests answered so far, by status (for the metrics)."""
+        return self._statuses
 
     @property
     def token_fetches(self) -> int:
@@ -614,10 +623,19 @@ class GraphProvider:
             )
         gate = None
         if request.mailbox is not None:
-            gate = self._gates.setdefault(
-                request.mailbox.casefold(), DeferredSemaphore(self._concurrency)
-            )
-            await self._bounded(gate.acquire(), deadline, "waiting for a free Graph slot")
+            key = request.mailbox.casefold()
+            gate = self._gates.get(key)
+            if gate is None:
+                gate = self._gates[key] = SlotGate(self._concurrency, self._reactor)
+            waiting = gate.take(deadline)
+            if waiting is not None:
+                try:
+                    await waiting
+                except SlotTimeout:
+                    raise TransientDeliveryError(
+                        "time limit reached waiting for a free Graph slot; try again later",
+                        "4.4.7",
+                    ) from None
         try:
             headers = {
                 "client-request-id": client_request_id,
@@ -661,15 +679,18 @@ class GraphProvider:
             if gate is not None:
                 gate.release()
         request_id = _header(response_headers, "request-id") or ""
-        log.debug(
-            "Graph request",
-            what=request.what,
-            method=request.method,
-            path=request.log_path,
-            status=status,
-            client_request_id=client_request_id,
-            request_id=request_id,
-        )
+        statuses = self._statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        if self._log_requests:
+            log.debug(
+                "Graph request",
+                what=request.what,
+                method=request.method,
+                path=request.log_path,
+                status=status,
+                client_request_id=client_request_id,
+                request_id=request_id,
+            )
         return _Reply(status, response_headers, body, client_request_id, request_id)
 
     async def _roundtrip(

@@ -72,6 +72,7 @@ from smtpproxy.providers.graph.settings import (
     CREDENTIAL_NAMES,
     GraphSettings,
 )
+from smtpproxy.providers.graph.slots import SlotGate, SlotTimeoutError
 from smtpproxy.providers.graph.tokens import (
     Token,
     TokenCache,
@@ -79,7 +80,6 @@ from smtpproxy.providers.graph.tokens import (
     token_problem,
     token_url,
 )
-from smtpproxy.providers.graph.slots import SlotGate, SlotTimeout
 from smtpproxy.providers.graph.tunnel import GraphEndpoints, ProxyTunnelError
 from smtpproxy.queue.store import CounterStore
 
@@ -631,7 +631,7 @@ class GraphProvider:
             if waiting is not None:
                 try:
                     await waiting
-                except SlotTimeout:
+                except SlotTimeoutError:
                     raise TransientDeliveryError(
                         "time limit reached waiting for a free Graph slot; try again later",
                         "4.4.7",

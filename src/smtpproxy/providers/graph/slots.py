@@ -10,7 +10,7 @@ L{SlotGate} hands out a free slot at once (L{SlotGate.take} answers None:
 no Deferred at all).  A request that has to wait gets a Deferred, fired when
 a slot is handed to it, first come first served; the waiters' deadlines
 share B{one} timer per gate, armed for the earliest of them while anyone
-waits, instead of one timer each.  A waiter whose deadline passes fails with L{SlotTimeout}; a
+waits, instead of one timer each.  A waiter whose deadline passes fails with L{SlotTimeoutError}; a
 cancelled waiter (the message was cancelled) leaves the queue.
 """
 
@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 
-class SlotTimeout(Exception):
+class SlotTimeoutError(Exception):
     """The deadline passed before a slot came free."""
 
 
@@ -60,7 +60,7 @@ class SlotGate:
         """Take a slot: None when one was free (it is the caller's now), else a Deferred.
 
         The Deferred fires once a slot is handed over, or fails with
-        L{SlotTimeout} at C{deadline} (at once when it has passed already).
+        L{SlotTimeoutError} at C{deadline} (at once when it has passed already).
         Cancelling it gives up the place in the queue.
         """
         if self._free > 0 and not self._queue:
@@ -68,7 +68,7 @@ class SlotGate:
             return None
         waiter = _Waiter(deadline, Deferred(lambda d: self._leave(waiter)))
         if deadline <= self._reactor.seconds():
-            waiter.waiting.errback(SlotTimeout())
+            waiter.waiting.errback(SlotTimeoutError())
             return waiter.waiting
         self._queue.append(waiter)
         self._arm(deadline)
@@ -122,4 +122,4 @@ class SlotGate:
         if self._queue:
             self._arm(min(w.deadline for w in self._queue))
         for waiter in expired:
-            waiter.waiting.errback(SlotTimeout())
+            waiter.waiting.errback(SlotTimeoutError())

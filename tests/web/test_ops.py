@@ -170,7 +170,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(found[("smtpproxy_delivery_duration_seconds_sum", latency)], 0.12)
 
     def test_auth_and_graph_events(self) -> None:
-        """Logins, Graph statuses (read from the provider), retries and throttle waits are counted."""
+        """Logins, Graph statuses (from the provider), retries and throttle waits are counted."""
         metrics = Metrics()
         # The provider counts its requests by status itself (no event per request).
         metrics.watch_graph_requests(lambda: {202: 1})

@@ -624,6 +624,7 @@ def plan_delivery(
     mode: str,
     default_domain: str = "",
     save_to_sent_items: bool = True,
+    recipients: Recipients | None = None,
 ) -> Plan:
     """Choose and build the requests for C{email}.
 
@@ -637,8 +638,11 @@ def plan_delivery(
         retry can fix (more than 500 recipients, an attachment over 150 MB).
     @param save_to_sent_items: C{GRAPH_SAVE_TO_SENT_ITEMS}; only a JSON
         C{sendMail} can say no (Graph has no switch for MIME sends or drafts).
+    @param recipients: L{plan_recipients}C{(email)}, when the caller has it
+        already (the provider counts them for the sending budgets first).
     """
-    recipients = plan_recipients(email)
+    if recipients is None:
+        recipients = plan_recipients(email)
     if recipients.count == 0:
         raise PermanentDeliveryError("message has no recipients", "5.5.1", 554)
     if recipients.count > MAX_RECIPIENTS:

@@ -289,9 +289,10 @@ class GraphProvider:
         deadline = self._reactor.seconds() + self._settings.send_timeout
         domain = self._config.smtp_default_domain
         save = self._settings.save_to_sent_items
-        senders, charge = await self._choose_mailbox(email)
+        recipients = plan_recipients(email)
+        senders, charge = await self._choose_mailbox(email, recipients.count)
         try:
-            plan = plan_delivery(email, senders, self._settings.send_mode, domain, save)
+            plan = plan_delivery(email, senders, self._settings.send_mode, domain, save, recipients)
         except Exception:
             if charge is not None:
                 await self._budgets.give_back(charge)
@@ -313,7 +314,7 @@ class GraphProvider:
                 mailbox=plan.mailbox,
                 graph_code=rejected.graph_code,
             )
-            plan = plan_delivery(email, (plan.mailbox,), "json", domain, save)
+            plan = plan_delivery(email, (plan.mailbox,), "json", domain, save, recipients)
             reply = await self._carry_out(plan, deadline)
         log.info(
             "Graph accepted the message",
@@ -325,7 +326,9 @@ class GraphProvider:
             request_id=reply.request_id,
         )
 
-    async def _choose_mailbox(self, email: Email) -> tuple[tuple[str, ...], Charge | None]:
+    async def _choose_mailbox(
+        self, email: Email, recipients: int
+    ) -> tuple[tuple[str, ...], Charge | None]:
         """The mailbox(es) to plan with, and the budget charge made for the message.
 
         An identity bound to a mailbox: that one (L{bound_mailbox}).  From
@@ -339,7 +342,6 @@ class GraphProvider:
         else:
             matched = matching_mailbox(email.from_, self._senders)
             candidates = (matched,) if matched is not None else self._senders
-        recipients = plan_recipients(email).count
         if not self._budgets.counting or not 0 < recipients <= MAX_RECIPIENTS:
             return candidates, None
         charge = await self._budgets.charge(candidates, recipients)
@@ -653,7 +655,7 @@ class GraphProvider:
                 raise TransientDeliveryError(
                     "time limit reached before Graph answered; try again later", "4.4.7"
                 )
-            roundtrip = Deferred.fromCoroutine(self._roundtrip(request, headers))
+            roundtrip = self._roundtrip(request, headers)
             expired: list[bool] = []
 
             def expire() -> None:
@@ -693,13 +695,19 @@ class GraphProvider:
             )
         return _Reply(status, response_headers, body, client_request_id, request_id)
 
-    async def _roundtrip(
+    def _roundtrip(
         self, request: _Request, headers: dict[str, str]
-    ) -> tuple[int, Headers, bytes]:
+    ) -> Deferred[tuple[int, Headers, bytes]]:
+        """The request sent, its whole answer read: status, headers, body.
+
+        A chain of callbacks rather than a coroutine of its own: one step
+        fewer per request, and cancelling the result still cancels whichever
+        part is under way (the request, or the body's reading).
+        """
         data = request.body
         if data is None and request.method in ("POST", "PUT"):
             data = b""
-        response = await self._http.request(
+        sent: Deferred[Any] = self._http.request(
             request.method,
             request.url,
             headers=headers,
@@ -707,8 +715,7 @@ class GraphProvider:
             # A redirect would carry the bearer token to another host.
             allow_redirects=False,
         )
-        body: bytes = await response.content()
-        return response.code, response.headers, body
+        return sent.addCallback(_read_whole)
 
     async def _bounded(self, waiting: Deferred[Any], deadline: float, what: str) -> Any:
         """Await C{waiting}, but no later than C{deadline} (then fail with a 451)."""
@@ -735,6 +742,14 @@ def _method(plan: Plan) -> str:
     if isinstance(plan, JsonSend):
         return "json"
     return "mime-draft" if plan.mime else "draft"
+
+
+def _read_whole(response: Any) -> Deferred[tuple[int, Headers, bytes]]:
+    """A response's status, headers and whole body, once the body is in."""
+    code: int = response.code
+    headers: Headers = response.headers
+    content: Deferred[bytes] = response.content()
+    return content.addCallback(lambda body: (code, headers, body))
 
 
 def _header(headers: Headers, name: str) -> str | None:

@@ -15,7 +15,13 @@ load, divided by the messages, is its CPU per message.  The report gives
 the median over the rounds of each figure and of the ratios graph ÷ stdout
 (the goal: at most 1.5x over plain HTTP).
 
-Run: C{.venv/bin/python bench/graph_cpu.py [--rounds 5] [--messages 2000]}
+With C{--baseline DIR} (a source tree exported from an earlier commit) a
+fourth relay runs that tree's Graph provider over HTTP against a fake of its
+own, so before and after are measured in the same rounds, under the same
+load.  Each fake also reports the TCP connections it accepted: persistent
+connections keep that at a handful for all the rounds.
+
+Run: C{.venv/bin/python bench/graph_cpu.py [--rounds 5] [--messages 2000] [--baseline DIR]}
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -64,14 +71,38 @@ def user_system(pid: int) -> tuple[float, float]:
 
 
 KEYS = ("stdout", "graph-http", "graph-https")
+BASELINE = "graph-http (baseline)"
+
+
+def from_tree(server: run.Server, tree: Path) -> run.Server:
+    """C{server} run from another source tree (an export of an earlier commit)."""
+    env = server.env
+    return run.Server(
+        server.key,
+        server.label,
+        server.argv,
+        lambda port: {**env(port), "PYTHONPATH": f"{tree / 'src'}:{tree}"},
+    )
 
 
 def measure(
-    rounds: int, messages: int, sessions: int, delay: float = DELAY
-) -> dict[str, list[float]]:
-    """CPU ms per message of each relay, one figure per round (and its system part)."""
-    figures: dict[str, list[float]] = {k: [] for k in KEYS}
-    figures.update({f"{k} (system)": [] for k in KEYS})
+    rounds: int,
+    messages: int,
+    sessions: int,
+    delay: float = DELAY,
+    baseline: Path | None = None,
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """CPU ms per message of each relay, one figure per round (and its system part).
+
+    @param baseline: a source tree whose relay (Graph over HTTP, a fake of
+        its own) is measured alongside, for before/after in one run.
+    @return: the figures, and the TCP connections each fake accepted in all
+        (the warm-up included): persistent connections keep it at a handful.
+    """
+    keys = (*KEYS, BASELINE) if baseline is not None else KEYS
+    figures: dict[str, list[float]] = {k: [] for k in keys}
+    figures.update({f"{k} (system)": [] for k in keys})
+    figures["load average (1 min)"] = []
     with ExitStack() as stack:
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         cert, key = self_signed(directory)
@@ -79,6 +110,7 @@ def measure(
         https_port, https_stats = stack.enter_context(
             run.fake_graph("--tls", str(cert), str(key), delay=delay)
         )
+        fakes = {"graph-http": http_stats, "graph-https": https_stats}
         relays = {
             "stdout": stack.enter_context(run.started(run.SERVERS[0])),
             "graph-http": stack.enter_context(run.started(run.graph_relay(http_port))),
@@ -86,11 +118,18 @@ def measure(
                 run.started(run.graph_relay(https_port, "https", {"SSL_CERT_FILE": str(cert)}))
             ),
         }
+        if baseline is not None:
+            base_port, fakes[BASELINE] = stack.enter_context(run.fake_graph(delay=delay))
+            relays[BASELINE] = stack.enter_context(
+                run.started(from_tree(run.graph_relay(base_port), baseline))
+            )
         for running in relays.values():
             run.warm_up(running.port)
         order = list(relays)
         for n in range(rounds):
-            for key_ in order[n % 3 :] + order[: n % 3]:
+            figures["load average (1 min)"].append(os.getloadavg()[0])
+            turn = n % len(order)
+            for key_ in order[turn:] + order[:turn]:
                 running = relays[key_]
                 user, system = user_system(running.pid)
                 run.smtp_source(running.port, sessions, messages, False, run.MESSAGE_SIZE)
@@ -100,8 +139,12 @@ def measure(
                 figures[f"{key_} (system)"].append(1000 * (system_after - system) / messages)
                 if running.proc.poll() is not None:
                     raise RuntimeError(f"{key_} exited")
-            run.log(f"round {n + 1}: " + ", ".join(f"{k} {figures[k][-1]:.3f} ms" for k in KEYS))
-        for what, stats in (("http", http_stats), ("https", https_stats)):
+            run.log(
+                f"round {n + 1} (load {figures['load average (1 min)'][-1]:.2f}): "
+                + ", ".join(f"{k} {figures[k][-1]:.3f} ms" for k in keys)
+            )
+        connections: dict[str, int] = {}
+        for what, stats in fakes.items():
             seen = stats()
             if seen["violation_count"]:
                 raise RuntimeError(f"fake ({what}) saw violations: {seen['violations']}")
@@ -110,27 +153,35 @@ def measure(
                 raise RuntimeError(
                     f"fake ({what}) got {seen['deliveries']} messages, expected {expected}"
                 )
-    return figures
+            connections[what] = int(seen["connections"])
+    return figures, connections
 
 
-def report(figures: dict[str, list[float]], messages: int, sessions: int) -> str:
+def report(
+    figures: dict[str, list[float]], messages: int, sessions: int, connections: dict[str, int]
+) -> str:
     stdout = figures["stdout"]
+    load = figures["load average (1 min)"]
     lines = [
         f"{len(stdout)} rounds of {messages:,} messages of {run.MESSAGE_SIZE:,} bytes, "
         f"{sessions} sessions, a connection per message; relay CPU ms per message, median "
-        "(min-max):",
+        f"(min-max); load average (1 min) at the rounds' starts {min(load):.2f}-{max(load):.2f}:",
         "",
-        "| relay | CPU ms/msg | ÷ stdout (same round) |",
-        "|---|---|---|",
+        "| relay | CPU ms/msg | ÷ stdout (same round) | connections to the fake |",
+        "|---|---|---|---|",
     ]
     for key, values in figures.items():
+        if key == "load average (1 min)":
+            continue
         if key.endswith("(system)"):
-            lines.append(f"| {key} | {statistics.median(values):.3f} | |")
+            lines.append(f"| {key} | {statistics.median(values):.3f} | | |")
             continue
         ratios = [v / s for v, s in zip(values, stdout, strict=True) if s > 0]
+        opened = f"{connections[key]:,}" if key in connections else ""
         lines.append(
             f"| {key} | {statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f}) "
-            f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
+            f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) "
+            f"| {opened} |"
         )
     return "\n".join(lines)
 
@@ -141,18 +192,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=MESSAGES)
     parser.add_argument("--sessions", type=int, default=SESSIONS)
     parser.add_argument("--delay", type=float, default=DELAY, help="the fake's answer delay, s")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source tree (e.g. `git archive COMMIT src | tar -x -C DIR`) whose Graph relay"
+        " is measured alongside (over HTTP), for before/after in the same run",
+    )
     args = parser.parse_args(argv)
     run.raise_file_limit()
     if not run.ensure_postfix_tools():
         run.log("smtp-source is required (Debian package postfix)")
         return 2
-    figures = measure(args.rounds, args.messages, args.sessions, args.delay)
-    text = report(figures, args.messages, args.sessions)
+    figures, connections = measure(
+        args.rounds, args.messages, args.sessions, args.delay, args.baseline
+    )
+    text = report(figures, args.messages, args.sessions, connections)
     print(text)
     run.RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = run.RESULTS / f"graph-cpu-{stamp}.json"
-    document: dict[str, Any] = {"figures": figures, "messages": args.messages}
+    document: dict[str, Any] = {
+        "figures": figures,
+        "messages": args.messages,
+        "connections": connections,
+    }
     out.write_text(json.dumps(document, indent=1))
     return 0
 

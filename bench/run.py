@@ -575,8 +575,14 @@ def fake_graph(
             raise RuntimeError("the fake Graph did not start")
         yield int(first["port"]), stats
     finally:
+        # Closing stdin is the fake's signal to stop; give it the time to do so
+        # before the SIGTERM, which would otherwise reach a reactor already
+        # stopping and print ReactorNotRunning.
         stdin.close()
-        stop(proc)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            stop(proc)
 
 
 def graph_relay(

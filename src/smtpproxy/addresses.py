@@ -17,6 +17,7 @@ bounded first.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -228,8 +229,22 @@ def mailbox_key(address: str) -> str:
 
     An internationalised domain compares by its A-labels, so
     C{zoe@exämple.test} and C{zoe@xn--exmple-cua.test} are one address.
+
+    The provider asks this a dozen times per message, mostly about the same
+    few addresses (its mailboxes, the sender, the recipients), so keys of
+    addresses no longer than a path (RFC 5321's 256 octets, in characters
+    here) are remembered, a bounded number of them.
     """
+    if len(address) <= MAX_PATH:
+        return _cached_mailbox_key(address)
+    return _mailbox_key(address)
+
+
+def _mailbox_key(address: str) -> str:
     return ascii_address(address.strip().strip("<>").strip()).casefold()
+
+
+_cached_mailbox_key = functools.lru_cache(maxsize=4096)(_mailbox_key)
 
 
 # -- header address lists (RFC 5322 3.4) ---------------------------------------

@@ -601,6 +601,9 @@ def _http(
     fetches = getattr(service.provider, "token_fetches", None)
     if isinstance(fetches, int):
         metrics.watch_token_fetches(lambda: int(getattr(service.provider, "token_fetches", 0)))
+    statuses = getattr(service.provider, "request_statuses", None)
+    if isinstance(statuses, Mapping):
+        metrics.watch_graph_requests(lambda: getattr(service.provider, "request_statuses", {}))
 
     def listening() -> bool:
         return bool(service.running) and service._bound

@@ -16,7 +16,11 @@ Where the numbers come from, and why:
   the guard's answers are counted by a subclass wrapping its decisions.
 - B{Scrape time} (gauges read when Prometheus asks): open SMTP sessions, the
   queue's depth and oldest age from the L{StatusPoller}'s last answer (the
-  scrape never waits on the database), Graph token fetches.
+  scrape never waits on the database), Graph token fetches, and Graph
+  requests by status.  The Graph provider counts its requests itself (a
+  dictionary entry per request) rather than log an event per request: an
+  event is built and passed to every observer even when C{LOG_LEVEL} then
+  drops it, which cost more CPU than the rest of the counting (issue 13).
 
 A L{Metrics} owns its C{CollectorRegistry} (never the process-wide default
 one), so tests can build several.
@@ -25,7 +29,7 @@ one), so tests can build several.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -125,12 +129,6 @@ class Metrics:
             ["scope"],
             registry=r,
         )
-        self.graph_requests = Counter(
-            "smtpproxy_graph_requests",
-            "Graph HTTP requests by response status (0: no response).",
-            ["status"],
-            registry=r,
-        )
         self.graph_retries = Counter(
             "smtpproxy_graph_retries", "Graph requests retried after a failure.", registry=r
         )
@@ -173,6 +171,10 @@ class Metrics:
         """Report how many Graph tokens were fetched, read from C{count}."""
         self._extra.token_fetches = count
 
+    def watch_graph_requests(self, statuses: Callable[[], Mapping[int, int]]) -> None:
+        """Report Graph requests by response status, read from C{statuses} (status: count)."""
+        self._extra.graph_requests = statuses
+
     # -- events ---------------------------------------------------------
 
     def refusal(self, front_door: str, reason: str) -> None:
@@ -209,8 +211,6 @@ class Metrics:
             self.tls_handshakes.labels(door, str(event.get("tls_version"))).inc()
         elif fmt == "TLS handshake failed":
             self.tls_failures.labels(str(event.get("front_door"))).inc()
-        elif fmt == "Graph request":
-            self.graph_requests.labels(str(event.get("status", 0))).inc()
         elif fmt == "Graph request failed; retrying":
             self.graph_retries.inc()
             delay = event.get("delay")
@@ -228,11 +228,23 @@ class _ScrapeCollector(Collector):
     def __init__(self) -> None:
         self.poller: StatusPoller | None = None
         self.token_fetches: Callable[[], int] | None = None
+        self.graph_requests: Callable[[], Mapping[int, int]] | None = None
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
+        # Always described, as when it was a registered counter, even with
+        # no Graph provider (then it has no samples).
+        requests = CounterMetricFamily(
+            "smtpproxy_graph_requests",
+            "Graph HTTP requests by response status (0: no response).",
+            labels=["status"],
+        )
+        if self.graph_requests is not None:
+            for status, count in sorted(self.graph_requests().items()):
+                requests.add_metric([str(status)], float(count))
+        yield requests
         if self.token_fetches is not None:
             fetched = CounterMetricFamily(
                 "smtpproxy_graph_token_refreshes", "Access tokens requested from Entra ID."

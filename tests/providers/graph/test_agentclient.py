@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, PartialDownloadError, ResponseDone
+from twisted.web.http import PotentialDataLoss
 
 from smtpproxy.providers.graph.agentclient import (
+    MAX_BODY,
     MAX_ENDPOINTS,
     AgentClient,
+    BodyReader,
     BytesProducer,
     CachedEndpoints,
+    ResponseTooLargeError,
     request_uri,
 )
 from smtpproxy.providers.graph.tunnel import GraphEndpoints
@@ -70,3 +77,63 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(producer.length, 7)
         self.successResultOf(producer.startProducing(Consumer()))  # type: ignore[arg-type]
         self.assertEqual(written, [b"payload"])
+
+
+class _Transport:
+    """The body's transport as far as the reader uses it: it can be told to stop."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+def _reader(limit: int = MAX_BODY) -> tuple[BodyReader, _Transport]:
+    reader = BodyReader(200, b"OK", limit)
+    transport = _Transport()
+    reader.makeConnection(transport)
+    return reader, transport
+
+
+class BodyReaderTests(SynchronousTestCase):
+    def test_whole_body(self) -> None:
+        """The pieces, joined, once the response is done; the connection is left alone."""
+        reader, transport = _reader()
+        reader.dataReceived(b'{"id":')
+        reader.dataReceived(b'"x"}')
+        reader.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.successResultOf(reader.done), b'{"id":"x"}')
+        self.assertFalse(transport.stopped)
+
+    def test_cut_short(self) -> None:
+        """A body that may be incomplete fails as readBody's would (PartialDownloadError)."""
+        reader, _ = _reader()
+        reader.dataReceived(b"par")
+        reader.connectionLost(Failure(PotentialDataLoss()))
+        failure = self.failureResultOf(reader.done, PartialDownloadError)
+        self.assertEqual(failure.value.response, b"par")
+
+    def test_other_reasons_passed_on(self) -> None:
+        """A connection lost mid-body fails with that reason."""
+        reader, _ = _reader()
+        reader.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(reader.done, ConnectionLost)
+
+    def test_bounded(self) -> None:
+        """Past the limit nothing more is kept, the read fails and the connection is dropped."""
+        reader, transport = _reader(limit=8)
+        reader.dataReceived(b"12345")
+        reader.dataReceived(b"6789")
+        self.failureResultOf(reader.done, ResponseTooLargeError)
+        self.assertTrue(transport.stopped)
+        reader.dataReceived(b"more")
+        reader.connectionLost(Failure(ResponseDone()))
+
+    def test_cancel_drops_the_connection(self) -> None:
+        """Cancelling the read (the request timed out) stops the half-read response."""
+        reader, transport = _reader()
+        reader.done.cancel()
+        self.failureResultOf(reader.done, CancelledError)
+        self.assertTrue(transport.stopped)
+        reader.connectionLost(Failure(ResponseDone()))

@@ -13,6 +13,7 @@ import os
 import smtplib
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import TestCase
 
@@ -20,6 +21,7 @@ from tests.fakegraph import FakeGraph, client_certificate, server_certificate
 from tests.providers.graph.connectproxy import ConnectProxy
 from tests.support import TIMEOUT, in_thread, message
 from tests.test_twistd import Relay, json_lines
+from tests.web.test_ops import fetch
 
 reactor: Any = _reactor
 MAILBOX = "relay@contoso.example"
@@ -157,3 +159,50 @@ class TwistdGraphTests(TestCase):
         self.assertEqual(self.credential(events), "managed identity")
         self.assertEqual(len(fake.routes("managedToken")), 1)
         self.assertEqual(fake.routes("token"), [])
+
+
+class TwistdGraphMetricsTests(TestCase):
+    timeout = 60
+
+    async def test_requests_counted_on_metrics(self) -> None:
+        """At LOG_LEVEL=warn (no event per request), /metrics still counts Graph's answers.
+
+        The provider counts requests by status itself; the process wires that
+        counter to /metrics: one token request (200) and one sendMail (202).
+        """
+        fake = FakeGraph(reactor)
+        port = fake.listen(reactor)
+        self.addCleanup(port.stopListening)
+        relay = Relay(
+            self,
+            (),
+            **NEUTRAL,
+            LOG_LEVEL="warn",
+            GRAPH_TENANT_ID=fake.tenant,
+            GRAPH_CLIENT_ID=fake.client_id,
+            GRAPH_CLIENT_SECRET=fake.client_secret or "",
+            GRAPH_SENDER=MAILBOX,
+            GRAPH_AUTHORITY_HOST=fake.endpoint,
+            GRAPH_ENDPOINT=fake.endpoint,
+        )
+
+        def scenario() -> tuple[int, bytes]:
+            relay.wait_listening()
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=TIMEOUT) as client:
+                client.sendmail(
+                    "app@example.org",
+                    ["a@x.example"],
+                    message("Invoice 8", "Numbers.\r\n", To="a@x.example"),
+                )
+            return fetch(relay.http_port, "/metrics")
+
+        code, text = await in_thread(scenario)
+        self.assertEqual(code, 200)
+        counted = {
+            sample.labels["status"]: sample.value
+            for family in text_string_to_metric_families(text.decode())
+            for sample in family.samples
+            if sample.name == "smtpproxy_graph_requests_total"
+        }
+        self.assertEqual(counted, {"200": 1.0, "202": 1.0})
+        self.assertEqual(len(fake.deliveries), 1)

@@ -21,8 +21,16 @@ L{AgentClient} keeps the one method of treq's interface the provider calls
 (C{request(method, url, headers=, data=, allow_redirects=)}, answering an
 object with C{code}, C{headers} and C{content()}), so tests still drive the
 provider through treq's C{StubTreq}.  Only public Twisted API is used:
-C{IAgent.request}, C{IBodyProducer}, C{readBody}, C{Agent.usingEndpointFactory}
-with an C{IAgentEndpointFactory}, C{HostnameEndpoint} and C{wrapClientTLS}.
+C{IAgent.request}, C{IBodyProducer}, C{IResponse.deliverBody} with an
+C{IProtocol}, C{Agent.usingEndpointFactory} with an C{IAgentEndpointFactory},
+C{HostnameEndpoint} and C{wrapClientTLS}.
+
+The body is read by L{BodyReader} rather than Twisted's C{readBody}: on
+this Twisted, C{readBody} issues a C{DeprecationWarning} for every response
+(the body's transport has no C{abortConnection}), which goes through the
+warnings machinery each time, and its end-of-body test (C{Failure.check})
+walks the class names of the reason; both showed per request in the
+profile.  L{BodyReader} also bounds what it keeps (L{MAX_BODY}).
 """
 
 from __future__ import annotations
@@ -32,7 +40,17 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
-from twisted.web.client import URI, Agent, HTTPConnectionPool, readBody
+from twisted.internet.protocol import Protocol as StreamProtocol
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    URI,
+    Agent,
+    HTTPConnectionPool,
+    PartialDownloadError,
+    ResponseDone,
+)
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
     IAgent,
@@ -44,6 +62,12 @@ from zope.interface import implementer
 
 #: Endpoints kept at most (a relay talks to Entra ID, Graph and Graph's upload host).
 MAX_ENDPOINTS = 16
+#: The longest response body kept: Graph's answers are small JSON documents.
+MAX_BODY = 16 * 1024 * 1024
+
+
+class ResponseTooLargeError(Exception):
+    """A response body longer than L{MAX_BODY}: the connection is dropped."""
 
 
 class EndpointFactory(Protocol):
@@ -114,6 +138,56 @@ class BytesProducer:
         """Nothing to stop."""
 
 
+class BodyReader(StreamProtocol):
+    """Collects a response body (at most L{MAX_BODY} bytes) and fires C{done} with it.
+
+    Like C{readBody}: a body cut short without a length to check fails
+    with C{PartialDownloadError}, any other end than a complete body with
+    its reason.  Cancelling C{done} drops the connection, which cannot
+    carry another request with half a response left in it.
+    """
+
+    def __init__(self, code: int, phrase: bytes, limit: int = MAX_BODY) -> None:
+        self._code = code
+        self._phrase = phrase
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.done: Deferred[bytes] = Deferred(self._cancel)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._parts = []
+            self.done.errback(ResponseTooLargeError(f"response body over {self._limit} bytes"))
+            self._stop()
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        # isinstance rather than reason.check(): check() compares class names.
+        value = reason.value
+        if isinstance(value, ResponseDone):
+            self.done.callback(b"".join(self._parts))
+        elif isinstance(value, PotentialDataLoss):
+            body = b"".join(self._parts)
+            self.done.errback(PartialDownloadError(self._code, self._phrase, body))
+        else:
+            self.done.errback(reason)
+
+    def _cancel(self, _: Deferred[bytes]) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.stopProducing()  # type: ignore[attr-defined]
+
+
 class AgentResponse:
     """The part of treq's response the provider reads: status, headers, body."""
 
@@ -123,9 +197,11 @@ class AgentResponse:
         self.headers: Headers = response.headers
 
     def content(self) -> Deferred[bytes]:
-        """The whole body (Graph's replies are small)."""
-        body: Deferred[bytes] = readBody(self._response)
-        return body
+        """The whole body (Graph's replies are small), read by a L{BodyReader}."""
+        response = self._response
+        reader = BodyReader(response.code, response.phrase)
+        response.deliverBody(reader)  # type: ignore[no-untyped-call]
+        return reader.done
 
 
 def request_uri(url: str) -> bytes:

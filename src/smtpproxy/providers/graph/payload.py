@@ -40,6 +40,7 @@ from smtpproxy.addresses import (
     is_deliverable,
     mailbox_key,
     qualify,
+    simple_mailboxes,
 )
 from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.fields import (
@@ -249,12 +250,22 @@ MAX_ADDRESS_FIELD = 64 * 1024
 
 
 def _header_pairs(value: bytes) -> list[tuple[str, str]] | None:
-    """The (name, address) pairs of a raw address field; None when it cannot be read."""
+    """The (name, address) pairs of a raw address field; None when it cannot be read.
+
+    The everyday forms (C{Name <a@b.example>}, bare C{a@b.example}, comma
+    separated) are read by L{simple_mailboxes}, which gives what the standard
+    library's C{getaddresses} gives on them (a property test checks) at a
+    fraction of its cost; anything else goes to C{getaddresses}.
+    """
     if len(value) > MAX_ADDRESS_FIELD:
         return None
     unfolded = value.replace(b"\r", b"").replace(b"\n", b"")
+    text = unfolded.decode("utf-8", "replace")
+    simple = simple_mailboxes(text)
+    if simple is not None:
+        return [(mailbox.name, mailbox.address) for mailbox in simple]
     try:
-        return getaddresses([unfolded.decode("utf-8", "replace")])
+        return getaddresses([text])
     except (RecursionError, ValueError, IndexError):
         return None
 
@@ -624,6 +635,7 @@ def plan_delivery(
     mode: str,
     default_domain: str = "",
     save_to_sent_items: bool = True,
+    recipients: Recipients | None = None,
 ) -> Plan:
     """Choose and build the requests for C{email}.
 
@@ -637,8 +649,11 @@ def plan_delivery(
         retry can fix (more than 500 recipients, an attachment over 150 MB).
     @param save_to_sent_items: C{GRAPH_SAVE_TO_SENT_ITEMS}; only a JSON
         C{sendMail} can say no (Graph has no switch for MIME sends or drafts).
+    @param recipients: L{plan_recipients}C{(email)}, when the caller has it
+        already (the provider counts them for the sending budgets first).
     """
-    recipients = plan_recipients(email)
+    if recipients is None:
+        recipients = plan_recipients(email)
     if recipients.count == 0:
         raise PermanentDeliveryError("message has no recipients", "5.5.1", 554)
     if recipients.count > MAX_RECIPIENTS:

@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    DeferredSemaphore,
     TimeoutError,
     succeed,
 )
@@ -73,6 +72,7 @@ from smtpproxy.providers.graph.settings import (
     CREDENTIAL_NAMES,
     GraphSettings,
 )
+from smtpproxy.providers.graph.slots import SlotGate, SlotTimeoutError
 from smtpproxy.providers.graph.tokens import (
     Token,
     TokenCache,
@@ -234,7 +234,15 @@ class GraphProvider:
             credential=self._credential.description,
         )
         self._tokens = TokenCache(reactor, self._fetch_token)
-        self._gates: dict[str, DeferredSemaphore] = {}
+        # Requests answered, by HTTP status, for /metrics (read at scrape
+        # time).  Log events are built only at the levels that keep them: an
+        # event is made and handed to every observer before the level filter
+        # drops it, which costs measurable CPU per message (as for the
+        # delivery's own "message delivered", see RelayRealm).
+        self._statuses: dict[int, int] = {}
+        self._log_requests = config.log_level == "debug"
+        self._log_accepted = config.log_level in ("debug", "info")
+        self._gates: dict[str, SlotGate] = {}
         self._budgets = BudgetKeeper(settings.budget, self._senders, reactor)
 
     @property
@@ -251,6 +259,11 @@ class GraphProvider:
     def accepts_raw_mime(self) -> bool:
         """Graph takes raw MIME unless told to send JSON only."""
         return self._settings.send_mode != "json"
+
+    @property
+    def request_statuses(self) -> Mapping[int, int]:
+        """HTTP requests answered so far, by status (for the metrics)."""
+        return self._statuses
 
     @property
     def token_fetches(self) -> int:
@@ -281,9 +294,10 @@ class GraphProvider:
         deadline = self._reactor.seconds() + self._settings.send_timeout
         domain = self._config.smtp_default_domain
         save = self._settings.save_to_sent_items
-        senders, charge = await self._choose_mailbox(email)
+        recipients = plan_recipients(email)
+        senders, charge = await self._choose_mailbox(email, recipients.count)
         try:
-            plan = plan_delivery(email, senders, self._settings.send_mode, domain, save)
+            plan = plan_delivery(email, senders, self._settings.send_mode, domain, save, recipients)
         except Exception:
             if charge is not None:
                 await self._budgets.give_back(charge)
@@ -305,8 +319,10 @@ class GraphProvider:
                 mailbox=plan.mailbox,
                 graph_code=rejected.graph_code,
             )
-            plan = plan_delivery(email, (plan.mailbox,), "json", domain, save)
+            plan = plan_delivery(email, (plan.mailbox,), "json", domain, save, recipients)
             reply = await self._carry_out(plan, deadline)
+        if not self._log_accepted:
+            return
         log.info(
             "Graph accepted the message",
             mailbox=plan.mailbox,
@@ -317,7 +333,9 @@ class GraphProvider:
             request_id=reply.request_id,
         )
 
-    async def _choose_mailbox(self, email: Email) -> tuple[tuple[str, ...], Charge | None]:
+    async def _choose_mailbox(
+        self, email: Email, recipients: int
+    ) -> tuple[tuple[str, ...], Charge | None]:
         """The mailbox(es) to plan with, and the budget charge made for the message.
 
         An identity bound to a mailbox: that one (L{bound_mailbox}).  From
@@ -331,7 +349,6 @@ class GraphProvider:
         else:
             matched = matching_mailbox(email.from_, self._senders)
             candidates = (matched,) if matched is not None else self._senders
-        recipients = plan_recipients(email).count
         if not self._budgets.counting or not 0 < recipients <= MAX_RECIPIENTS:
             return candidates, None
         charge = await self._budgets.charge(candidates, recipients)
@@ -642,10 +659,19 @@ class GraphProvider:
             )
         gate = None
         if request.mailbox is not None:
-            gate = self._gates.setdefault(
-                request.mailbox.casefold(), DeferredSemaphore(self._concurrency)
-            )
-            await self._bounded(gate.acquire(), deadline, "waiting for a free Graph slot")
+            key = request.mailbox.casefold()
+            gate = self._gates.get(key)
+            if gate is None:
+                gate = self._gates[key] = SlotGate(self._concurrency, self._reactor)
+            waiting = gate.take(deadline)
+            if waiting is not None:
+                try:
+                    await waiting
+                except SlotTimeoutError:
+                    raise TransientDeliveryError(
+                        "time limit reached waiting for a free Graph slot; try again later",
+                        "4.4.7",
+                    ) from None
         try:
             headers = {
                 "client-request-id": client_request_id,
@@ -663,7 +689,7 @@ class GraphProvider:
                 raise TransientDeliveryError(
                     "time limit reached before Graph answered; try again later", "4.4.7"
                 )
-            roundtrip = Deferred.fromCoroutine(self._roundtrip(request, headers))
+            roundtrip = self._roundtrip(request, headers)
             expired: list[bool] = []
 
             def expire() -> None:
@@ -691,24 +717,33 @@ class GraphProvider:
             if gate is not None:
                 gate.release()
         request_id = _header(response_headers, "request-id") or ""
-        log.debug(
-            "Graph request",
-            what=request.what,
-            method=request.method,
-            path=request.log_path,
-            status=status,
-            client_request_id=client_request_id,
-            request_id=request_id,
-        )
+        statuses = self._statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        if self._log_requests:
+            log.debug(
+                "Graph request",
+                what=request.what,
+                method=request.method,
+                path=request.log_path,
+                status=status,
+                client_request_id=client_request_id,
+                request_id=request_id,
+            )
         return _Reply(status, response_headers, body, client_request_id, request_id)
 
-    async def _roundtrip(
+    def _roundtrip(
         self, request: _Request, headers: dict[str, str]
-    ) -> tuple[int, Headers, bytes]:
+    ) -> Deferred[tuple[int, Headers, bytes]]:
+        """The request sent, its whole answer read: status, headers, body.
+
+        A chain of callbacks rather than a coroutine of its own: one step
+        fewer per request, and cancelling the result still cancels whichever
+        part is under way (the request, or the body's reading).
+        """
         data = request.body
         if data is None and request.method in ("POST", "PUT"):
             data = b""
-        response = await self._http.request(
+        sent: Deferred[Any] = self._http.request(
             request.method,
             request.url,
             headers=headers,
@@ -716,8 +751,7 @@ class GraphProvider:
             # A redirect would carry the bearer token to another host.
             allow_redirects=False,
         )
-        body: bytes = await response.content()
-        return response.code, response.headers, body
+        return sent.addCallback(_read_whole)
 
     async def _bounded(self, waiting: Deferred[Any], deadline: float, what: str) -> Any:
         """Await C{waiting}, but no later than C{deadline} (then fail with a 451)."""
@@ -752,6 +786,14 @@ def _method(plan: Plan) -> str:
     if isinstance(plan, JsonSend):
         return "json"
     return "mime-draft" if plan.mime else "draft"
+
+
+def _read_whole(response: Any) -> Deferred[tuple[int, Headers, bytes]]:
+    """A response's status, headers and whole body, once the body is in."""
+    code: int = response.code
+    headers: Headers = response.headers
+    content: Deferred[bytes] = response.content()
+    return content.addCallback(lambda body: (code, headers, body))
 
 
 def _header(headers: Headers, name: str) -> str | None:

@@ -1407,13 +1407,18 @@ def server_certificate() -> tuple[bytes, bytes]:
     return _SERVER[0]
 
 
-def client_certificate(name: str = "relay", password: bytes | None = None) -> tuple[bytes, bytes]:
+def client_certificate(
+    name: str = "relay", password: bytes | None = None, *, valid_days: int = 365
+) -> tuple[bytes, bytes]:
     """An app's RSA certificate: (the PEM file the relay reads, the certificate alone).
 
     The file holds the certificate then the key (encrypted with C{password}
     when given), as C{openssl req -x509 ... -out} and a key appended give.
-    Keys are made once per name and run.
+    Keys are made once per name and run; C{valid_days} (from now) is part of
+    the name, so a short-lived certificate has its own key.
     """
+    if valid_days != 365:
+        name = f"{name}/{valid_days}"
     if name not in _RSA:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"smtpproxy {name}")])
@@ -1425,7 +1430,7 @@ def client_certificate(name: str = "relay", password: bytes | None = None) -> tu
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=365))
+            .not_valid_after(now + datetime.timedelta(days=valid_days))
             .sign(key, hashes.SHA256())
         )
         key_pem = key.private_bytes(

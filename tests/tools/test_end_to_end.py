@@ -22,7 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtpproxy import tls
-from tests.fakegraph import FakeGraph
+from tests.fakegraph import FakeGraph, client_certificate
 from tests.support import PASSWORD, USER, in_thread, start_relay
 from tests.test_twistd import Relay, base_env, free_port, json_lines
 
@@ -319,6 +319,38 @@ class DoctorGraphTests(FilesMixin, TestCase):
         self.assertTrue(out.splitlines()[-1].startswith("FAIL: 1 of "), out)
         self.assertEqual(self.fake.deliveries, [])
         self.assertNotIn("not-the-secret", out)
+
+    async def test_certificate_near_its_end(self) -> None:
+        """GRAPH_CLIENT_CERTIFICATE_FILE whose certificate ends in five days: Entra still
+        issues a token (PASS), and the doctor warns with the date and thumbprint (exit 3)."""
+        _, cert, key, _ = self.files(self)
+        pem, registered = client_certificate("doctor", valid_days=5)
+        fake = FakeGraph(
+            reactor,
+            mailboxes=("relay@contoso.example",),
+            certificate=registered,
+            client_secret=None,
+        )
+        port = fake.listen(reactor)
+        self.addCleanup(port.stopListening)
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(pem)
+        env = self.env("unused", cert, key)
+        del env["GRAPH_CLIENT_SECRET"]
+        env.update(
+            GRAPH_CLIENT_CERTIFICATE_FILE=path,
+            GRAPH_SENDER="relay@contoso.example",
+            GRAPH_AUTHORITY_HOST=fake.endpoint,
+            GRAPH_ENDPOINT=fake.endpoint,
+        )
+        status, report = await in_thread(tool_json, "doctor", env=env)
+        checks = {(c["check"], c["status"]): c["detail"] for c in report["checks"]}
+        self.assertIn(("graph token", "PASS"), checks, report)
+        warning = checks[("graph credential", "WARN")]
+        self.assertIn("expires on", warning)
+        self.assertRegex(warning, r"in [45] days")
+        self.assertEqual((status, report["status"]), (3, "WARN"), report)
 
     async def test_listen_address_taken(self) -> None:
         """A listen address already in use fails the listen check and says so."""

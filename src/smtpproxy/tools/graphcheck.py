@@ -25,7 +25,11 @@ from twisted.web.http_headers import Headers
 
 from smtpproxy.errors import DeliveryError
 from smtpproxy.mime.message import parse_message
-from smtpproxy.providers.graph.credentials import CredentialError, credential_for
+from smtpproxy.providers.graph.credentials import (
+    CredentialError,
+    credential_for,
+    credential_warning,
+)
 from smtpproxy.providers.graph.provider import USER_AGENT, GraphProvider
 from smtpproxy.providers.graph.settings import CREDENTIAL_NAMES, GraphSettings
 from smtpproxy.providers.graph.tokens import parse_token, token_problem
@@ -39,7 +43,7 @@ __all__ = ["check"]
 async def check(context: Context) -> list[Result]:
     settings = GraphSettings.from_config(context.config)
     token = await _token(context, settings)
-    results = [token]
+    results = [token, *_credential_warnings(context, settings)]
     mailboxes = ", ".join(settings.sender)
     if token.status != "PASS":
         results.append(Result("graph send", "SKIP", "not tried without a token"))
@@ -55,6 +59,16 @@ async def check(context: Context) -> list[Result]:
     else:
         results += await _send_tests(context, settings, context.send_test_to)
     return results
+
+
+def _credential_warnings(context: Context, settings: GraphSettings) -> list[Result]:
+    """A certificate near or past its end, whether or not Entra still took it."""
+    try:
+        credential = credential_for(settings)
+    except CredentialError:
+        return []  # the token check has said why
+    warning = credential_warning(credential, context.now.timestamp())
+    return [] if warning is None else [Result("graph credential", "WARN", warning)]
 
 
 async def _token(context: Context, settings: GraphSettings) -> Result:

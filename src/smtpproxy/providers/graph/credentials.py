@@ -32,6 +32,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlencode
 
@@ -53,6 +54,9 @@ ASSERTION_BACKDATE = 60
 # this is not one.
 MAX_FEDERATED_TOKEN = 64 * 1024
 MAX_CERTIFICATE_FILE = 1024 * 1024
+# Warn this many days before the client certificate's end: time enough to
+# make a new one, upload it in Entra and roll it out.
+CERTIFICATE_WARNING_DAYS = 30
 IMDS_API_VERSION = "2018-02-01"
 APP_SERVICE_API_VERSION = "2019-08-01"
 
@@ -138,6 +142,33 @@ class Certificate:
     def sha1_hex(self) -> str:
         """The SHA-1 thumbprint as the Entra portal lists it (upper-case hex)."""
         return hashlib.sha1(self.der).hexdigest().upper()  # noqa: S324 (a display name only)
+
+
+def expiry_warning(certificate: Certificate, now: float) -> str | None:
+    """What an operator should hear about the certificate's end, or None while it is far.
+
+    Entra refuses an assertion signed by an expired certificate, so every
+    token request fails and every message with it: the relay says so at
+    start-up and in C{smtpproxy doctor} rather than leave it to the first
+    failed delivery.  Nothing refuses start-up: an expired certificate
+    renewed in place is read again at the next token request.
+    """
+    left = certificate.not_after - now
+    day = datetime.fromtimestamp(certificate.not_after, UTC).strftime("%Y-%m-%d")
+    if left <= 0:
+        return (
+            f"the client certificate (SHA-1 thumbprint {certificate.sha1_hex}) expired on {day}: "
+            "Entra refuses its assertions; make a new one, upload it to the app registration "
+            "and replace the file"
+        )
+    days = left / 86400
+    if days < CERTIFICATE_WARNING_DAYS:
+        return (
+            f"the client certificate (SHA-1 thumbprint {certificate.sha1_hex}) expires on {day}, "
+            f"in {days:.0f} days: upload its successor to the app registration and replace "
+            "the file before then"
+        )
+    return None
 
 
 def load_certificate(path: str, password: str | None) -> Certificate:
@@ -348,6 +379,17 @@ class ManagedIdentity:
             url = f"{self.endpoint}?{urlencode(query)}"
             headers = {"Metadata": "true"}
         return TokenRequest("GET", url, None, None, headers, kind="managed")
+
+
+def credential_warning(credential: Credential, now: float) -> str | None:
+    """A warning about C{credential} for the start-up log and the doctor, if it has one.
+
+    Only certificates carry an end date the relay can read; a client
+    secret's expiry is known to Entra alone (its portal shows it).
+    """
+    if isinstance(credential, ClientCertificate):
+        return expiry_warning(credential.certificate, now)
+    return None
 
 
 def credential_for(settings: GraphSettings) -> Credential:

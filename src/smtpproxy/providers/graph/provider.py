@@ -40,7 +40,11 @@ from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
 from smtpproxy.providers.graph.agentclient import AgentClient, pooled_agent
 from smtpproxy.providers.graph.budgetkeeper import BudgetKeeper, Charge
-from smtpproxy.providers.graph.credentials import CredentialError, credential_for
+from smtpproxy.providers.graph.credentials import (
+    CredentialError,
+    credential_for,
+    credential_warning,
+)
 from smtpproxy.providers.graph.payload import (
     MAX_RECIPIENTS,
     DraftSend,
@@ -233,6 +237,9 @@ class GraphProvider:
             kind=CREDENTIAL_NAMES[settings.credential],
             credential=self._credential.description,
         )
+        warning = credential_warning(self._credential, reactor.seconds())
+        if warning is not None:
+            log.warn("Graph credential needs attention", problem=warning)
         self._tokens = TokenCache(reactor, self._fetch_token)
         # Requests answered, by HTTP status, for /metrics (read at scrape
         # time).  Log events are built only at the levels that keep them: an

@@ -47,3 +47,53 @@ class BudgetChargeWithoutRequestTests(SynchronousTestCase):
         # Entra works again: nothing has been sent this minute.
         self.assertIsNone(self.successResultOf(h.send(_email(2))))
         self.assertEqual(len(h.fake.deliveries), 1)
+
+
+class HugeRetryAfterTests(SynchronousTestCase):
+    """A Retry-After header Graph (or a gateway in front of it) sends is taken as is.
+
+    parse_retry_after (retry.py) returns any digit string as a float, so
+    C{Retry-After: 999...9} (400 digits) is C{inf}, and an HTTP date in 2100
+    is some 2.3e9 s; provider._call copies it to the error's C{retry_after}
+    unbounded.
+    """
+
+    def _failed(self, retry_after: str) -> TransientDeliveryError:
+        h = Harness(per_minute=0)
+        h.fake.script("sendMail", Fault(503, retry_after=retry_after))
+        error = self.failureResultOf(h.send(_email(1)), TransientDeliveryError).value
+        assert isinstance(error, TransientDeliveryError)
+        return error
+
+    def test_infinite_retry_after_gives_the_api_client_a_503(self) -> None:
+        """HTTP API, direct mode: error_for_failure (web/api/submit.py:89) does
+        C{round(wait)} on the provider's C{retry_after}; for C{inf} that raises
+        OverflowError, so the client gets an internal error instead of
+        503 temporary_failure.  Expected: a 503 with a finite Retry-After
+        (the provider should clamp what it parses, e.g. to GRAPH_SEND_TIMEOUT
+        or an hour, and the API should not trust any float)."""
+        from smtpproxy.web.api.submit import error_for_failure
+
+        error = self._failed("9" * 400)
+        answer = error_for_failure(error)
+        self.assertEqual(answer.status, 503)
+        self.assertIsNotNone(answer.retry_after)
+        assert answer.retry_after is not None
+        self.assertLessEqual(answer.retry_after, 86_400)
+
+    def test_far_future_retry_after_does_not_expire_a_queued_message(self) -> None:
+        """Queue mode: a 503 with C{Retry-After: Fri, 01 Jan 2100 00:00:00 GMT}
+        makes the queue's decide (queue/policy.py:122-127) take
+        max(back-off, 2.3e9 s), which passes QUEUE_MAX_AGE, so the message is
+        dead (EXPIRED, bounced) after its first attempt, from one odd header.
+        Expected: the ask is honoured only up to the schedule's longest wait
+        (max_interval); the message is retried, not bounced."""
+        from smtpproxy.queue.policy import Retry, Schedule, decide
+
+        error = self._failed("Fri, 01 Jan 2100 00:00:00 GMT")
+        schedule = Schedule(min_interval=60.0, max_interval=3600.0, max_age=5 * 86_400.0)
+        now = 1_700_000_000.0
+        decision = decide(error, 1, now, now, schedule, 0.0)
+        self.assertIsInstance(decision, Retry)
+        assert isinstance(decision, Retry)
+        self.assertLessEqual(decision.at, now + schedule.max_interval)

@@ -150,3 +150,42 @@ class DraftAmbiguityTests(SynchronousTestCase):
         h.run()
         self.assertEqual(len(h.fake.deliveries), 1)  # Graph did send it
         self.successResultOf(d)
+
+
+class SignedMessageTests(SynchronousTestCase):
+    """Issue 13: a signed message that cannot be sent intact is refused with
+    554 5.3.4 "rather than break the signature silently".  plan_delivery
+    (payload.py ~665) checks is_signed only on the large-MIME draft path;
+    every other road to the JSON form, which is rebuilt from the parse and
+    cannot carry multipart/signed, breaks the signature without a word."""
+
+    def _signed(self, envelope_to: tuple[str, ...]) -> object:
+        from pathlib import Path
+
+        from smtpproxy.mime.message import parse_message
+
+        raw = Path(__file__).parent.parent.parent.joinpath(
+            "data", "mime", "smime_signed.eml"
+        ).read_bytes()
+        raw = raw.replace(b"\n", b"\r\n") if b"\r\n" not in raw else raw
+        return parse_message("signer@example.org", envelope_to, raw)
+
+    def test_signed_message_is_not_rebuilt_as_json(self) -> None:
+        """The envelope holds only bcc@example.com (To names partner@example.net,
+        who must not get it): the planner goes JSON "so that they do not
+        receive it", rebuilding a signed message and so breaking its
+        signature.  A MIME send would reach partner@example.net, so the only
+        right answer is 554 5.3.4 naming the signature.  (The same holds for
+        the other JSON roads: a header with no ASCII form, GRAPH_SEND_MODE=json,
+        and the ErrorMimeContent fallback in provider._send.)"""
+        from smtpproxy.errors import PermanentDeliveryError
+        from smtpproxy.providers.graph.payload import plan_delivery
+
+        email = self._signed(("bcc@example.com",))
+        try:
+            plan = plan_delivery(email, ("relay@contoso.example",), "auto")  # type: ignore[arg-type]
+        except PermanentDeliveryError as e:
+            self.assertEqual((e.code, e.status), (554, "5.3.4"))
+            self.assertIn("signature", str(e))
+            return
+        self.fail(f"a signed message planned as {type(plan).__name__}: its signature breaks")

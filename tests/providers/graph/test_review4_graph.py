@@ -189,3 +189,33 @@ class SignedMessageTests(SynchronousTestCase):
             self.assertIn("signature", str(e))
             return
         self.fail(f"a signed message planned as {type(plan).__name__}: its signature breaks")
+
+
+class TokenRenewalTests(SynchronousTestCase):
+    def test_slow_renewal_does_not_fail_mail_while_the_token_is_valid(self) -> None:
+        """TokenCache.get (tokens.py ~196) hands out the cached token only before
+        refresh_at (five minutes before expiry); after that every caller waits
+        for the renewal, and gets the still-valid old token only once the
+        renewal has *failed*.  When Entra hangs (a stalled proxy, a slow
+        token endpoint), the renewal's retries take the whole
+        GRAPH_SEND_TIMEOUT, so each message fails 451 "time limit reached
+        waiting for a token" although a token valid for minutes was in hand
+        all along (docs/graph.md: "if renewal fails while the old token is
+        still valid, the old token is used").
+
+        Expected: while the current token is valid, get() answers with it at
+        once and the renewal runs in the background; the message is sent."""
+        from tests.providers.graph.test_provider import Harness as ProviderHarness
+        from tests.providers.graph.test_provider import _simple
+
+        h = ProviderHarness()
+        first = h.send(_simple())
+        h.run()
+        self.successResultOf(first)
+        # Into the renewal window: 3599 s tokens are renewed 300 s early.
+        h.clock.advance(3599 - 300 + 10)
+        h.fake.script("token", *[Fault(delay=10_000.0)] * 5)
+        second = h.send(_simple())
+        h.run(horizon=130)
+        self.assertEqual(len(h.fake.deliveries), 2, "the second message was not sent")
+        self.successResultOf(second)

@@ -219,3 +219,32 @@ class TokenRenewalTests(SynchronousTestCase):
         h.run(horizon=130)
         self.assertEqual(len(h.fake.deliveries), 2, "the second message was not sent")
         self.successResultOf(second)
+
+
+class GraphRequestMetricTests(SynchronousTestCase):
+    def test_requests_without_a_response_are_counted_as_status_0(self) -> None:
+        """smtpproxy_graph_requests' help says "by response status (0: no
+        response)", and Metrics counts the C{Graph request} log event.  But
+        provider._exchange logs that event only after a response arrived: a
+        dropped connection, a timeout or a refused tunnel raises
+        _NoResponseError before it, so status 0 never appears and an outage
+        that gives no answers at all is invisible in the one Graph request
+        counter.  Expected: each attempt without a response counts once as
+        status="0"."""
+        from twisted.logger import globalLogPublisher
+
+        from smtpproxy.web.metrics import Metrics
+        from tests.providers.graph.test_provider import Harness as ProviderHarness
+        from tests.providers.graph.test_provider import _simple
+
+        metrics = Metrics()
+        globalLogPublisher.addObserver(metrics.observer)
+        self.addCleanup(globalLogPublisher.removeObserver, metrics.observer)
+        h = ProviderHarness()
+        h.fake.script("sendMail", Fault(drop=True))
+        d = h.send(_simple())
+        h.run()
+        self.successResultOf(d)
+        self.assertEqual(len(h.fake.routes("sendMail")), 2)
+        value = metrics.registry.get_sample_value("smtpproxy_graph_requests_total", {"status": "0"})
+        self.assertEqual(value, 1.0, metrics.text().decode())

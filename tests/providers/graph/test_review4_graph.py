@@ -10,6 +10,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.errors import TransientDeliveryError, reply_for_failure
+from smtpproxy.mime.message import Email
 from tests.fakegraph import Fault
 from tests.providers.graph.test_budget_provider import Harness, _email
 
@@ -159,14 +160,16 @@ class SignedMessageTests(SynchronousTestCase):
     every other road to the JSON form, which is rebuilt from the parse and
     cannot carry multipart/signed, breaks the signature without a word."""
 
-    def _signed(self, envelope_to: tuple[str, ...]) -> object:
+    def _signed(self, envelope_to: tuple[str, ...]) -> Email:
         from pathlib import Path
 
         from smtpproxy.mime.message import parse_message
 
-        raw = Path(__file__).parent.parent.parent.joinpath(
-            "data", "mime", "smime_signed.eml"
-        ).read_bytes()
+        raw = (
+            Path(__file__)
+            .parent.parent.parent.joinpath("data", "mime", "smime_signed.eml")
+            .read_bytes()
+        )
         raw = raw.replace(b"\n", b"\r\n") if b"\r\n" not in raw else raw
         return parse_message("signer@example.org", envelope_to, raw)
 
@@ -183,7 +186,7 @@ class SignedMessageTests(SynchronousTestCase):
 
         email = self._signed(("bcc@example.com",))
         try:
-            plan = plan_delivery(email, ("relay@contoso.example",), "auto")  # type: ignore[arg-type]
+            plan = plan_delivery(email, ("relay@contoso.example",), "auto")
         except PermanentDeliveryError as e:
             self.assertEqual((e.code, e.status), (554, "5.3.4"))
             self.assertIn("signature", str(e))

@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpproxy.errors import TransientDeliveryError, reply_for_failure
 from smtpproxy.mime.message import Email
 from tests.fakegraph import Fault
+from tests.providers.graph import test_provider as tp
 from tests.providers.graph.test_budget_provider import Harness, _email
 
 
@@ -115,12 +116,10 @@ class DraftAmbiguityTests(SynchronousTestCase):
         Expected: after a successful send no draft of this message is left
         (e.g. tag the draft with a client-generated id, and after an
         ambiguous createDraft look it up, or delete strays by that tag)."""
-        from tests.providers.graph.test_provider import Harness as DraftHarness
-        from tests.providers.graph.test_provider import _big_email
 
-        h = DraftHarness()
+        h = tp.Harness()
         h.fake.script("createDraft", Fault(drop=True, after_processing=True))
-        email, _ = _big_email()
+        email, _ = tp._big_email()
         d = h.send(email)
         h.run()
         self.successResultOf(d)
@@ -137,16 +136,14 @@ class DraftAmbiguityTests(SynchronousTestCase):
 
         Expected: a 404 on deleting a draft whose send may have gone through
         means it was sent: the message counts as delivered (once)."""
-        from tests.providers.graph.test_provider import Harness as DraftHarness
-        from tests.providers.graph.test_provider import _big_email
 
-        h = DraftHarness()
+        h = tp.Harness()
         h.fake.script(
             "sendDraft",
             Fault(drop=True, after_processing=True),
             *[Fault(503, "ServiceUnavailable")] * 3,
         )
-        email, _ = _big_email()
+        email, _ = tp._big_email()
         d = h.send(email)
         h.run()
         self.assertEqual(len(h.fake.deliveries), 1)  # Graph did send it
@@ -208,17 +205,15 @@ class TokenRenewalTests(SynchronousTestCase):
 
         Expected: while the current token is valid, get() answers with it at
         once and the renewal runs in the background; the message is sent."""
-        from tests.providers.graph.test_provider import Harness as ProviderHarness
-        from tests.providers.graph.test_provider import _simple
 
-        h = ProviderHarness()
-        first = h.send(_simple())
+        h = tp.Harness()
+        first = h.send(tp._simple())
         h.run()
         self.successResultOf(first)
         # Into the renewal window: 3599 s tokens are renewed 300 s early.
         h.clock.advance(3599 - 300 + 10)
         h.fake.script("token", *[Fault(delay=10_000.0)] * 5)
-        second = h.send(_simple())
+        second = h.send(tp._simple())
         h.run(horizon=130)
         self.assertEqual(len(h.fake.deliveries), 2, "the second message was not sent")
         self.successResultOf(second)
@@ -237,15 +232,13 @@ class GraphRequestMetricTests(SynchronousTestCase):
         from twisted.logger import globalLogPublisher
 
         from smtpproxy.web.metrics import Metrics
-        from tests.providers.graph.test_provider import Harness as ProviderHarness
-        from tests.providers.graph.test_provider import _simple
 
         metrics = Metrics()
         globalLogPublisher.addObserver(metrics.observer)
         self.addCleanup(globalLogPublisher.removeObserver, metrics.observer)
-        h = ProviderHarness()
+        h = tp.Harness()
         h.fake.script("sendMail", Fault(drop=True))
-        d = h.send(_simple())
+        d = h.send(tp._simple())
         h.run()
         self.successResultOf(d)
         self.assertEqual(len(h.fake.routes("sendMail")), 2)
@@ -263,12 +256,10 @@ class UploadResumeTests(SynchronousTestCase):
         docs/graph.md says is retried.  Expected: the upload resumes where
         the session says it stands (a GET of the upload URL, or the 416's
         nextExpectedRanges) and the message is delivered once, intact."""
-        from tests.providers.graph.test_provider import Harness as DraftHarness
-        from tests.providers.graph.test_provider import _big_email
 
-        h = DraftHarness()
+        h = tp.Harness()
         h.fake.script("upload", Fault(drop=True, after_processing=True))
-        email, data = _big_email()
+        email, data = tp._big_email()
         d = h.send(email)
         h.run()
         self.successResultOf(d)

@@ -19,7 +19,10 @@ real service until production):
     records the violation);
   - upload sessions only for parts of 3 MB or more, ranges of at most 4 MB
     uploaded in order, and never with an Authorization header;
-  - a draft is sent only when its uploads are complete;
+  - a draft is sent only when its uploads are complete; an upload URL
+    answers GET with where the session stands (C{nextExpectedRanges});
+  - drafts are listed only with the two filters the relay uses (by
+    C{internetMessageId}, by a string extended property) and C{$select=id};
   - a draft may be created from MIME (C{text/plain}, base64, under 4 MB
     like any request, From equal to the mailbox); when it is sent, the
     attachments added to it become parts of the message, as Exchange

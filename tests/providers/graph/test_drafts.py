@@ -48,6 +48,13 @@ class TagTests(SynchronousTestCase):
             tagged["singleValueExtendedProperties"], [{"id": TAG_PROPERTY, "value": "t-1"}]
         )
 
+    def test_tag_keeps_the_draft_within_its_size(self) -> None:
+        """Non-ASCII text stays UTF-8 (as payload writes it), not six-byte escapes: the
+        tagged draft is the original plus the property, so it still fits the request cap."""
+        body = json.dumps({"subject": "Grüße " * 1000}, ensure_ascii=False).encode()
+        tagged = tag_json_draft(body, "t")
+        self.assertLess(len(tagged), len(body) + 200)
+
     def test_message_id_as_graph_shows_it(self) -> None:
         """The <...> token of the Message-ID field, or None where it cannot be looked up by."""
         self.assertEqual(internet_message_id("<a.b@example.org>"), "<a.b@example.org>")

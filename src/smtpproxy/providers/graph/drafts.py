@@ -46,7 +46,8 @@ def tag_json_draft(body: bytes, tag: str) -> bytes:
     properties = list(document.get("singleValueExtendedProperties", []))
     properties.append({"id": TAG_PROPERTY, "value": tag})
     document["singleValueExtendedProperties"] = properties
-    return json.dumps(document, separators=(",", ":")).encode()
+    # As payload writes it: UTF-8, not \u escapes, which could triple the size.
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def internet_message_id(value: str | None) -> str | None:

@@ -19,7 +19,10 @@ real service until production):
     records the violation);
   - upload sessions only for parts of 3 MB or more, ranges of at most 4 MB
     uploaded in order, and never with an Authorization header;
-  - a draft is sent only when its uploads are complete;
+  - a draft is sent only when its uploads are complete; an upload URL
+    answers GET with where the session stands (C{nextExpectedRanges});
+  - drafts are listed only with the two filters the relay uses (by
+    C{internetMessageId}, by a string extended property) and C{$select=id};
   - a draft may be created from MIME (C{text/plain}, base64, under 4 MB
     like any request, From equal to the mailbox); when it is sent, the
     attachments added to it become parts of the message, as Exchange
@@ -104,7 +107,24 @@ _MESSAGE_KEYS = frozenset(
         "internetMessageHeaders",
         "importance",
         "attachments",
+        "singleValueExtendedProperties",
     }
+)
+# How Graph names a string-valued named property: its type, a GUID, a name.
+_PROPERTY_ID = re.compile(
+    r"String \{[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\}"
+    r" Name [A-Za-z0-9_.-]{1,64}"
+)
+# The two lookups of a draft the fake understands (OData string literals,
+# a quote written twice); Graph takes many more filters, the relay uses these.
+_LITERAL = r"'((?:[^']|'')*)'"
+_FILTER_MESSAGE_ID = re.compile(r"internetMessageId eq " + _LITERAL)
+_FILTER_PROPERTY = re.compile(
+    r"singleValueExtendedProperties/Any\(ep: ep/id eq "
+    + _LITERAL
+    + r" and ep/value eq "
+    + _LITERAL
+    + r"\)"
 )
 _ATTACHMENT_KEYS = frozenset(
     {"@odata.type", "name", "contentType", "contentBytes", "isInline", "contentId"}
@@ -210,6 +230,11 @@ class _Draft:
     mime: bytes | None = None
     # (name, content type, data) of every attachment added after creation.
     added: list[tuple[str, str, bytes]] = field(default_factory=list)
+    # What Graph reports as internetMessageId: a MIME draft's Message-ID,
+    # else one Exchange makes up.
+    internet_message_id: str = ""
+    # singleValueExtendedProperties set at creation: id -> value.
+    properties: dict[str, str] = field(default_factory=dict)
 
 
 _Answer = tuple[int, dict[str, str], bytes]
@@ -359,10 +384,14 @@ class FakeGraph:
             return "token", {"tenant": segments[0]}
         if segments[:1] == ["upload"] and len(segments) == 2 and method == "PUT":
             return "upload", {"session": segments[1]}
+        if segments[:1] == ["upload"] and len(segments) == 2 and method == "GET":
+            return "uploadStatus", {"session": segments[1]}
         if len(segments) < 4 or segments[:2] != ["v1.0", "users"]:
             return "unknown", {}
         found = {"mailbox": segments[2]}
         rest = segments[3:]
+        if rest == ["mailFolders", "drafts", "messages"] and method == "GET":
+            return "findDrafts", found
         if rest == ["sendMail"] and method == "POST":
             return "sendMail", found
         if rest == ["messages"] and method == "POST":
@@ -389,6 +418,8 @@ class FakeGraph:
                 return self._managed_token(route, request)
             if route == "upload":
                 return self._upload(params["session"], request, body)
+            if route == "uploadStatus":
+                return self._upload_status(params["session"], request, body)
             if route == "unknown":
                 raise GraphError(400, "BadRequest", "Unsupported request", violation=True)
             mailbox = self._authorize(request, params["mailbox"], body)
@@ -641,7 +672,13 @@ class FakeGraph:
         if (_header(request, "content-type") or "").startswith("text/plain"):
             mime, parsed, attachments = self._read_mime(mailbox, body, "createDraft")
             message = {"subject": str(parsed.get("subject", ""))}
-            self.drafts[draft_id] = _Draft(mailbox, message, attachments, mime=mime)
+            self.drafts[draft_id] = _Draft(
+                mailbox,
+                message,
+                attachments,
+                mime=mime,
+                internet_message_id=_made_message_id(str(parsed.get("message-id", "")).strip()),
+            )
             document = {"id": draft_id, "isDraft": True, "subject": message["subject"]}
             return 201, {"Content-Type": "application/json"}, json.dumps(document).encode()
         _require_json(request)
@@ -650,7 +687,16 @@ class FakeGraph:
             raise GraphError(400, "RequestBodyRead", "Expected a message object.", True)
         self._check_message(mailbox, message)
         attachments = [self._file_attachment(a) for a in message.get("attachments", [])]
-        self.drafts[draft_id] = _Draft(mailbox, message, attachments)
+        # _check_message has checked the shape: a list of {"id": str, "value": str}.
+        given: Any = message.pop("singleValueExtendedProperties", [])
+        properties: dict[str, str] = {p["id"]: p["value"] for p in given}
+        self.drafts[draft_id] = _Draft(
+            mailbox,
+            message,
+            attachments,
+            internet_message_id=_made_message_id(""),
+            properties=properties,
+        )
         document = {"id": draft_id, "isDraft": True, "subject": message.get("subject", "")}
         return 201, {"Content-Type": "application/json"}, json.dumps(document).encode()
 
@@ -736,7 +782,9 @@ class FakeGraph:
         }
         return 201, {"Content-Type": "application/json"}, json.dumps(document).encode()
 
-    def _upload(self, session_id: str, request: Request, body: bytes) -> _Answer:
+    def _session(self, session_id: str, request: Request) -> _Session:
+        """The upload session a request on its URL names, checked as Graph checks it:
+        the URL's own credential, never a bearer token."""
         session = self.sessions.get(session_id)
         if session is None:
             raise GraphError(404, "ErrorItemNotFound", "Upload session not found.")
@@ -747,19 +795,30 @@ class FakeGraph:
                 "The upload URL is pre-authenticated; do not send an Authorization header.",
                 True,
             )
-        tokens = request.args.get(b"authtoken", [])
-        if tokens != [session.token.encode()]:
+        if request.args.get(b"authtoken", []) != [session.token.encode()]:
             raise GraphError(401, "InvalidAuthenticationToken", "Bad upload token.", True)
+        return session
+
+    def _upload(self, session_id: str, request: Request, body: bytes) -> _Answer:
+        session = self._session(session_id, request)
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", _header(request, "content-range") or "")
         if match is None:
             raise GraphError(400, "InvalidRange", "Content-Range is required.", True)
         first, last, total = (int(g) for g in match.groups())
         if session.done or total != session.size or first != len(session.received):
+            # Sending again, byte for byte, a range Graph already has is what a
+            # client does after a lost answer: refused all the same, but no
+            # mistake; anything else out of order is.
+            repeat = (
+                total == session.size
+                and last < len(session.received)
+                and session.received[first : last + 1] == body
+            )
             raise GraphError(
                 416,
                 "InvalidRange",
                 f"Expected bytes from {len(session.received)} of {session.size}.",
-                True,
+                not repeat,
             )
         if last - first + 1 != len(body) or len(body) > RANGE_MAX or last >= total:
             raise GraphError(
@@ -777,6 +836,76 @@ class FakeGraph:
         draft.attachments.append((session.name, bytes(session.received)))
         draft.added.append((session.name, session.content_type, bytes(session.received)))
         return 201, {"Location": f"{self.endpoint}/attachments/{uuid.uuid4().hex}"}, b""
+
+    def _upload_status(self, session_id: str, request: Request, body: bytes) -> _Answer:
+        """A GET of an upload URL: where the session stands (C{nextExpectedRanges}).
+
+        Checked as strictly as a range: the URL's own credential, no bearer
+        token, no body.  Once the last range is in, the session has become
+        the attachment and is gone (404): the fake does not guess at more.
+        """
+        session = self._session(session_id, request)
+        if body:
+            raise GraphError(400, "RequestBodyRead", "GET takes no body.", True)
+        if session.done:
+            raise GraphError(404, "ErrorItemNotFound", "Upload session not found.")
+        document = {
+            "expirationDateTime": "2030-01-01T00:00:00Z",
+            "nextExpectedRanges": [str(len(session.received))],
+        }
+        return 200, {"Content-Type": "application/json"}, json.dumps(document).encode()
+
+    def _findDrafts(
+        self, mailbox: str, params: dict[str, str], request: Request, body: bytes
+    ) -> _Answer:
+        """List the mailbox's drafts matching one of the filters the relay uses (ids only)."""
+        if body:
+            raise GraphError(400, "RequestBodyRead", "GET takes no body.", True)
+        query = {k.decode(): [v.decode() for v in vs] for k, vs in (request.args or {}).items()}
+        unknown = set(query) - {"$filter", "$select", "$top"}
+        if unknown or any(len(v) != 1 for v in query.values()):
+            raise GraphError(
+                400, "BadRequest", f"Unexpected query options {sorted(unknown)}.", True
+            )
+        top = query.get("$top", ["10"])[0]
+        if not top.isdigit() or not 1 <= int(top) <= 1000:
+            raise GraphError(400, "BadRequest", "Invalid $top.", True)
+        if query.get("$select", ["id"]) != ["id"]:
+            raise GraphError(400, "BadRequest", "The relay needs only $select=id.", True)
+        condition = query.get("$filter", [""])[0]
+        by_id = _FILTER_MESSAGE_ID.fullmatch(condition)
+        by_property = _FILTER_PROPERTY.fullmatch(condition)
+        if by_id is not None:
+            wanted = by_id.group(1).replace("''", "'")
+
+            def matches(draft: _Draft) -> bool:
+                return draft.internet_message_id == wanted
+
+        elif by_property is not None and _PROPERTY_ID.fullmatch(by_property.group(1)):
+            name, value = (by_property.group(i).replace("''", "'") for i in (1, 2))
+
+            def matches(draft: _Draft) -> bool:
+                # Graph compares a string property's value without regard to case.
+                return draft.properties.get(name, "").casefold() == value.casefold()
+
+        else:
+            raise GraphError(
+                400,
+                "ErrorInvalidUrlQueryFilter",
+                "The query filter contains one or more invalid nodes.",
+                True,
+            )
+        found = [
+            {"@odata.etag": 'W/"fake"', "id": draft_id}
+            for draft_id, draft in self.drafts.items()
+            if draft.mailbox == mailbox and matches(draft)
+        ][: int(top)]
+        document = {
+            "@odata.context": f"{self.endpoint}/v1.0/$metadata#users('{mailbox}')/mailFolders"
+            "('drafts')/messages(id)",
+            "value": found,
+        }
+        return 200, {"Content-Type": "application/json"}, json.dumps(document).encode()
 
     def _sendDraft(
         self, mailbox: str, params: dict[str, str], request: Request, body: bytes
@@ -871,6 +1000,16 @@ class FakeGraph:
             raise GraphError(400, "RequestBodyRead", "Invalid importance.", True)
         if not isinstance(message.get("attachments", []), list):
             raise GraphError(400, "RequestBodyRead", "attachments must be a list.", True)
+        properties = message.get("singleValueExtendedProperties", [])
+        if not isinstance(properties, list) or not all(
+            isinstance(p, dict)
+            and set(p) == {"id", "value"}
+            and isinstance(p["id"], str)
+            and _PROPERTY_ID.fullmatch(p["id"])
+            and isinstance(p["value"], str)
+            for p in properties
+        ):
+            raise GraphError(400, "RequestBodyRead", "Invalid singleValueExtendedProperties.", True)
 
     def _check_recipients(self, message: dict[str, Any]) -> None:
         everyone = tuple(
@@ -1000,7 +1139,11 @@ class FakeGraph:
         segments = [unquote(s) for s in request.path.decode().split("/")[1:]]
         if segments[:2] == ["v1.0", "users"] and len(segments) > 2:
             mailbox = segments[2].casefold()
-        elif route == "upload" and len(segments) == 2 and segments[1] in self.sessions:
+        elif (
+            route in ("upload", "uploadStatus")
+            and len(segments) == 2
+            and segments[1] in self.sessions
+        ):
             mailbox = self.sessions[segments[1]].mailbox.casefold()
         if mailbox is not None:
             self.in_flight[mailbox] += 1
@@ -1083,6 +1226,11 @@ class _FakeResource(Resource):
         else:
             respond()
         return NOT_DONE_YET
+
+
+def _made_message_id(given: str) -> str:
+    """The internetMessageId of a new draft: its own Message-ID, else one Exchange makes."""
+    return given or f"<{uuid.uuid4().hex}@fake.outlook.example>"
 
 
 def _fault_answer(route: str, fault: Fault) -> _Answer:

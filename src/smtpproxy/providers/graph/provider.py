@@ -45,8 +45,22 @@ from smtpproxy.providers.graph.credentials import (
     credential_for,
     credential_warning,
 )
+from smtpproxy.providers.graph.drafts import (
+    MAX_RESUMES,
+    Deletion,
+    deletion_outcome,
+    found_ids,
+    internet_message_id,
+    lookup_filter,
+    lookup_url,
+    resume_at,
+    sent_although_failed,
+    strays,
+    tag_json_draft,
+)
 from smtpproxy.providers.graph.payload import (
     MAX_RECIPIENTS,
+    UPLOAD_CHUNK,
     DraftSend,
     GraphUrls,
     JsonSend,
@@ -54,7 +68,6 @@ from smtpproxy.providers.graph.payload import (
     Plan,
     Upload,
     bound_mailbox,
-    chunk_ranges,
     content_range,
     matching_mailbox,
     plan_delivery,
@@ -69,6 +82,7 @@ from smtpproxy.providers.graph.retry import (
     Tuning,
     decide,
     network_problem,
+    parse_graph_error,
     parse_retry_after,
     response_problem,
 )
@@ -96,6 +110,9 @@ JSON = "application/json"
 # message's budget may already be spent, and must not hold the SMTP reply long.
 CLEANUP_BUDGET = 10.0
 IDLE_CONNECTION_TIMEOUT = 60
+# Answers the draft path reads itself rather than fail on.
+_RANGE_REFUSED = frozenset({416})
+_NOT_FOUND = frozenset({404})
 
 
 class HTTPRequester(Protocol):
@@ -142,6 +159,17 @@ class _Reply:
     body: bytes = field(repr=False)
     client_request_id: str
     request_id: str
+
+
+@dataclass(slots=True)
+class _Attempts:
+    """What L{GraphProvider._call} saw of one request's attempts, for callers that need it.
+
+    @ivar uncertain: an attempt may have taken effect although no success
+        was seen (its answer was lost); set even when the call then fails.
+    """
+
+    uncertain: bool = False
 
 
 class _NoResponseError(Exception):
@@ -310,7 +338,7 @@ class GraphProvider:
                 await self._budgets.give_back(charge)
             raise
         try:
-            reply = await self._carry_out(plan, deadline)
+            reply = await self._carry_out(plan, deadline, email.message_id)
         except GraphRequestError as rejected:
             # auto mode: Graph could not read the raw message; the JSON form
             # is built from our own parse and may well be acceptable.
@@ -365,7 +393,9 @@ class GraphProvider:
         """Keep the sending budgets in the queue's store (shared, and kept over restarts)."""
         self._budgets.keep_in(store)
 
-    async def _carry_out(self, plan: Plan, deadline: float) -> _Reply:
+    async def _carry_out(
+        self, plan: Plan, deadline: float, message_id: str | None = None
+    ) -> _Reply:
         emit = log.warn if self._settings.send_mode == "mime" else log.info
         for note in plan.notes:
             emit("adjusting how the message is sent", mailbox=plan.mailbox, note=note)
@@ -375,42 +405,69 @@ class GraphProvider:
             log.warn("adjusting the message's headers", mailbox=plan.mailbox, note=warning)
         mailbox = plan.mailbox
         if isinstance(plan, DraftSend):
-            return await self._send_draft(plan, deadline)
+            return await self._send_draft(plan, deadline, message_id)
         content_type = "text/plain" if isinstance(plan, MimeSend) else JSON
         url = self._urls.send_mail(mailbox)
         request = _Request("sendMail", "POST", url, plan.body, content_type, mailbox=mailbox)
         return await self._call(request, deadline)
 
-    async def _send_draft(self, plan: DraftSend, deadline: float) -> _Reply:
+    async def _send_draft(
+        self, plan: DraftSend, deadline: float, message_id: str | None = None
+    ) -> _Reply:
         """Draft, attachments, uploads, send; delete the draft if any step fails.
 
         The draft is the raw message less the parts added afterwards
         (C{text/plain}, base64) or Graph's JSON message (see L{DraftSend}).
+        Lost answers (see L{smtpproxy.providers.graph.drafts}): a draft
+        created unseen is found again and deleted; a send that may have gone
+        through counts as sent when the draft is then gone.
+
+        @param message_id: the message's Message-ID field, by which Graph
+            knows a MIME draft (C{internetMessageId}).
         """
         mailbox = plan.mailbox
-        created = await self._call(
-            _Request(
-                "createDraft",
-                "POST",
-                self._urls.messages(mailbox),
-                plan.draft,
-                plan.draft_type,
-                mailbox=mailbox,
-                read_write=True,
-            ),
-            deadline,
+        body = plan.draft
+        tag = None
+        if not plan.mime:
+            tag = str(uuid.uuid4())
+            body = tag_json_draft(body, tag)
+        lookup = lookup_filter(
+            message_id=internet_message_id(message_id) if plan.mime else None, tag=tag
         )
-        message_id = _json_field(created.body, "id")
-        if message_id is None:
-            raise TransientDeliveryError("Graph created a draft without an id; try again later")
+        creating = _Attempts()
         try:
-            for body in plan.attachments:
+            created = await self._call(
+                _Request(
+                    "createDraft",
+                    "POST",
+                    self._urls.messages(mailbox),
+                    body,
+                    plan.draft_type,
+                    mailbox=mailbox,
+                    read_write=True,
+                ),
+                deadline,
+                attempts=creating,
+            )
+        except Exception:
+            if creating.uncertain:
+                await self._delete_strays(mailbox, lookup, None)
+            raise
+        draft_id = _json_field(created.body, "id")
+        if creating.uncertain:
+            # An attempt whose answer was lost may have made a draft too.
+            await self._delete_strays(mailbox, lookup, draft_id)
+        if draft_id is None:
+            raise TransientDeliveryError("Graph created a draft without an id; try again later")
+        sending = _Attempts()
+        try:
+            for attachment in plan.attachments:
                 await self._call(
                     _Request(
                         "addAttachment",
                         "POST",
-                        self._urls.attachments(mailbox, message_id),
-                        body,
+                        self._urls.attachments(mailbox, draft_id),
+                        attachment,
                         JSON,
                         mailbox=mailbox,
                         read_write=True,
@@ -418,30 +475,50 @@ class GraphProvider:
                     deadline,
                 )
             for upload in plan.uploads:
-                await self._upload(mailbox, message_id, upload, deadline)
+                await self._upload(mailbox, draft_id, upload, deadline)
             return await self._call(
                 _Request(
                     "sendDraft",
                     "POST",
-                    self._urls.send_draft(mailbox, message_id),
+                    self._urls.send_draft(mailbox, draft_id),
                     b"",
                     mailbox=mailbox,
                     read_write=True,
                 ),
                 deadline,
                 gone_means_done=True,
+                attempts=sending,
             )
         except Exception as e:
             if isinstance(e, CancelledError):
                 # A forced shutdown: the relay must learn the outcome now (its
                 # log line), not after the clean-up; the draft goes meanwhile.
-                Deferred.fromCoroutine(self._delete_draft(mailbox, message_id))
+                Deferred.fromCoroutine(self._delete_draft(mailbox, draft_id))
                 raise
-            await self._delete_draft(mailbox, message_id)
+            deletion, reply = await self._delete_draft(mailbox, draft_id)
+            if reply is not None and sent_although_failed(sending.uncertain, deletion):
+                log.warn(
+                    "the draft was sent although no answer said so: counted as delivered",
+                    mailbox=mailbox,
+                )
+                return reply
+            if sending.uncertain and deletion is not Deletion.GONE:
+                log.error(
+                    "a send whose answer was lost may have gone through; the client is told "
+                    "to retry, which may deliver the message twice",
+                    mailbox=mailbox,
+                    draft=deletion.value,
+                )
             raise
 
     async def _upload(self, mailbox: str, message_id: str, upload: Upload, deadline: float) -> None:
-        """Stream one big part through an upload session, range by range, in order."""
+        """Stream one big part through an upload session, range by range, in order.
+
+        A range Graph refuses with 416 (typically a retry of a range whose
+        answer was lost, which Graph already has) does not fail the part:
+        the session's URL is read for where it stands and the upload goes on
+        from there, up to L{MAX_RESUMES} times.
+        """
         session = await self._call(
             _Request(
                 "createUploadSession",
@@ -458,37 +535,121 @@ class GraphProvider:
         if url is None or urlsplit(url).scheme not in ("http", "https"):
             raise TransientDeliveryError("Graph sent no usable upload URL; try again later")
         total = len(upload.data)
-        last_status = 0
-        for first, last in chunk_ranges(total):
+        position = 0
+        resumes = 0
+        while True:
+            last = min(position + UPLOAD_CHUNK, total) - 1
             reply = await self._call(
                 _Request(
                     "uploadRange",
                     "PUT",
                     url,
-                    upload.data[first : last + 1],
+                    upload.data[position : last + 1],
                     "application/octet-stream",
                     auth=False,
                     mailbox=mailbox,
                     kind="upload",
-                    headers={"Content-Range": content_range(first, last, total)},
+                    headers={"Content-Range": content_range(position, last, total)},
                 ),
                 deadline,
+                answers=_RANGE_REFUSED,
             )
-            last_status = reply.status
-        if last_status != 201:
+            if reply.status in _RANGE_REFUSED:
+                resumes += 1
+                where = None
+                if resumes <= MAX_RESUMES:
+                    where = await self._upload_position(url, mailbox, total, deadline)
+                if where is None:
+                    raise TransientDeliveryError(
+                        f"Graph refused a range of {upload.name!r} and did not say where "
+                        "the upload stands; try again later",
+                        "4.3.0",
+                    )
+                log.info(
+                    "resuming an upload where Graph says it stands",
+                    mailbox=mailbox,
+                    sent_up_to=position,
+                    resume_at=where,
+                )
+                position = where
+                continue
+            if last + 1 >= total:
+                break
+            position = last + 1
+        if reply.status != 201:
             raise TransientDeliveryError(
                 f"Graph did not complete the upload of {upload.name!r}; try again later"
             )
 
-    async def _delete_draft(self, mailbox: str, message_id: str) -> None:
-        """Best effort: a failed message must not leave a draft behind to be sent by hand."""
+    async def _upload_position(
+        self, url: str, mailbox: str, total: int, deadline: float
+    ) -> int | None:
+        """Where the upload session at C{url} expects the next byte (a GET of the URL)."""
+        try:
+            status = await self._call(
+                _Request("uploadStatus", "GET", url, auth=False, mailbox=mailbox, kind="upload"),
+                deadline,
+            )
+        except TransientDeliveryError:
+            return None
+        return resume_at(status.body, total)
+
+    async def _delete_strays(self, mailbox: str, condition: str | None, keep: str | None) -> None:
+        """Delete the drafts of this attempt that are not C{keep} (best effort, logged).
+
+        Runs after a createDraft with a lost answer: Graph may hold a draft
+        we never heard of, which anyone could later send by hand.
+        """
+        if condition is None:
+            log.warn(
+                "a draft may have been created unseen and cannot be looked up "
+                "(the message has no Message-ID); check the mailbox's Drafts folder",
+                mailbox=mailbox,
+            )
+            return
+        request = _Request(
+            "findDrafts",
+            "GET",
+            lookup_url(self._urls, mailbox, condition),
+            mailbox=mailbox,
+            read_write=True,
+        )
+        try:
+            reply = await self._call(request, self._reactor.seconds() + CLEANUP_BUDGET)
+        except Exception as e:
+            log.warn("could not look for drafts created unseen", mailbox=mailbox, error=str(e))
+            return
+        found = found_ids(reply.body)
+        if found is None:
+            log.warn("unreadable answer looking for drafts created unseen", mailbox=mailbox)
+            return
+        for stray in strays(found, keep):
+            log.info(
+                "deleting a draft created by an attempt whose answer was lost", mailbox=mailbox
+            )
+            await self._delete_draft(mailbox, stray)
+
+    async def _delete_draft(self, mailbox: str, message_id: str) -> tuple[Deletion, _Reply | None]:
+        """Best effort: a failed message must not leave a draft behind to be sent by hand.
+
+        @return: what the delete found, and Graph's last answer (if any).
+        """
         request = _Request(
             "deleteDraft", "DELETE", self._urls.message(mailbox, message_id), mailbox=mailbox
         )
+        deleting = _Attempts()
         try:
-            await self._call(request, self._reactor.seconds() + CLEANUP_BUDGET)
+            reply = await self._call(
+                request,
+                self._reactor.seconds() + CLEANUP_BUDGET,
+                answers=_NOT_FOUND,
+                attempts=deleting,
+            )
         except Exception as e:
             log.warn("could not delete a failed message's draft", mailbox=mailbox, error=str(e))
+            return Deletion.UNKNOWN, None
+        code = parse_graph_error(reply.status, reply.body).code if reply.status >= 300 else None
+        return deletion_outcome(reply.status, code, uncertain=deleting.uncertain), reply
 
     # -- tokens ------------------------------------------------------------
 
@@ -541,7 +702,13 @@ class GraphProvider:
     # -- one request, with retries ----------------------------------------
 
     async def _call(
-        self, request: _Request, deadline: float, *, gone_means_done: bool = False
+        self,
+        request: _Request,
+        deadline: float,
+        *,
+        gone_means_done: bool = False,
+        answers: frozenset[int] = frozenset(),
+        attempts: _Attempts | None = None,
     ) -> _Reply:
         """Send C{request} until it succeeds, retrying per L{decide}.
 
@@ -554,10 +721,15 @@ class GraphProvider:
         @param gone_means_done: a 404 after an attempt that may have taken
             effect means that attempt did (used for sending a draft: once
             sent, the draft no longer exists).
+        @param answers: error statuses the caller reads itself: returned,
+            neither retried nor raised.
+        @param attempts: filled in with what the attempts saw.
         """
         uncertain: list[bool] = []
         try:
-            return await self._attempts(request, deadline, gone_means_done, uncertain)
+            return await self._attempts(
+                request, deadline, gone_means_done, uncertain, answers, attempts
+            )
         except CancelledError as e:
             if isinstance(e, SendCancelledError):
                 raise
@@ -566,7 +738,13 @@ class GraphProvider:
             raise SendCancelledError(handed_over=handed_over) from None
 
     async def _attempts(
-        self, request: _Request, deadline: float, gone_means_done: bool, ambiguous: list[bool]
+        self,
+        request: _Request,
+        deadline: float,
+        gone_means_done: bool,
+        ambiguous: list[bool],
+        answers: frozenset[int],
+        attempts: _Attempts | None,
     ) -> _Reply:
         """L{_call}'s loop; appends to C{ambiguous} once an attempt may have taken effect."""
         attempt = 0
@@ -584,7 +762,7 @@ class GraphProvider:
                     e.description, timed_out=e.timed_out, connected=e.connected
                 )
             else:
-                if 200 <= reply.status < 300:
+                if 200 <= reply.status < 300 or reply.status in answers:
                     return reply
                 if reply.status == 404 and gone_means_done and uncertain:
                     log.info(
@@ -607,6 +785,8 @@ class GraphProvider:
             uncertain = uncertain or problem.ambiguous
             if uncertain and not ambiguous:
                 ambiguous.append(True)
+            if attempts is not None:
+                attempts.uncertain = uncertain
             now = self._reactor.seconds()
             step = decide(problem, attempt, now, deadline, self._tuning, self._jitter())
             fields: dict[str, Any] = {

@@ -319,7 +319,7 @@ class GraphProvider:
         _HANDOVER.set(handover)
         try:
             await self._send_as(email, senders, deadline)
-        except BaseException:
+        except Exception:  # CancelledError included
             # Nothing reached Graph (refused by the planner, no token, no
             # connection, cancelled before the request): the message was
             # not sent, so it must not use up the mailbox's budget.

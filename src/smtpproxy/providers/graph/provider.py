@@ -140,11 +140,6 @@ class _Reply:
     request_id: str
 
 
-# The requests that send the message: once one of them may have reached
-# Graph, the message counts against its mailbox's sending budget.
-_SENDING = frozenset({"sendMail", "sendDraft"})
-
-
 @dataclass(slots=True)
 class _Handover:
     """Whether a request that sends one message (L{_SENDING}) may have reached Graph.
@@ -768,6 +763,10 @@ class GraphProvider:
             raise TransientDeliveryError(
                 f"time limit reached {what}; try again later", "4.4.7"
             ) from None
+
+
+#: The requests that send the message: once one is on the wire, Graph may have it.
+_SENDING = frozenset({"sendMail", "sendDraft"})
 
 
 def _method(plan: Plan) -> str:

@@ -34,7 +34,13 @@ from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import Envelope, QueueFullError
 from smtpproxy.web.api.problems import ApiError
 
-__all__ = ["DEFAULT_RETRY_AFTER", "Accepted", "Submitter", "error_for_failure"]
+__all__ = [
+    "DEFAULT_RETRY_AFTER",
+    "LONGEST_RETRY_AFTER",
+    "Accepted",
+    "Submitter",
+    "error_for_failure",
+]
 
 log = Logger(namespace="smtpproxy.delivery")
 

@@ -76,12 +76,20 @@ class DecideTests(SynchronousTestCase):
         self.assertEqual(decision, Dead(Outcome.FAILED, "550 5.1.1 Graph ErrorInvalidRecipients"))
 
     def test_retry_after_is_a_floor(self) -> None:
-        """Graph's Retry-After longer than the backoff is honoured; a shorter one does not
-        cut the backoff short."""
-        longer = decide(_throttled(retry_after=7200.0), 1, T0, T0, SCHEDULE, 0.0)
-        self.assertEqual(longer, Retry(T0 + 7200, _reply(longer)))
+        """Graph's Retry-After longer than the backoff is honoured, up to the schedule's
+        longest wait; a shorter one does not cut the backoff short."""
+        longer = decide(_throttled(retry_after=1800.0), 1, T0, T0, SCHEDULE, 0.0)
+        self.assertEqual(longer, Retry(T0 + 1800, _reply(longer)))
+        capped = decide(_throttled(retry_after=7200.0), 1, T0, T0, SCHEDULE, 0.0)
+        self.assertEqual(capped, Retry(T0 + HOUR, _reply(capped)))
         shorter = decide(_throttled(retry_after=5.0), 1, T0, T0, SCHEDULE, 0.0)
         self.assertEqual(shorter, Retry(T0 + 60, _reply(shorter)))
+
+    def test_far_future_retry_after_does_not_expire_a_young_message(self) -> None:
+        """A wait asked for past QUEUE_MAX_AGE (an HTTP date in 2100 is some 2.3e9 s)
+        is cut to the schedule's longest wait: the message is retried, not dead."""
+        decision = decide(_throttled(retry_after=2.3e9), 1, T0, T0, SCHEDULE, 0.0)
+        self.assertEqual(decision, Retry(T0 + HOUR, _reply(decision)))
 
     def test_held_back_without_an_attempt_comes_back_exactly_then(self) -> None:
         """A message a sending budget held back (not_attempted) is due again exactly at

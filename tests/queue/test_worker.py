@@ -123,7 +123,7 @@ class OutcomeTests(WorkerCase):
     def test_retry_after_and_request_id_recorded(self) -> None:
         """The provider's Retry-After sets the next attempt, its request id the history."""
         error = TransientDeliveryError("throttled", "4.4.5")
-        error.retry_after = 900.0
+        error.retry_after = 300.0
         error.request_id = "req-1"
         self.provider.outcomes.append(error)
         runner = self.runner()
@@ -131,7 +131,7 @@ class OutcomeTests(WorkerCase):
         id = self.queue()
         self.clock.advance(0)
         entry = self.store.entries[id]
-        self.assertEqual(entry.next_attempt, self.clock.seconds() + 900)
+        self.assertEqual(entry.next_attempt, self.clock.seconds() + 300)
         self.assertEqual(entry.history[0].request_id, "req-1")
 
     def test_permanent_failure_is_dead_and_logged_as_error(self) -> None:

@@ -14,7 +14,9 @@ The rules, modelled on Postfix's queue manager:
     attempt up to C{max_interval}, less a little jitter so that messages
     failed by one outage do not all come back in the same second; a
     provider's C{Retry-After} (carried on the error) is a floor, never cut
-    short; a message the provider held back without trying
+    short, but honoured only up to C{max_interval}: one odd header (a date
+    in 2100) must not push the next attempt past C{max_age} and so bounce a
+    message on its first try; a message the provider held back without trying
     (C{not_attempted}, a used-up sending budget) is due again exactly
     then, not on the back-off;
   - a temporary failure whose next attempt would fall past C{queued_at +
@@ -122,8 +124,13 @@ def decide(
     asked = retry_after(error)
     if asked is not None:
         # Held back without an attempt (a sending budget): due again exactly
-        # when the provider said, however often it was held before.
-        delay = asked if getattr(error, "not_attempted", False) is True else max(delay, asked)
+        # when the provider said, however often it was held before (the
+        # provider's own count, up to a day).  Otherwise the backend's ask
+        # is a floor up to the longest wait the schedule allows.
+        if getattr(error, "not_attempted", False) is True:
+            delay = asked
+        else:
+            delay = max(delay, min(asked, schedule.max_interval))
     if now + delay > queued_at + schedule.max_age:
         return Dead(Outcome.EXPIRED, reply)
     return Retry(now + delay, reply)

@@ -10,12 +10,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError, reply_for_failure
 from smtpproxy.providers.graph.retry import (
+    MAX_RETRY_AFTER,
     GraphRequestError,
     Problem,
     Retry,
     Stop,
     Tuning,
     backoff,
+    bounded_wait,
     decide,
     network_problem,
     parse_graph_error,
@@ -54,6 +56,26 @@ class RetryAfterTests(SynchronousTestCase):
         """Absent or unreadable values mean 'use our own backoff'."""
         for value in (None, "", "soon", "-5", "Wed, 99 Foo 2030"):
             self.assertIsNone(parse_retry_after(value, NOW), value)
+
+    def test_huge_values_are_capped(self) -> None:
+        """A wait longer than MAX_RETRY_AFTER is read as MAX_RETRY_AFTER: 400 digits (which
+        float() makes inf) and an HTTP date in 2100 or 9999 alike; a shorter one is kept."""
+        for value in (
+            "9" * 400,
+            "86400",
+            "Fri, 01 Jan 2100 00:00:00 GMT",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+        ):
+            self.assertEqual(parse_retry_after(value, NOW), MAX_RETRY_AFTER, value)
+        self.assertEqual(parse_retry_after(str(int(MAX_RETRY_AFTER) - 1), NOW), MAX_RETRY_AFTER - 1)
+
+    def test_bounded_wait(self) -> None:
+        """NaN and negative waits are no waits (None: our backoff); inf is the cap."""
+        self.assertIsNone(bounded_wait(float("nan")))
+        self.assertIsNone(bounded_wait(-1.0))
+        self.assertIsNone(bounded_wait(float("-inf")))
+        self.assertEqual(bounded_wait(float("inf")), MAX_RETRY_AFTER)
+        self.assertEqual(bounded_wait(0.0), 0.0)
 
 
 class BackoffTests(SynchronousTestCase):

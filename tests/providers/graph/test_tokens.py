@@ -144,17 +144,35 @@ class CacheTests(SynchronousTestCase):
         self.assertEqual(self.cache.fetches, 1)
 
     def test_cached_until_refresh_time(self) -> None:
-        """The token is reused until five minutes before expiry, then renewed."""
+        """The token is reused until five minutes before expiry, then renewed in the
+        background: callers keep getting the current token at once meanwhile, one renewal
+        is in flight however many ask, and its token is used once it arrives."""
         self.cache.get()
         self._issue("t1")
         self.clock.advance(3299)
         self.assertEqual(self.successResultOf(self.cache.get()), "t1")
+        self.assertEqual(self.pending, [])
         self.clock.advance(1)
-        renewing = self.cache.get()
-        self.assertNoResult(renewing)
+        for _ in range(3):
+            self.assertEqual(self.successResultOf(self.cache.get()), "t1")
+        self.assertEqual((len(self.pending), self.cache.fetches), (1, 2))
         self._issue("t2")
-        self.assertEqual(self.successResultOf(renewing), "t2")
+        self.assertEqual(self.successResultOf(self.cache.get()), "t2")
         self.assertEqual(self.cache.fetches, 2)
+
+    def test_waits_only_without_a_valid_token(self) -> None:
+        """Once the token has expired (its renewal still under way), callers wait for the
+        renewal rather than get a dead token."""
+        self.cache.get()
+        self._issue("t1")
+        self.clock.advance(3400)
+        self.assertEqual(self.successResultOf(self.cache.get()), "t1")
+        self.clock.advance(200)
+        waiting = self.cache.get()
+        self.assertNoResult(waiting)
+        self.assertEqual(len(self.pending), 1)
+        self._issue("t2")
+        self.assertEqual(self.successResultOf(waiting), "t2")
 
     def test_invalidate_matching_token_only(self) -> None:
         """Refusing an old token does not throw away a newer one."""
@@ -183,9 +201,10 @@ class CacheTests(SynchronousTestCase):
         self.cache.get()
         self._issue("t1")
         self.clock.advance(3400)
-        renewing = self.cache.get()
+        self.assertEqual(self.successResultOf(self.cache.get()), "t1")
         self.pending.pop(0).errback(TransientDeliveryError("down"))
-        self.assertEqual(self.successResultOf(renewing), "t1")
+        self.assertEqual(self.successResultOf(self.cache.get()), "t1")
+        self.pending.pop(0).errback(TransientDeliveryError("down"))
         self.clock.advance(200)
         expired = self.cache.get()
         self.pending.pop(0).errback(TransientDeliveryError("down"))

@@ -18,6 +18,7 @@ import json
 import random
 import uuid
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -66,6 +67,7 @@ from smtpproxy.providers.graph.payload import (
     JsonSend,
     MimeSend,
     Plan,
+    Recipients,
     Upload,
     bound_mailbox,
     content_range,
@@ -170,6 +172,36 @@ class _Attempts:
     """
 
     uncertain: bool = False
+
+
+@dataclass(slots=True)
+class _Handover:
+    """Whether a request that sends one message (L{_SENDING}) may have reached Graph.
+
+    Set by L{GraphProvider._exchange} when such a request got an answer, or
+    failed after its connection was made (it may have been carried out).
+    Until then nothing was sent, and the message's budget charge is given
+    back if it fails: no token, Graph or the proxy unreachable, no free
+    slot in time, cancelled before the request, a draft step refused.
+    """
+
+    reached: bool = False
+
+
+# The message whose requests the current coroutine makes.  L{GraphProvider._send}
+# sets it for its own coroutine (Twisted runs each coroutine in its own
+# copy of the context), so the sending request deep in the plan's steps
+# (the MIME send, the draft's last step) marks the right message without
+# a parameter threaded through every step.  A token fetch started on a
+# message's behalf inherits it, but never sends.
+_HANDOVER: ContextVar[_Handover | None] = ContextVar("graph_handover", default=None)
+
+
+def _note_handed_over(request: _Request) -> None:
+    """C{request} may have reached Graph: if it sends the message, the message counts."""
+    handover = _HANDOVER.get()
+    if handover is not None and request.what in _SENDING:
+        handover.reached = True
 
 
 class _NoResponseError(Exception):
@@ -327,16 +359,27 @@ class GraphProvider:
 
     async def _send(self, email: Email) -> None:
         deadline = self._reactor.seconds() + self._settings.send_timeout
-        domain = self._config.smtp_default_domain
-        save = self._settings.save_to_sent_items
         recipients = plan_recipients(email)
         senders, charge = await self._choose_mailbox(email, recipients.count)
+        handover = _Handover()
+        _HANDOVER.set(handover)
         try:
-            plan = plan_delivery(email, senders, self._settings.send_mode, domain, save, recipients)
-        except Exception:
-            if charge is not None:
+            await self._send_as(email, senders, recipients, deadline)
+        except Exception:  # CancelledError included
+            # Nothing reached Graph (refused by the planner, no token, no
+            # connection, cancelled before the request): the message was
+            # not sent, so it must not use up the mailbox's budget.
+            if charge is not None and not handover.reached:
                 await self._budgets.give_back(charge)
             raise
+
+    async def _send_as(
+        self, email: Email, senders: tuple[str, ...], recipients: Recipients, deadline: float
+    ) -> None:
+        """Plan C{email} for one of C{senders} and carry the plan out."""
+        domain = self._config.smtp_default_domain
+        save = self._settings.save_to_sent_items
+        plan = plan_delivery(email, senders, self._settings.send_mode, domain, save, recipients)
         try:
             reply = await self._carry_out(plan, deadline, email.message_id)
         except GraphRequestError as rejected:
@@ -888,14 +931,20 @@ class GraphProvider:
                 status, response_headers, body = await roundtrip
             except Exception as e:
                 if expired:
+                    _note_handed_over(request)
+                    self._log_request(request, 0, client_request_id, "")
                     raise _NoResponseError(_describe(e), timed_out=True, connected=True) from None
                 reasons = _reasons(e)
                 if any(isinstance(r, ConnectingCancelledError) for r in reasons):
                     raise CancelledError() from None
                 if any(isinstance(r, CancelledError) for r in reasons):
                     # Cancelled once connected: the request may have left.
+                    _note_handed_over(request)
                     raise _CancelledOnWireError() from None
                 connected = not isinstance(e, (ConnectError, DNSLookupError, ProxyTunnelError))
+                if connected:
+                    _note_handed_over(request)
+                self._log_request(request, 0, client_request_id, "")
                 raise _NoResponseError(_describe(e), timed_out=False, connected=connected) from None
             finally:
                 if timer.active():
@@ -903,7 +952,18 @@ class GraphProvider:
         finally:
             if gate is not None:
                 gate.release()
+        _note_handed_over(request)
         request_id = _header(response_headers, "request-id") or ""
+        self._log_request(request, status, client_request_id, request_id)
+        return _Reply(status, response_headers, body, client_request_id, request_id)
+
+    def _log_request(
+        self, request: _Request, status: int, client_request_id: str, request_id: str
+    ) -> None:
+        """Count one attempt for C{/metrics} by status: 0 when no response came
+        (no connection, a timeout, a cut connection, a refused proxy tunnel),
+        so that an outage without answers shows too.  A cancelled attempt
+        (the relay gave up) is not counted.  The event itself only at debug."""
         statuses = self._statuses
         statuses[status] = statuses.get(status, 0) + 1
         if self._log_requests:
@@ -916,7 +976,6 @@ class GraphProvider:
                 client_request_id=client_request_id,
                 request_id=request_id,
             )
-        return _Reply(status, response_headers, body, client_request_id, request_id)
 
     def _roundtrip(
         self, request: _Request, headers: dict[str, str]

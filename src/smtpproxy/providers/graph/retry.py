@@ -9,7 +9,9 @@ The rules, from the spec and from how Graph behaves:
   - 429, 503, 504, any other 5xx, dropped connections and timeouts are
     transient: retry up to three times, waiting 1 s, 2 s, 4 s (with a little
     jitter so a burst of failures does not retry in lock step), or exactly
-    what C{Retry-After} asks for when Graph says;
+    what C{Retry-After} asks for when Graph says (at most
+    L{MAX_RETRY_AFTER}: a longer ask, from Graph or a gateway in front of it,
+    is read as that long);
   - never wait past the message's time budget: when the wait would cross it,
     stop at once with a 451 so the SMTP client retries on its own schedule;
   - 409 and 423 (the mailbox is busy) are retried the same way;
@@ -22,6 +24,7 @@ The rules, from the spec and from how Graph behaves:
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -137,24 +140,42 @@ def decide(
     return Retry(delay)
 
 
+#: The longest wait, in seconds, a C{Retry-After} is honoured for: one hour,
+#: the queue's default longest wait between attempts (C{QUEUE_RETRY_MAX_INTERVAL}).
+#: Graph asks for seconds to minutes; a longer ask (a 400-digit number, a
+#: date in 2100, from Graph or a gateway in front of it) is read as this
+#: long, so that one odd header neither overflows a conversion nor lets the
+#: queue expire a message on its first attempt.
+MAX_RETRY_AFTER = 3600.0
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from a C{Retry-After} value: delta-seconds or an HTTP date.
 
     @param now: the current POSIX time, for the date form.
-    @return: None when absent or unreadable (then our own backoff applies).
+    @return: None when absent or unreadable (then our own backoff applies);
+        otherwise a wait from 0 to L{MAX_RETRY_AFTER}.
     """
     if value is None:
         return None
     text = value.strip()
     if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
+        # float() of a long digit string is inf, never an error: capped below.
+        return bounded_wait(float(text))
     try:
         when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         return None
-    return max(0.0, when.timestamp() - now)
+    return bounded_wait(max(0.0, when.timestamp() - now))
+
+
+def bounded_wait(seconds: float) -> float | None:
+    """C{seconds} as a wait to honour: at most L{MAX_RETRY_AFTER}, None if NaN or negative."""
+    if math.isnan(seconds) or seconds < 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
 
 
 @dataclass(frozen=True, slots=True)

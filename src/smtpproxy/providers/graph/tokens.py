@@ -4,7 +4,9 @@ The client-credentials grant gives a bearer token valid for about an hour.
 Asking for one per message would double our latency and invite throttling
 from Entra, so L{TokenCache} keeps the token, renews it a few minutes before
 it expires, and makes sure that however many messages need a token at the
-same moment, only one request is in flight.
+same moment, only one request is in flight.  The renewal runs beside the
+mail: until the current token expires, messages go on using it, so a slow
+or failing Entra ID delays no message that a valid token could send.
 
 Nothing here does I/O: the cache is handed a C{fetch} function (the provider
 supplies one that talks HTTP) and a clock, so tests drive it with a
@@ -190,11 +192,18 @@ class TokenCache:
     def get(self) -> Deferred[str]:
         """The current token's value, fetching a new one when needed.
 
+        Past its renewal time but before it expires, the current token is
+        answered at once and the renewal started in the background (one at a
+        time): only a caller with no valid token waits for a fetch.
+
         Cancelling the returned Deferred only stops this caller waiting; the
         fetch carries on for the others.
         """
         token = self._token
-        if token is not None and self._clock.seconds() < token.refresh_at:
+        now = self._clock.seconds()
+        if token is not None and now < token.expires_at:
+            if now >= token.refresh_at and not self._fetching:
+                self._start()
             return succeed(token.value)
         waiter: Deferred[str] = Deferred(self._forget)
         self._waiters.append(waiter)
@@ -231,7 +240,8 @@ class TokenCache:
         previous = self._token
         if previous is not None and self._clock.seconds() < previous.expires_at:
             # Renewal failed but the old token is still good for a while:
-            # keep sending rather than fail mail over an early refresh.
+            # keep sending rather than fail mail over an early refresh (the
+            # next get() past the renewal time tries again).
             log.warn(
                 "token renewal failed; using the current token until it expires",
                 expires_in=round(previous.expires_at - self._clock.seconds()),

@@ -36,12 +36,22 @@ from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullErro
 from smtpproxy.web.api.drain import Flight, Flights, stopping_error
 from smtpproxy.web.api.problems import ApiError
 
-__all__ = ["DEFAULT_RETRY_AFTER", "Accepted", "Submitter", "error_for_failure"]
+__all__ = [
+    "DEFAULT_RETRY_AFTER",
+    "LONGEST_RETRY_AFTER",
+    "Accepted",
+    "Submitter",
+    "error_for_failure",
+]
 
 log = Logger(namespace="smtpproxy.delivery")
 
 #: Seconds a client is told to wait after a temporary failure that named no time.
 DEFAULT_RETRY_AFTER = 30
+#: The longest C{Retry-After} the API gives: a day, the longest a sending
+#: budget holds mail back.  A provider's wait is a float from outside (a
+#: backend's header): the answer must stay an integer a client can use.
+LONGEST_RETRY_AFTER = 86_400
 _CHUNK = 1 << 20
 
 
@@ -91,7 +101,8 @@ def error_for_failure(error: BaseException) -> ApiError:
     if reply.code < 500:
         wait = getattr(error, "retry_after", None)
         seconds = (
-            max(1, round(wait))
+            max(1, round(min(wait, LONGEST_RETRY_AFTER)))
+            # NaN compares false, so only a positive number (inf too) gets here.
             if isinstance(wait, int | float) and wait > 0
             else DEFAULT_RETRY_AFTER
         )

@@ -200,15 +200,16 @@ class Transaction:
     """One message as the upstream will see it: commands and the encoded body.
 
     @ivar whole_message: the caller cannot retry recipients one by one
-        (direct mode): while any recipient is deferred, the body must not
-        be sent to the others (L{held_back}).
+        (direct mode, and the default, as for L{Email.per_recipient_retry}):
+        while any recipient is deferred, the body must not be sent to the
+        others (L{held_back}).
     """
 
     mail: bytes
     recipients: tuple[str, ...]
     rcpts: tuple[bytes, ...]
     body: bytes = field(repr=False)
-    whole_message: bool = False
+    whole_message: bool = True
 
 
 def plan(email: Email, capabilities: Capabilities) -> Transaction:

@@ -23,6 +23,7 @@ from smtpproxy.providers.result import (
     whole_message_deferral,
 )
 from smtpproxy.providers.smtp import wire
+from smtpproxy.web.api.submit import DEFAULT_RETRY_AFTER, error_for_failure
 from tests.providers.smtp.test_client import RAW, Case, message
 from tests.providers.smtp.upstream import Script
 from tests.support import async_test
@@ -213,3 +214,18 @@ class ProviderTests(Case):
         assert result is not None
         self.assertEqual([r.address for r in result.temporary], ["busy@example.org"])
         self.assertEqual(script.bodies, [RAW])
+
+
+class HttpAnswerTests(SynchronousTestCase):
+    def test_deferral_is_a_503_to_retry(self) -> None:
+        """An HTTP submission without a queue that an upstream partly deferred: 503 with
+        Retry-After (send the same request again), the text naming the deferred recipient;
+        not 502, which tells a client that retrying will not help."""
+        deferral = whole_message_deferral(["a@example.org"], [BUSY])
+        assert deferral is not None
+        answer = error_for_failure(deferral)
+        self.assertEqual(
+            (answer.status, answer.code, answer.retry_after),
+            (503, "temporary_failure", DEFAULT_RETRY_AFTER),
+        )
+        self.assertIn("<busy@example.org>", str(answer))

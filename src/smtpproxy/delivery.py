@@ -162,7 +162,11 @@ class RelayMessage:
         return self._queue is not None and self._queue.withdraw(self.id)
 
     def eomReceived(self) -> defer.Deferred[str]:
-        """Parse and deliver (or queue); fire with the message id once accepted (or durable)."""
+        """Parse and deliver (or queue); fire with the message id once accepted (or durable).
+
+        After a partial delivery the id is followed by who did not get it
+        (the 250 reply reads C{delivered as <id> to 2 of 3 recipients; ...}).
+        """
         started = self._reactor.seconds()
         body, self._body = self._body, None
         size = 0 if body is None else body.size
@@ -226,13 +230,17 @@ class RelayMessage:
         )
 
     def _delivered(self, result: PartlyRefused | None, fields: dict[str, Any]) -> str:
-        """Direct mode: the client hears 250; recipients refused meanwhile are named at error.
+        """Direct mode: the client hears 250; recipients refused meanwhile are named.
 
         The client's RCPTs were all answered 250 before the upstream was
-        asked, and the one reply after DATA cannot differ by recipient:
-        answering 451 would make the client send again to those who have
-        the message.  Without a queue nothing retries the refused ones, so
-        this line is their only trace (docs/upstream-smtp.md).
+        asked, and the one reply after DATA cannot differ by recipient.
+        The SMTP provider holds a message back while any recipient is
+        deferred (4xx), so what reaches here is refused for good (5xx):
+        the others have the message, and a 5xx now would make the client
+        bounce it for them too.  Without a queue nothing sends a bounce
+        for the refused ones, so the 250's text names them after the id
+        (L{PartlyRefused.summary}) and an error line does too
+        (docs/upstream-smtp.md).
         """
         self._sending = None
         if self._cancelled:
@@ -241,6 +249,7 @@ class RelayMessage:
             log_cancelled(fields, result)
         if result is not None:
             log_not_retried(self.id, fields, result)
+            return f"{self.id} {result.summary}"
         return self.id
 
     def _settled_after_cancel(self, failure: Failure, fields: dict[str, Any]) -> Failure:
@@ -307,6 +316,12 @@ def log_cancelled(fields: dict[str, Any], result: object) -> None:
     "delivered" and anything else "unknown" (the provider had handed it
     over): the retry may then be a duplicate, so those are warnings naming
     the message (ids, never its body).
+
+    C{ended_by} says whether the cancellation ended the send (C{"cancel"})
+    or the provider finished on its own (C{"provider"}: delivered, or
+    refused, which the C{message delivered} or C{message not delivered}
+    line already counted); C{/metrics} counts the first kind
+    (L{smtpproxy.web.metrics}).
     """
     error = result.value if isinstance(result, Failure) else result
     if not isinstance(error, BaseException):
@@ -322,7 +337,10 @@ def log_cancelled(fields: dict[str, Any], result: object) -> None:
         "message_id": fields.get("message_id"),
         "provider": fields.get("provider"),
         "outcome": outcome,
+        "ended_by": "cancel" if isinstance(error, defer.CancelledError) else "provider",
     }
+    if "front_door" in fields:
+        line["front_door"] = fields["front_door"]
     if outcome == "not delivered":
         log.info("delivery cancelled at shutdown, message not delivered", **line)
     elif outcome == "delivered":

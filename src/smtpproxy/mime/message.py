@@ -69,6 +69,12 @@ class Email:
     @ivar mailbox: the sending mailbox the client's identity is bound to
         (its policy's C{mailbox}, or an API key's); empty when the
         provider chooses as it always does.
+    @ivar per_recipient_retry: the caller retries recipients a backend
+        refuses temporarily on their own (the queue), so a backend that
+        answers per recipient may deliver to the others.  False (direct
+        mode, and any caller that does not say): the whole message or
+        nothing while any recipient is deferred
+        (L{smtpproxy.providers.result.whole_message_deferral}).
     """
 
     envelope_from: str
@@ -91,6 +97,7 @@ class Email:
     abandoned: bool = False
     dsn: Dsn | None = None
     mailbox: str = ""
+    per_recipient_retry: bool = False
 
     @property
     def size(self) -> int:

@@ -8,6 +8,10 @@ and a bounce; anything else is treated as transient.  A backend that took
 the message for some recipients only fires with a
 L{smtpproxy.providers.result.PartlyRefused} naming the others; one that
 takes all or none (most) fires with None and keeps its C{Deferred[None]}.
+Such a partial delivery is only for a caller that retries recipients one
+by one (C{Email.per_recipient_retry}, the queue): for any other, a backend
+that can still hold the message back does so while any recipient is
+refused temporarily (L{smtpproxy.providers.result.whole_message_deferral}).
 
 A provider that can send a message it was given as raw bytes only (an
 L{Email} whose parse was abandoned: envelope and C{raw}, nothing parsed)

@@ -6,19 +6,34 @@ L{smtpproxy.errors.DeliveryError} it fails with.  An SMTP upstream answers
 each RCPT on its own and may take the message for some recipients while
 refusing others; L{SmtpProvider} then fires with a L{PartlyRefused}, so
 that the caller decides what the refused recipients are owed (the queue
-retries the temporary ones and dead-letters the permanent ones; direct
-mode can only log them, see docs/upstream-smtp.md) instead of a log line
-being the only trace.
+retries the temporary ones and dead-letters the permanent ones) instead of a
+log line being the only trace.
+
+Only a caller that can retry recipients one by one (the queue) may be
+handed a message that went to some recipients while others were refused
+temporarily.  Every other caller (direct mode: the client's one reply after
+DATA covers every recipient) asks for the whole message or nothing: a
+backend that can still hold the message back does so when
+L{whole_message_deferral} says so, and fails with L{PartlyDeferredError},
+so that the client's retry reaches everyone once (docs/upstream-smtp.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError
 
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
 from smtpproxy.logsafe import MAX_REASON, clip
+
+#: How many refused recipients a reply to our client names (the log names up to 20).
+NAMED_IN_REPLY = 3
+#: The longest text about them in that reply: with C{451 4.x.x } (or
+#: C{250 2.0.0 OK: delivered as <id> }) and CRLF it stays inside RFC 5321's
+#: 512 octets per reply line.
+MAX_DEFERRAL_TEXT = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +75,24 @@ class PartlyRefused:
     def permanent(self) -> tuple[RecipientRefusal, ...]:
         return tuple(r for r in self.refused if r.permanent)
 
+    @property
+    def summary(self) -> str:
+        """Who did not get the message, in a few words for the client's C{250} reply.
+
+        Direct mode answers a partly delivered message with 250 (the
+        accepted recipients have it); this text, after the message id, is
+        what keeps that answer honest for a client or an operator reading
+        the client's log: C{to 2 of 3 recipients; not delivered to:
+        <gone@example.org> 550 5.1.1 No such user}.  Bounded like
+        L{PartlyDeferredError}'s reason.
+        """
+        total = len(self.accepted) + len(self.refused)
+        return clip(
+            f"to {len(self.accepted)} of {total} recipients; "
+            f"not delivered to: {_named(self.refused)}",
+            MAX_DEFERRAL_TEXT,
+        )
+
 
 class AllRefusedTemporaryError(TransientDeliveryError):
     """The backend refused every recipient, at least one of them with a 4xx.
@@ -84,6 +117,67 @@ class AllRefusedPermanentError(PermanentDeliveryError):
     ) -> None:
         super().__init__(reason, status, code)
         self.refused = refused
+
+
+class PartlyDeferredError(TransientDeliveryError):
+    """The backend would take the message for some recipients and deferred others (4xx).
+
+    Raised only for a caller that cannot retry recipients one by one
+    (direct mode), before the backend has the message: nobody got it, and
+    the client's retry, once the backend takes every recipient, delivers
+    it to each of them once.  C{refused} names every refusal (5xx ones
+    too), C{accepted} the recipients that would have had it.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        status: str | None,
+        accepted: tuple[str, ...],
+        refused: tuple[RecipientRefusal, ...],
+    ) -> None:
+        super().__init__(reason, status, 451)
+        self.accepted = accepted
+        self.refused = refused
+
+
+def whole_message_deferral(
+    accepted: Sequence[str], refused: Sequence[RecipientRefusal]
+) -> PartlyDeferredError | None:
+    """Must a message be held back from C{accepted} because of C{refused}?  (Pure.)
+
+    For a caller that owes every recipient the same answer (direct mode):
+    when at least one recipient was accepted and at least one refused with
+    a 4xx, sending would deliver to some now and leave the others to a
+    retry nobody makes (or, if the client retries the whole message, give
+    the accepted ones a second copy).  The answer is then an error saying
+    so, a 451 whose status is the first deferral's own (C{4.2.1} for a busy
+    mailbox, C{4.7.1} for greylisting; C{4.0.0} when it gave none) and
+    whose text counts the deferred recipients and names the first
+    L{NAMED_IN_REPLY} with their replies.  None: send, because every
+    recipient was accepted, or the refusals are all permanent (retrying
+    cannot help them, see docs/upstream-smtp.md), or nobody was accepted
+    (the backend's own all-refused answer stands).
+    """
+    temporary = [r for r in refused if not r.permanent]
+    if not accepted or not temporary:
+        return None
+    total = len(accepted) + len(refused)
+    reason = clip(
+        f"upstream deferred {len(temporary)} of {total} recipients, so the message was "
+        f"sent to none of them; try again later: {_named(temporary)}",
+        MAX_DEFERRAL_TEXT,
+    )
+    first = temporary[0].status
+    status = first if first.startswith("4.") else "4.0.0"
+    return PartlyDeferredError(reason, status, tuple(accepted), tuple(refused))
+
+
+def _named(refused: Sequence[RecipientRefusal]) -> str:
+    """The first L{NAMED_IN_REPLY} refusals with their replies, and how many more."""
+    named = "; ".join(f"<{r.address}> {r.reply}" for r in refused[:NAMED_IN_REPLY])
+    more = len(refused) - NAMED_IN_REPLY
+    return named + (f"; and {more} more" if more > 0 else "")
 
 
 #: The error of a backend that refused every recipient, each with its own reply.

@@ -354,9 +354,9 @@ class QueueRunner(Service):
         )
         email = await parsed if isinstance(parsed, defer.Deferred) else parsed
         dsn, mailbox = dsn_from_meta(envelope.meta), mailbox_from_meta(envelope.meta)
-        if dsn is None and not mailbox:
-            return email
-        return dataclasses.replace(email, dsn=dsn, mailbox=mailbox)
+        # The queue owes each recipient its own retries (policy.after_partial):
+        # a backend may deliver to some while it defers others.
+        return dataclasses.replace(email, dsn=dsn, mailbox=mailbox, per_recipient_retry=True)
 
     async def _record(
         self,

@@ -69,7 +69,20 @@ def _outcome_of(event: LogEvent) -> str | None:
         return "queue_failed"
     if fmt == "message abandoned before delivery":
         return "abandoned"
+    if fmt in _CANCELLED and event.get("ended_by") == "cancel":
+        # Only a send the cancellation ended: one the provider finished
+        # anyway was counted by its "message (not) delivered" line.
+        return _CANCELLED[fmt]
     return None
+
+
+#: The lines of a send cancelled at a forced shutdown (L{smtpproxy.delivery.log_cancelled}),
+#: and the outcome each counts as: nothing reached the backend, or it may have.
+_CANCELLED = {
+    "delivery cancelled at shutdown, message not delivered": "cancelled",
+    "delivery cancelled at shutdown after the provider had the message: "
+    "it may be delivered although the client was told it was not accepted": "cancelled_unknown",
+}
 
 
 @implementer(ILogObserver)
@@ -96,7 +109,8 @@ class Metrics:
         self.messages = Counter(
             "smtpproxy_messages",
             "Messages by front door, provider and outcome "
-            "(delivered, deferred, rejected, queued, queue_full, queue_failed, abandoned).",
+            "(delivered, partly delivered, deferred, rejected, queued, queue_full, "
+            "queue_failed, abandoned, cancelled, cancelled_unknown).",
             ["front_door", "provider", "outcome"],
             registry=r,
         )

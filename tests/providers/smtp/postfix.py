@@ -76,12 +76,13 @@ class PostfixUpstream(PrivatePostfix):
         size_limit: int = 0,
         extra: tuple[str, ...] = (),
         keep: bool = False,
+        files: dict[str, bytes] | None = None,
     ) -> None:
         super().__init__(
             [*upstream_lines(tls_level, size_limit), *extra, *(KEEP_LINES if keep else ())],
             port=free_port(),
             hostname="upstream.test",
-            files={"cert.pem": authority.cert_pem, "key.pem": authority.key_pem},
+            files={"cert.pem": authority.cert_pem, "key.pem": authority.key_pem, **(files or {})},
             prefix="smtpproxy-upstream-",
         )
         if keep:

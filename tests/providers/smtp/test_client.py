@@ -7,6 +7,7 @@ what the provider sent and what our client would be told.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -102,9 +103,10 @@ class TransactionTests(Case):
 
     @async_test
     async def test_some_recipients_refused(self) -> None:
-        """Refused recipients are logged with the upstream's reply, and send fires with
-        them, each with its reply (the caller decides what they are owed); the others
-        get the message."""
+        """For a caller that retries recipients one by one (the queue), refused
+        recipients are logged with the upstream's reply, and send fires with them, each
+        with its reply (the caller decides what they are owed); the others get the
+        message.  (Direct mode: tests/providers/smtp/test_partial_direct.py.)"""
 
         def rcpt(address: str) -> str:
             if address.startswith("gone"):
@@ -114,9 +116,8 @@ class TransactionTests(Case):
             return "250 2.1.5 Ok"
 
         provider = await self.upstream(script := Script(rcpt=rcpt))
-        result = await provider.send(
-            message("b@example.org", "gone@example.org", "busy@example.org")
-        )
+        email = message("b@example.org", "gone@example.org", "busy@example.org")
+        result = await provider.send(dataclasses.replace(email, per_recipient_retry=True))
         self.assertEqual(
             result,
             PartlyRefused(

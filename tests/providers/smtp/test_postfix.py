@@ -152,3 +152,58 @@ class PostfixUpstreamTests(TestCase):
             b"From: relay@example.com\nSubject: two\nReply-To: desk@apps.example\n"
             b"Message-ID: <two@apps.example>\nDate: Mon, 1 Jan 2024 00:00:00 +0000\n" + lf,
         )
+
+    @async_test
+    async def test_deferred_recipient_direct_mode(self) -> None:
+        """Direct mode against a real Postfix that defers busy@ (450 4.2.1, a recipient
+        access table) and takes ok@: Postfix pipelines, so the relay's DATA is answered 354
+        before the relay knows it must not send; it closes the connection without the final
+        dot, the client hears 451 4.2.1 naming busy@, and Postfix logs the lost connection
+        and queues nothing.  Once the table is emptied (postfix reload) the client's retry
+        is delivered once, one copy for each recipient."""
+        deferred = "busy@example.org 450 4.2.1 Mailbox busy\n"
+        upstream = self.postfix(
+            keep=True,
+            extra=(
+                "smtpd_recipient_restrictions = "
+                "check_recipient_access texthash:$config_directory/deferred",
+            ),
+            files={"deferred": deferred.encode()},
+        )
+        relay = self.relay(upstream)
+        recipients = ["ok@example.org", "busy@example.org"]
+        text = b"Subject: partial\r\nMessage-ID: <partial@relay.test>\r\n\r\nBody.\r\n"
+
+        def attempt() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=TIMEOUT) as client:
+                try:
+                    client.sendmail("app@example.com", recipients, text)
+                except smtplib.SMTPDataError as e:
+                    error = e.smtp_error
+                    return e.smtp_code, error if isinstance(error, bytes) else error.encode()
+            return 250, b""
+
+        def scenario() -> tuple[tuple[int, bytes], str, tuple[int, bytes]]:
+            relay.wait_listening()
+            first = attempt()
+            upstream.wait_for("lost connection after DATA")
+            log_after_first = upstream.log()
+            (upstream.conf / "deferred").write_text("")
+            upstream.must("postfix", "-c", str(upstream.conf), "reload")
+            upstream.wait_for("reload")
+            return first, log_after_first, attempt()
+
+        (code, error), log_after_first, (code2, error2) = await in_thread(scenario)
+        self.assertEqual(code, 451, error)
+        self.assertTrue(error.startswith(b"4.2.1 "), error)
+        self.assertIn(b"<busy@example.org> 450 4.2.1", error)
+        self.assertIn("450 4.2.1 <busy@example.org>: Recipient address rejected", log_after_first)
+        self.assertIn("lost connection after DATA (0 bytes)", log_after_first)
+        self.assertNotIn("nrcpt=", log_after_first)
+        self.assertEqual(code2, 250, error2)
+        self.assertEqual(len(upstream.kept(1)), 1, upstream.log())
+        sent = upstream.wait_for("status=sent", 2)
+        self.assertEqual(
+            sorted(line.split("to=<")[1].split(">")[0] for line in sent), sorted(recipients)
+        )
+        self.assertEqual(len(upstream.wait_for("nrcpt=2", 1)), 1)

@@ -122,6 +122,9 @@ class RelayClient(ESMTPClient):
         # The whole body, end of DATA included, has been written: from then
         # on a cancelled transaction may have been delivered all the same.
         self._handed_over = False
+        # Direct mode, a recipient deferred while DATA was already on its
+        # way (pipelining): the body must not follow (wire.held_back).
+        self._held: DeliveryError | None = None
         self._waiting_for = "the greeting"
         self._closing = False
         self._gone: list[Deferred[None]] = []
@@ -337,6 +340,7 @@ class RelayClient(ESMTPClient):
         result: Deferred[wire.Delivered] = Deferred(self._cancel)
         self._result = result
         self._handed_over = False
+        self._held = None
         self._replies_seen = 0
         self._used_before = self._used
         self._used = True
@@ -419,6 +423,16 @@ class RelayClient(ESMTPClient):
     ) -> None:
         replies.append(reply)
         last = index == len(transaction.rcpts) - 1
+        if last:
+            self._held = wire.held_back(transaction, replies[0], replies[1:])
+            if self._held is not None and not self.capabilities.pipelining:
+                # DATA is not sent: the upstream has no message, and the
+                # next transaction's RSET clears its envelope.
+                held, self._held = self._held, None
+                self._unsent.clear()
+                self._idle()
+                self._finish_failure(held)
+                return
         if last and not self.capabilities.pipelining and not any(r.positive for r in replies[1:]):
             self._handlers.clear()
             self._judge(transaction, replies, None, None)
@@ -430,8 +444,18 @@ class RelayClient(ESMTPClient):
     def _after_data(
         self, reply: wire.Reply, transaction: wire.Transaction, replies: list[wire.Reply]
     ) -> None:
+        held, self._held = self._held, None
         if reply.code != 354:
             self._judge(transaction, replies, reply, None)
+            return
+        if held is not None:
+            # The upstream waits for the body: going without the final dot
+            # leaves it nothing to deliver (RFC 5321 4.1.1.4).  The
+            # connection is in DATA and cannot be reused.
+            self.usable = False
+            self._closing = True  # no QUIT: it would be read as a line of the body
+            self._close_now()
+            self._finish_failure(held)
             return
         accepted = replies[0].positive and any(r.positive for r in replies[1:])
         self._waiting_for = "the reply after the message"

@@ -7,7 +7,11 @@ The upstream's verdict becomes ours: its 4xx a L{TransientDeliveryError},
 its 5xx a L{PermanentDeliveryError} of the same class, both with its text.
 Recipients it refused while taking others are logged, and C{send} fires
 with a L{PartlyRefused} naming them and their replies: the message went to
-the rest, and the caller decides what the refused ones are owed.
+the rest, and the caller decides what the refused ones are owed.  Unless
+the caller retries recipients one by one (the queue: C{Email.per_recipient_retry}),
+a recipient refused with a 4xx keeps the body from the upstream altogether:
+C{send} fails with a L{PartlyDeferredError} (our client hears 451 and its
+retry reaches everyone once).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from twisted.logger import Logger
 from smtpproxy.errors import DeliveryError, TransientDeliveryError
 from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
-from smtpproxy.providers.result import PartlyRefused, SendCancelledError
+from smtpproxy.providers.result import PartlyDeferredError, PartlyRefused, SendCancelledError
 from smtpproxy.providers.smtp import wire
 from smtpproxy.providers.smtp.client import RelayClient, StaleConnectionError
 from smtpproxy.providers.smtp.pool import Pool
@@ -86,6 +90,15 @@ class SmtpProvider:
                 if attempt == 2:
                     raise
                 continue
+            except PartlyDeferredError as e:
+                log.warn(
+                    "upstream deferred some recipients, message not sent",
+                    upstream=self._where,
+                    message_id=None if email.message_id is None else clip(email.message_id),
+                    accepted=len(e.accepted),
+                    refused=clip_list([f"<{r.address}> {r.reply}" for r in e.refused]),
+                )
+                raise
             finally:
                 self.pool.release(client)
             if delivered.refused:

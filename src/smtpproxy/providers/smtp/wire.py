@@ -19,7 +19,9 @@ from smtpproxy.mime.message import Email
 from smtpproxy.providers.result import (
     AllRefusedPermanentError,
     AllRefusedTemporaryError,
+    PartlyDeferredError,
     RecipientRefusal,
+    whole_message_deferral,
 )
 
 #: How much of an upstream reply's text is passed on to our client and logs.
@@ -195,12 +197,19 @@ def parse_capabilities(lines: Sequence[bytes]) -> Capabilities:
 
 @dataclass(frozen=True, slots=True)
 class Transaction:
-    """One message as the upstream will see it: commands and the encoded body."""
+    """One message as the upstream will see it: commands and the encoded body.
+
+    @ivar whole_message: the caller cannot retry recipients one by one
+        (direct mode, and the default, as for L{Email.per_recipient_retry}):
+        while any recipient is deferred, the body must not be sent to the
+        others (L{held_back}).
+    """
 
     mail: bytes
     recipients: tuple[str, ...]
     rcpts: tuple[bytes, ...]
     body: bytes = field(repr=False)
+    whole_message: bool = True
 
 
 def plan(email: Email, capabilities: Capabilities) -> Transaction:
@@ -253,7 +262,13 @@ def plan(email: Email, capabilities: Capabilities) -> Transaction:
         _command("RCPT TO:", address, _recipient_parameters(by_address.get(address)))
         for address in email.envelope_to
     )
-    return Transaction(mail, tuple(email.envelope_to), rcpts, encode_body(email.raw))
+    return Transaction(
+        mail,
+        tuple(email.envelope_to),
+        rcpts,
+        encode_body(email.raw),
+        whole_message=not email.per_recipient_retry,
+    )
 
 
 def _command(verb: str, address: str, parameters: Sequence[str]) -> bytes:
@@ -371,6 +386,29 @@ def failure(reply: Reply, stage: str, refused: tuple[RecipientRefusal, ...] = ()
 def refusal(address: str, reply: Reply) -> RecipientRefusal:
     """One recipient's refusal, as providers report it."""
     return RecipientRefusal(address, reply.code, reply.status or "", reply.text)
+
+
+def held_back(
+    transaction: Transaction, mail: Reply, rcpts: Sequence[Reply]
+) -> PartlyDeferredError | None:
+    """Once every RCPT is answered: must the body be kept from the upstream?
+
+    Only for a L{Transaction.whole_message} whose sender was accepted; the
+    verdict is L{whole_message_deferral}'s over the recipients' replies.
+    The client then ends the transaction before the end of DATA (RFC 5321
+    4.1.1.4: the upstream keeps nothing it did not get the final dot for).
+    """
+    if not transaction.whole_message or not mail.positive:
+        return None
+    accepted = tuple(
+        r for r, reply in zip(transaction.recipients, rcpts, strict=True) if reply.positive
+    )
+    refused = tuple(
+        refusal(r, reply)
+        for r, reply in zip(transaction.recipients, rcpts, strict=True)
+        if not reply.positive
+    )
+    return whole_message_deferral(accepted, refused)
 
 
 def outcome(

@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smtpproxy.queue.model import Stats
+from smtpproxy.queue.model import Stats, Writability
 
 __all__ = ["CHECK_TIMEOUT", "INTERVAL", "StatusPoller"]
 
@@ -59,6 +59,10 @@ class StatusPoller:
     @ivar queue_stats: the queue's last statistics, or None (no queue, or
         no answer yet).
     @ivar queue_problem: None when the last statistics came back, else why not.
+    @ivar queue_writability: what the queue's last write check found, or
+        None (no queue, or no answer yet).
+    @ivar queue_write_problem: None when the last write check answered
+        (whatever it found), else why it did not.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class StatusPoller:
         reactor: IReactorTime,
         provider_check: Callable[[], defer.Deferred[None]] | None,
         queue_stats: Callable[[], defer.Deferred[Stats]] | None,
+        queue_writable: Callable[[], defer.Deferred[Writability]] | None = None,
     ) -> None:
         self._reactor = reactor
         self.provider_problem: str | None = NOT_CHECKED if provider_check else None
@@ -78,6 +83,12 @@ class StatusPoller:
             )
         if queue_stats is not None:
             self._questions.append((_Question(queue_stats), self._stats_ok, self._stats_failed))
+        self.queue_writability: Writability | None = None
+        self.queue_write_problem: str | None = NOT_CHECKED if queue_writable else None
+        if queue_writable is not None:
+            self._questions.append(
+                (_Question(queue_writable), self._writable_ok, self._writable_failed)
+            )
         self._loop = LoopingCall(self.refresh)
         self._loop.clock = reactor
 
@@ -129,3 +140,11 @@ class StatusPoller:
 
     def _stats_failed(self, why: str) -> None:
         self.queue_problem = why
+
+    def _writable_ok(self, found: Writability) -> None:
+        self.queue_writability = found
+        self.queue_write_problem = None
+
+    def _writable_failed(self, why: str) -> None:
+        self.queue_writability = None
+        self.queue_write_problem = why

@@ -1227,10 +1227,13 @@ def _entry(
 
 
 def _filesystem_problem(path: str, directories: Sequence[str]) -> tuple[str | None, int]:
-    """Whether the queue's file and directories take writes; the least free space among them.
+    """Whether the queue's files and directories take writes; the least free space among them.
 
-    C{os.access} asks the kernel as the relay's own user, so it also sees a
-    read-only mount when the relay runs as root; C{ST_RDONLY} names that case.
+    C{os.access} asks the kernel as the relay's own user, so it sees a
+    read-only mount, and an immutable file (C{chattr +i}), even as root,
+    where permissions alone would not stop root.  The database and its WAL
+    are looked at too: SQLite grants the write lock on a file it can no
+    longer write, and fails only at the commit.
     """
     free: int | None = None
     problem: str | None = None
@@ -1243,9 +1246,10 @@ def _filesystem_problem(path: str, directories: Sequence[str]) -> tuple[str | No
         if found.f_flag & os.ST_RDONLY:
             problem = f"read-only filesystem at {directory}"
         elif not os.access(directory, os.W_OK):
-            problem = f"no write permission on {directory}"
-    if problem is None and os.path.exists(path) and not os.access(path, os.W_OK):
-        problem = f"no write permission on {path}"
+            problem = f"cannot write in {directory}"
+    for name in (path, path + "-wal"):
+        if problem is None and os.path.exists(name) and not os.access(name, os.W_OK):
+            problem = f"read-only database: cannot write {name}"
     return problem, free or 0
 
 

@@ -31,13 +31,23 @@ from smtpproxy.web.health import only_get
 from smtpproxy.web.site import Mount, respond_json
 from smtpproxy.web.status import StatusPoller
 
-__all__ = ["Facts", "ReadyResource", "mount", "queue_problem", "readiness", "room_needed"]
+__all__ = [
+    "Facts",
+    "ReadyResource",
+    "mount",
+    "queue_full",
+    "queue_problem",
+    "readiness",
+    "room_needed",
+]
 
 OK = "ok"
 
 _MB = 1024 * 1024
 #: The least room kept beside the largest message (see L{room_needed}).
 MIN_MARGIN = 10 * _MB
+#: Room under C{QUEUE_MAX_BYTES} below which the queue counts as full (see L{queue_full}).
+FULL_ROOM = 64 * 1024
 
 
 def room_needed(max_message_size: int) -> int:
@@ -49,6 +59,20 @@ def room_needed(max_message_size: int) -> int:
     and the next large message may be the one that hits a full disk.
     """
     return max_message_size + max(max_message_size // 2, MIN_MARGIN)
+
+
+def queue_full(held: int, max_bytes: int) -> bool:
+    """Whether a queue holding C{held} bytes refuses most new mail with 452.
+
+    An enqueue is refused once C{held} plus its size would pass
+    C{max_bytes}, so a queue a few bytes short of its limit refuses nearly
+    everything: full means less than L{FULL_ROOM} (64 KiB, the size under
+    which most mail falls) is left, or less than half the limit when the
+    limit itself is that small.  C{max_bytes} 0 is no limit.
+    """
+    if max_bytes <= 0:
+        return False
+    return max_bytes - held < min(FULL_ROOM, max_bytes // 2 or 1)
 
 
 def queue_problem(
@@ -86,8 +110,8 @@ def queue_problem(
             problems.append(writability.problem)
         free = writability.free_bytes
         if free is not None and free < need_bytes:
-            problems.append(f"disk has {free // _MB} MB free, need {-(-need_bytes // _MB)}")
-    if max_bytes and stats is not None and stats.bytes >= max_bytes:
+            problems.append(f"disk has {free // _MB} MB free, need {-(-need_bytes // _MB)} MB")
+    if stats is not None and queue_full(stats.bytes, max_bytes):
         problems.append(f"queue full: {stats.bytes} of {max_bytes} bytes")
     return "; ".join(problems) or None
 

@@ -333,7 +333,8 @@ class PollerTests(SynchronousTestCase):
 
     def test_write_check_kept_and_its_failure_named(self) -> None:
         """The queue's write check is asked with the others; its finding is kept, and a
-        check that fails leaves no stale finding behind, only why it failed."""
+        check that fails leaves no stale finding behind, only why it failed, named as the
+        write check's (the statistics question to the same store may fail alike)."""
         clock = Clock()
         answers: list[defer.Deferred[Writability]] = [
             defer.succeed(Writability("read-only database", 10)),
@@ -348,7 +349,7 @@ class PollerTests(SynchronousTestCase):
         self.assertIsNone(poller.queue_write_problem)
         clock.advance(5)
         self.assertIsNone(poller.queue_writability)
-        self.assertEqual(poller.queue_write_problem, "the queue store is not open")
+        self.assertEqual(poller.queue_write_problem, "write check: the queue store is not open")
         poller.stop()
 
 

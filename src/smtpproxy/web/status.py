@@ -36,18 +36,25 @@ CHECK_TIMEOUT = 10.0
 NOT_CHECKED = "not checked yet"
 
 
-def _briefly(failure: Failure) -> str:
-    """A failure in one short line for a probe's body (never a traceback)."""
+def _briefly(failure: Failure, name: str = "") -> str:
+    """A failure in one short line for a probe's body (never a traceback).
+
+    @param name: the question's name, put first ("write check: ...") where
+        two questions to one backend could fail alike.
+    """
     error = failure.value
     text = str(error) or type(error).__name__
     if isinstance(error, defer.TimeoutError):
         text = f"no answer within {CHECK_TIMEOUT:g} s"
+    if name:
+        text = f"{name}: {text}"
     return text if len(text) <= 200 else text[:197] + "..."
 
 
 @dataclass
 class _Question:
     ask: Callable[[], defer.Deferred[Any]]
+    name: str = ""
     busy: bool = False
 
 
@@ -87,7 +94,7 @@ class StatusPoller:
         self.queue_write_problem: str | None = NOT_CHECKED if queue_writable else None
         if queue_writable is not None:
             self._questions.append(
-                (_Question(queue_writable), self._writable_ok, self._writable_failed)
+                (_Question(queue_writable, "write check"), self._writable_ok, self._writable_failed)
             )
         self._loop = LoopingCall(self.refresh)
         self._loop.clock = reactor
@@ -113,9 +120,9 @@ class StatusPoller:
             question.busy = True
             try:
                 asked = question.ask()
-            except Exception as e:
+            except Exception:
                 question.busy = False
-                failed(str(e) or type(e).__name__)
+                failed(_briefly(Failure(), question.name))
                 continue
             asked.addTimeout(CHECK_TIMEOUT, self._reactor)
 
@@ -123,8 +130,10 @@ class StatusPoller:
                 question.busy = False
                 return result
 
-            def problem(failure: Failure, failed: Callable[[str], None] = failed) -> None:
-                failed(_briefly(failure))
+            def problem(
+                failure: Failure, failed: Callable[[str], None] = failed, name: str = question.name
+            ) -> None:
+                failed(_briefly(failure, name))
 
             asked.addBoth(done).addCallbacks(ok, problem)
 

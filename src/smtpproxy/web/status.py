@@ -120,9 +120,10 @@ class StatusPoller:
             question.busy = True
             try:
                 asked = question.ask()
-            except Exception:
+            except Exception as e:
                 question.busy = False
-                failed(_briefly(Failure(), question.name))
+                text = str(e) or type(e).__name__
+                failed(f"{question.name}: {text}" if question.name else text)
                 continue
             asked.addTimeout(CHECK_TIMEOUT, self._reactor)
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import TestCase
 
 from smtpproxy.web.ready import room_needed
@@ -52,6 +53,18 @@ def wait_for(port: int, wanted: Callable[[int, dict[str, Any]], bool]) -> tuple[
     return code, str(body["checks"].get("queue"))
 
 
+def scrape(port: int) -> dict[str, float]:
+    """The unlabelled samples of C{/metrics}, by name."""
+    code, text = fetch(port, "/metrics")
+    assert code == 200, code
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
 def ready(code: int, body: dict[str, Any]) -> bool:
     return code == 200
 
@@ -79,18 +92,21 @@ class SQLiteReadyTests(TestCase):
 
     @async_test
     async def test_lock_held_then_file_unwritable(self) -> None:
-        """Ready with a writable queue; another process holding SQLite's write lock makes
-        it 503, "write lock busy" or the write check unanswered while the store's
-        thread waits for that lock (and mail still queues once it lets go); the database
-        file made unwritable (chattr +i as root) makes it 503 "read-only database";
-        each time it is 200 again once the cause is gone."""
+        """Ready with a writable queue (and /metrics says so, with the free space);
+        another process holding SQLite's write lock makes it 503, "write lock busy" or
+        the write check unanswered while the store's thread waits for that lock (and
+        mail still queues once it lets go); the database file made unwritable (chattr +i
+        as root) makes it 503 "read-only database"; each time it is 200 again once the
+        cause is gone."""
         relay, http = self.relay()
         path = str(relay.dir / "queue.db")
         seen: list[tuple[int, str]] = []
+        metrics: dict[str, float] = {}
 
         def scenario() -> None:
             relay.start()
             seen.append(wait_for(http, ready))
+            metrics.update(scrape(http))
             holder = sqlite3.connect(path, isolation_level=None, timeout=30)
             try:
                 holder.execute("BEGIN IMMEDIATE")
@@ -108,6 +124,8 @@ class SQLiteReadyTests(TestCase):
             seen.append(wait_for(http, ready))
 
         await in_thread(scenario)
+        self.assertEqual(metrics["smtpproxy_queue_writable"], 1)
+        self.assertGreater(metrics["smtpproxy_queue_disk_free_bytes"], 0)
         # Which of two words the busy lock gets depends on whether the check's turn
         # on the store's one database thread came before the worker's next claim,
         # which then waits for the lock itself (see docs/operations.md, Probes).

@@ -347,9 +347,15 @@ class PollerTests(SynchronousTestCase):
         poller.start()
         self.assertEqual(poller.queue_writability, Writability("read-only database", 10))
         self.assertIsNone(poller.queue_write_problem)
+        metrics = Metrics()
+        metrics.watch_queue(poller)
+        found = samples(metrics)
+        self.assertEqual(found[("smtpproxy_queue_writable", ())], 0)
+        self.assertEqual(found[("smtpproxy_queue_disk_free_bytes", ())], 10)
         clock.advance(5)
         self.assertIsNone(poller.queue_writability)
         self.assertEqual(poller.queue_write_problem, "write check: the queue store is not open")
+        self.assertNotIn(("smtpproxy_queue_disk_free_bytes", ()), samples(metrics))
         poller.stop()
 
 

@@ -593,6 +593,7 @@ def _http(
         reactor,
         providers.ready_check(service.provider),
         store.stats if store is not None else None,
+        store.writable if store is not None else None,
     )
     service.poller = poller
     metrics.watch_sessions(lambda: len(service.factory.sessions))
@@ -614,6 +615,7 @@ def _http(
         lambda: service.stopping,
         (lambda: service.queue_open) if store is not None else None,
         settings.queue_max_bytes,
+        ready.room_needed(settings.smtp_max_message_size),
     )
     parts = [
         health.mount(lambda: service.stopping),

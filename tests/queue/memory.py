@@ -24,6 +24,7 @@ from smtpproxy.queue.model import (
     Recipients,
     State,
     Stats,
+    Writability,
 )
 
 
@@ -240,6 +241,10 @@ class MemoryStore:
                 min((e.queued_at for e in queued), default=None),
             )
         )
+
+    def writable(self) -> defer.Deferred[Writability]:
+        """Always writable: memory has no disk and no lock (no free-space figure)."""
+        return defer.succeed(Writability(None))
 
     def purge_dead(self, before: float) -> defer.Deferred[int]:
         gone = [

@@ -8,6 +8,9 @@ in that directory, trust authentication) and stops it when the process
 exits.  Trial's C{--jobs=2} runs two processes: each starts its own server
 on its own port in its own directory.
 
+L{standby} makes a hot standby of it (C{pg_basebackup}), for the tests of
+a relay that a failover leaves connected to a server in recovery.
+
 C{initdb} refuses to run as root, so as root the cluster belongs to the
 C{postgres} user (the Debian package creates it) and every server command
 runs through C{runuser}.  Tests skip, saying why, when no PostgreSQL
@@ -69,7 +72,7 @@ class PgServer:
     @ivar directory: the temporary directory: C{data/}, the log, the socket.
     """
 
-    def __init__(self, binaries: Path) -> None:
+    def __init__(self, binaries: Path, primary: PgServer | None = None) -> None:
         self._bin = binaries
         self._as: list[str] = []
         self._numbers = itertools.count(1)
@@ -86,6 +89,20 @@ class PgServer:
         self.data = self.directory / "data"
         self.log = self.directory / "server.log"
         self.port = 0
+        if primary is not None:
+            # A hot standby of the primary, as a failover can leave a relay connected to.
+            self._command(
+                "pg_basebackup",
+                "--pgdata",
+                str(self.data),
+                "--host=127.0.0.1",
+                f"--port={primary.port}",
+                "--username=postgres",
+                "--write-recovery-conf",
+                "--checkpoint=fast",
+                "--no-sync",
+            )
+            return
         self._command(
             "initdb",
             "--pgdata",
@@ -218,4 +235,16 @@ def server() -> PgServer:
     atexit.register(instance.destroy)
     instance.start()
     _SERVER = instance
+    return instance
+
+
+def standby(primary: PgServer) -> PgServer:
+    """A hot standby of C{primary} (its databases as they are now), started; the caller
+    destroys it.  It stays in recovery, so every session on it is read-only."""
+    instance = PgServer(primary._bin, primary)
+    try:
+        instance.start()
+    except BaseException:
+        instance.destroy()
+        raise
     return instance

@@ -161,6 +161,19 @@ class StoreContract(_Base):
 
     # Enqueue, claim, deliver.
 
+    async def test_writable_checks_without_storing(self) -> None:
+        """An open, healthy store says it can take a write, and checking stores nothing and
+        leaves no write pending (the next enqueue and the statistics are as before)."""
+        store = await self.make_store()
+        await self.put(store, "m1")
+        before = await store.stats()
+        for _ in range(3):
+            found = await store.writable()
+            self.assertIsNone(found.problem)
+        self.assertEqual(await store.stats(), before)
+        await self.put(store, "m2", T0 + 1)
+        self.assertEqual((await store.stats()).queued, 2)
+
     async def test_enqueue_claim_delivered(self) -> None:
         """A stored message is claimed with its envelope and body; delivered removes both."""
         store = await self.make_store()

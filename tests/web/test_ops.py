@@ -25,7 +25,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from smtpproxy import fdlimit, tls
 from smtpproxy.policy.rules import parse_networks
-from smtpproxy.queue.model import Stats
+from smtpproxy.queue.model import Stats, Writability
 from smtpproxy.web import clientaddr, ready
 from smtpproxy.web.channel import body_problem
 from smtpproxy.web.metrics import Metrics
@@ -114,6 +114,96 @@ class ReadinessTests(SynchronousTestCase):
         code, body = ready.readiness(self.facts(queued_mode=False, queue_problem="x"))
         self.assertEqual(code, 200)
         self.assertNotIn("queue", body["checks"])
+
+
+MB = 1024 * 1024
+
+
+class QueueProblemTests(SynchronousTestCase):
+    """L{ready.queue_problem}: when a queue counts as able to take mail, and how it says not."""
+
+    def problem(self, **changes: Any) -> str | None:
+        values: dict[str, Any] = {
+            "is_open": True,
+            "stats": Stats(queued=1, delivering=0, dead=0, bytes=500, oldest_queued_at=1.0),
+            "stats_problem": None,
+            "writability": Writability(None, free_bytes=100 * MB),
+            "write_problem": None,
+            "max_bytes": 1000,
+            "need_bytes": 40 * MB,
+        }
+        values.update(changes)
+        return ready.queue_problem(**values)
+
+    def test_writable_with_room_is_ready(self) -> None:
+        """Open, writable, room on disk, under QUEUE_MAX_BYTES: no problem."""
+        self.assertIsNone(self.problem())
+
+    def test_each_reason_named(self) -> None:
+        """Each way a queue cannot take mail gives a reason an operator can act on."""
+        for change, expected in (
+            ({"is_open": False}, "queue not open"),
+            ({"writability": Writability("read-only database")}, "read-only database"),
+            (
+                {"writability": Writability(None, free_bytes=5 * MB + 7)},
+                "disk has 5 MB free, need 40 MB",
+            ),
+            (
+                {"stats": Stats(0, 0, 2, 1000, None)},
+                "queue full: 1000 of 1000 bytes",
+            ),
+            ({"write_problem": "no answer within 10 s"}, "no answer within 10 s"),
+            ({"stats_problem": "not checked yet"}, "not checked yet"),
+        ):
+            self.assertEqual(self.problem(**change), expected, change)
+
+    def test_boundaries(self) -> None:
+        """Free space exactly what is needed is enough; the queue is full once less than
+        64 KiB (or half a smaller limit) is left under QUEUE_MAX_BYTES."""
+        self.assertIsNone(self.problem(writability=Writability(None, free_bytes=40 * MB)))
+        limit = 10 * MB
+        self.assertIsNone(self.problem(max_bytes=limit, stats=Stats(0, 0, 0, limit - 65536, None)))
+        self.assertEqual(
+            self.problem(max_bytes=limit, stats=Stats(0, 0, 0, limit - 65535, None)),
+            f"queue full: {limit - 65535} of {limit} bytes",
+        )
+        self.assertIsNone(self.problem(max_bytes=1000, stats=Stats(0, 0, 0, 500, None)))
+        self.assertEqual(
+            self.problem(max_bytes=1000, stats=Stats(0, 0, 0, 501, None)),
+            "queue full: 501 of 1000 bytes",
+        )
+
+    def test_every_reason_at_once(self) -> None:
+        """A full queue on a read-only disk short of space says all three, not the first only."""
+        found = self.problem(
+            writability=Writability("read-only filesystem at /q", free_bytes=0),
+            stats=Stats(0, 0, 0, 2000, None),
+        )
+        self.assertEqual(
+            found,
+            "read-only filesystem at /q; disk has 0 MB free, need 40 MB;"
+            " queue full: 2000 of 1000 bytes",
+        )
+
+    def test_not_checked_yet_is_said_once(self) -> None:
+        """Before the first answers, both questions say "not checked yet": named once."""
+        found = self.problem(
+            stats=None,
+            writability=None,
+            stats_problem="not checked yet",
+            write_problem="not checked yet",
+        )
+        self.assertEqual(found, "not checked yet")
+
+    def test_no_limit_and_no_disk_figure(self) -> None:
+        """QUEUE_MAX_BYTES 0 is no limit; a store with no free-space figure (PostgreSQL)
+        is not held to one."""
+        self.assertIsNone(self.problem(max_bytes=0, writability=Writability(None, free_bytes=None)))
+
+    def test_room_needed(self) -> None:
+        """One largest message plus half again, never less than 10 MB of margin."""
+        self.assertEqual(ready.room_needed(40 * MB), 60 * MB)
+        self.assertEqual(ready.room_needed(1 * MB), 11 * MB)
 
 
 class FdLimitTests(SynchronousTestCase):
@@ -239,6 +329,33 @@ class PollerTests(SynchronousTestCase):
         self.assertEqual(
             found[("smtpproxy_queue_oldest_age_seconds", (("state", "queued"),))], 111 - 40
         )
+        poller.stop()
+
+    def test_write_check_kept_and_its_failure_named(self) -> None:
+        """The queue's write check is asked with the others; its finding is kept, and a
+        check that fails leaves no stale finding behind, only why it failed, named as the
+        write check's (the statistics question to the same store may fail alike)."""
+        clock = Clock()
+        answers: list[defer.Deferred[Writability]] = [
+            defer.succeed(Writability("read-only database", 10)),
+            defer.fail(RuntimeError("the queue store is not open")),
+        ]
+        poller = StatusPoller(
+            clock, None, lambda: defer.succeed(Stats(0, 0, 0, 0, None)), lambda: answers.pop(0)
+        )
+        self.assertEqual(poller.queue_write_problem, "not checked yet")
+        poller.start()
+        self.assertEqual(poller.queue_writability, Writability("read-only database", 10))
+        self.assertIsNone(poller.queue_write_problem)
+        metrics = Metrics()
+        metrics.watch_queue(poller)
+        found = samples(metrics)
+        self.assertEqual(found[("smtpproxy_queue_writable", ())], 0)
+        self.assertEqual(found[("smtpproxy_queue_disk_free_bytes", ())], 10)
+        clock.advance(5)
+        self.assertIsNone(poller.queue_writability)
+        self.assertEqual(poller.queue_write_problem, "write check: the queue store is not open")
+        self.assertNotIn(("smtpproxy_queue_disk_free_bytes", ()), samples(metrics))
         poller.stop()
 
 

@@ -157,6 +157,23 @@ class Stats:
     oldest_queued_at: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class Writability:
+    """Whether the queue could take a new message now, as its store last found it.
+
+    @ivar problem: None when the store took a write lock just now (and
+        gave it back unused), else why it could not, in a few words
+        ("read-only database", "read-only filesystem", "write lock busy").
+    @ivar free_bytes: free space on the filesystem holding the queue's
+        files, for a user who is not root (C{statvfs}'s C{f_bavail}); None
+        where the store does not know it (PostgreSQL: the disk is the
+        server's).
+    """
+
+    problem: str | None
+    free_bytes: int | None = None
+
+
 class BodySource(Protocol):
     """A message body a store copies into durable storage.
 

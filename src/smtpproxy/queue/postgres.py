@@ -52,6 +52,7 @@ from smtpproxy.queue.model import (
     Recipients,
     State,
     Stats,
+    Writability,
 )
 
 #: Enqueues committed together at most; more wait for the next commit.
@@ -554,3 +555,14 @@ class PostgresStore:
     def purge_dead(self, before: float) -> Deferred[int]:
         """Remove messages that died before C{before}; how many."""
         return self._run(tx.purge_dead, before)
+
+    # The readiness probe.
+
+    def writable(self) -> Deferred[Writability]:
+        """Whether this relay's session may write (see L{tx.writable}); no disk figure.
+
+        Bounded by the session's C{statement_timeout} like every call; the
+        server's free space is the server's to watch (a full disk there
+        fails enqueues with 452, SQLSTATE 53100).
+        """
+        return self._run(tx.writable)

@@ -40,6 +40,7 @@ from smtpproxy.queue.model import (
     Recipients,
     State,
     Stats,
+    Writability,
     refused_from_json,
     refused_json,
 )
@@ -521,3 +522,23 @@ def purge_dead(cursor: Cursor, before: float) -> int:
     """Remove messages that died before C{before}; how many."""
     cursor.execute("DELETE FROM queue_messages WHERE state = 'dead' AND died_at < %s", (before,))
     return cursor.rowcount
+
+
+def writable(cursor: Cursor) -> Writability:
+    """Whether this session may write: not a standby, not a read-only transaction.
+
+    After a failover a relay whose connection string still leads to the old
+    primary (now a standby in recovery), or to a database or server set to
+    C{default_transaction_read_only}, stores nothing: every enqueue fails.
+    Asked in the session the enqueues use, in a transaction like theirs.
+    """
+    row = cursor.execute(
+        "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
+    ).fetchone()
+    assert row is not None  # a SELECT without FROM returns one row
+    recovering, read_only = row
+    if recovering:
+        return Writability("read-only database: the server is a standby in recovery")
+    if read_only == "on":
+        return Writability("read-only database: transaction_read_only is on")
+    return Writability(None)

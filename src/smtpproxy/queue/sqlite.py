@@ -86,6 +86,7 @@ from smtpproxy.queue.model import (
     Recipients,
     State,
     Stats,
+    Writability,
     refused_from_json,
     refused_json,
 )
@@ -105,6 +106,9 @@ are upgraded in place at open.
 """
 
 _FULL, _NORMAL = "FULL", "NORMAL"
+
+#: Seconds the readiness check waits for the write lock (see L{SQLiteStore.writable}).
+LOCK_CHECK_WAIT = 0.25
 
 #: Bodies up to this size live in the database (C{inline_bodies}); larger ones in a file.
 INLINE_MAX = 64 * 1024
@@ -725,6 +729,31 @@ class SQLiteStore:
 
         return self._run(work).addCallback(done)
 
+    # The readiness probe.
+
+    def writable(self) -> Deferred[Writability]:
+        """Take the write lock and give it back; look at the filesystems under the queue.
+
+        Runs on the database thread, in turn with the commits, so it never
+        races them; it waits at most L{LOCK_CHECK_WAIT} for the lock (not the
+        store's own C{timeout}), so a lock held elsewhere delays this
+        process's deliveries by no more than that.  C{BEGIN IMMEDIATE} fails
+        at once on a database SQLite opened read-only; a filesystem
+        remounted read-only under an open database still grants the lock,
+        which is why the directories are looked at as well.
+        """
+        directories = (os.path.dirname(os.path.abspath(self.path)), self.bodies)
+        wait_ms = round(LOCK_CHECK_WAIT * 1000)
+        usual_ms = round(self._timeout * 1000)
+
+        def work(cursor: sqlite3.Cursor) -> Writability:
+            problem, free = _filesystem_problem(self.path, directories)
+            if problem is None:
+                problem = _lock_problem(cursor, wait_ms, usual_ms)
+            return Writability(problem, free)
+
+        return self._run(work)
+
     # Group commit.
 
     def _ready_to_commit(self, item: _Pending) -> None:
@@ -1195,6 +1224,52 @@ def _entry(
         history=history,
         failed=tuple(json.loads(failed)),
     )
+
+
+def _filesystem_problem(path: str, directories: Sequence[str]) -> tuple[str | None, int]:
+    """Whether the queue's files and directories take writes; the least free space among them.
+
+    C{os.access} asks the kernel as the relay's own user, so it sees a
+    read-only mount, and an immutable file (C{chattr +i}), even as root,
+    where permissions alone would not stop root.  The database and its WAL
+    are looked at too: SQLite grants the write lock on a file it can no
+    longer write, and fails only at the commit.
+    """
+    free: int | None = None
+    problem: str | None = None
+    for directory in directories:
+        found = os.statvfs(directory)
+        room = found.f_bavail * found.f_frsize
+        free = room if free is None else min(free, room)
+        if problem is not None:
+            continue
+        if found.f_flag & os.ST_RDONLY:
+            problem = f"read-only filesystem at {directory}"
+        elif not os.access(directory, os.W_OK):
+            problem = f"cannot write in {directory}"
+    for name in (path, path + "-wal"):
+        if problem is None and os.path.exists(name) and not os.access(name, os.W_OK):
+            problem = f"read-only database: cannot write {name}"
+    return problem, free or 0
+
+
+def _lock_problem(cursor: sqlite3.Cursor, wait_ms: int, usual_ms: int) -> str | None:
+    """Take SQLite's write lock within C{wait_ms} and roll back at once; None if it worked."""
+    cursor.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
+    try:
+        cursor.execute("BEGIN IMMEDIATE")
+        cursor.execute("ROLLBACK")
+    except sqlite3.Error as error:
+        # The primary code: the low byte of an extended one (SQLITE_READONLY_DBMOVED...).
+        code = int(getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF
+        if code == sqlite3.SQLITE_READONLY:
+            return "read-only database"
+        if code == sqlite3.SQLITE_BUSY:
+            return f"write lock busy: another process held it over {wait_ms} ms"
+        return f"database refused a write transaction: {error}"
+    finally:
+        cursor.execute(f"PRAGMA busy_timeout = {int(usual_ms)}")
+    return None
 
 
 def _fsync_directory(path: str) -> None:

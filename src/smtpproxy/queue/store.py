@@ -37,7 +37,16 @@ from typing import Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
-from smtpproxy.queue.model import Attempt, BodySource, Entry, Envelope, Recipients, State, Stats
+from smtpproxy.queue.model import (
+    Attempt,
+    BodySource,
+    Entry,
+    Envelope,
+    Recipients,
+    State,
+    Stats,
+    Writability,
+)
 
 
 class QueueStore(Protocol):
@@ -135,6 +144,22 @@ class QueueStore(Protocol):
 
     def purge_dead(self, before: float) -> Deferred[int]:
         """Remove dead messages that died before C{before}; how many."""
+
+    # The readiness probe.
+
+    def writable(self) -> Deferred[Writability]:
+        """Whether a new message could be stored now, checked without storing anything.
+
+        A queue that answers its statistics may still refuse every write
+        (a database file or filesystem gone read-only, a PostgreSQL
+        standby after a failover, another process holding the write lock):
+        this takes the write lock (or asks the server whether the session
+        may write), gives it straight back, and reports the free space
+        beside the queue's files where the store has any.  It is bounded
+        by a short wait of its own, so it never holds up the deliveries
+        that share the store's connection.  A failure to ask at all fails
+        the Deferred.
+        """
 
 
 @runtime_checkable

@@ -282,6 +282,20 @@ class _ScrapeCollector(Collector):
             "smtpproxy_queue_stats_up", "1 when the queue's last statistics came back."
         )
         up.add_metric([], 0.0 if poller.queue_problem else 1.0)
+        found = poller.queue_writability
+        writable = GaugeMetricFamily(
+            "smtpproxy_queue_writable",
+            "1 when the queue's last write check could take the write lock (or session).",
+        )
+        writable.add_metric([], 1.0 if found is not None and found.problem is None else 0.0)
+        yield writable
+        if found is not None and found.free_bytes is not None:
+            free = GaugeMetricFamily(
+                "smtpproxy_queue_disk_free_bytes",
+                "Free bytes on the filesystem holding the queue's files (SQLite only).",
+            )
+            free.add_metric([], float(found.free_bytes))
+            yield free
         if stats is not None:
             for state in ("queued", "delivering", "dead"):
                 depth.add_metric([state], float(getattr(stats, state)))

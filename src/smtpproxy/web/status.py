@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smtpproxy.queue.model import Stats
+from smtpproxy.queue.model import Stats, Writability
 
 __all__ = ["CHECK_TIMEOUT", "INTERVAL", "StatusPoller"]
 
@@ -36,18 +36,25 @@ CHECK_TIMEOUT = 10.0
 NOT_CHECKED = "not checked yet"
 
 
-def _briefly(failure: Failure) -> str:
-    """A failure in one short line for a probe's body (never a traceback)."""
+def _briefly(failure: Failure, name: str = "") -> str:
+    """A failure in one short line for a probe's body (never a traceback).
+
+    @param name: the question's name, put first ("write check: ...") where
+        two questions to one backend could fail alike.
+    """
     error = failure.value
     text = str(error) or type(error).__name__
     if isinstance(error, defer.TimeoutError):
         text = f"no answer within {CHECK_TIMEOUT:g} s"
+    if name:
+        text = f"{name}: {text}"
     return text if len(text) <= 200 else text[:197] + "..."
 
 
 @dataclass
 class _Question:
     ask: Callable[[], defer.Deferred[Any]]
+    name: str = ""
     busy: bool = False
 
 
@@ -59,6 +66,10 @@ class StatusPoller:
     @ivar queue_stats: the queue's last statistics, or None (no queue, or
         no answer yet).
     @ivar queue_problem: None when the last statistics came back, else why not.
+    @ivar queue_writability: what the queue's last write check found, or
+        None (no queue, or no answer yet).
+    @ivar queue_write_problem: None when the last write check answered
+        (whatever it found), else why it did not.
     """
 
     def __init__(
@@ -66,6 +77,7 @@ class StatusPoller:
         reactor: IReactorTime,
         provider_check: Callable[[], defer.Deferred[None]] | None,
         queue_stats: Callable[[], defer.Deferred[Stats]] | None,
+        queue_writable: Callable[[], defer.Deferred[Writability]] | None = None,
     ) -> None:
         self._reactor = reactor
         self.provider_problem: str | None = NOT_CHECKED if provider_check else None
@@ -78,6 +90,12 @@ class StatusPoller:
             )
         if queue_stats is not None:
             self._questions.append((_Question(queue_stats), self._stats_ok, self._stats_failed))
+        self.queue_writability: Writability | None = None
+        self.queue_write_problem: str | None = NOT_CHECKED if queue_writable else None
+        if queue_writable is not None:
+            self._questions.append(
+                (_Question(queue_writable, "write check"), self._writable_ok, self._writable_failed)
+            )
         self._loop = LoopingCall(self.refresh)
         self._loop.clock = reactor
 
@@ -104,7 +122,8 @@ class StatusPoller:
                 asked = question.ask()
             except Exception as e:
                 question.busy = False
-                failed(str(e) or type(e).__name__)
+                text = str(e) or type(e).__name__
+                failed(f"{question.name}: {text}" if question.name else text)
                 continue
             asked.addTimeout(CHECK_TIMEOUT, self._reactor)
 
@@ -112,8 +131,10 @@ class StatusPoller:
                 question.busy = False
                 return result
 
-            def problem(failure: Failure, failed: Callable[[str], None] = failed) -> None:
-                failed(_briefly(failure))
+            def problem(
+                failure: Failure, failed: Callable[[str], None] = failed, name: str = question.name
+            ) -> None:
+                failed(_briefly(failure, name))
 
             asked.addBoth(done).addCallbacks(ok, problem)
 
@@ -129,3 +150,11 @@ class StatusPoller:
 
     def _stats_failed(self, why: str) -> None:
         self.queue_problem = why
+
+    def _writable_ok(self, found: Writability) -> None:
+        self.queue_writability = found
+        self.queue_write_problem = None
+
+    def _writable_failed(self, why: str) -> None:
+        self.queue_writability = None
+        self.queue_write_problem = why

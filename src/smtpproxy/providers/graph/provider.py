@@ -53,6 +53,7 @@ from smtpproxy.providers.graph.payload import (
     bound_mailbox,
     chunk_ranges,
     content_range,
+    json_fallback,
     matching_mailbox,
     plan_delivery,
     plan_recipients,
@@ -299,12 +300,12 @@ class GraphProvider:
                 and rejected.graph_code.startswith("ErrorMimeContent")
             ):
                 raise
+            plan = json_fallback(email, plan, rejected.graph_code, domain, save)
             log.warn(
                 "Graph could not read the raw message; sending it as JSON",
                 mailbox=plan.mailbox,
                 graph_code=rejected.graph_code,
             )
-            plan = plan_delivery(email, (plan.mailbox,), "json", domain, save)
             reply = await self._carry_out(plan, deadline)
         log.info(
             "Graph accepted the message",

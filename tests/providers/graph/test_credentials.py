@@ -170,6 +170,8 @@ class ProxySettingsTests(SynchronousTestCase):
             "[example.com]",
             "[10.0.0.1]",
             "[fd00::]]",
+            "[fd00::]/\u0668",
+            "[fd00::]:\u0664\u0664\u0663",
         ):
             with self.assertRaises(ValueError) as caught:
                 parse_no_proxy(f"corp.example, {bad}")

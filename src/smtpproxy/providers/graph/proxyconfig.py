@@ -150,7 +150,7 @@ def _bracketed(entry: str) -> tuple[str, int | None]:
     if not closed:
         raise ValueError(f"{entry[:60]!r} has no closing ']'")
     prefix, colon, port_text = rest.partition(":")
-    if prefix and not (prefix.startswith("/") and prefix[1:].isdigit()):
+    if prefix and not (prefix.startswith("/") and prefix[1:].isascii() and prefix[1:].isdigit()):
         raise ValueError(f"{entry[:60]!r}: only ':port' or '/prefix-length' may follow the ']'")
     host = inside + prefix
     try:
@@ -163,6 +163,7 @@ def _bracketed(entry: str) -> tuple[str, int | None]:
 
 
 def _port(text: str, entry: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    # ASCII digits only: int() would also read other scripts' digits.
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ValueError(f"{entry[:60]!r} has a port that is not a number from 1 to 65535")
     return int(text)

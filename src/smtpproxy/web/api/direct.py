@@ -81,6 +81,16 @@ def _plain_name(name: str) -> bool:
     return not name or (name.isascii() and name == " ".join(name.split()))
 
 
+def _plain_filename(name: str) -> bool:
+    """Does a file name read back as written?
+
+    The parser strips blanks at either end (a name of blanks reads as
+    none), takes off quotes or angle brackets around the whole name, and
+    decodes what looks like an encoded word: such a message is parsed.
+    """
+    return name == name.strip() and name[:1] + name[-1:] not in ('""', "<>") and "=?" not in name
+
+
 def _mailbox(mailbox: Mailbox) -> HeaderMailbox:
     return HeaderMailbox(mailbox.name, mailbox.address)
 
@@ -99,6 +109,8 @@ def direct_email(
     if not all(_plain_name(m.name) for m in (request.sender, *request.to, *request.cc)) or (
         request.reply_to is not None and not _plain_name(request.reply_to.name)
     ):
+        return None
+    if not all(_plain_filename(a.filename) for a in request.attachments):
         return None
     blank = raw.find(b"\r\n\r\n")
     fields = simple_header_fields(raw[: blank + 2]) if blank >= 0 else None

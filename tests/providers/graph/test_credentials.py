@@ -147,6 +147,40 @@ class ProxySettingsTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             parse_no_proxy("bad/host name!")
 
+    def test_no_proxy_brackets(self) -> None:
+        """A bracketed IPv6 entry is an address, a block when a prefix length follows (with
+        or without a port); an unclosed bracket, junk after it, a name or IPv4 inside it,
+        or an empty port stop start-up with a message naming the setting and the entry."""
+        rules = parse_no_proxy("[fd00::]/8, [2001:db8::1], [2001:db8::2]:8443, [fe80::]/10:443")
+        self.assertTrue(rules.bypasses("fd12::1", 443))
+        self.assertTrue(rules.bypasses("[fdff:ffff::1]", 80))
+        self.assertFalse(rules.bypasses("fe00::1", 443))
+        self.assertTrue(rules.bypasses("2001:db8::1", 1))
+        self.assertTrue(rules.bypasses("2001:db8::2", 8443))
+        self.assertFalse(rules.bypasses("2001:db8::2", 443))
+        self.assertTrue(rules.bypasses("fe80::1", 443))
+        self.assertFalse(rules.bypasses("fe80::1", 80))
+        for bad in (
+            "[fd00::]junk",
+            "[fd00::",
+            "[fd00::]/8x",
+            "[fd00::]/",
+            "[fd00::]/200",
+            "[fd00::]:",
+            "[example.com]",
+            "[10.0.0.1]",
+            "[fd00::]]",
+            "[fd00::]/\u0668",
+            "[fd00::]:\u0664\u0664\u0663",
+        ):
+            with self.assertRaises(ValueError) as caught:
+                parse_no_proxy(f"corp.example, {bad}")
+            self.assertIn(repr(bad), str(caught.exception))
+        with self.assertRaises(ConfigError) as start:
+            load({**BASE, "GRAPH_CLIENT_SECRET": "s", "NO_PROXY": "[fd00::]junk"})
+        self.assertIn("NO_PROXY", str(start.exception))
+        self.assertIn("only ':port' or '/prefix-length' may follow", str(start.exception))
+
     def test_lower_case_forms(self) -> None:
         """https_proxy and no_proxy are read too; both forms set differently is refused."""
         settings = _load(

@@ -186,3 +186,50 @@ class PlanTests(TestCase):
         plan = self.plan(large_message((1000,), signed=True))
         assert isinstance(plan, MimeSend)
         self.assertIn(b"multipart/signed", base64.b64decode(plan.body))
+        self.assertTrue(plan.signed)
+
+
+ENVELOPED = (
+    b"From: planner@example.org\r\nTo: a@x.example\r\nSubject: sealed\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n\r\nMIAGCSqGSIb3DQEHA6CAMIACAQAx\r\n"
+)
+
+
+class SignedRoadTests(TestCase):
+    """Every road to the JSON form refuses a signed or encrypted message, with 554 5.3.4."""
+
+    def refusal(self, raw: bytes, mode: str = "auto", envelope: str = "a@x.example") -> str:
+        email = parse_message("planner@example.org", [envelope], raw)
+        with self.assertRaises(PermanentDeliveryError) as caught:
+            plan_delivery(email, (MAILBOX,), mode)
+        self.assertEqual((caught.exception.code, caught.exception.status), (554, "5.3.4"))
+        self.assertIn("signature", str(caught.exception))
+        return str(caught.exception)
+
+    def test_json_mode(self) -> None:
+        """GRAPH_SEND_MODE=json refuses signed and enveloped messages and says why."""
+        signed = large_message((10,), signed=True)
+        self.assertIn("GRAPH_SEND_MODE=json", self.refusal(signed, "json"))
+        self.assertIn("GRAPH_SEND_MODE=json", self.refusal(ENVELOPED, "json"))
+
+    def test_header_recipient_outside_the_envelope(self) -> None:
+        """To names someone the envelope does not: JSON would be the only safe way, so refuse."""
+        message = self.refusal(ENVELOPED, envelope="other@x.example")
+        self.assertIn("not in the envelope", message)
+
+    def test_header_without_an_ascii_form(self) -> None:
+        """A Message-ID with 8-bit bytes has no ASCII form: MIME is impossible, so refuse."""
+        raw = large_message((10,), signed=True).replace(
+            b"Message-ID: <big-1@example.org>", "Message-ID: <caf\u00e9@example.org>".encode()
+        )
+        self.assertIn("no ASCII form", self.refusal(raw))
+
+    def test_unsigned_messages_still_take_those_roads(self) -> None:
+        """The same messages unsigned go as JSON, as before (the refusal is for signed ones)."""
+        email = parse_message("planner@example.org", ["a@x.example"], large_message((10,)))
+        self.assertFalse(isinstance(plan_delivery(email, (MAILBOX,), "json"), MimeSend))
+        plan = plan_delivery(email, (MAILBOX,), "auto")
+        assert isinstance(plan, MimeSend)
+        self.assertFalse(plan.signed)

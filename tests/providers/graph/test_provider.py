@@ -22,12 +22,13 @@ from smtpproxy.errors import (
     TransientDeliveryError,
     reply_for_failure,
 )
-from smtpproxy.mime.message import Email
+from smtpproxy.mime.message import Email, parse_message
 from smtpproxy.providers import create
 from smtpproxy.providers.graph.provider import GraphProvider, HTTPRequester
 from smtpproxy.providers.graph.retry import Tuning
 from smtpproxy.providers.result import SendCancelledError
 from tests.fakegraph import FakeGraph, Fault, make_email
+from tests.providers.graph.test_mimeparts import ENVELOPED
 
 EPOCH = 1_700_000_000.0
 MAILBOX = "relay@contoso.example"
@@ -424,6 +425,20 @@ class RetryTests(SynchronousTestCase):
         h.run()
         self.successResultOf(d)
         self.assertEqual([x.method for x in h.fake.deliveries], ["json"])
+
+    def test_signed_message_has_no_json_fallback(self) -> None:
+        """Graph refusing a signed message's MIME: 554 5.3.4 naming the signature, and
+        nothing rebuilt as JSON (that would break the signature without a word)."""
+        h = Harness()
+        h.fake.script("sendMail", Fault(400, "ErrorMimeContentInvalidBase64String"))
+        d = h.send(parse_message("app@example.org", ("a@x.example",), ENVELOPED))
+        h.run()
+        failure = self.failureResultOf(d, PermanentDeliveryError)
+        self.assertEqual(_reply(failure), "554 5.3.4")
+        self.assertIn("signature", str(failure.value))
+        self.assertIn("ErrorMimeContentInvalidBase64String", str(failure.value))
+        self.assertEqual(len(h.fake.routes("sendMail")), 1)
+        self.assertEqual(h.fake.deliveries, [])
 
     def test_mime_mode_has_no_fallback(self) -> None:
         """In mime mode the same refusal is a bounce."""

@@ -12,6 +12,11 @@ Graph, in two envelope shapes:
     no header names (it must travel as Bcc);
   - stranger-only: one address that no header names.
 
+A signed or encrypted message goes only as raw MIME (a JSON rebuild would
+break its signature): in the stranger-only shape, when its To/Cc name
+anyone, raw MIME would mail them, so the relay must refuse it with 554
+5.3.4 and send nothing; in every other case it must arrive as raw MIME.
+
 The fake reads what it is sent the way Graph would (the standard library's
 MIME parser stands in for Graph's): the To/Cc/Bcc it parses out must be
 exactly the envelope, no recipient lost and nobody added, and the
@@ -30,7 +35,9 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from smtpproxy.addresses import mailbox_key
+from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.message import parse_message
+from smtpproxy.providers.graph.mimeparts import is_signed
 from smtpproxy.smtp.commands import CommandError, check_address
 from tests.fakegraph import (
     Delivery,
@@ -109,9 +116,29 @@ class RecipientTests(SynchronousTestCase):
         (delivery,) = harness.fake.deliveries
         return delivery
 
-    def check(self, raw: bytes, shape: str) -> Delivery:
+    def refused_as_signed(self, raw: bytes, envelope: list[str]) -> None:
+        """C{raw} (signed) to C{envelope} is refused 554 5.3.4 and nothing reaches Graph."""
+        harness = Harness()
+        done = harness.send(parse_message("sender@example.com", envelope, raw))
+        harness.run()
+        error = self.failureResultOf(done, PermanentDeliveryError).value
+        self.assertEqual((error.code, error.status), (554, "5.3.4"), str(error))
+        self.assertEqual(harness.fake.deliveries, [])
+        self.assertEqual(
+            [r.route for r in harness.fake.requests if r.route != "token"], [], "requests"
+        )
+
+    def check(self, raw: bytes, shape: str) -> Delivery | None:
         envelope = envelope_for(raw, shape)
+        signed = is_signed(raw)
+        if signed and shape == "stranger_only":
+            parsed = parse_message("sender@example.com", envelope, raw)
+            if parsed.to or parsed.cc:
+                self.refused_as_signed(raw, envelope)
+                return None
         delivery = self.deliver(raw, envelope)
+        if signed:
+            self.assertEqual(delivery.method, "mime", "a signed message rebuilt")
         # Graph delivers one copy per address, however often the headers name it.
         received = {mailbox_key(a) for a in delivery.recipients}
         expected = {mailbox_key(a) for a in envelope}
@@ -136,6 +163,7 @@ class RecipientTests(SynchronousTestCase):
         qualified = "root@" + MAILBOX.partition("@")[2]
         for shape in SHAPES:
             delivery = self.check(raw, shape)
+            assert delivery is not None
             if delivery.mime is not None:
                 reply_to = mime_addresses(parse_mime(delivery.mime), "reply-to")
             else:
@@ -156,6 +184,7 @@ class RecipientTests(SynchronousTestCase):
         """The message that used to lose its Bcc still goes as raw MIME: the Bcc the relay
         adds is at the top, where the parser still reads fields."""
         delivery = self.check(MESSAGES["line_without_colon"], "header_plus_one")
+        assert delivery is not None
         self.assertEqual(delivery.method, "mime")
         self.assertEqual(delivery.bcc, (EXTRA,))
 

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpproxy.smtp.commands import CommandError, parse_rcpt
 from smtpproxy.web.api import compose
 from smtpproxy.web.api.problems import ApiError
 from tests.web.api.harness import message
@@ -277,4 +278,69 @@ class RawTests(SynchronousTestCase):
             )
         self.assertEqual(
             (caught.exception.code, caught.exception.field), ("unknown_field", "subject")
+        )
+
+    def test_utf8_local_parts_follow_the_smtp_front_door(self) -> None:
+        """Both raw forms take a UTF-8 local part exactly when SMTP takes it after
+        SMTPUTF8 (parse_rcpt's check: syntax, lengths in octets, IDN domains); the domain
+        becomes A-labels, the local part stays as typed."""
+        data = b"Subject: x\r\n\r\nbody\r\n"
+
+        def both(address: str) -> list[str]:
+            by_query = compose.read_raw_query(
+                {b"from": [b"a@b.example"], b"to": [address.encode()]}, data, max_recipients=5
+            )
+            by_json = compose.read_raw_json(
+                {"from": address, "to": ["c@d.example"], "data": base64.b64encode(data).decode()},
+                max_recipients=5,
+                max_size=1000,
+            )
+            return [by_query.envelope_recipients[0], by_json.sender.address]
+
+        for good, expected in (
+            ("zo\u00eb@b.example", "zo\u00eb@b.example"),
+            ("\u7528\u6237@ex\u00e4mple.test", "\u7528\u6237@xn--exmple-cua.test"),
+            ("\u00e9" * 32 + "@b.example", "\u00e9" * 32 + "@b.example"),
+        ):
+            parse_rcpt(f"TO:<{good}>", smtputf8=True)
+            self.assertEqual(both(good), [expected, expected])
+        for bad in (
+            "\u00e9" * 33 + "@b.example",  # 66 octets: longer than a local part may be
+            "zo\u00eb..x@b.example",
+            ".zo\u00eb@b.example",
+            "zo\u00eb@\u00e4..test",
+        ):
+            with self.assertRaises(CommandError):
+                parse_rcpt(f"TO:<{bad}>", smtputf8=True)
+            with self.assertRaises(ApiError) as caught:
+                both(bad)
+            self.assertEqual(caught.exception.code, "invalid_address", bad)
+
+    def test_query_plus_is_a_space(self) -> None:
+        """A '+' sent unencoded arrives as a space: refused, and the message says to write
+        %2B (never delivered to a different address)."""
+        with self.assertRaises(ApiError) as caught:
+            compose.read_raw_query(
+                {b"from": [b"a@b.example"], b"to": [b"a b@d.example"]}, b"x", max_recipients=5
+            )
+        error = caught.exception
+        self.assertEqual((error.status, error.code, error.field), (400, "invalid_address", "to[0]"))
+        self.assertIn("%2B", str(error))
+
+    def test_empty_message_refused_in_both_forms(self) -> None:
+        """An empty message is 400 invalid_field in both forms (body / data), not handed on."""
+        with self.assertRaises(ApiError) as caught:
+            compose.read_raw_query(
+                {b"from": [b"a@b.example"], b"to": [b"c@d.example"]}, b"", max_recipients=5
+            )
+        self.assertEqual((caught.exception.status, caught.exception.field), (400, "body"))
+        with self.assertRaises(ApiError) as caught:
+            compose.read_raw_json(
+                {"from": "a@b.example", "to": ["c@d.example"], "data": ""},
+                max_recipients=5,
+                max_size=1000,
+            )
+        self.assertEqual(
+            (caught.exception.status, caught.exception.code, caught.exception.field),
+            (400, "invalid_field", "data"),
         )

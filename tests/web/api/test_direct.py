@@ -153,17 +153,36 @@ class DirectTests(SynchronousTestCase):
         named = {"from": {"address": "a@example.com", "name": "Zoë"}, "to": ["b@example.org"]}
         self.assertEqual(both({**named, "subject": "s", "text": "x"})[0], None)
 
-    def test_blank_ended_file_names_are_parsed(self) -> None:
-        """A file name with blanks at its ends (or only blanks) reads back trimmed (or as
-        none): such a message is left to the parser, which then says what it holds."""
-        for filename in (" ", " a", "a ", "\u3000", "é\xa0"):
+    def test_file_names_the_parser_reads_differently_are_parsed(self) -> None:
+        """A file name with blanks at an end (or only blanks, Unicode ones too), quoted or
+        in angle brackets as a whole, or holding an encoded word reads back differently:
+        the builder leaves such a message to the parser, so the Email is still the
+        parsed one.  Names that read back as written are still built directly."""
+        for name, direct_expected in (
+            (" ", False),
+            ("  x", False),
+            ("x\u3000", False),
+            ("\u00a0x", False),
+            ('"x"', False),
+            ("<x>", False),
+            ("=?utf-8?q?x?=", False),
+            ("a  b", True),
+            ('a"b', True),
+            ("<x", True),
+            ("bericht \u00e4.pdf", True),
+        ):
+            attachment = {"filename": name, "content": "JVBERi0="}
             document = {
                 "from": "a@example.com",
                 "to": ["b@example.org"],
+                "subject": "s",
                 "text": "x",
-                "attachments": [{"filename": filename, "content": ""}],
+                "attachments": [attachment],
             }
-            self.assertIsNone(both(document)[0], repr(filename))
+            direct, parsed = both(document)
+            self.assertEqual(direct is not None, direct_expected, repr(name))
+            if direct is not None:
+                self.assertEqual(direct, parsed, repr(name))
 
     def test_wire_text(self) -> None:
         """Every line end becomes CRLF and a last one is added; the empty text is one line."""

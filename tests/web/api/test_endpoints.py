@@ -260,6 +260,46 @@ class SubmissionTests(TestCase):
         )
 
     @async_test
+    async def test_raw_query_plus_must_be_percent_encoded(self) -> None:
+        """to=a%2Bb@... reaches a+b@...; an unencoded to=a+b@... decodes to a space and is
+        400 invalid_address saying to write %2B, never delivered to another address; a
+        UTF-8 local part (percent-encoded) is taken as SMTP takes it with SMTPUTF8."""
+        server = ApiServer(self)
+        good = await server.raw("?from=app@example.com&to=a%2Bb@example.org", RAW)
+        self.assertEqual(good.status, 200, good.body)
+        self.assertEqual(list(server.provider.emails[0].envelope_to), ["a+b@example.org"])
+        bad = await server.raw("?from=app@example.com&to=a+b@example.org", RAW)
+        error = bad.json["error"]
+        self.assertEqual(
+            (bad.status, error["code"], error["field"]), (400, "invalid_address", "to[0]")
+        )
+        self.assertIn("%2B", error["message"])
+        utf8 = await server.raw("?from=app@example.com&to=jos%C3%A9@example.org", RAW)
+        self.assertEqual(utf8.status, 200, utf8.body)
+        self.assertEqual(list(server.provider.emails[1].envelope_to), ["jos\u00e9@example.org"])
+        self.assertEqual(len(server.provider.emails), 2)
+
+    @async_test
+    async def test_empty_raw_message_is_refused_in_both_forms(self) -> None:
+        """An empty message/rfc822 body and JSON "data": "" are both 400 invalid_field
+        (field body / data); nothing reaches the provider."""
+        server = ApiServer(self)
+        by_query = await server.raw(RAW_QUERY, b"")
+        by_json = await server.request(
+            "POST",
+            "/v1/messages/raw",
+            json.dumps({"from": "a@example.com", "to": ["b@example.org"], "data": ""}).encode(),
+        )
+        self.assertEqual(
+            [
+                (a.status, a.json["error"]["code"], a.json["error"]["field"])
+                for a in (by_query, by_json)
+            ],
+            [(400, "invalid_field", "body"), (400, "invalid_field", "data")],
+        )
+        self.assertEqual(server.provider.emails, [])
+
+    @async_test
     async def test_queue_mode_stores_the_message_and_answers_202(self) -> None:
         """With a queue the body is stored as built, the envelope names the key as its
         user, the provider is not called, and the answer is 202 with the queue's id."""

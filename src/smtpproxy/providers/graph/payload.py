@@ -14,8 +14,14 @@ L{plan_delivery} turns an L{Email} into a plan made of request bodies:
     draft is the raw message itself (MIME) with its largest attachments
     taken out (L{smtpproxy.providers.graph.mimeparts}), so headers and
     alternatives survive; only when the message is too large even without
-    them is it rebuilt as a JSON draft.  A signed message too large for
-    one request is refused: no way of sending it keeps the signature.
+    them is it rebuilt as a JSON draft.
+
+A signed or encrypted message (L{is_signed}) goes only as L{MimeSend}: the
+JSON form is rebuilt from the parse and a MIME draft loses parts, and
+either breaks the signature.  Every road that would lead elsewhere (too
+large, header recipients outside the envelope, a header with no ASCII
+form, C{GRAPH_SEND_MODE=json}, Graph refusing the MIME) refuses it with
+C{554 5.3.4} instead (L{signed_refusal}).
 
 The envelope decides who receives the message, exactly once each: header
 To/Cc recipients that are in the envelope stay To/Cc, envelope recipients
@@ -579,13 +585,18 @@ class Upload:
 
 @dataclass(frozen=True, slots=True)
 class MimeSend:
-    """One C{sendMail} request with the base64 of the (header-adjusted) message."""
+    """One C{sendMail} request with the base64 of the (header-adjusted) message.
+
+    @ivar signed: the message is signed or encrypted, so it may not fall
+        back to the JSON form (L{json_fallback}).
+    """
 
     mailbox: str
     body: bytes = field(repr=False)
     recipients: Recipients
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    signed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -675,10 +686,22 @@ def plan_delivery(
     notes: list[str] = []
     if email.abandoned:
         return _raw_plan(email, mailbox, recipients, mode, default_domain)
-    if mode != "json":
+    # Checked once, before any road below that ends in the JSON form or a
+    # draft: only one whole MIME request keeps a signature intact.
+    signed = is_signed(email.raw)
+    if mode == "json":
+        if signed:
+            raise signed_refusal("GRAPH_SEND_MODE=json rebuilds every message as JSON")
+    else:
         # The header block is split once, here, for every step below.
         split = split_fields(email.raw)
         if recipients.outside or not raw_recipients_in_envelope(email, split):
+            if signed:
+                # As MIME, Graph would mail the header recipients too.
+                raise signed_refusal(
+                    "its To/Cc name recipients who are not in the envelope (or cannot be"
+                    " read), so it cannot go as MIME"
+                )
             notes.append(
                 "To/Cc name recipients who are not in the envelope (or cannot be read); "
                 "sending as JSON so that they do not receive it"
@@ -688,6 +711,10 @@ def plan_delivery(
                 email, mailbox, recipients, default_domain, split
             )
             if ascii_mime is None:
+                if signed:
+                    raise signed_refusal(
+                        "a header field has no ASCII form, so it cannot go as MIME"
+                    )
                 notes.append(
                     "a header field has no ASCII form (a UTF-8 local part, or 8-bit bytes in"
                     " a structured field); sending as JSON"
@@ -697,7 +724,11 @@ def plan_delivery(
                     notes.append("8-bit header fields written as RFC 2047 encoded words")
                 if _b64_size(len(ascii_mime)) <= REQUEST_LIMIT:
                     body = base64.b64encode(ascii_mime)
-                    return MimeSend(mailbox, body, recipients, tuple(notes), warnings)
+                    return MimeSend(mailbox, body, recipients, tuple(notes), warnings, signed)
+                if signed:
+                    raise signed_refusal(
+                        "it is too large for Graph's 4 MB MIME request and cannot be split"
+                    )
                 draft = _mime_draft_plan(ascii_mime, mailbox, recipients, notes, warnings)
                 if draft is not None:
                     return draft
@@ -720,17 +751,8 @@ def _mime_draft_plan(
     Each part taken out is added to the draft afterwards: by one POST when
     under 3 MB, else through an upload session.  None when the message does
     not fit in one request even without every part that may be taken out.
-
-    @raise PermanentDeliveryError: the message is signed (or encrypted):
-        taking a part out would break it, and it is too large to go whole.
+    Never called for a signed message (taking a part out would break it).
     """
-    if is_signed(mime):
-        raise PermanentDeliveryError(
-            "signed (S/MIME) message too large for Graph's 4 MB MIME request; it cannot be"
-            " split without breaking its signature",
-            "5.3.4",
-            554,
-        )
     taken = take_out(mime, lambda size: _b64_size(size) <= REQUEST_LIMIT)
     if taken is None:
         return None
@@ -755,6 +777,41 @@ def _mime_draft_plan(
         tuple(notes),
         warnings,
         draft_type="text/plain",
+    )
+
+
+def signed_refusal(why: str) -> PermanentDeliveryError:
+    """The refusal of a signed or encrypted message that cannot go as one whole MIME request.
+
+    Graph's JSON form is rebuilt from the parse (no multipart/signed, no
+    pkcs7 body) and a draft loses the parts taken out: either would deliver
+    the message with a broken signature and nobody would be told.
+    """
+    return PermanentDeliveryError(
+        f"signed or encrypted (S/MIME) message refused: {why}; any other way of sending it"
+        " would break its signature",
+        "5.3.4",
+        554,
+    )
+
+
+def json_fallback(
+    email: Email,
+    sent: MimeSend,
+    graph_code: str,
+    default_domain: str = "",
+    save_to_sent_items: bool = True,
+    recipients: Recipients | None = None,
+) -> Plan:
+    """The JSON plan for a message whose MIME form Graph could not read (auto mode).
+
+    @raise PermanentDeliveryError: the message is signed or encrypted
+        (L{signed_refusal}), or the JSON form breaks a Graph limit.
+    """
+    if sent.signed:
+        raise signed_refusal(f"Graph could not read it as MIME ({graph_code})")
+    return plan_delivery(
+        email, (sent.mailbox,), "json", default_domain, save_to_sent_items, recipients
     )
 
 

@@ -71,6 +71,7 @@ from smtpproxy.providers.graph.payload import (
     Upload,
     bound_mailbox,
     content_range,
+    json_fallback,
     matching_mailbox,
     plan_delivery,
     plan_recipients,
@@ -392,12 +393,12 @@ class GraphProvider:
                 and rejected.graph_code.startswith("ErrorMimeContent")
             ):
                 raise
+            plan = json_fallback(email, plan, rejected.graph_code, domain, save, recipients)
             log.warn(
                 "Graph could not read the raw message; sending it as JSON",
                 mailbox=plan.mailbox,
                 graph_code=rejected.graph_code,
             )
-            plan = plan_delivery(email, (plan.mailbox,), "json", domain, save, recipients)
             reply = await self._carry_out(plan, deadline)
         if not self._log_accepted:
             return

@@ -13,7 +13,10 @@ curl, Go and Python's urllib, and is stricter where they disagree:
     CIDR block (C{10.0.0.0/8}) matches the addresses in it; an entry may
     end in C{:port} to match only that port.  Names are compared without
     regard to case, and never resolved: a name does not match an address
-    entry.  Loopback bypasses nothing unless it is listed.
+    entry.  Loopback bypasses nothing unless it is listed.  An IPv6 address
+    or block may stand in brackets, as in a URL (C{[fd00::1]},
+    C{[fd00::1]:443}, C{[fd00::]/8}, C{[fd00::]/8:443}); anything else
+    after the bracket, or a bracket that is never closed, is refused.
 """
 
 from __future__ import annotations
@@ -126,17 +129,41 @@ def parse_no_proxy(text: str) -> NoProxy:
 
 
 def _split_port(entry: str) -> tuple[str, int | None]:
-    """C{host:port}, C{[v6]:port}, C{v6} or C{host}: the host and the port, if any."""
+    """C{host:port}, C{[v6]...} (L{_bracketed}), C{v6} or C{host}: the host and the port, if any."""
     if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        return host, _port(rest[1:], entry) if rest.startswith(":") else None
+        return _bracketed(entry)
     if entry.count(":") == 1:
         host, _, port = entry.partition(":")
         return host, _port(port, entry)
     return entry, None
 
 
+def _bracketed(entry: str) -> tuple[str, int | None]:
+    """C{[v6]}, then nothing, C{:port}, C{/bits} or C{/bits:port}: the address or block, the port.
+
+    The bracket only quotes the colons of the address; a prefix length
+    after it belongs to the address (C{[fd00::]/8} is the block fd00::/8).
+    Anything else there is a mistake that would otherwise narrow the entry
+    without a word, so it is refused.
+    """
+    inside, closed, rest = entry[1:].partition("]")
+    if not closed:
+        raise ValueError(f"{entry[:60]!r} has no closing ']'")
+    prefix, colon, port_text = rest.partition(":")
+    if prefix and not (prefix.startswith("/") and prefix[1:].isascii() and prefix[1:].isdigit()):
+        raise ValueError(f"{entry[:60]!r}: only ':port' or '/prefix-length' may follow the ']'")
+    host = inside + prefix
+    try:
+        network = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        network = None
+    if network is None or network.version != 6:
+        raise ValueError(f"{entry[:60]!r}: the brackets must hold an IPv6 address or block")
+    return host, _port(port_text, entry) if colon else None
+
+
 def _port(text: str, entry: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    # ASCII digits only: int() would also read other scripts' digits.
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ValueError(f"{entry[:60]!r} has a port that is not a number from 1 to 65535")
     return int(text)

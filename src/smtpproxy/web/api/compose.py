@@ -255,14 +255,24 @@ def check_header_text(value: object, field: str, limit: int) -> str:
     return value
 
 
-def check_address(value: str, field: str) -> Mailbox:
-    """An address as a client typed it: a deliverable mailbox, its domain as A-labels."""
+def check_address(value: str, field: str, *, utf8_local: bool = False) -> Mailbox:
+    """An address as a client typed it: a deliverable mailbox, its domain as A-labels.
+
+    The syntax is the SMTP front door's (L{addresses.mailbox_problem}: RFC
+    5321, or RFC 6531 for UTF-8, lengths in octets), narrowed to the plain
+    form providers deliver to (L{addresses.is_deliverable}).
+
+    @param utf8_local: a UTF-8 local part is taken, as SMTP takes it from a
+        client that declared SMTPUTF8: only where the client's own bytes go
+        on (the raw endpoint; the provider decides whether it can carry it).
+        A message this module builds has nowhere to write one.
+    """
     # Too long is an address problem (mailbox_problem), not a text-field one.
     value = check_header_text(value, field, 4 * addresses.MAX_PATH)
     if addresses.mailbox_problem(value) is not None or not addresses.is_deliverable(value):
         raise ApiError(400, "invalid_address", "not a valid email address", field)
     local, domain = addresses.split(value)
-    if not local.isascii():
+    if not utf8_local and not local.isascii():
         raise ApiError(
             400,
             "invalid_address",
@@ -275,28 +285,35 @@ def check_address(value: str, field: str) -> Mailbox:
     return Mailbox(local, ascii_domain)
 
 
-def read_mailbox(value: object, field: str) -> Mailbox:
-    """C{"a@b.example"} or C{{"address": "a@b.example", "name": "A"}}."""
+def read_mailbox(value: object, field: str, *, utf8_local: bool = False) -> Mailbox:
+    """C{"a@b.example"} or C{{"address": "a@b.example", "name": "A"}}.
+
+    @param utf8_local: see L{check_address}.
+    """
     if isinstance(value, str):
-        return check_address(value, field)
+        return check_address(value, field, utf8_local=utf8_local)
     if isinstance(value, dict):
         _only(value, ADDRESS_FIELDS, field + ".")
         if "address" not in value:
             raise ApiError(400, "missing_field", "required", field + ".address")
-        mailbox = check_address(value["address"], field + ".address")
+        mailbox = check_address(value["address"], field + ".address", utf8_local=utf8_local)
         name = value.get("name", "")
         name = check_header_text(name, field + ".name", MAX_NAME)
         return Mailbox(mailbox.local, mailbox.domain, name)
     raise ApiError(400, "invalid_field", "must be an address or an address object", field)
 
 
-def _mailboxes(document: Mapping[str, object], name: str, limit: int) -> tuple[Mailbox, ...]:
+def _mailboxes(
+    document: Mapping[str, object], name: str, limit: int, *, utf8_local: bool = False
+) -> tuple[Mailbox, ...]:
     value = document.get(name, [])
     if not isinstance(value, list):
         raise ApiError(400, "invalid_field", "must be a list of addresses", name)
     if len(value) > limit:
         raise ApiError(400, "too_many_recipients", f"more than {limit} recipients", name)
-    return tuple(read_mailbox(item, f"{name}[{i}]") for i, item in enumerate(value))
+    return tuple(
+        read_mailbox(item, f"{name}[{i}]", utf8_local=utf8_local) for i, item in enumerate(value)
+    )
 
 
 def _body_text(document: Mapping[str, object], name: str) -> str | None:
@@ -434,13 +451,15 @@ def read_raw_json(
     for required in RAW_FIELDS:
         if required not in document:
             raise ApiError(400, "missing_field", "required", required)
-    sender = read_mailbox(document["from"], "from")
+    sender = read_mailbox(document["from"], "from", utf8_local=True)
     if isinstance(document["from"], dict) and "name" in document["from"]:
         raise ApiError(400, "unknown_field", "an envelope address has no name", "from.name")
-    recipients = _mailboxes(document, "to", max_recipients)
+    recipients = _mailboxes(document, "to", max_recipients, utf8_local=True)
     if not recipients:
         raise ApiError(400, "missing_field", "at least one recipient is required", "to")
     data = decode_base64(document["data"], "data", max_size)
+    if not data:
+        raise ApiError(400, "invalid_field", "the message is empty", "data")
     return RawSubmission(sender, recipients, data)
 
 
@@ -455,26 +474,34 @@ def read_raw_query(
     senders = args.get(b"from", [])
     if len(senders) != 1:
         raise ApiError(400, "missing_field", "exactly one from= is required", "from")
-    sender = check_address(_query_text(senders[0], "from"), "from")
+    sender = _query_address(senders[0], "from")
     recipients = args.get(b"to", [])
     if not recipients:
         raise ApiError(400, "missing_field", "at least one to= is required", "to")
     if len(recipients) > max_recipients:
         raise ApiError(400, "too_many_recipients", f"more than {max_recipients} recipients", "to")
-    checked = tuple(
-        check_address(_query_text(value, f"to[{i}]"), f"to[{i}]")
-        for i, value in enumerate(recipients)
-    )
+    checked = tuple(_query_address(value, f"to[{i}]") for i, value in enumerate(recipients))
     if not data:
         raise ApiError(400, "invalid_field", "the message is empty", "body")
     return RawSubmission(sender, checked, data)
 
 
-def _query_text(value: bytes, field: str) -> str:
+def _query_address(value: bytes, field: str) -> Mailbox:
+    """An envelope address from the query string (already percent-decoded, C{+} as a space)."""
     try:
-        return value.decode("utf-8")
+        text = value.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_address", "not UTF-8", field) from None
+    if " " in text:
+        # a+b@x arrives as "a b@x": say why, so the client encodes its '+'.
+        raise ApiError(
+            400,
+            "invalid_address",
+            "not a valid email address: it contains a space (a '+' in a query string"
+            " means a space; send '+' as %2B)",
+            field,
+        )
+    return check_address(text, field, utf8_local=True)
 
 
 # -- building ---------------------------------------------------------------------

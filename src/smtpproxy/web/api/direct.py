@@ -67,6 +67,16 @@ def _plain_name(name: str) -> bool:
     return not name or (name.isascii() and name == " ".join(name.split()))
 
 
+def _plain_filename(name: str) -> bool:
+    """Does a file name read back as written?
+
+    The parser strips blanks at either end (a name of blanks reads as
+    none), takes off quotes or angle brackets around the whole name, and
+    decodes what looks like an encoded word: such a message is parsed.
+    """
+    return name == name.strip() and name[:1] + name[-1:] not in ('""', "<>") and "=?" not in name
+
+
 def _mailbox(mailbox: Mailbox) -> HeaderMailbox:
     return HeaderMailbox(mailbox.name, mailbox.address)
 
@@ -86,9 +96,7 @@ def direct_email(
         request.reply_to is not None and not _plain_name(request.reply_to.name)
     ):
         return None
-    if any(a.filename != a.filename.strip() for a in request.attachments):
-        # The package reads a file name back without blanks at its ends
-        # (a blank one as none): the parser decides.
+    if not all(_plain_filename(a.filename) for a in request.attachments):
         return None
     blank = raw.find(b"\r\n\r\n")
     fields = simple_header_fields(raw[: blank + 2]) if blank >= 0 else None

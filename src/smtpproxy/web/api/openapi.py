@@ -122,14 +122,23 @@ def _document() -> dict[str, Any]:
                         {
                             "name": "from",
                             "in": "query",
-                            "description": "Envelope sender (message/rfc822 bodies only).",
-                            "schema": {"type": "string", "format": "email"},
+                            "description": (
+                                "Envelope sender (message/rfc822 bodies only); percent-encoded"
+                                " (a '+' as %2B: a bare '+' is a space)."
+                            ),
+                            "schema": {"type": "string", "format": "idn-email"},
                         },
                         {
                             "name": "to",
                             "in": "query",
-                            "description": "Envelope recipients, repeated (message/rfc822 only).",
-                            "schema": {"type": "array", "items": {"type": "string"}},
+                            "description": (
+                                "Envelope recipients, repeated (message/rfc822 only);"
+                                " percent-encoded (a '+' as %2B: a bare '+' is a space)."
+                            ),
+                            "schema": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "idn-email"},
+                            },
                             "style": "form",
                             "explode": True,
                         },
@@ -222,9 +231,13 @@ def _document() -> dict[str, Any]:
                     "additionalProperties": False,
                     "required": ["from", "to", "data"],
                     "properties": {
-                        "from": {"type": "string", "format": "email"},
-                        "to": {"type": "array", "minItems": 1, "items": {"type": "string"}},
-                        "data": {"type": "string", "contentEncoding": "base64"},
+                        "from": {"type": "string", "format": "idn-email"},
+                        "to": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"type": "string", "format": "idn-email"},
+                        },
+                        "data": {"type": "string", "contentEncoding": "base64", "minLength": 1},
                     },
                 },
                 "Error": {

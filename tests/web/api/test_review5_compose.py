@@ -1,0 +1,98 @@
+"""Review 5: messages the API builds that break the line limit or read back other than posted.
+
+Each test builds a message from a valid request with L{compose.build_message}
+and reads the bytes back, with the C{email} package (policy C{default}) or
+the relay's own parser, as a recipient or a provider would.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpproxy.mime.message import parse_message
+from smtpproxy.web.api import compose
+from smtpproxy.web.api.direct import direct_email
+from tests.web.api.harness import message
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def _built(document: dict[str, Any]) -> tuple[compose.JsonMessage, bytes]:
+    request = compose.read_json_message(document, max_recipients=50, max_size=1 << 20)
+    built = compose.build_message(request, message_id="<id@relay.test>", now=NOW)
+    return request, compose.encode_message(built, 1 << 20)
+
+
+class LineLimitTests(SynchronousTestCase):
+    def test_form_feed_does_not_hide_a_long_line_from_the_7bit_rule(self) -> None:
+        """An ASCII text body whose one wire line is longer than 998 octets is not sent 7bit.
+
+        L{compose.transfer_encoding} measures lines with C{str.splitlines},
+        which also splits at form feed, vertical tab and U+001C..U+001E; the
+        generator (and every MTA) splits only at CR and LF.  A body of two
+        600-character runs joined by a form feed is thus called C{7bit} and
+        written as one 1201-octet line, which RFC 5322 2.1.1 forbids and
+        strict MTAs refuse.  Right: every line of the message fits 998
+        octets (the body quoted-printable or base64 when it must).
+        """
+        for separator in ("\x0c", "\x0b", "\x1c", "\x1d", "\x1e"):
+            _, data = _built(message(text="a" * 600 + separator + "a" * 600))
+            longest = max(len(line) for line in data.split(b"\r\n"))
+            self.assertLessEqual(longest, compose.MAX_LINE, repr(separator))
+
+
+class ReadBackTests(SynchronousTestCase):
+    def test_display_name_that_looks_like_an_encoded_word_reads_back_as_posted(self) -> None:
+        """A display name posted as C{=?utf-8?q?Boss?=} reads back as those characters.
+
+        The ASCII path writes it with C{formataddr}, which does not quote it
+        ('=' and '?' are not specials), so every reader decodes it as an
+        RFC 2047 word and shows "Boss": the recipient sees a name the client
+        never sent, and L{direct_email} (which copies the request's name)
+        disagrees with L{parse_message} of the very same bytes.  Right: the
+        name is written so that it reads back unchanged (for instance as
+        encoded words of its own text), and both views agree.
+        """
+        posted = "=?utf-8?q?Boss?="
+        document = message(to=[{"address": "rcpt@example.org", "name": posted}])
+        _, data = _built(document)
+        parsed = email.message_from_bytes(data, policy=email.policy.default)
+        self.assertEqual(parsed["To"].addresses[0].display_name, posted)
+
+    def test_direct_view_agrees_with_the_parsed_bytes_on_an_encoded_word_name(self) -> None:
+        """L{direct_email} gives the names L{parse_message} reads from the same bytes.
+
+        L{direct._plain_name} trusts any ASCII name without odd blanks, but
+        a name holding C{=?...?=} is decoded by the parser: the view says
+        C{=?utf-8?q?Boss?=} while the bytes say "Boss", so a provider
+        that reads the view (the Graph JSON payload's recipient names)
+        sends a name the message itself does not carry.  Right: the view
+        equals the parse (None, leaving it to the parser, is right too).
+        """
+        document = message(
+            **{"from": {"address": "app@example.com", "name": "=?utf-8?q?Boss?="}},
+            to=[{"address": "rcpt@example.org", "name": "=?utf-8?q?Boss?="}],
+        )
+        request, data = _built(document)
+        direct = direct_email(request, request.envelope_recipients, data)
+        relay = parse_message(request.sender.address, request.envelope_recipients, data)
+        if direct is not None:
+            self.assertEqual((direct.from_, direct.to), (relay.from_, relay.to))
+
+    def test_custom_header_that_looks_like_an_encoded_word_reads_back_as_posted(self) -> None:
+        """An X- header's ASCII value C{=?utf-8?b?SGk=?=} reads back as those characters.
+
+        The policy keeps a short ASCII value as set and writes it unchanged,
+        so the literal text becomes an encoded word on the wire and reads
+        back as "Hi".  Right: the value a client posted is the value a
+        recipient reads.
+        """
+        posted = "=?utf-8?b?SGk=?="
+        _, data = _built(message(headers={"X-Ticket": posted}))
+        parsed = email.message_from_bytes(data, policy=email.policy.default)
+        self.assertEqual(str(parsed["X-Ticket"]), posted)

@@ -99,6 +99,48 @@ class ReadBackTests(SynchronousTestCase):
         self.assertEqual(str(parsed["X-Ticket"]), posted)
 
 
+class AddressInjectionTests(SynchronousTestCase):
+    def test_long_display_name_with_specials_stays_one_quoted_name(self) -> None:
+        """A display name holding RFC 5322 specials (a comma, angle brackets, an
+        address) reads back as that one name of that one mailbox, however long.
+
+        L{compose._addresses} quotes it with C{formataddr}, but a header
+        longer than 78 columns is re-parsed and folded by the header
+        registry when written (C{refold_source="long"}), and that folder
+        drops the quotes of a quoted string it splits.  The name
+        C{"Support <evil@attacker.example>, yyy..."} then goes out as the
+        mailbox list C{Support <evil@attacker.example>, yyy... <app@...>}:
+        a client chooses a From (and To, Cc, Reply-To) address that the key's
+        sender checks never saw, and every reader, the relay's own parser
+        included, sees two mailboxes.  Right: the name is written so that
+        folding cannot break it (encoded words, or quoting kept on each
+        line), and reads back as posted with the one address posted.
+        """
+        name = "Support <evil@attacker.example>, " + "y" * 60
+        document = message(
+            **{"from": {"address": "app@example.com", "name": name}},
+            to=[{"address": "rcpt@example.org", "name": name}],
+        )
+        request, data = _built(document)
+        parsed = email.message_from_bytes(data, policy=email.policy.default)
+        for header, address in (("From", "app@example.com"), ("To", "rcpt@example.org")):
+            found = [(a.display_name, a.addr_spec) for a in parsed[header].addresses]
+            self.assertEqual(found, [(name, address)], header)
+        relay = parse_message(request.sender.address, request.envelope_recipients, data)
+        self.assertEqual([m.address for m in relay.from_], ["app@example.com"])
+        self.assertEqual([m.address for m in relay.to], ["rcpt@example.org"])
+
+    def test_long_display_name_with_a_semicolon_or_backslash_reads_back(self) -> None:
+        """Names with C{;}, C{:}, C{\\} or C{"} longer than a line read back unchanged
+        (the same folding loses their quotes: C{a;xxx...} becomes the bare address
+        C{a} followed by a malformed list)."""
+        for name in ("a;" + "x" * 80, "%:\\;\\" + "x" * 80, 'a"b ' + "x" * 80):
+            _, data = _built(message(to=[{"address": "rcpt@example.org", "name": name}]))
+            parsed = email.message_from_bytes(data, policy=email.policy.default)
+            found = [(a.display_name, a.addr_spec) for a in parsed["To"].addresses]
+            self.assertEqual(found, [(name, "rcpt@example.org")], repr(name))
+
+
 class CostTests(SynchronousTestCase):
     def test_many_non_ascii_display_names_build_in_linear_time(self) -> None:
         """A request with 100 recipients, each with a 256-character non-ASCII name (both

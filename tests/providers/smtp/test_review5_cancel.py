@@ -87,6 +87,9 @@ class SetupCancelTests(Case):
                 break
             await deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(len(sessions), 1)
+        # Let the client side see its connection made too (connectProtocol
+        # fired): it now waits for the greeting, due at GREETING_DELAY.
+        await deferLater(reactor, GREETING_DELAY / 3, lambda: None)
         sending.cancel()
         with self.assertRaises(SendCancelledError):
             await sending

@@ -119,6 +119,43 @@ class ReadBackTests(SynchronousTestCase):
             self.assertEqual(direct.attachments, relay.attachments)
 
 
+def _raw_header(data: bytes, name: str) -> str:
+    """The value of header C{name} as written, unfolded (CRLF removed, blanks kept)."""
+    head = data.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    value: list[str] = []
+    for line in head.split("\r\n"):
+        if value and line[:1] in (" ", "\t"):
+            value.append(line)
+        elif value:
+            break
+        elif line.lower().startswith(name.lower() + ":"):
+            value.append(line[len(name) + 1 :])
+    return "".join(value)
+
+
+class LongAsciiValueTests(SynchronousTestCase):
+    def test_long_list_unsubscribe_keeps_its_urls(self) -> None:
+        """A List-Unsubscribe of two angle-bracketed URIs, the first 200 characters long
+        (an unsubscribe link with its token), goes out with those URIs as written,
+        folded only at the blank between them.
+
+        The policy hands an ASCII value longer than a line to the header
+        registry, which treats List-Unsubscribe as unstructured text and,
+        finding the URL longer than a line, rewrites it as RFC 2047 encoded
+        words (C{=?utf-8?q?=3Chttps=3A//...?=}).  RFC 2369 fields hold
+        angle-bracketed URIs, where encoded words mean nothing: mail clients
+        and one-click unsubscribe (RFC 8058) then find no usable link.
+        Right: an ASCII value is folded at its blanks only (a run longer
+        than a line stays whole, up to RFC 5322's 998), never encoded.
+        """
+        link = "<https://news.example.com/unsubscribe?list=weekly&token=" + "Ab9" * 50 + ">"
+        posted = link + ", <mailto:unsub@news.example.com?subject=unsubscribe>"
+        _, data = _built(message(headers={"List-Unsubscribe": posted}))
+        written = _raw_header(data, "List-Unsubscribe")
+        self.assertNotIn("=?", written)
+        self.assertEqual(" ".join(written.split()), posted)
+
+
 class AddressInjectionTests(SynchronousTestCase):
     def test_long_display_name_with_specials_stays_one_quoted_name(self) -> None:
         """A display name holding RFC 5322 specials (a comma, angle brackets, an

@@ -155,6 +155,26 @@ class LongAsciiValueTests(SynchronousTestCase):
         self.assertNotIn("=?", written)
         self.assertEqual(" ".join(written.split()), posted)
 
+    def test_threading_headers_keep_an_exchange_length_message_id(self) -> None:
+        """In-Reply-To and References naming one 88-character message id (the length
+        Exchange Online's ids have) go out with that id as written.
+
+        "In-Reply-To: " and the id make 101 columns, so the policy has the
+        header registry fold the value, which encodes the id as RFC 2047
+        words (C{=?utf-8?q?=3CAM0PR01...?=}); msg-id fields are never
+        decoded, so the reply no longer threads with the message it answers
+        in any mail client.  Right: a msg-id is written whole on its own
+        line when it does not fit the first (RFC 5322 allows 998).
+        """
+        message_id = (
+            "<AM0PR01MB1234567890ABCDEF1234567890ABCDEF@AM0PR01MB1234.eurprd01.prod."
+            "exchangelabs.com>"
+        )
+        headers = {"In-Reply-To": message_id, "References": message_id}
+        _, data = _built(message(headers=headers))
+        for name in headers:
+            self.assertEqual(_raw_header(data, name).strip(), message_id, name)
+
 
 class AddressInjectionTests(SynchronousTestCase):
     def test_long_display_name_with_specials_stays_one_quoted_name(self) -> None:

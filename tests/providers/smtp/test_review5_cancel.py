@@ -1,10 +1,14 @@
 """Review 5: cancelling an upstream SMTP send while its connection is being set up.
 
 A real loopback upstream (a minimal server written here, so the test can
-see when its connection is closed) and the real L{SmtpProvider}.
+see when its connection is closed, or a listening socket whose backlog is
+full, so a connection attempt stays pending) and the real L{SmtpProvider}.
 """
 
 from __future__ import annotations
+
+import contextlib
+import socket
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -96,3 +100,45 @@ class SetupCancelTests(Case):
         # Past the greeting and EHLO, well inside the client's 30 s timeout.
         await deferLater(reactor, GREETING_DELAY + 1.0, lambda: None)
         self.assertTrue(sessions[0].lost, "the cancelled session's connection is still open")
+
+    @async_test
+    async def test_cancel_while_the_tcp_connect_is_pending_says_cancelled(self) -> None:
+        """A send cancelled while its TCP connection to the upstream is still being made
+        fails with L{SendCancelledError} (nothing handed over), as
+        L{smtpproxy.providers.result} requires of a cancelled send.
+
+        L{SmtpProvider._open} wraps C{connectProtocol} in C{except Exception},
+        which also catches the cancellation (C{CancelledError} is an
+        C{Exception}), and turns it into C{TransientDeliveryError("cannot
+        connect to the upstream: ...")} with an "upstream connection failed"
+        warning: a forced stop reads as an upstream outage, and the HTTP API
+        answers with the provider's error instead of C{shutting_down}.
+        Right: a cancellation passes through as L{SendCancelledError}.
+        """
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):
+            # Never accepted: they fill the backlog, so the relay's SYN waits.
+            filler = socket.socket()
+            self.addCleanup(filler.close)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        provider = SmtpProvider(relay_settings(port, timeout=30.0), reactor)
+        self.addCleanup(provider.close)
+        sending = provider.send(message())
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(sending.called, "the connection attempt should still be pending")
+        sending.cancel()
+        try:
+            await sending
+        except BaseException as e:
+            error = e
+        else:
+            self.fail("the cancelled send succeeded")
+        self.assertIsInstance(error, SendCancelledError)
+        assert isinstance(error, SendCancelledError)
+        self.assertFalse(error.handed_over)

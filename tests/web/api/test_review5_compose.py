@@ -98,25 +98,25 @@ class ReadBackTests(SynchronousTestCase):
         parsed = email.message_from_bytes(data, policy=email.policy.default)
         self.assertEqual(str(parsed["X-Ticket"]), posted)
 
-    def test_direct_view_agrees_with_the_parsed_bytes_on_an_angle_bracketed_file_name(
-        self,
-    ) -> None:
-        """An attachment named C{<report>} has the same file name in L{direct_email} as in
-        L{parse_message} of the same bytes.
+    def test_direct_view_agrees_with_the_parsed_bytes_on_odd_file_names(self) -> None:
+        """Attachments named C{<report>} or C{=?utf-8?q?x?=.pdf} have the same file name in
+        L{direct_email} as in L{parse_message} of the same bytes.
 
         The package's parameter reader unquotes a value by also dropping
-        angle brackets at its ends, so the parse says C{report}; the direct
-        view, which only leaves names with blanks at their ends to the
-        parser, says C{<report>}.  A provider reading the view names the
-        file otherwise than the message does.  Right: both agree (None from
-        the view, leaving it to the parser, is right too).
+        angle brackets at its ends, and decodes an encoded word inside a
+        quoted parameter, so the parse says C{report} and C{x.pdf}; the
+        direct view, which only leaves names with blanks at their ends to
+        the parser, keeps the request's names.  A provider reading the view
+        names the file otherwise than the message does.  Right: both agree
+        (None from the view, leaving it to the parser, is right too).
         """
-        attachment = {"filename": "<report>", "content": "aGk="}
-        request, data = _built(message(attachments=[attachment]))
-        direct = direct_email(request, request.envelope_recipients, data)
-        relay = parse_message(request.sender.address, request.envelope_recipients, data)
-        if direct is not None:
-            self.assertEqual(direct.attachments, relay.attachments)
+        for filename in ("<report>", "=?utf-8?q?x?=.pdf"):
+            attachment = {"filename": filename, "content": "aGk="}
+            request, data = _built(message(attachments=[attachment]))
+            direct = direct_email(request, request.envelope_recipients, data)
+            relay = parse_message(request.sender.address, request.envelope_recipients, data)
+            if direct is not None:
+                self.assertEqual(direct.attachments, relay.attachments, filename)
 
 
 def _raw_header(data: bytes, name: str) -> str:

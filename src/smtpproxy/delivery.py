@@ -34,7 +34,7 @@ from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider, accepts_raw_mime, envelope_refusal
-from smtpproxy.providers.result import PartlyRefused, SendCancelledError
+from smtpproxy.providers.result import Handover, PartlyRefused, SendCancelledError, watched
 from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
 from smtpproxy.smtp.commands import MailArguments, RcptArguments
@@ -99,7 +99,11 @@ class RelayMessage:
         # Direct mode: the provider's send while it is under way, and
         # whether the session cancelled it (forced shutdown, see cancel).
         self._sending: defer.Deferred[PartlyRefused | None] | None = None
+        self._handover: Handover | None = None
         self._cancelled = False
+        # Whether the client heard "not accepted" for a cancelled send
+        # (False: the session closed without a reply, see cancel).
+        self._told_not_accepted = True
         # The identity's sending mailbox (its policy's), empty for the provider's choice.
         self._mailbox = mailbox
 
@@ -135,7 +139,16 @@ class RelayMessage:
         """
         self._abandoned = True
 
-    def cancel(self) -> None:
+    @property
+    def handed_over(self) -> bool:
+        """Direct mode: has the provider handed the message to its backend yet?
+
+        From then on cancelling cannot take it back, so at a forced stop
+        the session waits for the provider's answer instead (L{withdraw}).
+        """
+        return self._handover is not None and self._handover.handed_over
+
+    def cancel(self, told_not_accepted: bool = True) -> None:
         """Forced shutdown in direct mode: the client hears 421, so stop the provider's send.
 
         A message delivered after its client was told "not accepted" is
@@ -144,12 +157,17 @@ class RelayMessage:
         the upstream not yet given the end of DATA); a provider that had
         already handed the message over cannot take it back, and the
         outcome is then logged as unknown (L{_settled_after_cancel}).
+
+        @param told_not_accepted: False when the session closes without a
+            reply (the provider had the message and did not answer within
+            the grace): the log line then says so.
         """
         self._abandoned = True
         sending = self._sending
         if sending is None or sending.called:
             return
         self._cancelled = True
+        self._told_not_accepted = told_not_accepted
         sending.cancel()
 
     def withdraw(self) -> bool:
@@ -157,7 +175,8 @@ class RelayMessage:
 
         True: it will never be stored (the session says "not accepted");
         False: direct mode, or the queue is committing it and the answer
-        to C{eomReceived} will tell.
+        to C{eomReceived} will tell.  (Direct mode's counterpart of a
+        commit under way is L{handed_over}.)
         """
         return self._queue is not None and self._queue.withdraw(self.id)
 
@@ -218,8 +237,15 @@ class RelayMessage:
             return gone
         if self._dsn is not None or self._mailbox:
             email = dataclasses.replace(email, dsn=self._dsn, mailbox=self._mailbox)
-        sending = send_email(
-            self._provider, self._reactor, email, fields, started, log_delivered=self._log_delivered
+        sending, self._handover = watched(
+            lambda: send_email(
+                self._provider,
+                self._reactor,
+                email,
+                fields,
+                started,
+                log_delivered=self._log_delivered,
+            )
         )
         self._sending = sending
         return sending.addCallbacks(
@@ -246,7 +272,7 @@ class RelayMessage:
         if self._cancelled:
             # The provider did not stop: the message went out although its
             # client heard 421 (and may send it again).
-            log_cancelled(fields, result)
+            log_cancelled(fields, result, self._told_not_accepted)
         if result is not None:
             log_not_retried(self.id, fields, result)
             return f"{self.id} {result.summary}"
@@ -256,7 +282,7 @@ class RelayMessage:
         """A failed send: if the session cancelled it, log what became of the message (once)."""
         self._sending = None
         if self._cancelled:
-            log_cancelled(fields, failure)
+            log_cancelled(fields, failure, self._told_not_accepted)
         return failure
 
     def _enqueue(
@@ -306,11 +332,20 @@ def log_not_retried(id: str, fields: dict[str, Any], result: PartlyRefused) -> N
     )
 
 
-def log_cancelled(fields: dict[str, Any], result: object) -> None:
+#: The warning for a send cancelled after its hand-over whose client heard no reply.
+UNANSWERED = (
+    "delivery cancelled at shutdown after the provider had the message: "
+    "it may be delivered, and the client got no reply"
+)
+
+
+def log_cancelled(fields: dict[str, Any], result: object, told_not_accepted: bool = True) -> None:
     """One line per message whose delivery was cancelled at a forced shutdown.
 
     Its client was told it was not accepted (SMTP 421, HTTP 503) and will
-    send it again.  C{result} is what the cancelled send fired with: a
+    send it again; or, with C{told_not_accepted} false, the provider had
+    the message and did not answer within the grace, and the client got
+    no reply at all (it will send it again too).  C{result} is what the cancelled send fired with: a
     L{SendCancelledError} saying nothing was handed over, or the provider's
     own refusal (a Failure or the error itself), is "not delivered", the expected case; a success is
     "delivered" and anything else "unknown" (the provider had handed it
@@ -348,6 +383,8 @@ def log_cancelled(fields: dict[str, Any], result: object) -> None:
             "message delivered at shutdown although the client was told it was not accepted",
             **line,
         )
+    elif not told_not_accepted:
+        log.warn(UNANSWERED, **line)
     else:
         log.warn(
             "delivery cancelled at shutdown after the provider had the message: "

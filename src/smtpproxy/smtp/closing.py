@@ -30,13 +30,20 @@ class Closing(ShellBase):
             self._tcp.abortConnection()
             return
         if self._awaiting_commit:
-            # The queue's commit of the message did not answer in time.  It
-            # may still land, so "not accepted" would be a lie, and 250 may
-            # be one too: the only honest answer is none (RFC 5321 6.1: the
-            # client retries, the classic duplicate rather than a loss).
+            # The queue's commit of the message (or, in direct mode, the
+            # provider that has it) did not answer in time.  It may still
+            # land, so "not accepted" would be a lie, and 250 may be one
+            # too: the only honest answer is none (RFC 5321 6.1: the client
+            # retries, the classic duplicate rather than a loss).
+            pending = self._delivering
+            queued = pending is not None and all(
+                getattr(message, "queued", False) for message in pending[1]
+            )
             self.factory.log_summary.emit(
                 LogLevel.warn,
-                "queue commit unanswered at shutdown, closing without a reply",
+                "queue commit unanswered at shutdown, closing without a reply"
+                if queued
+                else "provider answer unanswered at shutdown, closing without a reply",
                 self._peer,
                 session=self.id,
             )
@@ -44,6 +51,9 @@ class Closing(ShellBase):
             self._release_slot()
             self._give_up_delivery()
             self._tcp.abortConnection()
+            # Direct mode: the provider's send goes no further (its outcome
+            # is logged as unknown, naming the message).
+            _cancel_sends(pending, told_not_accepted=False)
             return
         if self._handshaking:
             # Implicit TLS and no complete handshake within the greeting
@@ -77,6 +87,11 @@ class Closing(ShellBase):
         store confirms it will never commit does the client hear "not
         accepted".  If its commit is already under way, the client gets
         the real outcome (250 once committed) within L{COMMIT_GRACE}.
+        Direct mode likewise: once the provider has handed the message to
+        its backend (the upstream has the final dot, Graph the send
+        request), cancelling cannot take it back, so the provider's answer
+        is waited for within the same grace; only a send not yet handed
+        over is cancelled, and the client told "not accepted".
         """
         if not self._closing and self._commit_under_way():
             self._awaiting_commit = True
@@ -108,9 +123,9 @@ class Closing(ShellBase):
     def _commit_under_way(self) -> bool:
         """Withdraw the queued message being stored; True if it is past withdrawing.
 
-        Each message of ours says C{queued} and can C{withdraw}; one that
-        cannot (another avatar's, or direct mode, where the provider has
-        it) is given up as before.  A withdrawal may answer at once, the
+        Each message of ours says C{queued} and can C{withdraw}, or, in
+        direct mode, whether its send is C{handed_over} (L{outcome_coming});
+        one that says neither (another avatar's) is given up as before.  A withdrawal may answer at once, the
         session then saying 421 from its answer (L{_not_accepted}).
         """
         pending = self._delivering
@@ -118,8 +133,7 @@ class Closing(ShellBase):
             return False
         committing = False
         for message in pending[1]:
-            withdraw = getattr(message, "withdraw", None)
-            if getattr(message, "queued", False) and withdraw is not None and not withdraw():
+            if outcome_coming(message):
                 committing = True
         return committing and not self._closing
 
@@ -211,7 +225,25 @@ class Closing(ShellBase):
         return False
 
 
-def _cancel_sends(pending: tuple[object, list[Message]] | None) -> None:
+def outcome_coming(message: object) -> bool:
+    """At a forced stop: is C{message}'s real outcome on its way, so worth a grace?
+
+    Queue mode: it is, when the store can no longer withdraw the message
+    (its commit is under way; C{withdraw} has the side effect of stopping
+    one that can).  Direct mode: it is, once the provider has handed the
+    message over (C{handed_over}), since a cancel then only cuts off the
+    answer.  Otherwise the message is given up: nothing is or will be
+    stored or sent, and the client may be told so.
+    """
+    if getattr(message, "queued", False):
+        withdraw = getattr(message, "withdraw", None)
+        return withdraw is not None and not withdraw()
+    return bool(getattr(message, "handed_over", False))
+
+
+def _cancel_sends(
+    pending: tuple[object, list[Message]] | None, *, told_not_accepted: bool = True
+) -> None:
     """Cancel the provider sends of a delivery given up at shutdown (messages that can)."""
     if pending is None:
         return
@@ -219,6 +251,9 @@ def _cancel_sends(pending: tuple[object, list[Message]] | None) -> None:
         cancel = getattr(message, "cancel", None)
         if callable(cancel):
             try:
-                cancel()
+                if told_not_accepted:
+                    cancel()
+                else:
+                    cancel(told_not_accepted=False)
             except Exception:
                 log.failure("cancelling a delivery failed")

@@ -125,8 +125,9 @@ class Closing(ShellBase):
 
         Each message of ours says C{queued} and can C{withdraw}, or, in
         direct mode, whether its send is C{handed_over} (L{outcome_coming});
-        one that says neither (another avatar's) is given up as before.  A withdrawal may answer at once, the
-        session then saying 421 from its answer (L{_not_accepted}).
+        one that says neither (another avatar's) is given up as before.
+        A withdrawal may answer at once, the session then saying 421 from
+        its answer (L{_not_accepted}).
         """
         pending = self._delivering
         if pending is None:

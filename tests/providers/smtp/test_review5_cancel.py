@@ -18,10 +18,10 @@ from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
-from smtpproxy.providers.result import SendCancelledError
+from smtpproxy.providers.result import SendCancelledError, watched
 from smtpproxy.providers.smtp.provider import SmtpProvider
 from tests.providers.smtp.test_client import Case, message
-from tests.providers.smtp.upstream import port_of, relay_settings
+from tests.providers.smtp.upstream import Script, port_of, relay_settings
 from tests.support import async_test
 
 #: The upstream greets this long after the connection is made.
@@ -142,3 +142,28 @@ class SetupCancelTests(Case):
         self.assertIsInstance(error, SendCancelledError)
         assert isinstance(error, SendCancelledError)
         self.assertFalse(error.handed_over)
+
+
+class HandoverTests(Case):
+    @async_test
+    async def test_handover_is_marked_at_the_final_dot_not_before(self) -> None:
+        """The provider tells its caller (L{watched}) when the upstream has the whole
+        body: not while the envelope is being answered, and before the upstream's final
+        reply, which is what a forced stop then waits for instead of cancelling."""
+        script = Script(final_delay=0.5)
+        script.data_delay = 0.3
+        provider = await self.upstream(script)
+        sending, handover = watched(lambda: provider.send(message()))
+        for _ in range(20):
+            if b"DATA" in script.commands:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertFalse(handover.handed_over, "marked before the body went")
+        for _ in range(100):
+            if script.bodies:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(len(script.bodies), 1)
+        self.assertTrue(handover.handed_over)
+        self.assertFalse(sending.called, "the upstream has not answered yet")
+        await sending

@@ -20,11 +20,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtpproxy.delivery import UNANSWERED
+from smtpproxy.delivery import CLIENT_GONE, UNANSWERED
 from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.message import Email
-from smtpproxy.providers.result import Handover, current_handover, watched
-from smtpproxy.smtp.closing import COMMIT_GRACE
+from smtpproxy.providers.result import Handover, SendCancelledError, current_handover, watched
+from smtpproxy.smtp.closing import COMMIT_GRACE, GONE_AFTER_HANDOVER
 from smtpproxy.smtp.protocol import RelayProtocol
 from smtpproxy.web.api.drain import GIVE_UP_GRACE, Flights
 from tests.smtp.test_protocol_edges import Harness, reply_codes
@@ -55,8 +55,9 @@ class HandingProvider(RecordingProvider):
             handover.mark()
             await self.answer
         except defer.CancelledError:
+            # As a real provider says it (smtpproxy.providers.result).
             self.cancelled = True
-            raise
+            raise SendCancelledError(handover.handed_over) from None
 
 
 def _session_in_delivery(
@@ -93,7 +94,9 @@ class WatchedTests(SynchronousTestCase):
         self.assertFalse(Handover().handed_over)
 
 
-class SmtpForceCloseTests(SynchronousTestCase):
+class _SessionCase(SynchronousTestCase):
+    """A session on a Clock whose provider is a L{HandingProvider}; log events kept."""
+
     def setUp(self) -> None:
         self.events: list[LogEvent] = []
         observer = cast(ILogObserver, self.events.append)
@@ -102,6 +105,11 @@ class SmtpForceCloseTests(SynchronousTestCase):
         self.provider = HandingProvider()
         self.harness = Harness(provider=self.provider)
 
+    def logged(self, text: str) -> list[LogEvent]:
+        return [e for e in self.events if e.get("log_format") == text]
+
+
+class SmtpForceCloseTests(_SessionCase):
     def _force(self) -> tuple[RelayProtocol, StringTransport, defer.Deferred[None]]:
         protocol, transport, stopped = _session_in_delivery(self.harness, self.provider)
         self.assertEqual(reply_codes(transport), [220, 250, 250, 250, 354])
@@ -146,7 +154,7 @@ class SmtpForceCloseTests(SynchronousTestCase):
         self.assertEqual(reply_codes(transport), [220, 250, 250, 250, 354])
         self.assertTrue(transport.disconnected)
         self.assertTrue(self.provider.cancelled)
-        lines = [e for e in self.events if e.get("log_format") == UNANSWERED]
+        lines = self.logged(UNANSWERED)
         self.assertEqual(len(lines), 1)
         self.assertEqual(lines[0]["outcome"], "unknown")
 
@@ -175,3 +183,38 @@ class FlightsHandoverTests(SynchronousTestCase):
         flights.end(over)
         self.successResultOf(drained)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class ClientGoneTests(_SessionCase):
+    """Direct mode, no shutdown: the client disconnects while the provider works."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.protocol, transport = self.harness.connect()
+        self.protocol.dataReceived(
+            b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+            + message("gone").replace(b"\n", b"\r\n")
+            + b".\r\n"
+        )
+        self.harness.clock.advance(0)
+        self.assertEqual(reply_codes(transport), [220, 250, 250, 250, 354])
+
+    def test_send_not_handed_over_is_cancelled(self) -> None:
+        """The client never heard 250 and will retry: a send the provider has not yet
+        handed over is cancelled, so the retry is not a duplicate; one info line says
+        the message was not delivered."""
+        self.protocol.connectionLost(None)
+        self.assertTrue(self.provider.cancelled)
+        [line] = self.logged(CLIENT_GONE)
+        self.assertEqual(line["outcome"], "not delivered")
+
+    def test_send_handed_over_is_left_to_finish_and_named(self) -> None:
+        """A send the provider has handed over cannot be taken back: it is left to
+        finish (the backend's answer is logged as usual) and a warning names it."""
+        self.provider.hand_over.callback(None)
+        self.protocol.connectionLost(None)
+        self.assertFalse(self.provider.cancelled)
+        self.assertEqual(len(self.logged(GONE_AFTER_HANDOVER)), 1)
+        self.provider.answer.callback(None)
+        self.assertEqual(len(self.logged("message delivered")), 1)
+        self.assertEqual(self.logged(CLIENT_GONE), [])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
@@ -41,6 +41,8 @@ from smtpproxy.smtp.commands import MailArguments, RcptArguments
 from smtpproxy.spool import MessageBody
 
 log = Logger(namespace="smtpproxy.delivery")
+#: What the client of a send cancelled by its session heard (L{RelayMessage.cancel}).
+Heard = Literal["not accepted", "nothing", "gone"]
 # Message ids need to be distinct, not unguessable (see new_message_id).
 _random_bits = random.Random().getrandbits  # noqa: S311
 
@@ -101,9 +103,8 @@ class RelayMessage:
         self._sending: defer.Deferred[PartlyRefused | None] | None = None
         self._handover: Handover | None = None
         self._cancelled = False
-        # Whether the client heard "not accepted" for a cancelled send
-        # (False: the session closed without a reply, see cancel).
-        self._told_not_accepted = True
+        # What the client of a cancelled send heard (see cancel).
+        self._heard: Heard = "not accepted"
         # The identity's sending mailbox (its policy's), empty for the provider's choice.
         self._mailbox = mailbox
 
@@ -148,7 +149,7 @@ class RelayMessage:
         """
         return self._handover is not None and self._handover.handed_over
 
-    def cancel(self, told_not_accepted: bool = True) -> None:
+    def cancel(self, heard: Heard = "not accepted") -> None:
         """Forced shutdown in direct mode: the client hears 421, so stop the provider's send.
 
         A message delivered after its client was told "not accepted" is
@@ -158,16 +159,19 @@ class RelayMessage:
         already handed the message over cannot take it back, and the
         outcome is then logged as unknown (L{_settled_after_cancel}).
 
-        @param told_not_accepted: False when the session closes without a
-            reply (the provider had the message and did not answer within
-            the grace): the log line then says so.
+        @param heard: what the client was told, for the log line:
+            C{"not accepted"} (421); C{"nothing"}, the session closing
+            without a reply (the provider had the message and did not
+            answer within the grace); C{"gone"}, the client disconnected
+            before its answer (it will retry, so a send not yet handed
+            over is cancelled then too).
         """
         self._abandoned = True
         sending = self._sending
         if sending is None or sending.called:
             return
         self._cancelled = True
-        self._told_not_accepted = told_not_accepted
+        self._heard = heard
         sending.cancel()
 
     def withdraw(self) -> bool:
@@ -272,7 +276,7 @@ class RelayMessage:
         if self._cancelled:
             # The provider did not stop: the message went out although its
             # client heard 421 (and may send it again).
-            log_cancelled(fields, result, self._told_not_accepted)
+            log_cancelled(fields, result, self._heard)
         if result is not None:
             log_not_retried(self.id, fields, result)
             return f"{self.id} {result.summary}"
@@ -282,7 +286,7 @@ class RelayMessage:
         """A failed send: if the session cancelled it, log what became of the message (once)."""
         self._sending = None
         if self._cancelled:
-            log_cancelled(fields, failure, self._told_not_accepted)
+            log_cancelled(fields, failure, self._heard)
         return failure
 
     def _enqueue(
@@ -339,13 +343,19 @@ UNANSWERED = (
 )
 
 
-def log_cancelled(fields: dict[str, Any], result: object, told_not_accepted: bool = True) -> None:
+#: The line for a send cancelled because its SMTP client disconnected before its answer.
+CLIENT_GONE = "delivery cancelled, the client disconnected before its answer: message not delivered"
+
+
+def log_cancelled(fields: dict[str, Any], result: object, heard: Heard = "not accepted") -> None:
     """One line per message whose delivery was cancelled at a forced shutdown.
 
     Its client was told it was not accepted (SMTP 421, HTTP 503) and will
-    send it again; or, with C{told_not_accepted} false, the provider had
-    the message and did not answer within the grace, and the client got
-    no reply at all (it will send it again too).  C{result} is what the cancelled send fired with: a
+    send it again; or, with C{heard} C{"nothing"}, the provider had the
+    message and did not answer within the grace, and the client got no
+    reply at all (it will send it again too); or, with C{heard} C{"gone"},
+    the client disconnected first (L{CLIENT_GONE}: not at a shutdown).
+    C{result} is what the cancelled send fired with: a
     L{SendCancelledError} saying nothing was handed over, or the provider's
     own refusal (a Failure or the error itself), is "not delivered", the expected case; a success is
     "delivered" and anything else "unknown" (the provider had handed it
@@ -376,14 +386,16 @@ def log_cancelled(fields: dict[str, Any], result: object, told_not_accepted: boo
     }
     if "front_door" in fields:
         line["front_door"] = fields["front_door"]
-    if outcome == "not delivered":
+    if outcome == "not delivered" and heard == "gone":
+        log.info(CLIENT_GONE, **line)
+    elif outcome == "not delivered":
         log.info("delivery cancelled at shutdown, message not delivered", **line)
     elif outcome == "delivered":
         log.warn(
             "message delivered at shutdown although the client was told it was not accepted",
             **line,
         )
-    elif not told_not_accepted:
+    elif heard != "not accepted":
         log.warn(UNANSWERED, **line)
     else:
         log.warn(

@@ -5,11 +5,16 @@ A part of L{smtpproxy.smtp.protocol.RelayProtocol} (see L{smtpproxy.smtp.base}).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from OpenSSL import SSL
 from twisted.logger import LogLevel
 
 from smtpproxy.smtp.base import CHUNK, DATA, ShellBase, log
 from smtpproxy.smtp.session import Message
+
+if TYPE_CHECKING:
+    from smtpproxy.delivery import Heard
 
 # A closed session whose peer does not take our last bytes (or never
 # finishes a TLS handshake) is cut off after this many seconds.
@@ -18,6 +23,11 @@ CLOSE_GRACE = 10.0
 # outcome is waited for (a commit under way takes milliseconds; this stays
 # below the factory's FORCE_GRACE, so the session ends itself).
 COMMIT_GRACE = 1.5
+#: The warning for a direct-mode client that left after its message was handed over.
+GONE_AFTER_HANDOVER = (
+    "client disconnected after the provider had the message: "
+    "it may be delivered, and the client will send it again"
+)
 
 
 class Closing(ShellBase):
@@ -53,7 +63,7 @@ class Closing(ShellBase):
             self._tcp.abortConnection()
             # Direct mode: the provider's send goes no further (its outcome
             # is logged as unknown, naming the message).
-            _cancel_sends(pending, told_not_accepted=False)
+            _cancel_sends(pending, heard="nothing")
             return
         if self._handshaking:
             # Implicit TLS and no complete handshake within the greeting
@@ -242,8 +252,33 @@ def outcome_coming(message: object) -> bool:
     return bool(getattr(message, "handed_over", False))
 
 
+def cancel_for_gone_client(session: str, pending: tuple[object, list[Message]] | None) -> None:
+    """The client disconnected while its message was with the provider (direct mode).
+
+    It never heard 250, so it will send the message again: a send not yet
+    handed over is cancelled (else the retry is a duplicate).  One the
+    provider has already handed over cannot be taken back; it is left to
+    finish (its outcome is logged as usual) and a warning names it, since
+    the retry may arrive twice.  Queued messages are the store's business
+    and are left alone (L{_give_up_delivery} has already abandoned them).
+    """
+    if pending is None:
+        return
+    for message in pending[1]:
+        if getattr(message, "queued", False):
+            continue
+        if getattr(message, "handed_over", False):
+            log.warn(
+                GONE_AFTER_HANDOVER,
+                session=session,
+                id=getattr(message, "id", None),
+            )
+            continue
+        _cancel_sends((None, [message]), heard="gone")
+
+
 def _cancel_sends(
-    pending: tuple[object, list[Message]] | None, *, told_not_accepted: bool = True
+    pending: tuple[object, list[Message]] | None, *, heard: Heard = "not accepted"
 ) -> None:
     """Cancel the provider sends of a delivery given up at shutdown (messages that can)."""
     if pending is None:
@@ -252,9 +287,9 @@ def _cancel_sends(
         cancel = getattr(message, "cancel", None)
         if callable(cancel):
             try:
-                if told_not_accepted:
+                if heard == "not accepted":
                     cancel()
                 else:
-                    cancel(told_not_accepted=False)
+                    cancel(heard)
             except Exception:
                 log.failure("cancelling a delivery failed")

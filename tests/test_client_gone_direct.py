@@ -17,11 +17,10 @@ from collections.abc import Callable
 
 from twisted.trial.unittest import TestCase
 
-from smtpproxy.delivery import CLIENT_GONE
-from smtpproxy.smtp.closing import GONE_AFTER_HANDOVER
 from tests.queue.refusing_upstream import relay_to
 from tests.queue.test_e2e import QueuedRelay
 from tests.support import TIMEOUT, async_test, in_thread, message, wait_until
+from tests.test_handover_at_stop import CLIENT_GONE, GONE_AFTER_HANDOVER
 
 
 def _send_then_leave(relay: QueuedRelay, subject: str, ready: Callable[[], bool]) -> None:

@@ -20,15 +20,25 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtpproxy.delivery import CLIENT_GONE, UNANSWERED
 from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.message import Email
 from smtpproxy.providers.result import Handover, SendCancelledError, current_handover, watched
-from smtpproxy.smtp.closing import COMMIT_GRACE, GONE_AFTER_HANDOVER
+from smtpproxy.smtp.closing import COMMIT_GRACE
 from smtpproxy.smtp.protocol import RelayProtocol
 from smtpproxy.web.api.drain import GIVE_UP_GRACE, Flights
 from tests.smtp.test_protocol_edges import Harness, reply_codes
 from tests.support import RecordingProvider, message
+
+#: The log lines these tests look for (docs/operations.md has each).
+UNANSWERED = (
+    "delivery cancelled at shutdown after the provider had the message: "
+    "it may be delivered, and the client got no reply"
+)
+CLIENT_GONE = "delivery cancelled, the client disconnected before its answer: message not delivered"
+GONE_AFTER_HANDOVER = (
+    "client disconnected after the provider had the message: "
+    "it may be delivered, and the client will send it again"
+)
 
 
 class HandingProvider(RecordingProvider):

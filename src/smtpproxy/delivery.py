@@ -336,17 +336,6 @@ def log_not_retried(id: str, fields: dict[str, Any], result: PartlyRefused) -> N
     )
 
 
-#: The warning for a send cancelled after its hand-over whose client heard no reply.
-UNANSWERED = (
-    "delivery cancelled at shutdown after the provider had the message: "
-    "it may be delivered, and the client got no reply"
-)
-
-
-#: The line for a send cancelled because its SMTP client disconnected before its answer.
-CLIENT_GONE = "delivery cancelled, the client disconnected before its answer: message not delivered"
-
-
 def log_cancelled(fields: dict[str, Any], result: object, heard: Heard = "not accepted") -> None:
     """One line per message whose delivery was cancelled at a forced shutdown.
 
@@ -354,7 +343,7 @@ def log_cancelled(fields: dict[str, Any], result: object, heard: Heard = "not ac
     send it again; or, with C{heard} C{"nothing"}, the provider had the
     message and did not answer within the grace, and the client got no
     reply at all (it will send it again too); or, with C{heard} C{"gone"},
-    the client disconnected first (L{CLIENT_GONE}: not at a shutdown).
+    the client disconnected first (not at a shutdown).
     C{result} is what the cancelled send fired with: a
     L{SendCancelledError} saying nothing was handed over, or the provider's
     own refusal (a Failure or the error itself), is "not delivered", the expected case; a success is
@@ -387,7 +376,10 @@ def log_cancelled(fields: dict[str, Any], result: object, heard: Heard = "not ac
     if "front_door" in fields:
         line["front_door"] = fields["front_door"]
     if outcome == "not delivered" and heard == "gone":
-        log.info(CLIENT_GONE, **line)
+        log.info(
+            "delivery cancelled, the client disconnected before its answer: message not delivered",
+            **line,
+        )
     elif outcome == "not delivered":
         log.info("delivery cancelled at shutdown, message not delivered", **line)
     elif outcome == "delivered":
@@ -396,7 +388,11 @@ def log_cancelled(fields: dict[str, Any], result: object, heard: Heard = "not ac
             **line,
         )
     elif heard != "not accepted":
-        log.warn(UNANSWERED, **line)
+        log.warn(
+            "delivery cancelled at shutdown after the provider had the message: "
+            "it may be delivered, and the client got no reply",
+            **line,
+        )
     else:
         log.warn(
             "delivery cancelled at shutdown after the provider had the message: "

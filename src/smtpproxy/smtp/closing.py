@@ -23,11 +23,6 @@ CLOSE_GRACE = 10.0
 # outcome is waited for (a commit under way takes milliseconds; this stays
 # below the factory's FORCE_GRACE, so the session ends itself).
 COMMIT_GRACE = 1.5
-#: The warning for a direct-mode client that left after its message was handed over.
-GONE_AFTER_HANDOVER = (
-    "client disconnected after the provider had the message: "
-    "it may be delivered, and the client will send it again"
-)
 
 
 class Closing(ShellBase):
@@ -269,7 +264,8 @@ def cancel_for_gone_client(session: str, pending: tuple[object, list[Message]] |
             continue
         if getattr(message, "handed_over", False):
             log.warn(
-                GONE_AFTER_HANDOVER,
+                "client disconnected after the provider had the message: "
+                "it may be delivered, and the client will send it again",
                 session=session,
                 id=getattr(message, "id", None),
             )

@@ -194,6 +194,26 @@ class FlightsHandoverTests(SynchronousTestCase):
         self.successResultOf(drained)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_handed_over_send_unanswered_past_the_grace_is_named_not_cancelled(self) -> None:
+        """A handed-over send still unanswered when the grace ends is not cancelled (its
+        client would hear a false 503 while the listener is up); the stop goes on, and
+        the flight's C{unanswered} hook (which logs the message) is called once."""
+        clock = Clock()
+        flights = Flights(clock)
+        over = flights.start()
+        sending: defer.Deferred[None] = defer.Deferred()
+        over.sending, over.handover = sending, Handover(handed_over=True)
+        named: list[bool] = []
+        over.unanswered = lambda: named.append(True)
+        drained = flights.drain(5)
+        clock.advance(5)
+        self.assertEqual(named, [])
+        clock.advance(GIVE_UP_GRACE)
+        self.successResultOf(drained)
+        self.assertEqual(named, [True])
+        self.assertNoResult(sending)
+        self.assertFalse(over.cancelled)
+
 
 class ClientGoneTests(_SessionCase):
     """Direct mode, no shutdown: the client disconnects while the provider works."""

@@ -50,6 +50,8 @@ class Flight:
     @ivar sending: direct mode: the provider's send, once started.
     @ivar handover: direct mode: whether that send has reached the backend.
     @ivar given_up: set at the forced stop; a send not started by then never is.
+    @ivar unanswered: direct mode: called when the stop goes on without the
+        answer of a send that was handed over (it logs the message as such).
     @ivar cancelled: the forced stop cancelled the send (its outcome is logged).
     """
 
@@ -57,6 +59,7 @@ class Flight:
         self.withdraw: Callable[[], bool] | None = None
         self.sending: defer.Deferred[Any] | None = None
         self.handover: Handover | None = None
+        self.unanswered: Callable[[], None] | None = None
         self.given_up = False
         self.cancelled = False
 
@@ -79,6 +82,17 @@ class Flight:
             return
         self.cancelled = True
         sending.cancel()
+
+    def left_unanswered(self) -> None:
+        """The stop goes on without this submission's answer: name a handed-over send.
+
+        It is not cancelled (its client would hear a false 503 while the
+        listener is still up); the process ends it, and the client gets no
+        answer.  Only the log can say that the message may be delivered.
+        """
+        sending = self.sending
+        if self.unanswered is not None and sending is not None and not sending.called:
+            self.unanswered()
 
 
 class Flights:
@@ -133,6 +147,8 @@ class Flights:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        for flight in list(self._open):
+            flight.left_unanswered()
         drained, self._drained = self._drained, []
         for done in drained:
             done.callback(None)

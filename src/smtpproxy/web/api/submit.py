@@ -256,6 +256,9 @@ class Submitter:
                 )
             )
             flight.sending = sending
+            flight.unanswered = lambda: log_cancelled(
+                fields, SendCancelledError(handed_over=True), "nothing"
+            )
 
             def after(result: object) -> object:
                 flight.sending = None

@@ -175,11 +175,13 @@ class GraphTests(TestCase):
         self.assertLess(took, STOP_BOUND)
 
     @async_test
-    async def test_send_on_the_wire_is_cancelled_and_named(self) -> None:
-        """Graph is slow to answer sendMail (4 s): at the forced shutdown the relay
-        cancels the request (the fake, which only acts when it answers, delivers
-        nothing) but a real Graph may already have it, so one warning names the
-        message as possibly delivered."""
+    async def test_send_on_the_wire_is_waited_for_then_cut_without_a_reply(self) -> None:
+        """Graph is slow to answer sendMail (4 s): the request is on the wire at the
+        forced stop, so the session does not say 421 (a real Graph may have the message)
+        but waits 1.5 s for the answer; none comes, so the connection is closed without
+        a reply, the request cancelled (the fake, which only acts when it answers,
+        delivers nothing) and one warning names the message as possibly delivered.
+        (Before review 5 the client heard a 421 that a delivering Graph made false.)"""
         fake, relay = self.relay()
         fake.script("sendMail", Fault(delay=4.0))
 
@@ -189,9 +191,28 @@ class GraphTests(TestCase):
             return result
 
         (reply, text), code, took = await in_thread(scenario)
-        self.assertEqual((reply, code), (421, 0), text)
+        self.assertEqual((reply, code), (0, 0), text)
+        self.assertIn(b"SMTPServerDisconnected", text)
         self.assertEqual(fake.received_by("rcpt@example.org"), [])
-        [line] = relay.events(UNKNOWN)
+        [line] = relay.events(UNANSWERED)
         self.assertEqual(line["message_id"], "<on-wire@example.com>")
         self.assertEqual(relay.events(CANCELLED), [])
+        self.assertEqual(relay.events(UNKNOWN), [])
+        self.assertLess(took, STOP_BOUND)
+
+    @async_test
+    async def test_send_on_the_wire_answered_within_the_grace_is_told(self) -> None:
+        """Graph answers sendMail 1.5 s after it came, half a second after the forced
+        stop: the client hears that delivery (250), not a 421 for a message Graph has."""
+        fake, relay = self.relay()
+        fake.script("sendMail", Fault(delay=1.5))
+
+        def scenario() -> tuple[tuple[int, bytes], int, float]:
+            return _stop_while_busy(relay, lambda: bool(fake.routes("sendMail")), "answered")
+
+        (reply, text), code, took = await in_thread(scenario)
+        self.assertEqual((reply, code), (250, 0), text)
+        self.assertEqual(len(fake.received_by("rcpt@example.org")), 1)
+        self.assertEqual(relay.events(UNANSWERED), [])
+        self.assertEqual(relay.events(UNKNOWN), [])
         self.assertLess(took, STOP_BOUND)

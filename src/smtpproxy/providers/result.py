@@ -223,6 +223,10 @@ class Handover:
     def mark(self) -> None:
         self.handed_over = True
 
+    def clear(self) -> None:
+        """The backend answered that it did not take the message (Graph's 503, say)."""
+        self.handed_over = False
+
 
 # The Handover of the send being started.  A context variable rather than a
 # parameter of Provider.send, which every provider (and test fake) would then

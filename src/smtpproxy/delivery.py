@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
@@ -34,13 +34,15 @@ from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider, accepts_raw_mime, envelope_refusal
-from smtpproxy.providers.result import PartlyRefused, SendCancelledError
+from smtpproxy.providers.result import Handover, PartlyRefused, SendCancelledError, watched
 from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
 from smtpproxy.smtp.commands import MailArguments, RcptArguments
 from smtpproxy.spool import MessageBody
 
 log = Logger(namespace="smtpproxy.delivery")
+#: What the client of a send cancelled by its session heard (L{RelayMessage.cancel}).
+Heard = Literal["not accepted", "nothing", "gone"]
 # Message ids need to be distinct, not unguessable (see new_message_id).
 _random_bits = random.Random().getrandbits  # noqa: S311
 
@@ -99,7 +101,10 @@ class RelayMessage:
         # Direct mode: the provider's send while it is under way, and
         # whether the session cancelled it (forced shutdown, see cancel).
         self._sending: defer.Deferred[PartlyRefused | None] | None = None
+        self._handover: Handover | None = None
         self._cancelled = False
+        # What the client of a cancelled send heard (see cancel).
+        self._heard: Heard = "not accepted"
         # The identity's sending mailbox (its policy's), empty for the provider's choice.
         self._mailbox = mailbox
 
@@ -135,7 +140,16 @@ class RelayMessage:
         """
         self._abandoned = True
 
-    def cancel(self) -> None:
+    @property
+    def handed_over(self) -> bool:
+        """Direct mode: has the provider handed the message to its backend yet?
+
+        From then on cancelling cannot take it back, so at a forced stop
+        the session waits for the provider's answer instead (L{withdraw}).
+        """
+        return self._handover is not None and self._handover.handed_over
+
+    def cancel(self, heard: Heard = "not accepted") -> None:
         """Forced shutdown in direct mode: the client hears 421, so stop the provider's send.
 
         A message delivered after its client was told "not accepted" is
@@ -144,12 +158,20 @@ class RelayMessage:
         the upstream not yet given the end of DATA); a provider that had
         already handed the message over cannot take it back, and the
         outcome is then logged as unknown (L{_settled_after_cancel}).
+
+        @param heard: what the client was told, for the log line:
+            C{"not accepted"} (421); C{"nothing"}, the session closing
+            without a reply (the provider had the message and did not
+            answer within the grace); C{"gone"}, the client disconnected
+            before its answer (it will retry, so a send not yet handed
+            over is cancelled then too).
         """
         self._abandoned = True
         sending = self._sending
         if sending is None or sending.called:
             return
         self._cancelled = True
+        self._heard = heard
         sending.cancel()
 
     def withdraw(self) -> bool:
@@ -157,7 +179,8 @@ class RelayMessage:
 
         True: it will never be stored (the session says "not accepted");
         False: direct mode, or the queue is committing it and the answer
-        to C{eomReceived} will tell.
+        to C{eomReceived} will tell.  (Direct mode's counterpart of a
+        commit under way is L{handed_over}.)
         """
         return self._queue is not None and self._queue.withdraw(self.id)
 
@@ -218,8 +241,15 @@ class RelayMessage:
             return gone
         if self._dsn is not None or self._mailbox:
             email = dataclasses.replace(email, dsn=self._dsn, mailbox=self._mailbox)
-        sending = send_email(
-            self._provider, self._reactor, email, fields, started, log_delivered=self._log_delivered
+        sending, self._handover = watched(
+            lambda: send_email(
+                self._provider,
+                self._reactor,
+                email,
+                fields,
+                started,
+                log_delivered=self._log_delivered,
+            )
         )
         self._sending = sending
         return sending.addCallbacks(
@@ -246,7 +276,7 @@ class RelayMessage:
         if self._cancelled:
             # The provider did not stop: the message went out although its
             # client heard 421 (and may send it again).
-            log_cancelled(fields, result)
+            log_cancelled(fields, result, self._heard)
         if result is not None:
             log_not_retried(self.id, fields, result)
             return f"{self.id} {result.summary}"
@@ -256,7 +286,7 @@ class RelayMessage:
         """A failed send: if the session cancelled it, log what became of the message (once)."""
         self._sending = None
         if self._cancelled:
-            log_cancelled(fields, failure)
+            log_cancelled(fields, failure, self._heard)
         return failure
 
     def _enqueue(
@@ -306,11 +336,15 @@ def log_not_retried(id: str, fields: dict[str, Any], result: PartlyRefused) -> N
     )
 
 
-def log_cancelled(fields: dict[str, Any], result: object) -> None:
+def log_cancelled(fields: dict[str, Any], result: object, heard: Heard = "not accepted") -> None:
     """One line per message whose delivery was cancelled at a forced shutdown.
 
     Its client was told it was not accepted (SMTP 421, HTTP 503) and will
-    send it again.  C{result} is what the cancelled send fired with: a
+    send it again; or, with C{heard} C{"nothing"}, the provider had the
+    message and did not answer within the grace, and the client got no
+    reply at all (it will send it again too); or, with C{heard} C{"gone"},
+    the client disconnected first (not at a shutdown).
+    C{result} is what the cancelled send fired with: a
     L{SendCancelledError} saying nothing was handed over, or the provider's
     own refusal (a Failure or the error itself), is "not delivered", the expected case; a success is
     "delivered" and anything else "unknown" (the provider had handed it
@@ -341,11 +375,22 @@ def log_cancelled(fields: dict[str, Any], result: object) -> None:
     }
     if "front_door" in fields:
         line["front_door"] = fields["front_door"]
-    if outcome == "not delivered":
+    if outcome == "not delivered" and heard == "gone":
+        log.info(
+            "delivery cancelled, the client disconnected before its answer: message not delivered",
+            **line,
+        )
+    elif outcome == "not delivered":
         log.info("delivery cancelled at shutdown, message not delivered", **line)
     elif outcome == "delivered":
         log.warn(
             "message delivered at shutdown although the client was told it was not accepted",
+            **line,
+        )
+    elif heard != "not accepted":
+        log.warn(
+            "delivery cancelled at shutdown after the provider had the message: "
+            "it may be delivered, and the client got no reply",
             **line,
         )
     else:

@@ -20,13 +20,17 @@ so that the client's retry reaches everyone once (docs/upstream-smtp.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 from twisted.internet.defer import CancelledError
 
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
 from smtpproxy.logsafe import MAX_REASON, clip
+
+_T = TypeVar("_T")
 
 #: How many refused recipients a reply to our client names (the log names up to 20).
 NAMED_IN_REPLY = 3
@@ -199,3 +203,50 @@ class SendCancelledError(CancelledError):
     def __init__(self, handed_over: bool) -> None:
         super().__init__("delivery cancelled" + (" after hand-over" if handed_over else ""))
         self.handed_over = handed_over
+
+
+@dataclass(slots=True)
+class Handover:
+    """Has a send's message left for the backend yet?  Marked by the provider, read by its caller.
+
+    The moment that matters at a forced stop: before it, cancelling the
+    send means the message is not delivered (the client may be told
+    "not accepted"); after it (the upstream's end of DATA written, Graph's
+    send request on its way) cancelling cannot take the message back and
+    only cuts off the backend's answer, so the caller waits a bounded
+    grace for that answer instead (docs/operator-guide.md, Stopping).
+    A provider that never marks it is read as "not yet", as before.
+    """
+
+    handed_over: bool = False
+
+    def mark(self) -> None:
+        self.handed_over = True
+
+    def clear(self) -> None:
+        """The backend answered that it did not take the message (Graph's 503, say)."""
+        self.handed_over = False
+
+
+# The Handover of the send being started.  A context variable rather than a
+# parameter of Provider.send, which every provider (and test fake) would then
+# have to take: Deferred.fromCoroutine runs a provider's coroutine in a copy
+# of the caller's context, so the coroutine finds its caller's Handover for
+# its whole life, however many awaits later it hands the message over.
+_HANDOVER: ContextVar[Handover | None] = ContextVar("send_handover", default=None)
+
+
+def watched(send: Callable[[], _T]) -> tuple[_T, Handover]:
+    """Call C{send} (which starts a provider's send) with a fresh L{Handover} to watch it by."""
+    handover = Handover()
+    token = _HANDOVER.set(handover)
+    try:
+        return send(), handover
+    finally:
+        _HANDOVER.reset(token)
+
+
+def current_handover() -> Handover:
+    """For a provider: the L{Handover} its caller watches (a loose one when none does)."""
+    handover = _HANDOVER.get()
+    return Handover() if handover is None else handover

@@ -5,11 +5,16 @@ A part of L{smtpproxy.smtp.protocol.RelayProtocol} (see L{smtpproxy.smtp.base}).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from OpenSSL import SSL
 from twisted.logger import LogLevel
 
 from smtpproxy.smtp.base import CHUNK, DATA, ShellBase, log
 from smtpproxy.smtp.session import Message
+
+if TYPE_CHECKING:
+    from smtpproxy.delivery import Heard
 
 # A closed session whose peer does not take our last bytes (or never
 # finishes a TLS handshake) is cut off after this many seconds.
@@ -30,13 +35,20 @@ class Closing(ShellBase):
             self._tcp.abortConnection()
             return
         if self._awaiting_commit:
-            # The queue's commit of the message did not answer in time.  It
-            # may still land, so "not accepted" would be a lie, and 250 may
-            # be one too: the only honest answer is none (RFC 5321 6.1: the
-            # client retries, the classic duplicate rather than a loss).
+            # The queue's commit of the message (or, in direct mode, the
+            # provider that has it) did not answer in time.  It may still
+            # land, so "not accepted" would be a lie, and 250 may be one
+            # too: the only honest answer is none (RFC 5321 6.1: the client
+            # retries, the classic duplicate rather than a loss).
+            pending = self._delivering
+            queued = pending is not None and all(
+                getattr(message, "queued", False) for message in pending[1]
+            )
             self.factory.log_summary.emit(
                 LogLevel.warn,
-                "queue commit unanswered at shutdown, closing without a reply",
+                "queue commit unanswered at shutdown, closing without a reply"
+                if queued
+                else "provider answer unanswered at shutdown, closing without a reply",
                 self._peer,
                 session=self.id,
             )
@@ -44,6 +56,9 @@ class Closing(ShellBase):
             self._release_slot()
             self._give_up_delivery()
             self._tcp.abortConnection()
+            # Direct mode: the provider's send goes no further (its outcome
+            # is logged as unknown, naming the message).
+            _cancel_sends(pending, heard="nothing")
             return
         if self._handshaking:
             # Implicit TLS and no complete handshake within the greeting
@@ -77,6 +92,11 @@ class Closing(ShellBase):
         store confirms it will never commit does the client hear "not
         accepted".  If its commit is already under way, the client gets
         the real outcome (250 once committed) within L{COMMIT_GRACE}.
+        Direct mode likewise: once the provider has handed the message to
+        its backend (the upstream has the final dot, Graph the send
+        request), cancelling cannot take it back, so the provider's answer
+        is waited for within the same grace; only a send not yet handed
+        over is cancelled, and the client told "not accepted".
         """
         if not self._closing and self._commit_under_way():
             self._awaiting_commit = True
@@ -108,18 +128,18 @@ class Closing(ShellBase):
     def _commit_under_way(self) -> bool:
         """Withdraw the queued message being stored; True if it is past withdrawing.
 
-        Each message of ours says C{queued} and can C{withdraw}; one that
-        cannot (another avatar's, or direct mode, where the provider has
-        it) is given up as before.  A withdrawal may answer at once, the
-        session then saying 421 from its answer (L{_not_accepted}).
+        Each message of ours says C{queued} and can C{withdraw}, or, in
+        direct mode, whether its send is C{handed_over} (L{outcome_coming});
+        one that says neither (another avatar's) is given up as before.
+        A withdrawal may answer at once, the session then saying 421 from
+        its answer (L{_not_accepted}).
         """
         pending = self._delivering
         if pending is None:
             return False
         committing = False
         for message in pending[1]:
-            withdraw = getattr(message, "withdraw", None)
-            if getattr(message, "queued", False) and withdraw is not None and not withdraw():
+            if outcome_coming(message):
                 committing = True
         return committing and not self._closing
 
@@ -211,7 +231,51 @@ class Closing(ShellBase):
         return False
 
 
-def _cancel_sends(pending: tuple[object, list[Message]] | None) -> None:
+def outcome_coming(message: object) -> bool:
+    """At a forced stop: is C{message}'s real outcome on its way, so worth a grace?
+
+    Queue mode: it is, when the store can no longer withdraw the message
+    (its commit is under way; C{withdraw} has the side effect of stopping
+    one that can).  Direct mode: it is, once the provider has handed the
+    message over (C{handed_over}), since a cancel then only cuts off the
+    answer.  Otherwise the message is given up: nothing is or will be
+    stored or sent, and the client may be told so.
+    """
+    if getattr(message, "queued", False):
+        withdraw = getattr(message, "withdraw", None)
+        return withdraw is not None and not withdraw()
+    return bool(getattr(message, "handed_over", False))
+
+
+def cancel_for_gone_client(session: str, pending: tuple[object, list[Message]] | None) -> None:
+    """The client disconnected while its message was with the provider (direct mode).
+
+    It never heard 250, so it will send the message again: a send not yet
+    handed over is cancelled (else the retry is a duplicate).  One the
+    provider has already handed over cannot be taken back; it is left to
+    finish (its outcome is logged as usual) and a warning names it, since
+    the retry may arrive twice.  Queued messages are the store's business
+    and are left alone (L{_give_up_delivery} has already abandoned them).
+    """
+    if pending is None:
+        return
+    for message in pending[1]:
+        if getattr(message, "queued", False):
+            continue
+        if getattr(message, "handed_over", False):
+            log.warn(
+                "client disconnected after the provider had the message: "
+                "it may be delivered, and the client will send it again",
+                session=session,
+                id=getattr(message, "id", None),
+            )
+            continue
+        _cancel_sends((None, [message]), heard="gone")
+
+
+def _cancel_sends(
+    pending: tuple[object, list[Message]] | None, *, heard: Heard = "not accepted"
+) -> None:
     """Cancel the provider sends of a delivery given up at shutdown (messages that can)."""
     if pending is None:
         return
@@ -219,6 +283,9 @@ def _cancel_sends(pending: tuple[object, list[Message]] | None) -> None:
         cancel = getattr(message, "cancel", None)
         if callable(cancel):
             try:
-                cancel()
+                if heard == "not accepted":
+                    cancel()
+                else:
+                    cancel(heard)
             except Exception:
                 log.failure("cancelling a delivery failed")

@@ -48,7 +48,7 @@ from smtpproxy import tlsevents
 from smtpproxy.errors import Reply
 from smtpproxy.policy.rules import client_name
 from smtpproxy.smtp.base import log
-from smtpproxy.smtp.closing import Closing
+from smtpproxy.smtp.closing import Closing, cancel_for_gone_client
 from smtpproxy.smtp.commands import CommandError, split_command
 from smtpproxy.smtp.envelope import Envelope
 from smtpproxy.smtp.idle import IdleTimer
@@ -202,7 +202,9 @@ class RelayProtocol(Logins, Intake, Envelope, Closing, InputLoop, Output, IdleTi
         # Closing first: a delivery given up below answers at once, and a
         # closing session neither replies nor re-arms its timer then.
         self._closing = True
+        pending = self._delivering
         self._give_up_delivery()
+        cancel_for_gone_client(self.id, pending)
         self._drop_avatar()
         self.setTimeout(None)
         self._release_slot()

@@ -82,6 +82,10 @@ _CANCELLED = {
     "delivery cancelled at shutdown, message not delivered": "cancelled",
     "delivery cancelled at shutdown after the provider had the message: "
     "it may be delivered although the client was told it was not accepted": "cancelled_unknown",
+    "delivery cancelled at shutdown after the provider had the message: "
+    "it may be delivered, and the client got no reply": "cancelled_unknown",
+    "delivery cancelled, the client disconnected before its answer: "
+    "message not delivered": "cancelled",
 }
 
 

@@ -137,11 +137,14 @@ class DirectModeTests(TestCase):
         self.assertLess(seen["took"], 10 + 7)
 
     @async_test
-    async def test_past_the_timeout_the_send_is_cancelled_and_503(self) -> None:
+    async def test_past_the_timeout_a_send_on_the_wire_gets_no_answer(self) -> None:
         """Direct mode, Graph answering only after 6 s, SMTP_SHUTDOWN_TIMEOUT 1: the
-        submission in flight is given up: its client hears 503 shutting_down, the
-        Graph request is cancelled (the fake delivers nothing) and one warning names
-        the message as possibly delivered; the stop stays bounded."""
+        sendMail request is on the wire when the stop gives up, so a real Graph may
+        have the message.  The client is not told 503 shutting_down (its retry would be
+        a duplicate of a delivered message, review 5); the send is waited for within
+        the grace, and when no answer comes the stop goes on and the request gets no
+        HTTP answer; one warning names the message as possibly delivered; the stop
+        stays bounded.  (Before review 5: 503 and a cancelled request.)"""
         fake = fake_graph(self)
         fake.script("sendMail", Fault(delay=6.0))
         relay, http = api_relay(
@@ -164,11 +167,10 @@ class DirectModeTests(TestCase):
 
         seen = await in_thread(scenario)
         code, _, body = seen["first"]
-        self.assertEqual((code, json.loads(body)["error"]["code"]), (503, "shutting_down"), body)
-        self.assertEqual(fake.received_by("alice@fabrikam.example"), [])
+        self.assertEqual(code, 0, body)  # no HTTP answer at all
         [line] = relay.events(
             "delivery cancelled at shutdown after the provider had the message: "
-            "it may be delivered although the client was told it was not accepted"
+            "it may be delivered, and the client got no reply"
         )
         self.assertEqual(line["message_id"], "<slow@contoso.example>")
         self.assertEqual(seen["exit"], 0)

@@ -35,7 +35,8 @@ profile.  L{BodyReader} also bounds what it keeps (L{MAX_BODY}).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -64,6 +65,13 @@ from zope.interface import implementer
 MAX_ENDPOINTS = 16
 #: The longest response body kept: Graph's answers are small JSON documents.
 MAX_BODY = 16 * 1024 * 1024
+
+#: Set by a caller around L{AgentClient.request} for a request whose arrival
+#: matters (Graph's send requests): called once the request's body starts
+#: going out, i.e. the connection is made and the request is on the wire.
+#: A context variable so that the treq-shaped C{request} keeps its signature
+#: (tests drive the provider through treq's C{StubTreq}, which never calls it).
+ON_THE_WIRE: ContextVar[Callable[[], None] | None] = ContextVar("on_the_wire", default=None)
 
 
 class ResponseTooLargeError(Exception):
@@ -120,11 +128,14 @@ def pooled_agent(reactor: Any, pool: HTTPConnectionPool, endpoints: EndpointFact
 class BytesProducer:
     """A request body that is already in memory: written in one go."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, on_the_wire: Callable[[], None] | None = None) -> None:
         self._data = data
         self.length = len(data)
+        self._on_the_wire = on_the_wire
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        if self._on_the_wire is not None:
+            self._on_the_wire()
         consumer.write(self._data)
         return succeed(None)
 
@@ -246,7 +257,7 @@ class AgentClient:
         raw = Headers()
         for name, value in (headers or {}).items():
             raw.addRawHeader(name.encode("ascii"), value.encode("latin-1"))
-        producer = None if data is None else BytesProducer(data)
+        producer = None if data is None else BytesProducer(data, ON_THE_WIRE.get())
         sent: Deferred[IResponse] = self._agent.request(
             method.encode("ascii"), request_uri(url), raw, producer
         )

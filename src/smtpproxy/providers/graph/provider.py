@@ -39,7 +39,7 @@ from twisted.web.http_headers import Headers
 from smtpproxy.config import Config
 from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.mime.message import Email
-from smtpproxy.providers.graph.agentclient import AgentClient, pooled_agent
+from smtpproxy.providers.graph.agentclient import ON_THE_WIRE, AgentClient, pooled_agent
 from smtpproxy.providers.graph.budgetkeeper import BudgetKeeper, Charge
 from smtpproxy.providers.graph.credentials import (
     CredentialError,
@@ -102,7 +102,7 @@ from smtpproxy.providers.graph.tokens import (
     token_url,
 )
 from smtpproxy.providers.graph.tunnel import GraphEndpoints, ProxyTunnelError
-from smtpproxy.providers.result import SendCancelledError
+from smtpproxy.providers.result import SendCancelledError, current_handover
 from smtpproxy.queue.store import CounterStore
 
 log = Logger(namespace="smtpproxy.graph")
@@ -827,6 +827,10 @@ class GraphProvider:
                     continue
                 problem = self._classify(request, reply)
             uncertain = uncertain or problem.ambiguous
+            if request.what in _SENDING and not uncertain:
+                # Refused, and no earlier attempt may have gone through:
+                # Graph does not have the message (a retry may hand it over).
+                current_handover().clear()
             if uncertain and not ambiguous:
                 ambiguous.append(True)
             if attempts is not None:
@@ -990,14 +994,21 @@ class GraphProvider:
         data = request.body
         if data is None and request.method in ("POST", "PUT"):
             data = b""
-        sent: Deferred[Any] = self._http.request(
-            request.method,
-            request.url,
-            headers=headers,
-            data=data,
-            # A redirect would carry the bearer token to another host.
-            allow_redirects=False,
-        )
+        # A send request on the wire hands the message over: from then on
+        # a forced stop waits for Graph's answer rather than cancelling.
+        on_the_wire = current_handover().mark if request.what in _SENDING else None
+        token = ON_THE_WIRE.set(on_the_wire)
+        try:
+            sent: Deferred[Any] = self._http.request(
+                request.method,
+                request.url,
+                headers=headers,
+                data=data,
+                # A redirect would carry the bearer token to another host.
+                allow_redirects=False,
+            )
+        finally:
+            ON_THE_WIRE.reset(token)
         return sent.addCallback(_read_whole)
 
     async def _bounded(self, waiting: Deferred[Any], deadline: float, what: str) -> Any:

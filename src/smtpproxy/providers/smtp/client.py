@@ -54,7 +54,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
 from smtpproxy.errors import DeliveryError, TransientDeliveryError
-from smtpproxy.providers.result import SendCancelledError
+from smtpproxy.providers.result import Handover, SendCancelledError
 from smtpproxy.providers.smtp import wire
 from smtpproxy.providers.smtp.trust import tls_problem
 
@@ -107,7 +107,7 @@ class RelayClient(ESMTPClient):
         self._used_before = False
         self._unsent: deque[bytes] = deque()
         self._username = username.encode("utf-8")
-        self.ready: Deferred[RelayClient] = Deferred()
+        self.ready: Deferred[RelayClient] = Deferred(self._cancel_setup)
         self.capabilities = wire.Capabilities()
         self.usable = False
         self.on_lost: Callable[[RelayClient], None] = lambda client: None
@@ -122,6 +122,8 @@ class RelayClient(ESMTPClient):
         # The whole body, end of DATA included, has been written: from then
         # on a cancelled transaction may have been delivered all the same.
         self._handed_over = False
+        # The caller's view of that moment (L{Handover}), for the transaction in progress.
+        self._handover: Handover | None = None
         # Direct mode, a recipient deferred while DATA was already on its
         # way (pipelining): the body must not follow (wire.held_back).
         self._held: DeliveryError | None = None
@@ -222,6 +224,17 @@ class RelayClient(ESMTPClient):
         self.usable = True
         if not self.ready.called:
             self.ready.callback(self)
+
+    def _cancel_setup(self, ready: Deferred[RelayClient]) -> None:
+        """The send waiting for this session gave up (a forced stop): close it now.
+
+        Nobody else would: the session is not the pool's until it is
+        ready, and it would otherwise go on through the greeting and EHLO
+        and then sit idle, its timeout off, until the upstream drops it.
+        """
+        self.usable = False
+        self._closing = True
+        self._close_now()
 
     def sendError(self, exc: Exception) -> None:
         self._setup_failed(self._setup_error(exc))
@@ -333,13 +346,20 @@ class RelayClient(ESMTPClient):
         self.usable = False
         self._close_now()
 
-    def deliver(self, transaction: wire.Transaction) -> Deferred[wire.Delivered]:
-        """Run one transaction; fires with the outcome or fails with a L{DeliveryError}."""
+    def deliver(
+        self, transaction: wire.Transaction, handover: Handover | None = None
+    ) -> Deferred[wire.Delivered]:
+        """Run one transaction; fires with the outcome or fails with a L{DeliveryError}.
+
+        @param handover: marked once the whole body, end of DATA included,
+            has been written (the upstream may deliver from then on).
+        """
         if not self.usable or self._result is not None:
             raise RuntimeError("deliver() on a client that is not idle")
         result: Deferred[wire.Delivered] = Deferred(self._cancel)
         self._result = result
         self._handed_over = False
+        self._handover = handover
         self._held = None
         self._replies_seen = 0
         self._used_before = self._used
@@ -479,6 +499,8 @@ class RelayClient(ESMTPClient):
     def _body_sent(self, last: object) -> None:
         self._sending = None
         self._handed_over = True
+        if self._handover is not None:
+            self._handover.mark()
 
     def _after_body(
         self,

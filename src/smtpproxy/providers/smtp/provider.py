@@ -20,6 +20,7 @@ from typing import cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTime,
@@ -30,7 +31,12 @@ from twisted.logger import Logger
 from smtpproxy.errors import DeliveryError, TransientDeliveryError
 from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
-from smtpproxy.providers.result import PartlyDeferredError, PartlyRefused, SendCancelledError
+from smtpproxy.providers.result import (
+    PartlyDeferredError,
+    PartlyRefused,
+    SendCancelledError,
+    current_handover,
+)
 from smtpproxy.providers.smtp import wire
 from smtpproxy.providers.smtp.client import RelayClient, StaleConnectionError
 from smtpproxy.providers.smtp.pool import Pool
@@ -77,6 +83,7 @@ class SmtpProvider:
         if self._settings.sender:
             # RELAY_FROM: once per message, before any attempt (relayfrom).
             email = force_sender(email, self._settings.sender)
+        handover = current_handover()
         for attempt in (1, 2):
             try:
                 client = await self.pool.acquire()
@@ -85,7 +92,7 @@ class SmtpProvider:
                 raise SendCancelledError(handed_over=False) from None
             try:
                 transaction = wire.plan(email, client.capabilities)
-                delivered = await client.deliver(transaction)
+                delivered = await client.deliver(transaction, handover)
             except StaleConnectionError:
                 if attempt == 2:
                     raise
@@ -136,6 +143,10 @@ class SmtpProvider:
             endpoint = wrapClientTLS(self._tls, endpoint)
         try:
             await connectProtocol(endpoint, client)
+        except (CancelledError, ConnectingCancelledError):
+            # The send was cancelled (a forced stop), not the upstream down:
+            # no "connection failed" warning, and nothing was handed over.
+            raise SendCancelledError(handed_over=False) from None
         except Exception as e:  # DNS, refused, unreachable, timeout: all "try later"
             reason = clip(str(e) or type(e).__name__, 200)
             log.warn("upstream connection failed", upstream=self._where, reason=reason)
@@ -144,6 +155,10 @@ class SmtpProvider:
             ) from None
         try:
             return await client.ready
+        except CancelledError:
+            # Cancelled during the greeting, EHLO, STARTTLS or AUTH: the
+            # ready's canceller has closed the half-made session.
+            raise SendCancelledError(handed_over=False) from None
         except DeliveryError as e:
             log.warn("upstream session failed", upstream=self._where, reason=e.reason)
             raise

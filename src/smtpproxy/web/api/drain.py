@@ -19,11 +19,13 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from smtpproxy.providers.result import Handover
 from smtpproxy.web.api.problems import ApiError
 
 #: After giving up the submissions still in flight, how long their answers
 #: are waited for: a withdrawn enqueue and a cancelled send answer at once,
-#: a commit already under way within the SMTP side's COMMIT_GRACE (1.5 s).
+#: a commit already under way within the SMTP side's COMMIT_GRACE (1.5 s),
+#: and so does a send the provider had already handed over (not cancelled).
 GIVE_UP_GRACE = 2.0
 #: Retry-After (seconds) for a submission refused because the relay stops.
 STOPPING_RETRY_AFTER = 30
@@ -46,22 +48,51 @@ class Flight:
     @ivar withdraw: queue mode: stop the enqueue if it has not committed
         (True: it never will; False: the commit's outcome is coming).
     @ivar sending: direct mode: the provider's send, once started.
+    @ivar handover: direct mode: whether that send has reached the backend.
     @ivar given_up: set at the forced stop; a send not started by then never is.
+    @ivar unanswered: direct mode: called when the stop goes on without the
+        answer of a send that was handed over (it logs the message as such).
+    @ivar cancelled: the forced stop cancelled the send (its outcome is logged).
     """
 
     def __init__(self) -> None:
         self.withdraw: Callable[[], bool] | None = None
         self.sending: defer.Deferred[Any] | None = None
+        self.handover: Handover | None = None
+        self.unanswered: Callable[[], None] | None = None
         self.given_up = False
+        self.cancelled = False
 
     def give_up(self) -> None:
-        """The stop's time is up: withdraw the enqueue, or cancel the provider's send."""
+        """The stop's time is up: withdraw the enqueue, or cancel the provider's send.
+
+        A send the provider has already handed to its backend is left to
+        finish: cancelling it could not take the message back, only cut
+        off the answer, and the client would retry what was delivered.
+        Its real outcome comes within L{GIVE_UP_GRACE} (or the stop goes
+        on without it and the client gets no answer, never a false 503).
+        """
         self.given_up = True
         if self.withdraw is not None:
             self.withdraw()
         sending = self.sending
-        if sending is not None and not sending.called:
-            sending.cancel()
+        if sending is None or sending.called:
+            return
+        if self.handover is not None and self.handover.handed_over:
+            return
+        self.cancelled = True
+        sending.cancel()
+
+    def left_unanswered(self) -> None:
+        """The stop goes on without this submission's answer: name a handed-over send.
+
+        It is not cancelled (its client would hear a false 503 while the
+        listener is still up); the process ends it, and the client gets no
+        answer.  Only the log can say that the message may be delivered.
+        """
+        sending = self.sending
+        if self.unanswered is not None and sending is not None and not sending.called:
+            self.unanswered()
 
 
 class Flights:
@@ -116,6 +147,8 @@ class Flights:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        for flight in list(self._open):
+            flight.left_unanswered()
         drained, self._drained = self._drained, []
         for done in drained:
             done.callback(None)

@@ -30,7 +30,7 @@ from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider
-from smtpproxy.providers.result import PartlyRefused, SendCancelledError
+from smtpproxy.providers.result import PartlyRefused, SendCancelledError, watched
 from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
 from smtpproxy.web.api.drain import Flight, Flights, stopping_error
@@ -245,19 +245,24 @@ class Submitter:
                 return defer.fail(never)
             if mailbox:
                 email = dataclasses.replace(email, mailbox=mailbox)
-            sending = send_email(
-                self._provider,
-                self._reactor,
-                email,
-                fields,
-                started,
-                log_delivered=self._log_delivered,
+            sending, flight.handover = watched(
+                lambda: send_email(
+                    self._provider,
+                    self._reactor,
+                    email,
+                    fields,
+                    started,
+                    log_delivered=self._log_delivered,
+                )
             )
             flight.sending = sending
+            flight.unanswered = lambda: log_cancelled(
+                fields, SendCancelledError(handed_over=True), "nothing"
+            )
 
             def after(result: object) -> object:
                 flight.sending = None
-                if flight.given_up:
+                if flight.cancelled:
                     log_cancelled(fields, result)
                 return result
 

@@ -60,11 +60,23 @@ def _subject(value: str) -> str | None:
 def _plain_name(name: str) -> bool:
     """Does a display name read back as written?
 
-    Folding and the parser tidy blanks, and a non-ASCII name is cut into
-    encoded words that may read back with blanks between them (even a
-    short one): such a message is parsed.
+    Folding and the parser tidy blanks, and a non-ASCII name (or one
+    holding C{=?}, which a reader would decode) is cut into encoded words
+    that may read back with blanks between them (even a short one): such a
+    message is parsed.
     """
-    return not name or (name.isascii() and name == " ".join(name.split()))
+    return not name or (name.isascii() and "=?" not in name and name == " ".join(name.split()))
+
+
+def _plain_filename(name: str) -> bool:
+    """Does a file name read back as written?
+
+    The package reads a file name back without blanks at its ends (a blank
+    one as none), drops the angle brackets or double quotes around a whole
+    one (C{<report>} reads as C{report}), and decodes an encoded word
+    inside one: the parser decides for those.
+    """
+    return name == name.strip() and "=?" not in name and name[:1] + name[-1:] not in ("<>", '""')
 
 
 def _mailbox(mailbox: Mailbox) -> HeaderMailbox:
@@ -86,9 +98,7 @@ def direct_email(
         request.reply_to is not None and not _plain_name(request.reply_to.name)
     ):
         return None
-    if any(a.filename != a.filename.strip() for a in request.attachments):
-        # The package reads a file name back without blanks at its ends
-        # (a blank one as none): the parser decides.
+    if not all(_plain_filename(a.filename) for a in request.attachments):
         return None
     blank = raw.find(b"\r\n\r\n")
     fields = simple_header_fields(raw[: blank + 2]) if blank >= 0 else None

@@ -19,6 +19,7 @@ and encodes text holding C{=?}, so the same text is written in other words.
 from __future__ import annotations
 
 import base64
+import contextlib
 import email
 import email.policy
 import re
@@ -56,10 +57,9 @@ def _structure(data: bytes) -> list[tuple[str, str | None, str | None]]:
 
 def _decoded(value: str) -> str:
     """A raw header value as read: encoded words decoded (RFC 2047 6.2), blanks tidied."""
-    try:
+    # Words that do not decode (not encoded words after all) are compared as written.
+    with contextlib.suppress(ValueError, LookupError):
         value = str(make_header(decode_header(value)))
-    except (ValueError, LookupError):  # not encoded words after all: compared as written
-        pass
     return " ".join(value.split())
 
 

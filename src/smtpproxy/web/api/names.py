@@ -70,16 +70,23 @@ def needs_words(text: str) -> bool:
 def encoded_words(text: str) -> str:
     """C{text} as UTF-8 encoded words of at most 45 octets, separated by blanks.
 
-    Cut in one pass over the UTF-8 octets, each cut moved back to the
-    start of a character (at most three octets).  Blanks between adjacent
-    encoded words are not part of the text (RFC 2047 6.2), so the words
-    decode to C{text} exactly, its own blanks included.
+    Cut in one pass over the UTF-8 octets: after the last blank of each
+    45-octet window when its second half has one, else at the last
+    character boundary (at most three octets back).  Blanks between
+    adjacent encoded words are not part of the text (RFC 2047 6.2), so the
+    words decode to C{text} exactly, its own blanks included.  (CPython's
+    reader of display names keeps a space between words instead; a cut
+    after a blank then reads as two blanks rather than a word cut in two.)
     """
     data = text.encode("utf-8")
     words = []
     start = 0
     while start < len(data):
         end = start + _WORD_OCTETS
+        if end < len(data):
+            blank = data.rfind(b" ", start + _WORD_OCTETS // 2, end)
+            if blank >= 0:
+                end = blank + 1
         while end < len(data) and data[end] & 0xC0 == 0x80:  # a continuation octet
             end -= 1
         words.append(_UTF8.header_encode(data[start:end].decode("utf-8")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.policy
+from email.utils import getaddresses
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -39,6 +40,13 @@ item = st.one_of(
     st.builds(lambda s1, a, s2: f"{s1}{a}{s2}", space, addr, space),
 )
 header = st.lists(item, min_size=1, max_size=4).map(",".join)
+#: Blanks, and the ASCII controls str.strip() and \\s take for blanks while the full parsers do not.
+odd_space = st.sampled_from(["", " ", "\t", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f", "\x00"])
+odd_item = st.one_of(
+    st.builds(lambda n, s1, a, s2: f"{s1}{n}{s1}<{a}>{s2}", name, odd_space, addr, odd_space),
+    st.builds(lambda s1, a, s2: f"{s1}{a}{s2}", odd_space, addr, odd_space),
+)
+odd_header = st.lists(odd_item, min_size=1, max_size=4).map(",".join)
 
 
 def stdlib(value: str) -> list[Mailbox]:
@@ -135,6 +143,15 @@ class SimpleMailboxTests(SynchronousTestCase):
         quick = simple_mailboxes(value)
         if quick is not None and "=?" not in value:
             self.assertEqual(quick, stdlib(value))
+
+    @given(odd_header)
+    def test_agrees_with_stdlib_around_control_characters(self, value: str) -> None:
+        """With control characters next to names and addresses, the quick path declines
+        or agrees with the header registry and with C{getaddresses} (review 5)."""
+        quick = simple_mailboxes(value)
+        if quick is not None and "=?" not in value:
+            self.assertEqual(quick, stdlib(value))
+            self.assertEqual([(m.name, m.address) for m in quick], getaddresses([value]))
 
     def test_common_forms_take_the_quick_path(self) -> None:
         """The forms real clients send are handled without the full parser."""

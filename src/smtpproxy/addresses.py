@@ -81,7 +81,9 @@ _SIMPLE_MAILBOX = re.compile(
     rf"(?:(?P<name>{_HEADER_ATEXT}++(?:[ \t]++{_HEADER_ATEXT}++)*+)?\s*+"
     rf"<(?P<bracketed>{_DOT_ATOM_ADDRESS})>|(?P<bare>{_DOT_ATOM_ADDRESS}))"
 )
-_UNUSUAL_ADDRESS_SYNTAX = re.compile(r'["(\\:;]|=\?')
+# Control characters (tab aside) go to the full parsers too: they keep them
+# as part of a name or an address, where a plain strip() would drop them.
+_UNUSUAL_ADDRESS_SYNTAX = re.compile(r'["(\\:;\x00-\x08\x0a-\x1f\x7f]|=\?')
 # What can never be part of an address-like run when salvaging a header.
 _ADDRESS_SEPARATORS = str.maketrans(dict.fromkeys("<>()[],;:\"'", " "))
 # Characters that never appear unquoted in an address we would write: space,
@@ -256,8 +258,9 @@ def simple_mailboxes(value: str) -> list[Mailbox] | None:
     C{Name <a@b.example>} and bare C{a@b.example}, comma separated, cover
     nearly all real mail; the standard library's full RFC 5322 parser costs
     a quarter of the relay's CPU per message on them.  Anything with quotes,
-    comments, groups, encoded words, dots in names or other syntax returns
-    None so the full parser decides, and the results agree where both apply.
+    comments, groups, encoded words, dots in names, control characters or
+    other syntax returns None so the full parser decides, and the results
+    agree where both apply.
     (Without quotes, comments or groups every comma separates two
     addresses, so a plain split is exact here.)
     """
@@ -265,7 +268,7 @@ def simple_mailboxes(value: str) -> list[Mailbox] | None:
         return None
     found = []
     for item in value.split(","):
-        match = _SIMPLE_MAILBOX.fullmatch(item.strip())
+        match = _SIMPLE_MAILBOX.fullmatch(item.strip(" \t"))
         if match is None:
             return None
         address = match["bracketed"] or match["bare"]

@@ -144,6 +144,7 @@ _OLD_MAILBOX = re.compile(
     )
 )
 _OLD_UNUSUAL = re.compile(r'["(\\:;]|=\?')
+_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 _OLD_ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"']+@[^\s<>()\[\],;:\"']+")
 
 
@@ -208,8 +209,14 @@ class LinearRewritesAgreeTests(SynchronousTestCase):
 
     @given(ADDRESS_TEXT)
     def test_mailboxes(self, value: str) -> None:
-        """simple_mailboxes reads exactly what the old mailbox pattern read."""
-        self.assertEqual(simple_mailboxes(value), old_mailboxes(value))
+        """simple_mailboxes reads exactly what the old mailbox pattern read, except that a
+        value holding a control character other than tab is left to the full parsers (the
+        old pattern's \\s took a line feed or U+001F for a blank and dropped it, where the
+        header registry and getaddresses keep it: review 5)."""
+        if _CONTROLS.search(value):
+            self.assertIsNone(simple_mailboxes(value))
+        else:
+            self.assertEqual(simple_mailboxes(value), old_mailboxes(value))
 
     @given(ADDRESS_TEXT)
     def test_salvage(self, value: str) -> None:

@@ -9,26 +9,37 @@ through in names, subjects, bodies, file names and custom headers; long
 lines; every optional part) both messages are parsed back with the relay's
 own parser and by the C{email} package, and must agree on every field a
 recipient sees and on each part's type and transfer encoding.
+
+Header values are compared as a recipient reads them (RFC 2047 words
+decoded), not as written: since review 5 the builder cuts its own encoded
+words (L{smtpproxy.web.api.names}), no longer encodes long ASCII values,
+and encodes text holding C{=?}, so the same text is written in other words.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import email
 import email.policy
+import re
 from datetime import UTC, datetime
+from email.header import decode_header, make_header
 from typing import Any
 
 from hypothesis import HealthCheck, assume, given, settings
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.mime.message import Email, parse_message
-from smtpproxy.web.api import compose
+from smtpproxy.web.api import compose, names
 from smtpproxy.web.api.problems import ApiError
 from tests.web.api.oldbuilder import old_build
 from tests.web.api.test_direct import requests
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+#: About two generated requests in three are refused by the checks (controls in names,
+#: say), which now and then trips the filtering health check on the first examples.
+_HEALTH = [HealthCheck.too_slow, HealthCheck.filter_too_much]
 MESSAGE_ID = "<0123456789abcdef@relay.test>"
 #: Headers whose values differ by design: the boundary is random in both.
 _MIME = frozenset({"content-type", "mime-version"})
@@ -47,21 +58,59 @@ def _structure(data: bytes) -> list[tuple[str, str | None, str | None]]:
     ]
 
 
+def _decoded(value: str) -> str:
+    """A raw header value as read: encoded words decoded (RFC 2047 6.2), blanks tidied."""
+    # Words that do not decode (not encoded words after all) are compared as written.
+    with contextlib.suppress(ValueError, LookupError):
+        value = str(make_header(decode_header(value)))
+    return " ".join(value.split())
+
+
+#: The length a warning quotes: that of the encoded header, which depends on the words' cuts.
+_LENGTH = re.compile(r"\(\d+ characters\)")
+
+
+#: Headers checked against the request itself (L{BuilderTests.assertPosted}).
+_ADDRESS_HEADERS = frozenset({"from", "to", "cc", "reply-to"})
+#: A warning about one of those headers (checked by L{BuilderTests.assertPosted} too).
+_ADDRESS_WARNING = re.compile(r"header '(From|To|Cc|Reply-To)' ")
+
+
+def _posted_name(read: str, posted: compose.Mailbox) -> tuple[str, str]:
+    """A name read back and the posted one, in the form both must agree in.
+
+    CPython's registry reads a quoted name exactly and an unquoted one with
+    its blanks tidied; it reads a name of several encoded words with a
+    space between each two (RFC 2047 6.2 says none), so encoded names agree
+    without their blanks (L{tests.web.api.test_names} checks them by RFC
+    2047's reading).
+    """
+    name = posted.name
+    if names.needs_words(name):
+        return "".join(read.split()), "".join(name.split())
+    if names.mailbox(name, posted.address).startswith('"'):
+        return read, name
+    return read, " ".join(name.split())
+
+
 def _seen(message: Email) -> dict[str, object]:
     """The fields of a parsed message a recipient sees (C{raw} aside: boundaries differ)."""
     return {
         "envelope": (message.envelope_from, message.envelope_to),
-        "addresses": (message.from_, message.to, message.cc, message.bcc, message.reply_to),
-        "subject": message.subject,
+        "subject": " ".join(message.subject.split()),  # blanks tidied, as in headers
         "ids": (message.message_id, message.date),
         "bodies": (message.text, message.html),
         "attachments": message.attachments,
         "headers": [
-            (name, " ".join(value.split()))
+            (name, _decoded(value))
             for name, value in message.headers
-            if name.lower() not in _MIME
+            if name.lower() not in _MIME | _ADDRESS_HEADERS
         ],
-        "warnings": message.warnings,
+        "warnings": [
+            _LENGTH.sub("(n characters)", warning)
+            for warning in message.warnings
+            if not _ADDRESS_WARNING.match(warning)
+        ],
     }
 
 
@@ -83,15 +132,43 @@ class BuilderTests(SynchronousTestCase):
         new, old, request = both(document)
         recipients = request.envelope_recipients
         sender = request.sender.address
-        self.assertEqual(
-            _seen(parse_message(sender, recipients, new)),
-            _seen(parse_message(sender, recipients, old)),
-        )
+        parsed = parse_message(sender, recipients, new)
+        self.assertEqual(_seen(parsed), _seen(parse_message(sender, recipients, old)))
+        self.assertPosted(parsed, request)
         self.assertEqual(_structure(new), _structure(old))
         self.assertTrue(all(len(line) <= compose.MAX_LINE for line in new.split(b"\r\n")))
         self.assertNotIn(b"\nBcc:", b"\n" + new)
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    def assertPosted(self, parsed: Email, request: compose.JsonMessage) -> None:
+        """The addresses read back are those posted, each with its name.
+
+        Compared with the request, not with the previous builder, whose
+        registry folding loses names and mailboxes on some lists (a quoted
+        name split across lines, a comma folded into an encoded word) and
+        warns about them.  No address header of the new builder is
+        malformed; one the relay only salvages (an address over its parse
+        limit, e.g. 256 four-octet characters of name) keeps the addresses
+        alone.
+        """
+        self.assertEqual(parsed.bcc, ())
+        for warning in parsed.warnings:
+            if _ADDRESS_WARNING.match(warning):
+                self.assertIn("is too long to parse", warning)
+        reply_to = () if request.reply_to is None else (request.reply_to,)
+        for header, read, posted in (
+            ("From", parsed.from_, (request.sender,)),
+            ("To", parsed.to, request.to),
+            ("Cc", parsed.cc, request.cc),
+            ("Reply-To", parsed.reply_to, reply_to),
+        ):
+            self.assertEqual([m.address for m in read], [m.address for m in posted], header)
+            if any(f"header '{header}' is too long to parse" in w for w in parsed.warnings):
+                continue
+            for mailbox, wanted in zip(read, posted, strict=True):
+                got, expected = _posted_name(mailbox.name, wanted)
+                self.assertEqual(got, expected, header)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=_HEALTH)
     @given(requests())
     def test_same_as_previous_builder(self, document: dict[str, Any]) -> None:
         """For every valid request both builders' messages parse back to the same

@@ -23,6 +23,9 @@ from smtpproxy.web.api.direct import direct_email, wire_text
 from smtpproxy.web.api.problems import ApiError
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+#: About two generated requests in three are refused by the checks (controls in names,
+#: say), which now and then trips the filtering health check on the first examples.
+_HEALTH = [HealthCheck.too_slow, HealthCheck.filter_too_much]
 MESSAGE_ID = "<0123456789abcdef@relay.test>"
 
 _local = st.from_regex(r"[a-z0-9][a-z0-9._+-]{0,20}[a-z0-9]", fullmatch=True).filter(
@@ -116,7 +119,7 @@ def both(document: dict[str, Any]) -> tuple[Email | None, Email]:
 
 
 class DirectTests(SynchronousTestCase):
-    @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=250, deadline=None, suppress_health_check=_HEALTH)
     @given(requests())
     def test_same_as_parsed(self, document: dict[str, Any]) -> None:
         """For every valid request the directly built Email equals parse_message of the

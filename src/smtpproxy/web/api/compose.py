@@ -12,9 +12,10 @@ form providers deliver to.
 
 The message itself is built by the standard library's C{email} package:
 its C{Message} classes, C{formataddr}, C{Charset}, C{set_param} and a
-policy (L{headercache.POLICY}) that encodes and folds every value that
-needs it through the header registry; no header line is ever assembled
-from strings here.
+policy (L{headercache.POLICY}) that folds every long value; text that
+cannot travel as it is (non-ASCII, or holding C{=?}) is first cut into
+RFC 2047 words by the package's C{Charset} (L{names}); no header line is
+ever assembled from strings here.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from datetime import datetime
 from email import quoprimime
 from email.charset import BASE64, QP, Charset
 from email.encoders import encode_base64
-from email.headerregistry import Address
 from email.message import Message
 from email.mime.base import MIMEBase
-from email.utils import format_datetime, formataddr
+from email.utils import format_datetime
 from typing import NoReturn, cast
 
 from smtpproxy import addresses
+from smtpproxy.web.api import names
 from smtpproxy.web.api.headercache import POLICY
 from smtpproxy.web.api.problems import ApiError
 
@@ -396,7 +397,12 @@ def _custom_headers(value: object) -> tuple[tuple[str, str], ...]:
                 "only X-* headers and threading or list headers may be set",
                 field,
             )
-        found.append((name, check_header_text(text, field, MAX_HEADER_VALUE)))
+        text = check_header_text(text, field, MAX_HEADER_VALUE)
+        if not lowered.startswith("x-") and text.isascii() and not names.fits(name, text):
+            # Message ids and URLs travel only as written, and this one has
+            # a word no header line can carry (RFC 5322's 998).
+            raise ApiError(400, "invalid_field", "a word longer than a header line", field)
+        found.append((name, text))
     return tuple(found)
 
 
@@ -534,7 +540,9 @@ def transfer_encoding(text: str) -> str:
     policy's 78 columns, else quoted-printable or base64, whichever encodes
     the first ten lines shorter.
     """
-    if text.isascii() and max(map(len, text.splitlines()), default=0) <= MAX_LINE:
+    # Lines as the wire has them: cut at CR and LF only (bytes.splitlines),
+    # not at the form feeds and other separators str.splitlines knows too.
+    if text.isascii() and max(map(len, text.encode("ascii").splitlines()), default=0) <= MAX_LINE:
         return "7bit"
     lines = text.encode("utf-8").splitlines()
     if max(map(len, lines), default=0) <= _FOLD:
@@ -589,14 +597,18 @@ def _text_part(text: str, subtype: str, part: Message | None = None) -> Message:
     return part
 
 
-def _addresses(name: str, mailboxes: Sequence[Mailbox]) -> str:
-    """An address header's value: C{formataddr} quotes ASCII names; any other name is
-    handed to the header registry (as L{Address}es), which encodes it in RFC 2047 words."""
-    if all(m.name.isascii() for m in mailboxes):
-        return ", ".join([formataddr((m.name, m.address)) for m in mailboxes])
-    found = [Address(display_name=m.name, username=m.local, domain=m.domain) for m in mailboxes]
-    header: str = POLICY.header_factory(name, found)
-    return header
+def _addresses(mailboxes: Sequence[Mailbox]) -> str:
+    """An address header's value: each name quoted (C{formataddr}) or, when it is not
+    ASCII or holds C{=?}, in RFC 2047 words (L{names.mailbox}); folded only at blanks."""
+    return ", ".join([names.mailbox(m.name, m.address) for m in mailboxes])
+
+
+def _custom_value(name: str, value: str) -> str:
+    """A custom header's value as set: C{X-*} text as the subject is (L{names.unstructured});
+    the threading and list headers (message ids, URLs) as posted, unless not ASCII."""
+    if name[:2].lower() == "x-":
+        return names.unstructured(name, value)
+    return value if value.isascii() else names.encoded_words(value)
 
 
 def _multipart(subtype: str, parts: Sequence[Message], into: Message | None = None) -> Message:
@@ -630,26 +642,26 @@ def build_message(request: JsonMessage, *, message_id: str, now: datetime) -> Me
     text and HTML bodies become C{multipart/alternative}; attachments are
     added after them (C{multipart/mixed}), inline ones with their content
     id so the HTML can refer to them.  The C{Message} classes, C{Charset}
-    (the body's transfer encoding), C{formataddr} (quoting), C{set_param}
-    (RFC 2231 file names) and the policy (L{POLICY}: RFC 2047 words and
-    folding for any value that needs them) make every header and body.
+    (the body's transfer encoding and RFC 2047 words, L{names}),
+    C{formataddr} (quoting), C{set_param} (RFC 2231 file names) and the
+    policy (L{POLICY}: folding at blanks) make every header and body.
 
     @param message_id: the C{Message-ID} value, angle brackets included.
     @param now: the C{Date}, timezone-aware.
     """
     message = Message(policy=POLICY)
-    message["From"] = _addresses("From", (request.sender,))
+    message["From"] = _addresses((request.sender,))
     if request.to:
-        message["To"] = _addresses("To", request.to)
+        message["To"] = _addresses(request.to)
     if request.cc:
-        message["Cc"] = _addresses("Cc", request.cc)
+        message["Cc"] = _addresses(request.cc)
     if request.reply_to is not None:
-        message["Reply-To"] = _addresses("Reply-To", (request.reply_to,))
-    message["Subject"] = request.subject
+        message["Reply-To"] = _addresses((request.reply_to,))
+    message["Subject"] = names.unstructured("Subject", request.subject)
     message["Date"] = format_datetime(now)
     message["Message-ID"] = message_id
     for name, value in request.headers:
-        message[name] = value
+        message[name] = _custom_value(name, value)
     text, html = request.text, request.html
     top = None if request.attachments else message
     if html is not None and text is not None:

@@ -60,11 +60,12 @@ def _subject(value: str) -> str | None:
 def _plain_name(name: str) -> bool:
     """Does a display name read back as written?
 
-    Folding and the parser tidy blanks, and a non-ASCII name is cut into
-    encoded words that may read back with blanks between them (even a
-    short one): such a message is parsed.
+    Folding and the parser tidy blanks, and a non-ASCII name (or one
+    holding C{=?}, which a reader would decode) is cut into encoded words
+    that may read back with blanks between them (even a short one): such a
+    message is parsed.
     """
-    return not name or (name.isascii() and name == " ".join(name.split()))
+    return not name or (name.isascii() and "=?" not in name and name == " ".join(name.split()))
 
 
 def _plain_filename(name: str) -> bool:

@@ -9,13 +9,18 @@ trip ends where it began, with the value written unchanged.
 
 The policy here (L{POLICY}, C{email.policy.SMTP}'s settings: CRLF, 78
 columns, 8-bit bodies) keeps such a value as it was set, the way the
-package keeps a header it read from a source, and writes it through the
-package's own rule for those (C{refold_source="long"}): a value that fits
-on one line is written as is, a longer one is parsed by the registry and
-folded.  A value that is not ASCII (a subject in another script, a display
-name with an accent) is made a registry header when it is set, as before,
-so it is encoded into RFC 2047 words and folded by the package.  A value
-with a line break is refused when set, as the stock policy refuses it.
+package keeps a header it read from a source.  A value that fits on one
+line is written as is; a longer one is folded by L{names.fold}, only in
+front of the blanks it holds, never parsed again nor encoded (the
+registry's folder, which the package's own rule, C{refold_source="long"},
+would use, drops the quotes of a display name it splits and rewrites long
+message ids and URLs as RFC 2047 words).  C{Content-Type} and
+C{Content-Disposition} are still folded by the registry, whose parameter
+writer splits a long file name into RFC 2231 sections.  The builder
+(L{compose}, L{names}) encodes every value that needs it before setting
+it; a value that is not ASCII all the same is made a registry header when
+it is set, as before.  A value with a line break is refused when set, as
+the stock policy refuses it.
 
 Two costs that repeat from message to message are kept besides, both pure
 functions of their inputs: the header classes the registry makes (by
@@ -33,6 +38,8 @@ from email.headerregistry import BaseHeader, HeaderRegistry
 from email.policy import EmailPolicy
 from typing import Any
 
+from smtpproxy.web.api.names import fold
+
 __all__ = ["KEPT", "POLICY"]
 
 #: The most entries any one of the tables below keeps.
@@ -40,6 +47,8 @@ KEPT = 256
 
 #: Headers the message methods read back while building, whose values repeat.
 _MIME_NAMES = frozenset({"mime-version", "content-type", "content-transfer-encoding"})
+#: Headers with MIME parameters, which the registry folds (RFC 2231 sections).
+_PARAMETER_NAMES = frozenset({"content-type", "content-disposition"})
 
 
 class _HeaderClasses(HeaderRegistry):
@@ -82,6 +91,26 @@ class _Policy(EmailPolicy):
                 raise ValueError("Header values may not contain linefeed or carriage return")
             return (name, value)
         return super().header_store_parse(name, value)
+
+    def fold(self, name: str, value: Any) -> str:
+        folded = self._folded(name, value)
+        return super().fold(name, value) if folded is None else folded
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        folded = self._folded(name, value)
+        return super().fold_binary(name, value) if folded is None else folded.encode("ascii")
+
+    def _folded(self, name: str, value: Any) -> str | None:
+        """An ASCII value kept as set, folded at its blanks; None to leave it to the package."""
+        if type(value) is not str or not value.isascii() or "\n" in value or "\r" in value:
+            return None
+        if not self.max_line_length:  # no folding asked for: the package's way
+            return None
+        if len(name) + 2 + len(value) <= self.max_line_length:
+            return f"{name}: {value}{self.linesep}"
+        if name.lower() in _PARAMETER_NAMES:
+            return None
+        return fold(name, value, self.max_line_length, self.linesep)
 
 
 #: The policy of every message the API builds and of its serialisation.

@@ -32,6 +32,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from smtpproxy.config import CONFIG_FILE_ENV, ENV_PREFIXES, Config, settings
 from tests.support import TIMEOUT, message
+from tests.test_twistd import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -190,12 +191,6 @@ class OperatorGuideTests(SynchronousTestCase):
 
 
 # --- installing and running ----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def clean_environment() -> dict[str, str]:

@@ -6,6 +6,7 @@ smtplib, swaks, openssl s_client and HTTP, then stop it with SIGTERM.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -30,10 +31,22 @@ ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
 
+# Ports handed out lately: the kernel may give a port that was bound and
+# closed a moment ago to the next bind(0) again, and a relay given the same
+# port for SMTP_LISTEN and HTTP_LISTEN cannot start.
+_RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=512)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now and not handed out by this process lately."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
+    raise AssertionError("no loopback port left that was not handed out lately")
 
 
 def base_env(**settings: str) -> dict[str, str]:

@@ -30,6 +30,20 @@ def _read_reply(sock: socket.socket, deadline: float) -> bytes:
     return data
 
 
+def _read_until(sock: socket.socket, code: bytes, deadline: float) -> bytes:
+    """Replies up to and including the first line that starts with C{code}; fails on
+    anything else that ends the exchange (EOF, the deadline)."""
+    data = b""
+    while time.monotonic() < deadline:
+        if any(line.startswith(code) for line in data.split(b"\r\n")[:-1]):
+            return data
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    raise AssertionError(f"no {code!r} reply; got {data!r}")
+
+
 class InFlightAtShutdownTests(TestCase):
     @async_test
     async def test_421_not_accepted_means_not_queued(self) -> None:
@@ -45,15 +59,16 @@ class InFlightAtShutdownTests(TestCase):
             try:
                 lock.execute("BEGIN IMMEDIATE")
                 with socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as sock:
-                    sock.recv(1000)
+                    wait = time.monotonic() + 30
+                    _read_until(sock, b"220 ", wait)
                     sock.sendall(b"EHLO c\r\n")
-                    time.sleep(0.2)
-                    sock.recv(4096)
+                    _read_until(sock, b"250 ", wait)
                     sock.sendall(
                         b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
                     )
-                    time.sleep(0.3)
-                    sock.recv(4096)
+                    # Each reply read before the next step: on a loaded machine fixed
+                    # waits were too short and the body went out before the 354.
+                    _read_until(sock, b"354 ", wait)
                     sock.sendall(b"Subject: in flight\r\n\r\nBody of in flight.\r\n.\r\n")
                     time.sleep(0.5)  # the enqueue now waits for the lock
                     assert relay.process is not None

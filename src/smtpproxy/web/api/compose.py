@@ -36,6 +36,7 @@ from email.utils import format_datetime, formataddr
 from typing import NoReturn, cast
 
 from smtpproxy import addresses
+from smtpproxy.web.api.flatten import as_bytes
 from smtpproxy.web.api.headercache import POLICY
 from smtpproxy.web.api.problems import ApiError
 
@@ -637,8 +638,12 @@ def build_message(request: JsonMessage, *, message_id: str, now: datetime) -> Me
 
 
 def encode_message(message: Message, max_size: int) -> bytes:
-    """The message's bytes as they go on (CRLF line ends), or 413 past C{max_size}."""
-    data = message.as_bytes(policy=POLICY)
+    """The message's bytes as they go on (CRLF line ends), or 413 past C{max_size}.
+
+    The bytes of C{message.as_bytes(policy=POLICY)}, each body written in
+    one piece rather than line by line (L{smtpproxy.web.api.flatten}).
+    """
+    data = as_bytes(message, POLICY)
     if len(data) > max_size:
         raise ApiError(
             413, "too_large", f"the encoded message is larger than {max_size} bytes", None

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtpproxy.web.api import compose
+from smtpproxy.web.api import compose, flatten
 from smtpproxy.web.api.flatten import as_bytes
 from smtpproxy.web.api.headercache import POLICY
 from smtpproxy.web.api.problems import ApiError
@@ -158,3 +158,14 @@ class OnePieceTests(SynchronousTestCase):
             b"--XYZ\r\nContent-Type: text/plain\r\n\r\none\r\nline\r\n--XYZ",
             as_bytes(outer, POLICY),
         )
+
+    def test_kept_types_bounded(self) -> None:
+        """Content types a client chooses cannot grow the table of known types past
+        L{flatten.KEPT}, and parts whose types are no longer kept are still written as
+        C{as_bytes} writes them."""
+        for number in range(flatten.KEPT + 50):
+            part = Message(policy=POLICY)
+            part["Content-Type"] = f"application/x-kind{number}"
+            part.set_payload("body\n")
+            self.assertEqual(as_bytes(part, POLICY), part.as_bytes(policy=POLICY))
+        self.assertLessEqual(len(flatten._LEAF_TYPES), flatten.KEPT)

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email import quoprimime
 from email.charset import BASE64, QP, Charset
 from email.encoders import encode_base64
@@ -597,6 +598,13 @@ def _attachment_part(attachment: Attachment) -> Message:
     return part
 
 
+@functools.lru_cache(maxsize=4)
+def _date(second: datetime, offset: timedelta | None) -> str:
+    # Keyed by the offset too: datetimes of the same instant in two zones
+    # are equal, but their Date values differ.
+    return format_datetime(second)
+
+
 def build_message(request: JsonMessage, *, message_id: str, now: datetime) -> Message:
     """The message a checked request describes, built by the C{email} package.
 
@@ -620,7 +628,8 @@ def build_message(request: JsonMessage, *, message_id: str, now: datetime) -> Me
     if request.reply_to is not None:
         message["Reply-To"] = _addresses("Reply-To", (request.reply_to,))
     message["Subject"] = request.subject
-    message["Date"] = format_datetime(now)
+    # The same Date for every message of a second: formatted once.
+    message["Date"] = _date(now.replace(microsecond=0), now.utcoffset())
     message["Message-ID"] = message_id
     for name, value in request.headers:
         message[name] = value

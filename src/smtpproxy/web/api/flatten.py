@@ -37,12 +37,21 @@ from email.policy import Policy
 from io import BytesIO
 from typing import IO
 
-__all__ = ["OnePieceGenerator", "as_bytes"]
+__all__ = ["KEPT", "OnePieceGenerator", "as_bytes"]
 
 #: Charsets whose undecodable bytes read back as U+FFFD (never as ASCII), so
 #: that an ASCII C{get_payload()} is the body exactly as stored (for a body
 #: holding escaped 8-bit bytes it returns a decoded copy instead).
 _PLAIN_CHARSETS = frozenset({"utf-8", "us-ascii"})
+#: The most C{Content-Type} values L{_LEAF_TYPES} keeps.
+KEPT = 256
+#: C{Content-Type} value (as the message reads it back) -> may a part of this
+#: type be written the short way (neither a container nor of another
+#: charset)?  The message's C{get_content_maintype} and C{get_param} are
+#: pure functions of that value, and parsing its parameters again for every
+#: part cost more than writing the body; bounded, so values a client chooses
+#: cannot grow it.
+_LEAF_TYPES: dict[str, bool] = {}
 
 
 class OnePieceGenerator(BytesGenerator):
@@ -84,12 +93,18 @@ class OnePieceGenerator(BytesGenerator):
         own = msg.policy
         msg.policy = policy
         try:
-            if msg.get_content_maintype() in ("multipart", "message"):
-                return False
-            charset = msg.get_param("charset")
-            if charset is not None and (
-                type(charset) is not str or charset.lower() not in _PLAIN_CHARSETS
-            ):
+            kind = msg.get("content-type")
+            if kind is None:
+                leaf = _leaf_type(msg)
+            else:
+                key = str(kind)
+                known = _LEAF_TYPES.get(key)
+                if known is None:
+                    known = _leaf_type(msg)
+                    if len(_LEAF_TYPES) < KEPT:
+                        _LEAF_TYPES[key] = known
+                leaf = known
+            if not leaf:
                 return False
             body = msg.get_payload()
             if body is not None and (type(body) is not str or not body.isascii()):
@@ -108,6 +123,14 @@ class OnePieceGenerator(BytesGenerator):
         else:
             self.out.write(head + newline.encode("ascii"))
         return True
+
+
+def _leaf_type(msg: Message) -> bool:
+    """Is C{msg}'s content type one the short way writes: no container, a plain charset?"""
+    if msg.get_content_maintype() in ("multipart", "message"):
+        return False
+    charset = msg.get_param("charset")
+    return charset is None or (type(charset) is str and charset.lower() in _PLAIN_CHARSETS)
 
 
 def as_bytes(msg: Message, policy: Policy) -> bytes:

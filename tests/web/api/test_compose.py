@@ -278,3 +278,38 @@ class RawTests(SynchronousTestCase):
         self.assertEqual(
             (caught.exception.code, caught.exception.field), ("unknown_field", "subject")
         )
+
+
+class KeptAddressTests(SynchronousTestCase):
+    @given(st.one_of(st.text(max_size=40), st.emails(), st.sampled_from(["a@b.example", "A@B"])))
+    def test_kept_result_is_the_checked_result(self, value: str) -> None:
+        """An address checked again (its result kept) gives what the checks give: the same
+        mailbox, or the same refusal naming the field of this call."""
+        for field in ("to[0]", "from"):
+            try:
+                fresh: compose.Mailbox | ApiError = compose._check_address(value, field)
+            except ApiError as e:
+                fresh = e
+            for _ in range(2):
+                try:
+                    kept: compose.Mailbox | ApiError = compose.check_address(value, field)
+                except ApiError as e:
+                    kept = e
+                if isinstance(fresh, ApiError):
+                    assert isinstance(kept, ApiError)
+                    self.assertEqual(
+                        (kept.status, kept.code, kept.field), (fresh.status, fresh.code, field)
+                    )
+                else:
+                    self.assertEqual(kept, fresh)
+
+    def test_overlong_text_never_kept(self) -> None:
+        """A text longer than any address is refused without entering the table of kept
+        results, so large values cannot pile up in it."""
+        before = compose._valid_mailbox.cache_info().currsize
+        with self.assertRaises(ApiError):
+            compose.check_address("a" * 5000 + "@example.org", "to[0]")
+        self.assertEqual(compose._valid_mailbox.cache_info().currsize, before)
+        self.assertLessEqual(
+            compose._valid_mailbox.cache_info().maxsize or 0, compose.KEPT_ADDRESSES
+        )

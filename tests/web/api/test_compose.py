@@ -313,3 +313,22 @@ class KeptAddressTests(SynchronousTestCase):
         self.assertLessEqual(
             compose._valid_mailbox.cache_info().maxsize or 0, compose.KEPT_ADDRESSES
         )
+
+
+class LinesFitTests(SynchronousTestCase):
+    @given(
+        st.text(alphabet=st.sampled_from("ab\n\r\x0b\x1c\x85\u2028é"), max_size=200),
+        st.integers(min_value=0, max_value=12),
+    )
+    def test_same_as_splitlines(self, text: str, limit: int) -> None:
+        """L{compose.lines_fit} answers what the longest line of C{str.splitlines} says,
+        for text with LF only (the fast way) and with every other line end."""
+        expected = max(map(len, text.splitlines()), default=0) <= limit
+        self.assertEqual(compose.lines_fit(text, limit), expected)
+
+    @given(st.lists(st.integers(min_value=0, max_value=30), max_size=30), st.integers(0, 30))
+    def test_lf_only_lines_of_every_length(self, lengths: list[int], limit: int) -> None:
+        """Lines of every length around the limit, joined by LF, with or without a last LF."""
+        for text in ("\n".join("x" * n for n in lengths), "".join("x" * n + "\n" for n in lengths)):
+            expected = max(map(len, text.splitlines()), default=0) <= limit
+            self.assertEqual(compose.lines_fit(text, limit), expected)

@@ -49,6 +49,7 @@ __all__ = [
     "build_message",
     "check_header_text",
     "encode_message",
+    "lines_fit",
     "parse_json",
     "read_json_message",
     "read_raw_json",
@@ -527,6 +528,31 @@ def _charset(body_encoding: int | None) -> Charset:
 _AS_IS, _QUOTED, _BASE64 = _charset(None), _charset(QP), _charset(BASE64)
 
 
+#: What C{str.splitlines} ends a line at besides LF.
+_OTHER_LINE_ENDS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def lines_fit(text: str, limit: int) -> bool:
+    """Is every line of C{text}, as C{str.splitlines} cuts it, at most C{limit} characters?
+
+    Text whose only line end is LF (JSON bodies, nearly always) is checked
+    without cutting it into lines: from the start of a line, the last LF
+    within C{limit} characters must exist, and the next line starts after
+    it.  Each step moves on by at least C{limit} characters every second
+    time (if the last LF in reach is the line's first character, the next
+    one is at the far end of the next reach), so the cost stays linear.
+    """
+    if any(end in text for end in _OTHER_LINE_ENDS):
+        return max(map(len, text.splitlines()), default=0) <= limit
+    start, end = 0, len(text)
+    while end - start > limit:
+        newline = text.rfind("\n", start, start + limit + 1)
+        if newline < 0:
+            return False
+        start = newline + 1
+    return True
+
+
 def transfer_encoding(text: str) -> str:
     """The C{Content-Transfer-Encoding} a text body gets: what the previous builder chose.
 
@@ -536,7 +562,7 @@ def transfer_encoding(text: str) -> str:
     policy's 78 columns, else quoted-printable or base64, whichever encodes
     the first ten lines shorter.
     """
-    if text.isascii() and max(map(len, text.splitlines()), default=0) <= MAX_LINE:
+    if text.isascii() and lines_fit(text, MAX_LINE):
         return "7bit"
     lines = text.encode("utf-8").splitlines()
     if max(map(len, lines), default=0) <= _FOLD:

@@ -6,6 +6,7 @@ import base64
 import email
 import email.policy
 from datetime import UTC, datetime
+from email.message import Message
 from typing import Any
 
 from hypothesis import given
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.web.api import compose
+from smtpproxy.web.api.headercache import POLICY
 from smtpproxy.web.api.problems import ApiError
 from tests.web.api.harness import message
 
@@ -332,3 +334,29 @@ class LinesFitTests(SynchronousTestCase):
         for text in ("\n".join("x" * n for n in lengths), "".join("x" * n + "\n" for n in lengths)):
             expected = max(map(len, text.splitlines()), default=0) <= limit
             self.assertEqual(compose.lines_fit(text, limit), expected)
+
+
+class PlainPartTests(SynchronousTestCase):
+    @given(
+        st.lists(
+            st.sampled_from(["a", " ", "\n", "\r", "é", "€", "\x0b", "x" * 90, "y" * 1000]),
+            max_size=40,
+        ).map("".join)
+    )
+    def test_plain_part_as_set_charset_makes_it(self, text: str) -> None:
+        """A C{text/plain} part (7bit, 8bit, quoted-printable or base64) is written byte
+        for byte as the part the package makes with C{set_payload(text, Charset)}, which
+        adds its MIME headers itself: same headers in the same order, same body."""
+        mine = compose._text_part(text, "plain")
+        reference = Message(policy=POLICY)
+        cte = compose.transfer_encoding(text)
+        body = text if text.endswith(("\n", "\r")) else text + "\n"
+        if cte == "base64":
+            reference.set_payload(compose.wire_text(text), compose._BASE64)
+        elif cte == "quoted-printable":
+            reference.set_payload(body, compose._QUOTED)
+        else:
+            reference["Content-Transfer-Encoding"] = cte
+            reference.set_payload(body, compose._AS_IS)
+        self.assertEqual(mine.as_bytes(policy=POLICY), reference.as_bytes(policy=POLICY))
+        self.assertEqual(mine.items(), reference.items())

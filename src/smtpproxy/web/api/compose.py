@@ -572,12 +572,14 @@ def transfer_encoding(text: str) -> str:
     return "base64" if len(quoted) > len(binascii.b2a_base64(sniff)) else "quoted-printable"
 
 
-def _set_text(part: Message, text: str) -> None:
+def _set_text(part: Message, text: str, plain: bool = False) -> None:
     """Give C{part} a UTF-8 text body the package encodes (C{Charset}) as the rule says.
 
     The text ends with a line end, as the content manager ended it; base64
     carries the lines with CRLF, as the content manager encoded them (7bit,
     8bit and quoted-printable lines take the policy's line end when written).
+
+    @param plain: C{part} is C{text/plain} and has no MIME header yet.
     """
     cte = transfer_encoding(text)
     if cte == "base64":
@@ -591,6 +593,15 @@ def _set_text(part: Message, text: str) -> None:
     # Named before the payload is set: C{set_charset} would otherwise decode
     # the whole body again only to find what the rule above already found.
     part["Content-Transfer-Encoding"] = cte
+    if plain:
+        # The headers set_payload(text, _AS_IS) has set_charset add to such a
+        # part, added the same way and in its order, without its checks of
+        # what the part already holds (nothing, here); the body as bytes, which
+        # the package keeps as it keeps them after encoding the text to UTF-8.
+        part["MIME-Version"] = "1.0"
+        part.add_header("Content-Type", "text/plain", charset=_AS_IS.get_output_charset())
+        part.set_payload(text if cte == "7bit" else text.encode("utf-8"))
+        return
     part.set_payload(text, _AS_IS)
 
 
@@ -613,7 +624,7 @@ def _text_part(text: str, subtype: str, part: Message | None = None) -> Message:
         part = Message(policy=POLICY)
     if subtype != "plain":
         part.add_header("Content-Type", "text/" + subtype, charset="utf-8")
-    _set_text(part, text)
+    _set_text(part, text, plain=subtype == "plain")
     return part
 
 

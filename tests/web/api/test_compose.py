@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import re
 from datetime import UTC, datetime
+from email.message import Message
 from typing import Any
 
 from hypothesis import given
@@ -14,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.smtp.commands import CommandError, parse_rcpt
 from smtpproxy.web.api import compose
+from smtpproxy.web.api.headercache import POLICY
 from smtpproxy.web.api.problems import ApiError
 from tests.web.api.harness import message
 
@@ -344,3 +347,96 @@ class RawTests(SynchronousTestCase):
             (caught.exception.status, caught.exception.code, caught.exception.field),
             (400, "invalid_field", "data"),
         )
+
+
+class KeptAddressTests(SynchronousTestCase):
+    @given(
+        st.one_of(
+            st.text(max_size=40),
+            st.emails(),
+            st.sampled_from(["a@b.example", "A@B", "zo\u00eb@b.example"]),
+        )
+    )
+    def test_kept_result_is_the_checked_result(self, value: str) -> None:
+        """An address checked again (its result kept) gives what the checks give: the same
+        mailbox, or the same refusal naming the field of this call, with and without UTF-8
+        local parts allowed (a result kept for one is never given for the other)."""
+        for field, utf8_local in (("to[0]", False), ("from", False), ("from", True)):
+            try:
+                fresh: compose.Mailbox | ApiError = compose._check_address(value, field, utf8_local)
+            except ApiError as e:
+                fresh = e
+            for _ in range(2):
+                try:
+                    kept: compose.Mailbox | ApiError = compose.check_address(
+                        value, field, utf8_local=utf8_local
+                    )
+                except ApiError as e:
+                    kept = e
+                if isinstance(fresh, ApiError):
+                    assert isinstance(kept, ApiError)
+                    self.assertEqual(
+                        (kept.status, kept.code, kept.field), (fresh.status, fresh.code, field)
+                    )
+                else:
+                    self.assertEqual(kept, fresh)
+
+    def test_overlong_text_never_kept(self) -> None:
+        """A text longer than any address is refused without entering the table of kept
+        results, so large values cannot pile up in it."""
+        before = compose._valid_mailbox.cache_info().currsize
+        with self.assertRaises(ApiError):
+            compose.check_address("a" * 5000 + "@example.org", "to[0]")
+        self.assertEqual(compose._valid_mailbox.cache_info().currsize, before)
+        self.assertLessEqual(
+            compose._valid_mailbox.cache_info().maxsize or 0, compose.KEPT_ADDRESSES
+        )
+
+
+class LinesFitTests(SynchronousTestCase):
+    @given(
+        st.text(alphabet=st.sampled_from("ab\n\r\x0b\x1c\x85\u2028é"), max_size=200),
+        st.integers(min_value=0, max_value=12),
+    )
+    def test_same_as_the_wire_lines(self, text: str, limit: int) -> None:
+        """L{compose.lines_fit} answers what the longest line cut at CR and LF only says
+        (as the wire cuts; form feeds, VT, NEL and the Unicode separators stay inside a
+        line), for text with LF only (the fast way) and with CR too."""
+        lines = re.split("\r\n|\r|\n", text)
+        if text.endswith(("\r", "\n")):
+            lines.pop()
+        expected = max(map(len, lines), default=0) <= limit
+        self.assertEqual(compose.lines_fit(text, limit), expected)
+
+    @given(st.lists(st.integers(min_value=0, max_value=30), max_size=30), st.integers(0, 30))
+    def test_lf_only_lines_of_every_length(self, lengths: list[int], limit: int) -> None:
+        """Lines of every length around the limit, joined by LF, with or without a last LF."""
+        for text in ("\n".join("x" * n for n in lengths), "".join("x" * n + "\n" for n in lengths)):
+            expected = max(map(len, text.splitlines()), default=0) <= limit
+            self.assertEqual(compose.lines_fit(text, limit), expected)
+
+
+class PlainPartTests(SynchronousTestCase):
+    @given(
+        st.lists(
+            st.sampled_from(["a", " ", "\n", "\r", "é", "€", "\x0b", "x" * 90, "y" * 1000]),
+            max_size=40,
+        ).map("".join)
+    )
+    def test_plain_part_as_set_charset_makes_it(self, text: str) -> None:
+        """A C{text/plain} part (7bit, 8bit, quoted-printable or base64) is written byte
+        for byte as the part the package makes with C{set_payload(text, Charset)}, which
+        adds its MIME headers itself: same headers in the same order, same body."""
+        mine = compose._text_part(text, "plain")
+        reference = Message(policy=POLICY)
+        cte = compose.transfer_encoding(text)
+        body = text if text.endswith(("\n", "\r")) else text + "\n"
+        if cte == "base64":
+            reference.set_payload(compose.wire_text(text), compose._BASE64)
+        elif cte == "quoted-printable":
+            reference.set_payload(body, compose._QUOTED)
+        else:
+            reference["Content-Transfer-Encoding"] = cte
+            reference.set_payload(body, compose._AS_IS)
+        self.assertEqual(mine.as_bytes(policy=POLICY), reference.as_bytes(policy=POLICY))
+        self.assertEqual(mine.items(), reference.items())

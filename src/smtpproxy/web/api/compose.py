@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email import quoprimime
 from email.charset import BASE64, QP, Charset
 from email.encoders import encode_base64
@@ -37,6 +38,7 @@ from typing import NoReturn, cast
 
 from smtpproxy import addresses
 from smtpproxy.web.api import names
+from smtpproxy.web.api.flatten import as_bytes
 from smtpproxy.web.api.headercache import POLICY
 from smtpproxy.web.api.problems import ApiError
 
@@ -48,6 +50,7 @@ __all__ = [
     "build_message",
     "check_header_text",
     "encode_message",
+    "lines_fit",
     "parse_json",
     "read_json_message",
     "read_raw_json",
@@ -256,20 +259,48 @@ def check_header_text(value: object, field: str, limit: int) -> str:
     return value
 
 
-def check_address(value: str, field: str, *, utf8_local: bool = False) -> Mailbox:
+#: How many checked addresses L{check_address} keeps (an application sends
+#: from a few senders to recurring recipients; the checks are a pure function
+#: of the text, so a kept result is the same result).
+KEPT_ADDRESSES = 1024
+#: The longest text looked at as an address at all.
+_ADDRESS_TEXT = 4 * addresses.MAX_PATH
+
+
+@functools.lru_cache(maxsize=KEPT_ADDRESSES)
+def _valid_mailbox(value: str, utf8_local: bool) -> Mailbox | None:
+    """C{value} as a checked L{Mailbox}, or None when L{check_address} refuses it."""
+    try:
+        return _check_address(value, "", utf8_local)
+    except ApiError:
+        return None
+
+
+def check_address(value: object, field: str, *, utf8_local: bool = False) -> Mailbox:
     """An address as a client typed it: a deliverable mailbox, its domain as A-labels.
 
     The syntax is the SMTP front door's (L{addresses.mailbox_problem}: RFC
     5321, or RFC 6531 for UTF-8, lengths in octets), narrowed to the plain
-    form providers deliver to (L{addresses.is_deliverable}).
+    form providers deliver to (L{addresses.is_deliverable}).  Results are
+    kept (L{KEPT_ADDRESSES}): the check is a pure function of the text.
 
     @param utf8_local: a UTF-8 local part is taken, as SMTP takes it from a
         client that declared SMTPUTF8: only where the client's own bytes go
         on (the raw endpoint; the provider decides whether it can carry it).
         A message this module builds has nowhere to write one.
     """
+    if type(value) is str and len(value) <= _ADDRESS_TEXT:
+        # Bounded keys too: an overlong text is refused below, never kept.
+        found = _valid_mailbox(value, utf8_local)
+        if found is not None:
+            return found
+    # Refused: checked again, to say why, naming the field.
+    return _check_address(value, field, utf8_local)
+
+
+def _check_address(value: object, field: str, utf8_local: bool) -> Mailbox:
     # Too long is an address problem (mailbox_problem), not a text-field one.
-    value = check_header_text(value, field, 4 * addresses.MAX_PATH)
+    value = check_header_text(value, field, _ADDRESS_TEXT)
     if addresses.mailbox_problem(value) is not None or not addresses.is_deliverable(value):
         raise ApiError(400, "invalid_address", "not a valid email address", field)
     local, domain = addresses.split(value)
@@ -531,6 +562,33 @@ def _charset(body_encoding: int | None) -> Charset:
 _AS_IS, _QUOTED, _BASE64 = _charset(None), _charset(QP), _charset(BASE64)
 
 
+#: What C{str.splitlines} ends a line at besides LF.
+
+
+def lines_fit(text: str, limit: int) -> bool:
+    """Is every line of C{text}, cut at CR and LF only, at most C{limit} characters?
+
+    Lines as the wire has them: form feeds and the other separators
+    C{str.splitlines} also cuts at are characters of a line there.
+
+    Text whose only line end is LF (JSON bodies, nearly always) is checked
+    without cutting it into lines: from the start of a line, the last LF
+    within C{limit} characters must exist, and the next line starts after
+    it.  Each step moves on by at least C{limit} characters every second
+    time (if the last LF in reach is the line's first character, the next
+    one is at the far end of the next reach), so the cost stays linear.
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    start, end = 0, len(text)
+    while end - start > limit:
+        newline = text.rfind("\n", start, start + limit + 1)
+        if newline < 0:
+            return False
+        start = newline + 1
+    return True
+
+
 def transfer_encoding(text: str) -> str:
     """The C{Content-Transfer-Encoding} a text body gets: what the previous builder chose.
 
@@ -540,9 +598,7 @@ def transfer_encoding(text: str) -> str:
     policy's 78 columns, else quoted-printable or base64, whichever encodes
     the first ten lines shorter.
     """
-    # Lines as the wire has them: cut at CR and LF only (bytes.splitlines),
-    # not at the form feeds and other separators str.splitlines knows too.
-    if text.isascii() and max(map(len, text.encode("ascii").splitlines()), default=0) <= MAX_LINE:
+    if text.isascii() and lines_fit(text, MAX_LINE):
         return "7bit"
     lines = text.encode("utf-8").splitlines()
     if max(map(len, lines), default=0) <= _FOLD:
@@ -552,12 +608,14 @@ def transfer_encoding(text: str) -> str:
     return "base64" if len(quoted) > len(binascii.b2a_base64(sniff)) else "quoted-printable"
 
 
-def _set_text(part: Message, text: str) -> None:
+def _set_text(part: Message, text: str, plain: bool = False) -> None:
     """Give C{part} a UTF-8 text body the package encodes (C{Charset}) as the rule says.
 
     The text ends with a line end, as the content manager ended it; base64
     carries the lines with CRLF, as the content manager encoded them (7bit,
     8bit and quoted-printable lines take the policy's line end when written).
+
+    @param plain: C{part} is C{text/plain} and has no MIME header yet.
     """
     cte = transfer_encoding(text)
     if cte == "base64":
@@ -571,6 +629,15 @@ def _set_text(part: Message, text: str) -> None:
     # Named before the payload is set: C{set_charset} would otherwise decode
     # the whole body again only to find what the rule above already found.
     part["Content-Transfer-Encoding"] = cte
+    if plain:
+        # The headers set_payload(text, _AS_IS) has set_charset add to such a
+        # part, added the same way and in its order, without its checks of
+        # what the part already holds (nothing, here); the body as bytes, which
+        # the package keeps as it keeps them after encoding the text to UTF-8.
+        part["MIME-Version"] = "1.0"
+        part.add_header("Content-Type", "text/plain", charset=_AS_IS.get_output_charset())
+        part.set_payload(text if cte == "7bit" else text.encode("utf-8"))
+        return
     part.set_payload(text, _AS_IS)
 
 
@@ -593,7 +660,7 @@ def _text_part(text: str, subtype: str, part: Message | None = None) -> Message:
         part = Message(policy=POLICY)
     if subtype != "plain":
         part.add_header("Content-Type", "text/" + subtype, charset="utf-8")
-    _set_text(part, text)
+    _set_text(part, text, plain=subtype == "plain")
     return part
 
 
@@ -635,6 +702,13 @@ def _attachment_part(attachment: Attachment) -> Message:
     return part
 
 
+@functools.lru_cache(maxsize=4)
+def _date(second: datetime, offset: timedelta | None) -> str:
+    # Keyed by the offset too: datetimes of the same instant in two zones
+    # are equal, but their Date values differ.
+    return format_datetime(second)
+
+
 def build_message(request: JsonMessage, *, message_id: str, now: datetime) -> Message:
     """The message a checked request describes, built by the C{email} package.
 
@@ -658,7 +732,8 @@ def build_message(request: JsonMessage, *, message_id: str, now: datetime) -> Me
     if request.reply_to is not None:
         message["Reply-To"] = _addresses((request.reply_to,))
     message["Subject"] = names.unstructured("Subject", request.subject)
-    message["Date"] = format_datetime(now)
+    # The same Date for every message of a second: formatted once.
+    message["Date"] = _date(now.replace(microsecond=0), now.utcoffset())
     message["Message-ID"] = message_id
     for name, value in request.headers:
         message[name] = _custom_value(name, value)
@@ -676,8 +751,12 @@ def build_message(request: JsonMessage, *, message_id: str, now: datetime) -> Me
 
 
 def encode_message(message: Message, max_size: int) -> bytes:
-    """The message's bytes as they go on (CRLF line ends), or 413 past C{max_size}."""
-    data = message.as_bytes(policy=POLICY)
+    """The message's bytes as they go on (CRLF line ends), or 413 past C{max_size}.
+
+    The bytes of C{message.as_bytes(policy=POLICY)}, each body written in
+    one piece rather than line by line (L{smtpproxy.web.api.flatten}).
+    """
+    data = as_bytes(message, POLICY)
     if len(data) > max_size:
         raise ApiError(
             413, "too_large", f"the encoded message is larger than {max_size} bytes", None

@@ -41,9 +41,13 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
+#: One encoder for every answer: C{json.dumps} with these options makes a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
 def json_bytes(document: object) -> bytes:
     """Compact ASCII JSON: no client text can reach the wire as raw bytes."""
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return _ENCODER.encode(document).encode("ascii")
 
 
 def error_body(error: ApiError, request_id: str) -> bytes:

@@ -203,40 +203,60 @@ class _Submission(_Endpoint):
 
     def handle(self, request: Request, request_id: str) -> int:
         started = self.api.clock.seconds()
+        context: dict[str, Any] = {"request_id": request_id, "client": client_address(request)}
+        try:
+            work = self._submit(request, context)
+        except Exception:
+            # A refusal (ApiError) or our own bug: answered like a failed delivery.
+            work = defer.fail()
+        # A plain function, not a coroutine: in direct mode the provider has
+        # usually taken the message (or refused it) by now, and then the
+        # answer is written at once, with no Deferred of the request's own.
+        outcome: list[Accepted | Failure] = []
+        waiting = work.addBoth(outcome.append)
+        if outcome:
+            self._answer(request, context, started, outcome[0])
+            return NOT_DONE_YET
         finished: list[bool] = []
         request.notifyFinish().addBoth(lambda _: finished.append(True))
-        context: dict[str, Any] = {"request_id": request_id, "client": client_address(request)}
-        work = defer.Deferred.fromCoroutine(self._handle(request, context))
 
-        def answer(result: Accepted | Failure) -> None:
-            if finished:  # the client went away; the outcome is in the log
-                return
-            if isinstance(result, Accepted):
-                code = 202 if result.status == "queued" else 200
-                body = json_bytes(
-                    {"id": result.id, "request_id": request_id, "status": result.status}
-                )
-                request.write(_respond(request, code, body))  # type: ignore[no-untyped-call]
-            else:
-                error = result.value
-                if not isinstance(error, ApiError):
-                    log.failure("http api request failed", result, **context)
-                    error = ApiError(500, "internal_error", "internal error")
-                else:
-                    self._refused(error, context)
-                request.write(_error(request, request_id, error))  # type: ignore[no-untyped-call]
-            request.finish()  # type: ignore[no-untyped-call]
-            if not self.api.settings.log_requests:
-                return
-            log.debug(
-                "http api request",
-                status=request.code,
-                duration_ms=round((self.api.clock.seconds() - started) * 1000, 1),
-                **context,
-            )
+        def landed(_: None) -> None:
+            if not finished:  # else the client went away; the outcome is in the log
+                self._answer(request, context, started, outcome[0])
 
-        work.addBoth(answer)
+        waiting.addCallback(landed)
         return NOT_DONE_YET
+
+    def _answer(
+        self,
+        request: Request,
+        context: dict[str, Any],
+        started: float,
+        result: Accepted | Failure,
+    ) -> None:
+        """Write the answer for the submission's C{result} and finish the request."""
+        request_id = context["request_id"]
+        if isinstance(result, Accepted):
+            code = 202 if result.status == "queued" else 200
+            body = json_bytes({"id": result.id, "request_id": request_id, "status": result.status})
+            request.write(_respond(request, code, body))  # type: ignore[no-untyped-call]
+        else:
+            error = result.value
+            if not isinstance(error, ApiError):
+                log.failure("http api request failed", result, **context)
+                error = ApiError(500, "internal_error", "internal error")
+            else:
+                self._refused(error, context)
+            request.write(_error(request, request_id, error))  # type: ignore[no-untyped-call]
+        request.finish()  # type: ignore[no-untyped-call]
+        if not self.api.settings.log_requests:
+            return
+        log.debug(
+            "http api request",
+            status=request.code,
+            duration_ms=round((self.api.clock.seconds() - started) * 1000, 1),
+            **context,
+        )
 
     def _refused(self, error: ApiError, context: dict[str, Any]) -> None:
         fields = {k: v for k, v in context.items() if k != "client"}
@@ -250,7 +270,8 @@ class _Submission(_Endpoint):
             **fields,
         )
 
-    async def _handle(self, request: Request, context: dict[str, Any]) -> Accepted:
+    def _submit(self, request: Request, context: dict[str, Any]) -> defer.Deferred[Accepted]:
+        """The checks in order, then the submission; raises the first refusal."""
         api = self.api
         refusal = api.limits.address(context["client"])
         if refusal is not None:
@@ -264,7 +285,7 @@ class _Submission(_Endpoint):
             raise _rate_limited(refusal.retry_after)
         sender, recipients, data, built = self.read(request, context)
         _check_policy(key, api.settings, sender, recipients)
-        return await api.submitter.submit(
+        return api.submitter.submit(
             sender, recipients, data, context, mailbox=key.mailbox, parsed=built
         )
 

@@ -176,15 +176,14 @@ class Submitter:
                 message_id, sender, recipients, data, fields, started, mailbox, parsed, flight
             )
 
-        def landed(accepted: Accepted) -> Accepted:
+        def landed(result: Accepted | Failure) -> Accepted | Failure:
+            # One callback for both outcomes: each one more costs every request.
             self.flights.end(flight)
-            return accepted
+            if isinstance(result, Failure):
+                return self._refusal(result)
+            return result
 
-        def not_landed(failure: Failure) -> Failure:
-            self.flights.end(flight)
-            return failure
-
-        return done.addCallbacks(landed, not_landed).addErrback(self._refusal)
+        return done.addBoth(landed)
 
     def _enqueue(
         self,
@@ -260,21 +259,19 @@ class Submitter:
                 fields, SendCancelledError(handed_over=True), "nothing"
             )
 
-            def after(result: object) -> object:
+            def after(result: PartlyRefused | Failure | None) -> Accepted | Failure:
                 flight.sending = None
                 if flight.cancelled:
                     log_cancelled(fields, result)
-                return result
-
-            def delivered(result: PartlyRefused | None) -> Accepted:
+                if isinstance(result, Failure):
+                    return result
                 if result is not None:
                     # The provider took it for some recipients only; without a
                     # queue nothing retries the others (as on the SMTP side).
                     log_not_retried(message_id, fields, result)
                 return Accepted(message_id, "delivered")
 
-            sending.addBoth(after)
-            return sending.addCallback(delivered)
+            return sending.addBoth(after)
 
         if known is not None:
             return send(known)

@@ -48,3 +48,25 @@ class ConcurrentSameMessageIdTests(SynchronousTestCase):
         self.successResultOf(first)
         self.successResultOf(second)
         self.assertEqual(len(h.fake.deliveries), 2)
+
+
+class CancelDuringCreateTests(SynchronousTestCase):
+    def test_cancel_after_a_lost_create_answers_at_once(self) -> None:
+        """A forced shutdown cancels a send whose createDraft answer was lost (it waits
+        to retry).  _send_draft's except clause then awaits _delete_strays (a findDrafts
+        GET and the deletes, each with a fresh CLEANUP_BUDGET) before re-raising, so the
+        cancelled send does not end until Graph answers the lookup: here 30 s on a slow
+        Graph, and up to ten seconds per request in general, holding the relay's
+        shutdown.  The sendDraft branch already knows better (cleanup in the background,
+        "the relay must learn the outcome now").  Right: the cancellation fails the send
+        at once and the stray clean-up runs in the background."""
+        h = tp.Harness()
+        email, _ = tp._big_email()
+        h.fake.script("createDraft", Fault(drop=True, after_processing=True))
+        h.fake.script("findDrafts", Fault(delay=30.0))
+        d = h.send(email)
+        h.clock.advance(0.5)  # waiting for the retry of createDraft
+        h.stub.flush()
+        d.cancel()
+        h.stub.flush()
+        self.failureResultOf(d)

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+from urllib.parse import urlsplit
+
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.errors import DeliveryError, reply_for_failure
+from smtpproxy.providers.graph.provider import GraphProvider, HTTPRequester
+from smtpproxy.providers.graph.retry import Tuning
 from tests.fakegraph import Fault
 from tests.providers.graph.test_budget_handover import _Harness
+
+
+def _never_connects() -> Deferred[Any]:
+    """A request whose TCP connection never completes (a firewall dropping SYNs to
+    Graph): cancelling it fails it as twisted.web's Agent does while connecting."""
+    return Deferred(lambda d: d.errback(ConnectingCancelledError(None)))
+
+
+class _Blackhole:
+    """The next C{failing} requests to Graph's host never connect; the rest pass."""
+
+    def __init__(self, inner: HTTPRequester) -> None:
+        self._inner = inner
+        self.failing = 0
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+        if self.failing and urlsplit(url).hostname == "graph.test":
+            self.failing -= 1
+            return _never_connects()
+        result: Deferred[Any] = self._inner.request(method, url, **kwargs)
+        return result
 
 
 class RefusedSendTests(SynchronousTestCase):
@@ -55,4 +82,29 @@ class RefusedSendTests(SynchronousTestCase):
         h.run()
         self.failureResultOf(d, DeliveryError)
         self.assertEqual(h.fake.deliveries, [])
+        self.assertEqual(self._room(h), 2)
+
+    def test_connection_that_never_opens_gives_the_charge_back(self) -> None:
+        """Graph unreachable by timeout (SYNs dropped, the usual firewall outage): the
+        request timer fires while the connection is still being made, so the request
+        never left.  _exchange's `if expired:` branch comes before the check for
+        ConnectingCancelledError and marks the sendMail as handed over (and the attempt
+        as connected), so the message keeps its charge: during such an outage every
+        queue retry spends the budget again on mail nobody received.  A refused
+        connection already gives it back.  Right: a timeout while connecting counts as
+        not sent (room for two more)."""
+        h = _Harness()
+        blackhole = _Blackhole(cast(HTTPRequester, h.stub))
+        h.provider = GraphProvider(
+            h.config,
+            h.clock,
+            cast(HTTPRequester, blackhole),
+            tuning=Tuning(request_timeout=30.0),
+            jitter=lambda: 0.0,
+        )
+        blackhole.failing = 4
+        d = h.send_next()
+        h.run()
+        self.assertTrue(self._status(d).startswith("4."))
+        self.assertEqual(h.fake.routes("sendMail"), [])
         self.assertEqual(self._room(h), 2)

@@ -19,7 +19,9 @@ class RenewalFailureTests(SynchronousTestCase):
         throttling the cache exists to avoid, and logs a "token renewal failed" warning per
         message.  Right: after a failed renewal the cache
         waits a while (a back-off of seconds) before the next background attempt, while
-        messages go on using the still-valid token."""
+        messages go on using the still-valid token, and tries again within a minute.
+        (tests/providers/graph/test_tokens.py test_failed_renewal_keeps_valid_token
+        asserts the immediate re-fetch and must change with the fix.)"""
         clock = Clock()
         clock.advance(1000)
         first = [True]
@@ -38,3 +40,8 @@ class RenewalFailureTests(SynchronousTestCase):
             self.assertEqual(self.successResultOf(cache.get()), "t1")
             clock.advance(0.01)  # 100 messages within one second
         self.assertLessEqual(cache.fetches, 3)
+        # ... but it does try again within a minute, while the token is still valid.
+        before = cache.fetches
+        clock.advance(60)
+        self.assertEqual(self.successResultOf(cache.get()), "t1")
+        self.assertGreater(cache.fetches, before)

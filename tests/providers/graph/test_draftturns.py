@@ -83,6 +83,29 @@ class ProviderTurnTests(SynchronousTestCase):
         self.assertEqual(h.fake.drafts, {})
         self.assertEqual(len(h.provider._draft_turns), 0)
 
+    def test_cancel_during_the_stray_lookup_leaves_no_draft(self) -> None:
+        """Cancelled while it looks for the draft a lost create answer left (its own draft
+        made by the retry), a send fails at once instead of going on with the upload, and
+        both drafts are deleted in the background; the turn is given back after that."""
+        h = tp.Harness()
+        email, _ = tp._big_email()
+        h.fake.script("createDraft", Fault(drop=True, after_processing=True))
+        # The send's own lookup, then the background one: both slow.
+        h.fake.script("findDrafts", Fault(delay=30.0), Fault(delay=3.0))
+        d = h.send(email)
+        h.clock.advance(2.0)  # the retry has created the second draft; the lookup waits
+        h.stub.flush()
+        self.assertEqual(len(h.fake.routes("createDraft")), 2)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        # The background lookup is not answered yet: the turn is still held.
+        self.assertEqual(len(h.provider._draft_turns), 1)
+        h.run()
+        self.assertEqual(h.fake.routes("createUploadSession"), [])
+        self.assertEqual(h.fake.deliveries, [])
+        self.assertEqual(h.fake.drafts, {})
+        self.assertEqual(len(h.provider._draft_turns), 0)
+
     def test_other_messages_do_not_wait(self) -> None:
         """Sends of different Message-IDs go on the draft path side by side: the second
         creates its draft while the first is still uploading."""

@@ -544,20 +544,12 @@ class GraphProvider:
                         Deferred.fromCoroutine(self._delete_strays(mailbox, lookup, None))
                     )
                 else:
-                    await self._delete_strays(mailbox, lookup, None)
+                    await self._clear_strays(mailbox, lookup, None, background)
             raise
         draft_id = _json_field(created.body, "id")
         if creating.uncertain:
             # An attempt whose answer was lost may have made a draft too.
-            try:
-                await self._delete_strays(mailbox, lookup, draft_id)
-            except CancelledError:
-                background.append(
-                    Deferred.fromCoroutine(self._delete_strays(mailbox, lookup, None))
-                )
-                if draft_id is not None:
-                    background.append(_ended(self._delete_draft(mailbox, draft_id)))
-                raise
+            await self._clear_strays(mailbox, lookup, draft_id, background)
         if draft_id is None:
             raise TransientDeliveryError("Graph created a draft without an id; try again later")
         sending = _Attempts()
@@ -694,6 +686,23 @@ class GraphProvider:
         except TransientDeliveryError:
             return None
         return resume_at(status.body, total)
+
+    async def _clear_strays(
+        self,
+        mailbox: str,
+        condition: str | None,
+        keep: str | None,
+        background: list[Deferred[None]],
+    ) -> None:
+        """L{_delete_strays}; if the send is cancelled meanwhile, the clean-up
+        starts again in the background (C{keep} deleted too: the send ends)."""
+        try:
+            await self._delete_strays(mailbox, condition, keep)
+        except CancelledError:
+            background.append(Deferred.fromCoroutine(self._delete_strays(mailbox, condition, None)))
+            if keep is not None:
+                background.append(_ended(self._delete_draft(mailbox, keep)))
+            raise
 
     async def _delete_strays(self, mailbox: str, condition: str | None, keep: str | None) -> None:
         """Delete the drafts of this attempt that are not C{keep} (best effort, logged).

@@ -709,6 +709,8 @@ class GraphProvider:
 
         Runs after a createDraft with a lost answer: Graph may hold a draft
         we never heard of, which anyone could later send by hand.
+        A cancellation is passed on (the send must end); every other failure
+        is logged and ends the clean-up.
         """
         if condition is None:
             log.warn(

@@ -143,6 +143,29 @@ class TakeOutTests(TestCase):
         self.assertFalse(is_signed(large_message((100,))))
         self.assertFalse(any(leaf.removable for leaf in walk(raw).leaves))
 
+    def test_signed_at_any_depth_and_not_by_mention(self) -> None:
+        """A pkcs7 or PGP/MIME part inside a multipart/mixed makes the message signed; a
+        message whose text only names those types, or that carries a detached PGP signature
+        of an attached file, is not (the walk reads Content-Type fields, not the bytes)."""
+
+        def mixed(*parts: bytes, b: bytes = b"m") -> bytes:
+            body = b"".join(b"--" + b + b"\r\n" + part + b"\r\n" for part in parts)
+            head = b'Content-Type: multipart/mixed; boundary="' + b + b'"\r\n\r\n'
+            return head + body + b"--" + b + b"--\r\n"
+
+        text = b"Content-Type: text/plain\r\n\r\nsee multipart/signed and pkcs7-mime"
+        p7m = b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data\r\n\r\nMIIB"
+        encrypted = (
+            b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";'
+            b' boundary="e"\r\n\r\n--e\r\nContent-Type: application/pgp-encrypted\r\n\r\n'
+            b"Version: 1\r\n--e\r\nContent-Type: application/octet-stream\r\n\r\nx\r\n--e--"
+        )
+        detached = b"Content-Type: application/pgp-signature\r\n\r\n-----BEGIN PGP"
+        self.assertTrue(is_signed(mixed(text, p7m)))
+        self.assertTrue(is_signed(mixed(text, mixed(text, encrypted, b=b"n"))))
+        self.assertFalse(is_signed(mixed(text, text)))
+        self.assertFalse(is_signed(mixed(text, detached)))
+
 
 class PlanTests(TestCase):
     def plan(self, raw: bytes) -> object:

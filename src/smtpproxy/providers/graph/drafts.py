@@ -7,7 +7,9 @@ asks Graph where things stand and these pure functions read the answers:
   - a created draft is found again by its Internet message id (a MIME
     draft keeps the message's Message-ID) or, for a JSON draft, by an
     extended property holding a tag made for this attempt; drafts found
-    that are not the one carried on are strays, deleted;
+    that are not the one carried on are strays, deleted (sends of one
+    message share its Message-ID, so on the MIME path they take turns:
+    L{smtpproxy.providers.graph.draftturns});
   - an upload session says where it stands (C{nextExpectedRanges}) when
     its URL is read with GET; the upload resumes there;
   - a draft whose send may have gone through and that is gone when we

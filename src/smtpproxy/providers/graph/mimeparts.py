@@ -12,9 +12,11 @@ L{walk} finds the leaf parts and their byte spans (linear in the message:
 each part's boundary lines are found by one forward search); L{take_out}
 chooses which leaves to cut and returns the smaller message and the cut
 parts, decoded.  A signed or encrypted message (C{multipart/signed},
-C{application/pkcs7-mime}) cannot lose a part without breaking it:
+C{multipart/encrypted}, C{application/pkcs7-mime}) cannot lose a part
+without breaking it, nor can one that holds such a part at any depth (a
+signed message wrapped in a C{multipart/mixed} by a list's footer):
 L{is_signed} tells the planner so, and nothing is ever cut from inside a
-signed part nested deeper in a message.
+signed part.
 """
 
 from __future__ import annotations
@@ -36,9 +38,25 @@ _LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)?")
 _HEADERS = BytesHeaderParser(policy=policy.default)
 # The body parts a reader shows as the message itself: never taken out.
 _BODY_TYPES = frozenset({"text/plain", "text/html", "text/calendar", "text/enriched"})
+# S/MIME (RFC 8551) and PGP/MIME (RFC 3156: multipart/signed and
+# multipart/encrypted).  The parts inside them (application/pkcs7-signature,
+# application/pgp-signature, application/pgp-encrypted) mean something only
+# there, and their parent is found first; alone in a message (a detached
+# signature of an attached file) they are files like any other, which the
+# JSON form carries byte for byte.
 _SIGNED_TYPES = frozenset(
-    {"multipart/signed", "application/pkcs7-mime", "application/x-pkcs7-mime"}
+    {
+        "multipart/signed",
+        "multipart/encrypted",
+        "application/pkcs7-mime",
+        "application/x-pkcs7-mime",
+    }
 )
+# How each of those types must be spelt (in lower case) for a Content-Type
+# field to read as it: the subtype follows the slash directly and
+# "pkcs7-mime" is in both S/MIME names.  A message without any of these
+# bytes holds no signed part, and is not walked.
+_SIGNED_MARKS = (b"/signed", b"/encrypted", b"pkcs7-mime")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +89,11 @@ class Tree:
 
     leaves: list[Leaf] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
+    signed: bool = False
+    """A part of a signed or encrypted type was seen (a multipart or a leaf)."""
+    complete: bool = True
+    """False when the walk stopped at L{MAX_DEPTH} or L{MAX_PARTS}: parts
+    beyond were not looked at."""
 
 
 def header_end(raw: bytes, start: int, end: int) -> tuple[int, int]:
@@ -92,10 +115,26 @@ def header_end(raw: bytes, start: int, end: int) -> tuple[int, int]:
 
 
 def is_signed(raw: bytes) -> bool:
-    """Whether the message as a whole is S/MIME signed or encrypted (or any multipart/signed)."""
+    """Whether the message is, or holds at any depth, a signed or encrypted part.
+
+    S/MIME or PGP/MIME (see L{_SIGNED_TYPES}).  Cheap for most messages: the
+    top-level Content-Type decides unless it is a multipart, and a
+    multipart whose bytes never spell a signed type is not walked.  A walk
+    cut short by the depth or part limits counts as signed (the bytes name
+    such a type and the part holding it was not reached): refusing to
+    rebuild that message is the safe side.
+    """
     block, _ = header_end(raw, 0, len(raw))
-    headers = _HEADERS.parsebytes(raw[:block])
-    return _content_type(headers) in _SIGNED_TYPES
+    kind = _content_type(_HEADERS.parsebytes(raw[:block]))
+    if kind in _SIGNED_TYPES:
+        return True
+    if not kind.startswith("multipart/"):
+        return False
+    lowered = raw.lower()
+    if not any(mark in lowered for mark in _SIGNED_MARKS):
+        return False
+    tree = walk(raw)
+    return tree.signed or not tree.complete
 
 
 def _content_type(headers: EmailMessage) -> str:
@@ -130,6 +169,7 @@ def _walk_multipart(
         be taken out.
     """
     if depth > MAX_DEPTH or len(tree.leaves) >= MAX_PARTS:
+        tree.complete = False
         return
     try:
         boundary = headers.get_boundary()
@@ -144,6 +184,7 @@ def _walk_multipart(
     if lines is None:
         return
     kind = _content_type(headers)
+    tree.signed = tree.signed or kind in _SIGNED_TYPES
     frozen = frozen or kind in _SIGNED_TYPES or kind == "multipart/alternative"
     parent = len(tree.parents)
     tree.parents.append(0)
@@ -170,12 +211,11 @@ def _walk_multipart(
             _walk_multipart(raw, part_headers, body_start, part_end, depth + 1, frozen, tree)
             continue
         if len(tree.leaves) >= MAX_PARTS:
+            tree.complete = False
             return
-        removable = (
-            not frozen
-            and _content_type(part_headers) not in _BODY_TYPES | _SIGNED_TYPES
-            and line is not None
-        )
+        part_type = _content_type(part_headers)
+        tree.signed = tree.signed or part_type in _SIGNED_TYPES
+        removable = not frozen and part_type not in _BODY_TYPES | _SIGNED_TYPES and line is not None
         tree.leaves.append(
             Leaf(
                 cut_start,

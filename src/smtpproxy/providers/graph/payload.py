@@ -16,7 +16,8 @@ L{plan_delivery} turns an L{Email} into a plan made of request bodies:
     alternatives survive; only when the message is too large even without
     them is it rebuilt as a JSON draft.
 
-A signed or encrypted message (L{is_signed}) goes only as L{MimeSend}: the
+A signed or encrypted message (L{is_signed}: S/MIME or PGP/MIME, or one holding
+such a part at any depth) goes only as L{MimeSend}: the
 JSON form is rebuilt from the parse and a MIME draft loses parts, and
 either breaks the signature.  Every road that would lead elsewhere (too
 large, header recipients outside the envelope, a header with no ASCII
@@ -788,8 +789,8 @@ def signed_refusal(why: str) -> PermanentDeliveryError:
     the message with a broken signature and nobody would be told.
     """
     return PermanentDeliveryError(
-        f"signed or encrypted (S/MIME) message refused: {why}; any other way of sending it"
-        " would break its signature",
+        f"signed or encrypted (S/MIME or PGP/MIME) message refused: {why}; any other way of"
+        " sending it would break its signature",
         "5.3.4",
         554,
     )

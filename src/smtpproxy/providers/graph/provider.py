@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -27,6 +27,7 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     TimeoutError,
+    gatherResults,
     succeed,
 )
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
@@ -59,6 +60,7 @@ from smtpproxy.providers.graph.drafts import (
     strays,
     tag_json_draft,
 )
+from smtpproxy.providers.graph.draftturns import DraftTurns, TurnKey, turn_key
 from smtpproxy.providers.graph.payload import (
     MAX_RECIPIENTS,
     UPLOAD_CHUNK,
@@ -311,6 +313,7 @@ class GraphProvider:
         self._log_requests = config.log_level == "debug"
         self._log_accepted = config.log_level in ("debug", "info")
         self._gates: dict[str, SlotGate] = {}
+        self._draft_turns = DraftTurns()
         self._budgets = BudgetKeeper(settings.budget, self._senders, reactor)
 
     @property
@@ -466,18 +469,58 @@ class GraphProvider:
         created unseen is found again and deleted; a send that may have gone
         through counts as sent when the draft is then gone.
 
+        A MIME draft is found again by its C{internetMessageId}, which every
+        send of the same message shares: such sends take turns
+        (L{smtpproxy.providers.graph.draftturns}), so that one's clean-up
+        never deletes the draft another is still working on.  A JSON draft
+        carries a tag of its own attempt and needs no turn.
+
         @param message_id: the message's Message-ID field, by which Graph
             knows a MIME draft (C{internetMessageId}).
         """
+        mime_id = internet_message_id(message_id) if plan.mime else None
+        # Clean-ups left running in the background by a cancelled send.
+        background: list[Deferred[None]] = []
+        if mime_id is None:
+            return await self._draft_steps(plan, deadline, None, background)
+        key = turn_key(plan.mailbox, mime_id)
+        await self._wait_for_turn(key, deadline)
+        try:
+            return await self._draft_steps(plan, deadline, mime_id, background)
+        finally:
+            if background:
+                # The turn ends when the last of this send's drafts is gone.
+                ended = gatherResults(background, consumeErrors=True)
+                ended.addBoth(lambda _: self._draft_turns.give_back(key))
+            else:
+                self._draft_turns.give_back(key)
+
+    async def _wait_for_turn(self, key: TurnKey, deadline: float) -> None:
+        """Wait, within the message's budget, until no other send of it is on the draft path."""
+        try:
+            await self._bounded(
+                self._draft_turns.take(key),
+                deadline,
+                "waiting for another send of the same message (same Message-ID)",
+            )
+        except CancelledError:
+            raise SendCancelledError(handed_over=False) from None
+
+    async def _draft_steps(
+        self,
+        plan: DraftSend,
+        deadline: float,
+        mime_id: str | None,
+        background: list[Deferred[None]],
+    ) -> _Reply:
+        """L{_send_draft}'s steps; clean-ups a cancellation leaves running go to C{background}."""
         mailbox = plan.mailbox
         body = plan.draft
         tag = None
         if not plan.mime:
             tag = str(uuid.uuid4())
             body = tag_json_draft(body, tag)
-        lookup = lookup_filter(
-            message_id=internet_message_id(message_id) if plan.mime else None, tag=tag
-        )
+        lookup = lookup_filter(message_id=mime_id, tag=tag)
         creating = _Attempts()
         try:
             created = await self._call(
@@ -493,14 +536,20 @@ class GraphProvider:
                 deadline,
                 attempts=creating,
             )
-        except Exception:
+        except Exception as e:
             if creating.uncertain:
-                await self._delete_strays(mailbox, lookup, None)
+                if isinstance(e, CancelledError):
+                    # As for a cancelled send below: answer now, clean up meanwhile.
+                    background.append(
+                        Deferred.fromCoroutine(self._delete_strays(mailbox, lookup, None))
+                    )
+                else:
+                    await self._clear_strays(mailbox, lookup, None, background)
             raise
         draft_id = _json_field(created.body, "id")
         if creating.uncertain:
             # An attempt whose answer was lost may have made a draft too.
-            await self._delete_strays(mailbox, lookup, draft_id)
+            await self._clear_strays(mailbox, lookup, draft_id, background)
         if draft_id is None:
             raise TransientDeliveryError("Graph created a draft without an id; try again later")
         sending = _Attempts()
@@ -537,7 +586,7 @@ class GraphProvider:
             if isinstance(e, CancelledError):
                 # A forced shutdown: the relay must learn the outcome now (its
                 # log line), not after the clean-up; the draft goes meanwhile.
-                Deferred.fromCoroutine(self._delete_draft(mailbox, draft_id))
+                background.append(_ended(self._delete_draft(mailbox, draft_id)))
                 raise
             deletion, reply = await self._delete_draft(mailbox, draft_id)
             if reply is not None and sent_although_failed(sending.uncertain, deletion):
@@ -638,11 +687,30 @@ class GraphProvider:
             return None
         return resume_at(status.body, total)
 
+    async def _clear_strays(
+        self,
+        mailbox: str,
+        condition: str | None,
+        keep: str | None,
+        background: list[Deferred[None]],
+    ) -> None:
+        """L{_delete_strays}; if the send is cancelled meanwhile, the clean-up
+        starts again in the background (C{keep} deleted too: the send ends)."""
+        try:
+            await self._delete_strays(mailbox, condition, keep)
+        except CancelledError:
+            background.append(Deferred.fromCoroutine(self._delete_strays(mailbox, condition, None)))
+            if keep is not None:
+                background.append(_ended(self._delete_draft(mailbox, keep)))
+            raise
+
     async def _delete_strays(self, mailbox: str, condition: str | None, keep: str | None) -> None:
         """Delete the drafts of this attempt that are not C{keep} (best effort, logged).
 
         Runs after a createDraft with a lost answer: Graph may hold a draft
         we never heard of, which anyone could later send by hand.
+        A cancellation is passed on (the send must end); every other failure
+        is logged and ends the clean-up.
         """
         if condition is None:
             log.warn(
@@ -661,6 +729,9 @@ class GraphProvider:
         try:
             reply = await self._call(request, self._reactor.seconds() + CLEANUP_BUDGET)
         except Exception as e:
+            if isinstance(e, CancelledError):
+                # The caller goes on: it must learn that it was cancelled.
+                raise
             log.warn("could not look for drafts created unseen", mailbox=mailbox, error=str(e))
             return
         found = found_ids(reply.body)
@@ -1044,6 +1115,11 @@ def _method(plan: Plan) -> str:
     if isinstance(plan, JsonSend):
         return "json"
     return "mime-draft" if plan.mime else "draft"
+
+
+def _ended(work: Coroutine[Deferred[Any], Any, object]) -> Deferred[None]:
+    """C{work} started, as a Deferred that fires (with None) when it ends."""
+    return Deferred.fromCoroutine(work).addCallback(lambda _: None)
 
 
 def _read_whole(response: Any) -> Deferred[tuple[int, Headers, bytes]]:

@@ -213,3 +213,13 @@ class ClassificationTests(SynchronousTestCase):
         self.assertTrue(refused.retryable)
         self.assertFalse(refused.ambiguous)
         self.assertEqual(refused.error.status, "4.4.2")
+
+    def test_timeout_while_connecting(self) -> None:
+        """A timeout before the connection was made (packets dropped on the way) is
+        retried like a refused connection, had no effect, and says it never connected."""
+        problem = network_problem("ConnectingCancelledError", timed_out=True, connected=False)
+        self.assertTrue(problem.retryable)
+        self.assertFalse(problem.ambiguous)
+        self.assertEqual(problem.error.status, "4.4.1")
+        self.assertIn("no connection to Graph in time", problem.summary)
+        self.assertIsInstance(decide(problem, 0, 0.0, 100.0, Tuning(), 0.0), Retry)

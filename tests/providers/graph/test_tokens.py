@@ -12,12 +12,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpproxy.errors import TransientDeliveryError, reply_for_failure
 from smtpproxy.providers.graph.credentials import ClientSecret, scope_for
 from smtpproxy.providers.graph.tokens import (
+    RENEWAL_RETRY_MAX,
     Token,
     TokenCache,
     parse_token,
+    renewal_retry_delay,
     token_problem,
     token_url,
 )
+from tests.providers.graph.test_drafts import _events
 
 
 def _token_body(value: str = "tok", lifetime: object = 3599) -> bytes:
@@ -197,18 +200,83 @@ class CacheTests(SynchronousTestCase):
         self.assertEqual(len(self.pending), 1)
 
     def test_failed_renewal_keeps_valid_token(self) -> None:
-        """If renewal fails while the old token is still valid, the old token is used."""
+        """If renewal fails while the old token is still valid, the old token is used,
+        and the next background renewal waits out a back-off (5 s, then 10 s) instead
+        of starting with the very next caller; once the token has expired, a caller
+        fetches at once whatever the back-off, and a failure reaches it.  (Before
+        review 6 the next get() started a new renewal at once: one token request per
+        message while Entra ID failed.)"""
         self.cache.get()
         self._issue("t1")
         self.clock.advance(3400)
         self.assertEqual(self.successResultOf(self.cache.get()), "t1")
         self.pending.pop(0).errback(TransientDeliveryError("down"))
         self.assertEqual(self.successResultOf(self.cache.get()), "t1")
+        self.assertEqual(self.pending, [])
+        self.clock.advance(5)
+        self.assertEqual(self.successResultOf(self.cache.get()), "t1")
         self.pending.pop(0).errback(TransientDeliveryError("down"))
+        self.clock.advance(9.9)
+        self.assertEqual(self.successResultOf(self.cache.get()), "t1")
+        self.assertEqual(self.pending, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.successResultOf(self.cache.get()), "t1")
+        self.pending.pop(0).errback(TransientDeliveryError("down"))
+        self.assertEqual(self.cache.fetches, 4)
         self.clock.advance(200)
         expired = self.cache.get()
         self.pending.pop(0).errback(TransientDeliveryError("down"))
         self.failureResultOf(expired, TransientDeliveryError)
+
+    def test_renewal_back_off_ends_with_a_success(self) -> None:
+        """A renewal that succeeds after failures clears the back-off: the next token's
+        renewal starts on time, and its first failure waits 5 s again, not the 20 s
+        the earlier failures had reached."""
+        self.cache.get()
+        self._issue("t1")
+        self.clock.advance(3300)
+        for wait in (5.0, 10.0):
+            self.cache.get()
+            self.pending.pop(0).errback(TransientDeliveryError("down"))
+            self.clock.advance(wait)
+        self.cache.get()
+        self._issue("t2")
+        self.clock.advance(3300)
+        self.assertEqual(self.successResultOf(self.cache.get()), "t2")
+        self.pending.pop(0).errback(TransientDeliveryError("down"))
+        self.clock.advance(5)
+        self.cache.get()
+        self.assertEqual(len(self.pending), 1)
+
+    def test_refused_token_is_fetched_despite_the_back_off(self) -> None:
+        """A token Graph refused (invalidate) leaves no valid token: the next caller
+        waits for a fetch started at once, however recently a renewal failed."""
+        self.cache.get()
+        self._issue("t1")
+        self.clock.advance(3300)
+        self.cache.get()
+        self.pending.pop(0).errback(TransientDeliveryError("down"))
+        self.cache.invalidate("t1")
+        waiting = self.cache.get()
+        self.assertEqual(len(self.pending), 1)
+        self._issue("t2")
+        self.assertEqual(self.successResultOf(waiting), "t2")
+
+    def test_one_warning_per_failed_renewal(self) -> None:
+        """While renewals fail, the warning is logged once per failed token request,
+        not once per caller: 50 callers within the back-off see one warning."""
+        events = _events(self)
+        self.cache.get()
+        self._issue("t1")
+        self.clock.advance(3300)
+        for _ in range(50):
+            self.assertEqual(self.successResultOf(self.cache.get()), "t1")
+            if self.pending:
+                self.pending.pop(0).errback(TransientDeliveryError("down"))
+            self.clock.advance(0.05)
+        warnings = [e for e in events if "token renewal failed" in e.get("log_format", "")]
+        self.assertEqual((len(warnings), self.cache.fetches), (1, 2))
+        self.assertEqual(warnings[0]["retry_in"], 5)
 
     def test_cancelled_waiter(self) -> None:
         """A caller that stops waiting does not cancel the fetch for the others."""
@@ -217,3 +285,11 @@ class CacheTests(SynchronousTestCase):
         self.failureResultOf(first)
         self._issue("t1")
         self.assertEqual(self.successResultOf(second), "t1")
+
+
+class RenewalBackoffTests(SynchronousTestCase):
+    def test_schedule(self) -> None:
+        """5 s after the first failed renewal, doubling per failure, never above 60 s."""
+        delays = [renewal_retry_delay(n) for n in range(1, 8)]
+        self.assertEqual(delays, [5.0, 10.0, 20.0, 40.0, 60.0, 60.0, 60.0])
+        self.assertEqual(renewal_retry_delay(10_000), RENEWAL_RETRY_MAX)

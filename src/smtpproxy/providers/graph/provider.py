@@ -179,13 +179,21 @@ class _Attempts:
 
 @dataclass(slots=True)
 class _Handover:
-    """Whether a request that sends one message (L{_SENDING}) may have reached Graph.
+    """Whether a request that sends one message (L{_SENDING}) may have taken effect.
 
-    Set by L{GraphProvider._exchange} when such a request got an answer, or
-    failed after its connection was made (it may have been carried out).
+    Set by L{GraphProvider._attempts} when one attempt of such a request
+    was accepted (2xx) or failed ambiguously (L{Problem.ambiguous}: a cut
+    connection or a timeout after the request left, a 500, 502 or 504),
+    and by L{GraphProvider._call} when it was cancelled on the wire.  Once
+    set it stays set, whatever later attempts see: 503, then a lost answer,
+    then 202 counts, and so does a lost answer followed by refusals.
     Until then nothing was sent, and the message's budget charge is given
-    back if it fails: no token, Graph or the proxy unreachable, no free
-    slot in time, cancelled before the request, a draft step refused.
+    back if it fails: no token, Graph or the proxy unreachable (refused or
+    timed out while connecting), no free slot in time, cancelled before the
+    request, a draft step refused, or Graph refusing the send itself (429,
+    503, a 4xx such as ErrorInvalidRecipients: Exchange sent nothing, and
+    a throttled message retried by the queue must not use the day's budget
+    once per attempt).
     """
 
     reached: bool = False
@@ -201,7 +209,7 @@ _HANDOVER: ContextVar[_Handover | None] = ContextVar("graph_handover", default=N
 
 
 def _note_handed_over(request: _Request) -> None:
-    """C{request} may have reached Graph: if it sends the message, the message counts."""
+    """C{request} may have taken effect: if it sends the message, the message counts."""
     handover = _HANDOVER.get()
     if handover is not None and request.what in _SENDING:
         handover.reached = True
@@ -223,6 +231,19 @@ def _reasons(error: BaseException) -> list[BaseException]:
     if isinstance(error, ResponseFailed):
         found.extend(reason.value for reason in error.reasons)
     return found
+
+
+def _never_connected(reasons: list[BaseException]) -> bool:
+    """Whether an exchange failed before its connection to Graph was made.
+
+    A refused connection, a failed DNS lookup, a refused proxy tunnel, or
+    a connection attempt cancelled (by the request timer) before it
+    completed: the request cannot have left, so it had no effect.
+    """
+    return any(isinstance(r, _NOT_CONNECTED) for r in reasons)
+
+
+_NOT_CONNECTED = (ConnectError, DNSLookupError, ProxyTunnelError, ConnectingCancelledError)
 
 
 def _describe(error: BaseException) -> str:
@@ -850,6 +871,8 @@ class GraphProvider:
                 raise
             sending = request.what in _SENDING
             handed_over = sending and (bool(uncertain) or isinstance(e, _CancelledOnWireError))
+            if handed_over:
+                _note_handed_over(request)
             raise SendCancelledError(handed_over=handed_over) from None
 
     async def _attempts(
@@ -877,7 +900,10 @@ class GraphProvider:
                     e.description, timed_out=e.timed_out, connected=e.connected
                 )
             else:
-                if 200 <= reply.status < 300 or reply.status in answers:
+                if 200 <= reply.status < 300:
+                    _note_handed_over(request)
+                    return reply
+                if reply.status in answers:
                     return reply
                 if reply.status == 404 and gone_means_done and uncertain:
                     log.info(
@@ -903,7 +929,9 @@ class GraphProvider:
                 # Graph does not have the message (a retry may hand it over).
                 current_handover().clear()
             if uncertain and not ambiguous:
+                # A definite refusal (429, 503, 4xx) took no effect; this may have.
                 ambiguous.append(True)
+                _note_handed_over(request)
             if attempts is not None:
                 attempts.uncertain = uncertain
             now = self._reactor.seconds()
@@ -1006,20 +1034,22 @@ class GraphProvider:
             try:
                 status, response_headers, body = await roundtrip
             except Exception as e:
-                if expired:
-                    _note_handed_over(request)
-                    self._log_request(request, 0, client_request_id, "")
-                    raise _NoResponseError(_describe(e), timed_out=True, connected=True) from None
                 reasons = _reasons(e)
+                if expired:
+                    # Timed out while still connecting (a firewall dropping
+                    # packets): the request never left, as for a refused
+                    # connection.  Otherwise it may have.
+                    connected = not _never_connected(reasons)
+                    self._log_request(request, 0, client_request_id, "")
+                    raise _NoResponseError(
+                        _describe(e), timed_out=True, connected=connected
+                    ) from None
                 if any(isinstance(r, ConnectingCancelledError) for r in reasons):
                     raise CancelledError() from None
                 if any(isinstance(r, CancelledError) for r in reasons):
                     # Cancelled once connected: the request may have left.
-                    _note_handed_over(request)
                     raise _CancelledOnWireError() from None
-                connected = not isinstance(e, (ConnectError, DNSLookupError, ProxyTunnelError))
-                if connected:
-                    _note_handed_over(request)
+                connected = not _never_connected(reasons)
                 self._log_request(request, 0, client_request_id, "")
                 raise _NoResponseError(_describe(e), timed_out=False, connected=connected) from None
             finally:
@@ -1028,7 +1058,6 @@ class GraphProvider:
         finally:
             if gate is not None:
                 gate.release()
-        _note_handed_over(request)
         request_id = _header(response_headers, "request-id") or ""
         self._log_request(request, status, client_request_id, request_id)
         return _Reply(status, response_headers, body, client_request_id, request_id)

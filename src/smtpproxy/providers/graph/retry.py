@@ -351,9 +351,13 @@ def network_problem(description: str, *, timed_out: bool, connected: bool) -> Pr
     @param description: the exception's class name(s), never its full text
         (which could quote a URL carrying an upload token).
     @param connected: False when the connection was never made, so the
-        request certainly had no effect.
+        request certainly had no effect.  A timeout while still connecting
+        (packets dropped on the way) is retried like a refused connection.
     """
-    if timed_out:
+    if timed_out and not connected:
+        summary = f"no connection to Graph in time ({description})"
+        enhanced = "4.4.1"
+    elif timed_out:
         summary = f"no answer from Graph in time ({description})"
         enhanced = "4.4.1"
     else:

@@ -37,6 +37,19 @@ log = Logger(namespace="smtpproxy.graph")
 # token that dies on the way.
 REFRESH_MARGIN = 300.0
 
+# After a background renewal fails (the current token still valid), wait
+# this long before the next one, doubling per failure up to the cap:
+# without it every message past the renewal time would send Entra ID a
+# token request of its own.  The cap keeps several attempts within the
+# renewal margin; a caller with no valid token fetches regardless.
+RENEWAL_RETRY_FIRST = 5.0
+RENEWAL_RETRY_MAX = 60.0
+
+
+def renewal_retry_delay(failures: int) -> float:
+    """Seconds to wait before the next background renewal after C{failures} (>= 1) in a row."""
+    return min(RENEWAL_RETRY_FIRST * 2.0 ** min(failures - 1, 16), RENEWAL_RETRY_MAX)
+
 
 def token_url(authority: str, tenant: str) -> str:
     """The v2.0 token endpoint of C{tenant} at C{authority} (sovereign clouds differ)."""
@@ -187,6 +200,9 @@ class TokenCache:
         self._token: Token | None = None
         self._waiters: list[Deferred[str]] = []
         self._fetching = False
+        # Background renewals that failed in a row, and when the next may start.
+        self._renewal_failures = 0
+        self._renew_after = 0.0
         self.fetches = 0
 
     def get(self) -> Deferred[str]:
@@ -194,7 +210,9 @@ class TokenCache:
 
         Past its renewal time but before it expires, the current token is
         answered at once and the renewal started in the background (one at a
-        time): only a caller with no valid token waits for a fetch.
+        time; after a failed one, not before L{renewal_retry_delay} has
+        passed): only a caller with no valid token waits for a fetch, which
+        it starts at once whatever the back-off.
 
         Cancelling the returned Deferred only stops this caller waiting; the
         fetch carries on for the others.
@@ -202,7 +220,7 @@ class TokenCache:
         token = self._token
         now = self._clock.seconds()
         if token is not None and now < token.expires_at:
-            if now >= token.refresh_at and not self._fetching:
+            if now >= token.refresh_at and now >= self._renew_after and not self._fetching:
                 self._start()
             return succeed(token.value)
         waiter: Deferred[str] = Deferred(self._forget)
@@ -234,17 +252,25 @@ class TokenCache:
         waiters, self._waiters = self._waiters, []
         if isinstance(result, Token):
             self._token = result
+            self._renewal_failures = 0
+            self._renew_after = 0.0
             for waiter in waiters:
                 waiter.callback(result.value)
             return
         previous = self._token
-        if previous is not None and self._clock.seconds() < previous.expires_at:
+        now = self._clock.seconds()
+        if previous is not None and now < previous.expires_at:
             # Renewal failed but the old token is still good for a while:
-            # keep sending rather than fail mail over an early refresh (the
-            # next get() past the renewal time tries again).
+            # keep sending rather than fail mail over an early refresh, and
+            # try again after a back-off (one warning per failed fetch).
+            self._renewal_failures += 1
+            delay = renewal_retry_delay(self._renewal_failures)
+            self._renew_after = now + delay
             log.warn(
                 "token renewal failed; using the current token until it expires",
-                expires_in=round(previous.expires_at - self._clock.seconds()),
+                expires_in=round(previous.expires_at - now),
+                retry_in=round(delay),
+                failures=self._renewal_failures,
                 error=str(result.value) if isinstance(result.value, TransientDeliveryError) else "",
             )
             for waiter in waiters:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.address import HostnameAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
@@ -168,16 +170,23 @@ class TunnelEndpoint:
         self._proxy_endpoint = proxy_endpoint
         self._request = connect_request(host, port, proxy.authorization)
         self._where = {"proxy": proxy.display, "target": f"{host}:{port}"}
+        self._target = HostnameAddress(host.encode(), port)
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         connecting: Deferred[IProtocol] | None = None
         tunnel: _TunnelProtocol | None = None
 
-        def cancel(_: Deferred[IProtocol]) -> None:
+        def cancel(waiting: Deferred[IProtocol]) -> None:
             if connecting is not None and not connecting.called:
                 connecting.cancel()
             elif tunnel is not None:
                 tunnel.abort()
+                # The proxy has not opened the tunnel: nothing can have
+                # reached the target yet, so this is still connecting (the
+                # provider then knows the request never left).
+                if not waiting.called:
+                    cancelled = ConnectingCancelledError(self._target)  # type: ignore[no-untyped-call]
+                    waiting.errback(cancelled)
 
         ready: Deferred[IProtocol] = Deferred(cancel)
         tunnel = _TunnelProtocol(self._request, protocolFactory, ready, self._where)

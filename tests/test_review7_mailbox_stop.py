@@ -62,3 +62,39 @@ class MailboxForcedStopTests(TestCase):
             421 in codes[5:] and rows == 1,
             "421 told for a message the mailbox file kept (it comes back at the next start)",
         )
+
+    @async_test
+    async def test_client_gone_does_not_cancel_a_message_the_mailbox_kept(self) -> None:
+        """Since fixshutdown a client that disconnects before its answer has its
+        direct-mode send cancelled unless the provider marked the hand-over.  The
+        mailbox (with a file) never marks it, so a disconnect right after the final
+        dot takes the message out of the mailbox as it is seen (API, /metrics) while
+        the file write goes on: the file and the mailbox disagree, and the message
+        comes back at the next start.  Right: once the store has the message the
+        send counts as handed over and is left to finish (mailbox and file agree)."""
+        from twisted.internet import reactor
+
+        path = self.mktemp()
+        file = MailboxFile(path)
+        provider = MailboxProvider(settings(path=path), reactor, file=file)
+        self.addCleanup(provider.close)
+        await provider.loaded()
+        harness = Harness(provider=cast(RecordingProvider, provider))
+        protocol, _ = harness.connect()
+        protocol.dataReceived(
+            b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+            + message("kept").replace(b"\n", b"\r\n")
+            + b".\r\n"
+        )
+        harness.clock.advance(0)
+        self.assertEqual(len(provider.store), 1)
+        protocol.connectionLost(None)
+        # Writes go in order: this one fires once the message's batch is done.
+        await file.delete([])
+        with sqlite3.connect(path) as db:
+            (rows,) = db.execute("SELECT count(*) FROM messages").fetchone()
+        self.assertEqual(
+            (len(provider.store), rows),
+            (1, 1),
+            "the mailbox (in memory) and its file disagree about the message",
+        )

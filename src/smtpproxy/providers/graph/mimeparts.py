@@ -57,6 +57,7 @@ _SIGNED_TYPES = frozenset(
 # "pkcs7-mime" is in both S/MIME names.  A message without any of these
 # bytes holds no signed part, and is not walked.
 _SIGNED_MARKS = (b"/signed", b"/encrypted", b"pkcs7-mime")
+_SIGNED_MARK = re.compile(b"|".join(map(re.escape, _SIGNED_MARKS)), re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,14 +125,15 @@ def is_signed(raw: bytes) -> bool:
     such a type and the part holding it was not reached): refusing to
     rebuild that message is the safe side.
     """
+    if _SIGNED_MARK.search(raw) is None:
+        # The everyday message: no signed type is spelt anywhere, so none is
+        # there to find (one search, before any header is parsed).
+        return False
     block, _ = header_end(raw, 0, len(raw))
     kind = _content_type(_HEADERS.parsebytes(raw[:block]))
     if kind in _SIGNED_TYPES:
         return True
     if not kind.startswith("multipart/"):
-        return False
-    lowered = raw.lower()
-    if not any(mark in lowered for mark in _SIGNED_MARKS):
         return False
     tree = walk(raw)
     return tree.signed or not tree.complete

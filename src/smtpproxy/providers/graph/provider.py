@@ -915,6 +915,10 @@ class GraphProvider:
                 if reply.status == 401 and token is not None and not refreshed:
                     refreshed = True
                     self._tokens.invalidate(token)
+                    if request.what in _SENDING and not uncertain:
+                        # Refused before it was read: Graph does not have the
+                        # message while the new token is fetched.
+                        current_handover().clear()
                     log.warn(
                         "Graph refused the access token; renewing it once",
                         what=request.what,

@@ -121,6 +121,8 @@ def fold(name: str, value: str, width: int = WIDTH, linesep: str = "\r\n") -> st
     if len(line) > MAX_LINE:
         lines.append(name + ":")
         line = " " + pieces[0]
+        if len(line) > MAX_LINE:
+            return None
     for piece in pieces[1:]:
         if len(line) + len(piece) <= width:
             line += piece

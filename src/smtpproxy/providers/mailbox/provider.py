@@ -34,6 +34,7 @@ from smtpproxy.providers.mailbox import chaos
 from smtpproxy.providers.mailbox.persist import MailboxFile, Row
 from smtpproxy.providers.mailbox.settings import MailboxSettings
 from smtpproxy.providers.mailbox.store import Store, Stored, TooLargeError, new_id, prepare
+from smtpproxy.providers.result import Handover, SendCancelledError, current_handover
 from smtpproxy.queue.backend import share_the_gil
 
 if TYPE_CHECKING:
@@ -106,10 +107,13 @@ class MailboxProvider:
         if refusal is not None:
             self.store.counters.rejected += 1
             return defer.fail(refusal)
+        # Taken now: the load's callback below runs outside the caller's context.
+        handover = current_handover()
         if not self.is_loaded:
             # Mail that arrives while the file is read waits, so the order holds.
-            return self.loaded().addCallback(lambda _: self._keep(email))
-        return self._keep(email)
+            waiting = self.loaded().addCallback(lambda _: self._keep(email, handover))
+            return waiting.addErrback(_not_kept_if_cancelled)
+        return self._keep(email, handover)
 
     def close(self) -> Deferred[None]:
         closing: Deferred[None] = defer.succeed(None)
@@ -211,11 +215,24 @@ class MailboxProvider:
 
     # -- keeping ---------------------------------------------------------------
 
-    def _keep(self, email: Email) -> Deferred[None]:
+    def _keep(self, email: Email, handover: Handover) -> Deferred[None]:
+        """Put C{email} in the store; with a file, fire once its row is committed.
+
+        Once the store has the message it is in the mailbox for everyone to
+        see (API, web, C{/metrics}) and its row is on its way to the file:
+        that is the hand-over, marked for the caller.  A cancel after it
+        (a forced stop, a client gone) cannot take the message back, so it
+        only cuts off the answer (L{SendCancelledError} with C{handed_over})
+        and leaves the write to finish; were the cancel to reach the write,
+        the message would leave the store while its row still committed
+        (back at the next start), and the client, told 421, would send a
+        second copy.  Only a write that really fails takes it out again.
+        """
         try:
             stored, evicted = self.store.add(email)
         except TooLargeError as e:
             return defer.fail(PermanentDeliveryError(f"mailbox: {e}", "5.3.4", 552))
+        handover.mark()
         if self.file is None:
             return defer.succeed(None)
         row = Row(stored.id, stored.created, email.envelope_from, email.envelope_to, email.raw)
@@ -230,7 +247,21 @@ class MailboxProvider:
             )
             raise TransientDeliveryError("mailbox file cannot be written", "4.3.0")
 
-        return self.file.insert(row, [m.id for m in evicted]).addErrback(unwritten)
+        writing = self.file.insert(row, [m.id for m in evicted]).addErrback(unwritten)
+        answer: Deferred[None] = Deferred(_answer_cut_off)
+
+        def settle(result: Failure | None) -> None:
+            # After a cancel the answer has fired already; the write's own
+            # outcome was handled above (a failure logged), so it ends here.
+            if answer.called:
+                return
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(None)
+
+        writing.addBoth(settle)
+        return answer
 
     def _forget(self, ids: list[str]) -> Deferred[None]:
         if self.file is None or not ids:
@@ -274,6 +305,19 @@ class MailboxProvider:
             )
 
         return file.load(self.settings.max_messages, parsed).addCallbacks(loaded, unreadable)
+
+
+def _not_kept_if_cancelled(failure: Failure) -> Failure:
+    """A send cancelled while it waited for the load: the store never had it."""
+    error = failure.value
+    if isinstance(error, defer.CancelledError) and not isinstance(error, SendCancelledError):
+        raise SendCancelledError(handed_over=False) from None
+    return failure
+
+
+def _answer_cut_off(answer: Deferred[None]) -> None:
+    """Cancelling a send the mailbox already holds: say so, and leave its write alone."""
+    answer.errback(SendCancelledError(handed_over=True))
 
 
 def create_mailbox(

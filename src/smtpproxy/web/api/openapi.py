@@ -47,6 +47,22 @@ def _error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
 
 
 def _accepted(description: str, status: str) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "id": {"type": "string"},
+        "request_id": {"type": "string"},
+        "status": {"const": status},
+    }
+    if status == "delivered":
+        properties["not_delivered"] = {
+            "description": "Recipients the provider refused while it took the message for "
+            "the others (no queue retries them); absent when every recipient has it.",
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["recipient", "reply"],
+                "properties": {"recipient": {"type": "string"}, "reply": {"type": "string"}},
+            },
+        }
     return {
         "description": description,
         "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
@@ -55,11 +71,7 @@ def _accepted(description: str, status: str) -> dict[str, Any]:
                 "schema": {
                     "type": "object",
                     "required": ["id", "request_id", "status"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "request_id": {"type": "string"},
-                        "status": {"const": status},
-                    },
+                    "properties": properties,
                 }
             }
         },

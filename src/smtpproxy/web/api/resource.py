@@ -238,7 +238,18 @@ class _Submission(_Endpoint):
         request_id = context["request_id"]
         if isinstance(result, Accepted):
             code = 202 if result.status == "queued" else 200
-            body = json_bytes({"id": result.id, "request_id": request_id, "status": result.status})
+            answer: dict[str, object] = {
+                "id": result.id,
+                "request_id": request_id,
+                "status": result.status,
+            }
+            if result.not_delivered:
+                # Delivered to the others: the client must not send it again,
+                # but it should know who did not get it (as SMTP's 250 says).
+                answer["not_delivered"] = [
+                    {"recipient": r.address, "reply": r.reply} for r in result.not_delivered
+                ]
+            body = json_bytes(answer)
             request.write(_respond(request, code, body))  # type: ignore[no-untyped-call]
         else:
             error = result.value

@@ -30,7 +30,12 @@ from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider
-from smtpproxy.providers.result import PartlyRefused, SendCancelledError, watched
+from smtpproxy.providers.result import (
+    PartlyRefused,
+    RecipientRefusal,
+    SendCancelledError,
+    watched,
+)
 from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
 from smtpproxy.web.api.drain import Flight, Flights, stopping_error
@@ -61,6 +66,9 @@ class Accepted:
 
     id: str
     status: str
+    #: Recipients the provider refused while it took the message for the
+    #: others (direct mode only: a queue retries or fails each itself).
+    not_delivered: tuple[RecipientRefusal, ...] = ()
 
 
 class _Bytes:
@@ -269,6 +277,7 @@ class Submitter:
                     # The provider took it for some recipients only; without a
                     # queue nothing retries the others (as on the SMTP side).
                     log_not_retried(message_id, fields, result)
+                    return Accepted(message_id, "delivered", result.refused)
                 return Accepted(message_id, "delivered")
 
             return sending.addBoth(after)

@@ -11,6 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.message import parse_message
+from smtpproxy.providers.graph import mimeparts
 from smtpproxy.providers.graph.mimeparts import is_signed, take_out, walk
 from smtpproxy.providers.graph.payload import (
     REQUEST_LIMIT,
@@ -20,6 +21,7 @@ from smtpproxy.providers.graph.payload import (
     plan_delivery,
 )
 from tests.fakegraph import parse_mime, with_attachments
+from tests.mime.test_corpus import corpus_files, own_files
 
 MAILBOX = "relay@contoso.example"
 HEADERS = (
@@ -165,6 +167,37 @@ class TakeOutTests(TestCase):
         self.assertTrue(is_signed(mixed(text, mixed(text, encrypted, b=b"n"))))
         self.assertFalse(is_signed(mixed(text, text)))
         self.assertFalse(is_signed(mixed(text, detached)))
+
+
+    def test_any_spelling_of_a_signed_type_is_found(self) -> None:
+        """The quick byte search finds each signed type in any case, at the top and nested.
+
+        It decides alone for every message it finds nothing in, so a spelling
+        it missed would let a signed message be rebuilt (and its signature
+        broken).
+        """
+        for kind in sorted(mimeparts._SIGNED_TYPES):
+            for spelt in (kind, kind.upper(), kind.title(), kind.swapcase()):
+                head = f"Content-Type: {spelt}; boundary=s; protocol=x\r\n\r\n".encode()
+                self.assertTrue(is_signed(head + b"--s\r\n\r\nA\r\n--s--\r\n"), spelt)
+                nested = (
+                    b'Content-Type: multipart/mixed; boundary="m"\r\n\r\n--m\r\n'
+                    + head
+                    + b"--s\r\n\r\nA\r\n--s--\r\n\r\n--m--\r\n"
+                )
+                self.assertTrue(is_signed(nested), spelt)
+
+    def test_quick_search_agrees_with_the_walk(self) -> None:
+        """Over the corpora: a message the quick search passes over is one the walk
+        finds unsigned too (the search only ever skips work, never changes the answer)."""
+        files = own_files() + corpus_files()
+        self.assertTrue(files)
+        for path in files:
+            raw = path.read_bytes()
+            if mimeparts._SIGNED_MARK.search(raw) is not None:
+                continue
+            tree = walk(raw)
+            self.assertFalse(tree.signed or not tree.complete, path.name)
 
 
 class PlanTests(TestCase):

@@ -168,7 +168,6 @@ class TakeOutTests(TestCase):
         self.assertFalse(is_signed(mixed(text, text)))
         self.assertFalse(is_signed(mixed(text, detached)))
 
-
     def test_any_spelling_of_a_signed_type_is_found(self) -> None:
         """The quick byte search finds each signed type in any case, at the top and nested.
 

@@ -41,6 +41,7 @@ bench: $(BIN)/.deps
 	$(BIN)/python bench/ab.py --peer smtp-sink --pairs 20 --docs
 	$(BIN)/python bench/adversarial.py --docs
 	$(BIN)/python bench/http_api.py
+	$(BIN)/python bench/graph_cpu.py --rounds 3
 	$(BIN)/python bench/mailbox.py --file
 	$(BIN)/python bench/queue_ingress.py
 

@@ -609,7 +609,14 @@ class GraphProvider:
                 # log line), not after the clean-up; the draft goes meanwhile.
                 background.append(_ended(self._delete_draft(mailbox, draft_id)))
                 raise
-            deletion, reply = await self._delete_draft(mailbox, draft_id)
+            try:
+                deletion, reply = await self._delete_draft(mailbox, draft_id)
+            except CancelledError:
+                # A forced shutdown during the clean-up: the relay learns of
+                # the cancel (and whether Graph may have the message) now,
+                # and the draft is deleted meanwhile, as above.
+                background.append(_ended(self._delete_draft(mailbox, draft_id)))
+                raise SendCancelledError(handed_over=sending.uncertain) from None
             if reply is not None and sent_although_failed(sending.uncertain, deletion):
                 log.warn(
                     "the draft was sent although no answer said so: counted as delivered",
@@ -768,6 +775,9 @@ class GraphProvider:
     async def _delete_draft(self, mailbox: str, message_id: str) -> tuple[Deletion, _Reply | None]:
         """Best effort: a failed message must not leave a draft behind to be sent by hand.
 
+        A cancellation is passed on (the send must end; its callers start
+        the delete again in the background); every other failure is logged.
+
         @return: what the delete found, and Graph's last answer (if any).
         """
         request = _Request(
@@ -782,6 +792,9 @@ class GraphProvider:
                 attempts=deleting,
             )
         except Exception as e:
+            if isinstance(e, CancelledError):
+                # The send is being cancelled: its caller must learn so.
+                raise
             log.warn("could not delete a failed message's draft", mailbox=mailbox, error=str(e))
             return Deletion.UNKNOWN, None
         code = parse_graph_error(reply.status, reply.body).code if reply.status >= 300 else None

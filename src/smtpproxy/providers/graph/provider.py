@@ -61,6 +61,7 @@ from smtpproxy.providers.graph.drafts import (
     tag_json_draft,
 )
 from smtpproxy.providers.graph.draftturns import DraftTurns, TurnKey, turn_key
+from smtpproxy.providers.graph.handshake import HandshakeFailedError
 from smtpproxy.providers.graph.payload import (
     MAX_RECIPIENTS,
     UPLOAD_CHUNK,
@@ -236,14 +237,21 @@ def _reasons(error: BaseException) -> list[BaseException]:
 def _never_connected(reasons: list[BaseException]) -> bool:
     """Whether an exchange failed before its connection to Graph was made.
 
-    A refused connection, a failed DNS lookup, a refused proxy tunnel, or
-    a connection attempt cancelled (by the request timer) before it
-    completed: the request cannot have left, so it had no effect.
+    A refused connection, a failed DNS lookup, a refused proxy tunnel, a
+    TLS handshake that never completed (L{HandshakeEndpoint} connects only
+    after it), or a connection attempt cancelled (by the request timer)
+    before it completed: the request cannot have left, so it had no effect.
     """
     return any(isinstance(r, _NOT_CONNECTED) for r in reasons)
 
 
-_NOT_CONNECTED = (ConnectError, DNSLookupError, ProxyTunnelError, ConnectingCancelledError)
+_NOT_CONNECTED = (
+    ConnectError,
+    DNSLookupError,
+    ProxyTunnelError,
+    ConnectingCancelledError,
+    HandshakeFailedError,
+)
 
 
 def _describe(error: BaseException) -> str:

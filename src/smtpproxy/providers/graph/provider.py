@@ -505,9 +505,10 @@ class GraphProvider:
         carries a tag of its own attempt and needs no turn.
 
         @param message_id: the message's Message-ID field, by which Graph
-            knows a MIME draft (C{internetMessageId}).
+            knows a MIME draft (C{internetMessageId}); a message without
+            one was given one of ours in the draft (C{plan.made_message_id}).
         """
-        mime_id = internet_message_id(message_id) if plan.mime else None
+        mime_id = internet_message_id(plan.made_message_id or message_id) if plan.mime else None
         # Clean-ups left running in the background by a cancelled send.
         background: list[Deferred[None]] = []
         if mime_id is None:
@@ -751,7 +752,7 @@ class GraphProvider:
         if condition is None:
             log.warn(
                 "a draft may have been created unseen and cannot be looked up "
-                "(the message has no Message-ID); check the mailbox's Drafts folder",
+                "(the message's Message-ID names no <...> id); check the mailbox's Drafts folder",
                 mailbox=mailbox,
             )
             return

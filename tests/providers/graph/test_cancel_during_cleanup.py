@@ -15,18 +15,23 @@ from tests.fakegraph import Fault
 from tests.providers.graph import test_provider as tp
 
 
+def _until(h: tp.Harness, route: str) -> None:
+    """Let time pass until the fake has received one request on C{route}."""
+    for _ in range(100):
+        if h.fake.routes(route):
+            break
+        h.clock.advance(0.5)
+        h.stub.flush()
+    assert len(h.fake.routes(route)) == 1, route
+
+
 class CancelWhileDeletingTests(SynchronousTestCase):
     def cancel_while_deleting(self, h: tp.Harness) -> SendCancelledError:
         """Send a big message, cancel it while Graph is answering its deleteDraft."""
         h.fake.script("deleteDraft", Fault(delay=5.0))
         email, _ = tp._big_email()
         d = h.send(email)
-        for _ in range(100):
-            if h.fake.routes("deleteDraft"):
-                break
-            h.clock.advance(0.5)
-            h.stub.flush()
-        self.assertEqual(len(h.fake.routes("deleteDraft")), 1)
+        _until(h, "deleteDraft")
         self.assertEqual(h.fake.deleted, [])
         d.cancel()
         error = self.failureResultOf(d, SendCancelledError).value
@@ -49,3 +54,21 @@ class CancelWhileDeletingTests(SynchronousTestCase):
         h = tp.Harness()
         h.fake.script("sendDraft", Fault(drop=True), *[Fault(503, "ServiceUnavailable")] * 3)
         self.assertTrue(self.cancel_while_deleting(h).handed_over)
+
+
+class CancelWhileConfirmingTests(SynchronousTestCase):
+    def test_cancel_during_the_sent_items_lookup(self) -> None:
+        """The send went through unseen and its retry found the draft gone; a cancel while
+        Sent Items is being searched ends the send as handed over (Graph may have sent it)."""
+        h = tp.Harness()
+        h.fake.script("sendDraft", Fault(drop=True, after_processing=True))
+        h.fake.script("findSent", Fault(delay=5.0))
+        email, _ = tp._big_email()
+        d = h.send(email)
+        _until(h, "findSent")
+        d.cancel()
+        error = self.failureResultOf(d, SendCancelledError).value
+        assert isinstance(error, SendCancelledError)
+        self.assertTrue(error.handed_over)
+        h.run()
+        self.assertEqual(len(h.fake.deliveries), 1)

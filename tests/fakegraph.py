@@ -23,6 +23,12 @@ real service until production):
     answers GET with where the session stands (C{nextExpectedRanges});
   - drafts are listed only with the two filters the relay uses (by
     C{internetMessageId}, by a string extended property) and C{$select=id};
+  - Sent Items holds a copy of every message sent from a draft (Graph's
+    C{send} always saves one), of every MIME C{sendMail}, and of a JSON
+    C{sendMail} unless C{saveToSentItems} is false; it is listed only by
+    C{internetMessageId} with C{$select=id};
+  - a deleted draft takes its upload sessions with it (their URLs answer 404);
+  - a created message is answered with its C{id} and C{internetMessageId};
   - a draft may be created from MIME (C{text/plain}, base64, under 4 MB
     like any request, From equal to the mailbox); when it is sent, the
     attachments added to it become parts of the message, as Exchange
@@ -319,6 +325,8 @@ class FakeGraph:
         self.tokens: dict[str, float] = {}
         self.drafts: dict[str, _Draft] = {}
         self.sessions: dict[str, _Session] = {}
+        # Per mailbox (case-folded): (item id, internetMessageId) of each copy in Sent Items.
+        self.sent_items: dict[str, list[tuple[str, str]]] = {}
         self._request_ids: set[str] = set()
         # Serial numbers, not id(): a closed channel's id may be handed to the
         # next one, which would make two connections look like one.
@@ -338,6 +346,12 @@ class FakeGraph:
     def script(self, route: str, *faults: Fault) -> None:
         """Queue faults for the next requests on C{route} (one fault per request)."""
         self.faults.setdefault(route, []).extend(faults)
+
+    def remove_draft(self, draft_id: str) -> None:
+        """Delete a draft as anyone may (Outlook, another client): its upload sessions go too."""
+        del self.drafts[draft_id]
+        for session_id in [k for k, v in self.sessions.items() if v.draft_id == draft_id]:
+            del self.sessions[session_id]
 
     def expire_tokens(self) -> None:
         """Every token issued so far is now expired (Graph will answer 401)."""
@@ -392,6 +406,13 @@ class FakeGraph:
         rest = segments[3:]
         if rest == ["mailFolders", "drafts", "messages"] and method == "GET":
             return "findDrafts", found
+        # Well-known folder names are not case-sensitive.
+        if (
+            len(rest) == 3
+            and [rest[0], rest[1].casefold(), rest[2]] == ["mailFolders", "sentitems", "messages"]
+            and method == "GET"
+        ):
+            return "findSent", found
         if rest == ["sendMail"] and method == "POST":
             return "sendMail", found
         if rest == ["messages"] and method == "POST":
@@ -617,6 +638,8 @@ class FakeGraph:
         attachments = [self._file_attachment(a) for a in message.get("attachments", [])]
         delivery = self._delivery(mailbox, "json", message, attachments)
         delivery.saved_to_sent_items = save
+        if save:
+            self._save_sent(mailbox, _made_message_id(""))
         self._accept(delivery)
         return 202, {}, b""
 
@@ -624,8 +647,14 @@ class FakeGraph:
         mime, parsed, attachments = self._read_mime(mailbox, body, "sendMail")
         to, cc, bcc = (mime_addresses(parsed, name) for name in ("to", "cc", "bcc"))
         self._check_addresses(to + cc + bcc)
+        self._save_sent(mailbox, _made_message_id(str(parsed.get("message-id", "")).strip()))
         self._accept(Delivery(mailbox, "mime", to, cc, bcc, mime, None, attachments))
         return 202, {}, b""
+
+    def _save_sent(self, mailbox: str, internet_message_id: str) -> None:
+        """Keep the copy Exchange files in the mailbox's Sent Items."""
+        item_id = "AAMk" + base64.b64encode(uuid.uuid4().bytes).decode("ascii")
+        self.sent_items.setdefault(mailbox.casefold(), []).append((item_id, internet_message_id))
 
     def _read_mime(
         self, mailbox: str, body: bytes, route: str
@@ -672,15 +701,14 @@ class FakeGraph:
         if (_header(request, "content-type") or "").startswith("text/plain"):
             mime, parsed, attachments = self._read_mime(mailbox, body, "createDraft")
             message = {"subject": str(parsed.get("subject", ""))}
-            self.drafts[draft_id] = _Draft(
+            draft = self.drafts[draft_id] = _Draft(
                 mailbox,
                 message,
                 attachments,
                 mime=mime,
                 internet_message_id=_made_message_id(str(parsed.get("message-id", "")).strip()),
             )
-            document = {"id": draft_id, "isDraft": True, "subject": message["subject"]}
-            return 201, {"Content-Type": "application/json"}, json.dumps(document).encode()
+            return _created(draft_id, draft)
         _require_json(request)
         message = _json(body)
         if not isinstance(message, dict):
@@ -690,15 +718,14 @@ class FakeGraph:
         # _check_message has checked the shape: a list of {"id": str, "value": str}.
         given: Any = message.pop("singleValueExtendedProperties", [])
         properties: dict[str, str] = {p["id"]: p["value"] for p in given}
-        self.drafts[draft_id] = _Draft(
+        draft = self.drafts[draft_id] = _Draft(
             mailbox,
             message,
             attachments,
             internet_message_id=_made_message_id(""),
             properties=properties,
         )
-        document = {"id": draft_id, "isDraft": True, "subject": message.get("subject", "")}
-        return 201, {"Content-Type": "application/json"}, json.dumps(document).encode()
+        return _created(draft_id, draft)
 
     def _draft(self, mailbox: str, params: dict[str, str]) -> _Draft:
         draft = self.drafts.get(params["id"])
@@ -859,20 +886,7 @@ class FakeGraph:
         self, mailbox: str, params: dict[str, str], request: Request, body: bytes
     ) -> _Answer:
         """List the mailbox's drafts matching one of the filters the relay uses (ids only)."""
-        if body:
-            raise GraphError(400, "RequestBodyRead", "GET takes no body.", True)
-        query = {k.decode(): [v.decode() for v in vs] for k, vs in (request.args or {}).items()}
-        unknown = set(query) - {"$filter", "$select", "$top"}
-        if unknown or any(len(v) != 1 for v in query.values()):
-            raise GraphError(
-                400, "BadRequest", f"Unexpected query options {sorted(unknown)}.", True
-            )
-        top = query.get("$top", ["10"])[0]
-        if not top.isdigit() or not 1 <= int(top) <= 1000:
-            raise GraphError(400, "BadRequest", "Invalid $top.", True)
-        if query.get("$select", ["id"]) != ["id"]:
-            raise GraphError(400, "BadRequest", "The relay needs only $select=id.", True)
-        condition = query.get("$filter", [""])[0]
+        condition, top = _list_query(request, body)
         by_id = _FILTER_MESSAGE_ID.fullmatch(condition)
         by_property = _FILTER_PROPERTY.fullmatch(condition)
         if by_id is not None:
@@ -896,14 +910,33 @@ class FakeGraph:
                 True,
             )
         found = [
-            {"@odata.etag": 'W/"fake"', "id": draft_id}
-            for draft_id, draft in self.drafts.items()
-            if draft.mailbox == mailbox and matches(draft)
-        ][: int(top)]
+            i for i, draft in self.drafts.items() if draft.mailbox == mailbox and matches(draft)
+        ]
+        return self._listed(mailbox, "drafts", found[:top])
+
+    def _findSent(
+        self, mailbox: str, params: dict[str, str], request: Request, body: bytes
+    ) -> _Answer:
+        """List the copies in the mailbox's Sent Items with one internetMessageId (ids only)."""
+        condition, top = _list_query(request, body)
+        by_id = _FILTER_MESSAGE_ID.fullmatch(condition)
+        if by_id is None:
+            raise GraphError(
+                400,
+                "ErrorInvalidUrlQueryFilter",
+                "The query filter contains one or more invalid nodes.",
+                True,
+            )
+        wanted = by_id.group(1).replace("''", "'")
+        found = [i for i, m in self.sent_items.get(mailbox.casefold(), []) if m == wanted]
+        return self._listed(mailbox, "sentitems", found[:top])
+
+    def _listed(self, mailbox: str, folder: str, ids: list[str]) -> _Answer:
+        """A folder listing's answer with C{$select=id}, as Graph writes it."""
         document = {
             "@odata.context": f"{self.endpoint}/v1.0/$metadata#users('{mailbox}')/mailFolders"
-            "('drafts')/messages(id)",
-            "value": found,
+            f"('{folder}')/messages(id)",
+            "value": [{"@odata.etag": 'W/"fake"', "id": i} for i in ids],
         }
         return 200, {"Content-Type": "application/json"}, json.dumps(document).encode()
 
@@ -922,14 +955,17 @@ class FakeGraph:
             parsed = parse_mime(mime)
             to, cc, bcc = (mime_addresses(parsed, name) for name in ("to", "cc", "bcc"))
             self._check_addresses(to + cc + bcc)
-            del self.drafts[params["id"]]
+            self.remove_draft(params["id"])
+            # Sending a draft always files it in Sent Items (no saveToSentItems here).
+            self._save_sent(mailbox, draft.internet_message_id)
             delivery = Delivery(
                 mailbox, "mime-draft", to, cc, bcc, mime, None, mime_attachments(parsed)
             )
             self._accept(delivery)
             return 202, {}, b""
         self._check_recipients(draft.message)
-        del self.drafts[params["id"]]
+        self.remove_draft(params["id"])
+        self._save_sent(mailbox, draft.internet_message_id)
         self._accept(self._delivery(mailbox, "draft", draft.message, draft.attachments))
         return 202, {}, b""
 
@@ -937,7 +973,7 @@ class FakeGraph:
         self, mailbox: str, params: dict[str, str], request: Request, body: bytes
     ) -> _Answer:
         self._draft(mailbox, params)
-        del self.drafts[params["id"]]
+        self.remove_draft(params["id"])
         self.deleted.append(params["id"])
         return 204, {}, b""
 
@@ -1226,6 +1262,34 @@ class _FakeResource(Resource):
         else:
             respond()
         return NOT_DONE_YET
+
+
+def _created(draft_id: str, draft: _Draft) -> _Answer:
+    """A created message's answer: Graph returns the message, id and internetMessageId among it."""
+    document = {
+        "id": draft_id,
+        "isDraft": True,
+        "subject": draft.message.get("subject", ""),
+        "internetMessageId": draft.internet_message_id,
+    }
+    return 201, {"Content-Type": "application/json"}, json.dumps(document).encode()
+
+
+def _list_query(request: Request, body: bytes) -> tuple[str, int]:
+    """The C{$filter} and C{$top} of a message listing; only what the relay needs is taken
+    (C{$filter}, C{$select=id}, C{$top}), anything else is a mistake."""
+    if body:
+        raise GraphError(400, "RequestBodyRead", "GET takes no body.", True)
+    query = {k.decode(): [v.decode() for v in vs] for k, vs in (request.args or {}).items()}
+    unknown = set(query) - {"$filter", "$select", "$top"}
+    if unknown or any(len(v) != 1 for v in query.values()):
+        raise GraphError(400, "BadRequest", f"Unexpected query options {sorted(unknown)}.", True)
+    top = query.get("$top", ["10"])[0]
+    if not top.isdigit() or not 1 <= int(top) <= 1000:
+        raise GraphError(400, "BadRequest", "Invalid $top.", True)
+    if query.get("$select", ["id"]) != ["id"]:
+        raise GraphError(400, "BadRequest", "The relay needs only $select=id.", True)
+    return query.get("$filter", [""])[0], int(top)
 
 
 def _made_message_id(given: str) -> str:

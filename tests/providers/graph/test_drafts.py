@@ -152,17 +152,21 @@ def _logged(events: list[LogEvent], start: str) -> list[LogEvent]:
     return [e for e in events if str(e.get("log_format", "")).startswith(start)]
 
 
-def _big_without_message_id() -> Email:
+def _big_without_message_id(unusable_id: str | None = None) -> Email:
+    """A large message with no Message-ID (or, given C{unusable_id}, one that names no
+    C{<...>} id Graph could be asked about)."""
     message = EmailMessage()
     message["From"] = "app@example.org"
     message["To"] = "a@x.example"
     message["Subject"] = "no id"
+    if unusable_id is not None:
+        message["Message-ID"] = unusable_id
     message.set_content("see attached\n")
     message.add_attachment(
         bytes(range(256)) * 16_000, maintype="application", subtype="octet-stream", filename="b"
     )
     raw = message.as_bytes(policy=policy.SMTP)
-    assert b"message-id" not in raw.lower()
+    assert (b"message-id" in raw.lower()) == (unusable_id is not None)
     return parse_message("app@example.org", ["a@x.example"], raw)
 
 
@@ -218,13 +222,14 @@ class LostCreateDraftTests(SynchronousTestCase):
         self.successResultOf(sent)
         self.assertEqual(clean.fake.routes("findDrafts"), [])
 
-    def test_no_message_id_is_logged(self) -> None:
-        """A MIME draft without Message-ID cannot be looked up: the message still goes once,
-        and a warning tells the operator a draft may be left (at most once, never twice)."""
+    def test_unusable_message_id_is_logged(self) -> None:
+        """A MIME draft whose Message-ID names no <...> id cannot be looked up (a message
+        without any gets one of ours, see test_draft_message_id): the message still goes
+        once, and a warning tells the operator a draft may be left (never sent twice)."""
         events = _events(self)
         h = tp.Harness()
         h.fake.script("createDraft", Fault(drop=True, after_processing=True))
-        d = h.send(_big_without_message_id())
+        d = h.send(_big_without_message_id("no-brackets@example.org"))
         h.run()
         self.successResultOf(d)
         self.assertEqual(len(h.fake.deliveries), 1)

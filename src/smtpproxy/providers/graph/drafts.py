@@ -12,8 +12,11 @@ asks Graph where things stand and these pure functions read the answers:
     L{smtpproxy.providers.graph.draftturns});
   - an upload session says where it stands (C{nextExpectedRanges}) when
     its URL is read with GET; the upload resumes there;
-  - a draft whose send may have gone through and that is gone when we
-    delete it was sent.
+  - a draft whose send may have gone through and that is gone (when the
+    send is retried, or when we delete it) was sent if the mailbox's Sent
+    Items holds the message (Graph files every sent draft there), looked
+    up by its C{internetMessageId}; a draft gone otherwise was deleted by
+    someone, and nothing was sent.
 
 No I/O here: the provider (L{smtpproxy.providers.graph.provider}) carries
 the requests out.
@@ -25,6 +28,7 @@ import enum
 import json
 from urllib.parse import quote
 
+from smtpproxy.errors import TransientDeliveryError
 from smtpproxy.providers.graph.payload import GraphUrls
 
 # A named property in our own namespace (a GUID made for smtpproxy): Graph
@@ -94,8 +98,42 @@ def lookup_filter(*, message_id: str | None, tag: str | None) -> str | None:
 
 def lookup_url(urls: GraphUrls, mailbox: str, condition: str) -> str:
     """C{GET} this to list the ids of the mailbox's drafts that match C{condition}."""
-    query = f"$filter={quote(condition, safe='')}&$select=id&$top={LOOKUP_PAGE}"
-    return f"{urls.user(mailbox)}/mailFolders/drafts/messages?{query}"
+    return _listing(urls, mailbox, "drafts", condition) + f"&$top={LOOKUP_PAGE}"
+
+
+def sent_lookup_url(urls: GraphUrls, mailbox: str, message_id: str) -> str:
+    """C{GET} this to list the ids of the copies in the mailbox's Sent Items of the
+    message whose C{internetMessageId} is C{message_id}."""
+    return _listing(urls, mailbox, "sentitems", f"internetMessageId eq {_literal(message_id)}")
+
+
+def _listing(urls: GraphUrls, mailbox: str, folder: str, condition: str) -> str:
+    query = f"$filter={quote(condition, safe='')}&$select=id"
+    return f"{urls.user(mailbox)}/mailFolders/{folder}/messages?{query}"
+
+
+def in_sent_items(status: int, body: bytes) -> bool | None:
+    """Whether a Sent Items listing (L{sent_lookup_url}) found the message; None when
+    the answer says nothing (an error status, an unreadable body)."""
+    if not 200 <= status < 300:
+        return None
+    found = found_ids(body)
+    return None if found is None else bool(found)
+
+
+def gone_draft_error(summary: str) -> TransientDeliveryError:
+    """The failure of a step on a draft that Graph no longer has (404).
+
+    Someone deleted the draft (a user in Outlook, another client, a
+    retention policy) or its upload session expired while the relay worked
+    on it: nothing was sent, so the client is told to try again (451), not
+    that the message is undeliverable.
+    """
+    return TransientDeliveryError(
+        f"Graph no longer has the draft or its upload session ({summary}): it was deleted "
+        "while the relay was sending it; nothing was sent, try again later",
+        "4.3.0",
+    )
 
 
 def found_ids(body: bytes) -> list[str] | None:

@@ -35,8 +35,9 @@ from __future__ import annotations
 import base64
 import json
 import mimetypes
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from email.utils import getaddresses
 from typing import NotRequired, TypedDict
 from urllib.parse import quote
@@ -59,6 +60,7 @@ from smtpproxy.mime.fields import (
     split_fields,
 )
 from smtpproxy.mime.message import Attachment, Email, Mailbox
+from smtpproxy.providers.graph.draftid import draft_message_id, with_message_id
 from smtpproxy.providers.graph.mime import ascii_header_block, rewrite_fields
 from smtpproxy.providers.graph.mimeparts import is_signed, take_out
 
@@ -621,6 +623,8 @@ class DraftSend:
         fit (C{application/json}).
     @ivar attachments: bodies of C{POST /messages/{id}/attachments}, one each.
     @ivar uploads: the parts that go through upload sessions.
+    @ivar made_message_id: the Message-ID the relay gave a MIME draft whose
+        message had none (L{smtpproxy.providers.graph.draftid}), else None.
     """
 
     mailbox: str
@@ -631,6 +635,7 @@ class DraftSend:
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     draft_type: str = "application/json"
+    made_message_id: str | None = None
 
     @property
     def mime(self) -> bool:
@@ -648,6 +653,7 @@ def plan_delivery(
     default_domain: str = "",
     save_to_sent_items: bool = True,
     recipients: Recipients | None = None,
+    new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
 ) -> Plan:
     """Choose and build the requests for C{email}.
 
@@ -663,6 +669,8 @@ def plan_delivery(
         C{sendMail} can say no (Graph has no switch for MIME sends or drafts).
     @param recipients: L{plan_recipients}C{(email)}, when the caller has it
         already (the provider counts them for the sending budgets first).
+    @param new_id: a fresh token for the Message-ID given to a MIME draft
+        whose message has none (called only then).
     """
     if recipients is None:
         recipients = plan_recipients(email)
@@ -730,8 +738,16 @@ def plan_delivery(
                     raise signed_refusal(
                         "it is too large for Graph's 4 MB MIME request and cannot be split"
                     )
+                made = None
+                if email.message_id is None:
+                    # Only here: the draft must be found by its internetMessageId.
+                    made = draft_message_id(new_id(), default_domain, mailbox)
+                    ascii_mime = with_message_id(ascii_mime, made)
                 draft = _mime_draft_plan(ascii_mime, mailbox, recipients, notes, warnings)
                 if draft is not None:
+                    if made is not None:
+                        note = "the message has no Message-ID; its draft was given one"
+                        draft = replace(draft, made_message_id=made, notes=(*draft.notes, note))
                     return draft
                 notes.append(
                     "message too large for one MIME request even without its attachments;"

@@ -52,15 +52,19 @@ from smtpproxy.providers.graph.drafts import (
     Deletion,
     deletion_outcome,
     found_ids,
+    gone_draft_error,
+    in_sent_items,
     internet_message_id,
     lookup_filter,
     lookup_url,
     resume_at,
     sent_although_failed,
+    sent_lookup_url,
     strays,
     tag_json_draft,
 )
 from smtpproxy.providers.graph.draftturns import DraftTurns, TurnKey, turn_key
+from smtpproxy.providers.graph.handshake import HandshakeFailedError
 from smtpproxy.providers.graph.payload import (
     MAX_RECIPIENTS,
     UPLOAD_CHUNK,
@@ -236,14 +240,21 @@ def _reasons(error: BaseException) -> list[BaseException]:
 def _never_connected(reasons: list[BaseException]) -> bool:
     """Whether an exchange failed before its connection to Graph was made.
 
-    A refused connection, a failed DNS lookup, a refused proxy tunnel, or
-    a connection attempt cancelled (by the request timer) before it
-    completed: the request cannot have left, so it had no effect.
+    A refused connection, a failed DNS lookup, a refused proxy tunnel, a
+    TLS handshake that never completed (L{HandshakeEndpoint} connects only
+    after it), or a connection attempt cancelled (by the request timer)
+    before it completed: the request cannot have left, so it had no effect.
     """
     return any(isinstance(r, _NOT_CONNECTED) for r in reasons)
 
 
-_NOT_CONNECTED = (ConnectError, DNSLookupError, ProxyTunnelError, ConnectingCancelledError)
+_NOT_CONNECTED = (
+    ConnectError,
+    DNSLookupError,
+    ProxyTunnelError,
+    ConnectingCancelledError,
+    HandshakeFailedError,
+)
 
 
 def _describe(error: BaseException) -> str:
@@ -497,9 +508,10 @@ class GraphProvider:
         carries a tag of its own attempt and needs no turn.
 
         @param message_id: the message's Message-ID field, by which Graph
-            knows a MIME draft (C{internetMessageId}).
+            knows a MIME draft (C{internetMessageId}); a message without
+            one was given one of ours in the draft (C{plan.made_message_id}).
         """
-        mime_id = internet_message_id(message_id) if plan.mime else None
+        mime_id = internet_message_id(plan.made_message_id or message_id) if plan.mime else None
         # Clean-ups left running in the background by a cancelled send.
         background: list[Deferred[None]] = []
         if mime_id is None:
@@ -568,6 +580,8 @@ class GraphProvider:
                     await self._clear_strays(mailbox, lookup, None, background)
             raise
         draft_id = _json_field(created.body, "id")
+        # How a sent copy is found in Sent Items: a JSON draft's id is Exchange's.
+        sent_id = mime_id or internet_message_id(_json_field(created.body, "internetMessageId"))
         if creating.uncertain:
             # An attempt whose answer was lost may have made a draft too.
             await self._clear_strays(mailbox, lookup, draft_id, background)
@@ -590,7 +604,7 @@ class GraphProvider:
                 )
             for upload in plan.uploads:
                 await self._upload(mailbox, draft_id, upload, deadline)
-            return await self._call(
+            sent = await self._call(
                 _Request(
                     "sendDraft",
                     "POST",
@@ -609,8 +623,16 @@ class GraphProvider:
                 # log line), not after the clean-up; the draft goes meanwhile.
                 background.append(_ended(self._delete_draft(mailbox, draft_id)))
                 raise
-            deletion, reply = await self._delete_draft(mailbox, draft_id)
+            try:
+                deletion, reply = await self._delete_draft(mailbox, draft_id)
+            except CancelledError:
+                # A forced shutdown during the clean-up: the relay learns of
+                # the cancel (and whether Graph may have the message) now,
+                # and the draft is deleted meanwhile, as above.
+                background.append(_ended(self._delete_draft(mailbox, draft_id)))
+                raise SendCancelledError(handed_over=sending.uncertain) from None
             if reply is not None and sent_although_failed(sending.uncertain, deletion):
+                await self._confirm_sent(mailbox, sent_id)
                 log.warn(
                     "the draft was sent although no answer said so: counted as delivered",
                     mailbox=mailbox,
@@ -624,6 +646,62 @@ class GraphProvider:
                     draft=deletion.value,
                 )
             raise
+        if sent.status in _NOT_FOUND:
+            # gone_means_done: the draft is gone after an attempt that may have sent it.
+            await self._confirm_sent(mailbox, sent_id)
+        return sent
+
+    async def _confirm_sent(self, mailbox: str, message_id: str | None) -> None:
+        """A send that may have gone through, and its draft is gone: was it sent?
+
+        Graph files every draft it sends in the mailbox's Sent Items (its
+        C{send} takes no C{saveToSentItems}, whatever C{GRAPH_SAVE_TO_SENT_ITEMS}
+        says), so the copy there is the proof; without it, someone deleted
+        the draft and nothing was sent.  Returns when the message counts as
+        sent; otherwise fails with a 451 (an unanswered lookup too: a
+        duplicate is better than a message lost without a word).
+
+        @param message_id: the draft's C{internetMessageId}; without one the
+            copy cannot be looked up and a gone draft counts as sent, as
+            before this check existed.
+        """
+        if message_id is None:
+            log.warn(
+                "a draft whose send may have gone through is gone and cannot be looked up in "
+                "Sent Items (no internetMessageId): counted as sent",
+                mailbox=mailbox,
+            )
+            return
+        found: bool | None = None
+        try:
+            reply = await self._list_ids(
+                "findSent", sent_lookup_url(self._urls, mailbox, message_id), mailbox
+            )
+        except Exception as e:
+            if isinstance(e, CancelledError):
+                # Graph may have sent it: the relay must not report it unsent.
+                raise SendCancelledError(handed_over=True) from None
+        else:
+            found = in_sent_items(reply.status, reply.body)
+        if found:
+            return
+        if found is None:
+            log.error(
+                "could not look in Sent Items for a send whose answer was lost; the client "
+                "is told to retry, which may deliver the message twice",
+                mailbox=mailbox,
+            )
+        else:
+            log.error(
+                "a send whose answer was lost found its draft gone but no copy in Sent Items: "
+                "someone else deleted the draft; the client is told to retry",
+                mailbox=mailbox,
+            )
+        raise TransientDeliveryError(
+            "the draft was deleted before Graph confirmed sending it, and the mailbox's Sent "
+            "Items has no copy of it; try again later",
+            "4.3.0",
+        )
 
     async def _upload(self, mailbox: str, message_id: str, upload: Upload, deadline: float) -> None:
         """Stream one big part through an upload session, range by range, in order.
@@ -736,19 +814,14 @@ class GraphProvider:
         if condition is None:
             log.warn(
                 "a draft may have been created unseen and cannot be looked up "
-                "(the message has no Message-ID); check the mailbox's Drafts folder",
+                "(the message's Message-ID names no <...> id); check the mailbox's Drafts folder",
                 mailbox=mailbox,
             )
             return
-        request = _Request(
-            "findDrafts",
-            "GET",
-            lookup_url(self._urls, mailbox, condition),
-            mailbox=mailbox,
-            read_write=True,
-        )
         try:
-            reply = await self._call(request, self._reactor.seconds() + CLEANUP_BUDGET)
+            reply = await self._list_ids(
+                "findDrafts", lookup_url(self._urls, mailbox, condition), mailbox
+            )
         except Exception as e:
             if isinstance(e, CancelledError):
                 # The caller goes on: it must learn that it was cancelled.
@@ -765,8 +838,20 @@ class GraphProvider:
             )
             await self._delete_draft(mailbox, stray)
 
+    async def _list_ids(self, what: str, url: str, mailbox: str) -> _Reply:
+        """A listing of a mail folder (C{$select=id}) for the draft path's checks.
+
+        It gets its own short budget, as a clean-up does: it runs after a
+        failure, when the message's budget may already be spent.
+        """
+        request = _Request(what, "GET", url, mailbox=mailbox, read_write=True)
+        return await self._call(request, self._reactor.seconds() + CLEANUP_BUDGET)
+
     async def _delete_draft(self, mailbox: str, message_id: str) -> tuple[Deletion, _Reply | None]:
         """Best effort: a failed message must not leave a draft behind to be sent by hand.
+
+        A cancellation is passed on (the send must end; its callers start
+        the delete again in the background); every other failure is logged.
 
         @return: what the delete found, and Graph's last answer (if any).
         """
@@ -782,6 +867,9 @@ class GraphProvider:
                 attempts=deleting,
             )
         except Exception as e:
+            if isinstance(e, CancelledError):
+                # The send is being cancelled: its caller must learn so.
+                raise
             log.warn("could not delete a failed message's draft", mailbox=mailbox, error=str(e))
             return Deletion.UNKNOWN, None
         code = parse_graph_error(reply.status, reply.body).code if reply.status >= 300 else None
@@ -855,8 +943,8 @@ class GraphProvider:
         can have taken effect.
 
         @param gone_means_done: a 404 after an attempt that may have taken
-            effect means that attempt did (used for sending a draft: once
-            sent, the draft no longer exists).
+            effect is returned, not raised: that attempt may have sent the
+            draft (once sent, it no longer exists), which the caller checks.
         @param answers: error statuses the caller reads itself: returned,
             neither retried nor raised.
         @param attempts: filled in with what the attempts saw.
@@ -906,8 +994,9 @@ class GraphProvider:
                 if reply.status in answers:
                     return reply
                 if reply.status == 404 and gone_means_done and uncertain:
+                    # The caller confirms (Sent Items) before counting it sent.
                     log.info(
-                        "an earlier attempt already went through",
+                        "an earlier attempt may have gone through: the draft is gone",
                         what=request.what,
                         client_request_id=client_request_id,
                     )
@@ -978,6 +1067,9 @@ class GraphProvider:
         problem = response_problem(
             reply.status, reply.body, retry_after, needs_read_write=request.read_write
         )
+        if reply.status in _NOT_FOUND and request.what in _ON_DRAFT:
+            # The mailbox exists (the draft was made in it): the draft is gone.
+            return replace(problem, retryable=False, error=gone_draft_error(problem.summary))
         if request.kind == "upload" and not problem.retryable:
             # A refused range means the session went wrong, not the message:
             # let the client retry the whole message later.
@@ -1136,6 +1228,9 @@ class GraphProvider:
 
 #: The requests that send the message: once one is on the wire, Graph may have it.
 _SENDING = frozenset({"sendMail", "sendDraft"})
+#: The steps on a draft the relay created: a 404 means the draft (or its
+#: upload session) was deleted meanwhile, not that the mailbox is unknown.
+_ON_DRAFT = frozenset({"addAttachment", "createUploadSession", "uploadRange", "sendDraft"})
 
 
 class _CancelledOnWireError(CancelledError):

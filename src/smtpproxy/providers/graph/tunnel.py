@@ -35,6 +35,7 @@ from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from smtpproxy.providers.graph.handshake import HandshakeEndpoint
 from smtpproxy.providers.graph.proxyconfig import NoProxy, ProxyConfig
 
 log = Logger(namespace="smtpproxy.graph")
@@ -238,5 +239,6 @@ class GraphEndpoints:
             )
             inner = TunnelEndpoint(to_proxy, proxy, host, uri.port)
         creator = self._tls.creatorForNetloc(uri.host, uri.port)
-        endpoint: IStreamClientEndpoint = wrapClientTLS(creator, inner)
-        return endpoint
+        # Connected only once the handshake is done: a request cannot have
+        # reached Graph before then (see smtpproxy.providers.graph.handshake).
+        return HandshakeEndpoint(wrapClientTLS(creator, inner), HostnameAddress(uri.host, uri.port))

@@ -64,6 +64,14 @@ class ParsedViewTests(SynchronousTestCase):
             self.assertEqual(mailboxes[0].name, "MySurvey.com & Carol")
         self.assertEqual(parsed.to[1].name, "Bob")
 
+    def test_last_word_glued_to_the_address(self) -> None:
+        """Many mailers write no blank between a name and its C{<address>}: the words
+        before it join all the same, and the address is read as before."""
+        parsed = _parsed(
+            "From: =?UTF-8?Q?caf=C3?= =?UTF-8?Q?=A9?=<a@example.org>\r\nTo: a@x.example"
+        )
+        self.assertEqual([(m.name, m.address) for m in parsed.from_], [("café", "a@example.org")])
+
     def test_different_charsets_join(self) -> None:
         """Adjacent words in different charsets each decode in their own and join."""
         parsed = _parsed(
@@ -135,7 +143,8 @@ class JoinTests(SynchronousTestCase):
     def test_kept_exactly(self) -> None:
         """Values without a run of two adjacent words that decode come back unchanged,
         blanks included: one word, look-alikes inside words, words with text or
-        a comment between them, damaged or unknown runs, a bad encoding letter."""
+        a comment or an address between them, damaged or unknown runs, a bad encoding
+        letter."""
         for value in (
             "plain  text\t here",
             "=?UTF-8?Q?one?=   word",
@@ -149,6 +158,7 @@ class JoinTests(SynchronousTestCase):
             "=?unicode_escape?Q?=5Cud800?= =?unicode_escape?Q?a?=",
             "=?zlib?Q?a?= =?zlib?Q?b?=",
             "=?UTF-8?Q?a?==?UTF-8?Q?b?=",
+            "=?UTF-8?Q?a?=<x@example.org> =?UTF-8?Q?b?=",
         ):
             self.assertEqual(join_adjacent_words(value), value)
 

@@ -14,7 +14,8 @@ of two or more adjacent encoded words as one UTF-8 word carrying the
 run's text, which every reader decodes the same way.
 
 What is an encoded word is decided as RFC 2047 says: a whole blank-delimited
-token of the form C{=?charset?encoding?text?=}.  Text that merely looks
+token of the form C{=?charset?encoding?text?=} (or such a token glued to the
+C{<address>} after a display name).  Text that merely looks
 like one in the middle of a word (C{x=?utf-8?q?a?=}), or words separated
 by anything but blanks, are not joined, so their spacing is kept.  A run
 whose octets do not decode in their charset (an unknown charset, damaged
@@ -70,6 +71,13 @@ def join_adjacent_words(value: str) -> str:
                 out.append(token)
             continue
         word = _word(token)
+        tail = ""
+        if word is None and "<" in token:
+            # A display name's last word glued to its address, as many
+            # mailers write it: the word still ends the run.
+            head, angle, rest = token.partition("<")
+            word = _word(head)
+            token, tail = (head, angle + rest) if word is not None else (token, "")
         if word is None:
             out.append(_joined(run, octets))
             out.append(pending + token)
@@ -80,6 +88,10 @@ def join_adjacent_words(value: str) -> str:
         run.append(token)
         octets.append(word)
         pending = ""
+        if tail:
+            out.append(_joined(run, octets))
+            out.append(tail)
+            run, octets = [], []
     out.append(_joined(run, octets))
     out.append(pending)
     return "".join(out)

@@ -43,6 +43,19 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.smtp_hostname, "host.example")
         self.assertEqual(config.log_level, "info")
 
+    def test_shutdown_handover_grace(self) -> None:
+        """SMTP_SHUTDOWN_HANDOVER_GRACE is 1.5 s unless set; 0 to 60 s are taken (with an
+        optional "s", as other seconds); anything else stops the start with a message
+        naming the setting and its range."""
+        self.assertEqual(_load({}).smtp_shutdown_handover_grace, 1.5)
+        for raw, seconds in (("5", 5.0), ("0", 0.0), ("60s", 60.0), ("2.5", 2.5)):
+            config = _load({"SMTP_SHUTDOWN_HANDOVER_GRACE": raw})
+            self.assertEqual(config.smtp_shutdown_handover_grace, seconds, raw)
+        for raw in ("61", "-1", "abc", "nan", "inf", ""):
+            message = self.error({"SMTP_SHUTDOWN_HANDOVER_GRACE": raw})
+            self.assertIn("SMTP_SHUTDOWN_HANDOVER_GRACE", message, raw)
+            self.assertIn("0 to 60", message, raw)
+
     def test_fqdn_not_looked_up_when_configured(self) -> None:
         """SMTP_HOSTNAME set means no DNS lookup at all."""
 

@@ -20,14 +20,19 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpproxy.config import Config
 from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.mime.message import Email
 from smtpproxy.providers.result import Handover, SendCancelledError, current_handover, watched
-from smtpproxy.smtp.closing import COMMIT_GRACE
 from smtpproxy.smtp.protocol import RelayProtocol
-from smtpproxy.web.api.drain import GIVE_UP_GRACE, Flights
+from smtpproxy.web.api.drain import GIVE_UP_MARGIN, Flights
 from tests.smtp.test_protocol_edges import Harness, reply_codes
 from tests.support import RecordingProvider, message
+
+#: The default SMTP_SHUTDOWN_HANDOVER_GRACE, read from its one declaration, and
+#: how long the API's give-up then waits for the answers.
+COMMIT_GRACE = Config().smtp_shutdown_handover_grace
+GIVE_UP_GRACE = COMMIT_GRACE + GIVE_UP_MARGIN
 
 #: The log lines these tests look for (docs/operations.md has each).
 UNANSWERED = (
@@ -169,6 +174,88 @@ class SmtpForceCloseTests(_SessionCase):
         self.assertEqual(lines[0]["outcome"], "unknown")
 
 
+class HandoverGraceSettingTests(SynchronousTestCase):
+    """SMTP_SHUTDOWN_HANDOVER_GRACE (the session's C{handover_grace}) sets the wait."""
+
+    def setUp(self) -> None:
+        self.provider = HandingProvider()
+
+    def _forced(
+        self, grace: float
+    ) -> tuple[Harness, RelayProtocol, StringTransport, defer.Deferred[None]]:
+        harness = Harness(provider=self.provider, handover_grace=grace)
+        protocol, transport, stopped = _session_in_delivery(harness, self.provider)
+        self.provider.hand_over.callback(None)
+        harness.clock.advance(30)  # the shutdown timeout: force_close
+        return harness, protocol, transport, stopped
+
+    def test_longer_grace_waits_past_the_default(self) -> None:
+        """With a 10 s grace the session still waits 8 s after the forced stop (past
+        the default 1.5 s and the factory's 2 s), the stop waits for it, and the
+        answer that then comes is told: 250."""
+        harness, protocol, transport, stopped = self._forced(10.0)
+        harness.clock.advance(8)
+        self.assertEqual(reply_codes(transport), [220, 250, 250, 250, 354])
+        self.assertFalse(transport.disconnecting)
+        self.assertNoResult(stopped)
+        self.provider.answer.callback(None)
+        self.assertEqual(reply_codes(transport)[5], 250)
+        protocol.connectionLost(None)
+        self.successResultOf(stopped)
+
+    def test_longer_grace_still_ends(self) -> None:
+        """Past a 10 s grace without an answer the connection is cut without a reply
+        and the stop goes on."""
+        harness, protocol, transport, stopped = self._forced(10.0)
+        harness.clock.advance(10)
+        self.assertEqual(reply_codes(transport), [220, 250, 250, 250, 354])
+        self.assertTrue(transport.disconnected)
+        self.assertTrue(self.provider.cancelled)
+        protocol.connectionLost(None)
+        self.successResultOf(stopped)
+
+    def test_zero_grace_does_not_wait(self) -> None:
+        """A grace of 0: a handed-over send is not waited for at all; the connection is
+        cut without a reply on the forced stop's own turn."""
+        harness, _, transport, _ = self._forced(0.0)
+        harness.clock.advance(0)
+        self.assertEqual(reply_codes(transport), [220, 250, 250, 250, 354])
+        self.assertTrue(transport.disconnected)
+
+    def test_default_is_the_old_grace(self) -> None:
+        """The default settings wait 1.5 s, as the fixed grace did (and the API 2 s)."""
+        self.assertEqual(Harness().factory.settings.handover_grace, 1.5)
+        self.assertEqual(GIVE_UP_GRACE, 2.0)
+
+    def test_http_flights_wait_the_grace(self) -> None:
+        """The API's give-up waits the same grace for a handed-over send: with 10 s it is
+        still waited for 8 s after the give-up, and its answer ends the stop; the
+        default grace still waits 2 s, as before the setting."""
+        clock = Clock()
+        flights = Flights(clock)
+        over = flights.start()
+        sending: defer.Deferred[None] = defer.Deferred()
+        over.sending, over.handover = sending, Handover(handed_over=True)
+        drained = flights.drain(5, handover_grace=10.0)
+        clock.advance(5)
+        clock.advance(8)
+        self.assertNoResult(drained)
+        self.assertFalse(over.cancelled)
+        sending.callback(None)
+        flights.end(over)
+        self.successResultOf(drained)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        default = Flights(clock)
+        waiting = default.start()
+        waiting.sending, waiting.handover = defer.Deferred(), Handover(handed_over=True)
+        ended = default.drain(5, COMMIT_GRACE)
+        clock.advance(5)
+        clock.advance(GIVE_UP_GRACE - 0.1)
+        self.assertNoResult(ended)
+        clock.advance(0.1)
+        self.successResultOf(ended)
+
+
 class FlightsHandoverTests(SynchronousTestCase):
     def test_handed_over_send_is_not_cancelled_and_its_answer_ends_the_wait(self) -> None:
         """At the API's give-up a send the provider had handed over is left to finish
@@ -180,7 +267,7 @@ class FlightsHandoverTests(SynchronousTestCase):
         over.sending, over.handover = over_sending, Handover(handed_over=True)
         early_sending: defer.Deferred[None] = defer.Deferred()
         early.sending, early.handover = early_sending, Handover()
-        drained = flights.drain(5)
+        drained = flights.drain(5, COMMIT_GRACE)
         clock.advance(5)
         self.assertNoResult(over_sending)
         self.assertFalse(over.cancelled)
@@ -205,7 +292,7 @@ class FlightsHandoverTests(SynchronousTestCase):
         over.sending, over.handover = sending, Handover(handed_over=True)
         named: list[bool] = []
         over.unanswered = lambda: named.append(True)
-        drained = flights.drain(5)
+        drained = flights.drain(5, COMMIT_GRACE)
         clock.advance(5)
         self.assertEqual(named, [])
         clock.advance(GIVE_UP_GRACE)

@@ -156,6 +156,21 @@ class AsciiHeaderTests(SynchronousTestCase):
         self.assertEqual(message["subject"], "caf\ufffd")
         self.assertIsNone(message["reply-to"])
 
+    def test_adjacent_encoded_words_in_a_rewritten_name(self) -> None:
+        """An 8-bit address field rebuilt in ASCII keeps a name of adjacent encoded words
+        as RFC 2047 6.2 reads it (a character cut across two words, no blank between),
+        not with the space and lone surrogates the library's address parser reads."""
+        converted = ascii_header_block(
+            "To: =?UTF-8?Q?caf=C3?= =?UTF-8?Q?=A9?= <c@b.example>, Zoë <z@b.example>\r\n"
+            "\r\nx".encode()
+        )
+        assert converted is not None
+        message: Any = BytesParser(policy=policy.default).parsebytes(converted)
+        self.assertEqual(
+            [(a.display_name, a.addr_spec) for a in message["to"].addresses],
+            [("café", "c@b.example"), ("Zoë", "z@b.example")],
+        )
+
     def test_stray_line_is_body_text(self) -> None:
         """A line without a colon ends the header block for every parser: it is body text,
         kept as it is, 8-bit or not."""

@@ -8,18 +8,14 @@ C{tests/test_shutdown_direct.py} and C{tests/web/api/test_twistd_shutdown.py}.
 from __future__ import annotations
 
 import json
-import signal
-import threading
-import time
-from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.queue.refusing_upstream import relay_to
-from tests.support import TIMEOUT, async_test, in_thread, wait_until
+from tests.support import async_test, in_thread
 from tests.test_shutdown_direct import STOP_BOUND, _stop_while_busy
 from tests.test_twistd import free_port
-from tests.web.api.test_twistd_shutdown import CURL, SECRET, SUBMIT, curl, raw
+from tests.web.api.test_twistd_shutdown import CURL, SECRET, submit_while_busy
 
 
 class HandedOverTests(TestCase):
@@ -34,7 +30,7 @@ class HandedOverTests(TestCase):
         (RFC 5321 4.1.1.4: the upstream commits at the dot), so answering 421
         at once and cutting the connection makes the client's retry a
         duplicate of a message the upstream delivers.  Queue mode waits
-        COMMIT_GRACE (1.5 s) for a commit under way and tells the client the
+        the handover grace (1.5 s by default) for a commit under way and tells the client the
         real outcome; direct mode, past the hand-over, should likewise wait a
         bounded grace for the provider's answer (L{Closing.force_close} sends
         421 and L{RelayMessage.cancel} cuts the transaction instead).
@@ -69,7 +65,7 @@ class HttpHandedOverTests(TestCase):
         whatever stage it is in; past the hand-over that only cuts the
         upstream's answer off, and the client's retry after the 503 is a
         duplicate.  Right: past the hand-over the give-up waits (within
-        L{drain.GIVE_UP_GRACE}) for the provider's answer.
+        the handover grace and L{drain.GIVE_UP_MARGIN}) for the provider's answer.
         """
         if CURL is None:
             raise SkipTest("curl is not installed")
@@ -84,23 +80,9 @@ class HttpHandedOverTests(TestCase):
         )
         script.final_delay = 1.5
 
-        def scenario() -> dict[str, Any]:
-            relay.start()
-            seen: dict[str, Any] = {}
-            first = threading.Thread(
-                target=lambda: seen.__setitem__("first", curl(http, SUBMIT, raw("soon")))
-            )
-            first.start()
-            wait_until(lambda: bool(script.bodies), "the upstream to have the body")
-            started = time.monotonic()
-            seen["exit"] = relay.kill(signal.SIGTERM)
-            seen["took"] = time.monotonic() - started
-            first.join(TIMEOUT)
-            return seen
-
-        seen = await in_thread(scenario)
+        seen = await in_thread(submit_while_busy, relay, http, lambda: bool(script.bodies), "soon")
         self.assertEqual(len(script.bodies), 1)  # the upstream has the message
-        code, _, body = seen["first"]
+        code, _, body = seen["reply"]
         self.assertEqual(code, 200, body)
         self.assertEqual(json.loads(body)["status"], "delivered")
         self.assertEqual(seen["exit"], 0)

@@ -32,7 +32,7 @@ class MailboxForcedStopTests(TestCase):
         the session closed: the client must not hear 421 (the message is in the
         mailbox, so its retry is a duplicate).  Right: the provider marks the
         hand-over once the store has the message, and the client hears the send's
-        real outcome (250 once the file commits) within COMMIT_GRACE."""
+        real outcome (250 once the file commits) within the handover grace."""
         from twisted.internet import reactor
 
         path = self.mktemp()

@@ -63,6 +63,7 @@ class Config:
     smtp_greeting_timeout: float = 30.0
     smtp_data_timeout: float = 600.0
     smtp_shutdown_timeout: float = 30.0
+    smtp_shutdown_handover_grace: float = 1.5
     smtp_parse_timeout: float = 10.0
     smtp_allowed_networks: policy.Networks | None = None
     smtp_trusted_networks: policy.Networks = ()
@@ -220,14 +221,30 @@ def _queue_url(raw: str) -> str:
     return text
 
 
-def _seconds(raw: str) -> float:
-    text = raw.strip().lower().removesuffix("s")
+def _number(raw: str, expected: str) -> float:
+    """A number of seconds, an "s" allowed after it; C{expected} says what is wanted."""
     try:
-        value = float(text)
+        return float(raw.strip().lower().removesuffix("s"))
     except ValueError:
-        raise ValueError(f"expected a number of seconds, got {raw!r}") from None
+        raise ValueError(f"expected {expected}, got {raw!r}") from None
+
+
+def _seconds(raw: str) -> float:
+    value = _number(raw, "a number of seconds")
     if not value > 0 or value == float("inf"):
         raise ValueError(f"must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+#: The longest SMTP_SHUTDOWN_HANDOVER_GRACE: a stop must stay bounded.
+MAX_HANDOVER_GRACE = 60.0
+
+
+def _handover_grace(raw: str) -> float:
+    """Seconds from 0 (do not wait) to L{MAX_HANDOVER_GRACE}, an "s" allowed after them."""
+    value = _number(raw, "0 to 60 seconds")
+    if not 0 <= value <= MAX_HANDOVER_GRACE:
+        raise ValueError(f"must be 0 to 60 seconds, got {raw!r}")
     return value
 
 
@@ -390,6 +407,13 @@ SETTINGS: tuple[Setting, ...] = (
         "smtp_shutdown_timeout",
         _seconds,
         "seconds in-flight mail may take at shutdown",
+    ),
+    Setting(
+        "SMTP_SHUTDOWN_HANDOVER_GRACE",
+        "smtp_shutdown_handover_grace",
+        _handover_grace,
+        "direct mode, past the shutdown timeout: seconds (0 to 60) a send the provider "
+        "already handed over gets to bring its answer",
     ),
     Setting(
         "SMTP_PARSE_TIMEOUT",

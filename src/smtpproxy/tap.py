@@ -397,7 +397,8 @@ class RelayService(MultiService):
         # The HTTP submissions as the SMTP sessions: new ones refused (503)
         # from now on, those in flight waited for in the same bound.
         timeout = self.settings.smtp_shutdown_timeout
-        api_drained = self.api.submitter.flights.drain(timeout) if self.api else None
+        grace = self.settings.smtp_shutdown_handover_grace
+        api_drained = self.api.submitter.flights.drain(timeout, grace) if self.api else None
         for listener in (self.smtp, self.smtps):
             if listener is not None:
                 await defer.maybeDeferred(listener.stopService)
@@ -408,7 +409,8 @@ class RelayService(MultiService):
             # Deliveries in flight finish (bounded), the rest stay queued.
             await self.runner.stopService()
         # A provider whose connections do not close must not hold the stop
-        # up either: SIGTERM finishes within SMTP_SHUTDOWN_TIMEOUT + 5 s.
+        # up either: SIGTERM finishes within SMTP_SHUTDOWN_TIMEOUT + 5 s (more
+        # by as much as SMTP_SHUTDOWN_HANDOVER_GRACE passes 1.5 s).
         closing = defer.maybeDeferred(self.provider.close)
         closing.addTimeout(PROVIDER_CLOSE_TIMEOUT, self.factory.reactor)
         # AUTH_CONFIG's backends close alongside (no session is logging in

@@ -35,6 +35,8 @@ from smtpproxy.providers.stdout import StdoutProvider
 CORPUS = Path(__file__).parents[3] / "shared" / "corpus" / "mime"
 OWN_SET = Path(__file__).parents[1] / "data" / "mime"
 _SURROGATE_OR_REPLACEMENT = re.compile("[\udc80-\udcff\ufffd]")
+#: Two encoded words with only blanks (a folding line break included) between them.
+_ADJACENT_WORDS = re.compile(r"\?=[ \t\r\n]+=\?")
 
 
 def message_files(folder: Path) -> list[Path]:
@@ -204,7 +206,13 @@ class _Comparison(SynchronousTestCase):
     def check_mailboxes(
         self, mailboxes: tuple[Mailbox, ...], reference: Message, field: str
     ) -> None:
-        """The same names and addresses in C{field}, where the reference reads it cleanly."""
+        """The same names and addresses in C{field}, where the reference reads it cleanly.
+
+        The reference keeps a space between adjacent encoded words in a
+        display name, where RFC 2047 6.2 says there is none: in a field that
+        has such words, a name may differ from the reference's only by
+        spaces the reference has and we do not.
+        """
         try:
             headers: list[Any] = reference.get_all(field) or []
             if any(h.defects for h in headers):
@@ -212,8 +220,21 @@ class _Comparison(SynchronousTestCase):
             expected = [(a.display_name, a.addr_spec) for h in headers for a in h.addresses]
         except Exception:
             return
-        if all(_readable(name + address) for name, address in expected):
-            self.assertEqual([(m.name, m.address) for m in mailboxes], expected, field)
+        if not all(_readable(name + address) for name, address in expected):
+            return
+        found = [(m.name, m.address) for m in mailboxes]
+        adjacent = any(
+            _ADJACENT_WORDS.search(value)
+            for name, value in reference.raw_items()
+            if name.lower() == field
+        )
+        if not adjacent:
+            self.assertEqual(found, expected, field)
+            return
+        self.assertEqual([a for _, a in found], [a for _, a in expected], field)
+        for (name, _), (wanted, _) in zip(found, expected, strict=True):
+            self.assertEqual("".join(name.split()), "".join(wanted.split()), field)
+            self.assertLessEqual(len(name), len(wanted), field)
 
     def check_rendering(self, parsed: Email) -> None:
         stream = io.StringIO()

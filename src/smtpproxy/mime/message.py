@@ -21,6 +21,7 @@ from email.parser import BytesParser
 from smtpproxy.addresses import Mailbox as Mailbox
 from smtpproxy.addresses import salvage_addresses, simple_mailboxes, split_address_list
 from smtpproxy.dsn import Dsn
+from smtpproxy.mime.words import join_adjacent_words
 
 
 @dataclass(frozen=True, slots=True)
@@ -918,9 +919,13 @@ def abandoned(envelope_from: str, envelope_to: Sequence[str], raw: bytes, why: s
 
 
 def _parse_addresses(name: str, value: str) -> tuple[list[Mailbox], bool]:
-    """The standard library's reading of an address header, and whether it was clean."""
+    """The standard library's reading of an address header, and whether it was clean.
+
+    Adjacent encoded words are joined first: the library's address parser
+    would read a space between them (RFC 2047 6.2 says none).
+    """
     try:
-        header = _POLICY.header_factory(name, value)
+        header = _POLICY.header_factory(name, join_adjacent_words(value))
         found = [
             Mailbox(_clean(address.display_name), _clean(address.addr_spec))
             for address in header.addresses

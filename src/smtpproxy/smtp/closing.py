@@ -19,10 +19,11 @@ if TYPE_CHECKING:
 # A closed session whose peer does not take our last bytes (or never
 # finishes a TLS handshake) is cut off after this many seconds.
 CLOSE_GRACE = 10.0
-# Forced closed while the queue commits the session's message: how long the
-# outcome is waited for (a commit under way takes milliseconds; this stays
-# below the factory's FORCE_GRACE, so the session ends itself).
-COMMIT_GRACE = 1.5
+# Forced closed while the queue commits the session's message, or while the
+# provider that has it answers: the outcome is waited for the session's
+# handover_grace (SMTP_SHUTDOWN_HANDOVER_GRACE; the factory's wait for the
+# sessions to end is longer, see smtp.factory.force_wait, so the session ends
+# itself).
 
 
 class Closing(ShellBase):
@@ -91,7 +92,9 @@ class Closing(ShellBase):
         A message the queue is storing is withdrawn first: only when the
         store confirms it will never commit does the client hear "not
         accepted".  If its commit is already under way, the client gets
-        the real outcome (250 once committed) within L{COMMIT_GRACE}.
+        the real outcome (250 once committed) within the handover grace
+        (C{SMTP_SHUTDOWN_HANDOVER_GRACE}, 1.5 s unless set: an upstream with
+        slow content filtering may need longer).
         Direct mode likewise: once the provider has handed the message to
         its backend (the upstream has the final dot, Graph the send
         request), cancelling cannot take it back, so the provider's answer
@@ -100,7 +103,7 @@ class Closing(ShellBase):
         """
         if not self._closing and self._commit_under_way():
             self._awaiting_commit = True
-            self.setTimeout(COMMIT_GRACE)
+            self.setTimeout(self.settings.handover_grace)
             return
         if not self._closing:
             self._not_accepted()

@@ -25,9 +25,17 @@ from smtpproxy.smtp.protocol import RelayProtocol
 from smtpproxy.smtp.session import Say, SessionSettings
 from smtpproxy.spool import InflightBudget, Spool
 
-# At shutdown, sessions forced closed get this long to report their end;
-# after that the stop goes ahead without them (see RelayFactory._give_up).
+# At shutdown, sessions forced closed get at least this long to report their
+# end; after that the stop goes ahead without them (see RelayFactory._give_up).
 FORCE_GRACE = 2.0
+# A session waiting out the handover grace (SMTP_SHUTDOWN_HANDOVER_GRACE)
+# ends by itself at its end; it gets this much longer to report it.
+FORCE_MARGIN = 0.5
+
+
+def force_wait(handover_grace: float) -> float:
+    """How long the stop waits for the sessions it forced closed to end."""
+    return max(FORCE_GRACE, handover_grace + FORCE_MARGIN)
 
 
 class RelayFactory(ServerFactory):
@@ -122,7 +130,7 @@ class RelayFactory(ServerFactory):
     def shutdown(self, timeout: float) -> defer.Deferred[None]:
         """Close idle sessions now, the rest after their transaction; force after C{timeout}.
 
-        The result fires at most C{timeout} + L{FORCE_GRACE} seconds later,
+        The result fires at most C{timeout} + L{force_wait} seconds later,
         whatever state the sessions are in (see L{_give_up}).
         """
         self.stopping = True
@@ -142,7 +150,8 @@ class RelayFactory(ServerFactory):
         return d
 
     def _force_close(self) -> None:
-        self._give_up_call = self.reactor.callLater(FORCE_GRACE, self._give_up)
+        wait = force_wait(self.settings.handover_grace)
+        self._give_up_call = self.reactor.callLater(wait, self._give_up)
         for session in list(self.sessions):
             log.warn("closing session still busy at shutdown", session=session.id)
             _guarded(session, session.force_close)

@@ -98,6 +98,10 @@ class SessionSettings:
     log_sessions: bool
     # BINARYMIME is offered (RFC 3030): the provider carries binary content.
     binarymime: bool
+    # At a forced stop: how long the answer of a message already past
+    # withdrawing (handed to the backend, or its queue commit under way) is
+    # waited for (SMTP_SHUTDOWN_HANDOVER_GRACE).
+    handover_grace: float
 
 
 def session_settings(
@@ -127,6 +131,7 @@ def session_settings(
         auth_users=(config.smtp_username,) if config.smtp_username else (),
         log_sessions=config.log_level == "debug",
         binarymime=binarymime,
+        handover_grace=config.smtp_shutdown_handover_grace,
     )
 
 

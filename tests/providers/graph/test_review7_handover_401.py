@@ -5,7 +5,7 @@ request is on the wire, and clears it when Graph refuses the request
 definitely (a 503 before a retry).  A 401 (the access token refused) is a
 definite refusal too, but it takes the renew-and-retry branch, which
 skips the clear: while the new token is fetched the send still reads
-"handed over".  A forced stop then waits COMMIT_GRACE for an answer and,
+"handed over".  A forced stop then waits the handover grace for an answer and,
 if the token fetch is slow, closes the session with no reply and logs
 the message as "may be delivered", where 421 ("not accepted") was true.
 Real HTTP on loopback against the fake Graph, as in L{test_handover.HandoverTests}.

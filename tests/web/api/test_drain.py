@@ -8,13 +8,17 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpproxy.config import Config
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.queue.front import QueueFront
-from smtpproxy.web.api.drain import GIVE_UP_GRACE, STOPPING_RETRY_AFTER, Flights
+from smtpproxy.web.api.drain import GIVE_UP_MARGIN, STOPPING_RETRY_AFTER, Flights
 from smtpproxy.web.api.problems import ApiError
 from smtpproxy.web.api.submit import Accepted, Submitter
 from tests.queue.memory import MemoryStore
 from tests.support import RecordingProvider, message
+
+#: The default SMTP_SHUTDOWN_HANDOVER_GRACE, from its one declaration.
+GRACE = Config().smtp_shutdown_handover_grace
 
 
 def _recorder(calls: list[bool]) -> Callable[[], bool]:
@@ -32,7 +36,7 @@ class FlightsTests(SynchronousTestCase):
         """With nothing in flight the stop does not wait; from then on a new submission
         is refused with 503 shutting_down and a Retry-After."""
         flights = Flights(Clock())
-        self.assertIsNone(self.successResultOf(flights.drain(10)))
+        self.assertIsNone(self.successResultOf(flights.drain(10, GRACE)))
         with self.assertRaises(ApiError) as caught:
             flights.start()
         error = caught.exception
@@ -49,7 +53,7 @@ class FlightsTests(SynchronousTestCase):
         flight = flights.start()
         withdrawn: list[bool] = []
         flight.withdraw = _recorder(withdrawn)
-        drained = flights.drain(10)
+        drained = flights.drain(10, GRACE)
         clock.advance(9)
         self.assertNoResult(drained)
         flights.end(flight)
@@ -66,7 +70,7 @@ class FlightsTests(SynchronousTestCase):
         queued.withdraw = _recorder(withdrawn)
         sending: defer.Deferred[None] = defer.Deferred()
         direct.sending = sending
-        drained = flights.drain(5)
+        drained = flights.drain(5, GRACE)
         clock.advance(5)
         self.assertEqual(withdrawn, [True])
         self.failureResultOf(sending, defer.CancelledError)
@@ -74,7 +78,7 @@ class FlightsTests(SynchronousTestCase):
         flights.end(queued)
         flights.end(direct)
         self.assertNoResult(drained)
-        clock.advance(GIVE_UP_GRACE)
+        clock.advance(GRACE + GIVE_UP_MARGIN)
         self.successResultOf(drained)
         self.assertEqual(clock.getDelayedCalls(), [])
 
@@ -103,7 +107,7 @@ class QueuedSubmissionsAtShutdownTests(SynchronousTestCase):
         withdrawn, committing = self.submit("withdrawn"), self.submit("committing")
         ids = list(self.store.withdrawable)
         self.store.sealed.add(ids[1])
-        drained = self.submitter.flights.drain(5)
+        drained = self.submitter.flights.drain(5, GRACE)
         with self.assertRaises(ApiError) as caught:
             self.submit("late")
         self.assertEqual(caught.exception.code, "shutting_down")

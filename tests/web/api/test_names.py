@@ -11,6 +11,7 @@ blanks between words).
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import re
@@ -192,10 +193,17 @@ class DisplayNameTests(SynchronousTestCase):
         self.assertEqual([m.address for m in relay.from_], ["app@example.com"])
         self.assertEqual([m.address for m in relay.to], [m.address for m in request.to])
         self.assertEqual([m.address for m in relay.reply_to], ["reply@example.com"])
-        # RFC 2047 6.2: the single-recipient From decodes to the posted name exactly.
+        # RFC 2047 6.2: the single-recipient From decodes to the posted name exactly,
+        # and the relay reads a name cut into several words as it reads the same name
+        # in one word (no space between the words).
         if names.needs_words(posted[0]):
             decoded = str(make_header(decode_header(_raw(data, "From"))))
             self.assertEqual(decoded, f"{posted[0]} <app@example.com>")
+            whole = base64.b64encode(posted[0].encode("utf-8")).decode("ascii")
+            one_word = email.policy.default.header_factory(
+                "from", f"=?utf-8?b?{whole}?= <app@example.com>"
+            )
+            self.assertEqual(relay.from_[0].name, one_word.addresses[0].display_name)
 
     def test_injection_forms(self) -> None:
         """The names of review 5 (an address and a comma in a long name, C{;}, C{\\\\},

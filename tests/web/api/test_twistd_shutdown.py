@@ -18,6 +18,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
@@ -74,6 +75,27 @@ def curl(port: int, path: str, data: bytes | None = None) -> tuple[int, dict[str
 
 
 SUBMIT = "/v1/messages/raw?from=relay@contoso.example&to=alice@fabrikam.example"
+
+
+def submit_while_busy(
+    relay: QueuedRelay, http: int, busy: Callable[[], bool], subject: str
+) -> dict[str, Any]:
+    """Start C{relay}, submit with curl, SIGTERM once C{busy()}: the answer, exit and stop time.
+
+    Blocking: run it in a thread.  C{reply} is curl's (status, headers, body).
+    """
+    relay.start()
+    seen: dict[str, Any] = {}
+    sender = threading.Thread(
+        target=lambda: seen.__setitem__("reply", curl(http, SUBMIT, raw(subject)))
+    )
+    sender.start()
+    wait_until(busy, "the provider to have the message")
+    started = time.monotonic()
+    seen["exit"] = relay.kill(signal.SIGTERM)
+    seen["took"] = time.monotonic() - started
+    sender.join(TIMEOUT)
+    return seen
 
 
 def api_relay(case: TestCase, **settings: str) -> tuple[QueuedRelay, int]:
@@ -151,22 +173,10 @@ class DirectModeTests(TestCase):
             self, QUEUE_URL="", SMTP_SHUTDOWN_TIMEOUT="1", **NEUTRAL, **graph_settings(fake)
         )
 
-        def scenario() -> dict[str, Any]:
-            relay.start()
-            seen: dict[str, Any] = {}
-            first = threading.Thread(
-                target=lambda: seen.__setitem__("first", curl(http, SUBMIT, raw("slow")))
-            )
-            first.start()
-            wait_until(lambda: bool(fake.routes("sendMail")), "Graph to have the message")
-            started = time.monotonic()
-            seen["exit"] = relay.kill(signal.SIGTERM)
-            seen["took"] = time.monotonic() - started
-            first.join(TIMEOUT)
-            return seen
-
-        seen = await in_thread(scenario)
-        code, _, body = seen["first"]
+        seen = await in_thread(
+            submit_while_busy, relay, http, lambda: bool(fake.routes("sendMail")), "slow"
+        )
+        code, _, body = seen["reply"]
         self.assertEqual(code, 0, body)  # no HTTP answer at all
         [line] = relay.events(
             "delivery cancelled at shutdown after the provider had the message: "

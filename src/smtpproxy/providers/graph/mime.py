@@ -32,6 +32,7 @@ from smtpproxy.mime.fields import (
     split_fields,
 )
 from smtpproxy.mime.message import Mailbox
+from smtpproxy.mime.words import join_adjacent_words
 
 
 def rewrite_headers(
@@ -211,7 +212,10 @@ def _ascii_address_field(name: str, text: str, newline: bytes) -> bytes | None:
     only empty addresses (C{"Name" <>}) is left out.
     """
     try:
-        groups = getattr(policy.default.header_factory(name, text), "groups", None)
+        # Adjacent encoded words joined first: the library reads a space
+        # between them in a display name (RFC 2047 6.2 says none).
+        header = policy.default.header_factory(name, join_adjacent_words(text))
+        groups = getattr(header, "groups", None)
     except Exception:
         # The standard library's address parser fails in its own ways on
         # damaged values; such a field cannot be rewritten faithfully.

@@ -22,11 +22,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from smtpproxy.providers.result import Handover
 from smtpproxy.web.api.problems import ApiError
 
-#: After giving up the submissions still in flight, how long their answers
-#: are waited for: a withdrawn enqueue and a cancelled send answer at once,
-#: a commit already under way within the SMTP side's COMMIT_GRACE (1.5 s),
-#: and so does a send the provider had already handed over (not cancelled).
-GIVE_UP_GRACE = 2.0
+#: After giving up the submissions still in flight, their answers are
+#: waited for the handover grace (SMTP_SHUTDOWN_HANDOVER_GRACE, as on the
+#: SMTP side) and this much more: a withdrawn enqueue and a cancelled send
+#: answer at once, a commit already under way and a send the provider had
+#: already handed over (not cancelled) within the grace, and each answer
+#: still has to be written.
+GIVE_UP_MARGIN = 0.5
 #: Retry-After (seconds) for a submission refused because the relay stops.
 STOPPING_RETRY_AFTER = 30
 
@@ -69,7 +71,7 @@ class Flight:
         A send the provider has already handed to its backend is left to
         finish: cancelling it could not take the message back, only cut
         off the answer, and the client would retry what was delivered.
-        Its real outcome comes within L{GIVE_UP_GRACE} (or the stop goes
+        Its real outcome comes within the handover grace (or the stop goes
         on without it and the client gets no answer, never a false 503).
         """
         self.given_up = True
@@ -122,12 +124,13 @@ class Flights:
         if not self._open:
             self._finish()
 
-    def drain(self, timeout: float) -> defer.Deferred[None]:
+    def drain(self, timeout: float, handover_grace: float) -> defer.Deferred[None]:
         """Refuse new submissions; fire when those in flight have answered.
 
         After C{timeout} seconds those still in flight are given up, and
-        after L{GIVE_UP_GRACE} more the result fires whatever is left (a
-        store that never answers must not hold the stop up).
+        after C{handover_grace} + L{GIVE_UP_MARGIN} more the result fires
+        whatever is left (a store that never answers must not hold the
+        stop up).
         """
         self.stopping = True
         if not self._open:
@@ -135,11 +138,12 @@ class Flights:
         done: defer.Deferred[None] = defer.Deferred()
         self._drained.append(done)
         if self._timer is None:
-            self._timer = self._clock.callLater(timeout, self._give_up)
+            wait = handover_grace + GIVE_UP_MARGIN
+            self._timer = self._clock.callLater(timeout, self._give_up, wait)
         return done
 
-    def _give_up(self) -> None:
-        self._timer = self._clock.callLater(GIVE_UP_GRACE, self._finish)
+    def _give_up(self, wait: float) -> None:
+        self._timer = self._clock.callLater(wait, self._finish)
         for flight in list(self._open):
             flight.give_up()
 

@@ -29,7 +29,8 @@ So the API writes values itself, with the package's public encoders:
 
 A display name of more than one encoded word reads back exactly in
 readers that follow RFC 2047 6.2 (blanks between adjacent encoded words
-are not part of the text); CPython's header registry (3.11) instead keeps
+are not part of the text), the relay's own parser among them
+(L{smtpproxy.mime.words}); CPython's header registry (3.11) instead keeps
 a space between such words in a display name.  Nearly every name fits one
 word (45 octets), which every reader reads back exactly.
 """

@@ -1,0 +1,197 @@
+"""Review 8: defects in the identity backends (issue 15), each proved against a real server.
+
+Every test here fails on the code as reviewed and states what correct
+behaviour is.  The servers (slapd, the HTTPS auth endpoint, the JWKS) are
+the shared fixtures of L{tests.identities.servers}; the code under test is
+the real backend and the real router (L{IdentityChecker}) that the relay's
+portal uses, and the real per-identity rate counter (L{IdentityRates})
+that L{smtpproxy.identities.realm.PolicedDelivery} asks on every C{MAIL}.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.cred import credentials, error
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from smtpproxy.identities.build import backend_for
+from smtpproxy.identities.fileformat import ProviderEntry
+from smtpproxy.identities.jwtauth import JWTBackend
+from smtpproxy.identities.model import Backend, Identity
+from smtpproxy.identities.router import IdentityChecker
+from smtpproxy.policy.identity import IdentityPolicy, IdentityRates
+from tests.identities import servers
+from tests.support import async_test
+
+ONE_A_MINUTE = IdentityPolicy(rate_limit_per_min=1)
+
+
+def provider(kind: str, params: dict[str, Any], policy: IdentityPolicy) -> ProviderEntry:
+    """A fallback provider named C{p} with C{policy}, as the identity file would give it."""
+    return ProviderEntry(
+        name="p", type=kind, params=params, fallback=True, policy=policy, written=params
+    )
+
+
+def router(case: TestCase, entry: ProviderEntry, clock: Any = None, cache: float = 0.0) -> Any:
+    """The portal's checker over the real backend of C{entry}; closed when the test ends."""
+    backend: Backend = backend_for(entry, reactor)
+    checker = IdentityChecker([entry], {entry.name: backend}, clock or Clock(), cache)
+    case.addCleanup(checker.close)
+    return checker
+
+
+async def log_in(checker: IdentityChecker, user: str, password: str) -> Identity:
+    identity = await checker.requestAvatarId(
+        credentials.UsernamePassword(user.encode(), password.encode())
+    )
+    assert isinstance(identity, Identity)
+    return identity
+
+
+class PerIdentityRateLimitTests(TestCase):
+    """C{rate_limit_per_min} is "its own messages a minute" (docs/identities.md); the limit
+    is counted under L{Identity.name}, so that name must not depend on how the client
+    chose to spell its login."""
+
+    @async_test
+    async def test_ldap_user_name_case_variants_escape_the_rate_limit(self) -> None:
+        """An LDAP user gets a fresh rate budget per spelling of its user name.
+
+        The directory compares C{uid} case-insensitively and ignoring insignificant
+        spaces (caseIgnoreMatch, RFC 4517 4.2.11), so C{alice}, C{ALICE} and C{Alice }
+        all find and bind as the same entry C{uid=alice,...}.  LDAPBackend returns
+        C{Verified(user)} with the client's spelling (ldapauth.py, end of C{_ask}), so
+        the identity is C{p/alice}, C{p/ALICE}, C{p/Alice }: three rate buckets for one
+        person, and C{SMTP_RATE_LIMIT_PER_USER} (keyed the same way) is bypassed too, as
+        is every log line meant to attribute mail to a user.  Correct: one entry is one
+        identity, named canonically (the entry's DN, or its C{uid} value as stored), so
+        the second message within the minute is refused whatever the spelling.
+        """
+        slapd = servers.start_slapd(self)
+        checker = router(self, provider("ldap", servers.ldap_params(slapd), ONE_A_MINUTE))
+        rates = IdentityRates(Clock())
+        allowed = []
+        for spelling in ("alice", "ALICE", "Alice "):
+            identity = await log_in(checker, spelling, "alice-pw")
+            allowed.append(rates.allow(identity.name, identity.policy))
+        self.assertEqual(
+            allowed,
+            [True, False, False],
+            "one LDAP entry must be one identity with one rate budget, whatever the spelling",
+        )
+
+    @async_test
+    async def test_http_header_fallback_takes_the_identity_name_from_the_client(self) -> None:
+        """With C{http_header} as a fallback, the client's SMTP user name becomes the identity.
+
+        The endpoint checks only the token; HTTPBackend.check keeps C{user = user or
+        "token"} (httpauth.py) and returns C{Verified(user)}, so whatever user name the
+        client typed next to a valid token becomes C{p/<that name>}.  One token holder
+        therefore gets a fresh C{rate_limit_per_min} budget per invented user name, and
+        can appear in the logs and on queued messages as any user it likes (C{p/scanner}).
+        Correct: the identity of a token login does not come from an unchecked field, so
+        two logins with the same token are the same identity and share one budget (or a
+        user name the endpoint never saw is refused).
+        """
+        endpoint = servers.AuthEndpoint(tokens={"tok-1"}, header="X-Api-Key")
+        site = servers.serve_https(self, endpoint)
+        params = {"url": site.url("/check"), "tls_ca": site.ca_file, "header": "X-Api-Key"}
+        checker = router(self, provider("http_header", params, ONE_A_MINUTE))
+        rates = IdentityRates(Clock())
+        allowed = []
+        for invented in ("first", "second", "scanner"):
+            try:
+                identity = await log_in(checker, invented, "tok-1")
+            except error.UnauthorizedLogin:
+                continue  # refusing a user name the endpoint cannot vouch for is a fix too
+            allowed.append(rates.allow(identity.name, identity.policy))
+        self.assertLessEqual(
+            allowed.count(True),
+            1,
+            "the same token must be the same identity, whatever user name came with it",
+        )
+
+
+class JWTTests(TestCase):
+    def setUp(self) -> None:
+        self.key = servers.rsa_key()
+        self.jwks = servers.Jwks({"r1": self.key})
+        self.site = servers.serve_https(self, self.jwks)
+        self.params: dict[str, Any] = {
+            "jwks_url": self.site.url("/keys"),
+            "tls_ca": self.site.ca_file,
+            "iss": "https://idp.test",
+            "aud": "smtp-relay",
+        }
+
+    @async_test
+    async def test_cached_success_outlives_the_tokens_expiry(self) -> None:
+        """A JWT keeps working after its C{exp} for as long as the success cache keeps it.
+
+        RFC 7519 4.1.4: a token MUST NOT be accepted on or after its expiration time
+        (allowing a small leeway).  The router caches a yes for C{cache.seconds} (up to
+        3600) keyed on (provider, user, token) and answers from the cache before the
+        backend is asked (router.py C{_try}: C{self.cache.get(...)} then C{return
+        cached}); nothing bounds the entry's life by the token's C{exp}.  So a token
+        that expired 5 minutes ago (leeway 30 s) is still accepted.  The docs only
+        concede that a *revoked* credential lives on in the cache; an expired token is
+        not revoked, it is invalid by its own content.  Correct: a cached yes for a
+        token lasts no longer than its C{exp} plus leeway (or tokens are re-checked).
+        """
+        clock = Clock()
+        clock.advance(time.time())
+        entry = provider("jwt", self.params, ONE_A_MINUTE)
+        backend = JWTBackend(entry, reactor, clock)
+        checker = IdentityChecker([entry], {"p": backend}, clock, cache_seconds=3600)
+        self.addCleanup(checker.close)
+        token = servers.sign(
+            servers.claims(exp=int(clock.seconds()) + 10, iat=int(clock.seconds())),
+            self.key,
+            "r1",
+        )
+        self.assertEqual((await log_in(checker, "p", token)).user, "scanner-01")
+        clock.advance(10 + 300)
+        # Without the cache the backend itself refuses it: the token is expired.
+        with self.assertRaises(error.UnauthorizedLogin):
+            await backend.check("", token)
+        outcome: object
+        try:
+            outcome = await log_in(checker, "p", token)
+        except error.UnauthorizedLogin as e:
+            outcome = e
+        self.assertIsInstance(
+            outcome, error.UnauthorizedLogin, "a token 5 minutes past its exp was accepted"
+        )
+
+    @async_test
+    async def test_deeply_nested_token_json_is_an_error_not_a_refusal(self) -> None:
+        """A token whose header is deeply nested JSON escapes as RecursionError, not a refusal.
+
+        C{jose.parse} catches only C{ValueError} from C{json.loads} (jose.py
+        C{_json_object}); CPython's decoder raises C{RecursionError} past ~1000 levels,
+        well within C{MAX_TOKEN_CHARS} (16,384).  C{JWTBackend.check} calls C{parse}
+        outside any Deferred and catches only C{TokenError}, so the router's login fails
+        with RecursionError: the session (logins.py C{failed}) logs a traceback
+        ("authentication error") and answers C{454} -- not counted by the brute-force
+        limits, so a client can repeat it without end, each time a traceback in the log,
+        and the later fallback providers are never asked.  Correct: malformed input is a
+        plain refusal (C{UnauthorizedLogin} -> C{535 5.7.8}, counted), as for any other
+        token that does not parse.
+        """
+        checker = router(self, provider("jwt", self.params, ONE_A_MINUTE))
+        nested = '{"alg": "RS256", "x": ' + "[" * 3000 + "]" * 3000 + "}"
+        header = servers.b64url(nested.encode())
+        token = f"{header}.{servers.b64url(b'{}')}.{servers.b64url(b'sig')}"
+        self.assertLess(len(token), 16_384)
+        outcome: object
+        try:
+            outcome = await log_in(checker, "p", token)
+        except Exception as e:
+            outcome = e
+        self.assertIsInstance(outcome, error.UnauthorizedLogin)
+        self.assertEqual(self.jwks.fetches, 0)

@@ -17,8 +17,11 @@ from twisted.cred import credentials, error
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from smtpproxy.identities.build import backend_for
+from smtpproxy.identities.errors import BackendUnavailable
 from smtpproxy.identities.fileformat import ProviderEntry
 from smtpproxy.identities.jwtauth import JWTBackend
 from smtpproxy.identities.model import Backend, Identity
@@ -195,3 +198,87 @@ class JWTTests(TestCase):
             outcome = e
         self.assertIsInstance(outcome, error.UnauthorizedLogin)
         self.assertEqual(self.jwks.fetches, 0)
+
+
+class EndlessKeySet(Resource):
+    """A key-set URL whose answer never ends: 64 KiB of JSON whitespace every 10 ms.
+
+    C{written} counts the bytes handed to the connection; C{closed} is set when the
+    client goes away.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = 0
+        self.closed = False
+        self.requests: list[Request] = []
+
+    def stop(self) -> None:
+        """End every answer still streaming (test clean-up)."""
+        self.closed = True
+        for request in self.requests:
+            transport: Any = request.transport
+            if transport is not None:
+                transport.abortConnection()
+
+    def render_GET(self, request: Request) -> object:
+        request.setHeader("content-type", "application/json")
+        request.write(b'{"keys": [')
+        chunk = b" " * 65536
+
+        def more() -> None:
+            if not self.closed:
+                request.write(chunk)
+                self.written += len(chunk)
+                reactor.callLater(0.01, more)
+
+        def gone(_: object) -> None:
+            self.closed = True
+
+        request.notifyFinish().addBoth(gone)
+        self.requests.append(request)
+        more()
+        return NOT_DONE_YET
+
+
+class KeySetSizeTests(TestCase):
+    @async_test
+    async def test_key_set_body_is_read_without_bound(self) -> None:
+        """The JWKS answer is buffered whole before its 1 MB limit is looked at.
+
+        jwtauth.py C{_fetch}: C{body = await response.content()} collects the entire body
+        in memory, and only then compares C{len(body)} with C{MAX_JWKS_BYTES}.  An answer
+        that keeps coming (a misbehaving or compromised identity provider, a proxy in
+        front of it serving something else) is held in memory until the fetch's
+        C{timeout} (up to 120 s), so the bound the module and docs state ("key set
+        larger than 1 MB" is refused) is no bound on memory (common rules: every buffer
+        bounded).  Correct: stop reading and drop the connection once more than
+        C{MAX_JWKS_BYTES} have arrived, answering "key set larger than 1 MB" at once;
+        here the endpoint has sent about 11 MB when the 2 s timeout fires instead, and the
+        answer is a timeout.
+        """
+        endless = EndlessKeySet()
+        site = servers.serve_https(self, endless)
+        self.addCleanup(servers.wait, 0.05)
+        self.addCleanup(endless.stop)
+        params = {
+            "jwks_url": site.url("/keys"),
+            "tls_ca": site.ca_file,
+            "iss": "https://idp.test",
+            "aud": "smtp-relay",
+            "timeout": 2,
+        }
+        backend = JWTBackend(provider("jwt", params, ONE_A_MINUTE), reactor)
+        self.addCleanup(backend.close)
+        token = servers.sign(servers.claims(), servers.rsa_key(), "r1")
+        outcome: object
+        try:
+            outcome = await backend.check("", token)
+        except BackendUnavailable as e:
+            outcome = e
+        self.assertIsInstance(outcome, BackendUnavailable)
+        assert isinstance(outcome, BackendUnavailable)
+        self.assertIn("larger than 1 MB", outcome.reason)
+        self.assertLess(endless.written, 4 * 1024 * 1024, "read far past the 1 MB bound")

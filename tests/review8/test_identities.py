@@ -10,9 +10,12 @@ that L{smtpproxy.identities.realm.PolicedDelivery} asks on every C{MAIL}.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from twisted.cred import credentials, error
 from twisted.internet import reactor
 from twisted.internet.task import Clock
@@ -282,3 +285,58 @@ class KeySetSizeTests(TestCase):
         assert isinstance(outcome, BackendUnavailable)
         self.assertIn("larger than 1 MB", outcome.reason)
         self.assertLess(endless.written, 4 * 1024 * 1024, "read far past the 1 MB bound")
+
+
+class JWKAlgorithmTests(TestCase):
+    @async_test
+    async def test_a_keys_declared_alg_is_not_enforced(self) -> None:
+        """A token may use any algorithm with a key the JWKS pins to one algorithm.
+
+        RFC 8725 3.1: "each key MUST be used with exactly one algorithm, and this MUST be
+        checked when the cryptographic operation occurs"; RFC 7517 4.4: C{alg} in a JWK
+        names the algorithm intended for use with the key.  jose.py C{load_jwk} drops the
+        JWK's C{alg} (and C{key_ops}), and C{verify_signature} only checks the key *type*,
+        so with a key published as C{"alg": "RS256"} a PS256 token made with the same
+        key is accepted -- the cross-algorithm use that RFC 8725 3.1 exists to rule out.
+        Correct: when a JWK names C{alg}, a token whose header names another algorithm is
+        refused (C{UnauthorizedLogin}).
+        """
+        key = servers.rsa_key()
+        pinned = {**servers.jwk("r1", key), "alg": "RS256", "use": "sig"}
+
+        class PinnedKeySet(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Request) -> bytes:
+                request.setHeader("content-type", "application/json")
+                return json.dumps({"keys": [pinned]}).encode()
+
+        site = servers.serve_https(self, PinnedKeySet())
+        params = {
+            "jwks_url": site.url("/keys"),
+            "tls_ca": site.ca_file,
+            "iss": "https://idp.test",
+            "aud": "smtp-relay",
+        }
+        backend = JWTBackend(provider("jwt", params, ONE_A_MINUTE), reactor)
+        self.addCleanup(backend.close)
+        # The declared algorithm works: the key set and the claims are right.
+        rs256 = servers.sign(servers.claims(), key, "r1")
+        self.assertEqual((await backend.check("", rs256)).user, "scanner-01")
+        header = servers.b64url(json.dumps({"alg": "PS256", "kid": "r1"}).encode())
+        payload = servers.b64url(json.dumps(servers.claims()).encode())
+        signed = f"{header}.{payload}".encode()
+        signature = key.sign(
+            signed,
+            padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH),
+            hashes.SHA256(),
+        )
+        ps256 = f"{signed.decode()}.{servers.b64url(signature)}"
+        outcome: object
+        try:
+            outcome = await backend.check("", ps256)
+        except error.UnauthorizedLogin as e:
+            outcome = e
+        self.assertIsInstance(
+            outcome, error.UnauthorizedLogin, "a PS256 token passed with a key pinned to RS256"
+        )

@@ -14,6 +14,7 @@ import json
 import time
 from typing import Any
 
+import bcrypt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from twisted.cred import credentials, error
@@ -29,6 +30,7 @@ from smtpproxy.identities.fileformat import ProviderEntry
 from smtpproxy.identities.jwtauth import JWTBackend
 from smtpproxy.identities.model import Backend, Identity
 from smtpproxy.identities.router import IdentityChecker
+from smtpproxy.identities.userpass import UserpassBackend
 from smtpproxy.policy.identity import IdentityPolicy, IdentityRates
 from tests.identities import servers
 from tests.support import async_test
@@ -340,3 +342,35 @@ class JWKAlgorithmTests(TestCase):
         self.assertIsInstance(
             outcome, error.UnauthorizedLogin, "a PS256 token passed with a key pinned to RS256"
         )
+
+
+class UserpassLongPasswordTests(TestCase):
+    @async_test
+    async def test_password_over_72_bytes_matches_an_empty_password_hash(self) -> None:
+        """Any password longer than 72 bytes logs in to an account whose hash is of "".
+
+        docs/identities.md: "Passwords longer than 72 bytes (bcrypt's limit) are refused,
+        not truncated."  userpass.py C{check} does not refuse them: it replaces the
+        password with C{b""} and still asks bcrypt (to keep the timing), then accepts
+        when bcrypt says yes and the *original* secret is non-empty.  For a user whose
+        C{password_hash} is a bcrypt hash of the empty password (a hash made by another
+        tool, htpasswd -B or an esmtpfa migration; C{smtpproxy passwd} refuses to make
+        one, but the file accepts any C{$2b$} hash), the empty password itself is refused
+        while C{"x" * 100} is accepted.  Correct: a password over 72 bytes is refused
+        whatever the stored hash (hash it against the dummy hash for the timing, and
+        answer no).
+        """
+        empty = bcrypt.hashpw(b"", bcrypt.gensalt(4)).decode("ascii")
+        entry = provider(
+            "userpass", {"users": [{"username": "kiosk", "password_hash": empty}]}, ONE_A_MINUTE
+        )
+        backend = UserpassBackend(entry, reactor)
+        self.addCleanup(backend.close)
+        with self.assertRaises(error.UnauthorizedLogin):
+            await backend.check("kiosk", "")
+        outcome: object
+        try:
+            outcome = await backend.check("kiosk", "x" * 100)
+        except error.UnauthorizedLogin as e:
+            outcome = e
+        self.assertIsInstance(outcome, error.UnauthorizedLogin, "a 100-byte password was accepted")

@@ -1,4 +1,4 @@
-"""Review 8, on the wire: an identity's own rate limit through the real `twistd smtpproxy`.
+"""Review 8, on the wire: identity defects seen through the real `twistd smtpproxy`.
 
 The relay runs as an operator runs it, with an AUTH_CONFIG whose providers carry
 C{policy: {rate_limit_per_min: 1}}; slapd and the HTTPS auth endpoint are the shared
@@ -7,15 +7,17 @@ fixtures of L{tests.identities.servers}; the client is smtplib (STARTTLS, AUTH P
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import smtplib
 from typing import Any
 
 from twisted.trial.unittest import TestCase
 
 from tests.identities import servers
 from tests.identities.test_twistd_identities import login
-from tests.support import async_test, in_thread
+from tests.support import TIMEOUT, async_test, client_tls, in_thread
 from tests.test_twistd import Relay
 
 
@@ -96,3 +98,61 @@ class IdentityRateOnTheWireTests(TestCase):
             },
             err.decode()[-3000:],
         )
+
+
+class NestedTokenOnTheWireTests(TestCase):
+    timeout = 120
+
+    @async_test
+    async def test_nested_json_token_gets_454_and_a_traceback_not_535(self) -> None:
+        """A crafted token is answered 454 with a traceback in the log, and never counted.
+
+        The token's header is JSON nested 3,000 levels deep (8 KB, well inside the 16 KB a
+        token may have and the 12,288-octet AUTH line).  C{jose.parse} lets CPython's
+        C{RecursionError} escape (it catches C{ValueError} only), so the login fails with
+        an unexpected exception: logins.py C{failed} logs "authentication error" with a
+        traceback and answers C{454 4.7.0}, which the brute-force guard does not count.
+        Five such attempts on one connection get five 454s and five tracebacks; a
+        client can go on without end.  Common rules: bad input gets a clear SMTP reply,
+        never a traceback.  Correct: a token that does not parse is a refusal,
+        C{535 5.7.8}, counted like any wrong credential.
+        """
+        key = servers.rsa_key()
+        jwks = servers.serve_https(self, servers.Jwks({"k1": key}))
+        providers = [
+            {
+                "meta": {"name": "tokens", "type": "jwt"},
+                "params": {
+                    "jwks_url": jwks.url("/keys"),
+                    "tls_ca": jwks.ca_file,
+                    "iss": "https://idp.test",
+                    "aud": "smtp-relay",
+                },
+            }
+        ]
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            json.dump({"providers": providers}, f)
+        relay = Relay(self, AUTH_CONFIG=path, SMTP_AUTH_MAX_FAILURES="10")
+        nested = '{"alg": "RS256", "x": ' + "[" * 3000 + "]" * 3000 + "}"
+        token = ".".join(
+            (servers.b64url(nested.encode()), servers.b64url(b"{}"), servers.b64url(b"s"))
+        )
+        plain = base64.b64encode(b"\x00tokens\x00" + token.encode()).decode()
+
+        def scenario() -> tuple[list[int], bytes]:
+            relay.wait_listening()
+            codes = []
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=TIMEOUT) as client:
+                client.ehlo("client.test")
+                client.starttls(context=client_tls())
+                client.ehlo("client.test")
+                for _ in range(5):
+                    code, _ = client.docmd("AUTH", f"PLAIN {plain}")
+                    codes.append(code)
+            _, err = relay.stop()
+            return codes, err
+
+        codes, err = await in_thread(scenario)
+        self.assertNotIn(b"Traceback", err, "a crafted token put a traceback in the log")
+        self.assertEqual(codes, [535] * 5, err.decode()[-3000:])

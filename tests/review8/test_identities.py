@@ -45,6 +45,17 @@ def provider(kind: str, params: dict[str, Any], policy: IdentityPolicy) -> Provi
     )
 
 
+def jwt_params(site: servers.HTTPS, **changes: Any) -> dict[str, Any]:
+    """A C{jwt} provider's params: the key set at C{site}, the claims L{servers.claims} makes."""
+    return {
+        "jwks_url": site.url("/keys"),
+        "tls_ca": site.ca_file,
+        "iss": "https://idp.test",
+        "aud": "smtp-relay",
+        **changes,
+    }
+
+
 def router(case: TestCase, entry: ProviderEntry, clock: Any = None, cache: float = 0.0) -> Any:
     """The portal's checker over the real backend of C{entry}; closed when the test ends."""
     backend: Backend = backend_for(entry, reactor)
@@ -130,12 +141,7 @@ class JWTTests(TestCase):
         self.key = servers.rsa_key()
         self.jwks = servers.Jwks({"r1": self.key})
         self.site = servers.serve_https(self, self.jwks)
-        self.params: dict[str, Any] = {
-            "jwks_url": self.site.url("/keys"),
-            "tls_ca": self.site.ca_file,
-            "iss": "https://idp.test",
-            "aud": "smtp-relay",
-        }
+        self.params = jwt_params(self.site)
 
     @async_test
     async def test_cached_success_outlives_the_tokens_expiry(self) -> None:
@@ -268,13 +274,7 @@ class KeySetSizeTests(TestCase):
         site = servers.serve_https(self, endless)
         self.addCleanup(servers.wait, 0.05)
         self.addCleanup(endless.stop)
-        params = {
-            "jwks_url": site.url("/keys"),
-            "tls_ca": site.ca_file,
-            "iss": "https://idp.test",
-            "aud": "smtp-relay",
-            "timeout": 2,
-        }
+        params = jwt_params(site, timeout=2)
         backend = JWTBackend(provider("jwt", params, ONE_A_MINUTE), reactor)
         self.addCleanup(backend.close)
         token = servers.sign(servers.claims(), servers.rsa_key(), "r1")
@@ -314,12 +314,7 @@ class JWKAlgorithmTests(TestCase):
                 return json.dumps({"keys": [pinned]}).encode()
 
         site = servers.serve_https(self, PinnedKeySet())
-        params = {
-            "jwks_url": site.url("/keys"),
-            "tls_ca": site.ca_file,
-            "iss": "https://idp.test",
-            "aud": "smtp-relay",
-        }
+        params = jwt_params(site)
         backend = JWTBackend(provider("jwt", params, ONE_A_MINUTE), reactor)
         self.addCleanup(backend.close)
         # The declared algorithm works: the key set and the claims are right.

@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.identities import servers
 from tests.identities.test_twistd_identities import login
+from tests.review8.test_identities import jwt_params
 from tests.support import TIMEOUT, async_test, client_tls, in_thread
 from tests.test_twistd import Relay
 
@@ -122,12 +123,7 @@ class NestedTokenOnTheWireTests(TestCase):
         providers = [
             {
                 "meta": {"name": "tokens", "type": "jwt"},
-                "params": {
-                    "jwks_url": jwks.url("/keys"),
-                    "tls_ca": jwks.ca_file,
-                    "iss": "https://idp.test",
-                    "aud": "smtp-relay",
-                },
+                "params": jwt_params(jwks),
             }
         ]
         path = os.path.abspath(self.mktemp())

@@ -70,6 +70,10 @@ def _json_object(data: bytes, what: str) -> dict[str, object]:
         value = json.loads(data)
     except ValueError:
         raise TokenError(f"{what} is not JSON") from None
+    except RecursionError:
+        # A few thousand nested brackets fit in a token and exhaust the
+        # decoder's stack: malformed input like any other, so a refusal.
+        raise TokenError(f"{what} is nested too deeply") from None
     if not isinstance(value, dict):
         raise TokenError(f"{what} is not a JSON object")
     return value

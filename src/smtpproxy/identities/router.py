@@ -121,15 +121,19 @@ class IdentityChecker:
                 tested = tested or entry.name
                 continue
             except BackendUnavailable as e:
-                self.log_summary.emit(
-                    LogLevel.warn,
-                    "identity backend unavailable",
-                    client,
-                    provider=entry.name,
-                    type=entry.type,
-                    reason=e.reason,
-                )
+                self._unavailable(entry, client, e)
                 unavailable = e
+                continue
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                # A backend's own bug must not reach the session as a
+                # traceback per login: one summarised line, and this
+                # provider counts as unable to answer (454, not counted;
+                # the other providers are still asked).
+                failed = BackendUnavailable(entry.name, f"unexpected error: {type(e).__name__}")
+                self._unavailable(entry, client, failed)
+                unavailable = failed
                 continue
             identity = Identity(
                 entry.name,
@@ -145,3 +149,13 @@ class IdentityChecker:
                 )
             raise unavailable
         raise error.UnauthorizedLogin("no provider accepted these credentials")
+
+    def _unavailable(self, entry: ProviderEntry, client: str, e: BackendUnavailable) -> None:
+        self.log_summary.emit(
+            LogLevel.warn,
+            "identity backend unavailable",
+            client,
+            provider=entry.name,
+            type=entry.type,
+            reason=e.reason,
+        )

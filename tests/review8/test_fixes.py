@@ -1,0 +1,36 @@
+"""Review 8 fixes: the parts the reviewer's tests do not reach, without sockets."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpproxy.identities.errors import BackendUnavailable
+from smtpproxy.identities.model import Identity, Verified
+from tests.identities.test_outcomes import Scripted, checker, login
+
+
+class Broken:
+    """A backend with a bug: C{check} raises before any Deferred exists."""
+
+    name = "broken"
+
+    def check(self, user: str, secret: str) -> defer.Deferred[Verified]:
+        raise KeyError("a bug, with the secret " + secret)
+
+
+class RouterSafetyNetTests(SynchronousTestCase):
+    def test_unexpected_backend_exception_is_unavailable_and_fallbacks_are_asked(self) -> None:
+        """A backend raising an unexpected exception does not end the login with that
+        exception (a 454 with a traceback in the session): the router asks the next
+        fallback, and if none says yes the outcome is BackendUnavailable naming only the
+        exception's class, never its text (which may hold the secret)."""
+        good = Scripted("apps", Verified("app"))
+        outcome = login(self, checker(Broken(), good))
+        self.assertIsInstance(outcome, Identity)
+        self.assertEqual(good.asked, ["app"])
+        alone = login(self, checker(Broken()))
+        self.assertIs(type(alone), BackendUnavailable)
+        assert isinstance(alone, BackendUnavailable)
+        self.assertEqual(alone.reason, "unexpected error: KeyError")
+        self.assertNotIn("guess", alone.reason)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpproxy.identities import jose
 from smtpproxy.identities.errors import BackendUnavailable
 from smtpproxy.identities.model import Identity, Verified
+from tests.identities import servers
 from tests.identities.test_outcomes import Scripted, checker, login
 
 
@@ -34,3 +36,16 @@ class RouterSafetyNetTests(SynchronousTestCase):
         assert isinstance(alone, BackendUnavailable)
         self.assertEqual(alone.reason, "unexpected error: KeyError")
         self.assertNotIn("guess", alone.reason)
+
+
+class JWKUseTests(SynchronousTestCase):
+    def test_key_ops_without_verify_and_foreign_alg_are_not_loaded(self) -> None:
+        """A JWK whose key_ops lacks "verify" (or is not a list), or whose alg is one we
+        never accept, is no verification key; one with key_ops ["verify"] keeps its alg."""
+        jwk = servers.jwk("r1", servers.rsa_key())
+        self.assertIsNone(jose.load_jwk({**jwk, "key_ops": ["encrypt"]}))
+        self.assertIsNone(jose.load_jwk({**jwk, "key_ops": "verify"}))
+        self.assertIsNone(jose.load_jwk({**jwk, "alg": "HS256"}))
+        loaded = jose.load_jwk({**jwk, "key_ops": ["verify"], "alg": "RS384"})
+        assert loaded is not None
+        self.assertEqual(loaded.alg, "RS384")

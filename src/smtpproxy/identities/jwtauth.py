@@ -82,7 +82,7 @@ class JWTBackend:
         self._reactor = reactor
         self._clock = clock or reactor
         self._client, self._pool = make_client(reactor, p.file("tls_ca"), p.where + ".tls_ca")
-        self._keys: dict[str | None, jose.PublicKey] = {}
+        self._keys: dict[str | None, jose.JWK] = {}
         self._fetched_at: float | None = None
         self._tried_at: float | None = None
         self._fetching: defer.Deferred[None] | None = None
@@ -126,7 +126,7 @@ class JWTBackend:
             raise error.UnauthorizedLogin(f"token refused: {e}") from None
         return Verified(subject)
 
-    def _key_for(self, token: jose.Token) -> jose.PublicKey | None:
+    def _key_for(self, token: jose.Token) -> jose.JWK | None:
         if token.kid is not None:
             return self._keys.get(token.kid)
         # No key id: only unambiguous when the set holds a single key.
@@ -192,7 +192,7 @@ class JWTBackend:
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise BackendUnavailable(self.name, "key set is not a JWKS document") from None
-        keys: dict[str | None, jose.PublicKey] = {}
+        keys: dict[str | None, jose.JWK] = {}
         for jwk in entries:
             if isinstance(jwk, dict):
                 key = jose.load_jwk(jwk)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 
+import treq
 from twisted.cred import error
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -38,6 +39,10 @@ REFETCH_INTERVAL = 60.0
 #: The least time between two fetches while no key set was ever fetched.
 RETRY_INTERVAL = 5.0
 MAX_JWKS_BYTES = 1_048_576
+
+
+class _TooLarge(Exception):
+    """The key set's answer passed L{MAX_JWKS_BYTES} while being read."""
 
 
 class JWTBackend:
@@ -172,9 +177,26 @@ class JWTBackend:
                 waiter.errback(failure)
 
     async def _fetch(self) -> None:
+        chunks: list[bytes] = []
+        received = 0
+
+        def collect(chunk: bytes) -> None:
+            # Counted as it arrives: an answer that never ends is cut off
+            # at the bound, not held in memory until the timeout.
+            nonlocal received
+            received += len(chunk)
+            if received > MAX_JWKS_BYTES:
+                raise _TooLarge()
+            chunks.append(chunk)
+
+        too_large = False
         try:
             response = await self._client.get(self.jwks_url, allow_redirects=False)
-            body = await response.content()
+            try:
+                # treq.collect drops the connection when the collector raises.
+                await treq.collect(response, collect)
+            except _TooLarge:
+                too_large = True
         except defer.CancelledError:
             raise
         except Exception as e:
@@ -183,8 +205,9 @@ class JWTBackend:
             ) from None
         if response.code != 200:
             raise BackendUnavailable(self.name, f"key set URL answered {response.code}")
-        if len(body) > MAX_JWKS_BYTES:
+        if too_large:
             raise BackendUnavailable(self.name, "key set larger than 1 MB")
+        body = b"".join(chunks)
         try:
             document = json.loads(body)
             entries = document["keys"]

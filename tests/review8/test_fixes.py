@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpproxy.identities import jose
+from smtpproxy.identities.cache import SuccessCache
 from smtpproxy.identities.errors import BackendUnavailable
 from smtpproxy.identities.model import Identity, Verified
 from tests.identities import servers
@@ -49,3 +51,23 @@ class JWKUseTests(SynchronousTestCase):
         loaded = jose.load_jwk({**jwk, "key_ops": ["verify"], "alg": "RS384"})
         assert loaded is not None
         self.assertEqual(loaded.alg, "RS384")
+
+
+class SuccessCacheUntilTests(SynchronousTestCase):
+    def test_entry_lasts_until_the_earlier_of_seconds_and_until(self) -> None:
+        """A yes with an end of its own (a token's exp + leeway) is kept only until that
+        end when it comes before the cache's seconds; one already past is not kept; one
+        without an end keeps the full time."""
+        clock = Clock()
+        cache: SuccessCache[str] = SuccessCache(3600, 10, clock)
+        cache.put("p", "u", "short", "a", until=60)
+        cache.put("p", "u", "past", "b", until=0)
+        cache.put("p", "u", "plain", "c")
+        self.assertEqual(len(cache), 2)
+        clock.advance(59)
+        self.assertEqual(cache.get("p", "u", "short"), "a")
+        clock.advance(1)
+        self.assertIsNone(cache.get("p", "u", "short"))
+        self.assertIsNone(cache.get("p", "u", "past"))
+        clock.advance(3000)
+        self.assertEqual(cache.get("p", "u", "plain"), "c")

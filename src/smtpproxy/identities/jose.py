@@ -221,6 +221,14 @@ def _time(claims: Mapping[str, object], name: str) -> float | None:
     return float(value)
 
 
+def valid_until(claims: Mapping[str, object], expected: Expected) -> float:
+    """When a token whose claims passed L{check_claims} stops being accepted: C{exp} + leeway."""
+    expires = _time(claims, "exp")
+    if expires is None:
+        raise TokenError("no exp claim")
+    return expires + expected.leeway
+
+
 def check_claims(claims: Mapping[str, object], expected: Expected, now: float) -> str:
     """Check time and identity claims; return the subject (the identity's user)."""
     expires = _time(claims, "exp")

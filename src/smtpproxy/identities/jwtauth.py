@@ -41,7 +41,7 @@ RETRY_INTERVAL = 5.0
 MAX_JWKS_BYTES = 1_048_576
 
 
-class _TooLarge(Exception):
+class _TooLargeError(Exception):
     """The key set's answer passed L{MAX_JWKS_BYTES} while being read."""
 
 
@@ -127,9 +127,11 @@ class JWTBackend:
         try:
             jose.verify_signature(token, key)
             subject = jose.check_claims(token.claims, self.expected, self._clock.seconds())
+            until = jose.valid_until(token.claims, self.expected)
         except jose.TokenError as e:
             raise error.UnauthorizedLogin(f"token refused: {e}") from None
-        return Verified(subject)
+        # The router's success cache keeps this yes no longer than the token.
+        return Verified(subject, valid_until=until)
 
     def _key_for(self, token: jose.Token) -> jose.JWK | None:
         if token.kid is not None:
@@ -186,7 +188,7 @@ class JWTBackend:
             nonlocal received
             received += len(chunk)
             if received > MAX_JWKS_BYTES:
-                raise _TooLarge()
+                raise _TooLargeError()
             chunks.append(chunk)
 
         too_large = False
@@ -195,7 +197,7 @@ class JWTBackend:
             try:
                 # treq.collect drops the connection when the collector raises.
                 await treq.collect(response, collect)
-            except _TooLarge:
+            except _TooLargeError:
                 too_large = True
         except defer.CancelledError:
             raise

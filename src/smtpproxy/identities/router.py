@@ -140,7 +140,7 @@ class IdentityChecker:
                 verified.user,
                 verified.policy if verified.policy is not None else entry.policy,
             )
-            self.cache.put(entry.name, attempt.user, attempt.secret, identity)
+            self.cache.put(entry.name, attempt.user, attempt.secret, identity, verified.valid_until)
             return identity
         if unavailable is not None:
             if tested is not None:

@@ -9,6 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpproxy.identities import jose
 from smtpproxy.identities.cache import SuccessCache
 from smtpproxy.identities.errors import BackendUnavailable
+from smtpproxy.identities.ldapauth import canonical_name, user_attribute
+from smtpproxy.identities.ldapfilter import MAX_USER_CHARS
 from smtpproxy.identities.model import Identity, Verified
 from tests.identities import servers
 from tests.identities.test_outcomes import Scripted, checker, login
@@ -71,3 +73,25 @@ class SuccessCacheUntilTests(SynchronousTestCase):
         self.assertIsNone(cache.get("p", "u", "past"))
         clock.advance(3000)
         self.assertEqual(cache.get("p", "u", "plain"), "c")
+
+
+class LDAPNameTests(SynchronousTestCase):
+    def test_user_attribute_is_the_one_the_filter_compares(self) -> None:
+        """The attribute compared with the user name for equality is the one asked for;
+        none when two different attributes are compared or only under "!"."""
+        self.assertEqual(user_attribute("(&(objectClass=person)(uid=%s))"), "uid")
+        self.assertEqual(user_attribute("(sAMAccountName=%s)"), "sAMAccountName")
+        self.assertEqual((user_attribute("(|(uid=%s)(UID=%s))") or "").lower(), "uid")
+        self.assertIsNone(user_attribute("(|(uid=%s)(mail=%s))"))
+        self.assertIsNone(user_attribute("(&(objectClass=person)(!(uid=%s))(cn=x))"))
+
+    def test_canonical_name_is_the_stored_value_bounded(self) -> None:
+        """A single stored value names the user whatever the spelling typed; of several,
+        the one the typed name matches ignoring case and extra spaces; a value too long or
+        not printable is never a name (None: the caller falls back to the DN)."""
+        self.assertEqual(canonical_name(["alice"], "ALICE"), "alice")
+        self.assertEqual(canonical_name(["Alice Smith", "as"], "alice  smith "), "Alice Smith")
+        self.assertIsNone(canonical_name(["a", "b"], "c"))
+        self.assertIsNone(canonical_name(["x" * (MAX_USER_CHARS + 1)], "x"))
+        self.assertIsNone(canonical_name(["ali\nce"], "alice"))
+        self.assertIsNone(canonical_name([], "alice"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -9,6 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpproxy.identities import jose
 from smtpproxy.identities.cache import SuccessCache
 from smtpproxy.identities.errors import BackendUnavailable
+from smtpproxy.identities.fileformat import ProviderEntry
+from smtpproxy.identities.httpauth import HTTPBackend
 from smtpproxy.identities.ldapauth import canonical_name, user_attribute
 from smtpproxy.identities.ldapfilter import MAX_USER_CHARS
 from smtpproxy.identities.model import Identity, Verified
@@ -95,3 +99,22 @@ class LDAPNameTests(SynchronousTestCase):
         self.assertIsNone(canonical_name(["x" * (MAX_USER_CHARS + 1)], "x"))
         self.assertIsNone(canonical_name(["ali\nce"], "alice"))
         self.assertIsNone(canonical_name([], "alice"))
+
+
+class TokenNameTests(SynchronousTestCase):
+    def test_each_token_is_its_own_identity_and_the_name_hides_it(self) -> None:
+        """An http_header identity is named after a keyed hash of the token: the same
+        token gives the same name, two tokens two names (two rate budgets), and the name
+        holds neither the token nor an unkeyed hash of it."""
+        entry = ProviderEntry(
+            name="keys",
+            type="http_header",
+            params={"url": "https://auth.test/check", "header": "X-Api-Key"},
+        )
+        backend = HTTPBackend(entry, Clock())
+        first = backend.token_name("tok-1")
+        self.assertEqual(backend.token_name("tok-1"), first)
+        self.assertNotEqual(backend.token_name("tok-2"), first)
+        self.assertNotIn("tok-1", first)
+        plain = hashlib.sha256(b"tok-1").hexdigest()[:16]
+        self.assertNotEqual(first, "token-" + plain)

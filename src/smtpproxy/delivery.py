@@ -31,8 +31,9 @@ from smtpproxy.errors import (
     reply_for_failure,
 )
 from smtpproxy.logsafe import MAX_REASON, MAX_WARNING_LINES, clip, clip_list
-from smtpproxy.mime.message import Email
+from smtpproxy.mime.message import Email, Mailbox, parse_message
 from smtpproxy.mime.parsetask import MessageParser
+from smtpproxy.policy.fromsender import FromRule, head_of
 from smtpproxy.providers import Provider, accepts_raw_mime, envelope_refusal
 from smtpproxy.providers.result import Handover, PartlyRefused, SendCancelledError, watched
 from smtpproxy.queue.front import QueueFront, meta_json
@@ -82,6 +83,7 @@ class RelayMessage:
         dsn: Dsn | None = None,
         queue: QueueFront | None = None,
         mailbox: str = "",
+        from_rule: FromRule | None = None,
     ) -> None:
         # A queued message's id must stay unique in a shared queue for
         # days (96 bits); a direct one only has to find its log lines.
@@ -107,6 +109,8 @@ class RelayMessage:
         self._heard: Heard = "not accepted"
         # The identity's sending mailbox (its policy's), empty for the provider's choice.
         self._mailbox = mailbox
+        # The identity's allowed_senders, applied to the mailbox From would choose.
+        self._from_rule = from_rule
 
     @property
     def queued(self) -> bool:
@@ -239,6 +243,9 @@ class RelayMessage:
                 TransientDeliveryError("the session ended before the message was delivered")
             )
             return gone
+        refused = self._from_refusal(email.from_, fields)
+        if refused is not None:
+            return refused
         if self._dsn is not None or self._mailbox:
             email = dataclasses.replace(email, dsn=self._dsn, mailbox=self._mailbox)
         sending, self._handover = watched(
@@ -258,6 +265,26 @@ class RelayMessage:
             callbackArgs=(fields,),
             errbackArgs=(fields,),
         )
+
+    def _from_refusal(
+        self, from_: Sequence[Mailbox], fields: dict[str, Any]
+    ) -> defer.Deferred[str] | None:
+        """A failed answer when From names a mailbox this login may not send as, else None."""
+        if self._from_rule is None:
+            return None
+        refusal = self._from_rule.refusal(from_)
+        if refusal is None:
+            return None
+        log.warn(
+            "message not delivered",
+            outcome="rejected",
+            reply=f"{refusal.code} {refusal.status}",
+            reason=clip(refusal.reason, MAX_REASON),
+            duration_ms=0.0,
+            **fields,
+        )
+        failed: defer.Deferred[str] = defer.fail(refusal)
+        return failed
 
     def _delivered(self, result: PartlyRefused | None, fields: dict[str, Any]) -> str:
         """Direct mode: the client hears 250; recipients refused meanwhile are named.
@@ -293,6 +320,17 @@ class RelayMessage:
         self, queue: QueueFront, body: MessageBody | None, fields: dict[str, Any]
     ) -> defer.Deferred[str]:
         """Queue mode: store envelope and body; fire with the id once they are durable."""
+        if self._from_rule is not None:
+            # Refused now, at the end of DATA, not bounced later: read only
+            # the header block (the provider's parse reads no more of it).
+            try:
+                head = head_of(body.chunks()) if body is not None else b""
+            except OSError:
+                head = b""  # storing it fails too, and says so
+            parsed = parse_message(self._sender, self._recipients, head)
+            refused = self._from_refusal(parsed.from_, fields)
+            if refused is not None:
+                return refused
         envelope = Envelope(
             self._sender,
             tuple(self._recipients),
@@ -545,6 +583,9 @@ class RelayDelivery:
         # Set by the identity realm when the login's policy names a mailbox:
         # every message of this session is sent as it.
         self.mailbox = ""
+        # Set by the identity realm for a login with allowed_senders and no
+        # mailbox, with Graph: From must not choose a mailbox outside them.
+        self.from_rule: FromRule | None = None
         self._log_delivered = log_delivered
         self._parser = parser
         self._sender = ""
@@ -605,6 +646,7 @@ class RelayDelivery:
                 self._dsn(),
                 self._queue,
                 self.mailbox,
+                self.from_rule,
             )
         return self._message
 

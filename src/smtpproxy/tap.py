@@ -516,7 +516,11 @@ def makeService(options: Options) -> RelayService:
     checker = options.get("identities", None)
     if checker is None and "identities" not in options:
         checker = _identities(settings, os.environ)
-    portal = Portal(realm if checker is None else identities.IdentityRealm(realm, reactor))
+    portal = Portal(
+        realm
+        if checker is None
+        else identities.IdentityRealm(realm, reactor, sendas.provider_senders(settings))
+    )
     portal.registerChecker(AllowAnonymousAccess())
     if checker is not None:
         portal.registerChecker(checker)

@@ -142,7 +142,10 @@ class HTTPTests(TestCase):
                 },
             ),
         )
-        self.assertEqual((await header.check("", "tok-1")).user, "token")
+        # Named after the token (a keyed hash), never after the user name sent with it.
+        named = (await header.check("", "tok-1")).user
+        self.assertRegex(named, "^token-[0-9a-f]{16}$")
+        self.assertEqual((await header.check("someone", "tok-1")).user, named)
         await refused(self, header, "", "tok-2")
         self.assertEqual(endpoint.requests[-1], "POST")
         endpoint.status = 503

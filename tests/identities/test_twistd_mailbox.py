@@ -43,15 +43,39 @@ def send_as(port: int, user: str, password: str, subject: str) -> str:
     return reply.decode()
 
 
+def graph_settings(fake: FakeGraph, senders: tuple[str, ...], **changes: str) -> dict[str, str]:
+    """The relay's Graph settings for C{fake}, sending as C{senders}."""
+    return {
+        "GRAPH_TENANT_ID": fake.tenant,
+        "GRAPH_CLIENT_ID": fake.client_id,
+        "GRAPH_CLIENT_SECRET": fake.client_secret or "",
+        "GRAPH_SENDER": ",".join(senders),
+        "GRAPH_AUTHORITY_HOST": fake.endpoint,
+        "GRAPH_ENDPOINT": fake.endpoint,
+        **changes,
+    }
+
+
+def graph_and_users(
+    case: TestCase, mailboxes: tuple[str, ...], users: list[dict[str, object]]
+) -> tuple[FakeGraph, str]:
+    """A fake Graph with C{mailboxes} (stopped with the test), and an AUTH_CONFIG whose
+    one fallback userpass provider C{apps} lists C{users}: the fake and the file's path."""
+    fake = FakeGraph(reactor, mailboxes=mailboxes)
+    port = fake.listen(reactor)
+    case.addCleanup(port.stopListening)
+    path = os.path.abspath(case.mktemp())
+    provider = {"meta": {"name": "apps", "type": "userpass", "fallback": True}}
+    with open(path, "w") as f:
+        json.dump({"providers": [{**provider, "params": {"users": users}}]}, f)
+    return fake, path
+
+
 class MailboxTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.fake = FakeGraph(reactor, mailboxes=(DEFAULT, BILLING))
-        port = self.fake.listen(reactor)
-        self.addCleanup(port.stopListening)
-        self.auth_config = os.path.abspath(self.mktemp())
-        users = [
+        users: list[dict[str, object]] = [
             {
                 "username": "scanner",
                 "password_hash": hash_password("scan-pw", 4),
@@ -59,29 +83,10 @@ class MailboxTests(TestCase):
             },
             {"username": "clerk", "password_hash": hash_password("clerk-pw", 4)},
         ]
-        with open(self.auth_config, "w") as f:
-            json.dump(
-                {
-                    "providers": [
-                        {
-                            "meta": {"name": "apps", "type": "userpass", "fallback": True},
-                            "params": {"users": users},
-                        }
-                    ]
-                },
-                f,
-            )
+        self.fake, self.auth_config = graph_and_users(self, (DEFAULT, BILLING), users)
 
     def graph(self, **changes: str) -> dict[str, str]:
-        return {
-            "GRAPH_TENANT_ID": self.fake.tenant,
-            "GRAPH_CLIENT_ID": self.fake.client_id,
-            "GRAPH_CLIENT_SECRET": self.fake.client_secret or "",
-            "GRAPH_SENDER": f"{DEFAULT},{BILLING}",
-            "GRAPH_AUTHORITY_HOST": self.fake.endpoint,
-            "GRAPH_ENDPOINT": self.fake.endpoint,
-            **changes,
-        }
+        return graph_settings(self.fake, (DEFAULT, BILLING), **changes)
 
     def sent_as(self) -> tuple[list[str], list[str]]:
         """The mailbox of each message Graph accepted, and the path of each sendMail request."""

@@ -54,11 +54,19 @@ class SuccessCache(Generic[T]):
             return None
         return value
 
-    def put(self, provider: str, user: str, secret: str, value: T) -> None:
+    def put(
+        self, provider: str, user: str, secret: str, value: T, until: float | None = None
+    ) -> None:
+        """Keep C{value} for C{seconds}, but never past C{until} (a token's own end)."""
         if self.seconds <= 0:
             return
+        expires = self._clock.seconds() + self.seconds
+        if until is not None:
+            expires = min(expires, until)
         key = self._digest(provider, user, secret)
         self._entries.pop(key, None)
-        self._entries[key] = (self._clock.seconds() + self.seconds, value)
+        if expires <= self._clock.seconds():
+            return
+        self._entries[key] = (expires, value)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -8,11 +8,22 @@ header.  A status in C{success_codes} (default 200) is a yes; 401 and 403
 verify) means the endpoint could not answer: L{BackendUnavailable}.
 HTTPS is verified (certificate and host name); plain HTTP only to
 localhost.
+
+An C{http_header} endpoint vouches for the token only, so the identity
+is never named after the user name the client sent with it (one token
+holder could appear as anyone, with a fresh rate budget per name, and a
+secret typed into that field would be logged).  It is named after the
+token instead: C{token-} and a keyed hash of it (HMAC-SHA256 under a key
+made when the backend starts and never stored, 16 hex digits), so each
+token is one identity with its own budget and the log shows no token.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import os
 
 from treq.client import HTTPClient
 from twisted.cred import error
@@ -60,6 +71,7 @@ class HTTPBackend:
         if self.header and not all(c.isalnum() or c == "-" for c in self.header):
             raise p.error("header", f"{self.header!r} is not an HTTP header name")
         self._reactor = reactor
+        self._name_key = os.urandom(32)
         self._client, self._pool = make_client(reactor, p.file("tls_ca"), p.where + ".tls_ca")
 
     def close(self) -> defer.Deferred[None]:
@@ -81,9 +93,14 @@ class HTTPBackend:
             if not token or len(token) > MAX_TOKEN_CHARS or any(c in token for c in "\r\n\x00"):
                 return defer.fail(error.UnauthorizedLogin("no usable token"))
             headers = {self.header: token}
-            user = user or "token"
+            user = self.token_name(token)
         asking = defer.Deferred.fromCoroutine(self._ask(headers, user))
         return asking.addTimeout(self.timeout, self._reactor, self._timed_out)
+
+    def token_name(self, token: str) -> str:
+        """The identity's user for C{token}: stable for this process, reveals nothing of it."""
+        digest = hmac.new(self._name_key, token.encode("utf-8", "surrogatepass"), hashlib.sha256)
+        return "token-" + digest.hexdigest()[:16]
 
     def _timed_out(self, result: Verified | Failure, timeout: float) -> Verified | Failure:
         raise BackendUnavailable(self.name, f"no answer within {timeout:g} s")

@@ -70,6 +70,10 @@ def _json_object(data: bytes, what: str) -> dict[str, object]:
         value = json.loads(data)
     except ValueError:
         raise TokenError(f"{what} is not JSON") from None
+    except RecursionError:
+        # A few thousand nested brackets fit in a token and exhaust the
+        # decoder's stack: malformed input like any other, so a refusal.
+        raise TokenError(f"{what} is nested too deeply") from None
     if not isinstance(value, dict):
         raise TokenError(f"{what} is not a JSON object")
     return value
@@ -101,30 +105,60 @@ def _int(value: object) -> int:
     return int.from_bytes(_b64(value), "big")
 
 
-def load_jwk(jwk: Mapping[str, object]) -> PublicKey | None:
-    """A public key from one JWKS entry, or None for keys we do not use (symmetric, private)."""
+@dataclass(frozen=True, slots=True)
+class JWK:
+    """A verification key from a key set, with the one algorithm it is published for.
+
+    RFC 8725 3.1: each key is used with exactly one algorithm, checked when
+    the signature is.  C{alg} is the JWK's own C{alg} (RFC 7517 4.4); None
+    when the key set does not name one (then the key type still limits the
+    algorithms, see L{verify_signature}).
+    """
+
+    key: PublicKey
+    alg: str | None = None
+
+
+def load_jwk(jwk: Mapping[str, object]) -> JWK | None:
+    """A public key from one JWKS entry, or None for keys we do not use.
+
+    Not used: symmetric and private keys, keys for another use (C{use}
+    other than C{sig}, C{key_ops} without C{verify}) and keys published for
+    an algorithm we do not accept.
+    """
     kty = jwk.get("kty")
     if jwk.get("use") not in (None, "sig"):
         return None
+    ops = jwk.get("key_ops")
+    if ops is not None and not (isinstance(ops, list) and "verify" in ops):
+        return None
+    alg = jwk.get("alg")
+    if alg is not None and alg not in ALGORITHMS:
+        return None
     try:
         if kty == "RSA":
-            return rsa.RSAPublicNumbers(_int(jwk.get("e")), _int(jwk.get("n"))).public_key()
+            rsa_key = rsa.RSAPublicNumbers(_int(jwk.get("e")), _int(jwk.get("n"))).public_key()
+            return JWK(rsa_key, alg)
         if kty == "EC":
             curves = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}
             curve = curves.get(str(jwk.get("crv")))
             if curve is None:
                 return None
             numbers = ec.EllipticCurvePublicNumbers(_int(jwk.get("x")), _int(jwk.get("y")), curve)
-            return numbers.public_key()
+            return JWK(numbers.public_key(), alg)
     except (ValueError, TokenError):
         return None
     # "oct" (a shared secret) and anything else: never a verification key here.
     return None
 
 
-def verify_signature(token: Token, key: PublicKey) -> None:
-    """Check C{token}'s signature with C{key}, whose type must fit the algorithm."""
+def verify_signature(token: Token, key: PublicKey | JWK) -> None:
+    """Check C{token}'s signature with C{key}, whose type (and C{alg}) must fit the algorithm."""
     alg = token.alg
+    if isinstance(key, JWK):
+        if key.alg is not None and key.alg != alg:
+            raise TokenError(f"{alg} used with a key published for {key.alg}")
+        key = key.key
     digest = _HASHES[alg[2:]]()
     try:
         if alg.startswith(("RS", "PS")):
@@ -185,6 +219,14 @@ def _time(claims: Mapping[str, object], name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenError(f"{name} is not a number")
     return float(value)
+
+
+def valid_until(claims: Mapping[str, object], expected: Expected) -> float:
+    """When a token whose claims passed L{check_claims} stops being accepted: C{exp} + leeway."""
+    expires = _time(claims, "exp")
+    if expires is None:
+        raise TokenError("no exp claim")
+    return expires + expected.leeway
 
 
 def check_claims(claims: Mapping[str, object], expected: Expected, now: float) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 
+import treq
 from twisted.cred import error
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -38,6 +39,10 @@ REFETCH_INTERVAL = 60.0
 #: The least time between two fetches while no key set was ever fetched.
 RETRY_INTERVAL = 5.0
 MAX_JWKS_BYTES = 1_048_576
+
+
+class _TooLargeError(Exception):
+    """The key set's answer passed L{MAX_JWKS_BYTES} while being read."""
 
 
 class JWTBackend:
@@ -82,7 +87,7 @@ class JWTBackend:
         self._reactor = reactor
         self._clock = clock or reactor
         self._client, self._pool = make_client(reactor, p.file("tls_ca"), p.where + ".tls_ca")
-        self._keys: dict[str | None, jose.PublicKey] = {}
+        self._keys: dict[str | None, jose.JWK] = {}
         self._fetched_at: float | None = None
         self._tried_at: float | None = None
         self._fetching: defer.Deferred[None] | None = None
@@ -122,11 +127,13 @@ class JWTBackend:
         try:
             jose.verify_signature(token, key)
             subject = jose.check_claims(token.claims, self.expected, self._clock.seconds())
+            until = jose.valid_until(token.claims, self.expected)
         except jose.TokenError as e:
             raise error.UnauthorizedLogin(f"token refused: {e}") from None
-        return Verified(subject)
+        # The router's success cache keeps this yes no longer than the token.
+        return Verified(subject, valid_until=until)
 
-    def _key_for(self, token: jose.Token) -> jose.PublicKey | None:
+    def _key_for(self, token: jose.Token) -> jose.JWK | None:
         if token.kid is not None:
             return self._keys.get(token.kid)
         # No key id: only unambiguous when the set holds a single key.
@@ -172,9 +179,26 @@ class JWTBackend:
                 waiter.errback(failure)
 
     async def _fetch(self) -> None:
+        chunks: list[bytes] = []
+        received = 0
+
+        def collect(chunk: bytes) -> None:
+            # Counted as it arrives: an answer that never ends is cut off
+            # at the bound, not held in memory until the timeout.
+            nonlocal received
+            received += len(chunk)
+            if received > MAX_JWKS_BYTES:
+                raise _TooLargeError()
+            chunks.append(chunk)
+
+        too_large = False
         try:
             response = await self._client.get(self.jwks_url, allow_redirects=False)
-            body = await response.content()
+            try:
+                # treq.collect drops the connection when the collector raises.
+                await treq.collect(response, collect)
+            except _TooLargeError:
+                too_large = True
         except defer.CancelledError:
             raise
         except Exception as e:
@@ -183,8 +207,9 @@ class JWTBackend:
             ) from None
         if response.code != 200:
             raise BackendUnavailable(self.name, f"key set URL answered {response.code}")
-        if len(body) > MAX_JWKS_BYTES:
+        if too_large:
             raise BackendUnavailable(self.name, "key set larger than 1 MB")
+        body = b"".join(chunks)
         try:
             document = json.loads(body)
             entries = document["keys"]
@@ -192,7 +217,7 @@ class JWTBackend:
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise BackendUnavailable(self.name, "key set is not a JWKS document") from None
-        keys: dict[str | None, jose.PublicKey] = {}
+        keys: dict[str | None, jose.JWK] = {}
         for jwk in entries:
             if isinstance(jwk, dict):
                 key = jose.load_jwk(jwk)

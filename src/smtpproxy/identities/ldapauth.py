@@ -12,6 +12,14 @@ which many servers accept.  Wrong password, no entry or several entries
 is C{UnauthorizedLogin} (no entry or several: L{NoSuchUser}, as no
 password was tried); anything that stops the question being asked
 (connection, TLS, the service bind, a timeout) is L{BackendUnavailable}.
+
+The identity is named after the entry the directory found, not after the
+name as typed: the directory matches C{uid} without case and ignoring
+extra spaces, so C{alice}, C{ALICE} and C{Alice } are one entry and must
+be one identity (one rate budget, one name in the log).  The search asks
+for the attribute the filter compares the user name with (L{user_attribute})
+and the identity takes its stored value; without one such attribute, or
+when the value is unusable (too long, not printable), the entry's DN.
 """
 
 from __future__ import annotations
@@ -79,7 +87,8 @@ class LDAPBackend:
             ldaptor_filter.parseFilter(user_filter(self.template, "probe"))
         except Exception:
             raise p.error("filter_string", f"{self.template!r} is not an LDAP filter") from None
-        p.strings("attributes")  # esmtpfa's; only the DN is needed here
+        p.strings("attributes")  # esmtpfa's; the filter says which attribute names the user
+        self.attribute = user_attribute(self.template)
         self.timeout = p.number("timeout", 10.0, 0.1, 120.0)
         self._tls = ssl.optionsForClientTLS(
             self.server,
@@ -124,7 +133,9 @@ class LDAPBackend:
     async def _ask(self, client: LDAPClient, user: str, secret: str) -> Verified:
         try:
             await client.bind(self.bind_user, self.bind_pass)
-            found = await _search(client, self.base_dn, user_filter(self.template, user))
+            found = await _search(
+                client, self.base_dn, user_filter(self.template, user), self.attribute
+            )
         except defer.CancelledError:
             raise
         except Exception as e:
@@ -134,33 +145,98 @@ class LDAPBackend:
         if len(found) != 1:
             # No password was tried: the name may belong to another backend.
             raise NoSuchUser("no single entry for this user")
+        dn, values = found[0]
         try:
-            await client.bind(found[0], secret)
+            await client.bind(dn, secret)
         except ldaperrors.LDAPInvalidCredentials:
             raise error.UnauthorizedLogin("wrong password") from None
         except defer.CancelledError:
             raise
         except Exception as e:
             raise BackendUnavailable(self.name, f"user bind failed: {_describe(e)}") from None
-        return Verified(user)
+        name = canonical_name(values, user) or (dn if _usable(dn, MAX_DN_CHARS) else None)
+        if name is None:
+            raise BackendUnavailable(self.name, "the entry has no usable name")
+        return Verified(name)
 
 
-async def _search(client: LDAPClient, base_dn: str, filter_text: str) -> list[str]:
-    """The DNs matching C{filter_text} under C{base_dn}: at most two are asked for."""
+#: What the user name is replaced with to find the attribute it is compared with.
+_PROBE = "smtpproxy-user-name-probe"
+MAX_DN_CHARS = 1024
+
+
+def user_attribute(template: str) -> str | None:
+    """The one attribute the filter compares the user name with for equality, or None.
+
+    C{(&(objectClass=person)(uid=%s))} gives C{uid}.  None when there is no
+    such comparison, or several with different attributes (C{(|(uid=%s)(mail=%s))}):
+    then no single stored value names the user, and the DN does.  Comparisons
+    under C{!} do not count (they say what the user is not).
+    """
+    found: set[str] = set()
+    pending: list[object] = [ldaptor_filter.parseFilter(user_filter(template, _PROBE))]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, pureldap.LDAPFilter_and | pureldap.LDAPFilter_or):
+            pending.extend(node)
+        elif (
+            isinstance(node, pureldap.LDAPFilter_equalityMatch)
+            and node.assertionValue.value == _PROBE
+        ):
+            found.add(_text(node.attributeDesc.value))
+    lowered = {a.lower() for a in found}
+    return found.pop() if len(lowered) == 1 else None
+
+
+def _usable(value: str, limit: int) -> bool:
+    """Short enough and printable: it becomes the identity's name in logs and limits."""
+    return 0 < len(value) <= limit and value.isprintable()
+
+
+def _fold(value: str) -> str:
+    """Roughly the directory's caseIgnoreMatch: no case, runs of spaces as one, ends trimmed."""
+    return " ".join(value.split()).casefold()
+
+
+def canonical_name(values: list[str], user: str) -> str | None:
+    """The stored value that names the user, as the directory keeps it; None if none fits.
+
+    One value: that one.  Several (a multi-valued C{uid}): the one the
+    typed name matched, compared as the directory compares.  A value that
+    is too long or not printable is never used.
+    """
+    usable = [v for v in values if _usable(v, MAX_USER_CHARS)]
+    if len(values) == 1:
+        return usable[0] if usable else None
+    wanted = _fold(user)
+    matching = [v for v in usable if _fold(v) == wanted]
+    return matching[0] if matching else None
+
+
+async def _search(
+    client: LDAPClient, base_dn: str, filter_text: str, attribute: str | None
+) -> list[tuple[str, list[str]]]:
+    """The entries matching C{filter_text} under C{base_dn}: at most two are asked for.
+
+    Each is its DN and the values of C{attribute} (none asked when None).
+    """
     request = pureldap.LDAPSearchRequest(
         baseObject=base_dn,
         scope=pureldap.LDAP_SCOPE_wholeSubtree,
         sizeLimit=2,
         filter=ldaptor_filter.parseFilter(filter_text),
-        attributes=["1.1"],
+        attributes=[attribute or "1.1"],
     )
-    found: list[str] = []
+    found: list[tuple[str, list[str]]] = []
     done: defer.Deferred[None] = defer.Deferred()
 
     def handle(message: object) -> bool:
         if isinstance(message, pureldap.LDAPSearchResultEntry):
-            dn = message.objectName
-            found.append(dn.decode("utf-8") if isinstance(dn, bytes) else str(dn))
+            values: list[str] = []
+            for kind, stored in message.attributes:
+                if attribute is not None and _text(kind).lower() == attribute.lower():
+                    values.extend(_text(v) for v in stored)
+            found.append((_text(message.objectName), values))
             return False
         if isinstance(message, pureldap.LDAPSearchResultDone):
             code = message.resultCode
@@ -178,3 +254,7 @@ async def _search(client: LDAPClient, base_dn: str, filter_text: str) -> list[st
 
 def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

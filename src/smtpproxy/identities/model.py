@@ -22,10 +22,16 @@ from smtpproxy.policy.identity import UNRESTRICTED, IdentityPolicy
 
 @dataclass(frozen=True, slots=True)
 class Verified:
-    """A backend's yes: who the user is, and a policy of their own if the file gives one."""
+    """A backend's yes: who the user is, and a policy of their own if the file gives one.
+
+    C{valid_until} is when the credential itself stops being valid (a
+    token's C{exp} plus leeway), on the backend's clock: a cached yes must
+    not outlive it.  None: the credential carries no end of its own.
+    """
 
     user: str
     policy: IdentityPolicy | None = None
+    valid_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,10 @@ delivery raises C{SMTPBadSender} or C{SMTPBadRcpt}), and the global checks
 of the guard have already run before it is asked.  Every other avatar ID
 (anonymous, the C{SMTP_USERNAME} user) goes to the wrapped realm as before.
 
-An identity whose policy names a C{mailbox} has it set on the relay's
+An identity with C{allowed_senders} and no C{mailbox} gets a
+L{smtpproxy.policy.fromsender.FromRule} on the relay's delivery: with
+Graph, its From header must not choose a mailbox those senders do not
+allow.  An identity whose policy names a C{mailbox} has it set on the relay's
 delivery (L{smtpproxy.delivery.RelayDelivery.mailbox}), which puts it on
 every message of the session, direct or queued; the Graph provider sends
 as that mailbox.
@@ -17,7 +20,7 @@ as that mailbox.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from twisted.cred.portal import IRealm
@@ -28,6 +31,7 @@ from zope.interface import Interface, implementer
 
 from smtpproxy.delivery import RelayDelivery
 from smtpproxy.identities.model import Identity
+from smtpproxy.policy.fromsender import from_rule
 from smtpproxy.policy.identity import UNRESTRICTED, IdentityPolicy, IdentityRates
 
 
@@ -73,9 +77,13 @@ class _Realm(Protocol):
 class IdentityRealm:
     """Wraps the relay's realm; identities with a policy get a L{PolicedDelivery}."""
 
-    def __init__(self, inner: _Realm, clock: IReactorTime) -> None:
+    def __init__(
+        self, inner: _Realm, clock: IReactorTime, senders: Sequence[str] | None = None
+    ) -> None:
+        """@param senders: the provider's sending mailboxes (Graph's C{GRAPH_SENDER}), if any."""
         self._inner = inner
         self.rates = IdentityRates(clock)
+        self._senders = None if senders is None else tuple(senders)
 
     def requestAvatar(
         self, avatarId: object, mind: object, *interfaces: object
@@ -85,8 +93,10 @@ class IdentityRealm:
         interface, delivery, logout = self._inner.requestAvatar(
             avatarId.name.encode("utf-8"), mind, *interfaces
         )
-        if avatarId.policy.mailbox and isinstance(delivery, RelayDelivery):
-            delivery.mailbox = avatarId.policy.mailbox
+        if isinstance(delivery, RelayDelivery):
+            if avatarId.policy.mailbox:
+                delivery.mailbox = avatarId.policy.mailbox
+            delivery.from_rule = from_rule(avatarId.policy, self._senders)
         if avatarId.policy == UNRESTRICTED:
             return interface, delivery, logout
         return interface, PolicedDelivery(delivery, avatarId, self.rates), logout

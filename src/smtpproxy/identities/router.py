@@ -121,22 +121,26 @@ class IdentityChecker:
                 tested = tested or entry.name
                 continue
             except BackendUnavailable as e:
-                self.log_summary.emit(
-                    LogLevel.warn,
-                    "identity backend unavailable",
-                    client,
-                    provider=entry.name,
-                    type=entry.type,
-                    reason=e.reason,
-                )
+                self._unavailable(entry, client, e)
                 unavailable = e
+                continue
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                # A backend's own bug must not reach the session as a
+                # traceback per login: one summarised line, and this
+                # provider counts as unable to answer (454, not counted;
+                # the other providers are still asked).
+                failed = BackendUnavailable(entry.name, f"unexpected error: {type(e).__name__}")
+                self._unavailable(entry, client, failed)
+                unavailable = failed
                 continue
             identity = Identity(
                 entry.name,
                 verified.user,
                 verified.policy if verified.policy is not None else entry.policy,
             )
-            self.cache.put(entry.name, attempt.user, attempt.secret, identity)
+            self.cache.put(entry.name, attempt.user, attempt.secret, identity, verified.valid_until)
             return identity
         if unavailable is not None:
             if tested is not None:
@@ -145,3 +149,13 @@ class IdentityChecker:
                 )
             raise unavailable
         raise error.UnauthorizedLogin("no provider accepted these credentials")
+
+    def _unavailable(self, entry: ProviderEntry, client: str, e: BackendUnavailable) -> None:
+        self.log_summary.emit(
+            LogLevel.warn,
+            "identity backend unavailable",
+            client,
+            provider=entry.name,
+            type=entry.type,
+            reason=e.reason,
+        )

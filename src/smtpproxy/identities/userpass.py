@@ -180,8 +180,12 @@ class UserpassBackend:
             return defer.fail(error.UnauthorizedLogin("wrong password"))
         found = self._users.get(user)
         stored = found.password_hash if found is not None else self._dummy
-        if len(password) > MAX_PASSWORD_BYTES:
-            password = b""  # still hashed: the answer takes as long as any other
+        too_long = len(password) > MAX_PASSWORD_BYTES
+        if too_long:
+            # Refused whatever the stored hash says (it may be a hash of ""),
+            # but still hashed against the dummy: the answer takes as long as
+            # any other, and says nothing about which part was wrong.
+            password, stored = b"", self._dummy
 
         def compare() -> bool:
             return bcrypt.checkpw(password, stored)
@@ -189,7 +193,7 @@ class UserpassBackend:
         def answer(good: bool) -> Verified:
             if found is None:
                 raise NoSuchUser("no such user")
-            if good and secret:
+            if good and secret and not too_long:
                 return Verified(user, found.policy)
             raise error.UnauthorizedLogin("wrong password")
 

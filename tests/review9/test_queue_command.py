@@ -14,12 +14,18 @@ import sys
 from pathlib import Path
 
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from smtpproxy.mime.parsetask import MessageParser
+from smtpproxy.providers.graph.retry import response_problem
+from smtpproxy.queue.front import QueueFront
 from smtpproxy.queue.model import Attempt, Envelope, Outcome, QueueFullError
+from smtpproxy.queue.policy import Schedule
 from smtpproxy.queue.sqlite import SQLiteStore
+from smtpproxy.queue.worker import QueueRunner, RunnerSettings
 from smtpproxy.spool import MessageBody
-from tests.support import in_thread
+from tests.support import RecordingProvider, in_thread, message
 from tests.test_twistd import base_env
 
 OWNER = "relay-a"
@@ -105,3 +111,57 @@ class OperatorBesideRelayTests(TestCase):
         self.assertEqual(code, 0, err)
         stats = json.loads(out)
         self.assertEqual((stats["queued"], stats["delivering"]), (1, 0), err)
+
+    async def test_provider_reply_cannot_drive_the_operators_terminal(self) -> None:
+        """Defect: the reply an attempt is recorded with comes from the backend (Graph's
+        error.code and error.message, which retry.parse_graph_error only folds on
+        whitespace, so a permanent failure's reply carries them as sent; kept by
+        policy.reply_text, whose logsafe.clip escapes for JSON logs only) and `smtpproxy
+        queue show` / `list` (command.py _details, _table) print it, and the history's
+        replies, raw to the operator's terminal.  A terminal escape in Graph's answer (ESC ]
+        to retitle or ESC [2J to clear the screen, OSC 52 to write the clipboard) in a 4xx
+        body, or in any error.code (also in the 503 and 429 replies), reaches
+        the terminal of whoever inspects the queue.
+
+        Correct: the readable output shows control characters escaped or replaced (the
+        --json output is already safe), so nothing from a backend is a terminal command."""
+        store, url = await self.relay_store(max_bytes=1 << 30)
+        # What the Graph provider raises for this 400 answer (retry.response_problem).
+        problem = response_problem(
+            400,
+            b'{"error": {"code": "ErrorInvalidRequest",'
+            b' "message": "bad \\u001b]2;pwned\\u0007\\u001b[2J request"}}',
+            None,
+        )
+        self.assertIn("\x1b", str(problem.error))
+        provider = RecordingProvider()
+        provider.outcomes.append(problem.error)
+        settings = RunnerSettings(
+            concurrency=1,
+            per_route=1,
+            lease_time=30.0,
+            schedule=Schedule(min_interval=600.0, max_interval=3600.0, max_age=86400.0),
+            dead_retention=86400.0,
+            shutdown_timeout=1.0,
+            poll_interval=0.05,
+            purge_interval=600.0,
+        )
+        runner = QueueRunner(store, provider, reactor, MessageParser(reactor), settings)
+        runner.startService()
+        self.addCleanup(runner.stopService)
+        front = QueueFront(store, reactor, kick=runner.kick)
+        id = front.new_id()
+        body = MessageBody()
+        body.write(message("Status"))
+        await front.enqueue(id, Envelope("a@example.com", ("b@example.org",)), body)
+        for _ in range(200):
+            entry = await store.show(id)
+            if entry is not None and entry.attempts:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        await runner.stopService()
+        for action in (["show", id], ["list"]):
+            code, out, err = await in_thread(self.command, url, *action)
+            self.assertEqual(code, 0, err)
+            self.assertIn("ErrorInvalidRequest", out)
+            self.assertNotIn("\x1b", out, f"`smtpproxy queue {action[0]}` printed an escape")

@@ -9,6 +9,7 @@ the relay keeps running.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,25 @@ class OperatorBesideRelayTests(TestCase):
             self.assertEqual(code, 0, err)
             self.assertIn("ErrorInvalidRequest", out)
             self.assertNotIn("\x1b", out, f"`smtpproxy queue {action[0]}` printed an escape")
+
+    async def test_command_on_a_missing_queue_does_not_report_an_empty_one(self) -> None:
+        """Defect: `smtpproxy queue stats` (and list, retry --all-dead, ...) with a QUEUE_URL
+        naming a file that does not exist (a typo, the wrong config file, the relay's
+        working directory differing for a relative path) creates a new, empty queue there
+        (sqlite.py _open_in_thread creates the schema and the bodies directory even when
+        the store is opened with writer=False, as command.py does) and answers "queued: 0"
+        with exit status 0.  The operator is told the queue is empty while the relay's real
+        queue holds the backlog, and a stray queue.db is left behind.
+
+        Correct: the operator command opens an existing queue only; a missing file is an
+        error (exit status 3, "the queue could not be opened", naming the path) and nothing
+        is created."""
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        url = f"sqlite:///{directory / 'queue.db'}"
+        code, out, err = await in_thread(self.command, url, "stats")
+        self.assertEqual(
+            (code, sorted(os.listdir(directory))),
+            (3, []),
+            f"a missing queue was created and reported: {out!r} {err!r}",
+        )

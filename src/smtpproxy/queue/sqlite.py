@@ -76,6 +76,7 @@ from twisted.python.threadpool import ThreadPool
 from smtpproxy.queue import counters
 from smtpproxy.queue.model import (
     Attempt,
+    BodyDamagedError,
     BodySource,
     EnqueueWithdrawnError,
     Entry,
@@ -501,7 +502,8 @@ class SQLiteStore:
 
         def keep(claimed: builtins.list[tuple[Entry, bytes | None]]) -> builtins.list[Entry]:
             for entry, data in claimed:
-                if data is not None:
+                # A body of the wrong length is left to read_body, which says so.
+                if data is not None and len(data) == entry.size:
                     self._claimed[entry.id] = data
             return [entry for entry, _ in claimed]
 
@@ -528,28 +530,32 @@ class SQLiteStore:
     def read_body(self, id: str) -> Deferred[bytes]:
         """The body as accepted; C{KeyError} for no such message, C{OSError} if unreadable.
 
-        A small body this process just claimed comes from the claim's own
-        read, without waiting for the database thread.
+        C{FileNotFoundError} when the body is gone, L{BodyDamagedError} when
+        its length is not the size acknowledged (a truncated file): never a
+        body other than the one accepted.  A small body this process just
+        claimed comes from the claim's own read (checked there), without
+        waiting for the database thread.
         """
         claimed = self._claimed.pop(id, None)
         if claimed is not None:
             return defer.succeed(claimed)
 
-        def find(cursor: sqlite3.Cursor) -> str | bytes:
-            cursor.execute("SELECT seq, body FROM messages WHERE id = ?", (id,))
+        def find(cursor: sqlite3.Cursor) -> tuple[str, int] | bytes:
+            cursor.execute("SELECT seq, body, size FROM messages WHERE id = ?", (id,))
             row = cursor.fetchone()
             if row is None:
                 raise KeyError(id)
             if row[1] is None:
                 raise FileNotFoundError(errno.ENOENT, f"the body of {id} was lost")
             if row[1] == _INLINE:
-                return _inline_body(cursor, row[0])
-            return str(row[1])
+                return _whole(id, _inline_body(cursor, row[0]), int(row[2]))
+            return str(row[1]), int(row[2])
 
-        def read(found: str | bytes) -> bytes | Deferred[bytes]:
+        def read(found: tuple[str, int] | bytes) -> bytes | Deferred[bytes]:
             if isinstance(found, bytes):
                 return found
-            return self._in_files(lambda: self._read_file(found))
+            name, size = found
+            return self._in_files(lambda: _whole(id, self._read_file(name, size), size))
 
         return self._run(find).addCallback(read)
 
@@ -920,9 +926,10 @@ class SQLiteStore:
                 raise _full(e) from e
             raise
 
-    def _read_file(self, name: str) -> bytes:
+    def _read_file(self, name: str, size: int) -> bytes:
+        """The file's bytes, at most one past C{size}: enough to see it grew, never more."""
         with open(os.path.join(self.bodies, name), "rb") as f:
-            return f.read()
+            return f.read(size + 1)
 
     def _take_lock(self) -> None:
         """Become the queue's writer: take C{queue.db.lock}, or warn that another process has it."""
@@ -1154,6 +1161,13 @@ def _inline_body(cursor: sqlite3.Cursor, seq: int) -> bytes:
     if row is None:
         raise FileNotFoundError(errno.ENOENT, f"the body of message {seq} was lost")
     return bytes(row[0])
+
+
+def _whole(id: str, data: bytes, size: int) -> bytes:
+    """C{data}, if it is as long as the body acknowledged; else L{BodyDamagedError}."""
+    if len(data) != size:
+        raise BodyDamagedError(id, len(data), size)
+    return data
 
 
 def _record(cursor: sqlite3.Cursor, seq: int, attempt: Attempt) -> None:

@@ -59,7 +59,9 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -303,7 +305,11 @@ class SQLiteStore:
         make_pool: Callable[..., ConnectionPool] = ConnectionPool
         self._pool = make_pool(
             "sqlite3",
-            self.path,
+            # Only the writer may create the file; anyone else opens an
+            # existing one (mode=rw), so a mistyped QUEUE_URL is an error,
+            # never a new empty queue.
+            self.path if self.writer else _existing(self.path),
+            uri=not self.writer,
             timeout=self._timeout,
             isolation_level=None,
             check_same_thread=False,
@@ -332,11 +338,18 @@ class SQLiteStore:
             )
 
         def failed(failure: Failure) -> Failure:
-            self._release()
+            # The threads too: a process whose open failed must be able to exit.
+            self._stop()
             return failure
 
+        def loose(found: builtins.list[tuple[str, int]]) -> None:
+            for name, mode in found:
+                log.warn("queue file readable by other users", path=name, mode=f"{mode:04o}")
+
         return (
-            self._run(lambda cursor: self._open_in_thread(cursor, now))
+            self._in_files(lambda: _prepare_database(self.path, self.writer))
+            .addCallback(loose)
+            .addCallback(lambda _: self._run(lambda cursor: self._open_in_thread(cursor, now)))
             .addCallback(opened)
             .addErrback(failed)
         )
@@ -345,20 +358,21 @@ class SQLiteStore:
         """Let enqueues in progress commit, then stop the threads and close the file."""
         waiting = list(self._inflight)
 
-        def stop(_: object) -> None:
-            if self._pool is not None:
-                _untyped(self._pool.close)
-                self._pool = None
-            if self._files is not None:
-                _untyped(self._files.stop)
-                self._files = None
-            self._release()
-
         return (
             defer.DeferredList(waiting, consumeErrors=True)
-            .addCallback(stop)
+            .addCallback(lambda _: self._stop())
             .addCallback(lambda _: None)
         )
+
+    def _stop(self) -> None:
+        """Stop the threads, close the file, give up the writer lock."""
+        if self._pool is not None:
+            _untyped(self._pool.close)
+            self._pool = None
+        if self._files is not None:
+            _untyped(self._files.stop)
+            self._files = None
+        self._release()
 
     # The front door.
 
@@ -953,13 +967,15 @@ class SQLiteStore:
             self._lock = None
 
     def _open_in_thread(self, cursor: sqlite3.Cursor, now: float) -> tuple[int, int, int, int]:
-        if not os.path.isdir(self.bodies):
+        if self.writer and not os.path.isdir(self.bodies):
             os.makedirs(self.bodies, mode=0o700, exist_ok=True)
             _fsync_directory(os.path.dirname(os.path.abspath(self.bodies)))
         if self.writer and self._lock is None:
             self._take_lock()
         cursor.execute("BEGIN IMMEDIATE")
         version = cursor.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and not self.writer:
+            raise RuntimeError(f"{self.path} holds no queue (the relay creates it at its start)")
         if version == 0:
             # executescript() would commit the BEGIN above; one statement at
             # a time keeps the schema and its version in one transaction.
@@ -1122,6 +1138,37 @@ class SQLiteStore:
 def _untyped(method: object) -> None:
     """Call a Twisted method that has no annotations yet (pool start and stop)."""
     cast("Callable[[], None]", method)()
+
+
+def _existing(path: str) -> str:
+    """An SQLite URI that opens C{path} for reading and writing only if it already exists."""
+    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+
+
+def _prepare_database(path: str, writer: bool) -> builtins.list[tuple[str, int]]:
+    """Make sure the database file can be opened as C{writer} wants; its loose files.
+
+    The writer creates C{queue.db} 0600 before SQLite opens it: small
+    bodies live in it, and SQLite gives its C{-wal} and C{-shm} files the
+    main file's mode.  An existing file keeps its mode (an operator may
+    have let a backup group read it); those any user can read are
+    returned, for a warning.  Anyone else needs the file to exist.
+    """
+    if writer:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    elif not os.path.exists(path):
+        why = "no queue there (check QUEUE_URL; the relay creates it at its start)"
+        raise FileNotFoundError(errno.ENOENT, why, path)
+    elif os.path.getsize(path) == 0:
+        # SQLite would write a header into it on the way to reading nothing.
+        raise RuntimeError(f"{path} holds no queue (the relay creates it at its start)")
+    found = []
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+            if mode & 0o007:
+                found.append((name, mode))
+    return found
 
 
 def _configure(connection: sqlite3.Connection) -> None:

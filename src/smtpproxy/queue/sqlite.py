@@ -1155,7 +1155,12 @@ def _prepare_database(path: str, writer: bool) -> builtins.list[tuple[str, int]]
     returned, for a warning.  Anyone else needs the file to exist.
     """
     if writer:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        if not os.path.exists(path):
+            # Only created here, never opened for writing: SQLite still opens
+            # a file it may not write read-only (the readiness check says so).
+            with contextlib.suppress(FileExistsError):
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                os.close(os.open(path, flags, 0o600))
     elif not os.path.exists(path):
         why = "no queue there (check QUEUE_URL; the relay creates it at its start)"
         raise FileNotFoundError(errno.ENOENT, why, path)

@@ -30,7 +30,11 @@ C{queue.db.lock} (C{flock}) from its open to its close; the kernel drops it
 when the process dies, so a crash never leaves it held.  An open that
 cannot take it (a second relay on the same file by mistake) logs a warning
 and does not tidy; opens that are not the writer (the operator command, the
-doctor's check) never take it and never tidy.
+doctor's check) never take it, never tidy, and never create a queue: they
+open an existing file only, so a mistyped path is an error, not an empty queue.
+
+The writer creates C{queue.db} mode 0600 before SQLite opens it (it holds
+the small bodies; SQLite gives C{-wal} and C{-shm} the same mode).
 
 Group commit: while one batch commits, bodies that finish are collected and
 go together in the next transaction, with the deliveries the worker

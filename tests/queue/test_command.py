@@ -11,7 +11,9 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from smtpproxy.queue.model import Attempt, Envelope, Outcome
+from smtpproxy.queue import command
+from smtpproxy.queue.command import visible
+from smtpproxy.queue.model import Attempt, Entry, Envelope, Outcome, Refused, State
 from smtpproxy.queue.sqlite import SQLiteStore
 from smtpproxy.spool import MessageBody
 from tests.support import async_test, in_thread
@@ -113,3 +115,42 @@ class QueueCommandTests(TestCase):
         code, _, err = await in_thread(self.run_command, "stats", url="sqlite://host/x.db")
         self.assertEqual(code, 2)
         self.assertIn("QUEUE_URL", err)
+
+
+class VisibleTextTests(TestCase):
+    """The readable output's defence against terminal escapes from a backend, without I/O."""
+
+    def test_controls_become_escapes(self) -> None:
+        """Every C0 control (tab too), DEL, every C1 control and the bidirectional overrides
+        are written as visible escapes; letters, accented ones included, stay as they are."""
+        self.assertEqual(
+            visible("a\x00\x07\t\x1b[2J\x7f\x85\x9b\u202eé\u2066z"),
+            "a\\x00\\x07\\x09\\x1b[2J\\x7f\\x85\\x9b\\u202eé\\u2066z",
+        )
+        self.assertEqual(visible("plain Ünïcode text"), "plain Ünïcode text")
+
+    def test_show_and_list_escape_what_the_backend_said(self) -> None:
+        """A reply holding an OSC and a CSI sequence (last reply, the history, a refused
+        recipient's reply) prints escaped in `show` and `list`: the only control left is the
+        line feed between lines.  The JSON document keeps the text as it was (json escapes it)."""
+        hostile = "550 5.6.0 bad \x1b]2;pwned\x07\x1b[2J request"
+        attempt = Attempt(
+            1000.0, Outcome.FAILED, hostile, "req-1", "w", (Refused("c@example.org", hostile),)
+        )
+        entry = Entry(
+            id="0" * 24,
+            envelope=Envelope("a@example.com", ("b@example.org",)),
+            size=10,
+            queued_at=900.0,
+            state=State.DEAD,
+            attempts=1,
+            next_attempt=1000.0,
+            last_reply=hostile,
+            history=(attempt,),
+        )
+        for text in (command._details(entry, 1100.0), command._table([entry], 1100.0)):
+            self.assertEqual([c for c in text if ord(c) < 32 and c != "\n"], [])
+            self.assertIn("bad \\x1b]2;pwned\\x07\\x1b[2J", text)
+        self.assertEqual(command._details(entry, 1100.0).count("\\x1b]2;"), 3)
+        document = command._dump(command._entry(entry, history=True))
+        self.assertEqual(json.loads(document)["last_reply"], hostile)

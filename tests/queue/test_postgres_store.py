@@ -30,6 +30,7 @@ from twisted.trial.unittest import TestCase
 
 from smtpproxy.queue.model import (
     Attempt,
+    BodyDamagedError,
     Outcome,
     QueueFullError,
 )
@@ -207,6 +208,17 @@ class StoreTests(PostgresCase):
         )
         self.assertEqual(await store.read_body("first"), b"a" * 10_000)
         self.assertEqual((await store.stats()).bytes, 30_000)
+
+    async def test_body_missing_a_chunk_is_refused(self) -> None:
+        """A body whose chunk rows no longer add up to the acknowledged size (one deleted
+        by hand) fails read_body with BodyDamagedError rather than reading as the message."""
+        store = await self.opened()
+        await store.enqueue("cut", envelope(), Body(b"z" * 1000, piece=600), 1000.0)
+        self.query("DELETE FROM queue_body_chunks WHERE id = 'cut' AND seq = 0")
+        with self.assertRaises(BodyDamagedError) as caught:
+            await store.read_body("cut")
+        error = caught.exception
+        self.assertEqual((error.found, error.expected), (400, 1000))
 
     async def test_oldest_first_and_a_full_route_hides_nothing(self) -> None:
         """Claims come oldest first; a mailbox at its cap does not hide newer mail for others."""

@@ -29,6 +29,7 @@ from twisted.trial.unittest import TestCase
 
 from smtpproxy.queue.model import (
     Attempt,
+    BodyDamagedError,
     EnqueueWithdrawnError,
     Envelope,
     LeaseLostError,
@@ -703,6 +704,26 @@ class SQLiteInlineStoreTests(_SQLiteFiles, TestCase):
         self.assertEqual(self.body_files(), [])
         self.assertEqual((await store.stats()).bytes, 0)
 
+    async def test_damaged_inline_body_is_refused(self) -> None:
+        """A small body whose stored bytes are shorter than the size acknowledged (changed
+        behind the store's back) is never handed out: read_body and a claim's own read both
+        end in BodyDamagedError naming the lengths, while an intact neighbour reads back."""
+        store = await self.make_store()
+        await self.put(store, "cut", data=b"x" * 1000)
+        await self.put(store, "fine", T0 + 1, data=b"y" * 20)
+        with sqlite3.connect(self.path) as outside:
+            outside.execute(
+                "UPDATE inline_bodies SET data = substr(data, 1, 10)"
+                " WHERE message = (SELECT seq FROM messages WHERE id = 'cut')"
+            )
+        with self.assertRaises(BodyDamagedError) as caught:
+            await store.read_body("cut")
+        error = caught.exception
+        self.assertEqual((error.found, error.expected), (10, 1000))
+        self.assertEqual(len(await store.claim("w1", T0 + 5, LEASE, 10, 10)), 2)
+        await self.assertFailure(store.read_body("cut"), BodyDamagedError)
+        self.assertEqual(await store.read_body("fine"), b"y" * 20)
+
     async def test_deliveries_share_commits(self) -> None:
         """Fifty deliveries recorded at once are committed together (far fewer commits than
         messages) and each is answered: the delivered ones gone, a lost lease refused."""
@@ -813,6 +834,24 @@ class SQLiteStoreTests(_SQLiteFiles, TestCase):
         self.assertEqual(await store.retry_dead(T0 + 5), 0)
         self.assertEqual((await store.stats()).bytes, 20)
         self.assertEqual([e.id for e in await store.claim("w1", T0 + 9, LEASE, 10, 10)], ["fine"])
+
+    async def test_body_file_of_the_wrong_length_is_refused(self) -> None:
+        """A body file cut short, or grown, after the 250 fails read_body with
+        BodyDamagedError (the lengths, never the bytes) instead of reading as the message."""
+        store = await self.make_store()
+        await self.put(store, "m1", data=b"x" * 5000)
+        [name] = self.body_files()
+        path = os.path.join(body_directory(self.path), name)
+        os.truncate(path, 1200)
+        with self.assertRaises(BodyDamagedError) as caught:
+            await store.read_body("m1")
+        error = caught.exception
+        self.assertEqual((error.found, error.expected), (1200, 5000))
+        os.truncate(path, 9000)
+        with self.assertRaises(BodyDamagedError) as caught:
+            await store.read_body("m1")
+        error = caught.exception
+        self.assertEqual((error.found, error.expected), (5001, 5000))
 
     async def test_disk_full_leaves_nothing(self) -> None:
         """A body copy failing with ENOSPC or EDQUOT is QueueFullError, with no file or row left."""

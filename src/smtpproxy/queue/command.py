@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -283,6 +284,24 @@ def _recipients(recipients: Sequence[str]) -> str:
     return recipients[0] + more
 
 
+#: What must not reach the operator's terminal as it is: C0 controls (tab and
+#: line feed too: a field is one line), DEL, the C1 controls, the Unicode line
+#: and paragraph separators and the bidirectional overrides.  Replies come
+#: from the backend (Graph's error code and message) and addresses from SMTP
+#: clients: an escape sequence in them must show, not run.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escape(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: str) -> str:
+    """C{text} with every terminal control written as an escape (C{\\x1b}, C{\\u202e})."""
+    return _CONTROL.sub(_escape, text)
+
+
 def _table(entries: Sequence[Entry], now: float) -> str:
     if not entries:
         return "the queue is empty\n"
@@ -306,12 +325,13 @@ def _table(entries: Sequence[Entry], now: float) -> str:
                 e.last_reply[:60],
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    shown = [tuple(visible(cell) for cell in row) for row in rows]
+    widths = [max(len(row[i]) for row in shown) for i in range(len(shown[0]) - 1)]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
         + "  "
         + row[-1]
-        for row in rows
+        for row in shown
     ]
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
@@ -342,7 +362,7 @@ def _details(entry: Entry, now: float) -> str:
             request = f" request-id {a.request_id}" if a.request_id else ""
             lines.append(f"  {_when(a.at)} UTC  {a.outcome.value:<9}  {a.reply}{request}")
             lines.extend(f"      refused <{r.address}>: {r.reply}" for r in a.refused)
-    return "\n".join(lines) + "\n"
+    return "\n".join(visible(line) for line in lines) + "\n"
 
 
 def _stats_text(stats: Stats, now: float) -> str:

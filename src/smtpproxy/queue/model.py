@@ -197,6 +197,21 @@ class LeaseLostError(Exception):
     """The worker's lease ran out and another worker may hold the message now."""
 
 
+class BodyDamagedError(Exception):
+    """The stored body's length is not the size the queue acknowledged with C{250}.
+
+    A store's C{read_body} raises it rather than hand over a body that a
+    crash of the filesystem, a restore or a hand edit cut short (or grew):
+    delivering it would send the recipient a message that is not the one
+    accepted.  It names lengths only, never content.
+    """
+
+    def __init__(self, id: str, found: int, expected: int) -> None:
+        super().__init__(f"the body of {id} has {found} bytes, {expected} were accepted")
+        self.found = found
+        self.expected = expected
+
+
 class EnqueueWithdrawnError(Exception):
     """The enqueue was withdrawn before its commit (a forced shutdown): nothing was stored.
 

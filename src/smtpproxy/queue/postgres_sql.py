@@ -31,6 +31,7 @@ from psycopg.rows import TupleRow
 from smtpproxy.queue import counters
 from smtpproxy.queue.model import (
     Attempt,
+    BodyDamagedError,
     BodySource,
     Entry,
     Envelope,
@@ -432,12 +433,22 @@ def release(cursor: Cursor, owner: str) -> int:
 
 
 def read_body(cursor: Cursor, id: str) -> bytes:
-    """The body joined from its chunks; KeyError if there is no such message."""
-    cursor.execute("SELECT 1 FROM queue_messages WHERE id = %s", (id,))
-    if cursor.fetchone() is None:
+    """The body joined from its chunks; KeyError if there is no such message.
+
+    L{BodyDamagedError} when the chunks do not add up to the size
+    acknowledged (rows lost or removed by hand): never a body other than
+    the one accepted.
+    """
+    cursor.execute("SELECT size FROM queue_messages WHERE id = %s", (id,))
+    found = cursor.fetchone()
+    if found is None:
         raise KeyError(id)
+    size = int(found[0])
     cursor.execute("SELECT data FROM queue_body_chunks WHERE id = %s ORDER BY seq", (id,))
-    return b"".join(bytes(row[0]) for row in cursor)
+    data = b"".join(bytes(row[0]) for row in cursor)
+    if len(data) != size:
+        raise BodyDamagedError(id, len(data), size)
+    return data
 
 
 def entries(cursor: Cursor, state: State | None, limit: int) -> list[Entry]:

@@ -30,7 +30,11 @@ C{queue.db.lock} (C{flock}) from its open to its close; the kernel drops it
 when the process dies, so a crash never leaves it held.  An open that
 cannot take it (a second relay on the same file by mistake) logs a warning
 and does not tidy; opens that are not the writer (the operator command, the
-doctor's check) never take it and never tidy.
+doctor's check) never take it, never tidy, and never create a queue: they
+open an existing file only, so a mistyped path is an error, not an empty queue.
+
+The writer creates C{queue.db} mode 0600 before SQLite opens it (it holds
+the small bodies; SQLite gives C{-wal} and C{-shm} the same mode).
 
 Group commit: while one batch commits, bodies that finish are collected and
 go together in the next transaction, with the deliveries the worker
@@ -59,7 +63,9 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -76,6 +82,7 @@ from twisted.python.threadpool import ThreadPool
 from smtpproxy.queue import counters
 from smtpproxy.queue.model import (
     Attempt,
+    BodyDamagedError,
     BodySource,
     EnqueueWithdrawnError,
     Entry,
@@ -302,7 +309,11 @@ class SQLiteStore:
         make_pool: Callable[..., ConnectionPool] = ConnectionPool
         self._pool = make_pool(
             "sqlite3",
-            self.path,
+            # Only the writer may create the file; anyone else opens an
+            # existing one (mode=rw), so a mistyped QUEUE_URL is an error,
+            # never a new empty queue.
+            self.path if self.writer else _existing(self.path),
+            uri=not self.writer,
             timeout=self._timeout,
             isolation_level=None,
             check_same_thread=False,
@@ -331,11 +342,18 @@ class SQLiteStore:
             )
 
         def failed(failure: Failure) -> Failure:
-            self._release()
+            # The threads too: a process whose open failed must be able to exit.
+            self._stop()
             return failure
 
+        def loose(found: builtins.list[tuple[str, int]]) -> None:
+            for name, mode in found:
+                log.warn("queue file readable by other users", path=name, mode=f"{mode:04o}")
+
         return (
-            self._run(lambda cursor: self._open_in_thread(cursor, now))
+            self._in_files(lambda: _prepare_database(self.path, self.writer))
+            .addCallback(loose)
+            .addCallback(lambda _: self._run(lambda cursor: self._open_in_thread(cursor, now)))
             .addCallback(opened)
             .addErrback(failed)
         )
@@ -344,20 +362,21 @@ class SQLiteStore:
         """Let enqueues in progress commit, then stop the threads and close the file."""
         waiting = list(self._inflight)
 
-        def stop(_: object) -> None:
-            if self._pool is not None:
-                _untyped(self._pool.close)
-                self._pool = None
-            if self._files is not None:
-                _untyped(self._files.stop)
-                self._files = None
-            self._release()
-
         return (
             defer.DeferredList(waiting, consumeErrors=True)
-            .addCallback(stop)
+            .addCallback(lambda _: self._stop())
             .addCallback(lambda _: None)
         )
+
+    def _stop(self) -> None:
+        """Stop the threads, close the file, give up the writer lock."""
+        if self._pool is not None:
+            _untyped(self._pool.close)
+            self._pool = None
+        if self._files is not None:
+            _untyped(self._files.stop)
+            self._files = None
+        self._release()
 
     # The front door.
 
@@ -501,7 +520,8 @@ class SQLiteStore:
 
         def keep(claimed: builtins.list[tuple[Entry, bytes | None]]) -> builtins.list[Entry]:
             for entry, data in claimed:
-                if data is not None:
+                # A body of the wrong length is left to read_body, which says so.
+                if data is not None and len(data) == entry.size:
                     self._claimed[entry.id] = data
             return [entry for entry, _ in claimed]
 
@@ -528,28 +548,32 @@ class SQLiteStore:
     def read_body(self, id: str) -> Deferred[bytes]:
         """The body as accepted; C{KeyError} for no such message, C{OSError} if unreadable.
 
-        A small body this process just claimed comes from the claim's own
-        read, without waiting for the database thread.
+        C{FileNotFoundError} when the body is gone, L{BodyDamagedError} when
+        its length is not the size acknowledged (a truncated file): never a
+        body other than the one accepted.  A small body this process just
+        claimed comes from the claim's own read (checked there), without
+        waiting for the database thread.
         """
         claimed = self._claimed.pop(id, None)
         if claimed is not None:
             return defer.succeed(claimed)
 
-        def find(cursor: sqlite3.Cursor) -> str | bytes:
-            cursor.execute("SELECT seq, body FROM messages WHERE id = ?", (id,))
+        def find(cursor: sqlite3.Cursor) -> tuple[str, int] | bytes:
+            cursor.execute("SELECT seq, body, size FROM messages WHERE id = ?", (id,))
             row = cursor.fetchone()
             if row is None:
                 raise KeyError(id)
             if row[1] is None:
                 raise FileNotFoundError(errno.ENOENT, f"the body of {id} was lost")
             if row[1] == _INLINE:
-                return _inline_body(cursor, row[0])
-            return str(row[1])
+                return _whole(id, _inline_body(cursor, row[0]), int(row[2]))
+            return str(row[1]), int(row[2])
 
-        def read(found: str | bytes) -> bytes | Deferred[bytes]:
+        def read(found: tuple[str, int] | bytes) -> bytes | Deferred[bytes]:
             if isinstance(found, bytes):
                 return found
-            return self._in_files(lambda: self._read_file(found))
+            name, size = found
+            return self._in_files(lambda: _whole(id, self._read_file(name, size), size))
 
         return self._run(find).addCallback(read)
 
@@ -920,9 +944,10 @@ class SQLiteStore:
                 raise _full(e) from e
             raise
 
-    def _read_file(self, name: str) -> bytes:
+    def _read_file(self, name: str, size: int) -> bytes:
+        """The file's bytes, at most one past C{size}: enough to see it grew, never more."""
         with open(os.path.join(self.bodies, name), "rb") as f:
-            return f.read()
+            return f.read(size + 1)
 
     def _take_lock(self) -> None:
         """Become the queue's writer: take C{queue.db.lock}, or warn that another process has it."""
@@ -946,13 +971,15 @@ class SQLiteStore:
             self._lock = None
 
     def _open_in_thread(self, cursor: sqlite3.Cursor, now: float) -> tuple[int, int, int, int]:
-        if not os.path.isdir(self.bodies):
+        if self.writer and not os.path.isdir(self.bodies):
             os.makedirs(self.bodies, mode=0o700, exist_ok=True)
             _fsync_directory(os.path.dirname(os.path.abspath(self.bodies)))
         if self.writer and self._lock is None:
             self._take_lock()
         cursor.execute("BEGIN IMMEDIATE")
         version = cursor.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and not self.writer:
+            raise RuntimeError(f"{self.path} holds no queue (the relay creates it at its start)")
         if version == 0:
             # executescript() would commit the BEGIN above; one statement at
             # a time keeps the schema and its version in one transaction.
@@ -1117,6 +1144,42 @@ def _untyped(method: object) -> None:
     cast("Callable[[], None]", method)()
 
 
+def _existing(path: str) -> str:
+    """An SQLite URI that opens C{path} for reading and writing only if it already exists."""
+    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+
+
+def _prepare_database(path: str, writer: bool) -> builtins.list[tuple[str, int]]:
+    """Make sure the database file can be opened as C{writer} wants; its loose files.
+
+    The writer creates C{queue.db} 0600 before SQLite opens it: small
+    bodies live in it, and SQLite gives its C{-wal} and C{-shm} files the
+    main file's mode.  An existing file keeps its mode (an operator may
+    have let a backup group read it); those any user can read are
+    returned, for a warning.  Anyone else needs the file to exist.
+    """
+    if writer:
+        if not os.path.exists(path):
+            # Only created here, never opened for writing: SQLite still opens
+            # a file it may not write read-only (the readiness check says so).
+            with contextlib.suppress(FileExistsError):
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                os.close(os.open(path, flags, 0o600))
+    elif not os.path.exists(path):
+        why = "no queue there (check QUEUE_URL; the relay creates it at its start)"
+        raise FileNotFoundError(errno.ENOENT, why, path)
+    elif os.path.getsize(path) == 0:
+        # SQLite would write a header into it on the way to reading nothing.
+        raise RuntimeError(f"{path} holds no queue (the relay creates it at its start)")
+    found = []
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+            if mode & 0o007:
+                found.append((name, mode))
+    return found
+
+
 def _configure(connection: sqlite3.Connection) -> None:
     """Every connection: WAL, commits synced to disk, cascades on."""
     connection.execute("PRAGMA journal_mode = WAL")
@@ -1154,6 +1217,13 @@ def _inline_body(cursor: sqlite3.Cursor, seq: int) -> bytes:
     if row is None:
         raise FileNotFoundError(errno.ENOENT, f"the body of message {seq} was lost")
     return bytes(row[0])
+
+
+def _whole(id: str, data: bytes, size: int) -> bytes:
+    """C{data}, if it is as long as the body acknowledged; else L{BodyDamagedError}."""
+    if len(data) != size:
+        raise BodyDamagedError(id, len(data), size)
+    return data
 
 
 def _record(cursor: sqlite3.Cursor, seq: int, attempt: Attempt) -> None:

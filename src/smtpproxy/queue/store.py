@@ -84,7 +84,13 @@ class QueueStore(Protocol):
         """Extend C{owner}'s lease on C{id} (a slow delivery); L{LeaseLostError} if gone."""
 
     def read_body(self, id: str) -> Deferred[bytes]:
-        """The stored body, as accepted."""
+        """The stored body, as accepted.
+
+        Fails with C{FileNotFoundError} when the body is gone and with
+        L{smtpproxy.queue.model.BodyDamagedError} when its length is not
+        the size acknowledged: a backend never hands out a body other than
+        the one accepted (the worker makes such a message dead at once).
+        """
 
     def delivered(self, id: str, owner: str, attempt: Attempt) -> Deferred[None]:
         """The provider took it: remove the message and its body."""

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 
 from smtpproxy.config import Config
 from smtpproxy.delivery import send_email
+from smtpproxy.errors import PermanentDeliveryError
 from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
@@ -45,7 +46,14 @@ from smtpproxy.providers import Provider
 from smtpproxy.providers.result import AllRefusedError, PartlyRefused, RecipientRefusal
 from smtpproxy.queue import policy
 from smtpproxy.queue.front import dsn_from_meta, mailbox_from_meta
-from smtpproxy.queue.model import Attempt, Entry, LeaseLostError, Recipients, Refused
+from smtpproxy.queue.model import (
+    Attempt,
+    BodyDamagedError,
+    Entry,
+    LeaseLostError,
+    Recipients,
+    Refused,
+)
 from smtpproxy.queue.store import QueueStore
 from smtpproxy.spool import InflightBudget
 
@@ -79,6 +87,24 @@ class RunnerSettings:
 POLL_INTERVAL = 1.0
 #: Seconds between two sweeps of dead mail past its retention.
 PURGE_INTERVAL = 3600.0
+
+
+#: Why a message whose body is gone at delivery time is dead (a 554 5.3.0).
+LOST_BODY_REASON = "queued body was missing at delivery"
+
+
+class UnusableBodyError(PermanentDeliveryError):
+    """The queued body is gone, or is not the one accepted: no attempt can ever deliver it.
+
+    The policy makes such a message dead at once (a 5xx), with a reply that
+    says what is wrong with its body, rather than retrying it for
+    C{QUEUE_MAX_AGE} under the generic "local error" reply.  The body's
+    name stays in its row, so an operator who restores the file can
+    C{smtpproxy queue retry} it.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, "5.3.0", 554)
 
 
 def settings_from(config: Config, per_route: int) -> RunnerSettings:
@@ -347,7 +373,14 @@ class QueueRunner(Service):
         return decision
 
     async def _parse(self, entry: Entry) -> Email:
-        raw = await self.store.read_body(entry.id)
+        try:
+            raw = await self.store.read_body(entry.id)
+        except FileNotFoundError as e:
+            raise UnusableBodyError(LOST_BODY_REASON) from e
+        except BodyDamagedError as e:
+            raise UnusableBodyError(
+                f"queued body damaged: {e.found} bytes where {e.expected} were accepted"
+            ) from e
         envelope = entry.envelope
         parsed = self._parser.parse_body(
             envelope.sender, envelope.recipients, len(raw), lambda: raw

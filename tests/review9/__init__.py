@@ -1,0 +1,1 @@
+"""Review 9: failing tests for defects found in the durable queue (issue 12)."""

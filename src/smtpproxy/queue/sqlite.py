@@ -596,13 +596,14 @@ class SQLiteStore:
         state = "state = 'dead', died_at = ?"
         return self._settle(id, owner, attempt, state, attempt.at, recipients)
 
-    def release(self, owner: str) -> Deferred[int]:
-        """Put back every message C{owner} holds, due as before."""
+    def release(self, owner: str, keep: Sequence[str] = ()) -> Deferred[int]:
+        """Put back every message C{owner} holds but those of C{keep}, due as before."""
         self._claimed.clear()
         return self._change(
             "UPDATE messages SET state = 'queued', lease_owner = NULL, lease_until = NULL"
-            " WHERE state = 'delivering' AND lease_owner = ?",
-            (owner,),
+            " WHERE state = 'delivering' AND lease_owner = ?"
+            " AND id NOT IN (SELECT value FROM json_each(?))",
+            (owner, json.dumps(list(keep))),
         )
 
     # The operator.
@@ -695,18 +696,25 @@ class SQLiteStore:
 
         return self._run(work).addCallback(done)
 
-    def stats(self) -> Deferred[Stats]:
-        """Counts by stored state, bytes of bodies on disk, the oldest live message's time."""
+    def stats(self, now: float) -> Deferred[Stats]:
+        """Counts by state, bytes of bodies on disk, the oldest live message's time.
+
+        A lease that ran out before C{now} (its holder died or stalled)
+        counts as queued, as L{State.DELIVERING} says and as L{claim}
+        treats it.
+        """
 
         def work(cursor: sqlite3.Cursor) -> Stats:
             cursor.execute(
                 "SELECT"
-                " COUNT(*) FILTER (WHERE state = 'queued'),"
-                " COUNT(*) FILTER (WHERE state = 'delivering'),"
+                " COUNT(*) FILTER (WHERE state = 'queued'"
+                " OR (state = 'delivering' AND lease_until <= ?)),"
+                " COUNT(*) FILTER (WHERE state = 'delivering' AND lease_until > ?),"
                 " COUNT(*) FILTER (WHERE state = 'dead'),"
                 " COALESCE(SUM(size) FILTER (WHERE body IS NOT NULL), 0),"
                 " MIN(queued_at) FILTER (WHERE state != 'dead')"
-                " FROM messages"
+                " FROM messages",
+                (now, now),
             )
             queued, delivering, dead, held, oldest = cursor.fetchone()
             return Stats(queued, delivering, dead, held, oldest)

@@ -251,8 +251,9 @@ class SQLiteStore:
         deliveries or both).
     @ivar held: bytes of bodies this store holds, counted against
         C{max_bytes}; loaded at L{open} and kept up to date by this
-        process only (the operator command's deletions show at the next
-        open).
+        process; re-read from the file when it says "full" and another
+        process (the operator command) has changed the file since
+        (L{_recount}).
     """
 
     def __init__(
@@ -275,6 +276,10 @@ class SQLiteStore:
         self.commits = 0
         self.group_commits = 0
         self.held = 0
+        # SQLite's PRAGMA data_version when held was last read from the
+        # file (None: not yet); it changes only when another connection
+        # commits.
+        self._data_version: int | None = None
         self._reactor = reactor
         self._timeout = timeout
         self._pool: ConnectionPool | None = None
@@ -361,12 +366,22 @@ class SQLiteStore:
 
     # The front door.
 
-    def enqueue(self, id: str, envelope: Envelope, body: BodySource, now: float) -> Deferred[None]:
-        """Store a message; fire after its body and its row are both on disk."""
+    def enqueue(
+        self, id: str, envelope: Envelope, body: BodySource, now: float, *, recounted: bool = False
+    ) -> Deferred[None]:
+        """Store a message; fire after its body and its row are both on disk.
+
+        @param recounted: C{held} was just re-read (L{_recount}); refuse if
+            still full.
+        """
         size = body.size
         if id in self._ids:
             return defer.fail(KeyError(id))
         if self.held + size > self.max_bytes:
+            if not recounted:
+                return self._recount().addCallback(
+                    lambda _: self.enqueue(id, envelope, body, now, recounted=True)
+                )
             return defer.fail(QueueFullError(f"queue holds {self.held} of {self.max_bytes} bytes"))
         self.held += size
         if size <= self.inline_max:
@@ -401,6 +416,37 @@ class SQLiteStore:
         answer: Deferred[None] = Deferred()
         item.done.chainDeferred(answer)
         return answer
+
+    def _recount(self) -> Deferred[None]:
+        """Re-read C{held} from the file if another process changed it since the last read.
+
+        The operator's C{smtpproxy queue delete} (or a purge it allows) runs
+        in another process: the bytes it frees never pass through this
+        store's count, so without this a relay told "full" stays full until
+        restarted.  Only when the count says full, and only when SQLite's
+        C{data_version} says another connection committed since: this
+        process's own commits are counted already.  Exact, because the
+        read runs on the database thread after every commit before it, and
+        its answer reaches the reactor after theirs: the rows it sums and
+        the enqueues still in C{_ids} (not yet answered) never overlap.
+        """
+
+        def work(cursor: sqlite3.Cursor) -> tuple[int, int] | None:
+            version = int(cursor.execute("PRAGMA data_version").fetchone()[0])
+            if version == self._data_version:
+                return None
+            return version, _held(cursor)
+
+        def counted(found: tuple[int, int] | None) -> None:
+            if found is None:
+                return
+            self._data_version, stored = found
+            held = stored + sum(item.size for item in self._ids.values())
+            if held != self.held:
+                log.info("queue size re-read", held=held, was=self.held, path=self.path)
+            self.held = held
+
+        return self._run(work, synced=False).addCallback(counted)
 
     def withdraw(self, id: str) -> bool:
         """Stop the enqueue of C{id} unless its batch already holds the write lock.

@@ -799,6 +799,26 @@ class SQLiteInlineStoreTests(_SQLiteFiles, TestCase):
             self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
         db.close()
 
+    async def test_version_3_file_gets_the_route_index(self) -> None:
+        """A queue written by schema 3 (no per-route index) is upgraded at open: the
+        claims' index on (state, route, queued_at, seq) is created, its messages stay
+        claimable."""
+        store = await self.make_store()
+        await self.put(store, "old", T0)
+        await store.close()
+        with sqlite3.connect(self.path) as db:
+            db.execute("DROP INDEX messages_route")
+            db.execute("PRAGMA user_version = 3")
+        db.close()
+        store = await self.make_store()
+        [claimed] = await store.claim("w1", T0 + 1, LEASE, 5, 5)
+        self.assertEqual(claimed.id, "old")
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+            indexes = {row[1] for row in db.execute("PRAGMA index_list(messages)")}
+        db.close()
+        self.assertIn("messages_route", indexes)
+
 
 class SQLiteStoreTests(_SQLiteFiles, TestCase):
     """The contract against SQLite with every body in a file, and what only files show."""

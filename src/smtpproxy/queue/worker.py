@@ -228,6 +228,9 @@ class QueueRunner(Service):
                     attempt.cancel()
             if self.inflight:
                 await self._settled(self.settings.shutdown_timeout)
+        # A send that did not end even when cancelled may still reach the
+        # backend: its lease is kept too.
+        self._kept.update(id for id, flight in self._flights.items() if flight.handover is not None)
         kept = sorted(self._kept)
         try:
             released = await self.store.release(self.owner, kept)

@@ -9,6 +9,7 @@ already-fired Deferred unless C{hold} is set, when it waits for the test.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
@@ -187,10 +188,10 @@ class MemoryStore:
             "failed": recipients.failed,
         }
 
-    def release(self, owner: str) -> defer.Deferred[int]:
+    def release(self, owner: str, keep: Sequence[str] = ()) -> defer.Deferred[int]:
         count = 0
         for id, entry in list(self.entries.items()):
-            if entry.state == State.DELIVERING and entry.lease_owner == owner:
+            if entry.state == State.DELIVERING and entry.lease_owner == owner and id not in keep:
                 self.entries[id] = dataclasses.replace(
                     entry, state=State.QUEUED, lease_owner=None, lease_until=None
                 )
@@ -229,13 +230,14 @@ class MemoryStore:
         del self.entries[id], self.bodies[id]
         return defer.succeed(True)
 
-    def stats(self) -> defer.Deferred[Stats]:
+    def stats(self, now: float) -> defer.Deferred[Stats]:
         values = list(self.entries.values())
         queued = [e for e in values if e.state == State.QUEUED]
+        expired = [e for e in values if _expired(e, now)]
         return defer.succeed(
             Stats(
-                len(queued),
-                sum(1 for e in values if e.state == State.DELIVERING),
+                len(queued) + len(expired),
+                sum(1 for e in values if e.state == State.DELIVERING and not _expired(e, now)),
                 sum(1 for e in values if e.state == State.DEAD),
                 sum(e.size for e in values),
                 min((e.queued_at for e in queued), default=None),
@@ -255,3 +257,12 @@ class MemoryStore:
         for id in gone:
             del self.entries[id], self.bodies[id]
         return defer.succeed(len(gone))
+
+
+def _expired(entry: Entry, now: float) -> bool:
+    """A lease that ran out before C{now}: the message counts as queued."""
+    return (
+        entry.state == State.DELIVERING
+        and entry.lease_until is not None
+        and entry.lease_until <= now
+    )

@@ -207,7 +207,7 @@ class StoreTests(PostgresCase):
             [("first",), ("fits",)],
         )
         self.assertEqual(await store.read_body("first"), b"a" * 10_000)
-        self.assertEqual((await store.stats()).bytes, 30_000)
+        self.assertEqual((await store.stats(T)).bytes, 30_000)
 
     async def test_body_missing_a_chunk_is_refused(self) -> None:
         """A body whose chunk rows no longer add up to the acknowledged size (one deleted
@@ -355,7 +355,7 @@ class FailureTests(PostgresCase):
         await self.fill(store, 1)
         self.server.stop()
         self.server.start()
-        self.assertEqual((await store.stats()).queued, 1)
+        self.assertEqual((await store.stats(T)).queued, 1)
 
     async def test_silent_server(self) -> None:
         """A server that accepts the connection but never answers fails open in connect_timeout."""
@@ -375,14 +375,14 @@ class FailureTests(PostgresCase):
             failed = await self.timed_failure(store.enqueue("m1", envelope(), Body(b"l"), 1.0))
             self.assertLess(failed, PROMPT)
         await store.enqueue("m1", envelope(), Body(b"l"), 1.0)
-        self.assertEqual((await store.stats()).queued, 1)
+        self.assertEqual((await store.stats(T)).queued, 1)
 
     async def test_closed_store(self) -> None:
         """After close, calls fail at once instead of waiting on a stopped pool."""
         store = PostgresStore(self.dsn, 1 << 30, REACTOR)
         await store.open()
         await store.close()
-        self.assertLess(await self.timed_failure(store.stats()), 1.0)
+        self.assertLess(await self.timed_failure(store.stats(T)), 1.0)
         self.assertLess(
             await self.timed_failure(store.enqueue("m", envelope(), Body(b"c"), 1.0)), 1.0
         )
@@ -508,7 +508,7 @@ class LostCommitAnswerTests(PostgresCase):
         self.assertEqual(cutter.cut, 1)
         self.assertEqual(self.query("SELECT id FROM queue_messages"), [("m1",)])
         await store.enqueue("m2", envelope(), Body(b"after"), 2.0)
-        self.assertEqual((await store.stats()).queued, 2)
+        self.assertEqual((await store.stats(T)).queued, 2)
 
     async def test_commit_that_never_arrived_is_451(self) -> None:
         """The COMMIT never reached the server: the transaction was rolled back, so

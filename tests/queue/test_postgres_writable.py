@@ -62,7 +62,7 @@ class PostgresWritableTests(PostgresCase):
         await in_thread(set_server_read_only, self.dsn, False)
         self.assertIsNone(await self.wait_for_problem(store, False))
         await store.enqueue("stored", envelope(), Body(b"y" * 100), T + 1)
-        self.assertEqual((await store.stats()).queued, 1)
+        self.assertEqual((await store.stats(T + 1)).queued, 1)
 
     async def test_failover_onto_a_standby(self) -> None:
         """A store reaches the primary through one address (a TCP relay, as a virtual IP or

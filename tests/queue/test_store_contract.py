@@ -167,13 +167,13 @@ class StoreContract(_Base):
         leaves no write pending (the next enqueue and the statistics are as before)."""
         store = await self.make_store()
         await self.put(store, "m1")
-        before = await store.stats()
+        before = await store.stats(T0 + 3)
         for _ in range(3):
             found = await store.writable()
             self.assertIsNone(found.problem)
-        self.assertEqual(await store.stats(), before)
+        self.assertEqual(await store.stats(T0 + 3), before)
         await self.put(store, "m2", T0 + 1)
-        self.assertEqual((await store.stats()).queued, 2)
+        self.assertEqual((await store.stats(T0 + 3)).queued, 2)
 
     async def test_enqueue_claim_delivered(self) -> None:
         """A stored message is claimed with its envelope and body; delivered removes both."""
@@ -190,7 +190,7 @@ class StoreContract(_Base):
         await store.delivered("m1", "w1", attempt(T0 + 1, Outcome.DELIVERED))
         self.assertIsNone(await store.show("m1"))
         self.assertEqual(await store.claim("w2", T0 + 999, LEASE, 10, 10), [])
-        stats = await store.stats()
+        stats = await store.stats(T0 + 3)
         self.assertEqual((stats.queued, stats.delivering, stats.dead, stats.bytes), (0, 0, 0, 0))
         await self.assertFailure(store.read_body("m1"), KeyError)
 
@@ -216,7 +216,7 @@ class StoreContract(_Base):
         self.assertEqual(dead.state, State.DEAD)
         self.assertEqual([a.reply for a in dead.history], ["550 5.1.1 no"])
         self.assertEqual(await store.read_body("d1"), b"second\r\n")
-        self.assertEqual((await store.stats()).bytes, len(b"first\r\n") + len(b"second\r\n"))
+        self.assertEqual((await store.stats(T0 + 3)).bytes, len(b"first\r\n") + len(b"second\r\n"))
 
     async def test_group_commit(self) -> None:
         """Fifty enqueues at once all fire, all are stored, and share fewer commits than that."""
@@ -232,7 +232,7 @@ class StoreContract(_Base):
         commits = self.commits(store) - before
         self.assertLess(commits, 50)
         self.assertGreater(commits, 0)
-        self.assertEqual((await store.stats()).queued, 50)
+        self.assertEqual((await store.stats(T0 + 3)).queued, 50)
         store = await self.reopen(store)
         for id, data in bodies.items():
             self.assertEqual(await store.read_body(id), data)
@@ -261,7 +261,7 @@ class StoreContract(_Base):
         results = await defer.DeferredList(pending, consumeErrors=True)
         self.assertEqual([ok for ok, _ in results], [True] * 20)
         store = await self.reopen(store)
-        self.assertEqual((await store.stats()).queued, 20)
+        self.assertEqual((await store.stats(T0 + 3)).queued, 20)
 
     # Partial deliveries (an upstream that refused some recipients).
 
@@ -322,11 +322,11 @@ class StoreContract(_Base):
         await kept
         self.assertFalse(store.withdraw("k1"))
         store = await self.reopen(store)
-        stats = await store.stats()
+        stats = await store.stats(T0 + 3)
         self.assertEqual((stats.queued, stats.bytes), (1, 300))
         self.assertEqual([e.id for e in await store.list(None, 10)], ["k1"])
         await self.put(store, "w1")
-        self.assertEqual((await store.stats()).queued, 2)
+        self.assertEqual((await store.stats(T0 + 3)).queued, 2)
 
     async def test_withdraw_while_the_body_is_copied(self) -> None:
         """A large body still being copied in when withdrawn: the copy finishes, nothing
@@ -341,7 +341,7 @@ class StoreContract(_Base):
             gate.set()
         await self.assertFailure(copying, EnqueueWithdrawnError)
         store = await self.reopen(store)
-        stats = await store.stats()
+        stats = await store.stats(T0 + 3)
         self.assertEqual((stats.queued, stats.bytes), (0, 0))
 
     async def test_withdraw_refused_once_committed(self) -> None:
@@ -349,7 +349,7 @@ class StoreContract(_Base):
         store = await self.make_store()
         await self.put(store, "c1")
         self.assertFalse(store.withdraw("c1"))
-        self.assertEqual((await store.stats()).queued, 1)
+        self.assertEqual((await store.stats(T0 + 3)).queued, 1)
 
     # Leases.
 
@@ -399,6 +399,19 @@ class StoreContract(_Base):
         await store.renew("m1", "w1", T0 + 3 * LEASE)
         self.assertEqual(await store.claim("w2", T0 + 2 * LEASE, LEASE, 10, 10), [])
         self.assertEqual(len(await store.claim("w2", T0 + 3 * LEASE, LEASE, 10, 10)), 1)
+
+    async def test_release_keeps_the_leases_it_is_told_to(self) -> None:
+        """release(owner, keep) gives back the owner's other leases and leaves those of
+        C{keep} (attempts a stop cut off after hand-over) held until they run out."""
+        store = await self.make_store()
+        await self.put(store, "m1", T0)
+        await self.put(store, "m2", T0 + 1)
+        await store.claim("w1", T0 + 5, LEASE, 2, 10)
+        self.assertEqual(await store.release("w1", ["m2"]), 1)
+        [due] = await store.claim("w2", T0 + 6, LEASE, 10, 10)
+        self.assertEqual(due.id, "m1")
+        [expired] = await store.claim("w2", T0 + 5 + LEASE, LEASE, 10, 10)
+        self.assertEqual(expired.id, "m2")
 
     async def test_release_gives_leases_back(self) -> None:
         """release() returns an owner's messages at once; its later outcomes change nothing."""
@@ -483,7 +496,7 @@ class StoreContract(_Base):
         self.assertEqual((shown.attempts, shown.last_reply), (2, "550 5.1.1 unknown"))
         self.assertIsNone(shown.lease_owner)
         self.assertEqual(await store.claim("w1", T0 + 10_000, LEASE, 10, 10), [])
-        self.assertEqual((await store.stats()).dead, 1)
+        self.assertEqual((await store.stats(T0 + 3)).dead, 1)
         self.assertEqual(await store.read_body("m1"), b"Subject: hi\r\n\r\nbody\r\n")
 
     # The operator.
@@ -522,7 +535,7 @@ class StoreContract(_Base):
         await self.put(store, "q1", T0 + 2)
         self.assertEqual(await store.retry_dead(T0 + 50), 2)
         self.assertEqual(await store.retry_dead(T0 + 50), 0)
-        stats = await store.stats()
+        stats = await store.stats(T0 + 3)
         self.assertEqual((stats.queued, stats.dead, stats.oldest_queued_at), (3, 0, T0 + 2))
         self.assertEqual(len(await store.claim("w1", T0 + 50, LEASE, 10, 10)), 3)
 
@@ -537,7 +550,7 @@ class StoreContract(_Base):
         self.assertFalse(await store.delete("m2"))
         self.assertFalse(await store.delete("absent"))
         await self.assertFailure(store.read_body("m2"), KeyError)
-        self.assertEqual((await store.stats()).bytes, 100)
+        self.assertEqual((await store.stats(T0 + 3)).bytes, 100)
         self.assertEqual([e.id for e in await store.list(None, 10)], ["m1"])
 
     async def test_list(self) -> None:
@@ -557,17 +570,31 @@ class StoreContract(_Base):
     async def test_stats(self) -> None:
         """stats() counts each state, the bytes held and the oldest live message's time."""
         store = await self.make_store()
-        self.assertEqual(await store.stats(), type(await store.stats())(0, 0, 0, 0, None))
+        self.assertEqual(await store.stats(T0 + 3), type(await store.stats(T0))(0, 0, 0, 0, None))
         await self.make_dead(store, "d1", T0)
         await self.put(store, "q1", T0 + 1, b"a" * 10)
         await self.put(store, "q2", T0 + 2, b"b" * 20)
         await store.claim("w1", T0 + 3, LEASE, 1, 10)
-        stats = await store.stats()
+        stats = await store.stats(T0 + 3)
         dead_size = len(b"Subject: hi\r\n\r\nbody\r\n")
         self.assertEqual(
             (stats.queued, stats.delivering, stats.dead, stats.bytes, stats.oldest_queued_at),
             (1, 1, 1, 30 + dead_size, T0 + 1),
         )
+
+    async def test_stats_count_an_expired_lease_as_queued(self) -> None:
+        """stats(now) counts a message whose lease ran out before C{now} as queued, not
+        delivering (nobody delivers it; the next claim takes it), and a live lease as
+        delivering."""
+        store = await self.make_store()
+        await self.put(store, "q1", T0)
+        await self.put(store, "q2", T0 + 1)
+        await store.claim("dead-worker", T0 + 2, LEASE, 1, 10)
+        await store.claim("live-worker", T0 + 10, LEASE, 1, 10)
+        stats = await store.stats(T0 + 2 + LEASE)
+        self.assertEqual((stats.queued, stats.delivering), (1, 1))
+        stats = await store.stats(T0 + 2 + LEASE - 1)
+        self.assertEqual((stats.queued, stats.delivering), (0, 2))
 
     async def test_purge_dead(self) -> None:
         """purge_dead() removes only messages that died before the cut-off, with their bodies."""
@@ -601,10 +628,10 @@ class StoreContract(_Base):
         failure.trap(KeyError)
         self.assertEqual(await store.read_body("m1"), b"original")
         self.assertEqual((await store.show("m1") or self.fail()).envelope.sender, "app@example.com")
-        stats = await store.stats()
+        stats = await store.stats(T0 + 3)
         self.assertEqual((stats.queued, stats.bytes), (2, len(b"original") + 3))
         store = await self.reopen(store)
-        self.assertEqual((await store.stats()).bytes, len(b"original") + 3)
+        self.assertEqual((await store.stats(T0 + 3)).bytes, len(b"original") + 3)
 
     async def test_queue_full(self) -> None:
         """Past max_bytes an enqueue fails with QueueFullError, stores nothing, and room returns."""
@@ -615,11 +642,11 @@ class StoreContract(_Base):
         )
         await self.put(store, "m3", data=b"c" * 400)
         self.assertIsNone(await store.show("m2"))
-        self.assertEqual((await store.stats()).bytes, 1000)
+        self.assertEqual((await store.stats(T0 + 3)).bytes, 1000)
         await store.claim("w1", T0, LEASE, 1, 10)
         await store.delivered("m1", "w1", attempt(T0, Outcome.DELIVERED))
         await self.put(store, "m4", data=b"d" * 600)
-        self.assertEqual((await store.stats()).bytes, 1000)
+        self.assertEqual((await store.stats(T0 + 3)).bytes, 1000)
 
     async def test_body_bytes_exact(self) -> None:
         """Bodies come back byte for byte: every octet, bare CR and LF, NUL, empty, 3 MB."""
@@ -637,7 +664,7 @@ class StoreContract(_Base):
         store = await self.reopen(store)
         for id, data in bodies.items():
             self.assertEqual(await store.read_body(id), data, id)
-        self.assertEqual((await store.stats()).bytes, sum(map(len, bodies.values())))
+        self.assertEqual((await store.stats(T0 + 3)).bytes, sum(map(len, bodies.values())))
 
 
 class _SQLiteFiles(StoreContract):
@@ -694,7 +721,7 @@ class SQLiteInlineStoreTests(_SQLiteFiles, TestCase):
         self.assertEqual(len(self.body_files()), 1)
         store = await self.reopen(store)
         self.assertEqual(len(self.body_files()), 1)
-        self.assertEqual((await store.stats()).bytes, len(small) + len(large))
+        self.assertEqual((await store.stats(T0 + 3)).bytes, len(small) + len(large))
         claimed = await store.claim("w1", T0 + 5, LEASE, 10, 10)
         self.assertEqual([e.id for e in claimed], ["small", "large"])
         self.assertEqual(await store.read_body("small"), small)
@@ -702,7 +729,7 @@ class SQLiteInlineStoreTests(_SQLiteFiles, TestCase):
         for id in ("small", "large"):
             await store.delivered(id, "w1", attempt(T0 + 6, Outcome.DELIVERED))
         self.assertEqual(self.body_files(), [])
-        self.assertEqual((await store.stats()).bytes, 0)
+        self.assertEqual((await store.stats(T0 + 3)).bytes, 0)
 
     async def test_damaged_inline_body_is_refused(self) -> None:
         """A small body whose stored bytes are shorter than the size acknowledged (changed
@@ -738,7 +765,7 @@ class SQLiteInlineStoreTests(_SQLiteFiles, TestCase):
         await defer.gatherResults(done)
         await self.assertFailure(wrong, LeaseLostError)
         self.assertLessEqual(store.group_commits - before, 2)
-        self.assertEqual((await store.stats()).queued + (await store.stats()).delivering, 0)
+        self.assertEqual((await store.stats(T0 + 3)).queued + (await store.stats(T0)).delivering, 0)
 
     async def test_claims_unsynced_enqueues_synced(self) -> None:
         """A claim commits without the WAL fsync (synchronous NORMAL: its loss in a power cut
@@ -793,6 +820,26 @@ class SQLiteInlineStoreTests(_SQLiteFiles, TestCase):
             self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
         db.close()
 
+    async def test_version_3_file_gets_the_route_index(self) -> None:
+        """A queue written by schema 3 (no per-route index) is upgraded at open: the
+        claims' index on (state, route, queued_at, seq) is created, its messages stay
+        claimable."""
+        store = await self.make_store()
+        await self.put(store, "old", T0)
+        await store.close()
+        with sqlite3.connect(self.path) as db:
+            db.execute("DROP INDEX messages_route")
+            db.execute("PRAGMA user_version = 3")
+        db.close()
+        store = await self.make_store()
+        [claimed] = await store.claim("w1", T0 + 1, LEASE, 5, 5)
+        self.assertEqual(claimed.id, "old")
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+            indexes = {row[1] for row in db.execute("PRAGMA index_list(messages)")}
+        db.close()
+        self.assertIn("messages_route", indexes)
+
 
 class SQLiteStoreTests(_SQLiteFiles, TestCase):
     """The contract against SQLite with every body in a file, and what only files show."""
@@ -815,7 +862,7 @@ class SQLiteStoreTests(_SQLiteFiles, TestCase):
         store = await self.make_store()
         self.assertEqual(self.body_files(), sorted([kept, "README"]))
         self.assertEqual(await store.read_body("kept"), b"kept body")
-        self.assertEqual((await store.stats()).bytes, len(b"kept body"))
+        self.assertEqual((await store.stats(T0 + 3)).bytes, len(b"kept body"))
 
     async def test_missing_body_made_dead(self) -> None:
         """A row whose body file is gone becomes dead with a reply that says so, never vanishes."""
@@ -832,7 +879,7 @@ class SQLiteStoreTests(_SQLiteFiles, TestCase):
         await self.assertFailure(store.read_body("lost"), FileNotFoundError)
         self.assertFalse(await store.retry("lost", T0 + 5))
         self.assertEqual(await store.retry_dead(T0 + 5), 0)
-        self.assertEqual((await store.stats()).bytes, 20)
+        self.assertEqual((await store.stats(T0 + 3)).bytes, 20)
         self.assertEqual([e.id for e in await store.claim("w1", T0 + 9, LEASE, 10, 10)], ["fine"])
 
     async def test_body_file_of_the_wrong_length_is_refused(self) -> None:
@@ -863,7 +910,7 @@ class SQLiteStoreTests(_SQLiteFiles, TestCase):
             )
             self.assertIsNone(await store.show(f"m{code}"))
         self.assertEqual(self.body_files(), [])
-        self.assertEqual(await store.stats(), type(await store.stats())(0, 0, 0, 0, None))
+        self.assertEqual(await store.stats(T0 + 3), type(await store.stats(T0))(0, 0, 0, 0, None))
         # The bytes it had reserved are free again: a message of the whole size fits.
         await self.put(store, "after", data=b"a" * 100_000)
 

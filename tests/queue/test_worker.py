@@ -19,11 +19,11 @@ from smtpproxy.dsn import Dsn, RecipientDsn
 from smtpproxy.errors import PermanentDeliveryError, TransientDeliveryError
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
-from smtpproxy.providers.result import PartlyRefused, RecipientRefusal
+from smtpproxy.providers.result import Handover, PartlyRefused, RecipientRefusal, SendCancelledError
 from smtpproxy.queue.front import QueueFront, meta_json
 from smtpproxy.queue.model import Envelope, Outcome, Refused, State
 from smtpproxy.queue.policy import Schedule
-from smtpproxy.queue.worker import QueueRunner, RunnerSettings
+from smtpproxy.queue.worker import QueueRunner, RunnerSettings, _Flight
 from smtpproxy.spool import InflightBudget, MessageBody
 from tests.queue.memory import MemoryStore
 from tests.support import RecordingProvider, message
@@ -305,23 +305,92 @@ class StopTests(WorkerCase):
         self.assertNotIn(first, self.store.entries)
         self.assertEqual(self.store.entries[second].state, State.QUEUED)
 
-    def test_stop_gives_leases_back_after_the_timeout(self) -> None:
-        """A delivery still running after the shutdown timeout: the stop fires anyway and
-        the message is queued again, due at once, for the next start."""
-        self.provider.outcomes.append(defer.Deferred())
+    def stopped_while_sending(self, sending: defer.Deferred[None]) -> str:
+        """Queue a message whose send is C{sending}, stop the worker past the timeout; its id."""
+        self.provider.outcomes.append(sending)
         runner = self.runner()
         runner.startService()
         id = self.queue()
         self.clock.advance(0)
+        self.stopped_after_the_timeout(runner)
+        return id
+
+    def stopped_after_the_timeout(self, runner: QueueRunner) -> None:
+        """Stop C{runner}: nothing before the shutdown timeout, then the stop fires."""
         stopped = runner.stopService()
         self.clock.advance(9)
         self.assertNoResult(stopped)
         self.clock.advance(1)
         self.successResultOf(stopped)
+
+    def test_stop_gives_back_a_lease_the_provider_never_handed_over(self) -> None:
+        """A send still running after the shutdown timeout, which the provider says it
+        stopped before the message left for the backend (SendCancelledError without
+        hand-over): the stop cancels it, fires, and the message is queued again, due at
+        once, for the next start or another replica; no attempt is recorded."""
+        sending: defer.Deferred[None] = defer.Deferred(
+            lambda d: d.errback(SendCancelledError(handed_over=False))
+        )
+        id = self.stopped_while_sending(sending)
+        entry = self.store.entries[id]
+        self.assertEqual((entry.state, entry.lease_owner, entry.attempts), (State.QUEUED, None, 0))
+        [line] = self.logged("queue worker stopped")
+        self.assertEqual((line["released"], line["kept"], line["unfinished"]), (1, 0, 0))
+        self.assertEqual(self.logged(CUT_OFF), [])
+
+    def test_stop_gives_back_a_lease_of_a_message_waiting_for_memory(self) -> None:
+        """An attempt still waiting for the memory budget (its body never read, the
+        provider never given it) at the shutdown timeout: cancelled, its lease given
+        back."""
+        budget = InflightBudget(1_000)
+        self.assertTrue(budget.reserve(1_000))  # a session holds all of it
+        runner = self.runner()
+        runner.budget = budget
+        runner.startService()
+        id = self.queue()
+        self.clock.advance(0)
+        self.assertEqual(budget.waiting, 1)
+        self.stopped_after_the_timeout(runner)
+        self.assertEqual((budget.waiting, self.provider.emails), (0, []))
         entry = self.store.entries[id]
         self.assertEqual((entry.state, entry.lease_owner), (State.QUEUED, None))
+
+    def test_stop_keeps_the_lease_of_a_send_that_may_have_reached_the_backend(self) -> None:
+        """A send still running after the shutdown timeout that may have reached the
+        backend (a plain cancel: the provider cannot say; or marked handed over): the
+        stop fires, but the lease stays this process's until it runs out, so no replica
+        sends the message while the first request may still be answered; a warning
+        names the message, and after QUEUE_LEASE_TIME the message is due again."""
+        id = self.stopped_while_sending(defer.Deferred())
+        entry = self.store.entries[id]
+        self.assertEqual((entry.state, entry.lease_owner), (State.DELIVERING, "test-worker"))
         [line] = self.logged("queue worker stopped")
-        self.assertEqual((line["released"], line["unfinished"]), (1, 1))
+        self.assertEqual((line["released"], line["kept"], line["unfinished"]), (0, 1, 0))
+        [warning] = self.logged(CUT_OFF)
+        self.assertEqual(warning["id"], id)
+        self.assertEqual(
+            self.successResultOf(self.store.claim("other", self.clock.seconds(), 30, 5, 5)), []
+        )
+        later = self.clock.seconds() + SETTINGS.lease_time
+        [again] = self.successResultOf(self.store.claim("other", later, 30, 5, 5))
+        self.assertEqual(again.id, id)
+
+
+CUT_OFF = "queue delivery cut off at shutdown after hand-over: lease kept"
+
+
+class HandoverTests(SynchronousTestCase):
+    def test_may_have_reached_backend(self) -> None:
+        """What a stop's cancel leaves behind: nothing reached the backend before the
+        provider had the message, nor when it says it stopped before hand-over; a marked
+        hand-over, a plain cancel or a provider's hand-over error may have."""
+        self.assertFalse(_Flight().may_have_reached_backend(defer.CancelledError()))
+        quiet = _Flight(handover=Handover())
+        self.assertFalse(quiet.may_have_reached_backend(SendCancelledError(handed_over=False)))
+        self.assertTrue(quiet.may_have_reached_backend(SendCancelledError(handed_over=True)))
+        self.assertTrue(quiet.may_have_reached_backend(defer.CancelledError()))
+        marked = _Flight(handover=Handover(handed_over=True))
+        self.assertTrue(marked.may_have_reached_backend(SendCancelledError(handed_over=False)))
 
 
 class SQLiteWorkerTests(TestCase):
@@ -355,12 +424,12 @@ class SQLiteWorkerTests(TestCase):
         for n in range(3):
             await front.enqueue(front.new_id(), envelope, body(message(f"m{n}")))
         for _ in range(100):
-            if (await store.stats()).queued == 0 and len(provider.emails) == 4:
+            if (await store.stats(reactor.seconds())).queued == 0 and len(provider.emails) == 4:
                 break
             await deferLater(reactor, 0.05)
         subjects = [e.subject for e in provider.emails]
         self.assertEqual(sorted(subjects), ["m0", "m0", "m1", "m2"])
-        stats = await store.stats()
+        stats = await store.stats(reactor.seconds())
         self.assertEqual((stats.queued, stats.delivering, stats.dead), (0, 0, 0))
 
 

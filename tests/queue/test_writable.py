@@ -95,7 +95,7 @@ class SQLiteWritableTests(TestCase):
             thaw()
         self.assertIsNone((await store.writable()).problem)
         await store.enqueue("after", envelope(), Body(b"z" * 100), T0 + 2)
-        self.assertEqual((await store.stats()).queued, 2)
+        self.assertEqual((await store.stats(T0 + 2)).queued, 2)
 
     async def test_read_only_filesystem_under_the_bodies(self) -> None:
         """The body directory's filesystem goes read-only (a read-only bind mount; root

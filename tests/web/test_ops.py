@@ -311,14 +311,22 @@ class MetricsTests(SynchronousTestCase):
 
 class PollerTests(SynchronousTestCase):
     def test_answers_cached_and_bounded(self) -> None:
-        """The poller keeps the last answers; a question never answered times out as a problem."""
+        """The poller keeps the last answers; a question never answered times out as a problem.
+        The queue's statistics are asked at the reactor's time (leases expire by it)."""
         clock = Clock()
         pending: defer.Deferred[None] = defer.Deferred()
         stats = Stats(queued=3, delivering=1, dead=0, bytes=100, oldest_queued_at=40.0)
-        poller = StatusPoller(clock, lambda: pending, lambda: defer.succeed(stats))
+        asked_at: list[float] = []
+
+        def stats_at(now: float) -> defer.Deferred[Stats]:
+            asked_at.append(now)
+            return defer.succeed(stats)
+
+        poller = StatusPoller(clock, lambda: pending, stats_at)
         clock.advance(100)
         poller.start()
         self.assertEqual(poller.queue_stats, stats)
+        self.assertEqual(asked_at, [100.0])
         self.assertEqual(poller.provider_problem, "not checked yet")
         clock.advance(11)
         self.assertIn("no answer", poller.provider_problem or "")
@@ -341,7 +349,7 @@ class PollerTests(SynchronousTestCase):
             defer.fail(RuntimeError("the queue store is not open")),
         ]
         poller = StatusPoller(
-            clock, None, lambda: defer.succeed(Stats(0, 0, 0, 0, None)), lambda: answers.pop(0)
+            clock, None, lambda now: defer.succeed(Stats(0, 0, 0, 0, None)), lambda: answers.pop(0)
         )
         self.assertEqual(poller.queue_write_problem, "not checked yet")
         poller.start()

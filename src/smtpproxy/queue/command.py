@@ -206,7 +206,7 @@ async def _act(store: QueueStore, arguments: argparse.Namespace, now: float, out
         )
         out.write(_dump({"id": arguments.id, "deleted": gone}) if as_json else text)
         return 0 if gone else 1
-    stats = await store.stats()
+    stats = await store.stats(now)
     out.write(_dump(_stats(stats, now)) if as_json else _stats_text(stats, now))
     return 0
 

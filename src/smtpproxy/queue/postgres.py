@@ -508,9 +508,9 @@ class PostgresStore:
         """Record the last attempt and keep the message, dead, with its history."""
         return self._run(tx.record, id, owner, attempt, None, recipients)
 
-    def release(self, owner: str) -> Deferred[int]:
-        """Give back every lease C{owner} holds; how many."""
-        return self._run(tx.release, owner)
+    def release(self, owner: str, keep: Sequence[str] = ()) -> Deferred[int]:
+        """Give back every lease C{owner} holds but those of C{keep}; how many."""
+        return self._run(tx.release, owner, builtins.list(keep))
 
     # Counters (the Graph sending budgets): see smtpproxy.queue.counters.
 
@@ -548,9 +548,9 @@ class PostgresStore:
         """Remove a message no live lease holds; False if absent or held."""
         return self._run(tx.delete, id, self._clock.seconds()).addCallback(bool)
 
-    def stats(self) -> Deferred[Stats]:
-        """Counts by state, bytes held, the oldest live message's arrival."""
-        return self._run(tx.stats)
+    def stats(self, now: float) -> Deferred[Stats]:
+        """Counts by state (a lease expired at C{now} as queued), bytes, the oldest arrival."""
+        return self._run(tx.stats, now)
 
     def purge_dead(self, before: float) -> Deferred[int]:
         """Remove messages that died before C{before}; how many."""

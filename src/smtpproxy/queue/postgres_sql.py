@@ -422,12 +422,12 @@ def record(
     )
 
 
-def release(cursor: Cursor, owner: str) -> int:
-    """Give back every lease C{owner} holds; how many."""
+def release(cursor: Cursor, owner: str, keep: list[str]) -> int:
+    """Give back every lease C{owner} holds but those of C{keep}; how many."""
     cursor.execute(
         "UPDATE queue_messages SET state = 'queued', lease_owner = NULL, lease_until = NULL"
-        " WHERE lease_owner = %s AND state = 'delivering'",
-        (owner,),
+        " WHERE lease_owner = %s AND state = 'delivering' AND id <> ALL(%s)",
+        (owner, keep),
     )
     return cursor.rowcount
 
@@ -514,15 +514,20 @@ def delete(cursor: Cursor, id: str, now: float) -> int:
     return cursor.rowcount
 
 
-def stats(cursor: Cursor) -> Stats:
-    """Counts by state, bytes held, the oldest live message's arrival."""
+def stats(cursor: Cursor, now: float) -> Stats:
+    """Counts by state, bytes held, the oldest live message's arrival.
+
+    A lease that ran out before C{now} counts as queued (L{claim} takes it).
+    """
     row = cursor.execute(
-        "SELECT count(*) FILTER (WHERE state = 'queued'),"
-        " count(*) FILTER (WHERE state = 'delivering'),"
+        "SELECT count(*) FILTER (WHERE state = 'queued'"
+        " OR (state = 'delivering' AND lease_until <= %(now)s)),"
+        " count(*) FILTER (WHERE state = 'delivering' AND lease_until > %(now)s),"
         " count(*) FILTER (WHERE state = 'dead'),"
         " coalesce(sum(size), 0),"
         " min(queued_at) FILTER (WHERE state <> 'dead')"
-        " FROM queue_messages"
+        " FROM queue_messages",
+        {"now": now},
     ).fetchone()
     assert row is not None  # an aggregate without GROUP BY returns one row
     queued, delivering, dead, held, oldest = row

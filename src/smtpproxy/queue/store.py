@@ -119,8 +119,12 @@ class QueueStore(Protocol):
         some keeps only those it never reached, so a retry sends to them.
         """
 
-    def release(self, owner: str) -> Deferred[int]:
-        """Give back every lease C{owner} holds (shutdown); the count released."""
+    def release(self, owner: str, keep: Sequence[str] = ()) -> Deferred[int]:
+        """Give back every lease C{owner} holds but those of C{keep} (shutdown); the count.
+
+        C{keep}: messages whose cancelled attempt may have reached the
+        backend; their leases run out in their own time.
+        """
 
     # The operator.
 
@@ -145,8 +149,12 @@ class QueueStore(Protocol):
     def delete(self, id: str) -> Deferred[bool]:
         """Remove a message that no worker holds; False if absent or leased."""
 
-    def stats(self) -> Deferred[Stats]:
-        """Counts by state, bytes held, the oldest queued message's age."""
+    def stats(self, now: float) -> Deferred[Stats]:
+        """Counts by state, bytes held, the oldest queued message's age.
+
+        A message whose lease ran out before C{now} counts as queued, not
+        delivering: nobody is delivering it (L{claim} takes it).
+        """
 
     def purge_dead(self, before: float) -> Deferred[int]:
         """Remove dead messages that died before C{before}; how many."""

@@ -14,9 +14,15 @@ Every state change is one log line carrying the message id (the front
 door logs C{message queued}; here C{message delivered}, C{message delivery
 deferred}, C{message dead}).
 
-Stopping claims nothing more, gives deliveries in flight up to
-C{shutdown_timeout} to finish, then gives every lease of this process back
-so the messages are due at once for the next start (or another replica).
+Stopping claims nothing more and gives deliveries in flight up to
+C{shutdown_timeout} to finish.  It then cancels those still running and
+gives back the leases of the messages no backend can have yet (waiting for
+memory or parsing, or a send the provider says it stopped before handing
+the message over), so they are due at once for the next start or another
+replica.  A message the provider may already have handed to its backend
+keeps its lease: handing it to another replica at once could deliver it
+twice while the first request is still answered; it is retried once the
+lease runs out (C{QUEUE_LEASE_TIME}) if no outcome was recorded.
 """
 
 from __future__ import annotations
@@ -43,7 +49,14 @@ from smtpproxy.logsafe import clip, clip_list
 from smtpproxy.mime.message import Email
 from smtpproxy.mime.parsetask import MessageParser
 from smtpproxy.providers import Provider
-from smtpproxy.providers.result import AllRefusedError, PartlyRefused, RecipientRefusal
+from smtpproxy.providers.result import (
+    AllRefusedError,
+    Handover,
+    PartlyRefused,
+    RecipientRefusal,
+    SendCancelledError,
+    watched,
+)
 from smtpproxy.queue import policy
 from smtpproxy.queue.front import dsn_from_meta, mailbox_from_meta
 from smtpproxy.queue.model import (
@@ -125,6 +138,36 @@ def settings_from(config: Config, per_route: int) -> RunnerSettings:
     )
 
 
+@dataclass(eq=False, slots=True)
+class _Flight:
+    """One attempt in flight, as a stop needs to see it.
+
+    @ivar handover: set once the provider was given the message; whether
+        it has left for the backend (L{Handover}).
+    @ivar recording: the attempt has ended and its outcome is being
+        written to the store: too late (and needless) to cancel.
+    @ivar stopped: cancelled by the worker's stop.
+    """
+
+    handover: Handover | None = None
+    recording: bool = False
+    stopped: bool = False
+
+    def may_have_reached_backend(self, error: BaseException | None) -> bool:
+        """After a stop's cancel: can the backend have the message?  (Pure.)
+
+        Not before the provider was given it, nor when the provider says
+        it stopped before handing it over (L{SendCancelledError}); any
+        other end (a plain cancel, a provider that does not say) may
+        have, so it is read as yes.
+        """
+        if self.handover is None:
+            return False
+        if self.handover.handed_over:
+            return True
+        return not (isinstance(error, SendCancelledError) and not error.handed_over)
+
+
 def worker_name() -> str:
     """This process's lease owner name: host, pid and a random tag (a restarted pid differs)."""
     tag = random.Random(os.urandom(8)).getrandbits(32)  # noqa: S311
@@ -160,6 +203,10 @@ class QueueRunner(Service):
         # rather than all sitting in memory; None: no limit (tests).
         self.budget = budget
         self.inflight: dict[str, defer.Deferred[None]] = {}
+        self._flights: dict[str, _Flight] = {}
+        # Messages whose delivery a stop cut off after the provider may
+        # have handed them over: their leases are kept (see _stop).
+        self._kept: set[str] = set()
         self._claiming = False
         self._again = False
         self._kicked: IDelayedCall | None = None
@@ -174,6 +221,7 @@ class QueueRunner(Service):
         # will not let it be called).
         self.running = True
         self._stopping = False
+        self._kept.clear()
         self._poller = LoopingCall(self.poll)
         self._poller.clock = self._reactor
         self._poller.start(self.settings.poll_interval, now=True)
@@ -196,8 +244,22 @@ class QueueRunner(Service):
         if busy:
             log.info("waiting for queue deliveries in flight", count=busy)
             await self._settled(self.settings.shutdown_timeout)
+        if self.inflight:
+            # Past the grace: stop what is still running.  An attempt whose
+            # outcome is being recorded is left to finish (a moment).
+            for id, attempt in list(self.inflight.items()):
+                flight = self._flights.get(id)
+                if flight is not None and not flight.recording:
+                    flight.stopped = True
+                    attempt.cancel()
+            if self.inflight:
+                await self._settled(self.settings.shutdown_timeout)
+        # A send that did not end even when cancelled may still reach the
+        # backend: its lease is kept too.
+        self._kept.update(id for id, flight in self._flights.items() if flight.handover is not None)
+        kept = sorted(self._kept)
         try:
-            released = await self.store.release(self.owner)
+            released = await self.store.release(self.owner, kept)
         except Exception:
             log.failure("could not give the queue's leases back", owner=self.owner)
             return
@@ -205,6 +267,7 @@ class QueueRunner(Service):
             "queue worker stopped",
             unfinished=len(self.inflight),
             released=released,
+            kept=len(kept),
             owner=self.owner,
         )
 
@@ -258,6 +321,18 @@ class QueueRunner(Service):
     def _start(self, entries: list[Entry], room: int) -> None:
         self._claiming = False
         for entry in entries:
+            if entry.id in self.inflight:
+                # This process's own lease ran out while the attempt was
+                # still running (a stall, or the clock stepped past
+                # QUEUE_LEASE_TIME) and the claim took it again: the claim
+                # renewed the lease, the attempt goes on.  A second attempt
+                # beside it would send the message twice.
+                log.warn(
+                    "queue lease of a delivery in flight ran out and was taken back",
+                    id=entry.id,
+                    owner=self.owner,
+                )
+                continue
             self._deliver(entry)
         if (self._again or len(entries) == room) and not self._stopping:
             # More may be due (a full batch) or was queued meanwhile.
@@ -270,19 +345,23 @@ class QueueRunner(Service):
     # -- one attempt ----------------------------------------------------------
 
     def _deliver(self, entry: Entry) -> None:
-        attempt = defer.Deferred.fromCoroutine(self._attempt(entry))
+        flight = _Flight()
+        self._flights[entry.id] = flight
+        attempt = defer.Deferred.fromCoroutine(self._attempt(entry, flight))
         if attempt.called:
+            self._flights.pop(entry.id, None)
             return  # finished at once (a store and provider without waits)
         self.inflight[entry.id] = attempt
 
         def finished(result: object) -> None:
             self.inflight.pop(entry.id, None)
+            self._flights.pop(entry.id, None)
             if not self._stopping:
                 self.kick()  # a slot is free
 
         attempt.addBoth(finished)
 
-    async def _attempt(self, entry: Entry) -> None:
+    async def _attempt(self, entry: Entry, flight: _Flight) -> None:
         started = self._reactor.seconds()
         renewer = LoopingCall(lambda: self._renew(entry.id, renewer))
         renewer.clock = self._reactor
@@ -313,9 +392,12 @@ class QueueRunner(Service):
                 held = entry.size
             email = await self._parse(entry)
             fields["queue_time_s"] = round(self._reactor.seconds() - entry.queued_at, 3)
-            result = await send_email(
-                self._provider, self._reactor, email, fields, started, log_failure=False
+            sending, flight.handover = watched(
+                lambda: send_email(
+                    self._provider, self._reactor, email, fields, started, log_failure=False
+                )
             )
+            result = await sending
         except Exception as e:
             error = e
         finally:
@@ -324,6 +406,10 @@ class QueueRunner(Service):
             if held and self.budget is not None:
                 # The provider is done with the body: its bytes may go.
                 self.budget.release(held)
+        if flight.stopped and isinstance(error, defer.CancelledError):
+            self._cut_off(entry, flight, error, fields["attempts"])
+            return
+        flight.recording = True
         now = self._reactor.seconds()
         decision = self._decide(entry, error, result, attempts, now)
         refused = _refusals(error, result)
@@ -336,6 +422,26 @@ class QueueRunner(Service):
             refused=tuple(Refused(r.address, r.reply) for r in refused),
         )
         await self._record(entry, decision, record, fields, now)
+
+    def _cut_off(self, entry: Entry, flight: _Flight, error: BaseException, attempts: int) -> None:
+        """The stop cancelled this attempt: keep its lease if the backend may have it.
+
+        Nothing is recorded: the attempt has no outcome.  A message no
+        backend can have is released with the others by L{_stop}; one that
+        may have reached it keeps this process's lease, so that no replica
+        sends it again while the first request may still be answered.
+        """
+        if not flight.may_have_reached_backend(error):
+            return
+        self._kept.add(entry.id)
+        log.warn(
+            "queue delivery cut off at shutdown after hand-over: lease kept",
+            id=entry.id,
+            attempts=attempts,
+            provider=self._provider.name,
+            owner=self.owner,
+            retry_after_lease_s=self.settings.lease_time,
+        )
 
     def _decide(
         self,

@@ -106,7 +106,7 @@ async def check(context: Context) -> list[Result]:
         results = [Result("queue", "PASS", f"{where} opens; schema version {_schema(kind)}")]
         results.append(await _write(store, context.reactor.seconds(), where))
         now = context.reactor.seconds()
-        stats = await store.stats()
+        stats = await store.stats(now)
         counts = {State.QUEUED: stats.queued, State.DELIVERING: stats.delivering}
         depths = [
             Depth(state, counts.get(state, stats.dead), await _oldest(store, state))

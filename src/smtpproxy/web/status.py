@@ -76,7 +76,7 @@ class StatusPoller:
         self,
         reactor: IReactorTime,
         provider_check: Callable[[], defer.Deferred[None]] | None,
-        queue_stats: Callable[[], defer.Deferred[Stats]] | None,
+        queue_stats: Callable[[float], defer.Deferred[Stats]] | None,
         queue_writable: Callable[[], defer.Deferred[Writability]] | None = None,
     ) -> None:
         self._reactor = reactor
@@ -89,7 +89,9 @@ class StatusPoller:
                 (_Question(provider_check), self._provider_ok, self._provider_failed)
             )
         if queue_stats is not None:
-            self._questions.append((_Question(queue_stats), self._stats_ok, self._stats_failed))
+            # Asked at the reactor's time: a lease that ran out counts as queued.
+            asked_now = _Question(lambda: queue_stats(self.now()))
+            self._questions.append((asked_now, self._stats_ok, self._stats_failed))
         self.queue_writability: Writability | None = None
         self.queue_write_problem: str | None = NOT_CHECKED if queue_writable else None
         if queue_writable is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from typing import cast
 
 from twisted.internet import reactor
@@ -77,4 +78,4 @@ class DatabaseFileTests(TestCase):
         and sees what the relay stored."""
         await (await self.opened()).close()
         reader = await self.opened(writer=False)
-        self.assertEqual((await reader.stats()).queued, 0)
+        self.assertEqual((await reader.stats(time.time())).queued, 0)

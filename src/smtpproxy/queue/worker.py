@@ -45,7 +45,14 @@ from smtpproxy.providers import Provider
 from smtpproxy.providers.result import AllRefusedError, PartlyRefused, RecipientRefusal
 from smtpproxy.queue import policy
 from smtpproxy.queue.front import dsn_from_meta, mailbox_from_meta
-from smtpproxy.queue.model import Attempt, Entry, LeaseLostError, Recipients, Refused
+from smtpproxy.queue.model import (
+    Attempt,
+    Entry,
+    LeaseLostError,
+    QueueBusyError,
+    Recipients,
+    Refused,
+)
 from smtpproxy.queue.store import QueueStore
 from smtpproxy.spool import InflightBudget
 
@@ -239,6 +246,13 @@ class QueueRunner(Service):
 
     def _claim_failed(self, failure: Failure) -> None:
         self._claiming = False
+        if isinstance(failure.value, QueueBusyError):
+            # Known and passing: no traceback; the next poll tries again.
+            log.warn(
+                "could not take due messages: another process holds the queue's write lock",
+                owner=self.owner,
+            )
+            return
         log.failure("could not take due messages from the queue", failure, owner=self.owner)
 
     # -- one attempt ----------------------------------------------------------

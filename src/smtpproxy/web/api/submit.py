@@ -37,7 +37,13 @@ from smtpproxy.providers.result import (
     watched,
 )
 from smtpproxy.queue.front import QueueFront, meta_json
-from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
+from smtpproxy.queue.model import (
+    EnqueueWithdrawnError,
+    Envelope,
+    QueueBusyError,
+    QueueFullError,
+    QueueReadOnlyError,
+)
 from smtpproxy.web.api.drain import Flight, Flights, stopping_error
 from smtpproxy.web.api.problems import ApiError
 
@@ -228,6 +234,18 @@ class Submitter:
                 log.warn("message not queued: the queue is full", **fields)
             elif isinstance(failure.value, EnqueueWithdrawnError):
                 log.info("message withdrawn at shutdown, not queued", **fields)
+            elif isinstance(failure.value, QueueBusyError):
+                log.warn(
+                    "message not queued: another process holds the queue's write lock",
+                    error=str(failure.value),
+                    **fields,
+                )
+            elif isinstance(failure.value, QueueReadOnlyError):
+                log.error(
+                    "message not queued: the queue's storage is read-only",
+                    error=str(failure.value),
+                    **fields,
+                )
             else:
                 log.failure("message could not be queued", failure, **fields)
             return failure

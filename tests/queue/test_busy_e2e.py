@@ -28,7 +28,7 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from smtpproxy.queue.sqlite import INLINE_MAX, WRITE_LOCK_WAIT
+from smtpproxy.queue.sqlite import INLINE_MAX, WRITE_LOCK_WAIT, body_directory
 from tests.queue.test_e2e import QueuedRelay
 from tests.support import TIMEOUT, async_test, in_thread, message
 from tests.test_twistd import free_port
@@ -106,6 +106,7 @@ class WriteLockHeldTests(TestCase):
 
         def scenario() -> dict[str, Any]:
             relay.start()
+            relay.wait_for("queue opened")
             holder = _hold_lock(str(relay.dir / "queue.db"))
             seen: dict[str, Any] = {}
             try:
@@ -188,7 +189,8 @@ class ReadOnlyBodiesTests(TestCase):
 
         def scenario() -> dict[str, Any]:
             relay.start()
-            bodies = str(relay.dir / "queue.db.bodies")
+            relay.wait_for("queue opened")  # the body directory exists from then on
+            bodies = body_directory(str(relay.dir / "queue.db"))
             for args in (["--bind", bodies, bodies], ["-o", "remount,bind,ro", bodies]):
                 done = subprocess.run(
                     ["mount", *args], capture_output=True, timeout=30, check=False

@@ -112,6 +112,12 @@ _FULL, _NORMAL = "FULL", "NORMAL"
 #: Seconds the readiness check waits for the write lock (see L{SQLiteStore.writable}).
 LOCK_CHECK_WAIT = 0.25
 
+#: Seconds a claim waits for the write lock held by another process.  Far
+#: less than L{WRITE_LOCK_WAIT}: a claim that cannot have the lock costs
+#: nothing but a poll (the worker looks again within a second), while the
+#: enqueues behind it on the one connection have clients waiting in DATA.
+CLAIM_LOCK_WAIT = 0.25
+
 #: Bodies up to this size live in the database (C{inline_bodies}); larger ones in a file.
 INLINE_MAX = 64 * 1024
 
@@ -453,7 +459,7 @@ class SQLiteStore:
         """Lease up to C{limit} due messages, oldest first, no route past C{per_route}."""
 
         def work(cursor: sqlite3.Cursor) -> builtins.list[tuple[Entry, bytes | None]]:
-            cursor.execute("BEGIN IMMEDIATE")
+            _begin_briefly(cursor, CLAIM_LOCK_WAIT, self._wait)
             cursor.execute(
                 "SELECT route, COUNT(*) FROM messages"
                 " WHERE state = 'delivering' AND lease_until > ? GROUP BY route",
@@ -1283,6 +1289,17 @@ def _filesystem_problem(path: str, directories: Sequence[str]) -> tuple[str | No
         if problem is None and os.path.exists(name) and not os.access(name, os.W_OK):
             problem = f"read-only database: cannot write {name}"
     return problem, free or 0
+
+
+def _begin_briefly(cursor: sqlite3.Cursor, wait: float, usual: float) -> None:
+    """C{BEGIN IMMEDIATE}, waiting at most C{wait} s for the lock; else L{QueueBusyError}."""
+    cursor.execute(f"PRAGMA busy_timeout = {round(wait * 1000)}")
+    try:
+        cursor.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as error:
+        raise storage_error(error, wait) from error
+    finally:
+        cursor.execute(f"PRAGMA busy_timeout = {round(usual * 1000)}")
 
 
 def _lock_problem(cursor: sqlite3.Cursor, wait_ms: int, usual_ms: int) -> str | None:

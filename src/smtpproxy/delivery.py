@@ -37,7 +37,13 @@ from smtpproxy.policy.fromsender import FromRule, head_of
 from smtpproxy.providers import Provider, accepts_raw_mime, envelope_refusal
 from smtpproxy.providers.result import Handover, PartlyRefused, SendCancelledError, watched
 from smtpproxy.queue.front import QueueFront, meta_json
-from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
+from smtpproxy.queue.model import (
+    EnqueueWithdrawnError,
+    Envelope,
+    QueueBusyError,
+    QueueFullError,
+    QueueReadOnlyError,
+)
 from smtpproxy.smtp.commands import MailArguments, RcptArguments
 from smtpproxy.spool import MessageBody
 
@@ -351,6 +357,20 @@ class RelayMessage:
                 log.warn("message not queued: the queue is full", reply="452 4.3.1", **fields)
             elif failure.check(EnqueueWithdrawnError):
                 log.info("message withdrawn at shutdown, not queued", reply="421 4.3.2", **fields)
+            elif failure.check(QueueBusyError):
+                log.warn(
+                    "message not queued: another process holds the queue's write lock",
+                    reply="451 4.3.0",
+                    error=str(failure.value),
+                    **fields,
+                )
+            elif failure.check(QueueReadOnlyError):
+                log.error(
+                    "message not queued: the queue's storage is read-only",
+                    reply="451 4.3.0",
+                    error=str(failure.value),
+                    **fields,
+                )
             else:
                 log.failure("message could not be queued", failure, reply="451 4.3.0", **fields)
             return failure

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smtpproxy.queue.model import QueueFullError
+from smtpproxy.queue.model import QueueBusyError, QueueFullError, QueueReadOnlyError
 
 
 class DeliveryError(Exception):
@@ -89,6 +89,11 @@ def reply_for_failure(error: BaseException) -> Reply:
         return Reply(code, _clean_status(error.status, "5"), error.reason)
     if isinstance(error, QueueFullError):
         return Reply(452, "4.3.1", "Insufficient system storage, try again later")
+    if isinstance(error, QueueBusyError):
+        return Reply(451, "4.3.0", "Queue busy, try again later")
+    if isinstance(error, QueueReadOnlyError):
+        # The cause (a read-only filesystem) is the operator's to read in the log.
+        return Reply(451, "4.3.0", "Queue storage unavailable, try again later")
     if isinstance(error, TransientDeliveryError):
         code = error.code if error.code in (450, 451, 452) else 451
         return Reply(code, _clean_status(error.status, "4"), error.reason)

@@ -17,6 +17,7 @@ import time
 from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, TestCase
 
+from smtpproxy.queue.model import QueueReadOnlyError
 from smtpproxy.queue.sqlite import INLINE_MAX, LOCK_CHECK_WAIT, SQLiteStore
 from tests.queue.readonly import make_unwritable
 from tests.queue.test_store_contract import T0, Body, deferLater, envelope
@@ -100,7 +101,8 @@ class SQLiteWritableTests(TestCase):
     async def test_read_only_filesystem_under_the_bodies(self) -> None:
         """The body directory's filesystem goes read-only (a read-only bind mount; root
         only): the check names it, and a message too large for the database's rows is
-        refused there (EROFS), as the check foretold."""
+        refused there (EROFS), as the check foretold, as a QueueReadOnlyError (which the
+        front doors answer 451 4.3.0 and log by its cause) rather than a bare OSError."""
         if os.geteuid() != 0 or shutil.which("mount") is None:
             raise SkipTest("a read-only bind mount needs root and mount(8)")
         store = await self.opened()
@@ -113,9 +115,12 @@ class SQLiteWritableTests(TestCase):
         try:
             found = await store.writable()
             self.assertEqual(found.problem, f"read-only filesystem at {bodies}")
-            with self.assertRaises(OSError) as refused:
+            with self.assertRaises(QueueReadOnlyError) as refused:
                 await store.enqueue("large", envelope(), Body(b"L" * (INLINE_MAX + 1)), T0)
-            self.assertEqual(refused.exception.errno, errno.EROFS)
+            cause = refused.exception.__cause__
+            self.assertIsInstance(cause, OSError)
+            self.assertEqual(getattr(cause, "errno", None), errno.EROFS)
+            self.assertEqual(store.held, 0)
         finally:
             subprocess.run(["umount", bodies], capture_output=True, timeout=30, check=True)
         self.assertIsNone((await store.writable()).problem)

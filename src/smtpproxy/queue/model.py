@@ -193,6 +193,24 @@ class QueueFullError(Exception):
     """The queue is over C{QUEUE_MAX_BYTES}, or its disk is full: answer 452 4.3.1."""
 
 
+class QueueBusyError(Exception):
+    """Another process held the queue's write lock too long: nothing was stored, answer 451 4.3.0.
+
+    The client keeps the message and sends it again later; the operator
+    finds the cause in the warning the front door logs (a transaction left
+    open in another program on the queue's file).
+    """
+
+
+class QueueReadOnlyError(Exception):
+    """The queue's storage refuses writes (a read-only filesystem or database): answer 451 4.3.0.
+
+    Nothing was stored.  Unlike a full disk (L{QueueFullError}, 452) this
+    does not pass by itself: the operator has to make the storage writable
+    again, which the front door's error line says.
+    """
+
+
 class LeaseLostError(Exception):
     """The worker's lease ran out and another worker may hold the message now."""
 

@@ -88,6 +88,7 @@ from smtpproxy.queue.model import (
     Envelope,
     LeaseLostError,
     Outcome,
+    QueueBusyError,
     QueueFullError,
     Recipients,
     State,
@@ -96,8 +97,9 @@ from smtpproxy.queue.model import (
     refused_from_json,
     refused_json,
 )
+from smtpproxy.queue.storage_errors import WRITE_LOCK_WAIT, storage_error
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore", "body_directory"]
+__all__ = ["SCHEMA_VERSION", "WRITE_LOCK_WAIT", "SQLiteStore", "body_directory"]
 
 log = Logger(namespace="smtpproxy.queue")
 
@@ -117,15 +119,18 @@ _FULL, _NORMAL = "FULL", "NORMAL"
 #: Seconds the readiness check waits for the write lock (see L{SQLiteStore.writable}).
 LOCK_CHECK_WAIT = 0.25
 
+#: Seconds a claim waits for the write lock held by another process.  Far
+#: less than L{WRITE_LOCK_WAIT}: a claim that cannot have the lock costs
+#: nothing but a poll (the worker looks again within a second), while the
+#: enqueues behind it on the one connection have clients waiting in DATA.
+CLAIM_LOCK_WAIT = 0.25
+
 #: Bodies up to this size live in the database (C{inline_bodies}); larger ones in a file.
 INLINE_MAX = 64 * 1024
 
 #: C{messages.body} of a message whose body is in C{inline_bodies} (a file's
 #: name otherwise, NULL once the body was found lost).
 _INLINE = ""
-
-#: Errors that mean "no room": the client is told 452 and retries later.
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 #: How many body files are written at once.  Each mostly waits in fsync, so
 #: a few threads let those waits overlap without crowding a small machine.
@@ -253,7 +258,12 @@ class SQLiteStore:
 
     One process writes the queue (the relay); the operator command may open
     the same file at the same time for reading and small changes, which
-    SQLite's locking serialises (C{timeout} is how long either waits).
+    SQLite's locking serialises.  C{timeout} is how long the operator
+    command's transactions, and the relay's L{open}, wait for the write
+    lock; the writer's other work waits at most L{WRITE_LOCK_WAIT} and then
+    fails with L{QueueBusyError} (an enqueue is answered 451 4.3.0), since
+    its one connection must not sit behind another process's lock while
+    clients wait in DATA.
     Only the writer tidies crash leftovers at open (see the module
     docstring): pass C{writer=False} for any other use.
 
@@ -294,6 +304,8 @@ class SQLiteStore:
         self._data_version: int | None = None
         self._reactor = reactor
         self._timeout = timeout
+        # How long the connection's work waits for the write lock (see open).
+        self._wait = min(timeout, WRITE_LOCK_WAIT) if writer else timeout
         self._pool: ConnectionPool | None = None
         self._files: ThreadPool | None = None
         # Enqueues in flight, by id: for duplicates and for withdraw().
@@ -307,6 +319,9 @@ class SQLiteStore:
         # released, so at most the worker's concurrency of them.
         self._claimed: dict[str, bytes] = {}
         self._committing = False
+        # Set by close(): deliveries of a batch that found the lock busy are
+        # no longer kept for another try (the stop must not wait for ever).
+        self._closing = False
         self._level = _FULL
         self._inflight: set[Deferred[None]] = set()
 
@@ -324,7 +339,7 @@ class SQLiteStore:
             # never a new empty queue.
             self.path if self.writer else _existing(self.path),
             uri=not self.writer,
-            timeout=self._timeout,
+            timeout=self._wait,
             isolation_level=None,
             check_same_thread=False,
             cp_min=1,
@@ -370,6 +385,7 @@ class SQLiteStore:
 
     def close(self) -> Deferred[None]:
         """Let enqueues in progress commit, then stop the threads and close the file."""
+        self._closing = True
         waiting = list(self._inflight)
 
         return (
@@ -417,7 +433,7 @@ class SQLiteStore:
                 # page cache still holds): cheaper here than a thread hop.
                 item.data = _read_small(body, size)
             except BaseException as e:
-                item.done.errback(_full(e) if _is_full(e) else e)
+                item.done.errback(storage_error(e, self._wait))
             else:
                 self._ready_to_commit(item)
         else:
@@ -513,7 +529,7 @@ class SQLiteStore:
         """Lease up to C{limit} due messages, oldest first, no route past C{per_route}."""
 
         def work(cursor: sqlite3.Cursor) -> builtins.list[tuple[Entry, bytes | None]]:
-            cursor.execute("BEGIN IMMEDIATE")
+            _begin_briefly(cursor, CLAIM_LOCK_WAIT, self._wait)
             cursor.execute(
                 "SELECT route, COUNT(*) FROM messages"
                 " WHERE state = 'delivering' AND lease_until > ? GROUP BY route",
@@ -820,7 +836,7 @@ class SQLiteStore:
         """
         directories = (os.path.dirname(os.path.abspath(self.path)), self.bodies)
         wait_ms = round(LOCK_CHECK_WAIT * 1000)
-        usual_ms = round(self._timeout * 1000)
+        usual_ms = round(self._wait * 1000)
 
         def work(cursor: sqlite3.Cursor) -> Writability:
             problem, free = _filesystem_problem(self.path, directories)
@@ -861,15 +877,21 @@ class SQLiteStore:
             # Nothing of the batch is committed: take its bodies back too, so
             # the bytes and the files go together.
             error: BaseException = reason.value or RuntimeError("commit failed")
-            if isinstance(error, sqlite3.Error) and _sqlite_full(error):
-                error = QueueFullError(f"the queue's database is full: {error}")
             names = [item.name for item in batch if item.name != _INLINE]
-            for one in finished:
-                one.done.errback(reason)
+            if isinstance(error, QueueBusyError) and not self._closing:
+                # The write lock is held elsewhere: the enqueues' clients are
+                # told to retry, but deliveries already made must not be
+                # forgotten (their messages would be sent again once the
+                # leases ran out): they go in the next batch, which tries
+                # again at once (each try waits WRITE_LOCK_WAIT for the lock).
+                self._finished[:0] = finished
+            else:
+                for one in finished:
+                    one.done.errback(reason)
 
             def answer(_: object) -> None:
                 for item in batch:
-                    item.done.errback(error)
+                    item.done.errback(EnqueueWithdrawnError(item.id) if item.withdrawn else error)
 
             self._in_files(lambda: _unlink_all(self.bodies, names)).addBoth(answer)
 
@@ -973,8 +995,9 @@ class SQLiteStore:
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            if e.errno in _FULL_ERRNOS:
-                raise _full(e) from e
+            mapped = storage_error(e, self._wait)
+            if mapped is not e:
+                raise mapped from e
             raise
         try:
             written = 0
@@ -992,8 +1015,9 @@ class SQLiteStore:
             os.rename(temporary, os.path.join(self.bodies, name))
         except BaseException as e:
             _unlink_all(self.bodies, [name + _TMP_SUFFIX])
-            if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
-                raise _full(e) from e
+            mapped = storage_error(e, self._wait)
+            if mapped is not e:
+                raise mapped from e
             raise
 
     def _read_file(self, name: str, size: int) -> bytes:
@@ -1028,7 +1052,13 @@ class SQLiteStore:
             _fsync_directory(os.path.dirname(os.path.abspath(self.bodies)))
         if self.writer and self._lock is None:
             self._take_lock()
-        cursor.execute("BEGIN IMMEDIATE")
+        # Opening may wait the whole timeout for the lock (nothing is being
+        # answered yet); the connection's work from then on waits less.
+        cursor.execute(f"PRAGMA busy_timeout = {round(self._timeout * 1000)}")
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout = {round(self._wait * 1000)}")
         version = cursor.execute("PRAGMA user_version").fetchone()[0]
         if version == 0 and not self.writer:
             raise RuntimeError(f"{self.path} holds no queue (the relay creates it at its start)")
@@ -1128,7 +1158,15 @@ class SQLiteStore:
                 self._level = level
             return work(cursor)
 
-        return run(at_level)
+        def mapped(failure: Failure) -> Failure:
+            # A full, read-only or busy store as its own error (storage_errors).
+            error = failure.value
+            found = storage_error(error, self._wait) if error is not None else error
+            if found is error or found is None:
+                return failure
+            raise found from error
+
+        return run(at_level).addErrback(mapped)
 
     def _settle(
         self,
@@ -1420,6 +1458,17 @@ def _filesystem_problem(path: str, directories: Sequence[str]) -> tuple[str | No
     return problem, free or 0
 
 
+def _begin_briefly(cursor: sqlite3.Cursor, wait: float, usual: float) -> None:
+    """C{BEGIN IMMEDIATE}, waiting at most C{wait} s for the lock; else L{QueueBusyError}."""
+    cursor.execute(f"PRAGMA busy_timeout = {round(wait * 1000)}")
+    try:
+        cursor.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as error:
+        raise storage_error(error, wait) from error
+    finally:
+        cursor.execute(f"PRAGMA busy_timeout = {round(usual * 1000)}")
+
+
 def _lock_problem(cursor: sqlite3.Cursor, wait_ms: int, usual_ms: int) -> str | None:
     """Take SQLite's write lock within C{wait_ms} and roll back at once; None if it worked."""
     cursor.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
@@ -1465,17 +1514,3 @@ def _read_small(body: BodySource, size: int) -> bytes:
     if len(data) != size:
         raise ValueError(f"the body source gave {len(data)} bytes of {size}")
     return data
-
-
-def _is_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in _FULL_ERRNOS
-
-
-def _full(error: BaseException) -> QueueFullError:
-    """A full disk (or quota, or file size limit) as the caller should see it: answer 452."""
-    code = error.errno if isinstance(error, OSError) else 0
-    return QueueFullError(f"no room for the body: {os.strerror(code or 0)}")
-
-
-def _sqlite_full(error: sqlite3.Error) -> bool:
-    return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL

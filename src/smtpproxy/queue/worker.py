@@ -64,6 +64,7 @@ from smtpproxy.queue.model import (
     BodyDamagedError,
     Entry,
     LeaseLostError,
+    QueueBusyError,
     Recipients,
     Refused,
 )
@@ -340,6 +341,13 @@ class QueueRunner(Service):
 
     def _claim_failed(self, failure: Failure) -> None:
         self._claiming = False
+        if isinstance(failure.value, QueueBusyError):
+            # Known and passing: no traceback; the next poll tries again.
+            log.warn(
+                "could not take due messages: another process holds the queue's write lock",
+                owner=self.owner,
+            )
+            return
         log.failure("could not take due messages from the queue", failure, owner=self.owner)
 
     # -- one attempt ----------------------------------------------------------

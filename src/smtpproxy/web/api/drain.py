@@ -19,6 +19,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from smtpproxy.delivery import Heard
 from smtpproxy.providers.result import Handover
 from smtpproxy.web.api.problems import ApiError
 
@@ -54,7 +55,11 @@ class Flight:
     @ivar given_up: set at the forced stop; a send not started by then never is.
     @ivar unanswered: direct mode: called when the stop goes on without the
         answer of a send that was handed over (it logs the message as such).
-    @ivar cancelled: the forced stop cancelled the send (its outcome is logged).
+    @ivar cancelled: the forced stop, or the client leaving, cancelled the
+        send (its outcome is logged).
+    @ivar heard: what the client of a cancelled send heard, for its log
+        line (L{smtpproxy.delivery.log_cancelled}): C{"not accepted"} (503
+        at the stop) or C{"gone"} (it disconnected before its answer).
     """
 
     def __init__(self) -> None:
@@ -64,6 +69,31 @@ class Flight:
         self.unanswered: Callable[[], None] | None = None
         self.given_up = False
         self.cancelled = False
+        self.heard: Heard = "not accepted"
+
+    @property
+    def handed_over(self) -> bool:
+        """Direct mode: has the provider handed the message to its backend yet?"""
+        return self.handover is not None and self.handover.handed_over
+
+    @property
+    def gone(self) -> bool:
+        """The client disconnected before its answer (L{client_gone})."""
+        return self.heard == "gone"
+
+    def client_gone(self) -> None:
+        """Direct mode: the client disconnected before its answer; it will send again.
+
+        A send not yet handed over is cancelled, so that the retry is the
+        only copy (a send not started yet never is: the submitter checks
+        L{gone}).  One the provider has handed over is left to finish: a
+        cancel could not take the message back (the caller names it in a
+        warning).  Queue mode is the store's business, as on the SMTP side.
+        """
+        if self.withdraw is not None or self.given_up:
+            return
+        self.heard = "gone"
+        self._cancel_send()
 
     def give_up(self) -> None:
         """The stop's time is up: withdraw the enqueue, or cancel the provider's send.
@@ -77,10 +107,12 @@ class Flight:
         self.given_up = True
         if self.withdraw is not None:
             self.withdraw()
+        self._cancel_send()
+
+    def _cancel_send(self) -> None:
+        """Cancel the provider's send, unless it is over or the backend has the message."""
         sending = self.sending
-        if sending is None or sending.called:
-            return
-        if self.handover is not None and self.handover.handed_over:
+        if sending is None or sending.called or self.handed_over or self.cancelled:
             return
         self.cancelled = True
         sending.cancel()

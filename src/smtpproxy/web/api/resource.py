@@ -204,11 +204,22 @@ class _Submission(_Endpoint):
     def handle(self, request: Request, request_id: str) -> int:
         started = self.api.clock.seconds()
         context: dict[str, Any] = {"request_id": request_id, "client": client_address(request)}
+        finished: list[bool] = []
+        ended: defer.Deferred[None] | None = None
+        if not self.api.submitter.queued:
+            # Direct mode: a client that disconnects before its answer will
+            # send again, so a send not yet handed over is cancelled
+            # (Submitter._client_left).  Marked gone first, so that the
+            # cancelled send's outcome is not written to a closed request.
+            ended = request.notifyFinish()
+            ended.addErrback(_mark_finished, finished)
         try:
-            work = self._submit(request, context)
+            work = self._submit(request, context, ended)
         except Exception:
             # A refusal (ApiError) or our own bug: answered like a failed delivery.
             work = defer.fail()
+        if ended is not None:
+            ended.addErrback(lambda _: None)  # a refusal never reached the submitter
         # A plain function, not a coroutine: in direct mode the provider has
         # usually taken the message (or refused it) by now, and then the
         # answer is written at once, with no Deferred of the request's own.
@@ -217,8 +228,8 @@ class _Submission(_Endpoint):
         if outcome:
             self._answer(request, context, started, outcome[0])
             return NOT_DONE_YET
-        finished: list[bool] = []
-        request.notifyFinish().addBoth(lambda _: finished.append(True))
+        if ended is None:
+            request.notifyFinish().addBoth(lambda _: finished.append(True))
 
         def landed(_: None) -> None:
             if not finished:  # else the client went away; the outcome is in the log
@@ -281,8 +292,13 @@ class _Submission(_Endpoint):
             **fields,
         )
 
-    def _submit(self, request: Request, context: dict[str, Any]) -> defer.Deferred[Accepted]:
-        """The checks in order, then the submission; raises the first refusal."""
+    def _submit(
+        self, request: Request, context: dict[str, Any], ended: defer.Deferred[None] | None
+    ) -> defer.Deferred[Accepted]:
+        """The checks in order, then the submission; raises the first refusal.
+
+        @param ended: direct mode, the request's C{notifyFinish()}, for the submitter.
+        """
         api = self.api
         refusal = api.limits.address(context["client"])
         if refusal is not None:
@@ -297,7 +313,7 @@ class _Submission(_Endpoint):
         sender, recipients, data, built = self.read(request, context)
         _check_policy(key, api.settings, sender, recipients)
         return api.submitter.submit(
-            sender, recipients, data, context, mailbox=key.mailbox, parsed=built
+            sender, recipients, data, context, mailbox=key.mailbox, parsed=built, ended=ended
         )
 
     def read(self, request: Request, context: dict[str, Any]) -> Read:
@@ -361,6 +377,12 @@ class RawResource(_Submission):
 
 
 # -- the steps ------------------------------------------------------------------
+
+
+def _mark_finished(reason: Failure, finished: list[bool]) -> Failure:
+    """The connection was lost before the answer: note it, and pass the loss on."""
+    finished.append(True)
+    return reason
 
 
 def _rate_limited(seconds: int) -> ApiError:

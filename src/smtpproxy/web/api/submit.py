@@ -37,7 +37,13 @@ from smtpproxy.providers.result import (
     watched,
 )
 from smtpproxy.queue.front import QueueFront, meta_json
-from smtpproxy.queue.model import EnqueueWithdrawnError, Envelope, QueueFullError
+from smtpproxy.queue.model import (
+    EnqueueWithdrawnError,
+    Envelope,
+    QueueBusyError,
+    QueueFullError,
+    QueueReadOnlyError,
+)
 from smtpproxy.web.api.drain import Flight, Flights, stopping_error
 from smtpproxy.web.api.problems import ApiError
 
@@ -151,6 +157,7 @@ class Submitter:
         *,
         mailbox: str = "",
         parsed: Email | None = None,
+        ended: defer.Deferred[None] | None = None,
     ) -> defer.Deferred[Accepted]:
         """Queue or deliver C{data}; fails with an L{ApiError} for the client.
 
@@ -161,6 +168,9 @@ class Submitter:
         @param parsed: what the shared parser would make of C{data}, when the
             caller knows it already (it built C{data}); delivered without
             parsing.  The queue stores only the bytes and ignores it.
+        @param ended: the request's C{notifyFinish()}; its errback (the
+            client disconnected before its answer) cancels a direct-mode
+            send the provider has not handed over yet (L{_client_left}).
         """
         started = self._reactor.seconds()
         flight = self.flights.start()  # 503 once the relay is stopping
@@ -183,6 +193,8 @@ class Submitter:
             done = self._deliver(
                 message_id, sender, recipients, data, fields, started, mailbox, parsed, flight
             )
+            if ended is not None:
+                ended.addErrback(self._client_left, flight, fields)
 
         def landed(result: Accepted | Failure) -> Accepted | Failure:
             # One callback for both outcomes: each one more costs every request.
@@ -222,6 +234,18 @@ class Submitter:
                 log.warn("message not queued: the queue is full", **fields)
             elif isinstance(failure.value, EnqueueWithdrawnError):
                 log.info("message withdrawn at shutdown, not queued", **fields)
+            elif isinstance(failure.value, QueueBusyError):
+                log.warn(
+                    "message not queued: another process holds the queue's write lock",
+                    error=str(failure.value),
+                    **fields,
+                )
+            elif isinstance(failure.value, QueueReadOnlyError):
+                log.error(
+                    "message not queued: the queue's storage is read-only",
+                    error=str(failure.value),
+                    **fields,
+                )
             else:
                 log.failure("message could not be queued", failure, **fields)
             return failure
@@ -245,10 +269,11 @@ class Submitter:
         flight: Flight,
     ) -> defer.Deferred[Accepted]:
         def send(email: Email) -> defer.Deferred[Accepted]:
-            if flight.given_up:
-                # The stop gave up on it while it was being parsed: never sent.
+            if flight.given_up or flight.gone:
+                # The stop gave up on it, or its client left, while it was
+                # being parsed: never sent.
                 never = SendCancelledError(handed_over=False)
-                log_cancelled(fields, never)
+                log_cancelled(fields, never, flight.heard)
                 return defer.fail(never)
             if mailbox:
                 email = dataclasses.replace(email, mailbox=mailbox)
@@ -270,7 +295,7 @@ class Submitter:
             def after(result: PartlyRefused | Failure | None) -> Accepted | Failure:
                 flight.sending = None
                 if flight.cancelled:
-                    log_cancelled(fields, result)
+                    log_cancelled(fields, result, flight.heard)
                 if isinstance(result, Failure):
                     return result
                 if result is not None:
@@ -293,6 +318,28 @@ class Submitter:
         if isinstance(parsed, defer.Deferred):
             return parsed.addCallback(send)
         return send(parsed)
+
+    @staticmethod
+    def _client_left(reason: Failure, flight: Flight, fields: dict[str, Any]) -> None:
+        """Direct mode: the HTTP client disconnected before its answer, and will retry.
+
+        As on the SMTP side (L{smtpproxy.smtp.closing.cancel_for_gone_client}):
+        a send not yet handed over is cancelled, so that the retry is the
+        only copy (L{log_cancelled} says so once, with C{heard} C{"gone"});
+        one the provider already handed over cannot be taken back, so it
+        is left to finish (its C{message delivered} line follows) and a
+        warning names it, since the retry may be a duplicate.
+        """
+        sending = flight.sending
+        if sending is not None and not sending.called and flight.handed_over:
+            log.warn(
+                "client disconnected after the provider had the message: "
+                "it may be delivered, and the client will send it again",
+                id=fields["id"],
+                request_id=fields.get("request_id"),
+                front_door=fields["front_door"],
+            )
+        flight.client_gone()
 
     @staticmethod
     def _refusal(failure: Failure) -> Failure:

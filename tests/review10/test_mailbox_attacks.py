@@ -1,0 +1,102 @@
+"""Review 10: defects in the development mailbox, shown against the real twistd.
+
+Each test starts C{twistd -n smtpproxy} with C{PROVIDER=mailbox}, puts mail in
+with smtplib and reads the mailbox over real HTTP, as a developer's browser
+(or a hostile page that browser visits) would.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from email.message import EmailMessage, Message
+
+from twisted.trial.unittest import TestCase
+
+from tests.providers.mailbox.helpers import raw_message
+from tests.providers.mailbox.test_twistd_mailbox import mailbox, request, send
+from tests.support import async_test, in_thread
+
+SECRET = raw_message(subject="Your password reset link", text="https://app.example/reset/abc")
+
+
+class FilePermissionTests(TestCase):
+    @async_test
+    async def test_mailbox_file_is_private_to_its_owner(self) -> None:
+        """The SQLite file of captured mail must be readable by its owner only.
+
+        Defect: L{smtpproxy.providers.mailbox.persist.MailboxFile} lets
+        sqlite3 create C{MAILBOX_PATH} (and its C{-wal}/C{-shm} files) with
+        the process umask, 0644 under the usual 022: every local user can read
+        every captured message.  The queue (L{smtpproxy.queue.sqlite}) creates
+        its files 0600 and its directory 0700 for the same reason.
+
+        Correct: the file and its WAL companions are created without group or
+        other permissions (create it with C{os.open(..., 0o600)} before
+        sqlite opens it, or open under a 077 umask), whatever the umask.
+        """
+        path = os.path.abspath(self.mktemp() + "-mailbox.sqlite")
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        relay = mailbox(self, MAILBOX_PATH=path)
+
+        def scenario() -> dict[str, int]:
+            relay.wait_listening()
+            send(relay.smtp_port, SECRET)
+            assert request(relay.http_port, "/api/v1/messages").json()["total"] == 1
+            modes = {
+                name: stat.S_IMODE(os.stat(name).st_mode)
+                for name in (path, path + "-wal", path + "-shm")
+                if os.path.exists(name)
+            }
+            relay.stop()
+            return modes
+
+        modes = await in_thread(scenario)
+        self.assertIn(path, modes)
+        self.assertEqual(
+            {name: mode & 0o077 for name, mode in modes.items()}, dict.fromkeys(modes, 0)
+        )
+
+
+class AttachmentNameTests(TestCase):
+    @async_test
+    async def test_non_ascii_attachment_name_survives_download(self) -> None:
+        """An attachment named C{Rechnung März.pdf} downloads under that name.
+
+        Defect: C{MailboxResource._part} (routes.py) encodes the filename
+        with C{encode("ascii", "replace")} into a plain C{filename="..."}:
+        the download is offered as C{Rechnung M?rz.pdf} (C{?} is not even
+        allowed in a Windows file name), and any name in Cyrillic, Greek or
+        CJK becomes a row of question marks.
+
+        Correct (RFC 6266 section 4.3 with RFC 8187/5987): an ASCII fallback
+        in C{filename=} plus C{filename*=UTF-8''Rechnung%20M%C3%A4rz.pdf}, so
+        the real name reaches the user.
+        """
+        message = EmailMessage()
+        message["From"] = "alice@example.com"
+        message["To"] = "bob@example.org"
+        message["Subject"] = "Invoice"
+        message.set_content("See the attachment.")
+        message.add_attachment(
+            b"%PDF-1.4", maintype="application", subtype="pdf", filename="Rechnung März.pdf"
+        )
+        raw = message.as_bytes().replace(b"\n", b"\r\n")
+        relay = mailbox(self)
+
+        def scenario() -> str:
+            relay.wait_listening()
+            send(relay.smtp_port, raw)
+            latest = request(relay.http_port, "/api/v1/message/latest").json()
+            [part] = latest["Attachments"]
+            assert part["FileName"] == "Rechnung März.pdf", part
+            path = f"/api/v1/message/{latest['ID']}/part/{part['PartID']}"
+            disposition = request(relay.http_port, path).headers["content-disposition"]
+            relay.stop()
+            return disposition
+
+        disposition = await in_thread(scenario)
+        parsed = Message()
+        parsed["Content-Disposition"] = disposition
+        self.assertEqual(parsed.get_filename(), "Rechnung März.pdf", disposition)

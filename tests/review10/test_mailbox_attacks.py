@@ -8,11 +8,15 @@ with smtplib and reads the mailbox over real HTTP, as a developer's browser
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import threading
+import time
 from email.message import EmailMessage, Message
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
+from tests.browser import Browser, find_chromium
 from tests.providers.mailbox.helpers import raw_message
 from tests.providers.mailbox.test_twistd_mailbox import mailbox, request, send
 from tests.support import async_test, in_thread
@@ -100,3 +104,100 @@ class AttachmentNameTests(TestCase):
         parsed = Message()
         parsed["Content-Disposition"] = disposition
         self.assertEqual(parsed.get_filename(), "Rechnung März.pdf", disposition)
+
+
+class _Connections:
+    """A TCP listener that only counts connections: a tracker's view of a preconnect.
+
+    An HTTP server that counts requests cannot see a browser that connects
+    and then sends nothing, which is all a C{preconnect} does; this can.
+    """
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(16)
+        self.port = self._socket.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return
+            self.seen += 1
+            connection.close()
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def _preconnecting_message(home: str) -> bytes:
+    message = EmailMessage()
+    message["From"] = "Mallory <mallory@example.com>"
+    message["To"] = "victim@example.org"
+    message["Subject"] = "Opened?"
+    message.set_content("Plain part.")
+    message.add_alternative(
+        f'<html><head><link rel="preconnect" href="{home}/opened">'
+        "</head><body><p>Nothing to see.</p></body></html>",
+        subtype="html",
+    )
+    return message.as_bytes().replace(b"\n", b"\r\n")
+
+
+class PreconnectTests(TestCase):
+    def setUp(self) -> None:
+        self.chromium = find_chromium()
+        if self.chromium is None:
+            raise SkipTest("chromium is not installed (.ci/run installs it)")
+
+    @async_test
+    async def test_link_preconnect_does_not_phone_home(self) -> None:
+        """Opening a message must not connect to a host the message names (no remote content asked).
+
+        Defect: the HTML body is served verbatim (view.html_document,
+        view.py) and its safety rests on the CSP of view.body_policy; but a
+        C{<link rel="preconnect">} is not a fetch, CSP does not govern it,
+        and Chromium opens a TCP (and TLS, for https) connection to the
+        named host as soon as the message is shown, in the page's iframe and
+        opened directly.  The sender's server learns that, when and from
+        which address the message was opened: the tracking the issue says
+        must not happen "unless the user asks" (and C{dns-prefetch} leaks
+        the same through DNS).
+
+        Correct: resource hints in the mail's HTML are not acted on until
+        the user loads remote content: drop C{<link>} elements (or at least
+        rel preconnect/dns-prefetch/prefetch/preload/prerender) from the
+        document the mailbox serves, and send C{X-DNS-Prefetch-Control: off}.
+        """
+        assert self.chromium is not None
+        chromium = self.chromium
+        tracker = _Connections()
+        self.addCleanup(tracker.close)
+        relay = mailbox(self)
+
+        def scenario() -> tuple[int, int]:
+            relay.wait_listening()
+            send(relay.smtp_port, _preconnecting_message(f"http://127.0.0.1:{tracker.port}"))
+            ident = request(relay.http_port, "/api/v1/message/latest").json()["ID"]
+            base = f"http://127.0.0.1:{relay.http_port}"
+            browser = Browser(chromium)
+            try:
+                browser.navigate(f"{base}/#{ident}")
+                browser.wait_for("document.getElementById('m-subject').textContent")
+                time.sleep(2)  # time for the hint to be acted on
+                in_page = tracker.seen
+                browser.navigate(f"{base}/view/{ident}.html")
+                browser.wait_for("document.body?.textContent")
+                time.sleep(2)
+                direct = tracker.seen - in_page
+            finally:
+                browser.close()
+            relay.stop()
+            return in_page, direct
+
+        in_page, direct = await in_thread(scenario)
+        self.assertEqual((in_page, direct), (0, 0))

@@ -201,3 +201,39 @@ class PreconnectTests(TestCase):
 
         in_page, direct = await in_thread(scenario)
         self.assertEqual((in_page, direct), (0, 0))
+
+
+class PagingTests(TestCase):
+    @async_test
+    async def test_superscript_digit_in_paging_is_a_400(self) -> None:
+        """C{?start=²} (or C{limit=¹}) is answered 400 like any other bad number, not 500.
+
+        Defect: C{_number} (routes.py) vets the text with C{str.isdigit()},
+        which is true for superscript and other Unicode digits that C{int()}
+        refuses; the C{ValueError} escapes the resource, twisted.web answers
+        C{500 Processing Failed} as an HTML page and logs a traceback, from a
+        query string anyone allowed to reach the mailbox can send.
+
+        Correct: accept ASCII digits only (C{text.isascii() and
+        text.isdigit()}, or C{int()} in a C{try}), so the reply is the
+        existing C{400 start must be a whole number}.
+        """
+        relay = mailbox(self)
+
+        def scenario() -> list[tuple[int, bytes]]:
+            relay.wait_listening()
+            send(relay.smtp_port, SECRET)
+            out = []
+            for path in (
+                "/api/v1/messages?start=%C2%B2",
+                "/api/v1/messages?limit=%C2%B9",
+                "/api/v1/search?query=password&start=%C2%B2",
+            ):
+                reply = request(relay.http_port, path)
+                out.append((reply.status, reply.body))
+            relay.stop()
+            return out
+
+        out = await in_thread(scenario)
+        self.assertEqual([status for status, _ in out], [400, 400, 400], out)
+        self.assertTrue(all(b"whole number" in body for _, body in out), out)

@@ -134,14 +134,14 @@ class _Connections:
         self._socket.close()
 
 
-def _preconnecting_message(home: str) -> bytes:
+def _preconnecting_message(home: str, rel: str = "preconnect") -> bytes:
     message = EmailMessage()
     message["From"] = "Mallory <mallory@example.com>"
     message["To"] = "victim@example.org"
     message["Subject"] = "Opened?"
     message.set_content("Plain part.")
     message.add_alternative(
-        f'<html><head><link rel="preconnect" href="{home}/opened">'
+        f'<html><head><link rel="{rel}" href="{home}/opened">'
         "</head><body><p>Nothing to see.</p></body></html>",
         subtype="html",
     )
@@ -201,6 +201,46 @@ class PreconnectTests(TestCase):
 
         in_page, direct = await in_thread(scenario)
         self.assertEqual((in_page, direct), (0, 0))
+
+    @async_test
+    async def test_remote_content_loads_images_only(self) -> None:
+        """ "Load remote content" must load images, not a C{<link rel="prefetch">} document.
+
+        Defect: view.py's docstring and docs/mailbox.md promise that the
+        C{remote} variant "allows images over http(s) and nothing else", but
+        C{view.body_policy(remote=True)} only widens C{img-src}, and the
+        served HTML keeps its C{<link>} elements: Chromium fetches a
+        C{rel=prefetch} URL (a credentialed request to any site, cached for
+        later) as soon as remote content is on.  A message without a single
+        image still phones home when the developer asks to see its images.
+
+        Correct: with remote content on, only images are requested: strip
+        resource hints (C{<link>} other than style sheets, which the policy
+        already blocks) from the served document.
+        """
+        assert self.chromium is not None
+        chromium = self.chromium
+        tracker = _Connections()
+        self.addCleanup(tracker.close)
+        relay = mailbox(self)
+
+        def scenario() -> int:
+            relay.wait_listening()
+            home = f"http://127.0.0.1:{tracker.port}"
+            send(relay.smtp_port, _preconnecting_message(home, rel="prefetch"))
+            ident = request(relay.http_port, "/api/v1/message/latest").json()["ID"]
+            base = f"http://127.0.0.1:{relay.http_port}"
+            browser = Browser(chromium)
+            try:
+                browser.navigate(f"{base}/view/{ident}.html?remote=1")
+                browser.wait_for("document.body?.textContent")
+                time.sleep(2)
+            finally:
+                browser.close()
+            relay.stop()
+            return tracker.seen
+
+        self.assertEqual(await in_thread(scenario), 0)
 
 
 class PagingTests(TestCase):

@@ -277,3 +277,59 @@ class PagingTests(TestCase):
         out = await in_thread(scenario)
         self.assertEqual([status for status, _ in out], [400, 400, 400], out)
         self.assertTrue(all(b"whole number" in body for _, body in out), out)
+
+
+#: An HTML attachment whose RFC 2231 filename decodes to NUL, VT and DEL among its characters.
+CONTROL_NAME = (
+    b"From: a@example.com\r\nTo: b@example.org\r\nSubject: control name\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=BB\r\n\r\n"
+    b"--BB\r\nContent-Type: text/plain\r\n\r\nSee the attachment.\r\n"
+    b"--BB\r\nContent-Type: application/pdf\r\n"
+    b"Content-Disposition: attachment; filename*=utf-8''a%00b%0bc%7fd.pdf\r\n\r\n"
+    b"%PDF-1.4\r\n--BB--\r\n"
+)
+
+
+class AttachmentHeaderTests(TestCase):
+    @async_test
+    async def test_control_characters_never_reach_the_reply_header(self) -> None:
+        """The part download's header block holds no NUL or other control character.
+
+        Defect: C{MailboxResource._part} (routes.py) drops only C{"}, C{\\},
+        CR, LF and C{;} from the filename before putting it in
+        C{Content-Disposition}; an RFC 2231 name (C{filename*=utf-8''a%00b})
+        puts a raw NUL, VT or DEL in the reply header.  RFC 9110 section 5.5
+        forbids them in a field value; Chromium refuses such a response
+        (ERR_INVALID_HTTP_RESPONSE), so the sender decides that the developer
+        cannot download the attachment, and other clients may split or cut
+        the header at the NUL.
+
+        Correct: every control character (0x00-0x1F but HTAB, and 0x7F) is
+        dropped or replaced in the header's filename (and carried, if at all,
+        percent-encoded in C{filename*}).
+        """
+        relay = mailbox(self)
+
+        def scenario() -> bytes:
+            relay.wait_listening()
+            send(relay.smtp_port, CONTROL_NAME)
+            latest = request(relay.http_port, "/api/v1/message/latest").json()
+            [part] = latest["Attachments"]
+            assert "\x00" in part["FileName"], part
+            path = f"/api/v1/message/{latest['ID']}/part/{part['PartID']}"
+            with socket.create_connection(("127.0.0.1", relay.http_port), timeout=30) as raw:
+                raw.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                reply = b""
+                while b"\r\n\r\n" not in reply:
+                    chunk = raw.recv(65536)
+                    if not chunk:
+                        break
+                    reply += chunk
+            relay.stop()
+            return reply.split(b"\r\n\r\n", 1)[0]
+
+        head = await in_thread(scenario)
+        self.assertTrue(head.startswith(b"HTTP/1.0 200"), head)
+        for line in head.split(b"\r\n"):
+            controls = [c for c in line if (c < 0x20 and c != 0x09) or c == 0x7F]
+            self.assertEqual(controls, [], line)

@@ -386,7 +386,8 @@ def _number(request: Request, name: bytes, default: int, ceiling: int) -> int:
     text = _arg(request, name).strip()
     if not text:
         return min(default, ceiling) if name == b"start" else default
-    if not text.isdigit() or len(text) > 9:
+    # isascii too: isdigit() is true for "²" and other digits int() refuses.
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
         raise HTTPReply(400, f"{name.decode()} must be a whole number")
     return min(int(text), ceiling)
 

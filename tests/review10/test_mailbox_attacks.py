@@ -13,6 +13,7 @@ import stat
 import threading
 import time
 from email.message import EmailMessage, Message
+from email.utils import collapse_rfc2231_value
 
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -101,9 +102,19 @@ class AttachmentNameTests(TestCase):
             return disposition
 
         disposition = await in_thread(scenario)
+        # RFC 6266 section 4.3: when both are present, filename* is the name and
+        # filename= only a fallback for clients without RFC 8187.  email's
+        # get_filename() returns the first "filename" it meets whatever its
+        # kind, so the two are told apart here by their decoded form (the
+        # RFC 2231/8187 one is a (charset, language, text) tuple).
         parsed = Message()
         parsed["Content-Disposition"] = disposition
-        self.assertEqual(parsed.get_filename(), "Rechnung März.pdf", disposition)
+        params = parsed.get_params(header="content-disposition") or []
+        extended = [collapse_rfc2231_value(v) for k, v in params[1:] if isinstance(v, tuple)]
+        plain = [v for k, v in params[1:] if k == "filename" and isinstance(v, str)]
+        self.assertEqual(extended, ["Rechnung März.pdf"], disposition)
+        self.assertEqual(len(plain), 1, disposition)
+        self.assertTrue(plain[0].isascii() and "?" not in plain[0], disposition)
 
 
 class _Connections:

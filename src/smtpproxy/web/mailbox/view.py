@@ -18,6 +18,7 @@ import re
 from urllib.parse import unquote
 
 from smtpproxy.providers.mailbox.store import Part, Stored
+from smtpproxy.web.mailbox import download
 
 #: Inline parts that may be turned into C{data:} URLs (the first ones with a Content-ID).
 MAX_INLINE_PARTS = 50
@@ -88,7 +89,7 @@ def html_document(stored: Stored) -> str | None:
 
 
 def _content_type(part: Part) -> str:
-    return "".join(c for c in part.attachment.content_type if c.isalnum() or c in "/.+-")
+    return download.media_type(part.attachment.content_type)
 
 
 def _url_length(part: Part) -> int:

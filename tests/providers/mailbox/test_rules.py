@@ -287,10 +287,12 @@ class ViewTests(SynchronousTestCase):
         def url(data: bytes) -> str:
             return "data:image/png;base64," + base64.b64encode(data).decode()
 
+        # The document is rebuilt (rewrite.py) before the lookup: every value double-quoted.
         self.assertEqual(
             document,
-            f"<img src='{url(b'AB')}'><img src=\"{url(b'A')}\">"
-            f"<p style='background:url({url(b'A')})'><img src={url(b'A@B')}><img src='cid:abc'>",
+            f'<img src="{url(b"AB")}"><img src="{url(b"A")}">'
+            f'<p style="background:url({url(b"A")})"><img src="{url(b"A@B")}">'
+            '<img src="cid:abc">',
         )
 
     def test_every_reference_is_paid_for(self) -> None:

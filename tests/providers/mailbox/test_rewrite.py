@@ -57,9 +57,13 @@ class ResourceHintTests(SynchronousTestCase):
             "<p <link rel=preconnect href=http://t/>",
             "<![CDATA[<link rel=preconnect href=http://t/>]]>",
             "<title><link rel=preconnect href=http://t/></title>",
+            '<iframe srcdoc="<link rel=preconnect href=http://t/>"></iframe>',
+            "<svg><style><link rel=preconnect href=http://t/></style></svg>",
+            "<svg><![CDATA[<link rel=preconnect href=http://t/>]]></svg>",
         ):
             served = without_resource_hints(html).lower()
             self.assertNotIn("<link", served, html)
+            self.assertNotIn("srcdoc", served, html)  # its value would be parsed as a document
 
 
 class LinearTimeTests(SynchronousTestCase):

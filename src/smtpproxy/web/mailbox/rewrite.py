@@ -13,6 +13,8 @@ library's C{html.parser} reads, without:
    whatever its C{rel} leaves no spelling of a hint to get past a list;
  - C{<meta http-equiv>}, through which a document can set headers of its
    own (the refresh it could ask for is already blocked by the sandbox);
+ - C{srcdoc} attributes: a frame's whole document in an attribute value,
+   which the rewrite would otherwise pass on as text;
  - scripts (they never run here: no C{script-src}, a sandbox without
    C{allow-scripts}; that includes C{speculationrules}), comments,
    processing instructions and CDATA sections.
@@ -84,7 +86,7 @@ class _Rebuild(HTMLParser):
             return
         out = ["<", tag]
         for name, value in attrs:
-            if not _is_name(name):
+            if not _is_name(name) or name == "srcdoc":
                 continue
             out += (" ", name) if value is None else (" ", name, '="', escape(value), '"')
         out.append(close)

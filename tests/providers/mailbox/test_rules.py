@@ -49,6 +49,14 @@ class ChaosTests(SynchronousTestCase):
                 chaos.parse_triggers(raw)
             self.assertIn(words, str(caught.exception), raw)
 
+    def test_unicode_digits_are_not_numbers(self) -> None:
+        """Superscript and other non-ASCII digits (true for C{str.isdigit}, refused by C{int})
+        get the named "whole numbers" refusal, not C{int()}'s own message."""
+        for raw in ("sender=45\u00b9:5", "sender=451:\u00b2", "data=\u0664\u0665\u0661:5"):
+            with self.assertRaises(ValueError) as caught:
+                chaos.parse_triggers(raw)
+            self.assertIn("whole numbers", str(caught.exception), raw)
+
     def test_json_round_trip_in_mailpit_shape(self) -> None:
         """GET shows Mailpit's triggers (and Data); PUT resets what it omits, refuses
         Authentication above 0 %."""
@@ -279,10 +287,12 @@ class ViewTests(SynchronousTestCase):
         def url(data: bytes) -> str:
             return "data:image/png;base64," + base64.b64encode(data).decode()
 
+        # The document is rebuilt (rewrite.py) before the lookup: every value double-quoted.
         self.assertEqual(
             document,
-            f"<img src='{url(b'AB')}'><img src=\"{url(b'A')}\">"
-            f"<p style='background:url({url(b'A')})'><img src={url(b'A@B')}><img src='cid:abc'>",
+            f'<img src="{url(b"AB")}"><img src="{url(b"A")}">'
+            f'<p style="background:url({url(b"A")})"><img src="{url(b"A@B")}">'
+            '<img src="cid:abc">',
         )
 
     def test_every_reference_is_paid_for(self) -> None:

@@ -96,10 +96,18 @@ def parse_triggers(raw: str) -> Triggers:
                 f"{part[:40]!r}: expected stage=code:percent with stage one of "
                 f"{', '.join(STAGES)} (e.g. recipient=451:20)"
             )
-        if not code.isdigit() or not percent.isdigit() or len(code) > 3 or len(percent) > 3:
+        if not _ascii_number(code, 3) or not _ascii_number(percent, 3):
             raise ValueError(f"{part[:40]!r}: code and percent must be whole numbers")
         triggers = replace(triggers, **{stage: _trigger(int(code), int(percent), stage)})
     return triggers
+
+
+def _ascii_number(text: str, digits: int) -> bool:
+    """ASCII digits only, at most C{digits} of them.
+
+    C{str.isdigit} alone accepts C{"²"} and other digits that C{int} refuses.
+    """
+    return text.isascii() and text.isdigit() and len(text) <= digits
 
 
 def to_json(triggers: Triggers) -> dict[str, dict[str, int]]:

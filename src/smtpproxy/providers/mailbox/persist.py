@@ -55,6 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smtpproxy.logsafe import MAX_REASON, clip
+from smtpproxy.privatefile import create_private
 
 T = TypeVar("T")
 
@@ -112,6 +113,12 @@ class MailboxFile:
 
     def __init__(self, path: str, reactor: Any = None) -> None:
         self.path = path
+        if path != ":memory:":
+            # Captured mail is private: the file is made 0600 before SQLite
+            # opens it (its WAL files then get the same mode); one that
+            # already exists is left alone but named.
+            for name, mode in create_private(path):
+                log.warn("mailbox file readable by other users", path=name, mode=f"{mode:04o}")
         kwargs: dict[str, Any] = {
             "check_same_thread": False,
             "cp_min": 1,

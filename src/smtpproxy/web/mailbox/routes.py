@@ -33,7 +33,7 @@ from smtpproxy.providers.mailbox import chaos, search
 from smtpproxy.providers.mailbox.provider import MailboxProvider, ReleaseError
 from smtpproxy.providers.mailbox.search import Term
 from smtpproxy.providers.mailbox.store import Stored
-from smtpproxy.web.mailbox import bodies, shapes, view
+from smtpproxy.web.mailbox import bodies, download, shapes, view
 from smtpproxy.web.mailbox.access import REALM, Access, same_origin
 from smtpproxy.web.mailbox.events import EventHub
 
@@ -87,6 +87,9 @@ class MailboxResource(Resource):
         headers.setRawHeaders(b"content-security-policy", [view.PAGE_POLICY])
         headers.setRawHeaders(b"x-content-type-options", [b"nosniff"])
         headers.setRawHeaders(b"referrer-policy", [b"no-referrer"])
+        # Chromium resolves the host names of links in a page ahead of a click:
+        # a DNS query the sender's name server sees when a message is shown.
+        headers.setRawHeaders(b"x-dns-prefetch-control", [b"off"])
         headers.setRawHeaders(b"cache-control", [b"no-store"])
         client = request.getClientAddress()
         if not self.access.network_allowed(getattr(client, "host", None)):
@@ -219,10 +222,11 @@ class MailboxResource(Resource):
         if part is None:
             raise HTTPReply(404, "part not found")
         # Served as a download under its own type: never rendered in our origin.
-        request.setHeader(b"content-type", part.attachment.content_type.encode("ascii", "replace"))
-        name = (part.attachment.filename or f"part-{part_id}").encode("ascii", "replace")
-        safe = bytes(c for c in name if c not in b'"\\\r\n;')[:200] or b"part"
-        request.setHeader(b"content-disposition", b'attachment; filename="' + safe + b'"')
+        content_type = download.media_type(part.attachment.content_type)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        default = f"part-{part_id}"
+        disposition = download.content_disposition(part.attachment.filename or default, default)
+        request.setHeader(b"content-disposition", disposition)
         request.setHeader(b"content-security-policy", b"default-src 'none'; sandbox")
         return _body(request, part.attachment.data)
 
@@ -386,7 +390,8 @@ def _number(request: Request, name: bytes, default: int, ceiling: int) -> int:
     text = _arg(request, name).strip()
     if not text:
         return min(default, ceiling) if name == b"start" else default
-    if not text.isdigit() or len(text) > 9:
+    # isascii too: isdigit() is true for "²" and other digits int() refuses.
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
         raise HTTPReply(400, f"{name.decode()} must be a whole number")
     return min(int(text), ceiling)
 

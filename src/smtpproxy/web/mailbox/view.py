@@ -8,7 +8,10 @@ C{Content-Security-Policy} (with the C{sandbox} directive, so the document
 is just as inert when opened directly).  Nothing leaves the browser unless
 the user asks: images are limited to C{data:} URLs (inline C{cid:} parts are
 turned into those) until "load remote content" asks for the C{remote}
-variant, which allows images over http(s) and nothing else.
+variant, which allows images over http(s) and nothing else.  Resource hints
+(C{<link rel=preconnect>} and the like), which Chromium acts on outside the
+policy, are taken out of the document first (L{rewrite}), and every reply
+says C{X-DNS-Prefetch-Control: off}.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 from urllib.parse import unquote
 
 from smtpproxy.providers.mailbox.store import Part, Stored
+from smtpproxy.web.mailbox import download, rewrite
 
 #: Inline parts that may be turned into C{data:} URLs (the first ones with a Content-ID).
 MAX_INLINE_PARTS = 50
@@ -50,16 +54,16 @@ def body_policy(remote: bool) -> bytes:
 
 
 def html_document(stored: Stored) -> str | None:
-    """The HTML body with inline parts as C{data:} URLs; None when there is no HTML.
+    """The HTML body, rebuilt without resource hints, inline parts as C{data:} URLs; None without.
 
     One pass over the HTML: each C{cid:} reference is looked up whole, so
     C{cid:a} never rewrites part of C{cid:ab}, and each substitution is
     charged to L{MAX_INLINE_BYTES} at the length it adds, so the document
     is at most that much longer than the HTML however often a part is named.
     """
-    html = stored.email.html
-    if html is None:
+    if stored.email.html is None:
         return None
+    html = rewrite.without_resource_hints(stored.email.html)
     inline: dict[str, Part] = {}
     for part in stored.parts:
         content_id = part.attachment.content_id
@@ -88,7 +92,7 @@ def html_document(stored: Stored) -> str | None:
 
 
 def _content_type(part: Part) -> str:
-    return "".join(c for c in part.attachment.content_type if c.isalnum() or c in "/.+-")
+    return download.media_type(part.attachment.content_type)
 
 
 def _url_length(part: Part) -> int:

@@ -22,15 +22,22 @@ from collections.abc import Sequence
 SQLITE_COMPANIONS = ("-wal", "-shm")
 
 
+#: Mode bits that make a file readable beyond its owner: group or others.
+GROUP_OR_OTHERS = 0o077
+#: Only others (a group that may read it, say for backups, is the operator's choice).
+OTHERS = 0o007
+
+
 def create_private(
-    path: str, companions: Sequence[str] = SQLITE_COMPANIONS
+    path: str,
+    companions: Sequence[str] = SQLITE_COMPANIONS,
+    reported: int = GROUP_OR_OTHERS,
 ) -> list[tuple[str, int]]:
     """Create C{path} empty with mode 0600 unless it exists; report the open ones.
 
-    @return: C{(name, mode)} for each existing file among C{path} and
-        C{path + suffix} (for each of C{companions}) whose mode grants group
-        or others anything.  An error creating the file is not raised here:
-        the database open that follows reports it with its own words.
+    @return: L{exposed}C{(path, companions, reported)}.  An error creating the
+        file is not raised here: the database open that follows reports it
+        with its own words.
     """
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -38,12 +45,22 @@ def create_private(
         pass  # exists (checked below), or cannot be made: SQLite's open says why
     else:
         os.close(descriptor)
-    exposed = []
+    return exposed(path, companions, reported)
+
+
+def exposed(
+    path: str,
+    companions: Sequence[str] = SQLITE_COMPANIONS,
+    reported: int = GROUP_OR_OTHERS,
+) -> list[tuple[str, int]]:
+    """C{(name, mode)} of each existing file among C{path} and C{path + suffix} (each of
+    C{companions}) whose mode has any of the C{reported} bits."""
+    found = []
     for name in (path, *(path + suffix for suffix in companions)):
         try:
             mode = stat.S_IMODE(os.stat(name).st_mode)
         except OSError:
             continue
-        if mode & 0o077:
-            exposed.append((name, mode))
-    return exposed
+        if mode & reported:
+            found.append((name, mode))
+    return found

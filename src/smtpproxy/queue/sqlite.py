@@ -62,7 +62,6 @@ import os
 import re
 import secrets
 import sqlite3
-import stat
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -78,6 +77,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from smtpproxy.privatefile import OTHERS, create_private, exposed
 from smtpproxy.queue import counters
 from smtpproxy.queue.model import (
     Attempt,
@@ -1250,25 +1250,16 @@ def _prepare_database(path: str, writer: bool) -> builtins.list[tuple[str, int]]
     returned, for a warning.  Anyone else needs the file to exist.
     """
     if writer:
-        if not os.path.exists(path):
-            # Only created here, never opened for writing: SQLite still opens
-            # a file it may not write read-only (the readiness check says so).
-            with contextlib.suppress(FileExistsError):
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                os.close(os.open(path, flags, 0o600))
-    elif not os.path.exists(path):
+        # Only created, never opened for writing: SQLite still opens a file
+        # it may not write read-only (the readiness check says so).
+        return create_private(path, reported=OTHERS)
+    if not os.path.exists(path):
         why = "no queue there (check QUEUE_URL; the relay creates it at its start)"
         raise FileNotFoundError(errno.ENOENT, why, path)
-    elif os.path.getsize(path) == 0:
+    if os.path.getsize(path) == 0:
         # SQLite would write a header into it on the way to reading nothing.
         raise RuntimeError(f"{path} holds no queue (the relay creates it at its start)")
-    found = []
-    for name in (path, path + "-wal", path + "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            mode = stat.S_IMODE(os.stat(name).st_mode)
-            if mode & 0o007:
-                found.append((name, mode))
-    return found
+    return exposed(path, reported=OTHERS)
 
 
 def _configure(connection: sqlite3.Connection) -> None:

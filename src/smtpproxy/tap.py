@@ -64,6 +64,9 @@ log = Logger(namespace="smtpproxy")
 
 #: Seconds the provider gets to close its connections at shutdown.
 PROVIDER_CLOSE_TIMEOUT = 2.0
+#: Seconds the HTTP connections get, at the end of the stop, to send what was
+#: written to them (a client that does not read is then cut off).
+HTTP_FLUSH_TIMEOUT = 1.0
 
 
 def _settings_help() -> str:
@@ -269,6 +272,7 @@ class RelayService(MultiService):
         self.smtp: IService | None = None
         self.smtps: IService | None = None
         self.http: IService | None = None
+        self.http_connections: web_site.ConnectionCap | None = None
         # Queue mode (QUEUE_URL set): the store, opened at start, and the
         # worker delivering from it, started once the store is open.
         self.store: QueueStore | None = None
@@ -430,6 +434,10 @@ class RelayService(MultiService):
             self.poller.stop()
         if self.http is not None:
             await defer.maybeDeferred(self.http.stopService)
+        if self.http_connections is not None:
+            # Answers decided in the last turn (a 202 just committed) are
+            # flushed before the reactor's shutdown drops the connections.
+            await self.http_connections.close_all(self.factory.reactor, HTTP_FLUSH_TIMEOUT)
         log.info("stopped")
         if self.metrics is not None:
             globalLogPublisher.removeObserver(self.metrics.observer)
@@ -639,3 +647,4 @@ def _http(
     http = strports.service(settings.http_listen, factory, reactor)
     http.setServiceParent(service)
     service.http = http
+    service.http_connections = factory

@@ -27,9 +27,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
@@ -326,6 +327,8 @@ class ConnectionCap(WrappingFactory):
         self.limit = limit
         self.open_connections = 0
         self._on_refusal = on_refusal
+        # close_all's waiters: fired when the last connection has closed.
+        self._closed: list[defer.Deferred[None]] = []
 
     # None refuses the connection (Factory.buildProtocol allows it; WrappingFactory
     # narrows its annotation, not its callers).
@@ -341,6 +344,47 @@ class ConnectionCap(WrappingFactory):
     def unregisterProtocol(self, p: Protocol) -> None:
         self.open_connections -= 1
         super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
+        if not self.protocols and self._closed:
+            closed, self._closed = self._closed, []
+            for done in closed:
+                done.callback(None)
+
+    def close_all(self, clock: IReactorTime, timeout: float) -> defer.Deferred[None]:
+        """Close every open connection once what was written to it has gone out.
+
+        The stop's last step.  An answer decided in the stop's final
+        reactor turn (a 202 for a message the queue has just committed)
+        sits in its connection's send buffer; the reactor's own shutdown
+        drops connections without flushing them, and that client would
+        hear nothing for a stored message and send it again.
+        C{loseConnection} closes only after the buffer is written; a
+        client that does not read is cut off (C{abortConnection}) after
+        C{timeout} seconds so that it cannot hold the stop up.
+        """
+        if not self.protocols:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+        self._closed.append(done)
+        for protocol in list(self.protocols):
+            _transport(protocol).loseConnection()
+
+        def cut_off() -> None:
+            for protocol in list(self.protocols):
+                _transport(protocol).abortConnection()
+
+        timer = clock.callLater(timeout, cut_off)
+
+        def over(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return done.addCallback(over)
+
+
+def _transport(protocol: ProtocolWrapper) -> ITCPTransport:
+    """The socket's transport under one wrapped connection."""
+    return cast(ITCPTransport, protocol.transport)
 
 
 def listening_factory(

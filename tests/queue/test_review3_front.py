@@ -55,6 +55,9 @@ class InFlightAtShutdownTests(TestCase):
 
         def scenario() -> tuple[bytes, dict[str, int]]:
             relay.start()
+            # The 220 comes before the store is open; a lock taken earlier made the
+            # open itself wait, and the relay stopped (421) before the 354.
+            relay.wait_for("queue opened")
             lock = sqlite3.connect(relay.dir / "queue.db", isolation_level=None, timeout=30)
             try:
                 lock.execute("BEGIN IMMEDIATE")
